@@ -1,0 +1,144 @@
+"""The broker's routing table: which relay stream wants which event.
+
+No I/O here. Each relay stream has a bounded outbox of pre-encoded
+`EventBatch` entries; its writer drains the outbox in large messages, so
+a busy broker sends few, big messages (adaptive coalescing: whatever piled
+up while the previous write was in flight goes out in the next one).
+
+Overflow policy: when a stream's outbox holds `max_outbox_bytes`, further
+events for that stream are dropped and counted (`dropped`); other streams
+and publishers are never blocked by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+
+from neoplasma.core.events import Event, batch_entry, varint_field
+from neoplasma.core.topics import prefixes
+
+
+class RelayStream:
+    """One proxy's relay stream as the router sees it."""
+
+    def __init__(self, proxy: str, peer: str, max_outbox_bytes: int) -> None:
+        self.proxy = proxy
+        self.peer = peer
+        self.interest: set[str] = set()
+        self.max_outbox_bytes = max_outbox_bytes
+        self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
+        self.wake = asyncio.Event()
+        self.sent = 0
+        self.dropped = 0
+        self.interest_applied = 0  # Interest messages applied so far
+        self.interest_reported = 0  # ... and the count last sent to the proxy
+
+    def offer(self, entry: bytes) -> bool:
+        size = len(entry)
+        if self.outbox_bytes + size > self.max_outbox_bytes and self.outbox:
+            self.dropped += 1
+            return False
+        self.outbox.append(entry)
+        self.outbox_bytes += size
+        self.wake.set()
+        return True
+
+    def has_news(self) -> bool:
+        return bool(self.outbox) or self.interest_reported != self.interest_applied
+
+    def take(self, max_bytes: int) -> tuple[bytes, int]:
+        """Remove up to `max_bytes` of entries and return them as one `EventBatch` message.
+
+        The message also carries `interest_applied` when it changed since the last one.
+        """
+        if self.outbox_bytes <= max_bytes:
+            taken, self.outbox, self.outbox_bytes = self.outbox, [], 0
+        else:
+            total, n = 0, 0
+            for entry in self.outbox:
+                if n and total + len(entry) > max_bytes:
+                    break
+                total += len(entry)
+                n += 1
+            taken, self.outbox = self.outbox[:n], self.outbox[n:]
+            self.outbox_bytes -= total
+        self.sent += len(taken)
+        if self.interest_reported != self.interest_applied:
+            self.interest_reported = self.interest_applied
+            taken.append(varint_field(2, self.interest_applied))
+            return b"".join(taken), len(taken) - 1
+        return b"".join(taken), len(taken)
+
+
+class Router:
+    def __init__(self) -> None:
+        self.streams: set[RelayStream] = set()
+        self._index: dict[str, set[RelayStream]] = {}
+        self._flushed = asyncio.Event()
+
+    def attach(self, stream: RelayStream) -> None:
+        self.streams.add(stream)
+
+    def detach(self, stream: RelayStream) -> None:
+        self.streams.discard(stream)
+        self._unindex(stream, stream.interest)
+        stream.interest = set()
+
+    def update_interest(self, stream: RelayStream, add: Iterable[str], remove: Iterable[str],
+                        replace: bool) -> None:
+        stream.interest_applied += 1
+        stream.wake.set()
+        new = set(add) if replace else (stream.interest | set(add)) - set(remove)
+        self._unindex(stream, stream.interest - new)
+        for topic in new - stream.interest:
+            self._index.setdefault(topic, set()).add(stream)
+        stream.interest = new
+
+    def _unindex(self, stream: RelayStream, topics: Iterable[str]) -> None:
+        for topic in topics:
+            holders = self._index.get(topic)
+            if holders is not None:
+                holders.discard(stream)
+                if not holders:
+                    del self._index[topic]
+
+    def route(self, events: Sequence[Event]) -> tuple[int, int]:
+        """Queue each event once on every stream interested in it: (queued, dropped)."""
+        queued = dropped = 0
+        index = self._index
+        for event in events:
+            entry: bytes | None = None
+            seen: set[RelayStream] | None = None
+            for key in prefixes(event.topic):
+                holders = index.get(key)
+                if not holders:
+                    continue
+                if entry is None:
+                    entry = batch_entry(event)
+                for stream in holders:
+                    if seen is not None:
+                        if stream in seen:
+                            continue
+                        seen.add(stream)
+                    if stream.offer(entry):
+                        queued += 1
+                    else:
+                        dropped += 1
+                seen = seen or set(holders)
+        return queued, dropped
+
+    def pending_bytes(self) -> int:
+        return sum(s.outbox_bytes for s in self.streams)
+
+    def note_flushed(self) -> None:
+        """A stream's writer emptied its outbox: wake `flushed()` if all are empty."""
+        if not self.pending_bytes():
+            self._flushed.set()
+
+    async def flushed(self) -> None:
+        """Return once every outbox is empty (events handed to gRPC)."""
+        while self.pending_bytes():
+            self._flushed.clear()
+            await self._flushed.wait()

@@ -1,0 +1,311 @@
+"""The broker process: gRPC (Publish, Relay, Stats, health) and HTTP (publish, health, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, Event, InvalidEvent, make_event, parse_publish_body
+from neoplasma.core.logs import get_logger
+from neoplasma.core.net import announce, bind_socket, hostport
+from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+log = get_logger("broker")
+
+SERVICE_NAME = "neoplasma.v1.Broker"
+
+
+@dataclass
+class BrokerConfig:
+    name: str = "broker"
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8080
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    max_topic_length: int = MAX_TOPIC_LENGTH
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Per relay stream: how much may wait for a slow proxy before events for it are dropped.
+    max_outbox_bytes: int = 64 * 1024 * 1024
+    # Largest relay message (a single bigger event still goes alone).
+    max_message_bytes: int = 1024 * 1024
+    # A publisher counts as connected for this long after its last publish.
+    publisher_window: float = 30.0
+    # On SIGTERM: how long to wait for relay outboxes to drain before exiting.
+    drain_timeout: float = 20.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter("neoplasma_broker_events_in", "Events accepted", registry=r)
+        self.events_out = Counter("neoplasma_broker_events_out", "Deliveries queued to relay streams",
+                                  registry=r)
+        self.events_dropped = Counter("neoplasma_broker_events_dropped", "Deliveries dropped: relay outbox full",
+                                      registry=r)
+        self.events_rejected = Counter("neoplasma_broker_events_rejected", "Published events refused as invalid",
+                                       registry=r)
+        self.relay_streams = Gauge("neoplasma_broker_relay_streams", "Open relay streams", registry=r)
+        self.publishers = Gauge("neoplasma_broker_publishers", "Publishers seen within the activity window", registry=r)
+        self.outbox_bytes = Gauge("neoplasma_broker_outbox_bytes", "Bytes queued for relay streams", registry=r)
+
+
+class Broker:
+    """State shared by the gRPC and HTTP faces of one broker."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.router = Router()
+        self.metrics = Metrics()
+        self.draining = False
+        self.events_in = 0
+        self.events_out = 0
+        self.events_dropped = 0
+        self.events_rejected = 0
+        self._publishers: dict[str, float] = {}
+        self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+
+    # -- publishing ----------------------------------------------------------
+
+    def accept(self, events: list[Event], peer: str) -> int:
+        queued, dropped = self.router.route(events)
+        n = len(events)
+        self.events_in += n
+        self.events_out += queued
+        self.events_dropped += dropped
+        self.metrics.events_in.inc(n)
+        if queued:
+            self.metrics.events_out.inc(queued)
+        if dropped:
+            self.metrics.events_dropped.inc(dropped)
+        now = time.monotonic()
+        self._publishers[peer] = now
+        self._rate.append((now, self.events_in))
+        return n
+
+    def reject(self, count: int = 1) -> None:
+        self.events_rejected += count
+        self.metrics.events_rejected.inc(count)
+
+    def publishers(self) -> int:
+        cutoff = time.monotonic() - self.config.publisher_window
+        for peer in [p for p, t in self._publishers.items() if t < cutoff]:
+            del self._publishers[peer]
+        return len(self._publishers)
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if now - t <= 10.0]
+        if len(recent) < 2 or recent[-1][0] == recent[0][0]:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1.0)
+
+    def stats(self) -> pb.BrokerStats:
+        publishers = self.publishers()
+        streams = len(self.router.streams)
+        self.metrics.relay_streams.set(streams)
+        self.metrics.publishers.set(publishers)
+        self.metrics.outbox_bytes.set(self.router.pending_bytes())
+        return pb.BrokerStats(
+            name=self.config.name, connections=publishers + streams, relay_streams=streams,
+            publishers=publishers, events_in=self.events_in, events_out=self.events_out,
+            events_dropped=self.events_dropped, events_rejected=self.events_rejected,
+            draining=self.draining, events_in_per_second=self.rate(),
+        )
+
+
+class BrokerServicer(pb_grpc.BrokerServicer):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:  # noqa: N802
+        broker = self.broker
+        if broker.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"broker {broker.config.name} is draining; publish to another broker")
+        cfg = broker.config
+        try:
+            events = [make_event(e.topic, e.data, max_bytes=cfg.max_event_bytes,
+                                 max_topic_length=cfg.max_topic_length) for e in request.events]
+        except InvalidEvent as exc:
+            broker.reject(len(request.events))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing published: {exc}")
+        if not events:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nothing published: the request has no events")
+        return pb.PublishResponse(accepted=broker.accept(events, context.peer()))
+
+    async def Relay(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        broker = self.broker
+        cfg = broker.config
+        stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes)
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        try:
+            self._apply_interest(stream, first)
+        except InvalidTopic as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"interest refused: {exc}")
+        stream.proxy = first.proxy or context.peer()
+        broker.router.attach(stream)
+        log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest))
+        reader = asyncio.create_task(self._read_interest(stream, context))
+        try:
+            while not reader.done():
+                if not stream.has_news():
+                    stream.wake.clear()
+                    waiter = asyncio.create_task(stream.wake.wait())
+                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                message, _ = stream.take(cfg.max_message_bytes)
+                if not stream.outbox:
+                    broker.router.note_flushed()
+                await context.write(message)
+            error = reader.exception()
+            if isinstance(error, InvalidTopic):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"interest refused: {error}")
+        finally:
+            reader.cancel()
+            broker.router.detach(stream)
+            log.info("relay_closed", proxy=stream.proxy, sent=stream.sent, dropped=stream.dropped,
+                     pending=len(stream.outbox))
+
+    def _apply_interest(self, stream: RelayStream, msg: pb.Interest) -> None:
+        limit = self.broker.config.max_topic_length
+        for topic in (*msg.add, *msg.remove):
+            check_topic(topic, limit)
+        self.broker.router.update_interest(stream, msg.add, msg.remove, msg.replace)
+
+    async def _read_interest(self, stream: RelayStream, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            msg = await context.read()
+            if msg is grpc.aio.EOF:
+                return
+            self._apply_interest(stream, msg)
+
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.BrokerStats:  # noqa: N802
+        return self.broker.stats()
+
+
+def identity(data: bytes) -> bytes:
+    return data
+
+
+def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
+    """The Broker service, with relay messages written as ready-made bytes."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Publish": grpc.unary_unary_rpc_method_handler(
+            servicer.Publish, request_deserializer=pb.PublishRequest.FromString,
+            response_serializer=pb.PublishResponse.SerializeToString),
+        "Relay": grpc.stream_stream_rpc_method_handler(
+            servicer.Relay, request_deserializer=pb.Interest.FromString, response_serializer=identity),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
+            response_serializer=pb.BrokerStats.SerializeToString),
+    })
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+def http_app(broker: Broker) -> web.Application:
+    cfg = broker.config
+
+    async def publish(request: web.Request) -> web.Response:
+        if broker.draining:
+            return web.json_response({"error": f"broker {cfg.name} is draining; publish to another broker"},
+                                     status=503)
+        body = await request.read()
+        try:
+            events = parse_publish_body(body, max_bytes=cfg.max_event_bytes, max_topic_length=cfg.max_topic_length)
+        except InvalidEvent as exc:
+            broker.reject()
+            return web.json_response({"error": f"nothing published: {exc}"}, status=400)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        accepted = broker.accept(events, str(peer))
+        return web.json_response({"accepted": accepted})
+
+    async def healthz(request: web.Request) -> web.Response:
+        if broker.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+
+    async def metrics(request: web.Request) -> web.Response:
+        broker.stats()  # refresh gauges
+        return web.Response(body=generate_latest(broker.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(client_max_size=cfg.max_request_bytes)
+    app.router.add_post("/publish", publish)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+# -- process ---------------------------------------------------------------------
+
+
+async def serve(config: BrokerConfig) -> None:
+    broker = Broker(config)
+    servicer = BrokerServicer(broker)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes + config.max_event_bytes + 4096),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers((relay_handler(servicer),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    grpc_port = server.add_insecure_port(hostport(config.host, config.grpc_port))
+    if grpc_port == 0:
+        raise SystemExit(f"cannot listen on {config.host}:{config.grpc_port} for gRPC; choose another port")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    sock = bind_socket(config.host, config.http_port)
+    runner = web.AppRunner(http_app(broker), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    http_port = sock.getsockname()[1]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("broker_serving", name=config.name, grpc=hostport(config.host, grpc_port),
+             http=hostport(config.host, http_port))
+    announce(kind="broker", name=config.name, grpc=hostport(config.host, grpc_port),
+             http=hostport(config.host, http_port))
+    await stop.wait()
+
+    # Drain: refuse new publishes, let relay outboxes empty, then stop.
+    broker.draining = True
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("broker_draining", pending_bytes=broker.router.pending_bytes())
+    try:
+        await asyncio.wait_for(broker.router.flushed(), config.drain_timeout)
+    except TimeoutError:
+        log.warning("broker_drain_timeout", pending_bytes=broker.router.pending_bytes())
+    await server.stop(grace=1.0)
+    await runner.cleanup()
+    log.info("broker_stopped", events_in=broker.events_in, events_out=broker.events_out,
+             dropped=broker.events_dropped)
+
+
+def default_name() -> str:
+    return socket.gethostname()

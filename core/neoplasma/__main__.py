@@ -1,0 +1,3 @@
+from neoplasma.core.cli import main
+
+raise SystemExit(main())

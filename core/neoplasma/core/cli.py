@@ -1,0 +1,147 @@
+"""`neoplasma` command line: one entry point for every tier and the local runtime."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+
+from neoplasma.core.logs import setup_logging
+
+
+def _env_name(default_prefix: str) -> str:
+    return os.environ.get("NEOPLASMA_POD_NAME") or f"{default_prefix}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _run(coro_factory: Callable[[], object]) -> int:
+    try:
+        import uvloop
+
+        runner: Callable[..., object] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
+        runner = asyncio.run
+    runner(coro_factory())
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from neoplasma.broker.server import BrokerConfig, serve
+
+    config = BrokerConfig(name=args.name or _env_name("broker"), host=args.host, grpc_port=args.grpc_port,
+                          http_port=args.http_port, max_event_bytes=args.max_event_bytes,
+                          max_outbox_bytes=args.max_outbox_bytes)
+    return _run(lambda: serve(config))
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from neoplasma.proxy.server import ProxyConfig, serve
+
+    brokers = [b for b in (args.brokers or "").split(",") if b]
+    config = ProxyConfig(name=args.name or _env_name("proxy"), host=args.host, http_port=args.http_port,
+                         grpc_port=args.grpc_port, control_port=args.control_port, brokers=brokers,
+                         heartbeat_seconds=args.heartbeat, retry_ms=args.retry_ms,
+                         drain_rate=args.drain_rate)
+    return _run(lambda: serve(config))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from neoplasma.local.runtime import run_up
+
+    return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from neoplasma.local.tools import publish
+
+    return asyncio.run(publish(args.broker, args.topic, args.data))
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from neoplasma.local.tools import subscribe
+
+    return asyncio.run(subscribe(args.proxy, args.topics, args.count))
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from neoplasma.operator.main import run_operator
+
+    return run_operator(namespaces=args.namespace, liveness_port=args.liveness_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoplasma", description="Real-time event push: brokers, proxies, "
+                                     "an operator, and a local runtime.")
+    parser.add_argument("--log-level", default=os.environ.get("NEOPLASMA_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run a broker (publish + relay to proxies)")
+    p.add_argument("--name", help="broker name (default: $NEOPLASMA_POD_NAME or host-pid)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    p.add_argument("--grpc-port", type=_positive_int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=_positive_int, default=8080, help="HTTP publish/metrics port (0: any)")
+    p.add_argument("--max-event-bytes", type=_positive_int, default=1024 * 1024, help="largest event data")
+    p.add_argument("--max-outbox-bytes", type=_positive_int, default=64 * 1024 * 1024,
+                   help="bytes held per slow relay stream before its events are dropped")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("proxy", help="run a proxy (SSE + plasma gRPC for subscribers)")
+    p.add_argument("--name", help="proxy name (default: $NEOPLASMA_POD_NAME or host-pid)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    p.add_argument("--http-port", type=_positive_int, default=8080, help="SSE/health/metrics port (0: any)")
+    p.add_argument("--grpc-port", type=_positive_int, default=50051, help="subscriber gRPC port (0: any)")
+    p.add_argument("--control-port", type=_positive_int, default=50052, help="ProxyControl port (0: any)")
+    p.add_argument("--brokers", help="static broker list host:port,... (until a membership push)")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between SSE heartbeat comments")
+    p.add_argument("--retry-ms", type=_positive_int, default=2000, help="SSE retry: hint in milliseconds")
+    p.add_argument("--drain-rate", type=float, default=500.0,
+                   help="subscribers asked to reconnect per second when shutting down")
+    p.set_defaults(func=cmd_proxy)
+
+    p = sub.add_parser("up", help="run a whole cluster on this machine (127.0.0.1)")
+    p.add_argument("--brokers", type=_positive_int, default=2, help="number of brokers (default 2)")
+    p.add_argument("--proxies", type=_positive_int, default=2, help="number of proxies (default 2)")
+    p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("publish", help="publish one event to a broker")
+    p.add_argument("topic", help="topic, e.g. program:1234:views")
+    p.add_argument("data", help="event data as JSON, e.g. '{\"views\": 3}'")
+    p.add_argument("--broker", default="127.0.0.1:50051", help="broker gRPC address")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("subscribe", help="print events from a proxy (SSE)")
+    p.add_argument("topics", nargs="+", help="topics (a topic also receives every topic below it)")
+    p.add_argument("--proxy", default="127.0.0.1:8080", help="proxy HTTP address")
+    p.add_argument("--count", type=_positive_int, default=0, help="stop after N events (0: never)")
+    p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    p.add_argument("--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable; default: all namespaces)")
+    p.add_argument("--liveness-port", type=_positive_int, default=8080, help="liveness endpoint port")
+    p.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Sockets and small server plumbing shared by the broker and the proxy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from typing import Any
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname())."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port "
+                         "or stop what is using it") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def announce(**fields: Any) -> None:
+    """Print the one machine-readable line saying the server is serving (stdout)."""
+    sys.stdout.write(json.dumps({"serving": fields}) + "\n")
+    sys.stdout.flush()

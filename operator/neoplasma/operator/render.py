@@ -1,0 +1,202 @@
+"""Render the children of a NeoplasmaCluster: pure functions from `Cluster` to manifests.
+
+One jinja2 template per child kind (`templates/*.yaml.j2`), one builder per child below, and
+`render` lists them all: reading it tells everything the operator creates. The output has no
+ownerReferences (the operator adds them with `kopf.adopt`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import yaml
+
+from neoplasma.operator.spec import Cluster, NodePorts, ServiceType
+
+Component = Literal["broker", "proxy"]
+Manifest = dict[str, Any]
+
+GRPC_PORT = 50051
+HTTP_PORT = 8080
+CONTROL_PORT = 50052
+POLICY_APIS = ("policy/v1", "policy/v1beta1")
+
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+BROKER_DEPLOYMENT_LABEL = "neoplasma.io/broker-deployment"
+MANAGED_BY = "neoplasma-operator"
+
+BROKER_COMMAND = (
+    "neoplasma", "broker", "--host", "0.0.0.0",
+    "--grpc-port", str(GRPC_PORT), "--http-port", str(HTTP_PORT),
+)
+PROXY_COMMAND = (
+    "neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", str(HTTP_PORT),
+    "--grpc-port", str(GRPC_PORT), "--control-port", str(CONTROL_PORT),
+)
+# Rollouts keep serving: a new proxy is ready before an old one is stopped.
+_PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target: str
+    node_port: int | None = None
+
+
+def render(
+    cluster: Cluster, *, default_image: str, policy_api: str = "policy/v1"
+) -> list[Manifest]:
+    """Every child of `cluster`, in creation order."""
+    image = cluster.spec.image or default_image
+    sizes = split_replicas(cluster.spec.brokers.replicas, cluster.spec.brokers.max_per_deployment)
+    return [
+        *(broker_deployment(cluster, index, size, image=image) for index, size in enumerate(sizes)),
+        broker_service(cluster),
+        pod_disruption_budget(cluster, "broker", policy_api=policy_api),
+        proxy_deployment(cluster, image=image),
+        proxy_service(cluster),
+        pod_disruption_budget(cluster, "proxy", policy_api=policy_api),
+    ]
+
+
+def split_replicas(total: int, max_per_deployment: int) -> list[int]:
+    """Sizes of the broker Deployments: full ones, then the rest (25, 10 -> [10, 10, 5])."""
+    if total < 0 or max_per_deployment < 1:
+        raise ValueError(f"cannot split {total} replicas by {max_per_deployment}")
+    full, rest = divmod(total, max_per_deployment)
+    sizes = [max_per_deployment] * full + ([rest] if rest else [])
+    return sizes or [0]
+
+
+def broker_deployment_name(cluster_name: str, index: int) -> str:
+    return f"{cluster_name}-broker-{index}"
+
+
+def selector_labels(cluster_name: str, component: Component) -> dict[str, str]:
+    """The labels a selector matches on: stable, whatever the spec says."""
+    return {
+        NAME_LABEL: "neoplasma",
+        INSTANCE_LABEL: cluster_name,
+        COMPONENT_LABEL: component,
+    }
+
+
+def labels(cluster_name: str, component: Component) -> dict[str, str]:
+    """The labels on every child object and pod of `component`."""
+    return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
+    name = broker_deployment_name(cluster.name, index)
+    selector = {**selector_labels(cluster.name, "broker"), BROKER_DEPLOYMENT_LABEL: name}
+    return _render_template(
+        "deployment.yaml.j2",
+        name=name,
+        namespace=cluster.namespace,
+        component="broker",
+        labels={**labels(cluster.name, "broker"), BROKER_DEPLOYMENT_LABEL: name},
+        selector=selector,
+        replicas=replicas,
+        image=image,
+        command=BROKER_COMMAND,
+        ports={"grpc": GRPC_PORT, "http": HTTP_PORT},
+        resources=cluster.spec.brokers.resources.to_dict(),
+        grace_seconds=30,
+        strategy=None,
+    )
+
+
+def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
+    return _render_template(
+        "deployment.yaml.j2",
+        name=f"{cluster.name}-proxy",
+        namespace=cluster.namespace,
+        component="proxy",
+        labels=labels(cluster.name, "proxy"),
+        selector=selector_labels(cluster.name, "proxy"),
+        replicas=cluster.spec.proxies.replicas,
+        image=image,
+        command=PROXY_COMMAND,
+        ports={"grpc": GRPC_PORT, "http": HTTP_PORT, "control": CONTROL_PORT},
+        resources=cluster.spec.proxies.resources.to_dict(),
+        grace_seconds=60,
+        strategy=_PROXY_STRATEGY,
+    )
+
+
+def broker_service(cluster: Cluster) -> Manifest:
+    """The Service publishers use (gRPC and HTTP publish)."""
+    ports = [ServicePort("grpc", GRPC_PORT, "grpc"), ServicePort("http", HTTP_PORT, "http")]
+    return _service(cluster, "broker", "ClusterIP", ports)
+
+
+def proxy_service(cluster: Cluster) -> Manifest:
+    """The Service subscribers use (SSE and the gRPC stream), of the type the spec asks."""
+    service = cluster.spec.proxies.service
+    node_ports = service.node_ports if service.type != "ClusterIP" else NodePorts()
+    ports = [
+        ServicePort("sse", HTTP_PORT, "http", node_ports.sse),
+        ServicePort("grpc", GRPC_PORT, "grpc", node_ports.grpc),
+    ]
+    return _service(cluster, "proxy", service.type, ports)
+
+
+def pod_disruption_budget(
+    cluster: Cluster, component: Component, *, policy_api: str = "policy/v1"
+) -> Manifest:
+    """A PodDisruptionBudget for `component`; `policy_api` is policy/v1 or (before 1.21) v1beta1."""
+    if policy_api not in POLICY_APIS:
+        raise ValueError(f"policy_api must be one of {', '.join(POLICY_APIS)}, got {policy_api!r}")
+    return _render_template(
+        "poddisruptionbudget.yaml.j2",
+        api_version=policy_api,
+        name=f"{cluster.name}-{component}",
+        namespace=cluster.namespace,
+        labels=labels(cluster.name, component),
+        selector=selector_labels(cluster.name, component),
+    )
+
+
+def _service(
+    cluster: Cluster, component: Component, service_type: ServiceType, ports: list[ServicePort]
+) -> Manifest:
+    return _render_template(
+        "service.yaml.j2",
+        name=f"{cluster.name}-{component}",
+        namespace=cluster.namespace,
+        labels=labels(cluster.name, component),
+        selector=selector_labels(cluster.name, component),
+        type=service_type,
+        ports=ports,
+    )
+
+
+def _render_template(template: str, **context: Any) -> Manifest:
+    manifest = yaml.safe_load(_environment().get_template(template).render(**context))
+    if not isinstance(manifest, dict):
+        raise TypeError(f"{template} did not render to a mapping")
+    return manifest
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """Templates whose every `{{ value }}` is written as JSON, which YAML reads back as is."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        undefined=jinja2.StrictUndefined,
+        finalize=json.dumps,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )

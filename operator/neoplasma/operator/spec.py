@@ -1,0 +1,237 @@
+"""Parse a NeoplasmaCluster resource into frozen dataclasses.
+
+Pure and total: any input either parses (with the CRD's defaults filled in) or raises
+`InvalidSpec` naming the field and the problem, so the operator never crashes on a
+half-created or garbage resource. The defaults and bounds here mirror
+`crds/neoplasmaclusters.yaml`; `tests/test_render.py` checks that they agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
+NODE_PORT_MIN = 30000
+NODE_PORT_MAX = 32767
+# Leaves room for "-broker-NNN" within the 63 characters of a Service name or label value.
+MAX_NAME_LENGTH = 50
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes' resource.Quantity syntax, as in the CRD's schema.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY = re.compile(QUANTITY_PATTERN)
+_Default = TypeVar("_Default", int, None)
+
+
+class InvalidSpec(ValueError):
+    """A NeoplasmaCluster field has a value the operator cannot use."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A container's ResourceRequirements: quantities by resource name."""
+
+    requests: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        """The Kubernetes shape, leaving out empty maps."""
+        parts = {"requests": self.requests, "limits": self.limits}
+        return {key: dict(value) for key, value in parts.items() if value}
+
+
+def _default_resources() -> Resources:
+    return Resources(requests={"cpu": "100m", "memory": "128Mi"})
+
+
+@dataclass(frozen=True)
+class Brokers:
+    replicas: int = 1
+    max_per_deployment: int = 10
+    resources: Resources = field(default_factory=_default_resources)
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    sse: int | None = None
+    grpc: int | None = None
+
+
+@dataclass(frozen=True)
+class ProxyService:
+    type: ServiceType = "ClusterIP"
+    node_ports: NodePorts = field(default_factory=NodePorts)
+
+
+@dataclass(frozen=True)
+class Proxies:
+    replicas: int = 2
+    resources: Resources = field(default_factory=_default_resources)
+    service: ProxyService = field(default_factory=ProxyService)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The `spec` of a NeoplasmaCluster; `image` "" means the operator's default image."""
+
+    image: str = ""
+    brokers: Brokers = field(default_factory=Brokers)
+    proxies: Proxies = field(default_factory=Proxies)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A NeoplasmaCluster: where it lives and what it asks for."""
+
+    name: str
+    namespace: str
+    spec: ClusterSpec = field(default_factory=ClusterSpec)
+
+
+def parse_cluster(body: Mapping[str, Any]) -> Cluster:
+    """Parse a whole NeoplasmaCluster object (as kopf's `body`)."""
+    metadata = _object(body.get("metadata"), "metadata", known=None)
+    return Cluster(
+        name=check_name(metadata.get("name")),
+        namespace=_string(metadata.get("namespace"), "metadata.namespace", default="default"),
+        spec=parse_spec(body.get("spec")),
+    )
+
+
+def check_name(name: object) -> str:
+    """Return `name` if every child name derived from it is a valid DNS-1035 label."""
+    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise InvalidSpec(
+            "metadata.name",
+            f"must be lower-case letters, digits and '-', start with a letter and be at most "
+            f"{MAX_NAME_LENGTH} characters (children are named NAME-broker-N), got {name!r}",
+        )
+    return name
+
+
+def parse_spec(spec: object) -> ClusterSpec:
+    """Parse a NeoplasmaCluster `spec` (None or missing fields take the defaults)."""
+    fields = _object(spec, "spec", known={"image", "brokers", "proxies"})
+    return ClusterSpec(
+        image=_string(fields.get("image"), "spec.image", default=""),
+        brokers=_brokers(fields.get("brokers"), "spec.brokers"),
+        proxies=_proxies(fields.get("proxies"), "spec.proxies"),
+    )
+
+
+def _brokers(value: object, path: str) -> Brokers:
+    fields = _object(value, path, known={"replicas", "maxPerDeployment", "resources"})
+    default = Brokers()
+    return Brokers(
+        replicas=_integer(fields.get("replicas"), f"{path}.replicas", default.replicas, 0),
+        max_per_deployment=_integer(
+            fields.get("maxPerDeployment"), f"{path}.maxPerDeployment",
+            default.max_per_deployment, 1,
+        ),
+        resources=_resources(fields.get("resources"), f"{path}.resources"),
+    )
+
+
+def _proxies(value: object, path: str) -> Proxies:
+    fields = _object(value, path, known={"replicas", "resources", "service"})
+    return Proxies(
+        replicas=_integer(fields.get("replicas"), f"{path}.replicas", Proxies().replicas, 0),
+        resources=_resources(fields.get("resources"), f"{path}.resources"),
+        service=_service(fields.get("service"), f"{path}.service"),
+    )
+
+
+def _service(value: object, path: str) -> ProxyService:
+    fields = _object(value, path, known={"type", "nodePorts"})
+    service_type = _string(fields.get("type"), f"{path}.type", default="ClusterIP")
+    if service_type not in SERVICE_TYPES:
+        raise InvalidSpec(
+            f"{path}.type", f"must be one of {', '.join(SERVICE_TYPES)}, got {service_type!r}"
+        )
+    node_ports = _node_ports(fields.get("nodePorts"), f"{path}.nodePorts")
+    if service_type == "ClusterIP" and node_ports != NodePorts():
+        raise InvalidSpec(
+            f"{path}.nodePorts", "needs service type NodePort or LoadBalancer, not ClusterIP"
+        )
+    return ProxyService(type=service_type, node_ports=node_ports)
+
+
+def _node_ports(value: object, path: str) -> NodePorts:
+    fields = _object(value, path, known={"sse", "grpc"})
+    ports = {
+        key: _integer(fields.get(key), f"{path}.{key}", None, NODE_PORT_MIN, NODE_PORT_MAX)
+        for key in ("sse", "grpc")
+    }
+    if ports["sse"] is not None and ports["sse"] == ports["grpc"]:
+        raise InvalidSpec(path, f"sse and grpc must differ, both are {ports['sse']}")
+    return NodePorts(sse=ports["sse"], grpc=ports["grpc"])
+
+
+def _resources(value: object, path: str) -> Resources:
+    if value is None:
+        return _default_resources()
+    fields = _object(value, path, known={"requests", "limits"})
+    return Resources(
+        requests=_quantities(fields.get("requests"), f"{path}.requests"),
+        limits=_quantities(fields.get("limits"), f"{path}.limits"),
+    )
+
+
+def _quantities(value: object, path: str) -> dict[str, str]:
+    quantities: dict[str, str] = {}
+    for key, quantity in _object(value, path, known=None).items():
+        # The API server keeps a bare integer (int-or-string); it means the same as its text.
+        text = str(quantity) if type(quantity) is int else quantity
+        if not isinstance(text, str) or not _QUANTITY.match(text):
+            raise InvalidSpec(
+                f"{path}.{key}", f"must be a quantity such as 100m or 128Mi, got {quantity!r}"
+            )
+        quantities[str(key)] = text
+    return quantities
+
+
+def _object(value: object, path: str, known: set[str] | None) -> Mapping[str, Any]:
+    """A mapping (None is empty); with `known`, other keys are refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidSpec(path, f"must be an object, got {type(value).__name__}")
+    unknown = sorted(str(key) for key in value if known is not None and key not in known)
+    if unknown:
+        expected = ", ".join(sorted(known or ()))
+        raise InvalidSpec(f"{path}.{unknown[0]}", f"unknown field; known fields are {expected}")
+    return value
+
+
+def _string(value: object, path: str, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidSpec(path, f"must be a string, got {value!r}")
+    return value
+
+
+def _integer(
+    value: object, path: str, default: _Default, minimum: int, maximum: int | None = None
+) -> int | _Default:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpec(path, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidSpec(path, f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidSpec(path, f"must be at most {maximum}, got {value}")
+    return value

@@ -1,0 +1,190 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Event(_message.Message):
+    __slots__ = ("topic", "data")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    data: bytes
+    def __init__(self, topic: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+
+class Interest(_message.Message):
+    __slots__ = ("add", "remove", "replace", "proxy")
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    PROXY_FIELD_NUMBER: _ClassVar[int]
+    add: _containers.RepeatedScalarFieldContainer[str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    replace: bool
+    proxy: str
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("events", "interest_applied")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    interest_applied: int
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BrokerStats(_message.Message):
+    __slots__ = ("name", "connections", "relay_streams", "publishers", "events_in", "events_out", "events_dropped", "events_rejected", "draining", "events_in_per_second")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHERS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_IN_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_OUT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_IN_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    connections: int
+    relay_streams: int
+    publishers: int
+    events_in: int
+    events_out: int
+    events_dropped: int
+    events_rejected: int
+    draining: bool
+    events_in_per_second: float
+    def __init__(self, name: _Optional[str] = ..., connections: _Optional[int] = ..., relay_streams: _Optional[int] = ..., publishers: _Optional[int] = ..., events_in: _Optional[int] = ..., events_out: _Optional[int] = ..., events_dropped: _Optional[int] = ..., events_rejected: _Optional[int] = ..., draining: _Optional[bool] = ..., events_in_per_second: _Optional[float] = ...) -> None: ...
+
+class BrokerMember(_message.Message):
+    __slots__ = ("name", "address", "state")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[BrokerMember.State]
+        SERVING: _ClassVar[BrokerMember.State]
+        DRAINING: _ClassVar[BrokerMember.State]
+    STATE_UNSPECIFIED: BrokerMember.State
+    SERVING: BrokerMember.State
+    DRAINING: BrokerMember.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    state: BrokerMember.State
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[BrokerMember.State, str]] = ...) -> None: ...
+
+class Membership(_message.Message):
+    __slots__ = ("version", "brokers")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BROKERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    brokers: _containers.RepeatedCompositeFieldContainer[BrokerMember]
+    def __init__(self, version: _Optional[int] = ..., brokers: _Optional[_Iterable[_Union[BrokerMember, _Mapping]]] = ...) -> None: ...
+
+class BrokerLink(_message.Message):
+    __slots__ = ("name", "address", "state", "member_state", "events_received", "last_error", "interest_synced")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[BrokerLink.State]
+        CONNECTING: _ClassVar[BrokerLink.State]
+        CONNECTED: _ClassVar[BrokerLink.State]
+        BACKOFF: _ClassVar[BrokerLink.State]
+    STATE_UNSPECIFIED: BrokerLink.State
+    CONNECTING: BrokerLink.State
+    CONNECTED: BrokerLink.State
+    BACKOFF: BrokerLink.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_STATE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INTEREST_SYNCED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    state: BrokerLink.State
+    member_state: BrokerMember.State
+    events_received: int
+    last_error: str
+    interest_synced: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[BrokerLink.State, str]] = ..., member_state: _Optional[_Union[BrokerMember.State, str]] = ..., events_received: _Optional[int] = ..., last_error: _Optional[str] = ..., interest_synced: _Optional[bool] = ...) -> None: ...
+
+class ApplyResponse(_message.Message):
+    __slots__ = ("applied_version", "accepted", "reason", "links")
+    APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    applied_version: int
+    accepted: bool
+    reason: str
+    links: _containers.RepeatedCompositeFieldContainer[BrokerLink]
+    def __init__(self, applied_version: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProxyStatus(_message.Message):
+    __slots__ = ("name", "subscribers", "sse_subscribers", "grpc_subscribers", "membership_version", "links", "events_received", "deliveries", "slow_subscribers_dropped", "topics", "draining")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
+    SSE_SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    SLOW_SUBSCRIBERS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    subscribers: int
+    sse_subscribers: int
+    grpc_subscribers: int
+    membership_version: int
+    links: _containers.RepeatedCompositeFieldContainer[BrokerLink]
+    events_received: int
+    deliveries: int
+    slow_subscribers_dropped: int
+    topics: int
+    draining: bool
+    def __init__(self, name: _Optional[str] = ..., subscribers: _Optional[int] = ..., sse_subscribers: _Optional[int] = ..., grpc_subscribers: _Optional[int] = ..., membership_version: _Optional[int] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ..., events_received: _Optional[int] = ..., deliveries: _Optional[int] = ..., slow_subscribers_dropped: _Optional[int] = ..., topics: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("reconnects_per_second",)
+    RECONNECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    reconnects_per_second: float
+    def __init__(self, reconnects_per_second: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("subscribers_remaining",)
+    SUBSCRIBERS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    subscribers_remaining: int
+    def __init__(self, subscribers_remaining: _Optional[int] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("topics",)
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, topics: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,292 @@
+"""The proxy's fan-out: local subscribers, their topics, and delivery.
+
+No I/O beyond handing bytes to a subscriber. Subscribers with the same set
+of topics form a group; each incoming batch is matched once per group, each
+event is encoded once per wire format, and each subscriber gets one ready
+buffer per batch. Per-subscriber Python work per batch is one `deliver` call.
+
+Slow subscribers: a subscriber whose unsent data exceeds its limit is
+disconnected (counted in `slow_dropped`); it never delays the others.
+Clients reconnect (EventSource does so by itself; plasma gRPC clients retry
+on UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
+
+from neoplasma.core.events import Event, batch_entry, plasma_payload, sse_frame
+from neoplasma.core.topics import prefixes
+
+
+class Batch:
+    """One dispatched batch, with each event's encodings made at most once."""
+
+    __slots__ = ("_entry", "_plasma", "_sse", "events", "first_id")
+
+    def __init__(self, events: Sequence[Event], first_id: int) -> None:
+        self.events = events
+        self.first_id = first_id
+        self._sse: dict[int, bytes] = {}
+        self._plasma: dict[int, bytes] = {}
+        self._entry: dict[int, bytes] = {}
+
+    def sse(self, i: int) -> bytes:
+        frame = self._sse.get(i)
+        if frame is None:
+            frame = self._sse[i] = sse_frame(self.first_id + i, self.events[i])
+        return frame
+
+    def plasma(self, i: int) -> bytes:
+        payload = self._plasma.get(i)
+        if payload is None:
+            payload = self._plasma[i] = plasma_payload(self.events[i])
+        return payload
+
+    def entry(self, i: int) -> bytes:
+        entry = self._entry.get(i)
+        if entry is None:
+            entry = self._entry[i] = batch_entry(self.events[i])
+        return entry
+
+
+def http_chunk(data: bytes) -> bytes:
+    """`data` framed as one HTTP/1.1 chunk (SSE responses are chunked)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Subscriber:
+    """A local subscriber. Subclasses say how a batch is encoded for them."""
+
+    kind: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.topics: frozenset[str] = frozenset()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    @staticmethod
+    def encode(batch: Batch, indices: list[int]) -> object:
+        raise NotImplementedError
+
+    def deliver(self, encoded: object) -> bool:
+        """Hand over an encoded batch; False means too slow (the hub drops it)."""
+        raise NotImplementedError
+
+    def close(self, reason: str) -> None:
+        """Ask the serving coroutine to end this subscriber's connection."""
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+
+class SseSubscriber(Subscriber):
+    """Writes straight to the connection's transport: no queue, no coroutine per event."""
+
+    kind = "sse"
+
+    def __init__(self, transport: asyncio.WriteTransport, max_buffer: int) -> None:
+        super().__init__()
+        self.transport = transport
+        self.max_buffer = max_buffer
+
+    @staticmethod
+    def encode(batch: Batch, indices: list[int]) -> bytes:
+        return http_chunk(b"".join([batch.sse(i) for i in indices]))
+
+    def deliver(self, encoded: object) -> bool:
+        transport = self.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > self.max_buffer:
+            return False
+        transport.write(encoded)  # type: ignore[arg-type]
+        return True
+
+
+class QueueSubscriber(Subscriber):
+    """A gRPC stream: messages wait in a bounded queue for the stream's writer."""
+
+    def __init__(self, max_queue: int) -> None:
+        super().__init__()
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.max_queue = max_queue
+        self.wake = asyncio.Event()
+
+    def deliver(self, encoded: object) -> bool:
+        messages: list[bytes] = encoded  # type: ignore[assignment]
+        if len(self.queue) + len(messages) > self.max_queue:
+            return False
+        self.queue.extend(messages)
+        self.wake.set()
+        return True
+
+    def close(self, reason: str) -> None:
+        super().close(reason)
+        self.wake.set()
+
+
+class PlasmaSubscriber(QueueSubscriber):
+    """plasma's `proto.StreamService/Events`: one `Payload` message per event."""
+
+    kind = "plasma"
+
+    @staticmethod
+    def encode(batch: Batch, indices: list[int]) -> list[bytes]:
+        return [batch.plasma(i) for i in indices]
+
+
+class BatchSubscriber(QueueSubscriber):
+    """Neoplasma's native stream: one `EventBatch` message per dispatched batch."""
+
+    kind = "batch"
+
+    @staticmethod
+    def encode(batch: Batch, indices: list[int]) -> list[bytes]:
+        return [b"".join([batch.entry(i) for i in indices])]
+
+
+class Group:
+    """Subscribers sharing one topic set, by kind."""
+
+    __slots__ = ("key", "members")
+
+    def __init__(self, key: frozenset[str]) -> None:
+        self.key = key
+        self.members: dict[type[Subscriber], set[Subscriber]] = {}
+
+
+InterestListener = Callable[[set[str], set[str]], None]
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self._groups: dict[frozenset[str], Group] = {}
+        self._index: dict[str, set[Group]] = {}
+        self._listeners: list[InterestListener] = []
+        self.next_id = 1
+        self.events_received = 0
+        self.deliveries = 0
+        self.slow_dropped = 0
+
+    # -- interest ----------------------------------------------------------------
+
+    def topics(self) -> set[str]:
+        """Every topic some local subscriber wants (what brokers are asked for)."""
+        return set(self._index)
+
+    def on_interest_change(self, listener: InterestListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, added: set[str], removed: set[str]) -> None:
+        if added or removed:
+            for listener in self._listeners:
+                listener(added, removed)
+
+    # -- membership of subscribers ---------------------------------------------------
+
+    def add(self, sub: Subscriber, topics: Iterable[str]) -> None:
+        self.subscribers.add(sub)
+        self._join(sub, frozenset(topics))
+
+    def resubscribe(self, sub: Subscriber, topics: Iterable[str]) -> None:
+        self._leave(sub)
+        self._join(sub, frozenset(topics))
+
+    def remove(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            self.subscribers.discard(sub)
+            self._leave(sub)
+
+    def _join(self, sub: Subscriber, key: frozenset[str]) -> None:
+        sub.topics = key
+        if not key:
+            return
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = Group(key)
+            added = set()
+            for topic in key:
+                holders = self._index.get(topic)
+                if holders is None:
+                    holders = self._index[topic] = set()
+                    added.add(topic)
+                holders.add(group)
+            self._notify(added, set())
+        group.members.setdefault(type(sub), set()).add(sub)
+
+    def _leave(self, sub: Subscriber) -> None:
+        group = self._groups.get(sub.topics)
+        if group is None:
+            return
+        members = group.members.get(type(sub))
+        if members is not None:
+            members.discard(sub)
+            if not members:
+                del group.members[type(sub)]
+        if group.members:
+            return
+        del self._groups[group.key]
+        removed = set()
+        for topic in group.key:
+            holders = self._index[topic]
+            holders.discard(group)
+            if not holders:
+                del self._index[topic]
+                removed.add(topic)
+        self._notify(set(), removed)
+
+    # -- delivery ------------------------------------------------------------------
+
+    def dispatch(self, events: Sequence[Event]) -> int:
+        """Deliver a batch to every matching subscriber, each event once. Returns deliveries."""
+        batch = Batch(events, self.next_id)
+        self.next_id += len(events)
+        self.events_received += len(events)
+        matched: dict[Group, list[int]] = {}
+        index = self._index
+        for i, event in enumerate(events):
+            seen: set[Group] | None = None
+            for key in prefixes(event.topic):
+                groups = index.get(key)
+                if not groups:
+                    continue
+                for group in groups:
+                    if seen is not None:
+                        if group in seen:
+                            continue
+                        seen.add(group)
+                    matched.setdefault(group, []).append(i)
+                if seen is None:
+                    seen = set(groups)
+        deliveries = 0
+        slow: list[Subscriber] = []
+        for group, indices in matched.items():
+            for kind, members in group.members.items():
+                encoded = kind.encode(batch, indices)
+                for sub in members:
+                    if sub.deliver(encoded):
+                        deliveries += len(indices)
+                    else:
+                        slow.append(sub)
+        for sub in slow:
+            self.slow_dropped += 1
+            self.remove(sub)
+            sub.close("slow")
+        self.deliveries += deliveries
+        return deliveries
+
+    def broadcast_sse(self, data: bytes) -> None:
+        """Write `data` (e.g. a heartbeat comment) to every SSE subscriber."""
+        chunk = http_chunk(data)
+        for sub in list(self.subscribers):
+            if isinstance(sub, SseSubscriber) and not sub.deliver(chunk):
+                self.slow_dropped += 1
+                self.remove(sub)
+                sub.close("slow")
+
+    def counts(self) -> dict[str, int]:
+        out = {"sse": 0, "plasma": 0, "batch": 0}
+        for sub in self.subscribers:
+            out[sub.kind] += 1
+        return out

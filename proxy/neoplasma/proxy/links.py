@@ -1,0 +1,179 @@
+"""Relay links: one stream to every broker in the proxy's membership."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import grpc
+
+from neoplasma.core.events import Event
+from neoplasma.core.logs import get_logger
+from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
+from neoplasma.proxy.hub import Hub
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+log = get_logger("proxy.links")
+
+LinkState = pb.BrokerLink.State
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter."""
+
+    base: float = 0.1
+    cap: float = 5.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class BrokerLink:
+    """Keeps one relay stream to one broker open, resending interest on every (re)connect."""
+
+    def __init__(self, member: Member, hub: Hub, proxy_name: str, backoff: Backoff,
+                 max_message_bytes: int) -> None:
+        self.member = member
+        self.hub = hub
+        self.proxy_name = proxy_name
+        self.backoff = backoff
+        self.max_message_bytes = max_message_bytes
+        self.state = LinkState.CONNECTING
+        self.events_received = 0
+        self.last_error = ""
+        self._added: set[str] = set()
+        self._removed: set[str] = set()
+        self._interest_changed = asyncio.Event()
+        self._interest_sent = 0  # Interest messages written on the current stream
+        self._interest_applied = 0  # ... and how many the broker says it applied
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.member.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def interest_changed(self, added: set[str], removed: set[str]) -> None:
+        self._added = (self._added - removed) | added
+        self._removed = (self._removed - added) | removed
+        self._interest_changed.set()
+
+    def to_proto(self) -> pb.BrokerLink:
+        return pb.BrokerLink(name=self.member.name, address=self.member.address, state=self.state,
+                             member_state=self.member.state.value,
+                             events_received=self.events_received, last_error=self.last_error,
+                             interest_synced=self.interest_synced)
+
+    @property
+    def interest_synced(self) -> bool:
+        return self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
+
+    async def _run(self) -> None:
+        options = [("grpc.max_receive_message_length", 2 * self.max_message_bytes + 65536)]
+        while True:
+            self.state = LinkState.CONNECTING
+            try:
+                async with grpc.aio.insecure_channel(self.member.address, options=options) as channel:
+                    await self._relay(pb_grpc.BrokerStub(channel))
+                self.last_error = "broker ended the relay stream"
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+            self.state = LinkState.BACKOFF
+            delay = self.backoff.next_delay()
+            log.warning("relay_lost", broker=self.member.name, address=self.member.address,
+                        error=self.last_error, retry_in=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _relay(self, stub: pb_grpc.BrokerStub) -> None:
+        call = stub.Relay()
+        self._added, self._removed = set(), set()
+        self._interest_changed.clear()
+        self._interest_sent, self._interest_applied = 1, 0
+        await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name))
+        writer = asyncio.create_task(self._send_interest(call))
+        try:
+            async for batch in call:  # the broker's first message says it applied our interest
+                if batch.interest_applied:
+                    self._interest_applied = batch.interest_applied
+                    self._mark_connected()
+                if batch.events:
+                    events = [Event(e.topic, e.data) for e in batch.events]
+                    self.events_received += len(events)
+                    self.hub.dispatch(events)
+        finally:
+            writer.cancel()
+            call.cancel()
+
+    def _mark_connected(self) -> None:
+        if self.state != LinkState.CONNECTED:
+            self.state = LinkState.CONNECTED
+            self.backoff.reset()
+            self.last_error = ""
+            log.info("relay_connected", broker=self.member.name, address=self.member.address)
+
+    async def _send_interest(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            await self._interest_changed.wait()
+            self._interest_changed.clear()
+            added, removed = self._added, self._removed
+            self._added, self._removed = set(), set()
+            if added or removed:
+                self._interest_sent += 1
+                await call.write(pb.Interest(add=sorted(added), remove=sorted(removed)))
+
+
+class LinkSet:
+    """The proxy's applied membership and a link per broker in it."""
+
+    def __init__(self, hub: Hub, proxy_name: str, max_message_bytes: int) -> None:
+        self.hub = hub
+        self.proxy_name = proxy_name
+        self.max_message_bytes = max_message_bytes
+        self.applied: Snapshot = EMPTY
+        self.links: dict[str, BrokerLink] = {}
+        hub.on_interest_change(self._interest_changed)
+
+    def _interest_changed(self, added: set[str], removed: set[str]) -> None:
+        for link in self.links.values():
+            link.interest_changed(added, removed)
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Open links to new brokers, close links to gone ones, note state changes."""
+        wanted = {m.name: m for m in snapshot.members}
+        for name, link in list(self.links.items()):
+            member = wanted.get(name)
+            if member is None or member.address != link.member.address:
+                del self.links[name]
+                await link.stop()
+                log.info("relay_removed", broker=name, address=link.member.address)
+        for name, member in wanted.items():
+            existing = self.links.get(name)
+            if existing is not None:
+                existing.member = member  # SERVING <-> DRAINING: the link stays open
+                continue
+            link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(),
+                                                 self.max_message_bytes)
+            link.start()
+        self.applied = snapshot
+        log.info("membership_applied", version=snapshot.version,
+                 brokers=[m.name for m in snapshot.members],
+                 draining=[m.name for m in snapshot.members if m.state is BrokerState.DRAINING])
+
+    async def close(self) -> None:
+        links, self.links = list(self.links.values()), {}
+        await asyncio.gather(*(link.stop() for link in links))
+
+    def to_proto(self) -> list[pb.BrokerLink]:
+        return [self.links[name].to_proto() for name in sorted(self.links)]

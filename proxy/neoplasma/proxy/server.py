@@ -1,0 +1,377 @@
+"""The proxy process: SSE + plasma gRPC for subscribers, ProxyControl for the operator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from neoplasma.core.logs import get_logger
+from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
+from neoplasma.core.net import announce, bind_socket, hostport
+from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic, parse_topic_list
+from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.hub import BatchSubscriber, Hub, PlasmaSubscriber, QueueSubscriber, SseSubscriber, Subscriber
+from neoplasma.proxy.links import LinkSet
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+log = get_logger("proxy")
+
+HEARTBEAT = b":heartbeat \n\n"
+
+
+@dataclass
+class ProxyConfig:
+    name: str = "proxy"
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 50051
+    control_port: int = 50052
+    # Static brokers (host:port), applied as membership version 0 until a push replaces them.
+    brokers: list[str] = field(default_factory=list)
+    event_query: str = "eventType"  # plasma's default query parameter
+    origin: str = "*"  # Access-Control-Allow-Origin on SSE responses
+    retry_ms: int = 2000  # SSE `retry:` hint
+    heartbeat_seconds: float = 10.0
+    max_topic_length: int = MAX_TOPIC_LENGTH
+    # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
+    max_sse_buffer: int = 4 * 1024 * 1024
+    max_grpc_queue: int = 10000
+    max_message_bytes: int = 1024 * 1024
+    # On SIGTERM or Drain: subscribers asked to reconnect per second.
+    drain_rate: float = 500.0
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.hub = Hub()
+        self.links = LinkSet(self.hub, config.name, config.max_message_bytes)
+        self.draining = False
+        self._apply_lock = asyncio.Lock()
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def apply(self, message: pb.Membership) -> pb.ApplyResponse:
+        async with self._apply_lock:
+            current = self.links.applied.version
+            if is_stale(current, message.version):
+                return self._answer(False, f"stale: version {message.version} is older than applied {current}")
+            try:
+                snapshot = snapshot_from_proto(message)
+            except InvalidSnapshot as exc:
+                log.warning("membership_refused", version=message.version, reason=str(exc))
+                return self._answer(False, f"refused: {exc}")
+            if snapshot != self.links.applied:
+                await self.links.apply(snapshot)
+            return self._answer(True, "")
+
+    def _answer(self, accepted: bool, reason: str) -> pb.ApplyResponse:
+        return pb.ApplyResponse(applied_version=self.links.applied.version, accepted=accepted,
+                                reason=reason, links=self.links.to_proto())
+
+    def status(self) -> pb.ProxyStatus:
+        counts = self.hub.counts()
+        return pb.ProxyStatus(
+            name=self.config.name, subscribers=len(self.hub.subscribers), sse_subscribers=counts["sse"],
+            grpc_subscribers=counts["plasma"] + counts["batch"], membership_version=self.links.applied.version,
+            links=self.links.to_proto(), events_received=self.hub.events_received,
+            deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
+            topics=len(self.hub.topics()), draining=self.draining)
+
+    def drain(self, rate: float) -> None:
+        """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second."""
+        self.draining = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate or self.config.drain_rate))
+
+    async def _drain(self, rate: float) -> None:
+        interval = 1.0 / rate
+        log.info("proxy_draining", subscribers=len(self.hub.subscribers), rate=rate)
+        while self.hub.subscribers:
+            sub = next(iter(self.hub.subscribers))
+            self.hub.remove(sub)
+            sub.close("draining")
+            await asyncio.sleep(interval)
+        log.info("proxy_drained")
+
+    async def drained(self, timeout: float) -> None:
+        if self._drain_task is not None:
+            await asyncio.wait({self._drain_task}, timeout=timeout)
+
+
+# -- gRPC servicers ----------------------------------------------------------------
+
+
+async def _pump(sub: QueueSubscriber, context: grpc.aio.ServicerContext, reader: asyncio.Task[None] | None) -> None:
+    """Write a queue subscriber's messages until it is closed (or its reader ends)."""
+    while not sub.closed.done() and not (reader is not None and reader.done()):
+        if not sub.queue:
+            sub.wake.clear()
+            waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(sub.wake.wait())}
+            if reader is not None:
+                waiters.add(reader)
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending - {reader}:
+                w.cancel()
+            continue
+        await context.write(sub.queue.popleft())
+
+
+async def _end(sub: Subscriber, context: grpc.aio.ServicerContext) -> None:
+    reason = sub.closed.result() if sub.closed.done() else ""
+    if reason == "slow":
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect")
+    if reason == "draining":
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")
+
+
+class PlasmaStreamServicer:
+    """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def Events(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        proxy = self.proxy
+        if proxy.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; connect to another")
+        sub = PlasmaSubscriber(proxy.config.max_grpc_queue)
+        proxy.hub.add(sub, ())
+        reader = asyncio.create_task(self._read(sub, context))
+        try:
+            await _pump(sub, context, reader)
+            if reader.done() and isinstance(reader.exception(), InvalidTopic):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription refused: {reader.exception()}")
+            await _end(sub, context)
+        finally:
+            reader.cancel()
+            proxy.hub.remove(sub)
+
+    async def _read(self, sub: PlasmaSubscriber, context: grpc.aio.ServicerContext) -> None:
+        limit = self.proxy.config.max_topic_length
+        while True:
+            request = await context.read()
+            if request is grpc.aio.EOF or request.forceClose:
+                return
+            topics = [check_topic(e.type, limit) for e in request.Events]
+            self.proxy.hub.resubscribe(sub, topics)  # a new request replaces the set; empty unsubscribes
+
+
+class SubscriberServicer(pb_grpc.SubscriberServicer):
+    """Neoplasma's native batched stream."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        proxy = self.proxy
+        if proxy.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; connect to another")
+        try:
+            topics = [check_topic(t, proxy.config.max_topic_length) for t in request.topics]
+        except InvalidTopic as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription refused: {exc}")
+        if not topics:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
+        sub = BatchSubscriber(proxy.config.max_grpc_queue)
+        proxy.hub.add(sub, topics)
+        try:
+            await _pump(sub, context, None)
+            await _end(sub, context)
+        finally:
+            proxy.hub.remove(sub)
+
+
+class ControlServicer(pb_grpc.ProxyControlServicer):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        return await self.proxy.apply(request)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
+        return self.proxy.status()
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
+        self.proxy.drain(request.reconnects_per_second)
+        return pb.DrainResponse(subscribers_remaining=len(self.proxy.hub.subscribers))
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def subscriber_handlers(proxy: Proxy) -> list[grpc.GenericRpcHandler]:
+    """plasma's StreamService and the native Subscriber, writing pre-encoded bytes."""
+    plasma = PlasmaStreamServicer(proxy)
+    native = SubscriberServicer(proxy)
+    return [
+        grpc.method_handlers_generic_handler("proto.StreamService", {
+            "Events": grpc.stream_stream_rpc_method_handler(
+                plasma.Events, request_deserializer=stream_pb2.Request.FromString, response_serializer=_identity),
+        }),
+        grpc.method_handlers_generic_handler("neoplasma.v1.Subscriber", {
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                native.Subscribe, request_deserializer=pb.SubscribeRequest.FromString,
+                response_serializer=_identity),
+        }),
+    ]
+
+
+# -- HTTP --------------------------------------------------------------------------
+
+
+class ProxyCollector(Collector):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.proxy.hub
+        subs = GaugeMetricFamily("neoplasma_proxy_subscribers", "Connected subscribers", labels=["kind"])
+        for kind, n in hub.counts().items():
+            subs.add_metric([kind], n)
+        yield subs
+        yield CounterMetricFamily("neoplasma_proxy_events_received", "Events received from brokers",
+                                  value=hub.events_received)
+        yield CounterMetricFamily("neoplasma_proxy_deliveries", "Events delivered to subscribers",
+                                  value=hub.deliveries)
+        yield CounterMetricFamily("neoplasma_proxy_slow_subscribers_dropped", "Subscribers dropped as too slow",
+                                  value=hub.slow_dropped)
+        yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
+                                value=self.proxy.links.applied.version)
+        yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+
+
+def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
+    cfg = proxy.config
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        # plasma's answers, word for word, for a missing or empty query.
+        if cfg.event_query not in request.query:
+            return web.Response(status=400, text="specify event queries\n")
+        raw = request.query[cfg.event_query]
+        if not raw:
+            return web.Response(status=400, text="event query can't be empty\n")
+        try:
+            topics = parse_topic_list(raw, cfg.max_topic_length)
+        except InvalidTopic as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        if proxy.draining:
+            return web.Response(status=503, text="proxy is shutting down; connect to another\n",
+                                headers={"Retry-After": "1"})
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
+        })
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"retry: %d\n" % cfg.retry_ms)
+        transport = request.transport
+        if transport is None:
+            return response
+        sub = SseSubscriber(transport, cfg.max_sse_buffer)
+        proxy.hub.add(sub, topics)
+        try:
+            reason = await sub.closed
+        finally:
+            proxy.hub.remove(sub)
+        if reason == "draining" and not transport.is_closing():
+            await response.write(b"retry: %d\n\n" % cfg.retry_ms)
+            await response.write_eof()
+        else:
+            transport.abort()
+        return response
+
+    async def healthz(request: web.Request) -> web.Response:
+        if proxy.draining:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/", sse)
+    app.router.add_get("/events", sse)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/hc", healthz)  # plasma's health check path
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+# -- process -----------------------------------------------------------------------
+
+
+def static_snapshot(addresses: list[str]) -> Snapshot:
+    """Membership version 0 from `--brokers`: replaced by the first pushed version."""
+    return Snapshot(0, tuple(sorted(Member(a, a) for a in addresses)))
+
+
+async def _heartbeat(proxy: Proxy) -> None:
+    while True:
+        await asyncio.sleep(proxy.config.heartbeat_seconds)
+        proxy.hub.broadcast_sse(HEARTBEAT)
+
+
+async def serve(config: ProxyConfig) -> None:
+    proxy = Proxy(config)
+    if config.brokers:
+        await proxy.links.apply(static_snapshot(config.brokers))
+
+    subscribers = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    subscribers.add_generic_rpc_handlers(subscriber_handlers(proxy))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, subscribers)
+    grpc_port = subscribers.add_insecure_port(hostport(config.host, config.grpc_port))
+    control = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ProxyControlServicer_to_server(ControlServicer(proxy), control)
+    control_port = control.add_insecure_port(hostport(config.host, config.control_port))
+    if not grpc_port or not control_port:
+        raise SystemExit(f"cannot listen on {config.host} ports {config.grpc_port}/{config.control_port}; "
+                         "choose other ports")
+    await subscribers.start()
+    await control.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    registry = CollectorRegistry()
+    registry.register(ProxyCollector(proxy))
+    sock = bind_socket(config.host, config.http_port)
+    runner = web.AppRunner(http_app(proxy, registry), access_log=None, handle_signals=False,
+                           handler_cancellation=True)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    http_port = sock.getsockname()[1]
+    heartbeat = asyncio.create_task(_heartbeat(proxy))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    addresses = {"http": hostport(config.host, http_port), "grpc": hostport(config.host, grpc_port),
+                 "control": hostport(config.host, control_port)}
+    log.info("proxy_serving", name=config.name, **addresses)
+    announce(kind="proxy", name=config.name, **addresses)
+    await stop.wait()
+
+    # Graceful: fail readiness, move subscribers away at a paced rate, then stop.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    proxy.drain(config.drain_rate)
+    await proxy.drained(timeout=max(5.0, len(proxy.hub.subscribers) / config.drain_rate + 5.0))
+    heartbeat.cancel()
+    await subscribers.stop(grace=1.0)
+    await control.stop(grace=0.5)
+    await proxy.links.close()
+    await runner.cleanup()
+    log.info("proxy_stopped", deliveries=proxy.hub.deliveries)
+

@@ -1,0 +1,511 @@
+"""The NeoplasmaCluster CRD and the pure rendering of its children.
+
+Rendered objects are checked with kubernetes-validate's bundled strict JSON schemas (offline,
+unknown fields refused); example resources are checked against the CRD's own openAPIV3Schema
+with jsonschema, and the CRD's defaults are applied as the API server does and compared with
+`spec.py`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neoplasma.operator import render as r
+from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, parse_spec
+
+CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
+# The oldest schemas kubernetes-validate bundles; the target server (1.20) has every field used.
+KUBE_VERSION = "1.25"
+IMAGE = "registry.example/neoplasma:1.0"
+
+SPECS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "no brokers": {"brokers": {"replicas": 0}, "proxies": {"replicas": 0}},
+    "three broker deployments": {"brokers": {"replicas": 25, "maxPerDeployment": 10}},
+    "node ports": {
+        "image": "other:2",
+        "proxies": {"service": {"type": "NodePort", "nodePorts": {"sse": 30080, "grpc": 30051}}},
+    },
+    "load balancer, limits": {
+        "brokers": {"resources": {"limits": {"cpu": 2, "memory": "1Gi"}}},
+        "proxies": {"resources": {}, "service": {"type": "LoadBalancer"}},
+    },
+}
+
+
+def cluster(spec: dict[str, Any] | None = None, name: str = "demo") -> Cluster:
+    return Cluster(name=name, namespace="events", spec=parse_spec(spec or {}))
+
+
+def by_name(manifests: list[r.Manifest]) -> dict[tuple[str, str], r.Manifest]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def pod_spec(manifest: r.Manifest) -> dict[str, Any]:
+    spec: dict[str, Any] = manifest["spec"]["template"]["spec"]
+    return spec
+
+
+def container(manifest: r.Manifest) -> dict[str, Any]:
+    [only] = pod_spec(manifest)["containers"]
+    return dict(only)
+
+
+def rendered(spec: dict[str, Any] | None = None, **kwargs: Any) -> dict[tuple[str, str], Any]:
+    return by_name(r.render(cluster(spec), default_image=IMAGE, **kwargs))
+
+
+# --- split_replicas -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "max_per", "sizes"),
+    [
+        (0, 10, [0]),
+        (1, 10, [1]),
+        (10, 10, [10]),
+        (11, 10, [10, 1]),
+        (25, 10, [10, 10, 5]),
+        (3, 1, [1, 1, 1]),
+    ],
+)
+def test_split_replicas(total: int, max_per: int, sizes: list[int]) -> None:
+    assert r.split_replicas(total, max_per) == sizes
+
+
+@pytest.mark.parametrize(("total", "max_per"), [(-1, 10), (5, 0)])
+def test_split_replicas_refuses_impossible_input(total: int, max_per: int) -> None:
+    with pytest.raises(ValueError, match="cannot split"):
+        r.split_replicas(total, max_per)
+
+
+@given(st.integers(0, 500), st.integers(1, 50))
+def test_split_replicas_fills_deployments_in_order(total: int, max_per: int) -> None:
+    sizes = r.split_replicas(total, max_per)
+    assert sum(sizes) == total
+    assert all(size == max_per for size in sizes[:-1])
+    assert 0 <= sizes[-1] <= max_per
+    assert len(sizes) == max(1, -(-total // max_per))
+
+
+# --- what is rendered -----------------------------------------------------------------------
+
+
+def test_render_lists_every_child_by_name() -> None:
+    names = list(rendered(SPECS["three broker deployments"]))
+    assert names == [
+        ("Deployment", "demo-broker-0"),
+        ("Deployment", "demo-broker-1"),
+        ("Deployment", "demo-broker-2"),
+        ("Service", "demo-broker"),
+        ("PodDisruptionBudget", "demo-broker"),
+        ("Deployment", "demo-proxy"),
+        ("Service", "demo-proxy"),
+        ("PodDisruptionBudget", "demo-proxy"),
+    ]
+
+
+@pytest.mark.parametrize(("replicas", "sizes"), [(0, [0]), (7, [7]), (25, [10, 10, 5])])
+def test_broker_deployment_sizes(replicas: int, sizes: list[int]) -> None:
+    children = rendered({"brokers": {"replicas": replicas}})
+    names = [f"demo-broker-{index}" for index in range(len(sizes))]
+    assert [children["Deployment", name]["spec"]["replicas"] for name in names] == sizes
+    assert ("Deployment", f"demo-broker-{len(sizes)}") not in children
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_every_child_is_a_valid_kubernetes_object(spec: dict[str, Any]) -> None:
+    for policy_api in r.POLICY_APIS:
+        for manifest in r.render(cluster(spec), default_image=IMAGE, policy_api=policy_api):
+            kubernetes_validate.validate(as_validatable(manifest), KUBE_VERSION, strict=True)
+
+
+def as_validatable(manifest: r.Manifest) -> r.Manifest:
+    """policy/v1beta1 has no bundled schema; its PDB spec is policy/v1's, so check it as that."""
+    if manifest["apiVersion"] == "policy/v1beta1":
+        return {**manifest, "apiVersion": "policy/v1"}
+    return manifest
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_every_child_is_namespaced_and_unowned(spec: dict[str, Any]) -> None:
+    for manifest in rendered(spec).values():
+        assert manifest["metadata"]["namespace"] == "events"
+        assert "ownerReferences" not in manifest["metadata"]
+
+
+def test_values_that_look_like_yaml_keywords_stay_strings() -> None:
+    manifests = r.render(cluster({"image": "on"}, name="yes"), default_image=IMAGE)
+    assert {m["metadata"]["name"] for m in manifests} >= {"yes-broker", "yes-proxy"}
+    assert container(manifests[0])["image"] == "on"
+
+
+# --- labels and selectors -------------------------------------------------------------------
+
+COMMON = {
+    "app.kubernetes.io/name": "neoplasma",
+    "app.kubernetes.io/instance": "demo",
+    "app.kubernetes.io/managed-by": "neoplasma-operator",
+}
+
+
+def expected_labels(name: str) -> dict[str, str]:
+    component = "broker" if "broker" in name else "proxy"
+    extra = {"neoplasma.io/broker-deployment": name} if name.startswith("demo-broker-") else {}
+    return {**COMMON, "app.kubernetes.io/component": component, **extra}
+
+
+def selector_of(manifest: r.Manifest) -> dict[str, str]:
+    selector: dict[str, str] = manifest["spec"]["selector"]
+    return selector if manifest["kind"] == "Service" else dict(selector["matchLabels"])
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_labels_on_every_object_and_pod(spec: dict[str, Any]) -> None:
+    for (kind, name), manifest in rendered(spec).items():
+        assert manifest["metadata"]["labels"] == expected_labels(name)
+        if kind == "Deployment":
+            assert manifest["spec"]["template"]["metadata"]["labels"] == expected_labels(name)
+
+
+@pytest.mark.parametrize(
+    ("key", "selector"),
+    [
+        (("Deployment", "demo-broker-1"), {"app.kubernetes.io/component": "broker",
+                                           "neoplasma.io/broker-deployment": "demo-broker-1"}),
+        (("Service", "demo-broker"), {"app.kubernetes.io/component": "broker"}),
+        (("PodDisruptionBudget", "demo-broker"), {"app.kubernetes.io/component": "broker"}),
+        (("Deployment", "demo-proxy"), {"app.kubernetes.io/component": "proxy"}),
+        (("Service", "demo-proxy"), {"app.kubernetes.io/component": "proxy"}),
+        (("PodDisruptionBudget", "demo-proxy"), {"app.kubernetes.io/component": "proxy"}),
+    ],
+)
+def test_selectors_are_stable_whatever_the_spec(
+    key: tuple[str, str], selector: dict[str, str]
+) -> None:
+    expected = {"app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo", **selector}
+    for spec in SPECS.values():
+        children = rendered({**spec, "brokers": {"replicas": 15}})
+        assert selector_of(children[key]) == expected
+
+
+def test_deployment_selectors_match_their_pods_and_do_not_overlap() -> None:
+    children = rendered(SPECS["three broker deployments"])
+    deployments = [m for m in children.values() if m["kind"] == "Deployment"]
+    for deployment in deployments:
+        pods = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector_of(deployment).items() <= pods.items()
+        others = [d for d in deployments if d is not deployment]
+        assert not any(selector_of(d).items() <= pods.items() for d in others)
+
+
+# --- services -------------------------------------------------------------------------------
+
+
+def ports_of(service: r.Manifest) -> dict[str, dict[str, Any]]:
+    return {port["name"]: port for port in service["spec"]["ports"]}
+
+
+def test_broker_service_serves_publishers() -> None:
+    service = rendered()["Service", "demo-broker"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert ports_of(service) == {
+        "grpc": {"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"},
+        "http": {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("service", "node_ports"),
+    [
+        ({}, {"sse": None, "grpc": None}),
+        ({"type": "NodePort"}, {"sse": None, "grpc": None}),
+        ({"type": "NodePort", "nodePorts": {"sse": 30080}}, {"sse": 30080, "grpc": None}),
+        ({"type": "LoadBalancer", "nodePorts": {"sse": 30080, "grpc": 30051}},
+         {"sse": 30080, "grpc": 30051}),
+    ],
+)
+def test_proxy_service_type_and_node_ports(
+    service: dict[str, Any], node_ports: dict[str, int | None]
+) -> None:
+    rendered_service = rendered({"proxies": {"service": service}})["Service", "demo-proxy"]
+    assert rendered_service["spec"]["type"] == service.get("type", "ClusterIP")
+    ports = ports_of(rendered_service)
+    assert {name: (port["port"], port["targetPort"]) for name, port in ports.items()} == {
+        "sse": (8080, "http"),
+        "grpc": (50051, "grpc"),
+    }
+    assert {name: port.get("nodePort") for name, port in ports.items()} == node_ports
+
+
+# --- pod disruption budgets -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy_api", ["policy/v1", "policy/v1beta1"])
+def test_pod_disruption_budgets_use_the_given_policy_api(policy_api: str) -> None:
+    children = rendered(policy_api=policy_api)
+    for component in ("broker", "proxy"):
+        budget = children["PodDisruptionBudget", f"demo-{component}"]
+        assert budget["apiVersion"] == policy_api
+        assert budget["spec"]["maxUnavailable"] == 1
+
+
+def test_unknown_policy_api_is_refused() -> None:
+    with pytest.raises(ValueError, match="policy/v1beta1"):
+        r.render(cluster(), default_image=IMAGE, policy_api="policy/v2")
+
+
+# --- containers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "image"),
+    [({}, IMAGE), ({"image": ""}, IMAGE), ({"image": "mine:3"}, "mine:3")],
+)
+def test_image_defaults_to_the_operators(spec: dict[str, Any], image: str) -> None:
+    for key, manifest in rendered(spec).items():
+        if key[0] == "Deployment":
+            assert container(manifest)["image"] == image
+
+
+@pytest.mark.parametrize(
+    ("spec", "broker", "proxy"),
+    [
+        ({}, {"requests": {"cpu": "100m", "memory": "128Mi"}},
+         {"requests": {"cpu": "100m", "memory": "128Mi"}}),
+        (SPECS["load balancer, limits"], {"limits": {"cpu": "2", "memory": "1Gi"}}, {}),
+    ],
+)
+def test_resources_are_passed_through(
+    spec: dict[str, Any], broker: dict[str, Any], proxy: dict[str, Any]
+) -> None:
+    children = rendered(spec)
+    assert container(children["Deployment", "demo-broker-0"])["resources"] == broker
+    assert container(children["Deployment", "demo-proxy"])["resources"] == proxy
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "ports", "grace"),
+    [
+        ("demo-broker-0",
+         ["neoplasma", "broker", "--host", "0.0.0.0", "--grpc-port", "50051",
+          "--http-port", "8080"],
+         {"grpc": 50051, "http": 8080}, 30),
+        ("demo-proxy",
+         ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
+          "--grpc-port", "50051", "--control-port", "50052"],
+         {"grpc": 50051, "http": 8080, "control": 50052}, 60),
+    ],
+)
+def test_containers(name: str, command: list[str], ports: dict[str, int], grace: int) -> None:
+    deployment = rendered()["Deployment", name]
+    main = container(deployment)
+    assert main["command"] == command
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == ports
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] == grace
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in main["env"]} == {
+        "NEOPLASMA_POD_NAME": "metadata.name",
+        "NEOPLASMA_POD_IP": "status.podIP",
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert main["livenessProbe"]["failureThreshold"] > main["readinessProbe"]["failureThreshold"]
+    assert main["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_proxy_rollouts_keep_serving() -> None:
+    strategy = rendered()["Deployment", "demo-proxy"]["spec"]["strategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+# --- the CRD --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(CRD_PATH.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def schema(crd: dict[str, Any]) -> dict[str, Any]:
+    [version] = crd["spec"]["versions"]
+    found: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return found
+
+
+def test_crd_names(crd: dict[str, Any]) -> None:
+    assert crd["metadata"]["name"] == "neoplasmaclusters.neoplasma.io"
+    assert crd["spec"]["group"] == "neoplasma.io"
+    assert crd["spec"]["scope"] == "Namespaced"
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "NeoplasmaCluster", "neoplasmaclusters", ["npc"])
+    [version] = crd["spec"]["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+
+
+def test_crd_is_a_valid_v1_crd(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+
+
+def schema_nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from schema_nodes(child, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from schema_nodes(node[key], f"{path}[]")
+
+
+def test_crd_schema_is_structural(schema: dict[str, Any]) -> None:
+    for path, node in schema_nodes(schema):
+        assert "x-kubernetes-validations" not in node, f"{path}: no CEL on Kubernetes 1.20"
+        assert "$ref" not in node, path
+        if node.get("x-kubernetes-int-or-string"):
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path
+        else:
+            assert "type" in node, f"{path} has no type"
+            assert "anyOf" not in node, path
+    assert schema["properties"]["metadata"] == {"type": "object"}
+    assert schema["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_crd_defaults_are_valid(schema: dict[str, Any]) -> None:
+    defaulted = [(path, node) for path, node in schema_nodes(schema) if "default" in node]
+    assert len(defaulted) >= 10
+    for path, node in defaulted:
+        errors = list(jsonschema.Draft4Validator(node).iter_errors(node["default"]))
+        assert not errors, f"{path}: {errors}"
+
+
+def test_crd_quantity_pattern_is_specs(schema: dict[str, Any]) -> None:
+    patterns = {node["pattern"] for _, node in schema_nodes(schema) if "pattern" in node}
+    assert patterns == {QUANTITY_PATTERN}
+
+
+@pytest.mark.parametrize(
+    ("column", "json_path", "status_path"),
+    [
+        ("Ready", '.status.conditions[?(@.type=="Ready")].status', ".status.conditions[].status"),
+        ("Brokers", ".status.brokers.ready", ".status.brokers.ready"),
+        ("Proxies", ".status.proxies.ready", ".status.proxies.ready"),
+        ("Connections", ".status.connections", ".status.connections"),
+        ("Membership", ".status.membership.version", ".status.membership.version"),
+        ("Age", ".metadata.creationTimestamp", None),
+    ],
+)
+def test_printer_columns_show_documented_status(
+    crd: dict[str, Any], schema: dict[str, Any], column: str, json_path: str,
+    status_path: str | None,
+) -> None:
+    [version] = crd["spec"]["versions"]
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns[column] == json_path
+    if status_path is not None:
+        assert status_path in dict(schema_nodes(schema))
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["observedGeneration", "deployments[].name", "deployments[].replicas", "deployments[].ready",
+     "brokers.desired", "proxies.desired", "membership.brokers", "membership.acknowledged",
+     "membership.lastConvergenceSeconds", "conditions[].reason", "conditions[].message",
+     "conditions[].lastTransitionTime"],
+)
+def test_status_fields_are_documented(schema: dict[str, Any], field: str) -> None:
+    assert f".status.{field}" in dict(schema_nodes(schema))
+
+
+GOOD_SPECS = {
+    **SPECS,
+    "integer quantity": {"brokers": {"resources": {"requests": {"cpu": 1}}}},
+    "highest node port": {"proxies": {"service": {"type": "NodePort",
+                                                  "nodePorts": {"grpc": 32767}}}},
+}
+BAD_SPECS = {
+    "negative broker replicas": ({"brokers": {"replicas": -1}}, "spec.brokers.replicas"),
+    "negative proxy replicas": ({"proxies": {"replicas": -2}}, "spec.proxies.replicas"),
+    "zero maxPerDeployment": ({"brokers": {"maxPerDeployment": 0}},
+                              "spec.brokers.maxPerDeployment"),
+    "string replicas": ({"brokers": {"replicas": "3"}}, "spec.brokers.replicas"),
+    "service type Foo": ({"proxies": {"service": {"type": "Foo"}}}, "spec.proxies.service.type"),
+    "node port 80": ({"proxies": {"service": {"type": "NodePort", "nodePorts": {"sse": 80}}}},
+                     "spec.proxies.service.nodePorts.sse"),
+    "node port 32768": ({"proxies": {"service": {"type": "NodePort",
+                                                 "nodePorts": {"grpc": 32768}}}},
+                        "spec.proxies.service.nodePorts.grpc"),
+    "bad quantity": ({"proxies": {"resources": {"limits": {"memory": "lots"}}}},
+                     "spec.proxies.resources.limits.memory"),
+    "image not a string": ({"image": 7}, "spec.image"),
+}
+
+
+def resource(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "neoplasma.io/v1alpha1", "kind": "NeoplasmaCluster",
+            "metadata": {"name": "demo", "namespace": "events"}, "spec": spec}
+
+
+@pytest.mark.parametrize("spec", GOOD_SPECS.values(), ids=GOOD_SPECS.keys())
+def test_good_resources_are_accepted(schema: dict[str, Any], spec: dict[str, Any]) -> None:
+    jsonschema.Draft4Validator(schema).validate(resource(spec))
+    parse_spec(spec)
+
+
+@pytest.mark.parametrize(("spec", "field"), BAD_SPECS.values(), ids=BAD_SPECS.keys())
+def test_bad_resources_are_refused_by_crd_and_parser(
+    schema: dict[str, Any], spec: dict[str, Any], field: str
+) -> None:
+    errors = list(jsonschema.Draft4Validator(schema).iter_errors(resource(spec)))
+    assert [".".join(map(str, e.absolute_path)) for e in errors] == [field]
+    with pytest.raises(ValueError) as refused:
+        parse_spec(spec)
+    assert getattr(refused.value, "field", None) == field
+
+
+def apply_defaults(node: dict[str, Any], value: Any) -> Any:
+    """Default `value` as the API server does: absent fields get `default`, then recurse."""
+    if isinstance(value, dict) and "properties" in node:
+        value = copy.deepcopy(value)
+        for name, child in node["properties"].items():
+            if name not in value and "default" in child:
+                value[name] = copy.deepcopy(child["default"])
+            if name in value:
+                value[name] = apply_defaults(child, value[name])
+    return value
+
+
+@pytest.mark.parametrize("spec", GOOD_SPECS.values(), ids=GOOD_SPECS.keys())
+def test_crd_defaults_are_the_parsers(schema: dict[str, Any], spec: dict[str, Any]) -> None:
+    defaulted = apply_defaults(schema, resource(spec))
+    jsonschema.Draft4Validator(schema).validate(defaulted)
+    assert parse_spec(defaulted["spec"]) == parse_spec(spec)
+
+
+def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
+    defaulted = apply_defaults(schema, {"apiVersion": "neoplasma.io/v1alpha1",
+                                        "kind": "NeoplasmaCluster", "metadata": {}})
+    assert defaulted["spec"] == {
+        "brokers": {"replicas": 1, "maxPerDeployment": 10,
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        "proxies": {"replicas": 2, "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "service": {"type": "ClusterIP"}},
+    }
