@@ -86,7 +86,9 @@ def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[s
 
 
 def port_is_free(port: int) -> bool:
+    """True when nothing listens on the port (TIME_WAIT leftovers do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

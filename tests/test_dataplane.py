@@ -145,7 +145,7 @@ async def test_stalled_subscriber_does_not_delay_others(start: Any) -> None:
     bs, ps = await cluster(start, 1, 1)
     control = ps[0].endpoints["control"]
     # A subscriber that never reads: its socket buffers fill, then the proxy drops it.
-    reader, writer = await asyncio.open_connection("127.0.0.1", ps[0].port("http"))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", ps[0].port("http"))
     writer.write(b"GET /?eventType=t HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     async with sse(ps[0].endpoints["http"], "t") as healthy:
@@ -155,7 +155,7 @@ async def test_stalled_subscriber_does_not_delay_others(start: Any) -> None:
         for round_ in range(40):
             await publish_grpc(bs[0].endpoints["grpc"], [("t", payload)] * 200)
             total += 200
-            await wait_for(lambda: len(healthy.events) == total, timeout=10,
+            await wait_for(lambda total=total: len(healthy.events) == total, timeout=10,
                            what=f"healthy subscriber keeping up (round {round_})")
             status = await proxy_status(control)
             if status.slow_subscribers_dropped:

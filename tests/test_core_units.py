@@ -1,0 +1,116 @@
+"""Pure pieces: topics, event encodings, membership, routing and fan-out decisions."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.core.events import Event, batch_entry, compact_json, plasma_payload, sse_frame
+from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
+from neoplasma.core.topics import InvalidTopic, matches, parse_topic_list, prefixes
+from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.hub import Hub, QueueSubscriber
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+
+segment = st.text(alphabet="abc1", min_size=1, max_size=3)
+topic_st = st.lists(segment, min_size=1, max_size=4).map(":".join)
+
+
+@given(sub=topic_st, topic=topic_st)
+def test_prefix_keys_are_exactly_the_matching_subscriptions(sub: str, topic: str) -> None:
+    assert (sub in prefixes(topic)) == matches(sub, topic)
+
+
+def test_plasma_hierarchy() -> None:
+    assert matches("program:1234", "program:1234:views")
+    assert not matches("program:1234", "program:12345:views")
+    assert parse_topic_list("a, b,a,,c") == ["a", "b", "c"]
+    with pytest.raises(InvalidTopic):
+        parse_topic_list(" , ")
+
+
+@pytest.mark.parametrize("raw, compact", [
+    (b' { "a" : [ 1 , 2.50 ] } ', b'{"a":[1,2.50]}'),
+    (b'"keep  spaces in strings"', b'"keep  spaces in strings"'),
+    (b'"<tag>&amp;"', b'"\\u003ctag\\u003e\\u0026amp;"'),
+    (b'"esc \\" quote"', b'"esc \\" quote"'),
+    ('"\u2028"'.encode(), b'"\\u2028"'),
+])
+def test_compact_json_like_go(raw: bytes, compact: bytes) -> None:
+    assert compact_json(raw) == compact
+
+
+def test_encodings_decode_with_protobuf() -> None:
+    e = Event("a:b", b'{"x":1}')
+    batch = pb.EventBatch.FromString(batch_entry(e) * 2)
+    assert [(x.topic, x.data) for x in batch.events] == [("a:b", b'{"x":1}')] * 2
+    payload = stream_pb2.Payload.FromString(plasma_payload(e))
+    assert payload.eventType.type == "a:b" and payload.data == '{"x":1}'
+    assert sse_frame(7, e) == b'id: 7\ndata: {"meta":{"type":"a:b"},"data":{"x":1}}\n\n'
+
+
+def test_snapshot_version_bumps_only_on_change() -> None:
+    a, b = Member("b0", "h:1"), Member("b1", "h:2")
+    s1 = next_snapshot(EMPTY, [b, a])
+    assert s1.version == 1 and s1.members == (a, b)
+    assert next_snapshot(s1, [a, b]) is s1
+    s2 = next_snapshot(s1, [a, Member("b1", "h:2", BrokerState.DRAINING)])
+    assert s2.version == 2 and s2.serving == (a,)
+    assert is_stale(2, 1) and not is_stale(2, 2) and not is_stale(2, 3)
+
+
+async def test_router_delivers_once_per_stream_and_bounds_slow_streams() -> None:
+    router = Router()
+    fast, slow = RelayStream("fast", "p1", 10_000), RelayStream("slow", "p2", 100)
+    for s in (fast, slow):
+        router.attach(s)
+    router.update_interest(fast, ["a", "a:b"], [], replace=True)
+    router.update_interest(slow, ["a"], [], replace=True)
+    queued, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3)
+    assert len(fast.outbox) == 4  # a:b once although it matches two keys, plus three a's
+    assert dropped == 2 and slow.dropped == 2  # 100-byte outbox holds only the first two
+    message, count = fast.take(1 << 20)
+    decoded = pb.EventBatch.FromString(message)
+    assert count == 4 and len(decoded.events) == 4 and decoded.interest_applied == 1
+    router.update_interest(fast, [], ["a", "a:b"], replace=False)
+    assert router.route([Event("a", b'"' + b"x" * 40 + b'"')]) == (0, 1)  # only slow wants it, and it is full
+    slow.take(1 << 20)
+    assert router.route([Event("a", b"1")]) == (1, 0)
+    router.detach(fast)
+    router.detach(slow)
+    assert router.route([Event("a", b"1")]) == (0, 0)
+
+
+@pytest.mark.parametrize("n_events", [1, 64])
+async def test_hub_groups_encode_once_and_drop_slow(n_events: int) -> None:
+    changes: list[tuple[set[str], set[str]]] = []
+    hub = Hub()
+    hub.on_interest_change(lambda add, rem: changes.append((add, rem)))
+    subs = [QueueSubscriberProbe(10_000) for _ in range(3)]
+    tiny = QueueSubscriberProbe(n_events - 1 if n_events > 1 else 0)
+    for s in subs:
+        hub.add(s, ["x"])
+    hub.add(tiny, ["x"])
+    assert changes == [({"x"}, set())]
+    delivered = hub.dispatch([Event("x:y", b"1")] * n_events)
+    assert delivered == 3 * n_events
+    assert all(len(s.queue) == n_events for s in subs)
+    assert tiny.closed.done() and tiny.closed.result() == "slow" and hub.slow_dropped == 1
+    assert QueueSubscriberProbe.encodes == 1  # one encoding for the whole group
+    for s in subs:
+        hub.remove(s)
+    assert changes[-1] == (set(), {"x"}) and hub.topics() == set()
+    QueueSubscriberProbe.encodes = 0
+
+
+class QueueSubscriberProbe(QueueSubscriber):
+    kind = "batch"
+    encodes = 0
+
+    @staticmethod
+    def encode(batch, indices):  # type: ignore[no-untyped-def]
+        QueueSubscriberProbe.encodes += 1
+        return [batch.entry(i) for i in indices]
+

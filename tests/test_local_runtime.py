@@ -1,0 +1,102 @@
+"""`neoplasma up` as a user runs it, and clean shutdown of every process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from dataplane import PlasmaClient, links_ready, port_is_free, proxy_status, publish_grpc, publish_http, read_json_line, sse, wait_for
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--brokers", "2", "--proxies", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=log)
+    try:
+        endpoints = read_json_line(proc.stdout, 60)
+        yield proc, endpoints
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print((tmp_path / "up.log").read_text()[-3000:])
+
+
+async def test_up_serves_sse_and_plasma_on_different_proxies(up: Any) -> None:
+    _, endpoints = up
+    assert [sorted(b) for b in endpoints["brokers"]] == [["grpc", "http"]] * 2
+    assert len(endpoints["proxies"]) == 2
+    p0, p1 = endpoints["proxies"]
+    async with sse(p0["http"], "news") as browser:
+        service = PlasmaClient(p1["grpc"])
+        await service.subscribe("news")
+        for p in (p0, p1):
+            await wait_for(lambda p=p: links_ready(p["control"], 2), what="proxy linked to both brokers")
+        await publish_grpc(endpoints["brokers"][0]["grpc"], [("news:1", "a")])
+        await publish_http(endpoints["brokers"][1]["http"], {"meta": {"type": "news:2"}, "data": "b"})
+        await wait_for(lambda: len(browser.events) == 2 and len(service.payloads) == 2)
+        assert sorted(e["data"] for e in browser.events) == ["a", "b"]
+        assert sorted(p.data for p in service.payloads) == ['"a"', '"b"']
+        await service.close()
+
+
+async def test_up_restarts_a_dead_child_and_stops_everything(up: Any) -> None:
+    proc, endpoints = up
+    children = psutil.Process(proc.pid).children()
+    assert len(children) == 4
+    broker0 = endpoints["brokers"][0]
+    victim = next(c for c in children if "broker-0" in c.cmdline())
+    victim.kill()
+    p0 = endpoints["proxies"][0]
+    async with sse(p0["http"], "t") as client:
+        # The restarted broker comes back on the same ports; the proxy relinks by itself.
+        await wait_for(lambda: len(psutil.Process(proc.pid).children()) == 4 and not victim.is_running(),
+                       timeout=30, what="restart")
+        await wait_for(lambda: links_ready(p0["control"], 2), timeout=30, what="relink to the restarted broker")
+        await publish_grpc(broker0["grpc"], [("t", "after-restart")])
+        await wait_for(lambda: client.events, what="delivery via the restarted broker")
+    status = await proxy_status(p0["control"])
+    assert status.membership_version == 1  # same broker, same address: nothing to push
+
+    pids = [c.pid for c in psutil.Process(proc.pid).children()]
+    ports = [int(a.rpartition(":")[2]) for group in endpoints.values() for e in group for a in e.values()]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert all(port_is_free(p) for p in ports), "a port is still bound after shutdown"
+
+
+def test_up_refuses_zero_brokers() -> None:
+    result = subprocess.run([sys.executable, "-m", "neoplasma", "up", "--brokers", "0"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "at least one broker" in result.stderr
+
+
+def test_server_shutdown_frees_ports(start: Any) -> None:
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    ports = [broker.port("grpc"), broker.port("http"), proxy.port("grpc"), proxy.port("http"), proxy.port("control")]
+    assert proxy.stop() == 0
+    assert broker.stop() == 0
+    assert all(port_is_free(p) for p in ports)
+
+
+def test_busy_port_gives_a_clear_error(start: Any) -> None:
+    broker = start("broker", "b0")
+    result = subprocess.run([sys.executable, "-m", "neoplasma", "broker", "--grpc-port", "0",
+                             "--http-port", str(broker.port("http"))], capture_output=True, text=True, timeout=30,
+                            env={**os.environ})
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{broker.port('http')}" in result.stderr
