@@ -66,7 +66,7 @@ async def test_garbage_on_the_wire_does_not_hurt(broker: Any, start: Any) -> Non
         if ":" not in address:
             continue
         host, _, port = address.rpartition(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        _, writer = await asyncio.open_connection(host, int(port))
         writer.write(b"\x00\xff garbage \r\n\r\n" * 100)
         await writer.drain()
         writer.close()

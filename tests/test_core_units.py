@@ -68,7 +68,7 @@ async def test_router_delivers_once_per_stream_and_bounds_slow_streams() -> None
         router.attach(s)
     router.update_interest(fast, ["a", "a:b"], [], replace=True)
     router.update_interest(slow, ["a"], [], replace=True)
-    queued, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3)
+    _, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3)
     assert len(fast.outbox) == 4  # a:b once although it matches two keys, plus three a's
     assert dropped == 2 and slow.dropped == 2  # 100-byte outbox holds only the first two
     message, count = fast.take(1 << 20)

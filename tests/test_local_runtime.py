@@ -12,7 +12,17 @@ from typing import Any
 
 import psutil
 import pytest
-from dataplane import PlasmaClient, links_ready, port_is_free, proxy_status, publish_grpc, publish_http, read_json_line, sse, wait_for
+from dataplane import (
+    PlasmaClient,
+    links_ready,
+    port_is_free,
+    proxy_status,
+    publish_grpc,
+    publish_http,
+    read_json_line,
+    sse,
+    wait_for,
+)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from neoplasma.core.logs import setup_logging
+from neoplasma.core.net import raise_fd_limit
 
 
 def _env_name(default_prefix: str) -> str:
@@ -24,6 +25,7 @@ def _positive_int(text: str) -> int:
 
 
 def _run(coro_factory: Callable[[], object]) -> int:
+    raise_fd_limit()
     try:
         import uvloop
 

@@ -28,7 +28,8 @@ class Event:
 
 
 # Matches a JSON string literal, or a run of whitespace outside one.
-_TOKENS = re.compile(r'("(?:[^"\\]|\\.)*")|[ \t\n\r]+', re.DOTALL)
+_TOKENS = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\n\r]+', re.DOTALL)
+_WHITESPACE = re.compile(r"[ \t\n\r]")
 # Characters Go's encoding/json escapes inside strings (plasma is written in Go).
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
@@ -50,8 +51,11 @@ def compact_json(raw: str | bytes) -> bytes:
     """
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     json.loads(text, parse_constant=_reject_constant)
-    compact = _TOKENS.sub(lambda m: m.group(1) or "", text)
-    return _go_escape(compact).encode("utf-8")
+    if _WHITESPACE.search(text):
+        text = _TOKENS.sub(r"\1", text)  # strings stay, whitespace between tokens goes
+    if _GO_ESCAPE_RE.search(text):
+        text = _go_escape(text)
+    return text.encode("utf-8")
 
 
 def _checked_event(topic: str, compact: bytes, max_bytes: int, max_topic_length: int) -> Event:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import sys
 from typing import Any
@@ -24,6 +25,14 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (each subscriber is a socket)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def hostport(host: str, port: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
@@ -66,13 +67,14 @@ class Subscriber:
     def __init__(self) -> None:
         self.topics: frozenset[str] = frozenset()
         self.closed = asyncio.get_running_loop().create_future()
+        self.slow = False  # set by deliver() when it refuses for being too far behind
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> object:
         raise NotImplementedError
 
     def deliver(self, encoded: object) -> bool:
-        """Hand over an encoded batch; False means too slow (the hub drops it)."""
+        """Hand over an encoded batch; False means gone or too slow (`slow`): the hub drops it."""
         raise NotImplementedError
 
     def close(self, reason: str) -> None:
@@ -97,7 +99,10 @@ class SseSubscriber(Subscriber):
 
     def deliver(self, encoded: object) -> bool:
         transport = self.transport
-        if transport.is_closing() or transport.get_write_buffer_size() > self.max_buffer:
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self.slow = True
             return False
         transport.write(encoded)  # type: ignore[arg-type]
         return True
@@ -115,6 +120,7 @@ class QueueSubscriber(Subscriber):
     def deliver(self, encoded: object) -> bool:
         messages: list[bytes] = encoded  # type: ignore[assignment]
         if len(self.queue) + len(messages) > self.max_queue:
+            self.slow = True
             return False
         self.queue.extend(messages)
         self.wake.set()
@@ -165,6 +171,8 @@ class Hub:
         self._index: dict[str, set[Group]] = {}
         self._listeners: list[InterestListener] = []
         self.next_id = 1
+        self._pending: list[Event] = []
+        self._wake = asyncio.Event()
         self.events_received = 0
         self.deliveries = 0
         self.slow_dropped = 0
@@ -238,6 +246,29 @@ class Hub:
 
     # -- delivery ------------------------------------------------------------------
 
+    def submit(self, events: Sequence[Event]) -> None:
+        """Queue events from a relay link for the dispatcher."""
+        self._pending.extend(events)
+        self._wake.set()
+
+    async def run_dispatcher(self, linger: float = 0.002) -> None:
+        """Deliver whatever piled up since the last round, in one `dispatch`.
+
+        Adaptive coalescing: when the previous round took longer than `linger`
+        (the proxy is busy), wait `linger` first so more events join the round,
+        giving fewer, larger writes per subscriber. An idle proxy never waits.
+        """
+        busy = False
+        while True:
+            await self._wake.wait()
+            if busy:
+                await asyncio.sleep(linger)
+            self._wake.clear()
+            events, self._pending = self._pending, []
+            started = time.perf_counter()
+            self.dispatch(events)
+            busy = time.perf_counter() - started > linger
+
     def dispatch(self, events: Sequence[Event]) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries."""
         batch = Batch(events, self.next_id)
@@ -260,7 +291,7 @@ class Hub:
                 if seen is None:
                     seen = set(groups)
         deliveries = 0
-        slow: list[Subscriber] = []
+        refused: list[Subscriber] = []
         for group, indices in matched.items():
             for kind, members in group.members.items():
                 encoded = kind.encode(batch, indices)
@@ -268,22 +299,22 @@ class Hub:
                     if sub.deliver(encoded):
                         deliveries += len(indices)
                     else:
-                        slow.append(sub)
-        for sub in slow:
-            self.slow_dropped += 1
-            self.remove(sub)
-            sub.close("slow")
+                        refused.append(sub)
+        self._drop(refused)
         self.deliveries += deliveries
         return deliveries
+
+    def _drop(self, subscribers: list[Subscriber]) -> None:
+        for sub in subscribers:
+            self.slow_dropped += sub.slow
+            self.remove(sub)
+            sub.close("slow" if sub.slow else "gone")
 
     def broadcast_sse(self, data: bytes) -> None:
         """Write `data` (e.g. a heartbeat comment) to every SSE subscriber."""
         chunk = http_chunk(data)
-        for sub in list(self.subscribers):
-            if isinstance(sub, SseSubscriber) and not sub.deliver(chunk):
-                self.slow_dropped += 1
-                self.remove(sub)
-                sub.close("slow")
+        self._drop([sub for sub in list(self.subscribers)
+                    if isinstance(sub, SseSubscriber) and not sub.deliver(chunk)])
 
     def counts(self) -> dict[str, int]:
         out = {"sse": 0, "plasma": 0, "batch": 0}

@@ -111,7 +111,7 @@ class BrokerLink:
                 if batch.events:
                     events = [Event(e.topic, e.data) for e in batch.events]
                     self.events_received += len(events)
-                    self.hub.dispatch(events)
+                    self.hub.submit(events)
         finally:
             writer.cancel()
             call.cancel()

@@ -51,6 +51,8 @@ class ProxyConfig:
     max_message_bytes: int = 1024 * 1024
     # On SIGTERM or Drain: subscribers asked to reconnect per second.
     drain_rate: float = 500.0
+    # Under load, how long the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
+    linger_seconds: float = 0.002
 
 
 class Proxy:
@@ -353,6 +355,7 @@ async def serve(config: ProxyConfig) -> None:
     await web.SockSite(runner, sock).start()
     http_port = sock.getsockname()[1]
     heartbeat = asyncio.create_task(_heartbeat(proxy))
+    dispatcher = asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -369,6 +372,7 @@ async def serve(config: ProxyConfig) -> None:
     proxy.drain(config.drain_rate)
     await proxy.drained(timeout=max(5.0, len(proxy.hub.subscribers) / config.drain_rate + 5.0))
     heartbeat.cancel()
+    dispatcher.cancel()
     await subscribers.stop(grace=1.0)
     await control.stop(grace=0.5)
     await proxy.links.close()
