@@ -41,7 +41,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     config = BrokerConfig(name=args.name or _env_name("broker"), host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, max_event_bytes=args.max_event_bytes,
-                          max_outbox_bytes=args.max_outbox_bytes)
+                          max_outbox_bytes=args.max_outbox_bytes, publisher_window=args.publisher_window)
     return _run(lambda: serve(config))
 
 
@@ -57,9 +57,21 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from neoplasma.core import scaling
     from neoplasma.local.runtime import run_up
 
-    return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json)
+    flags = {
+        scaling.AUTOSCALE: "true" if args.autoscale else None,
+        scaling.TARGET_CONNECTIONS: args.target_connections_per_broker,
+        scaling.MIN_BROKERS: args.min_brokers, scaling.MAX_BROKERS: args.max_brokers,
+        scaling.TARGET_SUBSCRIBERS: args.target_subscribers_per_proxy,
+        scaling.MIN_PROXIES: args.min_proxies, scaling.MAX_PROXIES: args.max_proxies,
+        scaling.SCALE_DOWN_DELAY: args.scale_down_delay, scaling.TOLERANCE: args.tolerance,
+        scaling.SCALE_UP_LIMIT: args.scale_up_limit,
+    }
+    annotations = {key: value for key, value in flags.items() if value is not None}
+    return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
+                  interval=args.scale_interval)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -95,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-event-bytes", type=_positive_int, default=1024 * 1024, help="largest event data")
     p.add_argument("--max-outbox-bytes", type=_positive_int, default=64 * 1024 * 1024,
                    help="bytes held per slow relay stream before its events are dropped")
+    p.add_argument("--publisher-window", type=float,
+                   default=float(os.environ.get("NEOPLASMA_PUBLISHER_WINDOW", "30")),
+                   help="seconds a publisher counts as connected after its last publish "
+                        "(default 30, or $NEOPLASMA_PUBLISHER_WINDOW)")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("proxy", help="run a proxy (SSE + plasma gRPC for subscribers)")
@@ -114,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brokers", type=_positive_int, default=2, help="number of brokers (default 2)")
     p.add_argument("--proxies", type=_positive_int, default=2, help="number of proxies (default 2)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    scale = p.add_argument_group("autoscaling (the NeoplasmaCluster annotations of the same names)")
+    scale.add_argument("--autoscale", action="store_true", help="resize brokers/proxies by load")
+    for flag in ("target-connections-per-broker", "min-brokers", "max-brokers", "target-subscribers-per-proxy",
+                 "min-proxies", "max-proxies", "scale-down-delay", "tolerance", "scale-up-limit"):
+        scale.add_argument(f"--{flag}", metavar="VALUE", help=f"as annotation neoplasma.io/{flag}")
+    scale.add_argument("--scale-interval", type=float, default=5.0, help="seconds between load readings")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("publish", help="publish one event to a broker")

@@ -12,11 +12,14 @@ import ctypes
 import json
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
+from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import EMPTY, Member, Snapshot, next_snapshot
+from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher
+from neoplasma.core.scaling import Policy, Recommendation, decide, parse_policy
 
 log = get_logger("up")
 
@@ -44,6 +47,7 @@ class Child:
     endpoints: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    draining: bool = False  # being removed: no restart, DRAINING in membership
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1"]
@@ -84,53 +88,133 @@ class Child:
 
 class LocalCluster:
     def __init__(self, brokers: int, proxies: int) -> None:
-        self.brokers = [Child("broker", f"broker-{i}", {"grpc-port": 0, "http-port": 0}) for i in range(brokers)]
-        self.proxies = [Child("proxy", f"proxy-{i}", {"http-port": 0, "grpc-port": 0, "control-port": 0})
-                        for i in range(proxies)]
+        self.brokers: list[Child] = []
+        self.proxies: list[Child] = []
+        self._initial = {"broker": brokers, "proxy": proxies}
+        self._next_index = {"broker": 0, "proxy": 0}
         self.snapshot: Snapshot = EMPTY
         self.pusher = MembershipPusher()
         self._stopping = False
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._membership_lock = asyncio.Lock()
 
     @property
     def children(self) -> list[Child]:
         return self.brokers + self.proxies
 
+    def group(self, kind: str) -> list[Child]:
+        return self.brokers if kind == "broker" else self.proxies
+
+    def _new_child(self, kind: str) -> Child:
+        index = self._next_index[kind]
+        self._next_index[kind] += 1
+        ports = {"grpc-port": 0, "http-port": 0} if kind == "broker" else {"http-port": 0, "grpc-port": 0,
+                                                                           "control-port": 0}
+        return Child(kind, f"{kind}-{index}", ports)
+
     async def start(self) -> None:
+        for kind, n in self._initial.items():
+            self.group(kind).extend(self._new_child(kind) for _ in range(n))
         await asyncio.gather(*(c.start() for c in self.children))
+        for child in self.children:
+            self._watch(child)
         await self.push_membership()
 
-    async def push_membership(self) -> None:
-        members = [Member(b.name, b.endpoints["grpc"]) for b in self.brokers if b.endpoints]
-        self.snapshot = next_snapshot(self.snapshot, members)
-        targets = {p.name: p.endpoints["control"] for p in self.proxies if p.endpoints}
-        results = await self.pusher.push_all(targets, self.snapshot)
+    async def push_membership(self, only: Child | None = None) -> None:
+        """Build the snapshot from the brokers and push it to every proxy (or only to `only`)."""
+        async with self._membership_lock:
+            members = [Member(b.name, b.endpoints["grpc"], BrokerState.DRAINING if b.draining
+                              else BrokerState.SERVING) for b in self.brokers if b.endpoints]
+            self.snapshot = next_snapshot(self.snapshot, members)
+            proxies = [only] if only else self.proxies
+            targets = {p.name: p.endpoints["control"] for p in proxies if p.endpoints and not p.draining}
+            results = await self.pusher.push_all(targets, self.snapshot)
         failed = [name for name, r in results.items() if not r.ok]
         if failed:
             log.warning("membership_not_acknowledged", version=self.snapshot.version, proxies=failed)
 
-    async def supervise(self) -> None:
-        """Restart children that exit until stop() is called."""
-        async def watch(child: Child) -> None:
-            while not self._stopping:
-                assert child.process is not None
-                code = await child.process.wait()
-                if self._stopping:
-                    return
-                child.restarts += 1
-                log.error("child_exited", child=child.name, code=code, restarts=child.restarts)
-                try:
-                    await child.start()
-                except ChildFailed as exc:
-                    log.error("child_restart_failed", child=child.name, error=str(exc))
-                    await asyncio.sleep(min(30.0, 0.5 * 2 ** child.restarts))
-                    continue
-                log.info("child_restarted", child=child.name)
-                if child.kind == "proxy":  # a fresh proxy knows no brokers yet
-                    await self.pusher.push_all({child.name: child.endpoints["control"]}, self.snapshot)
-        await asyncio.gather(*(watch(c) for c in self.children))
+    # -- children come and go ------------------------------------------------------------
+
+    async def add(self, kind: str) -> Child:
+        child = self._new_child(kind)
+        await child.start()
+        self.group(kind).append(child)
+        self._watch(child)
+        await self.push_membership(only=None if kind == "broker" else child)
+        log.info("child_added", child=child.name, **child.endpoints)
+        return child
+
+    async def remove(self, kind: str) -> None:
+        """Remove the newest child of `kind`, draining it first.
+
+        A broker is published as DRAINING (it also refuses publishes once stopping, so
+        publishers go elsewhere), stopped (it flushes what it accepted to the proxies, which
+        keep their links to it meanwhile), and only then removed from membership. A proxy asks
+        its subscribers to reconnect at a paced rate before it exits.
+        """
+        group: list[Child] = self.group(kind)
+        child = group[-1]
+        child.draining = True
+        if kind == "broker":
+            await self.push_membership()
+        await child.stop()
+        group.remove(child)
+        if kind == "broker":
+            await self.push_membership()
+        log.info("child_removed", child=child.name)
+
+    def _watch(self, child: Child) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart_when_exited(child))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _restart_when_exited(self, child: Child) -> None:
+        while True:
+            assert child.process is not None
+            code = await child.process.wait()
+            if self._stopping or child.draining:
+                return
+            child.restarts += 1
+            log.error("child_exited", child=child.name, code=code, restarts=child.restarts)
+            try:
+                await child.start()
+            except ChildFailed as exc:
+                log.error("child_restart_failed", child=child.name, error=str(exc))
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** child.restarts))
+                continue
+            log.info("child_restarted", child=child.name)
+            if child.kind == "proxy":  # a fresh proxy knows no brokers yet
+                await self.push_membership(only=child)
+
+    # -- autoscaling ----------------------------------------------------------------------
+
+    async def autoscale(self, policy: Policy, interval: float) -> None:
+        """Observe load every `interval` seconds and resize, with the operator's decision code."""
+        histories: dict[str, tuple[Recommendation, ...]] = {"broker": (), "proxy": ()}
+        while not self._stopping:
+            loads = {
+                "broker": await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining),
+                "proxy": await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining),
+            }
+            for kind, tier in (("broker", policy.brokers), ("proxy", policy.proxies)):
+                current = len(self.group(kind))
+                decision = decide(tier, current, loads[kind], histories[kind], time.monotonic(),
+                                  scale_down_delay=policy.scale_down_delay, tolerance=policy.tolerance,
+                                  scale_up_limit=policy.scale_up_limit)
+                histories[kind] = decision.history
+                if decision.replicas != current:
+                    log.info("scaling", tier=kind, current=current, desired=decision.replicas,
+                             reason=decision.reason, load=loads[kind].total, pods_read=loads[kind].pods_read)
+                for _ in range(decision.replicas - current):
+                    await self.add(kind)
+                for _ in range(current - decision.replicas):
+                    await self.remove(kind)
+            await asyncio.sleep(interval)  # the polling period itself, not a wait for something
 
     async def stop(self) -> None:
         self._stopping = True
+        for task in list(self._watchers):
+            task.cancel()
         await asyncio.gather(*(c.stop() for c in self.children))
         await self.pusher.close()
 
@@ -157,7 +241,7 @@ class LocalCluster:
         return "\n".join(lines)
 
 
-async def _up(brokers: int, proxies: int, as_json: bool) -> int:
+async def _up(brokers: int, proxies: int, as_json: bool, policy: Policy | None, interval: float) -> int:
     cluster = LocalCluster(brokers, proxies)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,17 +255,29 @@ async def _up(brokers: int, proxies: int, as_json: bool) -> int:
         print(f"neoplasma up: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
-    supervisor = asyncio.create_task(cluster.supervise())
+    scaler = asyncio.create_task(cluster.autoscale(policy, interval)) if policy and policy.autoscale else None
     await stop.wait()
     log.info("up_stopping")
+    if scaler is not None:
+        scaler.cancel()
+        await asyncio.gather(scaler, return_exceptions=True)
     await cluster.stop()
-    supervisor.cancel()
-    await asyncio.gather(supervisor, return_exceptions=True)
     return 0
 
 
-def run_up(brokers: int, proxies: int, as_json: bool) -> int:
+def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
+           interval: float = 5.0) -> int:
+    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations."""
     if brokers < 1 or proxies < 1:
         print("neoplasma up: need at least one broker and one proxy", file=sys.stderr)
         return 2
-    return asyncio.run(_up(brokers, proxies, as_json))
+    policy, errors = parse_policy(annotations or {}, brokers, proxies)
+    if errors:
+        for error in errors:
+            print(f"neoplasma up: {error}", file=sys.stderr)
+        return 2
+    if policy is not None and policy.autoscale:
+        # Start within the bounds, as the operator does before any load is read.
+        brokers = min(max(brokers, policy.brokers.minimum), policy.brokers.maximum) or 1
+        proxies = min(max(proxies, policy.proxies.minimum), policy.proxies.maximum) or 1
+    return asyncio.run(_up(brokers, proxies, as_json, policy, interval))
