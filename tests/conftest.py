@@ -1,10 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from dataplane import Server, start_server
+from dataplane import Server, read_json_line, start_server
+
+UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 
 # pytest_plugins = ["kubeharness.fixtures"]
 
@@ -37,3 +44,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+@pytest.fixture
+def run_up(tmp_path: Path) -> Iterator[UpFactory]:
+    """Start `neoplasma up ARGS --json` as a user would; returns (process, endpoints). Stopped after."""
+    started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        log_path = tmp_path / f"up-{len(started)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--json", *args], stdout=subprocess.PIPE,
+                                stderr=log_path.open("wb"), env={**os.environ, **(env or {})})
+        started.append((proc, log_path))
+        return proc, read_json_line(proc.stdout, 60)
+
+    yield _run
+    for proc, log_path in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(log_path.read_text()[-5000:])

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
+from typing import Any
 
 import grpc
-from dataplane import proxy_status, read_json_line, sse, wait_for
+from dataplane import proxy_status, sse, wait_for
 
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -24,72 +22,63 @@ def test_up_refuses_bad_autoscaling_flags() -> None:
     assert "neoplasma.io/target-connections-per-broker: 'lots' is not a number" in result.stderr
 
 
-async def test_up_scales_brokers_out_and_in_without_losing_events(tmp_path: Path) -> None:
-    log = (tmp_path / "up.log").open("wb")
-    env = {**os.environ, "NEOPLASMA_PUBLISHER_WINDOW": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neoplasma", "up", "--brokers", "1", "--proxies", "1", "--json", "--autoscale",
-         "--target-connections-per-broker", "3", "--min-brokers", "1", "--max-brokers", "3",
-         "--scale-down-delay", "1s", "--scale-interval", "0.3"], stdout=subprocess.PIPE, stderr=log, env=env)
-    try:
-        endpoints = read_json_line(proc.stdout, 60)
-        control, http = endpoints["proxies"][0]["control"], endpoints["proxies"][0]["http"]
-        accepted: list[int] = []
-        stop_numbered = asyncio.Event()
+async def test_up_scales_brokers_out_and_in_without_losing_events(run_up: Any) -> None:
+    _, endpoints = run_up("--brokers", "1", "--proxies", "1", "--autoscale", "--target-connections-per-broker", "3",
+                          "--min-brokers", "1", "--max-brokers", "3", "--scale-down-delay", "1s",
+                          "--scale-interval", "0.3", env={"NEOPLASMA_PUBLISHER_WINDOW": "2"})
+    control, http = endpoints["proxies"][0]["control"], endpoints["proxies"][0]["http"]
+    accepted: list[int] = []
+    stop_numbered = asyncio.Event()
 
-        async def serving_brokers() -> list[str]:
+    async def serving_brokers() -> list[str]:
+        status = await proxy_status(control)
+        return [link.address for link in status.links if link.member_state == pb.BrokerMember.SERVING]
+
+    async def numbered_publisher() -> None:
+        """Publishes 0, 1, 2, ... round-robin over the serving brokers, retrying elsewhere when refused."""
+        channels: dict[str, grpc.aio.Channel] = {}
+        n, turn = 0, 0
+        while not stop_numbered.is_set():
+            brokers = await serving_brokers()
+            address = brokers[turn % len(brokers)]
+            turn += 1
+            channel = channels.setdefault(address, grpc.aio.insecure_channel(address))
+            event = pb.Event(topic="load", data=json.dumps(n).encode())
+            try:
+                reply = await pb_grpc.BrokerStub(channel).Publish(pb.PublishRequest(events=[event]), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                continue  # refused: not accepted, so it is sent again elsewhere
+            assert reply.accepted == 1
+            accepted.append(n)
+            n += 1
+            await asyncio.sleep(0.01)
+        for channel in channels.values():
+            await channel.close()
+
+    async with sse(http, "load") as subscriber:
+        await wait_for(lambda: proxy_status(control), what="proxy status")
+        publisher = asyncio.create_task(numbered_publisher())
+        # Extra publishers: distinct connections that push broker-0 over its target.
+        # (Own subchannel pools: gRPC would otherwise share one TCP connection among them.)
+        extra = [grpc.aio.insecure_channel(endpoints["brokers"][0]["grpc"],
+                                           options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(6)]
+        for channel in extra:
+            await pb_grpc.BrokerStub(channel).Publish(pb.PublishRequest(events=[pb.Event(topic="x", data=b"1")]))
+
+        async def brokers_in_membership(n: int) -> bool:
             status = await proxy_status(control)
-            return [link.address for link in status.links if link.member_state == pb.BrokerMember.SERVING]
+            return len(status.links) == n and all(link.interest_synced for link in status.links)
 
-        async def numbered_publisher() -> None:
-            """Publishes 0, 1, 2, ... round-robin over the serving brokers, retrying elsewhere when refused."""
-            channels: dict[str, grpc.aio.Channel] = {}
-            n, turn = 0, 0
-            while not stop_numbered.is_set():
-                brokers = await serving_brokers()
-                address = brokers[turn % len(brokers)]
-                turn += 1
-                channel = channels.setdefault(address, grpc.aio.insecure_channel(address))
-                event = pb.Event(topic="load", data=json.dumps(n).encode())
-                try:
-                    reply = await pb_grpc.BrokerStub(channel).Publish(pb.PublishRequest(events=[event]), timeout=5)
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-                    continue  # refused: not accepted, so it is sent again elsewhere
-                assert reply.accepted == 1
-                accepted.append(n)
-                n += 1
-                await asyncio.sleep(0.01)
-            for channel in channels.values():
-                await channel.close()
-
-        async with sse(http, "load") as subscriber:
-            await wait_for(lambda: proxy_status(control), what="proxy status")
-            publisher = asyncio.create_task(numbered_publisher())
-            # Extra publishers: distinct connections that push broker-0 over its target.
-            # (Own subchannel pools: gRPC would otherwise share one TCP connection among them.)
-            extra = [grpc.aio.insecure_channel(endpoints["brokers"][0]["grpc"],
-                                               options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(6)]
-            for channel in extra:
-                await pb_grpc.BrokerStub(channel).Publish(pb.PublishRequest(events=[pb.Event(topic="x", data=b"1")]))
-
-            async def brokers_in_membership(n: int) -> bool:
-                status = await proxy_status(control)
-                return len(status.links) == n and all(link.interest_synced for link in status.links)
-
-            await wait_for(lambda: brokers_in_membership(3), timeout=30, what="scale-out to 3 brokers")
-            for channel in extra:
-                await channel.close()
-            # Load falls (publishers age out after 2 s, then 1 s of low load): back to 2 brokers.
-            await wait_for(lambda: brokers_in_membership(2), timeout=30, what="scale-in to 2 brokers")
-            stop_numbered.set()
-            await publisher
-            await wait_for(lambda: len(subscriber.events) >= len(accepted), timeout=20,
-                           what="every accepted event delivered")
-            received = [e["data"] for e in subscriber.events]
-            assert sorted(received) == accepted, "an accepted event was lost or duplicated"
-            assert len(accepted) > 50
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
-        print((tmp_path / "up.log").read_text()[-5000:])
+        await wait_for(lambda: brokers_in_membership(3), timeout=30, what="scale-out to 3 brokers")
+        for channel in extra:
+            await channel.close()
+        # Load falls (publishers age out after 2 s, then 1 s of low load): back to 2 brokers.
+        await wait_for(lambda: brokers_in_membership(2), timeout=30, what="scale-in to 2 brokers")
+        stop_numbered.set()
+        await publisher
+        await wait_for(lambda: len(subscriber.events) >= len(accepted), timeout=20,
+                       what="every accepted event delivered")
+        received = [e["data"] for e in subscriber.events]
+        assert sorted(received) == accepted, "an accepted event was lost or duplicated"
+        assert len(accepted) > 50

@@ -6,8 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,28 +17,14 @@ from dataplane import (
     proxy_status,
     publish_grpc,
     publish_http,
-    read_json_line,
     sse,
     wait_for,
 )
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any]]]:
-    log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--brokers", "2", "--proxies", "2", "--json"],
-                            stdout=subprocess.PIPE, stderr=log)
-    try:
-        endpoints = read_json_line(proc.stdout, 60)
-        yield proc, endpoints
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        print((tmp_path / "up.log").read_text()[-3000:])
+def up(run_up: Any) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    return run_up("--brokers", "2", "--proxies", "2")
 
 
 async def test_up_serves_sse_and_plasma_on_different_proxies(up: Any) -> None:
