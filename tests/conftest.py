@@ -13,7 +13,7 @@ from dataplane import Server, read_json_line, start_server
 
 UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 
-# pytest_plugins = ["kubeharness.fixtures"]
+pytest_plugins = ["kubeharness.fixtures"]
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from kubeharness.kubelet import StandInKubelet, map_executables
 from kubernetes.client import V1Container
 from kubernetes.client.rest import ApiException
 
-pytest_plugins = ["kubeharness.fixtures"]
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]

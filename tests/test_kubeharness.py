@@ -12,13 +12,12 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import kubernetes.client
 import pytest
-from kubeharness.controlplane import ControlPlane, wait_for
+from kubeharness.controlplane import ControlPlane, Manifest, body, json_of, wait_for
 from kubeharness.kubelet import StandInKubelet, map_executables
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(180)]
 
@@ -26,7 +25,7 @@ APP = "web"
 PORT = 8080
 
 
-def web_deployment() -> dict[str, Any]:
+def web_deployment() -> Manifest:
     """A Deployment of one tiny HTTP server that listens on its pod IP."""
     labels = {"app": APP}
     container = {
@@ -52,7 +51,7 @@ def web_deployment() -> dict[str, Any]:
     }
 
 
-def web_service() -> dict[str, Any]:
+def web_service() -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -62,7 +61,7 @@ def web_service() -> dict[str, Any]:
 
 
 class Cluster:
-    """The test's view of its namespace."""
+    """The test's view of its namespace (objects as JSON, as kubectl shows them)."""
 
     def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
         self.api = control_plane.api_client()
@@ -71,36 +70,46 @@ class Cluster:
         self.apps = kubernetes.client.AppsV1Api(self.api)
 
     def ready_replicas(self) -> int:
-        return self.apps.read_namespaced_deployment(APP, self.namespace).status.ready_replicas or 0
+        deployment = json_of(self.apps.read_namespaced_deployment(APP, self.namespace, _preload_content=False))
+        return int(deployment["status"].get("readyReplicas", 0))
 
-    def ready_pods(self) -> list[kubernetes.client.V1Pod]:
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"app={APP}").items
-        return [p for p in pods if p.metadata.deletion_timestamp is None and _is_ready(p)]
+    def pod(self, name: str) -> Manifest | None:
+        try:
+            return json_of(self.core.read_namespaced_pod(name, self.namespace, _preload_content=False))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
 
-    def wait_for_one_ready_pod(self, timeout: float = 60) -> kubernetes.client.V1Pod:
+    def ready_pods(self) -> list[Manifest]:
+        selector = f"app={APP}"
+        pods = json_of(self.core.list_namespaced_pod(self.namespace, label_selector=selector, _preload_content=False))
+        return [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp") and _is_ready(p)]
+
+    def wait_for_one_ready_pod(self, timeout: float = 60) -> Manifest:
         wait_for(lambda: self.ready_replicas() == 1, timeout, "Deployment web to have 1 ready replica")
         (pod,) = wait_for(self.ready_pods, timeout, "one Ready pod of Deployment web")
         return pod
 
     def endpoint_slice_addresses(self) -> set[str]:
-        """Addresses of Service web's EndpointSlices (discovery.k8s.io, version by discovery)."""
-        groups = kubernetes.client.ApisApi(self.api).get_api_versions().groups
-        (discovery,) = [g for g in groups if g.name == "discovery.k8s.io"]
+        """Ready addresses in Service web's EndpointSlices (discovery.k8s.io, version by discovery)."""
+        groups = json_of(kubernetes.client.ApisApi(self.api).get_api_versions(_preload_content=False))["groups"]
+        (discovery,) = [g for g in groups if g["name"] == "discovery.k8s.io"]
         slices = kubernetes.client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            "discovery.k8s.io", discovery.preferred_version.version, self.namespace, "endpointslices",
-            label_selector=f"kubernetes.io/service-name={APP}",
+            "discovery.k8s.io", discovery["preferredVersion"]["version"], self.namespace, "endpointslices",
+            label_selector=f"kubernetes.io/service-name={APP}", _preload_content=False,
         )
         return {
             address
-            for item in slices["items"]
+            for item in json_of(slices)["items"]
             for endpoint in item.get("endpoints") or []
-            if (endpoint.get("conditions") or {}).get("ready")
+            if endpoint.get("conditions", {}).get("ready")
             for address in endpoint["addresses"]
         }
 
 
-def _is_ready(pod: kubernetes.client.V1Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+def _is_ready(pod: Manifest) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
 def _http_status(ip: str) -> int:
@@ -109,11 +118,13 @@ def _http_status(ip: str) -> int:
 
 
 @pytest.fixture
-def web(control_plane: ControlPlane, namespace: str, kubelet: Callable[..., StandInKubelet]) -> tuple[Cluster, StandInKubelet]:
+def web(
+    control_plane: ControlPlane, namespace: str, kubelet: Callable[..., StandInKubelet]
+) -> tuple[Cluster, StandInKubelet]:
     cluster = Cluster(control_plane, namespace)
     stand_in = kubelet(f"app={APP}", command_mapper=map_executables({"python3": [sys.executable]}))
-    cluster.apps.create_namespaced_deployment(namespace, web_deployment())
-    cluster.core.create_namespaced_service(namespace, web_service())
+    cluster.apps.create_namespaced_deployment(namespace, body(web_deployment()))
+    cluster.core.create_namespaced_service(namespace, body(web_service()))
     return cluster, stand_in
 
 
@@ -129,57 +140,60 @@ def test_kubectl_reaches_the_apiserver(control_plane: ControlPlane, kubeconfig: 
 
 
 def test_deployment_pod_becomes_ready(web: tuple[Cluster, StandInKubelet]) -> None:
-    cluster, stand_in = web
+    cluster, _ = web
     pod = cluster.wait_for_one_ready_pod()
 
-    ip = pod.status.pod_ip
+    status = pod["status"]
+    ip = status["podIP"]
     assert ip.startswith("127.") and ip != "127.0.0.1"
-    assert pod.spec.node_name == "harness-node"
-    assert pod.status.phase == "Running"
-    assert [i.ip for i in pod.status.pod_i_ps] == [ip]
-    conditions = {c.type: c.status for c in pod.status.conditions}
+    assert pod["spec"]["nodeName"] == "harness-node"
+    assert status["phase"] == "Running"
+    assert status["podIPs"] == [{"ip": ip}]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {"PodScheduled": "True", "Initialized": "True", "ContainersReady": "True", "Ready": "True"}
-    (status,) = pod.status.container_statuses
-    assert (status.ready, status.started, status.restart_count) == (True, True, 0)
+    (container,) = status["containerStatuses"]
+    assert (container["ready"], container["started"], container["restartCount"]) == (True, True, 0)
     assert _http_status(ip) == 200
-    # kube-controller-manager lists the Ready pod in the Service's EndpointSlice. (The v1
-    # Endpoints object cannot list it: Kubernetes rejects loopback addresses there.)
+    # kube-controller-manager lists the Ready pod in the Service's EndpointSlice. (Not in the
+    # v1 Endpoints: Kubernetes 1.20 rejects loopback addresses there.)
     wait_for(lambda: cluster.endpoint_slice_addresses() == {ip}, 30, f"EndpointSlice of Service web to list {ip}")
 
 
 def test_deleted_pod_is_stopped_and_recreated(web: tuple[Cluster, StandInKubelet]) -> None:
     cluster, stand_in = web
-    pod = cluster.wait_for_one_ready_pod()
-    process = stand_in.process(pod.metadata.name)
+    name = cluster.wait_for_one_ready_pod()["metadata"]["name"]
+    process = stand_in.process(name)
     assert process is not None and process.poll() is None
 
-    cluster.core.delete_namespaced_pod(pod.metadata.name, cluster.namespace)
+    cluster.core.delete_namespaced_pod(name, cluster.namespace)
 
-    wait_for(lambda: process.poll() is not None, 30, f"process of deleted pod {pod.metadata.name} to exit")
-    wait_for(lambda: _pod_gone(cluster, pod.metadata.name), 30, f"pod {pod.metadata.name} to be removed")
+    wait_for(lambda: process.poll() is not None, 30, f"process of deleted pod {name} to exit")
+    wait_for(lambda: cluster.pod(name) is None, 30, f"pod {name} to be removed")
     new_pod = cluster.wait_for_one_ready_pod()
-    assert new_pod.metadata.name != pod.metadata.name
-    new_process = stand_in.process(new_pod.metadata.name)
+    assert new_pod["metadata"]["name"] != name
+    new_process = stand_in.process(new_pod["metadata"]["name"])
     assert new_process is not None and new_process.poll() is None
-    assert _http_status(new_pod.status.pod_ip) == 200
+    assert _http_status(new_pod["status"]["podIP"]) == 200
 
 
 def test_exited_process_is_restarted(web: tuple[Cluster, StandInKubelet]) -> None:
     cluster, stand_in = web
     pod = cluster.wait_for_one_ready_pod()
-    process = stand_in.process(pod.metadata.name)
+    name = pod["metadata"]["name"]
+    process = stand_in.process(name)
     assert process is not None
 
     os.kill(process.pid, signal.SIGKILL)
 
     def restarted_and_ready() -> bool:
-        current = cluster.core.read_namespaced_pod(pod.metadata.name, cluster.namespace)
-        (status,) = current.status.container_statuses
-        return status.restart_count == 1 and status.ready and _is_ready(current)
+        current = cluster.pod(name)
+        assert current is not None
+        (container,) = current["status"]["containerStatuses"]
+        return bool(container["restartCount"] == 1 and container["ready"] and _is_ready(current))
 
-    wait_for(restarted_and_ready, 30, f"pod {pod.metadata.name} to be restarted and Ready again")
-    assert stand_in.process(pod.metadata.name) is not process
-    assert _http_status(pod.status.pod_ip) == 200
+    wait_for(restarted_and_ready, 30, f"pod {name} to be restarted and Ready again")
+    assert stand_in.process(name) is not process
+    assert _http_status(pod["status"]["podIP"]) == 200
 
 
 def test_control_plane_installs_crds_and_stops_cleanly(tmp_path: Path, control_plane: ControlPlane) -> None:
@@ -190,11 +204,12 @@ def test_control_plane_installs_crds_and_stops_cleanly(tmp_path: Path, control_p
     plane.start()
     try:
         api = kubernetes.client.CustomObjectsApi(plane.api_client())
-        api.create_namespaced_custom_object(
-            "example.neoplasma.io", "v1", "default", "widgets",
-            {"apiVersion": "example.neoplasma.io/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 3}},
-        )
-        assert api.get_namespaced_custom_object("example.neoplasma.io", "v1", "default", "widgets", "w")["spec"] == {"size": 3}
+        widget: Manifest = {
+            "apiVersion": "example.neoplasma.io/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 3}
+        }
+        api.create_namespaced_custom_object("example.neoplasma.io", "v1", "default", "widgets", widget)
+        stored = api.get_namespaced_custom_object("example.neoplasma.io", "v1", "default", "widgets", "w")
+        assert stored["spec"] == {"size": 3}  # type: ignore[index]
         processes = plane.processes
         work_dir = plane.work_dir
     finally:
@@ -203,17 +218,7 @@ def test_control_plane_installs_crds_and_stops_cleanly(tmp_path: Path, control_p
     assert work_dir is not None and not work_dir.exists()
 
 
-def _pod_gone(cluster: Cluster, name: str) -> bool:
-    try:
-        cluster.core.read_namespaced_pod(name, cluster.namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return True
-        raise
-    return False
-
-
-def _widget_crd() -> dict[str, Any]:
+def _widget_crd() -> Manifest:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
