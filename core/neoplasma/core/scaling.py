@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 PREFIX = "neoplasma.io/"
 AUTOSCALE = PREFIX + "autoscale"
@@ -111,50 +112,60 @@ def _positive(annotation: str, text: str) -> float:
     return value
 
 
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads annotations, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, annotations: Mapping[str, str]) -> None:
+        self.annotations = annotations
+        self.errors: list[PolicyError] = []
+
+    def get(self, key: str, parse: Callable[[str, str], T], default: T) -> T:
+        text = self.annotations.get(key)
+        if text is None:
+            return default
+        try:
+            return parse(key, text)
+        except PolicyError as exc:
+            self.errors.append(exc)
+            return default
+
+    def count(self, key: str, default: int, low: int = 0) -> int:
+        return self.get(key, lambda k, t: _int(k, t, low, HARD_MAX), default)
+
+    def tier(self, target_key: str, min_key: str, max_key: str, spec: int, events_key: str | None = None
+             ) -> TierPolicy:
+        target: float | None = self.get(target_key, _positive, None)
+        events: float | None = self.get(events_key, _positive, None) if events_key else None
+        low = self.count(min_key, min(spec, DEFAULT_MAX))
+        high = self.count(max_key, max(DEFAULT_MAX, low))
+        if low > high:
+            self.errors.append(PolicyError(min_key, f"minimum {low} is above {max_key} {high}"))
+        return TierPolicy(target, low, high, events)
+
+
 def parse_policy(annotations: Mapping[str, str], spec_brokers: int, spec_proxies: int
                  ) -> tuple[Policy | None, list[PolicyError]]:
     """The policy the annotations describe, or None and every problem found.
 
     Callers keep their last good policy when this returns None.
     """
-    errors: list[PolicyError] = []
-
-    def get(key: str, parse: object, default: object) -> object:
-        text = annotations.get(key)
-        if text is None:
-            return default
-        try:
-            return parse(key, text)  # type: ignore[operator]
-        except PolicyError as exc:
-            errors.append(exc)
-            return default
-
-    def count(key: str, default: int) -> int:
-        return get(key, lambda k, t: _int(k, t, 0, HARD_MAX), default)  # type: ignore[return-value]
-
-    def tier(target_key: str, min_key: str, max_key: str, spec: int, events_key: str | None = None) -> TierPolicy:
-        target = get(target_key, _positive, None)
-        events = get(events_key, _positive, None) if events_key else None
-        low = count(min_key, min(spec, DEFAULT_MAX))
-        high = count(max_key, max(DEFAULT_MAX, low) if max_key not in annotations else low)
-        if low > high:
-            errors.append(PolicyError(min_key, f"minimum {low} is above {max_key} {high}"))
-        return TierPolicy(target, low, high, events)  # type: ignore[arg-type]
-
+    read = _Reader(annotations)
     policy = Policy(
-        autoscale=get(AUTOSCALE, _bool, False),  # type: ignore[arg-type]
-        paused=get(PAUSE, _bool, False),  # type: ignore[arg-type]
-        brokers=tier(TARGET_CONNECTIONS, MIN_BROKERS, MAX_BROKERS, spec_brokers, TARGET_EVENTS),
-        proxies=tier(TARGET_SUBSCRIBERS, MIN_PROXIES, MAX_PROXIES, spec_proxies),
-        scale_down_delay=get(SCALE_DOWN_DELAY, parse_duration, DEFAULT_SCALE_DOWN_DELAY),  # type: ignore[arg-type]
-        tolerance=get(TOLERANCE, lambda k, t: _fraction(k, t), DEFAULT_TOLERANCE),  # type: ignore[arg-type]
-        scale_up_limit=get(SCALE_UP_LIMIT, lambda k, t: _int(k, t, 1, HARD_MAX),  # type: ignore[arg-type]
-                           DEFAULT_SCALE_UP_LIMIT),
+        autoscale=read.get(AUTOSCALE, _bool, False),
+        paused=read.get(PAUSE, _bool, False),
+        brokers=read.tier(TARGET_CONNECTIONS, MIN_BROKERS, MAX_BROKERS, spec_brokers, TARGET_EVENTS),
+        proxies=read.tier(TARGET_SUBSCRIBERS, MIN_PROXIES, MAX_PROXIES, spec_proxies),
+        scale_down_delay=read.get(SCALE_DOWN_DELAY, parse_duration, DEFAULT_SCALE_DOWN_DELAY),
+        tolerance=read.get(TOLERANCE, _fraction, DEFAULT_TOLERANCE),
+        scale_up_limit=read.count(SCALE_UP_LIMIT, DEFAULT_SCALE_UP_LIMIT, low=1),
     )
     if policy.autoscale and policy.brokers.target is None and policy.proxies.target is None:
-        errors.append(PolicyError(AUTOSCALE, f"autoscaling is on but neither {TARGET_CONNECTIONS} nor "
-                                             f"{TARGET_SUBSCRIBERS} is set"))
-    return (None, errors) if errors else (policy, [])
+        read.errors.append(PolicyError(AUTOSCALE, f"autoscaling is on but neither {TARGET_CONNECTIONS} nor "
+                                                  f"{TARGET_SUBSCRIBERS} is set"))
+    return (None, read.errors) if read.errors else (policy, [])
 
 
 def _fraction(annotation: str, text: str) -> float:
