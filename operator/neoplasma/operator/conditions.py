@@ -1,0 +1,133 @@
+"""Status conditions of a NeoplasmaCluster, Kubernetes-style: pure functions.
+
+One function per condition type computes it from what the operator observed; `merge` turns
+them into the `status.conditions` list, keeping a condition's `lastTransitionTime` unless its
+status actually changed (as Kubernetes' own controllers do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+READY = "Ready"
+MEMBERSHIP_SYNCED = "MembershipSynced"
+SPEC_VALID = "SpecValid"
+OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool | None  # None: Unknown
+    reason: str
+    message: str
+
+    @property
+    def status_text(self) -> str:
+        return "Unknown" if self.status is None else str(self.status)
+
+
+@dataclass(frozen=True)
+class MembershipProgress:
+    """How far the push of the current membership snapshot has got."""
+
+    version: int
+    brokers: int
+    proxies: int  # ready proxies (push targets)
+    acknowledged: int  # of those, how many run `version`
+    errors: Mapping[str, str]  # proxy name -> why its last push failed
+    last_convergence_seconds: float | None = None
+
+    @property
+    def synced(self) -> bool:
+        return self.acknowledged >= self.proxies
+
+
+def now_text(now: datetime | None = None) -> str:
+    """A timestamp as Kubernetes writes them (RFC 3339, seconds, UTC)."""
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def spec_valid(error: str | None) -> Condition:
+    if error is None:
+        return Condition(SPEC_VALID, True, "Valid", "the spec parses and renders")
+    return Condition(SPEC_VALID, False, "InvalidSpec", f"{error}; fix the resource and apply it again")
+
+
+def membership_synced(progress: MembershipProgress) -> Condition:
+    version = f"membership version {progress.version} ({count(progress.brokers, 'broker')})"
+    if progress.proxies == 0:
+        return Condition(MEMBERSHIP_SYNCED, True, "NoReadyProxies", f"{version}; no ready proxy to push it to")
+    applied = f"{version} applied by {progress.acknowledged} of {count(progress.proxies, 'ready proxy')}"
+    if progress.synced:
+        return Condition(MEMBERSHIP_SYNCED, True, "AllProxiesApplied", applied)
+    if progress.errors:
+        failures = "; ".join(f"{name}: {error}" for name, error in sorted(progress.errors.items()))
+        return Condition(MEMBERSHIP_SYNCED, False, "PushFailed", f"{applied}; retrying {failures}")
+    return Condition(MEMBERSHIP_SYNCED, False, "Pushing", applied)
+
+
+def ready(
+    *,
+    spec_error: str | None,
+    brokers: tuple[int, int],
+    proxies: tuple[int, int],
+    membership: Condition,
+) -> Condition:
+    """Ready: the spec is valid, all desired brokers and proxies are ready (given as
+    (desired, ready)), and every ready proxy applied the current membership."""
+    if spec_error is not None:
+        return Condition(READY, False, "InvalidSpec", spec_error)
+    problems: list[tuple[str, str]] = []
+    for reason, (desired, have), what in (
+        ("BrokersNotReady", brokers, "broker"),
+        ("ProxiesNotReady", proxies, "proxy"),
+    ):
+        if have < desired:
+            problems.append((reason, f"{have} of {count(desired, what)} ready"))
+    if membership.status is not True:
+        problems.append(("MembershipNotSynced", membership.message))
+    if problems:
+        return Condition(READY, False, problems[0][0], "; ".join(message for _, message in problems))
+    return Condition(
+        READY, True, "AllReady",
+        f"{count(brokers[1], 'broker')} and {count(proxies[1], 'proxy')} ready; {membership.message}",
+    )
+
+
+def merge(
+    existing: Sequence[Mapping[str, Any]] | None, conditions: Iterable[Condition], now: str
+) -> list[dict[str, Any]]:
+    """`status.conditions`: ours in order, then any others found in `existing` (untouched).
+
+    A condition whose status is unchanged keeps its `lastTransitionTime`; reason and message
+    are always the current ones.
+    """
+    previous = {str(c.get("type")): c for c in existing or [] if isinstance(c, Mapping)}
+    merged: list[dict[str, Any]] = []
+    ours = set()
+    for condition in conditions:
+        ours.add(condition.type)
+        before = previous.get(condition.type)
+        changed = before is None or before.get("status") != condition.status_text
+        since = now if changed or not before or not before.get("lastTransitionTime") else before["lastTransitionTime"]
+        merged.append({
+            "type": condition.type,
+            "status": condition.status_text,
+            "reason": condition.reason,
+            "message": condition.message,
+            "lastTransitionTime": str(since),
+        })
+    merged.extend(dict(c) for kind, c in previous.items() if kind not in ours)
+    return merged
+
+
+def count(number: int, noun: str) -> str:
+    """`number` and `noun`, plural unless 1 ("2 brokers", "1 ready proxy")."""
+    if number == 1:
+        return f"1 {noun}"
+    plural = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    return f"{number} {plural}"

@@ -1,0 +1,111 @@
+"""Broker and proxy pods as the membership push sees them: pure functions of pod objects.
+
+The operator indexes every pod labelled `app.kubernetes.io/name=neoplasma` as a `PodView`
+under its cluster's key `(namespace, instance)`; from those views it takes the members of the
+next snapshot (ready brokers) and the proxies to push it to (ready proxies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from neoplasma.core.membership import BrokerState, Member
+from neoplasma.core.net import hostport
+from neoplasma.operator.render import (
+    COMPONENT_LABEL,
+    CONTROL_PORT,
+    GRPC_PORT,
+    INSTANCE_LABEL,
+    NAME_LABEL,
+)
+
+ClusterKey = tuple[str, str]
+"""(namespace, name) of a NeoplasmaCluster; its pods carry the name as instance label."""
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator needs to know of one broker or proxy pod."""
+
+    namespace: str
+    instance: str
+    component: str  # "broker" | "proxy"
+    name: str
+    uid: str = ""
+    ip: str = ""
+    ready: bool = False
+    deleting: bool = False
+    restarts: int = 0
+
+    @property
+    def key(self) -> ClusterKey:
+        return (self.namespace, self.instance)
+
+    @property
+    def incarnation(self) -> str:
+        """Changes whenever the pod's process may have started afresh (new pod or restart)."""
+        return f"{self.uid}/{self.restarts}/{self.ip}"
+
+
+@dataclass(frozen=True)
+class ProxyTarget:
+    """A ready proxy pod: where its control RPC listens, and which incarnation it is."""
+
+    name: str
+    address: str
+    incarnation: str
+
+
+def pod_view(pod: Mapping[str, Any]) -> PodView | None:
+    """The view of a broker or proxy pod of a NeoplasmaCluster; None for any other pod."""
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    component = labels.get(COMPONENT_LABEL)
+    instance = labels.get(INSTANCE_LABEL)
+    if labels.get(NAME_LABEL) != "neoplasma" or component not in ("broker", "proxy") or not instance:
+        return None
+    status = pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    restarts = sum(int(s.get("restartCount") or 0) for s in status.get("containerStatuses") or [])
+    return PodView(
+        namespace=str(metadata.get("namespace") or ""),
+        instance=str(instance),
+        component=str(component),
+        name=str(metadata.get("name") or ""),
+        uid=str(metadata.get("uid") or ""),
+        ip=str(status.get("podIP") or ""),
+        ready=ready and bool(status.get("podIP")),
+        deleting=metadata.get("deletionTimestamp") is not None,
+        restarts=restarts,
+    )
+
+
+def broker_members(pods: Iterable[PodView]) -> list[Member]:
+    """Ready broker pods as members: SERVING, or DRAINING once the pod is being deleted."""
+    return sorted(
+        Member(
+            pod.name,
+            hostport(pod.ip, GRPC_PORT),
+            BrokerState.DRAINING if pod.deleting else BrokerState.SERVING,
+        )
+        for pod in pods
+        if pod.component == "broker" and pod.ready
+    )
+
+
+def proxy_targets(pods: Iterable[PodView]) -> dict[str, ProxyTarget]:
+    """Ready proxy pods, by pod name: every one of them gets the membership."""
+    return {
+        pod.name: ProxyTarget(pod.name, hostport(pod.ip, CONTROL_PORT), pod.incarnation)
+        for pod in sorted(pods, key=lambda p: p.name)
+        if pod.component == "proxy" and pod.ready
+    }
+
+
+def ready_count(pods: Iterable[PodView], component: str) -> int:
+    """Ready pods of `component` that are not being deleted (what status reports as ready)."""
+    return sum(1 for pod in pods if pod.component == component and pod.ready and not pod.deleting)

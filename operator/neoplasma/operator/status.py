@@ -1,0 +1,72 @@
+"""The `status` of a NeoplasmaCluster, built from what the operator observed: pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from neoplasma.operator import conditions as c
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything `status` is made of, as seen by one pass of the cluster's controller."""
+
+    generation: int
+    spec_error: str | None  # None: the spec parsed
+    brokers: tuple[int, int]  # (desired, ready)
+    proxies: tuple[int, int]  # (desired, ready)
+    deployments: Sequence[Mapping[str, Any]]
+    membership: c.MembershipProgress
+    connections: int | None = None  # None: not measured (yet)
+
+
+def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
+    """The operator's part of `status` (kopf's or others' keys are not touched)."""
+    previous = previous or {}
+    membership = c.membership_synced(observed.membership)
+    ready = c.ready(
+        spec_error=observed.spec_error, brokers=observed.brokers, proxies=observed.proxies,
+        membership=membership,
+    )
+    status: dict[str, Any] = {
+        "observedGeneration": observed.generation,
+        "brokers": {"desired": observed.brokers[0], "ready": observed.brokers[1]},
+        "proxies": {"desired": observed.proxies[0], "ready": observed.proxies[1]},
+        "deployments": [dict(row) for row in observed.deployments],
+        "membership": membership_status(observed.membership, previous.get("membership")),
+        "conditions": c.merge(
+            previous.get("conditions"), [ready, membership, c.spec_valid(observed.spec_error)], now
+        ),
+    }
+    connections = observed.connections if observed.connections is not None else previous.get("connections")
+    if connections is not None:
+        status["connections"] = connections
+    return status
+
+
+def membership_status(progress: c.MembershipProgress, previous: object) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "version": progress.version,
+        "brokers": progress.brokers,
+        "acknowledged": progress.acknowledged,
+    }
+    seconds = progress.last_convergence_seconds
+    if seconds is None and isinstance(previous, Mapping):
+        seconds = previous.get("lastConvergenceSeconds")
+    if seconds is not None:
+        status["lastConvergenceSeconds"] = round(float(seconds), 3)
+    return status
+
+
+def persisted_version(status: Mapping[str, Any] | None) -> int:
+    """`status.membership.version` of a resource, 0 when absent or unusable."""
+    membership = (status or {}).get("membership")
+    version = membership.get("version") if isinstance(membership, Mapping) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else 0
+
+
+def same_status(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
+    """Whether writing `new` would change nothing (every key of `new` is already so)."""
+    return old is not None and all(old.get(key) == value for key, value in new.items())

@@ -1,0 +1,268 @@
+"""Keeping every ready proxy of one NeoplasmaCluster on the current membership snapshot.
+
+`MembershipSync.update(members, targets, seen_at)` builds the next snapshot with
+`next_snapshot` (the version grows only when the brokers changed) and pushes it, through the
+same `MembershipPusher` the local runtime uses, to each ready proxy that has not applied it:
+one push task per proxy, so a slow or broken proxy never holds the others back. A proxy whose
+push failed is retried with exponential backoff; `refresh()` (anti-entropy) pushes to every
+proxy again, which also repairs one that restarted unnoticed. Versions never go backwards:
+a restarted operator resumes from the version in the resource's status, and a proxy that
+reports a newer version than ours (pushed before a crash, never recorded) makes the next
+snapshot jump past it.
+
+The decisions are plain functions and classes (`resume_snapshot`, `catch_up`, `Convergence`,
+`Backoff`); only `MembershipSync` does I/O, and only through the pusher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from neoplasma.core.logs import get_logger
+from neoplasma.core.membership import EMPTY, Member, Snapshot, next_snapshot
+from neoplasma.core.push import MembershipPusher, PushResult
+from neoplasma.operator.conditions import MembershipProgress
+from neoplasma.operator.members import ProxyTarget
+
+log = get_logger("operator.sync")
+
+# Stands for "whatever the proxies had before this operator started": it equals no real
+# membership, so the first snapshot after a restart always takes a new version.
+_UNKNOWN = Member(name="", address="")
+
+
+def resume_snapshot(version: int) -> Snapshot:
+    """The starting point of an operator that finds `version` in the resource's status."""
+    if version <= 0:
+        return EMPTY
+    return Snapshot(version, (_UNKNOWN,))
+
+
+def catch_up(snapshot: Snapshot, applied_versions: Iterable[int]) -> Snapshot:
+    """`snapshot` again under a version above every one a proxy reports having applied."""
+    highest = max(applied_versions, default=0)
+    if highest <= snapshot.version:
+        return snapshot
+    return Snapshot(highest + 1, snapshot.members)
+
+
+@dataclass
+class Convergence:
+    """Time from a membership change being seen to every ready proxy having applied it.
+
+    A change superseded before it converged is measured from when the first one was seen.
+    """
+
+    pending_version: int | None = None
+    pending_since: float = 0.0
+    last_seconds: float | None = None
+
+    def changed(self, version: int, seen_at: float) -> None:
+        if self.pending_version is None:
+            self.pending_since = seen_at
+        else:
+            self.pending_since = min(self.pending_since, seen_at)
+        self.pending_version = version
+
+    def check(self, version: int, all_applied: bool, now: float) -> float | None:
+        """Record and return the convergence time once `version` is everywhere."""
+        if self.pending_version is None or not all_applied or version < self.pending_version:
+            return None
+        self.last_seconds = max(0.0, now - self.pending_since)
+        self.pending_version = None
+        return self.last_seconds
+
+
+@dataclass
+class Backoff:
+    """Per-proxy retry delays: initial, doubling up to a ceiling; reset on success."""
+
+    initial: float = 0.5
+    ceiling: float = 10.0
+    _delays: dict[str, float] = field(default_factory=dict)
+    _not_before: dict[str, float] = field(default_factory=dict)
+
+    def failed(self, name: str, now: float) -> float:
+        delay = min(self._delays.get(name, self.initial / 2) * 2, self.ceiling)
+        self._delays[name] = delay
+        self._not_before[name] = now + delay
+        return delay
+
+    def succeeded(self, name: str) -> None:
+        self._delays.pop(name, None)
+        self._not_before.pop(name, None)
+
+    def due(self, name: str, now: float) -> bool:
+        return now >= self._not_before.get(name, 0.0)
+
+    def started(self, name: str) -> None:
+        """A retry is under way: nothing is due for `name` until it fails again."""
+        self._not_before.pop(name, None)
+
+    def next_due(self) -> float | None:
+        return min(self._not_before.values(), default=None)
+
+    def forget(self, keep: Iterable[str]) -> None:
+        wanted = set(keep)
+        for table in (self._delays, self._not_before):
+            for name in [n for n in table if n not in wanted]:
+                del table[name]
+
+
+@dataclass
+class _Push:
+    incarnation: str
+    version: int
+    task: asyncio.Task[None]
+
+
+class MembershipSync:
+    """The membership of one cluster and its push to that cluster's ready proxies."""
+
+    def __init__(
+        self,
+        pusher: MembershipPusher,
+        *,
+        version: int = 0,
+        on_progress: Callable[[], None] = lambda: None,
+        on_failure: Callable[[str, int, str], None] = lambda name, version, error: None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        label: str = "",
+    ) -> None:
+        self.pusher = pusher
+        self.snapshot = resume_snapshot(version)
+        self.convergence = Convergence()
+        self.backoff = backoff or Backoff()
+        self._on_progress = on_progress
+        self._on_failure = on_failure
+        self._clock = clock
+        self._label = label
+        self._targets: dict[str, ProxyTarget] = {}
+        self._applied: dict[str, tuple[str, int]] = {}  # name -> (incarnation, version)
+        self._errors: dict[str, str] = {}
+        self._pushes: dict[str, _Push] = {}
+        self._closed = False
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def update(self, members: Iterable[Member], targets: Mapping[str, ProxyTarget], seen_at: float) -> Snapshot:
+        """Take the current brokers and ready proxies; start whatever pushes are due."""
+        previous = self.snapshot
+        self.snapshot = next_snapshot(self.snapshot, members)
+        if self.snapshot is not previous:
+            self.convergence.changed(self.snapshot.version, seen_at)
+            log.info("membership_changed", cluster=self._label, version=self.snapshot.version,
+                     brokers=[f"{m.name}={m.address}/{m.state.value}" for m in self.snapshot.members])
+        self._set_targets(targets)
+        self._push_due(force=False)
+        self._check_converged()
+        return self.snapshot
+
+    def refresh(self) -> None:
+        """Anti-entropy: push the current snapshot to every ready proxy, applied or not."""
+        self._push_due(force=True)
+
+    def next_retry(self) -> float | None:
+        """When the earliest failed push is due again (clock time), if any."""
+        return self.backoff.next_due()
+
+    def settling_since(self) -> float | None:
+        """When the change now being pushed was seen, while every push so far went fine."""
+        if self.convergence.pending_version is None or self._errors:
+            return None
+        return self.convergence.pending_since
+
+    def progress(self) -> MembershipProgress:
+        return MembershipProgress(
+            version=self.snapshot.version,
+            brokers=len(self.snapshot.members),
+            proxies=len(self._targets),
+            acknowledged=sum(1 for name in self._targets if self._is_applied(name)),
+            errors=dict(self._errors),
+            last_convergence_seconds=self.convergence.last_seconds,
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        pushes, self._pushes = list(self._pushes.values()), {}
+        for push in pushes:
+            push.task.cancel()
+        for push in pushes:
+            with contextlib.suppress(BaseException):
+                await push.task
+        await self.pusher.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _is_applied(self, name: str) -> bool:
+        target = self._targets.get(name)
+        return target is not None and self._applied.get(name) == (target.incarnation, self.snapshot.version)
+
+    def _set_targets(self, targets: Mapping[str, ProxyTarget]) -> None:
+        self._targets = dict(targets)
+        for name in [n for n in self._pushes if n not in targets]:
+            self._pushes.pop(name).task.cancel()
+        for table in (self._applied, self._errors):
+            for name in [n for n in table if n not in targets]:
+                del table[name]
+        self.backoff.forget(targets)
+        self.pusher.prune(t.address for t in targets.values())
+
+    def _push_due(self, force: bool) -> None:
+        if self._closed:
+            return
+        now = self._clock()
+        for name, target in self._targets.items():
+            push = self._pushes.get(name)
+            if push is not None and not push.task.done():
+                if (push.incarnation, push.version) == (target.incarnation, self.snapshot.version):
+                    continue
+                push.task.cancel()  # superseded by a newer snapshot or a new incarnation
+            elif not force and (self._is_applied(name) or not self.backoff.due(name, now)):
+                continue
+            self.backoff.started(name)
+            task = asyncio.get_running_loop().create_task(self._push(target, self.snapshot))
+            self._pushes[name] = _Push(target.incarnation, self.snapshot.version, task)
+
+    async def _push(self, target: ProxyTarget, snapshot: Snapshot) -> None:
+        result = await self.pusher.push_one(target.name, target.address, snapshot)
+        if self._targets.get(target.name) != target:
+            return  # the proxy went away or restarted meanwhile; its new incarnation gets its own push
+        self._record(target, snapshot, result)
+        self._on_progress()
+
+    def _record(self, target: ProxyTarget, snapshot: Snapshot, result: PushResult) -> None:
+        name = target.name
+        if result.ok and result.applied_version > self.snapshot.version:
+            # A version pushed before this operator (re)started: move past it, push again.
+            self.snapshot = catch_up(self.snapshot, [result.applied_version])
+            self.convergence.changed(self.snapshot.version, self._clock())
+            log.warning("membership_version_caught_up", cluster=self._label, proxy=name,
+                        proxy_version=result.applied_version, version=self.snapshot.version)
+            self._push_due(force=False)
+            return
+        if result.ok:
+            self._applied[name] = (target.incarnation, result.applied_version)
+            self._errors.pop(name, None)
+            self.backoff.succeeded(name)
+            self._check_converged()
+            return
+        if snapshot.version != self.snapshot.version:
+            return  # a newer push supersedes this failure
+        self._errors[name] = result.error or "no answer"
+        delay = self.backoff.failed(name, self._clock())
+        log.warning("membership_push_failed", cluster=self._label, proxy=name, address=target.address,
+                    version=snapshot.version, error=self._errors[name], retry_in=round(delay, 2))
+        self._on_failure(name, snapshot.version, self._errors[name])
+
+    def _check_converged(self) -> None:
+        everyone = all(self._is_applied(name) for name in self._targets)
+        seconds = self.convergence.check(self.snapshot.version, everyone, self._clock())
+        if seconds is not None:
+            log.info("membership_converged", cluster=self._label, version=self.snapshot.version,
+                     proxies=len(self._targets), seconds=round(seconds, 4))

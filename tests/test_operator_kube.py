@@ -1,0 +1,427 @@
+"""The operator against a real control plane, with real brokers and proxies.
+
+Each test runs `neoplasma operator` as a user would (a subprocess with KUBECONFIG), applies
+NeoplasmaClusters with kubectl, and lets the stand-in kubelet run the pods it creates as real
+broker and proxy processes on their own loopback addresses. Assertions are on what a user
+sees: objects, status, events, and events delivered to subscribers.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+import yaml
+from dataplane import links_ready, proxy_status, publish_grpc, sse, wait_for
+from kubeharness.controlplane import ControlPlane, free_port
+from kubeharness.kubelet import StandInKubelet
+from kubernetes.client.rest import ApiException
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(150)]
+
+GROUP, VERSION, PLURAL = "neoplasma.io", "v1alpha1", "neoplasmaclusters"
+NEOPLASMA_PODS = "app.kubernetes.io/name=neoplasma"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- pieces (also used by bench/membership_convergence.py) -----------------------------------
+
+
+def neoplasma_command(argv: list[str], container: Mapping[str, Any]) -> list[str]:
+    """Run a pod's `neoplasma ...` command here, bound to the pod's own loopback address.
+
+    Pods render `--host 0.0.0.0`, which under the stand-in kubelet would be every pod's
+    address at once; argparse keeps the last `--host`, so the pod IP (from the downward API
+    variable NEOPLASMA_POD_IP) is appended.
+    """
+    if argv[:1] != ["neoplasma"]:
+        raise ValueError(f"container {container.get('name')} runs {argv}, not neoplasma")
+    script = 'exec "$@" --host "$NEOPLASMA_POD_IP"'
+    return ["/bin/sh", "-c", script, "sh", sys.executable, "-m", "neoplasma", *argv[1:]]
+
+
+class OperatorProcess:
+    """`neoplasma operator` in a subprocess, with its log in a file."""
+
+    def __init__(self, control_plane: ControlPlane, log_path: Path, namespaces: list[str]) -> None:
+        self.liveness_port = free_port()
+        self.log_path = log_path
+        args = [sys.executable, "-m", "neoplasma", "operator", "--liveness-port", str(self.liveness_port)]
+        for namespace in namespaces:
+            args += ["--namespace", namespace]
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                args, env=control_plane.env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> OperatorProcess:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operator not healthy within {timeout} s:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Clusters:
+    """A test's view of NeoplasmaClusters and their children in one namespace."""
+
+    def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
+        self.control_plane = control_plane
+        self.namespace = namespace
+        self.api = control_plane.api_client()
+        self.core = kubernetes.client.CoreV1Api(self.api)
+        self.apps = kubernetes.client.AppsV1Api(self.api)
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
+
+    def kubectl_apply(self, name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NeoplasmaCluster",
+                    "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}
+        return subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump(manifest), text=True,
+                              capture_output=True, env=self.control_plane.env(), timeout=60)
+
+    def apply(self, name: str, spec: dict[str, Any]) -> None:
+        result = self.kubectl_apply(name, spec)
+        assert result.returncode == 0, result.stderr
+
+    def get(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return obj
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def condition(self, name: str, kind: str) -> dict[str, Any]:
+        for condition in self.status(name).get("conditions") or []:
+            if condition["type"] == kind:
+                return dict(condition)
+        return {}
+
+    def is_ready(self, name: str) -> bool:
+        return self.condition(name, "Ready").get("status") == "True"
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def events(self, name: str) -> list[Any]:
+        return self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.kind=NeoplasmaCluster,involvedObject.name={name}"
+        ).items
+
+    def children(self, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """Deployments, Services and PodDisruptionBudgets of cluster `name`, by (kind, name)."""
+        selector = f"app.kubernetes.io/instance={name}"
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        lists = [
+            ("Deployment", self.apps.list_namespaced_deployment(self.namespace, label_selector=selector).items),
+            ("Service", self.core.list_namespaced_service(self.namespace, label_selector=selector).items),
+        ]
+        pdbs = self.custom.list_namespaced_custom_object(
+            "policy", self.policy_version(), self.namespace, "poddisruptionbudgets", label_selector=selector)["items"]
+        for kind, items in lists:
+            for item in items:
+                found[(kind, item.metadata.name)] = self.api.sanitize_for_serialization(item)
+        for item in pdbs:
+            found[("PodDisruptionBudget", item["metadata"]["name"])] = item
+        return found
+
+    def policy_version(self) -> str:
+        groups = kubernetes.client.ApisApi(self.api).get_api_versions().groups
+        [policy] = [g for g in groups if g.name == "policy"]
+        return str(policy.preferred_version.version)
+
+    def ready_pods(self, name: str, component: str) -> list[Any]:
+        pods = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"app.kubernetes.io/instance={name},app.kubernetes.io/component={component}"
+        ).items
+        return sorted(
+            (p for p in pods if p.metadata.deletion_timestamp is None
+             and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])),
+            key=lambda p: p.metadata.name,
+        )
+
+    def proxy_controls(self, name: str) -> list[str]:
+        return [f"{p.status.pod_ip}:50052" for p in self.ready_pods(name, "proxy")]
+
+
+async def membership_everywhere(clusters: Clusters, name: str, brokers: int, proxies: int) -> dict[str, Any]:
+    """True-ish once the resource is Ready with `brokers` brokers in its membership and every
+    one of the `proxies` ready proxies runs that version, linked to exactly the ready brokers."""
+    status = clusters.status(name)
+    membership = status.get("membership") or {}
+    if not clusters.is_ready(name) or membership.get("brokers") != brokers or membership.get("acknowledged") != proxies:
+        return {}
+    broker_names = {p.metadata.name for p in clusters.ready_pods(name, "broker")}
+    controls = clusters.proxy_controls(name)
+    if len(broker_names) != brokers or len(controls) != proxies:
+        return {}
+    for control in controls:
+        reply = await proxy_status(control)
+        if reply.membership_version != membership["version"] or {link.name for link in reply.links} != broker_names:
+            return {}
+    return status
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clusters(control_plane: ControlPlane, namespace: str) -> Clusters:
+    return Clusters(control_plane, namespace)
+
+
+@pytest.fixture
+def operator(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., OperatorProcess]]:
+    """`operator()` starts `neoplasma operator --namespace NS` (`operator(all_namespaces=True)`:
+    no flag) and waits until its liveness endpoint answers; stopped after the test."""
+    started: list[OperatorProcess] = []
+
+    def start(all_namespaces: bool = False) -> OperatorProcess:
+        process = OperatorProcess(control_plane, tmp_path / "operator.log", [] if all_namespaces else [namespace])
+        started.append(process)
+        return process.wait_healthy()
+
+    yield start
+    for process in started:
+        process.stop()
+    if getattr(request.node, "kubeharness_call_failed", False) and started:
+        print(f"----- operator log (last 60 lines)\n{chr(10).join(started[-1].log().splitlines()[-60:])}")
+
+
+@pytest.fixture
+def pods(kubelet: Callable[..., StandInKubelet]) -> StandInKubelet:
+    """Runs the cluster's broker and proxy pods as real processes."""
+    return kubelet(NEOPLASMA_PODS, command_mapper=neoplasma_command, max_probe_period=0.2)
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+async def test_applied_cluster_gets_its_children_becomes_ready_and_delivers(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 2}, "proxies": {"replicas": 2}})
+
+    status = await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 2), 60, "cluster Ready, 2+2")
+
+    uid = clusters.get("demo")["metadata"]["uid"]
+    children = clusters.children("demo")
+    assert sorted(children) == [
+        ("Deployment", "demo-broker-0"), ("Deployment", "demo-proxy"),
+        ("PodDisruptionBudget", "demo-broker"), ("PodDisruptionBudget", "demo-proxy"),
+        ("Service", "demo-broker"), ("Service", "demo-proxy"),
+    ]
+    for (_, child), obj in children.items():
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "neoplasma", child
+        assert labels["app.kubernetes.io/instance"] == "demo", child
+        assert labels["app.kubernetes.io/managed-by"] == "neoplasma-operator", child
+        [owner] = obj["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == \
+            ("NeoplasmaCluster", "demo", uid, True), child
+    assert status["observedGeneration"] == 1
+    assert status["brokers"] == {"desired": 2, "ready": 2}
+    assert status["proxies"] == {"desired": 2, "ready": 2}
+    assert status["deployments"] == [{"name": "demo-broker-0", "replicas": 2, "ready": 2}]
+    assert status["membership"]["version"] >= 1
+    assert status["membership"]["lastConvergenceSeconds"] >= 0
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["MembershipSynced"]["status"] == "True"
+    assert conditions["SpecValid"]["status"] == "True"
+    reasons = {(e.reason, e.message) for e in clusters.events("demo")}
+    assert ("Created", "created Deployment demo-broker-0") in reasons
+
+    # An event published to either broker reaches a subscriber of either proxy.
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    proxies = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
+    async with sse(f"{proxies[0]}:8080", "news") as first, sse(f"{proxies[1]}:8080", "news") as second:
+        for ip in proxies:
+            await wait_for(lambda ip=ip: links_ready(f"{ip}:50052", 2), 20, f"proxy {ip} linked with interest")
+        for index, broker in enumerate(brokers):
+            await publish_grpc(broker, [("news:sport", {"from": index})])
+        for client in (first, second):
+            await wait_for(lambda client=client: len(client.events) >= 2, 20, "both events at both subscribers")
+            assert sorted(e["data"]["from"] for e in client.events) == [0, 1]
+
+
+async def test_scaling_and_replacing_brokers_reaches_every_proxy(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 1, "maxPerDeployment": 2}, "proxies": {"replicas": 2}})
+    before = await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 2), 60, "1 broker, 2 proxies")
+
+    # Scaling up past maxPerDeployment adds a second broker Deployment.
+    clusters.patch_spec("demo", {"brokers": {"replicas": 3}})
+    grown = await wait_for(lambda: membership_everywhere(clusters, "demo", 3, 2), 60, "3 brokers everywhere")
+    assert grown["membership"]["version"] > before["membership"]["version"]
+    assert [d["name"] for d in grown["deployments"]] == ["demo-broker-0", "demo-broker-1"]
+    assert grown["observedGeneration"] == 2
+
+    # A deleted broker pod leaves the membership; its replacement joins.
+    victim = clusters.ready_pods("demo", "broker")[0].metadata.name
+    clusters.core.delete_namespaced_pod(victim, clusters.namespace)
+
+    async def victim_gone_everywhere() -> bool:
+        for control in clusters.proxy_controls("demo"):
+            if victim in {link.name for link in (await proxy_status(control)).links}:
+                return False
+        return True
+
+    await wait_for(victim_gone_everywhere, 30, f"{victim} out of every proxy's membership")
+    replaced = await wait_for(lambda: membership_everywhere(clusters, "demo", 3, 2), 60, "replacement joined")
+    assert replaced["membership"]["version"] > grown["membership"]["version"]
+    assert victim not in {p.metadata.name for p in clusters.ready_pods("demo", "broker")}
+
+    # Scaling down removes the broker Deployment no longer needed.
+    clusters.patch_spec("demo", {"brokers": {"replicas": 2}})
+    shrunk = await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 2), 60, "2 brokers everywhere")
+    assert [d["name"] for d in shrunk["deployments"]] == ["demo-broker-0"]
+    await wait_for(lambda: ("Deployment", "demo-broker-1") not in clusters.children("demo"), 30,
+                   "Deployment demo-broker-1 deleted")
+
+    # A proxy that becomes ready is given the current membership.
+    clusters.patch_spec("demo", {"proxies": {"replicas": 3}})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 3), 60, "a third proxy in sync")
+
+
+def test_hand_edits_are_put_back_and_deleting_the_resource_deletes_children(
+    control_plane: ControlPlane, clusters: Clusters, operator: Callable[..., OperatorProcess]
+) -> None:
+    operator(all_namespaces=True)  # no --namespace: every namespace
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}})
+    children = _sync_wait(lambda: len(clusters.children("demo")) == 6 and clusters.children("demo"), 30,
+                          "6 children")
+    service_uid = children[("Service", "demo-proxy")]["metadata"]["uid"]
+
+    control_plane.kubectl("-n", clusters.namespace, "scale", "deployment/demo-broker-0", "--replicas=4")
+    control_plane.kubectl("-n", clusters.namespace, "delete", "service/demo-proxy")
+    _sync_wait(lambda: clusters.apps.read_namespaced_deployment("demo-broker-0", clusters.namespace)
+               .spec.replicas == 1, 30, "replicas put back to 1")
+    _sync_wait(lambda: clusters.core.read_namespaced_service("demo-proxy", clusters.namespace)
+               .metadata.uid != service_uid, 30, "Service demo-proxy created again")
+    reasons = {(e.reason, e.message) for e in clusters.events("demo")}
+    assert ("Updated", "updated Deployment demo-broker-0 (spec.replicas)") in reasons
+
+    control_plane.kubectl("-n", clusters.namespace, "delete", "neoplasmacluster/demo", "--wait=true")
+    _sync_wait(lambda: not clusters.children("demo"), 60, "children removed by the garbage collector")
+
+
+async def test_proxies_keep_delivering_without_the_operator_and_versions_continue_after_restart(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    first = operator()
+    clusters.apply("demo", {"brokers": {"replicas": 2}, "proxies": {"replicas": 1}})
+    before = await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 1), 60, "cluster Ready")
+    assert first.stop() == 0
+
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    [proxy] = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
+    async with sse(f"{proxy}:8080", "news") as client:
+        await wait_for(lambda: links_ready(f"{proxy}:50052", 2), 20, "proxy linked with interest")
+        for index, broker in enumerate(brokers):
+            await publish_grpc(broker, [("news", {"from": index})])
+        await wait_for(lambda: len(client.events) >= 2, 20, "events with the operator stopped")
+
+    operator()
+
+    async def newer_version_everywhere() -> dict[str, Any]:
+        status = await membership_everywhere(clusters, "demo", 2, 1)
+        return status if status and status["membership"]["version"] > before["membership"]["version"] else {}
+
+    after = await wait_for(newer_version_everywhere, 60, "a higher membership version after the restart")
+    assert after["membership"]["brokers"] == 2
+
+
+@pytest.mark.parametrize(("spec", "complaint"), [
+    ({"brokers": {"replicas": -1}}, "spec.brokers.replicas"),
+    ({"brokers": {"replicas": "two"}}, "spec.brokers.replicas"),
+    ({"proxies": {"service": {"type": "Headless"}}}, "spec.proxies.service.type"),
+    ({"proxies": {"service": {"type": "NodePort", "nodePorts": {"sse": 80}}}}, "spec.proxies.service.nodePorts.sse"),
+    ({"brokers": {"resources": {"requests": {"cpu": "lots"}}}}, "spec.brokers.resources.requests.cpu"),
+])
+def test_kubectl_apply_refuses_invalid_resources(clusters: Clusters, spec: dict[str, Any], complaint: str) -> None:
+    result = clusters.kubectl_apply("bad", spec)
+    assert result.returncode != 0
+    assert complaint in result.stderr, result.stderr
+
+
+def test_garbage_resource_gets_a_warning_and_a_condition_not_a_crash(
+    clusters: Clusters, operator: Callable[..., OperatorProcess]
+) -> None:
+    process = operator()
+    # Valid for the schema, not for the operator: node ports need a NodePort Service, and a name
+    # this long leaves no room for the children's names.
+    clusters.apply("odd", {"proxies": {"service": {"type": "ClusterIP", "nodePorts": {"sse": 30080}}}})
+    long_name = "a-name-far-too-long-for-the-deployments-it-would-need"
+    clusters.apply(long_name, {})
+
+    for name, field in (("odd", "spec.proxies.service.nodePorts"), (long_name, "metadata.name")):
+        _sync_wait(lambda name=name: clusters.condition(name, "SpecValid").get("status") == "False", 30,
+                   f"SpecValid=False on {name}")
+        spec_valid = clusters.condition(name, "SpecValid")
+        assert spec_valid["reason"] == "InvalidSpec" and field in spec_valid["message"]
+        assert clusters.condition(name, "Ready")["reason"] == "InvalidSpec"
+        assert clusters.status(name)["observedGeneration"] == 1
+        [warning] = _sync_wait(lambda name=name: [e for e in clusters.events(name) if e.reason == "InvalidSpec"],
+                               30, f"an InvalidSpec event about {name}")
+        assert warning.type == "Warning" and field in warning.message
+        assert not clusters.children(name)
+
+    # Fixed, it is run like any other; the operator never stopped and did not retry in between.
+    clusters.patch_spec("odd", {"proxies": {"service": {"type": "NodePort"}}})
+    _sync_wait(lambda: clusters.condition("odd", "SpecValid").get("status") == "True", 30, "SpecValid=True")
+    _sync_wait(lambda: len(clusters.children("odd")) == 6, 30, "children of the fixed resource")
+    assert process.healthy()
+    [warning] = [e for e in clusters.events("odd") if e.reason == "InvalidSpec"]
+    assert (warning.count or 1) == 1
+
+
+def _sync_wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,589 @@
+"""The operator's pure decisions, table by table, and its membership sync against fakes and
+real proxy processes. No Kubernetes needed."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dataplane import proxy_status, wait_for
+from kubernetes.client.rest import ApiException
+
+from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
+from neoplasma.core.push import MembershipPusher, PushResult
+from neoplasma.operator import conditions as c
+from neoplasma.operator.children import (
+    broker_deployments,
+    desired_children,
+    differences,
+    index_value,
+    plan,
+)
+from neoplasma.operator.controller import ClusterController, Indexes, Options
+from neoplasma.operator.members import PodView, ProxyTarget, broker_members, pod_view, proxy_targets, ready_count
+from neoplasma.operator.spec import Cluster, parse_spec
+from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
+from neoplasma.operator.sync import Backoff, Convergence, MembershipSync, catch_up, resume_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- pods -> members and targets -------------------------------------------------------------
+
+
+def pod(
+    name: str,
+    component: str = "broker",
+    *,
+    ready: bool = True,
+    ip: str = "10.0.0.1",
+    deleting: bool = False,
+    restarts: int = 0,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    default_labels = {"app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo",
+                      "app.kubernetes.io/component": component}
+    metadata: dict[str, Any] = {"name": name, "namespace": "ns", "uid": f"uid-{name}",
+                                "labels": default_labels if labels is None else labels}
+    if deleting:
+        metadata["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    status: dict[str, Any] = {
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        "containerStatuses": [{"restartCount": restarts}],
+    }
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": metadata, "status": status}
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (pod("b"), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, False, 0)),
+    (pod("p", "proxy", ready=False), PodView("ns", "demo", "proxy", "p", "uid-p", "10.0.0.1", False, False, 0)),
+    (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2)),
+    # Ready without an IP cannot be reached: not ready.
+    (pod("b", ip=""), PodView("ns", "demo", "broker", "b", "uid-b", "", False, False, 0)),
+    (pod("x", labels={"app.kubernetes.io/name": "other", "app.kubernetes.io/instance": "demo",
+                      "app.kubernetes.io/component": "broker"}), None),
+    (pod("x", labels={"app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo"}), None),
+    (pod("x", "operator"), None),
+    ({"metadata": {}}, None),
+], ids=["ready broker", "unready proxy", "deleting broker", "no ip", "other app", "no component",
+        "other component", "empty"])
+def test_pod_view(body: dict[str, Any], expected: PodView | None) -> None:
+    assert pod_view(body) == expected
+
+
+def views(*bodies: dict[str, Any]) -> list[PodView]:
+    found = [pod_view(b) for b in bodies]
+    return [v for v in found if v is not None]
+
+
+def test_ready_brokers_are_members_and_deleting_ones_drain() -> None:
+    pods = views(
+        pod("b2", ip="10.0.0.2"), pod("b1", ip="10.0.0.1", deleting=True), pod("b3", ready=False),
+        pod("p1", "proxy"), pod("b6", ip="fd00::6"),
+    )
+    assert broker_members(pods) == [
+        Member("b1", "10.0.0.1:50051", BrokerState.DRAINING),
+        Member("b2", "10.0.0.2:50051", BrokerState.SERVING),
+        Member("b6", "[fd00::6]:50051", BrokerState.SERVING),
+    ]
+    assert ready_count(pods, "broker") == 2  # b1 is going away
+
+
+def test_ready_proxies_are_targets_and_a_restart_is_a_new_incarnation() -> None:
+    pods = views(pod("p2", "proxy", ip="10.0.0.2"), pod("p1", "proxy", ip="10.0.0.1"),
+                 pod("p3", "proxy", ready=False), pod("b1"))
+    targets = proxy_targets(pods)
+    assert list(targets) == ["p1", "p2"]
+    assert targets["p1"].address == "10.0.0.1:50052"
+    restarted = proxy_targets(views(pod("p1", "proxy", ip="10.0.0.1", restarts=1)))
+    assert restarted["p1"].incarnation != targets["p1"].incarnation
+
+
+# -- conditions ------------------------------------------------------------------------------
+
+
+def progress(version: int = 3, brokers: int = 2, proxies: int = 2, acknowledged: int = 2,
+             errors: dict[str, str] | None = None, seconds: float | None = None) -> c.MembershipProgress:
+    return c.MembershipProgress(version, brokers, proxies, acknowledged, errors or {}, seconds)
+
+
+@pytest.mark.parametrize(("membership", "status", "reason"), [
+    (progress(), True, "AllProxiesApplied"),
+    (progress(proxies=0, acknowledged=0), True, "NoReadyProxies"),
+    (progress(acknowledged=1), False, "Pushing"),
+    (progress(acknowledged=1, errors={"p2": "UNAVAILABLE: down"}), False, "PushFailed"),
+])
+def test_membership_synced(membership: c.MembershipProgress, status: bool, reason: str) -> None:
+    condition = c.membership_synced(membership)
+    assert (condition.type, condition.status, condition.reason) == ("MembershipSynced", status, reason)
+    assert f"version {membership.version}" in condition.message
+
+
+@pytest.mark.parametrize(("spec_error", "brokers", "proxies", "membership", "status", "reason", "words"), [
+    (None, (2, 2), (2, 2), progress(), True, "AllReady", "2 brokers and 2 proxies ready"),
+    ("spec.x: bad", (2, 2), (2, 2), progress(), False, "InvalidSpec", "spec.x: bad"),
+    (None, (3, 2), (2, 2), progress(), False, "BrokersNotReady", "2 of 3 brokers ready"),
+    (None, (2, 2), (1, 0), progress(proxies=0, acknowledged=0), False, "ProxiesNotReady", "0 of 1 proxy ready"),
+    (None, (2, 2), (2, 2), progress(acknowledged=1), False, "MembershipNotSynced", "1 of 2 ready proxies"),
+    (None, (0, 0), (0, 0), progress(brokers=0, proxies=0, acknowledged=0), True, "AllReady", "0 brokers"),
+])
+def test_ready(spec_error: str | None, brokers: tuple[int, int], proxies: tuple[int, int],
+               membership: c.MembershipProgress, status: bool, reason: str, words: str) -> None:
+    condition = c.ready(spec_error=spec_error, brokers=brokers, proxies=proxies,
+                        membership=c.membership_synced(membership))
+    assert (condition.status, condition.reason) == (status, reason)
+    assert words in condition.message
+
+
+def test_merge_keeps_transition_time_unless_status_changes() -> None:
+    before = [
+        {"type": "Ready", "status": "False", "reason": "BrokersNotReady", "message": "m", "lastTransitionTime": "T0"},
+        {"type": "MembershipSynced", "status": "True", "reason": "AllProxiesApplied", "message": "m",
+         "lastTransitionTime": "T0"},
+        {"type": "Autoscaling", "status": "True", "lastTransitionTime": "T0"},  # someone else's
+    ]
+    merged = c.merge(before, [
+        c.Condition("Ready", True, "AllReady", "now ready"),
+        c.Condition("MembershipSynced", True, "AllProxiesApplied", "version 4"),
+        c.Condition("SpecValid", None, "Unknown", "?"),
+    ], now="T1")
+    assert [(m["type"], m["status"], m["lastTransitionTime"]) for m in merged] == [
+        ("Ready", "True", "T1"), ("MembershipSynced", "True", "T0"), ("SpecValid", "Unknown", "T1"),
+        ("Autoscaling", "True", "T0"),
+    ]
+    assert merged[1]["message"] == "version 4"
+
+
+@pytest.mark.parametrize(("number", "noun", "text"), [
+    (1, "broker", "1 broker"), (2, "broker", "2 brokers"), (0, "ready proxy", "0 ready proxies"),
+])
+def test_count(number: int, noun: str, text: str) -> None:
+    assert c.count(number, noun) == text
+
+
+# -- children --------------------------------------------------------------------------------
+
+OWNER = {"apiVersion": "neoplasma.io/v1alpha1", "kind": "NeoplasmaCluster",
+         "metadata": {"name": "demo", "namespace": "ns", "uid": "owner-uid", "labels": {"team": "a"}}}
+
+
+def children_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = Cluster(name="demo", namespace="ns", spec=parse_spec(spec))
+    return desired_children(cluster, OWNER, default_image="img:1", policy_api="policy/v1beta1")
+
+
+def as_served(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the API server would hold: defaults and status added."""
+    served = copy.deepcopy(manifest)
+    served["metadata"].update(uid=f"uid-{manifest['metadata']['name']}", resourceVersion="9")
+    if manifest["kind"] == "Deployment":
+        served["spec"]["progressDeadlineSeconds"] = 600
+        container = served["spec"]["template"]["spec"]["containers"][0]
+        container.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
+        container["readinessProbe"].update(timeoutSeconds=1, successThreshold=1)
+        for env in container["env"]:
+            env["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+        served["status"] = {"replicas": 1, "readyReplicas": 1}
+    if manifest["kind"] == "Service":
+        served["spec"].update(clusterIP="10.96.0.10", sessionAffinity="None")
+    return served
+
+
+def test_children_are_owned_by_the_resource() -> None:
+    for child in children_of({}):
+        assert child["metadata"]["namespace"] == "ns"
+        assert child["metadata"]["ownerReferences"] == [{
+            "apiVersion": "neoplasma.io/v1alpha1", "kind": "NeoplasmaCluster", "name": "demo",
+            "uid": "owner-uid", "controller": True, "blockOwnerDeletion": True,
+        }]
+        assert child["metadata"]["labels"]["team"] == "a"  # the owner's labels, as kopf.adopt does
+
+
+def test_plan_is_empty_when_the_server_holds_what_was_rendered() -> None:
+    desired = children_of({"brokers": {"replicas": 3, "maxPerDeployment": 2}})
+    assert not plan(desired, [index_value(as_served(m)) for m in desired], "owner-uid")
+
+
+def test_plan_creates_missing_updates_edited_and_deletes_unneeded_broker_deployments() -> None:
+    served = [as_served(m) for m in children_of({"brokers": {"replicas": 3, "maxPerDeployment": 2}})]
+    desired = children_of({"brokers": {"replicas": 2, "maxPerDeployment": 2}})
+    edited = next(s for s in served if s["metadata"]["name"] == "demo-proxy" and s["kind"] == "Deployment")
+    edited["spec"]["replicas"] = 7
+    missing = [s for s in served if not (s["kind"] == "Service" and s["metadata"]["name"] == "demo-broker")]
+    foreign = as_served(served[1])  # demo-broker-1 owned by someone else: never deleted
+    foreign["metadata"].update(name="demo-broker-9", ownerReferences=[{"uid": "other"}])
+    result = plan(desired, [*missing, foreign], "owner-uid")
+    assert [(ch.action, ch.key, ch.fields) for ch in result.apply] == [
+        ("create", ("Service", "demo-broker"), ()),
+        ("update", ("Deployment", "demo-proxy"), ("spec.replicas",)),
+    ]
+    assert result.delete == [("Deployment", "demo-broker-1")]
+    assert [ch.describe() for ch in result.apply] == [
+        "created Service demo-broker", "updated Deployment demo-proxy (spec.replicas)"]
+
+
+@pytest.mark.parametrize(("desired", "actual", "paths"), [
+    ({"a": 1, "b": {"c": [1, 2]}}, {"a": 1, "b": {"c": [1, 2], "d": 0}, "e": 5}, []),
+    ({"a": 1}, {"a": 2}, ["a"]),
+    ({"a": {"b": [1, 2]}}, {"a": {"b": [1]}}, ["a.b"]),
+    ({"a": [{"x": 1}]}, {"a": [{"x": 1, "y": 2}]}, []),
+    ({"a": [{"x": 1}]}, {"a": [{"x": 2}]}, ["a[0].x"]),
+    ({"r": {}, "l": [], "n": None}, {}, []),
+    ({"r": {"x": 1}}, {}, ["r"]),
+    ({"a": "1"}, {"a": 1}, ["a"]),
+])
+def test_differences(desired: Any, actual: Any, paths: list[str]) -> None:
+    assert differences(desired, actual) == paths
+
+
+def test_broker_deployment_rows() -> None:
+    served = [index_value(as_served(m)) for m in children_of({"brokers": {"replicas": 3, "maxPerDeployment": 2}})]
+    assert broker_deployments(served) == [
+        {"name": "demo-broker-0", "replicas": 2, "ready": 1},
+        {"name": "demo-broker-1", "replicas": 1, "ready": 1},
+    ]
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def observed(**overrides: Any) -> Observed:
+    base: dict[str, Any] = dict(generation=4, spec_error=None, brokers=(2, 2), proxies=(2, 2),
+                                deployments=[{"name": "d-broker-0", "replicas": 2, "ready": 2}],
+                                membership=progress(seconds=0.25), connections=None)
+    base.update(overrides)
+    return Observed(**base)
+
+
+def test_status_reports_counts_membership_and_conditions() -> None:
+    status = build_status(observed(), {"connections": 17, "kopf": {"x": 1}}, now="T")
+    assert status["observedGeneration"] == 4
+    assert status["brokers"] == {"desired": 2, "ready": 2}
+    assert status["membership"] == {"version": 3, "brokers": 2, "acknowledged": 2, "lastConvergenceSeconds": 0.25}
+    assert status["connections"] == 17  # kept until measured again
+    assert "kopf" not in status
+    assert [(x["type"], x["status"]) for x in status["conditions"]] == [
+        ("Ready", "True"), ("MembershipSynced", "True"), ("SpecValid", "True")]
+    assert same_status(status, {**status, "kopf": {}})
+    assert not same_status(build_status(observed(connections=3), status, now="T"), status)
+
+
+def test_status_keeps_the_last_convergence_time() -> None:
+    previous = {"membership": {"version": 2, "lastConvergenceSeconds": 1.5}}
+    status = build_status(observed(membership=progress(seconds=None)), previous, now="T")
+    assert status["membership"]["lastConvergenceSeconds"] == 1.5
+
+
+@pytest.mark.parametrize(("status", "version"), [
+    (None, 0), ({}, 0), ({"membership": {"version": 12}}, 12), ({"membership": {"version": "12"}}, 0),
+    ({"membership": {"version": -1}}, 0), ({"membership": "garbage"}, 0), ({"membership": {"version": True}}, 0),
+])
+def test_persisted_version(status: dict[str, Any] | None, version: int) -> None:
+    assert persisted_version(status) == version
+
+
+# -- membership versions ---------------------------------------------------------------------
+
+B1, B2 = Member("b1", "10.0.0.1:50051"), Member("b2", "10.0.0.2:50051")
+
+
+@pytest.mark.parametrize(("persisted", "members", "version"), [
+    (0, [], 0),
+    (0, [B1], 1),
+    (7, [B1], 8),
+    (7, [], 8),  # even "no brokers" is news to proxies that had version 7
+])
+def test_a_restarted_operator_continues_above_the_persisted_version(
+    persisted: int, members: list[Member], version: int
+) -> None:
+    start = resume_snapshot(persisted)
+    assert start == EMPTY if persisted == 0 else start.version == persisted
+    assert next_snapshot(start, members).version == version
+
+
+@pytest.mark.parametrize(("version", "applied", "expected"), [
+    (5, [], 5), (5, [3, 5], 5), (5, [6], 7), (5, [9, 2], 10),
+])
+def test_catch_up(version: int, applied: list[int], expected: int) -> None:
+    snapshot = Snapshot(version, (B1,))
+    assert catch_up(snapshot, applied) == Snapshot(expected, (B1,))
+
+
+def test_convergence_is_measured_from_the_first_unconverged_change() -> None:
+    convergence = Convergence()
+    convergence.changed(3, seen_at=10.0)
+    assert convergence.check(3, all_applied=False, now=10.5) is None
+    convergence.changed(4, seen_at=11.0)  # superseded before it converged
+    assert convergence.check(3, all_applied=True, now=11.2) is None  # an older version is not enough
+    assert convergence.check(4, all_applied=True, now=12.0) == pytest.approx(2.0)
+    assert convergence.check(4, all_applied=True, now=13.0) is None  # nothing pending any more
+    assert convergence.last_seconds == pytest.approx(2.0)
+
+
+def test_backoff_doubles_to_a_ceiling_and_resets() -> None:
+    backoff = Backoff(initial=0.5, ceiling=2.0)
+    assert [backoff.failed("p", now=0.0) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert not backoff.due("p", now=1.0) and backoff.due("p", now=2.0)
+    assert backoff.next_due() == 2.0
+    backoff.succeeded("p")
+    assert backoff.due("p", now=0.0) and backoff.next_due() is None
+
+
+# -- the sync loop, against a scripted pusher ------------------------------------------------
+
+
+class FakePusher:
+    """Answers pushes as `answer(target, snapshot)` says; records every push."""
+
+    def __init__(self, answer: Callable[[str, Snapshot], PushResult] | None = None) -> None:
+        self.answer = answer or (lambda target, snapshot: PushResult(target, "", True, snapshot.version))
+        self.pushes: list[tuple[str, int]] = []
+
+    async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
+        self.pushes.append((target, snapshot.version))
+        await asyncio.sleep(0)
+        return self.answer(target, snapshot)
+
+    def prune(self, keep: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def targets(*names: str, incarnation: str = "1") -> dict[str, ProxyTarget]:
+    return {n: ProxyTarget(n, f"{n}:50052", incarnation) for n in names}
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_sync_pushes_each_new_version_to_every_ready_proxy_once() -> None:
+    pusher, clock = FakePusher(), Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1", "p2"), seen_at=clock.now)
+    assert sync.settling_since() == clock.now  # pushes under way
+    await settle()
+    assert sorted(pusher.pushes) == [("p1", 1), ("p2", 1)]
+    assert sync.settling_since() is None
+    clock.now += 0.3
+    sync.update([B1], targets("p1", "p2"), seen_at=clock.now)  # nothing changed: nothing to push
+    await settle()
+    assert len(pusher.pushes) == 2
+    assert sync.progress() == c.MembershipProgress(1, 1, 2, 2, {}, sync.convergence.last_seconds)
+    assert sync.convergence.last_seconds is not None
+    sync.refresh()  # anti-entropy pushes again, version unchanged
+    await settle()
+    assert sorted(pusher.pushes[2:]) == [("p1", 1), ("p2", 1)]
+    await sync.close()
+
+
+async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None:
+    down = {"p2"}
+    pusher, clock = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                                       "UNAVAILABLE: refused" if t in down else "")), Clock()
+    failures: list[tuple[str, int, str]] = []
+    sync = MembershipSync(pusher, clock=clock, on_failure=lambda *f: failures.append(f))  # type: ignore[arg-type]
+    sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)
+    await settle()
+    assert failures == [("p2", 1, "UNAVAILABLE: refused")]
+    assert sync.settling_since() is None  # failing: status says so at once
+    assert sync.progress().acknowledged == 1 and sync.progress().errors == {"p2": "UNAVAILABLE: refused"}
+    retry_at = sync.next_retry()
+    assert retry_at is not None and retry_at > clock.now
+    sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)  # not due yet
+    await settle()
+    assert pusher.pushes.count(("p2", 1)) == 1
+    down.clear()
+    clock.now = retry_at
+    sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)
+    await settle()
+    assert pusher.pushes.count(("p2", 1)) == 2
+    assert sync.progress().acknowledged == 2 and not sync.progress().errors
+    assert sync.next_retry() is None
+    await sync.close()
+
+
+async def test_sync_pushes_again_to_a_restarted_proxy_and_forgets_gone_ones() -> None:
+    pusher, clock = FakePusher(), Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1", "p2"), seen_at=clock.now)
+    await settle()
+    sync.update([B1], {**targets("p1"), **targets("p2", incarnation="2")}, seen_at=clock.now)
+    await settle()
+    assert pusher.pushes.count(("p2", 1)) == 2 and pusher.pushes.count(("p1", 1)) == 1
+    sync.update([B1], targets("p1"), seen_at=clock.now)
+    assert sync.progress().proxies == 1 and sync.progress().acknowledged == 1
+    await sync.close()
+
+
+async def test_sync_moves_past_a_version_a_proxy_already_has() -> None:
+    # The proxy runs version 9, pushed by an operator that crashed before writing its status.
+    pusher = FakePusher(lambda t, s: PushResult(t, "", True, max(9, s.version)))
+    sync = MembershipSync(pusher, version=4, clock=Clock())  # type: ignore[arg-type]
+    sync.update([B1], targets("p1"), seen_at=0.0)
+    await settle()
+    assert pusher.pushes == [("p1", 5), ("p1", 10)]
+    assert sync.snapshot == Snapshot(10, (B1,))
+    assert sync.progress().acknowledged == 1
+    await sync.close()
+
+
+# -- the sync loop, against real proxies -----------------------------------------------------
+
+
+async def test_sync_brings_real_proxies_to_the_brokers(start: Any) -> None:
+    brokers = [start("broker", f"b{i}") for i in range(2)]
+    proxies = [start("proxy", f"p{i}") for i in range(2)]
+    woken = asyncio.Event()
+    sync = MembershipSync(MembershipPusher(), on_progress=woken.set)
+    members = [Member(b.name, b.endpoints["grpc"]) for b in brokers]
+    ready = {p.name: ProxyTarget(p.name, p.endpoints["control"], "1") for p in proxies}
+    sync.update(members, ready, seen_at=asyncio.get_running_loop().time())
+    await wait_for(lambda: sync.progress().acknowledged == 2, 10, "both proxies applied")
+    for proxy in proxies:
+        status = await proxy_status(proxy.endpoints["control"])
+        assert status.membership_version == 1
+        assert {link.name for link in status.links} == {"b0", "b1"}
+    assert woken.is_set()
+    await sync.close()
+
+
+# -- one cluster's controller, against a fake API -------------------------------------------
+
+
+class FakeKube:
+    """Records what the controller writes; the "server" state is the test's indexes.
+    The first `fail_apply` applies and `fail_status` status writes fail (503)."""
+
+    def __init__(self, fail_apply: int = 0, fail_status: int = 0) -> None:
+        self.applied: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.failures = {"apply": fail_apply, "status": fail_status}
+        self.lock = threading.Lock()  # the controller calls from worker threads
+
+    def _maybe_fail(self, call: str) -> None:
+        with self.lock:
+            if self.failures[call] > 0:
+                self.failures[call] -= 1
+                raise ApiException(status=503, reason="Service Unavailable")
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self._maybe_fail("apply")
+        with self.lock:
+            self.applied.append((manifest["kind"], manifest["metadata"]["name"]))
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.deleted.append((kind, name))
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        self._maybe_fail("status")
+        self.statuses.append(copy.deepcopy(status))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def resource(spec: dict[str, Any], generation: int = 1, version: str = "1") -> dict[str, Any]:
+    return {**OWNER, "metadata": {**OWNER["metadata"], "generation": generation, "resourceVersion": version},
+            "spec": spec}
+
+
+OPTIONS = Options(default_image="img:1", policy_api="policy/v1beta1", debounce=0.01, anti_entropy=60,
+                  stats_interval=60, resync=60, retry_initial=0.05)
+
+
+async def test_controller_reports_a_garbage_spec_once_and_does_not_retry() -> None:
+    kube, children = FakeKube(), {}
+    body = resource({"proxies": {"service": {"type": "ClusterIP", "nodePorts": {"sse": 30080}}}})
+    controller = ClusterController(("ns", "demo"), body, Indexes({}, [children]), kube, OPTIONS)  # type: ignore[arg-type]
+    controller.start()
+    await wait_for(lambda: kube.statuses, 5, "a status")
+    [status] = kube.statuses
+    conditions = {x["type"]: x for x in status["conditions"]}
+    assert conditions["SpecValid"]["reason"] == "InvalidSpec"
+    assert "spec.proxies.service.nodePorts" in conditions["SpecValid"]["message"]
+    assert conditions["Ready"]["status"] == "False" and status["observedGeneration"] == 1
+    # kopf hands over the resource again (our own status write, say): nothing new happens.
+    for version in range(2, 6):
+        controller.set_body({**resource(body["spec"], version=str(version)), "status": status})
+        await asyncio.sleep(0.05)
+    assert kube.applied == [] and len(kube.statuses) == 1
+    # Fixed: children are applied, the condition flips.
+    controller.set_body(resource({"proxies": {"service": {"type": "NodePort"}}}, generation=2, version="7"))
+    await wait_for(lambda: len(kube.applied) == 6, 5, "6 children applied")
+    await wait_for(lambda: kube.statuses[-1]["observedGeneration"] == 2, 5, "generation 2 observed")
+    assert {x["type"]: x["status"] for x in kube.statuses[-1]["conditions"]}["SpecValid"] == "True"
+    await controller.stop()
+
+
+async def test_controller_applies_only_what_differs_and_deletes_unneeded_broker_deployments() -> None:
+    kube = FakeKube()
+    children: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    served = [index_value(as_served(m)) for m in children_of({"brokers": {"replicas": 3, "maxPerDeployment": 2}})]
+    children[("ns", "demo")] = served
+    body = resource({"brokers": {"replicas": 2, "maxPerDeployment": 2}})
+    controller = ClusterController(("ns", "demo"), body, Indexes({}, [children]), kube, OPTIONS)  # type: ignore[arg-type]
+    controller.start()
+    await wait_for(lambda: kube.deleted, 5, "a deletion")
+    assert kube.deleted == [("Deployment", "demo-broker-1")] and kube.applied == []
+    children[("ns", "demo")] = [x for x in served if x["metadata"]["name"] != "demo-broker-1"]
+    controller.wake(children=True)
+    await asyncio.sleep(0.1)
+    assert kube.deleted == [("Deployment", "demo-broker-1")] and kube.applied == []
+    await controller.stop()
+
+
+async def test_controller_retries_api_failures_with_backoff() -> None:
+    kube = FakeKube(fail_apply=3, fail_status=2)
+    controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS)  # type: ignore[arg-type]
+    controller.start()
+    await wait_for(lambda: len(set(kube.applied)) == 6, 5, "every child applied in the end")
+    await wait_for(lambda: kube.statuses, 5, "a status in the end")
+    assert kube.failures == {"apply": 0, "status": 0}
+    assert kube.statuses[-1]["observedGeneration"] == 1
+    await controller.stop()
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_operator_without_kubernetes_says_what_to_do(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")}
+    result = subprocess.run([sys.executable, "-m", "neoplasma", "operator"], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert "cannot reach Kubernetes" in result.stderr and "KUBECONFIG" in result.stderr
+
+
+def test_operator_with_its_port_taken_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "neoplasma", "operator", "--liveness-port", str(port)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert f"cannot listen on 0.0.0.0:{port}" in result.stderr and "--liveness-port" in result.stderr
