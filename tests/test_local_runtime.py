@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -94,3 +95,32 @@ def test_busy_port_gives_a_clear_error(start: Any) -> None:
                             env={**os.environ})
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{broker.port('http')}" in result.stderr
+
+
+async def neoplasma(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "neoplasma", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def test_publish_and_subscribe_commands(start: Any) -> None:
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    control = proxy.endpoints["control"]
+    subscriber = await neoplasma("subscribe", "--proxy", proxy.endpoints["http"], "--count", "1", "demo")
+    try:
+        async def subscribed() -> bool:
+            status = await proxy_status(control)
+            return status.subscribers == 1 and all(link.interest_synced for link in status.links)
+
+        await wait_for(subscribed, what="the subscribe command connected")
+        published = await neoplasma("publish", "--broker", broker.endpoints["grpc"], "demo:hello", '{"hi": 1}')
+        out, _ = await asyncio.wait_for(published.communicate(), 30)
+        assert published.returncode == 0 and out.decode().strip() == "accepted 1"
+        out, _ = await asyncio.wait_for(subscriber.communicate(), 30)
+        assert out.decode().strip() == '{"meta":{"type":"demo:hello"},"data":{"hi":1}}'
+        refused = await neoplasma("publish", "--broker", broker.endpoints["grpc"], "demo", "{not json")
+        _, err = await asyncio.wait_for(refused.communicate(), 30)
+        assert refused.returncode == 2 and "not valid JSON" in err.decode()
+    finally:
+        if subscriber.returncode is None:
+            subscriber.kill()
