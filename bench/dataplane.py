@@ -127,7 +127,9 @@ def run_role(argv: list[str]) -> None:
     raise_fd_limit()
     role, args = argv[0], json.loads(argv[1])
     fn = {"sse": role_sse, "plasma": role_plasma, "publish": role_publish}[role]
-    result = asyncio.run(fn(**args))  # type: ignore[operator]
+    import uvloop  # the load generators need their speed more than anyone
+
+    result = uvloop.run(fn(**args))  # type: ignore[operator]
     print(json.dumps({"result": result}), flush=True)
 
 
@@ -186,12 +188,15 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     await wait_for(all_connected, timeout=60, what=f"{subscribers} subscribers at the proxy")
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     status0 = await proxy_status(proxy.endpoints["control"])
+    proxy_proc = psutil.Process(proxy.proc.pid)
+    cpu0 = sum(proxy_proc.cpu_times()[:2])
     t0 = time.monotonic()
     batch = max(1, int(rate // 100)) if rate else 50  # paced: one request every 10 ms
     pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=2)
     published = pub.result()["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
+    proxy_cpu = (sum(proxy_proc.cpu_times()[:2]) - cpu0) / elapsed
     res = subs.result()
 
     async def backlog_drained() -> bool:  # so the next scenario starts from a quiet proxy
@@ -210,6 +215,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         "proxy_handed_to_sockets_per_second": round((status1.deliveries - status0.deliveries) / elapsed),
         "slow_subscribers_dropped": status1.slow_subscribers_dropped - status0.slow_subscribers_dropped,
         "proxy_rss_mb": round(psutil.Process(proxy.proc.pid).memory_info().rss / 2**20, 1),
+        "proxy_cpu_cores": round(proxy_cpu, 2),
     }
     if lat:
         out["latency_ms"] = {"p50": round(1000 * lat[len(lat) // 2], 2),
