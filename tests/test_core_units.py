@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.core.events import Event, batch_entry, compact_json, plasma_payload, sse_frame
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
-from neoplasma.core.topics import InvalidTopic, matches, parse_topic_list, prefixes
+from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.hub import Hub, QueueSubscriber
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -114,3 +114,17 @@ class QueueSubscriberProbe(QueueSubscriber):
         QueueSubscriberProbe.encodes += 1
         return [batch.entry(i) for i in indices]
 
+
+
+@given(holdings=st.dictionaries(st.integers(0, 5), st.sets(topic_st, max_size=4), max_size=6), topic=topic_st)
+def test_topic_index_matches_each_holder_once(holdings: dict[int, set[str]], topic: str) -> None:
+    index: TopicIndex[int] = TopicIndex()
+    wanted: set[str] = set()
+    for holder, topics in holdings.items():
+        assert index.add(holder, topics) == topics - wanted
+        wanted |= topics
+    expected = {h for h, topics in holdings.items() if any(matches(t, topic) for t in topics)}
+    assert set(index.matching(topic)) == expected
+    for holder, topics in holdings.items():
+        index.remove(holder, topics)
+    assert index.topics() == set() and not index.matching(topic)

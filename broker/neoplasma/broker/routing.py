@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 
 from neoplasma.core.events import Event, batch_entry, varint_field
-from neoplasma.core.topics import prefixes
+from neoplasma.core.topics import TopicIndex
 
 
 class RelayStream:
@@ -75,7 +75,7 @@ class RelayStream:
 class Router:
     def __init__(self) -> None:
         self.streams: set[RelayStream] = set()
-        self._index: dict[str, set[RelayStream]] = {}
+        self._index: TopicIndex[RelayStream] = TopicIndex()
         self._flushed = asyncio.Event()
 
     def attach(self, stream: RelayStream) -> None:
@@ -83,7 +83,7 @@ class Router:
 
     def detach(self, stream: RelayStream) -> None:
         self.streams.discard(stream)
-        self._unindex(stream, stream.interest)
+        self._index.remove(stream, stream.interest)
         stream.interest = set()
 
     def update_interest(self, stream: RelayStream, add: Iterable[str], remove: Iterable[str],
@@ -91,42 +91,23 @@ class Router:
         stream.interest_applied += 1
         stream.wake.set()
         new = set(add) if replace else (stream.interest | set(add)) - set(remove)
-        self._unindex(stream, stream.interest - new)
-        for topic in new - stream.interest:
-            self._index.setdefault(topic, set()).add(stream)
+        self._index.remove(stream, stream.interest - new)
+        self._index.add(stream, new - stream.interest)
         stream.interest = new
-
-    def _unindex(self, stream: RelayStream, topics: Iterable[str]) -> None:
-        for topic in topics:
-            holders = self._index.get(topic)
-            if holders is not None:
-                holders.discard(stream)
-                if not holders:
-                    del self._index[topic]
 
     def route(self, events: Sequence[Event]) -> tuple[int, int]:
         """Queue each event once on every stream interested in it: (queued, dropped)."""
         queued = dropped = 0
-        index = self._index
         for event in events:
-            entry: bytes | None = None
-            seen: set[RelayStream] | None = None
-            for key in prefixes(event.topic):
-                holders = index.get(key)
-                if not holders:
-                    continue
-                if entry is None:
-                    entry = batch_entry(event)
-                for stream in holders:
-                    if seen is not None:
-                        if stream in seen:
-                            continue
-                        seen.add(stream)
-                    if stream.offer(entry):
-                        queued += 1
-                    else:
-                        dropped += 1
-                seen = seen or set(holders)
+            streams = self._index.matching(event.topic)
+            if not streams:
+                continue
+            entry = batch_entry(event)
+            for stream in streams:
+                if stream.offer(entry):
+                    queued += 1
+                else:
+                    dropped += 1
         return queued, dropped
 
     def pending_bytes(self) -> int:

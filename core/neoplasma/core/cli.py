@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
 def _run(coro_factory: Callable[[], object]) -> int:
     raise_fd_limit()
     try:
@@ -89,7 +99,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from neoplasma.operator.main import run_operator
 
-    return run_operator(namespaces=args.namespace, liveness_port=args.liveness_port)
+    return run_operator(namespaces=args.namespace, liveness_port=args.liveness_port, metrics_port=args.metrics_port,
+                        scale_interval=args.scale_interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", action="append", default=[],
                    help="watch only this namespace (repeatable; default: all namespaces)")
     p.add_argument("--liveness-port", type=_positive_int, default=8080, help="liveness endpoint port")
+    p.add_argument("--metrics-port", type=_positive_int, default=0,
+                   help="serve Prometheus metrics on this port at /metrics (default 0: off)")
+    p.add_argument("--scale-interval", type=_seconds, default=10.0,
+                   help="seconds between autoscaling decisions of annotated clusters (default 10)")
     p.set_defaults(func=cmd_operator)
     return parser
 

@@ -7,10 +7,15 @@ it (`program:1234:views`), but not `program:12345:views`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
+from typing import Generic, TypeVar
 
 SEPARATOR = ":"
 MAX_TOPIC_LENGTH = 256
+
+H = TypeVar("H")
 
 
 class InvalidTopic(ValueError):
@@ -63,3 +68,57 @@ def parse_topic_list(raw: str, max_length: int = MAX_TOPIC_LENGTH) -> list[str]:
     for topic in topics:
         seen[check_topic(topic, max_length)] = None
     return list(seen)
+
+
+class TopicIndex(Generic[H]):
+    """Subscription keys -> holders (relay streams, subscriber groups).
+
+    Answers which holders want an event's topic, each holder once even when it
+    holds several matching keys (`a` and `a:b` for `a:b`).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, set[H]] = {}
+
+    def add(self, holder: H, topics: Iterable[str]) -> set[str]:
+        """Index `holder` under `topics`; returns the topics nobody wanted before."""
+        new = set()
+        for topic in topics:
+            holders = self._keys.get(topic)
+            if holders is None:
+                holders = self._keys[topic] = set()
+                new.add(topic)
+            holders.add(holder)
+        return new
+
+    def remove(self, holder: H, topics: Iterable[str]) -> set[str]:
+        """Unindex `holder` from `topics`; returns the topics nobody wants any more."""
+        gone = set()
+        for topic in topics:
+            holders = self._keys.get(topic)
+            if holders is not None:
+                holders.discard(holder)
+                if not holders:
+                    del self._keys[topic]
+                    gone.add(topic)
+        return gone
+
+    def topics(self) -> set[str]:
+        return set(self._keys)
+
+    def matching(self, topic: str) -> AbstractSet[H]:
+        """The holders that want `topic` (read-only: do not change the returned set)."""
+        first: set[H] | None = None
+        merged: set[H] | None = None
+        for key in prefixes(topic):
+            holders = self._keys.get(key)
+            if holders:
+                if first is None:
+                    first = holders
+                elif merged is None:
+                    merged = first | holders
+                else:
+                    merged |= holders
+        if merged is not None:
+            return merged
+        return first if first is not None else frozenset()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
 from neoplasma.core.events import Event, batch_entry, plasma_payload, sse_frame
-from neoplasma.core.topics import prefixes
+from neoplasma.core.topics import TopicIndex
 
 
 class Batch:
@@ -168,7 +168,7 @@ class Hub:
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self._groups: dict[frozenset[str], Group] = {}
-        self._index: dict[str, set[Group]] = {}
+        self._index: TopicIndex[Group] = TopicIndex()
         self._listeners: list[InterestListener] = []
         self.next_id = 1
         self._pending: list[Event] = []
@@ -181,7 +181,7 @@ class Hub:
 
     def topics(self) -> set[str]:
         """Every topic some local subscriber wants (what brokers are asked for)."""
-        return set(self._index)
+        return self._index.topics()
 
     def on_interest_change(self, listener: InterestListener) -> None:
         self._listeners.append(listener)
@@ -213,14 +213,7 @@ class Hub:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = Group(key)
-            added = set()
-            for topic in key:
-                holders = self._index.get(topic)
-                if holders is None:
-                    holders = self._index[topic] = set()
-                    added.add(topic)
-                holders.add(group)
-            self._notify(added, set())
+            self._notify(self._index.add(group, key), set())
         group.members.setdefault(type(sub), set()).add(sub)
 
     def _leave(self, sub: Subscriber) -> None:
@@ -235,14 +228,7 @@ class Hub:
         if group.members:
             return
         del self._groups[group.key]
-        removed = set()
-        for topic in group.key:
-            holders = self._index[topic]
-            holders.discard(group)
-            if not holders:
-                del self._index[topic]
-                removed.add(topic)
-        self._notify(set(), removed)
+        self._notify(set(), self._index.remove(group, group.key))
 
     # -- delivery ------------------------------------------------------------------
 
@@ -275,21 +261,9 @@ class Hub:
         self.next_id += len(events)
         self.events_received += len(events)
         matched: dict[Group, list[int]] = {}
-        index = self._index
         for i, event in enumerate(events):
-            seen: set[Group] | None = None
-            for key in prefixes(event.topic):
-                groups = index.get(key)
-                if not groups:
-                    continue
-                for group in groups:
-                    if seen is not None:
-                        if group in seen:
-                            continue
-                        seen.add(group)
-                    matched.setdefault(group, []).append(i)
-                if seen is None:
-                    seen = set(groups)
+            for group in self._index.matching(event.topic):
+                matched.setdefault(group, []).append(i)
         deliveries = 0
         refused: list[Subscriber] = []
         for group, indices in matched.items():
