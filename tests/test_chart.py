@@ -336,8 +336,7 @@ def test_the_cli_accepts_the_rendered_arguments(rendered: dict[str, list[dict[st
     """The container's args are a valid `neoplasma` command line (the image's entry point)."""
     args = container_of(only(rendered[name], "Deployment"))["args"]
     parser = build_parser()
-    if "--metrics-port" in args and "--metrics-port" not in operator_options(parser):
-        pytest.xfail("`neoplasma operator` has no --metrics-port yet; the chart's metrics.enabled needs it")
+    assert "--metrics-port" not in args or "--metrics-port" in operator_options(parser)
     parsed = parser.parse_args(args)
     assert parsed.command == "operator"
     assert parsed.namespace == [a for i, a in enumerate(args) if i and args[i - 1] == "--namespace"]

@@ -51,10 +51,12 @@ def neoplasma_command(argv: list[str], container: Mapping[str, Any]) -> list[str
 class OperatorProcess:
     """`neoplasma operator` in a subprocess, with its log in a file."""
 
-    def __init__(self, control_plane: ControlPlane, log_path: Path, namespaces: list[str]) -> None:
+    def __init__(self, control_plane: ControlPlane, log_path: Path, namespaces: list[str],
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.liveness_port = free_port()
         self.log_path = log_path
-        args = [sys.executable, "-m", "neoplasma", "operator", "--liveness-port", str(self.liveness_port)]
+        args = [sys.executable, "-m", "neoplasma", "operator", "--liveness-port", str(self.liveness_port),
+                *extra_args]
         for namespace in namespaces:
             args += ["--namespace", namespace]
         with open(log_path, "ab") as log:
@@ -105,14 +107,18 @@ class Clusters:
         self.apps = kubernetes.client.AppsV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
-    def kubectl_apply(self, name: str, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-        manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NeoplasmaCluster",
-                    "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}
+    def kubectl_apply(self, name: str, spec: dict[str, Any], annotations: Mapping[str, str] | None = None
+                      ) -> subprocess.CompletedProcess[str]:
+        metadata: dict[str, Any] = {"name": name, "namespace": self.namespace}
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        manifest = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NeoplasmaCluster", "metadata": metadata,
+                    "spec": spec}
         return subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump(manifest), text=True,
                               capture_output=True, env=self.control_plane.env(), timeout=60)
 
-    def apply(self, name: str, spec: dict[str, Any]) -> None:
-        result = self.kubectl_apply(name, spec)
+    def apply(self, name: str, spec: dict[str, Any], annotations: Mapping[str, str] | None = None) -> None:
+        result = self.kubectl_apply(name, spec, annotations)
         assert result.returncode == 0, result.stderr
 
     def get(self, name: str) -> dict[str, Any]:
@@ -133,6 +139,11 @@ class Clusters:
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def annotate(self, name: str, annotations: Mapping[str, str | None]) -> None:
+        """Set (None: remove) annotations of the resource."""
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                   {"metadata": {"annotations": dict(annotations)}})
 
     def events(self, name: str) -> list[Any]:
         return self.core.list_namespaced_event(
@@ -209,8 +220,9 @@ def operator(
     no flag) and waits until its liveness endpoint answers; stopped after the test."""
     started: list[OperatorProcess] = []
 
-    def start(all_namespaces: bool = False) -> OperatorProcess:
-        process = OperatorProcess(control_plane, tmp_path / "operator.log", [] if all_namespaces else [namespace])
+    def start(all_namespaces: bool = False, extra_args: tuple[str, ...] = ()) -> OperatorProcess:
+        process = OperatorProcess(control_plane, tmp_path / "operator.log", [] if all_namespaces else [namespace],
+                                  extra_args)
         started.append(process)
         return process.wait_healthy()
 

@@ -273,7 +273,10 @@ def test_status_reports_counts_membership_and_conditions() -> None:
     assert status["connections"] == 17  # kept until measured again
     assert "kopf" not in status
     assert [(x["type"], x["status"]) for x in status["conditions"]] == [
-        ("Ready", "True"), ("MembershipSynced", "True"), ("SpecValid", "True")]
+        ("Ready", "True"), ("MembershipSynced", "True"), ("SpecValid", "True"),
+        ("AutoscalingPolicyValid", "True"), ("ReconciliationPaused", "False")]
+    assert status["deploymentSizes"] == "2"
+    assert status["autoscaling"] is None  # removes it (merge patch) while autoscaling is off
     assert same_status(status, {**status, "kopf": {}})
     assert not same_status(build_status(observed(connections=3), status, now="T"), status)
 

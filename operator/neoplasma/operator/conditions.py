@@ -15,7 +15,9 @@ from typing import Any
 READY = "Ready"
 MEMBERSHIP_SYNCED = "MembershipSynced"
 SPEC_VALID = "SpecValid"
-OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID)
+AUTOSCALING_POLICY_VALID = "AutoscalingPolicyValid"
+RECONCILIATION_PAUSED = "ReconciliationPaused"
+OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,24 @@ def spec_valid(error: str | None) -> Condition:
     if error is None:
         return Condition(SPEC_VALID, True, "Valid", "the spec parses and renders")
     return Condition(SPEC_VALID, False, "InvalidSpec", f"{error}; fix the resource and apply it again")
+
+
+def autoscaling_policy_valid(problems: str | None, have_good_policy: bool, autoscale: bool) -> Condition:
+    """From the neoplasma.io/ annotations: `problems` lists what could not be used (None: none)."""
+    if problems is None:
+        return Condition(AUTOSCALING_POLICY_VALID, True, "Valid",
+                         "autoscaling is on" if autoscale else "autoscaling is off")
+    kept = ("the last good policy stays in force" if have_good_policy
+            else "no annotation set was valid yet: the spec's replicas are used")
+    return Condition(AUTOSCALING_POLICY_VALID, False, "InvalidAnnotation", f"{problems}; {kept}")
+
+
+def reconciliation_paused(paused: bool) -> Condition:
+    if paused:
+        return Condition(RECONCILIATION_PAUSED, True, "PauseAnnotation",
+                         'neoplasma.io/pause-reconciliation is "true": no child is created, changed, deleted or '
+                         "scaled; membership is still pushed to the proxies")
+    return Condition(RECONCILIATION_PAUSED, False, "NotPaused", "the operator converges the children")
 
 
 def membership_synced(progress: MembershipProgress) -> Condition:

@@ -9,7 +9,15 @@ current state and converges it:
    are debounced so a burst of them becomes one version);
 2. renders the children and applies the ones missing or differing from the children index
    (server-side apply), deletes broker Deployments no longer rendered;
-3. writes `status` when it changed.
+3. autoscales (annotation `neoplasma.io/autoscale`): on its own timer, reads the ready
+   brokers' and proxies' load and lets `Autoscaler` (core.scaling's policy and decision)
+   choose the replicas rendered in place of the spec's;
+4. writes `status` when it changed.
+
+Annotations are read on every pass: a bad value leaves the last good policy in force, with one
+Warning event per distinct set of problems and `AutoscalingPolicyValid=False`.
+`neoplasma.io/pause-reconciliation: "true"` stops every change to children (and scaling);
+membership is still pushed and status still written (`ReconciliationPaused=True`).
 
 A garbage spec gives one Warning event and a `SpecValid=False` condition per generation, and
 nothing is retried until the resource changes. API errors are retried with backoff.
@@ -24,22 +32,26 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import grpc
 import kopf
 import kubernetes.client
 
+from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import BrokerState
 from neoplasma.core.net import hostport
 from neoplasma.core.push import MembershipPusher
+from neoplasma.core.scaling import Load
 from neoplasma.operator import children as ch
+from neoplasma.operator import metrics
+from neoplasma.operator.autoscaler import Autoscaler, Tier, problems
 from neoplasma.operator.conditions import count, now_text
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey, PodView, broker_members, proxy_targets, ready_count
-from neoplasma.operator.render import GRPC_PORT
+from neoplasma.operator.render import CONTROL_PORT, GRPC_PORT
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.sync import MembershipSync
@@ -57,6 +69,7 @@ class Options:
     anti_entropy: float = 5.0  # seconds between pushes of the current snapshot to every proxy
     resync: float = 60.0  # seconds between checks of the children with no event at all
     stats_interval: float = 10.0  # seconds between reads of the brokers' connection counts
+    scale_interval: float = 10.0  # seconds between autoscaling decisions (load reads)
     # Seconds a membership push may take before status says MembershipSynced=False (status
     # is not written meanwhile), so that Ready does not flicker on every broker change.
     sync_grace: float = 2.0
@@ -108,12 +121,15 @@ class OperatorState:
         if controller is None:
             controller = ClusterController(key, body, indexes, self.kube, self.options)
             self.controllers[key] = controller
+            metrics.CLUSTERS.set(len(self.controllers))
             controller.start()
         else:
             controller.set_body(body)
 
     def _stop(self, key: ClusterKey) -> None:
         task = asyncio.get_running_loop().create_task(self.controllers.pop(key).stop())
+        metrics.forget(key)
+        metrics.CLUSTERS.set(len(self.controllers))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
@@ -164,12 +180,17 @@ class ClusterController:
         self._reconciled_generation: int | None = None
         self._reported: set[tuple[str, str]] = set()  # (reason, message) of Warning events sent
         self._warned_pushes: set[tuple[str, int]] = set()
-        self._cluster: Cluster | None = None
+        self._cluster: Cluster | None = None  # as the spec says (the last one that parsed)
+        self._effective: Cluster | None = None  # as rendered: with the autoscaler's replicas
+        self._reconciled_sizes: tuple[int, ...] | None = None
+        self.autoscaler = Autoscaler(status.get("autoscaling"))
+        self._paused = False
         self._announced_version = 0
         self._connections: int | None = None
         now = clock()
         self._next_refresh = now + options.anti_entropy
         self._next_stats = now
+        self._next_scale = now
         self._next_resync = now + options.resync
         self._children_retry_at: float | None = None
         self._status_due: float | None = None
@@ -230,6 +251,8 @@ class ClusterController:
 
     def _next_due(self) -> float:
         due = [self._next_refresh, self._next_stats, self._next_resync]
+        if self.autoscaler.autoscaled() and not self._paused:
+            due.append(self._next_scale)
         for extra in (self.sync.next_retry(), self._children_retry_at, self._status_due, self._tick_retry_at):
             if extra is not None:
                 due.append(extra)
@@ -240,6 +263,7 @@ class ClusterController:
         metadata = body.get("metadata") or {}
         generation = int(metadata.get("generation") or 0)
         spec_error = self._parse(body, generation)
+        self._read_policy(metadata.get("annotations") or {})
         now = self.clock()
         refresh = now >= self._next_refresh
         if refresh:
@@ -269,11 +293,18 @@ class ClusterController:
             self._children_retry_at = self._status_due = None
             return  # being deleted: the garbage collector removes the children
 
-        # 2. Children.
+        # 2. Autoscaling, then children.
+        if self._paused:
+            self._children_retry_at = None  # nothing changes until unpaused
+        elif spec_error is None and self._cluster is not None:
+            if self.autoscaler.autoscaled() and now >= self._next_scale:
+                self._next_scale = now + self.options.scale_interval
+                await self._autoscale(self._cluster, pods, now)
+            self._effective = self._sized(self._cluster)
         if spec_error is not None:
             self._children_retry_at = None  # nothing to retry until the spec changes
-        elif self._cluster is not None and self._children_due(generation, now):
-            await self._reconcile_children(self._cluster, body, generation)
+        elif self._effective is not None and not self._paused and self._children_due(generation, now):
+            await self._reconcile_children(self._effective, body, generation)
 
         # 3. Status.
         if read_stats:
@@ -291,10 +322,59 @@ class ClusterController:
             return str(error)
         return None
 
+    def _read_policy(self, annotations: Mapping[str, Any]) -> None:
+        spec = (self._cluster or Cluster("", "")).spec
+        was_paused = self._paused
+        self.autoscaler.read({str(k): str(v) for k, v in annotations.items()}, spec.brokers.replicas,
+                             spec.proxies.replicas)
+        self._paused = self.autoscaler.paused
+        if self.autoscaler.errors:
+            message = (f"annotations not used: {problems(self.autoscaler.errors)}; "
+                       + ("the last good policy stays in force" if self.autoscaler.policy is not None
+                          else "no autoscaling until they are fixed"))
+            if self._warn("InvalidAnnotation", message):
+                log.warning("annotations_invalid", cluster=self.label, problems=problems(self.autoscaler.errors))
+        if self._paused != was_paused:
+            self._children_dirty = True  # unpaused: converge whatever changed meanwhile
+            log.info("reconciliation_paused" if self._paused else "reconciliation_resumed", cluster=self.label)
+            self._event("ReconciliationPaused" if self._paused else "ReconciliationResumed",
+                        "no change to children until neoplasma.io/pause-reconciliation is removed; membership "
+                        "is still pushed to proxies" if self._paused else "converging the children again")
+
+    def _sized(self, cluster: Cluster) -> Cluster:
+        """`cluster` with the replicas to render: the spec's, or the autoscaler's."""
+        spec = cluster.spec
+        sizes = self.autoscaler.sizes(spec.brokers.replicas, spec.proxies.replicas)
+        if (sizes["brokers"], sizes["proxies"]) == (spec.brokers.replicas, spec.proxies.replicas):
+            return cluster
+        return replace(cluster, spec=replace(
+            spec,
+            brokers=replace(spec.brokers, replicas=sizes["brokers"]),
+            proxies=replace(spec.proxies, replicas=sizes["proxies"]),
+        ))
+
+    async def _autoscale(self, cluster: Cluster, pods: list[PodView], now: float) -> None:
+        tiers = self.autoscaler.autoscaled()
+        loads: dict[Tier, Load | None] = {}
+        serving = [p for p in pods if p.ready and not p.deleting and p.ip]
+        if "brokers" in tiers:
+            loads["brokers"] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving if p.component == "broker")
+        if "proxies" in tiers:
+            loads["proxies"] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving if p.component == "proxy")
+        spec = cluster.spec
+        for change in self.autoscaler.step(spec.brokers.replicas, spec.proxies.replicas, loads, now, now_text()):
+            load = loads.get(change.tier)
+            log.info("cluster_scaled", cluster=self.label, tier=change.tier, before=change.before, after=change.after,
+                     reason=change.reason, load=load.total if load else None, pods_read=load.pods_read if load else 0)
+            self._event("ScaledBrokers" if change.tier == "brokers" else "ScaledProxies", change.describe())
+            metrics.scaled(self.key, change.tier, change.direction)
+            self._children_dirty = True
+
     def _children_due(self, generation: int, now: float) -> bool:
         if self._children_retry_at is not None:
             return now >= self._children_retry_at
-        return self._children_dirty or generation != self._reconciled_generation
+        return (self._children_dirty or generation != self._reconciled_generation
+                or _sizes(self._effective) != self._reconciled_sizes)
 
     async def _reconcile_children(self, cluster: Cluster, body: Mapping[str, Any], generation: int) -> None:
         self._children_dirty = False
@@ -324,6 +404,7 @@ class ClusterController:
         self._children_retry_at = None
         self._children_failures = 0
         self._reconciled_generation = generation
+        self._reconciled_sizes = _sizes(cluster)
 
     async def _write_status(self, generation: int, spec_error: str | None, pods: list[PodView]) -> None:
         settling = self.sync.settling_since()
@@ -331,9 +412,11 @@ class ClusterController:
             self._status_due = settling + self.options.sync_grace
             return  # a push under way: written once it is everywhere (or late)
         self._status_due = None
-        cluster = self._cluster
+        cluster = self._effective or self._cluster
         desired_brokers = cluster.spec.brokers.replicas if cluster else 0
         desired_proxies = cluster.spec.proxies.replicas if cluster else 0
+        spec = self._cluster.spec if self._cluster else None
+        errors = self.autoscaler.errors
         observed = Observed(
             generation=generation if spec_error is not None or self._reconciled_generation is None
             else self._reconciled_generation,
@@ -343,7 +426,12 @@ class ClusterController:
             deployments=ch.broker_deployments(self.indexes.children(self.key)),
             membership=self.sync.progress(),
             connections=self._connections,
+            autoscaling=self.autoscaler.status(spec.brokers.replicas, spec.proxies.replicas) if spec else None,
+            policy_problems=problems(errors) if errors else None,
+            policy_kept=self.autoscaler.policy is not None,
+            paused=self._paused,
         )
+        metrics.observe(self.key, observed)
         version = (self.body.get("metadata") or {}).get("resourceVersion")
         if self._written_status is not None and version == self._written_over:
             current: Mapping[str, Any] = self._written_status
@@ -422,6 +510,12 @@ async def _broker_connections(pods: Iterable[PodView], previous: int | None) -> 
     results = await asyncio.gather(*(one(a) for a in addresses), return_exceptions=True)
     counts = [r for r in results if isinstance(r, int)]
     return sum(counts) if counts else previous
+
+
+def _sizes(cluster: Cluster | None) -> tuple[int, ...] | None:
+    if cluster is None:
+        return None
+    return (cluster.spec.brokers.replicas, cluster.spec.proxies.replicas)
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,24 +13,35 @@ import kubernetes.config
 import urllib3.exceptions
 
 from neoplasma.core.logs import get_logger
-from neoplasma.operator import handlers
+from neoplasma.operator import handlers, metrics
 from neoplasma.operator.controller import OperatorState, Options
 from neoplasma.operator.kube import Kube, api_client
 
 log = get_logger("operator")
 
 
-def run_operator(namespaces: list[str], liveness_port: int) -> int:
+def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int = 0,
+                 scale_interval: float = 10.0) -> int:
     """Run until SIGTERM or SIGINT; watch `namespaces`, or every namespace when empty.
 
     Kubernetes is reached with the in-cluster service account, else $KUBECONFIG (or
-    ~/.kube/config). The liveness endpoint is http://0.0.0.0:PORT/healthz.
+    ~/.kube/config). The liveness endpoint is http://0.0.0.0:PORT/healthz; with
+    `metrics_port`, Prometheus metrics are at http://0.0.0.0:METRICS_PORT/metrics.
+    Autoscaled clusters decide their sizes every `scale_interval` seconds.
     """
-    problem = _port_problem(liveness_port)
-    if problem:
-        print(f"neoplasma operator: cannot listen on 0.0.0.0:{liveness_port} for the liveness endpoint: "
-              f"{problem}; choose another --liveness-port or stop what is using it.", file=sys.stderr)
+    ports = [("liveness endpoint", "--liveness-port", liveness_port)]
+    if metrics_port:
+        ports.append(("metrics endpoint", "--metrics-port", metrics_port))
+    if metrics_port and metrics_port == liveness_port:
+        print(f"neoplasma operator: --metrics-port and --liveness-port are both {liveness_port}; choose two "
+              "different ports.", file=sys.stderr)
         return 1
+    for what, flag, port in ports:
+        problem = _port_problem(port)
+        if problem:
+            print(f"neoplasma operator: cannot listen on 0.0.0.0:{port} for the {what}: "
+                  f"{problem}; choose another {flag} or stop what is using it.", file=sys.stderr)
+            return 1
     try:
         kube = Kube(api_client())
         policy_api = kube.policy_api()
@@ -44,13 +55,16 @@ def run_operator(namespaces: list[str], liveness_port: int) -> int:
         # what the operator does; they come back with --log-level debug.
         for name in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = Options(default_image=handlers.default_image(), policy_api=policy_api)
+    options = Options(default_image=handlers.default_image(), policy_api=policy_api, scale_interval=scale_interval)
+    if metrics_port:
+        metrics.serve(metrics_port)
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
     memo = kopf.Memo()
     memo[handlers.STATE] = OperatorState(kube, options)
     scope = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
     log.info("operator_starting", namespaces=namespaces or "all", liveness_port=liveness_port,
+             metrics_port=metrics_port or None, scale_interval=scale_interval,
              policy_api=policy_api, default_image=options.default_image)
     asyncio.run(kopf.operator(
         settings=settings,

@@ -20,6 +20,10 @@ class Observed:
     deployments: Sequence[Mapping[str, Any]]
     membership: c.MembershipProgress
     connections: int | None = None  # None: not measured (yet)
+    autoscaling: Mapping[str, Any] | None = None  # the autoscaler's sizes (None: autoscaling off)
+    policy_problems: str | None = None  # neoplasma.io/ annotations that could not be used
+    policy_kept: bool = False  # whether a good policy (from before) is in force despite them
+    paused: bool = False
 
 
 def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
@@ -37,9 +41,18 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
         "deployments": [dict(row) for row in observed.deployments],
         "membership": membership_status(observed.membership, previous.get("membership")),
         "conditions": c.merge(
-            previous.get("conditions"), [ready, membership, c.spec_valid(observed.spec_error)], now
+            previous.get("conditions"),
+            [ready, membership, c.spec_valid(observed.spec_error),
+             c.autoscaling_policy_valid(observed.policy_problems, observed.policy_kept,
+                                        observed.autoscaling is not None),
+             c.reconciliation_paused(observed.paused)],
+            now,
         ),
+        # null removes it (merge patch) once autoscaling is turned off
+        "autoscaling": dict(observed.autoscaling) if observed.autoscaling is not None else None,
     }
+    if observed.deployments:  # (an empty string would reach the API server as null)
+        status["deploymentSizes"] = ",".join(str(row.get("replicas", 0)) for row in observed.deployments)
     connections = observed.connections if observed.connections is not None else previous.get("connections")
     if connections is not None:
         status["connections"] = connections

@@ -1,0 +1,179 @@
+"""Autoscaling of one NeoplasmaCluster: the policy in force, the sizes decided, and why.
+
+The policy and the decision are `neoplasma.core.scaling`'s (the same code `neoplasma up`
+runs); this module only keeps what one cluster needs between ticks, and is pure (no I/O, the
+caller passes clocks and loads):
+
+- the last good policy: annotations that do not parse leave it in force (`errors` says why);
+  `neoplasma.io/pause-reconciliation` is honoured even when another annotation is bad;
+- per autoscaled tier, the size decided and the HPA history of recommendations; a restarted
+  operator starts from the sizes kept in `status.autoscaling`, not from the spec's replicas;
+- with `neoplasma.io/autoscale` off, the spec's replicas are used as they are (the min/max
+  annotations only apply while autoscaling is on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from neoplasma.core.scaling import (
+    HARD_MAX,
+    PAUSE,
+    Decision,
+    Load,
+    Policy,
+    PolicyError,
+    Recommendation,
+    TierPolicy,
+    decide,
+    parse_policy,
+)
+
+Tier = Literal["brokers", "proxies"]
+TIERS: tuple[Tier, ...] = ("brokers", "proxies")
+
+
+@dataclass(frozen=True)
+class TierSize:
+    desired: int
+    reason: str
+    last_scale_time: str | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"desired": self.desired, "reason": self.reason}
+        if self.last_scale_time:
+            status["lastScaleTime"] = self.last_scale_time
+        return status
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """One change of a tier's size, for the Event and the metrics."""
+
+    tier: Tier
+    before: int
+    after: int
+    reason: str
+
+    @property
+    def direction(self) -> str:
+        return "up" if self.after > self.before else "down"
+
+    def describe(self) -> str:
+        return f"{self.tier} {self.before} -> {self.after}: {self.reason}"
+
+
+class Autoscaler:
+    def __init__(self, persisted: object = None) -> None:
+        self.policy: Policy | None = None  # the last good policy; None: none seen yet
+        self.errors: tuple[PolicyError, ...] = ()  # problems of the current annotations
+        self.paused = False
+        self._sizes: dict[Tier, TierSize] = _persisted_sizes(persisted)
+        self._history: dict[Tier, tuple[Recommendation, ...]] = {}
+
+    @property
+    def autoscale(self) -> bool:
+        return self.policy is not None and self.policy.autoscale
+
+    def read(self, annotations: Mapping[str, str], spec_brokers: int, spec_proxies: int) -> None:
+        """Read the annotations (on every reconcile); keep the last good policy on errors."""
+        policy, errors = parse_policy(annotations, spec_brokers, spec_proxies)
+        self.errors = tuple(errors)
+        if policy is not None:
+            if policy != self.policy:
+                self._history.clear()  # recommendations made against other targets do not count
+            self.policy = policy
+            self.paused = policy.paused
+        else:  # a typo elsewhere must not keep a requested pause (or unpause) from happening
+            pause_only, pause_errors = parse_policy({PAUSE: annotations[PAUSE]} if PAUSE in annotations else {},
+                                                    spec_brokers, spec_proxies)
+            if pause_only is not None and not pause_errors:
+                self.paused = pause_only.paused
+            elif self.policy is not None:
+                self.paused = self.policy.paused
+        if not self.autoscale:
+            self._sizes.clear()
+            self._history.clear()
+
+    def sizes(self, spec_brokers: int, spec_proxies: int) -> dict[Tier, int]:
+        """The replicas to render: the spec's, or (autoscaling) the decided ones within bounds."""
+        spec = {"brokers": spec_brokers, "proxies": spec_proxies}
+        if not self.autoscale:
+            return {tier: spec[tier] for tier in TIERS}
+        result: dict[Tier, int] = {}
+        for tier in TIERS:
+            policy = self._tier(tier)
+            kept = self._sizes.get(tier)
+            current = kept.desired if kept is not None and policy.target is not None else spec[tier]
+            bounded = min(max(current, policy.minimum), policy.maximum)
+            if policy.target is not None and (kept is None or kept.desired != bounded):
+                reason = (f"bounds {policy.minimum}..{policy.maximum}" if bounded != current
+                          else "starting from the spec's replicas")
+                self._sizes[tier] = TierSize(bounded, reason, kept.last_scale_time if kept else None)
+            result[tier] = bounded
+        return result
+
+    def autoscaled(self) -> list[Tier]:
+        """The tiers with a target (the ones whose load is worth reading)."""
+        return [t for t in TIERS if self.autoscale and self._tier(t).target is not None]
+
+    def step(self, spec_brokers: int, spec_proxies: int, loads: Mapping[Tier, Load | None], now: float,
+             wall: str) -> list[Scaled]:
+        """One decision per autoscaled tier from the loads read (`now`: monotonic, `wall`: for status)."""
+        if not self.autoscale or self.policy is None:
+            return []
+        current = self.sizes(spec_brokers, spec_proxies)
+        changes: list[Scaled] = []
+        for tier in self.autoscaled():
+            decision: Decision = decide(
+                self._tier(tier), current[tier], loads.get(tier), self._history.get(tier, ()), now,
+                scale_down_delay=self.policy.scale_down_delay, tolerance=self.policy.tolerance,
+                scale_up_limit=self.policy.scale_up_limit,
+            )
+            self._history[tier] = decision.history
+            kept = self._sizes.get(tier)
+            if decision.replicas != current[tier]:
+                changes.append(Scaled(tier, current[tier], decision.replicas, decision.reason))
+                self._sizes[tier] = TierSize(decision.replicas, decision.reason, wall)
+            else:
+                self._sizes[tier] = TierSize(decision.replicas, decision.reason, kept.last_scale_time if kept else None)
+        return changes
+
+    def status(self, spec_brokers: int, spec_proxies: int) -> dict[str, Any] | None:
+        """`status.autoscaling` (None with autoscaling off)."""
+        if not self.autoscale:
+            return None
+        sizes = self.sizes(spec_brokers, spec_proxies)
+        status: dict[str, Any] = {}
+        for tier in TIERS:
+            kept = self._sizes.get(tier)
+            status[tier] = (kept.to_status() if kept is not None and self._tier(tier).target is not None
+                            else {"desired": sizes[tier], "reason": "not autoscaled: no target annotation"})
+        return status
+
+    def _tier(self, tier: Tier) -> TierPolicy:
+        assert self.policy is not None
+        return self.policy.brokers if tier == "brokers" else self.policy.proxies
+
+
+def _persisted_sizes(persisted: object) -> dict[Tier, TierSize]:
+    """The sizes a previous operator decided, from `status.autoscaling` (garbage ignored)."""
+    sizes: dict[Tier, TierSize] = {}
+    if not isinstance(persisted, Mapping):
+        return sizes
+    for tier in TIERS:
+        entry = persisted.get(tier)
+        desired = entry.get("desired") if isinstance(entry, Mapping) else None
+        if isinstance(desired, int) and not isinstance(desired, bool) and 0 <= desired <= HARD_MAX:
+            assert isinstance(entry, Mapping)
+            when = entry.get("lastScaleTime")
+            sizes[tier] = TierSize(desired, str(entry.get("reason") or "kept from status"),
+                                   when if isinstance(when, str) else None)
+    return sizes
+
+
+def problems(errors: tuple[PolicyError, ...]) -> str:
+    """The errors as one message: `annotation: problem; ...` (sorted, so a set reads the same)."""
+    return "; ".join(sorted(str(error) for error in errors))
