@@ -343,7 +343,12 @@ async def test_bad_annotations_warn_once_keep_the_policy_and_pause_freezes_child
     assert "membership is still pushed" in paused["message"]
     before = {key: obj["metadata"]["resourceVersion"] for key, obj in clusters.children("demo").items()}
     clusters.patch_spec("demo", {"proxies": {"replicas": 3}})
-    await asyncio.sleep(2.0)  # the operator saw the change (it wakes on every resource event) and did nothing
+    generation = clusters.get("demo")["metadata"]["generation"]
+    # Status is still written while paused: once the condition reports this generation, the
+    # operator has seen the change, and decided to do nothing.
+    await wait_for(lambda: f"latest generation seen: {generation})" in _condition_is(clusters, "ReconciliationPaused",
+                                                                                      "True").get("message", ""),
+                   30, "the paused operator to see the spec change")
     after = {key: obj["metadata"]["resourceVersion"] for key, obj in clusters.children("demo").items()}
     assert after == before
 

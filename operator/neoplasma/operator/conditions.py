@@ -69,11 +69,13 @@ def autoscaling_policy_valid(problems: str | None, have_good_policy: bool, autos
     return Condition(AUTOSCALING_POLICY_VALID, False, "InvalidAnnotation", f"{problems}; {kept}")
 
 
-def reconciliation_paused(paused: bool) -> Condition:
+def reconciliation_paused(paused: bool, seen_generation: int | None = None) -> Condition:
+    """`seen_generation`: the newest spec generation the operator has seen (and, paused, not applied)."""
     if paused:
+        seen = f" (latest generation seen: {seen_generation})" if seen_generation is not None else ""
         return Condition(RECONCILIATION_PAUSED, True, "PauseAnnotation",
                          'neoplasma.io/pause-reconciliation is "true": no child is created, changed, deleted or '
-                         "scaled; membership is still pushed to the proxies")
+                         f"scaled{seen}; membership is still pushed to the proxies")
     return Condition(RECONCILIATION_PAUSED, False, "NotPaused", "the operator converges the children")
 
 

@@ -430,6 +430,7 @@ class ClusterController:
             policy_problems=problems(errors) if errors else None,
             policy_kept=self.autoscaler.policy is not None,
             paused=self._paused,
+            seen_generation=generation,
         )
         metrics.observe(self.key, observed)
         version = (self.body.get("metadata") or {}).get("resourceVersion")

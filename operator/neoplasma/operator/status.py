@@ -24,6 +24,7 @@ class Observed:
     policy_problems: str | None = None  # neoplasma.io/ annotations that could not be used
     policy_kept: bool = False  # whether a good policy (from before) is in force despite them
     paused: bool = False
+    seen_generation: int | None = None  # the newest generation seen, applied or not
 
 
 def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
             [ready, membership, c.spec_valid(observed.spec_error),
              c.autoscaling_policy_valid(observed.policy_problems, observed.policy_kept,
                                         observed.autoscaling is not None),
-             c.reconciliation_paused(observed.paused)],
+             c.reconciliation_paused(observed.paused, observed.seen_generation)],
             now,
         ),
         # null removes it (merge patch) once autoscaling is turned off
