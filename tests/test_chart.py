@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -619,8 +618,8 @@ def crd_schema() -> dict[str, Any]:
     return schema
 
 
-def examples() -> Iterator[Path]:
-    return iter(sorted(EXAMPLES.glob("*.yaml")))
+def examples() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", examples(), ids=lambda p: p.name)
