@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import selectors
 import signal
 import socket
@@ -254,9 +253,3 @@ async def sse(http: str, topics: str) -> AsyncIterator[SseClient]:
     finally:
         await client.close()
 
-
-def env_without_proxy() -> dict[str, str]:
-    env = dict(os.environ)
-    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
-        env.pop(key, None)
-    return env

@@ -163,3 +163,10 @@ async def test_stalled_subscriber_does_not_delay_others(start: Any) -> None:
         assert status.slow_subscribers_dropped == 1
         assert status.sse_subscribers == 1
     writer.close()
+
+
+async def test_heartbeat_comments_reach_every_sse_client(start: Any) -> None:
+    proxy = start("proxy", "p0", "--heartbeat", "0.2")
+    async with sse(proxy.endpoints["http"], "a") as one, sse(proxy.endpoints["http"], "b") as two:
+        await wait_for(lambda: len(one.comments) >= 2 and len(two.comments) >= 2, what="heartbeats")
+        assert set(one.comments) == {":heartbeat "}
