@@ -36,6 +36,18 @@ def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
     return json.loads(line)
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Stop a child gracefully (`sig`, then SIGKILL after `timeout` seconds); returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class Server:
     """A broker or proxy process started as a user would, on free ports."""
@@ -54,14 +66,7 @@ class Server:
         return int(self.endpoints[which].rpartition(":")[2])
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -8,7 +8,6 @@ sees: objects, status, events, and events delivered to subscribers.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 import yaml
-from dataplane import links_ready, proxy_status, publish_grpc, sse, wait_for
+from dataplane import links_ready, proxy_status, publish_grpc, sse, stop_process, wait_for
 from kubeharness.controlplane import ControlPlane, free_port
 from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
@@ -83,14 +82,7 @@ class OperatorProcess:
         return self
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
