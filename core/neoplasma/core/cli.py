@@ -106,7 +106,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neoplasma", description="Real-time event push: brokers, proxies, "
                                      "an operator, and a local runtime.")
-    parser.add_argument("--log-level", default=os.environ.get("NEOPLASMA_LOG_LEVEL", "info"),
+    parser.add_argument("--log-level", default=None, help="default: $NEOPLASMA_LOG_LEVEL or info; `up` passes "
+                        "it to its children, which log at warning unless it is given",
                         choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -175,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    explicit = args.log_level or os.environ.get("NEOPLASMA_LOG_LEVEL")
+    setup_logging(explicit or "info")
+    if args.command == "up" and not explicit:
+        os.environ["NEOPLASMA_LOG_LEVEL"] = "warning"  # keep the table readable; children inherit it
+    elif explicit:
+        os.environ["NEOPLASMA_LOG_LEVEL"] = explicit
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
