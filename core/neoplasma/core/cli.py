@@ -62,7 +62,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     config = ProxyConfig(name=args.name or _env_name("proxy"), host=args.host, http_port=args.http_port,
                          grpc_port=args.grpc_port, control_port=args.control_port, brokers=brokers,
                          heartbeat_seconds=args.heartbeat, retry_ms=args.retry_ms,
-                         drain_rate=args.drain_rate)
+                         drain_rate=args.drain_rate, drain_retry_ms=args.drain_retry_ms)
     return _run(lambda: serve(config))
 
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brokers", help="static broker list host:port,... (until a membership push)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between SSE heartbeat comments")
     p.add_argument("--retry-ms", type=_positive_int, default=2000, help="SSE retry: hint in milliseconds")
+    p.add_argument("--drain-retry-ms", type=_positive_int, default=250,
+                   help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
     p.add_argument("--drain-rate", type=float, default=500.0,
                    help="subscribers asked to reconnect per second when shutting down")
     p.set_defaults(func=cmd_proxy)

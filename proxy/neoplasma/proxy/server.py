@@ -43,6 +43,9 @@ class ProxyConfig:
     event_query: str = "eventType"  # plasma's default query parameter
     origin: str = "*"  # Access-Control-Allow-Origin on SSE responses
     retry_ms: int = 2000  # SSE `retry:` hint
+    # The hint sent when draining: closes are already paced, so clients may come back quickly
+    # (to another proxy), which shortens the gap in which they miss events.
+    drain_retry_ms: int = 250
     heartbeat_seconds: float = 10.0
     max_topic_length: int = MAX_TOPIC_LENGTH
     # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
@@ -289,7 +292,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
         finally:
             proxy.hub.remove(sub)
         if reason == "draining" and not transport.is_closing():
-            await response.write(b"retry: %d\n\n" % cfg.retry_ms)
+            await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
         else:
             transport.abort()
