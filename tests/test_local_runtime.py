@@ -124,3 +124,12 @@ async def test_publish_and_subscribe_commands(start: Any) -> None:
     finally:
         if subscriber.returncode is None:
             subscriber.kill()
+
+
+async def test_children_die_with_a_killed_up(run_up: Any) -> None:
+    proc, _ = run_up("--brokers", "1", "--proxies", "1")
+    children = psutil.Process(proc.pid).children()
+    assert len(children) == 2
+    proc.kill()  # no chance to clean up: the children must notice by themselves
+    await wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+                   timeout=30, what="children to exit after up was killed")

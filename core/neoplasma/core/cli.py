@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from neoplasma.core.logs import setup_logging
-from neoplasma.core.net import raise_fd_limit
+from neoplasma.core.net import die_with_parent, raise_fd_limit
 
 
 def _env_name(default_prefix: str) -> str:
@@ -35,6 +35,7 @@ def _seconds(text: str) -> float:
 
 
 def _run(coro_factory: Callable[[], object]) -> int:
+    die_with_parent()
     raise_fd_limit()
     try:
         import uvloop

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import resource
+import signal
 import socket
 import sys
 from typing import Any
@@ -25,6 +28,22 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+PARENT_PID_ENV = "NEOPLASMA_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """When started by `neoplasma up` ($NEOPLASMA_PARENT_PID), get SIGTERM if `up` dies (Linux)."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # `up` died before the line above took effect
+        raise SystemExit("neoplasma up (the parent) is gone; not starting")
 
 
 def raise_fd_limit() -> int:

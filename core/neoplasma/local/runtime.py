@@ -8,8 +8,8 @@ restarted on the same ports.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
+import os
 import signal
 import sys
 import time
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
+from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Policy, Recommendation, decide, parse_policy
 
@@ -29,14 +30,6 @@ STOP_TIMEOUT = 15.0
 
 class ChildFailed(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if `up` itself is killed (Linux)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -57,9 +50,11 @@ class Child:
 
     async def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only `up`, which stops children in order.
+        # No preexec_fn: running Python between fork and exec can hang on gRPC's threads' locks;
+        # the child arranges to die with `up` itself (neoplasma.core.net.die_with_parent).
         self.process = await asyncio.create_subprocess_exec(
             *self.command(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            process_group=0, preexec_fn=_die_with_parent)
+            process_group=0, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), READY_TIMEOUT)
