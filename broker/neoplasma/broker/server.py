@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, Event, InvalidEvent, make_event, parse_publish_body
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import announce, bind_socket, hostport
@@ -166,9 +167,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             while not reader.done():
                 if not stream.has_news():
                     stream.wake.clear()
-                    waiter = asyncio.create_task(stream.wake.wait())
-                    await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
+                    await wait_event_or_task(stream.wake, reader)
                     continue
                 message, _ = stream.take(cfg.max_message_bytes)
                 if not stream.outbox:

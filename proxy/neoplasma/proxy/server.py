@@ -6,7 +6,6 @@ import asyncio
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -16,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
 from neoplasma.core.net import announce, bind_socket, hostport
@@ -123,12 +123,7 @@ async def _pump(sub: QueueSubscriber, context: grpc.aio.ServicerContext, reader:
     while not sub.closed.done() and not (reader is not None and reader.done()):
         if not sub.queue:
             sub.wake.clear()
-            waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(sub.wake.wait())}
-            if reader is not None:
-                waiters.add(reader)
-            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for w in pending - {reader}:
-                w.cancel()
+            await wait_event_or_task(sub.wake, reader)
             continue
         await context.write(sub.queue.popleft())
 
