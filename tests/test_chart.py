@@ -338,7 +338,7 @@ def test_the_cli_accepts_the_rendered_arguments(rendered: dict[str, list[dict[st
     assert "--metrics-port" not in args or "--metrics-port" in operator_options(parser)
     parsed = parser.parse_args(args)
     assert parsed.command == "operator"
-    assert parsed.namespace == [a for i, a in enumerate(args) if i and args[i - 1] == "--namespace"]
+    assert parsed.namespaces == [a for i, a in enumerate(args) if i and args[i - 1] == "--namespace"]
 
 
 def test_selectors_match_only_the_operator_pod(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from neoplasma.core.errors import NeoplasmaError, UsageError
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
@@ -28,8 +29,8 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 
-class ChildFailed(RuntimeError):
-    pass
+class ChildFailed(NeoplasmaError):
+    """A broker or proxy did not start serving."""
 
 
 @dataclass
@@ -244,11 +245,9 @@ async def _up(brokers: int, proxies: int, as_json: bool, policy: Policy | None, 
         loop.add_signal_handler(sig, stop.set)
     try:
         await cluster.start()
-    except ChildFailed as exc:
-        log.error("up_failed", error=str(exc))
+    except ChildFailed:
         await cluster.stop()
-        print(f"neoplasma up: {exc}", file=sys.stderr)
-        return 1
+        raise
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
     scaler = asyncio.create_task(cluster.autoscale(policy, interval)) if policy and policy.autoscale else None
     await stop.wait()
@@ -264,13 +263,10 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
            interval: float = 5.0) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations."""
     if brokers < 1 or proxies < 1:
-        print("neoplasma up: need at least one broker and one proxy", file=sys.stderr)
-        return 2
+        raise UsageError("need at least one broker and one proxy")
     policy, errors = parse_policy(annotations or {}, brokers, proxies)
     if errors:
-        for error in errors:
-            print(f"neoplasma up: {error}", file=sys.stderr)
-        return 2
+        raise UsageError("\n".join(map(str, errors)))
     if policy is not None and policy.autoscale:
         # Start within the bounds, as the operator does before any load is read.
         brokers = min(max(brokers, policy.brokers.minimum), policy.brokers.maximum) or 1
