@@ -45,12 +45,9 @@ def bind_socket(host: str, port: int, flag: str) -> socket.socket:
 def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str) -> int:
     """Have the grpc.aio `server` listen on host:port (0: any free port); the port it got."""
     try:
-        bound = int(server.add_insecure_port(hostport(host, port)))
-    except RuntimeError:  # newer grpc raises where older returned 0
-        bound = 0
-    if not bound:
-        raise CannotListen(host, port, "the address is in use or not available", flag)
-    return bound
+        return int(server.add_insecure_port(hostport(host, port)))
+    except RuntimeError:  # grpc says no more than "failed to bind"
+        raise CannotListen(host, port, "the address is in use or not available", flag) from None
 
 
 PARENT_PID_ENV = "NEOPLASMA_PARENT_PID"
