@@ -20,7 +20,8 @@ from neoplasma.core.errors import UsageError
 
 @dataclass(frozen=True)
 class Bound:
-    """The numbers a setting allows: finite, from `low` (or above it, when `above`) to `high`."""
+    """The numbers a setting allows: finite, from `low` (or above it, when `above`) to `high`;
+    `above` is for settings without a `high`."""
 
     low: float
     high: float = math.inf
@@ -32,10 +33,8 @@ class Bound:
         return math.isfinite(value) and low_ok and value <= self.high
 
     def __str__(self) -> str:
-        if self.above:
-            text = f"greater than {self.low:g}" + (f" and at most {self.high:g}" if self.high < math.inf else "")
-        else:
-            text = f"from {self.low:g} to {self.high:g}" if self.high < math.inf else f"{self.low:g} or more"
+        text = (f"from {self.low:g} to {self.high:g}" if self.high < math.inf
+                else f"greater than {self.low:g}" if self.above else f"{self.low:g} or more")
         return f"{text} ({self.note})" if self.note else text
 
 
