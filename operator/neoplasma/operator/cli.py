@@ -12,6 +12,8 @@ from neoplasma.core.settings import POSITIVE, Bound, Settings, setting
 
 @dataclass
 class OperatorConfig(Settings):
+    """The operator's settings; `neoplasma operator` has an option for each one."""
+
     namespaces: list[str] = setting(factory=list, flag="--namespace",
                                     help="watch only this namespace (repeatable; default: all namespaces)")
     liveness_port: int = setting(8080, bound=Bound(1, 65535), help="liveness endpoint port, at /healthz")

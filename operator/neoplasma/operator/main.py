@@ -22,7 +22,7 @@ log = get_logger("operator")
 
 
 class KubernetesUnreachable(NeoplasmaError):
-    pass
+    """No in-cluster service account and no usable kubeconfig, or the API server did not answer."""
 
 
 def run_operator(config: OperatorConfig) -> int:
