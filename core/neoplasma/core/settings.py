@@ -118,7 +118,7 @@ class Settings:
             meta, kind = f.metadata, hints[f.name]
             if not meta.get("help"):
                 continue
-            default = None if f.default is MISSING else f.default
+            default = f.default_factory() if callable(f.default_factory) else f.default
             if meta["env"]:
                 default = os.environ.get(meta["env"], default)  # a string: argparse checks it as if typed
             option: dict[str, Any] = ({"action": "extend", "type": _items} if get_origin(kind) is list
@@ -129,6 +129,5 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
-        """The config from parsed options; an option not given keeps the field's default."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("help")}
-        return cls(**{name: value for name, value in given.items() if value is not None})
+        """The config from options parsed by a parser that has `add_options`."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("help")})
