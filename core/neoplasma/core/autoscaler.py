@@ -1,9 +1,8 @@
 """Autoscaling of one cluster: the policy in force, the sizes decided, and why.
 
-One object for both callers: the operator keeps one per NeoplasmaCluster, `neoplasma up` one
-for its local cluster. The policy and the decision are `neoplasma.core.scaling`'s; this module
-only keeps what one cluster needs between steps, and is pure (no I/O, the caller passes clocks
-and loads):
+The operator keeps one Autoscaler per NeoplasmaCluster, `neoplasma up` one for its cluster; the
+policy and the decision are `neoplasma.core.scaling`'s. This module only keeps what one cluster
+needs between steps, and is pure (no I/O, the caller passes clocks and loads):
 
 - the last good policy: annotations that do not parse leave it in force (`errors` says why);
   `neoplasma.io/pause-reconciliation` is honoured even when another annotation is bad;
@@ -120,10 +119,7 @@ class Autoscaler:
 
     def step(self, spec_brokers: int, spec_proxies: int, loads: Mapping[Tier, Load | None], now: float,
              wall: str | None = None) -> list[Scaled]:
-        """One decision per autoscaled tier from the loads read.
-
-        `now` is monotonic; `wall` is the time kept as a change's `lastScaleTime` in status.
-        """
+        """One decision per autoscaled tier from the loads read (`now`: monotonic, `wall`: for status)."""
         if not self.autoscale or self.policy is None:
             return []
         current = self.sizes(spec_brokers, spec_proxies)

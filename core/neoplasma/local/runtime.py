@@ -94,7 +94,7 @@ class LocalCluster:
         self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot: Snapshot = EMPTY
         self.pusher = MembershipPusher()
-        self._stopping = False
+        self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
 
@@ -172,7 +172,7 @@ class LocalCluster:
         while True:
             assert child.process is not None
             code = await child.process.wait()
-            if self._stopping or child.draining:
+            if self.stopping.is_set() or child.draining:
                 return
             child.restarts += 1
             log.error("child_exited", child=child.name, code=code, restarts=child.restarts)
@@ -188,32 +188,30 @@ class LocalCluster:
 
     # -- autoscaling ----------------------------------------------------------------------
 
-    async def autoscale(self, scaler: Autoscaler, spec: tuple[int, int], interval: float,
-                        stop: asyncio.Event) -> None:
-        """Until `stop`: every `interval` seconds read the load, let `scaler` (the operator's own
+    async def autoscale(self, scaler: Autoscaler, spec: tuple[int, int], interval: float) -> None:
+        """Until stopping: every `interval` seconds read the load, let `scaler` (the operator's own
         Autoscaler) decide from `spec` (the sizes asked for), and add or remove children to match."""
-        while not stop.is_set():
+        while not self.stopping.is_set():
             loads = {tier: await self.load(tier) for tier in scaler.autoscaled()}
             for change in scaler.step(*spec, loads, time.monotonic()):
                 load = loads[change.tier]
                 log.info("scaling", tier=change.tier, current=change.before, desired=change.after,
                          reason=change.reason, load=load.total, pods_read=load.pods_read)
             for tier, size in scaler.sizes(*spec).items():
-                await self._resize(tier, size, stop)
+                await self._resize(tier, size)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)  # the polling period, cut short by `stop`
+                await asyncio.wait_for(self.stopping.wait(), interval)  # the polling period, cut short by a stop
 
     async def load(self, kind: Tier) -> Load:
         """The load of the children of `kind` not being removed, read as the operator reads its pods'."""
-        live = [c for c in self.group(kind) if not c.draining]
         if kind is Tier.BROKER:
-            return await broker_load(c.endpoints["grpc"] for c in live)
-        return await proxy_load(c.endpoints["control"] for c in live)
+            return await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining)
+        return await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining)
 
-    async def _resize(self, kind: Tier, size: int, stop: asyncio.Event) -> None:
-        """Add or remove children of `kind`, one at a time, until there are `size` (or `stop`)."""
+    async def _resize(self, kind: Tier, size: int) -> None:
+        """Add or remove children of `kind`, one at a time, until there are `size` (or stopping)."""
         group = self.group(kind)
-        while len(group) != size and not stop.is_set():
+        while len(group) != size and not self.stopping.is_set():
             try:
                 await (self.add(kind) if len(group) < size else self.remove(kind))
             except ChildFailed as exc:  # tried again after the next reading
@@ -221,7 +219,7 @@ class LocalCluster:
                 return
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.stopping.set()
         for task in list(self._watchers):
             task.cancel()
         await asyncio.gather(*(c.stop() for c in self.children))
@@ -253,10 +251,9 @@ class LocalCluster:
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
     cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, cluster.stopping.set)
     try:
         await cluster.start()
     except ChildFailed as exc:
@@ -265,9 +262,8 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
         print(f"neoplasma up: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
-    scaling = (asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval, stop))
-               if scaler.autoscale else None)
-    await stop.wait()
+    scaling = asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval)) if scaler.autoscale else None
+    await cluster.stopping.wait()
     log.info("up_stopping")
     if scaling is not None:
         await scaling  # ends at once, or once the child being added or removed is up or gone
