@@ -175,12 +175,12 @@ def parse_publish_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     RequestTooLarge (a LimitExceeded) when the body is beyond the per-request limits.
     Floats in `data` come out in Python's shortest form (`1e3` -> `1000.0`).
     """
-    _check_request(1, len(body), max_events, max_request_bytes)  # before parsing
+    _check_request(0, len(body), max_events, max_request_bytes)  # the size, before parsing
     doc = _load(body, "body")
     items = doc if isinstance(doc, list) else [doc]
     if not items:
         raise InvalidEvent("body is an empty list; send at least one event")
-    _check_request(len(items), len(body), max_events, max_request_bytes)
+    _check_request(len(items), 0, max_events, max_request_bytes)
     events = []
     for index, item in enumerate(items):
         where = f"event {index}: " if isinstance(doc, list) else ""
