@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from dataplane import Server, links_ready, publish_grpc, publish_http, sse, start_server, wait_for
 
+from neoplasma.local.harness import Server, links_ready, publish_grpc, publish_http, sse, start_server, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -77,7 +77,7 @@ async def refused_and_nothing_delivered(plane: tuple[Server, Server],
     (batch(b'{"\\ud83d": "key"}'), "event 1: data contains the unpaired surrogate '\\ud83d'"),
     (batch(b'"\xed\xa0\x80"'), "event 1: data contains the unpaired surrogate '\\ud800'"),
     (batch(b"[1e400]"), "event 1: data holds a number beyond the range of a double"),
-])
+], ids=lambda value: value[:40] if isinstance(value, str) else "input")
 async def test_http_publish(plane: tuple[Server, Server], body: bytes, message: str) -> None:
     async def publish(broker: Server) -> tuple[object, str]:
         status, reply = await publish_http(broker.endpoints["http"], body)
@@ -90,7 +90,7 @@ async def test_http_publish(plane: tuple[Server, Server], body: bytes, message: 
     (nested(129), "data nests 129 levels deep; the limit is 128"),
     (b'"\\ud800"', "data contains the unpaired surrogate '\\ud800'; strings must be valid Unicode"),
     (b'{"a": ["\\uDFFF"]}', "data contains the unpaired surrogate '\\udfff'"),
-])
+], ids=lambda value: value[:40] if isinstance(value, str) else "input")
 async def test_grpc_publish(plane: tuple[Server, Server], data: bytes, message: str) -> None:
     async def publish(broker: Server) -> tuple[object, str]:
         request = pb.PublishRequest(events=[pb.Event(topic="t", data=b'{"good":true}'), pb.Event(topic="t", data=data)])
