@@ -39,15 +39,16 @@ import grpc
 import kopf
 import kubernetes.client
 
+from neoplasma.core.autoscaler import Autoscaler, problems
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import BrokerState
 from neoplasma.core.net import hostport
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
+from neoplasma.core.tiers import Tier
 from neoplasma.operator import children as ch
 from neoplasma.operator import metrics
-from neoplasma.operator.autoscaler import Autoscaler, Tier, problems
 from neoplasma.operator.conditions import count, now_text
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey, PodView, broker_members, proxy_targets, ready_count
@@ -345,29 +346,32 @@ class ClusterController:
         """`cluster` with the replicas to render: the spec's, or the autoscaler's."""
         spec = cluster.spec
         sizes = self.autoscaler.sizes(spec.brokers.replicas, spec.proxies.replicas)
-        if (sizes["brokers"], sizes["proxies"]) == (spec.brokers.replicas, spec.proxies.replicas):
+        if (sizes[Tier.BROKER], sizes[Tier.PROXY]) == (spec.brokers.replicas, spec.proxies.replicas):
             return cluster
         return replace(cluster, spec=replace(
             spec,
-            brokers=replace(spec.brokers, replicas=sizes["brokers"]),
-            proxies=replace(spec.proxies, replicas=sizes["proxies"]),
+            brokers=replace(spec.brokers, replicas=sizes[Tier.BROKER]),
+            proxies=replace(spec.proxies, replicas=sizes[Tier.PROXY]),
         ))
 
     async def _autoscale(self, cluster: Cluster, pods: list[PodView], now: float) -> None:
         tiers = self.autoscaler.autoscaled()
         loads: dict[Tier, Load | None] = {}
         serving = [p for p in pods if p.ready and not p.deleting and p.ip]
-        if "brokers" in tiers:
-            loads["brokers"] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving if p.component == "broker")
-        if "proxies" in tiers:
-            loads["proxies"] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving if p.component == "proxy")
+        if Tier.BROKER in tiers:
+            loads[Tier.BROKER] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving
+                                                   if p.component == Tier.BROKER)
+        if Tier.PROXY in tiers:
+            loads[Tier.PROXY] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving
+                                                 if p.component == Tier.PROXY)
         spec = cluster.spec
         for change in self.autoscaler.step(spec.brokers.replicas, spec.proxies.replicas, loads, now, now_text()):
             load = loads.get(change.tier)
-            log.info("cluster_scaled", cluster=self.label, tier=change.tier, before=change.before, after=change.after,
-                     reason=change.reason, load=load.total if load else None, pods_read=load.pods_read if load else 0)
-            self._event("ScaledBrokers" if change.tier == "brokers" else "ScaledProxies", change.describe())
-            metrics.scaled(self.key, change.tier, change.direction)
+            log.info("cluster_scaled", cluster=self.label, tier=change.tier.plural, before=change.before,
+                     after=change.after, reason=change.reason, load=load.total if load else None,
+                     pods_read=load.pods_read if load else 0)
+            self._event("ScaledBrokers" if change.tier is Tier.BROKER else "ScaledProxies", change.describe())
+            metrics.scaled(self.key, change.tier.plural, change.direction)
             self._children_dirty = True
 
     def _children_due(self, generation: int, now: float) -> bool:
@@ -421,8 +425,8 @@ class ClusterController:
             generation=generation if spec_error is not None or self._reconciled_generation is None
             else self._reconciled_generation,
             spec_error=spec_error,
-            brokers=(desired_brokers, ready_count(pods, "broker")),
-            proxies=(desired_proxies, ready_count(pods, "proxy")),
+            brokers=(desired_brokers, ready_count(pods, Tier.BROKER)),
+            proxies=(desired_proxies, ready_count(pods, Tier.PROXY)),
             deployments=ch.broker_deployments(self.indexes.children(self.key)),
             membership=self.sync.progress(),
             connections=self._connections,
