@@ -1,27 +1,20 @@
-"""One controller per NeoplasmaCluster: the I/O shell around the steps of steps.py.
+"""One controller per NeoplasmaCluster: a small scheduler and the I/O around steps.py.
 
-kopf watches NeoplasmaClusters, their children and their pods; its handlers (handlers.py) only
-hand the latest cluster object to this module and wake the cluster's controller. A controller
-is one asyncio task, a small scheduler: it sleeps until it is woken (a pod change, debounced
-so that a burst of them becomes one membership version; a child or the resource changed) or
-until the earliest step is `due`, then runs one level-based pass over the whole current state:
+kopf's handlers (handlers.py) only hand the latest cluster object to this module and wake the
+cluster's controller: one asyncio task that sleeps until woken (a pod change, debounced so a
+burst becomes one membership version; a child or the resource changed) or until the earliest
+step is `due`, then runs one level-based pass over the current state: `Resource` reads spec
+and annotations, `Membership` builds the snapshot (`MembershipSync` pushes it), `Scaling`
+decides from the load read here (core.load), `Children`'s plan is applied here (server-side
+apply, unneeded broker Deployments deleted), and the status `Status` returns is written here.
+The steps decide; this shell does the I/O (API calls in threads, load reads, events, metrics)
+and tells each step how it went.
 
-0. `Resource` reads the spec and the annotations;
-1. `Membership` builds the snapshot from the pods index; `MembershipSync` pushes it;
-2. `Scaling` decides the replicas from the load read here (core.load);
-3. `Children`'s plan is applied here (server-side apply), deleting what is no longer rendered;
-4. `Status` is given what was observed; what it returns is written here.
-
-The controller does the I/O (Kubernetes calls in threads, load reads, events, metrics) and
-reports back to each step how it went; the steps decide. Why not kopf's per-object timers and
-daemons: the steps' due times move (debounce, backoff per step, the push grace, an interval
-that only runs while autoscaling) and pod and child events from other resources must wake the
-same loop at once; kopf timers have a fixed interval and store handler progress on the
-resource, which this operator never writes (no handler changes anything). One task per
-cluster also runs without kopf, which is how the tests drive it.
-
-No finalizer is involved: deleting the resource deletes the children through their owner
-references (Kubernetes' garbage collector), whether the operator runs or not.
+Why not kopf's per-object timers and daemons: the due times move (debounce, each step's
+backoff, the push grace, an interval only while autoscaling), pod and child events must wake
+the same loop at once, and kopf keeps handler progress on the resource, which this operator
+never writes. A plain task per cluster also runs without kopf, as the tests drive it.
+No finalizer: deleting the resource deletes the children through their owner references.
 """
 
 from __future__ import annotations
@@ -232,11 +225,11 @@ class ClusterController:
             except Exception as error:  # a bug: say so, and try again later (events still wake us)
                 delay = self._retry.failed(self.clock())
                 log.error("cluster_reconcile_failed", exc_info=True, cluster=self.label, retry_in=delay)
-                if self._problems.report("pass", _describe(error)):
+                if self._problems.news("pass", _describe(error)):
                     self._post([Event("ReconcileFailed", f"{_describe(error)}; retrying in {delay:g} s", True)])
             else:
                 self._retry.succeeded()
-                self._problems.clear("pass")
+                self._problems.news("pass", None)
 
     async def _pass(self) -> None:
         now = self.clock()

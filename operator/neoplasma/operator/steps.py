@@ -1,17 +1,10 @@
-"""The steps of one NeoplasmaCluster's pass, in the order the controller runs them.
+"""The steps of one NeoplasmaCluster's pass (`Resource`, `Membership`, `Scaling`, `Children`,
+`Status`), in the order controller.py runs them.
 
-Each step takes what was observed on this pass and says what to do (events to post, children
-to apply, a status to write) and, through `due`, when it next needs to run (clock time; None:
-only when woken). No step does I/O or knows another step: the controller (controller.py)
-reads the observations, does what the steps say, and tells a step how it went. Each step
-keeps its own problems (`Problems`): a Warning event when one starts or changes, none while it
-persists, and again if it returns after it cleared.
-
-- `Resource`: the spec (the last one that parsed is kept) and the `neoplasma.io/` annotations;
-- `Membership`: the ready brokers as the next snapshot, pushed by `MembershipSync`;
-- `Scaling`: every scale interval, the autoscaler's decision from the load read;
-- `Children`: the children rendered from the cluster, applied when they may differ;
-- `Status`: written when it changed, once a membership push has settled.
+Each step takes what was observed and returns what to do (events, children to apply, a status
+to write); `due` says when it next needs to run (clock time; None: only when woken). No step
+does I/O or knows another: the controller does what they say and tells them how it went. Each
+keeps its own `Problems`: a Warning when one starts or changes, again if it returns after clearing.
 """
 
 from __future__ import annotations
@@ -42,24 +35,21 @@ class Event:
 
 
 class Problems:
-    """The problems reported and not cleared since, by topic (one open problem per topic)."""
+    """The open problem of each topic (a failing call, a bad annotation, a proxy's push)."""
 
     def __init__(self) -> None:
         self._open: dict[str, str] = {}
 
-    def report(self, topic: str, problem: str) -> bool:
-        """Whether `problem` is news: not the one open under `topic`."""
-        news = self._open.get(topic) != problem
-        self._open[topic] = problem
-        return news
-
-    def clear(self, topic: str) -> None:
-        self._open.pop(topic, None)
+    def news(self, topic: str, problem: str | None) -> bool:
+        """Record `problem` (None: cleared) under `topic`; whether it is news to report."""
+        before = self._open.pop(topic, None)
+        if problem is not None:
+            self._open[topic] = problem
+        return problem is not None and problem != before
 
     def keep(self, topics: Iterable[str]) -> None:
         """Clear every topic not in `topics`."""
-        wanted = set(topics)
-        self._open = {t: p for t, p in self._open.items() if t in wanted}
+        self._open = {t: p for t, p in self._open.items() if t in set(topics)}
 
 
 class Every:
@@ -110,23 +100,20 @@ class Resource:
         metadata = body.get("metadata") or {}
         generation = int(metadata.get("generation") or 0)
         events: list[Event] = []
-        spec_error: str | None = None
+        spec_error = message = None
         try:
             self._cluster = parse_cluster(body)
-            self.problems.clear("spec")
         except InvalidSpec as error:
             spec_error = str(error)
             message = (f"NeoplasmaCluster {self.label} (generation {generation}) is invalid: {error}; "
                        "fix the resource and apply it again")
-            if self.problems.report("spec", message):
-                events.append(Event("InvalidSpec", message, warning=True))
+        if self.problems.news("spec", message) and message:
+            events.append(Event("InvalidSpec", message, warning=True))
         spec = (self._cluster or Cluster("", "")).spec
         scaler = self.autoscaler
         scaler.read({str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()},
                     spec.brokers.replicas, spec.proxies.replicas)
-        if not scaler.errors:
-            self.problems.clear("annotations")
-        elif self.problems.report("annotations", problems(scaler.errors)):
+        if self.problems.news("annotations", problems(scaler.errors) if scaler.errors else None):
             events.append(Event("InvalidAnnotation", f"annotations not used: {problems(scaler.errors)}; " + (
                 "the last good policy stays in force" if scaler.policy is not None
                 else "no autoscaling until they are fixed"), warning=True))
@@ -168,7 +155,7 @@ class Membership:
         failing = self.sync.progress().errors
         self.problems.keep(failing)
         for proxy, error in failing.items():
-            if self.problems.report(proxy, f"version {snapshot.version}"):
+            if self.problems.news(proxy, f"version {snapshot.version}"):
                 events.append(Event("PushFailed", f"proxy pod {proxy} has not applied membership version "
                                     f"{snapshot.version}: {error}; retrying with backoff", warning=True))
         return events
@@ -247,15 +234,14 @@ class Children:
 
     def applied(self, desired: Desired, cluster: Cluster) -> None:
         self.retry.succeeded()
-        self.problems.clear("apply")
+        self.problems.news("apply", None)
         self.generation = desired.generation
         self._converged = (desired.generation, cluster.spec.brokers.replicas, cluster.spec.proxies.replicas)
 
     def failed(self, error: str, now: float) -> list[Event]:
         delay = self.retry.failed(now)
-        if not self.problems.report("apply", error):
-            return []
-        return [Event("ReconcileFailed", f"applying children failed: {error}; retrying in {delay:g} s", True)]
+        return [Event("ReconcileFailed", f"applying children failed: {error}; retrying in {delay:g} s", True)
+                ] if self.problems.news("apply", error) else []
 
 
 class Status:
@@ -298,13 +284,12 @@ class Status:
     def written(self, kept: bool) -> None:
         """The write went through (`kept`: the resource still exists)."""
         self.retry.succeeded()
-        self.problems.clear("write")
+        self.problems.news("write", None)
         if kept:
             self._written = self._pending
 
     def failed(self, error: str, now: float) -> list[Event]:
         delay = self.retry.failed(now)
         self.due_at = self.retry.not_before
-        if not self.problems.report("write", error):
-            return []
-        return [Event("StatusFailed", f"writing status failed: {error}; retrying in {delay:g} s", True)]
+        return [Event("StatusFailed", f"writing status failed: {error}; retrying in {delay:g} s", True)
+                ] if self.problems.news("write", error) else []
