@@ -32,7 +32,7 @@ from neoplasma.operator.members import ProxyTarget
 
 log = get_logger("operator.sync")
 
-RETRY = BackoffPolicy(initial=0.5, maximum=10.0)  # a proxy whose push failed
+RETRY = BackoffPolicy(initial=0.1, maximum=10.0)  # a proxy whose push failed (each push is tried once)
 
 # Stands for "whatever the proxies had before this operator started": it equals no real
 # membership, so the first snapshot after a restart always takes a new version.
