@@ -165,7 +165,7 @@ class ClusterController:
         now = clock()
         autoscaler = Autoscaler(status.get("autoscaling"))
         sync = MembershipSync(MembershipPusher(timeout=2.0), version=persisted_version(status),
-                              on_progress=self._wake_up, label=self.label)
+                              on_progress=self.wake, label=self.label)
         self.resource = Resource(autoscaler, self.label)
         self.membership = Membership(sync, options.anti_entropy, now)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)
@@ -202,9 +202,6 @@ class ClusterController:
             self._pods_seen_at = self.clock()
         if children:
             self.children.dirty = True
-        self._wakeup.set()
-
-    def _wake_up(self) -> None:
         self._wakeup.set()
 
     # -- the scheduler ---------------------------------------------------------------------
