@@ -25,15 +25,21 @@ from typing import Any
 import grpc
 import psutil
 
+from neoplasma.core.net import raise_fd_limit
+from neoplasma.local.harness import (
+    Server,
+    apply_membership,
+    links_ready,
+    proxy_status,
+    read_json_line,
+    start_server,
+    wait_for,
+)
+from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from dataplane import Server, links_ready, proxy_status, start_server, wait_for  # noqa: E402
-
-from neoplasma.core.net import raise_fd_limit  # noqa: E402
-from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc  # noqa: E402
-from neoplasma.wire.v1 import neoplasma_pb2 as pb  # noqa: E402
-from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc  # noqa: E402
 
 PAYLOAD = {"program": 1234, "views": 98765, "pad": "x" * 150}  # ~200 B events
 
@@ -141,7 +147,6 @@ class Role:
                                      stdout=subprocess.PIPE, text=True)
 
     def wait_line(self, timeout: float = 120) -> dict[str, Any]:
-        from dataplane import read_json_line
         return read_json_line(self.proc.stdout, timeout)
 
     def result(self, timeout: float = 300) -> dict[str, Any]:
@@ -156,7 +161,6 @@ class Role:
 
 
 async def attach(proxy: Server, broker: Server) -> None:
-    from dataplane import apply_membership
     await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
 

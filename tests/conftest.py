@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dataplane import Server, read_json_line, start_server
+
+from neoplasma.local.harness import Server, read_json_line, start_server
 
 UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 

@@ -8,8 +8,16 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from dataplane import PlasmaClient, apply_membership, links_ready, publish_grpc, publish_http, sse, wait_for
 
+from neoplasma.local.harness import (
+    PlasmaClient,
+    apply_membership,
+    links_ready,
+    publish_grpc,
+    publish_http,
+    sse,
+    wait_for,
+)
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -37,21 +35,6 @@ CHART = REPO / "charts" / "neoplasma-operator"
 SMALL = REPO / "examples" / "small.yaml"
 IMAGE_REPOSITORY = "registry.example/neoplasma"
 GROUP, VERSION, PLURAL = "neoplasma.io", "v1alpha1", "neoplasmaclusters"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def find_helm(control_plane: ControlPlane) -> str:
-    for candidate in (os.environ.get("NEOPLASMA_HELM"), shutil.which("helm"),
-                      str(control_plane.cache_dir / "bin" / "helm")):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    message = "helm not found (PATH, $NEOPLASMA_HELM or the k8s cache): run scripts/k8s-control-plane.sh"
-    if _in_ci():
-        pytest.fail(f"{message} (CI is set, so this is an error)", pytrace=False)
-    pytest.skip(message)
 
 
 def run_image_command(argv: list[str], container: V1Container) -> list[str]:
@@ -158,9 +141,9 @@ def children(release: Release, cluster: str) -> list[str]:
 
 
 def test_helm_install_runs_the_operator_that_makes_the_small_example_ready(
-    control_plane: ControlPlane, namespace: str, kubelet: Callable[..., StandInKubelet], tmp_path: Path,
+    control_plane: ControlPlane, namespace: str, kubelet: Callable[..., StandInKubelet], tmp_path: Path, helm: str,
 ) -> None:
-    release = Release(control_plane, namespace, find_helm(control_plane), tmp_path / "helm")
+    release = Release(control_plane, namespace, helm, tmp_path / "helm")
     release.helm(
         "install", release.name, str(CHART),
         "--set", f"image.repository={IMAGE_REPOSITORY}",
@@ -233,9 +216,9 @@ def test_helm_install_runs_the_operator_that_makes_the_small_example_ready(
 
 
 def test_install_fails_clearly_on_wrong_values(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path,
+    control_plane: ControlPlane, namespace: str, tmp_path: Path, helm: str,
 ) -> None:
-    release = Release(control_plane, namespace, find_helm(control_plane), tmp_path / "helm")
+    release = Release(control_plane, namespace, helm, tmp_path / "helm")
     result = subprocess.run(
         [release.helm_binary, "install", release.name, str(CHART), "--namespace", namespace,
          "--set-json", 'watchNamespaces="default"'],

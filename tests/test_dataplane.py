@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from dataplane import (
+from neoplasma.local.harness import (
     PlasmaClient,
     apply_membership,
     links_ready,

@@ -4,22 +4,51 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 from typing import Any
 
 import grpc
-from dataplane import proxy_status, sse, wait_for
+import pytest
 
+from neoplasma.local.harness import proxy_status, sse, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 
-def test_up_refuses_bad_autoscaling_flags() -> None:
-    result = subprocess.run([sys.executable, "-m", "neoplasma", "up", "--autoscale", "--target-connections-per-broker",
-                             "lots"], capture_output=True, text=True, timeout=30)
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--target-connections-per-broker", "lots"], "neoplasma.io/target-connections-per-broker: 'lots' is not a number"),
+    (["--target-connections-per-broker", "3", "--target-events-per-broker", "0"],
+     "neoplasma.io/target-events-per-broker: '0' must be a positive number"),
+])
+def test_up_refuses_bad_autoscaling_flags(flags: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "neoplasma", "up", "--autoscale", *flags],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "neoplasma.io/target-connections-per-broker: 'lots' is not a number" in result.stderr
+    assert message in result.stderr
+
+
+def test_up_stops_at_once_between_load_readings(run_up: Any) -> None:
+    proc, _ = run_up("--brokers", "1", "--proxies", "1", "--autoscale", "--target-connections-per-broker", "3",
+                     "--scale-interval", "600")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0  # far less than the 600 s until the next reading
+
+
+async def test_up_scales_brokers_out_by_event_rate(run_up: Any) -> None:
+    _, endpoints = run_up("--brokers", "1", "--proxies", "1", "--autoscale", "--target-connections-per-broker", "1000",
+                          "--target-events-per-broker", "100", "--max-brokers", "2", "--scale-interval", "0.3")
+    control = endpoints["proxies"][0]["control"]
+    batch = pb.PublishRequest(events=[pb.Event(topic="rate", data=b"1") for _ in range(50)])
+    # One channel, so the broker sees one publisher: with its relay stream that is 2 connections, far below
+    # the connection target; only the event-rate target can ask for a second broker.
+    async with grpc.aio.insecure_channel(endpoints["brokers"][0]["grpc"]) as channel:
+        async def busy_and_scaled_out() -> bool:
+            await pb_grpc.BrokerStub(channel).Publish(batch, timeout=5)
+            return len((await proxy_status(control)).links) == 2
+
+        await wait_for(busy_and_scaled_out, timeout=30, what="scale-out to 2 brokers by events per second")
 
 
 async def test_up_scales_brokers_out_and_in_without_losing_events(run_up: Any) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import psutil
 import pytest
-from dataplane import (
+
+from neoplasma.local.harness import (
     PlasmaClient,
     links_ready,
     port_is_free,

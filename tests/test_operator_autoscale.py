@@ -26,9 +26,10 @@ from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
 from test_operator_units import OPTIONS, FakeKube, holds_for, resource
 
+from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.scaling import Load
+from neoplasma.core.tiers import Tier
 from neoplasma.operator import controller as controller_module
-from neoplasma.operator.autoscaler import Autoscaler
 from neoplasma.operator.controller import ClusterController, Indexes
 from neoplasma.operator.members import PodView
 from neoplasma.operator.steps import Event
@@ -50,9 +51,9 @@ AUTOSCALE = {"neoplasma.io/autoscale": "true", "neoplasma.io/target-connections-
 def test_bounds_apply_at_once_and_only_with_autoscaling_on() -> None:
     scaler = Autoscaler()
     scaler.read({"neoplasma.io/min-brokers": "3"}, 1, 2)
-    assert scaler.sizes(1, 2) == {"brokers": 1, "proxies": 2}  # autoscaling off: the spec as it is
+    assert scaler.sizes(1, 2) == {Tier.BROKER: 1, Tier.PROXY: 2}  # autoscaling off: the spec as it is
     scaler.read({**AUTOSCALE, "neoplasma.io/min-brokers": "3"}, 1, 2)
-    assert scaler.sizes(1, 2) == {"brokers": 3, "proxies": 2}  # before any load is read
+    assert scaler.sizes(1, 2) == {Tier.BROKER: 3, Tier.PROXY: 2}  # before any load is read
     assert scaler.status(1, 2) == {"brokers": {"desired": 3, "reason": "bounds 3..100"},
                                    "proxies": {"desired": 2, "reason": "not autoscaled: no target annotation"}}
 
@@ -61,13 +62,14 @@ def test_decisions_use_the_shared_decide_and_keep_their_history() -> None:
     scaler = Autoscaler()
     policy = {**AUTOSCALE, "neoplasma.io/max-brokers": "3", "neoplasma.io/scale-down-delay": "10s"}
     scaler.read(policy, 1, 1)
-    [up] = scaler.step(1, 1, {"brokers": Load(total=14, pods_read=1)}, now=0.0, wall="T0")
-    assert (up.tier, up.before, up.after, up.direction) == ("brokers", 1, 3, "up")
+    [up] = scaler.step(1, 1, {Tier.BROKER: Load(total=14, pods_read=1)}, now=0.0, wall="T0")
+    assert (up.tier, up.before, up.after, up.direction) == (Tier.BROKER, 1, 3, "up")
+    assert up.describe().startswith("brokers 1 -> 3: scale up")
     assert up.reason.startswith("scale up: average 14.0 per pod over 1 read, target 4")
     assert scaler.status(1, 1)["brokers"]["lastScaleTime"] == "T0"  # type: ignore[index]
-    low = {"brokers": Load(total=3, pods_read=3)}
+    low = {Tier.BROKER: Load(total=3, pods_read=3)}
     assert scaler.step(1, 1, low, now=1.0, wall="T1") == []  # waiting out the delay
-    assert scaler.step(1, 1, {"brokers": None}, now=5.0, wall="T5") == []  # unreadable: keep
+    assert scaler.step(1, 1, {Tier.BROKER: None}, now=5.0, wall="T5") == []  # unreadable: keep
     [down] = scaler.step(1, 1, low, now=11.0, wall="T11")
     assert (down.before, down.after) == (3, 1)
 
@@ -80,7 +82,7 @@ def test_bad_annotations_keep_the_last_good_policy_and_a_pause_is_still_honoured
                  "neoplasma.io/pause-reconciliation": "true"}, 1, 1)
     assert scaler.policy == good and scaler.paused
     assert sorted(e.annotation for e in scaler.errors) == ["neoplasma.io/max-brokers", "neoplasma.io/min-brokers"]
-    assert scaler.sizes(1, 1) == {"brokers": 2, "proxies": 1}  # never anything absurd
+    assert scaler.sizes(1, 1) == {Tier.BROKER: 2, Tier.PROXY: 1}  # never anything absurd
     scaler.read(AUTOSCALE, 1, 1)
     assert scaler.errors == () and not scaler.paused
 
@@ -88,11 +90,11 @@ def test_bad_annotations_keep_the_last_good_policy_and_a_pause_is_still_honoured
 def test_a_restarted_operator_starts_from_the_sizes_in_status() -> None:
     scaler = Autoscaler({"brokers": {"desired": 5, "reason": "scale up: ..."}, "proxies": {"desired": "x"}})
     scaler.read(AUTOSCALE, 1, 2)
-    assert scaler.sizes(1, 2) == {"brokers": 5, "proxies": 2}
+    assert scaler.sizes(1, 2) == {Tier.BROKER: 5, Tier.PROXY: 2}
     Autoscaler({"brokers": {"desired": 5}}).read({}, 1, 2)  # off: forgotten
     off = Autoscaler({"brokers": {"desired": 5}})
     off.read({}, 1, 2)
-    assert off.sizes(1, 2) == {"brokers": 1, "proxies": 2} and off.status(1, 2) is None
+    assert off.sizes(1, 2) == {Tier.BROKER: 1, Tier.PROXY: 2} and off.status(1, 2) is None
 
 
 # -- one controller, against a fake API ------------------------------------------------------

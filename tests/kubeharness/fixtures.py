@@ -7,25 +7,27 @@
 - `namespace` (function): a fresh namespace, ready for pods, deleted afterwards.
 - `kubelet` (function): a factory starting `StandInKubelet`s in that namespace; they are
   stopped after the test, and the pod logs' tails are printed when the test failed.
+- `helm` (session): the helm binary ($NEOPLASMA_HELM, PATH, or the binaries' cache).
 
-Without the binaries the tests are skipped (reason printed at the end), or fail when the
-environment variable CI is set: run `scripts/k8s-control-plane.sh`.
+Without the binaries (or helm) the tests are skipped (reason printed at the end), or fail when
+the environment variable CI is set: run `scripts/k8s-control-plane.sh`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubeharness.controlplane import BinariesMissing, ControlPlane, body
+from kubeharness.controlplane import BinariesMissing, ControlPlane, body, default_cache_dir
 from kubeharness.kubelet import CommandMapper, StandInKubelet, identity_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -34,8 +36,13 @@ CRD_DIR = REPO_ROOT / "crds"
 _notes: list[str] = []
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test that needs what this machine lacks, with the reason printed at the end of the
+    run; or fail it when the environment variable CI is set (there, everything must run)."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set, so this is an error)", pytrace=False)
+    _notes.append(f"skipped: {reason}")
+    pytest.skip(reason)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,13 +70,19 @@ def control_plane() -> Iterator[ControlPlane]:
     try:
         plane.start()
     except BinariesMissing as error:
-        if _in_ci():
-            pytest.fail(f"{error} (CI is set, so this is an error)", pytrace=False)
-        _notes.append(f"real-control-plane tests skipped: {error}")
-        pytest.skip(str(error))
+        unavailable(f"real-control-plane tests: {error}")
     _notes.append(f"control plane {plane.server} started in {plane.start_seconds:.1f} s")
     yield plane
     plane.stop()
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    cached = default_cache_dir() / "bin" / "helm"
+    for candidate in (os.environ.get("NEOPLASMA_HELM"), shutil.which("helm"), str(cached)):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    unavailable("helm not found (PATH, $NEOPLASMA_HELM or the k8s cache): run scripts/k8s-control-plane.sh")
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     flags = {
         scaling.AUTOSCALE: "true" if args.autoscale else None,
         scaling.TARGET_CONNECTIONS: args.target_connections_per_broker,
+        scaling.TARGET_EVENTS: args.target_events_per_broker,
         scaling.MIN_BROKERS: args.min_brokers, scaling.MAX_BROKERS: args.max_brokers,
         scaling.TARGET_SUBSCRIBERS: args.target_subscribers_per_proxy,
         scaling.MIN_PROXIES: args.min_proxies, scaling.MAX_PROXIES: args.max_proxies,
@@ -147,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
     scale = p.add_argument_group("autoscaling (the NeoplasmaCluster annotations of the same names)")
     scale.add_argument("--autoscale", action="store_true", help="resize brokers/proxies by load")
-    for flag in ("target-connections-per-broker", "min-brokers", "max-brokers", "target-subscribers-per-proxy",
-                 "min-proxies", "max-proxies", "scale-down-delay", "tolerance", "scale-up-limit"):
+    for flag in ("target-connections-per-broker", "target-events-per-broker", "min-brokers", "max-brokers",
+                 "target-subscribers-per-proxy", "min-proxies", "max-proxies", "scale-down-delay", "tolerance",
+                 "scale-up-limit"):
         scale.add_argument(f"--{flag}", metavar="VALUE", help=f"as annotation neoplasma.io/{flag}")
     scale.add_argument("--scale-interval", type=float, default=5.0, help="seconds between load readings")
     p.set_defaults(func=cmd_up)

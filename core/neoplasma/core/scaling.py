@@ -1,7 +1,8 @@
 """Autoscaling: the policy users annotate, and the scaling decision. Pure: no I/O, no clocks.
 
-The operator and `neoplasma up` both read a policy from annotations (`up` turns its flags into
-the same annotations) and call `decide` with what they observed; both act on the answer.
+The operator and `neoplasma up` both describe a policy as annotations (`up` turns its flags into
+the same annotations) and keep it in one `neoplasma.core.autoscaler.Autoscaler`, which calls
+`decide` with what they observed; both act on the answer.
 
 The decision follows the Kubernetes HPA: desired = ceil(current * average load / target),
 ignored within a tolerance band, scale-up at once (at most `scale-up-limit` pods per step),
@@ -30,9 +31,6 @@ MIN_PROXIES, MAX_PROXIES = PREFIX + "min-proxies", PREFIX + "max-proxies"
 SCALE_DOWN_DELAY = PREFIX + "scale-down-delay"
 TOLERANCE = PREFIX + "tolerance"
 SCALE_UP_LIMIT = PREFIX + "scale-up-limit"
-
-ANNOTATIONS = (AUTOSCALE, PAUSE, TARGET_CONNECTIONS, TARGET_EVENTS, MIN_BROKERS, MAX_BROKERS, TARGET_SUBSCRIBERS,
-               MIN_PROXIES, MAX_PROXIES, SCALE_DOWN_DELAY, TOLERANCE, SCALE_UP_LIMIT)
 
 DEFAULT_MAX = 100
 DEFAULT_SCALE_DOWN_DELAY = 300.0
@@ -198,10 +196,6 @@ class Decision:
     replicas: int
     reason: str
     history: tuple[Recommendation, ...] = field(default=())
-
-    @property
-    def summary(self) -> str:
-        return f"{self.replicas} ({self.reason})"
 
 
 def decide(tier: TierPolicy, current: int, load: Load | None, history: tuple[Recommendation, ...], now: float,

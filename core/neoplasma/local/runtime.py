@@ -8,6 +8,7 @@ restarted on the same ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,17 +16,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from neoplasma.core.autoscaler import Autoscaler
+from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
-from neoplasma.core.scaling import Policy, Recommendation, decide, parse_policy
+from neoplasma.core.scaling import Load
+from neoplasma.core.tiers import Tier
 
 log = get_logger("up")
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+RESTART_BACKOFF = BackoffPolicy(initial=1.0, maximum=30.0)  # a failed restart's wait, by the child's restarts
 
 
 class ChildFailed(RuntimeError):
@@ -34,7 +39,7 @@ class ChildFailed(RuntimeError):
 
 @dataclass
 class Child:
-    kind: str  # "broker" | "proxy"
+    kind: Tier
     name: str
     ports: dict[str, int]  # flag name -> port (0 until first start)
     endpoints: dict[str, str] = field(default_factory=dict)
@@ -85,11 +90,11 @@ class LocalCluster:
     def __init__(self, brokers: int, proxies: int) -> None:
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
-        self._initial = {"broker": brokers, "proxy": proxies}
-        self._next_index = {"broker": 0, "proxy": 0}
+        self._initial = {Tier.BROKER: brokers, Tier.PROXY: proxies}
+        self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot: Snapshot = EMPTY
         self.pusher = MembershipPusher()
-        self._stopping = False
+        self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
 
@@ -97,14 +102,14 @@ class LocalCluster:
     def children(self) -> list[Child]:
         return self.brokers + self.proxies
 
-    def group(self, kind: str) -> list[Child]:
-        return self.brokers if kind == "broker" else self.proxies
+    def group(self, kind: Tier) -> list[Child]:
+        return self.brokers if kind is Tier.BROKER else self.proxies
 
-    def _new_child(self, kind: str) -> Child:
+    def _new_child(self, kind: Tier) -> Child:
         index = self._next_index[kind]
         self._next_index[kind] += 1
-        ports = {"grpc-port": 0, "http-port": 0} if kind == "broker" else {"http-port": 0, "grpc-port": 0,
-                                                                           "control-port": 0}
+        ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
+                                                                              "control-port": 0}
         return Child(kind, f"{kind}-{index}", ports)
 
     async def start(self) -> None:
@@ -130,16 +135,16 @@ class LocalCluster:
 
     # -- children come and go ------------------------------------------------------------
 
-    async def add(self, kind: str) -> Child:
+    async def add(self, kind: Tier) -> Child:
         child = self._new_child(kind)
         await child.start()
         self.group(kind).append(child)
         self._watch(child)
-        await self.push_membership(only=None if kind == "broker" else child)
+        await self.push_membership(only=None if kind is Tier.BROKER else child)
         log.info("child_added", child=child.name, **child.endpoints)
         return child
 
-    async def remove(self, kind: str) -> None:
+    async def remove(self, kind: Tier) -> None:
         """Remove the newest child of `kind`, draining it first.
 
         A broker is published as DRAINING (it also refuses publishes once stopping, so
@@ -150,11 +155,11 @@ class LocalCluster:
         group: list[Child] = self.group(kind)
         child = group[-1]
         child.draining = True
-        if kind == "broker":
+        if kind is Tier.BROKER:
             await self.push_membership()
         await child.stop()
         group.remove(child)
-        if kind == "broker":
+        if kind is Tier.BROKER:
             await self.push_membership()
         log.info("child_removed", child=child.name)
 
@@ -167,7 +172,7 @@ class LocalCluster:
         while True:
             assert child.process is not None
             code = await child.process.wait()
-            if self._stopping or child.draining:
+            if self.stopping.is_set() or child.draining:
                 return
             child.restarts += 1
             log.error("child_exited", child=child.name, code=code, restarts=child.restarts)
@@ -175,39 +180,46 @@ class LocalCluster:
                 await child.start()
             except ChildFailed as exc:
                 log.error("child_restart_failed", child=child.name, error=str(exc))
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** child.restarts))
+                await asyncio.sleep(RESTART_BACKOFF.delay(child.restarts))
                 continue
             log.info("child_restarted", child=child.name)
-            if child.kind == "proxy":  # a fresh proxy knows no brokers yet
+            if child.kind is Tier.PROXY:  # a fresh proxy knows no brokers yet
                 await self.push_membership(only=child)
 
     # -- autoscaling ----------------------------------------------------------------------
 
-    async def autoscale(self, policy: Policy, interval: float) -> None:
-        """Observe load every `interval` seconds and resize, with the operator's decision code."""
-        histories: dict[str, tuple[Recommendation, ...]] = {"broker": (), "proxy": ()}
-        while not self._stopping:
-            loads = {
-                "broker": await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining),
-                "proxy": await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining),
-            }
-            for kind, tier in (("broker", policy.brokers), ("proxy", policy.proxies)):
-                current = len(self.group(kind))
-                decision = decide(tier, current, loads[kind], histories[kind], time.monotonic(),
-                                  scale_down_delay=policy.scale_down_delay, tolerance=policy.tolerance,
-                                  scale_up_limit=policy.scale_up_limit)
-                histories[kind] = decision.history
-                if decision.replicas != current:
-                    log.info("scaling", tier=kind, current=current, desired=decision.replicas,
-                             reason=decision.reason, load=loads[kind].total, pods_read=loads[kind].pods_read)
-                for _ in range(decision.replicas - current):
-                    await self.add(kind)
-                for _ in range(current - decision.replicas):
-                    await self.remove(kind)
-            await asyncio.sleep(interval)  # the polling period itself, not a wait for something
+    async def autoscale(self, scaler: Autoscaler, spec: tuple[int, int], interval: float) -> None:
+        """Until stopping: every `interval` seconds read the load, let `scaler` (the operator's own
+        Autoscaler) decide from `spec` (the sizes asked for), and add or remove children to match."""
+        while not self.stopping.is_set():
+            loads = {tier: await self.load(tier) for tier in scaler.autoscaled()}
+            for change in scaler.step(*spec, loads, time.monotonic()):
+                load = loads[change.tier]
+                log.info("scaling", tier=change.tier, current=change.before, desired=change.after,
+                         reason=change.reason, load=load.total, pods_read=load.pods_read)
+            for tier, size in scaler.sizes(*spec).items():
+                await self._resize(tier, size)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)  # the polling period, cut short by a stop
+
+    async def load(self, kind: Tier) -> Load:
+        """The load of the children of `kind` not being removed, read as the operator reads its pods'."""
+        if kind is Tier.BROKER:
+            return await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining)
+        return await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining)
+
+    async def _resize(self, kind: Tier, size: int) -> None:
+        """Add or remove children of `kind`, one at a time, until there are `size` (or stopping)."""
+        group = self.group(kind)
+        while len(group) != size and not self.stopping.is_set():
+            try:
+                await (self.add(kind) if len(group) < size else self.remove(kind))
+            except ChildFailed as exc:  # tried again after the next reading
+                log.error("child_add_failed", child=kind, error=str(exc))
+                return
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.stopping.set()
         for task in list(self._watchers):
             task.cancel()
         await asyncio.gather(*(c.stop() for c in self.children))
@@ -236,12 +248,12 @@ class LocalCluster:
         return "\n".join(lines)
 
 
-async def _up(brokers: int, proxies: int, as_json: bool, policy: Policy | None, interval: float) -> int:
-    cluster = LocalCluster(brokers, proxies)
-    stop = asyncio.Event()
+async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float) -> int:
+    sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, cluster.stopping.set)
     try:
         await cluster.start()
     except ChildFailed as exc:
@@ -250,12 +262,11 @@ async def _up(brokers: int, proxies: int, as_json: bool, policy: Policy | None, 
         print(f"neoplasma up: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
-    scaler = asyncio.create_task(cluster.autoscale(policy, interval)) if policy and policy.autoscale else None
-    await stop.wait()
+    scaling = asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval)) if scaler.autoscale else None
+    await cluster.stopping.wait()
     log.info("up_stopping")
-    if scaler is not None:
-        scaler.cancel()
-        await asyncio.gather(scaler, return_exceptions=True)
+    if scaling is not None:
+        await scaling  # ends at once, or once the child being added or removed is up or gone
     await cluster.stop()
     return 0
 
@@ -266,13 +277,10 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if brokers < 1 or proxies < 1:
         print("neoplasma up: need at least one broker and one proxy", file=sys.stderr)
         return 2
-    policy, errors = parse_policy(annotations or {}, brokers, proxies)
-    if errors:
-        for error in errors:
+    scaler = Autoscaler()
+    scaler.read(annotations or {}, brokers, proxies)
+    if scaler.errors:
+        for error in scaler.errors:
             print(f"neoplasma up: {error}", file=sys.stderr)
         return 2
-    if policy is not None and policy.autoscale:
-        # Start within the bounds, as the operator does before any load is read.
-        brokers = min(max(brokers, policy.brokers.minimum), policy.brokers.maximum) or 1
-        proxies = min(max(proxies, policy.proxies.minimum), policy.proxies.maximum) or 1
-    return asyncio.run(_up(brokers, proxies, as_json, policy, interval))
+    return asyncio.run(_up(brokers, proxies, as_json, scaler, interval))

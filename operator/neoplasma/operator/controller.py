@@ -30,14 +30,15 @@ from typing import Any, cast
 import kopf
 import kubernetes.client
 
+from neoplasma.core.autoscaler import Autoscaler, problems
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import hostport
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
+from neoplasma.core.tiers import Tier
 from neoplasma.operator import children as ch
-from neoplasma.operator.autoscaler import Autoscaler, Tier, problems
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey, PodView, ready_count
 from neoplasma.operator.metrics import Metrics
@@ -238,8 +239,8 @@ class ClusterController:
         self._post(self.membership.step(pods, seen_at, now))
         loads = await _loads(pods, self.scaling.to_read(desired, now))
         for change in self.scaling.step(desired, loads, now):
-            self._post([Event("ScaledBrokers" if change.tier == "brokers" else "ScaledProxies", change.describe())])
-            self.metrics.scaled(self.key, change.tier, change.direction)
+            self._post([Event("ScaledBrokers" if change.tier is Tier.BROKER else "ScaledProxies", change.describe())])
+            self.metrics.scaled(self.key, change.tier.plural, change.direction)
         plan = self.children.step(desired, self.scaling.effective, body, self.indexes.children(self.key), now)
         if plan is not None and self.scaling.effective is not None:
             await self._apply(plan, desired, self.scaling.effective)
@@ -293,8 +294,8 @@ class ClusterController:
         return Observed(
             generation=desired.generation if desired.spec_error is not None or converged is None else converged,
             spec_error=desired.spec_error,
-            brokers=(cluster.spec.brokers.replicas if cluster else 0, ready_count(pods, "broker")),
-            proxies=(cluster.spec.proxies.replicas if cluster else 0, ready_count(pods, "proxy")),
+            brokers=(cluster.spec.brokers.replicas if cluster else 0, ready_count(pods, Tier.BROKER)),
+            proxies=(cluster.spec.proxies.replicas if cluster else 0, ready_count(pods, Tier.PROXY)),
             deployments=ch.broker_deployments(self.indexes.children(self.key)),
             membership=self.membership.sync.progress(),
             connections=connections,
@@ -326,16 +327,16 @@ async def _loads(pods: list[PodView], tiers: list[Tier]) -> dict[Tier, Load | No
     """The load of `tiers`, read from their serving pods (core.load)."""
     serving = [p for p in pods if p.ready and not p.deleting and p.ip]
     loads: dict[Tier, Load | None] = {}
-    if "brokers" in tiers:
-        loads["brokers"] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving if p.component == "broker")
-    if "proxies" in tiers:
-        loads["proxies"] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving if p.component == "proxy")
+    if Tier.BROKER in tiers:
+        loads[Tier.BROKER] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving if p.component == Tier.BROKER)
+    if Tier.PROXY in tiers:
+        loads[Tier.PROXY] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving if p.component == Tier.PROXY)
     return loads
 
 
 async def _connections(pods: list[PodView]) -> int | None:
     """The ready brokers' connections (0 without any; None when none answered: keep the last)."""
-    addresses = [hostport(p.ip, GRPC_PORT) for p in pods if p.component == "broker" and p.ready]
+    addresses = [hostport(p.ip, GRPC_PORT) for p in pods if p.component == Tier.BROKER and p.ready]
     load = await broker_load(addresses)
     return int(load.total) if load.pods_read or not addresses else None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from neoplasma.core.membership import BrokerState, Member
 from neoplasma.core.net import hostport
+from neoplasma.core.tiers import Tier
 from neoplasma.operator.render import (
     COMPONENT_LABEL,
     CONTROL_PORT,
@@ -31,7 +32,7 @@ class PodView:
 
     namespace: str
     instance: str
-    component: str  # "broker" | "proxy"
+    component: Tier
     name: str
     uid: str = ""
     ip: str = ""
@@ -64,7 +65,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     labels = metadata.get("labels") or {}
     component = labels.get(COMPONENT_LABEL)
     instance = labels.get(INSTANCE_LABEL)
-    if labels.get(NAME_LABEL) != "neoplasma" or component not in ("broker", "proxy") or not instance:
+    if labels.get(NAME_LABEL) != "neoplasma" or component not in tuple(Tier) or not instance:
         return None
     status = pod.get("status") or {}
     ready = any(
@@ -74,7 +75,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     return PodView(
         namespace=str(metadata.get("namespace") or ""),
         instance=str(instance),
-        component=str(component),
+        component=Tier(component),
         name=str(metadata.get("name") or ""),
         uid=str(metadata.get("uid") or ""),
         ip=str(status.get("podIP") or ""),
@@ -93,7 +94,7 @@ def broker_members(pods: Iterable[PodView]) -> list[Member]:
             BrokerState.DRAINING if pod.deleting else BrokerState.SERVING,
         )
         for pod in pods
-        if pod.component == "broker" and pod.ready
+        if pod.component == Tier.BROKER and pod.ready
     )
 
 
@@ -102,10 +103,10 @@ def proxy_targets(pods: Iterable[PodView]) -> dict[str, ProxyTarget]:
     return {
         pod.name: ProxyTarget(pod.name, hostport(pod.ip, CONTROL_PORT), pod.incarnation)
         for pod in sorted(pods, key=lambda p: p.name)
-        if pod.component == "proxy" and pod.ready
+        if pod.component == Tier.PROXY and pod.ready
     }
 
 
-def ready_count(pods: Iterable[PodView], component: str) -> int:
+def ready_count(pods: Iterable[PodView], component: Tier) -> int:
     """Ready pods of `component` that are not being deleted (what status reports as ready)."""
     return sum(1 for pod in pods if pod.component == component and pod.ready and not pod.deleting)

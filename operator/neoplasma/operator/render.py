@@ -11,14 +11,14 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 import yaml
 
+from neoplasma.core.tiers import Tier
 from neoplasma.operator.spec import Cluster, NodePorts, ServiceType
 
-Component = Literal["broker", "proxy"]
 Manifest = dict[str, Any]
 
 GRPC_PORT = 50051
@@ -62,10 +62,10 @@ def render(
     return [
         *(broker_deployment(cluster, index, size, image=image) for index, size in enumerate(sizes)),
         broker_service(cluster),
-        pod_disruption_budget(cluster, "broker", policy_api=policy_api),
+        pod_disruption_budget(cluster, Tier.BROKER, policy_api=policy_api),
         proxy_deployment(cluster, image=image),
         proxy_service(cluster),
-        pod_disruption_budget(cluster, "proxy", policy_api=policy_api),
+        pod_disruption_budget(cluster, Tier.PROXY, policy_api=policy_api),
     ]
 
 
@@ -82,7 +82,7 @@ def broker_deployment_name(cluster_name: str, index: int) -> str:
     return f"{cluster_name}-broker-{index}"
 
 
-def selector_labels(cluster_name: str, component: Component) -> dict[str, str]:
+def selector_labels(cluster_name: str, component: Tier) -> dict[str, str]:
     """The labels a selector matches on: stable, whatever the spec says."""
     return {
         NAME_LABEL: "neoplasma",
@@ -91,20 +91,20 @@ def selector_labels(cluster_name: str, component: Component) -> dict[str, str]:
     }
 
 
-def labels(cluster_name: str, component: Component) -> dict[str, str]:
+def labels(cluster_name: str, component: Tier) -> dict[str, str]:
     """The labels on every child object and pod of `component`."""
     return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
 
 
 def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
     name = broker_deployment_name(cluster.name, index)
-    selector = {**selector_labels(cluster.name, "broker"), BROKER_DEPLOYMENT_LABEL: name}
+    selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
     return _render_template(
         "deployment.yaml.j2",
         name=name,
         namespace=cluster.namespace,
-        component="broker",
-        labels={**labels(cluster.name, "broker"), BROKER_DEPLOYMENT_LABEL: name},
+        component=Tier.BROKER,
+        labels={**labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name},
         selector=selector,
         replicas=replicas,
         image=image,
@@ -121,9 +121,9 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         "deployment.yaml.j2",
         name=f"{cluster.name}-proxy",
         namespace=cluster.namespace,
-        component="proxy",
-        labels=labels(cluster.name, "proxy"),
-        selector=selector_labels(cluster.name, "proxy"),
+        component=Tier.PROXY,
+        labels=labels(cluster.name, Tier.PROXY),
+        selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
         command=PROXY_COMMAND,
@@ -137,7 +137,7 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
 def broker_service(cluster: Cluster) -> Manifest:
     """The Service publishers use (gRPC and HTTP publish)."""
     ports = [ServicePort("grpc", GRPC_PORT, "grpc"), ServicePort("http", HTTP_PORT, "http")]
-    return _service(cluster, "broker", "ClusterIP", ports)
+    return _service(cluster, Tier.BROKER, "ClusterIP", ports)
 
 
 def proxy_service(cluster: Cluster) -> Manifest:
@@ -148,11 +148,11 @@ def proxy_service(cluster: Cluster) -> Manifest:
         ServicePort("sse", HTTP_PORT, "http", node_ports.sse),
         ServicePort("grpc", GRPC_PORT, "grpc", node_ports.grpc),
     ]
-    return _service(cluster, "proxy", service.type, ports)
+    return _service(cluster, Tier.PROXY, service.type, ports)
 
 
 def pod_disruption_budget(
-    cluster: Cluster, component: Component, *, policy_api: str = "policy/v1"
+    cluster: Cluster, component: Tier, *, policy_api: str = "policy/v1"
 ) -> Manifest:
     """A PodDisruptionBudget for `component`; `policy_api` is policy/v1 or (before 1.21) v1beta1."""
     if policy_api not in POLICY_APIS:
@@ -168,7 +168,7 @@ def pod_disruption_budget(
 
 
 def _service(
-    cluster: Cluster, component: Component, service_type: ServiceType, ports: list[ServicePort]
+    cluster: Cluster, component: Tier, service_type: ServiceType, ports: list[ServicePort]
 ) -> Manifest:
     return _render_template(
         "service.yaml.j2",

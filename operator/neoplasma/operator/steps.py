@@ -13,11 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from neoplasma.core.autoscaler import Autoscaler, Scaled, problems
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.membership import BrokerState
 from neoplasma.core.scaling import Load
+from neoplasma.core.tiers import Tier
 from neoplasma.operator import children as ch
-from neoplasma.operator.autoscaler import Autoscaler, Scaled, Tier, problems
 from neoplasma.operator.conditions import count, now_text
 from neoplasma.operator.members import PodView, broker_members, proxy_targets
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
@@ -188,8 +189,8 @@ class Scaling:
                    if loads else [])
         sizes = self.autoscaler.sizes(spec.brokers.replicas, spec.proxies.replicas)
         self.effective = replace(desired.cluster, spec=replace(
-            spec, brokers=replace(spec.brokers, replicas=sizes["brokers"]),
-            proxies=replace(spec.proxies, replicas=sizes["proxies"])))
+            spec, brokers=replace(spec.brokers, replicas=sizes[Tier.BROKER]),
+            proxies=replace(spec.proxies, replicas=sizes[Tier.PROXY])))
         return changes
 
 

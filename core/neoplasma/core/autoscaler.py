@@ -1,8 +1,8 @@
-"""Autoscaling of one NeoplasmaCluster: the policy in force, the sizes decided, and why.
+"""Autoscaling of one cluster: the policy in force, the sizes decided, and why.
 
-The policy and the decision are `neoplasma.core.scaling`'s (the same code `neoplasma up`
-runs); this module only keeps what one cluster needs between ticks, and is pure (no I/O, the
-caller passes clocks and loads):
+The operator keeps one Autoscaler per NeoplasmaCluster, `neoplasma up` one for its cluster; the
+policy and the decision are `neoplasma.core.scaling`'s. This module only keeps what one cluster
+needs between steps, and is pure (no I/O, the caller passes clocks and loads):
 
 - the last good policy: annotations that do not parse leave it in force (`errors` says why);
   `neoplasma.io/pause-reconciliation` is honoured even when another annotation is bad;
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from neoplasma.core.scaling import (
     HARD_MAX,
@@ -30,9 +30,7 @@ from neoplasma.core.scaling import (
     decide,
     parse_policy,
 )
-
-Tier = Literal["brokers", "proxies"]
-TIERS: tuple[Tier, ...] = ("brokers", "proxies")
+from neoplasma.core.tiers import Tier
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class Scaled:
         return "up" if self.after > self.before else "down"
 
     def describe(self) -> str:
-        return f"{self.tier} {self.before} -> {self.after}: {self.reason}"
+        return f"{self.tier.plural} {self.before} -> {self.after}: {self.reason}"
 
 
 class Autoscaler:
@@ -98,12 +96,12 @@ class Autoscaler:
             self._history.clear()
 
     def sizes(self, spec_brokers: int, spec_proxies: int) -> dict[Tier, int]:
-        """The replicas to render: the spec's, or (autoscaling) the decided ones within bounds."""
-        spec = {"brokers": spec_brokers, "proxies": spec_proxies}
+        """The replicas to run: the spec's, or (autoscaling) the decided ones within bounds."""
+        spec = {Tier.BROKER: spec_brokers, Tier.PROXY: spec_proxies}
         if not self.autoscale:
-            return {tier: spec[tier] for tier in TIERS}
+            return spec
         result: dict[Tier, int] = {}
-        for tier in TIERS:
+        for tier in Tier:
             policy = self._tier(tier)
             kept = self._sizes.get(tier)
             current = kept.desired if kept is not None and policy.target is not None else spec[tier]
@@ -117,10 +115,10 @@ class Autoscaler:
 
     def autoscaled(self) -> list[Tier]:
         """The tiers with a target (the ones whose load is worth reading)."""
-        return [t for t in TIERS if self.autoscale and self._tier(t).target is not None]
+        return [t for t in Tier if self.autoscale and self._tier(t).target is not None]
 
     def step(self, spec_brokers: int, spec_proxies: int, loads: Mapping[Tier, Load | None], now: float,
-             wall: str) -> list[Scaled]:
+             wall: str | None = None) -> list[Scaled]:
         """One decision per autoscaled tier from the loads read (`now`: monotonic, `wall`: for status)."""
         if not self.autoscale or self.policy is None:
             return []
@@ -147,15 +145,15 @@ class Autoscaler:
             return None
         sizes = self.sizes(spec_brokers, spec_proxies)
         status: dict[str, Any] = {}
-        for tier in TIERS:
+        for tier in Tier:
             kept = self._sizes.get(tier)
-            status[tier] = (kept.to_status() if kept is not None and self._tier(tier).target is not None
-                            else {"desired": sizes[tier], "reason": "not autoscaled: no target annotation"})
+            status[tier.plural] = (kept.to_status() if kept is not None and self._tier(tier).target is not None
+                                   else {"desired": sizes[tier], "reason": "not autoscaled: no target annotation"})
         return status
 
     def _tier(self, tier: Tier) -> TierPolicy:
         assert self.policy is not None
-        return self.policy.brokers if tier == "brokers" else self.policy.proxies
+        return self.policy.brokers if tier is Tier.BROKER else self.policy.proxies
 
 
 def _persisted_sizes(persisted: object) -> dict[Tier, TierSize]:
@@ -163,8 +161,8 @@ def _persisted_sizes(persisted: object) -> dict[Tier, TierSize]:
     sizes: dict[Tier, TierSize] = {}
     if not isinstance(persisted, Mapping):
         return sizes
-    for tier in TIERS:
-        entry = persisted.get(tier)
+    for tier in Tier:
+        entry = persisted.get(tier.plural)
         desired = entry.get("desired") if isinstance(entry, Mapping) else None
         if isinstance(desired, int) and not isinstance(desired, bool) and 0 <= desired <= HARD_MAX:
             assert isinstance(entry, Mapping)

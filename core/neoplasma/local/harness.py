@@ -1,0 +1,268 @@
+"""Brokers and proxies as real processes on 127.0.0.1, and clients that talk to them as users do.
+
+For tests and benchmarks: `start_server` starts `neoplasma broker|proxy` on free ports and reads
+the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream)
+and read or set a proxy's membership over its control port; `wait_for` polls a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+
+from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+
+def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
+    """Read one line from a child's stdout, failing after `timeout` seconds."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        raise TimeoutError(f"no line within {timeout}s")
+    line = stream.readline()
+    if not line:
+        raise RuntimeError("process exited before printing its line")
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Stop a child gracefully (`sig`, then SIGKILL after `timeout` seconds); returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Server:
+    """A broker or proxy process started as a user would, on free ports."""
+
+    kind: str
+    proc: subprocess.Popen[bytes]
+    endpoints: dict[str, str]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.endpoints["name"]
+
+    def port(self, which: str) -> int:
+        return int(self.endpoints[which].rpartition(":")[2])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        return stop_process(self.proc, sig, timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None) -> Server:
+    ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
+                      else {"grpc-port": 0, "http-port": 0, "control-port": 0})
+    args = [sys.executable, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
+    for flag, port in ports.items():
+        args += [f"--{flag}", str(port)]
+    args += list(extra)
+    log_path = log_dir / f"{name}.log"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"))
+    try:
+        line = read_json_line(proc.stdout, 30)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"{kind} {name} did not start:\n{log_path.read_text()}") from None
+    return Server(kind, proc, line["serving"], log_path, args)
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on the port (TIME_WAIT leftovers do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+                   interval: float = 0.02) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# -- control ---------------------------------------------------------------------------
+
+
+async def proxy_status(control: str) -> pb.ProxyStatus:
+    async with grpc.aio.insecure_channel(control) as ch:
+        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5)
+    return status
+
+
+async def apply_membership(control: str, version: int, brokers: list[tuple[str, str]],
+                           state: str = "SERVING") -> pb.ApplyResponse:
+    msg = pb.Membership(version=version, brokers=[pb.BrokerMember(name=n, address=a, state=state)
+                                                  for n, a in brokers])
+    async with grpc.aio.insecure_channel(control) as ch:
+        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+    return reply
+
+
+async def links_ready(control: str, brokers: int) -> bool:
+    """True when the proxy is connected to `brokers` brokers with its interest applied."""
+    status = await proxy_status(control)
+    synced = [link for link in status.links if link.interest_synced]
+    return len(synced) == brokers == len(status.links)
+
+
+# -- publishers --------------------------------------------------------------------
+
+
+async def publish_grpc(broker: str, events: list[tuple[str, Any]]) -> int:
+    req = pb.PublishRequest(events=[pb.Event(topic=t, data=json.dumps(d).encode()) for t, d in events])
+    async with grpc.aio.insecure_channel(broker) as ch:
+        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(req, timeout=10)
+    return reply.accepted
+
+
+async def publish_http(http: str, body: bytes | Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://{http}/publish", data=data) as resp:
+            return resp.status, await resp.json()
+
+
+# -- subscribers -------------------------------------------------------------------
+
+
+class SseClient:
+    """An SSE subscriber that records every event it receives."""
+
+    def __init__(self, http: str, topics: str) -> None:
+        self.url = f"http://{http}/?eventType={topics}"
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[int] = []
+        self.comments: list[str] = []
+        self.retry: int | None = None
+        self.status: int | None = None
+        self.ended = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.raw = bytearray()
+
+    async def start(self) -> SseClient:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        resp = await self._session.get(self.url)
+        self.status = resp.status
+        if resp.status == 200:
+            self._task = asyncio.create_task(self._read(resp))
+        else:
+            self.body = await resp.text()
+            self.ended.set()
+        return self
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        try:
+            async for line in resp.content:
+                self.raw += line
+                text = line.decode().rstrip("\n")
+                if text.startswith("data: "):
+                    self.events.append(json.loads(text[6:]))
+                elif text.startswith("id: "):
+                    self.ids.append(int(text[4:]))
+                elif text.startswith("retry: "):
+                    self.retry = int(text[7:])
+                elif text.startswith(":"):
+                    self.comments.append(text)
+        except (aiohttp.ClientError, asyncio.CancelledError):
+            pass
+        finally:
+            self.ended.set()
+
+    def topics(self) -> list[str]:
+        return [e["meta"]["type"] for e in self.events]
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._session:
+            await self._session.close()
+
+
+class PlasmaClient:
+    """plasma's gRPC StreamService client, as plasma users write it."""
+
+    def __init__(self, grpc_addr: str) -> None:
+        self.channel = grpc.aio.insecure_channel(grpc_addr)
+        self.call = stream_pb2_grpc.StreamServiceStub(self.channel).Events()
+        self.payloads: list[stream_pb2.Payload] = []
+        self.error: grpc.aio.AioRpcError | None = None
+        self.ended = asyncio.Event()
+        self._task = asyncio.create_task(self._read())
+
+    async def subscribe(self, *topics: str) -> None:
+        await self.call.write(stream_pb2.Request(Events=[stream_pb2.EventType(type=t) for t in topics]))
+
+    async def force_close(self) -> None:
+        await self.call.write(stream_pb2.Request(forceClose=True))
+
+    async def _read(self) -> None:
+        try:
+            async for payload in self.call:
+                self.payloads.append(payload)
+        except grpc.aio.AioRpcError as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def topics(self) -> list[str]:
+        return [p.eventType.type for p in self.payloads]
+
+    async def close(self) -> None:
+        self.call.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+        await self.channel.close()
+
+
+@contextlib.asynccontextmanager
+async def sse(http: str, topics: str) -> AsyncIterator[SseClient]:
+    client = await SseClient(http, topics).start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
