@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
-from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
+from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, LimitExceeded, check_topic
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+# Per publish request (an HTTP body or a gRPC PublishRequest). Batches of a few hundred events
+# are typical; larger ones gain nothing and hold the broker's loop while they are checked.
+DEFAULT_MAX_EVENTS_PER_REQUEST = 10_000
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# How deeply an event's data may nest arrays and objects: far beyond real payloads, and far
+# below where recursive JSON parsers give up (Python's, in subscribers too, near 1000).
+MAX_JSON_DEPTH = 128
 
 
 class InvalidEvent(ValueError):
     """A published event was refused; the message says why."""
+
+
+class RequestTooLarge(InvalidEvent, LimitExceeded):
+    """A publish request holds more events or bytes than allowed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +43,11 @@ class Event:
 # Matches a JSON string literal, or a run of whitespace outside one.
 _TOKENS = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\n\r]+', re.DOTALL)
 _WHITESPACE = re.compile(r"[ \t\n\r]")
+# In valid JSON: string literals and runs of anything but brackets, i.e. all but the nesting.
+_NOT_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^"\[\]{}]+', re.DOTALL)
+_NESTING_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+# A \uD800-\uDFFF escape: only then can a decoded string hold an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Characters Go's encoding/json escapes inside strings (plasma is written in Go).
 _GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
@@ -43,19 +61,53 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _load(text: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:  # past ~1000 levels; shallower ones are measured by _check_depth
+        raise InvalidEvent(f"{what} nests too deeply; event data may nest at most {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidEvent(f"{what} is not valid JSON: {exc}") from None
+
+
+def _check_depth(text: str, what: str = "data", limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse valid JSON `text` whose arrays and objects nest deeper than `limit`, in linear time."""
+    if text.count("[") + text.count("{") <= limit:  # it cannot nest deeper than it opens
+        return
+    depth = max(accumulate(map(_NESTING_STEP.__getitem__, _NOT_NESTING.sub("", text))), default=0)
+    if depth > limit:
+        raise InvalidEvent(f"{what} nests {depth} levels deep; the limit is {limit}")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(f"{what} contains the unpaired surrogate {exc.object[exc.start]!r}; "
+                           "strings must be valid Unicode") from None
+
+
 def compact_json(raw: str | bytes) -> bytes:
     """Check that `raw` is JSON and return it compacted the way plasma (Go) does.
 
     Numbers and string escapes are kept exactly as given; only whitespace
     between tokens goes, and `<`, `>`, `&`, U+2028, U+2029 are escaped.
+    Raises InvalidEvent for anything else: not UTF-8, not JSON, too deeply
+    nested, or a string holding an unpaired surrogate (`"\\ud800"`).
     """
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    json.loads(text, parse_constant=_reject_constant)
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"data is not valid JSON: {exc}") from None
+    value = _load(text, "data")
+    _check_depth(text)
+    if _SURROGATE_ESCAPE.search(text):
+        _utf8(json.dumps(value, ensure_ascii=False), "data")
     if _WHITESPACE.search(text):
         text = _TOKENS.sub(r"\1", text)  # strings stay, whitespace between tokens goes
     if _GO_ESCAPE_RE.search(text):
         text = _go_escape(text)
-    return text.encode("utf-8")
+    return _utf8(text, "data")
 
 
 def _checked_event(topic: str, compact: bytes, max_bytes: int, max_topic_length: int) -> Event:
@@ -68,32 +120,67 @@ def _checked_event(topic: str, compact: bytes, max_bytes: int, max_topic_length:
     return Event(topic, compact)
 
 
+def _check_request(events: int, size: int, max_events: int, max_request_bytes: int) -> None:
+    if size > max_request_bytes:
+        raise RequestTooLarge(f"the request is {size} bytes; the limit is {max_request_bytes} (send smaller batches)")
+    if events > max_events:
+        raise RequestTooLarge(f"the request holds {events} events; the limit is {max_events} (send smaller batches)")
+
+
 def make_event(topic: str, data: bytes | str, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                max_topic_length: int = MAX_TOPIC_LENGTH) -> Event:
     """Check one published event (topic + JSON text) and return it normalised."""
     if len(data) > max_bytes:  # refuse before parsing a huge input
         raise InvalidEvent(f"data is {len(data)} bytes; the limit is {max_bytes} bytes")
+    return _checked_event(topic, compact_json(data), max_bytes, max_topic_length)
+
+
+def make_events(events: Iterable[tuple[str, bytes]], *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                max_topic_length: int = MAX_TOPIC_LENGTH, max_events: int = DEFAULT_MAX_EVENTS_PER_REQUEST,
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> list[Event]:
+    """Check a gRPC PublishRequest's (topic, data) pairs, all or nothing: one bad event refuses them all.
+
+    RequestTooLarge (a LimitExceeded) when the request is beyond the per-request limits.
+    """
+    given = list(events)
+    _check_request(len(given), sum(len(topic) + len(data) for topic, data in given), max_events, max_request_bytes)
+    if not given:
+        raise InvalidEvent("the request has no events; send at least one")
+    checked = []
+    for index, (topic, data) in enumerate(given):
+        try:
+            checked.append(make_event(topic, data, max_bytes=max_bytes, max_topic_length=max_topic_length))
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"event {index}: {exc}") from None
+    return checked
+
+
+def _dump(value: Any, what: str) -> bytes:
     try:
-        compact = compact_json(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidEvent(f"data is not valid JSON: {exc}") from None
-    return _checked_event(topic, compact, max_bytes, max_topic_length)
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:  # past ~1000 levels; shallower ones are measured by _check_depth
+        raise InvalidEvent(f"{what} nests too deeply; event data may nest at most {MAX_JSON_DEPTH} levels") from None
+    except ValueError:
+        raise InvalidEvent(f"{what} holds a number beyond the range of a double (such as 1e400)") from None
+    _check_depth(text, what)
+    return _utf8(_go_escape(text), what)
 
 
 def parse_publish_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                       max_topic_length: int = MAX_TOPIC_LENGTH) -> list[Event]:
+                       max_topic_length: int = MAX_TOPIC_LENGTH, max_events: int = DEFAULT_MAX_EVENTS_PER_REQUEST,
+                       max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> list[Event]:
     """Parse plasma's publisher JSON: one `{"meta": {"type": T}, "data": D}` or a list.
 
     All or nothing: one bad event refuses the whole body, naming its index.
+    RequestTooLarge (a LimitExceeded) when the body is beyond the per-request limits.
     Floats in `data` come out in Python's shortest form (`1e3` -> `1000.0`).
     """
-    try:
-        doc = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidEvent(f"body is not valid JSON: {exc}") from None
+    _check_request(0, len(body), max_events, max_request_bytes)  # the size, before parsing
+    doc = _load(body, "body")
     items = doc if isinstance(doc, list) else [doc]
     if not items:
         raise InvalidEvent("body is an empty list; send at least one event")
+    _check_request(len(items), 0, max_events, max_request_bytes)
     events = []
     for index, item in enumerate(items):
         where = f"event {index}: " if isinstance(doc, list) else ""
@@ -104,9 +191,8 @@ def parse_publish_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
             raise InvalidEvent(f'{where}missing "meta": {{"type": "<topic>"}}')
         if "data" not in item:
             raise InvalidEvent(f'{where}missing "data"')
-        data = _go_escape(json.dumps(item["data"], ensure_ascii=False, separators=(",", ":")))
         try:
-            events.append(_checked_event(meta["type"], data.encode("utf-8"), max_bytes, max_topic_length))
+            events.append(_checked_event(meta["type"], _dump(item["data"], "data"), max_bytes, max_topic_length))
         except InvalidEvent as exc:
             raise InvalidEvent(f"{where}{exc}") from None
     return events

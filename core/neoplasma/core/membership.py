@@ -7,10 +7,13 @@ build snapshots with `next_snapshot`; proxies check incoming ones with
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from neoplasma.core.text import excerpt
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 
@@ -59,26 +62,65 @@ class InvalidSnapshot(ValueError):
     """A membership snapshot a proxy must refuse (it keeps its previous one)."""
 
 
-def _check_address(address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidSnapshot(f"broker address {address!r} is not host:port")
+# Far beyond any cluster (the operator scales to at most 1000 brokers), far below what costs a proxy.
+MAX_MEMBERS = 1000
+# The operator adds 1 per change: at 1000 changes a second it needs 285,000 years to get here.
+# Refusing more keeps a hostile push from pinning a proxy at 2**64-1 (which no later push
+# could exceed), and keeps versions exact as JSON numbers in the resource's status.
+MAX_VERSION = 2**53 - 1
+MAX_NAME_LENGTH = 253  # a pod name, or a host, is at most a DNS subdomain
+_MAX_ADDRESS_LENGTH = MAX_NAME_LENGTH + 8  # "[host]:65535"
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+_STATES = {pb.BrokerMember.State.SERVING: BrokerState.SERVING, pb.BrokerMember.State.DRAINING: BrokerState.DRAINING}
+
+
+def _check_address(address: str) -> tuple[str, int]:
+    """`address` as (host, port), the host normalised so that two spellings of one broker compare equal."""
+    host, _, port = address.rpartition(":")
+    key = _host(host) if len(address) <= _MAX_ADDRESS_LENGTH and port.isascii() and port.isdigit() else None
+    if key is None or not 0 < int(port) < 65536:
+        raise InvalidSnapshot(f"broker address {excerpt(address)} is not host:port (a DNS name, an IPv4 "
+                              "address or a bracketed IPv6 address, and a port 1..65535)")
+    return key, int(port)
+
+
+def _host(host: str) -> str | None:
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        dns = not bracketed and all(_DNS_LABEL.fullmatch(label) for label in host.split("."))
+        return host.lower() if dns else None
+    return ip.compressed if ip.version == (6 if bracketed else 4) else None
 
 
 def snapshot_from_proto(msg: pb.Membership) -> Snapshot:
     """Decode and validate a pushed snapshot; raises InvalidSnapshot with a reason."""
+    if msg.version > MAX_VERSION:
+        raise InvalidSnapshot(f"version {msg.version} is beyond {MAX_VERSION}, which no operator reaches")
+    if len(msg.brokers) > MAX_MEMBERS:
+        raise InvalidSnapshot(f"{len(msg.brokers)} brokers; a membership holds at most {MAX_MEMBERS}")
     members = []
     names: set[str] = set()
+    addresses: set[tuple[str, int]] = set()
     for b in msg.brokers:
         if not b.name:
             raise InvalidSnapshot("a broker has no name")
+        if len(b.name) > MAX_NAME_LENGTH or not b.name.isprintable():
+            raise InvalidSnapshot(f"broker name {excerpt(b.name)} is not a pod name (printable, "
+                                  f"at most {MAX_NAME_LENGTH} characters)")
         if b.name in names:
             raise InvalidSnapshot(f"broker {b.name!r} appears twice")
         names.add(b.name)
-        _check_address(b.address)
-        if b.state == pb.BrokerMember.State.STATE_UNSPECIFIED:
-            raise InvalidSnapshot(f"broker {b.name!r} has no state (SERVING or DRAINING)")
-        members.append(Member(b.name, b.address, BrokerState(pb.BrokerMember.State.Name(b.state))))
+        address = _check_address(b.address)
+        if address in addresses:
+            raise InvalidSnapshot(f"broker address {b.address!r} appears twice (broker {b.name!r})")
+        addresses.add(address)
+        state = _STATES.get(b.state)
+        if state is None:
+            unknown = f"; {b.state} is unknown" if b.state else ""
+            raise InvalidSnapshot(f"broker {b.name!r} has no state (SERVING or DRAINING){unknown}")
+        members.append(Member(b.name, b.address, state))
     return Snapshot(msg.version, tuple(sorted(members)))
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from neoplasma.core.text import excerpt
+
 PREFIX = "neoplasma.io/"
 AUTOSCALE = PREFIX + "autoscale"
 PAUSE = PREFIX + "pause-reconciliation"
@@ -37,6 +39,7 @@ DEFAULT_SCALE_DOWN_DELAY = 300.0
 DEFAULT_TOLERANCE = 0.1
 DEFAULT_SCALE_UP_LIMIT = 4
 HARD_MAX = 1000  # no annotation may ask for more pods than this
+MAX_VALUE_LENGTH = 64  # every valid value is a short word or number; longer ones are refused unread
 
 
 class PolicyError(ValueError):
@@ -67,17 +70,19 @@ class Policy:
     scale_up_limit: int = DEFAULT_SCALE_UP_LIMIT
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# Matched in full against the stripped value. Leading and trailing `\s*` in the pattern would
+# make it quadratic: "1" and 64k spaces then "x" backtracks over every split of the spaces.
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(annotation: str, text: str) -> float:
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text.strip())
     if not match:
-        raise PolicyError(annotation, f"{text!r} is not a duration; use e.g. '300s', '5m' or '1h'")
+        raise PolicyError(annotation, f"{excerpt(text)} is not a duration; use e.g. '300s', '5m' or '1h'")
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds > 86400:
-        raise PolicyError(annotation, f"{text!r} is longer than a day")
+        raise PolicyError(annotation, f"{excerpt(text)} is longer than a day")
     return seconds
 
 
@@ -87,14 +92,14 @@ def _bool(annotation: str, text: str) -> bool:
         return True
     if value in ("false", "no", "0", "off", ""):
         return False
-    raise PolicyError(annotation, f"{text!r} is not a boolean; use \"true\" or \"false\"")
+    raise PolicyError(annotation, f"{excerpt(text)} is not a boolean; use \"true\" or \"false\"")
 
 
 def _int(annotation: str, text: str, low: int, high: int) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise PolicyError(annotation, f"{text!r} is not a whole number") from None
+        raise PolicyError(annotation, f"{excerpt(text)} is not a whole number") from None
     if not low <= value <= high:
         raise PolicyError(annotation, f"{value} is outside {low}..{high}")
     return value
@@ -104,9 +109,9 @@ def _positive(annotation: str, text: str) -> float:
     try:
         value = float(text.strip())
     except ValueError:
-        raise PolicyError(annotation, f"{text!r} is not a number") from None
+        raise PolicyError(annotation, f"{excerpt(text)} is not a number") from None
     if not math.isfinite(value) or value <= 0:
-        raise PolicyError(annotation, f"{text!r} must be a positive number")
+        raise PolicyError(annotation, f"{excerpt(text)} must be a positive number")
     return value
 
 
@@ -125,6 +130,9 @@ class _Reader:
         if text is None:
             return default
         try:
+            if len(text) > MAX_VALUE_LENGTH:  # refused unread, so any size costs the same
+                raise PolicyError(key, f"{excerpt(text)} is {len(text)} characters long; "
+                                       f"values are at most {MAX_VALUE_LENGTH}")
             return parse(key, text)
         except PolicyError as exc:
             self.errors.append(exc)
@@ -169,7 +177,7 @@ def parse_policy(annotations: Mapping[str, str], spec_brokers: int, spec_proxies
 def _fraction(annotation: str, text: str) -> float:
     value = _positive(annotation, text) if text.strip() not in ("0", "0.0") else 0.0
     if value >= 1:
-        raise PolicyError(annotation, f"{text!r} must be below 1 (e.g. 0.1 for 10%)")
+        raise PolicyError(annotation, f"{excerpt(text)} must be below 1 (e.g. 0.1 for 10%)")
     return value
 
 

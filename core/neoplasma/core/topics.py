@@ -12,14 +12,26 @@ from collections.abc import Set as AbstractSet
 from functools import lru_cache
 from typing import Generic, TypeVar
 
+from neoplasma.core.text import excerpt
+
 SEPARATOR = ":"
 MAX_TOPIC_LENGTH = 256
+# A subscriber (SSE, plasma gRPC or batch gRPC) names at most this many topics at once.
+MAX_TOPICS_PER_SUBSCRIPTION = 1000
 
 H = TypeVar("H")
 
 
 class InvalidTopic(ValueError):
     """A topic a publisher or subscriber gave cannot be used."""
+
+
+class LimitExceeded(ValueError):
+    """Well-formed input beyond a size limit: servers answer 413 / RESOURCE_EXHAUSTED, not 400."""
+
+
+class TooManyTopics(InvalidTopic, LimitExceeded):
+    """A subscription names more topics than allowed."""
 
 
 def check_topic(topic: str, max_length: int = MAX_TOPIC_LENGTH) -> str:
@@ -30,10 +42,23 @@ def check_topic(topic: str, max_length: int = MAX_TOPIC_LENGTH) -> str:
         raise InvalidTopic(f"topic is {len(topic)} characters long; the limit is {max_length}")
     for ch in topic:
         if ch < " " or ch == "\x7f":
-            raise InvalidTopic(f"topic {topic[:40]!r} contains the control character {ch!r}")
+            raise InvalidTopic(f"topic {excerpt(topic)} contains the control character {ch!r}")
+        if "\ud800" <= ch <= "\udfff":
+            raise InvalidTopic(f"topic {excerpt(topic)} contains the unpaired surrogate {ch!r}; "
+                               "topics must be valid Unicode")
     if "," in topic:
-        raise InvalidTopic(f"topic {topic[:40]!r} contains ',', which separates topics in a subscription")
+        raise InvalidTopic(f"topic {excerpt(topic)} contains ',', which separates topics in a subscription")
     return topic
+
+
+def check_topics(topics: Iterable[str], max_length: int = MAX_TOPIC_LENGTH,
+                 max_topics: int = MAX_TOPICS_PER_SUBSCRIPTION) -> list[str]:
+    """A subscription's topics, checked and without repeats (in order); TooManyTopics beyond `max_topics`."""
+    given = list(topics)
+    if len(given) > max_topics:
+        raise TooManyTopics(f"{len(given)} topics in one subscription; the limit is {max_topics} "
+                            "(subscribe to a common parent topic instead, e.g. 'program' for 'program:*')")
+    return list(dict.fromkeys(check_topic(topic, max_length) for topic in given))
 
 
 @lru_cache(maxsize=65536)
@@ -59,15 +84,13 @@ def matches(subscription: str, topic: str) -> bool:
     return topic == subscription or topic.startswith(subscription + SEPARATOR)
 
 
-def parse_topic_list(raw: str, max_length: int = MAX_TOPIC_LENGTH) -> list[str]:
+def parse_topic_list(raw: str, max_length: int = MAX_TOPIC_LENGTH,
+                     max_topics: int = MAX_TOPICS_PER_SUBSCRIPTION) -> list[str]:
     """Parse plasma's `eventType=a,b` query value into checked, unique topics."""
     topics = [t for t in (part.strip() for part in raw.split(",")) if t]
     if not topics:
         raise InvalidTopic("no topic given; use ?eventType=topic[,topic...]")
-    seen: dict[str, None] = {}
-    for topic in topics:
-        seen[check_topic(topic, max_length)] = None
-    return list(seen)
+    return check_topics(topics, max_length, max_topics)
 
 
 class TopicIndex(Generic[H]):

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from neoplasma.core.text import clip, excerpt
+
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
 NODE_PORT_MIN = 30000
@@ -27,6 +29,7 @@ QUANTITY_PATTERN = (
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _QUANTITY = re.compile(QUANTITY_PATTERN)
+MAX_QUANTITY_LENGTH = 64  # "1.5Gi", "250m": real quantities are short; longer ones are refused unread
 _Default = TypeVar("_Default", int, None)
 
 
@@ -112,11 +115,11 @@ def parse_cluster(body: Mapping[str, Any]) -> Cluster:
 
 def check_name(name: object) -> str:
     """Return `name` if every child name derived from it is a valid DNS-1035 label."""
-    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _DNS_LABEL.match(name):
         raise InvalidSpec(
             "metadata.name",
             f"must be lower-case letters, digits and '-', start with a letter and be at most "
-            f"{MAX_NAME_LENGTH} characters (children are named NAME-broker-N), got {name!r}",
+            f"{MAX_NAME_LENGTH} characters (children are named NAME-broker-N), got {excerpt(name)}",
         )
     return name
 
@@ -158,7 +161,7 @@ def _service(value: object, path: str) -> ProxyService:
     service_type = _string(fields.get("type"), f"{path}.type", default="ClusterIP")
     if service_type not in SERVICE_TYPES:
         raise InvalidSpec(
-            f"{path}.type", f"must be one of {', '.join(SERVICE_TYPES)}, got {service_type!r}"
+            f"{path}.type", f"must be one of {', '.join(SERVICE_TYPES)}, got {excerpt(service_type)}"
         )
     node_ports = _node_ports(fields.get("nodePorts"), f"{path}.nodePorts")
     if service_type == "ClusterIP" and node_ports != NodePorts():
@@ -194,9 +197,9 @@ def _quantities(value: object, path: str) -> dict[str, str]:
     for key, quantity in _object(value, path, known=None).items():
         # The API server keeps a bare integer (int-or-string); it means the same as its text.
         text = str(quantity) if type(quantity) is int else quantity
-        if not isinstance(text, str) or not _QUANTITY.match(text):
+        if not isinstance(text, str) or len(text) > MAX_QUANTITY_LENGTH or not _QUANTITY.match(text):
             raise InvalidSpec(
-                f"{path}.{key}", f"must be a quantity such as 100m or 128Mi, got {quantity!r}"
+                f"{path}.{clip(str(key))}", f"must be a quantity such as 100m or 128Mi, got {excerpt(quantity)}"
             )
         quantities[str(key)] = text
     return quantities
@@ -211,7 +214,7 @@ def _object(value: object, path: str, known: set[str] | None) -> Mapping[str, An
     unknown = sorted(str(key) for key in value if known is not None and key not in known)
     if unknown:
         expected = ", ".join(sorted(known or ()))
-        raise InvalidSpec(f"{path}.{unknown[0]}", f"unknown field; known fields are {expected}")
+        raise InvalidSpec(f"{path}.{clip(unknown[0])}", f"unknown field; known fields are {expected}")
     return value
 
 
@@ -219,7 +222,7 @@ def _string(value: object, path: str, default: str) -> str:
     if value is None:
         return default
     if not isinstance(value, str):
-        raise InvalidSpec(path, f"must be a string, got {value!r}")
+        raise InvalidSpec(path, f"must be a string, got {excerpt(value)}")
     return value
 
 
@@ -229,7 +232,7 @@ def _integer(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidSpec(path, f"must be an integer, got {value!r}")
+        raise InvalidSpec(path, f"must be an integer, got {excerpt(value)}")
     if value < minimum:
         raise InvalidSpec(path, f"must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
