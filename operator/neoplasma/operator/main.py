@@ -56,12 +56,13 @@ def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int = 
         for name in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.WARNING)
     options = Options(default_image=handlers.default_image(), policy_api=policy_api, scale_interval=scale_interval)
+    state = OperatorState(kube, options)
     if metrics_port:
-        metrics.serve(metrics_port)
+        metrics.serve(metrics_port, state.metrics)
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
     memo = kopf.Memo()
-    memo[handlers.STATE] = OperatorState(kube, options)
+    memo[handlers.STATE] = state
     scope = {"namespaces": namespaces} if namespaces else {"clusterwide": True}
     log.info("operator_starting", namespaces=namespaces or "all", liveness_port=liveness_port,
              metrics_port=metrics_port or None, scale_interval=scale_interval,
