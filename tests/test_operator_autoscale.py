@@ -2,7 +2,7 @@
 
 Pure tests of the per-cluster autoscaler and of one controller against a fake API come first;
 then (marked `kube`) the operator against the real control plane with real brokers and proxies:
-load from `bench/loadgen.py` scales the brokers out into a second Deployment and back in,
+load from `neoplasma.local.loadgen` scales the brokers out into a second Deployment and back in,
 with a numbered publisher and an SSE subscriber checking that no accepted event is lost; bad
 annotations and the pause annotation; a proxy rollout under subscribers that reconnect.
 """
@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import test_operator_kube
-from dataplane import SseClient, links_ready, proxy_status, wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
 from test_operator_units import OPTIONS, FakeKube, holds_for, resource
@@ -29,15 +26,14 @@ from test_operator_units import OPTIONS, FakeKube, holds_for, resource
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
+from neoplasma.local import loadgen
+from neoplasma.local.harness import SseClient, links_ready, proxy_status, wait_for
 from neoplasma.operator import controller as controller_module
 from neoplasma.operator.controller import ClusterController, Indexes
 from neoplasma.operator.members import PodView
 from neoplasma.operator.steps import Event
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import loadgen
 
 clusters = test_operator_kube.clusters  # fixtures
 operator = test_operator_kube.operator

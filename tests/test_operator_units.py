@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dataplane import proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
+from neoplasma.local.harness import proxy_status, wait_for
 from neoplasma.operator import conditions as c
 from neoplasma.operator.children import (
     broker_deployments,
