@@ -32,7 +32,7 @@ NEOPLASMA_PODS = "app.kubernetes.io/name=neoplasma"
 REPO = Path(__file__).resolve().parents[1]
 
 
-# -- pieces (also used by tests/bench_membership_convergence.py)--------------------------------
+# -- pieces (also used by tests/bench_membership_convergence.py) ------------------------------
 
 
 def neoplasma_command(argv: list[str], container: Mapping[str, Any]) -> list[str]:
