@@ -2,9 +2,7 @@
 
 import sys
 
-from neoplasma.local.loadgen import generate, main
-
-__all__ = ["generate", "main"]  # tests/test_operator_autoscale.py imports `generate` from here
+from neoplasma.local.loadgen import main
 
 if __name__ == "__main__":
     sys.exit(main())

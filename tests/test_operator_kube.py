@@ -19,10 +19,11 @@ from typing import Any
 import kubernetes.client
 import pytest
 import yaml
-from dataplane import links_ready, proxy_status, publish_grpc, sse, stop_process, wait_for
 from kubeharness.controlplane import ControlPlane, free_port
 from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
+
+from neoplasma.local.harness import links_ready, proxy_status, publish_grpc, sse, stop_process, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(150)]
 
@@ -31,7 +32,7 @@ NEOPLASMA_PODS = "app.kubernetes.io/name=neoplasma"
 REPO = Path(__file__).resolve().parents[1]
 
 
-# -- pieces (also used by bench/membership_convergence.py) -----------------------------------
+# -- pieces (also used by tests/bench_membership_convergence.py) ------------------------------
 
 
 def neoplasma_command(argv: list[str], container: Mapping[str, Any]) -> list[str]:

@@ -9,16 +9,18 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dataplane import proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
+from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
+from neoplasma.local.harness import proxy_status, wait_for
 from neoplasma.operator import conditions as c
 from neoplasma.operator.children import (
     broker_deployments,
@@ -31,7 +33,8 @@ from neoplasma.operator.controller import ClusterController, Indexes, Options
 from neoplasma.operator.members import PodView, ProxyTarget, broker_members, pod_view, proxy_targets, ready_count
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
-from neoplasma.operator.sync import Backoff, Convergence, MembershipSync, catch_up, resume_snapshot
+from neoplasma.operator.steps import Event, Membership
+from neoplasma.operator.sync import Convergence, MembershipSync, catch_up, resume_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -334,12 +337,14 @@ def test_convergence_is_measured_from_the_first_unconverged_change() -> None:
 
 
 def test_backoff_doubles_to_a_ceiling_and_resets() -> None:
-    backoff = Backoff(initial=0.5, ceiling=2.0)
-    assert [backoff.failed("p", now=0.0) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
-    assert not backoff.due("p", now=1.0) and backoff.due("p", now=2.0)
-    assert backoff.next_due() == 2.0
-    backoff.succeeded("p")
-    assert backoff.due("p", now=0.0) and backoff.next_due() is None
+    backoff = Backoff(BackoffPolicy(initial=0.5, maximum=2.0))
+    assert [backoff.failed(now=0.0) for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert not backoff.due(now=1.0) and backoff.due(now=2.0)
+    assert backoff.not_before == 2.0
+    backoff.succeeded()
+    assert backoff.due(now=0.0) and backoff.not_before is None
+    jittered = BackoffPolicy(initial=1.0, maximum=8.0, jitter=True)
+    assert [jittered.delay(n, rand=lambda: 0.5) for n in (0, 1, 3, 9)] == [0.0, 0.5, 2.0, 4.0]
 
 
 # -- the sync loop, against a scripted pusher ------------------------------------------------
@@ -405,11 +410,10 @@ async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None
     down = {"p2"}
     pusher, clock = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
                                                        "UNAVAILABLE: refused" if t in down else "")), Clock()
-    failures: list[tuple[str, int, str]] = []
-    sync = MembershipSync(pusher, clock=clock, on_failure=lambda *f: failures.append(f))  # type: ignore[arg-type]
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
     sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)
     await settle()
-    assert failures == [("p2", 1, "UNAVAILABLE: refused")]
+    assert (sync.progress().version, sync.progress().errors) == (1, {"p2": "UNAVAILABLE: refused"})
     assert sync.settling_since() is None  # failing: status says so at once
     assert sync.progress().acknowledged == 1 and sync.progress().errors == {"p2": "UNAVAILABLE: refused"}
     retry_at = sync.next_retry()
@@ -450,6 +454,34 @@ async def test_sync_moves_past_a_version_a_proxy_already_has() -> None:
     assert sync.snapshot == Snapshot(10, (B1,))
     assert sync.progress().acknowledged == 1
     await sync.close()
+
+
+async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_returns() -> None:
+    down = {"p1"}
+    pusher = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                                "UNAVAILABLE: refused" if t in down else ""))
+    clock = Clock()
+    membership = Membership(MembershipSync(pusher, clock=clock), anti_entropy=5.0, now=clock.now)  # type: ignore[arg-type]
+    pods = views(pod("b1"), pod("p1", "proxy"))
+    reported: list[Event] = []
+
+    async def passes(n: int = 2) -> None:  # a pass starts the push, the next one sees how it went
+        for _ in range(n):
+            reported.extend(e for e in membership.step(pods, clock.now, clock.now) if e.reason == "PushFailed")
+            await settle()
+
+    await passes(3)
+    assert [(e.warning, e.message) for e in reported] == [
+        (True, "proxy pod p1 has not applied membership version 1: UNAVAILABLE: refused; retrying with backoff")]
+    down.clear()  # recovers...
+    clock.now += 5.0
+    await passes()
+    assert membership.sync.progress().acknowledged == 1 and len(reported) == 1
+    down.add("p1")  # ...and fails again (the anti-entropy push): news again
+    clock.now += 5.0
+    await passes()
+    assert len(reported) == 2 and reported[1] == reported[0]
+    await membership.sync.close()
 
 
 # -- the sync loop, against real proxies -----------------------------------------------------
@@ -516,6 +548,23 @@ def resource(spec: dict[str, Any], generation: int = 1, version: str = "1") -> d
 
 OPTIONS = Options(default_image="img:1", policy_api="policy/v1beta1", debounce=0.01, anti_entropy=60,
                   stats_interval=60, resync=60, retry_initial=0.05)
+# A pass runs as soon as the controller is woken, and whatever it retries comes back after
+# `retry_initial` (then doubling); with every other timer at 60 s, nothing happening over three
+# first retry delays after a wake-up means the controller decided to do nothing.
+QUIET = 3 * OPTIONS.retry_initial
+
+
+async def holds_for(predicate: Callable[[], Any], seconds: float, what: str, interval: float = 0.01) -> None:
+    """Assert that `predicate` (sync or async) stays true throughout `seconds`: nothing changed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = predicate()
+        if isinstance(value, Awaitable):
+            value = await value
+        assert value, f"{what}: changed within {seconds} s"
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(interval)
 
 
 async def test_controller_reports_a_garbage_spec_once_and_does_not_retry() -> None:
@@ -532,8 +581,7 @@ async def test_controller_reports_a_garbage_spec_once_and_does_not_retry() -> No
     # kopf hands over the resource again (our own status write, say): nothing new happens.
     for version in range(2, 6):
         controller.set_body({**resource(body["spec"], version=str(version)), "status": status})
-        await asyncio.sleep(0.05)
-    assert kube.applied == [] and len(kube.statuses) == 1
+        await holds_for(lambda: kube.applied == [] and len(kube.statuses) == 1, QUIET, "nothing applied or written")
     # Fixed: children are applied, the condition flips.
     controller.set_body(resource({"proxies": {"service": {"type": "NodePort"}}}, generation=2, version="7"))
     await wait_for(lambda: len(kube.applied) == 6, 5, "6 children applied")
@@ -554,8 +602,8 @@ async def test_controller_applies_only_what_differs_and_deletes_unneeded_broker_
     assert kube.deleted == [("Deployment", "demo-broker-1")] and kube.applied == []
     children[("ns", "demo")] = [x for x in served if x["metadata"]["name"] != "demo-broker-1"]
     controller.wake(children=True)
-    await asyncio.sleep(0.1)
-    assert kube.deleted == [("Deployment", "demo-broker-1")] and kube.applied == []
+    await holds_for(lambda: kube.deleted == [("Deployment", "demo-broker-1")] and kube.applied == [], QUIET,
+                    "nothing more deleted or applied")
     await controller.stop()
 
 
@@ -567,6 +615,25 @@ async def test_controller_retries_api_failures_with_backoff() -> None:
     await wait_for(lambda: kube.statuses, 5, "a status in the end")
     assert kube.failures == {"apply": 0, "status": 0}
     assert kube.statuses[-1]["observedGeneration"] == 1
+    await controller.stop()
+
+
+async def test_controller_reports_a_failure_once_while_it_lasts_and_again_when_it_returns() -> None:
+    kube, events = FakeKube(fail_status=3), []
+    controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS,  # type: ignore[arg-type]
+                                   post=events.append)
+
+    def warnings() -> list[str]:
+        return [e.message for e in events if e.warning and e.reason == "StatusFailed"]
+
+    controller.start()
+    await wait_for(lambda: kube.statuses, 5, "a status once the API answers again")
+    assert kube.failures["status"] == 0  # three attempts failed...
+    assert len(warnings()) == 1 and "API error 503 Service Unavailable" in warnings()[0]  # ...one Warning
+    kube.failures["status"] = 1  # the same failure comes back
+    controller.set_body(resource({"brokers": {"replicas": 2}}, generation=2, version="2"))
+    await wait_for(lambda: kube.statuses[-1]["observedGeneration"] == 2, 5, "generation 2 observed")
+    assert len(warnings()) == 2 and warnings()[1].startswith("writing status failed: API error 503")
     await controller.stop()
 
 

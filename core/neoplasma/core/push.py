@@ -6,19 +6,21 @@ Used as-is by the operator and by the local runtime: one code path for both.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
+from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import Snapshot
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 log = get_logger("push")
+
+RETRY = BackoffPolicy(initial=0.1, maximum=2.0, jitter=True)  # push_all's, per proxy
 
 
 @dataclass
@@ -28,20 +30,19 @@ class PushResult:
     ok: bool
     applied_version: int = 0
     error: str = ""
-    connected: list[str] = field(default_factory=list)
-    attempts: int = 0
 
 
 class MembershipPusher:
-    """Pushes snapshots to proxies concurrently, retrying each with backoff and jitter."""
+    """Pushes snapshots to proxies: `push_one` tries once (its caller owns retries, as the
+    operator's MembershipSync does); `push_all` retries each proxy with `retry` up to `attempts`."""
 
-    def __init__(self, *, timeout: float = 2.0, attempts: int = 5, backoff: float = 0.1,
-                 max_backoff: float = 2.0) -> None:
+    def __init__(self, *, timeout: float = 2.0, attempts: int = 5,
+                 retry: BackoffPolicy = RETRY) -> None:
         self.timeout = timeout
         self.attempts = attempts
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.retry = retry
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _stub(self, address: str) -> pb_grpc.ProxyControlStub:
         channel = self._channels.get(address)
@@ -51,40 +52,35 @@ class MembershipPusher:
         return pb_grpc.ProxyControlStub(channel)
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
-        """Push until the proxy runs `snapshot.version` (or newer), or attempts run out."""
-        message = snapshot.to_proto()
-        result = PushResult(target, address, ok=False)
-        delay = self.backoff
-        for attempt in range(1, self.attempts + 1):
-            result.attempts = attempt
-            try:
-                reply: pb.ApplyResponse = await self._stub(address).Apply(message, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                result.error = f"{exc.code().name}: {exc.details()}"
-            else:
-                result.applied_version = reply.applied_version
-                result.connected = [link.name for link in reply.links
-                                    if link.state == pb.BrokerLink.State.CONNECTED]
-                if reply.applied_version >= snapshot.version:
-                    result.ok, result.error = True, ""
-                    return result
-                result.error = f"proxy refused version {snapshot.version}: {reply.reason}"
-            if attempt < self.attempts:
-                await asyncio.sleep(random.uniform(0, delay))  # full jitter backoff
-                delay = min(delay * 2, self.max_backoff)
-        log.warning("push_failed", target=target, address=address, version=snapshot.version,
-                    error=result.error, attempts=result.attempts)
-        return result
+        """One push: ok when the proxy runs `snapshot.version` (or newer) afterwards."""
+        try:
+            reply: pb.ApplyResponse = await self._stub(address).Apply(snapshot.to_proto(), timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            return PushResult(target, address, ok=False, error=f"{exc.code().name}: {exc.details()}")
+        if reply.applied_version >= snapshot.version:
+            return PushResult(target, address, ok=True, applied_version=reply.applied_version)
+        return PushResult(target, address, ok=False, applied_version=reply.applied_version,
+                          error=f"proxy refused version {snapshot.version}: {reply.reason}")
 
     async def push_all(self, targets: Mapping[str, str], snapshot: Snapshot) -> dict[str, PushResult]:
-        """Push `snapshot` to every target (name -> control address) at once."""
+        """Push `snapshot` to every target (name -> control address) at once, each retried with backoff."""
         started = time.monotonic()
+
+        async def until_applied(name: str) -> PushResult:
+            for failures in range(self.attempts):
+                await asyncio.sleep(self.retry.delay(failures))  # no wait before the first
+                result = await self.push_one(name, targets[name], snapshot)
+                if result.ok:
+                    return result
+            log.warning("push_failed", target=name, address=targets[name], version=snapshot.version,
+                        error=result.error, attempts=self.attempts)
+            return result
+
         names = list(targets)
-        results = await asyncio.gather(*(self.push_one(n, targets[n], snapshot) for n in names))
+        results = await asyncio.gather(*(until_applied(n) for n in names))
         self.prune(targets.values())
-        acked = sum(r.ok for r in results)
         log.info("membership_pushed", version=snapshot.version, brokers=len(snapshot.members),
-                 proxies=len(names), acknowledged=acked,
+                 proxies=len(names), acknowledged=sum(r.ok for r in results),
                  seconds=round(time.monotonic() - started, 4))
         return dict(zip(names, results, strict=True))
 
@@ -92,10 +88,12 @@ class MembershipPusher:
         """Close channels to addresses not in `keep`."""
         wanted = set(keep)
         for address in [a for a in self._channels if a not in wanted]:
-            channel = self._channels.pop(address)
-            asyncio.get_running_loop().create_task(channel.close())
+            task = asyncio.get_running_loop().create_task(self._channels.pop(address).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        await asyncio.gather(*self._closing)

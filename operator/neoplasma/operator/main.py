@@ -51,12 +51,13 @@ def run_operator(config: OperatorConfig) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     options = Options(default_image=handlers.default_image(), policy_api=policy_api,
                       scale_interval=config.scale_interval)
+    state = OperatorState(kube, options)
     if config.metrics_port:
-        metrics.serve(config.metrics_port)
+        metrics.serve(config.metrics_port, state.metrics)
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
     memo = kopf.Memo()
-    memo[handlers.STATE] = OperatorState(kube, options)
+    memo[handlers.STATE] = state
     scope = {"namespaces": config.namespaces} if config.namespaces else {"clusterwide": True}
     log.info("operator_starting", namespaces=config.namespaces or "all", liveness_port=config.liveness_port,
              metrics_port=config.metrics_port or None, scale_interval=config.scale_interval,

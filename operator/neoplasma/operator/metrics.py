@@ -2,7 +2,8 @@
 
 Per cluster (labels `namespace`, `cluster`): desired and ready brokers and proxies, the
 membership version and how many proxies run it; scaling decisions counted by tier and
-direction. The gauges of a deleted cluster are removed.
+direction. The gauges of a deleted cluster are removed. One `Metrics` per operator, with its
+own registry.
 """
 
 from __future__ import annotations
@@ -17,49 +18,51 @@ from neoplasma.operator.members import ClusterKey
 if TYPE_CHECKING:
     from neoplasma.operator.status import Observed
 
-REGISTRY = CollectorRegistry()
 LABELS = ("namespace", "cluster")
 
-CLUSTERS = Gauge("neoplasma_operator_clusters", "NeoplasmaClusters the operator runs.", registry=REGISTRY)
-BROKERS_DESIRED = Gauge("neoplasma_cluster_brokers_desired", "Brokers the cluster should have (spec or autoscaler).",
-                        LABELS, registry=REGISTRY)
-BROKERS_READY = Gauge("neoplasma_cluster_brokers_ready", "Ready broker pods.", LABELS, registry=REGISTRY)
-PROXIES_DESIRED = Gauge("neoplasma_cluster_proxies_desired", "Proxies the cluster should have (spec or autoscaler).",
-                        LABELS, registry=REGISTRY)
-PROXIES_READY = Gauge("neoplasma_cluster_proxies_ready", "Ready proxy pods.", LABELS, registry=REGISTRY)
-MEMBERSHIP_VERSION = Gauge("neoplasma_cluster_membership_version", "Version of the latest membership snapshot.",
-                           LABELS, registry=REGISTRY)
-MEMBERSHIP_ACKNOWLEDGED = Gauge("neoplasma_cluster_membership_acknowledged",
-                                "Ready proxies that applied the latest membership version.", LABELS, registry=REGISTRY)
-SCALING_DECISIONS = Counter("neoplasma_cluster_scaling_decisions", "Autoscaler decisions that changed a size.",
-                            (*LABELS, "tier", "direction"), registry=REGISTRY)
-PER_CLUSTER = (BROKERS_DESIRED, BROKERS_READY, PROXIES_DESIRED, PROXIES_READY, MEMBERSHIP_VERSION,
-               MEMBERSHIP_ACKNOWLEDGED)
 
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.clusters = Gauge("neoplasma_operator_clusters", "NeoplasmaClusters the operator runs.",
+                              registry=registry)
+        self.brokers_desired = Gauge("neoplasma_cluster_brokers_desired",
+                                     "Brokers the cluster should have (spec or autoscaler).", LABELS, registry=registry)
+        self.brokers_ready = Gauge("neoplasma_cluster_brokers_ready", "Ready broker pods.", LABELS, registry=registry)
+        self.proxies_desired = Gauge("neoplasma_cluster_proxies_desired",
+                                     "Proxies the cluster should have (spec or autoscaler).", LABELS, registry=registry)
+        self.proxies_ready = Gauge("neoplasma_cluster_proxies_ready", "Ready proxy pods.", LABELS, registry=registry)
+        self.membership_version = Gauge("neoplasma_cluster_membership_version",
+                                        "Version of the latest membership snapshot.", LABELS, registry=registry)
+        self.membership_acknowledged = Gauge("neoplasma_cluster_membership_acknowledged",
+                                             "Ready proxies that applied the latest membership version.", LABELS,
+                                             registry=registry)
+        self.scaling_decisions = Counter("neoplasma_cluster_scaling_decisions",
+                                         "Autoscaler decisions that changed a size.", (*LABELS, "tier", "direction"),
+                                         registry=registry)
 
-def serve(port: int) -> None:
-    """Serve /metrics on 0.0.0.0:`port` from a background thread."""
-    start_http_server(port, addr="0.0.0.0", registry=REGISTRY)
+    def observe(self, key: ClusterKey, observed: Observed) -> None:
+        self.brokers_desired.labels(*key).set(observed.brokers[0])
+        self.brokers_ready.labels(*key).set(observed.brokers[1])
+        self.proxies_desired.labels(*key).set(observed.proxies[0])
+        self.proxies_ready.labels(*key).set(observed.proxies[1])
+        self.membership_version.labels(*key).set(observed.membership.version)
+        self.membership_acknowledged.labels(*key).set(observed.membership.acknowledged)
 
+    def scaled(self, key: ClusterKey, tier: str, direction: str) -> None:
+        self.scaling_decisions.labels(*key, tier, direction).inc()
 
-def observe(key: ClusterKey, observed: Observed) -> None:
-    BROKERS_DESIRED.labels(*key).set(observed.brokers[0])
-    BROKERS_READY.labels(*key).set(observed.brokers[1])
-    PROXIES_DESIRED.labels(*key).set(observed.proxies[0])
-    PROXIES_READY.labels(*key).set(observed.proxies[1])
-    MEMBERSHIP_VERSION.labels(*key).set(observed.membership.version)
-    MEMBERSHIP_ACKNOWLEDGED.labels(*key).set(observed.membership.acknowledged)
-
-
-def scaled(key: ClusterKey, tier: str, direction: str) -> None:
-    SCALING_DECISIONS.labels(*key, tier, direction).inc()
-
-
-def forget(key: ClusterKey) -> None:
-    for gauge in PER_CLUSTER:
-        with contextlib.suppress(KeyError):
-            gauge.remove(*key)
-    for tier in ("brokers", "proxies"):
-        for direction in ("up", "down"):
+    def forget(self, key: ClusterKey) -> None:
+        for gauge in (self.brokers_desired, self.brokers_ready, self.proxies_desired, self.proxies_ready,
+                      self.membership_version, self.membership_acknowledged):
             with contextlib.suppress(KeyError):
-                SCALING_DECISIONS.remove(*key, tier, direction)
+                gauge.remove(*key)
+        for tier in ("brokers", "proxies"):
+            for direction in ("up", "down"):
+                with contextlib.suppress(KeyError):
+                    self.scaling_decisions.remove(*key, tier, direction)
+
+
+def serve(port: int, metrics: Metrics) -> None:
+    """Serve `metrics` at /metrics on 0.0.0.0:`port` from a background thread."""
+    start_http_server(port, addr="0.0.0.0", registry=metrics.registry)

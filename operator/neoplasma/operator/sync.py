@@ -4,14 +4,15 @@
 `next_snapshot` (the version grows only when the brokers changed) and pushes it, through the
 same `MembershipPusher` the local runtime uses, to each ready proxy that has not applied it:
 one push task per proxy, so a slow or broken proxy never holds the others back. A proxy whose
-push failed is retried with exponential backoff; `refresh()` (anti-entropy) pushes to every
+push failed is retried with backoff (this is the one retry loop of a push: the pusher tries
+once); `refresh()` (anti-entropy) pushes to every
 proxy again, which also repairs one that restarted unnoticed. Versions never go backwards:
 a restarted operator resumes from the version in the resource's status, and a proxy that
 reports a newer version than ours (pushed before a crash, never recorded) makes the next
 snapshot jump past it.
 
 The decisions are plain functions and classes (`resume_snapshot`, `catch_up`, `Convergence`,
-`Backoff`); only `MembershipSync` does I/O, and only through the pusher.
+core.backoff's `Backoff`); only `MembershipSync` does I/O, and only through the pusher.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
@@ -29,6 +31,8 @@ from neoplasma.operator.conditions import MembershipProgress
 from neoplasma.operator.members import ProxyTarget
 
 log = get_logger("operator.sync")
+
+RETRY = BackoffPolicy(initial=0.1, maximum=10.0)  # a proxy whose push failed (each push is tried once)
 
 # Stands for "whatever the proxies had before this operator started": it equals no real
 # membership, so the first snapshot after a restart always takes a new version.
@@ -78,42 +82,6 @@ class Convergence:
 
 
 @dataclass
-class Backoff:
-    """Per-proxy retry delays: initial, doubling up to a ceiling; reset on success."""
-
-    initial: float = 0.5
-    ceiling: float = 10.0
-    _delays: dict[str, float] = field(default_factory=dict)
-    _not_before: dict[str, float] = field(default_factory=dict)
-
-    def failed(self, name: str, now: float) -> float:
-        delay = min(self._delays.get(name, self.initial / 2) * 2, self.ceiling)
-        self._delays[name] = delay
-        self._not_before[name] = now + delay
-        return delay
-
-    def succeeded(self, name: str) -> None:
-        self._delays.pop(name, None)
-        self._not_before.pop(name, None)
-
-    def due(self, name: str, now: float) -> bool:
-        return now >= self._not_before.get(name, 0.0)
-
-    def started(self, name: str) -> None:
-        """A retry is under way: nothing is due for `name` until it fails again."""
-        self._not_before.pop(name, None)
-
-    def next_due(self) -> float | None:
-        return min(self._not_before.values(), default=None)
-
-    def forget(self, keep: Iterable[str]) -> None:
-        wanted = set(keep)
-        for table in (self._delays, self._not_before):
-            for name in [n for n in table if n not in wanted]:
-                del table[name]
-
-
-@dataclass
 class _Push:
     incarnation: str
     version: int
@@ -129,22 +97,21 @@ class MembershipSync:
         *,
         version: int = 0,
         on_progress: Callable[[], None] = lambda: None,
-        on_failure: Callable[[str, int, str], None] = lambda name, version, error: None,
-        backoff: Backoff | None = None,
+        retry: BackoffPolicy = RETRY,
         clock: Callable[[], float] = time.monotonic,
         label: str = "",
     ) -> None:
         self.pusher = pusher
         self.snapshot = resume_snapshot(version)
         self.convergence = Convergence()
-        self.backoff = backoff or Backoff()
+        self.retry = retry
         self._on_progress = on_progress
-        self._on_failure = on_failure
         self._clock = clock
         self._label = label
         self._targets: dict[str, ProxyTarget] = {}
         self._applied: dict[str, tuple[str, int]] = {}  # name -> (incarnation, version)
         self._errors: dict[str, str] = {}
+        self._retries: dict[str, Backoff] = {}  # the proxies whose push failed
         self._pushes: dict[str, _Push] = {}
         self._closed = False
 
@@ -169,7 +136,7 @@ class MembershipSync:
 
     def next_retry(self) -> float | None:
         """When the earliest failed push is due again (clock time), if any."""
-        return self.backoff.next_due()
+        return min((r.not_before for r in self._retries.values() if r.not_before is not None), default=None)
 
     def settling_since(self) -> float | None:
         """When the change now being pushed was seen, while every push so far went fine."""
@@ -207,10 +174,9 @@ class MembershipSync:
         self._targets = dict(targets)
         for name in [n for n in self._pushes if n not in targets]:
             self._pushes.pop(name).task.cancel()
-        for table in (self._applied, self._errors):
+        for table in (self._applied, self._errors, self._retries):
             for name in [n for n in table if n not in targets]:
                 del table[name]
-        self.backoff.forget(targets)
         self.pusher.prune(t.address for t in targets.values())
 
     def _push_due(self, force: bool) -> None:
@@ -218,14 +184,15 @@ class MembershipSync:
             return
         now = self._clock()
         for name, target in self._targets.items():
-            push = self._pushes.get(name)
+            push, retry = self._pushes.get(name), self._retries.get(name)
             if push is not None and not push.task.done():
                 if (push.incarnation, push.version) == (target.incarnation, self.snapshot.version):
                     continue
                 push.task.cancel()  # superseded by a newer snapshot or a new incarnation
-            elif not force and (self._is_applied(name) or not self.backoff.due(name, now)):
+            elif not force and (self._is_applied(name) or (retry is not None and not retry.due(now))):
                 continue
-            self.backoff.started(name)
+            if retry is not None:
+                retry.not_before = None  # under way: not due again unless it fails
             task = asyncio.get_running_loop().create_task(self._push(target, self.snapshot))
             self._pushes[name] = _Push(target.incarnation, self.snapshot.version, task)
 
@@ -249,16 +216,15 @@ class MembershipSync:
         if result.ok:
             self._applied[name] = (target.incarnation, result.applied_version)
             self._errors.pop(name, None)
-            self.backoff.succeeded(name)
+            self._retries.pop(name, None)
             self._check_converged()
             return
         if snapshot.version != self.snapshot.version:
             return  # a newer push supersedes this failure
         self._errors[name] = result.error or "no answer"
-        delay = self.backoff.failed(name, self._clock())
+        delay = self._retries.setdefault(name, Backoff(self.retry)).failed(self._clock())
         log.warning("membership_push_failed", cluster=self._label, proxy=name, address=target.address,
                     version=snapshot.version, error=self._errors[name], retry_in=round(delay, 2))
-        self._on_failure(name, snapshot.version, self._errors[name])
 
     def _check_converged(self) -> None:
         everyone = all(self._is_applied(name) for name in self._targets)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from dataclasses import dataclass
+import time
 
 import grpc
 
+from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
@@ -20,21 +20,7 @@ log = get_logger("proxy.links")
 LinkState = pb.BrokerLink.State
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter."""
-
-    base: float = 0.1
-    cap: float = 5.0
-    attempt: int = 0
-
-    def next_delay(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
+RETRY = BackoffPolicy(initial=0.1, maximum=5.0, jitter=True)  # a lost relay stream, reconnected
 
 
 class BrokerLink:
@@ -91,7 +77,7 @@ class BrokerLink:
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
             self.state = LinkState.BACKOFF
-            delay = self.backoff.next_delay()
+            delay = self.backoff.failed(time.monotonic())
             log.warning("relay_lost", broker=self.member.name, address=self.member.address,
                         error=self.last_error, retry_in=round(delay, 3))
             await asyncio.sleep(delay)
@@ -119,7 +105,7 @@ class BrokerLink:
     def _mark_connected(self) -> None:
         if self.state != LinkState.CONNECTED:
             self.state = LinkState.CONNECTED
-            self.backoff.reset()
+            self.backoff.succeeded()
             self.last_error = ""
             log.info("relay_connected", broker=self.member.name, address=self.member.address)
 
@@ -163,7 +149,7 @@ class LinkSet:
             if existing is not None:
                 existing.member = member  # SERVING <-> DRAINING: the link stays open
                 continue
-            link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(),
+            link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes)
             link.start()
         self.applied = snapshot
