@@ -303,7 +303,7 @@ def test_the_cli_accepts_the_rendered_arguments(rendered: dict[str, list[dict[st
     for flag, value in itertools.pairwise(args):
         if flag.startswith("--") and flag != "--namespace" and not value.startswith("--"):
             assert str(getattr(parsed, flag[2:].replace("-", "_"))) == value, flag
-    assert parsed.namespace == [a for i, a in enumerate(args) if i and args[i - 1] == "--namespace"]
+    assert parsed.namespaces == [a for i, a in enumerate(args) if i and args[i - 1] == "--namespace"]
 
 
 def test_selectors_match_only_the_operator_pod(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, Event, InvalidEvent, make_event, parse_publish_body
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import announce, bind_socket, hostport
+from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Settings, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -30,22 +30,25 @@ SERVICE_NAME = "neoplasma.v1.Broker"
 
 
 @dataclass
-class BrokerConfig:
-    name: str = "broker"
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    http_port: int = 8080
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
-    max_topic_length: int = MAX_TOPIC_LENGTH
-    max_request_bytes: int = 16 * 1024 * 1024
-    # Per relay stream: how much may wait for a slow proxy before events for it are dropped.
-    max_outbox_bytes: int = 64 * 1024 * 1024
+class BrokerConfig(Settings):
+    """The broker's settings; `neoplasma broker` has an option for each one with help."""
+
+    name: str = setting(factory=lambda: pod_name("broker"),
+                        help="broker name (default $NEOPLASMA_POD_NAME, else broker-HOST-PID)")
+    host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
+    grpc_port: int = setting(50051, bound=PORT, help="gRPC port")
+    http_port: int = setting(8080, bound=PORT, help="HTTP publish/metrics port")
+    max_event_bytes: int = setting(DEFAULT_MAX_EVENT_BYTES, bound=POSITIVE, help="largest event data, in bytes")
+    max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
+    max_request_bytes: int = setting(16 * 1024 * 1024, bound=POSITIVE)
+    max_outbox_bytes: int = setting(64 * 1024 * 1024, bound=POSITIVE,
+                                    help="bytes held per slow relay stream before its events are dropped")
     # Largest relay message (a single bigger event still goes alone).
-    max_message_bytes: int = 1024 * 1024
-    # A publisher counts as connected for this long after its last publish.
-    publisher_window: float = 30.0
+    max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
+    publisher_window: float = setting(30.0, bound=POSITIVE, env="NEOPLASMA_PUBLISHER_WINDOW",
+                                      help="seconds a publisher counts as connected after its last publish")
     # On SIGTERM: how long to wait for relay outboxes to drain before exiting.
-    drain_timeout: float = 20.0
+    drain_timeout: float = setting(20.0, bound=NON_NEGATIVE)
 
 
 class Metrics:
@@ -268,14 +271,12 @@ async def serve(config: BrokerConfig) -> None:
     server.add_generic_rpc_handlers((relay_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    grpc_port = server.add_insecure_port(hostport(config.host, config.grpc_port))
-    if grpc_port == 0:
-        raise SystemExit(f"cannot listen on {config.host}:{config.grpc_port} for gRPC; choose another port")
+    grpc_port = add_grpc_port(server, config.host, config.grpc_port, "--grpc-port")
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    sock = bind_socket(config.host, config.http_port)
+    sock = bind_socket(config.host, config.http_port, "--http-port")
     runner = web.AppRunner(http_app(broker), access_log=None, handle_signals=False)
     await runner.setup()
     await web.SockSite(runner, sock).start()
@@ -304,7 +305,3 @@ async def serve(config: BrokerConfig) -> None:
     await runner.cleanup()
     log.info("broker_stopped", events_in=broker.events_in, events_out=broker.events_out,
              dropped=broker.events_dropped)
-
-
-def default_name() -> str:
-    return socket.gethostname()

@@ -11,23 +11,43 @@ import socket
 import sys
 from typing import Any
 
+import grpc
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname())."""
+from neoplasma.core.errors import NeoplasmaError
+
+
+class CannotListen(NeoplasmaError):
+    def __init__(self, host: str, port: int, reason: str, flag: str) -> None:
+        super().__init__(f"cannot listen on {hostport(host, port)}: {reason}; choose another {flag} "
+                         "or stop what is using it")
+
+
+class ParentGone(NeoplasmaError):
+    """`neoplasma up`, which started this server, died before the server could follow it."""
+
+
+def bind_socket(host: str, port: int, flag: str) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname()).
+    `flag` names the option that chose the port, for the error if it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}; choose another port "
-                         "or stop what is using it") from None
+        raise CannotListen(host, port, exc.strerror or str(exc), flag) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str) -> int:
+    """Have the grpc.aio `server` listen on host:port (0: any free port); the port it got."""
+    try:
+        return int(server.add_insecure_port(hostport(host, port)))
+    except RuntimeError:  # grpc says no more than "failed to bind"
+        raise CannotListen(host, port, "the address is in use or not available", flag) from None
 
 
 PARENT_PID_ENV = "NEOPLASMA_PARENT_PID"
@@ -43,7 +63,7 @@ def die_with_parent() -> None:
     except (OSError, AttributeError):
         return
     if os.getppid() != int(parent):  # `up` died before the line above took effect
-        raise SystemExit("neoplasma up (the parent) is gone; not starting")
+        raise ParentGone("neoplasma up (the parent) is gone; not starting")
 
 
 def raise_fd_limit() -> int:

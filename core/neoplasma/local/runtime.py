@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.backoff import BackoffPolicy
+from neoplasma.core.errors import NeoplasmaError, UsageError
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
@@ -33,8 +34,8 @@ STOP_TIMEOUT = 15.0
 RESTART_BACKOFF = BackoffPolicy(initial=1.0, maximum=30.0)  # a failed restart's wait, by the child's restarts
 
 
-class ChildFailed(RuntimeError):
-    pass
+class ChildFailed(NeoplasmaError):
+    """A broker or proxy did not start serving."""
 
 
 @dataclass
@@ -256,11 +257,9 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
         loop.add_signal_handler(sig, cluster.stopping.set)
     try:
         await cluster.start()
-    except ChildFailed as exc:
-        log.error("up_failed", error=str(exc))
+    except ChildFailed:
         await cluster.stop()
-        print(f"neoplasma up: {exc}", file=sys.stderr)
-        return 1
+        raise
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
     scaling = asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval)) if scaler.autoscale else None
     await cluster.stopping.wait()
@@ -275,12 +274,9 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
            interval: float = 5.0) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations."""
     if brokers < 1 or proxies < 1:
-        print("neoplasma up: need at least one broker and one proxy", file=sys.stderr)
-        return 2
+        raise UsageError("need at least one broker and one proxy")
     scaler = Autoscaler()
     scaler.read(annotations or {}, brokers, proxies)
     if scaler.errors:
-        for error in scaler.errors:
-            print(f"neoplasma up: {error}", file=sys.stderr)
-        return 2
+        raise UsageError("\n".join(map(str, scaler.errors)))
     return asyncio.run(_up(brokers, proxies, as_json, scaler, interval))

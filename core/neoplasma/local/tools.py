@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import sys
-
 import aiohttp
 import grpc
 
+from neoplasma.core.errors import NeoplasmaError, UsageError
 from neoplasma.core.events import InvalidEvent, make_event
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+
+class Refused(NeoplasmaError):
+    """A broker or proxy could not be reached, or refused the request."""
 
 
 async def publish(broker: str, topic: str, data: str) -> int:
     try:
         event = make_event(topic, data.encode())
     except InvalidEvent as exc:
-        print(f"neoplasma publish: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     async with grpc.aio.insecure_channel(broker) as channel:
         try:
             reply = await pb_grpc.BrokerStub(channel).Publish(
                 pb.PublishRequest(events=[pb.Event(topic=event.topic, data=event.data)]), timeout=10)
         except grpc.aio.AioRpcError as exc:
-            print(f"neoplasma publish: {broker}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            raise Refused(f"{broker}: {exc.code().name}: {exc.details()}") from None
     print(f"accepted {reply.accepted}")
     return 0
 
@@ -37,8 +38,7 @@ async def subscribe(proxy: str, topics: list[str], count: int) -> int:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(url, params={"eventType": ",".join(topics)}) as resp:
                 if resp.status != 200:
-                    print(f"neoplasma subscribe: {resp.status}: {(await resp.text()).strip()}", file=sys.stderr)
-                    return 1
+                    raise Refused(f"{resp.status}: {(await resp.text()).strip()}")
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\n")
                     if line.startswith("data: "):
@@ -47,6 +47,5 @@ async def subscribe(proxy: str, topics: list[str], count: int) -> int:
                         if count and received >= count:
                             return 0
     except aiohttp.ClientError as exc:
-        print(f"neoplasma subscribe: {url}: {exc}", file=sys.stderr)
-        return 1
+        raise Refused(f"{url}: {exc}") from None
     return 0

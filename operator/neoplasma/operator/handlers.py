@@ -14,7 +14,6 @@ and needs no finalizer.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -23,8 +22,8 @@ from typing import Any
 import kopf
 
 from neoplasma.operator.children import index_value
-from neoplasma.operator.controller import Indexes, OperatorState, Options
-from neoplasma.operator.kube import GROUP, PLURAL, VERSION, Kube, api_client
+from neoplasma.operator.controller import Indexes, OperatorState
+from neoplasma.operator.kube import GROUP, PLURAL, VERSION
 from neoplasma.operator.members import ClusterKey, PodView, pod_view
 from neoplasma.operator.render import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL
 
@@ -35,7 +34,7 @@ STATE = "neoplasma"  # the operator's state, kept in kopf's memo under this key
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
-    """kopf settings for this operator (used by run_operator and by the startup handler)."""
+    """kopf settings for this operator (run_operator passes them to kopf)."""
     settings.posting.level = logging.INFO  # kopf.info events about what the operator does
     settings.watching.connect_timeout = 10
     settings.watching.server_timeout = 300
@@ -46,18 +45,15 @@ def configure(settings: kopf.OperatorSettings) -> None:
 def state_of(memo: kopf.Memo) -> OperatorState:
     state = memo.get(STATE)
     if not isinstance(state, OperatorState):
-        raise RuntimeError("the operator's state is missing: run it with `neoplasma operator`")
+        raise kopf.PermanentError("the operator was not set up: start it with `neoplasma operator` "
+                                  "(`kopf run` is not supported)")
     return state
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Under `kopf run` (not `neoplasma operator`), set up what run_operator would have."""
-    if STATE not in memo:
-        configure(settings)
-        kube = Kube(api_client())
-        policy_api = await asyncio.to_thread(kube.policy_api)
-        memo[STATE] = OperatorState(kube, Options(default_image=default_image(), policy_api=policy_api))
+async def startup(memo: kopf.Memo, **_: Any) -> None:
+    """Stop at once under `kopf run`: only `neoplasma operator` sets the operator up."""
+    state_of(memo)
 
 
 @kopf.on.cleanup()

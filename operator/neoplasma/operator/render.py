@@ -16,14 +16,18 @@ from typing import Any
 import jinja2
 import yaml
 
+from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.tiers import Tier
 from neoplasma.operator.spec import Cluster, NodePorts, ServiceType
+from neoplasma.proxy.server import ProxyConfig
 
 Manifest = dict[str, Any]
 
-GRPC_PORT = 50051
-HTTP_PORT = 8080
-CONTROL_PORT = 50052
+# The pods' ports are the servers' own defaults (BrokerConfig, ProxyConfig).
+BROKER_PORTS = {"grpc": BrokerConfig.grpc_port, "http": BrokerConfig.http_port}
+PROXY_PORTS = {"http": ProxyConfig.http_port, "grpc": ProxyConfig.grpc_port, "control": ProxyConfig.control_port}
+GRPC_PORT = BROKER_PORTS["grpc"]  # where proxies relay from and the operator reads Stats
+CONTROL_PORT = PROXY_PORTS["control"]  # where the operator pushes membership
 POLICY_APIS = ("policy/v1", "policy/v1beta1")
 
 NAME_LABEL = "app.kubernetes.io/name"
@@ -33,14 +37,6 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 BROKER_DEPLOYMENT_LABEL = "neoplasma.io/broker-deployment"
 MANAGED_BY = "neoplasma-operator"
 
-BROKER_COMMAND = (
-    "neoplasma", "broker", "--host", "0.0.0.0",
-    "--grpc-port", str(GRPC_PORT), "--http-port", str(HTTP_PORT),
-)
-PROXY_COMMAND = (
-    "neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", str(HTTP_PORT),
-    "--grpc-port", str(GRPC_PORT), "--control-port", str(CONTROL_PORT),
-)
 # Rollouts keep serving: a new proxy is ready before an old one is stopped.
 _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 
@@ -96,6 +92,12 @@ def labels(cluster_name: str, component: Tier) -> dict[str, str]:
     return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
 
 
+def server_command(tier: Tier, ports: dict[str, int]) -> list[str]:
+    """The container's command: `neoplasma TIER` on every address, each port as `--NAME-port`."""
+    return ["neoplasma", tier, "--host", "0.0.0.0",
+            *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))]
+
+
 def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
     name = broker_deployment_name(cluster.name, index)
     selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
@@ -108,8 +110,8 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
         selector=selector,
         replicas=replicas,
         image=image,
-        command=BROKER_COMMAND,
-        ports={"grpc": GRPC_PORT, "http": HTTP_PORT},
+        command=server_command(Tier.BROKER, BROKER_PORTS),
+        ports=BROKER_PORTS,
         resources=cluster.spec.brokers.resources.to_dict(),
         grace_seconds=30,
         strategy=None,
@@ -126,8 +128,8 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
-        command=PROXY_COMMAND,
-        ports={"grpc": GRPC_PORT, "http": HTTP_PORT, "control": CONTROL_PORT},
+        command=server_command(Tier.PROXY, PROXY_PORTS),
+        ports=PROXY_PORTS,
         resources=cluster.spec.proxies.resources.to_dict(),
         grace_seconds=60,
         strategy=_PROXY_STRATEGY,
@@ -136,7 +138,7 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
 
 def broker_service(cluster: Cluster) -> Manifest:
     """The Service publishers use (gRPC and HTTP publish)."""
-    ports = [ServicePort("grpc", GRPC_PORT, "grpc"), ServicePort("http", HTTP_PORT, "http")]
+    ports = [ServicePort(name, port, name) for name, port in BROKER_PORTS.items()]
     return _service(cluster, Tier.BROKER, "ClusterIP", ports)
 
 
@@ -145,8 +147,8 @@ def proxy_service(cluster: Cluster) -> Manifest:
     service = cluster.spec.proxies.service
     node_ports = service.node_ports if service.type != "ClusterIP" else NodePorts()
     ports = [
-        ServicePort("sse", HTTP_PORT, "http", node_ports.sse),
-        ServicePort("grpc", GRPC_PORT, "grpc", node_ports.grpc),
+        ServicePort("sse", PROXY_PORTS["http"], "http", node_ports.sse),
+        ServicePort("grpc", PROXY_PORTS["grpc"], "grpc", node_ports.grpc),
     ]
     return _service(cluster, Tier.PROXY, service.type, ports)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
@@ -18,7 +18,8 @@ from prometheus_client.registry import Collector
 from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
-from neoplasma.core.net import announce, bind_socket, hostport
+from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Settings, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic, parse_topic_list
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.hub import BatchSubscriber, Hub, PlasmaSubscriber, QueueSubscriber, SseSubscriber, Subscriber
@@ -32,30 +33,35 @@ HEARTBEAT = b":heartbeat \n\n"
 
 
 @dataclass
-class ProxyConfig:
-    name: str = "proxy"
-    host: str = "127.0.0.1"
-    http_port: int = 8080
-    grpc_port: int = 50051
-    control_port: int = 50052
-    # Static brokers (host:port), applied as membership version 0 until a push replaces them.
-    brokers: list[str] = field(default_factory=list)
+class ProxyConfig(Settings):
+    """The proxy's settings; `neoplasma proxy` has an option for each one with help."""
+
+    name: str = setting(factory=lambda: pod_name("proxy"),
+                        help="proxy name (default $NEOPLASMA_POD_NAME, else proxy-HOST-PID)")
+    host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
+    http_port: int = setting(8080, bound=PORT, help="SSE/health/metrics port")
+    grpc_port: int = setting(50051, bound=PORT, help="subscriber gRPC port")
+    control_port: int = setting(50052, bound=PORT, help="ProxyControl port")
+    # Static brokers, applied as membership version 0 until a push replaces them.
+    brokers: list[str] = setting(factory=list, help="static broker list host:port,... (until a membership push)")
     event_query: str = "eventType"  # plasma's default query parameter
     origin: str = "*"  # Access-Control-Allow-Origin on SSE responses
-    retry_ms: int = 2000  # SSE `retry:` hint
-    # The hint sent when draining: closes are already paced, so clients may come back quickly
-    # (to another proxy), which shortens the gap in which they miss events.
-    drain_retry_ms: int = 250
-    heartbeat_seconds: float = 10.0
-    max_topic_length: int = MAX_TOPIC_LENGTH
+    heartbeat_seconds: float = setting(10.0, bound=POSITIVE, flag="--heartbeat",
+                                       help="seconds between SSE heartbeat comments")
+    retry_ms: int = setting(2000, bound=POSITIVE, help="SSE retry: hint in milliseconds")
+    # Closes are paced when draining, so clients may come back quickly (to another proxy),
+    # which shortens the gap in which they miss events.
+    drain_retry_ms: int = setting(250, bound=POSITIVE,
+                                  help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
+    drain_rate: float = setting(500.0, bound=POSITIVE,
+                                help="subscribers asked to reconnect per second when shutting down")
+    max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
-    max_sse_buffer: int = 4 * 1024 * 1024
-    max_grpc_queue: int = 10000
-    max_message_bytes: int = 1024 * 1024
-    # On SIGTERM or Drain: subscribers asked to reconnect per second.
-    drain_rate: float = 500.0
+    max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
+    max_grpc_queue: int = setting(10000, bound=POSITIVE)
+    max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
     # Under load, how long the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
-    linger_seconds: float = 0.002
+    linger_seconds: float = setting(0.002, bound=NON_NEGATIVE)
 
 
 class Proxy:
@@ -95,10 +101,12 @@ class Proxy:
             topics=len(self.hub.topics()), draining=self.draining)
 
     def drain(self, rate: float) -> None:
-        """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second."""
+        """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
+        (the configured drain_rate when `rate` is not a positive number)."""
         self.draining = True
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate or self.config.drain_rate))
+            rate = rate if POSITIVE.allows(rate) else self.config.drain_rate
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate))
 
     async def _drain(self, rate: float) -> None:
         interval = 1.0 / rate
@@ -333,20 +341,17 @@ async def serve(config: ProxyConfig) -> None:
     subscribers.add_generic_rpc_handlers(subscriber_handlers(proxy))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, subscribers)
-    grpc_port = subscribers.add_insecure_port(hostport(config.host, config.grpc_port))
+    grpc_port = add_grpc_port(subscribers, config.host, config.grpc_port, "--grpc-port")
     control = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ProxyControlServicer_to_server(ControlServicer(proxy), control)
-    control_port = control.add_insecure_port(hostport(config.host, config.control_port))
-    if not grpc_port or not control_port:
-        raise SystemExit(f"cannot listen on {config.host} ports {config.grpc_port}/{config.control_port}; "
-                         "choose other ports")
+    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port")
     await subscribers.start()
     await control.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
-    sock = bind_socket(config.host, config.http_port)
+    sock = bind_socket(config.host, config.http_port, "--http-port")
     runner = web.AppRunner(http_app(proxy, registry), access_log=None, handle_signals=False,
                            handler_cancellation=True)
     await runner.setup()

@@ -1,0 +1,41 @@
+"""`neoplasma operator`, the one way to run the operator: its options are OperatorConfig's settings."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from neoplasma.core.cli import Commands
+from neoplasma.core.errors import UsageError
+from neoplasma.core.settings import POSITIVE, Bound, Settings, setting
+
+
+@dataclass
+class OperatorConfig(Settings):
+    """The operator's settings; `neoplasma operator` has an option for each one."""
+
+    namespaces: list[str] = setting(factory=list, flag="--namespace",
+                                    help="watch only this namespace (repeatable; default: all namespaces)")
+    liveness_port: int = setting(8080, bound=Bound(1, 65535), help="liveness endpoint port, at /healthz")
+    metrics_port: int = setting(0, bound=Bound(0, 65535, note="0: off"),
+                                help="serve Prometheus metrics on this port at /metrics")
+    scale_interval: float = setting(10.0, bound=POSITIVE,
+                                    help="seconds between autoscaling decisions of annotated clusters")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.metrics_port == self.liveness_port:
+            raise UsageError(f"--metrics-port and --liveness-port are both {self.liveness_port}; "
+                             "choose two different ports")
+
+
+def add_commands(commands: Commands) -> None:
+    parser = commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    OperatorConfig.add_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neoplasma.operator.main import run_operator
+
+    return run_operator(OperatorConfig.from_args(args))

@@ -1,0 +1,10 @@
+"""`neoplasma proxy`: its options are ProxyConfig's settings."""
+
+from __future__ import annotations
+
+from neoplasma.core.cli import Commands, add_server
+from neoplasma.proxy.server import ProxyConfig, serve
+
+
+def add_commands(commands: Commands) -> None:
+    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, serve)
