@@ -52,7 +52,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     config = BrokerConfig(name=args.name or _env_name("broker"), host=args.host, grpc_port=args.grpc_port,
                           http_port=args.http_port, max_event_bytes=args.max_event_bytes,
-                          max_outbox_bytes=args.max_outbox_bytes, publisher_window=args.publisher_window)
+                          max_outbox_bytes=args.max_outbox_bytes, publisher_window=args.publisher_window,
+                          retention_seconds=args.retention_seconds, retention_bytes=args.retention_bytes)
     return _run(lambda: serve(config))
 
 
@@ -63,7 +64,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     config = ProxyConfig(name=args.name or _env_name("proxy"), host=args.host, http_port=args.http_port,
                          grpc_port=args.grpc_port, control_port=args.control_port, brokers=brokers,
                          heartbeat_seconds=args.heartbeat, retry_ms=args.retry_ms,
-                         drain_rate=args.drain_rate, drain_retry_ms=args.drain_retry_ms)
+                         drain_rate=args.drain_rate, drain_retry_ms=args.drain_retry_ms,
+                         resume_wait_seconds=args.resume_wait_seconds)
     return _run(lambda: serve(config))
 
 
@@ -124,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=float(os.environ.get("NEOPLASMA_PUBLISHER_WINDOW", "30")),
                    help="seconds a publisher counts as connected after its last publish "
                         "(default 30, or $NEOPLASMA_PUBLISHER_WINDOW)")
+    p.add_argument("--retention-seconds", type=_seconds, default=300.0,
+                   help="how long accepted events are kept for resuming subscribers (default 300)")
+    p.add_argument("--retention-bytes", type=_positive_int, default=256 * 1024 * 1024,
+                   help="most bytes of events kept for resuming subscribers (default 256 MiB)")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("proxy", help="run a proxy (SSE + plasma gRPC for subscribers)")
@@ -139,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
     p.add_argument("--drain-rate", type=float, default=500.0,
                    help="subscribers asked to reconnect per second when shutting down")
+    p.add_argument("--resume-wait-seconds", type=_seconds, default=10.0,
+                   help="how long a resuming subscriber waits for the brokers' links (default 10)")
     p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser("up", help="run a whole cluster on this machine (127.0.0.1)")

@@ -30,10 +30,11 @@ class Member:
 class Snapshot:
     version: int
     members: tuple[Member, ...]
+    cluster: str = ""  # the cluster's identity, named by resume tokens
 
     def to_proto(self) -> pb.Membership:
         return pb.Membership(
-            version=self.version,
+            version=self.version, cluster=self.cluster,
             brokers=[pb.BrokerMember(name=m.name, address=m.address,
                                      state=m.state.value)
                      for m in self.members],
@@ -52,7 +53,7 @@ def next_snapshot(current: Snapshot, members: Iterable[Member]) -> Snapshot:
     ordered = tuple(sorted(set(members)))
     if ordered == current.members:
         return current
-    return Snapshot(current.version + 1, ordered)
+    return Snapshot(current.version + 1, ordered, current.cluster)
 
 
 class InvalidSnapshot(ValueError):
@@ -79,7 +80,9 @@ def snapshot_from_proto(msg: pb.Membership) -> Snapshot:
         if b.state == pb.BrokerMember.State.STATE_UNSPECIFIED:
             raise InvalidSnapshot(f"broker {b.name!r} has no state (SERVING or DRAINING)")
         members.append(Member(b.name, b.address, BrokerState(pb.BrokerMember.State.Name(b.state))))
-    return Snapshot(msg.version, tuple(sorted(members)))
+    if len(msg.cluster) > 256:
+        raise InvalidSnapshot("the cluster id is longer than 256 characters")
+    return Snapshot(msg.version, tuple(sorted(members)), msg.cluster)
 
 
 def is_stale(applied_version: int, incoming_version: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
+from neoplasma.core.membership import BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Policy, Recommendation, decide, parse_policy
@@ -87,7 +88,7 @@ class LocalCluster:
         self.proxies: list[Child] = []
         self._initial = {"broker": brokers, "proxy": proxies}
         self._next_index = {"broker": 0, "proxy": 0}
-        self.snapshot: Snapshot = EMPTY
+        self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
         self.pusher = MembershipPusher()
         self._stopping = False
         self._watchers: set[asyncio.Task[None]] = set()
