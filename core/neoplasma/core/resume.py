@@ -50,7 +50,7 @@ def decode_token(token: str, tag: bytes) -> dict[int, int]:
     if not token or len(token) > 8192:
         raise InvalidToken("the resume token is empty or too long")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise InvalidToken("the resume token is not URL-safe base64") from None
     if len(raw) < 5 or raw[0] != TOKEN_VERSION:

@@ -53,7 +53,7 @@ class BrokerLink:
         self.changed = changed  # notified when the link's state or interest acknowledgement changes
         self.epoch = 0  # the broker's epoch, once a relay message named it
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
-        self.stub: pb_grpc.BrokerStub | None = None  # while connected (Replay goes here)
+        self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
         self.proxy_name = proxy_name
         self.backoff = backoff
@@ -75,6 +75,14 @@ class BrokerLink:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._replay_channel is not None:
+            await self._replay_channel.close()
+
+    def replay_stub(self) -> pb_grpc.BrokerStub:
+        """A stub for Replay calls, on a channel of its own that outlives relay streams."""
+        if self._replay_channel is None:
+            self._replay_channel = grpc.aio.insecure_channel(self.member.address, options=self._options)
+        return pb_grpc.BrokerStub(self._replay_channel)
 
     def interest_changed(self, added: set[str], removed: set[str]) -> None:
         self._added = (self._added - removed) | added
@@ -99,19 +107,20 @@ class BrokerLink:
         return (self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
                 and not self._added and not self._removed)
 
+    @property
+    def _options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", 2 * self.max_message_bytes + 65536)]
+
     async def _run(self) -> None:
-        options = [("grpc.max_receive_message_length", 2 * self.max_message_bytes + 65536)]
         while True:
             self.state = LinkState.CONNECTING
             try:
-                async with grpc.aio.insecure_channel(self.member.address, options=options) as channel:
+                async with grpc.aio.insecure_channel(self.member.address, options=self._options) as channel:
                     await self._relay(pb_grpc.BrokerStub(channel))
                 self.last_error = "broker ended the relay stream"
                 self.ended_cleanly = True
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
-            finally:
-                self.stub = None
             self.state = LinkState.BACKOFF
             self.changed.notify()
             delay = self.backoff.next_delay()
@@ -140,7 +149,6 @@ class BrokerLink:
                 self.hub.submit(events, epoch, batch.head)
                 if batch.interest_applied:
                     self._interest_applied = batch.interest_applied
-                    self.stub = stub
                     self._mark_connected()
                     self.changed.notify()
         finally:

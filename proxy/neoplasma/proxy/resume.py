@@ -104,7 +104,7 @@ class Resume:
     async def _replay_all(self, client: dict[int, int]) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
         live events must be skipped, per epoch."""
-        links = [link for link in self.links.links.values() if link.epoch and link.stub is not None]
+        links = [link for link in self.links.links.values() if link.epoch]
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
         skip: dict[int, int] = {}
         for link in links:
@@ -123,9 +123,8 @@ class Resume:
         """Deliver `link`'s broker's events after `after`; returns the replay's head."""
         epoch, head = link.epoch, after
         request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
-        assert link.stub is not None
         try:
-            async for batch in link.stub.Replay(request, timeout=max(self.wait, 30.0)):
+            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0)):
                 head = max(head, batch.head)
                 if batch.gap:
                     await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "
