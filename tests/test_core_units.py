@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neoplasma.broker.routing import RelayStream, Router
-from neoplasma.core.events import Event, batch_entry, compact_json, plasma_payload, sse_frame
+from neoplasma.core.events import Event, batch_entry, batch_trailer, compact_json, plasma_payload, sse_frame
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
 from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
 from neoplasma.plasma.v1 import stream_pb2
@@ -44,11 +44,14 @@ def test_compact_json_like_go(raw: bytes, compact: bytes) -> None:
 
 def test_encodings_decode_with_protobuf() -> None:
     e = Event("a:b", b'{"x":1}')
-    batch = pb.EventBatch.FromString(batch_entry(e) * 2)
-    assert [(x.topic, x.data) for x in batch.events] == [("a:b", b'{"x":1}')] * 2
+    batch = pb.EventBatch.FromString(batch_entry(e) * 2 + batch_entry(e, 300)
+                                     + batch_trailer(epoch=2**32 - 1, head=301, token=b"t", gap=True))
+    assert [(x.topic, x.data, x.seq) for x in batch.events] == [("a:b", b'{"x":1}', 0)] * 2 + [
+        ("a:b", b'{"x":1}', 300)]
+    assert (batch.epoch, batch.head, batch.token, batch.gap) == (2**32 - 1, 301, "t", True)
     payload = stream_pb2.Payload.FromString(plasma_payload(e))
     assert payload.eventType.type == "a:b" and payload.data == '{"x":1}'
-    assert sse_frame(7, e) == b'id: 7\ndata: {"meta":{"type":"a:b"},"data":{"x":1}}\n\n'
+    assert sse_frame(b"AQtok", e) == b'id: AQtok\ndata: {"meta":{"type":"a:b"},"data":{"x":1}}\n\n'
 
 
 def test_snapshot_version_bumps_only_on_change() -> None:
@@ -68,19 +71,21 @@ async def test_router_delivers_once_per_stream_and_bounds_slow_streams() -> None
         router.attach(s)
     router.update_interest(fast, ["a", "a:b"], [], replace=True)
     router.update_interest(slow, ["a"], [], replace=True)
-    _, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3)
+    _, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3, 1)
     assert len(fast.outbox) == 4  # a:b once although it matches two keys, plus three a's
     assert dropped == 2 and slow.dropped == 2  # 100-byte outbox holds only the first two
-    message, count = fast.take(1 << 20)
+    message, count = fast.take(1 << 20, 7, 5, 0.0)
     decoded = pb.EventBatch.FromString(message)
     assert count == 4 and len(decoded.events) == 4 and decoded.interest_applied == 1
+    assert [e.seq for e in decoded.events] == [1, 3, 4, 5] and (decoded.epoch, decoded.head) == (7, 5)
+    assert not decoded.gap
     router.update_interest(fast, [], ["a", "a:b"], replace=False)
-    assert router.route([Event("a", b'"' + b"x" * 40 + b'"')]) == (0, 1)  # only slow wants it, and it is full
-    slow.take(1 << 20)
-    assert router.route([Event("a", b"1")]) == (1, 0)
+    assert router.route([Event("a", b'"' + b"x" * 40 + b'"')], 6) == (0, 1)  # only slow wants it, and it is full
+    assert pb.EventBatch.FromString(slow.take(1 << 20, 7, 6, 0.0)[0]).gap  # the proxy is told it lost events
+    assert router.route([Event("a", b"1")], 7) == (1, 0)
     router.detach(fast)
     router.detach(slow)
-    assert router.route([Event("a", b"1")]) == (0, 0)
+    assert router.route([Event("a", b"1")], 8) == (0, 0)
 
 
 @pytest.mark.parametrize("n_events", [1, 64])

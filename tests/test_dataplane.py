@@ -58,7 +58,7 @@ async def test_sse_wire_format_matches_plasma(start: Any) -> None:
         assert raw.startswith(b"retry: 2000\n")
         frame = raw[len(b"retry: 2000\n"):]
         event_id = client.ids[0]
-        assert frame == (b"id: %d\ndata: " % event_id
+        assert frame == (b"id: %s\ndata: " % event_id.encode()
                          + b'{"meta":{"type":"a:b"},"data":{"x":"\\u003c\\u0026\\u003e","y":[1,2]}}\n\n')
 
 

@@ -6,8 +6,10 @@ a busy broker sends few, big messages (adaptive coalescing: whatever piled
 up while the previous write was in flight goes out in the next one).
 
 Overflow policy: when a stream's outbox holds `max_outbox_bytes`, further
-events for that stream are dropped and counted (`dropped`); other streams
-and publishers are never blocked by it.
+events for that stream are dropped and counted (`dropped`), and its next
+message carries `gap`; other streams and publishers are never blocked by it.
+
+Every message carries the broker's epoch and head (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from neoplasma.core.events import Event, batch_entry, varint_field
+from neoplasma.core.events import Event, batch_entry, batch_trailer, varint_field
 from neoplasma.core.topics import TopicIndex
 
 
@@ -34,28 +36,36 @@ class RelayStream:
         self.dropped = 0
         self.interest_applied = 0  # Interest messages applied so far
         self.interest_reported = 0  # ... and the count last sent to the proxy
+        self.gap = False  # events were dropped since the last message
+        self.head_sent = 0  # the head in the last message
+        self.written_at = 0.0  # when the last message was cut (monotonic)
 
     def offer(self, entry: bytes) -> bool:
         size = len(entry)
         if self.outbox_bytes + size > self.max_outbox_bytes and self.outbox:
             self.dropped += 1
+            self.gap = True
             return False
         self.outbox.append(entry)
         self.outbox_bytes += size
         self.wake.set()
         return True
 
-    def has_news(self) -> bool:
-        return bool(self.outbox) or self.interest_reported != self.interest_applied
+    def has_news(self, head: int, now: float, head_interval: float) -> bool:
+        """Something to send: events, an interest ack, a gap, or (at most every `head_interval`) a new head."""
+        return (bool(self.outbox) or self.interest_reported != self.interest_applied or self.gap
+                or (head > self.head_sent and now - self.written_at >= head_interval))
 
-    def take(self, max_bytes: int) -> tuple[bytes, int]:
+    def take(self, max_bytes: int, epoch: int, head: int, now: float) -> tuple[bytes, int]:
         """Remove up to `max_bytes` of entries and return them as one `EventBatch` message.
 
-        The message also carries `interest_applied` when it changed since the last one.
+        The message carries `epoch`, `head` (0 when entries stay behind: they are older than
+        it), `gap` after drops, and `interest_applied` when it changed since the last one.
         """
         if self.outbox_bytes <= max_bytes:
             taken, self.outbox, self.outbox_bytes = self.outbox, [], 0
         else:
+            head = 0
             total, n = 0, 0
             for entry in self.outbox:
                 if n and total + len(entry) > max_bytes:
@@ -64,12 +74,16 @@ class RelayStream:
                 n += 1
             taken, self.outbox = self.outbox[:n], self.outbox[n:]
             self.outbox_bytes -= total
-        self.sent += len(taken)
+        count = len(taken)
+        self.sent += count
         if self.interest_reported != self.interest_applied:
             self.interest_reported = self.interest_applied
             taken.append(varint_field(2, self.interest_applied))
-            return b"".join(taken), len(taken) - 1
-        return b"".join(taken), len(taken)
+        taken.append(batch_trailer(epoch=epoch, head=head, gap=self.gap))
+        self.gap = False
+        self.head_sent = max(self.head_sent, head)
+        self.written_at = now
+        return b"".join(taken), count
 
 
 class Router:
@@ -95,14 +109,17 @@ class Router:
         self._index.add(stream, new - stream.interest)
         stream.interest = new
 
-    def route(self, events: Sequence[Event]) -> tuple[int, int]:
-        """Queue each event once on every stream interested in it: (queued, dropped)."""
+    def route(self, events: Sequence[Event], first_seq: int) -> tuple[int, int]:
+        """Queue each event (stamped `first_seq`, +1, ...) once on every stream interested in it.
+
+        Returns (queued, dropped).
+        """
         queued = dropped = 0
-        for event in events:
+        for seq, event in enumerate(events, first_seq):
             streams = self._index.matching(event.topic)
             if not streams:
                 continue
-            entry = batch_entry(event)
+            entry = batch_entry(event, seq)
             for stream in streams:
                 if stream.offer(entry):
                     queued += 1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -16,9 +18,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.core.aio import wait_event_or_task
-from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, Event, InvalidEvent, make_event, parse_publish_body
+from neoplasma.core.events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    InvalidEvent,
+    batch_entry,
+    batch_trailer,
+    make_event,
+    parse_publish_body,
+)
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.resume import RetentionLog
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Settings, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -49,6 +60,13 @@ class BrokerConfig(Settings):
                                       help="seconds a publisher counts as connected after its last publish")
     # On SIGTERM: how long to wait for relay outboxes to drain before exiting.
     drain_timeout: float = setting(20.0, bound=NON_NEGATIVE)
+    # Retention for resumable streams (docs/resume.md): longer than any rollout or reconnect.
+    retention_seconds: float = setting(300.0, bound=POSITIVE, help="seconds accepted events are kept for resuming "
+                                       "subscribers")
+    retention_bytes: int = setting(256 * 1024 * 1024, bound=POSITIVE,
+                                   help="bytes of accepted events kept for resuming subscribers")
+    # An idle relay stream is told the new head at most this often.
+    head_interval: float = setting(1.0, bound=POSITIVE)
 
 
 class Metrics:
@@ -75,6 +93,10 @@ class Broker:
         self.router = Router()
         self.metrics = Metrics()
         self.draining = False
+        self.closing = False  # drained: relay streams send their last head and end
+        self.epoch = random.randint(1, 2**32 - 1)
+        self.seq = 0  # the last seq stamped in this epoch
+        self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
         self.events_in = 0
         self.events_out = 0
         self.events_dropped = 0
@@ -85,8 +107,12 @@ class Broker:
     # -- publishing ----------------------------------------------------------
 
     def accept(self, events: list[Event], peer: str) -> int:
-        queued, dropped = self.router.route(events)
+        first = self.seq + 1
         n = len(events)
+        self.seq += n
+        now = time.monotonic()
+        queued, dropped = self.router.route(events, first)
+        self.retention.append(first, events, now)
         self.events_in += n
         self.events_out += queued
         self.events_dropped += dropped
@@ -95,7 +121,6 @@ class Broker:
             self.metrics.events_out.inc(queued)
         if dropped:
             self.metrics.events_dropped.inc(dropped)
-        now = time.monotonic()
         self._publishers[peer] = now
         self._rate.append((now, self.events_in))
         return n
@@ -154,6 +179,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def Relay(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         broker = self.broker
         cfg = broker.config
+        if broker.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"broker {cfg.name} is shutting down")
         stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes)
         first = await context.read()
         if first is grpc.aio.EOF:
@@ -168,11 +195,15 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         reader = asyncio.create_task(self._read_interest(stream, context))
         try:
             while not reader.done():
-                if not stream.has_news():
+                now = time.monotonic()
+                if not stream.has_news(broker.seq, now, cfg.head_interval):
+                    if broker.closing:  # drained: a last head, then a clean end
+                        await context.write(batch_trailer(epoch=broker.epoch, head=broker.seq))
+                        return
                     stream.wake.clear()
-                    await wait_event_or_task(stream.wake, reader)
+                    await wait_event_or_task(stream.wake, reader, cfg.head_interval)
                     continue
-                message, _ = stream.take(cfg.max_message_bytes)
+                message, _ = stream.take(cfg.max_message_bytes, broker.epoch, broker.seq, now)
                 if not stream.outbox:
                     broker.router.note_flushed()
                 await context.write(message)
@@ -201,6 +232,32 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.BrokerStats:  # noqa: N802
         return self.broker.stats()
 
+    async def Replay(self, request: pb.ReplayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # noqa: N802
+        """The retained events after `request.after` for `request.topics`, up to the head now."""
+        broker = self.broker
+        limit = broker.config.max_topic_length
+        try:
+            topics = frozenset(check_topic(t, limit) for t in request.topics)
+        except InvalidTopic as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replay refused: {exc}")
+        head = broker.seq
+        log_ = broker.retention
+        log_.evict(time.monotonic())
+        ours = request.epoch == broker.epoch
+        gap = not ours or request.after > head or not log_.covers(request.after)
+        found = list(log_.replay(request.after, head, topics)) if ours else []
+        trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)
+        entries: list[bytes] = []
+        size = 0
+        for seq, event in found:
+            entry = batch_entry(event, seq)
+            if entries and size + len(entry) > broker.config.max_message_bytes:
+                yield b"".join(entries) + trailer
+                trailer, entries, size = batch_trailer(epoch=broker.epoch, head=head), [], 0
+            entries.append(entry)
+            size += len(entry)
+        yield b"".join(entries) + trailer
+
 
 def identity(data: bytes) -> bytes:
     return data
@@ -217,6 +274,8 @@ def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
             response_serializer=pb.BrokerStats.SerializeToString),
+        "Replay": grpc.unary_stream_rpc_method_handler(
+            servicer.Replay, request_deserializer=pb.ReplayRequest.FromString, response_serializer=identity),
     })
 
 
@@ -301,6 +360,9 @@ async def serve(config: BrokerConfig) -> None:
         await asyncio.wait_for(broker.router.flushed(), config.drain_timeout)
     except TimeoutError:
         log.warning("broker_drain_timeout", pending_bytes=broker.router.pending_bytes())
+    broker.closing = True  # relay streams send their last head and end cleanly
+    for stream in broker.router.streams:
+        stream.wake.set()
     await server.stop(grace=1.0)
     await runner.cleanup()
     log.info("broker_stopped", events_in=broker.events_in, events_out=broker.events_out,

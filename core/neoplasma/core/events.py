@@ -38,6 +38,9 @@ class RequestTooLarge(InvalidEvent, LimitExceeded):
 class Event:
     topic: str
     data: bytes  # compact JSON text
+    # The stamp (docs/resume.md), as a proxy received it; brokers keep them implied by position.
+    epoch: int = 0
+    seq: int = 0
 
 
 # Matches a JSON string literal, or a run of whitespace outside one.
@@ -219,14 +222,35 @@ def _field_bytes(field: int, payload: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
-def batch_entry(event: Event) -> bytes:
-    """`event` as one element of `EventBatch.events` (field 1), encoded once.
+def fixed32_field(field: int, value: int) -> bytes:
+    """A protobuf fixed32 field (wire type 5), encoded."""
+    return _varint(field << 3 | 5) + value.to_bytes(4, "little")
+
+
+def batch_entry(event: Event, seq: int = 0) -> bytes:
+    """`event` as one element of `EventBatch.events` (field 1), encoded once, stamped with `seq`.
 
     Joining entries gives the serialised `EventBatch`, so a broker builds each
     relay message by concatenation, with no protobuf work per proxy.
     """
     body = _field_bytes(1, event.topic.encode("utf-8")) + _field_bytes(2, event.data)
+    if seq:
+        body += varint_field(3, seq)
     return _field_bytes(1, body)
+
+
+def batch_trailer(*, epoch: int = 0, head: int = 0, token: bytes = b"", gap: bool = False) -> bytes:
+    """The `EventBatch` fields after the events (joined after the entries)."""
+    out = b""
+    if epoch:
+        out += fixed32_field(3, epoch)
+    if head:
+        out += varint_field(4, head)
+    if token:
+        out += _field_bytes(5, token)
+    if gap:
+        out += varint_field(6, 1)
+    return out
 
 
 def plasma_json(event: Event) -> bytes:
@@ -235,9 +259,14 @@ def plasma_json(event: Event) -> bytes:
     return b'{"meta":{"type":' + topic.encode("utf-8") + b'},"data":' + event.data + b"}"
 
 
-def sse_frame(event_id: int, event: Event) -> bytes:
-    """One SSE event exactly as plasma writes it."""
-    return b"id: %d\ndata: %s\n\n" % (event_id, plasma_json(event))
+def sse_frame(token: bytes, event: Event) -> bytes:
+    """One SSE event as plasma writes it, its `id` being the resume token after it."""
+    return b"id: %s\ndata: %s\n\n" % (token, plasma_json(event))
+
+
+def sse_gap(reason: str) -> bytes:
+    """The gap signal: a named event, which plasma clients' `onmessage` ignores."""
+    return b"event: neoplasma-gap\ndata: %s\n\n" % json.dumps({"reason": reason}).encode()
 
 
 def plasma_payload(event: Event) -> bytes:

@@ -33,10 +33,11 @@ class Member:
 class Snapshot:
     version: int
     members: tuple[Member, ...]
+    cluster: str = ""  # the cluster's identity, named by resume tokens
 
     def to_proto(self) -> pb.Membership:
         return pb.Membership(
-            version=self.version,
+            version=self.version, cluster=self.cluster,
             brokers=[pb.BrokerMember(name=m.name, address=m.address,
                                      state=m.state.value)
                      for m in self.members],
@@ -55,7 +56,7 @@ def next_snapshot(current: Snapshot, members: Iterable[Member]) -> Snapshot:
     ordered = tuple(sorted(set(members)))
     if ordered == current.members:
         return current
-    return Snapshot(current.version + 1, ordered)
+    return Snapshot(current.version + 1, ordered, current.cluster)
 
 
 class InvalidSnapshot(ValueError):
@@ -121,7 +122,9 @@ def snapshot_from_proto(msg: pb.Membership) -> Snapshot:
             unknown = f"; {b.state} is unknown" if b.state else ""
             raise InvalidSnapshot(f"broker {b.name!r} has no state (SERVING or DRAINING){unknown}")
         members.append(Member(b.name, b.address, state))
-    return Snapshot(msg.version, tuple(sorted(members)))
+    if len(msg.cluster) > 256:
+        raise InvalidSnapshot("the cluster id is longer than 256 characters")
+    return Snapshot(msg.version, tuple(sorted(members)), msg.cluster)
 
 
 def is_stale(applied_version: int, incoming_version: int) -> bool:

@@ -172,7 +172,7 @@ class SseClient:
     def __init__(self, http: str, topics: str) -> None:
         self.url = f"http://{http}/?eventType={topics}"
         self.events: list[dict[str, Any]] = []
-        self.ids: list[int] = []
+        self.ids: list[str] = []
         self.comments: list[str] = []
         self.retry: int | None = None
         self.status: int | None = None
@@ -200,7 +200,7 @@ class SseClient:
                 if text.startswith("data: "):
                     self.events.append(json.loads(text[6:]))
                 elif text.startswith("id: "):
-                    self.ids.append(int(text[4:]))
+                    self.ids.append(text[4:])
                 elif text.startswith("retry: "):
                     self.retry = int(text[7:])
                 elif text.startswith(":"):

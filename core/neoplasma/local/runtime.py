@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.errors import NeoplasmaError, UsageError
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
+from neoplasma.core.membership import BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
@@ -93,7 +94,7 @@ class LocalCluster:
         self.proxies: list[Child] = []
         self._initial = {Tier.BROKER: brokers, Tier.PROXY: proxies}
         self._next_index = dict.fromkeys(Tier, 0)
-        self.snapshot: Snapshot = EMPTY
+        self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
         self.pusher = MembershipPusher()
         self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()

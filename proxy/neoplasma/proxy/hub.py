@@ -9,6 +9,10 @@ Slow subscribers: a subscriber whose unsent data exceeds its limit is
 disconnected (counted in `slow_dropped`); it never delays the others.
 Clients reconnect (EventSource does so by itself; plasma gRPC clients retry
 on UNAVAILABLE).
+
+Positions: the hub keeps the proxy's position per broker epoch, advanced as
+it dispatches, and names it in resume tokens, encoded once per event (SSE)
+or per batch (native), never per subscriber (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -19,26 +23,43 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
-from neoplasma.core.events import Event, batch_entry, plasma_payload, sse_frame
+from neoplasma.core.aio import Signal
+from neoplasma.core.events import Event, batch_entry, batch_trailer, plasma_payload, sse_frame, sse_gap
+from neoplasma.core.resume import cluster_tag, encode_token
 from neoplasma.core.topics import TopicIndex
+
+RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
 
 class Batch:
     """One dispatched batch, with each event's encodings made at most once."""
 
-    __slots__ = ("_entry", "_plasma", "_sse", "events", "first_id")
+    __slots__ = ("_entry", "_plasma", "_sse", "_tokens", "base", "events", "hub")
 
-    def __init__(self, events: Sequence[Event], first_id: int) -> None:
+    def __init__(self, events: Sequence[Event], hub: Hub) -> None:
         self.events = events
-        self.first_id = first_id
+        self.hub = hub
+        self.base = dict(hub.positions)  # positions before this batch
+        self._tokens: list[bytes] | None = None
         self._sse: dict[int, bytes] = {}
         self._plasma: dict[int, bytes] = {}
         self._entry: dict[int, bytes] = {}
 
+    def token(self, i: int) -> bytes:
+        """The resume token after event `i` (made for every event at once, when first asked)."""
+        if self._tokens is None:
+            position, tag, tokens = dict(self.base), self.hub.tag, []
+            for event in self.events:
+                if event.epoch and event.seq > position.get(event.epoch, 0):
+                    position[event.epoch] = event.seq
+                tokens.append(encode_token(tag, position))
+            self._tokens = tokens
+        return self._tokens[i]
+
     def sse(self, i: int) -> bytes:
         frame = self._sse.get(i)
         if frame is None:
-            frame = self._sse[i] = sse_frame(self.first_id + i, self.events[i])
+            frame = self._sse[i] = sse_frame(self.token(i), self.events[i])
         return frame
 
     def plasma(self, i: int) -> bytes:
@@ -69,6 +90,10 @@ class Subscriber:
         self.closed = asyncio.get_running_loop().create_future()
         self.slow = False  # set by deliver() when it refuses for being too far behind
 
+    @property
+    def counted_as(self) -> str:
+        return self.kind
+
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> object:
         raise NotImplementedError
@@ -76,6 +101,10 @@ class Subscriber:
     def deliver(self, encoded: object) -> bool:
         """Hand over an encoded batch; False means gone or too slow (`slow`): the hub drops it."""
         raise NotImplementedError
+
+    def signal_gap(self, reason: str, token: bytes) -> bool:
+        """Tell the subscriber that events were missed (protocols without a signal: nothing)."""
+        return True
 
     def close(self, reason: str) -> None:
         """Ask the serving coroutine to end this subscriber's connection."""
@@ -106,6 +135,9 @@ class SseSubscriber(Subscriber):
             return False
         transport.write(encoded)  # type: ignore[arg-type]
         return True
+
+    def signal_gap(self, reason: str, token: bytes) -> bool:
+        return self.deliver(http_chunk(sse_gap(reason)))
 
 
 class QueueSubscriber(Subscriber):
@@ -148,7 +180,10 @@ class BatchSubscriber(QueueSubscriber):
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> list[bytes]:
-        return [b"".join([batch.entry(i) for i in indices])]
+        return [b"".join([batch.entry(i) for i in indices]) + batch_trailer(token=batch.hub.token())]
+
+    def signal_gap(self, reason: str, token: bytes) -> bool:
+        return self.deliver([batch_trailer(token=token, gap=True)])
 
 
 class Group:
@@ -170,9 +205,15 @@ class Hub:
         self._groups: dict[frozenset[str], Group] = {}
         self._index: TopicIndex[Group] = TopicIndex()
         self._listeners: list[InterestListener] = []
-        self.next_id = 1
         self._pending: list[Event] = []
+        self._pending_heads: dict[int, int] = {}
         self._wake = asyncio.Event()
+        self.positions: dict[int, int] = {}  # epoch -> seq: everything up to it was dispatched
+        self.retired: dict[int, int] = {}  # ended epochs -> their last position
+        self._retiring: set[int] = set()
+        self.tag = cluster_tag("")
+        self._token: bytes | None = None
+        self.advanced = Signal()  # notified after every dispatch
         self.events_received = 0
         self.deliveries = 0
         self.slow_dropped = 0
@@ -196,6 +237,20 @@ class Hub:
     def add(self, sub: Subscriber, topics: Iterable[str]) -> None:
         self.subscribers.add(sub)
         self._join(sub, frozenset(topics))
+
+    def swap(self, old: Subscriber, new: Subscriber) -> None:
+        """Put `new` in `old`'s place (same topics) without touching the proxy's interest."""
+        self.subscribers.discard(old)
+        self.subscribers.add(new)
+        new.topics = old.topics
+        group = self._groups.get(old.topics)
+        if group is None:
+            return
+        members = group.members[type(old)]
+        members.discard(old)
+        if not members:
+            del group.members[type(old)]
+        group.members.setdefault(type(new), set()).add(new)
 
     def resubscribe(self, sub: Subscriber, topics: Iterable[str]) -> None:
         self._leave(sub)
@@ -232,9 +287,38 @@ class Hub:
 
     # -- delivery ------------------------------------------------------------------
 
-    def submit(self, events: Sequence[Event]) -> None:
-        """Queue events from a relay link for the dispatcher."""
+    # -- positions --------------------------------------------------------------------
+
+    def set_cluster(self, cluster: str) -> None:
+        self.tag = cluster_tag(cluster)
+        self._token = None
+
+    def token(self) -> bytes:
+        """The resume token for the current positions (made once per change)."""
+        if self._token is None:
+            self._token = encode_token(self.tag, self.positions)
+        return self._token
+
+    def retire(self, epoch: int) -> None:
+        """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
+        self._retiring.add(epoch)
+        self._wake.set()
+
+    def _retire_now(self) -> None:
+        for epoch in self._retiring:
+            self.retired[epoch] = self.positions.pop(epoch, self.retired.get(epoch, 0))
+        self._retiring.clear()
+        while len(self.retired) > RETIRED_KEPT:
+            del self.retired[next(iter(self.retired))]
+        self._token = None
+
+    # -- delivery ------------------------------------------------------------------
+
+    def submit(self, events: Sequence[Event], epoch: int = 0, head: int = 0) -> None:
+        """Queue events from a relay link (and the `head` it reported) for the dispatcher."""
         self._pending.extend(events)
+        if head > self._pending_heads.get(epoch, 0):
+            self._pending_heads[epoch] = head
         self._wake.set()
 
     async def run_dispatcher(self, linger: float = 0.002) -> None:
@@ -251,19 +335,31 @@ class Hub:
                 await asyncio.sleep(linger)
             self._wake.clear()
             events, self._pending = self._pending, []
+            heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
-            self.dispatch(events)
+            self.dispatch(events, heads)
             busy = time.perf_counter() - started > linger
 
-    def dispatch(self, events: Sequence[Event]) -> int:
-        """Deliver a batch to every matching subscriber, each event once. Returns deliveries."""
-        batch = Batch(events, self.next_id)
-        self.next_id += len(events)
+    def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
+        """Deliver a batch to every matching subscriber, each event once. Returns deliveries.
+
+        Advances the positions by the events' stamps and then by `heads` {epoch: head}.
+        """
+        batch = Batch(events, self)
         self.events_received += len(events)
+        positions = self.positions
         matched: dict[Group, list[int]] = {}
         for i, event in enumerate(events):
+            positions[event.epoch] = event.seq
             for group in self._index.matching(event.topic):
                 matched.setdefault(group, []).append(i)
+        for epoch, head in (heads or {}).items():
+            if head > positions.get(epoch, 0):
+                positions[epoch] = head
+        positions.pop(0, None)  # unstamped events (tests, benchmarks) name no broker
+        if self._retiring:
+            self._retire_now()
+        self._token = None
         deliveries = 0
         refused: list[Subscriber] = []
         for group, indices in matched.items():
@@ -276,6 +372,7 @@ class Hub:
                         refused.append(sub)
         self._drop(refused)
         self.deliveries += deliveries
+        self.advanced.notify()
         return deliveries
 
     def _drop(self, subscribers: list[Subscriber]) -> None:
@@ -285,13 +382,24 @@ class Hub:
             sub.close("slow" if sub.slow else "gone")
 
     def broadcast_sse(self, data: bytes) -> None:
-        """Write `data` (e.g. a heartbeat comment) to every SSE subscriber."""
+        """Write `data` (e.g. a heartbeat comment) to every SSE subscriber, with the current token.
+
+        An `id:` without data updates EventSource's last id and fires nothing, so a quiet
+        subscriber's id stays within the brokers' retention.
+        """
+        if self.positions:
+            data = data[:-1] + b"id: " + self.token() + b"\n\n"
         chunk = http_chunk(data)
         self._drop([sub for sub in list(self.subscribers)
                     if isinstance(sub, SseSubscriber) and not sub.deliver(chunk)])
 
+    def broadcast_gap(self, reason: str) -> None:
+        """Tell every subscriber that events were missed (a relay lost events)."""
+        token = self.token()
+        self._drop([sub for sub in list(self.subscribers) if not sub.signal_gap(reason, token)])
+
     def counts(self) -> dict[str, int]:
         out = {"sse": 0, "plasma": 0, "batch": 0}
         for sub in self.subscribers:
-            out[sub.kind] += 1
+            out[sub.counted_as] += 1
         return out

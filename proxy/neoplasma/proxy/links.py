@@ -1,4 +1,10 @@
-"""Relay links: one stream to every broker in the proxy's membership."""
+"""Relay links: one stream to every broker in the proxy's membership.
+
+Each link learns its broker's epoch and hands stamped events and heads to the
+hub. A relay that was lost without a clean end (the broker flushes, sends its
+last head and ends the stream when it drains) may have lost events: the
+subscribers get the gap signal when the link is back or removed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import time
 
 import grpc
 
+from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
@@ -27,8 +34,12 @@ class BrokerLink:
     """Keeps one relay stream to one broker open, resending interest on every (re)connect."""
 
     def __init__(self, member: Member, hub: Hub, proxy_name: str, backoff: Backoff,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, changed: Signal) -> None:
         self.member = member
+        self.changed = changed  # notified when the link's state or interest acknowledgement changes
+        self.epoch = 0  # the broker's epoch, once a relay message named it
+        self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
+        self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
         self.proxy_name = proxy_name
         self.backoff = backoff
@@ -50,11 +61,26 @@ class BrokerLink:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._replay_channel is not None:
+            await self._replay_channel.close()
+
+    def replay_stub(self) -> pb_grpc.BrokerStub:
+        """A stub for Replay calls, on a channel of its own that outlives relay streams."""
+        if self._replay_channel is None:
+            self._replay_channel = grpc.aio.insecure_channel(self.member.address, options=self._options)
+        return pb_grpc.BrokerStub(self._replay_channel)
 
     def interest_changed(self, added: set[str], removed: set[str]) -> None:
         self._added = (self._added - removed) | added
         self._removed = (self._removed - added) | removed
         self._interest_changed.set()
+
+    def retire(self) -> None:
+        """The link is going away: its epoch ends (with a gap if the relay did not end cleanly)."""
+        if self.epoch:
+            if not self.ended_cleanly:
+                self.hub.broadcast_gap(f"broker {self.member.name} went away; its events since may be lost")
+            self.hub.retire(self.epoch)
 
     def to_proto(self) -> pb.BrokerLink:
         return pb.BrokerLink(name=self.member.name, address=self.member.address, state=self.state,
@@ -64,19 +90,25 @@ class BrokerLink:
 
     @property
     def interest_synced(self) -> bool:
-        return self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
+        return (self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
+                and not self._added and not self._removed)
+
+    @property
+    def _options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_receive_message_length", 2 * self.max_message_bytes + 65536)]
 
     async def _run(self) -> None:
-        options = [("grpc.max_receive_message_length", 2 * self.max_message_bytes + 65536)]
         while True:
             self.state = LinkState.CONNECTING
             try:
-                async with grpc.aio.insecure_channel(self.member.address, options=options) as channel:
+                async with grpc.aio.insecure_channel(self.member.address, options=self._options) as channel:
                     await self._relay(pb_grpc.BrokerStub(channel))
                 self.last_error = "broker ended the relay stream"
+                self.ended_cleanly = True
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
             self.state = LinkState.BACKOFF
+            self.changed.notify()
             delay = self.backoff.failed(time.monotonic())
             log.warning("relay_lost", broker=self.member.name, address=self.member.address,
                         error=self.last_error, retry_in=round(delay, 3))
@@ -84,6 +116,7 @@ class BrokerLink:
 
     async def _relay(self, stub: pb_grpc.BrokerStub) -> None:
         call = stub.Relay()
+        first = True
         self._added, self._removed = set(), set()
         self._interest_changed.clear()
         self._interest_sent, self._interest_applied = 1, 0
@@ -91,16 +124,32 @@ class BrokerLink:
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
+                epoch = batch.epoch
+                if first:
+                    self._opened(epoch)
+                    first = False
+                if batch.gap:
+                    self.hub.broadcast_gap(f"broker {self.member.name} dropped events for this proxy")
+                events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
+                self.events_received += len(events)
+                self.hub.submit(events, epoch, batch.head)
                 if batch.interest_applied:
                     self._interest_applied = batch.interest_applied
                     self._mark_connected()
-                if batch.events:
-                    events = [Event(e.topic, e.data) for e in batch.events]
-                    self.events_received += len(events)
-                    self.hub.submit(events)
+                    self.changed.notify()
         finally:
             writer.cancel()
             call.cancel()
+
+    def _opened(self, epoch: int) -> None:
+        """A relay stream's first message: end the old epoch if the broker restarted, note a lost relay."""
+        if epoch != self.epoch:
+            self.retire()  # with a gap when the old relay was lost
+        elif not self.ended_cleanly:
+            self.hub.broadcast_gap(f"the relay from broker {self.member.name} was lost; its events since "
+                                   "may be lost")
+        self.epoch = epoch
+        self.ended_cleanly = False
 
     def _mark_connected(self) -> None:
         if self.state != LinkState.CONNECTED:
@@ -114,10 +163,12 @@ class BrokerLink:
             await self._interest_changed.wait()
             self._interest_changed.clear()
             added, removed = self._added, self._removed
-            self._added, self._removed = set(), set()
             if added or removed:
                 self._interest_sent += 1
                 await call.write(pb.Interest(add=sorted(added), remove=sorted(removed)))
+            # Cleared only once written, so `interest_synced` never holds while a change is unsent.
+            self._added -= added
+            self._removed -= removed
 
 
 class LinkSet:
@@ -129,6 +180,7 @@ class LinkSet:
         self.max_message_bytes = max_message_bytes
         self.applied: Snapshot = EMPTY
         self.links: dict[str, BrokerLink] = {}
+        self.changed = Signal()
         hub.on_interest_change(self._interest_changed)
 
     def _interest_changed(self, added: set[str], removed: set[str]) -> None:
@@ -143,6 +195,7 @@ class LinkSet:
             if member is None or member.address != link.member.address:
                 del self.links[name]
                 await link.stop()
+                link.retire()
                 log.info("relay_removed", broker=name, address=link.member.address)
         for name, member in wanted.items():
             existing = self.links.get(name)
@@ -150,12 +203,18 @@ class LinkSet:
                 existing.member = member  # SERVING <-> DRAINING: the link stays open
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
-                                                 self.max_message_bytes)
+                                                 self.max_message_bytes, self.changed)
             link.start()
         self.applied = snapshot
+        self.hub.set_cluster(snapshot.cluster)
+        self.changed.notify()
         log.info("membership_applied", version=snapshot.version,
                  brokers=[m.name for m in snapshot.members],
                  draining=[m.name for m in snapshot.members if m.state is BrokerState.DRAINING])
+
+    def settled(self) -> bool:
+        """Membership applied and every link connected with the proxy's interest acknowledged."""
+        return self.applied is not EMPTY and all(link.interest_synced for link in self.links.values())
 
     async def close(self) -> None:
         links, self.links = list(self.links.values()), {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -16,14 +16,24 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from neoplasma.core.aio import wait_event_or_task
+from neoplasma.core.events import Event, batch_entry, batch_trailer, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
 from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Settings, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic, parse_topic_list
 from neoplasma.plasma.v1 import stream_pb2
-from neoplasma.proxy.hub import BatchSubscriber, Hub, PlasmaSubscriber, QueueSubscriber, SseSubscriber, Subscriber
+from neoplasma.proxy.hub import (
+    BatchSubscriber,
+    Hub,
+    PlasmaSubscriber,
+    QueueSubscriber,
+    SseSubscriber,
+    Subscriber,
+    http_chunk,
+)
 from neoplasma.proxy.links import LinkSet
+from neoplasma.proxy.resume import Resume, Sink, start_resume
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -62,6 +72,10 @@ class ProxyConfig(Settings):
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
     # Under load, how long the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
     linger_seconds: float = setting(0.002, bound=NON_NEGATIVE)
+    # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
+    # membership, interest acknowledgements) and for each relay to reach its replay.
+    resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
+                                         help="seconds a resuming subscriber waits for the broker links")
 
 
 class Proxy:
@@ -121,6 +135,54 @@ class Proxy:
     async def drained(self, timeout: float) -> None:
         if self._drain_task is not None:
             await asyncio.wait({self._drain_task}, timeout=timeout)
+
+    def subscribe(self, sub: Subscriber, topics: list[str], token: str, sink: Sink) -> asyncio.Task[None] | None:
+        """Add a subscriber: live at once, or (with a resume token) after catching up in a task."""
+        if not token:
+            self.hub.add(sub, topics)
+            return None
+        resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds)
+        return start_resume(resume, token)
+
+
+# -- catch-up for resuming subscribers ---------------------------------------------
+
+
+class SseSink:
+    def __init__(self, response: web.StreamResponse, sub: SseSubscriber) -> None:
+        self.response, self.sub = response, sub
+
+    @staticmethod
+    def _frames(events: Sequence[Event], tokens: Sequence[bytes]) -> bytes:
+        return b"".join([sse_frame(token, event) for event, token in zip(events, tokens, strict=True)])
+
+    async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        await self.response.write(self._frames(events, tokens))  # waits while the client is behind
+
+    async def gap(self, reason: str) -> None:
+        await self.response.write(sse_gap(reason))
+
+    def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
+        data = b"".join(sse_gap(reason) for reason in gaps) + self._frames(events, tokens)
+        if data:
+            self.sub.deliver(http_chunk(data))
+
+
+class BatchSink:
+    def __init__(self, sub: BatchSubscriber) -> None:
+        self.sub = sub
+
+    async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        self.send_now(events, tokens, ())
+
+    async def gap(self, reason: str) -> None:
+        self.send_now((), (), (reason,))
+
+    def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
+        if events or gaps:
+            message = b"".join([batch_entry(e) for e in events])
+            self.sub.queue.append(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=bool(gaps)))
+            self.sub.wake.set()
 
 
 # -- gRPC servicers ----------------------------------------------------------------
@@ -193,11 +255,13 @@ class SubscriberServicer(pb_grpc.SubscriberServicer):
         if not topics:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
         sub = BatchSubscriber(proxy.config.max_grpc_queue)
-        proxy.hub.add(sub, topics)
+        resuming = proxy.subscribe(sub, topics, request.resume_token, BatchSink(sub))
         try:
             await _pump(sub, context, None)
             await _end(sub, context)
         finally:
+            if resuming is not None:
+                resuming.cancel()
             proxy.hub.remove(sub)
 
 
@@ -275,24 +339,28 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
             topics = parse_topic_list(raw, cfg.max_topic_length)
         except InvalidTopic as exc:
             return web.Response(status=400, text=f"{exc}\n")
-        if proxy.draining:
-            return web.Response(status=503, text="proxy is shutting down; connect to another\n",
-                                headers={"Retry-After": "1"})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
         })
         response.enable_chunked_encoding()
         await response.prepare(request)
+        if proxy.draining:  # never a non-200 (EventSource would give up): come back soon, elsewhere
+            await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
+            await response.write_eof()
+            return response
         await response.write(b"retry: %d\n" % cfg.retry_ms)
         transport = request.transport
         if transport is None:
             return response
         sub = SseSubscriber(transport, cfg.max_sse_buffer)
-        proxy.hub.add(sub, topics)
+        token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
+        resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
         try:
             reason = await sub.closed
         finally:
+            if resuming is not None:
+                resuming.cancel()
             proxy.hub.remove(sub)
         if reason == "draining" and not transport.is_closing():
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("topic", "data")
+    __slots__ = ("topic", "data", "seq")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     topic: str
     data: bytes
-    def __init__(self, topic: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    seq: int
+    def __init__(self, topic: _Optional[str] = ..., data: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("events",)
@@ -40,12 +42,30 @@ class Interest(_message.Message):
     def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("events", "interest_applied")
+    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     interest_applied: int
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ...) -> None: ...
+    epoch: int
+    head: int
+    token: str
+    gap: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ...) -> None: ...
+
+class ReplayRequest(_message.Message):
+    __slots__ = ("epoch", "after", "topics")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    after: int
+    topics: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., after: _Optional[int] = ..., topics: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -94,12 +114,14 @@ class BrokerMember(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[BrokerMember.State, str]] = ...) -> None: ...
 
 class Membership(_message.Message):
-    __slots__ = ("version", "brokers")
+    __slots__ = ("version", "brokers", "cluster")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BROKERS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
     version: int
     brokers: _containers.RepeatedCompositeFieldContainer[BrokerMember]
-    def __init__(self, version: _Optional[int] = ..., brokers: _Optional[_Iterable[_Union[BrokerMember, _Mapping]]] = ...) -> None: ...
+    cluster: str
+    def __init__(self, version: _Optional[int] = ..., brokers: _Optional[_Iterable[_Union[BrokerMember, _Mapping]]] = ..., cluster: _Optional[str] = ...) -> None: ...
 
 class BrokerLink(_message.Message):
     __slots__ = ("name", "address", "state", "member_state", "events_received", "last_error", "interest_synced")
@@ -184,7 +206,9 @@ class DrainResponse(_message.Message):
     def __init__(self, subscribers_remaining: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("topics",)
+    __slots__ = ("topics", "resume_token")
     TOPICS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     topics: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, topics: _Optional[_Iterable[str]] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, topics: _Optional[_Iterable[str]] = ..., resume_token: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class BrokerStub:
                 request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.StatsRequest.SerializeToString,
                 response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.BrokerStats.FromString,
                 _registered_method=True)
+        self.Replay = channel.unary_stream(
+                '/neoplasma.v1.Broker/Replay',
+                request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -72,6 +77,12 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replay(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.StatsRequest.FromString,
                     response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.BrokerStats.SerializeToString,
+            ),
+            'Replay': grpc.unary_stream_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.FromString,
+                    response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Broker:
             '/neoplasma.v1.Broker/Stats',
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.StatsRequest.SerializeToString,
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.BrokerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/neoplasma.v1.Broker/Replay',
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.SerializeToString,
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

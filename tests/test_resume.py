@@ -1,0 +1,400 @@
+"""Resumable streams (docs/resume.md): real brokers and proxies on 127.0.0.1, clients that reconnect
+with their last id as EventSource does; every event arrives exactly once, in order per broker, or
+the gap is signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from dataplane import Server, links_ready, proxy_status, wait_for
+
+from neoplasma.core.events import Event
+from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+CLUSTER = "test-cluster"
+
+
+async def push(proxy: Server, version: int, brokers: list[tuple[str, str, str]], cluster: str = CLUSTER) -> None:
+    """Apply membership [(name, address, state)] to `proxy`."""
+    msg = pb.Membership(version=version, cluster=cluster,
+                        brokers=[pb.BrokerMember(name=n, address=a, state=s) for n, a, s in brokers])
+    async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
+        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+    assert reply.accepted, reply.reason
+
+
+def members(brokers: list[Server], draining: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    return [(b.name, b.endpoints["grpc"], "DRAINING" if b.name in draining else "SERVING") for b in brokers]
+
+
+class EventSource:
+    """An SSE client that behaves like a browser's EventSource: on the end of a stream or a
+    network error it reconnects after `retry` ms with `Last-Event-ID`; it records every status."""
+
+    def __init__(self, address: Callable[[], str], topics: str, token: str = "") -> None:
+        self.address = address
+        self.topics = topics
+        self.last_id = token
+        self.events: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.retry = 2000
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> EventSource:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            while True:
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                try:
+                    async with session.get(f"http://{self.address()}/?eventType={self.topics}",
+                                           headers=headers) as resp:
+                        self.statuses.append(resp.status)
+                        if resp.status != 200:
+                            return  # EventSource gives up for good
+                        self.connected.set()
+                        await self._read(resp)
+                except aiohttp.ClientError:
+                    pass
+                self.connected.clear()
+                await asyncio.sleep(self.retry / 1000)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        name, data, event_id = "", "", None
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("retry: "):
+                self.retry = int(line[7:])
+            elif line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif not line:  # dispatch, as the HTML spec does
+                if event_id is not None:
+                    self.last_id = event_id
+                if data:
+                    (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
+                name, data, event_id = "", "", None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class NativeClient:
+    """The native gRPC stream, resuming with the last batch's token after any error."""
+
+    def __init__(self, address: Callable[[], str], topics: list[str]) -> None:
+        self.address, self.topics = address, topics
+        self.token = ""
+        self.events: list[dict[str, Any]] = []
+        self.gaps = 0
+        self.connected = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.address()) as ch:
+                    call = pb_grpc.SubscriberStub(ch).Subscribe(
+                        pb.SubscribeRequest(topics=self.topics, resume_token=self.token))
+                    self.connected.set()
+                    async for batch in call:
+                        self.events += [json.loads(e.data) for e in batch.events]
+                        self.gaps += batch.gap
+                        if batch.token:
+                            self.token = batch.token
+            except grpc.aio.AioRpcError:
+                pass
+            self.connected.clear()
+            await asyncio.sleep(0.25)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
+class Publisher:
+    """Publishes {"b": broker index, "n": k} events, one at a time per broker, k = 0, 1, 2, ..."""
+
+    def __init__(self, brokers: list[Server], topic: str = "t") -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.sent = [0] * len(brokers)
+        self.stopped = [False] * len(brokers)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, interval: float) -> Publisher:
+        self._tasks = [asyncio.create_task(self._run(i, interval)) for i in range(len(self.brokers))]
+        return self
+
+    async def _run(self, i: int, interval: float) -> None:
+        async with grpc.aio.insecure_channel(self.brokers[i].endpoints["grpc"]) as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            while not self.stopped[i]:
+                data = json.dumps({"b": i, "n": self.sent[i]}).encode()
+                try:
+                    await stub.Publish(pb.PublishRequest(events=[pb.Event(topic=self.topic, data=data)]), timeout=5)
+                except grpc.aio.AioRpcError as exc:  # a draining broker refuses: that broker is done
+                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
+                    return
+                self.sent[i] += 1
+                await asyncio.sleep(interval)
+
+    async def stop(self, i: int | None = None) -> None:
+        for k in range(len(self.brokers)) if i is None else [i]:
+            self.stopped[k] = True
+        await asyncio.gather(*(self._tasks if i is None else [self._tasks[i]]))
+
+    @staticmethod
+    def received_from(events: list[dict[str, Any]], i: int) -> int:
+        return sum(1 for e in events if e["data"]["b"] == i)
+
+    def all_received(self, events: list[dict[str, Any]]) -> bool:
+        return len(events) >= sum(self.sent)
+
+    def assert_exactly_once_in_order(self, events: list[dict[str, Any]], who: str) -> None:
+        for i, sent in enumerate(self.sent):
+            got = [e["data"]["n"] if "data" in e else e["n"] for e in events
+                   if (e["data"]["b"] if "data" in e else e["b"]) == i]
+            assert got == list(range(sent)), (
+                f"{who}: broker {i}: {sent} published, {len(got)} received; "
+                f"missing {sorted(set(range(sent)) - set(got))[:10]}, "
+                f"duplicated {sorted({n for n in got if got.count(n) > 1})[:10]}")
+
+
+async def cluster(start: Any, brokers: int, proxies: int, *broker_args: str) -> tuple[list[Server], list[Server]]:
+    bs = [start("broker", f"b{i}", *broker_args) for i in range(brokers)]
+    ps = [start("proxy", f"p{i}", "--drain-retry-ms", "100") for i in range(proxies)]
+    for p in ps:
+        await push(p, 1, members(bs))
+    return bs, ps
+
+
+async def all_subscribed(proxy: Server, n: int, brokers: int) -> bool:
+    return (await proxy_status(proxy.endpoints["control"])).subscribers == n and \
+        await links_ready(proxy.endpoints["control"], brokers)
+
+
+async def test_kill9_of_a_proxy_clients_resume_on_the_other_exactly_once(start: Any) -> None:
+    bs, ps = await cluster(start, 2, 2)
+    target = {"proxy": ps[0]}
+    browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(20)]
+    native = NativeClient(lambda: target["proxy"].endpoints["grpc"], ["t"])
+    await wait_for(lambda: all_subscribed(ps[0], 21, 2), what="21 subscribers with interest applied")
+    publisher = Publisher(bs).start(interval=0.005)
+    await wait_for(lambda: all(len(b.events) > 100 for b in browsers), what="events flowing")
+    target["proxy"] = ps[1]
+    ps[0].proc.kill()  # kill -9: no drain, no goodbye; everyone reconnects to p1 with their last id
+    await wait_for(lambda: all_subscribed(ps[1], 21, 2), what="everyone back at p1")
+    await asyncio.sleep(0.5)  # keep publishing while they are on p1
+    await publisher.stop()
+    clients = [*browsers, native]
+    await wait_for(lambda: all(publisher.all_received(c.events) for c in clients), timeout=20,
+                   what="every event at every client")
+    assert sum(publisher.sent) > 200
+    for k, b in enumerate(browsers):
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert not b.gaps and set(b.statuses) == {200}
+    publisher.assert_exactly_once_in_order(native.events, "native")
+    assert native.gaps == 0
+    for c in clients:
+        await c.close()
+
+
+async def test_sigterm_drain_clients_come_back_to_the_restarted_proxy(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 1)
+    old = ps[0]
+    browsers = [EventSource(lambda: old.endpoints["http"], "t").start() for _ in range(60)]
+    await wait_for(lambda: all_subscribed(old, 60, 1), what="60 subscribers")
+    publisher = Publisher(bs).start(interval=0.004)
+    await wait_for(lambda: all(len(b.events) > 20 for b in browsers), what="events flowing")
+    ports = {"grpc-port": old.port("grpc"), "http-port": old.port("http"), "control-port": old.port("control")}
+    assert old.stop(signal.SIGTERM) == 0  # drains: readiness fails, then paced closes with `retry:`
+    new = start("proxy", "p0", ports=ports)  # restarted on the same ports, as `neoplasma up` does
+    await push(new, 1, members(bs))
+    await wait_for(lambda: all_subscribed(new, 60, 1), timeout=20, what="everyone back at the restarted proxy")
+    await asyncio.sleep(0.3)
+    await publisher.stop()
+    await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), timeout=20, what="all events")
+    for k, b in enumerate(browsers):
+        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}: EventSource would have given up"
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert not b.gaps
+    assert all(len(b.statuses) >= 2 for b in browsers)  # each did come back
+    for b in browsers:
+        await b.close()
+
+
+async def test_broker_scale_in_under_load_with_resumption(start: Any) -> None:
+    bs, ps = await cluster(start, 2, 2)
+    target = {"proxy": ps[0]}
+    browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(10)]
+    await wait_for(lambda: all_subscribed(ps[0], 10, 2), what="subscribers")
+    publisher = Publisher(bs).start(interval=0.005)
+    await wait_for(lambda: all(len(b.events) > 50 for b in browsers), what="events flowing")
+    for p in ps:  # scale-in: b1 is DRAINING first ...
+        await push(p, 2, members(bs, draining=("b1",)))
+    target["proxy"] = ps[1]
+    ps[0].proc.kill()  # ... while the subscribers' proxy dies mid-relay and they resume at p1
+    before = publisher.sent[1]  # resumed at p1: each has an event b1 accepted after the kill
+    await wait_for(lambda: all(publisher.received_from(b.events, 1) > before for b in browsers),
+                   what="resumed at p1")
+    assert bs[1].stop(signal.SIGTERM) == 0  # refuses publishes, flushes, ends its relays cleanly
+    await publisher.stop(1)
+    await push(ps[1], 3, members(bs[:1]))  # ... then removed
+    await asyncio.sleep(0.3)
+    await publisher.stop()
+    with contextlib.suppress(AssertionError):  # the assertions below say what is missing
+        await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), timeout=20)
+    for k, b in enumerate(browsers):
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k} (gaps: {b.gaps})")
+        assert not b.gaps and set(b.statuses) == {200}
+    # A client resuming after the broker is gone, with a position that covers all of it: no gap.
+    late = EventSource(lambda: ps[1].endpoints["http"], "t", token=browsers[0].last_id).start()
+    await wait_for(lambda: all_subscribed(ps[1], 11, 1), what="late resume")
+    assert not late.gaps and not late.events
+    for b in [*browsers, late]:
+        await b.close()
+
+
+async def test_token_beyond_retention_garbled_or_foreign_gives_the_gap_signal(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 1, "--retention-bytes", "4000")
+    http = ps[0].endpoints["http"]
+    first = EventSource(lambda: http, "t").start()
+    await wait_for(lambda: all_subscribed(ps[0], 1, 1), what="subscriber")
+    publisher = Publisher(bs).start(interval=0)
+    await wait_for(lambda: first.events, what="one event")
+    early = first.last_id
+    await first.close()
+    await wait_for(lambda: publisher.sent[0] > 200, what="retention overrun")  # 200 x ~180 B > 4000 B
+    await publisher.stop()
+    garbled = EventSource(lambda: http, "t", token="not a token!").start()
+    foreign = EventSource(lambda: http, "t", token=encode_token(cluster_tag("elsewhere"), {1: 5}).decode()).start()
+    late = EventSource(lambda: http, "t", token=early).start()
+    query = EventSource(lambda: http, "t&lastEventId=%25%25").start()  # the query form (a page that reloads)
+    clients = [garbled, foreign, late, query]
+    await wait_for(lambda: all(c.gaps for c in clients), what="gap signals")
+    assert "another cluster" in foreign.gaps[0]["reason"] and "base64" in garbled.gaps[0]["reason"]
+    assert "base64" in query.gaps[0]["reason"] and "no longer holds" in late.gaps[0]["reason"]
+    assert 0 < len(late.events) < publisher.sent[0]  # what is retained, after the gap signal
+    marker = len(late.events)
+    publisher = Publisher(bs).start(interval=0.01)
+    await wait_for(lambda: all(len(c.events) > (marker if c is late else 0) for c in clients),
+                   what="live events after the gap")
+    await publisher.stop()
+    for c in clients:
+        assert set(c.statuses) == {200}
+        await c.close()
+
+
+async def test_native_stream_resumes_with_the_batch_token(start: Any) -> None:
+    bs, ps = await cluster(start, 2, 2)
+    target = {"proxy": ps[0]}
+    client = NativeClient(lambda: target["proxy"].endpoints["grpc"], ["t"])
+    await wait_for(lambda: all_subscribed(ps[0], 1, 2), what="subscriber")
+    publisher = Publisher(bs).start(interval=0.002)
+    await wait_for(lambda: len(client.events) > 100, what="events")
+    await client.close()  # gone for a while ...
+    await wait_for(lambda: min(publisher.sent) > 300, what="events published meanwhile")
+    resumed = NativeClient(lambda: ps[1].endpoints["grpc"], ["t"])  # ... back at another proxy
+    resumed.token, resumed.events = client.token, list(client.events)
+    await publisher.stop()
+    await wait_for(lambda: publisher.all_received(resumed.events), what="every event")
+    publisher.assert_exactly_once_in_order(resumed.events, "native")
+    assert resumed.gaps == 0
+    await resumed.close()
+
+
+# -- units ---------------------------------------------------------------------------
+
+
+def test_token_round_trip_and_size() -> None:
+    tag = cluster_tag("c")
+    for positions in ({}, {1: 0}, {2**32 - 1: 2**63}, {random.randint(1, 2**32 - 1): random.randint(0, 2**40)
+                                                       for _ in range(60)}):
+        token = encode_token(tag, positions)
+        assert decode_token(token.decode(), tag) == positions
+        assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 1
+    sixty = encode_token(tag, {epoch: 5_000_000 for epoch in range(1, 61)})
+    assert len(sixty) < 700  # docs/resume.md: about 650 characters for 60 brokers
+
+
+def test_garbage_tokens_raise_only_invalid_token() -> None:
+    tag = cluster_tag("c")
+    good = encode_token(tag, {7: 300, 9: 1}).decode()
+    samples = ["", "!", "====", "A" * 9000, good[:-1], good[:6], good + "A", "AQ", "\x00\xff"]
+    rng = random.Random(8)
+    samples += ["".join(rng.choice("AZaz09-_+/=%") for _ in range(rng.randint(1, 60))) for _ in range(2000)]
+    samples += [base64.urlsafe_b64encode(bytes([1]) + tag + rng.randbytes(rng.randint(0, 20))).decode()
+                for _ in range(2000)]
+    for sample in samples:
+        try:
+            decode_token(sample, tag)
+        except InvalidToken:
+            pass
+    with pytest.raises(InvalidToken, match="another cluster"):
+        decode_token(good, cluster_tag("d"))
+
+
+def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
+    log = RetentionLog(max_age=10.0, max_bytes=100_000)
+    events = [Event("a:x" if i % 2 else "b", b"%d" % i) for i in range(1, 101)]
+    for i in range(0, 100, 10):  # batches of 10, seq 1..100, one per second
+        log.append(i + 1, events[i:i + 10], now=float(i // 10))
+    assert log.oldest == 1 and log.covers(0)
+    assert [s for s, _ in log.replay(45, 60, frozenset({"a"}))] == list(range(47, 61, 2))
+    assert [e.data for _, e in log.replay(98, 200, frozenset({"a", "b"}))] == [b"99", b"100"]
+    log.evict(now=12.5)  # batches accepted before 2.5 s are gone
+    assert log.oldest == 31 and not log.covers(29) and log.covers(30)
+    assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
+    small = RetentionLog(max_age=1e9, max_bytes=2 * (150 + 4))  # two one-event batches
+    for seq in range(1, 6):
+        small.append(seq, [Event("t", b"1234"[:3])], now=0.0)
+    assert small.oldest == 4 and small.events == 2 and small.bytes <= small.max_bytes
+
+
+async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start: Any) -> None:
+    b = start("broker", "b0")
+    async with grpc.aio.insecure_channel(b.endpoints["grpc"]) as ch:
+        stub = pb_grpc.BrokerStub(ch)
+        relay = stub.Relay()
+        await relay.write(pb.Interest(add=["x"], replace=True, proxy="probe"))
+        first = await relay.read()
+        await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="y", data=b"1")]), timeout=5)
+        started = time.monotonic()
+        update = await relay.read()  # nothing for "x", but the head moved: an empty batch says so
+        assert not update.events and update.epoch == first.epoch and update.head == first.head + 1
+        assert time.monotonic() - started < 3
+        relay.cancel()
+        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]))]
+        assert [(e.topic, e.seq) for m in replay for e in m.events] == [("y", first.head + 1)]
+        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]))]
+        assert other[0].gap and not other[0].events
+    b.stop()
+    again = start("broker", "b0", ports={"grpc-port": b.port("grpc"), "http-port": 0})
+    async with grpc.aio.insecure_channel(again.endpoints["grpc"]) as ch:
+        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]))]
+    assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing
