@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from dataplane import Server, links_ready, proxy_status, wait_for
 
 from neoplasma.core.events import Event
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.local.harness import Server, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
