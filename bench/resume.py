@@ -31,13 +31,13 @@ import aiohttp
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from neoplasma.core.events import make_event
 from neoplasma.core.resume import RetentionLog
 from neoplasma.local.harness import Server, apply_membership, links_ready, start_server, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
 
 _spec = importlib.util.spec_from_file_location("bench_dataplane", ROOT / "bench" / "dataplane.py")
 assert _spec is not None and _spec.loader is not None
