@@ -204,7 +204,8 @@ def parse_publish_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 # ---------------------------------------------------------------- encodings
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` as a protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -215,16 +216,16 @@ def _varint(value: int) -> bytes:
 
 def varint_field(field: int, value: int) -> bytes:
     """A protobuf varint field (wire type 0), encoded."""
-    return _varint(field << 3) + _varint(value)
+    return varint(field << 3) + varint(value)
 
 
 def _field_bytes(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 def fixed32_field(field: int, value: int) -> bytes:
     """A protobuf fixed32 field (wire type 5), encoded."""
-    return _varint(field << 3 | 5) + value.to_bytes(4, "little")
+    return varint(field << 3 | 5) + value.to_bytes(4, "little")
 
 
 def batch_entry(event: Event, seq: int = 0) -> bytes:

@@ -9,7 +9,7 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, varint
 from neoplasma.core.topics import prefixes
 
 TOKEN_VERSION = 1
@@ -26,22 +26,13 @@ def cluster_tag(cluster: str) -> bytes:
     return hashlib.sha256(cluster.encode("utf-8")).digest()[:4]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
     """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag`."""
     raw = bytearray((TOKEN_VERSION,))
     raw += tag
     for epoch in sorted(positions):
         raw += epoch.to_bytes(4, "big")
-        raw += _varint(positions[epoch])
+        raw += varint(positions[epoch])
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
