@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from neoplasma.local.harness import Server, read_json_line, start_server
+from neoplasma.local.harness import CREDENTIAL, Server, read_json_line, start_server
 
 UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 
@@ -54,7 +54,10 @@ def run_up(tmp_path: Path) -> Iterator[UpFactory]:
 
     def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         log_path = tmp_path / f"up-{len(started)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--json", *args], stdout=subprocess.PIPE,
+        credential = tmp_path / "credential"  # the harness's, so that its control helpers work
+        credential.write_text(CREDENTIAL)
+        proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--json", "--credential-file",
+                                 str(credential), *args], stdout=subprocess.PIPE,
                                 stderr=log_path.open("wb"), env={**os.environ, **(env or {})})
         started.append((proc, log_path))
         return proc, read_json_line(proc.stdout, 60)

@@ -20,7 +20,7 @@ import pytest
 
 from neoplasma.core.events import Event
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
-from neoplasma.local.harness import Server, links_ready, proxy_status, wait_for
+from neoplasma.local.harness import AUTH, Server, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -32,7 +32,7 @@ async def push(proxy: Server, version: int, brokers: list[tuple[str, str, str]],
     msg = pb.Membership(version=version, cluster=cluster,
                         brokers=[pb.BrokerMember(name=n, address=a, state=s) for n, a, s in brokers])
     async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
-        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     assert reply.accepted, reply.reason
 
 

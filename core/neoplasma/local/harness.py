@@ -1,7 +1,8 @@
 """Brokers and proxies as real processes on 127.0.0.1, and clients that talk to them as users do.
 
 For tests and benchmarks: `start_server` starts `neoplasma broker|proxy` on free ports and reads
-the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream)
+the endpoints it prints, giving them the cluster credential `CREDENTIAL` (which the control
+helpers present: `AUTH` is its gRPC metadata); the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream)
 and read or set a proxy's membership over its control port; `wait_for` polls a condition.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import selectors
 import signal
 import socket
@@ -24,9 +27,13 @@ from typing import Any
 import aiohttp
 import grpc
 
+from neoplasma.core.trust import CREDENTIAL_ENV, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+CREDENTIAL = secrets.token_urlsafe(24)  # the cluster credential of servers started here
+AUTH = bearer_metadata(CREDENTIAL)
 
 
 def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
@@ -78,7 +85,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None) -> Server:
+def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None,
+                 env: dict[str, str] | None = None) -> Server:
+    """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it)."""
     ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
                       else {"grpc-port": 0, "http-port": 0, "control-port": 0})
     args = [sys.executable, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
@@ -86,7 +95,8 @@ def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[s
         args += [f"--{flag}", str(port)]
     args += list(extra)
     log_path = log_dir / f"{name}.log"
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"),
+                            env={**os.environ, CREDENTIAL_ENV: CREDENTIAL, **(env or {})})
     try:
         line = read_json_line(proc.stdout, 30)
     except Exception:
@@ -126,7 +136,8 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: st
 
 async def proxy_status(control: str) -> pb.ProxyStatus:
     async with grpc.aio.insecure_channel(control) as ch:
-        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5)
+        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5,
+                                                                           metadata=AUTH)
     return status
 
 
@@ -135,7 +146,7 @@ async def apply_membership(control: str, version: int, brokers: list[tuple[str, 
     msg = pb.Membership(version=version, brokers=[pb.BrokerMember(name=n, address=a, state=state)
                                                   for n, a in brokers])
     async with grpc.aio.insecure_channel(control) as ch:
-        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     return reply
 
 
@@ -159,7 +170,8 @@ async def publish_grpc(broker: str, events: list[tuple[str, Any]]) -> int:
 async def publish_http(http: str, body: bytes | Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://{http}/publish", data=data) as resp:
+        async with session.post(f"http://{http}/publish", data=data,
+                                headers={"Content-Type": "application/json"}) as resp:
             return resp.status, await resp.json()
 
 
