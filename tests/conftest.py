@@ -32,8 +32,9 @@ def servers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Ser
 
 @pytest.fixture
 def start(servers: list[Server], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def _start(kind: str, name: str, *extra: str, ports: dict[str, int] | None = None) -> Server:
-        server = start_server(kind, name, tmp_path, *extra, ports=ports)
+    def _start(kind: str, name: str, *extra: str, ports: dict[str, int] | None = None,
+               env: dict[str, str] | None = None) -> Server:
+        server = start_server(kind, name, tmp_path, *extra, ports=ports, env=env)
         servers.append(server)
         return server
     return _start

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from neoplasma.core.trust import CREDENTIAL_ENV, bearer_metadata
+from neoplasma.core.trust import CREDENTIAL_ENV, Access, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -134,10 +134,12 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: st
 # -- control ---------------------------------------------------------------------------
 
 
-async def proxy_status(control: str) -> pb.ProxyStatus:
-    async with grpc.aio.insecure_channel(control) as ch:
+async def proxy_status(control: str, access: Access | None = None) -> pb.ProxyStatus:
+    """The proxy's status, asked with the harness credential (or `access`)."""
+    metadata = access.metadata() if access else AUTH
+    async with access.channel(control) if access else grpc.aio.insecure_channel(control) as ch:
         status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5,
-                                                                           metadata=AUTH)
+                                                                           metadata=metadata)
     return status
 
 
@@ -150,9 +152,9 @@ async def apply_membership(control: str, version: int, brokers: list[tuple[str, 
     return reply
 
 
-async def links_ready(control: str, brokers: int) -> bool:
+async def links_ready(control: str, brokers: int, access: Access | None = None) -> bool:
     """True when the proxy is connected to `brokers` brokers with its interest applied."""
-    status = await proxy_status(control)
+    status = await proxy_status(control, access)
     synced = [link for link in status.links if link.interest_synced]
     return len(synced) == brokers == len(status.links)
 
@@ -160,19 +162,23 @@ async def links_ready(control: str, brokers: int) -> bool:
 # -- publishers --------------------------------------------------------------------
 
 
-async def publish_grpc(broker: str, events: list[tuple[str, Any]]) -> int:
+async def publish_grpc(broker: str, events: list[tuple[str, Any]], key: str = "") -> int:
+    """Publish over gRPC, with the publisher `key` when given."""
     req = pb.PublishRequest(events=[pb.Event(topic=t, data=json.dumps(d).encode()) for t, d in events])
     async with grpc.aio.insecure_channel(broker) as ch:
-        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(req, timeout=10)
+        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(
+            req, timeout=10, metadata=bearer_metadata(key) if key else None)
     return reply.accepted
 
 
-async def publish_http(http: str, body: bytes | Any) -> tuple[int, Any]:
+async def publish_http(http: str, body: bytes | Any, key: str = "",
+                       content_type: str = "application/json") -> tuple[int, Any]:
+    """POST /publish (JSON unless `content_type` says otherwise), with the publisher `key` when given."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://{http}/publish", data=data,
-                                headers={"Content-Type": "application/json"}) as resp:
-            return resp.status, await resp.json()
+        async with session.post(f"http://{http}/publish", data=data, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
 
 
 # -- subscribers -------------------------------------------------------------------
