@@ -380,7 +380,7 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
     b = start("broker", "b0")
     async with grpc.aio.insecure_channel(b.endpoints["grpc"]) as ch:
         stub = pb_grpc.BrokerStub(ch)
-        relay = stub.Relay()
+        relay = stub.Relay(metadata=AUTH)
         await relay.write(pb.Interest(add=["x"], replace=True, proxy="probe"))
         first = await relay.read()
         await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="y", data=b"1")]), timeout=5)
@@ -389,12 +389,15 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
         assert not update.events and update.epoch == first.epoch and update.head == first.head + 1
         assert time.monotonic() - started < 3
         relay.cancel()
-        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]))]
+        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]),
+                                               metadata=AUTH)]
         assert [(e.topic, e.seq) for m in replay for e in m.events] == [("y", first.head + 1)]
-        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]))]
+        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]),
+                                              metadata=AUTH)]
         assert other[0].gap and not other[0].events
     b.stop()
     again = start("broker", "b0", ports={"grpc-port": b.port("grpc"), "http-port": 0})
     async with grpc.aio.insecure_channel(again.endpoints["grpc"]) as ch:
-        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]))]
+        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]),
+                                                              metadata=AUTH)]
     assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing
