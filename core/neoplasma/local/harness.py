@@ -27,12 +27,13 @@ from typing import Any
 import aiohttp
 import grpc
 
-from neoplasma.core.trust import CREDENTIAL_ENV, Access, bearer_metadata
+from neoplasma.core.trust import CREDENTIAL_ENV, Access, Tokens, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 CREDENTIAL = secrets.token_urlsafe(24)  # the cluster credential of servers started here
+ACCESS = Access(Tokens(given=[CREDENTIAL]))  # for the operator's and `up`'s clients
 AUTH = bearer_metadata(CREDENTIAL)
 
 
