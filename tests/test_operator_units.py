@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
-from neoplasma.local.harness import proxy_status, wait_for
+from neoplasma.local.harness import ACCESS, proxy_status, wait_for
 from neoplasma.operator import conditions as c
 from neoplasma.operator.children import (
     broker_deployments,
@@ -506,7 +506,7 @@ async def test_sync_brings_real_proxies_to_the_brokers(start: Any) -> None:
     brokers = [start("broker", f"b{i}") for i in range(2)]
     proxies = [start("proxy", f"p{i}") for i in range(2)]
     woken = asyncio.Event()
-    sync = MembershipSync(MembershipPusher(), on_progress=woken.set)
+    sync = MembershipSync(MembershipPusher(access=ACCESS), on_progress=woken.set)
     members = [Member(b.name, b.endpoints["grpc"]) for b in brokers]
     ready = {p.name: ProxyTarget(p.name, p.endpoints["control"], "1") for p in proxies}
     sync.update(members, ready, seen_at=asyncio.get_running_loop().time())
