@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from kubeharness.fixtures import unavailable
 
-from neoplasma.local.harness import Publisher, links_ready, proxy_status, wait_for
+from neoplasma.local.harness import AUTH, Publisher, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -108,7 +108,7 @@ async def push(control: str, broker: Any) -> None:
     membership = pb.Membership(version=1, cluster="browser-test", brokers=[
         pb.BrokerMember(name=broker.name, address=broker.endpoints["grpc"], state="SERVING")])
     async with grpc.aio.insecure_channel(control) as channel:
-        reply = await pb_grpc.ProxyControlStub(channel).Apply(membership, timeout=5)
+        reply = await pb_grpc.ProxyControlStub(channel).Apply(membership, timeout=5, metadata=AUTH)
     assert reply.accepted, reply.reason
 
 
