@@ -90,16 +90,20 @@ def start_reader(start: Any, name: str, redis: RedisServer, brokers: list[Server
     return reader
 
 
-async def health(reader: Server) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(f"http://{reader.endpoints['http']}/healthz") as r:
+def http(reader: Server | str) -> str:
+    return reader if isinstance(reader, str) else reader.endpoints["http"]
+
+
+async def health(reader: Server | str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{http(reader)}/healthz") as r:
         body: dict[str, Any] = await r.json()
         assert (r.status == 200) == body["ready"]
         return body
 
 
-async def metric(reader: Server, name: str) -> float:
+async def metric(reader: Server | str, name: str) -> float:
     """The sum of a metric's samples (every label) on the reader's /metrics."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://{reader.endpoints['http']}/metrics") as r:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{http(reader)}/metrics") as r:
         text = await r.text()
     return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
@@ -116,13 +120,12 @@ async def cluster(start: Any) -> tuple[list[Server], list[Server]]:
     return brokers, proxies
 
 
-async def active_reader(readers: list[Server]) -> Server:
-    async def find() -> Server | None:
+async def active_reader(readers: list[Server] | list[str]) -> Any:
+    async def find() -> Server | str | None:
         found = [r for r in readers if (await health(r))["active"]]
         assert len(found) <= 1, "two readers active at once"
         return found[0] if found else None
-    reader: Server = await wait_for(find, what="an active reader")
-    return reader
+    return await wait_for(find, what="an active reader")
 
 
 async def test_plasma_publishers_reach_sse_and_grpc_subscribers_once(start: Any, redis_server: Any) -> None:
@@ -206,6 +209,23 @@ async def test_redis_with_a_password_restarted_mid_stream(start: Any, redis_serv
         await wait_for(lambda: len(browser.events) == 100, what="the messages after the restart")
     assert [e["data"] for e in browser.events] == list(range(100))
     assert await metric(reader, "neoplasma_ingest_reconnects_total") >= 1
+
+
+async def test_up_with_redis_runs_two_readers_feeding_its_brokers(run_up: Any, redis_server: Any) -> None:
+    redis = redis_server()
+    _, endpoints = run_up("--brokers", "2", "--proxies", "1", "--redis", redis.address, "--redis-channels", "plasma")
+    readers = [r["http"] for r in endpoints["readers"]]
+    assert len(readers) == 2
+    await active_reader(readers)
+    proxy = endpoints["proxies"][0]
+    publisher = redis.client()
+    async with sse(proxy["http"], "news") as browser:
+        await wait_for(lambda: links_ready(proxy["control"], 2), what="links with interest")
+        for n in range(100):
+            await publisher.publish("plasma", plasma_message("news", n))
+        await wait_for(lambda: len(browser.events) == 100, what="every message")
+    assert sorted(e["data"] for e in browser.events) == list(range(100))
+    assert sorted([await metric(r, "neoplasma_ingest_messages_in_total") for r in readers]) == [0, 100]
 
 
 async def _not_ready(reader: Server) -> dict[str, Any] | None:
