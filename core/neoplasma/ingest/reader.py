@@ -44,6 +44,7 @@ MAX_KINDS = 32  # distinct kinds of bad message remembered (the rest count as "o
 SAMPLE_BYTES = 200
 LEASES = ("redis", "none")
 SUBSCRIBED = (b"subscribe", b"psubscribe")
+NOT_SUBSCRIBED = "not subscribed yet"
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Ingest:
                                          buffer_events=config.buffer_events, timeout=config.publish_timeout,
                                          done=self._published)
         self.changed = Signal()  # the lease was taken or lost
-        self.redis_error: str | None = None
+        self.redis_error: str | None = NOT_SUBSCRIBED
         self.lease_error: str | None = None
         self.kinds: set[str] = set()
         self.stopping = False
@@ -236,6 +237,7 @@ class Ingest:
             if self.stopping:
                 return
             self.metrics.active.set(1)
+            self.redis_error = NOT_SUBSCRIBED
             reading = asyncio.create_task(self.read())
             while self.active:  # read() ends only when cancelled
                 await self.changed.wait_until(lambda: not self.active, self._tick())
