@@ -105,7 +105,7 @@ async def run_ingest(port: int, n: int, workdir: Path) -> dict[str, Any]:
         while True:
             published = await ingest_metric(http, "neoplasma_ingest_events_published_total")
             samples.append((time.perf_counter(), published))
-            stalled = len(samples) > 15 and samples[-15][1] == published and publishing.done()
+            stalled = len(samples) > 25 and samples[-25][1] == published and publishing.done()  # 5 s, no progress
             if published >= n or stalled:
                 break
             await asyncio.sleep(0.2)
@@ -115,6 +115,7 @@ async def run_ingest(port: int, n: int, workdir: Path) -> dict[str, Any]:
             await ingest_metric(http, "neoplasma_ingest_lag_seconds_count"), 1)
         read = await ingest_metric(http, "neoplasma_ingest_messages_in_total")  # redis-benchmark may send a few more
         return {"published_rate": await publishing, "read": read, "events": published, "lost": read - published,
+                "dropped": await ingest_metric(http, "neoplasma_ingest_events_dropped_total"),
                 "rate": published / max(end - start, 1e-9), "mean_batch_lag_ms": lag * 1000}
     finally:
         for s in (reader, *brokers):
@@ -148,8 +149,8 @@ def table(r: dict[str, Any]) -> str:
             ("redis-py PubSub subscriber", f"{r['redis_py_subscriber']['rate']:,.0f}",
              f"{r['redis_py_subscriber']['messages']} read"),
             ("ingest-redis -> 2 brokers", f"{ingest['rate']:,.0f}",
-             f"{ingest['events']:.0f} accepted, {ingest['lost']:.0f} lost, mean batch lag "
-             f"{ingest['mean_batch_lag_ms']:.1f} ms")]
+             f"{ingest['events']:.0f} accepted, {ingest['lost']:.0f} not ({ingest['dropped']:.0f} dropped: "
+             f"buffer full), mean batch lag {ingest['mean_batch_lag_ms']:.1f} ms")]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
