@@ -8,6 +8,9 @@ sees: objects, status, events, and events delivered to subscribers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import subprocess
 import sys
 import time
@@ -23,7 +26,17 @@ from kubeharness.controlplane import ControlPlane, free_port
 from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
 
-from neoplasma.local.harness import links_ready, proxy_status, publish_grpc, sse, stop_process, wait_for
+from neoplasma.core.resume import cluster_tag, decode_token
+from neoplasma.local.harness import (
+    EventSource,
+    Publisher,
+    links_ready,
+    proxy_status,
+    publish_grpc,
+    sse,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(150)]
 
@@ -370,6 +383,99 @@ async def test_proxies_keep_delivering_without_the_operator_and_versions_continu
 
     after = await wait_for(newer_version_everywhere, 60, "a higher membership version after the restart")
     assert after["membership"]["brokers"] == 2
+
+
+class Endpoints:
+    """What kube-proxy would route the proxy Service to: the endpoints controller's choice (ready
+    pods not being deleted; the API server refuses the loopback pod IPs of the stand-in kubelet
+    in real Endpoints), read every 0.1 s. `pick()` is one at random (the last known while none)."""
+
+    def __init__(self, clusters: Clusters, name: str, port: int) -> None:
+        self.clusters, self.name, self.port = clusters, name, port
+        self.addresses: list[str] = []
+        self._task = asyncio.create_task(self._watch())
+
+    def _read(self) -> list[str]:
+        return [f"{p.status.pod_ip}:{self.port}" for p in self.clusters.ready_pods(self.name, "proxy")]
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(ApiException):
+                self.addresses = await asyncio.to_thread(self._read) or self.addresses
+            await asyncio.sleep(0.1)
+
+    def pick(self) -> str:
+        return random.choice(self.addresses)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
+@pytest.mark.timeout(400)
+async def test_a_proxy_rollout_under_load_loses_and_repeats_nothing(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    subscribers, per_second = 200, 200
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 2}, "proxies": {"replicas": 2}})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 2), 60, "cluster Ready, 2+2")
+    old = {p.metadata.name: f"{p.status.pod_ip}:50052" for p in clusters.ready_pods("demo", "proxy")}
+    endpoints = Endpoints(clusters, "demo", 8080)
+    await wait_for(lambda: len(endpoints.addresses) == 2, 30, "the proxy Service's endpoints")
+    browsers = [EventSource(endpoints.pick, "t").start() for _ in range(subscribers)]
+
+    async def subscribed(controls: list[str]) -> bool:
+        return sum([(await proxy_status(c)).subscribers for c in controls]) == subscribers
+
+    await wait_for(lambda: subscribed(list(old.values())), 60, "every subscriber connected")
+    for control in old.values():
+        await wait_for(lambda control=control: links_ready(control, 2), 20, "proxies linked with interest")
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    publisher = Publisher(brokers).start(interval=0.05, batch=per_second // 20 // len(brokers))
+    await wait_for(lambda: all(len(b.events) >= 100 for b in browsers), 60, "events flowing")
+
+    # The rollout: a spec change gives the proxies a new pod template.
+    rollout_started = time.monotonic()
+    clusters.patch_spec("demo", {"proxies": {"resources": {"requests": {"cpu": "150m", "memory": "128Mi"}}}})
+
+    async def rolled_out() -> bool:
+        ready = {p.metadata.name: f"{p.status.pod_ip}:50052" for p in clusters.ready_pods("demo", "proxy")}
+        names = {p.metadata.name for p in clusters.core.list_namespaced_pod(
+            clusters.namespace, label_selector="app.kubernetes.io/component=proxy").items}
+        return (len(ready) == 2 and not names & set(old) and names == set(ready)
+                and await subscribed(list(ready.values())))
+
+    await wait_for(rolled_out, 240, "both proxies replaced and every subscriber on the new ones", interval=0.5)
+    rollout_seconds = time.monotonic() - rollout_started
+    await asyncio.sleep(1.0)  # live traffic on the new proxies too
+    await publisher.stop()
+    published = sum(publisher.sent)
+    with contextlib.suppress(AssertionError):  # the assertions below say what is missing
+        await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), 60, "every event")
+    await endpoints.close()
+    for b in browsers:
+        await b.close()
+
+    lost = sum(max(0, published - len({(e["data"]["b"], e["data"]["n"]) for e in b.events})) for b in browsers)
+    repeated = sum(len(b.events) - len({(e["data"]["b"], e["data"]["n"]) for e in b.events}) for b in browsers)
+    reconnects = [c for b in browsers for c in b.connections]
+    bounced = sum(1 for _, events in reconnects if events == 0)
+    print(f"rollout: {rollout_seconds:.1f} s; {published} events x {subscribers} subscribers; lost {lost}, "
+          f"repeated {repeated}; {len(reconnects)} reconnects, {bounced} answered by a draining proxy")
+    for k, b in enumerate(browsers):
+        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}: EventSource would have given up"
+        assert not b.gaps, f"browser {k}: {b.gaps}"
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert len(b.statuses) >= 2  # each did move
+    assert (lost, repeated) == (0, 0)
+    assert published >= per_second * rollout_seconds * 0.8
+    # The operator names the cluster by its uid: the proxies' tokens are this cluster's.
+    uid = clusters.get("demo")["metadata"]["uid"]
+    assert all(decode_token(b.last_id, cluster_tag(uid)) for b in browsers)
+    # Endpoints first, then the drain: few reconnects reach a proxy that is going away.
+    assert bounced <= subscribers // 10
 
 
 @pytest.mark.parametrize(("spec", "complaint"), [

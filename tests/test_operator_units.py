@@ -456,6 +456,21 @@ async def test_sync_moves_past_a_version_a_proxy_already_has() -> None:
     await sync.close()
 
 
+async def test_every_pushed_snapshot_names_the_cluster_whatever_its_version() -> None:
+    clusters: list[str] = []
+    pusher = FakePusher(lambda t, s: (clusters.append(s.cluster), PushResult(t, "", True, max(9, s.version)))[1])
+    sync = MembershipSync(pusher, version=4, clock=Clock(), cluster="uid-1")  # type: ignore[arg-type]
+    assert sync.snapshot.version == 4  # versions as without a cluster id
+    sync.update([B1], targets("p1"), seen_at=0.0)
+    await settle()
+    sync.update([B1, B2], targets("p1"), seen_at=0.0)
+    await settle()
+    assert pusher.pushes == [("p1", 5), ("p1", 10), ("p1", 11)]
+    assert sync.snapshot == Snapshot(11, (B1, B2), "uid-1")
+    assert set(clusters) == {"uid-1"}
+    await sync.close()
+
+
 async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_returns() -> None:
     down = {"p1"}
     pusher = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,

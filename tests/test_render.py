@@ -20,8 +20,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from neoplasma.broker.server import BrokerConfig
+from neoplasma.core.cli import build_parser
 from neoplasma.operator import render as r
 from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, parse_spec
+from neoplasma.proxy.server import ProxyConfig
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
 # The oldest schemas kubernetes-validate bundles; the target server (1.20) has every field used.
@@ -299,12 +302,12 @@ def test_resources_are_passed_through(
     [
         ("demo-broker-0",
          ["neoplasma", "broker", "--host", "0.0.0.0", "--grpc-port", "50051",
-          "--http-port", "8080"],
+          "--http-port", "8080", "--retention-seconds", "300", "--retention-bytes", "268435456"],
          {"grpc": 50051, "http": 8080}, 30),
         ("demo-proxy",
          ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
-          "--grpc-port", "50051", "--control-port", "50052"],
-         {"grpc": 50051, "http": 8080, "control": 50052}, 60),
+          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5"],
+         {"grpc": 50051, "http": 8080, "control": 50052}, 65),
     ],
 )
 def test_containers(name: str, command: list[str], ports: dict[str, int], grace: int) -> None:
@@ -333,6 +336,40 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
 def test_proxy_rollouts_keep_serving() -> None:
     strategy = rendered()["Deployment", "demo-proxy"]["spec"]["strategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+def server_config(manifest: r.Manifest) -> BrokerConfig | ProxyConfig:
+    """The config a container's command gives its server, parsed by `neoplasma`'s own CLI."""
+    args = build_parser().parse_args(container(manifest)["command"][1:])
+    return (BrokerConfig if args.command == "broker" else ProxyConfig).from_args(args)
+
+
+def test_a_stopping_proxy_leaves_the_service_before_it_asks_subscribers_to_reconnect() -> None:
+    deployment = rendered()["Deployment", "demo-proxy"]
+    proxy = server_config(deployment)
+    assert isinstance(proxy, ProxyConfig)
+    # Readiness fails on SIGTERM; the endpoints have drain_delay seconds to drop the pod (a
+    # probe period is not needed for that: a terminating pod leaves them at once).
+    assert proxy.drain_delay == r.PROXY_DRAIN_DELAY >= 3
+    assert "lifecycle" not in container(deployment)  # no preStop: the image need not have a shell
+    # Then the paced drain of the expected subscribers, and time to stop, fit in the grace period.
+    drain = r.PROXY_SUBSCRIBERS / proxy.drain_rate
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= proxy.drain_delay + drain + 5
+
+
+@pytest.mark.parametrize(("retention", "seconds", "max_bytes"), [
+    (None, 300.0, 256 * 1024 * 1024),
+    ({"seconds": 60}, 60.0, 256 * 1024 * 1024),
+    ({"seconds": 3600, "maxBytes": 1024**3}, 3600.0, 1024**3),
+])
+def test_broker_retention_reaches_the_broker(retention: dict[str, int] | None, seconds: float,
+                                              max_bytes: int) -> None:
+    children = rendered({"brokers": {"replicas": 12, "retention": retention}})
+    for name in ("demo-broker-0", "demo-broker-1"):
+        broker = server_config(children["Deployment", name])
+        assert isinstance(broker, BrokerConfig)
+        assert (broker.retention_seconds, broker.retention_bytes) == (seconds, max_bytes)
+    assert (BrokerConfig.retention_seconds, BrokerConfig.retention_bytes) == (300.0, 256 * 1024 * 1024)
 
 
 # --- the CRD --------------------------------------------------------------------------------
@@ -440,6 +477,8 @@ GOOD_SPECS = {
     "integer quantity": {"brokers": {"resources": {"requests": {"cpu": 1}}}},
     "highest node port": {"proxies": {"service": {"type": "NodePort",
                                                   "nodePorts": {"grpc": 32767}}}},
+    "shortest, smallest retention": {"brokers": {"retention": {"seconds": 1, "maxBytes": 1024**2}}},
+    "longest, largest retention": {"brokers": {"retention": {"seconds": 86400, "maxBytes": 64 * 1024**3}}},
 }
 BAD_SPECS = {
     "negative broker replicas": ({"brokers": {"replicas": -1}}, "spec.brokers.replicas"),
@@ -456,6 +495,11 @@ BAD_SPECS = {
     "bad quantity": ({"proxies": {"resources": {"limits": {"memory": "lots"}}}},
                      "spec.proxies.resources.limits.memory"),
     "image not a string": ({"image": 7}, "spec.image"),
+    "retention of 0 s": ({"brokers": {"retention": {"seconds": 0}}}, "spec.brokers.retention.seconds"),
+    "retention over a day": ({"brokers": {"retention": {"seconds": 86401}}}, "spec.brokers.retention.seconds"),
+    "retention of 1 KiB": ({"brokers": {"retention": {"maxBytes": 1024}}}, "spec.brokers.retention.maxBytes"),
+    "retention of 1 TiB": ({"brokers": {"retention": {"maxBytes": 1024**4}}}, "spec.brokers.retention.maxBytes"),
+    "retention as text": ({"brokers": {"retention": {"maxBytes": "1Gi"}}}, "spec.brokers.retention.maxBytes"),
 }
 
 
@@ -505,7 +549,8 @@ def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
                                         "kind": "NeoplasmaCluster", "metadata": {}})
     assert defaulted["spec"] == {
         "brokers": {"replicas": 1, "maxPerDeployment": 10,
-                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "retention": {"seconds": 300, "maxBytes": 268435456}},
         "proxies": {"replicas": 2, "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                     "service": {"type": "ClusterIP"}},
     }

@@ -17,6 +17,7 @@ from neoplasma.operator.spec import (
     Proxies,
     ProxyService,
     Resources,
+    Retention,
     check_name,
     parse_cluster,
     parse_spec,
@@ -29,7 +30,8 @@ DEFAULT_RESOURCES = Resources(requests={"cpu": "100m", "memory": "128Mi"})
 def test_missing_fields_take_the_crd_defaults(spec: object) -> None:
     assert parse_spec(spec) == ClusterSpec(
         image="",
-        brokers=Brokers(replicas=1, max_per_deployment=10, resources=DEFAULT_RESOURCES),
+        brokers=Brokers(replicas=1, max_per_deployment=10, resources=DEFAULT_RESOURCES,
+                        retention=Retention(seconds=300, max_bytes=256 * 1024 * 1024)),
         proxies=Proxies(
             replicas=2,
             resources=DEFAULT_RESOURCES,
@@ -45,6 +47,7 @@ def test_a_full_spec() -> None:
             "replicas": 25,
             "maxPerDeployment": 8,
             "resources": {"requests": {"cpu": 1}, "limits": {"memory": "1Gi"}},
+            "retention": {"seconds": 600, "maxBytes": 2**30},
         },
         "proxies": {
             "replicas": 0,
@@ -58,6 +61,7 @@ def test_a_full_spec() -> None:
             replicas=25,
             max_per_deployment=8,
             resources=Resources(requests={"cpu": "1"}, limits={"memory": "1Gi"}),
+            retention=Retention(seconds=600, max_bytes=2**30),
         ),
         proxies=Proxies(
             replicas=0,
@@ -110,6 +114,18 @@ def test_resources_to_dict_leaves_out_empty_maps(
          "spec.brokers.resources.limits.cpu", "must be a quantity such as 100m or 128Mi, got False"),
         ({"brokers": {"resources": {"claims": []}}}, "spec.brokers.resources.claims",
          "unknown field; known fields are limits, requests"),
+        ({"brokers": {"retention": 300}}, "spec.brokers.retention", "must be an object, got int"),
+        ({"brokers": {"retention": {"seconds": 0}}}, "spec.brokers.retention.seconds", "must be at least 1, got 0"),
+        ({"brokers": {"retention": {"seconds": 90000}}}, "spec.brokers.retention.seconds",
+         "must be at most 86400, got 90000"),
+        ({"brokers": {"retention": {"seconds": "5m"}}}, "spec.brokers.retention.seconds",
+         "must be an integer, got '5m'"),
+        ({"brokers": {"retention": {"maxBytes": 1000}}}, "spec.brokers.retention.maxBytes",
+         "must be at least 1048576, got 1000"),
+        ({"brokers": {"retention": {"maxBytes": 2**40}}}, "spec.brokers.retention.maxBytes",
+         "must be at most 68719476736, got 1099511627776"),
+        ({"brokers": {"retention": {"bytes": 5}}}, "spec.brokers.retention.bytes",
+         "unknown field; known fields are maxBytes, seconds"),
     ],
 )
 def test_bad_values_name_the_field_and_the_problem(spec: object, field: str, problem: str) -> None:
@@ -126,7 +142,7 @@ JSON = st.recursive(
     | st.dictionaries(
         st.sampled_from(["image", "brokers", "proxies", "replicas", "maxPerDeployment",
                          "resources", "requests", "limits", "cpu", "service", "type",
-                         "nodePorts", "sse", "grpc", "other"]),
+                         "nodePorts", "sse", "grpc", "retention", "seconds", "maxBytes", "other"]),
         children,
         max_size=4,
     ),

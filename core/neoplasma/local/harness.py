@@ -1,8 +1,9 @@
 """Brokers and proxies as real processes on 127.0.0.1, and clients that talk to them as users do.
 
 For tests and benchmarks: `start_server` starts `neoplasma broker|proxy` on free ports and reads
-the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream)
-and read or set a proxy's membership over its control port; `wait_for` polls a condition.
+the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream, an
+EventSource that resumes as a browser's does) and read or set a proxy's membership over its control
+port; `wait_for` polls a condition.
 """
 
 from __future__ import annotations
@@ -256,6 +257,131 @@ class PlasmaClient:
         with contextlib.suppress(BaseException):
             await self._task
         await self.channel.close()
+
+
+class EventSource:
+    """An SSE client that behaves like a browser's EventSource: on the end of a stream or a
+    network error it reconnects after `retry` ms with `Last-Event-ID` (to `address()`, which may
+    change); it records every status and, per connection, the address and the events it gave."""
+
+    def __init__(self, address: Callable[[], str], topics: str, token: str = "") -> None:
+        self.address = address
+        self.topics = topics
+        self.last_id = token
+        self.events: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.connections: list[tuple[str, int]] = []  # (address, events received there)
+        self.retry = 2000
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> EventSource:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            while True:
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                address, before = self.address(), len(self.events)
+                try:
+                    async with session.get(f"http://{address}/?eventType={self.topics}", headers=headers) as resp:
+                        self.statuses.append(resp.status)
+                        if resp.status != 200:
+                            return  # EventSource gives up for good
+                        self.connected.set()
+                        await self._read(resp)
+                except aiohttp.ClientError:
+                    pass
+                self.connections.append((address, len(self.events) - before))
+                self.connected.clear()
+                await asyncio.sleep(self.retry / 1000)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        pending = b""
+        async for chunk in resp.content.iter_any():
+            *frames, pending = (pending + chunk).split(b"\n\n")
+            for frame in frames:
+                self._dispatch(frame.decode())
+
+    def _dispatch(self, frame: str) -> None:
+        """One event as the HTML spec reads it: its fields, then the blank line."""
+        name, data, event_id = "", "", None
+        for line in frame.split("\n"):
+            field, _, value = line.partition(": ")
+            if field == "retry":
+                self.retry = int(value)
+            elif field == "id":
+                event_id = value
+            elif field == "event":
+                name = value
+            elif field == "data":
+                data = value
+        if event_id is not None:
+            self.last_id = event_id
+        if data:
+            (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class Publisher:
+    """Publishes {"b": broker index, "n": k} events, k = 0, 1, 2, ... per broker (gRPC address),
+    `batch` per request every `interval` seconds (0: as fast as they are accepted)."""
+
+    def __init__(self, brokers: list[str], topic: str = "t") -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.sent = [0] * len(brokers)
+        self.stopped = [False] * len(brokers)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, interval: float, batch: int = 1) -> Publisher:
+        self._tasks = [asyncio.create_task(self._run(i, interval, batch)) for i in range(len(self.brokers))]
+        return self
+
+    async def _run(self, i: int, interval: float, batch: int) -> None:
+        loop = asyncio.get_running_loop()
+        async with grpc.aio.insecure_channel(self.brokers[i]) as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            due = loop.time()
+            while not self.stopped[i]:
+                events = [pb.Event(topic=self.topic, data=json.dumps({"b": i, "n": self.sent[i] + k}).encode())
+                          for k in range(batch)]
+                try:
+                    await stub.Publish(pb.PublishRequest(events=events), timeout=5)
+                except grpc.aio.AioRpcError as exc:  # a draining broker refuses: that broker is done
+                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
+                    return
+                self.sent[i] += batch
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+    async def stop(self, i: int | None = None) -> None:
+        for k in range(len(self.brokers)) if i is None else [i]:
+            self.stopped[k] = True
+        await asyncio.gather(*(self._tasks if i is None else [self._tasks[i]]))
+
+    @staticmethod
+    def received_from(events: list[dict[str, Any]], i: int) -> int:
+        return sum(1 for e in events if e["data"]["b"] == i)
+
+    def all_received(self, events: list[dict[str, Any]]) -> bool:
+        return len(events) >= sum(self.sent)
+
+    def assert_exactly_once_in_order(self, events: list[dict[str, Any]], who: str) -> None:
+        for i, sent in enumerate(self.sent):
+            got = [e["data"]["n"] if "data" in e else e["n"] for e in events
+                   if (e["data"]["b"] if "data" in e else e["b"]) == i]
+            assert got == list(range(sent)), (
+                f"{who}: broker {i}: {sent} published, {len(got)} received; "
+                f"missing {sorted(set(range(sent)) - set(got))[:10]}, "
+                f"duplicated {sorted({n for n in got if got.count(n) > 1})[:10]}")
 
 
 @contextlib.asynccontextmanager

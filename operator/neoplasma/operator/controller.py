@@ -166,7 +166,7 @@ class ClusterController:
         now = clock()
         autoscaler = Autoscaler(status.get("autoscaling"))
         sync = MembershipSync(MembershipPusher(timeout=2.0), version=persisted_version(status),
-                              on_progress=self.wake, label=self.label)
+                              on_progress=self.wake, label=self.label, cluster=self.uid)
         self.resource = Resource(autoscaler, self.label)
         self.membership = Membership(sync, options.anti_entropy, now)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import jinja2
 import yaml
 
 from neoplasma.broker.server import BrokerConfig
+from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
 from neoplasma.operator.spec import Cluster, NodePorts, ServiceType
 from neoplasma.proxy.server import ProxyConfig
@@ -39,6 +41,12 @@ MANAGED_BY = "neoplasma-operator"
 
 # Rollouts keep serving: a new proxy is ready before an old one is stopped.
 _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+# A stopping proxy pod fails readiness at once and keeps serving for PROXY_DRAIN_DELAY seconds, so
+# the Service's endpoints drop it before its subscribers are asked to reconnect (paced, at the
+# proxy's drain_rate); the grace period covers PROXY_SUBSCRIBERS of them, and a margin to stop.
+PROXY_DRAIN_DELAY = 5
+PROXY_SUBSCRIBERS = 25_000
+PROXY_GRACE_SECONDS = PROXY_DRAIN_DELAY + math.ceil(PROXY_SUBSCRIBERS / ProxyConfig.drain_rate) + 10
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,18 @@ def labels(cluster_name: str, component: Tier) -> dict[str, str]:
     return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def server_command(tier: Tier, ports: dict[str, int]) -> list[str]:
-    """The container's command: `neoplasma TIER` on every address, each port as `--NAME-port`."""
+def server_command(tier: Tier, config: type[Settings], ports: dict[str, int], **settings: int) -> list[str]:
+    """The container's command: `neoplasma TIER` on every address, with each port (`NAME_port`)
+    and setting as the option `config` has for it."""
+    values = {**{f"{name}_port": port for name, port in ports.items()}, **settings}
     return ["neoplasma", tier, "--host", "0.0.0.0",
-            *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))]
+            *(arg for name, value in values.items() for arg in (config.option(name), str(value)))]
 
 
 def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
     name = broker_deployment_name(cluster.name, index)
     selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
+    retention = cluster.spec.brokers.retention
     return _render_template(
         "deployment.yaml.j2",
         name=name,
@@ -110,7 +121,8 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
         selector=selector,
         replicas=replicas,
         image=image,
-        command=server_command(Tier.BROKER, BROKER_PORTS),
+        command=server_command(Tier.BROKER, BrokerConfig, BROKER_PORTS, retention_seconds=retention.seconds,
+                               retention_bytes=retention.max_bytes),
         ports=BROKER_PORTS,
         resources=cluster.spec.brokers.resources.to_dict(),
         grace_seconds=30,
@@ -128,10 +140,10 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
-        command=server_command(Tier.PROXY, PROXY_PORTS),
+        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY),
         ports=PROXY_PORTS,
         resources=cluster.spec.proxies.resources.to_dict(),
-        grace_seconds=60,
+        grace_seconds=PROXY_GRACE_SECONDS,
         strategy=_PROXY_STRATEGY,
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.text import clip, excerpt
 
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
@@ -31,6 +32,10 @@ QUANTITY_PATTERN = (
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 MAX_QUANTITY_LENGTH = 64  # "1.5Gi", "250m": real quantities are short; longer ones are refused unread
 _Default = TypeVar("_Default", int, None)
+# Broker retention (docs/resume.md): at least a reconnect's worth, at most what a pod can hold.
+RETENTION_SECONDS_MAX = 86400
+RETENTION_BYTES_MIN = 1024 * 1024
+RETENTION_BYTES_MAX = 64 * 1024**3
 
 
 class InvalidSpec(ValueError):
@@ -60,10 +65,20 @@ def _default_resources() -> Resources:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long and how much of the accepted events each broker keeps for resuming subscribers;
+    the broker's own defaults."""
+
+    seconds: int = int(BrokerConfig.retention_seconds)
+    max_bytes: int = BrokerConfig.retention_bytes
+
+
+@dataclass(frozen=True)
 class Brokers:
     replicas: int = 1
     max_per_deployment: int = 10
     resources: Resources = field(default_factory=_default_resources)
+    retention: Retention = field(default_factory=Retention)
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,7 @@ def parse_spec(spec: object) -> ClusterSpec:
 
 
 def _brokers(value: object, path: str) -> Brokers:
-    fields = _object(value, path, known={"replicas", "maxPerDeployment", "resources"})
+    fields = _object(value, path, known={"replicas", "maxPerDeployment", "resources", "retention"})
     default = Brokers()
     return Brokers(
         replicas=_integer(fields.get("replicas"), f"{path}.replicas", default.replicas, 0),
@@ -144,6 +159,17 @@ def _brokers(value: object, path: str) -> Brokers:
             default.max_per_deployment, 1,
         ),
         resources=_resources(fields.get("resources"), f"{path}.resources"),
+        retention=_retention(fields.get("retention"), f"{path}.retention"),
+    )
+
+
+def _retention(value: object, path: str) -> Retention:
+    fields = _object(value, path, known={"seconds", "maxBytes"})
+    default = Retention()
+    return Retention(
+        seconds=_integer(fields.get("seconds"), f"{path}.seconds", default.seconds, 1, RETENTION_SECONDS_MAX),
+        max_bytes=_integer(fields.get("maxBytes"), f"{path}.maxBytes", default.max_bytes,
+                           RETENTION_BYTES_MIN, RETENTION_BYTES_MAX),
     )
 
 

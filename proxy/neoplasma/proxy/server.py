@@ -65,6 +65,10 @@ class ProxyConfig(Settings):
                                   help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
     drain_rate: float = setting(500.0, bound=POSITIVE,
                                 help="subscribers asked to reconnect per second when shutting down")
+    # Behind a load balancer (a Kubernetes Service), new connections keep coming until it has seen
+    # readiness fail: on SIGTERM, fail readiness at once, keep serving this long, then drain.
+    drain_delay: float = setting(0.0, bound=NON_NEGATIVE,
+                                 help="seconds between failing readiness and the drain on SIGTERM")
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
     max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
@@ -84,6 +88,7 @@ class Proxy:
         self.hub = Hub()
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes)
         self.draining = False
+        self.ready = True  # /healthz; false from the first signal to stop or drain
         self._apply_lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -117,7 +122,7 @@ class Proxy:
     def drain(self, rate: float) -> None:
         """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
         (the configured drain_rate when `rate` is not a positive number)."""
-        self.draining = True
+        self.draining, self.ready = True, False
         if self._drain_task is None:
             rate = rate if POSITIVE.allows(rate) else self.config.drain_rate
             self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate))
@@ -370,7 +375,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
         return response
 
     async def healthz(request: web.Request) -> web.Response:
-        if proxy.draining:
+        if not proxy.ready:
             return web.Response(status=503, text="draining\n")
         return web.Response(text="ok\n")
 
@@ -438,8 +443,12 @@ async def serve(config: ProxyConfig) -> None:
     announce(kind="proxy", name=config.name, **addresses)
     await stop.wait()
 
-    # Graceful: fail readiness, move subscribers away at a paced rate, then stop.
+    # Graceful: fail readiness, let load balancers see it, move subscribers away at a paced rate, stop.
+    proxy.ready = False
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    if config.drain_delay:
+        log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
+        await asyncio.sleep(config.drain_delay)
     proxy.drain(config.drain_rate)
     await proxy.drained(timeout=max(5.0, len(proxy.hub.subscribers) / config.drain_rate + 5.0))
     heartbeat.cancel()
