@@ -1,8 +1,8 @@
 """`neoplasma up`: a whole cluster as child processes on 127.0.0.1.
 
 Brokers and proxies are the real servers; membership reaches the proxies
-through the same pusher the operator uses. A child that dies is reported and
-restarted on the same ports.
+through the same pusher the operator uses. With `--redis`, two `ingest-redis` readers
+sharing a lease feed the brokers. A child that dies is reported and restarted on the same ports.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ class ChildFailed(NeoplasmaError):
 
 @dataclass
 class Child:
-    kind: Tier
+    kind: str  # a Tier, or "ingest-redis"
     name: str
     ports: dict[str, int]  # flag name -> port (0 until first start)
+    args: list[str] = field(default_factory=list)  # more options
     endpoints: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     credential_file: str = ""  # the cluster credential, passed in the environment (not in argv)
@@ -57,7 +58,7 @@ class Child:
         cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1"]
         for flag, port in self.ports.items():
             cmd += [f"--{flag}", str(port)]
-        return cmd
+        return cmd + self.args
 
     async def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only `up`, which stops children in order.
@@ -94,11 +95,13 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, brokers: int, proxies: int, credential_file: str) -> None:
+    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None) -> None:
         self.credential_file = credential_file
         self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
+        self.readers: list[Child] = []
+        self._ingest = ingest  # the readers' options (Redis, channels), or None for no readers
         self._initial = {Tier.BROKER: brokers, Tier.PROXY: proxies}
         self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
@@ -125,7 +128,12 @@ class LocalCluster:
         for kind, n in self._initial.items():
             self.group(kind).extend(self._new_child(kind) for _ in range(n))
         await asyncio.gather(*(c.start() for c in self.children))
-        for child in self.children:
+        if self._ingest is not None:  # two readers, one active (a lease per cluster), feeding the brokers
+            args = [*self._ingest, "--brokers", ",".join(b.endpoints["grpc"] for b in self.brokers),
+                    "--lease-key", f"neoplasma:ingest:{self.snapshot.cluster}"]
+            self.readers = [Child("ingest-redis", f"ingest-{i}", {"http-port": 0}, args) for i in range(2)]
+            await asyncio.gather(*(r.start() for r in self.readers))
+        for child in self.children + self.readers:
             self._watch(child)
         await self.push_membership()
 
@@ -231,6 +239,7 @@ class LocalCluster:
         self.stopping.set()
         for task in list(self._watchers):
             task.cancel()
+        await asyncio.gather(*(c.stop() for c in self.readers))  # first: they publish what they read
         await asyncio.gather(*(c.stop() for c in self.children))
         await self.pusher.close()
 
@@ -240,12 +249,12 @@ class LocalCluster:
             "brokers": [{"grpc": b.endpoints["grpc"], "http": b.endpoints["http"]} for b in self.brokers],
             "proxies": [{"grpc": p.endpoints["grpc"], "http": p.endpoints["http"],
                          "control": p.endpoints["control"]} for p in self.proxies],
-        }
+        } | ({"readers": [{"http": r.endpoints["http"]} for r in self.readers]} if self.readers else {})
 
     def table(self) -> str:
         rows = [("NAME", "GRPC", "HTTP", "CONTROL")]
-        for c in self.children:
-            rows.append((c.name, c.endpoints["grpc"], c.endpoints["http"], c.endpoints.get("control", "-")))
+        for c in self.children + self.readers:
+            rows.append((c.name, c.endpoints.get("grpc", "-"), c.endpoints["http"], c.endpoints.get("control", "-")))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         proxy = self.proxies[0].endpoints if self.proxies else {}
@@ -261,9 +270,9 @@ class LocalCluster:
 
 
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
-              credential_file: str) -> int:
+              credential_file: str, ingest: list[str] | None) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
-    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file)
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cluster.stopping.set)
@@ -283,10 +292,10 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0, credential_file: str = "") -> int:
-    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations. Its
-    cluster credential is read from `credential_file`, else a new random one (in a 0600 file
-    removed at the end)."""
+           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None) -> int:
+    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
+    the options of two `ingest-redis` readers (None: no readers). Its cluster credential is read from
+    `credential_file`, else a new random one (in a 0600 file removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
     scaler = Autoscaler()
@@ -294,11 +303,11 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
     if credential_file:
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest))
     fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
     try:
         os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
         os.close(fd)
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest))
     finally:
         os.unlink(path)
