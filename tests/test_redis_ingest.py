@@ -192,7 +192,11 @@ async def test_redis_with_a_password_restarted_mid_stream(start: Any, redis_serv
     reader = start_reader(start, "in0", redis, brokers, "--redis-password-file", str(tmp_path / "password"))
     wrong = start_reader(start, "in1", redis, brokers, "--lease", "none")  # no password
     await wait_for(lambda: active_reader([reader]), what="the reader active")
-    assert (await health(wrong))["reason"].startswith("cannot read Redis: redis refused: NOAUTH")
+
+    async def refused() -> bool:
+        return bool((await health(wrong))["reason"].startswith("cannot read Redis: redis refused: NOAUTH"))
+
+    await wait_for(refused, what="the reader without a password reporting NOAUTH")
     publisher = redis.client()
     async with sse(proxies[1].endpoints["http"], "news") as browser:
         await wait_for(lambda: links_ready(proxies[1].endpoints["control"], 2), what="links with interest")
