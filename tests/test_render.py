@@ -553,4 +553,5 @@ def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
                     "retention": {"seconds": 300, "maxBytes": 268435456}},
         "proxies": {"replicas": 2, "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                     "service": {"type": "ClusterIP"}},
+        "networkPolicies": {"enabled": True},
     }
