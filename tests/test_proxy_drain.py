@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from neoplasma.local.harness import PlasmaClient, SseClient, proxy_status, wait_for
+from neoplasma.local.harness import AUTH, PlasmaClient, SseClient, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -36,7 +36,8 @@ async def test_drain_is_paced_and_tells_clients_to_reconnect(start: Any) -> None
     watchers = [asyncio.create_task(note_end(i, c.ended)) for i, c in enumerate([*browsers, *services])]
     started = time.monotonic()
     async with grpc.aio.insecure_channel(control) as ch:
-        reply = await pb_grpc.ProxyControlStub(ch).Drain(pb.DrainRequest(reconnects_per_second=25), timeout=5)
+        reply = await pb_grpc.ProxyControlStub(ch).Drain(pb.DrainRequest(reconnects_per_second=25), timeout=5,
+                                                                 metadata=AUTH)
     assert reply.subscribers_remaining == 50
     # While draining: not ready, and new subscribers are sent elsewhere, never with a non-200
     # (EventSource gives up for good on one): a short retry hint and the end of the stream.

@@ -19,7 +19,7 @@ import pytest
 
 from neoplasma.core.events import Event
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
-from neoplasma.local.harness import EventSource, Publisher, Server, links_ready, proxy_status, wait_for
+from neoplasma.local.harness import AUTH, EventSource, Publisher, Server, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -31,7 +31,7 @@ async def push(proxy: Server, version: int, brokers: list[tuple[str, str, str]],
     msg = pb.Membership(version=version, cluster=cluster,
                         brokers=[pb.BrokerMember(name=n, address=a, state=s) for n, a, s in brokers])
     async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
-        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     assert reply.accepted, reply.reason
 
 
@@ -272,7 +272,7 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
     b = start("broker", "b0")
     async with grpc.aio.insecure_channel(b.endpoints["grpc"]) as ch:
         stub = pb_grpc.BrokerStub(ch)
-        relay = stub.Relay()
+        relay = stub.Relay(metadata=AUTH)
         await relay.write(pb.Interest(add=["x"], replace=True, proxy="probe"))
         first = await relay.read()
         await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="y", data=b"1")]), timeout=5)
@@ -281,12 +281,15 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
         assert not update.events and update.epoch == first.epoch and update.head == first.head + 1
         assert time.monotonic() - started < 3
         relay.cancel()
-        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]))]
+        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]),
+                                               metadata=AUTH)]
         assert [(e.topic, e.seq) for m in replay for e in m.events] == [("y", first.head + 1)]
-        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]))]
+        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]),
+                                              metadata=AUTH)]
         assert other[0].gap and not other[0].events
     b.stop()
     again = start("broker", "b0", ports={"grpc-port": b.port("grpc"), "http-port": 0})
     async with grpc.aio.insecure_channel(again.endpoints["grpc"]) as ch:
-        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]))]
+        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]),
+                                                              metadata=AUTH)]
     assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing

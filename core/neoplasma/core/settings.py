@@ -90,7 +90,7 @@ def _help(f: Field[Any]) -> str:
     meta = f.metadata
     shown = [meta["bound"].note] if meta["bound"] and meta["bound"].note else []
     if f.default is not MISSING:
-        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "none"
         shown.append(f"default {default}" + (f", or ${meta['env']}" if meta["env"] else ""))
     return f"{meta['help']} ({'; '.join(shown)})" if shown else str(meta["help"])
 

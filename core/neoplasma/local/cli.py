@@ -17,6 +17,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--proxies", type=argument_type(int, NON_NEGATIVE), default=2,
                    help="number of proxies (default 2)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    p.add_argument("--credential-file", default="", help="file holding the cluster credential (default: a new "
+                   "random one per run, in a 0600 temporary file)")
     scale = p.add_argument_group("autoscaling (the NeoplasmaCluster annotations of the same names)")
     scale.add_argument("--autoscale", action="store_true", help="resize brokers/proxies by load")
     for flag in ("target-connections-per-broker", "target-events-per-broker", "min-brokers", "max-brokers",
@@ -58,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     annotations = {key: value for key, value in flags.items() if value is not None}
     return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
-                  interval=args.scale_interval)
+                  interval=args.scale_interval, credential_file=args.credential_file)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """Brokers and proxies as real processes on 127.0.0.1, and clients that talk to them as users do.
 
 For tests and benchmarks: `start_server` starts `neoplasma broker|proxy` on free ports and reads
-the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream, an
-EventSource that resumes as a browser's does) and read or set a proxy's membership over its control
-port; `wait_for` polls a condition.
+the endpoints it prints, giving them the cluster credential `CREDENTIAL` (which the control
+helpers present: `AUTH` is its gRPC metadata); the clients publish (gRPC, HTTP), subscribe (SSE,
+plasma's gRPC stream, an EventSource that resumes as a browser's does) and read or set a proxy's
+membership over its control port; `wait_for` polls a condition.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import selectors
 import signal
 import socket
@@ -25,9 +28,13 @@ from typing import Any
 import aiohttp
 import grpc
 
+from neoplasma.core.trust import CREDENTIAL_ENV, Access, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+CREDENTIAL = secrets.token_urlsafe(24)  # the cluster credential of servers started here
+AUTH = bearer_metadata(CREDENTIAL)
 
 
 def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
@@ -79,7 +86,9 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None) -> Server:
+def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None,
+                 env: dict[str, str] | None = None) -> Server:
+    """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it)."""
     ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
                       else {"grpc-port": 0, "http-port": 0, "control-port": 0})
     args = [sys.executable, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
@@ -87,7 +96,8 @@ def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[s
         args += [f"--{flag}", str(port)]
     args += list(extra)
     log_path = log_dir / f"{name}.log"
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"),
+                            env={**os.environ, CREDENTIAL_ENV: CREDENTIAL, **(env or {})})
     try:
         line = read_json_line(proc.stdout, 30)
     except Exception:
@@ -125,9 +135,12 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: st
 # -- control ---------------------------------------------------------------------------
 
 
-async def proxy_status(control: str) -> pb.ProxyStatus:
-    async with grpc.aio.insecure_channel(control) as ch:
-        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5)
+async def proxy_status(control: str, access: Access | None = None) -> pb.ProxyStatus:
+    """The proxy's status, asked with the harness credential (or `access`)."""
+    metadata = access.metadata() if access else AUTH
+    async with access.channel(control) if access else grpc.aio.insecure_channel(control) as ch:
+        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5,
+                                                                           metadata=metadata)
     return status
 
 
@@ -136,13 +149,13 @@ async def apply_membership(control: str, version: int, brokers: list[tuple[str, 
     msg = pb.Membership(version=version, brokers=[pb.BrokerMember(name=n, address=a, state=state)
                                                   for n, a in brokers])
     async with grpc.aio.insecure_channel(control) as ch:
-        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     return reply
 
 
-async def links_ready(control: str, brokers: int) -> bool:
+async def links_ready(control: str, brokers: int, access: Access | None = None) -> bool:
     """True when the proxy is connected to `brokers` brokers with its interest applied."""
-    status = await proxy_status(control)
+    status = await proxy_status(control, access)
     synced = [link for link in status.links if link.interest_synced]
     return len(synced) == brokers == len(status.links)
 
@@ -150,18 +163,23 @@ async def links_ready(control: str, brokers: int) -> bool:
 # -- publishers --------------------------------------------------------------------
 
 
-async def publish_grpc(broker: str, events: list[tuple[str, Any]]) -> int:
+async def publish_grpc(broker: str, events: list[tuple[str, Any]], key: str = "") -> int:
+    """Publish over gRPC, with the publisher `key` when given."""
     req = pb.PublishRequest(events=[pb.Event(topic=t, data=json.dumps(d).encode()) for t, d in events])
     async with grpc.aio.insecure_channel(broker) as ch:
-        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(req, timeout=10)
+        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(
+            req, timeout=10, metadata=bearer_metadata(key) if key else None)
     return reply.accepted
 
 
-async def publish_http(http: str, body: bytes | Any) -> tuple[int, Any]:
+async def publish_http(http: str, body: bytes | Any, key: str = "",
+                       content_type: str = "application/json") -> tuple[int, Any]:
+    """POST /publish (JSON unless `content_type` says otherwise), with the publisher `key` when given."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://{http}/publish", data=data) as resp:
-            return resp.status, await resp.json()
+        async with session.post(f"http://{http}/publish", data=data, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
 
 
 # -- subscribers -------------------------------------------------------------------

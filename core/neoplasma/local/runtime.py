@@ -14,8 +14,10 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.backoff import BackoffPolicy
@@ -27,6 +29,7 @@ from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
+from neoplasma.core.trust import CREDENTIAL_FILE_ENV, Access, Tokens
 
 log = get_logger("up")
 
@@ -46,6 +49,7 @@ class Child:
     ports: dict[str, int]  # flag name -> port (0 until first start)
     endpoints: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
+    credential_file: str = ""  # the cluster credential, passed in the environment (not in argv)
     restarts: int = 0
     draining: bool = False  # being removed: no restart, DRAINING in membership
 
@@ -61,7 +65,8 @@ class Child:
         # the child arranges to die with `up` itself (neoplasma.core.net.die_with_parent).
         self.process = await asyncio.create_subprocess_exec(
             *self.command(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            process_group=0, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
+            process_group=0, env={**os.environ, PARENT_PID_ENV: str(os.getpid()),
+                                  CREDENTIAL_FILE_ENV: self.credential_file})
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), READY_TIMEOUT)
@@ -89,13 +94,15 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, brokers: int, proxies: int) -> None:
+    def __init__(self, brokers: int, proxies: int, credential_file: str) -> None:
+        self.credential_file = credential_file
+        self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
         self._initial = {Tier.BROKER: brokers, Tier.PROXY: proxies}
         self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
-        self.pusher = MembershipPusher()
+        self.pusher = MembershipPusher(access=self.access)
         self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
@@ -112,7 +119,7 @@ class LocalCluster:
         self._next_index[kind] += 1
         ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
                                                                               "control-port": 0}
-        return Child(kind, f"{kind}-{index}", ports)
+        return Child(kind, f"{kind}-{index}", ports, credential_file=self.credential_file)
 
     async def start(self) -> None:
         for kind, n in self._initial.items():
@@ -207,8 +214,8 @@ class LocalCluster:
     async def load(self, kind: Tier) -> Load:
         """The load of the children of `kind` not being removed, read as the operator reads its pods'."""
         if kind is Tier.BROKER:
-            return await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining)
-        return await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining)
+            return await broker_load((b.endpoints["grpc"] for b in self.brokers if not b.draining), self.access)
+        return await proxy_load((p.endpoints["control"] for p in self.proxies if not p.draining), self.access)
 
     async def _resize(self, kind: Tier, size: int) -> None:
         """Add or remove children of `kind`, one at a time, until there are `size` (or stopping)."""
@@ -227,8 +234,9 @@ class LocalCluster:
         await asyncio.gather(*(c.stop() for c in self.children))
         await self.pusher.close()
 
-    def describe(self) -> dict[str, list[dict[str, str]]]:
+    def describe(self) -> dict[str, Any]:
         return {
+            "credential_file": self.credential_file,
             "brokers": [{"grpc": b.endpoints["grpc"], "http": b.endpoints["http"]} for b in self.brokers],
             "proxies": [{"grpc": p.endpoints["grpc"], "http": p.endpoints["http"],
                          "control": p.endpoints["control"]} for p in self.proxies],
@@ -246,13 +254,16 @@ class LocalCluster:
             lines += ["", f"membership version {self.snapshot.version}; try:",
                       f"  neoplasma subscribe --proxy {proxy['http']} demo",
                       f"  neoplasma publish --broker {broker['grpc']} demo:hello '{{\"hi\": 1}}'",
+                      f"control and Stats calls need the credential in {self.credential_file}:",
+                      f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {self.credential_file})\" ...",
                       "Ctrl-C stops everything."]
         return "\n".join(lines)
 
 
-async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float) -> int:
+async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
+              credential_file: str) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
-    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]))
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cluster.stopping.set)
@@ -272,12 +283,22 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0) -> int:
-    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations."""
+           interval: float = 5.0, credential_file: str = "") -> int:
+    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations. Its
+    cluster credential is read from `credential_file`, else a new random one (in a 0600 file
+    removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
     scaler = Autoscaler()
     scaler.read(annotations or {}, brokers, proxies)
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
-    return asyncio.run(_up(brokers, proxies, as_json, scaler, interval))
+    if credential_file:
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file))
+    fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
+    try:
+        os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
+        os.close(fd)
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path))
+    finally:
+        os.unlink(path)

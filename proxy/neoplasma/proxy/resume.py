@@ -127,7 +127,8 @@ class Resume:
         epoch, head = link.epoch, after
         request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
         try:
-            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0)):
+            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0),
+                                                             metadata=link.access.metadata()):
                 head = max(head, batch.head)
                 if batch.gap:
                     await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "
