@@ -9,6 +9,7 @@ sees: objects, status, events, and events delivered to subscribers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 import subprocess
@@ -27,6 +28,7 @@ from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.resume import cluster_tag, decode_token
+from neoplasma.core.trust import Access, Tokens
 from neoplasma.local.harness import (
     EventSource,
     Publisher,
@@ -188,6 +190,11 @@ class Clusters:
             key=lambda p: p.metadata.name,
         )
 
+    def access(self, name: str) -> Access:
+        """How the operator reaches the cluster's control ports: the credential in its Secret."""
+        data = self.core.read_namespaced_secret(f"{name}-credential", self.namespace).data
+        return Access(Tokens(given=[base64.b64decode(data["credential"]).decode()]))
+
     def proxy_controls(self, name: str) -> list[str]:
         return [f"{p.status.pod_ip}:50052" for p in self.ready_pods(name, "proxy")]
 
@@ -204,7 +211,7 @@ async def membership_everywhere(clusters: Clusters, name: str, brokers: int, pro
     if len(broker_names) != brokers or len(controls) != proxies:
         return {}
     for control in controls:
-        reply = await proxy_status(control)
+        reply = await proxy_status(control, clusters.access(name))
         if reply.membership_version != membership["version"] or {link.name for link in reply.links} != broker_names:
             return {}
     return status
@@ -288,7 +295,8 @@ async def test_applied_cluster_gets_its_children_becomes_ready_and_delivers(
     proxies = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
     async with sse(f"{proxies[0]}:8080", "news") as first, sse(f"{proxies[1]}:8080", "news") as second:
         for ip in proxies:
-            await wait_for(lambda ip=ip: links_ready(f"{ip}:50052", 2), 20, f"proxy {ip} linked with interest")
+            await wait_for(lambda ip=ip: links_ready(f"{ip}:50052", 2, clusters.access("demo")), 20,
+                           f"proxy {ip} linked with interest")
         for index, broker in enumerate(brokers):
             await publish_grpc(broker, [("news:sport", {"from": index})])
         for client in (first, second):
@@ -316,7 +324,7 @@ async def test_scaling_and_replacing_brokers_reaches_every_proxy(
 
     async def victim_gone_everywhere() -> bool:
         for control in clusters.proxy_controls("demo"):
-            if victim in {link.name for link in (await proxy_status(control)).links}:
+            if victim in {link.name for link in (await proxy_status(control, clusters.access("demo"))).links}:
                 return False
         return True
 
@@ -370,7 +378,8 @@ async def test_proxies_keep_delivering_without_the_operator_and_versions_continu
     brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
     [proxy] = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
     async with sse(f"{proxy}:8080", "news") as client:
-        await wait_for(lambda: links_ready(f"{proxy}:50052", 2), 20, "proxy linked with interest")
+        await wait_for(lambda: links_ready(f"{proxy}:50052", 2, clusters.access("demo")), 20,
+                       "proxy linked with interest")
         for index, broker in enumerate(brokers):
             await publish_grpc(broker, [("news", {"from": index})])
         await wait_for(lambda: len(client.events) >= 2, 20, "events with the operator stopped")
@@ -427,11 +436,12 @@ async def test_a_proxy_rollout_under_load_loses_and_repeats_nothing(
     browsers = [EventSource(endpoints.pick, "t").start() for _ in range(subscribers)]
 
     async def subscribed(controls: list[str]) -> bool:
-        return sum([(await proxy_status(c)).subscribers for c in controls]) == subscribers
+        return sum([(await proxy_status(c, clusters.access("demo"))).subscribers for c in controls]) == subscribers
 
     await wait_for(lambda: subscribed(list(old.values())), 60, "every subscriber connected")
     for control in old.values():
-        await wait_for(lambda control=control: links_ready(control, 2), 20, "proxies linked with interest")
+        await wait_for(lambda control=control: links_ready(control, 2, clusters.access("demo")), 20,
+                       "proxies linked with interest")
     brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
     publisher = Publisher(brokers).start(interval=0.05, batch=per_second // 20 // len(brokers))
     await wait_for(lambda: all(len(b.events) >= 100 for b in browsers), 60, "events flowing")

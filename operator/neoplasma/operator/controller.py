@@ -97,7 +97,7 @@ class Indexes:
     ) -> None:
         self._pods = pods
         self._children = list(children)
-        self._replicasets = replicasets or {}
+        self._replicasets = {} if replicasets is None else replicasets  # live (and empty at first): no `or`
 
     def pods(self, key: ClusterKey, cluster_uid: str) -> list[PodView]:
         """The cluster's own pods: those its Deployments control, through their ReplicaSets."""
