@@ -115,6 +115,8 @@ def test_render_lists_every_child_by_name() -> None:
         ("Deployment", "demo-proxy"),
         ("Service", "demo-proxy"),
         ("PodDisruptionBudget", "demo-proxy"),
+        ("NetworkPolicy", "demo-broker"),
+        ("NetworkPolicy", "demo-proxy"),
     ]
 
 
@@ -302,11 +304,13 @@ def test_resources_are_passed_through(
     [
         ("demo-broker-0",
          ["neoplasma", "broker", "--host", "0.0.0.0", "--grpc-port", "50051",
-          "--http-port", "8080", "--retention-seconds", "300", "--retention-bytes", "268435456"],
+          "--http-port", "8080", "--retention-seconds", "300", "--retention-bytes", "268435456",
+          "--credential-file", "/etc/neoplasma/credential/credential"],
          {"grpc": 50051, "http": 8080}, 30),
         ("demo-proxy",
          ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
-          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5"],
+          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5",
+          "--credential-file", "/etc/neoplasma/credential/credential"],
          {"grpc": 50051, "http": 8080, "control": 50052}, 65),
     ],
 )
@@ -321,7 +325,7 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
         "NEOPLASMA_POD_IP": "status.podIP",
     }
     for probe in ("readinessProbe", "livenessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
     assert main["livenessProbe"]["failureThreshold"] > main["readinessProbe"]["failureThreshold"]
     assert main["securityContext"] == {
         "runAsNonRoot": True,
@@ -331,6 +335,88 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+OPERATOR = r.Peers("ops", {"app.kubernetes.io/name": "neoplasma-operator"})
+TRUST = {"publishers": {"apiKeysSecret": "publish-keys"}, "tls": {"secretName": "demo-tls"}}
+
+
+def secret_volumes(deployment: r.Manifest) -> dict[str, tuple[str, str]]:
+    """Secret volumes: name -> (Secret, mount path)."""
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    return {v["name"]: (v["secret"]["secretName"], mounts[v["name"]]["mountPath"])
+            for v in pod_spec(deployment)["volumes"] if "secret" in v and mounts[v["name"]]["readOnly"]}
+
+
+def test_every_pod_mounts_the_credential_and_the_servers_read_it() -> None:
+    children = rendered()
+    for name in ("demo-broker-0", "demo-proxy"):
+        assert secret_volumes(children["Deployment", name]) == {
+            "credential": ("demo-credential", "/etc/neoplasma/credential")}
+        config = server_config(children["Deployment", name])
+        assert config.credential_file == "/etc/neoplasma/credential/credential"
+        assert (config.tls_cert, config.tls_key) == ("", "")
+    assert server_config(children["Deployment", "demo-broker-0"]).publish_keys_file == ""  # type: ignore[union-attr]
+
+
+def test_publisher_keys_and_tls_are_mounted_and_passed() -> None:
+    children = rendered(TRUST)
+    broker, proxy = children["Deployment", "demo-broker-0"], children["Deployment", "demo-proxy"]
+    assert secret_volumes(broker) == {"credential": ("demo-credential", "/etc/neoplasma/credential"),
+                                      "publish-keys": ("publish-keys", "/etc/neoplasma/publish-keys"),
+                                      "tls": ("demo-tls", "/etc/neoplasma/tls")}
+    assert set(secret_volumes(proxy)) == {"credential", "tls"}  # proxies take no publishes
+    broker_config, proxy_config = server_config(broker), server_config(proxy)
+    assert isinstance(broker_config, BrokerConfig) and isinstance(proxy_config, ProxyConfig)
+    assert broker_config.publish_keys_file == "/etc/neoplasma/publish-keys/keys"
+    for config in (broker_config, proxy_config):
+        assert (config.tls_cert, config.tls_key) == ("/etc/neoplasma/tls/tls.crt", "/etc/neoplasma/tls/tls.key")
+    assert (proxy_config.tls_ca, proxy_config.tls_server_name) == ("/etc/neoplasma/tls/ca.crt",
+                                                                    "demo-broker.events.svc")
+    assert container(broker)["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"  # the broker's HTTP port is TLS
+    assert container(proxy)["readinessProbe"]["httpGet"]["scheme"] == "HTTP"  # subscribers' port is not
+    for manifest in (broker, proxy):
+        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+def peers(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(rule.get("from", [{}]))
+
+
+def ports(rule: dict[str, Any]) -> list[int]:
+    return [p["port"] for p in rule["ports"]]
+
+
+@pytest.mark.parametrize("operator", [OPERATOR, r.Peers("events", {"app": "op"})])
+def test_network_policies_open_only_the_services_ports(operator: r.Peers) -> None:
+    children = by_name(r.render(cluster(), default_image=IMAGE, operator=operator))
+    own = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "neoplasma",
+                                           "app.kubernetes.io/instance": "demo"}}}
+    operator_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(operator.labels)}}
+    if operator.namespace != "events":
+        operator_peer["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}
+    for tier, service_ports in (("broker", [50051, 8080]), ("proxy", [8080, 50051])):
+        policy = children["NetworkPolicy", f"demo-{tier}"]
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        assert policy["spec"]["podSelector"]["matchLabels"] == r.selector_labels("demo", r.Tier(tier))
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        service = children["Service", f"demo-{tier}"]
+        assert sorted(p["port"] for p in service["spec"]["ports"]) == sorted(service_ports)
+        rules = policy["spec"]["ingress"]
+        assert [(peers(rule), ports(rule)) for rule in rules] == [([{}], service_ports)] + (
+            [([own, operator_peer], [50052])] if tier == "proxy" else [])
+
+
+def test_network_policies_can_be_turned_off() -> None:
+    kinds = {kind for kind, _ in rendered({"networkPolicies": {"enabled": False}})}
+    assert "NetworkPolicy" not in kinds and "Deployment" in kinds
+
+
+def test_credential_secret() -> None:
+    secret = r.credential_secret(cluster(), "s3cret")
+    kubernetes_validate.validate(secret, KUBE_VERSION, strict=True)
+    assert secret["metadata"]["name"] == "demo-credential"
+    assert secret["stringData"] == {"credential": "s3cret"}
 
 
 def test_proxy_rollouts_keep_serving() -> None:
@@ -553,4 +639,5 @@ def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
                     "retention": {"seconds": 300, "maxBytes": 268435456}},
         "proxies": {"replicas": 2, "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                     "service": {"type": "ClusterIP"}},
+        "networkPolicies": {"enabled": True},
     }

@@ -36,6 +36,9 @@ _Default = TypeVar("_Default", int, None)
 RETENTION_SECONDS_MAX = 86400
 RETENTION_BYTES_MIN = 1024 * 1024
 RETENTION_BYTES_MAX = 64 * 1024**3
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_SECRET_NAME_LENGTH = 253
+MAX_IMAGE_LENGTH = 1024
 
 
 class InvalidSpec(ValueError):
@@ -101,12 +104,24 @@ class Proxies:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """Who may publish and how the tiers talk: the Secret of publisher API keys (key `keys`, one
+    per line; "" for none: publishing is open), the `kubernetes.io/tls` Secret serving publish,
+    relay and control over TLS ("" for none), and whether NetworkPolicies are rendered."""
+
+    api_keys_secret: str = ""
+    tls_secret: str = ""
+    network_policies: bool = True
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The `spec` of a NeoplasmaCluster; `image` "" means the operator's default image."""
 
     image: str = ""
     brokers: Brokers = field(default_factory=Brokers)
     proxies: Proxies = field(default_factory=Proxies)
+    trust: Trust = field(default_factory=Trust)
 
 
 @dataclass(frozen=True)
@@ -141,12 +156,29 @@ def check_name(name: object) -> str:
 
 def parse_spec(spec: object) -> ClusterSpec:
     """Parse a NeoplasmaCluster `spec` (None or missing fields take the defaults)."""
-    fields = _object(spec, "spec", known={"image", "brokers", "proxies"})
+    fields = _object(spec, "spec", known={"image", "brokers", "proxies", "publishers", "tls", "networkPolicies"})
+    publishers = _object(fields.get("publishers"), "spec.publishers", known={"apiKeysSecret"})
+    tls = _object(fields.get("tls"), "spec.tls", known={"secretName"})
+    policies = _object(fields.get("networkPolicies"), "spec.networkPolicies", known={"enabled"})
+    enabled = policies.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec("spec.networkPolicies.enabled", f"must be true or false, got {excerpt(enabled)}")
     return ClusterSpec(
-        image=_string(fields.get("image"), "spec.image", default=""),
+        image=_string(fields.get("image"), "spec.image", default="", max_length=MAX_IMAGE_LENGTH),
         brokers=_brokers(fields.get("brokers"), "spec.brokers"),
         proxies=_proxies(fields.get("proxies"), "spec.proxies"),
+        trust=Trust(_secret_name(publishers.get("apiKeysSecret"), "spec.publishers.apiKeysSecret"),
+                    _secret_name(tls.get("secretName"), "spec.tls.secretName"), enabled),
     )
+
+
+def _secret_name(value: object, path: str) -> str:
+    """A Secret's name (a DNS subdomain), or "" when unset."""
+    name = _string(value, path, default="", max_length=MAX_SECRET_NAME_LENGTH)
+    if name and not _SECRET_NAME.match(name):
+        raise InvalidSpec(path, f"must be the name of a Secret (lower-case letters, digits, '-' and '.'), "
+                          f"got {excerpt(name)}")
+    return name
 
 
 def _brokers(value: object, path: str) -> Brokers:
@@ -244,11 +276,14 @@ def _object(value: object, path: str, known: set[str] | None) -> Mapping[str, An
     return value
 
 
-def _string(value: object, path: str, default: str) -> str:
+def _string(value: object, path: str, default: str, max_length: int = 64) -> str:
+    """A string of at most `max_length` characters (longer ones are refused unread)."""
     if value is None:
         return default
     if not isinstance(value, str):
         raise InvalidSpec(path, f"must be a string, got {excerpt(value)}")
+    if len(value) > max_length:
+        raise InvalidSpec(path, f"must be at most {max_length} characters, got {len(value)}: {excerpt(value)}")
     return value
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import EMPTY, Member, Snapshot, next_snapshot
+from neoplasma.core.membership import EMPTY, MAX_VERSION, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.operator.conditions import MembershipProgress
 from neoplasma.operator.members import ProxyTarget
@@ -46,11 +46,13 @@ def resume_snapshot(version: int, cluster: str = "") -> Snapshot:
 
 
 def catch_up(snapshot: Snapshot, applied_versions: Iterable[int]) -> Snapshot:
-    """`snapshot` again under a version above every one a proxy reports having applied."""
-    highest = max(applied_versions, default=0)
+    """`snapshot` again under a version above every one a proxy reports having applied, at most
+    MAX_VERSION (what proxies accept). Reports beyond it are no version an operator made and are
+    ignored; a proxy pinned at MAX_VERSION (a push made with the credential) needs a restart."""
+    highest = max((v for v in applied_versions if v <= MAX_VERSION), default=0)
     if highest <= snapshot.version:
         return snapshot
-    return replace(snapshot, version=highest + 1)
+    return replace(snapshot, version=min(highest + 1, MAX_VERSION))
 
 
 @dataclass
