@@ -260,7 +260,8 @@ def test_duration_pattern_is_linear_on_its_own() -> None:
     ({"image": list(range(HUGE))}, "spec.image", "must be a string, got [0, 1, 2, 3, 4, 5, ...]"),
     ({"brokers": {"replicas": "9" * HUGE}}, "spec.brokers.replicas", "must be an integer, got '" + "9" * 40 + "...'"),
     ({"proxies": {"service": {"type": "x" * HUGE}}}, "spec.proxies.service.type", None),
-    ({"x" * HUGE: 1}, "spec." + "x" * 40 + "...", "unknown field; known fields are brokers, image, proxies"),
+    ({"x" * HUGE: 1}, "spec." + "x" * 40 + "...",
+     "unknown field; known fields are brokers, image, networkPolicies, proxies, publishers, tls"),
 ])
 def test_huge_spec_values_get_short_messages(spec: object, field: str, problem: str | None) -> None:
     with pytest.raises(InvalidSpec) as refused:

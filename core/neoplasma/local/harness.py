@@ -187,11 +187,13 @@ async def publish_http(http: str, body: bytes | Any, key: str = "",
 
 
 class SseClient:
-    """An SSE subscriber that records every event it receives."""
+    """An SSE subscriber that records every event it receives: unnamed ones (what a plasma client's
+    `onmessage` sees) in `events`, named ones (e.g. `neoplasma-gap`) in `named`."""
 
     def __init__(self, http: str, topics: str) -> None:
         self.url = f"http://{http}/?eventType={topics}"
         self.events: list[dict[str, Any]] = []
+        self.named: list[tuple[str, dict[str, Any]]] = []
         self.ids: list[str] = []
         self.comments: list[str] = []
         self.retry: int | None = None
@@ -213,11 +215,18 @@ class SseClient:
         return self
 
     async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        name: str | None = None
         try:
             async for line in resp.content:
                 self.raw += line
                 text = line.decode().rstrip("\n")
-                if text.startswith("data: "):
+                if not text:
+                    name = None  # the end of an event
+                elif text.startswith("event: "):
+                    name = text[7:]
+                elif text.startswith("data: ") and name is not None:
+                    self.named.append((name, json.loads(text[6:])))  # onmessage never sees these
+                elif text.startswith("data: "):
                     self.events.append(json.loads(text[6:]))
                 elif text.startswith("id: "):
                     self.ids.append(text[4:])
