@@ -341,14 +341,14 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
 
 
 async def compare(before: str, rounds: int, seconds: float) -> dict[str, Any]:
-    """Rounds of (before, current), each a fresh broker and proxy running every AB scenario; medians."""
+    """Rounds of before and current, each a fresh broker and proxy running every AB scenario; medians."""
     raise_fd_limit()
     tmp = ROOT / "bench" / "results" / "logs"
     tmp.mkdir(parents=True, exist_ok=True)
     builds = {"before": before, "current": sys.executable}
     runs: list[dict[str, Any]] = []
-    for r in range(rounds):
-        for label, python in builds.items():
+    for r in range(rounds):  # A B, B A, A B, ...: a drifting machine load favours neither
+        for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
             broker = start_server("broker", f"ab-{label}-broker", tmp, python=python)
             proxy = start_server("proxy", f"ab-{label}-proxy", tmp, python=python)
             try:
