@@ -266,8 +266,8 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         "slow_subscribers_dropped": status1.slow_subscribers_dropped - status0.slow_subscribers_dropped,
         "proxy_rss_mb": round(psutil.Process(proxy.proc.pid).memory_info().rss / 2**20, 1),
         "proxy_cpu_cores": round(proxy_cpu, 2),
-        "proxy_cpu_s_per_1m_deliveries": round((cpu1[0] - cpu0[0]) / max(handed, 1) * 1e6, 2),
-        "broker_cpu_s_per_1m_deliveries": round((cpu1[1] - cpu0[1]) / max(handed, 1) * 1e6, 2),
+        "proxy_cpu_s_per_1m_deliveries": round((cpu1[0] - cpu0[0]) / max(handed, 1) * 1e6, 3),
+        "broker_cpu_s_per_1m_deliveries": round((cpu1[1] - cpu0[1]) / max(handed, 1) * 1e6, 3),
     }
     if lat:
         out["latency_ms"] = {"p50": round(1000 * lat[len(lat) // 2], 2),
@@ -381,7 +381,8 @@ def print_table(out: dict[str, Any]) -> None:
     print(f"{'scenario':18} {'figure (median)':32} {'before':>12} {'current':>12} {'ratio':>7}")
     for key, rows in out["medians"].items():
         for figure, row in rows.items():
-            print(f"{key:18} {figure:32} {row['before']:>12} {row['current']:>12} {row['ratio']!s:>7}")
+            before, current = (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" for v in (row["before"], row["current"]))
+            print(f"{key:18} {figure:32} {before:>12} {current:>12} {row['ratio']!s:>7}")
     loads = out["machine"]["load_average"]
     print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}")
 
