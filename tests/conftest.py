@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from neoplasma.local.harness import Server, read_json_line, start_server
+from neoplasma.local.harness import CREDENTIAL, Server, read_json_line, start_server
 
 UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 
@@ -32,8 +32,9 @@ def servers(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Ser
 
 @pytest.fixture
 def start(servers: list[Server], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def _start(kind: str, name: str, *extra: str, ports: dict[str, int] | None = None) -> Server:
-        server = start_server(kind, name, tmp_path, *extra, ports=ports)
+    def _start(kind: str, name: str, *extra: str, ports: dict[str, int] | None = None,
+               env: dict[str, str] | None = None) -> Server:
+        server = start_server(kind, name, tmp_path, *extra, ports=ports, env=env)
         servers.append(server)
         return server
     return _start
@@ -54,7 +55,10 @@ def run_up(tmp_path: Path) -> Iterator[UpFactory]:
 
     def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         log_path = tmp_path / f"up-{len(started)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--json", *args], stdout=subprocess.PIPE,
+        credential = tmp_path / "credential"  # the harness's, so that its control helpers work
+        credential.write_text(CREDENTIAL)
+        proc = subprocess.Popen([sys.executable, "-m", "neoplasma", "up", "--json", "--credential-file",
+                                 str(credential), *args], stdout=subprocess.PIPE,
                                 stderr=log_path.open("wb"), env={**os.environ, **(env or {})})
         started.append((proc, log_path))
         return proc, read_json_line(proc.stdout, 60)

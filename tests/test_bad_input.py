@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from neoplasma.local.harness import (
+    AUTH,
     PlasmaClient,
     apply_membership,
     links_ready,
@@ -62,7 +63,7 @@ async def test_grpc_publish_refuses_bad_input(broker: Any, events: list[pb.Event
             await pb_grpc.BrokerStub(ch).Publish(pb.PublishRequest(events=events), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in (err.value.details() or "")
-        stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
         assert stats.events_in == 0
 
 
@@ -80,7 +81,7 @@ async def test_garbage_on_the_wire_does_not_hurt(broker: Any, start: Any) -> Non
         writer.close()
     # A relay stream with an invalid interest is refused, the broker lives on.
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
-        call = pb_grpc.BrokerStub(ch).Relay()
+        call = pb_grpc.BrokerStub(ch).Relay(metadata=AUTH)
         await call.write(pb.Interest(add=["bad\ntopic"], replace=True))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in call:
@@ -154,5 +155,5 @@ async def test_health_and_metrics(start: Any) -> None:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="neoplasma.v1.Broker"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
-        stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
     assert stats.relay_streams == 1 and stats.publishers == 1 and stats.connections == 2 and stats.events_in == 1

@@ -442,6 +442,8 @@ CLIENT_RESOURCES: dict[str, tuple[str, str]] = {
     "pod_status": ("", "pods/status"),
     "event": ("", "events"),
     "pod_disruption_budget": ("policy", "poddisruptionbudgets"),
+    "network_policy": ("networking.k8s.io", "networkpolicies"),
+    "secret": ("", "secrets"),
     "custom_object_status": ("", "/status"),  # the group and plural come from the call's arguments
     "custom_object": ("", ""),
 }
@@ -570,7 +572,7 @@ def test_rbac_rules_are_what_the_operator_calls(chart_rules: dict[str, list[dict
     assert cluster == KOPF_CLUSTER | HELM_TEST_CLUSTER
 
 
-APPLIED = {"deployments", "services", "poddisruptionbudgets"}
+APPLIED = {"deployments", "services", "poddisruptionbudgets", "networkpolicies"}
 
 
 # -- examples -------------------------------------------------------------------------------------

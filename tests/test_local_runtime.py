@@ -66,7 +66,8 @@ async def test_up_restarts_a_dead_child_and_stops_everything(up: Any) -> None:
     assert status.membership_version == 1  # same broker, same address: nothing to push
 
     pids = [c.pid for c in psutil.Process(proc.pid).children()]
-    ports = [int(a.rpartition(":")[2]) for group in endpoints.values() for e in group for a in e.values()]
+    ports = [int(a.rpartition(":")[2]) for tier in ("brokers", "proxies") for e in endpoints[tier]
+             for a in e.values()]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     for pid in pids:

@@ -8,6 +8,10 @@ sees: objects, status, events, and events delivered to subscribers.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import random
 import subprocess
 import sys
 import time
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes.client
 import pytest
 import yaml
@@ -23,7 +28,20 @@ from kubeharness.controlplane import ControlPlane, free_port
 from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
 
-from neoplasma.local.harness import links_ready, proxy_status, publish_grpc, sse, stop_process, wait_for
+from neoplasma.core.resume import cluster_tag, decode_token
+from neoplasma.core.trust import Access, Tokens
+from neoplasma.local.harness import (
+    EventSource,
+    Publisher,
+    links_ready,
+    proxy_status,
+    publish_grpc,
+    sse,
+    stop_process,
+    wait_for,
+)
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(150)]
 
@@ -175,6 +193,11 @@ class Clusters:
             key=lambda p: p.metadata.name,
         )
 
+    def access(self, name: str) -> Access:
+        """How the operator reaches the cluster's control ports: the credential in its Secret."""
+        data = self.core.read_namespaced_secret(f"{name}-credential", self.namespace).data
+        return Access(Tokens(given=[base64.b64decode(data["credential"]).decode()]))
+
     def proxy_controls(self, name: str) -> list[str]:
         return [f"{p.status.pod_ip}:50052" for p in self.ready_pods(name, "proxy")]
 
@@ -191,7 +214,7 @@ async def membership_everywhere(clusters: Clusters, name: str, brokers: int, pro
     if len(broker_names) != brokers or len(controls) != proxies:
         return {}
     for control in controls:
-        reply = await proxy_status(control)
+        reply = await proxy_status(control, clusters.access(name))
         if reply.membership_version != membership["version"] or {link.name for link in reply.links} != broker_names:
             return {}
     return status
@@ -275,7 +298,8 @@ async def test_applied_cluster_gets_its_children_becomes_ready_and_delivers(
     proxies = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
     async with sse(f"{proxies[0]}:8080", "news") as first, sse(f"{proxies[1]}:8080", "news") as second:
         for ip in proxies:
-            await wait_for(lambda ip=ip: links_ready(f"{ip}:50052", 2), 20, f"proxy {ip} linked with interest")
+            await wait_for(lambda ip=ip: links_ready(f"{ip}:50052", 2, clusters.access("demo")), 20,
+                           f"proxy {ip} linked with interest")
         for index, broker in enumerate(brokers):
             await publish_grpc(broker, [("news:sport", {"from": index})])
         for client in (first, second):
@@ -303,7 +327,7 @@ async def test_scaling_and_replacing_brokers_reaches_every_proxy(
 
     async def victim_gone_everywhere() -> bool:
         for control in clusters.proxy_controls("demo"):
-            if victim in {link.name for link in (await proxy_status(control)).links}:
+            if victim in {link.name for link in (await proxy_status(control, clusters.access("demo"))).links}:
                 return False
         return True
 
@@ -357,7 +381,8 @@ async def test_proxies_keep_delivering_without_the_operator_and_versions_continu
     brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
     [proxy] = [p.status.pod_ip for p in clusters.ready_pods("demo", "proxy")]
     async with sse(f"{proxy}:8080", "news") as client:
-        await wait_for(lambda: links_ready(f"{proxy}:50052", 2), 20, "proxy linked with interest")
+        await wait_for(lambda: links_ready(f"{proxy}:50052", 2, clusters.access("demo")), 20,
+                       "proxy linked with interest")
         for index, broker in enumerate(brokers):
             await publish_grpc(broker, [("news", {"from": index})])
         await wait_for(lambda: len(client.events) >= 2, 20, "events with the operator stopped")
@@ -370,6 +395,100 @@ async def test_proxies_keep_delivering_without_the_operator_and_versions_continu
 
     after = await wait_for(newer_version_everywhere, 60, "a higher membership version after the restart")
     assert after["membership"]["brokers"] == 2
+
+
+class Endpoints:
+    """What kube-proxy would route the proxy Service to: the endpoints controller's choice (ready
+    pods not being deleted; the API server refuses the loopback pod IPs of the stand-in kubelet
+    in real Endpoints), read every 0.1 s. `pick()` is one at random (the last known while none)."""
+
+    def __init__(self, clusters: Clusters, name: str, port: int) -> None:
+        self.clusters, self.name, self.port = clusters, name, port
+        self.addresses: list[str] = []
+        self._task = asyncio.create_task(self._watch())
+
+    def _read(self) -> list[str]:
+        return [f"{p.status.pod_ip}:{self.port}" for p in self.clusters.ready_pods(self.name, "proxy")]
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(ApiException):
+                self.addresses = await asyncio.to_thread(self._read) or self.addresses
+            await asyncio.sleep(0.1)
+
+    def pick(self) -> str:
+        return random.choice(self.addresses)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
+@pytest.mark.timeout(400)
+async def test_a_proxy_rollout_under_load_loses_and_repeats_nothing(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    subscribers, per_second = 200, 200
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 2}, "proxies": {"replicas": 2}})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 2), 60, "cluster Ready, 2+2")
+    old = {p.metadata.name: f"{p.status.pod_ip}:50052" for p in clusters.ready_pods("demo", "proxy")}
+    endpoints = Endpoints(clusters, "demo", 8080)
+    await wait_for(lambda: len(endpoints.addresses) == 2, 30, "the proxy Service's endpoints")
+    browsers = [EventSource(endpoints.pick, "t").start() for _ in range(subscribers)]
+
+    async def subscribed(controls: list[str]) -> bool:
+        return sum([(await proxy_status(c, clusters.access("demo"))).subscribers for c in controls]) == subscribers
+
+    await wait_for(lambda: subscribed(list(old.values())), 60, "every subscriber connected")
+    for control in old.values():
+        await wait_for(lambda control=control: links_ready(control, 2, clusters.access("demo")), 20,
+                       "proxies linked with interest")
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    publisher = Publisher(brokers).start(interval=0.05, batch=per_second // 20 // len(brokers))
+    await wait_for(lambda: all(len(b.events) >= 100 for b in browsers), 60, "events flowing")
+
+    # The rollout: a spec change gives the proxies a new pod template.
+    rollout_started = time.monotonic()
+    clusters.patch_spec("demo", {"proxies": {"resources": {"requests": {"cpu": "150m", "memory": "128Mi"}}}})
+
+    async def rolled_out() -> bool:
+        ready = {p.metadata.name: f"{p.status.pod_ip}:50052" for p in clusters.ready_pods("demo", "proxy")}
+        names = {p.metadata.name for p in clusters.core.list_namespaced_pod(
+            clusters.namespace, label_selector="app.kubernetes.io/component=proxy").items}
+        return (len(ready) == 2 and not names & set(old) and names == set(ready)
+                and await subscribed(list(ready.values())))
+
+    await wait_for(rolled_out, 240, "both proxies replaced and every subscriber on the new ones", interval=0.5)
+    rollout_seconds = time.monotonic() - rollout_started
+    await asyncio.sleep(1.0)  # live traffic on the new proxies too
+    await publisher.stop()
+    published = sum(publisher.sent)
+    with contextlib.suppress(AssertionError):  # the assertions below say what is missing
+        await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), 60, "every event")
+    await endpoints.close()
+    for b in browsers:
+        await b.close()
+
+    lost = sum(max(0, published - len({(e["data"]["b"], e["data"]["n"]) for e in b.events})) for b in browsers)
+    repeated = sum(len(b.events) - len({(e["data"]["b"], e["data"]["n"]) for e in b.events}) for b in browsers)
+    reconnects = [c for b in browsers for c in b.connections]
+    bounced = sum(1 for _, events in reconnects if events == 0)
+    print(f"rollout: {rollout_seconds:.1f} s; {published} events x {subscribers} subscribers; lost {lost}, "
+          f"repeated {repeated}; {len(reconnects)} reconnects, {bounced} answered by a draining proxy")
+    for k, b in enumerate(browsers):
+        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}: EventSource would have given up"
+        assert not b.gaps, f"browser {k}: {b.gaps}"
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert len(b.statuses) >= 2  # each did move
+    assert (lost, repeated) == (0, 0)
+    assert published >= per_second * rollout_seconds * 0.8
+    # The operator names the cluster by its uid: the proxies' tokens are this cluster's.
+    uid = clusters.get("demo")["metadata"]["uid"]
+    assert all(decode_token(b.last_id, cluster_tag(uid)) for b in browsers)
+    # Endpoints first, then the drain: few reconnects reach a proxy that is going away.
+    assert bounced <= subscribers // 10
 
 
 @pytest.mark.parametrize(("spec", "complaint"), [
@@ -430,3 +549,99 @@ def _sync_wait(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.1)
+
+
+async def answers(control: str, access: Access) -> bool:
+    """Whether the proxy answers Status with `access`'s credential."""
+    try:
+        await proxy_status(control, access)
+    except grpc.aio.AioRpcError:
+        return False
+    return True
+
+
+async def test_trust_on_the_control_plane(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    """Pushes without the credential are refused and change nothing; a stray pod with broker
+    labels never becomes a member; the credential Secret is replaced while a subscriber stays
+    connected; the NetworkPolicies are rendered (this control plane has no CNI enforcing them)."""
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}})
+    before = await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "cluster Ready, 1+1")
+    [control] = clusters.proxy_controls("demo")
+    [broker] = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    secret = clusters.core.read_namespaced_secret("demo-credential", clusters.namespace)
+    [owner] = secret.metadata.owner_references
+    uid = clusters.get("demo")["metadata"]["uid"]
+    assert (owner.kind, owner.uid, owner.controller) == ("NeoplasmaCluster", uid, True)
+    assert len(base64.b64decode(secret.data["credential"])) >= 43  # 32 random bytes, url-safe
+
+    # A push with no credential, or a wrong one, at a version far ahead: refused, nothing kept.
+    forged = pb.Membership(version=2**40, brokers=[pb.BrokerMember(name="evil", address="10.9.9.9:1", state="SERVING")])
+    async with grpc.aio.insecure_channel(control) as channel:
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.ProxyControlStub(channel).Apply(forged, timeout=5, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = await proxy_status(control, clusters.access("demo"))
+    assert status.membership_version == before["membership"]["version"]
+    assert {link.name for link in status.links} == {p.metadata.name for p in clusters.ready_pods("demo", "broker")}
+
+    # A stray pod with the cluster's broker labels (no owner) runs and gets Ready: never a member.
+    # (Not the ReplicaSet's selector, which would adopt an orphan: the labels the operator indexes.)
+    labels = {"app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo",
+              "app.kubernetes.io/component": "broker"}
+    stray = {"metadata": {"name": "stray-broker", "labels": dict(labels)}, "spec": {"containers": [{
+        "name": "broker", "image": "x",
+        "command": ["neoplasma", "broker", "--grpc-port", "50051", "--http-port", "8080"],
+        "env": [{"name": "NEOPLASMA_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 50051}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 1}}]}}
+    clusters.core.create_namespaced_pod(clusters.namespace, stray)
+    await wait_for(lambda: len(clusters.ready_pods("demo", "broker")) == 2, 30, "the stray pod Ready")
+    clusters.apply("demo", {"brokers": {"replicas": 2}, "proxies": {"replicas": 1}})  # a new membership...
+    own = await wait_for(lambda: {p.metadata.name for p in clusters.ready_pods("demo", "broker")} - {"stray-broker"}
+                         if len(clusters.ready_pods("demo", "broker")) == 3 else None, 60, "a second own broker")
+
+    async def linked_to_own() -> bool:
+        status = await proxy_status(control, clusters.access("demo"))
+        return clusters.status("demo").get("membership", {}).get("brokers") == 2 and \
+            {link.name for link in status.links} == own
+    await wait_for(linked_to_own, 30, "...of the cluster's own brokers only")
+    clusters.core.delete_namespaced_pod("stray-broker", clusters.namespace, grace_period_seconds=0)
+    await wait_for(lambda: len(clusters.ready_pods("demo", "broker")) == 2, 30, "the stray pod gone")
+
+    # Rotation: replace the Secret; a subscriber stays connected, pushes go on with the new one.
+    proxy_ip = control.rsplit(":", 1)[0]
+    async with sse(f"{proxy_ip}:8080", "news") as subscriber:
+        await wait_for(lambda: links_ready(control, 2, clusters.access("demo")), 20, "proxy linked with interest")
+        old = clusters.access("demo")
+        clusters.core.patch_namespaced_secret("demo-credential", clusters.namespace,
+                                              {"stringData": {"credential": "rotated-credential"}})
+        new = clusters.access("demo")
+        assert new.metadata() != old.metadata()
+        await wait_for(lambda: answers(control, new), 20, "the proxy taking the new credential")
+        assert not await answers(control, old)
+        clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}})
+        await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "a push with the new credential")
+        [broker] = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+        await wait_for(lambda: links_ready(control, 1, new), 20, "proxy linked to the broker")
+        await publish_grpc(broker, [("news", {"after": "rotation"})])
+        await wait_for(lambda: subscriber.events, 20, "the event on the connection opened before the rotation")
+        assert [e["data"] for e in subscriber.events] == [{"after": "rotation"}]
+
+    # NetworkPolicies: the Services' ports open, the control port only to the cluster's own pods
+    # (and the operator's, when it runs in the cluster with the chart's labels).
+    policies = {p.metadata.name: clusters.api.sanitize_for_serialization(p) for p in
+                kubernetes.client.NetworkingV1Api(clusters.api).list_namespaced_network_policy(clusters.namespace).items}
+    assert set(policies) == {"demo-broker", "demo-proxy"}
+    proxy_rules = policies["demo-proxy"]["spec"]["ingress"]
+    assert policies["demo-proxy"]["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "proxy"
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in proxy_rules] == [[8080, 50051], [50052]]
+    assert proxy_rules[1]["from"] == [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo"}}}]
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1},
+                            "networkPolicies": {"enabled": False}})
+    await wait_for(lambda: not kubernetes.client.NetworkingV1Api(clusters.api).list_namespaced_network_policy(
+        clusters.namespace).items, 30, "NetworkPolicies deleted when turned off")

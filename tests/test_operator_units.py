@@ -20,7 +20,9 @@ from kubernetes.client.rest import ApiException
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
-from neoplasma.local.harness import proxy_status, wait_for
+from neoplasma.core.tiers import Tier
+from neoplasma.core.trust import PLAIN, bearer_metadata
+from neoplasma.local.harness import ACCESS, proxy_status, wait_for
 from neoplasma.operator import conditions as c
 from neoplasma.operator.children import (
     broker_deployments,
@@ -30,7 +32,17 @@ from neoplasma.operator.children import (
     plan,
 )
 from neoplasma.operator.controller import ClusterController, Indexes, Options
-from neoplasma.operator.members import PodView, ProxyTarget, broker_members, pod_view, proxy_targets, ready_count
+from neoplasma.operator.members import (
+    Controlled,
+    PodView,
+    ProxyTarget,
+    broker_members,
+    controlled,
+    own_pods,
+    pod_view,
+    proxy_targets,
+    ready_count,
+)
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership
@@ -82,6 +94,39 @@ def pod(
         "other component", "empty"])
 def test_pod_view(body: dict[str, Any], expected: PodView | None) -> None:
     assert pod_view(body) == expected
+
+
+def owned(obj: dict[str, Any], owner: str, *, controller: bool = True, kind: str = "ReplicaSet") -> dict[str, Any]:
+    obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": kind, "name": owner,
+                                           "uid": owner, "controller": controller}]
+    return obj
+
+
+def deployment(uid: str, component: str, owner: str = "cluster-uid", *, controller: bool = True) -> dict[str, Any]:
+    return owned({"kind": "Deployment", "metadata": {"name": uid, "uid": uid, "labels": {
+        "app.kubernetes.io/component": component}}}, owner, controller=controller, kind="NeoplasmaCluster")
+
+
+def test_only_pods_whose_controller_chain_leads_to_the_cluster_count() -> None:
+    deployments = [deployment("d-broker", "broker"), deployment("d-proxy", "proxy"),
+                   deployment("d-foreign", "broker", owner="other-cluster"),
+                   deployment("d-loose", "broker", controller=False),
+                   {"kind": "Service", "metadata": {"uid": "svc", "ownerReferences": [
+                       {"uid": "cluster-uid", "controller": True}]}}]
+    replicasets = [Controlled("rs-broker", "d-broker"), Controlled("rs-proxy", "d-proxy"),
+                   Controlled("rs-foreign", "d-foreign"), Controlled("rs-loose", "d-loose"),
+                   Controlled("rs-orphan", ""), Controlled("rs-svc", "svc")]
+    pods = views(owned(pod("b"), "rs-broker"), owned(pod("p", "proxy"), "rs-proxy"),
+                 pod("stray"),  # broker labels, no owner
+                 owned(pod("foreign"), "rs-foreign"), owned(pod("loose"), "rs-loose"),
+                 owned(pod("orphan"), "rs-orphan"), owned(pod("svc"), "rs-svc"),
+                 owned(pod("not-controller"), "rs-broker", controller=False),
+                 owned(pod("wrong-tier", "proxy"), "rs-broker"),  # a proxy pod of the broker Deployment
+                 owned(pod("unknown-rs"), "rs-unknown"))
+    assert [p.name for p in own_pods(pods, replicasets, deployments, "cluster-uid")] == ["b", "p"]
+    assert own_pods(pods, replicasets, deployments, "") == []
+    assert controlled({"metadata": {"uid": "rs-broker", "ownerReferences": [
+        {"uid": "d-broker", "controller": True}]}}) == Controlled("rs-broker", "d-broker")
 
 
 def views(*bodies: dict[str, Any]) -> list[PodView]:
@@ -319,6 +364,8 @@ def test_a_restarted_operator_continues_above_the_persisted_version(
 
 @pytest.mark.parametrize(("version", "applied", "expected"), [
     (5, [], 5), (5, [3, 5], 5), (5, [6], 7), (5, [9, 2], 10),
+    # A proxy pinned high: never beyond what proxies accept, no overflow; absurd reports ignored.
+    (5, [2**53 - 2], 2**53 - 1), (5, [2**53 - 1], 2**53 - 1), (5, [2**64 - 1, 7], 8), (5, [2**200], 5),
 ])
 def test_catch_up(version: int, applied: list[int], expected: int) -> None:
     snapshot = Snapshot(version, (B1,))
@@ -456,6 +503,21 @@ async def test_sync_moves_past_a_version_a_proxy_already_has() -> None:
     await sync.close()
 
 
+async def test_every_pushed_snapshot_names_the_cluster_whatever_its_version() -> None:
+    clusters: list[str] = []
+    pusher = FakePusher(lambda t, s: (clusters.append(s.cluster), PushResult(t, "", True, max(9, s.version)))[1])
+    sync = MembershipSync(pusher, version=4, clock=Clock(), cluster="uid-1")  # type: ignore[arg-type]
+    assert sync.snapshot.version == 4  # versions as without a cluster id
+    sync.update([B1], targets("p1"), seen_at=0.0)
+    await settle()
+    sync.update([B1, B2], targets("p1"), seen_at=0.0)
+    await settle()
+    assert pusher.pushes == [("p1", 5), ("p1", 10), ("p1", 11)]
+    assert sync.snapshot == Snapshot(11, (B1, B2), "uid-1")
+    assert set(clusters) == {"uid-1"}
+    await sync.close()
+
+
 async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_returns() -> None:
     down = {"p1"}
     pusher = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
@@ -491,7 +553,7 @@ async def test_sync_brings_real_proxies_to_the_brokers(start: Any) -> None:
     brokers = [start("broker", f"b{i}") for i in range(2)]
     proxies = [start("proxy", f"p{i}") for i in range(2)]
     woken = asyncio.Event()
-    sync = MembershipSync(MembershipPusher(), on_progress=woken.set)
+    sync = MembershipSync(MembershipPusher(access=ACCESS), on_progress=woken.set)
     members = [Member(b.name, b.endpoints["grpc"]) for b in brokers]
     ready = {p.name: ProxyTarget(p.name, p.endpoints["control"], "1") for p in proxies}
     sync.update(members, ready, seen_at=asyncio.get_running_loop().time())
@@ -515,6 +577,7 @@ class FakeKube:
         self.applied: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, str]] = []
         self.statuses: list[dict[str, Any]] = []
+        self.secrets: dict[str, dict[str, str]] = {}
         self.failures = {"apply": fail_apply, "status": fail_status}
         self.lock = threading.Lock()  # the controller calls from worker threads
 
@@ -531,6 +594,12 @@ class FakeKube:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.deleted.append((kind, name))
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get(name)
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        self.secrets.setdefault(manifest["metadata"]["name"], dict(manifest["stringData"]))
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
         self._maybe_fail("status")
@@ -584,7 +653,7 @@ async def test_controller_reports_a_garbage_spec_once_and_does_not_retry() -> No
         await holds_for(lambda: kube.applied == [] and len(kube.statuses) == 1, QUIET, "nothing applied or written")
     # Fixed: children are applied, the condition flips.
     controller.set_body(resource({"proxies": {"service": {"type": "NodePort"}}}, generation=2, version="7"))
-    await wait_for(lambda: len(kube.applied) == 6, 5, "6 children applied")
+    await wait_for(lambda: len(kube.applied) == 8, 5, "8 children applied (6, and 2 NetworkPolicies)")
     await wait_for(lambda: kube.statuses[-1]["observedGeneration"] == 2, 5, "generation 2 observed")
     assert {x["type"]: x["status"] for x in kube.statuses[-1]["conditions"]}["SpecValid"] == "True"
     await controller.stop()
@@ -607,11 +676,26 @@ async def test_controller_applies_only_what_differs_and_deletes_unneeded_broker_
     await controller.stop()
 
 
+async def test_controller_creates_the_credential_once_and_pushes_with_it() -> None:
+    kube = FakeKube()
+    controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS)  # type: ignore[arg-type]
+    controller.start()
+    await wait_for(lambda: controller.access[Tier.PROXY] is not PLAIN, 5, "the credential read")
+    [token] = [kube.secrets["demo-credential"]["credential"]]
+    assert len(token) >= 43 and controller.membership.sync.pusher.access.metadata() == bearer_metadata(token)
+    kube.secrets["demo-credential"] = {"credential": "rotated"}  # replaced: used from the next pass on
+    controller.wake()
+    await wait_for(lambda: controller.membership.sync.pusher.access.metadata() == bearer_metadata("rotated"), 5,
+                   "the rotated credential used")
+    assert kube.secrets["demo-credential"] == {"credential": "rotated"}  # never overwritten
+    await controller.stop()
+
+
 async def test_controller_retries_api_failures_with_backoff() -> None:
     kube = FakeKube(fail_apply=3, fail_status=2)
     controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS)  # type: ignore[arg-type]
     controller.start()
-    await wait_for(lambda: len(set(kube.applied)) == 6, 5, "every child applied in the end")
+    await wait_for(lambda: len(set(kube.applied)) == 8, 5, "every child applied in the end")
     await wait_for(lambda: kube.statuses, 5, "a status in the end")
     assert kube.failures == {"apply": 0, "status": 0}
     assert kube.statuses[-1]["observedGeneration"] == 1

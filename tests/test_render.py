@@ -20,8 +20,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from neoplasma.broker.server import BrokerConfig
+from neoplasma.core.cli import build_parser
 from neoplasma.operator import render as r
 from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, parse_spec
+from neoplasma.proxy.server import ProxyConfig
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
 # The oldest schemas kubernetes-validate bundles; the target server (1.20) has every field used.
@@ -112,6 +115,8 @@ def test_render_lists_every_child_by_name() -> None:
         ("Deployment", "demo-proxy"),
         ("Service", "demo-proxy"),
         ("PodDisruptionBudget", "demo-proxy"),
+        ("NetworkPolicy", "demo-broker"),
+        ("NetworkPolicy", "demo-proxy"),
     ]
 
 
@@ -299,12 +304,14 @@ def test_resources_are_passed_through(
     [
         ("demo-broker-0",
          ["neoplasma", "broker", "--host", "0.0.0.0", "--grpc-port", "50051",
-          "--http-port", "8080"],
+          "--http-port", "8080", "--retention-seconds", "300", "--retention-bytes", "268435456",
+          "--credential-file", "/etc/neoplasma/credential/credential"],
          {"grpc": 50051, "http": 8080}, 30),
         ("demo-proxy",
          ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
-          "--grpc-port", "50051", "--control-port", "50052"],
-         {"grpc": 50051, "http": 8080, "control": 50052}, 60),
+          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5",
+          "--credential-file", "/etc/neoplasma/credential/credential"],
+         {"grpc": 50051, "http": 8080, "control": 50052}, 65),
     ],
 )
 def test_containers(name: str, command: list[str], ports: dict[str, int], grace: int) -> None:
@@ -318,7 +325,7 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
         "NEOPLASMA_POD_IP": "status.podIP",
     }
     for probe in ("readinessProbe", "livenessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
     assert main["livenessProbe"]["failureThreshold"] > main["readinessProbe"]["failureThreshold"]
     assert main["securityContext"] == {
         "runAsNonRoot": True,
@@ -330,9 +337,125 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
     }
 
 
+OPERATOR = r.Peers("ops", {"app.kubernetes.io/name": "neoplasma-operator"})
+TRUST = {"publishers": {"apiKeysSecret": "publish-keys"}, "tls": {"secretName": "demo-tls"}}
+
+
+def secret_volumes(deployment: r.Manifest) -> dict[str, tuple[str, str]]:
+    """Secret volumes: name -> (Secret, mount path)."""
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    return {v["name"]: (v["secret"]["secretName"], mounts[v["name"]]["mountPath"])
+            for v in pod_spec(deployment)["volumes"] if "secret" in v and mounts[v["name"]]["readOnly"]}
+
+
+def test_every_pod_mounts_the_credential_and_the_servers_read_it() -> None:
+    children = rendered()
+    for name in ("demo-broker-0", "demo-proxy"):
+        assert secret_volumes(children["Deployment", name]) == {
+            "credential": ("demo-credential", "/etc/neoplasma/credential")}
+        config = server_config(children["Deployment", name])
+        assert config.credential_file == "/etc/neoplasma/credential/credential"
+        assert (config.tls_cert, config.tls_key) == ("", "")
+    assert server_config(children["Deployment", "demo-broker-0"]).publish_keys_file == ""  # type: ignore[union-attr]
+
+
+def test_publisher_keys_and_tls_are_mounted_and_passed() -> None:
+    children = rendered(TRUST)
+    broker, proxy = children["Deployment", "demo-broker-0"], children["Deployment", "demo-proxy"]
+    assert secret_volumes(broker) == {"credential": ("demo-credential", "/etc/neoplasma/credential"),
+                                      "publish-keys": ("publish-keys", "/etc/neoplasma/publish-keys"),
+                                      "tls": ("demo-tls", "/etc/neoplasma/tls")}
+    assert set(secret_volumes(proxy)) == {"credential", "tls"}  # proxies take no publishes
+    broker_config, proxy_config = server_config(broker), server_config(proxy)
+    assert isinstance(broker_config, BrokerConfig) and isinstance(proxy_config, ProxyConfig)
+    assert broker_config.publish_keys_file == "/etc/neoplasma/publish-keys/keys"
+    for config in (broker_config, proxy_config):
+        assert (config.tls_cert, config.tls_key) == ("/etc/neoplasma/tls/tls.crt", "/etc/neoplasma/tls/tls.key")
+    assert (proxy_config.tls_ca, proxy_config.tls_server_name) == ("/etc/neoplasma/tls/ca.crt",
+                                                                    "demo-broker.events.svc")
+    assert container(broker)["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"  # the broker's HTTP port is TLS
+    assert container(proxy)["readinessProbe"]["httpGet"]["scheme"] == "HTTP"  # subscribers' port is not
+    for manifest in (broker, proxy):
+        kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)
+
+
+def peers(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(rule.get("from", [{}]))
+
+
+def ports(rule: dict[str, Any]) -> list[int]:
+    return [p["port"] for p in rule["ports"]]
+
+
+@pytest.mark.parametrize("operator", [OPERATOR, r.Peers("events", {"app": "op"})])
+def test_network_policies_open_only_the_services_ports(operator: r.Peers) -> None:
+    children = by_name(r.render(cluster(), default_image=IMAGE, operator=operator))
+    own = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "neoplasma",
+                                           "app.kubernetes.io/instance": "demo"}}}
+    operator_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(operator.labels)}}
+    if operator.namespace != "events":
+        operator_peer["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}
+    for tier, service_ports in (("broker", [50051, 8080]), ("proxy", [8080, 50051])):
+        policy = children["NetworkPolicy", f"demo-{tier}"]
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        assert policy["spec"]["podSelector"]["matchLabels"] == r.selector_labels("demo", r.Tier(tier))
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        service = children["Service", f"demo-{tier}"]
+        assert sorted(p["port"] for p in service["spec"]["ports"]) == sorted(service_ports)
+        rules = policy["spec"]["ingress"]
+        assert [(peers(rule), ports(rule)) for rule in rules] == [([{}], service_ports)] + (
+            [([own, operator_peer], [50052])] if tier == "proxy" else [])
+
+
+def test_network_policies_can_be_turned_off() -> None:
+    kinds = {kind for kind, _ in rendered({"networkPolicies": {"enabled": False}})}
+    assert "NetworkPolicy" not in kinds and "Deployment" in kinds
+
+
+def test_credential_secret() -> None:
+    secret = r.credential_secret(cluster(), "s3cret")
+    kubernetes_validate.validate(secret, KUBE_VERSION, strict=True)
+    assert secret["metadata"]["name"] == "demo-credential"
+    assert secret["stringData"] == {"credential": "s3cret"}
+
+
 def test_proxy_rollouts_keep_serving() -> None:
     strategy = rendered()["Deployment", "demo-proxy"]["spec"]["strategy"]
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+def server_config(manifest: r.Manifest) -> BrokerConfig | ProxyConfig:
+    """The config a container's command gives its server, parsed by `neoplasma`'s own CLI."""
+    args = build_parser().parse_args(container(manifest)["command"][1:])
+    return (BrokerConfig if args.command == "broker" else ProxyConfig).from_args(args)
+
+
+def test_a_stopping_proxy_leaves_the_service_before_it_asks_subscribers_to_reconnect() -> None:
+    deployment = rendered()["Deployment", "demo-proxy"]
+    proxy = server_config(deployment)
+    assert isinstance(proxy, ProxyConfig)
+    # Readiness fails on SIGTERM; the endpoints have drain_delay seconds to drop the pod (a
+    # probe period is not needed for that: a terminating pod leaves them at once).
+    assert proxy.drain_delay == r.PROXY_DRAIN_DELAY >= 3
+    assert "lifecycle" not in container(deployment)  # no preStop: the image need not have a shell
+    # Then the paced drain of the expected subscribers, and time to stop, fit in the grace period.
+    drain = r.PROXY_SUBSCRIBERS / proxy.drain_rate
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= proxy.drain_delay + drain + 5
+
+
+@pytest.mark.parametrize(("retention", "seconds", "max_bytes"), [
+    (None, 300.0, 256 * 1024 * 1024),
+    ({"seconds": 60}, 60.0, 256 * 1024 * 1024),
+    ({"seconds": 3600, "maxBytes": 1024**3}, 3600.0, 1024**3),
+])
+def test_broker_retention_reaches_the_broker(retention: dict[str, int] | None, seconds: float,
+                                              max_bytes: int) -> None:
+    children = rendered({"brokers": {"replicas": 12, "retention": retention}})
+    for name in ("demo-broker-0", "demo-broker-1"):
+        broker = server_config(children["Deployment", name])
+        assert isinstance(broker, BrokerConfig)
+        assert (broker.retention_seconds, broker.retention_bytes) == (seconds, max_bytes)
+    assert (BrokerConfig.retention_seconds, BrokerConfig.retention_bytes) == (300.0, 256 * 1024 * 1024)
 
 
 # --- the CRD --------------------------------------------------------------------------------
@@ -440,6 +563,8 @@ GOOD_SPECS = {
     "integer quantity": {"brokers": {"resources": {"requests": {"cpu": 1}}}},
     "highest node port": {"proxies": {"service": {"type": "NodePort",
                                                   "nodePorts": {"grpc": 32767}}}},
+    "shortest, smallest retention": {"brokers": {"retention": {"seconds": 1, "maxBytes": 1024**2}}},
+    "longest, largest retention": {"brokers": {"retention": {"seconds": 86400, "maxBytes": 64 * 1024**3}}},
 }
 BAD_SPECS = {
     "negative broker replicas": ({"brokers": {"replicas": -1}}, "spec.brokers.replicas"),
@@ -456,6 +581,11 @@ BAD_SPECS = {
     "bad quantity": ({"proxies": {"resources": {"limits": {"memory": "lots"}}}},
                      "spec.proxies.resources.limits.memory"),
     "image not a string": ({"image": 7}, "spec.image"),
+    "retention of 0 s": ({"brokers": {"retention": {"seconds": 0}}}, "spec.brokers.retention.seconds"),
+    "retention over a day": ({"brokers": {"retention": {"seconds": 86401}}}, "spec.brokers.retention.seconds"),
+    "retention of 1 KiB": ({"brokers": {"retention": {"maxBytes": 1024}}}, "spec.brokers.retention.maxBytes"),
+    "retention of 1 TiB": ({"brokers": {"retention": {"maxBytes": 1024**4}}}, "spec.brokers.retention.maxBytes"),
+    "retention as text": ({"brokers": {"retention": {"maxBytes": "1Gi"}}}, "spec.brokers.retention.maxBytes"),
 }
 
 
@@ -505,7 +635,9 @@ def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
                                         "kind": "NeoplasmaCluster", "metadata": {}})
     assert defaulted["spec"] == {
         "brokers": {"replicas": 1, "maxPerDeployment": 10,
-                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+                    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+                    "retention": {"seconds": 300, "maxBytes": 268435456}},
         "proxies": {"replicas": 2, "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
                     "service": {"type": "ClusterIP"}},
+        "networkPolicies": {"enabled": True},
     }

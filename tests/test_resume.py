@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 
 from neoplasma.core.events import Event
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
-from neoplasma.local.harness import Server, links_ready, proxy_status, wait_for
+from neoplasma.local.harness import AUTH, EventSource, Publisher, Server, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -32,74 +31,16 @@ async def push(proxy: Server, version: int, brokers: list[tuple[str, str, str]],
     msg = pb.Membership(version=version, cluster=cluster,
                         brokers=[pb.BrokerMember(name=n, address=a, state=s) for n, a, s in brokers])
     async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
-        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     assert reply.accepted, reply.reason
+
+
+def grpc_addresses(brokers: list[Server]) -> list[str]:
+    return [b.endpoints["grpc"] for b in brokers]
 
 
 def members(brokers: list[Server], draining: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
     return [(b.name, b.endpoints["grpc"], "DRAINING" if b.name in draining else "SERVING") for b in brokers]
-
-
-class EventSource:
-    """An SSE client that behaves like a browser's EventSource: on the end of a stream or a
-    network error it reconnects after `retry` ms with `Last-Event-ID`; it records every status."""
-
-    def __init__(self, address: Callable[[], str], topics: str, token: str = "") -> None:
-        self.address = address
-        self.topics = topics
-        self.last_id = token
-        self.events: list[dict[str, Any]] = []
-        self.gaps: list[dict[str, Any]] = []
-        self.statuses: list[int] = []
-        self.retry = 2000
-        self.connected = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> EventSource:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def _run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-            while True:
-                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
-                try:
-                    async with session.get(f"http://{self.address()}/?eventType={self.topics}",
-                                           headers=headers) as resp:
-                        self.statuses.append(resp.status)
-                        if resp.status != 200:
-                            return  # EventSource gives up for good
-                        self.connected.set()
-                        await self._read(resp)
-                except aiohttp.ClientError:
-                    pass
-                self.connected.clear()
-                await asyncio.sleep(self.retry / 1000)
-
-    async def _read(self, resp: aiohttp.ClientResponse) -> None:
-        name, data, event_id = "", "", None
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("retry: "):
-                self.retry = int(line[7:])
-            elif line.startswith("id: "):
-                event_id = line[4:]
-            elif line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-            elif not line:  # dispatch, as the HTML spec does
-                if event_id is not None:
-                    self.last_id = event_id
-                if data:
-                    (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
-                name, data, event_id = "", "", None
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
 
 
 class NativeClient:
@@ -136,55 +77,6 @@ class NativeClient:
             await self._task
 
 
-class Publisher:
-    """Publishes {"b": broker index, "n": k} events, one at a time per broker, k = 0, 1, 2, ..."""
-
-    def __init__(self, brokers: list[Server], topic: str = "t") -> None:
-        self.brokers = brokers
-        self.topic = topic
-        self.sent = [0] * len(brokers)
-        self.stopped = [False] * len(brokers)
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self, interval: float) -> Publisher:
-        self._tasks = [asyncio.create_task(self._run(i, interval)) for i in range(len(self.brokers))]
-        return self
-
-    async def _run(self, i: int, interval: float) -> None:
-        async with grpc.aio.insecure_channel(self.brokers[i].endpoints["grpc"]) as ch:
-            stub = pb_grpc.BrokerStub(ch)
-            while not self.stopped[i]:
-                data = json.dumps({"b": i, "n": self.sent[i]}).encode()
-                try:
-                    await stub.Publish(pb.PublishRequest(events=[pb.Event(topic=self.topic, data=data)]), timeout=5)
-                except grpc.aio.AioRpcError as exc:  # a draining broker refuses: that broker is done
-                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
-                    return
-                self.sent[i] += 1
-                await asyncio.sleep(interval)
-
-    async def stop(self, i: int | None = None) -> None:
-        for k in range(len(self.brokers)) if i is None else [i]:
-            self.stopped[k] = True
-        await asyncio.gather(*(self._tasks if i is None else [self._tasks[i]]))
-
-    @staticmethod
-    def received_from(events: list[dict[str, Any]], i: int) -> int:
-        return sum(1 for e in events if e["data"]["b"] == i)
-
-    def all_received(self, events: list[dict[str, Any]]) -> bool:
-        return len(events) >= sum(self.sent)
-
-    def assert_exactly_once_in_order(self, events: list[dict[str, Any]], who: str) -> None:
-        for i, sent in enumerate(self.sent):
-            got = [e["data"]["n"] if "data" in e else e["n"] for e in events
-                   if (e["data"]["b"] if "data" in e else e["b"]) == i]
-            assert got == list(range(sent)), (
-                f"{who}: broker {i}: {sent} published, {len(got)} received; "
-                f"missing {sorted(set(range(sent)) - set(got))[:10]}, "
-                f"duplicated {sorted({n for n in got if got.count(n) > 1})[:10]}")
-
-
 async def cluster(start: Any, brokers: int, proxies: int, *broker_args: str) -> tuple[list[Server], list[Server]]:
     bs = [start("broker", f"b{i}", *broker_args) for i in range(brokers)]
     ps = [start("proxy", f"p{i}", "--drain-retry-ms", "100") for i in range(proxies)]
@@ -204,7 +96,7 @@ async def test_kill9_of_a_proxy_clients_resume_on_the_other_exactly_once(start: 
     browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(20)]
     native = NativeClient(lambda: target["proxy"].endpoints["grpc"], ["t"])
     await wait_for(lambda: all_subscribed(ps[0], 21, 2), what="21 subscribers with interest applied")
-    publisher = Publisher(bs).start(interval=0.005)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.005)
     await wait_for(lambda: all(len(b.events) > 100 for b in browsers), what="events flowing")
     target["proxy"] = ps[1]
     ps[0].proc.kill()  # kill -9: no drain, no goodbye; everyone reconnects to p1 with their last id
@@ -229,7 +121,7 @@ async def test_sigterm_drain_clients_come_back_to_the_restarted_proxy(start: Any
     old = ps[0]
     browsers = [EventSource(lambda: old.endpoints["http"], "t").start() for _ in range(60)]
     await wait_for(lambda: all_subscribed(old, 60, 1), what="60 subscribers")
-    publisher = Publisher(bs).start(interval=0.004)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.004)
     await wait_for(lambda: all(len(b.events) > 20 for b in browsers), what="events flowing")
     ports = {"grpc-port": old.port("grpc"), "http-port": old.port("http"), "control-port": old.port("control")}
     assert old.stop(signal.SIGTERM) == 0  # drains: readiness fails, then paced closes with `retry:`
@@ -253,7 +145,7 @@ async def test_broker_scale_in_under_load_with_resumption(start: Any) -> None:
     target = {"proxy": ps[0]}
     browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(10)]
     await wait_for(lambda: all_subscribed(ps[0], 10, 2), what="subscribers")
-    publisher = Publisher(bs).start(interval=0.005)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.005)
     await wait_for(lambda: all(len(b.events) > 50 for b in browsers), what="events flowing")
     for p in ps:  # scale-in: b1 is DRAINING first ...
         await push(p, 2, members(bs, draining=("b1",)))
@@ -285,7 +177,7 @@ async def test_token_beyond_retention_garbled_or_foreign_gives_the_gap_signal(st
     http = ps[0].endpoints["http"]
     first = EventSource(lambda: http, "t").start()
     await wait_for(lambda: all_subscribed(ps[0], 1, 1), what="subscriber")
-    publisher = Publisher(bs).start(interval=0)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0)
     await wait_for(lambda: first.events, what="one event")
     early = first.last_id
     await first.close()
@@ -301,7 +193,7 @@ async def test_token_beyond_retention_garbled_or_foreign_gives_the_gap_signal(st
     assert "base64" in query.gaps[0]["reason"] and "no longer holds" in late.gaps[0]["reason"]
     assert 0 < len(late.events) < publisher.sent[0]  # what is retained, after the gap signal
     marker = len(late.events)
-    publisher = Publisher(bs).start(interval=0.01)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.01)
     await wait_for(lambda: all(len(c.events) > (marker if c is late else 0) for c in clients),
                    what="live events after the gap")
     await publisher.stop()
@@ -315,7 +207,7 @@ async def test_native_stream_resumes_with_the_batch_token(start: Any) -> None:
     target = {"proxy": ps[0]}
     client = NativeClient(lambda: target["proxy"].endpoints["grpc"], ["t"])
     await wait_for(lambda: all_subscribed(ps[0], 1, 2), what="subscriber")
-    publisher = Publisher(bs).start(interval=0.002)
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.002)
     await wait_for(lambda: len(client.events) > 100, what="events")
     await client.close()  # gone for a while ...
     await wait_for(lambda: min(publisher.sent) > 300, what="events published meanwhile")
@@ -380,7 +272,7 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
     b = start("broker", "b0")
     async with grpc.aio.insecure_channel(b.endpoints["grpc"]) as ch:
         stub = pb_grpc.BrokerStub(ch)
-        relay = stub.Relay()
+        relay = stub.Relay(metadata=AUTH)
         await relay.write(pb.Interest(add=["x"], replace=True, proxy="probe"))
         first = await relay.read()
         await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="y", data=b"1")]), timeout=5)
@@ -389,12 +281,15 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
         assert not update.events and update.epoch == first.epoch and update.head == first.head + 1
         assert time.monotonic() - started < 3
         relay.cancel()
-        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]))]
+        replay = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch, after=0, topics=["y"]),
+                                               metadata=AUTH)]
         assert [(e.topic, e.seq) for m in replay for e in m.events] == [("y", first.head + 1)]
-        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]))]
+        other = [m async for m in stub.Replay(pb.ReplayRequest(epoch=first.epoch ^ 1, after=0, topics=["y"]),
+                                              metadata=AUTH)]
         assert other[0].gap and not other[0].events
     b.stop()
     again = start("broker", "b0", ports={"grpc-port": b.port("grpc"), "http-port": 0})
     async with grpc.aio.insecure_channel(again.endpoints["grpc"]) as ch:
-        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]))]
+        old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]),
+                                                              metadata=AUTH)]
     assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing

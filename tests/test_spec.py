@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from neoplasma.operator.spec import (
     Proxies,
     ProxyService,
     Resources,
+    Retention,
+    Trust,
     check_name,
     parse_cluster,
     parse_spec,
@@ -29,7 +32,8 @@ DEFAULT_RESOURCES = Resources(requests={"cpu": "100m", "memory": "128Mi"})
 def test_missing_fields_take_the_crd_defaults(spec: object) -> None:
     assert parse_spec(spec) == ClusterSpec(
         image="",
-        brokers=Brokers(replicas=1, max_per_deployment=10, resources=DEFAULT_RESOURCES),
+        brokers=Brokers(replicas=1, max_per_deployment=10, resources=DEFAULT_RESOURCES,
+                        retention=Retention(seconds=300, max_bytes=256 * 1024 * 1024)),
         proxies=Proxies(
             replicas=2,
             resources=DEFAULT_RESOURCES,
@@ -45,6 +49,7 @@ def test_a_full_spec() -> None:
             "replicas": 25,
             "maxPerDeployment": 8,
             "resources": {"requests": {"cpu": 1}, "limits": {"memory": "1Gi"}},
+            "retention": {"seconds": 600, "maxBytes": 2**30},
         },
         "proxies": {
             "replicas": 0,
@@ -58,6 +63,7 @@ def test_a_full_spec() -> None:
             replicas=25,
             max_per_deployment=8,
             resources=Resources(requests={"cpu": "1"}, limits={"memory": "1Gi"}),
+            retention=Retention(seconds=600, max_bytes=2**30),
         ),
         proxies=Proxies(
             replicas=0,
@@ -86,7 +92,8 @@ def test_resources_to_dict_leaves_out_empty_maps(
     [
         ([], "spec", "must be an object, got list"),
         ({"brokers": 3}, "spec.brokers", "must be an object, got int"),
-        ({"replicas": 3}, "spec.replicas", "unknown field; known fields are brokers, image, proxies"),
+        ({"replicas": 3}, "spec.replicas",
+         "unknown field; known fields are brokers, image, networkPolicies, proxies, publishers, tls"),
         ({"brokers": {"replicas": -1}}, "spec.brokers.replicas", "must be at least 0, got -1"),
         ({"brokers": {"replicas": True}}, "spec.brokers.replicas", "must be an integer, got True"),
         ({"brokers": {"replicas": 1.5}}, "spec.brokers.replicas", "must be an integer, got 1.5"),
@@ -110,6 +117,22 @@ def test_resources_to_dict_leaves_out_empty_maps(
          "spec.brokers.resources.limits.cpu", "must be a quantity such as 100m or 128Mi, got False"),
         ({"brokers": {"resources": {"claims": []}}}, "spec.brokers.resources.claims",
          "unknown field; known fields are limits, requests"),
+        ({"brokers": {"retention": 300}}, "spec.brokers.retention", "must be an object, got int"),
+        ({"brokers": {"retention": {"seconds": 0}}}, "spec.brokers.retention.seconds", "must be at least 1, got 0"),
+        ({"brokers": {"retention": {"seconds": 90000}}}, "spec.brokers.retention.seconds",
+         "must be at most 86400, got 90000"),
+        ({"brokers": {"retention": {"seconds": "5m"}}}, "spec.brokers.retention.seconds",
+         "must be an integer, got '5m'"),
+        ({"brokers": {"retention": {"maxBytes": 1000}}}, "spec.brokers.retention.maxBytes",
+         "must be at least 1048576, got 1000"),
+        ({"brokers": {"retention": {"maxBytes": 2**40}}}, "spec.brokers.retention.maxBytes",
+         "must be at most 68719476736, got 1099511627776"),
+        ({"publishers": {"apiKeysSecret": "Keys!"}}, "spec.publishers.apiKeysSecret",
+         "must be the name of a Secret (lower-case letters, digits, '-' and '.'), got 'Keys!'"),
+        ({"tls": {"secretName": 5}}, "spec.tls.secretName", "must be a string, got 5"),
+        ({"networkPolicies": {"enabled": "no"}}, "spec.networkPolicies.enabled", "must be true or false, got 'no'"),
+        ({"brokers": {"retention": {"bytes": 5}}}, "spec.brokers.retention.bytes",
+         "unknown field; known fields are maxBytes, seconds"),
     ],
 )
 def test_bad_values_name_the_field_and_the_problem(spec: object, field: str, problem: str) -> None:
@@ -126,7 +149,7 @@ JSON = st.recursive(
     | st.dictionaries(
         st.sampled_from(["image", "brokers", "proxies", "replicas", "maxPerDeployment",
                          "resources", "requests", "limits", "cpu", "service", "type",
-                         "nodePorts", "sse", "grpc", "other"]),
+                         "nodePorts", "sse", "grpc", "retention", "seconds", "maxBytes", "other"]),
         children,
         max_size=4,
     ),
@@ -142,6 +165,32 @@ def test_any_garbage_parses_or_is_refused_with_invalid_spec(spec: object) -> Non
         assert refused.field.startswith("spec")
     else:
         assert isinstance(parsed, ClusterSpec)
+
+
+LONG = "a" * 65536
+LONG_STRINGS = [  # every string the parser reads, 64k long (keys too: quantities' names, unknown fields)
+    {"image": LONG}, {"publishers": {"apiKeysSecret": LONG}}, {"tls": {"secretName": LONG}},
+    {"proxies": {"service": {"type": LONG}}}, {"brokers": {"resources": {"requests": {"cpu": LONG}}}},
+    {"brokers": {"resources": {"requests": {LONG: "x"}}}}, {"brokers": {LONG: 1}},
+    {"networkPolicies": {"enabled": LONG}}, {"brokers": {"replicas": LONG}},
+]
+
+
+@pytest.mark.parametrize("spec", LONG_STRINGS)
+def test_a_64k_string_anywhere_is_refused_at_once_with_a_short_message(spec: object) -> None:
+    started = time.perf_counter()
+    with pytest.raises(InvalidSpec) as refused:
+        for _ in range(100):
+            parse_spec(spec)
+    assert time.perf_counter() - started < 0.5  # 100 parses: linear, capped before any pattern runs
+    assert len(str(refused.value)) < 300
+
+
+def test_trust_fields() -> None:
+    spec = parse_spec({"publishers": {"apiKeysSecret": "keys"}, "tls": {"secretName": "a.tls"},
+                       "networkPolicies": {"enabled": False}})
+    assert spec.trust == Trust(api_keys_secret="keys", tls_secret="a.tls", network_policies=False)
+    assert parse_spec({}).trust == Trust("", "", True)
 
 
 def test_parse_cluster() -> None:

@@ -376,6 +376,9 @@ class _PodRunner(threading.Thread):
     def run(self) -> None:
         try:
             self.ip = self.kubelet.address_pool.allocate(_declared_ports(self.pod))
+            while not self._sync_volumes():  # as a kubelet: wait for the Secrets to exist
+                if self._wake.wait(0.2) or self._terminate_grace is not None:
+                    return
             variables = self._pod_variables()
             argv = self._argv(variables)
             self._supervise(argv, self._environment(variables))
@@ -441,7 +444,11 @@ class _PodRunner(threading.Thread):
         period = min(float(probe.get("periodSeconds", 10)), self.kubelet.max_probe_period)
         next_probe = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
         successes = failures = 0
+        next_sync = time.monotonic() + 1.0
         while True:
+            if time.monotonic() >= next_sync:  # mounted Secrets' files update in place, as a kubelet's do
+                self._sync_volumes()
+                next_sync = time.monotonic() + 1.0
             code = self.process.poll()
             if code is not None:
                 return code
@@ -643,7 +650,34 @@ class _PodRunner(threading.Thread):
 
     def _argv(self, variables: Mapping[str, str]) -> list[str]:
         parts = [*self.container.get("command", []), *self.container.get("args", [])]
-        return self.kubelet.command_mapper([expand(part, variables) for part in parts], self.container)
+        argv = [expand(part, variables) for part in parts]
+        for mount_path, local in self._mounts().items():  # mounted Secrets live in a local folder
+            argv = [str(local) + arg[len(mount_path):] if arg.startswith(mount_path + "/") else arg for arg in argv]
+        return self.kubelet.command_mapper(argv, self.container)
+
+    def _mounts(self) -> dict[str, Path]:
+        """The container's Secret volumes: mount path -> the local folder standing for it."""
+        secrets = {v["name"]: v["secret"]["secretName"] for v in self.pod["spec"].get("volumes", []) if "secret" in v}
+        root = self.kubelet.log_dir.parent / "volumes" / self.name
+        mounts = self.container.get("volumeMounts", [])
+        return {m["mountPath"]: root / m["name"] for m in mounts if m["name"] in secrets}
+
+    def _sync_volumes(self) -> bool:
+        """Write the Secret volumes' files (replaced atomically when they change); False while a
+        Secret is missing."""
+        secrets = {v["name"]: v["secret"]["secretName"] for v in self.pod["spec"].get("volumes", []) if "secret" in v}
+        for local in self._mounts().values():
+            try:
+                data = self._read_data("secret", secrets[local.name], optional=False)
+            except Exception:
+                return False
+            local.mkdir(parents=True, exist_ok=True)
+            for key, value in data.items():
+                path = local / key
+                if not path.exists() or path.read_text() != value:
+                    (local / f".{key}.new").write_text(value)
+                    os.replace(local / f".{key}.new", path)
+        return True
 
     def _append_log(self, text: str) -> None:
         try:

@@ -47,6 +47,7 @@ def add_server(commands: Commands, name: str, help: str, config: type[Config],
 
 def build_parser() -> argparse.ArgumentParser:
     from neoplasma.broker import cli as broker
+    from neoplasma.ingest import cli as ingest
     from neoplasma.local import cli as local
     from neoplasma.operator import cli as operator
     from neoplasma.proxy import cli as proxy
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it to its children, which log at warning unless it is given",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for tier in (broker, proxy, local, operator):
+    for tier in (broker, proxy, ingest, local, operator):
         tier.add_commands(commands)
     return parser
 

@@ -12,39 +12,43 @@ from collections.abc import Iterable
 import grpc
 
 from neoplasma.core.scaling import Load
+from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 TIMEOUT = 2.0
 
 
-async def _broker_stats(address: str) -> pb.BrokerStats | None:
+async def _broker_stats(address: str, access: Access) -> pb.BrokerStats | None:
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stats: pb.BrokerStats = await pb_grpc.BrokerStub(channel).Stats(pb.StatsRequest(), timeout=TIMEOUT)
+        async with access.channel(address) as channel:
+            stats: pb.BrokerStats = await pb_grpc.BrokerStub(channel).Stats(
+                pb.StatsRequest(), timeout=TIMEOUT, metadata=access.metadata())
             return stats
     except grpc.aio.AioRpcError:
         return None
 
 
-async def _proxy_status(address: str) -> pb.ProxyStatus | None:
+async def _proxy_status(address: str, access: Access) -> pb.ProxyStatus | None:
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(channel).Status(pb.StatusRequest(),
-                                                                                  timeout=TIMEOUT)
+        async with access.channel(address) as channel:
+            status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(channel).Status(
+                pb.StatusRequest(), timeout=TIMEOUT, metadata=access.metadata())
             return status
     except grpc.aio.AioRpcError:
         return None
 
 
-async def broker_load(grpc_addresses: Iterable[str]) -> Load:
+async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> Load:
     """Connections (publishers + relay streams) and events/s over the brokers that answered."""
-    answers = [s for s in await asyncio.gather(*(_broker_stats(a) for a in grpc_addresses)) if s is not None]
+    answers = [s for s in await asyncio.gather(*(_broker_stats(a, access) for a in grpc_addresses))
+               if s is not None]
     return Load(total=float(sum(s.connections for s in answers)), pods_read=len(answers),
                 events_per_second=sum(s.events_in_per_second for s in answers))
 
 
-async def proxy_load(control_addresses: Iterable[str]) -> Load:
+async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN) -> Load:
     """Subscribers over the proxies that answered."""
-    answers = [s for s in await asyncio.gather(*(_proxy_status(a) for a in control_addresses)) if s is not None]
+    answers = [s for s in await asyncio.gather(*(_proxy_status(a, access) for a in control_addresses))
+               if s is not None]
     return Load(total=float(sum(s.subscribers for s in answers)), pods_read=len(answers))

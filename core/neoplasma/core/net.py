@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
 import resource
 import signal
 import socket
+import ssl
 import sys
-from typing import Any
+from typing import Any, cast
 
 import grpc
+from aiohttp import web
 
 from neoplasma.core.errors import NeoplasmaError
 
@@ -42,12 +45,80 @@ def bind_socket(host: str, port: int, flag: str) -> socket.socket:
     return sock
 
 
-def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str) -> int:
-    """Have the grpc.aio `server` listen on host:port (0: any free port); the port it got."""
+def add_grpc_port(server: grpc.aio.Server, host: str, port: int, flag: str,
+                  tls: grpc.ServerCredentials | None = None) -> int:
+    """Have the grpc.aio `server` listen on host:port (0: any free port), with `tls` if given; the port it got."""
+    address = hostport(host, port)
     try:
-        return int(server.add_insecure_port(hostport(host, port)))
+        return int(server.add_secure_port(address, tls) if tls else server.add_insecure_port(address))
     except RuntimeError:  # grpc says no more than "failed to bind"
         raise CannotListen(host, port, "the address is in use or not available", flag) from None
+
+
+class _HeaderDeadline(asyncio.Protocol):
+    """Wraps an HTTP server protocol: aborts the connection unless its first request's headers
+    are complete within `timeout` (a slow-header client); later requests on the connection are
+    bounded by the keep-alive timeout, which counts from the previous response."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self.inner, self.timeout = inner, timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        abort = cast(asyncio.Transport, transport).abort  # uvloop's transports are not asyncio.Transport
+        self._timer = asyncio.get_running_loop().call_later(self.timeout, abort)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            if b"\r\n\r\n" in self._tail + data:
+                self._timer.cancel()
+                self._timer = None
+            self._tail = data[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class HttpServer:
+    """An aiohttp app on a listening socket, with TLS when `tls` is given; a request's headers must
+    arrive within `header_timeout` seconds (also the keep-alive timeout between requests)."""
+
+    def __init__(self, app: web.Application, sock: socket.socket, header_timeout: float,
+                 tls: ssl.SSLContext | None = None, **handler_args: Any) -> None:
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=header_timeout,
+                                    **handler_args)
+        self.sock, self.header_timeout, self.tls = sock, header_timeout, tls
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        handlers = self.runner.server
+        assert handlers is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _HeaderDeadline(handlers(), self.header_timeout), sock=self.sock, ssl=self.tls)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.runner.cleanup()
 
 
 PARENT_PID_ENV = "NEOPLASMA_PARENT_PID"

@@ -15,6 +15,7 @@ import grpc
 from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import Snapshot
+from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -37,7 +38,8 @@ class MembershipPusher:
     operator's MembershipSync does); `push_all` retries each proxy with `retry` up to `attempts`."""
 
     def __init__(self, *, timeout: float = 2.0, attempts: int = 5,
-                 retry: BackoffPolicy = RETRY) -> None:
+                 retry: BackoffPolicy = RETRY, access: Access = PLAIN) -> None:
+        self.access = access  # the cluster credential (and TLS) for the proxies' control ports
         self.timeout = timeout
         self.attempts = attempts
         self.retry = retry
@@ -47,14 +49,15 @@ class MembershipPusher:
     def _stub(self, address: str) -> pb_grpc.ProxyControlStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = self.access.channel(address)
             self._channels[address] = channel
         return pb_grpc.ProxyControlStub(channel)
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         """One push: ok when the proxy runs `snapshot.version` (or newer) afterwards."""
         try:
-            reply: pb.ApplyResponse = await self._stub(address).Apply(snapshot.to_proto(), timeout=self.timeout)
+            reply: pb.ApplyResponse = await self._stub(address).Apply(snapshot.to_proto(), timeout=self.timeout,
+                                                                      metadata=self.access.metadata())
         except grpc.aio.AioRpcError as exc:
             return PushResult(target, address, ok=False, error=f"{exc.code().name}: {exc.details()}")
         if reply.applied_version >= snapshot.version:

@@ -90,9 +90,13 @@ def _help(f: Field[Any]) -> str:
     meta = f.metadata
     shown = [meta["bound"].note] if meta["bound"] and meta["bound"].note else []
     if f.default is not MISSING:
-        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+        default = f"{f.default:g}" if isinstance(f.default, float) else str(f.default) or "none"
         shown.append(f"default {default}" + (f", or ${meta['env']}" if meta["env"] else ""))
     return f"{meta['help']} ({'; '.join(shown)})" if shown else str(meta["help"])
+
+
+def _flag(f: Field[Any]) -> str:
+    return str(f.metadata["flag"] or "--" + f.name.replace("_", "-"))
 
 
 def pod_name(tier: str) -> str:
@@ -123,9 +127,17 @@ class Settings:
                 default = os.environ.get(meta["env"], default)  # a string: argparse checks it as if typed
             option: dict[str, Any] = ({"action": "extend", "type": _items} if get_origin(kind) is list
                                       else {"type": argument_type(kind, meta["bound"])})
-            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            flag = _flag(f)
             parser.add_argument(flag, dest=f.name, default=default, help=_help(f),
                                 metavar=flag[2:].upper().replace("-", "_"), **option)
+
+    @classmethod
+    def option(cls, name: str) -> str:
+        """The command-line option of field `name`; KeyError when it is not an option."""
+        found = [f for f in fields(cls) if f.name == name and f.metadata.get("help")]
+        if not found:
+            raise KeyError(f"{cls.__name__}.{name} is not a command-line option")
+        return _flag(found[0])
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:

@@ -7,6 +7,7 @@ import asyncio
 import os
 
 from neoplasma.core.cli import Commands
+from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import NON_NEGATIVE, POSITIVE, argument_type
 
 
@@ -17,6 +18,14 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--proxies", type=argument_type(int, NON_NEGATIVE), default=2,
                    help="number of proxies (default 2)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
+    p.add_argument("--credential-file", default="", help="file holding the cluster credential (default: a new "
+                   "random one per run, in a 0600 temporary file)")
+    redis = p.add_argument_group("ingest from Redis Pub/Sub (plasma's publishers): two readers, one active")
+    redis.add_argument("--redis", metavar="URL", help="Redis to read: HOST:PORT or "
+                       "redis[s]://[USER:PASSWORD@]HOST:PORT "
+                       "(password also from $NEOPLASMA_REDIS_PASSWORD)")
+    redis.add_argument("--redis-channels", default="", help="channels to read, comma-separated")
+    redis.add_argument("--redis-patterns", default="", help="channel patterns to read, comma-separated")
     scale = p.add_argument_group("autoscaling (the NeoplasmaCluster annotations of the same names)")
     scale.add_argument("--autoscale", action="store_true", help="resize brokers/proxies by load")
     for flag in ("target-connections-per-broker", "target-events-per-broker", "min-brokers", "max-brokers",
@@ -57,8 +66,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         scaling.SCALE_UP_LIMIT: args.scale_up_limit,
     }
     annotations = {key: value for key, value in flags.items() if value is not None}
+    if args.redis and not (args.redis_channels or args.redis_patterns):
+        raise UsageError("--redis needs --redis-channels and/or --redis-patterns: what to read")
+    ingest = None if not args.redis else ["--redis", args.redis, "--channels", args.redis_channels,
+                                          "--patterns", args.redis_patterns]
     return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
-                  interval=args.scale_interval)
+                  interval=args.scale_interval, credential_file=args.credential_file, ingest=ingest)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """Brokers and proxies as real processes on 127.0.0.1, and clients that talk to them as users do.
 
 For tests and benchmarks: `start_server` starts `neoplasma broker|proxy` on free ports and reads
-the endpoints it prints; the clients publish (gRPC, HTTP), subscribe (SSE, plasma's gRPC stream)
-and read or set a proxy's membership over its control port; `wait_for` polls a condition.
+the endpoints it prints, giving them the cluster credential `CREDENTIAL` (which the control
+helpers present: `AUTH` is its gRPC metadata); the clients publish (gRPC, HTTP), subscribe (SSE, plasma's
+gRPC stream, an EventSource that resumes as a browser's does) and read or set a proxy's membership over its
+control port; `wait_for` polls a condition.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import selectors
 import signal
 import socket
@@ -24,9 +28,14 @@ from typing import Any
 import aiohttp
 import grpc
 
+from neoplasma.core.trust import CREDENTIAL_ENV, Access, Tokens, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+CREDENTIAL = secrets.token_urlsafe(24)  # the cluster credential of servers started here
+ACCESS = Access(Tokens(given=[CREDENTIAL]))  # for the operator's and `up`'s clients
+AUTH = bearer_metadata(CREDENTIAL)
 
 
 def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
@@ -79,8 +88,9 @@ class Server:
 
 
 def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None,
-                 python: str = sys.executable) -> Server:
-    """`python -m neoplasma KIND` on free ports (`python`: another build's interpreter, for A/B benchmarks)."""
+                 env: dict[str, str] | None = None, python: str = sys.executable) -> Server:
+    """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it),
+    run by `python` (another build's interpreter, for A/B benchmarks)."""
     ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
                       else {"grpc-port": 0, "http-port": 0, "control-port": 0})
     args = [python, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
@@ -88,7 +98,8 @@ def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[s
         args += [f"--{flag}", str(port)]
     args += list(extra)
     log_path = log_dir / f"{name}.log"
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"),
+                            env={**os.environ, CREDENTIAL_ENV: CREDENTIAL, **(env or {})})
     try:
         line = read_json_line(proc.stdout, 30)
     except Exception:
@@ -126,9 +137,12 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: st
 # -- control ---------------------------------------------------------------------------
 
 
-async def proxy_status(control: str) -> pb.ProxyStatus:
-    async with grpc.aio.insecure_channel(control) as ch:
-        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5)
+async def proxy_status(control: str, access: Access | None = None) -> pb.ProxyStatus:
+    """The proxy's status, asked with the harness credential (or `access`)."""
+    metadata = access.metadata() if access else AUTH
+    async with access.channel(control) if access else grpc.aio.insecure_channel(control) as ch:
+        status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(ch).Status(pb.StatusRequest(), timeout=5,
+                                                                           metadata=metadata)
     return status
 
 
@@ -137,13 +151,13 @@ async def apply_membership(control: str, version: int, brokers: list[tuple[str, 
     msg = pb.Membership(version=version, brokers=[pb.BrokerMember(name=n, address=a, state=state)
                                                   for n, a in brokers])
     async with grpc.aio.insecure_channel(control) as ch:
-        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5)
+        reply: pb.ApplyResponse = await pb_grpc.ProxyControlStub(ch).Apply(msg, timeout=5, metadata=AUTH)
     return reply
 
 
-async def links_ready(control: str, brokers: int) -> bool:
+async def links_ready(control: str, brokers: int, access: Access | None = None) -> bool:
     """True when the proxy is connected to `brokers` brokers with its interest applied."""
-    status = await proxy_status(control)
+    status = await proxy_status(control, access)
     synced = [link for link in status.links if link.interest_synced]
     return len(synced) == brokers == len(status.links)
 
@@ -151,18 +165,23 @@ async def links_ready(control: str, brokers: int) -> bool:
 # -- publishers --------------------------------------------------------------------
 
 
-async def publish_grpc(broker: str, events: list[tuple[str, Any]]) -> int:
+async def publish_grpc(broker: str, events: list[tuple[str, Any]], key: str = "") -> int:
+    """Publish over gRPC, with the publisher `key` when given."""
     req = pb.PublishRequest(events=[pb.Event(topic=t, data=json.dumps(d).encode()) for t, d in events])
     async with grpc.aio.insecure_channel(broker) as ch:
-        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(req, timeout=10)
+        reply: pb.PublishResponse = await pb_grpc.BrokerStub(ch).Publish(
+            req, timeout=10, metadata=bearer_metadata(key) if key else None)
     return reply.accepted
 
 
-async def publish_http(http: str, body: bytes | Any) -> tuple[int, Any]:
+async def publish_http(http: str, body: bytes | Any, key: str = "",
+                       content_type: str = "application/json") -> tuple[int, Any]:
+    """POST /publish (JSON unless `content_type` says otherwise), with the publisher `key` when given."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://{http}/publish", data=data) as resp:
-            return resp.status, await resp.json()
+        async with session.post(f"http://{http}/publish", data=data, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
 
 
 # -- subscribers -------------------------------------------------------------------
@@ -258,6 +277,131 @@ class PlasmaClient:
         with contextlib.suppress(BaseException):
             await self._task
         await self.channel.close()
+
+
+class EventSource:
+    """An SSE client that behaves like a browser's EventSource: on the end of a stream or a
+    network error it reconnects after `retry` ms with `Last-Event-ID` (to `address()`, which may
+    change); it records every status and, per connection, the address and the events it gave."""
+
+    def __init__(self, address: Callable[[], str], topics: str, token: str = "") -> None:
+        self.address = address
+        self.topics = topics
+        self.last_id = token
+        self.events: list[dict[str, Any]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.connections: list[tuple[str, int]] = []  # (address, events received there)
+        self.retry = 2000
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> EventSource:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            while True:
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                address, before = self.address(), len(self.events)
+                try:
+                    async with session.get(f"http://{address}/?eventType={self.topics}", headers=headers) as resp:
+                        self.statuses.append(resp.status)
+                        if resp.status != 200:
+                            return  # EventSource gives up for good
+                        self.connected.set()
+                        await self._read(resp)
+                except aiohttp.ClientError:
+                    pass
+                self.connections.append((address, len(self.events) - before))
+                self.connected.clear()
+                await asyncio.sleep(self.retry / 1000)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> None:
+        pending = b""
+        async for chunk in resp.content.iter_any():
+            *frames, pending = (pending + chunk).split(b"\n\n")
+            for frame in frames:
+                self._dispatch(frame.decode())
+
+    def _dispatch(self, frame: str) -> None:
+        """One event as the HTML spec reads it: its fields, then the blank line."""
+        name, data, event_id = "", "", None
+        for line in frame.split("\n"):
+            field, _, value = line.partition(": ")
+            if field == "retry":
+                self.retry = int(value)
+            elif field == "id":
+                event_id = value
+            elif field == "event":
+                name = value
+            elif field == "data":
+                data = value
+        if event_id is not None:
+            self.last_id = event_id
+        if data:
+            (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class Publisher:
+    """Publishes {"b": broker index, "n": k} events, k = 0, 1, 2, ... per broker (gRPC address),
+    `batch` per request every `interval` seconds (0: as fast as they are accepted)."""
+
+    def __init__(self, brokers: list[str], topic: str = "t") -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.sent = [0] * len(brokers)
+        self.stopped = [False] * len(brokers)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, interval: float, batch: int = 1) -> Publisher:
+        self._tasks = [asyncio.create_task(self._run(i, interval, batch)) for i in range(len(self.brokers))]
+        return self
+
+    async def _run(self, i: int, interval: float, batch: int) -> None:
+        loop = asyncio.get_running_loop()
+        async with grpc.aio.insecure_channel(self.brokers[i]) as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            due = loop.time()
+            while not self.stopped[i]:
+                events = [pb.Event(topic=self.topic, data=json.dumps({"b": i, "n": self.sent[i] + k}).encode())
+                          for k in range(batch)]
+                try:
+                    await stub.Publish(pb.PublishRequest(events=events), timeout=5)
+                except grpc.aio.AioRpcError as exc:  # a draining broker refuses: that broker is done
+                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
+                    return
+                self.sent[i] += batch
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+    async def stop(self, i: int | None = None) -> None:
+        for k in range(len(self.brokers)) if i is None else [i]:
+            self.stopped[k] = True
+        await asyncio.gather(*(self._tasks if i is None else [self._tasks[i]]))
+
+    @staticmethod
+    def received_from(events: list[dict[str, Any]], i: int) -> int:
+        return sum(1 for e in events if e["data"]["b"] == i)
+
+    def all_received(self, events: list[dict[str, Any]]) -> bool:
+        return len(events) >= sum(self.sent)
+
+    def assert_exactly_once_in_order(self, events: list[dict[str, Any]], who: str) -> None:
+        for i, sent in enumerate(self.sent):
+            got = [e["data"]["n"] if "data" in e else e["n"] for e in events
+                   if (e["data"]["b"] if "data" in e else e["b"]) == i]
+            assert got == list(range(sent)), (
+                f"{who}: broker {i}: {sent} published, {len(got)} received; "
+                f"missing {sorted(set(range(sent)) - set(got))[:10]}, "
+                f"duplicated {sorted({n for n in got if got.count(n) > 1})[:10]}")
 
 
 @contextlib.asynccontextmanager

@@ -1,8 +1,8 @@
 """`neoplasma up`: a whole cluster as child processes on 127.0.0.1.
 
 Brokers and proxies are the real servers; membership reaches the proxies
-through the same pusher the operator uses. A child that dies is reported and
-restarted on the same ports.
+through the same pusher the operator uses. With `--redis`, two `ingest-redis` readers
+sharing a lease feed the brokers. A child that dies is reported and restarted on the same ports.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.backoff import BackoffPolicy
@@ -27,6 +29,7 @@ from neoplasma.core.net import PARENT_PID_ENV
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
+from neoplasma.core.trust import CREDENTIAL_FILE_ENV, Access, Tokens
 
 log = get_logger("up")
 
@@ -41,11 +44,13 @@ class ChildFailed(NeoplasmaError):
 
 @dataclass
 class Child:
-    kind: Tier
+    kind: str  # a Tier, or "ingest-redis"
     name: str
     ports: dict[str, int]  # flag name -> port (0 until first start)
+    args: list[str] = field(default_factory=list)  # more options
     endpoints: dict[str, str] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
+    credential_file: str = ""  # the cluster credential, passed in the environment (not in argv)
     restarts: int = 0
     draining: bool = False  # being removed: no restart, DRAINING in membership
 
@@ -53,7 +58,7 @@ class Child:
         cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1"]
         for flag, port in self.ports.items():
             cmd += [f"--{flag}", str(port)]
-        return cmd
+        return cmd + self.args
 
     async def start(self) -> None:
         # Own process group: a terminal's Ctrl-C reaches only `up`, which stops children in order.
@@ -61,7 +66,8 @@ class Child:
         # the child arranges to die with `up` itself (neoplasma.core.net.die_with_parent).
         self.process = await asyncio.create_subprocess_exec(
             *self.command(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
-            process_group=0, env={**os.environ, PARENT_PID_ENV: str(os.getpid())})
+            process_group=0, env={**os.environ, PARENT_PID_ENV: str(os.getpid()),
+                                  CREDENTIAL_FILE_ENV: self.credential_file})
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), READY_TIMEOUT)
@@ -89,13 +95,17 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, brokers: int, proxies: int) -> None:
+    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None) -> None:
+        self.credential_file = credential_file
+        self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
+        self.readers: list[Child] = []
+        self._ingest = ingest  # the readers' options (Redis, channels), or None for no readers
         self._initial = {Tier.BROKER: brokers, Tier.PROXY: proxies}
         self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
-        self.pusher = MembershipPusher()
+        self.pusher = MembershipPusher(access=self.access)
         self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
@@ -112,13 +122,18 @@ class LocalCluster:
         self._next_index[kind] += 1
         ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
                                                                               "control-port": 0}
-        return Child(kind, f"{kind}-{index}", ports)
+        return Child(kind, f"{kind}-{index}", ports, credential_file=self.credential_file)
 
     async def start(self) -> None:
         for kind, n in self._initial.items():
             self.group(kind).extend(self._new_child(kind) for _ in range(n))
         await asyncio.gather(*(c.start() for c in self.children))
-        for child in self.children:
+        if self._ingest is not None:  # two readers, one active (a lease per cluster), feeding the brokers
+            args = [*self._ingest, "--brokers", ",".join(b.endpoints["grpc"] for b in self.brokers),
+                    "--lease-key", f"neoplasma:ingest:{self.snapshot.cluster}"]
+            self.readers = [Child("ingest-redis", f"ingest-{i}", {"http-port": 0}, args) for i in range(2)]
+            await asyncio.gather(*(r.start() for r in self.readers))
+        for child in self.children + self.readers:
             self._watch(child)
         await self.push_membership()
 
@@ -207,8 +222,8 @@ class LocalCluster:
     async def load(self, kind: Tier) -> Load:
         """The load of the children of `kind` not being removed, read as the operator reads its pods'."""
         if kind is Tier.BROKER:
-            return await broker_load(b.endpoints["grpc"] for b in self.brokers if not b.draining)
-        return await proxy_load(p.endpoints["control"] for p in self.proxies if not p.draining)
+            return await broker_load((b.endpoints["grpc"] for b in self.brokers if not b.draining), self.access)
+        return await proxy_load((p.endpoints["control"] for p in self.proxies if not p.draining), self.access)
 
     async def _resize(self, kind: Tier, size: int) -> None:
         """Add or remove children of `kind`, one at a time, until there are `size` (or stopping)."""
@@ -224,20 +239,22 @@ class LocalCluster:
         self.stopping.set()
         for task in list(self._watchers):
             task.cancel()
+        await asyncio.gather(*(c.stop() for c in self.readers))  # first: they publish what they read
         await asyncio.gather(*(c.stop() for c in self.children))
         await self.pusher.close()
 
-    def describe(self) -> dict[str, list[dict[str, str]]]:
+    def describe(self) -> dict[str, Any]:
         return {
+            "credential_file": self.credential_file,
             "brokers": [{"grpc": b.endpoints["grpc"], "http": b.endpoints["http"]} for b in self.brokers],
             "proxies": [{"grpc": p.endpoints["grpc"], "http": p.endpoints["http"],
                          "control": p.endpoints["control"]} for p in self.proxies],
-        }
+        } | ({"readers": [{"http": r.endpoints["http"]} for r in self.readers]} if self.readers else {})
 
     def table(self) -> str:
         rows = [("NAME", "GRPC", "HTTP", "CONTROL")]
-        for c in self.children:
-            rows.append((c.name, c.endpoints["grpc"], c.endpoints["http"], c.endpoints.get("control", "-")))
+        for c in self.children + self.readers:
+            rows.append((c.name, c.endpoints.get("grpc", "-"), c.endpoints["http"], c.endpoints.get("control", "-")))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         proxy = self.proxies[0].endpoints if self.proxies else {}
@@ -246,13 +263,16 @@ class LocalCluster:
             lines += ["", f"membership version {self.snapshot.version}; try:",
                       f"  neoplasma subscribe --proxy {proxy['http']} demo",
                       f"  neoplasma publish --broker {broker['grpc']} demo:hello '{{\"hi\": 1}}'",
+                      f"control and Stats calls need the credential in {self.credential_file}:",
+                      f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {self.credential_file})\" ...",
                       "Ctrl-C stops everything."]
         return "\n".join(lines)
 
 
-async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float) -> int:
+async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
+              credential_file: str, ingest: list[str] | None) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
-    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]))
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cluster.stopping.set)
@@ -272,12 +292,22 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0) -> int:
-    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations."""
+           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None) -> int:
+    """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
+    the options of two `ingest-redis` readers (None: no readers). Its cluster credential is read from
+    `credential_file`, else a new random one (in a 0600 file removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
     scaler = Autoscaler()
     scaler.read(annotations or {}, brokers, proxies)
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
-    return asyncio.run(_up(brokers, proxies, as_json, scaler, interval))
+    if credential_file:
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest))
+    fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
+    try:
+        os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
+        os.close(fd)
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest))
+    finally:
+        os.unlink(path)

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import kopf
 
-from neoplasma.operator.render import BROKER_DEPLOYMENT_LABEL, COMPONENT_LABEL, Manifest, render
+from neoplasma.operator.render import BROKER_DEPLOYMENT_LABEL, COMPONENT_LABEL, NO_PEERS, Manifest, Peers, render
 from neoplasma.operator.spec import Cluster
 
 ChildKey = tuple[str, str]
@@ -53,17 +53,21 @@ class Plan:
 
 
 def desired_children(
-    cluster: Cluster, owner: Mapping[str, Any], *, default_image: str, policy_api: str
+    cluster: Cluster, owner: Mapping[str, Any], *, default_image: str, policy_api: str, operator: Peers = NO_PEERS
 ) -> list[Manifest]:
     """Every child of `cluster`, owned by the NeoplasmaCluster object `owner`."""
-    manifests = render(cluster, default_image=default_image, policy_api=policy_api)
+    return adopted(render(cluster, default_image=default_image, policy_api=policy_api, operator=operator), owner)
+
+
+def adopted(manifests: list[Manifest], owner: Mapping[str, Any]) -> list[Manifest]:
+    """`manifests` owned by the NeoplasmaCluster object `owner` (deleted with it)."""
     kopf.adopt(manifests, owner=kopf.Body(cast(kopf.RawBody, _owner(owner))))
     return manifests
 
 
 def plan(desired: Iterable[Manifest], actual: Iterable[Mapping[str, Any]], owner_uid: str) -> Plan:
-    """What to apply (missing or differing children) and delete (broker Deployments this
-    cluster owns that are no longer rendered, e.g. after scaling down)."""
+    """What to apply (missing or differing children) and delete (broker Deployments and
+    NetworkPolicies this cluster owns that are no longer rendered: scaled down, turned off)."""
     existing = {child_key(obj): obj for obj in actual}
     wanted = list(desired)
     changes: list[Change] = []
@@ -78,8 +82,8 @@ def plan(desired: Iterable[Manifest], actual: Iterable[Mapping[str, Any]], owner
     wanted_keys = {child_key(m) for m in wanted}
     stale = sorted(
         key for key, obj in existing.items()
-        if key not in wanted_keys and key[0] == "Deployment" and _is_broker_deployment(obj)
-        and owned_by(obj, owner_uid)
+        if key not in wanted_keys and owned_by(obj, owner_uid)
+        and (key[0] == "NetworkPolicy" or (key[0] == "Deployment" and _is_broker_deployment(obj)))
     )
     return Plan(apply=changes, delete=stale)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from neoplasma.core.cli import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import POSITIVE, Bound, Settings, setting
+from neoplasma.operator.render import Peers
 
 
 @dataclass
@@ -21,6 +22,16 @@ class OperatorConfig(Settings):
                                 help="serve Prometheus metrics on this port at /metrics")
     scale_interval: float = setting(10.0, bound=POSITIVE,
                                     help="seconds between autoscaling decisions of annotated clusters")
+    pod_namespace: str = setting("", env="NEOPLASMA_OPERATOR_NAMESPACE",
+                                 help="the operator's own namespace (NetworkPolicies let its pods reach control ports)")
+    pod_labels: str = setting("", env="NEOPLASMA_OPERATOR_POD_LABELS",
+                              help="the operator's pod labels, as k=v,k=v (NetworkPolicies select its pods by them)")
+
+    def peers(self) -> Peers:
+        pairs = [item.partition("=") for item in self.pod_labels.split(",") if item.strip()]
+        if any(not sep or not key.strip() for key, sep, _ in pairs):
+            raise UsageError(f"--pod-labels must be k=v,k=v, got {self.pod_labels!r}")
+        return Peers(self.pod_namespace, {key.strip(): value.strip() for key, _, value in pairs})
 
     def __post_init__(self) -> None:
         super().__post_init__()

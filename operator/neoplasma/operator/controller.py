@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import secrets
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -38,11 +41,22 @@ from neoplasma.core.net import hostport
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
+from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
 from neoplasma.operator.kube import Kube
-from neoplasma.operator.members import ClusterKey, PodView, ready_count
+from neoplasma.operator.members import ClusterKey, Controlled, PodView, own_pods, ready_count
 from neoplasma.operator.metrics import Metrics
-from neoplasma.operator.render import CONTROL_PORT, GRPC_PORT
+from neoplasma.operator.render import (
+    CA_KEY,
+    CONTROL_PORT,
+    CREDENTIAL_KEY,
+    GRPC_PORT,
+    NO_PEERS,
+    Peers,
+    credential_secret,
+    credential_secret_name,
+    service_host,
+)
 from neoplasma.operator.spec import Cluster
 from neoplasma.operator.status import Observed, persisted_version
 from neoplasma.operator.steps import Children, Desired, Event, Membership, Problems, Resource, Scaling, Status, earliest
@@ -55,6 +69,7 @@ log = get_logger("operator")
 class Options:
     default_image: str
     policy_api: str = "policy/v1"
+    operator: Peers = NO_PEERS  # where the operator's pods run (NetworkPolicies let them in)
     debounce: float = 0.2  # seconds a burst of pod changes is gathered into one snapshot
     anti_entropy: float = 5.0  # seconds between pushes of the current snapshot to every proxy
     resync: float = 60.0  # seconds between checks of the children with no event at all
@@ -72,18 +87,21 @@ class Options:
 
 
 class Indexes:
-    """The live kopf indexes the controllers read: pods and children by cluster key."""
+    """The live kopf indexes the controllers read: pods, ReplicaSets and children by cluster key."""
 
     def __init__(
         self,
         pods: Mapping[ClusterKey, Iterable[PodView]],
         children: Iterable[Mapping[ClusterKey, Iterable[Mapping[str, Any]]]],
+        replicasets: Mapping[ClusterKey, Iterable[Controlled]] | None = None,
     ) -> None:
         self._pods = pods
         self._children = list(children)
+        self._replicasets = {} if replicasets is None else replicasets  # live (and empty at first): no `or`
 
-    def pods(self, key: ClusterKey) -> list[PodView]:
-        return list(self._pods.get(key, ()))
+    def pods(self, key: ClusterKey, cluster_uid: str) -> list[PodView]:
+        """The cluster's own pods: those its Deployments control, through their ReplicaSets."""
+        return own_pods(self._pods.get(key, ()), self._replicasets.get(key, ()), self.children(key), cluster_uid)
 
     def children(self, key: ClusterKey) -> list[Mapping[str, Any]]:
         return [obj for index in self._children for obj in index.get(key, ())]
@@ -166,12 +184,14 @@ class ClusterController:
         now = clock()
         autoscaler = Autoscaler(status.get("autoscaling"))
         sync = MembershipSync(MembershipPusher(timeout=2.0), version=persisted_version(status),
-                              on_progress=self.wake, label=self.label)
+                              on_progress=self.wake, label=self.label, cluster=self.uid)
         self.resource = Resource(autoscaler, self.label)
         self.membership = Membership(sync, options.anti_entropy, now)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)
         self.children = Children(options.retry, options.resync, now, default_image=options.default_image,
-                                 policy_api=options.policy_api)
+                                 policy_api=options.policy_api, operator=options.operator)
+        self.access = {Tier.BROKER: PLAIN, Tier.PROXY: PLAIN}  # how to reach them: credential, TLS
+        self._ca_dir = tempfile.TemporaryDirectory(prefix="neoplasma-ca-")
         self.status = Status(options.retry, options.sync_grace, options.stats_interval, now)
         self._retry = Backoff(options.retry)  # a pass that failed (a bug)
         self._problems = Problems()
@@ -192,6 +212,7 @@ class ClusterController:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.membership.sync.close()
+        self._ca_dir.cleanup()
         log.info("cluster_controller_stopped", cluster=self.label)
 
     def set_body(self, body: Mapping[str, Any]) -> None:
@@ -234,10 +255,12 @@ class ClusterController:
         body = self.body
         desired, events = self.resource.step(body)
         self._post(events)
-        pods = self.indexes.pods(self.key)
+        if desired.cluster is not None and not desired.deleting:
+            await self._trust(desired.cluster)
+        pods = self.indexes.pods(self.key, self.uid)
         seen_at, self._pods_seen_at = (self._pods_seen_at or now), None
         self._post(self.membership.step(pods, seen_at, now))
-        loads = await _loads(pods, self.scaling.to_read(desired, now))
+        loads = await _loads(pods, self.scaling.to_read(desired, now), self.access)
         for change in self.scaling.step(desired, loads, now):
             self._post([Event("ScaledBrokers" if change.tier is Tier.BROKER else "ScaledProxies", change.describe())])
             self.metrics.scaled(self.key, change.tier.plural, change.direction)
@@ -245,7 +268,7 @@ class ClusterController:
         if plan is not None and self.scaling.effective is not None:
             await self._apply(plan, desired, self.scaling.effective)
         read = self.status.stats.fire(now) and not desired.deleting
-        connections = await _connections(pods) if read else None
+        connections = await _connections(pods, self.access[Tier.BROKER]) if read else None
         if desired.deleting:
             self.status.due_at = None
             return  # being deleted: the garbage collector removes the children
@@ -257,6 +280,45 @@ class ClusterController:
 
     # -- I/O -------------------------------------------------------------------------------
 
+    async def _trust(self, cluster: Cluster) -> None:
+        """Read the cluster credential (creating its Secret, owned by the resource, when there is
+        none) and the TLS CA on every pass, so that a replaced Secret is used at once."""
+        name = credential_secret_name(cluster.name)
+        try:
+            data = await asyncio.to_thread(self.kube.read_secret, cluster.namespace, name)
+            if data is None:
+                secret = ch.adopted([credential_secret(cluster, secrets.token_urlsafe(32))], self.body)[0]
+                await asyncio.to_thread(self.kube.create_secret, secret)
+                self._post([Event("Created", f"created Secret {name} (the cluster credential)")])
+                data = await asyncio.to_thread(self.kube.read_secret, cluster.namespace, name)
+            tls = cluster.spec.trust.tls_secret
+            ca = (await asyncio.to_thread(self.kube.read_secret, cluster.namespace, tls) or {}).get(CA_KEY, "") \
+                if tls else ""
+        except Exception as error:  # API errors: keep the last credential, try again next pass
+            if self._problems.news("trust", _describe(error)):
+                self._post([Event("CredentialFailed", f"reading the cluster credential failed: "
+                                  f"{_describe(error)}; keeping the last one", True)])
+            return
+        token = (data or {}).get(CREDENTIAL_KEY, "").strip()
+        problem = None if token else f"Secret {name} has no key {CREDENTIAL_KEY!r}: delete it to have a new one made"
+        if self._problems.news("trust", problem) and problem:
+            self._post([Event("CredentialFailed", problem, True)])
+        if problem:
+            return
+        ca_file = ""
+        if ca:
+            path = Path(self._ca_dir.name) / "ca.crt"
+            if not path.exists() or path.read_text() != ca:
+                path.write_text(ca)
+            ca_file = str(path)
+        tokens = Tokens(given=[token])
+        self.access = {tier: Access(tokens, ca_file, service_host(cluster, tier) if ca_file else "")
+                       for tier in Tier}
+        pusher = self.membership.sync.pusher
+        if (pusher.access.ca_file, pusher.access.server_name) != (ca_file, self.access[Tier.PROXY].server_name):
+            await pusher.close()  # its channels were made for the old TLS settings
+        pusher.access = self.access[Tier.PROXY]
+
     async def _apply(self, plan: ch.Plan, desired: Desired, cluster: Cluster) -> None:
         try:
             # Independent objects: apply them all at once, then delete what is no longer rendered.
@@ -265,8 +327,10 @@ class ClusterController:
                 self._post([Event("Created" if change.action == "create" else "Updated", change.describe())])
             for kind, name in plan.delete:
                 await asyncio.to_thread(self.kube.delete, kind, cluster.namespace, name)
-                self._post([Event("Deleted", f"deleted {kind} {name}: not needed for {cluster.spec.brokers.replicas}"
-                                  f" brokers of at most {cluster.spec.brokers.max_per_deployment} per Deployment")])
+                self._post([Event("Deleted", f"deleted {kind} {name}: " + (
+                    "spec.networkPolicies.enabled is false" if kind == "NetworkPolicy" else
+                    f"not needed for {cluster.spec.brokers.replicas} brokers of at most "
+                    f"{cluster.spec.brokers.max_per_deployment} per Deployment"))])
         except Exception as error:  # API errors, or the API out of reach: retried with backoff
             self._post(self.children.failed(_describe(error), self.clock()))
             log.error("children_failed", cluster=self.label, error=_describe(error))
@@ -323,21 +387,23 @@ class ClusterController:
             (kopf.warn if event.warning else kopf.info)(ref, reason=event.reason, message=event.message)
 
 
-async def _loads(pods: list[PodView], tiers: list[Tier]) -> dict[Tier, Load | None]:
+async def _loads(pods: list[PodView], tiers: list[Tier], access: Mapping[Tier, Access]) -> dict[Tier, Load | None]:
     """The load of `tiers`, read from their serving pods (core.load)."""
     serving = [p for p in pods if p.ready and not p.deleting and p.ip]
     loads: dict[Tier, Load | None] = {}
     if Tier.BROKER in tiers:
-        loads[Tier.BROKER] = await broker_load(hostport(p.ip, GRPC_PORT) for p in serving if p.component == Tier.BROKER)
+        loads[Tier.BROKER] = await broker_load((hostport(p.ip, GRPC_PORT) for p in serving
+                                                if p.component == Tier.BROKER), access[Tier.BROKER])
     if Tier.PROXY in tiers:
-        loads[Tier.PROXY] = await proxy_load(hostport(p.ip, CONTROL_PORT) for p in serving if p.component == Tier.PROXY)
+        loads[Tier.PROXY] = await proxy_load((hostport(p.ip, CONTROL_PORT) for p in serving
+                                              if p.component == Tier.PROXY), access[Tier.PROXY])
     return loads
 
 
-async def _connections(pods: list[PodView]) -> int | None:
+async def _connections(pods: list[PodView], access: Access) -> int | None:
     """The ready brokers' connections (0 without any; None when none answered: keep the last)."""
     addresses = [hostport(p.ip, GRPC_PORT) for p in pods if p.component == Tier.BROKER and p.ready]
-    load = await broker_load(addresses)
+    load = await broker_load(addresses, access)
     return int(load.total) if load.pods_read or not addresses else None
 
 

@@ -5,8 +5,10 @@ What kopf watches, and why:
   first sight, stopped when the object is gone);
 - pods labelled app.kubernetes.io/name=neoplasma: indexed by cluster (readiness, IP,
   deletion) for the membership push; every change wakes the cluster's controller;
-- Deployments, Services and PodDisruptionBudgets managed by the operator: indexed by
-  cluster, so that a child edited or deleted by hand is put back at once.
+- ReplicaSets of those pods: indexed by cluster (uid and controller), so that only pods whose
+  controller chain leads to the cluster's Deployments count;
+- Deployments, Services, PodDisruptionBudgets and NetworkPolicies managed by the operator:
+  indexed by cluster, so that a child edited or deleted by hand is put back at once.
 
 No handler here changes anything itself, so kopf keeps no per-handler state on the resource
 and needs no finalizer.
@@ -24,12 +26,12 @@ import kopf
 from neoplasma.operator.children import index_value
 from neoplasma.operator.controller import Indexes, OperatorState
 from neoplasma.operator.kube import GROUP, PLURAL, VERSION
-from neoplasma.operator.members import ClusterKey, PodView, pod_view
+from neoplasma.operator.members import ClusterKey, Controlled, PodView, controlled, pod_view
 from neoplasma.operator.render import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL
 
 NEOPLASMA_PODS = {NAME_LABEL: "neoplasma"}
 CHILDREN = {NAME_LABEL: "neoplasma", MANAGED_BY_LABEL: MANAGED_BY}
-CHILD_INDEXES = ("neoplasma_deployments", "neoplasma_services", "neoplasma_pdbs")
+CHILD_INDEXES = ("neoplasma_deployments", "neoplasma_services", "neoplasma_pdbs", "neoplasma_networkpolicies")
 STATE = "neoplasma"  # the operator's state, kept in kopf's memo under this key
 
 
@@ -77,6 +79,12 @@ async def neoplasma_pods(body: kopf.Body, **_: Any) -> dict[ClusterKey, PodView]
     return {view.key: view} if view else {}
 
 
+@kopf.index("apps", "v1", "replicasets", labels=NEOPLASMA_PODS)
+async def neoplasma_replicasets(body: kopf.Body, **_: Any) -> dict[ClusterKey, Controlled]:
+    key = _cluster_key(body)
+    return {key: controlled(body)} if key else {}
+
+
 @kopf.index("apps", "v1", "deployments", labels=CHILDREN)
 async def neoplasma_deployments(body: kopf.Body, **_: Any) -> dict[ClusterKey, dict[str, Any]]:
     return _child_entry(body)
@@ -92,13 +100,19 @@ async def neoplasma_pdbs(body: kopf.Body, **_: Any) -> dict[ClusterKey, dict[str
     return _child_entry(body)
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=CHILDREN)
+async def neoplasma_networkpolicies(body: kopf.Body, **_: Any) -> dict[ClusterKey, dict[str, Any]]:
+    return _child_entry(body)
+
+
 # -- events -----------------------------------------------------------------------------------
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def cluster_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     """`kwargs` holds the indexes above, under their functions' names."""
-    indexes = Indexes(kwargs["neoplasma_pods"], [kwargs[name] for name in CHILD_INDEXES])
+    indexes = Indexes(kwargs["neoplasma_pods"], [kwargs[name] for name in CHILD_INDEXES],
+                      kwargs["neoplasma_replicasets"])
     state_of(memo).cluster_seen(type, body, indexes)
 
 
@@ -107,6 +121,18 @@ async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     view = pod_view(body)
     if view is not None:
         state_of(memo).wake(view.key, pods=True)
+
+
+@kopf.on.event("apps", "v1", "replicasets", labels=NEOPLASMA_PODS)
+async def replicaset_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    key = _cluster_key(body)
+    if key is not None:
+        state_of(memo).wake(key, pods=True)
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILDREN)
+async def networkpolicy_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(body, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)

@@ -7,6 +7,7 @@ missing object and takes back fields edited by hand in one request.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ class Kube:
         self.core = kubernetes.client.CoreV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.networking = kubernetes.client.NetworkingV1Api(client)
 
     def policy_api(self) -> str:
         """`policy/v1` when the server serves it (Kubernetes 1.21+), else `policy/v1beta1`."""
@@ -47,7 +49,7 @@ class Kube:
         return next((api for api in POLICY_APIS if api in versions), POLICY_APIS[-1])
 
     def apply(self, manifest: Mapping[str, Any]) -> None:
-        """Create or update one child (Deployment, Service or PodDisruptionBudget)."""
+        """Create or update one child (Deployment, Service, PodDisruptionBudget or NetworkPolicy)."""
         kind = manifest["kind"]
         name = manifest["metadata"]["name"]
         namespace = manifest["metadata"]["namespace"]
@@ -57,6 +59,8 @@ class Kube:
             self.apps.patch_namespaced_deployment(name, namespace, body, **options)
         elif kind == "Service":
             self.core.patch_namespaced_service(name, namespace, body, **options)
+        elif kind == "NetworkPolicy":
+            self.networking.patch_namespaced_network_policy(name, namespace, body, **options)
         elif kind == "PodDisruptionBudget":
             group, version = str(manifest["apiVersion"]).split("/")
             self.custom.patch_namespaced_custom_object(
@@ -67,12 +71,33 @@ class Kube:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         """Delete a child; its pods go too (background propagation). Gone already is fine."""
-        if kind != "Deployment":
-            raise ValueError(f"the operator only deletes Deployments, not {kind}")
         try:
-            self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+            if kind == "Deployment":
+                self.apps.delete_namespaced_deployment(name, namespace, propagation_policy="Background")
+            elif kind == "NetworkPolicy":
+                self.networking.delete_namespaced_network_policy(name, namespace)
+            else:
+                raise ValueError(f"the operator only deletes Deployments and NetworkPolicies, not {kind}")
         except kubernetes.client.ApiException as error:
             if error.status != 404:
+                raise
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's data (decoded), or None when there is no such Secret."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except kubernetes.client.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return {str(k): base64.b64decode(v).decode(errors="replace") for k, v in (secret.data or {}).items()}
+
+    def create_secret(self, manifest: Mapping[str, Any]) -> None:
+        """Create a Secret; one that exists already (made meanwhile) is kept as it is."""
+        try:
+            self.core.create_namespaced_secret(manifest["metadata"]["namespace"], dict(manifest))  # type: ignore[arg-type]
+        except kubernetes.client.ApiException as error:
+            if error.status != 409:
                 raise
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> bool:

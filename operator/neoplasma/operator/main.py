@@ -50,7 +50,7 @@ def run_operator(config: OperatorConfig) -> int:
         for name in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.WARNING)
     options = Options(default_image=handlers.default_image(), policy_api=policy_api,
-                      scale_interval=config.scale_interval)
+                      scale_interval=config.scale_interval, operator=config.peers())
     state = OperatorState(kube, options)
     if config.metrics_port:
         metrics.serve(config.metrics_port, state.metrics)

@@ -2,7 +2,9 @@
 
 The operator indexes every pod labelled `app.kubernetes.io/name=neoplasma` as a `PodView`
 under its cluster's key `(namespace, instance)`; from those views it takes the members of the
-next snapshot (ready brokers) and the proxies to push it to (ready proxies).
+next snapshot (ready brokers) and the proxies to push it to (ready proxies). Labels only find
+candidates: `own_pods` keeps the pods whose controller chain (Pod -> ReplicaSet -> Deployment)
+leads to a Deployment of their tier that the cluster controls.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class PodView:
     ready: bool = False
     deleting: bool = False
     restarts: int = 0
+    owner: str = ""  # the uid of its controller (a ReplicaSet), "" for none
+
 
     @property
     def key(self) -> ClusterKey:
@@ -82,7 +86,41 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         ready=ready and bool(status.get("podIP")),
         deleting=metadata.get("deletionTimestamp") is not None,
         restarts=restarts,
+        owner=controller_uid(metadata),
     )
+
+
+def controller_uid(metadata: Mapping[str, Any]) -> str:
+    """The uid of an object's controller (the owner reference with controller: true), or ""."""
+    references = metadata.get("ownerReferences") or []
+    return next((str(ref.get("uid")) for ref in references if ref.get("controller") is True), "")
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """An object (a ReplicaSet) by its uid and its controller's uid."""
+
+    uid: str
+    controller: str
+
+
+def controlled(obj: Mapping[str, Any]) -> Controlled:
+    metadata = obj.get("metadata") or {}
+    return Controlled(str(metadata.get("uid") or ""), controller_uid(metadata))
+
+
+def own_pods(pods: Iterable[PodView], replicasets: Iterable[Controlled],
+             deployments: Iterable[Mapping[str, Any]], cluster_uid: str) -> list[PodView]:
+    """The pods that belong to the cluster `cluster_uid`: controlled by a ReplicaSet that is
+    controlled by a Deployment of the pod's tier that the cluster controls. Labels alone (a stray
+    pod, or one of a foreign ReplicaSet) never make a member or a push target."""
+    tiers: dict[str, str] = {}
+    for deployment in deployments:
+        metadata = deployment.get("metadata") or {}
+        if deployment.get("kind") == "Deployment" and cluster_uid and controller_uid(metadata) == cluster_uid:
+            tiers[str(metadata.get("uid"))] = str((metadata.get("labels") or {}).get(COMPONENT_LABEL))
+    by_replicaset = {rs.uid: tiers[rs.controller] for rs in replicasets if rs.controller in tiers and rs.uid}
+    return [pod for pod in pods if pod.owner and by_replicaset.get(pod.owner) == pod.component]
 
 
 def broker_members(pods: Iterable[PodView]) -> list[Member]:

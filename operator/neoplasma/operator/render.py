@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import jinja2
 import yaml
 
 from neoplasma.broker.server import BrokerConfig
+from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
 from neoplasma.operator.spec import Cluster, NodePorts, ServiceType
 from neoplasma.proxy.server import ProxyConfig
@@ -29,6 +32,10 @@ PROXY_PORTS = {"http": ProxyConfig.http_port, "grpc": ProxyConfig.grpc_port, "co
 GRPC_PORT = BROKER_PORTS["grpc"]  # where proxies relay from and the operator reads Stats
 CONTROL_PORT = PROXY_PORTS["control"]  # where the operator pushes membership
 POLICY_APIS = ("policy/v1", "policy/v1beta1")
+SECRETS_DIR = "/etc/neoplasma"  # where the pods' Secrets are mounted, one folder each
+CREDENTIAL_KEY = "credential"  # the key of the cluster credential in its Secret
+API_KEYS_KEY = "keys"  # the key of spec.publishers.apiKeysSecret holding the API keys, one per line
+CA_KEY = "ca.crt"  # the CA in a kubernetes.io/tls Secret (as cert-manager writes)
 
 NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -39,6 +46,39 @@ MANAGED_BY = "neoplasma-operator"
 
 # Rollouts keep serving: a new proxy is ready before an old one is stopped.
 _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+# A stopping proxy pod fails readiness at once and keeps serving for PROXY_DRAIN_DELAY seconds, so
+# the Service's endpoints drop it before its subscribers are asked to reconnect (paced, at the
+# proxy's drain_rate); the grace period covers PROXY_SUBSCRIBERS of them, and a margin to stop.
+PROXY_DRAIN_DELAY = 5
+PROXY_SUBSCRIBERS = 25_000
+PROXY_GRACE_SECONDS = PROXY_DRAIN_DELAY + math.ceil(PROXY_SUBSCRIBERS / ProxyConfig.drain_rate) + 10
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Where the operator's own pods run (the chart's namespace and pod labels): NetworkPolicies
+    let them reach the control port. Empty: not known (the operator runs outside the cluster)."""
+
+    namespace: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+NO_PEERS = Peers()
+
+
+@dataclass(frozen=True)
+class SecretVolume:
+    """A Secret mounted read-only at SECRETS_DIR/NAME (files update in place when it changes)."""
+
+    name: str
+    secret: str
+
+    @property
+    def path(self) -> str:
+        return f"{SECRETS_DIR}/{self.name}"
+
+    def file(self, key: str) -> str:
+        return f"{self.path}/{key}"
 
 
 @dataclass(frozen=True)
@@ -50,11 +90,13 @@ class ServicePort:
 
 
 def render(
-    cluster: Cluster, *, default_image: str, policy_api: str = "policy/v1"
+    cluster: Cluster, *, default_image: str, policy_api: str = "policy/v1", operator: Peers = NO_PEERS
 ) -> list[Manifest]:
-    """Every child of `cluster`, in creation order."""
+    """Every child of `cluster`, in creation order (the credential Secret is not one: it is
+    created once, see `credential_secret`)."""
     image = cluster.spec.image or default_image
     sizes = split_replicas(cluster.spec.brokers.replicas, cluster.spec.brokers.max_per_deployment)
+    policies = [network_policy(cluster, tier, operator) for tier in Tier] if cluster.spec.trust.network_policies else []
     return [
         *(broker_deployment(cluster, index, size, image=image) for index, size in enumerate(sizes)),
         broker_service(cluster),
@@ -62,7 +104,63 @@ def render(
         proxy_deployment(cluster, image=image),
         proxy_service(cluster),
         pod_disruption_budget(cluster, Tier.PROXY, policy_api=policy_api),
+        *policies,
     ]
+
+
+def credential_secret_name(cluster_name: str) -> str:
+    return f"{cluster_name}-credential"
+
+
+def credential_secret(cluster: Cluster, token: str) -> Manifest:
+    """The Secret holding the cluster credential `token`, which proxies and brokers require on
+    control, relay and Stats calls."""
+    return _render_template("secret.yaml.j2", name=credential_secret_name(cluster.name),
+                            namespace=cluster.namespace, labels=labels(cluster.name, "credential"),
+                            data={CREDENTIAL_KEY: token})
+
+
+def service_host(cluster: Cluster, tier: Tier) -> str:
+    """The name a tier's TLS certificate must carry (its Service's)."""
+    return f"{cluster.name}-{tier}.{cluster.namespace}.svc"
+
+
+def trust_settings(cluster: Cluster, tier: Tier) -> tuple[list[SecretVolume], dict[str, str]]:
+    """The Secrets a tier's pods mount, and the settings that point the servers at them."""
+    trust = cluster.spec.trust
+    credential = SecretVolume("credential", credential_secret_name(cluster.name))
+    volumes, settings = [credential], {"credential_file": credential.file(CREDENTIAL_KEY)}
+    if trust.api_keys_secret and tier is Tier.BROKER:
+        keys = SecretVolume("publish-keys", trust.api_keys_secret)
+        volumes.append(keys)
+        settings["publish_keys_file"] = keys.file(API_KEYS_KEY)
+    if trust.tls_secret:
+        tls = SecretVolume("tls", trust.tls_secret)
+        volumes.append(tls)
+        settings |= {"tls_cert": tls.file("tls.crt"), "tls_key": tls.file("tls.key")}
+        if tier is Tier.PROXY:
+            settings |= {"tls_ca": tls.file(CA_KEY), "tls_server_name": service_host(cluster, Tier.BROKER)}
+    return volumes, settings
+
+
+def network_policy(cluster: Cluster, tier: Tier, operator: Peers) -> Manifest:
+    """Ingress to a tier's pods: the ports its Service offers from anywhere; the proxies' control
+    port only from the operator's pods and the cluster's own. (Brokers relay and take publishes
+    on the same gRPC port, so relay is guarded by the credential alone.)"""
+    own = {"podSelector": {"matchLabels": {NAME_LABEL: "neoplasma", INSTANCE_LABEL: cluster.name}}}
+    peers = [own]
+    if operator.namespace or operator.labels:
+        peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(operator.labels)}}
+        if operator.namespace and operator.namespace != cluster.namespace:
+            # The label every namespace carries from Kubernetes 1.21 on.
+            peer["namespaceSelector"] = {"matchLabels": {"kubernetes.io/metadata.name": operator.namespace}}
+        peers.append(peer)
+    ports = BROKER_PORTS if tier is Tier.BROKER else PROXY_PORTS
+    guarded = [CONTROL_PORT] if tier is Tier.PROXY else []
+    return _render_template(
+        "networkpolicy.yaml.j2", name=f"{cluster.name}-{tier}", namespace=cluster.namespace,
+        labels=labels(cluster.name, tier), selector=selector_labels(cluster.name, tier),
+        open=[port for port in ports.values() if port not in guarded], guarded=guarded, peers=peers)
 
 
 def split_replicas(total: int, max_per_deployment: int) -> list[int]:
@@ -78,7 +176,7 @@ def broker_deployment_name(cluster_name: str, index: int) -> str:
     return f"{cluster_name}-broker-{index}"
 
 
-def selector_labels(cluster_name: str, component: Tier) -> dict[str, str]:
+def selector_labels(cluster_name: str, component: str) -> dict[str, str]:
     """The labels a selector matches on: stable, whatever the spec says."""
     return {
         NAME_LABEL: "neoplasma",
@@ -87,20 +185,24 @@ def selector_labels(cluster_name: str, component: Tier) -> dict[str, str]:
     }
 
 
-def labels(cluster_name: str, component: Tier) -> dict[str, str]:
-    """The labels on every child object and pod of `component`."""
+def labels(cluster_name: str, component: str) -> dict[str, str]:
+    """The labels on every child object and pod of `component` (a tier, or "credential")."""
     return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def server_command(tier: Tier, ports: dict[str, int]) -> list[str]:
-    """The container's command: `neoplasma TIER` on every address, each port as `--NAME-port`."""
+def server_command(tier: Tier, config: type[Settings], ports: dict[str, int], **settings: int | str) -> list[str]:
+    """The container's command: `neoplasma TIER` on every address, with each port (`NAME_port`)
+    and setting as the option `config` has for it."""
+    values: dict[str, int | str] = {**{f"{name}_port": port for name, port in ports.items()}, **settings}
     return ["neoplasma", tier, "--host", "0.0.0.0",
-            *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))]
+            *(arg for name, value in values.items() for arg in (config.option(name), str(value)))]
 
 
 def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
     name = broker_deployment_name(cluster.name, index)
     selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
+    retention = cluster.spec.brokers.retention
+    volumes, trust = trust_settings(cluster, Tier.BROKER)
     return _render_template(
         "deployment.yaml.j2",
         name=name,
@@ -110,8 +212,11 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
         selector=selector,
         replicas=replicas,
         image=image,
-        command=server_command(Tier.BROKER, BROKER_PORTS),
+        command=server_command(Tier.BROKER, BrokerConfig, BROKER_PORTS, retention_seconds=retention.seconds,
+                               retention_bytes=retention.max_bytes, **trust),
         ports=BROKER_PORTS,
+        secrets=volumes,
+        probe_scheme="HTTPS" if cluster.spec.trust.tls_secret else "HTTP",  # the broker serves HTTP with TLS too
         resources=cluster.spec.brokers.resources.to_dict(),
         grace_seconds=30,
         strategy=None,
@@ -119,6 +224,7 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
 
 
 def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
+    volumes, trust = trust_settings(cluster, Tier.PROXY)
     return _render_template(
         "deployment.yaml.j2",
         name=f"{cluster.name}-proxy",
@@ -128,10 +234,12 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
-        command=server_command(Tier.PROXY, PROXY_PORTS),
+        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY, **trust),
         ports=PROXY_PORTS,
+        secrets=volumes,
+        probe_scheme="HTTP",  # subscribers' port: plaintext
         resources=cluster.spec.proxies.resources.to_dict(),
-        grace_seconds=60,
+        grace_seconds=PROXY_GRACE_SECONDS,
         strategy=_PROXY_STRATEGY,
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.text import clip, excerpt
 
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
@@ -31,6 +32,13 @@ QUANTITY_PATTERN = (
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 MAX_QUANTITY_LENGTH = 64  # "1.5Gi", "250m": real quantities are short; longer ones are refused unread
 _Default = TypeVar("_Default", int, None)
+# Broker retention (docs/resume.md): at least a reconnect's worth, at most what a pod can hold.
+RETENTION_SECONDS_MAX = 86400
+RETENTION_BYTES_MIN = 1024 * 1024
+RETENTION_BYTES_MAX = 64 * 1024**3
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_SECRET_NAME_LENGTH = 253
+MAX_IMAGE_LENGTH = 1024
 
 
 class InvalidSpec(ValueError):
@@ -60,10 +68,20 @@ def _default_resources() -> Resources:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long and how much of the accepted events each broker keeps for resuming subscribers;
+    the broker's own defaults."""
+
+    seconds: int = int(BrokerConfig.retention_seconds)
+    max_bytes: int = BrokerConfig.retention_bytes
+
+
+@dataclass(frozen=True)
 class Brokers:
     replicas: int = 1
     max_per_deployment: int = 10
     resources: Resources = field(default_factory=_default_resources)
+    retention: Retention = field(default_factory=Retention)
 
 
 @dataclass(frozen=True)
@@ -86,12 +104,24 @@ class Proxies:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """Who may publish and how the tiers talk: the Secret of publisher API keys (key `keys`, one
+    per line; "" for none: publishing is open), the `kubernetes.io/tls` Secret serving publish,
+    relay and control over TLS ("" for none), and whether NetworkPolicies are rendered."""
+
+    api_keys_secret: str = ""
+    tls_secret: str = ""
+    network_policies: bool = True
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The `spec` of a NeoplasmaCluster; `image` "" means the operator's default image."""
 
     image: str = ""
     brokers: Brokers = field(default_factory=Brokers)
     proxies: Proxies = field(default_factory=Proxies)
+    trust: Trust = field(default_factory=Trust)
 
 
 @dataclass(frozen=True)
@@ -126,16 +156,33 @@ def check_name(name: object) -> str:
 
 def parse_spec(spec: object) -> ClusterSpec:
     """Parse a NeoplasmaCluster `spec` (None or missing fields take the defaults)."""
-    fields = _object(spec, "spec", known={"image", "brokers", "proxies"})
+    fields = _object(spec, "spec", known={"image", "brokers", "proxies", "publishers", "tls", "networkPolicies"})
+    publishers = _object(fields.get("publishers"), "spec.publishers", known={"apiKeysSecret"})
+    tls = _object(fields.get("tls"), "spec.tls", known={"secretName"})
+    policies = _object(fields.get("networkPolicies"), "spec.networkPolicies", known={"enabled"})
+    enabled = policies.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec("spec.networkPolicies.enabled", f"must be true or false, got {excerpt(enabled)}")
     return ClusterSpec(
-        image=_string(fields.get("image"), "spec.image", default=""),
+        image=_string(fields.get("image"), "spec.image", default="", max_length=MAX_IMAGE_LENGTH),
         brokers=_brokers(fields.get("brokers"), "spec.brokers"),
         proxies=_proxies(fields.get("proxies"), "spec.proxies"),
+        trust=Trust(_secret_name(publishers.get("apiKeysSecret"), "spec.publishers.apiKeysSecret"),
+                    _secret_name(tls.get("secretName"), "spec.tls.secretName"), enabled),
     )
 
 
+def _secret_name(value: object, path: str) -> str:
+    """A Secret's name (a DNS subdomain), or "" when unset."""
+    name = _string(value, path, default="", max_length=MAX_SECRET_NAME_LENGTH)
+    if name and not _SECRET_NAME.match(name):
+        raise InvalidSpec(path, f"must be the name of a Secret (lower-case letters, digits, '-' and '.'), "
+                          f"got {excerpt(name)}")
+    return name
+
+
 def _brokers(value: object, path: str) -> Brokers:
-    fields = _object(value, path, known={"replicas", "maxPerDeployment", "resources"})
+    fields = _object(value, path, known={"replicas", "maxPerDeployment", "resources", "retention"})
     default = Brokers()
     return Brokers(
         replicas=_integer(fields.get("replicas"), f"{path}.replicas", default.replicas, 0),
@@ -144,6 +191,17 @@ def _brokers(value: object, path: str) -> Brokers:
             default.max_per_deployment, 1,
         ),
         resources=_resources(fields.get("resources"), f"{path}.resources"),
+        retention=_retention(fields.get("retention"), f"{path}.retention"),
+    )
+
+
+def _retention(value: object, path: str) -> Retention:
+    fields = _object(value, path, known={"seconds", "maxBytes"})
+    default = Retention()
+    return Retention(
+        seconds=_integer(fields.get("seconds"), f"{path}.seconds", default.seconds, 1, RETENTION_SECONDS_MAX),
+        max_bytes=_integer(fields.get("maxBytes"), f"{path}.maxBytes", default.max_bytes,
+                           RETENTION_BYTES_MIN, RETENTION_BYTES_MAX),
     )
 
 
@@ -218,11 +276,14 @@ def _object(value: object, path: str, known: set[str] | None) -> Mapping[str, An
     return value
 
 
-def _string(value: object, path: str, default: str) -> str:
+def _string(value: object, path: str, default: str, max_length: int = 64) -> str:
+    """A string of at most `max_length` characters (longer ones are refused unread)."""
     if value is None:
         return default
     if not isinstance(value, str):
         raise InvalidSpec(path, f"must be a string, got {excerpt(value)}")
+    if len(value) > max_length:
+        raise InvalidSpec(path, f"must be at most {max_length} characters, got {len(value)}: {excerpt(value)}")
     return value
 
 

@@ -21,6 +21,7 @@ from neoplasma.core.tiers import Tier
 from neoplasma.operator import children as ch
 from neoplasma.operator.conditions import count, now_text
 from neoplasma.operator.members import PodView, broker_members, proxy_targets
+from neoplasma.operator.render import Peers
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
 from neoplasma.operator.status import Observed, build_status, same_status
 from neoplasma.operator.sync import MembershipSync
@@ -200,11 +201,11 @@ class Children:
     failure, not before the backoff says."""
 
     def __init__(self, retry: BackoffPolicy, resync: float, now: float, *, default_image: str,
-                 policy_api: str) -> None:
+                 policy_api: str, operator: Peers) -> None:
         self.retry = Backoff(retry)
         self.resync = Every(resync, now + resync)
         self.problems = Problems()
-        self.render = {"default_image": default_image, "policy_api": policy_api}
+        self.render: dict[str, Any] = {"default_image": default_image, "policy_api": policy_api, "operator": operator}
         self.dirty = True  # a child changed (or might have): look again
         self.generation: int | None = None  # the generation last converged
         self._converged: tuple[int, int, int] | None = None  # generation and sizes

@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import EMPTY, Member, Snapshot, next_snapshot
+from neoplasma.core.membership import EMPTY, MAX_VERSION, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.operator.conditions import MembershipProgress
 from neoplasma.operator.members import ProxyTarget
@@ -39,19 +39,20 @@ RETRY = BackoffPolicy(initial=0.1, maximum=10.0)  # a proxy whose push failed (e
 _UNKNOWN = Member(name="", address="")
 
 
-def resume_snapshot(version: int) -> Snapshot:
-    """The starting point of an operator that finds `version` in the resource's status."""
-    if version <= 0:
-        return EMPTY
-    return Snapshot(version, (_UNKNOWN,))
+def resume_snapshot(version: int, cluster: str = "") -> Snapshot:
+    """The starting point of an operator that finds `version` in the resource's status, for the
+    cluster whose identity (named by resume tokens) is `cluster`."""
+    return replace(EMPTY if version <= 0 else Snapshot(version, (_UNKNOWN,)), cluster=cluster)
 
 
 def catch_up(snapshot: Snapshot, applied_versions: Iterable[int]) -> Snapshot:
-    """`snapshot` again under a version above every one a proxy reports having applied."""
-    highest = max(applied_versions, default=0)
+    """`snapshot` again under a version above every one a proxy reports having applied, at most
+    MAX_VERSION (what proxies accept). Reports beyond it are no version an operator made and are
+    ignored; a proxy pinned at MAX_VERSION (a push made with the credential) needs a restart."""
+    highest = max((v for v in applied_versions if v <= MAX_VERSION), default=0)
     if highest <= snapshot.version:
         return snapshot
-    return Snapshot(highest + 1, snapshot.members)
+    return replace(snapshot, version=min(highest + 1, MAX_VERSION))
 
 
 @dataclass
@@ -100,9 +101,11 @@ class MembershipSync:
         retry: BackoffPolicy = RETRY,
         clock: Callable[[], float] = time.monotonic,
         label: str = "",
+        cluster: str = "",
     ) -> None:
+        """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it)."""
         self.pusher = pusher
-        self.snapshot = resume_snapshot(version)
+        self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
         self.retry = retry
         self._on_progress = on_progress

@@ -18,6 +18,7 @@ from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
+from neoplasma.core.trust import Access
 from neoplasma.proxy.hub import Hub
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -34,8 +35,9 @@ class BrokerLink:
     """Keeps one relay stream to one broker open, resending interest on every (re)connect."""
 
     def __init__(self, member: Member, hub: Hub, proxy_name: str, backoff: Backoff,
-                 max_message_bytes: int, changed: Signal) -> None:
+                 max_message_bytes: int, changed: Signal, access: Access) -> None:
         self.member = member
+        self.access = access  # the credential presented on Relay and Replay, and TLS
         self.changed = changed  # notified when the link's state or interest acknowledgement changes
         self.epoch = 0  # the broker's epoch, once a relay message named it
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
@@ -67,7 +69,7 @@ class BrokerLink:
     def replay_stub(self) -> pb_grpc.BrokerStub:
         """A stub for Replay calls, on a channel of its own that outlives relay streams."""
         if self._replay_channel is None:
-            self._replay_channel = grpc.aio.insecure_channel(self.member.address, options=self._options)
+            self._replay_channel = self.access.channel(self.member.address, self._options)
         return pb_grpc.BrokerStub(self._replay_channel)
 
     def interest_changed(self, added: set[str], removed: set[str]) -> None:
@@ -101,7 +103,7 @@ class BrokerLink:
         while True:
             self.state = LinkState.CONNECTING
             try:
-                async with grpc.aio.insecure_channel(self.member.address, options=self._options) as channel:
+                async with self.access.channel(self.member.address, self._options) as channel:
                     await self._relay(pb_grpc.BrokerStub(channel))
                 self.last_error = "broker ended the relay stream"
                 self.ended_cleanly = True
@@ -115,7 +117,7 @@ class BrokerLink:
             await asyncio.sleep(delay)
 
     async def _relay(self, stub: pb_grpc.BrokerStub) -> None:
-        call = stub.Relay()
+        call = stub.Relay(metadata=self.access.metadata())
         first = True
         self._added, self._removed = set(), set()
         self._interest_changed.clear()
@@ -174,8 +176,9 @@ class BrokerLink:
 class LinkSet:
     """The proxy's applied membership and a link per broker in it."""
 
-    def __init__(self, hub: Hub, proxy_name: str, max_message_bytes: int) -> None:
+    def __init__(self, hub: Hub, proxy_name: str, max_message_bytes: int, access: Access) -> None:
         self.hub = hub
+        self.access = access
         self.proxy_name = proxy_name
         self.max_message_bytes = max_message_bytes
         self.applied: Snapshot = EMPTY
@@ -203,7 +206,7 @@ class LinkSet:
                 existing.member = member  # SERVING <-> DRAINING: the link stays open
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
-                                                 self.max_message_bytes, self.changed)
+                                                 self.max_message_bytes, self.changed, self.access)
             link.start()
         self.applied = snapshot
         self.hub.set_cluster(snapshot.cluster)

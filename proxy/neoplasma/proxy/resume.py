@@ -10,6 +10,7 @@ import grpc
 
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
+from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, decode_token, encode_token
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
@@ -72,6 +73,8 @@ class Resume:
         self.position: dict[int, int] = {}  # the client's position while it catches up
 
     async def run(self, token: str) -> None:
+        # A restarted proxy learns the cluster id (which a token names) with its first membership.
+        await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
         try:
             client = decode_token(token, self.hub.tag)
         except InvalidToken as exc:
@@ -124,7 +127,8 @@ class Resume:
         epoch, head = link.epoch, after
         request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
         try:
-            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0)):
+            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0),
+                                                             metadata=link.access.metadata()):
                 head = max(head, batch.head)
                 if batch.gap:
                     await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "

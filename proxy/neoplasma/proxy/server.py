@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,9 +23,17 @@ from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import Event, batch_entry, batch_trailer, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
-from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Settings, pod_name, setting
-from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic, parse_topic_list
+from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
+from neoplasma.core.topics import (
+    MAX_TOPIC_LENGTH,
+    MAX_TOPICS_PER_SUBSCRIPTION,
+    InvalidTopic,
+    LimitExceeded,
+    check_topics,
+    parse_topic_list,
+)
+from neoplasma.core.trust import Access, Guard, Rule, TrustSettings, grpc_server_credentials, server_tls, undecodable
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.hub import (
     BatchSubscriber,
@@ -43,7 +55,7 @@ HEARTBEAT = b":heartbeat \n\n"
 
 
 @dataclass
-class ProxyConfig(Settings):
+class ProxyConfig(TrustSettings):
     """The proxy's settings; `neoplasma proxy` has an option for each one with help."""
 
     name: str = setting(factory=lambda: pod_name("proxy"),
@@ -65,7 +77,18 @@ class ProxyConfig(Settings):
                                   help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
     drain_rate: float = setting(500.0, bound=POSITIVE,
                                 help="subscribers asked to reconnect per second when shutting down")
+    # Behind a load balancer (a Kubernetes Service), new connections keep coming until it has seen
+    # readiness fail: on SIGTERM, fail readiness at once, keep serving this long, then drain.
+    drain_delay: float = setting(0.0, bound=NON_NEGATIVE,
+                                 help="seconds between failing readiness and the drain on SIGTERM")
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
+    max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
+                                               help="most topics one subscriber may name")
+    max_subscription_changes: int = setting(10, bound=POSITIVE,
+                                            help="subscription changes a plasma gRPC stream may make per second")
+    header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
+    tls_ca: str = setting("", help="PEM CA file: reach brokers over TLS, trusting this CA")
+    tls_server_name: str = setting("", help="the name brokers' certificates carry (addresses are IPs)")
     # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
     max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
     max_grpc_queue: int = setting(10000, bound=POSITIVE)
@@ -82,8 +105,10 @@ class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.hub = Hub()
-        self.links = LinkSet(self.hub, config.name, config.max_message_bytes)
+        self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
+        self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
         self.draining = False
+        self.ready = True  # /healthz; false from the first signal to stop or drain
         self._apply_lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -116,10 +141,10 @@ class Proxy:
 
     def drain(self, rate: float) -> None:
         """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
-        (the configured drain_rate when `rate` is not a positive number)."""
-        self.draining = True
+        (positive and finite; 0 means the configured drain_rate)."""
+        self.draining, self.ready = True, False
         if self._drain_task is None:
-            rate = rate if POSITIVE.allows(rate) else self.config.drain_rate
+            rate = rate or self.config.drain_rate
             self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate))
 
     async def _drain(self, rate: float) -> None:
@@ -206,6 +231,13 @@ async def _end(sub: Subscriber, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")
 
 
+async def _refuse_subscription(context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+    if isinstance(error, DecodeError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable("Events"))
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
+    await context.abort(code, f"subscription refused: {error}")
+
+
 class PlasmaStreamServicer:
     """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients."""
 
@@ -221,20 +253,27 @@ class PlasmaStreamServicer:
         reader = asyncio.create_task(self._read(sub, context))
         try:
             await _pump(sub, context, reader)
-            if reader.done() and isinstance(reader.exception(), InvalidTopic):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription refused: {reader.exception()}")
+            error = reader.exception() if reader.done() else None
+            if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
+                await _refuse_subscription(context, error)
             await _end(sub, context)
         finally:
             reader.cancel()
             proxy.hub.remove(sub)
 
     async def _read(self, sub: PlasmaSubscriber, context: grpc.aio.ServicerContext) -> None:
-        limit = self.proxy.config.max_topic_length
+        cfg = self.proxy.config
+        changes: deque[float] = deque(maxlen=cfg.max_subscription_changes)
         while True:
             request = await context.read()
             if request is grpc.aio.EOF or request.forceClose:
                 return
-            topics = [check_topic(e.type, limit) for e in request.Events]
+            now = time.monotonic()
+            if len(changes) == changes.maxlen and now - changes[0] < 1.0:
+                raise LimitExceeded(f"more than {cfg.max_subscription_changes} subscription changes in a second")
+            changes.append(now)
+            topics = check_topics((e.type for e in request.Events), cfg.max_topic_length,
+                                  cfg.max_topics_per_subscription)
             self.proxy.hub.resubscribe(sub, topics)  # a new request replaces the set; empty unsubscribes
 
 
@@ -249,9 +288,10 @@ class SubscriberServicer(pb_grpc.SubscriberServicer):
         if proxy.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; connect to another")
         try:
-            topics = [check_topic(t, proxy.config.max_topic_length) for t in request.topics]
+            topics = check_topics(request.topics, proxy.config.max_topic_length,
+                                  proxy.config.max_topics_per_subscription)
         except InvalidTopic as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"subscription refused: {exc}")
+            await _refuse_subscription(context, exc)
         if not topics:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
         sub = BatchSubscriber(proxy.config.max_grpc_queue)
@@ -276,7 +316,11 @@ class ControlServicer(pb_grpc.ProxyControlServicer):
         return self.proxy.status()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
-        self.proxy.drain(request.reconnects_per_second)
+        rate = request.reconnects_per_second
+        if not (rate == 0 or (math.isfinite(rate) and rate > 0)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reconnects_per_second must be a positive number "
+                                f"(0: the proxy's default), not {rate}")
+        self.proxy.drain(rate)
         return pb.DrainResponse(subscribers_remaining=len(self.proxy.hub.subscribers))
 
 
@@ -336,9 +380,12 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
         if not raw:
             return web.Response(status=400, text="event query can't be empty\n")
         try:
-            topics = parse_topic_list(raw, cfg.max_topic_length)
+            topics = parse_topic_list(raw, cfg.max_topic_length, cfg.max_topics_per_subscription)
         except InvalidTopic as exc:
-            return web.Response(status=400, text=f"{exc}\n")
+            return web.Response(status=413 if isinstance(exc, LimitExceeded) else 400, text=f"{exc}\n")
+        if request.version < (1, 1):  # SSE here is a chunked stream
+            return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
+                                headers={"Upgrade": "HTTP/1.1", "Connection": "Upgrade"})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
@@ -370,7 +417,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
         return response
 
     async def healthz(request: web.Request) -> web.Response:
-        if proxy.draining:
+        if not proxy.ready:
             return web.Response(status=503, text="draining\n")
         return web.Response(text="ok\n")
 
@@ -410,21 +457,22 @@ async def serve(config: ProxyConfig) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, subscribers)
     grpc_port = add_grpc_port(subscribers, config.host, config.grpc_port, "--grpc-port")
-    control = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    guard = Guard({"/neoplasma.v1.ProxyControl/": Rule(proxy.access.tokens, "the cluster credential is required "
+                                                       "(authorization: Bearer TOKEN)")})
+    control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ProxyControlServicer_to_server(ControlServicer(proxy), control)
-    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port")
+    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port",
+                                 grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
     await subscribers.start()
     await control.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
-    sock = bind_socket(config.host, config.http_port, "--http-port")
-    runner = web.AppRunner(http_app(proxy, registry), access_log=None, handle_signals=False,
-                           handler_cancellation=True)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    http_port = sock.getsockname()[1]
+    http = HttpServer(http_app(proxy, registry), bind_socket(config.host, config.http_port, "--http-port"),
+                      config.header_timeout, handler_cancellation=True)
+    await http.start()
+    http_port = http.port
     heartbeat = asyncio.create_task(_heartbeat(proxy))
     dispatcher = asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))
 
@@ -438,8 +486,12 @@ async def serve(config: ProxyConfig) -> None:
     announce(kind="proxy", name=config.name, **addresses)
     await stop.wait()
 
-    # Graceful: fail readiness, move subscribers away at a paced rate, then stop.
+    # Graceful: fail readiness, let load balancers see it, move subscribers away at a paced rate, stop.
+    proxy.ready = False
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    if config.drain_delay:
+        log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
+        await asyncio.sleep(config.drain_delay)
     proxy.drain(config.drain_rate)
     await proxy.drained(timeout=max(5.0, len(proxy.hub.subscribers) / config.drain_rate + 5.0))
     heartbeat.cancel()
@@ -447,6 +499,6 @@ async def serve(config: ProxyConfig) -> None:
     await subscribers.stop(grace=1.0)
     await control.stop(grace=0.5)
     await proxy.links.close()
-    await runner.cleanup()
+    await http.stop()
     log.info("proxy_stopped", deliveries=proxy.hub.deliveries)
 

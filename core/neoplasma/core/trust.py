@@ -1,0 +1,252 @@
+"""Who may call what: bearer tokens (the cluster credential, publisher keys) and optional TLS.
+
+Tokens come from a file, one per line (blank lines and `#` comments ignored): a mounted Kubernetes
+Secret key is such a file. The file is re-read when it changes (checked at most once a second), so
+a rotated Secret takes effect without a restart and without dropping anyone. A file may hold
+several tokens: all are accepted, and a client presents the first (add the new one, move clients,
+then drop the old). For local use the cluster credential may instead be given in $NEOPLASMA_CREDENTIAL.
+Tokens travel as `authorization: Bearer TOKEN` (gRPC metadata, HTTP header) and are compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from neoplasma.core.errors import UsageError
+from neoplasma.core.logs import get_logger
+from neoplasma.core.settings import Settings, setting
+
+log = get_logger("trust")
+
+CREDENTIAL_ENV = "NEOPLASMA_CREDENTIAL"  # the cluster credential itself (local use)
+CREDENTIAL_FILE_ENV = "NEOPLASMA_CREDENTIAL_FILE"  # the default of --credential-file
+RECHECK_SECONDS = 1.0
+Metadata = tuple[tuple[str, str], ...]
+
+
+class Tokens:
+    """Bearer tokens from `path` (re-read when it changes) or fixed ones (`given`)."""
+
+    def __init__(self, path: str = "", given: Sequence[str] = ()) -> None:
+        self.path = path
+        self._tokens = tuple(t.encode() for t in given)
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = -RECHECK_SECONDS
+        if path:
+            self._reload(strict=True)
+
+    @classmethod
+    def cluster(cls, path: str) -> Tokens | None:
+        """The cluster credential: from `path`, else $NEOPLASMA_CREDENTIAL, else none (calls not checked)."""
+        if path:
+            return cls(path)
+        value = os.environ.get(CREDENTIAL_ENV, "").strip()
+        return cls(given=[value]) if value else None
+
+    @classmethod
+    def optional(cls, path: str) -> Tokens | None:
+        return cls(path) if path else None
+
+    def _reload(self, strict: bool = False) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._stamp:
+                return
+            with open(self.path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as exc:
+            if strict:
+                raise UsageError(f"cannot read tokens from {self.path}: {exc}") from None
+            log.warning("tokens_unreadable", path=self.path, error=str(exc), keeping=len(self._tokens))
+            return
+        tokens = tuple(line.encode() for line in lines if line and not line.startswith("#"))
+        if not tokens and strict:
+            raise UsageError(f"{self.path} holds no token (one per line)")
+        if self._stamp is not None:
+            log.info("tokens_reloaded", path=self.path, tokens=len(tokens))
+        self._tokens, self._stamp = tokens, stamp
+
+    def current(self) -> tuple[bytes, ...]:
+        if self.path:
+            now = time.monotonic()
+            if now - self._checked >= RECHECK_SECONDS:
+                self._checked = now
+                self._reload()
+        return self._tokens
+
+    def allows(self, presented: str | None) -> bool:
+        """True when `presented` (an `authorization` value) is `Bearer` and one of the tokens."""
+        scheme, _, token = (presented or "").partition(" ")
+        given = token.strip().encode()
+        # Every token is compared (no early exit), each in constant time.
+        return scheme.lower() == "bearer" and bool(given) and sum(
+            hmac.compare_digest(given, t) for t in self.current()) > 0
+
+    def metadata(self) -> Metadata:
+        """What a client sends: the first token."""
+        tokens = self.current()
+        return (("authorization", f"Bearer {tokens[0].decode()}"),) if tokens else ()
+
+
+def bearer_metadata(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+# -- servers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who may call a method: holders of `tokens` (None: anyone), refused with `refusal`."""
+
+    tokens: Tokens | None
+    refusal: str
+
+
+class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Checks the bearer token of each call to a method in `rules` ('/pkg.Service/Method' or
+    '/pkg.Service/'), and refuses undecodable unary requests with INVALID_ARGUMENT (gRPC would
+    answer UNKNOWN). An unauthenticated request is not even parsed."""
+
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        self.rules = rules
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def _rule(self, method: str) -> Rule | None:
+        return self.rules.get(method) or self.rules.get(method.rpartition("/")[0] + "/")
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[grpc.RpcMethodHandler]],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        rule = self._rule(method)
+        if rule is None:
+            return await continuation(details)
+        handlers = self._handlers.get(method)
+        if handlers is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            handlers = self._handlers[method] = (_decoding(handler, method), _refusing(handler, rule.refusal))
+        if rule.tokens is None:
+            return handlers[0]
+        presented = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        return handlers[0] if rule.tokens.allows(presented) else handlers[1]
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    return handler._replace(**{kind: refuse}, request_deserializer=None)
+
+
+class Undecodable:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def undecodable(method: str) -> str:
+    return (f"{method}: the request cannot be decoded (not valid protobuf for this method, "
+            "or a string field that is not valid UTF-8)")
+
+
+def _decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler`, answering INVALID_ARGUMENT for a unary request that cannot be decoded."""
+    if handler.unary_unary is None:
+        return handler  # streams catch DecodeError at context.read() themselves
+    parse, behaviour = handler.request_deserializer, handler.unary_unary
+
+    def lenient(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError:
+            return Undecodable(undecodable(method))
+
+    async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await behaviour(request, context)
+
+    return handler._replace(unary_unary=checked, request_deserializer=lenient)
+
+
+def server_tls(cert: str, key: str) -> tuple[bytes, bytes] | None:
+    """The (key, certificate chain) PEM pair a server serves TLS with, or None without both files."""
+    if bool(cert) != bool(key):
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    if not cert:
+        return None
+    try:
+        with open(key, "rb") as k, open(cert, "rb") as c:
+            return k.read(), c.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read the TLS certificate or key: {exc}") from None
+
+
+def grpc_server_credentials(pair: tuple[bytes, bytes] | None) -> grpc.ServerCredentials | None:
+    return grpc.ssl_server_credentials([pair]) if pair else None
+
+
+def http_ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
+    if not server_tls(cert, key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+# -- clients ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """How a client reaches a cluster's control, relay and Stats ports: the credential it presents
+    and, with TLS, the CA it trusts (and the name it expects, when addresses are IPs)."""
+
+    tokens: Tokens | None = None
+    ca_file: str = ""
+    server_name: str = ""
+
+    def metadata(self) -> Metadata:
+        return self.tokens.metadata() if self.tokens else ()
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        if not self.ca_file:
+            return grpc.aio.insecure_channel(address, options=list(options))
+        try:
+            with open(self.ca_file, "rb") as f:
+                roots = f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read the TLS CA file: {exc}") from None
+        extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(roots), options=[*options, *extra])
+
+
+@dataclass
+class TrustSettings(Settings):
+    """The settings both servers share: the cluster credential and their TLS certificate."""
+
+    credential_file: str = setting("", env=CREDENTIAL_FILE_ENV,
+                                   help="file holding the cluster credential (re-read when it changes); control, "
+                                   "relay and Stats calls must present it. Unset: $NEOPLASMA_CREDENTIAL, else "
+                                   "calls are not checked")
+    tls_cert: str = setting("", help="PEM certificate (chain) file: serve publish, relay and control over TLS")
+    tls_key: str = setting("", help="PEM private key file for --tls-cert")
+
+    def cluster_tokens(self) -> Tokens | None:
+        return Tokens.cluster(self.credential_file)
+
+
+PLAIN = Access()  # no credential, no TLS: for clusters that do not check (until the operator mounts one)

@@ -1,0 +1,10 @@
+"""`neoplasma ingest-redis`: its options are IngestConfig's settings."""
+
+from __future__ import annotations
+
+from neoplasma.core.cli import Commands, add_server
+from neoplasma.ingest.reader import IngestConfig, serve
+
+
+def add_commands(commands: Commands) -> None:
+    add_server(commands, "ingest-redis", "read plasma's Redis Pub/Sub channels into the brokers", IngestConfig, serve)
