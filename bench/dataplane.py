@@ -33,6 +33,7 @@ import psutil
 
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.local.harness import (
+    AUTH,
     Server,
     apply_membership,
     links_ready,
@@ -203,7 +204,7 @@ async def attach(proxy: Server, broker: Server) -> None:
 
 async def broker_stats(broker: Server) -> pb.BrokerStats:
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
-        return await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        return await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
 
 
 async def ingest(broker: Server, seconds: float) -> dict[str, Any]:
