@@ -6,7 +6,12 @@ Prints figures and writes JSON (bench/results/dataplane.json):
     at 1000 events/s), with publish-to-delivery latency p50/p99 sampled on 50 connections;
   - proxy memory per idle subscriber at 5000 subscribers, SSE and plasma gRPC.
 
-Usage: python bench/dataplane.py [--quick]
+A/B (`--before PYTHON`): another build's servers (that interpreter's `-m neoplasma`) against this
+one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers and
+100 native gRPC streams at 1000 events/s; medians of deliveries/s, events lost, latency p50/p99
+and proxy/broker CPU seconds per 1M deliveries, as a table and bench/results/dataplane_ab.json.
+
+Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N]]
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
@@ -16,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +33,7 @@ import psutil
 
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.local.harness import (
+    AUTH,
     Server,
     apply_membership,
     links_ready,
@@ -47,6 +54,18 @@ PAYLOAD = {"program": 1234, "views": 98765, "pad": "x" * 150}  # ~200 B events
 # -- load roles (run in child processes) --------------------------------------------------------
 
 
+def stamp_latencies(buf: bytes, now: float, record: list[float]) -> int:
+    """Record now - ts for every complete `"ts":T,` in `buf`; returns where the last one ended."""
+    start = 0
+    while (i := buf.find(b'"ts":', start)) >= 0:
+        j = buf.find(b",", i)
+        if j < 0:
+            break
+        record.append(now - float(buf[i + 5:j]))
+        start = j
+    return start
+
+
 class SseCounter(asyncio.Protocol):
     """Counts SSE events on one connection; optionally records latencies from embedded timestamps."""
 
@@ -58,16 +77,8 @@ class SseCounter(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.events += data.count(b"\ndata: ") + (1 if data.startswith(b"data: ") else 0)
         if self.record is not None:
-            now = time.time()
             buf = self.tail + data
-            start = 0
-            while (i := buf.find(b'"ts":', start)) >= 0:
-                j = buf.find(b",", i)
-                if j < 0:
-                    break
-                self.record.append(now - float(buf[i + 5:j]))
-                start = j
-            self.tail = buf[start:][-64:]
+            self.tail = buf[stamp_latencies(buf, time.time(), self.record):][-64:]
 
 
 async def role_sse(http: str, n: int, seconds: float, sample: int) -> dict[str, Any]:
@@ -101,6 +112,32 @@ async def role_plasma(grpc_addr: str, n: int, seconds: float) -> dict[str, Any]:
     return {"events": 0}
 
 
+async def role_native(grpc_addr: str, n: int, seconds: float, sample: int) -> dict[str, Any]:
+    """`n` native `Subscriber.Subscribe` streams, counting events (latencies on the first `sample`)."""
+    latencies: list[float] = []
+    counts = [0] * n
+    async with grpc.aio.insecure_channel(grpc_addr) as channel:
+        subscribe = channel.unary_stream("/neoplasma.v1.Subscriber/Subscribe",
+                                         request_serializer=pb.SubscribeRequest.SerializeToString,
+                                         response_deserializer=pb.EventBatch.FromString)
+
+        async def read(k: int) -> None:
+            async for batch in subscribe(pb.SubscribeRequest(topics=["bench"])):
+                counts[k] += len(batch.events)
+                if k < sample:
+                    now = time.time()
+                    for e in batch.events:
+                        stamp_latencies(e.data, now, latencies)
+
+        readers = [asyncio.create_task(read(k)) for k in range(n)]
+        print(json.dumps({"connected": n}), flush=True)
+        await asyncio.sleep(seconds)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return {"events": sum(counts), "latencies": latencies}
+
+
 async def role_publish(broker: str, seconds: float, rate: float, batch: int, inflight: int) -> dict[str, Any]:
     """Publish `batch`-event requests for `seconds`; at `rate` events/s, or flat out when rate is 0."""
     accepted = 0
@@ -132,7 +169,7 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
 def run_role(argv: list[str]) -> None:
     raise_fd_limit()
     role, args = argv[0], json.loads(argv[1])
-    fn = {"sse": role_sse, "plasma": role_plasma, "publish": role_publish}[role]
+    fn = {"sse": role_sse, "plasma": role_plasma, "native": role_native, "publish": role_publish}[role]
     import uvloop  # the load generators need their speed more than anyone
 
     result = uvloop.run(fn(**args))  # type: ignore[operator]
@@ -167,7 +204,7 @@ async def attach(proxy: Server, broker: Server) -> None:
 
 async def broker_stats(broker: Server) -> pb.BrokerStats:
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
-        return await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        return await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
 
 
 async def ingest(broker: Server, seconds: float) -> dict[str, Any]:
@@ -181,26 +218,32 @@ async def ingest(broker: Server, seconds: float) -> dict[str, Any]:
             "dropped": after.events_dropped, "wall_seconds": round(elapsed, 1)}
 
 
+def cpu_seconds(server: Server) -> float:
+    return float(sum(psutil.Process(server.proc.pid).cpu_times()[:2]))
+
+
 async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float, rate: float,
-                 sample: int) -> dict[str, Any]:
-    subs = Role("sse", http=proxy.endpoints["http"], n=subscribers, seconds=seconds + 4, sample=sample)
+                 sample: int, kind: str = "sse") -> dict[str, Any]:
+    """`subscribers` SSE (or native gRPC) subscribers read what is published at `rate` events/s."""
+    subs = (Role("sse", http=proxy.endpoints["http"], n=subscribers, seconds=seconds + 4, sample=sample)
+            if kind == "sse" else
+            Role("native", grpc_addr=proxy.endpoints["grpc"], n=subscribers, seconds=seconds + 4, sample=sample))
     subs.wait_line()
 
     async def all_connected() -> bool:
-        return (await proxy_status(proxy.endpoints["control"])).sse_subscribers == subscribers
+        return (await proxy_status(proxy.endpoints["control"])).subscribers == subscribers
 
     await wait_for(all_connected, timeout=60, what=f"{subscribers} subscribers at the proxy")
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     status0 = await proxy_status(proxy.endpoints["control"])
-    proxy_proc = psutil.Process(proxy.proc.pid)
-    cpu0 = sum(proxy_proc.cpu_times()[:2])
+    cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
     t0 = time.monotonic()
     batch = max(1, int(rate // 100)) if rate else 50  # paced: one request every 10 ms
     pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=2)
     published = pub.result()["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
-    proxy_cpu = (sum(proxy_proc.cpu_times()[:2]) - cpu0) / elapsed
+    proxy_cpu = (cpu_seconds(proxy) - cpu0[0]) / elapsed
     res = subs.result()
 
     async def backlog_drained() -> bool:  # so the next scenario starts from a quiet proxy
@@ -208,18 +251,24 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         return status.events_received >= stats.events_out
 
     await wait_for(backlog_drained, timeout=120, what="the proxy to catch up with the broker")
+    # CPU per delivery over the whole scenario, backlog included: what each delivery cost.
+    cpu1 = cpu_seconds(proxy), cpu_seconds(broker)
+    handed = (await proxy_status(proxy.endpoints["control"])).deliveries - status0.deliveries
     lat = sorted(res["latencies"])
     out: dict[str, Any] = {
-        "subscribers": subscribers, "published": published,
+        "kind": kind, "subscribers": subscribers, "published": published,
         "rate_asked": rate or "flat out",
         # What subscribers actually read, over the publishing window (the honest deliveries/s).
         "deliveries_per_second": round(res["events"] / seconds),
         "delivered_all": res["events"] == published * subscribers,
         "received_by_subscribers": res["events"],
+        "events_lost": published * subscribers - res["events"],
         "proxy_handed_to_sockets_per_second": round((status1.deliveries - status0.deliveries) / elapsed),
         "slow_subscribers_dropped": status1.slow_subscribers_dropped - status0.slow_subscribers_dropped,
         "proxy_rss_mb": round(psutil.Process(proxy.proc.pid).memory_info().rss / 2**20, 1),
         "proxy_cpu_cores": round(proxy_cpu, 2),
+        "proxy_cpu_s_per_1m_deliveries": round((cpu1[0] - cpu0[0]) / max(handed, 1) * 1e6, 3),
+        "broker_cpu_s_per_1m_deliveries": round((cpu1[1] - cpu0[1]) / max(handed, 1) * 1e6, 3),
     }
     if lat:
         out["latency_ms"] = {"p50": round(1000 * lat[len(lat) // 2], 2),
@@ -246,11 +295,10 @@ async def idle_memory(proxy: Server, kind: str, n: int) -> dict[str, Any]:
             "rss_after_mb": round(after / 2**20, 1), "kb_per_subscriber": round((after - before) / n / 1024, 1)}
 
 
-async def main(quick: bool) -> dict[str, Any]:
+async def main(seconds: float) -> dict[str, Any]:
     raise_fd_limit()
     tmp = ROOT / "bench" / "results" / "logs"
     tmp.mkdir(parents=True, exist_ok=True)
-    seconds = 4.0 if quick else 10.0
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     servers: list[Server] = []
     try:
@@ -278,15 +326,89 @@ async def main(quick: bool) -> dict[str, Any]:
     return results
 
 
+# -- A/B: another build's servers against this one's, same load generators ------------------
+
+AB_SCENARIOS = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000))
+AB_FIGURES = ("deliveries_per_second", "events_lost", "latency_p50_ms", "latency_p99_ms",
+              "proxy_cpu_s_per_1m_deliveries", "broker_cpu_s_per_1m_deliveries")
+
+
+def figures(run: dict[str, Any]) -> dict[str, float]:
+    lat = run.get("latency_ms", {})
+    return {"deliveries_per_second": run["deliveries_per_second"], "events_lost": run["events_lost"],
+            "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
+            "proxy_cpu_s_per_1m_deliveries": run["proxy_cpu_s_per_1m_deliveries"],
+            "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"]}
+
+
+async def compare(before: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """Rounds of before and current, each a fresh broker and proxy running every AB scenario; medians."""
+    raise_fd_limit()
+    tmp = ROOT / "bench" / "results" / "logs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    builds = {"before": before, "current": sys.executable}
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):  # A B, B A, A B, ...: a drifting machine load favours neither
+        for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
+            broker = start_server("broker", f"ab-{label}-broker", tmp, python=python)
+            proxy = start_server("proxy", f"ab-{label}-proxy", tmp, python=python)
+            try:
+                await attach(proxy, broker)
+                for kind, subs, rate in AB_SCENARIOS:
+                    run = await fanout(broker, proxy, subs, seconds, rate, sample=min(50, subs), kind=kind)
+                    run.update(build=label, round=r, load_average=os.getloadavg()[0])
+                    print(f"round {r} {label:7} {kind} {subs}x{rate}:", figures(run), flush=True)
+                    runs.append(run)
+            finally:
+                broker.stop()
+                proxy.stop()
+    table: dict[str, Any] = {}
+    for kind, subs, rate in AB_SCENARIOS:
+        key = f"{kind}_{subs}x{rate}"
+        rows: dict[str, Any] = {}
+        table[key] = rows
+        for figure in AB_FIGURES:
+            med = {label: statistics.median([figures(run)[figure] for run in runs
+                                             if run["build"] == label and run["kind"] == kind
+                                             and run["subscribers"] == subs and run["rate_asked"] == rate])
+                   for label in builds}
+            rows[figure] = {**med, "ratio": round(med["current"] / med["before"], 3) if med["before"] else None}
+    return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                        "load_average": [run["load_average"] for run in runs]},
+            "before_python": before, "rounds": rounds, "seconds": seconds, "medians": table, "runs": runs}
+
+
+def print_table(out: dict[str, Any]) -> None:
+    print(f"{'scenario':18} {'figure (median)':32} {'before':>12} {'current':>12} {'ratio':>7}")
+    for key, rows in out["medians"].items():
+        for figure, row in rows.items():
+            before, current = (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" for v in (row["before"], row["current"]))
+            print(f"{key:18} {figure:32} {before:>12} {current:>12} {row['ratio']!s:>7}")
+    loads = out["machine"]["load_average"]
+    print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--role":
         run_role(sys.argv[2:])
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 s load windows instead of 10 s")
+    parser.add_argument("--before", metavar="PYTHON",
+                        help="A/B instead: this interpreter's build (e.g. another worktree's .venv/bin/python) "
+                             "against this one, interleaved; medians to bench/results/dataplane_ab.json")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
     opts = parser.parse_args()
-    out = asyncio.run(main(opts.quick))
-    path = ROOT / "bench" / "results" / "dataplane.json"
+    seconds = 4.0 if opts.quick else 10.0
+    if opts.before:
+        out = asyncio.run(compare(opts.before, opts.rounds, seconds))
+        path = ROOT / "bench" / "results" / "dataplane_ab.json"
+    else:
+        out = asyncio.run(main(seconds))
+        path = ROOT / "bench" / "results" / "dataplane.json"
     path.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    if opts.before:
+        print_table(out)
+    else:
+        print(json.dumps(out, indent=2))
     print(f"written to {path}")

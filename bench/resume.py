@@ -2,14 +2,16 @@
 
 Prints figures and writes JSON (bench/results/resume.json):
   - retention memory per event (tracemalloc, ~200 B events as bench/dataplane.py publishes);
-  - proxy and broker CPU of fan-out to 1000 SSE subscribers at 1000 events/s, side by side in one
-    run: this tree (stamps, heads, per-event tokens, retention) and the code before resumable
-    streams (`git merge-base HEAD main`, exported to a temporary folder and put first on PYTHONPATH);
   - the CPU of the proxy's fan-out alone (Hub.dispatch to 1000 SSE subscribers, in a fresh
-    process), before and after, which load on a shared machine disturbs far less;
+    process), this tree and the code before resumable streams (`git merge-base HEAD main`,
+    exported to a temporary folder and put first on PYTHONPATH), which load on a shared machine
+    disturbs far less than end-to-end figures;
   - the time to serve one resume of 10,000 missed events (SSE, from Last-Event-ID to the last event).
 
-Usage: python bench/resume.py [--quick]
+End to end, before and after, interleaved with medians: `python bench/dataplane.py --before PYTHON`
+(PYTHON: the interpreter of a checkout of the older code, with its own `pip install -e .`).
+
+Usage: python bench/resume.py
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ from typing import Any
 
 import aiohttp
 import grpc
-import psutil
 
 from neoplasma.core.events import make_event
 from neoplasma.core.resume import RetentionLog
-from neoplasma.local.harness import Server, apply_membership, links_ready, start_server, wait_for
+from neoplasma.local.harness import apply_membership, links_ready, start_server, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -68,34 +69,6 @@ def baseline_tree() -> Path:
     archive = subprocess.run(["git", "archive", base], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
-
-
-def start_pair(tmp: Path, label: str, tree: Path | None) -> tuple[Server, Server]:
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:  # put the baseline's packages ahead of this tree's editable install
-        os.environ["PYTHONPATH"] = os.pathsep.join(str(tree / d) for d in ("core", "broker", "proxy", "protos"))
-    try:
-        return start_server("broker", f"{label}-broker", tmp), start_server("proxy", f"{label}-proxy", tmp)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
-
-
-async def fanout_cpu(tmp: Path, label: str, tree: Path | None, seconds: float) -> dict[str, Any]:
-    broker, proxy = start_pair(tmp, label, tree)
-    try:
-        await bench_dataplane.attach(proxy, broker)
-        broker_proc = psutil.Process(broker.proc.pid)
-        cpu0 = sum(broker_proc.cpu_times()[:2])
-        t0 = time.monotonic()
-        out: dict[str, Any] = await bench_dataplane.fanout(broker, proxy, 1000, seconds, rate=1000, sample=50)
-        out["broker_cpu_cores"] = round((sum(broker_proc.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0), 2)
-        return out
-    finally:
-        broker.stop()
-        proxy.stop()
 
 
 HUB_PROBE = """
@@ -184,10 +157,9 @@ async def resume_time(tmp: Path, missed: int = 10_000) -> dict[str, Any]:
         proxy.stop()
 
 
-async def main(quick: bool) -> dict[str, Any]:
+async def main() -> dict[str, Any]:
     tmp = ROOT / "bench" / "results" / "logs"
     tmp.mkdir(parents=True, exist_ok=True)
-    seconds = 4.0 if quick else 10.0
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                            "load_average": os.getloadavg()}}
     results["retention_memory"] = retention_memory()
@@ -196,9 +168,6 @@ async def main(quick: bool) -> dict[str, Any]:
     for label, code in (("baseline", tree), ("resumable", None)):
         results[f"hub_dispatch_cpu_{label}"] = hub_cpu(code)
         print(f"fan-out CPU in the hub alone, {label}:", results[f"hub_dispatch_cpu_{label}"], flush=True)
-    for label, code in (("baseline", tree), ("resumable", None), ("baseline-again", tree), ("resumable-again", None)):
-        results[f"fanout_1000x1000_{label}"] = await fanout_cpu(tmp, label, code, seconds)
-        print(f"fan-out 1000 subscribers x 1000 events/s, {label}:", results[f"fanout_1000x1000_{label}"], flush=True)
     results["resume_10000_missed"] = await resume_time(tmp)
     print("resume of 10,000 missed events:", results["resume_10000_missed"], flush=True)
     return results
@@ -206,9 +175,8 @@ async def main(quick: bool) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 s load windows instead of 10 s")
-    opts = parser.parse_args()
-    out = asyncio.run(main(opts.quick))
+    parser.parse_args()
+    out = asyncio.run(main())
     path = ROOT / "bench" / "results" / "resume.json"
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))

@@ -88,11 +88,12 @@ class Server:
 
 
 def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None,
-                 env: dict[str, str] | None = None) -> Server:
-    """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it)."""
+                 env: dict[str, str] | None = None, python: str = sys.executable) -> Server:
+    """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it),
+    run by `python` (another build's interpreter, for A/B benchmarks)."""
     ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
                       else {"grpc-port": 0, "http-port": 0, "control-port": 0})
-    args = [sys.executable, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
+    args = [python, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
     for flag, port in ports.items():
         args += [f"--{flag}", str(port)]
     args += list(extra)
