@@ -726,8 +726,11 @@ async def test_controller_reports_a_failure_once_while_it_lasts_and_again_when_i
 
 def test_operator_without_kubernetes_says_what_to_do(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")}
-    result = subprocess.run([sys.executable, "-m", "neoplasma", "operator"], env=env, capture_output=True,
-                            text=True, timeout=60, cwd=REPO)
+    with socket.socket() as probe:  # a port known to be free: the default 8080 may be taken on this machine
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "neoplasma", "operator", "--liveness-port", str(port)], env=env,
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1
     assert "cannot reach Kubernetes" in result.stderr and "KUBECONFIG" in result.stderr
 
