@@ -11,15 +11,29 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import pytest
 
 from neoplasma.core.events import Event
+from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
-from neoplasma.local.harness import AUTH, EventSource, Publisher, Server, links_ready, proxy_status, wait_for
+from neoplasma.local.harness import (
+    ACCESS,
+    AUTH,
+    EventSource,
+    Publisher,
+    Server,
+    links_ready,
+    proxy_status,
+    publish_grpc,
+    wait_for,
+)
+from neoplasma.proxy.hub import Batch, Hub, Subscriber
+from neoplasma.proxy.links import LinkSet
+from neoplasma.proxy.resume import Resume, start_resume
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -151,8 +165,10 @@ async def test_broker_scale_in_under_load_with_resumption(start: Any) -> None:
         await push(p, 2, members(bs, draining=("b1",)))
     target["proxy"] = ps[1]
     ps[0].proc.kill()  # ... while the subscribers' proxy dies mid-relay and they resume at p1
-    before = publisher.sent[1]  # resumed at p1: each has an event b1 accepted after the kill
-    await wait_for(lambda: all(publisher.received_from(b.events, 1) > before for b in browsers),
+    # Resumed at p1 while b1 still runs: each has event `before + 1` of b1, published only once
+    # b1 acknowledged event `before` (which may have been in flight, and relayed by p0, at the kill).
+    before = publisher.sent[1]
+    await wait_for(lambda: all(publisher.received_from(b.events, 1) > before + 1 for b in browsers),
                    what="resumed at p1")
     assert bs[1].stop(signal.SIGTERM) == 0  # refuses publishes, flushes, ends its relays cleanly
     await publisher.stop(1)
@@ -218,6 +234,73 @@ async def test_native_stream_resumes_with_the_batch_token(start: Any) -> None:
     publisher.assert_exactly_once_in_order(resumed.events, "native")
     assert resumed.gaps == 0
     await resumed.close()
+
+
+class Recorder(Subscriber):
+    """A subscriber that keeps what it is given, live or (as its own catch-up sink) replayed."""
+
+    kind = "sse"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Event] = []
+        self.gaps: list[str] = []
+
+    @staticmethod
+    def encode(batch: Batch, indices: list[int]) -> list[Event]:
+        return [batch.events[i] for i in indices]
+
+    def deliver(self, encoded: object) -> bool:
+        self.events += encoded  # type: ignore[arg-type]
+        return True
+
+    def signal_gap(self, reason: str, token: bytes) -> bool:
+        self.gaps.append(reason)
+        return True
+
+    async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        self.events += events
+
+    async def gap(self, reason: str) -> None:
+        self.gaps.append(reason)
+
+    def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
+        self.gaps += gaps
+        self.events += events
+
+
+async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new_interest(start: Any) -> None:
+    """The proxy's position lags the head at which a broker applied the interest of a resuming
+    subscriber until the dispatcher (which lingers when busy) takes the acknowledgement. A token at
+    or past that stale position still misses what the broker accepted before applying the interest:
+    those events were never relayed, so the resume must replay them."""
+    b = start("broker", "b0")
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, ACCESS)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
+    [link] = links.links.values()
+    assert await links.changed.wait_until(links.settled, 10)
+    dispatcher.cancel()  # from here, heads the relay reports wait for the dispatcher
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(20)])  # seq 1..20, not relayed
+    decided = asyncio.Event()
+
+    class Probe(Resume):
+        def _caught_up(self, skip: dict[int, int]) -> bool:  # first asked once replay is done or skipped
+            decided.set()
+            return super()._caught_up(skip)
+
+    client = Recorder()  # it saw seq 1..10 at another proxy: the proxy's position (0) is not past that
+    resume = Probe(hub, links, client, frozenset({"t"}), client, 10.0)
+    task = start_resume(resume, encode_token(hub.tag, {link.epoch: 10}).decode())
+    await asyncio.wait_for(decided.wait(), 10)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())  # the acknowledgement's head lands only now
+    await asyncio.wait_for(task, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(20, 25)])  # live, relayed
+    await hub.advanced.wait_until(lambda: len(client.events) >= 15, 10)
+    assert [json.loads(e.data)["n"] for e in client.events] == list(range(10, 25)) and not client.gaps
+    dispatcher.cancel()
+    await links.close()
 
 
 # -- units ---------------------------------------------------------------------------

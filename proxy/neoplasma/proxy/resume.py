@@ -111,11 +111,10 @@ class Resume:
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
         skip: dict[int, int] = {}
         for link in links:
-            after = self.position[link.epoch]
-            if after < self.hub.positions.get(link.epoch, 0):
-                skip[link.epoch] = await self._replay(link, after)
-            else:
-                skip[link.epoch] = after
+            # Always asked, even when the proxy's position is not past the client's: the broker may
+            # have accepted events for these topics after that position and before it applied this
+            # proxy's interest in them, and those were never relayed.
+            skip[link.epoch] = await self._replay(link, self.position[link.epoch])
             self.position[link.epoch] = max(self.position[link.epoch], skip[link.epoch])
         gone = [epoch for epoch, seq in client.items() if self.hub.retired.get(epoch, seq + 1) > seq]
         if gone:
