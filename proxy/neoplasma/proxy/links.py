@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import grpc
 
@@ -220,10 +221,15 @@ class LinkSet:
 
     def settled(self) -> bool:
         """Membership applied and every link connected with the proxy's interest acknowledged."""
-        return self.applied is not EMPTY and self.synced()
+        return self.applied is not EMPTY and self._synced()
 
-    def synced(self) -> bool:
+    def _synced(self) -> bool:
         return all(link.interest_synced for link in self.links.values())
+
+    def applied_everywhere(self, topics: Iterable[str]) -> bool:
+        """Every link's broker has acknowledged interest in `topics` (with no link, whichever comes
+        asks for them in its first message)."""
+        return not self.links or (self.hub.wants(topics) and self._synced())
 
     async def close(self) -> None:
         links, self.links = list(self.links.values()), {}

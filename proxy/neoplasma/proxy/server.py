@@ -164,7 +164,7 @@ class Proxy:
     def subscribe(self, sub: Subscriber, topics: list[str], token: str, sink: Sink) -> asyncio.Task[None] | None:
         """Add a subscriber: live at once, or after catching up in a task (from a resume token, or
         from the proxy's positions when some broker has not applied its topics yet)."""
-        if not token and self.hub.wants(topics) and self.links.synced():
+        if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
         resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds)
