@@ -17,12 +17,15 @@ from typing import Any
 import grpc
 import pytest
 
+from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
 from neoplasma.core.events import Event
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.local.harness import (
     ACCESS,
     AUTH,
+    CREDENTIAL,
     EventSource,
     Publisher,
     Server,
@@ -34,6 +37,7 @@ from neoplasma.local.harness import (
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import LinkSet
 from neoplasma.proxy.resume import Resume, start_resume
+from neoplasma.proxy.server import Proxy, ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -244,6 +248,7 @@ class Recorder(Subscriber):
     def __init__(self) -> None:
         super().__init__()
         self.events: list[Event] = []
+        self.tokens: list[bytes] = []  # the ids it was given while catching up
         self.gaps: list[str] = []
 
     @staticmethod
@@ -260,6 +265,7 @@ class Recorder(Subscriber):
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
         self.events += events
+        self.tokens += tokens
 
     async def gap(self, reason: str) -> None:
         self.gaps.append(reason)
@@ -267,6 +273,7 @@ class Recorder(Subscriber):
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         self.gaps += gaps
         self.events += events
+        self.tokens += tokens
 
 
 async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new_interest(start: Any) -> None:
@@ -299,6 +306,103 @@ async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(20, 25)])  # live, relayed
     await hub.advanced.wait_until(lambda: len(client.events) >= 15, 10)
     assert [json.loads(e.data)["n"] for e in client.events] == list(range(10, 25)) and not client.gaps
+    dispatcher.cancel()
+    await links.close()
+
+
+async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_with_the_gap_if_unclean(
+        start: Any) -> None:
+    """A broker killed and removed from membership while a resume waits for its relay to reach the
+    replay's head: the resume goes on at once, with the gap for the relay lost without a clean end
+    (not after the whole wait, with a gap for a relay that "fell behind")."""
+    b = start("broker", "b0")
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, ACCESS)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
+    [link] = links.links.values()
+    assert await links.changed.wait_until(links.settled, 10)
+    dispatcher.cancel()  # the relay's heads wait: the proxy's position cannot reach the replay's head
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])
+    decided = asyncio.Event()
+
+    class Probe(Resume):
+        def _caught_up(self, skip: dict[int, int]) -> bool:
+            decided.set()
+            return super()._caught_up(skip)
+
+    client = Recorder()
+    task = start_resume(Probe(hub, links, client, frozenset({"t"}), client, 30.0),
+                        encode_token(hub.tag, {link.epoch: 0}).decode())
+    await asyncio.wait_for(decided.wait(), 10)
+    b.stop(signal.SIGKILL)
+    await links.apply(Snapshot(2, (), CLUSTER))  # removed: its epoch is retired
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await asyncio.wait_for(task, 5)
+    assert [json.loads(e.data)["n"] for e in client.events] == list(range(5))
+    assert client.gaps == ["broker b0 went away; its events since may be lost"]
+    dispatcher.cancel()
+    await links.close()
+
+
+async def test_relay_failing_unexpectedly_ends_with_an_error_and_the_proxy_signals_the_gap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OK end of a relay is a drained broker's (everything was relayed): an unexpected error in
+    the broker's interest reader must not end the stream that way."""
+    broker = Broker(BrokerConfig(name="b0"))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    client = Recorder()
+    hub.add(client, ["x"])
+    await links.apply(Snapshot(1, (Member("b0", f"127.0.0.1:{port}"),), CLUSTER))
+    [link] = links.links.values()
+    assert await links.changed.wait_until(links.settled, 10)
+    update = broker.router.update_interest
+
+    def fail_once(*args: Any) -> None:
+        monkeypatch.setattr(broker.router, "update_interest", update)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(broker.router, "update_interest", fail_once)
+    hub.add(Recorder(), ["y"])  # the broker fails applying this interest
+    assert await links.changed.wait_until(lambda: bool(client.gaps), 10), link.last_error
+    assert client.gaps == ["the relay from broker b0 was lost; its events since may be lost"]
+    await links.close()
+    await server.stop(None)
+
+
+async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscriber without a token whose topics a broker has not applied yet is not on the live path
+    (where a heartbeat's or another topic's id would claim events the broker accepted meanwhile and
+    never relayed) until the broker has; it then gets what the broker accepted since it came."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    b = start("broker", "b0")
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
+    [link] = links.links.values()
+    assert await links.changed.wait_until(links.settled, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": -1})])  # seq 1, before the subscriber came
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)  # an idle head
+    waiting = link._interest_changed  # what the link's interest writer waits on: it stays unsent
+    link._interest_changed = asyncio.Event()
+    client = Recorder()
+    task = proxy.subscribe(client, ["t"], "", client)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 0})])  # seq 2: "t" not applied, never relayed
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 2, 10)
+    assert client not in hub.subscribers and task is not None  # no heartbeat or event id claims seq 2
+    waiting.set()  # the interest goes out: the broker applies "t"
+    await asyncio.wait_for(task, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 1})])  # seq 3, live
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
+    assert [json.loads(e.data)["n"] for e in client.events] == [0, 1] and not client.gaps
+    assert [decode_token(t.decode(), hub.tag) for t in client.tokens] == [{link.epoch: 2}]
     dispatcher.cancel()
     await links.close()
 

@@ -245,6 +245,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             error = reader.exception()
             if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
                 await _refuse_interest(context, error)
+            if error is not None:  # never an OK end: the proxy takes that for a drain and signals no gap
+                log.error("relay_failed", proxy=stream.proxy, error=repr(error))
+                await context.abort(grpc.StatusCode.INTERNAL, f"relay failed: {error!r}")
         finally:
             reader.cancel()
             broker.router.detach(stream)

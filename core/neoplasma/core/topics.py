@@ -129,6 +129,9 @@ class TopicIndex(Generic[H]):
     def topics(self) -> set[str]:
         return set(self._keys)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
     def matching(self, topic: str) -> AbstractSet[H]:
         """The holders that want `topic` (read-only: do not change the returned set)."""
         first: set[H] | None = None

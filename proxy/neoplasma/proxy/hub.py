@@ -224,6 +224,10 @@ class Hub:
         """Every topic some local subscriber wants (what brokers are asked for)."""
         return self._index.topics()
 
+    def wants(self, topics: Iterable[str]) -> bool:
+        """Every one of `topics` is already in the proxy's interest."""
+        return all(topic in self._index for topic in topics)
+
     def on_interest_change(self, listener: InterestListener) -> None:
         self._listeners.append(listener)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import grpc
 
@@ -40,6 +41,7 @@ class BrokerLink:
         self.access = access  # the credential presented on Relay and Replay, and TLS
         self.changed = changed  # notified when the link's state or interest acknowledgement changes
         self.epoch = 0  # the broker's epoch, once a relay message named it
+        self.position = 0  # the highest seq or head its relay has brought in this epoch
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
         self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
@@ -134,6 +136,7 @@ class BrokerLink:
                     self.hub.broadcast_gap(f"broker {self.member.name} dropped events for this proxy")
                 events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
                 self.events_received += len(events)
+                self.position = max(self.position, batch.head, events[-1].seq if events else 0)
                 self.hub.submit(events, epoch, batch.head)
                 if batch.interest_applied:
                     self._interest_applied = batch.interest_applied
@@ -147,6 +150,7 @@ class BrokerLink:
         """A relay stream's first message: end the old epoch if the broker restarted, note a lost relay."""
         if epoch != self.epoch:
             self.retire()  # with a gap when the old relay was lost
+            self.position = 0
         elif not self.ended_cleanly:
             self.hub.broadcast_gap(f"the relay from broker {self.member.name} was lost; its events since "
                                    "may be lost")
@@ -217,7 +221,15 @@ class LinkSet:
 
     def settled(self) -> bool:
         """Membership applied and every link connected with the proxy's interest acknowledged."""
-        return self.applied is not EMPTY and all(link.interest_synced for link in self.links.values())
+        return self.applied is not EMPTY and self._synced()
+
+    def _synced(self) -> bool:
+        return all(link.interest_synced for link in self.links.values())
+
+    def applied_everywhere(self, topics: Iterable[str]) -> bool:
+        """Every link's broker has acknowledged interest in `topics` (with no link, whichever comes
+        asks for them in its first message)."""
+        return not self.links or (self.hub.wants(topics) and self._synced())
 
     async def close(self) -> None:
         links, self.links = list(self.links.values()), {}

@@ -73,10 +73,12 @@ class Resume:
         self.position: dict[int, int] = {}  # the client's position while it catches up
 
     async def run(self, token: str) -> None:
+        """Catch up from `token`; without one (a fresh subscriber whose topics some broker has not
+        applied yet), from the proxy's positions now: no id before then claims what it never got."""
         # A restarted proxy learns the cluster id (which a token names) with its first membership.
         await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
         try:
-            client = decode_token(token, self.hub.tag)
+            client = decode_token(token, self.hub.tag) if token else dict(self.hub.positions)
         except InvalidToken as exc:
             await self.sink.gap(str(exc))
             self.hub.add(self.sub, self.topics)
@@ -87,6 +89,8 @@ class Resume:
         try:
             if not await self.links.changed.wait_until(self.links.settled, self.wait):
                 await self.sink.gap("not every broker could be reached in time")
+            if not token:  # brokers the proxy had no position for: from where their relays are now
+                client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             skip = await self._replay_all(client)
             if not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
                 await self.sink.gap("a broker's relay fell behind")
@@ -102,7 +106,10 @@ class Resume:
                 self.hub.remove(holder)
 
     def _caught_up(self, skip: dict[int, int]) -> bool:
-        return all(self.hub.positions.get(epoch, 0) >= seq for epoch, seq in skip.items())
+        """Every link's relay is past its replay, or the link is gone (a gap if it ended uncleanly,
+        which the holder got)."""
+        hub = self.hub
+        return all(epoch in hub.retired or hub.positions.get(epoch, 0) >= seq for epoch, seq in skip.items())
 
     async def _replay_all(self, client: dict[int, int]) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which

@@ -162,8 +162,9 @@ class Proxy:
             await asyncio.wait({self._drain_task}, timeout=timeout)
 
     def subscribe(self, sub: Subscriber, topics: list[str], token: str, sink: Sink) -> asyncio.Task[None] | None:
-        """Add a subscriber: live at once, or (with a resume token) after catching up in a task."""
-        if not token:
+        """Add a subscriber: live at once, or after catching up in a task (from a resume token, or
+        from the proxy's positions when some broker has not applied its topics yet)."""
+        if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
         resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds)
