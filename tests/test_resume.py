@@ -276,11 +276,9 @@ class Recorder(Subscriber):
         self.tokens += tokens
 
 
-async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new_interest(start: Any) -> None:
-    """The proxy's position lags the head at which a broker applied the interest of a resuming
-    subscriber until the dispatcher (which lingers when busy) takes the acknowledgement. A token at
-    or past that stale position still misses what the broker accepted before applying the interest:
-    those events were never relayed, so the resume must replay them."""
+async def settled_proxy(start: Any) -> tuple[Server, Hub, LinkSet, Any]:
+    """A broker process and, in this process, a proxy's hub and links settled on it; the hub's
+    dispatcher is stopped, so the heads its relay reports wait until a test starts one."""
     b = start("broker", "b0")
     hub = Hub()
     links = LinkSet(hub, "p0", 1 << 20, ACCESS)
@@ -288,7 +286,16 @@ async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new
     await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
     [link] = links.links.values()
     assert await links.changed.wait_until(links.settled, 10)
-    dispatcher.cancel()  # from here, heads the relay reports wait for the dispatcher
+    dispatcher.cancel()
+    return b, hub, links, link
+
+
+async def test_resume_replays_what_the_broker_accepted_before_it_applied_the_new_interest(start: Any) -> None:
+    """The proxy's position lags the head at which a broker applied the interest of a resuming
+    subscriber until the dispatcher (which lingers when busy) takes the acknowledgement. A token at
+    or past that stale position still misses what the broker accepted before applying the interest:
+    those events were never relayed, so the resume must replay them."""
+    b, hub, links, link = await settled_proxy(start)
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(20)])  # seq 1..20, not relayed
     decided = asyncio.Event()
 
@@ -315,14 +322,7 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
     """A broker killed and removed from membership while a resume waits for its relay to reach the
     replay's head: the resume goes on at once, with the gap for the relay lost without a clean end
     (not after the whole wait, with a gap for a relay that "fell behind")."""
-    b = start("broker", "b0")
-    hub = Hub()
-    links = LinkSet(hub, "p0", 1 << 20, ACCESS)
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
-    [link] = links.links.values()
-    assert await links.changed.wait_until(links.settled, 10)
-    dispatcher.cancel()  # the relay's heads wait: the proxy's position cannot reach the replay's head
+    b, hub, links, link = await settled_proxy(start)  # positions cannot reach the replay's head
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])
     decided = asyncio.Event()
 
