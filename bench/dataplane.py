@@ -8,10 +8,12 @@ Prints figures and writes JSON (bench/results/dataplane.json):
 
 A/B (`--before PYTHON`): another build's servers (that interpreter's `-m neoplasma`) against this
 one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers and
-100 native gRPC streams at 1000 events/s; medians of deliveries/s, events lost, latency p50/p99
-and proxy/broker CPU seconds per 1M deliveries, as a table and bench/results/dataplane_ab.json.
+100 native gRPC streams at 1000 events/s (medians of deliveries/s, events lost, latency p50/p99
+and proxy/broker CPU seconds per 1M deliveries); broker ingest flat out with 100-event gRPC and
+HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also by this build with
+`--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 
-Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N]]
+Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scenarios A,B]]
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
@@ -28,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import psutil
 
 from neoplasma.core.net import raise_fd_limit
+from neoplasma.core.trust import bearer_metadata
 from neoplasma.local.harness import (
     AUTH,
     Server,
@@ -138,21 +142,32 @@ async def role_native(grpc_addr: str, n: int, seconds: float, sample: int) -> di
     return {"events": sum(counts), "latencies": latencies}
 
 
-async def role_publish(broker: str, seconds: float, rate: float, batch: int, inflight: int) -> dict[str, Any]:
-    """Publish `batch`-event requests for `seconds`; at `rate` events/s, or flat out when rate is 0."""
+async def role_publish(broker: str, seconds: float, rate: float, batch: int, inflight: int,
+                       http: str = "", key: str = "") -> dict[str, Any]:
+    """Publish `batch`-event requests for `seconds` (to the HTTP address `http` when given, with the
+    publisher `key` when given); at `rate` events/s, or flat out with `inflight` requests when rate is 0."""
     accepted = 0
     deadline = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(broker) as channel:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    async with grpc.aio.insecure_channel(broker) as channel, aiohttp.ClientSession(headers=headers) as session:
         stub = pb_grpc.BrokerStub(channel)
 
-        def request() -> pb.PublishRequest:
-            data = json.dumps({"ts": time.time(), **PAYLOAD}).encode()
-            return pb.PublishRequest(events=[pb.Event(topic="bench:x", data=data)] * batch)
+        async def send() -> int:
+            data = json.dumps({"ts": time.time(), **PAYLOAD})
+            if http:
+                body = "[" + ",".join([f'{{"meta":{{"type":"bench:x"}},"data":{data}}}'] * batch) + "]"
+                async with session.post(f"http://{http}/publish", data=body.encode()) as resp:
+                    resp.raise_for_status()
+                    return int((await resp.json())["accepted"])
+            request = pb.PublishRequest(events=[pb.Event(topic="bench:x", data=data.encode())] * batch)
+            reply = await stub.Publish(request, timeout=10, metadata=bearer_metadata(key) if key else None)
+            return int(reply.accepted)
 
         async def worker() -> None:
             nonlocal accepted
             while time.monotonic() < deadline:
-                accepted += (await stub.Publish(request(), timeout=10)).accepted
+                n = await send()  # not `accepted += await ...`: that reads `accepted` before the await
+                accepted += n
 
         if rate <= 0:
             await asyncio.gather(*(worker() for _ in range(inflight)))
@@ -160,7 +175,7 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
             interval = batch / rate
             next_at = time.monotonic()
             while time.monotonic() < deadline:
-                accepted += (await stub.Publish(request(), timeout=10)).accepted
+                accepted += await send()
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     return {"accepted": accepted, "seconds": seconds}
@@ -207,15 +222,19 @@ async def broker_stats(broker: Server) -> pb.BrokerStats:
         return await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
 
 
-async def ingest(broker: Server, seconds: float) -> dict[str, Any]:
-    pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=0, batch=100, inflight=4)
-    before = (await broker_stats(broker)).events_in
+async def ingest(broker: Server, seconds: float, transport: str = "grpc", key: str = "") -> dict[str, Any]:
+    """Broker ingest flat out: 100-event requests, 4 in flight, over gRPC or HTTP (with the publisher `key`)."""
+    pub = Role("publish", broker=broker.endpoints["grpc"], http=broker.endpoints["http"] if transport == "http" else "",
+               seconds=seconds, rate=0, batch=100, inflight=4, key=key)
+    before, cpu0 = await broker_stats(broker), cpu_seconds(broker)
     started = time.monotonic()
     res = pub.result()
     elapsed = time.monotonic() - started
-    after = await broker_stats(broker)
-    return {"events_per_second": round((after.events_in - before) / seconds), "accepted": res["accepted"],
-            "dropped": after.events_dropped, "wall_seconds": round(elapsed, 1)}
+    after, cpu1 = await broker_stats(broker), cpu_seconds(broker)
+    events = after.events_in - before.events_in
+    return {"scenario": f"ingest_{transport}", "events_per_second": round(events / seconds),
+            "accepted": res["accepted"], "dropped": after.events_dropped, "wall_seconds": round(elapsed, 1),
+            "broker_cpu_s_per_1m_events": round((cpu1 - cpu0) / max(events, 1) * 1e6, 3)}
 
 
 def cpu_seconds(server: Server) -> float:
@@ -256,7 +275,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     handed = (await proxy_status(proxy.endpoints["control"])).deliveries - status0.deliveries
     lat = sorted(res["latencies"])
     out: dict[str, Any] = {
-        "kind": kind, "subscribers": subscribers, "published": published,
+        "scenario": f"{kind}_{subscribers}x{rate}", "kind": kind, "subscribers": subscribers, "published": published,
         "rate_asked": rate or "flat out",
         # What subscribers actually read, over the publishing window (the honest deliveries/s).
         "deliveries_per_second": round(res["events"] / seconds),
@@ -328,12 +347,17 @@ async def main(seconds: float) -> dict[str, Any]:
 
 # -- A/B: another build's servers against this one's, same load generators ------------------
 
-AB_SCENARIOS = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000))
-AB_FIGURES = ("deliveries_per_second", "events_lost", "latency_p50_ms", "latency_p99_ms",
-              "proxy_cpu_s_per_1m_deliveries", "broker_cpu_s_per_1m_deliveries")
+AB_FANOUT = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000))
+AB_INGEST = ("grpc", "http")
+AB_SCENARIOS = (*(f"{kind}_{subs}x{rate}" for kind, subs, rate in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
+PUBLISH_KEY = "bench-publisher-key"
+KEYS = "current+keys"  # this build with --publish-keys-file, publishers presenting their key: ingest only
 
 
 def figures(run: dict[str, Any]) -> dict[str, float]:
+    if run["scenario"].startswith("ingest"):
+        return {"events_per_second": run["events_per_second"],
+                "broker_cpu_s_per_1m_events": run["broker_cpu_s_per_1m_events"]}
     lat = run.get("latency_ms", {})
     return {"deliveries_per_second": run["deliveries_per_second"], "events_lost": run["events_lost"],
             "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
@@ -341,49 +365,70 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
             "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"]}
 
 
-async def compare(before: str, rounds: int, seconds: float) -> dict[str, Any]:
-    """Rounds of before and current, each a fresh broker and proxy running every AB scenario; medians."""
+async def ab_round(label: str, python: str, scenarios: list[str], seconds: float, tmp: Path) -> list[dict[str, Any]]:
+    """One build's fresh broker and proxy through `scenarios`; the KEYS build's broker demands publisher keys."""
+    keys: tuple[str, ...] = ()
+    if label == KEYS:
+        (tmp / "publish-keys").write_text(PUBLISH_KEY + "\n")
+        keys = ("--publish-keys-file", str(tmp / "publish-keys"))
+    broker = start_server("broker", f"ab-{label}-broker", tmp, *keys, python=python)
+    proxy = start_server("proxy", f"ab-{label}-proxy", tmp, python=python)
+    runs = []
+    try:
+        await attach(proxy, broker)
+        for kind, subs, rate in AB_FANOUT:
+            if f"{kind}_{subs}x{rate}" in scenarios:
+                runs.append(await fanout(broker, proxy, subs, seconds, rate, sample=min(50, subs), kind=kind))
+        for transport in AB_INGEST:
+            if f"ingest_{transport}" in scenarios:
+                runs.append(await ingest(broker, seconds, transport, PUBLISH_KEY if keys else ""))
+    finally:
+        broker.stop()
+        proxy.stop()
+    return runs
+
+
+async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]) -> dict[str, Any]:
+    """Rounds of before and current (and current with publisher keys, for ingest), each a fresh broker and
+    proxy running the scenarios; medians."""
     raise_fd_limit()
     tmp = ROOT / "bench" / "results" / "logs"
     tmp.mkdir(parents=True, exist_ok=True)
     builds = {"before": before, "current": sys.executable}
+    if any(s.startswith("ingest") for s in scenarios):
+        builds[KEYS] = sys.executable
     runs: list[dict[str, Any]] = []
     for r in range(rounds):  # A B, B A, A B, ...: a drifting machine load favours neither
         for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
-            broker = start_server("broker", f"ab-{label}-broker", tmp, python=python)
-            proxy = start_server("proxy", f"ab-{label}-proxy", tmp, python=python)
-            try:
-                await attach(proxy, broker)
-                for kind, subs, rate in AB_SCENARIOS:
-                    run = await fanout(broker, proxy, subs, seconds, rate, sample=min(50, subs), kind=kind)
-                    run.update(build=label, round=r, load_average=os.getloadavg()[0])
-                    print(f"round {r} {label:7} {kind} {subs}x{rate}:", figures(run), flush=True)
-                    runs.append(run)
-            finally:
-                broker.stop()
-                proxy.stop()
+            ours = [s for s in scenarios if label != KEYS or s.startswith("ingest")]
+            for run in await ab_round(label, python, ours, seconds, tmp):
+                run.update(build=label, round=r, load_average=os.getloadavg()[0])
+                print(f"round {r} {label:12} {run['scenario']}:", figures(run), flush=True)
+                runs.append(run)
     table: dict[str, Any] = {}
-    for kind, subs, rate in AB_SCENARIOS:
-        key = f"{kind}_{subs}x{rate}"
-        rows: dict[str, Any] = {}
-        table[key] = rows
-        for figure in AB_FIGURES:
-            med = {label: statistics.median([figures(run)[figure] for run in runs
-                                             if run["build"] == label and run["kind"] == kind
-                                             and run["subscribers"] == subs and run["rate_asked"] == rate])
-                   for label in builds}
-            rows[figure] = {**med, "ratio": round(med["current"] / med["before"], 3) if med["before"] else None}
+    for scenario in scenarios:
+        mine = [run for run in runs if run["scenario"] == scenario]
+        labels = [label for label in builds if any(run["build"] == label for run in mine)]
+        table[scenario] = rows = {}
+        for figure in figures(mine[0]):
+            med = {label: statistics.median([figures(run)[figure] for run in mine if run["build"] == label])
+                   for label in labels}
+            rows[figure] = {**med, **{f"{label}/before": round(med[label] / med["before"], 3) if med["before"] else None
+                                      for label in labels[1:]}}
     return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "load_average": [run["load_average"] for run in runs]},
             "before_python": before, "rounds": rounds, "seconds": seconds, "medians": table, "runs": runs}
 
 
 def print_table(out: dict[str, Any]) -> None:
-    print(f"{'scenario':18} {'figure (median)':32} {'before':>12} {'current':>12} {'ratio':>7}")
+    def cell(v: float | None) -> str:
+        return "" if v is None else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+    print(f"{'scenario':16} {'figure (median)':30} {'before':>9} {'current':>9} {'ratio':>6} {KEYS:>13} {'ratio':>6}")
     for key, rows in out["medians"].items():
         for figure, row in rows.items():
-            before, current = (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" for v in (row["before"], row["current"]))
-            print(f"{key:18} {figure:32} {before:>12} {current:>12} {row['ratio']!s:>7}")
+            print(f"{key:16} {figure:30} {cell(row['before']):>9} {cell(row['current']):>9} "
+                  f"{row['current/before']!s:>6} {cell(row.get(KEYS)):>13} {row.get(KEYS + '/before', '')!s:>6}")
     loads = out["machine"]["load_average"]
     print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}")
 
@@ -398,10 +443,15 @@ if __name__ == "__main__":
                         help="A/B instead: this interpreter's build (e.g. another worktree's .venv/bin/python) "
                              "against this one, interleaved; medians to bench/results/dataplane_ab.json")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
+    parser.add_argument("--scenarios", default=",".join(AB_SCENARIOS),
+                        help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)})")
     opts = parser.parse_args()
     seconds = 4.0 if opts.quick else 10.0
     if opts.before:
-        out = asyncio.run(compare(opts.before, opts.rounds, seconds))
+        scenarios = opts.scenarios.split(",")
+        if unknown := set(scenarios) - set(AB_SCENARIOS):
+            parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        out = asyncio.run(compare(opts.before, opts.rounds, seconds, scenarios))
         path = ROOT / "bench" / "results" / "dataplane_ab.json"
     else:
         out = asyncio.run(main(seconds))
