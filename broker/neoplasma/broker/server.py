@@ -291,14 +291,15 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         ours = request.epoch == broker.epoch
         gap = not ours or request.after > head or not log_.covers(request.after)
         found = list(log_.replay(request.after, head, topics)) if ours else []
-        trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)
+        trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)  # the gap goes with the first message
+        plain, most = batch_trailer(epoch=broker.epoch, head=head), broker.config.max_message_bytes
         entries: list[bytes] = []
         size = 0
         for seq, event in found:
             entry = batch_entry(event, seq)
-            if entries and size + len(entry) > broker.config.max_message_bytes:
+            if entries and size + len(entry) > most:
                 yield b"".join(entries) + trailer
-                trailer, entries, size = batch_trailer(epoch=broker.epoch, head=head), [], 0
+                trailer, entries, size = plain, [], 0
             entries.append(entry)
             size += len(entry)
         yield b"".join(entries) + trailer

@@ -36,6 +36,16 @@ def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
+def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event]) -> list[bytes]:
+    """The token after each of `events`, advancing `position` {epoch: seq} in place."""
+    tokens = []
+    for event in events:
+        if event.epoch and event.seq > position.get(event.epoch, 0):
+            position[event.epoch] = event.seq
+        tokens.append(encode_token(tag, position))
+    return tokens
+
+
 def decode_token(token: str, tag: bytes) -> dict[int, int]:
     """{epoch: seq} from a token of the cluster named by `tag`; InvalidToken for anything else."""
     if not token or len(token) > 8192:

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event, batch_entry, batch_trailer, plasma_payload, sse_frame, sse_gap
-from neoplasma.core.resume import cluster_tag, encode_token
+from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
@@ -48,12 +48,7 @@ class Batch:
     def token(self, i: int) -> bytes:
         """The resume token after event `i` (made for every event at once, when first asked)."""
         if self._tokens is None:
-            position, tag, tokens = dict(self.base), self.hub.tag, []
-            for event in self.events:
-                if event.epoch and event.seq > position.get(event.epoch, 0):
-                    position[event.epoch] = event.seq
-                tokens.append(encode_token(tag, position))
-            self._tokens = tokens
+            self._tokens = tokens_after(self.hub.tag, self.base, self.events)  # `base` is this batch's copy
         return self._tokens[i]
 
     def sse(self, i: int) -> bytes:
@@ -288,8 +283,6 @@ class Hub:
             return
         del self._groups[group.key]
         self._notify(set(), self._index.remove(group, group.key))
-
-    # -- delivery ------------------------------------------------------------------
 
     # -- positions --------------------------------------------------------------------
 

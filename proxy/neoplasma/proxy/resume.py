@@ -11,7 +11,7 @@ import grpc
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
-from neoplasma.core.resume import InvalidToken, decode_token, encode_token
+from neoplasma.core.resume import InvalidToken, decode_token, tokens_after
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -150,11 +150,7 @@ class Resume:
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
-        tokens = []
-        for event in events:
-            self.position[event.epoch] = max(self.position.get(event.epoch, 0), event.seq)
-            tokens.append(encode_token(self.hub.tag, self.position))
-        return tokens
+        return tokens_after(self.hub.tag, self.position, events)
 
 
 def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
