@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from neoplasma.core.scaling import HARD_MAX
 from neoplasma.core.text import excerpt
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
@@ -63,8 +64,8 @@ class InvalidSnapshot(ValueError):
     """A membership snapshot a proxy must refuse (it keeps its previous one)."""
 
 
-# Far beyond any cluster (the operator scales to at most 1000 brokers), far below what costs a proxy.
-MAX_MEMBERS = 1000
+# The most brokers the operator ever scales to: far below what costs a proxy.
+MAX_MEMBERS = HARD_MAX
 # The operator adds 1 per change: at 1000 changes a second it needs 285,000 years to get here.
 # Refusing more keeps a hostile push from pinning a proxy at 2**64-1 (which no later push
 # could exceed), and keeps versions exact as JSON numbers in the resource's status.

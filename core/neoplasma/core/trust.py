@@ -96,7 +96,7 @@ class Tokens:
     def metadata(self) -> Metadata:
         """What a client sends: the first token."""
         tokens = self.current()
-        return (("authorization", f"Bearer {tokens[0].decode()}"),) if tokens else ()
+        return bearer_metadata(tokens[0].decode()) if tokens else ()
 
 
 def bearer_metadata(token: str) -> Metadata:

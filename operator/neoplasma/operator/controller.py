@@ -192,6 +192,7 @@ class ClusterController:
                                  policy_api=options.policy_api, operator=options.operator)
         self.access = {Tier.BROKER: PLAIN, Tier.PROXY: PLAIN}  # how to reach them: credential, TLS
         self._ca_dir = tempfile.TemporaryDirectory(prefix="neoplasma-ca-")
+        self._ca = ""  # the CA last written to the file in _ca_dir
         self.status = Status(options.retry, options.sync_grace, options.stats_interval, now)
         self._retry = Backoff(options.retry)  # a pass that failed (a bug)
         self._problems = Problems()
@@ -308,8 +309,9 @@ class ClusterController:
         ca_file = ""
         if ca:
             path = Path(self._ca_dir.name) / "ca.crt"
-            if not path.exists() or path.read_text() != ca:
+            if ca != self._ca:  # written when it changes, not read back every pass
                 path.write_text(ca)
+                self._ca = ca
             ca_file = str(path)
         tokens = Tokens(given=[token])
         self.access = {tier: Access(tokens, ca_file, service_host(cluster, tier) if ca_file else "")

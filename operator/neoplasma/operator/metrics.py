@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from neoplasma.core.tiers import Tier
 from neoplasma.operator.members import ClusterKey
 
 if TYPE_CHECKING:
@@ -57,10 +58,10 @@ class Metrics:
                       self.membership_version, self.membership_acknowledged):
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
-        for tier in ("brokers", "proxies"):
+        for tier in Tier:
             for direction in ("up", "down"):
                 with contextlib.suppress(KeyError):
-                    self.scaling_decisions.remove(*key, tier, direction)
+                    self.scaling_decisions.remove(*key, tier.plural, direction)
 
 
 def serve(port: int, metrics: Metrics) -> None:

@@ -178,9 +178,10 @@ class Scaling:
 
     def to_read(self, desired: Desired, now: float) -> list[Tier]:
         """The tiers whose load is to be read now for a decision."""
-        if not self.autoscaler.autoscaled() or desired.paused or not self.timer.fire(now):
+        tiers = self.autoscaler.autoscaled()
+        if not tiers or desired.paused or not self.timer.fire(now):
             return []
-        return self.autoscaler.autoscaled() if desired.changeable else []
+        return tiers if desired.changeable else []
 
     def step(self, desired: Desired, loads: Mapping[Tier, Load | None], now: float) -> list[Scaled]:
         if not desired.changeable or desired.cluster is None:
