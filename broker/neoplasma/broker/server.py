@@ -44,8 +44,9 @@ from neoplasma.core.trust import (
     TrustSettings,
     grpc_server_credentials,
     http_ssl_context,
+    refusal_code,
+    refuse,
     server_tls,
-    undecodable,
 )
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -206,9 +207,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             events = await broker.check(make_events, pairs, sum(len(d) for _, d in pairs))
         except InvalidEvent as exc:
             broker.reject(len(pairs))
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, LimitExceeded) else \
-                grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, f"nothing published: {exc}")
+            await context.abort(refusal_code(exc), f"nothing published: {exc}")
         return pb.PublishResponse(accepted=broker.accept(events, context.peer()))
 
     async def Relay(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
@@ -223,7 +222,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 return
             self._apply_interest(stream, first)
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
-            await _refuse_interest(context, exc)
+            await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
         broker.router.attach(stream)
         log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest))
@@ -244,7 +243,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 await context.write(message)
             error = reader.exception()
             if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
-                await _refuse_interest(context, error)
+                await refuse(context, error, "Relay", "interest")
             if error is not None:  # never an OK end: the proxy takes that for a drain and signals no gap
                 log.error("relay_failed", proxy=stream.proxy, error=repr(error))
                 await context.abort(grpc.StatusCode.INTERNAL, f"relay failed: {error!r}")
@@ -303,13 +302,6 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             entries.append(entry)
             size += len(entry)
         yield b"".join(entries) + trailer
-
-
-async def _refuse_interest(context: grpc.aio.ServicerContext, error: BaseException) -> None:
-    if isinstance(error, DecodeError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable("Relay"))
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
-    await context.abort(code, f"interest refused: {error}")
 
 
 def identity(data: bytes) -> bytes:

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 from neoplasma.core.errors import UsageError
 from neoplasma.core.logs import get_logger
 from neoplasma.core.settings import Settings, setting
+from neoplasma.core.topics import LimitExceeded
 
 log = get_logger("trust")
 
@@ -160,6 +161,18 @@ class Undecodable:
 def undecodable(method: str) -> str:
     return (f"{method}: the request cannot be decoded (not valid protobuf for this method, "
             "or a string field that is not valid UTF-8)")
+
+
+def refusal_code(error: BaseException | None) -> grpc.StatusCode:
+    """RESOURCE_EXHAUSTED for a limit, INVALID_ARGUMENT for any other bad input."""
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def refuse(context: grpc.aio.ServicerContext, error: BaseException | None, method: str, what: str) -> None:
+    """End a stream of `method` over bad input: undecodable, over a limit, or invalid."""
+    if isinstance(error, DecodeError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(method))
+    await context.abort(refusal_code(error), f"{what} refused: {error}")
 
 
 def _decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -33,7 +33,15 @@ from neoplasma.core.topics import (
     check_topics,
     parse_topic_list,
 )
-from neoplasma.core.trust import Access, Guard, Rule, TrustSettings, grpc_server_credentials, server_tls, undecodable
+from neoplasma.core.trust import (
+    Access,
+    Guard,
+    Rule,
+    TrustSettings,
+    grpc_server_credentials,
+    refuse,
+    server_tls,
+)
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.hub import (
     BatchSubscriber,
@@ -232,13 +240,6 @@ async def _end(sub: Subscriber, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")
 
 
-async def _refuse_subscription(context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-    if isinstance(error, DecodeError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable("Events"))
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
-    await context.abort(code, f"subscription refused: {error}")
-
-
 class PlasmaStreamServicer:
     """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients."""
 
@@ -256,7 +257,7 @@ class PlasmaStreamServicer:
             await _pump(sub, context, reader)
             error = reader.exception() if reader.done() else None
             if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
-                await _refuse_subscription(context, error)
+                await refuse(context, error, "Events", "subscription")
             await _end(sub, context)
         finally:
             reader.cancel()
@@ -292,7 +293,7 @@ class SubscriberServicer(pb_grpc.SubscriberServicer):
             topics = check_topics(request.topics, proxy.config.max_topic_length,
                                   proxy.config.max_topics_per_subscription)
         except InvalidTopic as exc:
-            await _refuse_subscription(context, exc)
+            await refuse(context, exc, "Events", "subscription")
         if not topics:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
         sub = BatchSubscriber(proxy.config.max_grpc_queue)
