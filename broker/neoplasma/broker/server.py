@@ -162,6 +162,26 @@ class Broker:
         self._rate.append((now, self.events_in))
         return n
 
+    def backfill(self, stream: RelayStream, first: pb.Interest) -> int:
+        """Queue on a new relay stream what the proxy missed before it (`Interest.epoch`, `after`,
+        `backfill_ms`): retained events matching its interest, up to the head now. Returns how many."""
+        log_ = self.retention
+        now = time.monotonic()
+        log_.evict(now)
+        if first.epoch == self.epoch and first.after:
+            after, covered = first.after, first.after <= self.seq and log_.covers(first.after)
+        elif first.backfill_ms:
+            after, covered = log_.accepted_since(now - first.backfill_ms / 1000)
+        else:
+            return 0
+        stream.gap = stream.gap or not covered
+        queued = 0
+        for seq, event in log_.replay(after, self.seq, frozenset(stream.interest)):
+            queued += stream.offer(batch_entry(event, seq))
+        self.events_out += queued
+        self.metrics.events_out.inc(queued)
+        return queued
+
     def reject(self, count: int = 1) -> None:
         self.events_rejected += count
         self.metrics.events_rejected.inc(count)
@@ -224,8 +244,10 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
+        backfilled = broker.backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)
-        log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest))
+        log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest),
+                 backfilled=backfilled, gap=stream.gap)
         reader = asyncio.create_task(self._read_interest(stream, context))
         try:
             while not reader.done():
