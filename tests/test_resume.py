@@ -514,10 +514,13 @@ def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     for i in range(0, 100, 10):  # batches of 10, seq 1..100, one per second
         log.append(i + 1, events[i:i + 10], now=float(i // 10))
     assert log.oldest == 1 and log.covers(0)
+    assert log.accepted_since(3.5) == (40, True) and log.accepted_since(-1.0) == (0, True)
+    assert log.accepted_since(99.0) == (100, True)  # nothing accepted since: after the last seq
     assert [s for s, _ in log.replay(45, 60, frozenset({"a"}))] == list(range(47, 61, 2))
     assert [e.data for _, e in log.replay(98, 200, frozenset({"a", "b"}))] == [b"99", b"100"]
     log.evict(now=12.5)  # batches accepted before 2.5 s are gone
     assert log.oldest == 31 and not log.covers(29) and log.covers(30)
+    assert log.accepted_since(1.5) == (30, False) and log.accepted_since(2.5) == (30, True)
     assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
     small = RetentionLog(max_age=1e9, max_bytes=2 * (150 + 4))  # two one-event batches
     for seq in range(1, 6):
