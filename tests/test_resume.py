@@ -364,17 +364,21 @@ def numbers(events: Sequence[Event]) -> list[int]:
     return [json.loads(e.data)["n"] for e in events]
 
 
+def in_process_proxy(name: str) -> tuple[Hub, LinkSet, asyncio.Task[None], Recorder]:
+    """A proxy's hub (its dispatcher running) and links in this process, with one subscriber of "x"."""
+    hub = Hub()
+    client = Recorder()
+    hub.add(client, ["x"])
+    return hub, LinkSet(hub, name, 1 << 20, PLAIN), asyncio.create_task(hub.run_dispatcher()), client
+
+
 async def test_relay_lost_mid_epoch_ends_with_an_error_and_the_broker_backfills_from_the_proxy_position(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An OK end of a relay is a drained broker's (everything was relayed): an unexpected error in
     the broker's interest reader must not end the stream that way. The proxy reconnects and the
     broker first sends what it accepted since the proxy's position: nothing lost, no gap."""
     broker, server, address = await in_process_broker()
-    hub = Hub()
-    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    client = Recorder()
-    hub.add(client, ["x"])
+    hub, links, dispatcher, client = in_process_proxy("p0")
     await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
     [link] = links.links.values()
     assert await links.changed.wait_until(links.settled, 10)
@@ -407,11 +411,7 @@ async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_back
     relay arrived (publishers find it through its Service first) reaches them, exactly once; a
     broker removed and added back (its readiness flapped) resumes from where the proxy left off."""
     broker, server, address = await in_process_broker()
-    hub = Hub()
-    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    client = Recorder()
-    hub.add(client, ["x"])
+    hub, links, dispatcher, client = in_process_proxy("p0")
     await links.apply(Snapshot(1, (), CLUSTER))
     broker.accept(numbered(0, 1), "publisher")  # before any relay
     await links.apply(Snapshot(2, (Member("b0", address),), CLUSTER))
@@ -428,11 +428,7 @@ async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_back
     # A proxy whose subscribers are younger than the broker's events gets none of them (without the
     # slack for a busy broker, which would let events up to that much older through).
     monkeypatch.setattr(links_module, "BACKFILL_SLACK", 0.0)
-    late = Recorder()
-    hub2 = Hub()
-    hub2.add(late, ["x"])
-    links2 = LinkSet(hub2, "p1", 1 << 20, PLAIN)
-    dispatcher2 = asyncio.create_task(hub2.run_dispatcher())
+    hub2, links2, dispatcher2, late = in_process_proxy("p1")
     await links2.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
     assert await links2.changed.wait_until(links2.settled, 10)
     broker.accept(numbered(5), "publisher")
