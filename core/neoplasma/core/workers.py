@@ -13,6 +13,7 @@ is no supervisor: the process serves as it always has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
@@ -180,6 +181,8 @@ async def serve_own_metrics(place: Place, local: Callable[[], bytes], header_tim
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(place.http())  # left by a worker before this one
     sock.bind(place.http())
     sock.listen(64)
     sock.setblocking(False)
@@ -207,7 +210,7 @@ class Offload:
     """Runs pure CPU-bound calls on `count` worker processes (none: every call runs inline).
 
     A call runs inline when every worker is busy, so the caller's own core is never idle; a
-    broken pool (a worker killed) is replaced, after a backoff during which calls run inline.
+    broken pool (a worker killed) is replaced after a backoff, calls running inline meanwhile.
     """
 
     def __init__(self, count: int) -> None:
@@ -216,6 +219,7 @@ class Offload:
         self.restarts = 0
         self._backoff = Backoff(RESTART)
         self._pool = self._new_pool() if count > 0 else None
+        self._replacing: asyncio.Task[None] | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent runs gRPC's threads and an event loop
@@ -228,28 +232,37 @@ class Offload:
             await asyncio.gather(*(loop.run_in_executor(self._pool, os.getpid) for _ in range(self.count)))
 
     def free(self) -> bool:
-        return self._pool is not None and self.busy < self.count and self._backoff.due(time.monotonic())
+        return self._pool is not None and self.busy < self.count
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker when one is free, else inline."""
-        if self._pool is None or not self.free():
+        pool = self._pool
+        if pool is None or self.busy >= self.count:
             return fn(*args)
         self.busy += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
             self._backoff.succeeded()
             return result
         except BrokenProcessPool:
-            delay = self._backoff.failed(time.monotonic())
-            log.warning("offload_worker_died", restart_in=round(delay, 2))
-            self._pool.shutdown(wait=False)
-            self._pool = self._new_pool()
-            self.restarts += 1
+            if self._pool is pool:
+                pool.shutdown(wait=False)
+                self._pool = None
+                self._replacing = asyncio.create_task(self._replace(self._backoff.failed(time.monotonic())))
             return fn(*args)
         finally:
             self.busy -= 1
 
+    async def _replace(self, delay: float) -> None:
+        log.warning("offload_worker_died", restart_in=round(delay, 2))
+        await asyncio.sleep(delay)
+        self._pool = self._new_pool()
+        self.restarts += 1
+        await self.start()
+
     def close(self) -> None:
+        if self._replacing is not None:
+            self._replacing.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -305,6 +318,7 @@ class Supervisor:
         while True:
             assert worker.proc is not None
             code = await worker.proc.wait()
+            worker.endpoints = {}  # not serving: left out of the pod's figures until it is again
             if self.stopping:
                 return
             delay = worker.backoff.failed(time.monotonic())
