@@ -223,9 +223,11 @@ async def broker_stats(broker: Server) -> pb.BrokerStats:
 
 
 async def ingest(broker: Server, seconds: float, transport: str = "grpc", key: str = "") -> dict[str, Any]:
-    """Broker ingest flat out: 100-event requests, 4 in flight, over gRPC or HTTP (with the publisher `key`)."""
+    """Broker ingest flat out: 100-event requests, 4 in flight, over gRPC or HTTP (with the publisher `key`);
+    `grpc1`: single-event gRPC requests, 16 in flight."""
+    single = transport == "grpc1"
     pub = Role("publish", broker=broker.endpoints["grpc"], http=broker.endpoints["http"] if transport == "http" else "",
-               seconds=seconds, rate=0, batch=100, inflight=4, key=key)
+               seconds=seconds, rate=0, batch=1 if single else 100, inflight=16 if single else 4, key=key)
     before, cpu0 = await broker_stats(broker), cpu_seconds(broker)
     started = time.monotonic()
     res = pub.result()
@@ -347,11 +349,13 @@ async def main(seconds: float) -> dict[str, Any]:
 
 # -- A/B: another build's servers against this one's, same load generators ------------------
 
-AB_FANOUT = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000))
-AB_INGEST = ("grpc", "http")
+# Rate 0: published flat out, the saturation at which --workers 2 is compared with 1.
+AB_FANOUT = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000), ("sse", 1000, 0), ("native", 100, 0))
+AB_INGEST = ("grpc", "http", "grpc1")
 AB_SCENARIOS = (*(f"{kind}_{subs}x{rate}" for kind, subs, rate in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
 PUBLISH_KEY = "bench-publisher-key"
 KEYS = "current+keys"  # this build with --publish-keys-file, publishers presenting their key: ingest only
+WORKERS = "current+2w"  # this build with --workers 2 (broker and proxy): with --workers2
 
 
 def figures(run: dict[str, Any]) -> dict[str, float]:
@@ -371,8 +375,9 @@ async def ab_round(label: str, python: str, scenarios: list[str], seconds: float
     if label == KEYS:
         (tmp / "publish-keys").write_text(PUBLISH_KEY + "\n")
         keys = ("--publish-keys-file", str(tmp / "publish-keys"))
-    broker = start_server("broker", f"ab-{label}-broker", tmp, *keys, python=python)
-    proxy = start_server("proxy", f"ab-{label}-proxy", tmp, python=python)
+    workers = ("--workers", "2") if label == WORKERS else ()
+    broker = start_server("broker", f"ab-{label}-broker", tmp, *keys, *workers, python=python)
+    proxy = start_server("proxy", f"ab-{label}-proxy", tmp, *workers, python=python)
     runs = []
     try:
         await attach(proxy, broker)
@@ -388,7 +393,8 @@ async def ab_round(label: str, python: str, scenarios: list[str], seconds: float
     return runs
 
 
-async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]) -> dict[str, Any]:
+async def compare(before: str, rounds: int, seconds: float, scenarios: list[str], workers: bool = False,
+                  ) -> dict[str, Any]:
     """Rounds of before and current (and current with publisher keys, for ingest), each a fresh broker and
     proxy running the scenarios; medians."""
     raise_fd_limit()
@@ -397,6 +403,8 @@ async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]
     builds = {"before": before, "current": sys.executable}
     if any(s.startswith("ingest") for s in scenarios):
         builds[KEYS] = sys.executable
+    if workers:
+        builds[WORKERS] = sys.executable
     runs: list[dict[str, Any]] = []
     for r in range(rounds):  # A B, B A, A B, ...: a drifting machine load favours neither
         for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
@@ -424,11 +432,13 @@ def print_table(out: dict[str, Any]) -> None:
     def cell(v: float | None) -> str:
         return "" if v is None else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
-    print(f"{'scenario':16} {'figure (median)':30} {'before':>9} {'current':>9} {'ratio':>6} {KEYS:>13} {'ratio':>6}")
+    print(f"{'scenario':16} {'figure (median)':30} {'before':>9} {'current':>9} {'ratio':>6} {KEYS:>13} {'ratio':>6}"
+          f" {WORKERS:>11} {'ratio':>6}")
     for key, rows in out["medians"].items():
         for figure, row in rows.items():
             print(f"{key:16} {figure:30} {cell(row['before']):>9} {cell(row['current']):>9} "
-                  f"{row['current/before']!s:>6} {cell(row.get(KEYS)):>13} {row.get(KEYS + '/before', '')!s:>6}")
+                  f"{row['current/before']!s:>6} {cell(row.get(KEYS)):>13} {row.get(KEYS + '/before', '')!s:>6}"
+                  f" {cell(row.get(WORKERS)):>11} {row.get(WORKERS + '/before', '')!s:>6}")
     loads = out["machine"]["load_average"]
     print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}")
 
@@ -442,6 +452,8 @@ if __name__ == "__main__":
     parser.add_argument("--before", metavar="PYTHON",
                         help="A/B instead: this interpreter's build (e.g. another worktree's .venv/bin/python) "
                              "against this one, interleaved; medians to bench/results/dataplane_ab.json")
+    parser.add_argument("--workers2", action="store_true",
+                        help=f"also this build with --workers 2 on the broker and the proxy ({WORKERS})")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
     parser.add_argument("--scenarios", default=",".join(AB_SCENARIOS),
                         help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)})")
@@ -451,7 +463,7 @@ if __name__ == "__main__":
         scenarios = opts.scenarios.split(",")
         if unknown := set(scenarios) - set(AB_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
-        out = asyncio.run(compare(opts.before, opts.rounds, seconds, scenarios))
+        out = asyncio.run(compare(opts.before, opts.rounds, seconds, scenarios, opts.workers2))
         path = ROOT / "bench" / "results" / "dataplane_ab.json"
     else:
         out = asyncio.run(main(seconds))

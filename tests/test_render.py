@@ -311,12 +311,12 @@ def test_resources_are_passed_through(
         ("demo-broker-0",
          ["neoplasma", "broker", "--host", "0.0.0.0", "--grpc-port", "50051",
           "--http-port", "8080", "--retention-seconds", "300", "--retention-bytes", "268435456",
-          "--credential-file", "/etc/neoplasma/credential/credential"],
+          "--credential-file", "/etc/neoplasma/credential/credential", "--workers", "1"],
          {"grpc": 50051, "http": 8080}, 30),
         ("demo-proxy",
          ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
           "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5",
-          "--credential-file", "/etc/neoplasma/credential/credential"],
+          "--credential-file", "/etc/neoplasma/credential/credential", "--workers", "1"],
          {"grpc": 50051, "http": 8080, "control": 50052}, 65),
     ],
 )
@@ -714,3 +714,19 @@ def test_crd_defaults_an_empty_resource_fully(schema: dict[str, Any]) -> None:
                     "service": {"type": "ClusterIP"}},
         "networkPolicies": {"enabled": True},
     }
+
+
+@pytest.mark.parametrize(("resources", "workers"), [
+    (None, 1),  # the default: a request of 100m
+    ({"requests": {"cpu": "2"}}, 2),
+    ({"requests": {"cpu": "2"}, "limits": {"cpu": "3500m"}}, 3),  # the limit, in whole CPUs
+    ({"limits": {"cpu": 4}}, 4),
+    ({"requests": {"cpu": "0.5"}}, 1),
+    ({"requests": {"memory": "1Gi"}}, 1),  # no CPU named
+])
+def test_worker_counts_follow_the_cpu_resources(resources: dict[str, Any] | None, workers: int) -> None:
+    tier = {} if resources is None else {"resources": resources}
+    children = rendered({"brokers": tier, "proxies": tier})
+    for name in ("demo-broker-0", "demo-proxy"):
+        command = container(children["Deployment", name])["command"]
+        assert command[command.index("--workers") + 1] == str(workers)

@@ -34,8 +34,9 @@ from neoplasma.local.harness import (
     publish_grpc,
     wait_for,
 )
+from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
-from neoplasma.proxy.links import LinkSet
+from neoplasma.proxy.links import LinkSet, LinkState
 from neoplasma.proxy.resume import Resume, start_resume
 from neoplasma.proxy.server import Proxy, ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -345,22 +346,44 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
     await links.close()
 
 
-async def test_relay_failing_unexpectedly_ends_with_an_error_and_the_proxy_signals_the_gap(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """An OK end of a relay is a drained broker's (everything was relayed): an unexpected error in
-    the broker's interest reader must not end the stream that way."""
-    broker = Broker(BrokerConfig(name="b0"))
+async def in_process_broker(name: str = "b0") -> tuple[Broker, grpc.aio.Server, str]:
+    """A broker's relay face served in this process (so a test can reach into it)."""
+    broker = Broker(BrokerConfig(name=name))
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return broker, server, f"127.0.0.1:{port}"
+
+
+def numbered(*ns: int) -> list[Event]:
+    return [Event("x", json.dumps({"n": n}).encode()) for n in ns]
+
+
+def numbers(events: Sequence[Event]) -> list[int]:
+    return [json.loads(e.data)["n"] for e in events]
+
+
+def in_process_proxy(name: str) -> tuple[Hub, LinkSet, asyncio.Task[None], Recorder]:
+    """A proxy's hub (its dispatcher running) and links in this process, with one subscriber of "x"."""
     hub = Hub()
-    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
     client = Recorder()
     hub.add(client, ["x"])
-    await links.apply(Snapshot(1, (Member("b0", f"127.0.0.1:{port}"),), CLUSTER))
+    return hub, LinkSet(hub, name, 1 << 20, PLAIN), asyncio.create_task(hub.run_dispatcher()), client
+
+
+async def test_relay_lost_mid_epoch_ends_with_an_error_and_the_broker_backfills_from_the_proxy_position(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OK end of a relay is a drained broker's (everything was relayed): an unexpected error in
+    the broker's interest reader must not end the stream that way. The proxy reconnects and the
+    broker first sends what it accepted since the proxy's position: nothing lost, no gap."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
     [link] = links.links.values()
     assert await links.changed.wait_until(links.settled, 10)
+    broker.accept(numbered(0), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 1, 10)
     update = broker.router.update_interest
 
     def fail_once(*args: Any) -> None:
@@ -369,9 +392,52 @@ async def test_relay_failing_unexpectedly_ends_with_an_error_and_the_proxy_signa
 
     monkeypatch.setattr(broker.router, "update_interest", fail_once)
     hub.add(Recorder(), ["y"])  # the broker fails applying this interest
-    assert await links.changed.wait_until(lambda: bool(client.gaps), 10), link.last_error
-    assert client.gaps == ["the relay from broker b0 was lost; its events since may be lost"]
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10)
+    assert link.last_error.startswith("INTERNAL"), link.last_error
+    broker.accept(numbered(1, 2), "publisher")  # no relay is open now (no await since BACKOFF was seen)
+    assert await links.changed.wait_until(links.settled, 10)
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 3, 10)
+    broker.accept(numbered(3), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 4, 10)
+    assert numbers(client.events) == [0, 1, 2, 3] and client.gaps == []
+    dispatcher.cancel()
     await links.close()
+    await server.stop(None)
+
+
+async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_backfilled_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker added to a proxy that already has subscribers: what it accepted before the proxy's
+    relay arrived (publishers find it through its Service first) reaches them, exactly once; a
+    broker removed and added back (its readiness flapped) resumes from where the proxy left off."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (), CLUSTER))
+    broker.accept(numbered(0, 1), "publisher")  # before any relay
+    await links.apply(Snapshot(2, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    broker.accept(numbered(2), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 3, 10)
+    await links.apply(Snapshot(3, (), CLUSTER))  # removed (a clean stop of the link: no gap) ...
+    broker.accept(numbered(3), "publisher")
+    await links.apply(Snapshot(4, (Member("b0", address),), CLUSTER))  # ... and back, same epoch
+    assert await links.changed.wait_until(links.settled, 10)
+    broker.accept(numbered(4), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 5, 10)
+    assert numbers(client.events) == [0, 1, 2, 3, 4]
+    # A proxy whose subscribers are younger than the broker's events gets none of them (without the
+    # slack for a busy broker, which would let events up to that much older through).
+    monkeypatch.setattr(links_module, "BACKFILL_SLACK", 0.0)
+    hub2, links2, dispatcher2, late = in_process_proxy("p1")
+    await links2.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links2.changed.wait_until(links2.settled, 10)
+    broker.accept(numbered(5), "publisher")
+    assert await hub2.advanced.wait_until(lambda: len(late.events) >= 1, 10)
+    assert numbers(late.events) == [5] and numbers(client.events[5:]) in ([], [5])
+    dispatcher.cancel()
+    dispatcher2.cancel()
+    await links.close()
+    await links2.close()
     await server.stop(None)
 
 
@@ -444,10 +510,13 @@ def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     for i in range(0, 100, 10):  # batches of 10, seq 1..100, one per second
         log.append(i + 1, events[i:i + 10], now=float(i // 10))
     assert log.oldest == 1 and log.covers(0)
+    assert log.accepted_since(3.5) == (40, True) and log.accepted_since(-1.0) == (0, True)
+    assert log.accepted_since(99.0) == (100, True)  # nothing accepted since: after the last seq
     assert [s for s, _ in log.replay(45, 60, frozenset({"a"}))] == list(range(47, 61, 2))
     assert [e.data for _, e in log.replay(98, 200, frozenset({"a", "b"}))] == [b"99", b"100"]
     log.evict(now=12.5)  # batches accepted before 2.5 s are gone
     assert log.oldest == 31 and not log.covers(29) and log.covers(30)
+    assert log.accepted_since(1.5) == (30, False) and log.accepted_since(2.5) == (30, True)
     assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
     small = RetentionLog(max_age=1e9, max_bytes=2 * (150 + 4))  # two one-event batches
     for seq in range(1, 6):

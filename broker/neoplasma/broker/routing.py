@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
-from neoplasma.core.events import Event, batch_entry, batch_trailer, varint_field
+from neoplasma.core.events import Event, batch_trailer, stamped_entry, topic_field, varint_field
 from neoplasma.core.topics import TopicIndex
 
 
@@ -115,11 +116,15 @@ class Router:
         Returns (queued, dropped).
         """
         queued = dropped = 0
+        topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
         for seq, event in enumerate(events, first_seq):
-            streams = self._index.matching(event.topic)
+            found = topics.get(event.topic)
+            if found is None:
+                found = topics[event.topic] = (self._index.matching(event.topic), topic_field(event.topic))
+            streams, topic = found
             if not streams:
                 continue
-            entry = batch_entry(event, seq)
+            entry = stamped_entry(topic, event.data, seq)
             for stream in streams:
                 if stream.offer(entry):
                     queued += 1

@@ -48,6 +48,7 @@ from neoplasma.core.trust import (
     refuse,
     server_tls,
 )
+from neoplasma.core.workers import Offload, cpus_now
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -58,6 +59,9 @@ SERVICE_NAME = "neoplasma.v1.Broker"
 # publishers, relay streams) then stalls for at most the body's one json.loads (~30 ms at 16 MiB)
 # instead of the whole check (~170 ms over HTTP, ~270 ms over gRPC at 16 MiB; bench/ingest_stall.py).
 OFF_LOOP_BYTES = 256 * 1024
+# With --workers N > 1, publish requests of at least this many bytes are checked by the N - 1 other
+# processes (neoplasma.core.workers.Offload) while this one serves; smaller ones cost less inline.
+OFFLOAD_BYTES = 4096
 JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json")
 
 
@@ -65,6 +69,9 @@ JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json")
 class BrokerConfig(TrustSettings):
     """The broker's settings; `neoplasma broker` has an option for each one with help."""
 
+    workers: int = setting(factory=cpus_now, bound=POSITIVE, env="NEOPLASMA_WORKERS",
+                           help="processes checking publishes: this one and N - 1 others (default: the CPUs "
+                           "this process may use, cgroup quota included)")
     name: str = setting(factory=lambda: pod_name("broker"),
                         help="broker name (default $NEOPLASMA_POD_NAME, else broker-HOST-PID)")
     host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
@@ -125,6 +132,7 @@ class Broker:
         self.epoch = random.randint(1, 2**32 - 1)
         self.seq = 0  # the last seq stamped in this epoch
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
+        self.offload = Offload(config.workers - 1)
         self.events_in = 0
         self.events_out = 0
         self.events_dropped = 0
@@ -139,6 +147,8 @@ class Broker:
         cfg = self.config
         limits = {"max_bytes": cfg.max_event_bytes, "max_topic_length": cfg.max_topic_length,
                   "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes}
+        if size >= OFFLOAD_BYTES and self.offload.free():
+            return [Event(topic, data) for topic, data in await self.offload.run(checked_pairs, parse, given, limits)]
         if size > OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse, given, **limits)
         return parse(given, **limits)
@@ -161,6 +171,26 @@ class Broker:
         self._publishers[peer] = now
         self._rate.append((now, self.events_in))
         return n
+
+    def backfill(self, stream: RelayStream, first: pb.Interest) -> int:
+        """Queue on a new relay stream what the proxy missed before it (`Interest.epoch`, `after`,
+        `backfill_ms`): retained events matching its interest, up to the head now. Returns how many."""
+        log_ = self.retention
+        now = time.monotonic()
+        log_.evict(now)
+        if first.epoch == self.epoch and first.after:
+            after, covered = first.after, first.after <= self.seq and log_.covers(first.after)
+        elif first.backfill_ms:
+            after, covered = log_.accepted_since(now - first.backfill_ms / 1000)
+        else:
+            return 0
+        stream.gap = stream.gap or not covered
+        queued = 0
+        for seq, event in log_.replay(after, self.seq, frozenset(stream.interest)):
+            queued += stream.offer(batch_entry(event, seq))
+        self.events_out += queued
+        self.metrics.events_out.inc(queued)
+        return queued
 
     def reject(self, count: int = 1) -> None:
         self.events_rejected += count
@@ -191,6 +221,11 @@ class Broker:
             events_dropped=self.events_dropped, events_rejected=self.events_rejected,
             draining=self.draining, events_in_per_second=self.rate(),
         )
+
+
+def checked_pairs(parse: Callable[..., list[Event]], given: Any, limits: dict[str, int]) -> list[tuple[str, bytes]]:
+    """`parse(given, **limits)` as (topic, data) pairs: what an offload worker sends back (Events pickle slowly)."""
+    return [(event.topic, event.data) for event in parse(given, **limits)]
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
@@ -224,8 +259,10 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
+        backfilled = broker.backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)
-        log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest))
+        log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest),
+                 backfilled=backfilled, gap=stream.gap)
         reader = asyncio.create_task(self._read_interest(stream, context))
         try:
             while not reader.done():
@@ -374,6 +411,7 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
 
 async def serve(config: BrokerConfig) -> None:
     broker = Broker(config)
+    await broker.offload.start()
     servicer = BrokerServicer(broker)
     cluster = config.cluster_tokens()
     keys = Tokens.optional(config.publish_keys_file)
@@ -423,5 +461,6 @@ async def serve(config: BrokerConfig) -> None:
         stream.wake.set()
     await server.stop(grace=1.0)
     await http.stop()
+    broker.offload.close()
     log.info("broker_stopped", events_in=broker.events_in, events_out=broker.events_out,
              dropped=broker.events_dropped)

@@ -17,6 +17,7 @@ from neoplasma.core.errors import NeoplasmaError
 from neoplasma.core.logs import setup_logging
 from neoplasma.core.net import die_with_parent, raise_fd_limit
 from neoplasma.core.settings import Settings
+from neoplasma.core.workers import Place
 
 # What `add_commands(commands)` of a tier's cli module adds its subcommands to.
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -38,11 +39,20 @@ def run_server(server: Callable[[], Coroutine[Any, Any, None]]) -> int:
 
 
 def add_server(commands: Commands, name: str, help: str, config: type[Config],
-               serve: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
-    """The command `name`, with an option per setting of `config`, running `serve(config)`."""
+               serve: Callable[[Config], Coroutine[Any, Any, None]],
+               supervise: Callable[[Config], Coroutine[Any, Any, None]] | None = None) -> None:
+    """The command `name`, with an option per setting of `config`, running `serve(config)`, or
+    `supervise(config)` when given and the config asks for more than one worker (neoplasma.core.workers)."""
     parser = commands.add_parser(name, help=help)
     config.add_options(parser)
-    parser.set_defaults(func=lambda args: run_server(lambda: serve(config.from_args(args))))
+
+    def run(args: argparse.Namespace) -> int:
+        settings = config.from_args(args)
+        if supervise is not None and getattr(settings, "workers", 1) > 1 and Place.here() is None:
+            return run_server(lambda: supervise(settings))
+        return run_server(lambda: serve(settings))
+
+    parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
@@ -43,12 +44,14 @@ class Event:
     seq: int = 0
 
 
-# Matches a JSON string literal, or a run of whitespace outside one.
-_TOKENS = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")|[ \t\n\r]+', re.DOTALL)
-_WHITESPACE = re.compile(r"[ \t\n\r]")
+# A JSON string literal (captured: splitting on it keeps the strings at odd indices).
+_STRINGS = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
 # In valid JSON: string literals and runs of anything but brackets, i.e. all but the nesting.
 _NOT_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[^"\[\]{}]+', re.DOTALL)
 _NESTING_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+# What compact_json changes: whitespace, and the characters Go escapes.
+_SPECIAL = re.compile("[ \t\n\r<>&\u2028\u2029]")
+_WHITESPACE = re.compile(r"[ \t\n\r]")
 # A \uD800-\uDFFF escape: only then can a decoded string hold an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Characters Go's encoding/json escapes inside strings (plasma is written in Go).
@@ -64,9 +67,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _load(text: str | bytes, what: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
+    try:  # bytes as json.loads reads them (UTF-8, -16 or -32)
+        return _DECODER.decode(text) if isinstance(text, str) else json.loads(text, parse_constant=_reject_constant)
     except RecursionError:  # past ~1000 levels; shallower ones are measured by _check_depth
         raise InvalidEvent(f"{what} nests too deeply; event data may nest at most {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -106,16 +112,24 @@ def compact_json(raw: str | bytes) -> bytes:
     _check_depth(text)
     if _SURROGATE_ESCAPE.search(text):
         _utf8(json.dumps(value, ensure_ascii=False), "data")
-    if _WHITESPACE.search(text):
-        text = _TOKENS.sub(r"\1", text)  # strings stay, whitespace between tokens goes
+    if not _SPECIAL.search(text):  # compact already (the usual case): valid UTF-8 as given
+        return raw if isinstance(raw, bytes) else _utf8(text, "data")
+    if _WHITESPACE.search(text):  # strings stay, whitespace between tokens goes
+        pieces = _STRINGS.split(text)
+        pieces[::2] = ["".join(between.split()) for between in pieces[::2]]
+        text = "".join(pieces)
     if _GO_ESCAPE_RE.search(text):
         text = _go_escape(text)
     return _utf8(text, "data")
 
 
+# Publishers send few distinct topics, many times over: each is checked once (valid ones are kept).
+_checked_topic = lru_cache(maxsize=16384)(check_topic)
+
+
 def _checked_event(topic: str, compact: bytes, max_bytes: int, max_topic_length: int) -> Event:
     try:
-        check_topic(topic, max_topic_length)
+        _checked_topic(topic, max_topic_length)
     except InvalidTopic as exc:
         raise InvalidEvent(f"meta.type: {exc}") from None
     if len(compact) > max_bytes:
@@ -204,8 +218,13 @@ def parse_publish_body(body: bytes, *, max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 # ---------------------------------------------------------------- encodings
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(value: int) -> bytes:
     """`value` as a protobuf base-128 varint."""
+    if value <= 0x7F:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -228,16 +247,27 @@ def fixed32_field(field: int, value: int) -> bytes:
     return varint(field << 3 | 5) + value.to_bytes(4, "little")
 
 
-def batch_entry(event: Event, seq: int = 0) -> bytes:
-    """`event` as one element of `EventBatch.events` (field 1), encoded once, stamped with `seq`.
+def topic_field(topic: str) -> bytes:
+    """`Event.topic` encoded: the start of every entry of that topic (see `stamped_entry`)."""
+    return _field_bytes(1, topic.encode("utf-8"))
+
+
+def stamped_entry(topic: bytes, data: bytes, seq: int = 0) -> bytes:
+    """An event (its `topic_field` and data) as one element of `EventBatch.events` (field 1),
+    stamped with `seq`.
 
     Joining entries gives the serialised `EventBatch`, so a broker builds each
     relay message by concatenation, with no protobuf work per proxy.
     """
-    body = _field_bytes(1, event.topic.encode("utf-8")) + _field_bytes(2, event.data)
+    body = topic + b"\x12" + varint(len(data)) + data  # field 2, length-delimited
     if seq:
-        body += varint_field(3, seq)
-    return _field_bytes(1, body)
+        body += b"\x18" + varint(seq)  # field 3, varint
+    return b"\x0a" + varint(len(body)) + body
+
+
+def batch_entry(event: Event, seq: int = 0) -> bytes:
+    """`event` as one element of `EventBatch.events`, stamped with `seq` (see `stamped_entry`)."""
+    return stamped_entry(topic_field(event.topic), event.data, seq)
 
 
 def batch_trailer(*, epoch: int = 0, head: int = 0, token: bytes = b"", gap: bool = False) -> bytes:

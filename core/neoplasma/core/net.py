@@ -29,12 +29,15 @@ class ParentGone(NeoplasmaError):
     """`neoplasma up`, which started this server, died before the server could follow it."""
 
 
-def bind_socket(host: str, port: int, flag: str) -> socket.socket:
+def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname()).
-    `flag` names the option that chose the port, for the error if it is taken."""
+    `flag` names the option that chose the port, for the error if it is taken. With `reuse_port`,
+    other sockets with SO_REUSEPORT (a pod's workers) may listen on it too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

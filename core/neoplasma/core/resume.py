@@ -6,6 +6,7 @@ import base64
 import binascii
 import bisect
 import hashlib
+import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -97,6 +98,7 @@ class RetentionLog:
         # (first seq, accepted at, events, bytes), oldest first; seqs are contiguous across entries.
         self._batches: deque[tuple[int, float, Sequence[Event], int]] = deque()
         self._next = 1  # seq of the next event appended
+        self._evicted_at = -math.inf  # when the newest evicted batch was accepted
 
     @property
     def oldest(self) -> int:
@@ -115,13 +117,21 @@ class RetentionLog:
         cutoff = now - self.max_age
         batches = self._batches
         while batches and (batches[0][1] < cutoff or self.bytes > self.max_bytes):
-            _, _, events, size = batches.popleft()
+            _, self._evicted_at, events, size = batches.popleft()
             self.bytes -= size
             self.events -= len(events)
 
     def covers(self, after: int) -> bool:
         """True when every event with seq > `after` is still retained."""
         return after + 1 >= self.oldest
+
+    def accepted_since(self, since: float) -> tuple[int, bool]:
+        """(the seq after which every event was accepted at or after `since`, and whether
+        all of those are still retained)."""
+        batches = self._batches
+        index = bisect.bisect_left(batches, since, key=lambda b: b[1])
+        after = batches[index][0] - 1 if index < len(batches) else self._next - 1
+        return after, self._evicted_at < since
 
     def replay(self, after: int, until: int, topics: frozenset[str]) -> Iterator[tuple[int, Event]]:
         """(seq, event) with after < seq <= until matching `topics`, in order.

@@ -139,6 +139,15 @@ class Settings:
             raise KeyError(f"{cls.__name__}.{name} is not a command-line option")
         return _flag(found[0])
 
+    def to_args(self, **changes: Any) -> list[str]:
+        """The command-line options that give this config, with `changes` (field name: value)."""
+        out: list[str] = []
+        for f in fields(self):
+            value = changes.get(f.name, getattr(self, f.name))
+            if f.metadata.get("help") and value != []:
+                out += [_flag(f), ",".join(value) if isinstance(value, list) else str(value)]
+        return out
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
         """The config from options parsed by a parser that has `add_options`."""

@@ -33,6 +33,7 @@ from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
+WORKERS_ENV = "NEOPLASMA_WORKERS"  # the default of --workers
 CREDENTIAL = secrets.token_urlsafe(24)  # the cluster credential of servers started here
 ACCESS = Access(Tokens(given=[CREDENTIAL]))  # for the operator's and `up`'s clients
 AUTH = bearer_metadata(CREDENTIAL)
@@ -90,7 +91,7 @@ class Server:
 def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[str, int] | None = None,
                  env: dict[str, str] | None = None, python: str = sys.executable) -> Server:
     """`neoplasma KIND --name NAME EXTRA...` with the cluster credential `CREDENTIAL` (unless `env` changes it),
-    run by `python` (another build's interpreter, for A/B benchmarks)."""
+    run by `python` (another build's interpreter, for A/B benchmarks); one worker unless `extra` or `env` say."""
     ports = ports or ({"grpc-port": 0, "http-port": 0} if kind == "broker"
                       else {"grpc-port": 0, "http-port": 0, "control-port": 0})
     args = [python, "-m", "neoplasma", kind, "--name", name, "--host", "127.0.0.1"]
@@ -99,7 +100,7 @@ def start_server(kind: str, name: str, log_dir: Path, *extra: str, ports: dict[s
     args += list(extra)
     log_path = log_dir / f"{name}.log"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_path.open("ab"),
-                            env={**os.environ, CREDENTIAL_ENV: CREDENTIAL, **(env or {})})
+                            env={**os.environ, CREDENTIAL_ENV: CREDENTIAL, WORKERS_ENV: "1", **(env or {})})
     try:
         line = read_json_line(proc.stdout, 30)
     except Exception:

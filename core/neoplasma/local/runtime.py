@@ -55,7 +55,8 @@ class Child:
     draining: bool = False  # being removed: no restart, DRAINING in membership
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1",
+               *(("--workers", "1") if self.kind in ("broker", "proxy") else ())]  # one core each here
         for flag, port in self.ports.items():
             cmd += [f"--{flag}", str(port)]
         return cmd + self.args

@@ -22,7 +22,7 @@ from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
 from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
-from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, ServiceType
+from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, Resources, ServiceType
 from neoplasma.proxy.server import ProxyConfig
 
 Manifest = dict[str, Any]
@@ -203,6 +203,18 @@ def server_command(tier: str, config: type[Settings], ports: dict[str, int], **s
             *(arg for name, value in values.items() for arg in (config.option(name), str(value)))]
 
 
+def cpu_cores(quantity: str) -> float:
+    """A CPU quantity in cores: "2" -> 2.0, "1500m" -> 1.5, "0.5" -> 0.5."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def workers_for(resources: Resources) -> int:
+    """How many worker processes a pod runs (`--workers`): the whole CPUs of its limit, else of
+    its request, at least 1 (as the servers count a cgroup quota: neoplasma.core.workers)."""
+    cpu = resources.limits.get("cpu") or resources.requests.get("cpu")
+    return max(1, math.floor(cpu_cores(cpu))) if cpu else 1
+
+
 def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str) -> Manifest:
     name = broker_deployment_name(cluster.name, index)
     selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
@@ -218,7 +230,8 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
         replicas=replicas,
         image=image,
         command=server_command(Tier.BROKER, BrokerConfig, BROKER_PORTS, retention_seconds=retention.seconds,
-                               retention_bytes=retention.max_bytes, **trust),
+                               retention_bytes=retention.max_bytes, **trust,
+                               workers=workers_for(cluster.spec.brokers.resources)),
         ports=BROKER_PORTS,
         secrets=volumes,
         probe_scheme="HTTPS" if cluster.spec.trust.tls_secret else "HTTP",  # the broker serves HTTP with TLS too
@@ -241,7 +254,8 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
-        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY, **trust),
+        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY, **trust,
+                               workers=workers_for(cluster.spec.proxies.resources)),
         ports=PROXY_PORTS,
         secrets=volumes,
         probe_scheme="HTTP",  # subscribers' port: plaintext

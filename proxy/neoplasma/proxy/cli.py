@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from neoplasma.core.cli import Commands, add_server
+from neoplasma.proxy.pod import serve_pod
 from neoplasma.proxy.server import ProxyConfig, serve
 
 
 def add_commands(commands: Commands) -> None:
-    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, serve)
+    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, serve,
+               serve_pod)

@@ -184,11 +184,12 @@ class BatchSubscriber(QueueSubscriber):
 class Group:
     """Subscribers sharing one topic set, by kind."""
 
-    __slots__ = ("key", "members")
+    __slots__ = ("key", "members", "since")
 
     def __init__(self, key: frozenset[str]) -> None:
         self.key = key
         self.members: dict[type[Subscriber], set[Subscriber]] = {}
+        self.since = time.monotonic()  # when the proxy began wanting these topics
 
 
 InterestListener = Callable[[set[str], set[str]], None]
@@ -222,6 +223,11 @@ class Hub:
     def wants(self, topics: Iterable[str]) -> bool:
         """Every one of `topics` is already in the proxy's interest."""
         return all(topic in self._index for topic in topics)
+
+    def interest_age(self) -> float:
+        """Seconds since the oldest present topic set was first wanted (0 with no subscribers): how far
+        back a broker that this proxy has not heard from yet must backfill (links.py)."""
+        return time.monotonic() - min((g.since for g in self._groups.values()), default=time.monotonic())
 
     def on_interest_change(self, listener: InterestListener) -> None:
         self._listeners.append(listener)
@@ -300,6 +306,13 @@ class Hub:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
         self._retiring.add(epoch)
         self._wake.set()
+
+    def revive(self, epoch: int) -> None:
+        """A retired epoch's broker is back (same process): its position counts again."""
+        self._retiring.discard(epoch)
+        if epoch in self.retired:
+            self.positions.setdefault(epoch, self.retired.pop(epoch))
+            self._token = None
 
     def _retire_now(self) -> None:
         for epoch in self._retiring:

@@ -1,14 +1,18 @@
 """Relay links: one stream to every broker in the proxy's membership.
 
 Each link learns its broker's epoch and hands stamped events and heads to the
-hub. A relay that was lost without a clean end (the broker flushes, sends its
-last head and ends the stream when it drains) may have lost events: the
-subscribers get the gap signal when the link is back or removed.
+hub. Every relay stream starts with a backfill (docs/resume.md): from the
+link's position when it knows the broker's epoch, else what the broker accepted
+since the proxy's oldest subscription. A broker that restarted, or is removed
+after its relay was lost without a clean end (the broker flushes, sends its
+last head and ends the stream when it drains), may have lost events: the
+subscribers get the gap signal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 
@@ -20,7 +24,7 @@ from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
 from neoplasma.core.trust import Access
-from neoplasma.proxy.hub import Hub
+from neoplasma.proxy.hub import RETIRED_KEPT, Hub
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -29,6 +33,8 @@ log = get_logger("proxy.links")
 LinkState = pb.BrokerLink.State
 
 
+MAX_BACKFILL_MS = 2**32 - 1  # Interest.backfill_ms is a uint32 (brokers retain at most a day anyway)
+BACKFILL_SLACK = 2.0  # seconds: a busy broker reads a relay's first message late (its clock runs on meanwhile)
 RETRY = BackoffPolicy(initial=0.1, maximum=5.0, jitter=True)  # a lost relay stream, reconnected
 
 
@@ -124,7 +130,14 @@ class BrokerLink:
         self._added, self._removed = set(), set()
         self._interest_changed.clear()
         self._interest_sent, self._interest_applied = 1, 0
-        await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name))
+        # Where this proxy left off with the broker: it backfills what the last stream did not bring,
+        # or (a broker new to this proxy, or restarted) what it accepted since our oldest subscription,
+        # measured once the stream is open, plus slack for the time the message takes to be read.
+        await call.wait_for_connection()
+        age = self.hub.interest_age()
+        backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
+        await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
+                                     epoch=self.epoch, after=self.position, backfill_ms=backfill_ms))
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -147,13 +160,13 @@ class BrokerLink:
             call.cancel()
 
     def _opened(self, epoch: int) -> None:
-        """A relay stream's first message: end the old epoch if the broker restarted, note a lost relay."""
+        """A relay stream's first message: end the old epoch if the broker restarted. (Within an epoch
+        the broker backfilled from our position, with `gap` if it could not.)"""
         if epoch != self.epoch:
             self.retire()  # with a gap when the old relay was lost
             self.position = 0
-        elif not self.ended_cleanly:
-            self.hub.broadcast_gap(f"the relay from broker {self.member.name} was lost; its events since "
-                                   "may be lost")
+        else:
+            self.hub.revive(epoch)  # a broker that left the membership and came back
         self.epoch = epoch
         self.ended_cleanly = False
 
@@ -187,6 +200,7 @@ class LinkSet:
         self.max_message_bytes = max_message_bytes
         self.applied: Snapshot = EMPTY
         self.links: dict[str, BrokerLink] = {}
+        self.left: dict[str, tuple[int, int]] = {}  # removed brokers: (epoch, position), should they return
         self.changed = Signal()
         hub.on_interest_change(self._interest_changed)
 
@@ -203,6 +217,10 @@ class LinkSet:
                 del self.links[name]
                 await link.stop()
                 link.retire()
+                if link.epoch:
+                    self.left[name] = (link.epoch, link.position)
+                    while len(self.left) > RETIRED_KEPT:
+                        del self.left[next(iter(self.left))]
                 log.info("relay_removed", broker=name, address=link.member.address)
         for name, member in wanted.items():
             existing = self.links.get(name)
@@ -211,6 +229,7 @@ class LinkSet:
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
+            link.epoch, link.position = self.left.pop(name, (0, 0))
             link.start()
         self.applied = snapshot
         self.hub.set_cluster(snapshot.cluster)

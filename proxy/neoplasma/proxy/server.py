@@ -42,6 +42,7 @@ from neoplasma.core.trust import (
     refuse,
     server_tls,
 )
+from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metrics
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.hub import (
     BatchSubscriber,
@@ -60,12 +61,17 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
+# Summed over a pod's workers except these: the version every worker has applied.
+LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
 
 
 @dataclass
 class ProxyConfig(TrustSettings):
     """The proxy's settings; `neoplasma proxy` has an option for each one with help."""
 
+    workers: int = setting(factory=cpus_now, bound=POSITIVE, env="NEOPLASMA_WORKERS",
+                           help="worker processes sharing the ports (default: the CPUs this process may use, "
+                           "cgroup quota included)")
     name: str = setting(factory=lambda: pod_name("proxy"),
                         help="proxy name (default $NEOPLASMA_POD_NAME, else proxy-HOST-PID)")
     host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
@@ -371,7 +377,7 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
 
 
-def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
+def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
     cfg = proxy.config
 
     async def sse(request: web.Request) -> web.StreamResponse:
@@ -424,7 +430,8 @@ def http_app(proxy: Proxy, registry: CollectorRegistry) -> web.Application:
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = await metrics_body(place, lambda: generate_latest(registry), LOWEST_METRICS)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/", sse)
@@ -450,11 +457,12 @@ async def _heartbeat(proxy: Proxy) -> None:
 
 
 async def serve(config: ProxyConfig) -> None:
+    place = Place.here()  # one of a pod's workers (neoplasma.proxy.pod), or None: the whole proxy
     proxy = Proxy(config)
     if config.brokers:
         await proxy.links.apply(static_snapshot(config.brokers))
 
-    subscribers = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    subscribers = grpc.aio.server(options=[("grpc.so_reuseport", int(place is not None))])
     subscribers.add_generic_rpc_handlers(subscriber_handlers(proxy))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, subscribers)
@@ -463,17 +471,25 @@ async def serve(config: ProxyConfig) -> None:
                                                        "(authorization: Bearer TOKEN)")})
     control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ProxyControlServicer_to_server(ControlServicer(proxy), control)
-    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port",
-                                 grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
+    if place is None:
+        control_address = hostport(config.host, add_grpc_port(
+            control, config.host, config.control_port, "--control-port",
+            grpc_server_credentials(server_tls(config.tls_cert, config.tls_key))))
+    else:  # the pod's control port is its supervisor's, which relays to this private one
+        control_address = place.control()
+        control.add_insecure_port(control_address)
     await subscribers.start()
     await control.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
-    http = HttpServer(http_app(proxy, registry), bind_socket(config.host, config.http_port, "--http-port"),
+    http = HttpServer(http_app(proxy, registry, place),
+                      bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
                       config.header_timeout, handler_cancellation=True)
     await http.start()
+    own_metrics = (await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
+                   if place is not None else None)
     http_port = http.port
     heartbeat = asyncio.create_task(_heartbeat(proxy))
     dispatcher = asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))
@@ -483,7 +499,7 @@ async def serve(config: ProxyConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     addresses = {"http": hostport(config.host, http_port), "grpc": hostport(config.host, grpc_port),
-                 "control": hostport(config.host, control_port)}
+                 "control": control_address}
     log.info("proxy_serving", name=config.name, **addresses)
     announce(kind="proxy", name=config.name, **addresses)
     await stop.wait()
@@ -502,5 +518,7 @@ async def serve(config: ProxyConfig) -> None:
     await control.stop(grace=0.5)
     await proxy.links.close()
     await http.stop()
+    if own_metrics is not None:
+        await own_metrics.stop()
     log.info("proxy_stopped", deliveries=proxy.hub.deliveries)
 

@@ -1,0 +1,162 @@
+"""A proxy pod of several workers (`neoplasma proxy --workers N`, neoplasma.core.workers).
+
+Every worker is a whole proxy (its own links to every broker, its own subscribers: the kernel
+spreads subscriber connections over them). The supervisor owns the pod's one control port: it
+relays a membership push and a drain to every worker, answers Status as the sum of the workers',
+and pushes the last membership to a worker as soon as it (re)starts, so none waits for the
+operator's next push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import grpc
+
+from neoplasma.core.logs import get_logger
+from neoplasma.core.net import add_grpc_port, announce, hostport
+from neoplasma.core.trust import Guard, Metadata, Rule, Tokens, grpc_server_credentials, server_tls
+from neoplasma.core.workers import Supervisor, Worker, reuse_port_socket, worker_argv
+from neoplasma.proxy.server import ProxyConfig
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+log = get_logger("proxy")
+
+_CONNECTED = pb.BrokerLink.CONNECTED
+
+
+def merge_links(per_worker: Sequence[Sequence[pb.BrokerLink]]) -> list[pb.BrokerLink]:
+    """The pod's links: one per broker, connected and synced only when every worker's is."""
+    merged: dict[str, pb.BrokerLink] = {}
+    seen: dict[str, int] = {}
+    for links in per_worker:
+        for link in links:
+            seen[link.name] = seen.get(link.name, 0) + 1
+            if link.name not in merged:
+                merged[link.name] = pb.BrokerLink()
+                merged[link.name].CopyFrom(link)
+                continue
+            pod = merged[link.name]
+            pod.events_received += link.events_received
+            pod.interest_synced = pod.interest_synced and link.interest_synced
+            if pod.state == _CONNECTED and link.state != _CONNECTED:
+                pod.state = link.state
+            pod.last_error = pod.last_error or link.last_error
+    for name, link in merged.items():
+        if seen[name] < len(per_worker):  # some worker has no link to it (yet)
+            link.interest_synced = False
+            if link.state == _CONNECTED:
+                link.state = pb.BrokerLink.CONNECTING
+    return sorted(merged.values(), key=lambda link: link.name)
+
+
+def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
+    """The pod's status: counts summed over its workers, the membership version all have applied."""
+    return pb.ProxyStatus(
+        name=name, subscribers=sum(s.subscribers for s in statuses),
+        sse_subscribers=sum(s.sse_subscribers for s in statuses),
+        grpc_subscribers=sum(s.grpc_subscribers for s in statuses),
+        membership_version=min((s.membership_version for s in statuses), default=0),
+        links=merge_links([s.links for s in statuses]),
+        events_received=sum(s.events_received for s in statuses), deliveries=sum(s.deliveries for s in statuses),
+        slow_subscribers_dropped=sum(s.slow_subscribers_dropped for s in statuses),
+        topics=sum(s.topics for s in statuses), draining=any(s.draining for s in statuses))
+
+
+def merge_applied(replies: Sequence[pb.ApplyResponse]) -> pb.ApplyResponse:
+    """The pod's answer to a push: accepted when every worker accepted it."""
+    return pb.ApplyResponse(
+        applied_version=min((r.applied_version for r in replies), default=0),
+        accepted=bool(replies) and all(r.accepted for r in replies),
+        reason=next((r.reason for r in replies if r.reason), ""), links=merge_links([r.links for r in replies]))
+
+
+class PodControl(pb_grpc.ProxyControlServicer):
+    """The pod's ProxyControl: relayed to every worker's private control server."""
+
+    def __init__(self, config: ProxyConfig, tokens: Tokens | None) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.supervisor: Supervisor | None = None
+        self.membership: pb.Membership | None = None  # the newest one a worker accepted
+        self._stubs: dict[int, tuple[str, pb_grpc.ProxyControlStub]] = {}
+
+    def _metadata(self) -> Metadata:
+        return self.tokens.metadata() if self.tokens is not None else ()
+
+    def _stub(self, worker: Worker) -> pb_grpc.ProxyControlStub:
+        address = worker.endpoints["control"]
+        known = self._stubs.get(worker.index)
+        if known is None or known[0] != address:
+            known = self._stubs[worker.index] = (address, pb_grpc.ProxyControlStub(grpc.aio.insecure_channel(address)))
+        return known[1]
+
+    def _workers(self) -> list[Worker]:
+        assert self.supervisor is not None
+        return [w for w in self.supervisor.workers if w.endpoints]
+
+    async def _apply(self, worker: Worker, request: pb.Membership) -> pb.ApplyResponse:
+        reply: pb.ApplyResponse = await self._stub(worker).Apply(request, timeout=10, metadata=self._metadata())
+        return reply
+
+    async def started(self, worker: Worker) -> None:
+        """A worker is serving: give it the pod's membership at once."""
+        if self.membership is not None:
+            await self._apply(worker, self.membership)
+
+    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        replies = await asyncio.gather(*(self._apply(w, request) for w in self._workers()))
+        if any(r.accepted for r in replies) and (self.membership is None or request.version >= self.membership.version):
+            self.membership = request
+        return merge_applied(replies)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
+        statuses = await asyncio.gather(*(self._stub(w).Status(request, timeout=10, metadata=self._metadata())
+                                          for w in self._workers()))
+        return sum_status(self.config.name, statuses)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
+        try:
+            replies = await asyncio.gather(*(self._stub(w).Drain(request, timeout=10, metadata=self._metadata())
+                                             for w in self._workers()))
+        except grpc.aio.AioRpcError as exc:  # a refused rate: every worker says the same
+            await context.abort(exc.code(), exc.details() or "")
+        return pb.DrainResponse(subscribers_remaining=sum(r.subscribers_remaining for r in replies))
+
+
+async def serve_pod(config: ProxyConfig) -> None:
+    """`neoplasma proxy --workers N`: N workers on the subscriber ports, one control port."""
+    held = {flag: reuse_port_socket(config.host, port, flag)
+            for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
+    http_port, grpc_port = (int(sock.getsockname()[1]) for sock in held.values())
+    tokens = config.cluster_tokens()
+    pod = PodControl(config, tokens)
+    argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0, workers=1))
+    supervisor = pod.supervisor = Supervisor(argv, config.workers, started=pod.started)
+    guard = Guard({"/neoplasma.v1.ProxyControl/": Rule(tokens, "the cluster credential is required "
+                                                       "(authorization: Bearer TOKEN)")})
+    control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ProxyControlServicer_to_server(pod, control)
+    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port",
+                                 grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await supervisor.start()
+    await control.start()
+    addresses = {"http": hostport(config.host, http_port), "grpc": hostport(config.host, grpc_port),
+                 "control": hostport(config.host, control_port)}
+    log.info("proxy_serving", name=config.name, workers=config.workers, **addresses)
+    announce(kind="proxy", name=config.name, workers=config.workers, **addresses)
+    await stop.wait()
+    # Each worker drains as a single proxy does (readiness, delay, paced reconnects); control
+    # answers until they are gone.
+    await supervisor.stop(timeout=config.drain_delay + 60.0)
+    await control.stop(grace=0.5)
+    for sock in held.values():
+        sock.close()
+    log.info("proxy_stopped", workers=config.workers)
