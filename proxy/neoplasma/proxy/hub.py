@@ -315,24 +315,25 @@ class Hub:
             self._pending_heads[epoch] = head
         self._wake.set()
 
-    async def run_dispatcher(self, linger: float = 0.002) -> None:
+    async def run_dispatcher(self, linger: float = 0.02, share: float = 0.25) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
-        Adaptive coalescing: when the previous round took longer than `linger`
-        (the proxy is busy), wait `linger` first so more events join the round,
-        giving fewer, larger writes per subscriber. An idle proxy never waits.
+        Adaptive coalescing: after a round, wait until rounds have taken no more than `share`
+        of the time (at most `linger`), so that under load more events join each round: fewer,
+        larger writes per subscriber, whose cost is mostly per write. A quiet proxy's rounds
+        take microseconds, and so do its waits.
         """
-        busy = False
+        pause = 0.0
         while True:
             await self._wake.wait()
-            if busy:
-                await asyncio.sleep(linger)
+            if pause:
+                await asyncio.sleep(pause)
             self._wake.clear()
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
             self.dispatch(events, heads)
-            busy = time.perf_counter() - started > linger
+            pause = min(linger, (time.perf_counter() - started) * (1 - share) / share)
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries.
