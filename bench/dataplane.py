@@ -257,13 +257,18 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
 
         if rate <= 0:
             await asyncio.gather(*(worker() for _ in range(inflight)))
-        else:
+        else:  # on schedule, `inflight` requests at most at once
             interval = batch / rate
             next_at = time.monotonic()
+            sending: set[asyncio.Task[int]] = set()
             while time.monotonic() < deadline:
-                accepted += await send()
+                if len(sending) >= inflight:
+                    done, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+                    accepted += sum(task.result() for task in done)
+                sending.add(asyncio.ensure_future(send()))
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            accepted += sum(await asyncio.gather(*sending))
     return {"accepted": accepted, "seconds": seconds}
 
 
@@ -351,7 +356,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
     t0 = time.monotonic()
     batch = batch or (max(1, int(rate // 100)) if rate else 50)  # by default one request every 10 ms
-    pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=2)
+    pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=8)
     published = pub.result()["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
