@@ -7,9 +7,11 @@ Prints figures and writes JSON (bench/results/dataplane.json):
   - proxy memory per idle subscriber at 5000 subscribers, SSE and plasma gRPC.
 
 A/B (`--before PYTHON`): another build's servers (that interpreter's `-m neoplasma`) against this
-one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers and
-100 native gRPC streams at 1000 events/s (medians of deliveries/s, events lost, latency p50/p99
-and proxy/broker CPU seconds per 1M deliveries); broker ingest flat out with 100-event gRPC and
+one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers
+(also with single-event publishes), 100 native gRPC streams at 1000 events/s, plasma gRPC `Events`
+streams 100 x 1000 and 1000 x 100 events/s (one connection each, read by a lean HTTP/2 client)
+(medians of deliveries/s, events lost, subscribers dropped, latency p50/p99 and proxy/broker CPU
+seconds per 1M deliveries); broker ingest flat out with 100-event gRPC and
 HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also by this build with
 `--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 import grpc
+from google.protobuf.message import DecodeError
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -36,6 +37,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+
+from neoplasma.core.trust import undecodable
 
 Opener = Callable[["Call"], None]
 OK = grpc.StatusCode.OK
@@ -146,14 +149,18 @@ class Call:
 
 
 def unary(handle: Callable[[Call, bytes], None]) -> Opener:
-    """An opener for a method with one request message: `handle(call, request)` once it is here."""
+    """An opener for a method with one request message: `handle(call, request)` once it is here
+    (a request `handle` cannot decode ends the call with INVALID_ARGUMENT)."""
     def open_call(call: Call) -> None:
         def receive(message: bytes | None) -> None:
             call.receive = _ignore
             if message is None:
                 call.end(grpc.StatusCode.INTERNAL, "the request message is missing")
-            else:
+                return
+            try:
                 handle(call, message)
+            except DecodeError:
+                call.end(grpc.StatusCode.INVALID_ARGUMENT, undecodable(call.path))
 
         call.receive = receive
 
@@ -166,9 +173,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.h2 = H2Connection(_CONFIG)
-        self.h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1,  # as grpc's servers: no limit
-            SettingCodes.MAX_HEADER_LIST_SIZE: 16384})
+        self.h2.local_settings = Settings(client=False, initial_values={  # as grpc's servers: no limit
+            SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.WriteTransport | None = None
         self._out: list[bytes] = []
@@ -241,9 +247,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self)
         self.h2.initiate_connection()
         self._emit()

@@ -294,10 +294,10 @@ def native_subscribe(proxy: Proxy) -> Opener:
         if proxy.draining:
             call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             return
+        request = pb.SubscribeRequest.FromString(message)
         try:
-            request = pb.SubscribeRequest.FromString(message)
             topics = check_topics(request.topics, cfg.max_topic_length, cfg.max_topics_per_subscription)
-        except (InvalidTopic, LimitExceeded, DecodeError) as error:
+        except (InvalidTopic, LimitExceeded) as error:
             call.end(*refusal(error, "Subscribe", "subscription"))
             return
         if not topics:
