@@ -64,7 +64,7 @@ class Call:
     last) and `done` (called once when the call is over, whichever side ended it).
     """
 
-    __slots__ = ("_backlog", "_inbox", "_status", "_torn", "connection", "done", "ended", "half_closed", "path",
+    __slots__ = ("_backlog", "_inbox", "_status", "_torn", "connection", "done", "ended", "path",
                  "receive", "stream_id", "waiting")
 
     def __init__(self, connection: Connection, stream_id: int, path: str) -> None:
@@ -72,7 +72,6 @@ class Call:
         self.receive: Callable[[bytes | None], None] = _ignore
         self.done: Callable[[], None] = _nothing
         self.ended = False
-        self.half_closed = False  # the client sent its last message
         self.waiting = 0  # bytes in the backlog
         self._inbox = bytearray()  # request bytes not yet a whole message
         self._backlog: list[bytes] = []  # framed messages the client's window has not taken yet
@@ -227,7 +226,8 @@ class Connection(asyncio.Protocol):
         if message:
             headers.append((b"grpc-message", quote(message, safe=_MESSAGE_SAFE).encode()))
         self.h2.send_headers(call.stream_id, headers, end_stream=True)
-        if not call.half_closed:  # the response is complete: the client may stop sending (RFC 9113 8.1)
+        stream = self.h2.streams.get(call.stream_id)
+        if stream is not None and not stream.closed:  # the client may stop sending now (RFC 9113 8.1)
             self.h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
         self._emit()
         self._close(call)
@@ -279,7 +279,6 @@ class Connection(asyncio.Protocol):
         elif isinstance(event, StreamEnded):
             call = self.calls.get(event.stream_id)
             if call is not None:
-                call.half_closed = True
                 call.receive(None)
         elif isinstance(event, StreamReset):
             call = self.calls.get(event.stream_id)
