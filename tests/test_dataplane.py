@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import hpack
 
 from neoplasma.local.harness import (
     PlasmaClient,
+    Server,
     apply_membership,
     links_ready,
     proxy_status,
@@ -20,6 +22,7 @@ from neoplasma.local.harness import (
     wait_for,
 )
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 
 async def cluster(start: Any, brokers: int = 2, proxies: int = 2) -> tuple[list[Any], list[Any]]:
@@ -31,6 +34,22 @@ async def cluster(start: Any, brokers: int = 2, proxies: int = 2) -> tuple[list[
         assert reply.accepted and reply.applied_version == 1
     return bs, ps
 
+
+
+async def publish_until_one_is_dropped(broker: Server, control: str, healthy: Callable[[], int]) -> pb.ProxyStatus:
+    """Publish rounds of 200 large events until the proxy drops a slow subscriber, checking after
+    each round that the healthy one (`healthy()`: how many it got) received the whole round."""
+    payload = "x" * 4000
+    total = 0
+    for round_ in range(40):
+        await publish_grpc(broker.endpoints["grpc"], [("t", payload)] * 200)
+        total += 200
+        await wait_for(lambda total=total: healthy() == total, timeout=10,
+                       what=f"healthy subscriber keeping up (round {round_})")
+        status = await proxy_status(control)
+        if status.slow_subscribers_dropped:
+            break
+    return status
 
 async def test_events_from_any_broker_reach_sse_and_plasma_subscribers_once(start: Any) -> None:
     bs, ps = await cluster(start)
@@ -155,16 +174,7 @@ async def test_stalled_subscriber_does_not_delay_others(start: Any) -> None:
     await writer.drain()
     async with sse(ps[0].endpoints["http"], "t") as healthy:
         await wait_for(lambda: links_ready(control, 1))
-        payload = "x" * 4000
-        total = 0
-        for round_ in range(40):
-            await publish_grpc(bs[0].endpoints["grpc"], [("t", payload)] * 200)
-            total += 200
-            await wait_for(lambda total=total: len(healthy.events) == total, timeout=10,
-                           what=f"healthy subscriber keeping up (round {round_})")
-            status = await proxy_status(control)
-            if status.slow_subscribers_dropped:
-                break
+        status = await publish_until_one_is_dropped(bs[0], control, lambda: len(healthy.events))
         assert status.slow_subscribers_dropped == 1
         assert status.sse_subscribers == 1
     writer.close()
@@ -225,16 +235,7 @@ async def test_stalled_plasma_stream_is_dropped_without_delaying_others(start: A
         return (await proxy_status(control)).grpc_subscribers == 2
 
     await wait_for(both_subscribed, what="both streams subscribed")
-    payload = "x" * 4000
-    total = 0
-    for round_ in range(40):
-        await publish_grpc(bs[0].endpoints["grpc"], [("t", payload)] * 200)
-        total += 200
-        await wait_for(lambda total=total: len(healthy.payloads) == total, timeout=10,
-                       what=f"healthy stream keeping up (round {round_})")
-        status = await proxy_status(control)
-        if status.slow_subscribers_dropped:
-            break
+    status = await publish_until_one_is_dropped(bs[0], control, lambda: len(healthy.payloads))
     assert status.slow_subscribers_dropped == 1
     assert status.grpc_subscribers == 1 and healthy.error is None
     stalled.close()
