@@ -595,7 +595,14 @@ def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
                 new_proxies = {p["metadata"]["name"] for p in kube.pods(proxies)}
                 assert not old_proxies & new_proxies, "every proxy pod was replaced"
                 assert probes > 0 and failures <= max(1, probes // 20), f"{failures} of {probes} connects failed"
-                # Every subscriber, moved or not, is served by the new proxies.
+
+                def old_proxies_gone() -> bool:
+                    pods = kube.get("pods", selector=proxies)["items"]
+                    return not old_proxies & {p["metadata"]["name"] for p in pods}
+
+                # The old proxies tell their subscribers to reconnect while they drain, then exit.
+                await asyncio.to_thread(wait_for, old_proxies_gone, 180, "the old proxies to drain and exit")
+                # Every subscriber is served by the new proxies.
                 await eventually(lambda: all(c.received("after") for c in clients), 90, "events after the rollout",
                                  tick=lambda: publish(broker, topic, {"marker": "after"}))
                 sse_clients = [c for c in clients if isinstance(c, SseSubscriber)]

@@ -5,10 +5,11 @@
 # CNI plugins from Debian, a pause image built from source, and a Docker engine (Debian's) that
 # builds images from the Dockerfile on a Debian base made by debootstrap. No registry is used.
 #
-#   scripts/k8s-node.sh install        # packages, binaries (cached); no node
+#   scripts/k8s-node.sh install        # Debian packages; binaries (cached; built when missing)
+#   scripts/k8s-node.sh image IMAGE    # build IMAGE from the Dockerfile (node up or not; cached
+#                                      # layers), and load it into the node when it is up
 #   scripts/k8s-node.sh up             # start the node; prints what to export
-#   scripts/k8s-node.sh image IMAGE    # build IMAGE from the Dockerfile and load it into the node
-#   scripts/k8s-node.sh load IMAGE     # load an image of the node's Docker engine into the node
+#   scripts/k8s-node.sh load IMAGE     # load an image built by `image` into the node
 #   scripts/k8s-node.sh down           # stop and remove everything `up` made
 #   scripts/k8s-node.sh run CMD...     # up, CMD with the node's environment, down (always)
 #
@@ -19,9 +20,13 @@
 # process, mount, interface, network namespace, iptables chain and rule, address, sysctl and
 # cgroup that `up` made. Must run as root (or through sudo).
 #
-# Environment: NEOPLASMA_K8S_CACHE (binaries, as scripts/k8s-control-plane.sh),
-# NEOPLASMA_NODE_DIR (state, default /run/neoplasma-node), NEOPLASMA_NODE_LOGS (component
-# logs, kept after `down`; default /tmp/neoplasma-node-logs).
+# The Docker engine runs only while `image` builds (its own containerd; no bridge, no iptables;
+# builds use the host's network), and is stopped and cleaned up the same way.
+#
+# Environment: NEOPLASMA_K8S_CACHE (binaries, as scripts/k8s-control-plane.sh; the engine's
+# layers and saved images go beside it), NEOPLASMA_NODE_DIR (state, default
+# /run/neoplasma-node), NEOPLASMA_NODE_LOGS (logs, kept after `down`; default
+# /tmp/neoplasma-node-logs).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,7 +34,9 @@ K8S_VERSION="v1.20.2"
 CACHE="${NEOPLASMA_K8S_CACHE:-$HOME/.cache/neoplasma/k8s-${K8S_VERSION}}"
 BIN="$CACHE/bin"
 DOCKER_ROOT="$(dirname "$CACHE")/docker"      # image layers, kept between runs (warm builds)
+IMAGES="$(dirname "$CACHE")/images"           # `docker save` of each image built, for `load`
 STATE="${NEOPLASMA_NODE_DIR:-/run/neoplasma-node}"
+ENGINE="$STATE-engine"                        # the Docker engine's run-time state
 LOGS="${NEOPLASMA_NODE_LOGS:-/tmp/neoplasma-node-logs}"
 NODE_NAME="neoplasma-node"
 NODE_IP="10.201.0.1"
@@ -56,10 +63,11 @@ if [[ $EUID -ne 0 ]]; then
     command -v sudo >/dev/null 2>&1 || die "must run as root"
     exec sudo --preserve-env=NEOPLASMA_K8S_CACHE,NEOPLASMA_NODE_DIR,NEOPLASMA_NODE_LOGS,HOME "$0" "$@"
 fi
+mkdir -p "$LOGS"
 
 # -- installation ----------------------------------------------------------------------------
 
-install() {
+packages() {
     local missing=() pkg
     for pkg in "${PACKAGES[@]}"; do
         [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
@@ -70,21 +78,26 @@ install() {
         apt-get update -q >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
     fi
+}
+
+install() {
+    packages
     "$REPO/scripts/k8s-control-plane.sh" --node >&2
 }
 
 # -- processes -------------------------------------------------------------------------------
 
-# start NAME ARGS...: run in its own session, log to $LOGS/NAME.log, PID in $STATE/pids/NAME.
+# start DIR NAME ARGS...: run in its own session, log to $LOGS/NAME.log, PID in DIR/pids/NAME.
 start() {
-    local name="$1"
-    shift
+    local dir="$1" name="$2"
+    shift 2
+    mkdir -p "$dir/pids"
     setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
-    echo $! >"$STATE/pids/$name"
+    echo $! >"$dir/pids/$name"
     log "started $name (pid $!)"
 }
 
-running() { [[ -f "$STATE/pids/$1" ]] && kill -0 "$(cat "$STATE/pids/$1")" 2>/dev/null; }
+running() { [[ -f "$1/pids/$2" ]] && kill -0 "$(cat "$1/pids/$2")" 2>/dev/null; }
 
 # wait_until SECONDS WHAT COMMAND...: poll COMMAND every 0.5 s; fail with the logs' tails.
 wait_until() {
@@ -101,12 +114,12 @@ wait_until() {
     done
 }
 
-# stop NAME [SECONDS]: SIGTERM (repeated every 5 s: kube-apiserver 1.20 may ignore the first),
-# SIGKILL after SECONDS.
+# stop DIR NAME [SECONDS]: SIGTERM (repeated every 5 s: kube-apiserver 1.20 may ignore the
+# first), SIGKILL after SECONDS.
 stop() {
-    local name="$1" timeout="${2:-20}" pid deadline
-    [[ -f "$STATE/pids/$name" ]] || return 0
-    pid="$(cat "$STATE/pids/$name")"
+    local dir="$1" name="$2" timeout="${3:-20}" pid deadline
+    [[ -f "$dir/pids/$name" ]] || return 0
+    pid="$(cat "$dir/pids/$name")"
     deadline=$((SECONDS + timeout))
     while kill -0 "$pid" 2>/dev/null; do
         if ((SECONDS >= deadline)); then
@@ -118,19 +131,29 @@ stop() {
         while kill -0 "$pid" 2>/dev/null && ((SECONDS < tick)); do sleep 0.2; done
     done
     while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-    rm -f "$STATE/pids/$name"
+    rm -f "$dir/pids/$name"
     log "stopped $name"
 }
 
-# PIDs of processes whose command line mentions $STATE (containerd shims, stray children).
-state_pids() {
-    local dir pid
-    for dir in /proc/[0-9]*; do
-        pid="${dir#/proc/}"
+# PIDs of processes whose command line mentions DIR/ (containerd shims, stray children).
+pids_of() {
+    local proc pid
+    for proc in /proc/[0-9]*; do
+        pid="${proc#/proc/}"
         [[ $pid == "$$" ]] && continue
-        tr '\0' ' ' <"$dir/cmdline" 2>/dev/null | grep -qF -- "$STATE/" && echo "$pid"
+        tr '\0' ' ' 2>/dev/null <"$proc/cmdline" | grep -qF -- "$1/" && echo "$pid"
     done
     return 0
+}
+
+# Unmount everything under the directories given, deepest first (the kubelet's bind mount of
+# its root, the runtimes' overlays, shm and network namespaces).
+unmount_under() {
+    local dir mount
+    for dir in "$@"; do
+        { awk '{print $5}' /proc/self/mountinfo | grep -E "^$dir(/|$)" || true; } | sort -r \
+            | while read -r mount; do umount "$mount" 2>/dev/null || umount -l "$mount"; done
+    done
 }
 
 # -- configuration ---------------------------------------------------------------------------
@@ -175,11 +198,11 @@ extendedKeyUsage=serverAuth"
     openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
     : >"$pki/tokens.csv"
     # One identity per component: what RBAC's bootstrap roles and the Node authorizer expect.
-    for user in admin:system:masters "system:node:$NODE_NAME:system:nodes" system:kube-proxy: \
-                system:kube-scheduler: system:kube-controller-manager:; do
+    for user in admin=system:masters "system:node:$NODE_NAME=system:nodes" system:kube-proxy= \
+                system:kube-scheduler= system:kube-controller-manager=; do
         token="$(openssl rand -hex 16)"
-        printf '%s,%s,%s,"%s"\n' "$token" "${user%:*}" "${user%:*}" "${user##*:}" >>"$pki/tokens.csv"
-        kubeconfig "$STATE/${user%:*}.kubeconfig" "${user%:*}" "$token"
+        printf '%s,%s,%s,"%s"\n' "$token" "${user%=*}" "${user%=*}" "${user#*=}" >>"$pki/tokens.csv"
+        kubeconfig "$STATE/${user%=*}.kubeconfig" "${user%=*}" "$token"
     done
     mv "$STATE/admin.kubeconfig" "$STATE/kubeconfig"
 
@@ -305,34 +328,32 @@ preflight() {
 up() {
     install
     preflight
-    mkdir -p "$STATE/pids" "$LOGS"
+    mkdir -p "$STATE/pids"
+    OWN_NODE=1
     rm -f "$LOGS"/*.log
     local name
     for name in "${SYSCTLS[@]}"; do echo "$name=$(sysctl -n "$name")"; done >"$STATE/sysctl.saved"
     ls /var/run/netns 2>/dev/null | sort >"$STATE/netns.before" || true
+
     ip addr add "$NODE_IP/32" dev lo
     touch "$STATE/address"
     [[ "$(ip route get "$NODE_IP")" == local* ]] || die "$NODE_IP on lo is not routed locally: $(ip route get "$NODE_IP")"
     add_guard
     write_config
+    [[ -f "$IMAGES/pause.tar" ]] || image "$PAUSE_IMAGE"
 
-    start containerd containerd --config "$STATE/containerd.toml"
+    start "$STATE" containerd containerd --config "$STATE/containerd.toml"
     wait_until 30 "containerd" ctr --address "$STATE/containerd.sock" version
-    start dockerd dockerd --data-root "$DOCKER_ROOT" --exec-root "$STATE/docker" --pidfile "$STATE/docker.pid" \
-        --host "unix://$STATE/docker.sock" --containerd "$STATE/containerd.sock" --bridge=none \
-        --iptables=false --ip-forward=false --ip-masq=false --storage-driver=overlay2
-    export DOCKER_HOST="unix://$STATE/docker.sock" DOCKER_BUILDKIT=0
-    wait_until 60 "dockerd" docker version
-    pause_image
+    load "$PAUSE_IMAGE"
 
-    start etcd etcd --name "$NODE_NAME" --data-dir "$STATE/etcd" \
+    start "$STATE" etcd etcd --name "$NODE_NAME" --data-dir "$STATE/etcd" \
         --listen-client-urls "http://$NODE_IP:2379" --advertise-client-urls "http://$NODE_IP:2379" \
         --listen-peer-urls "http://$NODE_IP:2380" --initial-advertise-peer-urls "http://$NODE_IP:2380" \
         --initial-cluster "$NODE_NAME=http://$NODE_IP:2380" --log-level warn --logger zap
     wait_until 30 "etcd" curl -fsS "http://$NODE_IP:2379/health"
 
     local pki="$STATE/pki"
-    start kube-apiserver "$BIN/kube-apiserver" --etcd-servers="http://$NODE_IP:2379" \
+    start "$STATE" kube-apiserver "$BIN/kube-apiserver" --etcd-servers="http://$NODE_IP:2379" \
         --bind-address="$NODE_IP" --advertise-address="$NODE_IP" --secure-port="$API_PORT" --insecure-port=0 \
         --cert-dir="$STATE/apiserver" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
         --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=Node,RBAC \
@@ -343,37 +364,48 @@ up() {
         --kubelet-preferred-address-types=InternalIP --allow-privileged=true --profiling=false --v=1
     export KUBECONFIG="$STATE/kubeconfig"
     wait_until 60 "kube-apiserver" kubectl get --raw /readyz
-    start kube-controller-manager "$BIN/kube-controller-manager" \
+    start "$STATE" kube-controller-manager "$BIN/kube-controller-manager" \
         --kubeconfig="$STATE/system:kube-controller-manager.kubeconfig" \
         --bind-address="$NODE_IP" --secure-port=10257 --port=0 --leader-elect=false \
         --use-service-account-credentials=true --service-account-private-key-file="$pki/sa.key" \
         --root-ca-file="$pki/ca.crt" --controllers='*,-nodeipam,-cloud-node-lifecycle,-service,-route' --v=1
-    start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$STATE/system:kube-scheduler.kubeconfig" \
+    start "$STATE" kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$STATE/system:kube-scheduler.kubeconfig" \
         --authentication-kubeconfig="$STATE/system:kube-scheduler.kubeconfig" \
         --authorization-kubeconfig="$STATE/system:kube-scheduler.kubeconfig" \
         --bind-address="$NODE_IP" --secure-port=10259 --port=0 --leader-elect=false --v=1
-    start kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
+    start "$STATE" kubelet "$BIN/kubelet" --config="$STATE/kubelet.yaml" \
         --kubeconfig="$STATE/system:node:$NODE_NAME.kubeconfig" --root-dir="$STATE/kubelet" \
-        --cert-dir="$STATE/kubelet-pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
+        --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
         --container-runtime=remote --container-runtime-endpoint="unix://$STATE/containerd.sock" --v=1
-    start kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml" --v=1
+    start "$STATE" kube-proxy "$BIN/kube-proxy" --config="$STATE/kube-proxy.yaml" --v=1
     wait_until 120 "node $NODE_NAME to be Ready" \
         kubectl wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
     wait_until 60 "ServiceAccount default" kubectl get serviceaccount default
-    printf 'export KUBECONFIG=%q DOCKER_HOST=%q DOCKER_BUILDKIT=0\n' "$KUBECONFIG" "$DOCKER_HOST" >"$STATE/env"
+    printf 'export KUBECONFIG=%q\n' "$KUBECONFIG" >"$STATE/env"
     log "node $NODE_NAME is Ready; to use it: source $STATE/env"
 }
 
 # -- images ----------------------------------------------------------------------------------
 
-pause_image() {
-    local ctx
-    ctx="$(mktemp -d)"
-    cp "$BIN/pause" "$ctx/pause"
-    printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$ctx/Dockerfile"
-    docker build -q -t "$PAUSE_IMAGE" "$ctx" >/dev/null
-    rm -rf "$ctx"
-    load "$PAUSE_IMAGE"
+engine_up() {
+    [[ ! -e "$ENGINE" ]] || die "$ENGINE exists: another build runs, or one was not cleaned up (remove it)"
+    mkdir -p "$ENGINE" "$IMAGES"
+    start "$ENGINE" dockerd dockerd --data-root "$DOCKER_ROOT" --exec-root "$ENGINE/exec" \
+        --pidfile "$ENGINE/docker.pid" --host "unix://$ENGINE/docker.sock" --bridge=none \
+        --iptables=false --ip-forward=false --ip-masq=false --storage-driver=overlay2
+    OWN_ENGINE=1
+    export DOCKER_HOST="unix://$ENGINE/docker.sock" DOCKER_BUILDKIT=0
+    wait_until 60 "the Docker engine" docker version
+}
+
+engine_down() {
+    OWN_ENGINE=0
+    stop "$ENGINE" dockerd 60
+    local pid
+    for pid in $(pids_of "$ENGINE"); do kill -KILL "$pid" 2>/dev/null || true; done
+    unmount_under "$ENGINE" "$DOCKER_ROOT"
+    find /sys/fs/cgroup/*/docker -depth -type d -exec rmdir {} + 2>/dev/null || true
+    rm -rf "$ENGINE"
 }
 
 # The Dockerfile's base without a registry: Debian bookworm by debootstrap, with Python 3.11
@@ -389,7 +421,7 @@ base_image() {
         "${uri:-http://deb.debian.org/debian}" >"$LOGS/debootstrap.log" 2>&1 \
         || { tail -n 20 "$LOGS/debootstrap.log" >&2; die "debootstrap failed"; }
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
-    chroot "$root" update-ca-certificates >/dev/null
+    chroot "$root" update-ca-certificates >/dev/null 2>&1
     ln -sf /usr/bin/python3 "$root/usr/local/bin/python"
     rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
     tar -C "$root" -c . | docker import \
@@ -398,22 +430,37 @@ base_image() {
     rm -rf "$root"
 }
 
-build_image() {
-    base_image
-    log "docker build -t $1 (Dockerfile, FROM $BASE_IMAGE)"
-    docker build --network host --build-arg "PYTHON_IMAGE=$BASE_IMAGE" -t "$1" "$REPO" >"$LOGS/image-build.log" 2>&1 \
-        || { tail -n 30 "$LOGS/image-build.log" >&2; die "docker build failed (log: $LOGS/image-build.log)"; }
+# image NAME: build NAME (the pause image, or the project's from the Dockerfile) with a Docker
+# engine started for it, save it to $IMAGES, and load it into the node if that is up.
+image() {
+    packages
+    engine_up
+    local ctx
+    if [[ $1 == "$PAUSE_IMAGE" ]]; then
+        ctx="$(mktemp -d)"
+        cp "$BIN/pause" "$ctx/pause"
+        printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$ctx/Dockerfile"
+        docker build -q -t "$1" "$ctx" >/dev/null
+        rm -rf "$ctx"
+    else
+        base_image
+        log "docker build -t $1 (Dockerfile, FROM $BASE_IMAGE)"
+        docker build --network host --build-arg "PYTHON_IMAGE=$BASE_IMAGE" -t "$1" "$REPO" \
+            >"$LOGS/image-build.log" 2>&1 \
+            || { tail -n 30 "$LOGS/image-build.log" >&2; die "docker build failed (log: $LOGS/image-build.log)"; }
+    fi
+    docker save -o "$(saved "$1").tmp" "$1"
+    mv -f "$(saved "$1").tmp" "$(saved "$1")"
+    engine_down
+    if [[ -S "$STATE/containerd.sock" ]]; then load "$1"; fi
 }
+
+saved() { if [[ $1 == "$PAUSE_IMAGE" ]]; then echo "$IMAGES/pause.tar"; else echo "$IMAGES/${1//[\/:]/_}.tar"; fi; }
 
 load() {
-    docker save "$1" | ctr --address "$STATE/containerd.sock" --namespace k8s.io images import - >/dev/null
+    [[ -f "$(saved "$1")" ]] || die "no saved image $1 (scripts/k8s-node.sh image $1)"
+    ctr --address "$STATE/containerd.sock" --namespace k8s.io images import - <"$(saved "$1")" >/dev/null
     log "loaded $1 into the node"
-}
-
-node_env() {
-    [[ -f "$STATE/env" ]] || die "no node is up (scripts/k8s-node.sh up)"
-    # shellcheck disable=SC1091
-    source "$STATE/env"
 }
 
 # -- down ------------------------------------------------------------------------------------
@@ -423,44 +470,38 @@ down() {
     [[ -d "$STATE" ]] || { log "no node state in $STATE: nothing to tear down"; return 0; }
     export KUBECONFIG="$STATE/kubeconfig"
     # No new pods, then every pod gone through the kubelet (CNI DEL: veths, addresses, chains).
-    stop kube-controller-manager
-    stop kube-scheduler
-    if running kubelet && running kube-apiserver; then
+    stop "$STATE" kube-controller-manager
+    stop "$STATE" kube-scheduler
+    if running "$STATE" kubelet && running "$STATE" kube-apiserver; then
         kubectl delete pods --all --all-namespaces --grace-period=0 --force --wait=false >/dev/null 2>&1
         wait_until 90 "the kubelet to remove every pod" \
             bash -c "[[ -z \"\$(ctr --address '$STATE/containerd.sock' -n k8s.io tasks ls -q)\" ]]" \
             || log "pods left; removing them through containerd"
     fi
-    stop kubelet
-    stop kube-proxy
+    stop "$STATE" kubelet
+    stop "$STATE" kube-proxy
     "$BIN/kube-proxy" --cleanup --config="$STATE/kube-proxy.yaml" >/dev/null 2>&1
-    stop kube-apiserver 30
-    stop etcd
-    stop dockerd
+    stop "$STATE" kube-apiserver 30
+    stop "$STATE" etcd
     local ctr=(ctr --address "$STATE/containerd.sock") ns id
-    if running containerd; then
-        for ns in $("${ctr[@]}" namespaces ls -q 2>/dev/null); do
-            for id in $("${ctr[@]}" -n "$ns" tasks ls -q 2>/dev/null); do
-                "${ctr[@]}" -n "$ns" tasks kill -s KILL "$id" >/dev/null 2>&1
-                "${ctr[@]}" -n "$ns" tasks delete -f "$id" >/dev/null 2>&1
-            done
+    if running "$STATE" containerd; then
+        for id in $("${ctr[@]}" -n k8s.io tasks ls -q 2>/dev/null); do
+            "${ctr[@]}" -n k8s.io tasks kill -s KILL "$id" >/dev/null 2>&1
+            "${ctr[@]}" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1
         done
     fi
-    stop containerd
+    stop "$STATE" containerd
     local pid
-    for pid in $(state_pids); do kill -KILL "$pid" 2>/dev/null; done
+    for pid in $(pids_of "$STATE"); do kill -KILL "$pid" 2>/dev/null; done
     # Network namespaces the runtime made, and the pods' bridge.
     for ns in $(comm -13 "$STATE/netns.before" <(ls /var/run/netns 2>/dev/null | sort)); do
         ip netns delete "$ns" 2>/dev/null || { umount "/var/run/netns/$ns"; rm -f "/var/run/netns/$ns"; }
     done
     ip link delete "$BRIDGE" 2>/dev/null
     remove_chains
-    # Mounts under the state and the image store (the kubelet's bind mount of its root, the
-    # runtime's overlays and shm), deepest first.
-    awk '{print $5}' /proc/self/mountinfo | grep -E "^($STATE|$DOCKER_ROOT)(/|$)" | sort -r \
-        | while read -r mount; do umount "$mount" 2>/dev/null || umount -l "$mount"; done
-    # The kubelet's and the engine's cgroups (all empty now).
-    find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/docker -depth -type d -exec rmdir {} + 2>/dev/null
+    unmount_under "$STATE"
+    # The kubelet's cgroups (all empty now).
+    find /sys/fs/cgroup/*/kubepods -depth -type d -exec rmdir {} + 2>/dev/null
     [[ ! -f "$STATE/address" ]] || ip addr delete "$NODE_IP/32" dev lo 2>/dev/null
     if [[ -f "$STATE/sysctl.saved" ]]; then
         while IFS= read -r line; do sysctl -q -w "$line" >/dev/null 2>&1; done <"$STATE/sysctl.saved"
@@ -473,12 +514,15 @@ down() {
 
 # What `down` must have removed; prints each leftover, fails when there is one.
 check_clean() {
-    local left=()
-    [[ -z "$(state_pids)" ]] || left+=("processes: $(state_pids | tr '\n' ' ')")
-    ! grep -qE " ($STATE|$DOCKER_ROOT)(/| )" /proc/self/mountinfo || left+=("mounts under $STATE or $DOCKER_ROOT")
+    local left=() dir
+    for dir in "$STATE" "$ENGINE"; do
+        [[ -z "$(pids_of "$dir")" ]] || left+=("processes: $(pids_of "$dir" | tr '\n' ' ')")
+        ! grep -qE " $dir(/| )" /proc/self/mountinfo || left+=("mounts under $dir")
+    done
     ! ip link show "$BRIDGE" >/dev/null 2>&1 || left+=("interface $BRIDGE")
     [[ -z "$(ip -4 addr show dev lo to "$NODE_IP/32")" ]] || left+=("address $NODE_IP on lo")
     ! iptables-save 2>/dev/null | grep -qE '(KUBE-|CNI-|NEOPLASMA-)' || left+=("iptables chains or rules")
+    ! compgen -G "/sys/fs/cgroup/*/kubepods" >/dev/null || left+=("kubepods cgroups")
     if [[ ${#left[@]} -gt 0 ]]; then
         log "left behind: ${left[*]}"
         return 1
@@ -487,23 +531,32 @@ check_clean() {
 
 # -- main ------------------------------------------------------------------------------------
 
+# On exit: stop an engine this run started; tear down a node this run started when it failed
+# (or always, for `run`); a teardown that leaves something behind fails the run.
+OWN_ENGINE=0 OWN_NODE=0 TEARDOWN=on-failure
+on_exit() {
+    local rc=$?
+    [[ $OWN_ENGINE == 0 ]] || engine_down
+    if [[ $OWN_NODE == 1 && ($rc -ne 0 || $TEARDOWN == always) ]]; then
+        ((rc == 0)) || log "failed (exit $rc); tearing down"
+        down || rc=1
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
 case "${1:-}" in
     install) install ;;
-    up)
-        trap 'rc=$?; if [[ $rc -ne 0 ]]; then log "up failed; tearing down"; down; fi; exit $rc' EXIT
-        up
-        trap - EXIT
-        cat "$STATE/env"
-        ;;
+    up) up; cat "$STATE/env" ;;
     down) down ;;
-    image) [[ $# -eq 2 ]] || die "usage: $0 image IMAGE"; node_env; build_image "$2"; load "$2" ;;
-    load) [[ $# -eq 2 ]] || die "usage: $0 load IMAGE"; node_env; load "$2" ;;
+    image) [[ $# -eq 2 ]] || die "usage: $0 image IMAGE"; image "$2" ;;
+    load) [[ $# -eq 2 ]] || die "usage: $0 load IMAGE"; load "$2" ;;
     run)
         shift
         [[ $# -gt 0 ]] || die "usage: $0 run COMMAND..."
-        trap 'rc=$?; down || rc=1; exit $rc' EXIT
+        TEARDOWN=always
         up
         "$@"
         ;;
-    *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
