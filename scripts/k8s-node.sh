@@ -5,7 +5,7 @@
 # CNI plugins from Debian, a pause image built from source, and a Docker engine (Debian's) that
 # builds images from the Dockerfile on a Debian base made by debootstrap. No registry is used.
 #
-#   scripts/k8s-node.sh install        # Debian packages; binaries (cached; built when missing)
+#   scripts/k8s-node.sh install        # the Debian packages (binaries: k8s-control-plane.sh --node)
 #   scripts/k8s-node.sh image IMAGE    # build IMAGE from the Dockerfile (node up or not; cached
 #                                      # layers), and load it into the node when it is up
 #   scripts/k8s-node.sh up             # start the node; prints what to export
@@ -54,7 +54,7 @@ CHAIN_FORWARD="NEOPLASMA-NODE-FORWARD"
 SYSCTLS=(net.ipv4.conf.all.route_localnet vm.overcommit_memory vm.panic_on_oom kernel.panic
          kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 PACKAGES=(containerd runc containernetworking-plugins docker.io debootstrap iptables conntrack
-          iproute2 openssl util-linux)
+          iproute2 openssl util-linux curl)
 
 log() { printf '[k8s-node] %s\n' "$*" >&2; }
 die() { printf '[k8s-node] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -67,7 +67,7 @@ mkdir -p "$LOGS"
 
 # -- installation ----------------------------------------------------------------------------
 
-packages() {
+install() {
     local missing=() pkg
     for pkg in "${PACKAGES[@]}"; do
         [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" == "install ok installed" ]] \
@@ -78,12 +78,10 @@ packages() {
         apt-get update -q >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
     fi
+    command -v kubectl >/dev/null 2>&1 || die "kubectl is not installed"
 }
 
-install() {
-    packages
-    "$REPO/scripts/k8s-control-plane.sh" --node >&2
-}
+
 
 # -- processes -------------------------------------------------------------------------------
 
@@ -327,6 +325,7 @@ preflight() {
 
 up() {
     install
+    "$REPO/scripts/k8s-control-plane.sh" --node >&2
     preflight
     mkdir -p "$STATE/pids"
     OWN_NODE=1
@@ -433,7 +432,7 @@ base_image() {
 # image NAME: build NAME (the pause image, or the project's from the Dockerfile) with a Docker
 # engine started for it, save it to $IMAGES, and load it into the node if that is up.
 image() {
-    packages
+    install
     engine_up
     local ctx
     if [[ $1 == "$PAUSE_IMAGE" ]]; then

@@ -9,8 +9,20 @@ step_start=$SECONDS
 step() { echo "scripts/test.sh: $1 took $((SECONDS - step_start)) s" >&2; step_start=$SECONDS; }
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 step "pip install"
+# The e2e stage's Debian packages, then its image (debootstrap and pip: network-bound) built beside
+# the Kubernetes binaries (Go: CPU-bound); both cached.
+e2e_image=0
+if [[ "${NEOPLASMA_E2E:-1}" != 0 ]]; then
+    scripts/k8s-node.sh install
+    scripts/k8s-node.sh image neoplasma:e2e > /tmp/neoplasma-e2e-image.log 2>&1 &
+    e2e_image=$!
+fi
 scripts/k8s-control-plane.sh --node
 step "scripts/k8s-control-plane.sh --node"
+if [[ $e2e_image != 0 ]]; then
+    wait "$e2e_image" || { cat /tmp/neoplasma-e2e-image.log >&2; exit 1; }
+    step "the e2e image (waited for)"
+fi
 # Debian packages for tests that need real programs (each such test says why it is skipped without
 # them, or fails under CI): chromium for tests/test_browser.py, redis-server for tests/test_redis_ingest.py.
 missing=()
