@@ -228,10 +228,15 @@ EOF
 
 main() {
     log "cache: $CACHE"
+    # One build at a time per cache: a second run waits, then finds the binaries there.
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    flock 9
     install_etcd
     install_kubernetes
     install_helm
     log "done: ${COMMANDS[*]/#/$BIN/} $BIN/helm /usr/bin/etcd"
 }
 
-main "$@"
+# One line, so that bash has read it whole before running it (an edited script stays safe).
+main "$@"; exit

@@ -311,7 +311,11 @@ remove_chains() {
 # -- up --------------------------------------------------------------------------------------
 
 preflight() {
-    [[ ! -e "$STATE" ]] || die "$STATE exists: a node is up or was not torn down (scripts/k8s-node.sh down)"
+    if [[ -e "$STATE" ]]; then
+        [[ -z "$(pids_of "$STATE")" ]] || die "a node is up ($STATE): scripts/k8s-node.sh down first"
+        log "$STATE is left from a node that is gone; tearing it down first"
+        down
+    fi
     if iptables-save 2>/dev/null | grep -qE '^:(KUBE-|CNI-|NEOPLASMA-)'; then
         die "iptables already has KUBE-/CNI-/NEOPLASMA- chains (another node? scripts/k8s-node.sh down)"
     fi
@@ -544,18 +548,23 @@ on_exit() {
 }
 trap on_exit EXIT
 
-case "${1:-}" in
-    install) install ;;
-    up) up; cat "$STATE/env" ;;
-    down) down ;;
-    image) [[ $# -eq 2 ]] || die "usage: $0 image IMAGE"; image "$2" ;;
-    load) [[ $# -eq 2 ]] || die "usage: $0 load IMAGE"; load "$2" ;;
-    run)
-        shift
-        [[ $# -gt 0 ]] || die "usage: $0 run COMMAND..."
-        TEARDOWN=always
-        up
-        "$@"
-        ;;
-    *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
-esac
+main() {
+    case "${1:-}" in
+        install) install ;;
+        up) up; cat "$STATE/env" ;;
+        down) down ;;
+        image) [[ $# -eq 2 ]] || die "usage: $0 image IMAGE"; image "$2" ;;
+        load) [[ $# -eq 2 ]] || die "usage: $0 load IMAGE"; load "$2" ;;
+        run)
+            shift
+            [[ $# -gt 0 ]] || die "usage: $0 run COMMAND..."
+            TEARDOWN=always
+            up
+            "$@"
+            ;;
+        *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    esac
+}
+
+# One line, so that bash has read it whole before running it (an edited script stays safe).
+main "$@"; exit
