@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# End-to-end on kind: create a kind cluster (e2e/kind-config.yaml), build the image from the
-# Dockerfile and `kind load` it, `helm install` charts/neoplasma-operator, apply examples/,
-# and test subscribers, autoscaling, a proxy rollout and uninstall (e2e/test_kind.py).
+# End to end (e2e/test_e2e.py): the image built from the Dockerfile, `helm install` of
+# charts/neoplasma-operator, the examples, subscribers, autoscaling, a proxy rollout, uninstall.
 #
-# Needs: a running Docker engine, kind, kubectl, helm 3, and the project installed
-# (pip install -e '.[test]'). Takes about 10 minutes, most of it the image build.
+#   e2e/run.sh --node [PYTEST ARGS]   # on a real one-node cluster made on this machine by
+#                                     # scripts/k8s-node.sh (root; torn down afterwards)
+#   e2e/run.sh [PYTEST ARGS]          # on kind (Docker engine and kind needed), or on the
+#                                     # cluster of NEOPLASMA_E2E_KUBECONFIG
+#   NEOPLASMA_E2E_KEEP=1 e2e/run.sh -x    # kind: keep the cluster
 #
-#   e2e/run.sh                 # everything; the cluster is deleted afterwards
-#   NEOPLASMA_E2E_KEEP=1 e2e/run.sh -x    # keep the cluster; extra args go to pytest
-#
-# See e2e/README.md for the environment variables.
+# Needs kubectl, helm 3 (or scripts/k8s-control-plane.sh's) and the project installed
+# (pip install -e '.[test]'). See e2e/README.md for the environment variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [[ "${1:-}" == --node ]]; then
+    shift
+    export NEOPLASMA_E2E_KUBECONFIG="${NEOPLASMA_NODE_DIR:-/run/neoplasma-node}/kubeconfig"
+    export NEOPLASMA_E2E_LOAD="${NEOPLASMA_E2E_LOAD-scripts/k8s-node.sh image {image}}"
+    exec scripts/k8s-node.sh run "$0" "$@"
+fi
+
 missing=()
-for tool in docker kind kubectl; do
+tools=(kubectl)
+[[ -n "${NEOPLASMA_E2E_KUBECONFIG:-}" ]] || tools+=(docker kind)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ! command -v helm >/dev/null 2>&1 && [[ -z "${NEOPLASMA_HELM:-}" ]]; then
@@ -29,13 +38,9 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     echo "e2e/run.sh: missing: ${missing[*]} (see e2e/README.md)" >&2
     exit 2
 fi
-if ! docker info >/dev/null 2>&1; then
-    echo "e2e/run.sh: no Docker engine is reachable (docker info failed)" >&2
-    exit 2
-fi
-python -c 'import neoplasma.core.cli' 2>/dev/null || {
+python3 -c 'import neoplasma.core.cli' 2>/dev/null || {
     echo "e2e/run.sh: the project is not installed: pip install -e '.[test]'" >&2
     exit 2
 }
 
-exec python -m pytest e2e -v -rs -p no:cacheprovider "$@"
+exec python3 -m pytest e2e -v -rs -p no:cacheprovider "$@"

