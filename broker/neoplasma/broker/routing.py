@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from neoplasma.core.events import Event, batch_trailer, stamped_entry, topic_field, varint_field
+from neoplasma.core.events import Checked, batch_trailer, stamped_entry, topic_field, varint_field
 from neoplasma.core.topics import TopicIndex
 
 
@@ -110,21 +110,21 @@ class Router:
         self._index.add(stream, new - stream.interest)
         stream.interest = new
 
-    def route(self, events: Sequence[Event], first_seq: int) -> tuple[int, int]:
+    def route(self, events: Sequence[Checked], first_seq: int) -> tuple[int, int]:
         """Queue each event (stamped `first_seq`, +1, ...) once on every stream interested in it.
 
         Returns (queued, dropped).
         """
         queued = dropped = 0
         topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
-        for seq, event in enumerate(events, first_seq):
-            found = topics.get(event.topic)
+        for seq, (topic, data) in enumerate(events, first_seq):
+            found = topics.get(topic)
             if found is None:
-                found = topics[event.topic] = (self._index.matching(event.topic), topic_field(event.topic))
-            streams, topic = found
+                found = topics[topic] = (self._index.matching(topic), topic_field(topic))
+            streams, field = found
             if not streams:
                 continue
-            entry = stamped_entry(topic, event.data, seq)
+            entry = stamped_entry(field, data, seq)
             for stream in streams:
                 if stream.offer(entry):
                     queued += 1
