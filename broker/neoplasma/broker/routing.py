@@ -15,6 +15,7 @@ Every message carries the broker's epoch and head (docs/resume.md).
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
@@ -51,6 +52,16 @@ class RelayStream:
         self.outbox_bytes += size
         self.wake.set()
         return True
+
+    def offer_all(self, entries: list[bytes]) -> int:
+        """`offer` each of `entries` in turn (all at once when they fit); returns how many were queued."""
+        size = sum(map(len, entries))
+        if self.outbox_bytes + size > self.max_outbox_bytes:
+            return sum(map(self.offer, entries))
+        self.outbox += entries
+        self.outbox_bytes += size
+        self.wake.set()
+        return len(entries)
 
     def has_news(self, head: int, now: float, head_interval: float) -> bool:
         """Something to send: events, an interest ack, a gap, or (at most every `head_interval`) a new head."""
@@ -115,8 +126,8 @@ class Router:
 
         Returns (queued, dropped).
         """
-        queued = dropped = 0
         topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
+        outgoing: defaultdict[RelayStream, list[bytes]] = defaultdict(list)  # offered once per stream
         for seq, (topic, data) in enumerate(events, first_seq):
             found = topics.get(topic)
             if found is None:
@@ -126,11 +137,9 @@ class Router:
                 continue
             entry = stamped_entry(field, data, seq)
             for stream in streams:
-                if stream.offer(entry):
-                    queued += 1
-                else:
-                    dropped += 1
-        return queued, dropped
+                outgoing[stream].append(entry)
+        queued = sum(stream.offer_all(entries) for stream, entries in outgoing.items())
+        return queued, sum(map(len, outgoing.values())) - queued
 
     def pending_bytes(self) -> int:
         return sum(s.outbox_bytes for s in self.streams)

@@ -307,6 +307,8 @@ def varint(value: int) -> bytes:
     """`value` as a protobuf base-128 varint."""
     if value <= 0x7F:
         return _ONE_BYTE[value]
+    if value <= 0x3FFF:  # the length of most events
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -341,10 +343,10 @@ def stamped_entry(topic: bytes, data: bytes, seq: int = 0) -> bytes:
     Joining entries gives the serialised `EventBatch`, so a broker builds each
     relay message by concatenation, with no protobuf work per proxy.
     """
-    body = topic + b"\x12" + varint(len(data)) + data  # field 2, length-delimited
-    if seq:
-        body += b"\x18" + varint(seq)  # field 3, varint
-    return b"\x0a" + varint(len(body)) + body
+    size = varint(len(data))
+    stamp = b"\x18" + varint(seq) if seq else b""  # field 3, varint
+    length = len(topic) + 1 + len(size) + len(data) + len(stamp)
+    return b"".join((b"\x0a", varint(length), topic, b"\x12", size, data, stamp))  # field 2: the data
 
 
 def batch_entry(event: Event, seq: int = 0) -> bytes:
