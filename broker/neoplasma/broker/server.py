@@ -239,7 +239,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                                 f"broker {broker.config.name} is draining; publish to another broker")
         pairs = [(e.topic, e.data) for e in request.events]
         try:
-            events = await broker.check(make_events, pairs, sum(len(d) for _, d in pairs))
+            events = await broker.check(make_events, pairs, request.ByteSize())
         except InvalidEvent as exc:
             broker.reject(len(pairs))
             await context.abort(refusal_code(exc), f"nothing published: {exc}")

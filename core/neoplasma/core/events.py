@@ -282,18 +282,17 @@ def _publish_events(doc: Any, dump: Callable[[Any, str], bytes], max_bytes: int,
     _check_request(len(items), 0, max_events, max_request_bytes)
     events = []
     for index, item in enumerate(items):
-        where = f"event {index}: " if isinstance(doc, list) else ""
-        if not isinstance(item, dict):
-            raise InvalidEvent(f'{where}expected an object {{"meta": {{"type": ...}}, "data": ...}}')
-        meta = item.get("meta")
-        if not isinstance(meta, dict) or not isinstance(meta.get("type"), str):
-            raise InvalidEvent(f'{where}missing "meta": {{"type": "<topic>"}}')
-        if "data" not in item:
-            raise InvalidEvent(f'{where}missing "data"')
         try:
+            if not isinstance(item, dict):
+                raise InvalidEvent('expected an object {"meta": {"type": ...}, "data": ...}')
+            meta = item.get("meta")
+            if not isinstance(meta, dict) or not isinstance(meta.get("type"), str):
+                raise InvalidEvent('missing "meta": {"type": "<topic>"}')
+            if "data" not in item:
+                raise InvalidEvent('missing "data"')
             events.append(_checked(meta["type"], dump(item["data"], "data"), max_bytes, max_topic_length))
         except InvalidEvent as exc:
-            raise InvalidEvent(f"{where}{exc}") from None
+            raise InvalidEvent(f"event {index}: {exc}" if isinstance(doc, list) else str(exc)) from None
     return events
 
 
