@@ -7,9 +7,11 @@ Prints figures and writes JSON (bench/results/dataplane.json):
   - proxy memory per idle subscriber at 5000 subscribers, SSE and plasma gRPC.
 
 A/B (`--before PYTHON`): another build's servers (that interpreter's `-m neoplasma`) against this
-one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers and
-100 native gRPC streams at 1000 events/s (medians of deliveries/s, events lost, latency p50/p99
-and proxy/broker CPU seconds per 1M deliveries); broker ingest flat out with 100-event gRPC and
+one's, interleaved round by round with the same load generators; SSE 1000 and 100 subscribers
+(also with single-event publishes), 100 native gRPC streams at 1000 events/s, plasma gRPC `Events`
+streams 100 x 1000 and 1000 x 100 events/s (one connection each, read by a lean HTTP/2 client)
+(medians of deliveries/s, events lost, subscribers dropped, latency p50/p99 and proxy/broker CPU
+seconds per 1M deliveries); broker ingest flat out with 100-event gRPC and
 HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also by this build with
 `--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 
@@ -24,6 +26,7 @@ import asyncio
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import hpack
 import psutil
 
 from neoplasma.core.net import raise_fd_limit
@@ -46,7 +50,7 @@ from neoplasma.local.harness import (
     start_server,
     wait_for,
 )
-from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
+from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -100,20 +104,104 @@ async def role_sse(http: str, n: int, seconds: float, sample: int) -> dict[str, 
     return {"events": sum(c.events for c in conns), "latencies": latencies}
 
 
-async def role_plasma(grpc_addr: str, n: int, seconds: float) -> dict[str, Any]:
-    channel = grpc.aio.insecure_channel(grpc_addr)
-    stub = stream_pb2_grpc.StreamServiceStub(channel)
-    calls = []
-    for _ in range(n):
-        call = stub.Events()
-        await call.write(stream_pb2.Request(Events=[stream_pb2.EventType(type="bench")]))
-        calls.append(call)
+class PlasmaStreams(asyncio.Protocol):
+    """plasma gRPC `Events` streams on one HTTP/2 connection, as a lean client: counts `Payload`
+    messages by their gRPC prefixes (Python per frame, not per message, beyond a skip) and records
+    latencies from embedded timestamps. Flow control: 1 MiB windows, topped up every 256 KiB."""
+
+    WINDOW, TOP_UP = 1 << 20, 1 << 18
+
+    def __init__(self, streams: int, record: list[float] | None) -> None:
+        self.streams, self.record = streams, record
+        self.events = self.ended = 0
+        self.buf = b""
+        self.skip: dict[int, int] = {}  # per stream: message bytes still to pass
+        self.head: dict[int, bytes] = {}  # per stream: a prefix cut by a frame's end
+        self.unacked: dict[int, int] = {0: 0}
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
+
+    @staticmethod
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return struct.pack(">IBI", len(payload) << 8 | kind, flags, stream) + payload
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        request = stream_pb2.Request(Events=[stream_pb2.EventType(type="bench")]).SerializeToString()
+        out = [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", self.frame(4, 0, 0, struct.pack(">HI", 4, self.WINDOW)),
+               self.frame(8, 0, 0, struct.pack(">I", self.WINDOW))]
+        encoder = hpack.Encoder()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/proto.StreamService/Events"),
+                   (":authority", "bench"), ("content-type", "application/grpc"), ("te", "trailers")]
+        message = b"\x00" + struct.pack(">I", len(request)) + request
+        for k in range(self.streams):
+            sid = 2 * k + 1
+            out += [self.frame(1, 4, sid, encoder.encode(headers)), self.frame(0, 0, sid, message)]
+            self.skip[sid], self.head[sid], self.unacked[sid] = 0, b"", 0
+        transport.write(b"".join(out))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        pos, end, updates = 0, len(buf), []
+        while end - pos >= 9:
+            size, kind, flags, sid = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2], buf[pos + 3], buf[pos + 4], \
+                int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            if end - pos - 9 < size:
+                break
+            payload = buf[pos + 9:pos + 9 + size]
+            pos += 9 + size
+            if kind == 0 and sid in self.skip:
+                self._count(sid, payload)
+                for key in (0, sid):
+                    self.unacked[key] += size
+                    if self.unacked[key] >= self.TOP_UP:
+                        updates.append(self.frame(8, 0, key, struct.pack(">I", self.unacked[key])))
+                        self.unacked[key] = 0
+            elif kind == 4 and not flags & 1:
+                updates.append(self.frame(4, 1, 0, b""))
+            elif kind == 6 and not flags & 1:
+                updates.append(self.frame(6, 1, 0, payload))
+            if (flags & 1 and kind in (0, 1)) or kind == 3:  # END_STREAM or RST_STREAM: the stream ended
+                self.ended += self.skip.pop(sid, None) is not None
+        self.buf = buf[pos:]
+        if updates and self.transport is not None:
+            self.transport.write(b"".join(updates))
+
+    def _count(self, sid: int, payload: bytes) -> None:
+        if self.record is not None:
+            data = self.tail + payload
+            self.tail = data[stamp_latencies(data, time.time(), self.record):][-64:]
+        skip = self.skip[sid]
+        if skip >= len(payload):
+            self.skip[sid] = skip - len(payload)
+            return
+        data = self.head[sid] + payload[skip:]
+        pos = 0
+        while len(data) - pos >= 5:
+            pos += 5 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            self.events += 1
+        if pos > len(data):
+            self.skip[sid], self.head[sid] = pos - len(data), b""
+        else:
+            self.skip[sid], self.head[sid] = 0, data[pos:]
+
+
+async def role_plasma(grpc_addr: str, n: int, seconds: float, sample: int = 0, per_connection: int = 1
+                      ) -> dict[str, Any]:
+    """`n` plasma `Events` streams (`per_connection` on each connection), counting events; latencies on
+    the first `sample` connections."""
+    host, _, port = grpc_addr.rpartition(":")
+    latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    conns: list[PlasmaStreams] = []
+    for i in range(0, n, per_connection):
+        _, proto = await loop.create_connection(
+            lambda i=i: PlasmaStreams(min(per_connection, n - i), latencies if i < sample else None), host, int(port))
+        conns.append(proto)
     print(json.dumps({"connected": n}), flush=True)
     await asyncio.sleep(seconds)
-    for call in calls:
-        call.cancel()
-    await channel.close()
-    return {"events": 0}
+    return {"events": sum(c.events for c in conns), "latencies": latencies,
+            "streams_ended": sum(c.ended for c in conns)}
 
 
 async def role_native(grpc_addr: str, n: int, seconds: float, sample: int) -> dict[str, Any]:
@@ -171,13 +259,18 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
 
         if rate <= 0:
             await asyncio.gather(*(worker() for _ in range(inflight)))
-        else:
+        else:  # on schedule, `inflight` requests at most at once
             interval = batch / rate
             next_at = time.monotonic()
+            sending: set[asyncio.Task[int]] = set()
             while time.monotonic() < deadline:
-                accepted += await send()
+                if len(sending) >= inflight:
+                    done, sending = await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+                    accepted += sum(task.result() for task in done)
+                sending.add(asyncio.ensure_future(send()))
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            accepted += sum(await asyncio.gather(*sending))
     return {"accepted": accepted, "seconds": seconds}
 
 
@@ -243,12 +336,19 @@ def cpu_seconds(server: Server) -> float:
     return float(sum(psutil.Process(server.proc.pid).cpu_times()[:2]))
 
 
+def subscribers_role(kind: str, proxy: Server, n: int, seconds: float, sample: int) -> Role:
+    """`n` subscribers of `kind`: SSE, plasma gRPC streams (one connection each) or native gRPC streams."""
+    if kind == "sse":
+        return Role("sse", http=proxy.endpoints["http"], n=n, seconds=seconds, sample=sample)
+    return Role(kind, grpc_addr=proxy.endpoints["grpc"], n=n, seconds=seconds, sample=sample)
+
+
 async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float, rate: float,
-                 sample: int, kind: str = "sse") -> dict[str, Any]:
-    """`subscribers` SSE (or native gRPC) subscribers read what is published at `rate` events/s."""
-    subs = (Role("sse", http=proxy.endpoints["http"], n=subscribers, seconds=seconds + 4, sample=sample)
-            if kind == "sse" else
-            Role("native", grpc_addr=proxy.endpoints["grpc"], n=subscribers, seconds=seconds + 4, sample=sample))
+                 sample: int, kind: str = "sse", batch: int = 0) -> dict[str, Any]:
+    """`subscribers` of `kind` read what is published at `rate` events/s, `batch` events a request
+    (default: one request every 10 ms)."""
+    name = scenario_name(kind, subscribers, rate, batch)
+    subs = subscribers_role(kind, proxy, subscribers, seconds + 4, sample)
     subs.wait_line()
 
     async def all_connected() -> bool:
@@ -259,8 +359,8 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     status0 = await proxy_status(proxy.endpoints["control"])
     cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
     t0 = time.monotonic()
-    batch = max(1, int(rate // 100)) if rate else 50  # paced: one request every 10 ms
-    pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=2)
+    batch = batch or (max(1, int(rate // 100)) if rate else 50)  # by default one request every 10 ms
+    pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=8)
     published = pub.result()["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
@@ -277,13 +377,14 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     handed = (await proxy_status(proxy.endpoints["control"])).deliveries - status0.deliveries
     lat = sorted(res["latencies"])
     out: dict[str, Any] = {
-        "scenario": f"{kind}_{subscribers}x{rate}", "kind": kind, "subscribers": subscribers, "published": published,
+        "scenario": name, "kind": kind, "subscribers": subscribers, "published": published,
         "rate_asked": rate or "flat out",
         # What subscribers actually read, over the publishing window (the honest deliveries/s).
         "deliveries_per_second": round(res["events"] / seconds),
         "delivered_all": res["events"] == published * subscribers,
         "received_by_subscribers": res["events"],
         "events_lost": published * subscribers - res["events"],
+        "streams_ended": res.get("streams_ended", 0),
         "proxy_handed_to_sockets_per_second": round((status1.deliveries - status0.deliveries) / elapsed),
         "slow_subscribers_dropped": status1.slow_subscribers_dropped - status0.slow_subscribers_dropped,
         "proxy_rss_mb": round(psutil.Process(proxy.proc.pid).memory_info().rss / 2**20, 1),
@@ -302,7 +403,7 @@ async def idle_memory(proxy: Server, kind: str, n: int) -> dict[str, Any]:
     proc = psutil.Process(proxy.proc.pid)
     before = proc.memory_info().rss
     role = (Role("sse", http=proxy.endpoints["http"], n=n, seconds=6, sample=0) if kind == "sse"
-            else Role("plasma", grpc_addr=proxy.endpoints["grpc"], n=n, seconds=6))
+            else Role("plasma", grpc_addr=proxy.endpoints["grpc"], n=n, seconds=6, per_connection=n))
     role.wait_line(180)
 
     async def all_connected() -> pb.ProxyStatus | None:
@@ -349,10 +450,18 @@ async def main(seconds: float) -> dict[str, Any]:
 
 # -- A/B: another build's servers against this one's, same load generators ------------------
 
+# (kind, subscribers, events/s, events per publish request: 0 is one request every 10 ms).
 # Rate 0: published flat out, the saturation at which --workers 2 is compared with 1.
-AB_FANOUT = (("sse", 1000, 1000), ("sse", 100, 1000), ("native", 100, 1000), ("sse", 1000, 0), ("native", 100, 0))
+AB_FANOUT = (("sse", 1000, 1000, 0), ("sse", 100, 1000, 0), ("sse", 100, 1000, 1), ("native", 100, 1000, 0),
+             ("plasma", 100, 1000, 0), ("plasma", 1000, 100, 0), ("sse", 1000, 0, 0), ("native", 100, 0, 0))
 AB_INGEST = ("grpc", "http", "grpc1")
-AB_SCENARIOS = (*(f"{kind}_{subs}x{rate}" for kind, subs, rate in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
+
+
+def scenario_name(kind: str, subscribers: int, rate: float, batch: int) -> str:
+    return f"{kind}_{subscribers}x{rate:g}" + ("_unbatched" if batch == 1 else "")
+
+
+AB_SCENARIOS = (*(scenario_name(*case) for case in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
 PUBLISH_KEY = "bench-publisher-key"
 KEYS = "current+keys"  # this build with --publish-keys-file, publishers presenting their key: ingest only
 WORKERS = "current+2w"  # this build with --workers 2 (broker and proxy): with --workers2
@@ -364,6 +473,7 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
                 "broker_cpu_s_per_1m_events": run["broker_cpu_s_per_1m_events"]}
     lat = run.get("latency_ms", {})
     return {"deliveries_per_second": run["deliveries_per_second"], "events_lost": run["events_lost"],
+            "subscribers_dropped": run["slow_subscribers_dropped"],
             "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
             "proxy_cpu_s_per_1m_deliveries": run["proxy_cpu_s_per_1m_deliveries"],
             "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"]}
@@ -381,9 +491,9 @@ async def ab_round(label: str, python: str, scenarios: list[str], seconds: float
     runs = []
     try:
         await attach(proxy, broker)
-        for kind, subs, rate in AB_FANOUT:
-            if f"{kind}_{subs}x{rate}" in scenarios:
-                runs.append(await fanout(broker, proxy, subs, seconds, rate, sample=min(50, subs), kind=kind))
+        for kind, subs, rate, batch in AB_FANOUT:
+            if scenario_name(kind, subs, rate, batch) in scenarios:
+                runs.append(await fanout(broker, proxy, subs, seconds, rate, min(50, subs), kind, batch))
         for transport in AB_INGEST:
             if f"ingest_{transport}" in scenarios:
                 runs.append(await ingest(broker, seconds, transport, PUBLISH_KEY if keys else ""))

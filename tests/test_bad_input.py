@@ -154,6 +154,12 @@ async def test_health_and_metrics(start: Any) -> None:
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="neoplasma.v1.Broker"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with grpc.aio.insecure_channel(proxy.endpoints["grpc"]) as ch:  # the subscriber port's health
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
     async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
         stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=AUTH)
     assert stats.relay_streams == 1 and stats.publishers == 1 and stats.connections == 2 and stats.events_in == 1

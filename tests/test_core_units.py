@@ -11,7 +11,7 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, compact_jso
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
 from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
 from neoplasma.plasma.v1 import stream_pb2
-from neoplasma.proxy.hub import Hub, QueueSubscriber
+from neoplasma.proxy.hub import Hub, PlasmaSubscriber
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 segment = st.text(alphabet="abc1", min_size=1, max_size=3)
@@ -93,32 +93,54 @@ async def test_hub_groups_encode_once_and_drop_slow(n_events: int) -> None:
     changes: list[tuple[set[str], set[str]]] = []
     hub = Hub()
     hub.on_interest_change(lambda add, rem: changes.append((add, rem)))
-    subs = [QueueSubscriberProbe(10_000) for _ in range(3)]
-    tiny = QueueSubscriberProbe(n_events - 1 if n_events > 1 else 0)
+    subs = [PlasmaProbe(FakeCall(), 10_000) for _ in range(3)]
+    tiny = PlasmaProbe(FakeCall(unsent=1), 0)  # already behind: nothing more fits
     for s in subs:
         hub.add(s, ["x"])
     hub.add(tiny, ["x"])
     assert changes == [({"x"}, set())]
     delivered = hub.dispatch([Event("x:y", b"1")] * n_events)
     assert delivered == 3 * n_events
-    assert all(len(s.queue) == n_events for s in subs)
+    for s in subs:
+        assert [stream_pb2.Payload.FromString(m).data for m in unframe(s.call.sent)] == ["1"] * n_events
+    assert not tiny.call.sent
     assert tiny.closed.done() and tiny.closed.result() == "slow" and hub.slow_dropped == 1
-    assert QueueSubscriberProbe.encodes == 1  # one encoding for the whole group
+    assert PlasmaProbe.encodes == 1  # one encoding for the whole group
     for s in subs:
         hub.remove(s)
     assert changes[-1] == (set(), {"x"}) and hub.topics() == set()
-    QueueSubscriberProbe.encodes = 0
+    PlasmaProbe.encodes = 0
 
 
-class QueueSubscriberProbe(QueueSubscriber):
-    kind = "batch"
+def unframe(data: bytes) -> list[bytes]:
+    """The messages of a gRPC stream's framed bytes."""
+    out = []
+    while data:
+        assert data[0] == 0
+        size = int.from_bytes(data[1:5], "big")
+        out.append(data[5:5 + size])
+        data = data[5 + size:]
+    return out
+
+
+class FakeCall:
+    """A gRPC call whose client takes nothing: everything sent stays unsent."""
+
+    def __init__(self, unsent: int = 0) -> None:
+        self.ended, self.unsent, self.sent = False, unsent, b""
+
+    def send(self, data: bytes) -> None:
+        self.sent += data
+        self.unsent += len(data)
+
+
+class PlasmaProbe(PlasmaSubscriber):
     encodes = 0
 
     @staticmethod
     def encode(batch, indices):  # type: ignore[no-untyped-def]
-        QueueSubscriberProbe.encodes += 1
-        return [batch.entry(i) for i in indices]
-
+        PlasmaProbe.encodes += 1
+        return PlasmaSubscriber.encode(batch, indices)
 
 
 @given(holdings=st.dictionaries(st.integers(0, 5), st.sets(topic_st, max_size=4), max_size=6), topic=topic_st)

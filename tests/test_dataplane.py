@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
+from collections.abc import Callable
 from typing import Any
+
+import hpack
 
 from neoplasma.local.harness import (
     PlasmaClient,
+    Server,
     apply_membership,
     links_ready,
     proxy_status,
@@ -15,6 +21,8 @@ from neoplasma.local.harness import (
     sse,
     wait_for,
 )
+from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 
 async def cluster(start: Any, brokers: int = 2, proxies: int = 2) -> tuple[list[Any], list[Any]]:
@@ -26,6 +34,22 @@ async def cluster(start: Any, brokers: int = 2, proxies: int = 2) -> tuple[list[
         assert reply.accepted and reply.applied_version == 1
     return bs, ps
 
+
+
+async def publish_until_one_is_dropped(broker: Server, control: str, healthy: Callable[[], int]) -> pb.ProxyStatus:
+    """Publish rounds of 200 large events until the proxy drops a slow subscriber, checking after
+    each round that the healthy one (`healthy()`: how many it got) received the whole round."""
+    payload = "x" * 4000
+    total = 0
+    for round_ in range(40):
+        await publish_grpc(broker.endpoints["grpc"], [("t", payload)] * 200)
+        total += 200
+        await wait_for(lambda total=total: healthy() == total, timeout=10,
+                       what=f"healthy subscriber keeping up (round {round_})")
+        status = await proxy_status(control)
+        if status.slow_subscribers_dropped:
+            break
+    return status
 
 async def test_events_from_any_broker_reach_sse_and_plasma_subscribers_once(start: Any) -> None:
     bs, ps = await cluster(start)
@@ -150,16 +174,7 @@ async def test_stalled_subscriber_does_not_delay_others(start: Any) -> None:
     await writer.drain()
     async with sse(ps[0].endpoints["http"], "t") as healthy:
         await wait_for(lambda: links_ready(control, 1))
-        payload = "x" * 4000
-        total = 0
-        for round_ in range(40):
-            await publish_grpc(bs[0].endpoints["grpc"], [("t", payload)] * 200)
-            total += 200
-            await wait_for(lambda total=total: len(healthy.events) == total, timeout=10,
-                           what=f"healthy subscriber keeping up (round {round_})")
-            status = await proxy_status(control)
-            if status.slow_subscribers_dropped:
-                break
+        status = await publish_until_one_is_dropped(bs[0], control, lambda: len(healthy.events))
         assert status.slow_subscribers_dropped == 1
         assert status.sse_subscribers == 1
     writer.close()
@@ -170,3 +185,58 @@ async def test_heartbeat_comments_reach_every_sse_client(start: Any) -> None:
     async with sse(proxy.endpoints["http"], "a") as one, sse(proxy.endpoints["http"], "b") as two:
         await wait_for(lambda: len(one.comments) >= 2 and len(two.comments) >= 2, what="heartbeats")
         assert set(one.comments) == {":heartbeat "}
+
+
+async def test_plasma_grpc_clients_get_every_event_in_order_through_batched_frames(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 1)
+    control = ps[0].endpoints["control"]
+    clients = [PlasmaClient(ps[0].endpoints["grpc"]) for _ in range(3)]
+    for client in clients:
+        await client.subscribe("t")
+    await wait_for(lambda: links_ready(control, 1))
+    # Batches of 200 (many messages in a DATA frame), and events beyond one 16 KiB frame.
+    sent = [{"n": n, "pad": "x" * (20_000 if n % 97 == 0 else 10)} for n in range(1000)]
+    for i in range(0, len(sent), 200):
+        await publish_grpc(bs[0].endpoints["grpc"], [("t", data) for data in sent[i:i + 200]])
+    await wait_for(lambda: all(len(c.payloads) >= len(sent) for c in clients), what="every event")
+    for client in clients:
+        assert [json.loads(p.data) for p in client.payloads] == sent
+        assert set(client.topics()) == {"t"}
+        await client.close()
+
+
+async def stalled_plasma_stream(address: str, topic: str) -> asyncio.StreamWriter:
+    """A plasma `Events` stream whose client never reads: its 64 KiB HTTP/2 window and its socket fill."""
+    host, _, port = address.rpartition(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    headers = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                                      (":path", "/proto.StreamService/Events"), ("content-type", "application/grpc")])
+    request = stream_pb2.Request(Events=[stream_pb2.EventType(type=topic)]).SerializeToString()
+    message = b"\x00" + len(request).to_bytes(4, "big") + request
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return struct.pack(">IBI", len(payload) << 8 | kind, flags, stream) + payload
+
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 4, 1, headers)
+                 + frame(0, 0, 1, message))
+    await writer.drain()
+    return writer
+
+
+async def test_stalled_plasma_stream_is_dropped_without_delaying_others(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 1)
+    control = ps[0].endpoints["control"]
+    stalled = await stalled_plasma_stream(ps[0].endpoints["grpc"], "t")
+    healthy = PlasmaClient(ps[0].endpoints["grpc"])
+    await healthy.subscribe("t")
+    await wait_for(lambda: links_ready(control, 1))
+
+    async def both_subscribed() -> bool:
+        return (await proxy_status(control)).grpc_subscribers == 2
+
+    await wait_for(both_subscribed, what="both streams subscribed")
+    status = await publish_until_one_is_dropped(bs[0], control, lambda: len(healthy.payloads))
+    assert status.slow_subscribers_dropped == 1
+    assert status.grpc_subscribers == 1 and healthy.error is None
+    stalled.close()
+    await healthy.close()

@@ -83,6 +83,7 @@ def pod(
     (pod("b"), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, False, 0)),
     (pod("p", "proxy", ready=False), PodView("ns", "demo", "proxy", "p", "uid-p", "10.0.0.1", False, False, 0)),
     (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2)),
+    (pod("i", "ingest"), PodView("ns", "demo", "ingest", "i", "uid-i", "10.0.0.1", True, False, 0)),
     # Ready without an IP cannot be reached: not ready.
     (pod("b", ip=""), PodView("ns", "demo", "broker", "b", "uid-b", "", False, False, 0)),
     (pod("x", labels={"app.kubernetes.io/name": "other", "app.kubernetes.io/instance": "demo",
@@ -90,7 +91,7 @@ def pod(
     (pod("x", labels={"app.kubernetes.io/name": "neoplasma", "app.kubernetes.io/instance": "demo"}), None),
     (pod("x", "operator"), None),
     ({"metadata": {}}, None),
-], ids=["ready broker", "unready proxy", "deleting broker", "no ip", "other app", "no component",
+], ids=["ready broker", "unready proxy", "deleting broker", "ingest reader", "no ip", "other app", "no component",
         "other component", "empty"])
 def test_pod_view(body: dict[str, Any], expected: PodView | None) -> None:
     assert pod_view(body) == expected
@@ -327,6 +328,48 @@ def test_status_reports_counts_membership_and_conditions() -> None:
     assert status["autoscaling"] is None  # removes it (merge patch) while autoscaling is off
     assert same_status(status, {**status, "kopf": {}})
     assert not same_status(build_status(observed(connections=3), status, now="T"), status)
+
+
+STANDBY = {"active": False, "ready": True, "reason": "standby: another reader holds the lease", "redis_error": None,
+           "lease_error": None, "brokers_up": 1}
+READING = {**STANDBY, "active": True, "reason": "active: reading Redis"}
+
+
+@pytest.mark.parametrize(("readers", "status", "reason", "message"), [
+    ([c.ReaderSeen("i-a", STANDBY), c.ReaderSeen("i-b", READING)], True, "Reading",
+     "reader i-b reads r:6379; 1 reader standing by"),
+    ([c.ReaderSeen("i-a", {**READING, "ready": False, "redis_error": "refused",
+                           "reason": "cannot read Redis: refused"}), c.ReaderSeen("i-b", error="timeout")],
+     False, "RedisUnreachable", "reader i-a: cannot read Redis: refused"),
+    ([c.ReaderSeen("i-a", {**READING, "ready": False, "brokers_up": 0, "reason": "no broker accepts publishes"})],
+     False, "BrokersUnavailable", "reader i-a: no broker accepts publishes"),
+    ([c.ReaderSeen("i-a", {**STANDBY, "ready": False, "lease_error": "refused",
+                           "reason": "cannot reach the lease: refused"})],
+     False, "RedisUnreachable", "no reader holds the lease of r:6379; i-a: cannot reach the lease: refused"),
+    ([c.ReaderSeen("i-a", STANDBY), c.ReaderSeen("i-b", STANDBY)], False, "NoActiveReader",
+     "no reader holds the lease of r:6379 yet (a hand-over takes up to the lease's ttl); 2 readers standing by"),
+    ([], False, "NoReader", "no ingest reader pod is running"),
+    ([c.ReaderSeen("i-a", error="HTTP 401: no")], False, "ReadersUnreachable",
+     "cannot read the readers' /stats: i-a: HTTP 401: no"),
+])
+def test_ingest_ready(readers: list[c.ReaderSeen], status: bool, reason: str, message: str) -> None:
+    assert c.ingest_ready(readers, "r:6379") == c.Condition("IngestReady", status, reason, message)
+
+
+def test_ingest_ready_is_in_status_while_ingest_is_set_and_goes_with_it() -> None:
+    status = build_status(observed(ingest=("r:6379", [c.ReaderSeen("i-a", READING)])), {}, now="T")
+    assert [(x["type"], x["status"], x["reason"]) for x in status["conditions"]][-1] == (
+        "IngestReady", "True", "Reading")
+    after = build_status(observed(), status, now="T2")
+    assert "IngestReady" not in [x["type"] for x in after["conditions"]]
+
+
+def test_plan_deletes_the_ingest_readers_once_spec_ingest_is_unset() -> None:
+    ingest = {"ingest": {"redis": {"address": "r", "channels": ["plasma"]}}}
+    served = [as_served(m) for m in children_of(ingest)]
+    assert ("Deployment", "demo-ingest") in [(m["kind"], m["metadata"]["name"]) for m in served]
+    assert not plan(children_of(ingest), served, "owner-uid")
+    assert plan(children_of({}), served, "owner-uid").delete == [("Deployment", "demo-ingest")]
 
 
 def test_status_keeps_the_last_convergence_time() -> None:

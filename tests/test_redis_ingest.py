@@ -24,7 +24,7 @@ from kubeharness.fixtures import unavailable
 from neoplasma.core.events import InvalidEvent
 from neoplasma.ingest.reader import readiness, rejection_kind
 from neoplasma.ingest.resp import RedisAddress
-from neoplasma.local.harness import PlasmaClient, Server, apply_membership, links_ready, sse, wait_for
+from neoplasma.local.harness import CREDENTIAL, PlasmaClient, Server, apply_membership, links_ready, sse, wait_for
 
 
 @dataclass
@@ -101,6 +101,14 @@ async def health(reader: Server | str) -> dict[str, Any]:
         return body
 
 
+async def stats(reader: Server, token: str | None) -> tuple[int, dict[str, Any]]:
+    """The reader's /stats (the operator's view), presenting `token` as the cluster credential."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://{http(reader)}/stats", headers=headers) as r:
+        return r.status, await r.json()
+
+
 async def metric(reader: Server | str, name: str) -> float:
     """The sum of a metric's samples (every label) on the reader's /metrics."""
     async with aiohttp.ClientSession() as session, session.get(f"http://{http(reader)}/metrics") as r:
@@ -136,6 +144,11 @@ async def test_plasma_publishers_reach_sse_and_grpc_subscribers_once(start: Any,
     standby = next(r for r in readers if r is not active)
     assert await health(standby) == {"ready": True, "active": False, "name": standby.name,
                                      "reason": "standby: another reader holds the lease"}
+    # /stats is the operator's: only with the cluster credential.
+    assert [(await stats(active, token))[0] for token in (None, "wrong")] == [401, 401]
+    status, body = await stats(active, CREDENTIAL)
+    assert status == 200 and body["active"] and body["ready"] and body["redis"] == f"redis://{redis.address}/0"
+    assert (body["redis_error"], body["lease_error"], body["brokers_up"]) == (None, None, 2)
     publisher = redis.client()
     async with sse(proxies[0].endpoints["http"], "program:1234") as browser:
         plasma = PlasmaClient(proxies[1].endpoints["grpc"])

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.cli import build_parser
+from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
 from neoplasma.operator import render as r
-from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, parse_spec
+from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, InvalidSpec, parse_spec
 from neoplasma.proxy.server import ProxyConfig
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
@@ -43,6 +44,11 @@ SPECS: dict[str, dict[str, Any]] = {
         "brokers": {"resources": {"limits": {"cpu": 2, "memory": "1Gi"}}},
         "proxies": {"resources": {}, "service": {"type": "LoadBalancer"}},
     },
+    "redis ingest": {"ingest": {"redis": {"address": "redis.plasma:6380", "channels": ["plasma", "events"],
+                                          "patterns": ["events:*"], "database": 2,
+                                          "password": {"secretKeyRef": {"name": "redis-auth"}},
+                                          "tls": {"enabled": True, "ca": {"secretKeyRef": {"name": "redis-ca"}}}}},
+                     "publishers": {"apiKeysSecret": "keys"}, "tls": {"secretName": "demo-tls"}},
 }
 
 
@@ -165,7 +171,7 @@ COMMON = {
 
 
 def expected_labels(name: str) -> dict[str, str]:
-    component = "broker" if "broker" in name else "proxy"
+    component = next(c for c in ("broker", "ingest", "proxy") if c in name or c == "proxy")
     extra = {"neoplasma.io/broker-deployment": name} if name.startswith("demo-broker-") else {}
     return {**COMMON, "app.kubernetes.io/component": component, **extra}
 
@@ -424,10 +430,71 @@ def test_proxy_rollouts_keep_serving() -> None:
     assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 
 
-def server_config(manifest: r.Manifest) -> BrokerConfig | ProxyConfig:
+def server_config(manifest: r.Manifest) -> BrokerConfig | ProxyConfig | IngestConfig:
     """The config a container's command gives its server, parsed by `neoplasma`'s own CLI."""
     args = build_parser().parse_args(container(manifest)["command"][1:])
-    return (BrokerConfig if args.command == "broker" else ProxyConfig).from_args(args)
+    config = {"broker": BrokerConfig, "proxy": ProxyConfig, "ingest-redis": IngestConfig}[args.command]
+    return config.from_args(args)
+
+
+def test_the_ingest_readers_read_the_specs_redis_into_the_broker_service() -> None:
+    children = rendered(SPECS["redis ingest"])
+    deployment = children["Deployment", "demo-ingest"]
+    assert list(children)[-3:] == [("Deployment", "demo-ingest"), ("NetworkPolicy", "demo-broker"),
+                                   ("NetworkPolicy", "demo-proxy")]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["selector"]["matchLabels"] == r.selector_labels("demo", "ingest")
+    reader = server_config(deployment)
+    assert isinstance(reader, IngestConfig)
+    assert (reader.redis, reader.redis_db, reader.channels, reader.patterns) == (
+        "rediss://redis.plasma:6380", 2, ["plasma", "events"], ["events:*"])
+    assert reader.brokers == ["demo-broker.events.svc:50051"]
+    assert reader.lease == "redis" and reader.lease_key == "neoplasma:ingest:events/demo"
+    mounts = {v["name"]: v["secret"]["secretName"] for v in pod_spec(deployment)["volumes"] if "secret" in v}
+    assert mounts == {"credential": "demo-credential", "publish-keys": "keys", "tls": "demo-tls",
+                      "redis-ca": "redis-ca"}
+    assert (reader.credential_file, reader.publish_key_file, reader.redis_ca_file) == (
+        "/etc/neoplasma/credential/credential", "/etc/neoplasma/publish-keys/keys", "/etc/neoplasma/redis-ca/ca.crt")
+    assert (reader.tls_cert, reader.broker_ca_file, reader.broker_server_name) == (
+        "/etc/neoplasma/tls/tls.crt", "/etc/neoplasma/tls/ca.crt", "demo-broker.events.svc")
+    # The password: from its Secret through the environment, never in the manifest.
+    password = [e for e in container(deployment)["env"] if e["name"] == PASSWORD_ENV]
+    assert password == [{"name": PASSWORD_ENV,
+                         "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}]
+    assert container(deployment)["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http",
+                                                                   "scheme": "HTTPS"}
+    assert container(deployment)["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+
+def test_no_ingest_no_reader_and_a_plain_one_needs_no_secret_but_the_credential() -> None:
+    assert not any(name.endswith("-ingest") for _, name in rendered())
+    deployment = rendered({"ingest": {"redis": {"address": "10.0.0.5", "patterns": ["a*"]}}})["Deployment",
+                                                                                              "demo-ingest"]
+    reader = server_config(deployment)
+    assert isinstance(reader, IngestConfig)
+    assert (reader.redis, reader.channels, reader.patterns, reader.publish_key_file) == ("10.0.0.5", [], ["a*"], "")
+    assert [e["name"] for e in container(deployment)["env"]] == ["NEOPLASMA_POD_NAME", "NEOPLASMA_POD_IP"]
+    assert [v["name"] for v in pod_spec(deployment)["volumes"]] == ["tmp", "credential"]
+
+
+@pytest.mark.parametrize(("ingest", "field"), [
+    ({}, "spec.ingest.redis"),
+    ({"redis": {"address": "redis://r:6379", "channels": ["a"]}}, "spec.ingest.redis.address"),
+    ({"redis": {"address": "r:70000", "channels": ["a"]}}, "spec.ingest.redis.address"),
+    ({"redis": {"address": "r:6379"}}, "spec.ingest.redis"),
+    ({"redis": {"address": "r", "channels": ["a,b"]}}, "spec.ingest.redis.channels[0]"),
+    ({"redis": {"address": "r", "channels": [""]}}, "spec.ingest.redis.channels[0]"),
+    ({"redis": {"address": "r", "patterns": "a*"}}, "spec.ingest.redis.patterns"),
+    ({"redis": {"address": "r", "channels": ["a"], "password": {"secretKeyRef": {"key": "k"}}}},
+     "spec.ingest.redis.password.secretKeyRef.name"),
+    ({"redis": {"address": "r", "channels": ["a"], "password": {"secretKeyRef": {"name": "s", "key": "a/b"}}}},
+     "spec.ingest.redis.password.secretKeyRef.key"),
+    ({"redis": {"address": "r", "channels": ["a"], "password": "hunter2"}}, "spec.ingest.redis.password"),
+])
+def test_bad_ingest_is_refused_naming_the_field(ingest: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpec) as refused:
+        parse_spec({"ingest": ingest})
+    assert refused.value.field == field
 
 
 def test_a_stopping_proxy_leaves_the_service_before_it_asks_subscribers_to_reconnect() -> None:
@@ -586,6 +653,12 @@ BAD_SPECS = {
     "retention of 1 KiB": ({"brokers": {"retention": {"maxBytes": 1024}}}, "spec.brokers.retention.maxBytes"),
     "retention of 1 TiB": ({"brokers": {"retention": {"maxBytes": 1024**4}}}, "spec.brokers.retention.maxBytes"),
     "retention as text": ({"brokers": {"retention": {"maxBytes": "1Gi"}}}, "spec.brokers.retention.maxBytes"),
+    "negative Redis database": ({"ingest": {"redis": {"address": "r", "channels": ["a"], "database": -1}}},
+                                "spec.ingest.redis.database"),
+    "Redis address too long": ({"ingest": {"redis": {"address": "r" * 262, "channels": ["a"]}}},
+                               "spec.ingest.redis.address"),
+    "Redis TLS as text": ({"ingest": {"redis": {"address": "r", "channels": ["a"], "tls": {"enabled": "yes"}}}},
+                          "spec.ingest.redis.tls.enabled"),
 }
 
 

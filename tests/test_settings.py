@@ -76,7 +76,7 @@ def test_an_environment_default_is_checked_as_the_option_would_be(monkeypatch: p
 
 @pytest.mark.parametrize(("config_class", "setting", "value", "allowed"), [
     (ProxyConfig, "drain_rate", 0, "a number greater than 0"),
-    (ProxyConfig, "max_grpc_queue", 0, "an integer greater than 0"),
+    (ProxyConfig, "max_grpc_buffer", 0, "an integer greater than 0"),
     (ProxyConfig, "linger_seconds", -0.1, "a number 0 or more"),
     (BrokerConfig, "http_port", 70000, f"an integer {PORT}"),
     (BrokerConfig, "drain_timeout", float("nan"), "a number 0 or more"),

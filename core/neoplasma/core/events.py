@@ -383,6 +383,11 @@ def sse_gap(reason: str) -> bytes:
     return b"event: neoplasma-gap\ndata: %s\n\n" % json.dumps({"reason": reason}).encode()
 
 
+def grpc_frame(message: bytes) -> bytes:
+    """`message` framed as gRPC sends it on a stream: uncompressed, its length, itself."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
 def plasma_payload(event: Event) -> bytes:
     """plasma's gRPC `proto.Payload` for the event, serialised by hand.
 

@@ -29,10 +29,11 @@ class ParentGone(NeoplasmaError):
     """`neoplasma up`, which started this server, died before the server could follow it."""
 
 
-def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False) -> socket.socket:
+def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, listen: bool = True) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname()).
     `flag` names the option that chose the port, for the error if it is taken. With `reuse_port`,
-    other sockets with SO_REUSEPORT (a pod's workers) may listen on it too."""
+    other sockets with SO_REUSEPORT (a pod's workers) may listen on it too; without `listen`, it
+    only holds the port (a supervisor's, while its workers serve it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -43,8 +44,9 @@ def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False) -> so
     except OSError as exc:
         sock.close()
         raise CannotListen(host, port, exc.strerror or str(exc), flag) from None
-    sock.listen(1024)
-    sock.setblocking(False)
+    if listen:
+        sock.listen(1024)
+        sock.setblocking(False)
     return sock
 
 

@@ -168,11 +168,16 @@ def refusal_code(error: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def refuse(context: grpc.aio.ServicerContext, error: BaseException | None, method: str, what: str) -> None:
-    """End a stream of `method` over bad input: undecodable, over a limit, or invalid."""
+def refusal(error: BaseException | None, method: str, what: str) -> tuple[grpc.StatusCode, str]:
+    """The status ending a stream of `method` over bad input: undecodable, over a limit, or invalid."""
     if isinstance(error, DecodeError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, undecodable(method))
-    await context.abort(refusal_code(error), f"{what} refused: {error}")
+        return grpc.StatusCode.INVALID_ARGUMENT, undecodable(method)
+    return refusal_code(error), f"{what} refused: {error}"
+
+
+async def refuse(context: grpc.aio.ServicerContext, error: BaseException | None, method: str, what: str) -> None:
+    """End a stream of `method` over bad input (see `refusal`)."""
+    await context.abort(*refusal(error, method, what))
 
 
 def _decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

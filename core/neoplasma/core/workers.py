@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import PARENT_PID_ENV, CannotListen, HttpServer
+from neoplasma.core.net import PARENT_PID_ENV, HttpServer
 
 log = get_logger("workers")
 
@@ -113,20 +113,6 @@ class Place:
     def http(self, index: int | None = None) -> str:
         """The path of worker `index`'s (default: this one's) private HTTP socket."""
         return f"{self.folder}/http-{self.index if index is None else index}.sock"
-
-
-def reuse_port_socket(host: str, port: int, flag: str) -> socket.socket:
-    """A TCP socket bound to host:port with SO_REUSEPORT, not listening: the supervisor holds it so
-    the port (0: any free one) stays the pod's while its workers bind it too."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(host, port, exc.strerror or str(exc), flag) from None
-    return sock
 
 
 # -- pod-wide figures -------------------------------------------------------------------------

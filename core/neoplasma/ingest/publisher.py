@@ -22,6 +22,7 @@ from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event, batch_entry
 from neoplasma.core.logs import get_logger
+from neoplasma.core.trust import Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 log = get_logger("ingest")
@@ -50,8 +51,8 @@ def identity(data: bytes) -> bytes:
 
 
 class BrokerPublisher:
-    def __init__(self, brokers: list[str], *, batch_events: int, linger: float, in_flight: int, buffer_events: int,
-                 timeout: float, done: Callable[[Outcome], None]) -> None:
+    def __init__(self, brokers: list[str], access: Access, *, batch_events: int, linger: float, in_flight: int,
+                 buffer_events: int, timeout: float, done: Callable[[Outcome], None]) -> None:
         self.brokers = brokers
         self.batch_events = batch_events
         self.linger = linger
@@ -65,7 +66,8 @@ class BrokerPublisher:
         self.backoffs = [Backoff(BROKER_BACKOFF) for _ in brokers]
         self.changed = Signal()
         self._next = 0
-        self._channels = [grpc.aio.insecure_channel(b) for b in brokers]
+        self.access = access  # the publisher key presented and the brokers' TLS
+        self._channels = [access.channel(b) for b in brokers]
         self._publish = [ch.unary_unary(PUBLISH, request_serializer=identity,
                                         response_deserializer=pb.PublishResponse.FromString) for ch in self._channels]
 
@@ -119,7 +121,7 @@ class BrokerPublisher:
                 continue
             self._next = (index + 1) % len(self.brokers)
             try:
-                await self._publish[index](body, timeout=self.timeout)
+                await self._publish[index](body, timeout=self.timeout, metadata=self.access.metadata())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     await self._refused(batch, exc)

@@ -30,8 +30,9 @@ from neoplasma.core.errors import UsageError
 from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, InvalidEvent, parse_publish_body
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import announce, bind_socket, hostport
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Bound, Settings, pod_name, setting
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Bound, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH
+from neoplasma.core.trust import Access, Tokens, TrustSettings, http_ssl_context
 from neoplasma.ingest.lease import Lease, LeaseClock, RedisLease
 from neoplasma.ingest.publisher import BrokerPublisher, Outcome
 from neoplasma.ingest.resp import Connection, RedisAddress, RedisError
@@ -48,8 +49,9 @@ NOT_SUBSCRIBED = "not subscribed yet"
 
 
 @dataclass
-class IngestConfig(Settings):
-    """The reader's settings; `neoplasma ingest-redis` has an option for each one with help."""
+class IngestConfig(TrustSettings):
+    """The reader's settings; `neoplasma ingest-redis` has an option for each one with help. The
+    cluster credential (--credential-file) guards /stats; --tls-cert/--tls-key serve HTTPS."""
 
     name: str = setting(factory=lambda: pod_name("ingest"),
                         help="reader name, its lease identity (default $NEOPLASMA_POD_NAME, else ingest-HOST-PID)")
@@ -64,6 +66,11 @@ class IngestConfig(Settings):
     channels: list[str] = setting(factory=list, help="Redis channels to SUBSCRIBE to")
     patterns: list[str] = setting(factory=list, help="Redis channel patterns to PSUBSCRIBE to (e.g. 'events:*')")
     brokers: list[str] = setting(factory=list, help="broker gRPC addresses (HOST:PORT, e.g. the broker Service)")
+    publish_key_file: str = setting("", help="file of publisher API keys (the brokers' --publish-keys-file); "
+                                    "the first is presented on Publish")
+    broker_ca_file: str = setting("", help="TLS to the brokers: the CA bundle that signed their certificate")
+    broker_server_name: str = setting("", help="TLS to the brokers: the name their certificate must carry "
+                                      "(default: the address's host)")
     lease: str = setting("redis", help="who reads: 'redis' (a lease key in the Redis read: one active reader "
                          "of those sharing --lease-key) or 'none' (every reader reads)")
     lease_key: str = setting("neoplasma:ingest:lease", help="the lease's Redis key, one per cluster")
@@ -92,6 +99,9 @@ class IngestConfig(Settings):
         password = (Path(self.redis_password_file).read_text().strip() if self.redis_password_file
                     else os.environ.get(PASSWORD_ENV) or None)
         return RedisAddress.parse(self.redis, db=self.redis_db, password=password, ca_file=self.redis_ca_file or None)
+
+    def broker_access(self) -> Access:
+        return Access(Tokens.optional(self.publish_key_file), self.broker_ca_file, self.broker_server_name)
 
 
 def rejection_kind(error: InvalidEvent) -> str:
@@ -149,7 +159,7 @@ class Ingest:
         self.lease = lease
         self.clock = LeaseClock(lease.ttl if lease else 0.0)
         self.metrics = Metrics()
-        self.publisher = BrokerPublisher(config.brokers, batch_events=config.batch_events,
+        self.publisher = BrokerPublisher(config.brokers, config.broker_access(), batch_events=config.batch_events,
                                          linger=config.batch_ms / 1000, in_flight=config.in_flight,
                                          buffer_events=config.buffer_events, timeout=config.publish_timeout,
                                          done=self._published)
@@ -288,15 +298,33 @@ class Ingest:
         ready, reason = readiness(self.active, self.redis_error, self.lease_error, self.publisher.brokers_up())
         return ready, {"ready": ready, "reason": reason, "active": self.active, "name": self.config.name}
 
+    def stats(self) -> dict[str, Any]:
+        """/stats: health and what it is made of (what the operator's IngestReady condition reads)."""
+        return {**self.health()[1], "redis": str(self.address), "redis_error": self.redis_error,
+                "lease_error": self.lease_error, "brokers_up": self.publisher.brokers_up(),
+                "buffered": self.publisher.pending()}
+
     def refresh(self) -> None:
         self.metrics.buffered.set(self.publisher.pending())
         self.metrics.brokers_up.set(self.publisher.brokers_up())
 
 
-def http_app(ingest: Ingest) -> web.Application:
+def http_app(ingest: Ingest, credential: Tokens | None) -> web.Application:
+    """/healthz for readiness, /livez for liveness, /metrics for Prometheus (open, as brokers' and
+    proxies' are), and /stats for the operator, which only holders of the cluster credential may read."""
+
+    async def stats(request: web.Request) -> web.Response:
+        if credential is not None and not credential.allows(request.headers.get("Authorization")):
+            return web.json_response({"error": "the cluster credential is required (Authorization: Bearer TOKEN)"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+        return web.json_response(ingest.stats())
+
     async def healthz(request: web.Request) -> web.Response:
         ready, body = ingest.health()
         return web.json_response(body, status=200 if ready else 503)
+
+    async def livez(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")  # the process answers, whether or not Redis does
 
     async def metrics(request: web.Request) -> web.Response:
         ingest.refresh()
@@ -305,7 +333,9 @@ def http_app(ingest: Ingest) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/stats", stats)
     return app
 
 
@@ -314,9 +344,9 @@ async def serve(config: IngestConfig) -> None:
     lease = RedisLease(address, config.lease_key, config.name, config.lease_ttl) if config.lease == "redis" else None
     ingest = Ingest(config, address, lease)
     sock = bind_socket(config.host, config.http_port, "--http-port")
-    runner = web.AppRunner(http_app(ingest), access_log=None, handle_signals=False)
+    runner = web.AppRunner(http_app(ingest, config.cluster_tokens()), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(runner, sock, ssl_context=http_ssl_context(config.tls_cert, config.tls_key)).start()
     http_port = sock.getsockname()[1]
 
     stop = asyncio.Event()

@@ -17,7 +17,15 @@ from typing import Any, cast
 
 import kopf
 
-from neoplasma.operator.render import BROKER_DEPLOYMENT_LABEL, COMPONENT_LABEL, NO_PEERS, Manifest, Peers, render
+from neoplasma.operator.render import (
+    BROKER_DEPLOYMENT_LABEL,
+    COMPONENT_LABEL,
+    INGEST,
+    NO_PEERS,
+    Manifest,
+    Peers,
+    render,
+)
 from neoplasma.operator.spec import Cluster
 
 ChildKey = tuple[str, str]
@@ -66,8 +74,8 @@ def adopted(manifests: list[Manifest], owner: Mapping[str, Any]) -> list[Manifes
 
 
 def plan(desired: Iterable[Manifest], actual: Iterable[Mapping[str, Any]], owner_uid: str) -> Plan:
-    """What to apply (missing or differing children) and delete (broker Deployments and
-    NetworkPolicies this cluster owns that are no longer rendered: scaled down, turned off)."""
+    """What to apply (missing or differing children) and delete (broker and ingest Deployments
+    and NetworkPolicies this cluster owns that are no longer rendered: scaled down, turned off)."""
     existing = {child_key(obj): obj for obj in actual}
     wanted = list(desired)
     changes: list[Change] = []
@@ -83,7 +91,7 @@ def plan(desired: Iterable[Manifest], actual: Iterable[Mapping[str, Any]], owner
     stale = sorted(
         key for key, obj in existing.items()
         if key not in wanted_keys and owned_by(obj, owner_uid)
-        and (key[0] == "NetworkPolicy" or (key[0] == "Deployment" and _is_broker_deployment(obj)))
+        and (key[0] == "NetworkPolicy" or (key[0] == "Deployment" and (_is_broker_deployment(obj) or _is_ingest(obj))))
     )
     return Plan(apply=changes, delete=stale)
 
@@ -167,6 +175,10 @@ def index_value(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _is_broker_deployment(obj: Mapping[str, Any]) -> bool:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return labels.get(COMPONENT_LABEL) == "broker" and BROKER_DEPLOYMENT_LABEL in labels
+
+
+def _is_ingest(obj: Mapping[str, Any]) -> bool:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL) == INGEST
 
 
 def _owner(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ MEMBERSHIP_SYNCED = "MembershipSynced"
 SPEC_VALID = "SpecValid"
 AUTOSCALING_POLICY_VALID = "AutoscalingPolicyValid"
 RECONCILIATION_PAUSED = "ReconciliationPaused"
-OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED)
+INGEST_READY = "IngestReady"  # only while spec.ingest is set
+OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED, INGEST_READY)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,15 @@ class MembershipProgress:
     @property
     def synced(self) -> bool:
         return self.acknowledged >= self.proxies
+
+
+@dataclass(frozen=True)
+class ReaderSeen:
+    """An ingest reader pod as the operator saw it: its /stats (None: not read, `error` says why)."""
+
+    name: str
+    stats: Mapping[str, Any] | None = None
+    error: str = ""
 
 
 def now_text(now: datetime | None = None) -> str:
@@ -120,10 +130,38 @@ def ready(
     )
 
 
+def ingest_ready(readers: Sequence[ReaderSeen], redis: str) -> Condition:
+    """IngestReady, from the readers' /stats: True while one holds the lease and reads `redis`;
+    else why not (RedisUnreachable, BrokersUnavailable, NoActiveReader, NoReader, ReadersUnreachable)."""
+    seen = [r for r in readers if r.stats is not None]
+    standby = sum(1 for r in seen if not r.stats or not r.stats.get("active"))
+    for reader in seen:
+        stats = reader.stats or {}
+        if not stats.get("active"):
+            continue
+        if stats.get("ready"):
+            return Condition(INGEST_READY, True, "Reading", f"reader {reader.name} reads {redis}; "
+                             f"{count(standby, 'reader')} standing by")
+        reason = "RedisUnreachable" if stats.get("redis_error") else "BrokersUnavailable"
+        return Condition(INGEST_READY, False, reason, f"reader {reader.name}: {stats.get('reason')}")
+    lease = [f"{r.name}: {(r.stats or {}).get('reason')}" for r in seen if (r.stats or {}).get("lease_error")]
+    if lease:
+        return Condition(INGEST_READY, False, "RedisUnreachable", f"no reader holds the lease of {redis}; "
+                         + "; ".join(lease))
+    if seen:
+        return Condition(INGEST_READY, False, "NoActiveReader", f"no reader holds the lease of {redis} yet (a "
+                         f"hand-over takes up to the lease's ttl); {count(len(seen), 'reader')} standing by")
+    if not readers:
+        return Condition(INGEST_READY, False, "NoReader", "no ingest reader pod is running")
+    return Condition(INGEST_READY, False, "ReadersUnreachable", "cannot read the readers' /stats: "
+                     + "; ".join(f"{r.name}: {r.error}" for r in readers))
+
+
 def merge(
     existing: Sequence[Mapping[str, Any]] | None, conditions: Iterable[Condition], now: str
 ) -> list[dict[str, Any]]:
-    """`status.conditions`: ours in order, then any others found in `existing` (untouched).
+    """`status.conditions`: ours in order, then any others found in `existing` (untouched; of our
+    own types, those not given are dropped: IngestReady once spec.ingest is unset).
 
     A condition whose status is unchanged keeps its `lastTransitionTime`; reason and message
     are always the current ones.
@@ -143,7 +181,7 @@ def merge(
             "message": condition.message,
             "lastTransitionTime": str(since),
         })
-    merged.extend(dict(c) for kind, c in previous.items() if kind not in ours)
+    merged.extend(dict(c) for kind, c in previous.items() if kind not in ours and kind not in OWN_TYPES)
     return merged
 
 

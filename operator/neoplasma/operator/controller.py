@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import secrets
+import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import kopf
 import kubernetes.client
 
@@ -43,6 +46,7 @@ from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
+from neoplasma.operator.conditions import ReaderSeen
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey, Controlled, PodView, own_pods, ready_count
 from neoplasma.operator.metrics import Metrics
@@ -51,6 +55,8 @@ from neoplasma.operator.render import (
     CONTROL_PORT,
     CREDENTIAL_KEY,
     GRPC_PORT,
+    INGEST,
+    INGEST_PORTS,
     NO_PEERS,
     Peers,
     credential_secret,
@@ -273,7 +279,11 @@ class ClusterController:
         if desired.deleting:
             self.status.due_at = None
             return  # being deleted: the garbage collector removes the children
+        ingest = desired.cluster.spec.ingest if desired.cluster else None
+        readers = await _reader_stats(pods, self.access[Tier.BROKER]) if ingest else []
         observed = self._observed(desired, pods, connections)
+        if ingest:
+            observed = replace(observed, ingest=(ingest.address, readers))
         self.metrics.observe(self.key, observed)
         status = self.status.step(observed, body, self.membership.sync.settling_since(), self.clock())
         if status is not None:
@@ -331,6 +341,7 @@ class ClusterController:
                 await asyncio.to_thread(self.kube.delete, kind, cluster.namespace, name)
                 self._post([Event("Deleted", f"deleted {kind} {name}: " + (
                     "spec.networkPolicies.enabled is false" if kind == "NetworkPolicy" else
+                    "spec.ingest is not set" if name == f"{cluster.name}-{INGEST}" else
                     f"not needed for {cluster.spec.brokers.replicas} brokers of at most "
                     f"{cluster.spec.brokers.max_per_deployment} per Deployment"))])
         except Exception as error:  # API errors, or the API out of reach: retried with backoff
@@ -407,6 +418,35 @@ async def _connections(pods: list[PodView], access: Access) -> int | None:
     addresses = [hostport(p.ip, GRPC_PORT) for p in pods if p.component == Tier.BROKER and p.ready]
     load = await broker_load(addresses, access)
     return int(load.total) if load.pods_read or not addresses else None
+
+
+STATS_BYTES = 64 * 1024  # a reader's /stats is far smaller
+
+
+async def _reader_stats(pods: list[PodView], access: Access) -> list[ReaderSeen]:
+    """The /stats of each running ingest reader, read with the cluster credential (and with
+    spec.tls over HTTPS, trusting the CA: the readers serve the brokers' certificate)."""
+    readers = [p for p in pods if p.component == INGEST and p.ip and not p.deleting]
+    if not readers:
+        return []
+    context = ssl.create_default_context(cafile=access.ca_file) if access.ca_file else None
+    scheme = "https" if context else "http"
+
+    async def read(session: aiohttp.ClientSession, pod: PodView) -> ReaderSeen:
+        try:
+            async with session.get(f"{scheme}://{hostport(pod.ip, INGEST_PORTS['http'])}/stats", ssl=context or True,
+                                   server_hostname=access.server_name or None) as response:
+                body = await response.content.read(STATS_BYTES)
+                if response.status != 200:
+                    return ReaderSeen(pod.name, error=f"HTTP {response.status}: {body[:200].decode(errors='replace')}")
+                stats = json.loads(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            return ReaderSeen(pod.name, error=str(error) or type(error).__name__)
+        return ReaderSeen(pod.name, stats) if isinstance(stats, dict) else ReaderSeen(pod.name, error="not an object")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0),
+                                     headers=dict(access.metadata())) as session:
+        return list(await asyncio.gather(*(read(session, pod) for pod in readers)))
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,12 @@ from neoplasma.operator.render import (
     COMPONENT_LABEL,
     CONTROL_PORT,
     GRPC_PORT,
+    INGEST,
     INSTANCE_LABEL,
     NAME_LABEL,
 )
+
+COMPONENTS = (*Tier, INGEST)
 
 ClusterKey = tuple[str, str]
 """(namespace, name) of a NeoplasmaCluster; its pods carry the name as instance label."""
@@ -30,11 +33,11 @@ ClusterKey = tuple[str, str]
 
 @dataclass(frozen=True)
 class PodView:
-    """What the operator needs to know of one broker or proxy pod."""
+    """What the operator needs to know of one broker, proxy or ingest pod."""
 
     namespace: str
     instance: str
-    component: Tier
+    component: str  # a Tier, or INGEST
     name: str
     uid: str = ""
     ip: str = ""
@@ -64,12 +67,12 @@ class ProxyTarget:
 
 
 def pod_view(pod: Mapping[str, Any]) -> PodView | None:
-    """The view of a broker or proxy pod of a NeoplasmaCluster; None for any other pod."""
+    """The view of a broker, proxy or ingest pod of a NeoplasmaCluster; None for any other pod."""
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
     component = labels.get(COMPONENT_LABEL)
     instance = labels.get(INSTANCE_LABEL)
-    if labels.get(NAME_LABEL) != "neoplasma" or component not in tuple(Tier) or not instance:
+    if labels.get(NAME_LABEL) != "neoplasma" or component not in COMPONENTS or not instance:
         return None
     status = pod.get("status") or {}
     ready = any(
@@ -79,7 +82,7 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     return PodView(
         namespace=str(metadata.get("namespace") or ""),
         instance=str(instance),
-        component=Tier(component),
+        component=Tier(component) if component in tuple(Tier) else INGEST,
         name=str(metadata.get("name") or ""),
         uid=str(metadata.get("uid") or ""),
         ip=str(status.get("podIP") or ""),
@@ -145,6 +148,6 @@ def proxy_targets(pods: Iterable[PodView]) -> dict[str, ProxyTarget]:
     }
 
 
-def ready_count(pods: Iterable[PodView], component: Tier) -> int:
+def ready_count(pods: Iterable[PodView], component: str) -> int:
     """Ready pods of `component` that are not being deleted (what status reports as ready)."""
     return sum(1 for pod in pods if pod.component == component and pod.ready and not pod.deleting)

@@ -21,7 +21,8 @@ import yaml
 from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
-from neoplasma.operator.spec import Cluster, NodePorts, Resources, ServiceType
+from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
+from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, Resources, ServiceType
 from neoplasma.proxy.server import ProxyConfig
 
 Manifest = dict[str, Any]
@@ -31,6 +32,9 @@ BROKER_PORTS = {"grpc": BrokerConfig.grpc_port, "http": BrokerConfig.http_port}
 PROXY_PORTS = {"http": ProxyConfig.http_port, "grpc": ProxyConfig.grpc_port, "control": ProxyConfig.control_port}
 GRPC_PORT = BROKER_PORTS["grpc"]  # where proxies relay from and the operator reads Stats
 CONTROL_PORT = PROXY_PORTS["control"]  # where the operator pushes membership
+INGEST = "ingest"  # the component of the ingest readers (spec.ingest)
+INGEST_PORTS = {"http": IngestConfig.http_port}  # /healthz, /metrics, and /stats that the operator reads
+INGEST_REPLICAS = 2  # one reads, the other stands by to take the lease over
 POLICY_APIS = ("policy/v1", "policy/v1beta1")
 SECRETS_DIR = "/etc/neoplasma"  # where the pods' Secrets are mounted, one folder each
 CREDENTIAL_KEY = "credential"  # the key of the cluster credential in its Secret
@@ -104,6 +108,7 @@ def render(
         proxy_deployment(cluster, image=image),
         proxy_service(cluster),
         pod_disruption_budget(cluster, Tier.PROXY, policy_api=policy_api),
+        *([ingest_deployment(cluster, cluster.spec.ingest, image=image)] if cluster.spec.ingest else []),
         *policies,
     ]
 
@@ -190,7 +195,7 @@ def labels(cluster_name: str, component: str) -> dict[str, str]:
     return {**selector_labels(cluster_name, component), MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def server_command(tier: Tier, config: type[Settings], ports: dict[str, int], **settings: int | str) -> list[str]:
+def server_command(tier: str, config: type[Settings], ports: dict[str, int], **settings: int | str) -> list[str]:
     """The container's command: `neoplasma TIER` on every address, with each port (`NAME_port`)
     and setting as the option `config` has for it."""
     values: dict[str, int | str] = {**{f"{name}_port": port for name, port in ports.items()}, **settings}
@@ -233,6 +238,8 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
         resources=cluster.spec.brokers.resources.to_dict(),
         grace_seconds=30,
         strategy=None,
+        env=[],
+        liveness_path="/healthz",
     )
 
 
@@ -255,6 +262,62 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         resources=cluster.spec.proxies.resources.to_dict(),
         grace_seconds=PROXY_GRACE_SECONDS,
         strategy=_PROXY_STRATEGY,
+        env=[],
+        liveness_path="/healthz",
+    )
+
+
+def ingest_lease_key(cluster: Cluster) -> str:
+    """The readers' lease in the Redis they read: one per cluster, so two clusters may read one Redis."""
+    return f"neoplasma:ingest:{cluster.namespace}/{cluster.name}"
+
+
+def ingest_deployment(cluster: Cluster, ingest: RedisIngest, *, image: str) -> Manifest:
+    """The readers of spec.ingest: `neoplasma ingest-redis`, publishing to the broker Service. The
+    Redis password comes from its Secret through the environment (never in the manifest); the
+    cluster credential guards /stats; with spec.tls they serve HTTPS and check the brokers' CA."""
+    trust = cluster.spec.trust
+    credential = SecretVolume("credential", credential_secret_name(cluster.name))
+    volumes = [credential]
+    settings: dict[str, int | str] = {"credential_file": credential.file(CREDENTIAL_KEY)}
+    if trust.api_keys_secret:
+        keys = SecretVolume("publish-keys", trust.api_keys_secret)
+        volumes.append(keys)
+        settings["publish_key_file"] = keys.file(API_KEYS_KEY)
+    if trust.tls_secret:
+        tls = SecretVolume("tls", trust.tls_secret)
+        volumes.append(tls)
+        settings |= {"tls_cert": tls.file("tls.crt"), "tls_key": tls.file("tls.key"),
+                     "broker_ca_file": tls.file(CA_KEY), "broker_server_name": service_host(cluster, Tier.BROKER)}
+    if ingest.ca is not None:
+        ca = SecretVolume("redis-ca", ingest.ca.name)
+        volumes.append(ca)
+        settings["redis_ca_file"] = ca.file(ingest.ca.key)
+    reading = {"channels": ",".join(ingest.channels), "patterns": ",".join(ingest.patterns)}
+    env = [] if ingest.password is None else [{"name": PASSWORD_ENV, "valueFrom": {"secretKeyRef": {
+        "name": ingest.password.name, "key": ingest.password.key}}}]
+    return _render_template(
+        "deployment.yaml.j2",
+        name=f"{cluster.name}-{INGEST}",
+        namespace=cluster.namespace,
+        component=INGEST,
+        labels=labels(cluster.name, INGEST),
+        selector=selector_labels(cluster.name, INGEST),
+        replicas=INGEST_REPLICAS,
+        image=image,
+        command=server_command(
+            "ingest-redis", IngestConfig, INGEST_PORTS, redis=f"rediss://{ingest.address}" if ingest.tls
+            else ingest.address, redis_db=ingest.database, **{k: v for k, v in reading.items() if v},
+            brokers=f"{service_host(cluster, Tier.BROKER)}:{GRPC_PORT}", lease_key=ingest_lease_key(cluster),
+            **settings),
+        ports=INGEST_PORTS,
+        secrets=volumes,
+        probe_scheme="HTTPS" if trust.tls_secret else "HTTP",
+        resources=ingest.resources.to_dict(),
+        grace_seconds=30,  # it stops reading, hands the lease over, then publishes what it read
+        strategy=None,
+        env=env,
+        liveness_path="/livez",  # alive, whether or not Redis is: /healthz says that
     )
 
 

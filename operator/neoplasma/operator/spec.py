@@ -39,6 +39,12 @@ RETENTION_BYTES_MAX = 64 * 1024**3
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_SECRET_NAME_LENGTH = 253
 MAX_IMAGE_LENGTH = 1024
+# spec.ingest.redis: what a reader may be told to read (channels are passed comma-separated).
+_REDIS_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?)(:(?P<port>[0-9]{1,5}))?$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MAX_REDIS_ADDRESS_LENGTH = 261  # a DNS name and a port
+MAX_CHANNEL_LENGTH = 256
+MAX_CHANNELS = 64
 
 
 class InvalidSpec(ValueError):
@@ -115,6 +121,28 @@ class Trust:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    """One key of a Secret in the cluster's namespace (as a secretKeyRef names it)."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class RedisIngest:
+    """`spec.ingest`: plasma's Redis Pub/Sub channels, read into the brokers by the ingest readers."""
+
+    address: str  # HOST[:PORT]
+    channels: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    database: int = 0
+    password: SecretKey | None = None
+    tls: bool = False
+    ca: SecretKey | None = None  # TLS: the CA that signed Redis's certificate (None: the system's)
+    resources: Resources = field(default_factory=_default_resources)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The `spec` of a NeoplasmaCluster; `image` "" means the operator's default image."""
 
@@ -122,6 +150,7 @@ class ClusterSpec:
     brokers: Brokers = field(default_factory=Brokers)
     proxies: Proxies = field(default_factory=Proxies)
     trust: Trust = field(default_factory=Trust)
+    ingest: RedisIngest | None = None  # None: no reader
 
 
 @dataclass(frozen=True)
@@ -156,7 +185,8 @@ def check_name(name: object) -> str:
 
 def parse_spec(spec: object) -> ClusterSpec:
     """Parse a NeoplasmaCluster `spec` (None or missing fields take the defaults)."""
-    fields = _object(spec, "spec", known={"image", "brokers", "proxies", "publishers", "tls", "networkPolicies"})
+    fields = _object(spec, "spec", known={"image", "brokers", "proxies", "publishers", "tls", "networkPolicies",
+                                          "ingest"})
     publishers = _object(fields.get("publishers"), "spec.publishers", known={"apiKeysSecret"})
     tls = _object(fields.get("tls"), "spec.tls", known={"secretName"})
     policies = _object(fields.get("networkPolicies"), "spec.networkPolicies", known={"enabled"})
@@ -169,7 +199,66 @@ def parse_spec(spec: object) -> ClusterSpec:
         proxies=_proxies(fields.get("proxies"), "spec.proxies"),
         trust=Trust(_secret_name(publishers.get("apiKeysSecret"), "spec.publishers.apiKeysSecret"),
                     _secret_name(tls.get("secretName"), "spec.tls.secretName"), enabled),
+        ingest=_ingest(fields.get("ingest"), "spec.ingest"),
     )
+
+
+def _ingest(value: object, path: str) -> RedisIngest | None:
+    if value is None:
+        return None
+    fields = _object(value, path, known={"redis", "resources"})
+    redis = _object(fields.get("redis"), f"{path}.redis", known={"address", "channels", "patterns", "database",
+                                                                 "password", "tls"})
+    if "redis" not in fields:
+        raise InvalidSpec(f"{path}.redis", "is required: the Redis to read")
+    address = _string(redis.get("address"), f"{path}.redis.address", "", MAX_REDIS_ADDRESS_LENGTH)
+    match = _REDIS_ADDRESS.match(address)
+    if not match or not 0 < int(match.group("port") or 6379) < 65536:
+        raise InvalidSpec(f"{path}.redis.address", f"must be HOST or HOST:PORT (no scheme, no password: give it "
+                          f"in password.secretKeyRef), got {excerpt(address)}")
+    channels = _channels(redis.get("channels"), f"{path}.redis.channels")
+    patterns = _channels(redis.get("patterns"), f"{path}.redis.patterns")
+    if not (channels or patterns):
+        raise InvalidSpec(f"{path}.redis", "names nothing to read: give channels and/or patterns")
+    tls = _object(redis.get("tls"), f"{path}.redis.tls", known={"enabled", "ca"})
+    enabled = tls.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec(f"{path}.redis.tls.enabled", f"must be true or false, got {excerpt(enabled)}")
+    return RedisIngest(
+        address=address, channels=channels, patterns=patterns,
+        database=_integer(redis.get("database"), f"{path}.redis.database", 0, 0, 2**31 - 1),
+        password=_secret_key(redis.get("password"), f"{path}.redis.password", "password"),
+        tls=enabled, ca=_secret_key(tls.get("ca"), f"{path}.redis.tls.ca", "ca.crt"),
+        resources=_resources(fields.get("resources"), f"{path}.resources"),
+    )
+
+
+def _channels(value: object, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_CHANNELS:
+        raise InvalidSpec(path, f"must be a list of at most {MAX_CHANNELS} names, got {excerpt(value)}")
+    names = tuple(_string(name, f"{path}[{i}]", "", MAX_CHANNEL_LENGTH) for i, name in enumerate(value))
+    for i, name in enumerate(names):
+        if not name or "," in name or not name.isprintable():
+            raise InvalidSpec(f"{path}[{i}]", f"must be a non-empty printable name without ',', got {excerpt(name)}")
+    return names
+
+
+def _secret_key(value: object, path: str, default_key: str) -> SecretKey | None:
+    """`{secretKeyRef: {name, key}}` as a SecretKey, None when unset."""
+    if value is None:
+        return None
+    ref = _object(_object(value, path, known={"secretKeyRef"}).get("secretKeyRef"), f"{path}.secretKeyRef",
+                  known={"name", "key"})
+    name = _secret_name(ref.get("name"), f"{path}.secretKeyRef.name")
+    key = _string(ref.get("key"), f"{path}.secretKeyRef.key", default_key, MAX_SECRET_NAME_LENGTH)
+    if not name:
+        raise InvalidSpec(f"{path}.secretKeyRef.name", "is required: the Secret's name")
+    if not _SECRET_KEY.match(key):
+        raise InvalidSpec(f"{path}.secretKeyRef.key", f"must be a Secret key (letters, digits, '-', '_', '.'), "
+                          f"got {excerpt(key)}")
+    return SecretKey(name, key)
 
 
 def _secret_name(value: object, path: str) -> str:

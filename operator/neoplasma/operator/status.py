@@ -25,6 +25,7 @@ class Observed:
     policy_kept: bool = False  # whether a good policy (from before) is in force despite them
     paused: bool = False
     seen_generation: int | None = None  # the newest generation seen, applied or not
+    ingest: tuple[str, Sequence[c.ReaderSeen]] | None = None  # spec.ingest's Redis and its readers (None: unset)
 
 
 def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
             [ready, membership, c.spec_valid(observed.spec_error),
              c.autoscaling_policy_valid(observed.policy_problems, observed.policy_kept,
                                         observed.autoscaling is not None),
-             c.reconciliation_paused(observed.paused, observed.seen_generation)],
+             c.reconciliation_paused(observed.paused, observed.seen_generation),
+             *([c.ingest_ready(observed.ingest[1], observed.ingest[0])] if observed.ingest else [])],
             now,
         ),
         # null removes it (merge patch) once autoscaling is turned off

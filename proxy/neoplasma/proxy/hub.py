@@ -18,15 +18,15 @@ or per batch (native), never per subscriber (docs/resume.md).
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
 from neoplasma.core.aio import Signal
-from neoplasma.core.events import Event, batch_entry, batch_trailer, plasma_payload, sse_frame, sse_gap
+from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, plasma_payload, sse_frame, sse_gap
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
+from neoplasma.proxy.h2server import Call
 
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
@@ -58,9 +58,10 @@ class Batch:
         return frame
 
     def plasma(self, i: int) -> bytes:
+        """Event `i` as a framed gRPC `Payload` message."""
         payload = self._plasma.get(i)
         if payload is None:
-            payload = self._plasma[i] = plasma_payload(self.events[i])
+            payload = self._plasma[i] = grpc_frame(plasma_payload(self.events[i]))
         return payload
 
     def entry(self, i: int) -> bytes:
@@ -135,50 +136,46 @@ class SseSubscriber(Subscriber):
         return self.deliver(http_chunk(sse_gap(reason)))
 
 
-class QueueSubscriber(Subscriber):
-    """A gRPC stream: messages wait in a bounded queue for the stream's writer."""
+class StreamSubscriber(Subscriber):
+    """A gRPC stream: each batch goes to its call as framed messages, in one write."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, call: Call, max_unsent: int) -> None:
         super().__init__()
-        self.queue: collections.deque[bytes] = collections.deque()
-        self.max_queue = max_queue
-        self.wake = asyncio.Event()
+        self.call = call
+        self.max_unsent = max_unsent
 
     def deliver(self, encoded: object) -> bool:
-        messages: list[bytes] = encoded  # type: ignore[assignment]
-        if len(self.queue) + len(messages) > self.max_queue:
+        call = self.call
+        if call.ended:
+            return False
+        if call.unsent > self.max_unsent:
             self.slow = True
             return False
-        self.queue.extend(messages)
-        self.wake.set()
+        call.send(encoded)  # type: ignore[arg-type]
         return True
 
-    def close(self, reason: str) -> None:
-        super().close(reason)
-        self.wake.set()
 
-
-class PlasmaSubscriber(QueueSubscriber):
+class PlasmaSubscriber(StreamSubscriber):
     """plasma's `proto.StreamService/Events`: one `Payload` message per event."""
 
     kind = "plasma"
 
     @staticmethod
-    def encode(batch: Batch, indices: list[int]) -> list[bytes]:
-        return [batch.plasma(i) for i in indices]
+    def encode(batch: Batch, indices: list[int]) -> bytes:
+        return b"".join([batch.plasma(i) for i in indices])
 
 
-class BatchSubscriber(QueueSubscriber):
+class BatchSubscriber(StreamSubscriber):
     """Neoplasma's native stream: one `EventBatch` message per dispatched batch."""
 
     kind = "batch"
 
     @staticmethod
-    def encode(batch: Batch, indices: list[int]) -> list[bytes]:
-        return [b"".join([batch.entry(i) for i in indices]) + batch_trailer(token=batch.hub.token())]
+    def encode(batch: Batch, indices: list[int]) -> bytes:
+        return grpc_frame(b"".join([batch.entry(i) for i in indices]) + batch_trailer(token=batch.hub.token()))
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
-        return self.deliver([batch_trailer(token=token, gap=True)])
+        return self.deliver(grpc_frame(batch_trailer(token=token, gap=True)))
 
 
 class Group:
@@ -331,24 +328,25 @@ class Hub:
             self._pending_heads[epoch] = head
         self._wake.set()
 
-    async def run_dispatcher(self, linger: float = 0.002) -> None:
+    async def run_dispatcher(self, linger: float = 0.02, share: float = 0.25) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
-        Adaptive coalescing: when the previous round took longer than `linger`
-        (the proxy is busy), wait `linger` first so more events join the round,
-        giving fewer, larger writes per subscriber. An idle proxy never waits.
+        Adaptive coalescing: after a round, wait until rounds have taken no more than `share`
+        of the time (at most `linger`), so that under load more events join each round: fewer,
+        larger writes per subscriber, whose cost is mostly per write. A quiet proxy's rounds
+        take microseconds, and so do its waits.
         """
-        busy = False
+        pause = 0.0
         while True:
             await self._wake.wait()
-            if busy:
-                await asyncio.sleep(linger)
+            if pause:
+                await asyncio.sleep(pause)
             self._wake.clear()
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
             self.dispatch(events, heads)
-            busy = time.perf_counter() - started > linger
+            pause = min(linger, (time.perf_counter() - started) * (1 - share) / share)
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries.

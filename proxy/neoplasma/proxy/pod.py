@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import grpc
 
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import add_grpc_port, announce, hostport
+from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
 from neoplasma.core.trust import Guard, Metadata, Rule, Tokens, grpc_server_credentials, server_tls
-from neoplasma.core.workers import Supervisor, Worker, reuse_port_socket, worker_argv
+from neoplasma.core.workers import Supervisor, Worker, worker_argv
 from neoplasma.proxy.server import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -129,7 +129,7 @@ class PodControl(pb_grpc.ProxyControlServicer):
 
 async def serve_pod(config: ProxyConfig) -> None:
     """`neoplasma proxy --workers N`: N workers on the subscriber ports, one control port."""
-    held = {flag: reuse_port_socket(config.host, port, flag)
+    held = {flag: bind_socket(config.host, port, flag, reuse_port=True, listen=False)
             for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
     http_port, grpc_port = (int(sock.getsockname()[1]) for sock in held.values())
     tokens = config.cluster_tokens()

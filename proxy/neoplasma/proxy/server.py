@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from neoplasma.core.aio import wait_event_or_task
-from neoplasma.core.events import Event, batch_entry, batch_trailer, sse_frame, sse_gap
+from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
@@ -39,17 +38,18 @@ from neoplasma.core.trust import (
     Rule,
     TrustSettings,
     grpc_server_credentials,
-    refuse,
+    refusal,
     server_tls,
 )
 from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metrics
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
-    QueueSubscriber,
     SseSubscriber,
+    StreamSubscriber,
     Subscriber,
     http_chunk,
 )
@@ -103,12 +103,14 @@ class ProxyConfig(TrustSettings):
     header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
     tls_ca: str = setting("", help="PEM CA file: reach brokers over TLS, trusting this CA")
     tls_server_name: str = setting("", help="the name brokers' certificates carry (addresses are IPs)")
-    # Slow-subscriber limits: unsent SSE bytes, queued gRPC messages.
+    # Slow-subscriber limits: unsent bytes of an SSE response, of a gRPC stream.
     max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
-    max_grpc_queue: int = setting(10000, bound=POSITIVE)
+    max_grpc_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
+    grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
+                                    "connections; one left unanswered that long closes the connection")
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    # Under load, how long the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
-    linger_seconds: float = setting(0.002, bound=NON_NEGATIVE)
+    # Under load, the longest the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
+    linger_seconds: float = setting(0.02, bound=NON_NEGATIVE)
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
@@ -221,96 +223,137 @@ class BatchSink:
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         if events or gaps:
             message = b"".join([batch_entry(e) for e in events])
-            self.sub.queue.append(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=bool(gaps)))
-            self.sub.wake.set()
+            self.sub.deliver(grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=bool(gaps))))
 
 
-# -- gRPC servicers ----------------------------------------------------------------
+# -- the subscriber port: plasma's stream, the native stream, health -------------------
+
+CLOSED_AS = {"slow": (grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect"),
+             "draining": (grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")}
+SHUTTING_DOWN = "proxy is shutting down; connect to another"
 
 
-async def _pump(sub: QueueSubscriber, context: grpc.aio.ServicerContext, reader: asyncio.Task[None] | None) -> None:
-    """Write a queue subscriber's messages until it is closed (or its reader ends)."""
-    while not sub.closed.done() and not (reader is not None and reader.done()):
-        if not sub.queue:
-            sub.wake.clear()
-            await wait_event_or_task(sub.wake, reader)
-            continue
-        await context.write(sub.queue.popleft())
+def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None) -> None:
+    """Tie a stream subscriber's life to its call: closing either ends the other."""
+    def closed(future: asyncio.Future[str]) -> None:
+        call.end(*CLOSED_AS.get(future.result(), (grpc.StatusCode.OK, "")))
+
+    def done() -> None:
+        if resuming is not None:
+            resuming.cancel()
+        proxy.hub.remove(sub)
+
+    sub.closed.add_done_callback(closed)
+    call.done = done
 
 
-async def _end(sub: Subscriber, context: grpc.aio.ServicerContext) -> None:
-    reason = sub.closed.result() if sub.closed.done() else ""
-    if reason == "slow":
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect")
-    if reason == "draining":
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")
+class PlasmaEvents:
+    """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients: each request
+    replaces the stream's topics (none: unsubscribed); `forceClose` or the client's end of
+    requests ends it cleanly."""
 
+    def __init__(self, proxy: Proxy, call: Call) -> None:
+        self.proxy, self.call = proxy, call
+        self.changes: deque[float] = deque(maxlen=proxy.config.max_subscription_changes)
+        self.sub = PlasmaSubscriber(call, proxy.config.max_grpc_buffer)
+        proxy.hub.add(self.sub, ())
+        _attach(call, self.sub, proxy)
+        call.receive = self.receive
 
-class PlasmaStreamServicer:
-    """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients."""
+    @classmethod
+    def open(cls, proxy: Proxy) -> Opener:
+        def open_call(call: Call) -> None:
+            if proxy.draining:
+                call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            else:
+                cls(proxy, call)
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+        return open_call
 
-    async def Events(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
-        proxy = self.proxy
-        if proxy.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; connect to another")
-        sub = PlasmaSubscriber(proxy.config.max_grpc_queue)
-        proxy.hub.add(sub, ())
-        reader = asyncio.create_task(self._read(sub, context))
-        try:
-            await _pump(sub, context, reader)
-            error = reader.exception() if reader.done() else None
-            if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
-                await refuse(context, error, "Events", "subscription")
-            await _end(sub, context)
-        finally:
-            reader.cancel()
-            proxy.hub.remove(sub)
-
-    async def _read(self, sub: PlasmaSubscriber, context: grpc.aio.ServicerContext) -> None:
+    def receive(self, message: bytes | None) -> None:
         cfg = self.proxy.config
-        changes: deque[float] = deque(maxlen=cfg.max_subscription_changes)
-        while True:
-            request = await context.read()
-            if request is grpc.aio.EOF or request.forceClose:
+        if message is None:  # the client's end of requests: as forceClose
+            self.call.end()
+            return
+        try:
+            request = stream_pb2.Request.FromString(message)
+            if request.forceClose:
+                self.call.end()
                 return
             now = time.monotonic()
-            if len(changes) == changes.maxlen and now - changes[0] < 1.0:
+            if len(self.changes) == self.changes.maxlen and now - self.changes[0] < 1.0:
                 raise LimitExceeded(f"more than {cfg.max_subscription_changes} subscription changes in a second")
-            changes.append(now)
+            self.changes.append(now)
             topics = check_topics((e.type for e in request.Events), cfg.max_topic_length,
                                   cfg.max_topics_per_subscription)
-            self.proxy.hub.resubscribe(sub, topics)  # a new request replaces the set; empty unsubscribes
+        except (InvalidTopic, LimitExceeded, DecodeError) as error:
+            self.call.end(*refusal(error, "Events", "subscription"))
+            return
+        self.proxy.hub.resubscribe(self.sub, topics)  # a new request replaces the set; empty unsubscribes
 
 
-class SubscriberServicer(pb_grpc.SubscriberServicer):
-    """Neoplasma's native batched stream."""
+def native_subscribe(proxy: Proxy) -> Opener:
+    """Neoplasma's native batched stream, `neoplasma.v1.Subscriber/Subscribe`."""
+    cfg = proxy.config
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-
-    async def Subscribe(self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
-        proxy = self.proxy
+    def subscribe(call: Call, message: bytes) -> None:
         if proxy.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; connect to another")
+            call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            return
+        request = pb.SubscribeRequest.FromString(message)
         try:
-            topics = check_topics(request.topics, proxy.config.max_topic_length,
-                                  proxy.config.max_topics_per_subscription)
-        except InvalidTopic as exc:
-            await refuse(context, exc, "Events", "subscription")
+            topics = check_topics(request.topics, cfg.max_topic_length, cfg.max_topics_per_subscription)
+        except (InvalidTopic, LimitExceeded) as error:
+            call.end(*refusal(error, "Subscribe", "subscription"))
+            return
         if not topics:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
-        sub = BatchSubscriber(proxy.config.max_grpc_queue)
-        resuming = proxy.subscribe(sub, topics, request.resume_token, BatchSink(sub))
-        try:
-            await _pump(sub, context, None)
-            await _end(sub, context)
-        finally:
-            if resuming is not None:
-                resuming.cancel()
-            proxy.hub.remove(sub)
+            call.end(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
+            return
+        sub = BatchSubscriber(call, cfg.max_grpc_buffer)
+        _attach(call, sub, proxy, proxy.subscribe(sub, topics, request.resume_token, BatchSink(sub)))
+
+    return unary(subscribe)
+
+
+class Health:
+    """grpc.health.v1.Health (Check and Watch) for the whole server (service "")."""
+
+    def __init__(self) -> None:
+        self.status = health_pb2.HealthCheckResponse.SERVING
+        self.watchers: set[Call] = set()
+
+    def set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self.status = status
+        for call in self.watchers:
+            call.send(self._answer(""))
+
+    def _answer(self, service: str) -> bytes:
+        status = self.status if not service else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        return grpc_frame(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+
+    def routes(self) -> dict[str, Opener]:
+        def check(call: Call, message: bytes) -> None:
+            service = health_pb2.HealthCheckRequest.FromString(message).service
+            if service:
+                call.end(grpc.StatusCode.NOT_FOUND, f"unknown service {service}")
+            else:
+                call.send(self._answer(""))
+                call.end()
+
+        def watch(call: Call, message: bytes) -> None:
+            call.send(self._answer(health_pb2.HealthCheckRequest.FromString(message).service))
+            self.watchers.add(call)
+            call.done = lambda: self.watchers.discard(call)
+
+        return {"/grpc.health.v1.Health/Check": unary(check), "/grpc.health.v1.Health/Watch": unary(watch)}
+
+
+def subscriber_server(proxy: Proxy, health: Health) -> GrpcServer:
+    """plasma's StreamService, the native Subscriber and health, on one port."""
+    cfg = proxy.config
+    return GrpcServer({"/proto.StreamService/Events": PlasmaEvents.open(proxy),
+                       "/neoplasma.v1.Subscriber/Subscribe": native_subscribe(proxy), **health.routes()},
+                      cfg.max_message_bytes, cfg.grpc_keepalive)
 
 
 class ControlServicer(pb_grpc.ProxyControlServicer):
@@ -330,27 +373,6 @@ class ControlServicer(pb_grpc.ProxyControlServicer):
                                 f"(0: the proxy's default), not {rate}")
         self.proxy.drain(rate)
         return pb.DrainResponse(subscribers_remaining=len(self.proxy.hub.subscribers))
-
-
-def _identity(data: bytes) -> bytes:
-    return data
-
-
-def subscriber_handlers(proxy: Proxy) -> list[grpc.GenericRpcHandler]:
-    """plasma's StreamService and the native Subscriber, writing pre-encoded bytes."""
-    plasma = PlasmaStreamServicer(proxy)
-    native = SubscriberServicer(proxy)
-    return [
-        grpc.method_handlers_generic_handler("proto.StreamService", {
-            "Events": grpc.stream_stream_rpc_method_handler(
-                plasma.Events, request_deserializer=stream_pb2.Request.FromString, response_serializer=_identity),
-        }),
-        grpc.method_handlers_generic_handler("neoplasma.v1.Subscriber", {
-            "Subscribe": grpc.unary_stream_rpc_method_handler(
-                native.Subscribe, request_deserializer=pb.SubscribeRequest.FromString,
-                response_serializer=_identity),
-        }),
-    ]
 
 
 # -- HTTP --------------------------------------------------------------------------
@@ -462,11 +484,10 @@ async def serve(config: ProxyConfig) -> None:
     if config.brokers:
         await proxy.links.apply(static_snapshot(config.brokers))
 
-    subscribers = grpc.aio.server(options=[("grpc.so_reuseport", int(place is not None))])
-    subscribers.add_generic_rpc_handlers(subscriber_handlers(proxy))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, subscribers)
-    grpc_port = add_grpc_port(subscribers, config.host, config.grpc_port, "--grpc-port")
+    health = Health()
+    subscribers = subscriber_server(proxy, health)
+    grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
+    grpc_port = grpc_socket.getsockname()[1]
     guard = Guard({"/neoplasma.v1.ProxyControl/": Rule(proxy.access.tokens, "the cluster credential is required "
                                                        "(authorization: Bearer TOKEN)")})
     control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
@@ -478,9 +499,8 @@ async def serve(config: ProxyConfig) -> None:
     else:  # the pod's control port is its supervisor's, which relays to this private one
         control_address = place.control()
         control.add_insecure_port(control_address)
-    await subscribers.start()
+    await subscribers.start(grpc_socket)
     await control.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
@@ -506,7 +526,7 @@ async def serve(config: ProxyConfig) -> None:
 
     # Graceful: fail readiness, let load balancers see it, move subscribers away at a paced rate, stop.
     proxy.ready = False
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.drain_delay:
         log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
         await asyncio.sleep(config.drain_delay)
@@ -514,7 +534,7 @@ async def serve(config: ProxyConfig) -> None:
     await proxy.drained(timeout=max(5.0, len(proxy.hub.subscribers) / config.drain_rate + 5.0))
     heartbeat.cancel()
     dispatcher.cancel()
-    await subscribers.stop(grace=1.0)
+    subscribers.stop(SHUTTING_DOWN)
     await control.stop(grace=0.5)
     await proxy.links.close()
     await http.stop()

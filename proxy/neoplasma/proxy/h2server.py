@@ -1,0 +1,363 @@
+"""gRPC over HTTP/2 for the subscriber port, on h2, writing responses as framed bytes given.
+
+grpc.aio spends tens of microseconds of Python on every message it writes. Here a call's `send`
+takes any number of gRPC messages already framed (5-byte prefix + message; the hub frames each
+event once for every subscriber) and writes them as one DATA frame under HTTP/2 flow control, and
+every connection's frames of a round leave in one socket write: per subscriber and batch, a few
+microseconds, whatever the number of events.
+
+h2 keeps the protocol's state (settings, streams, windows, PING, GOAWAY, headers); only response
+DATA frames are built here, debited from h2's outbound windows as its own `send_data` does
+(that costs ~13 us a frame). Data a client's window does not take waits in its call (`unsent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from urllib.parse import quote
+
+import grpc
+from google.protobuf.message import DecodeError
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+
+from neoplasma.core.trust import undecodable
+
+Opener = Callable[["Call"], None]
+OK = grpc.StatusCode.OK
+
+_CONFIG = H2Configuration(client_side=False, header_encoding=None)
+_DATA = struct.Struct(">IBI")  # DATA frame header: length (24 bits) and type 0, flags, stream id
+_RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+_MESSAGE_SAFE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # grpc-message: printable ASCII but `%` as is
+
+
+def _ignore(message: bytes | None) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
+class Call:
+    """One gRPC call, on one HTTP/2 stream of a `Connection`.
+
+    The method's opener sets `receive` (each request message; None once the client has sent its
+    last) and `done` (called once when the call is over, whichever side ended it).
+    """
+
+    __slots__ = ("_backlog", "_inbox", "_status", "_torn", "connection", "done", "ended", "path",
+                 "receive", "stream_id", "waiting")
+
+    def __init__(self, connection: Connection, stream_id: int, path: str) -> None:
+        self.connection, self.stream_id, self.path = connection, stream_id, path
+        self.receive: Callable[[bytes | None], None] = _ignore
+        self.done: Callable[[], None] = _nothing
+        self.ended = False
+        self.waiting = 0  # bytes in the backlog
+        self._inbox = bytearray()  # request bytes not yet a whole message
+        self._backlog: list[bytes] = []  # framed messages the client's window has not taken yet
+        self._torn = False  # the backlog starts within a message
+        self._status: tuple[grpc.StatusCode, str] | None = None  # to send once the backlog is out
+
+    @property
+    def unsent(self) -> int:
+        """Bytes sent on this call that its client has not taken: waiting for its window, or in
+        its connection's buffers (shared by the connection's calls)."""
+        return self.waiting + self.connection.buffered()
+
+    def send(self, data: bytes) -> None:
+        """Write framed messages, now or as soon as the client's flow-control window allows."""
+        if self.ended or self._status is not None:
+            return
+        if self.waiting:
+            self._backlog.append(data)
+            self.waiting += len(data)
+            return
+        rest = self.connection.write_data(self.stream_id, data)
+        if rest:
+            self._backlog.append(rest)
+            self.waiting = len(rest)
+            self._torn = len(rest) < len(data)
+
+    def end(self, code: grpc.StatusCode = OK, message: str = "") -> None:
+        """End the call with a status: OK after everything sent, any other at once (what waits
+        for the window is dropped; a message cut by the window resets the stream instead)."""
+        if self.ended or self._status is not None:
+            return
+        if code is OK and self.waiting:
+            self._status = (code, message)
+            return
+        if self._torn:
+            self.connection.reset(self, ErrorCodes.CANCEL)
+        else:
+            self.connection.trailers(self, code, message)
+
+    def flush(self) -> None:
+        """Write what waits, as far as the window now allows (then the status, if it waits too)."""
+        backlog, self._backlog = self._backlog, []
+        self.waiting = 0
+        for i, data in enumerate(backlog):
+            rest = self.connection.write_data(self.stream_id, data)
+            if rest:
+                self._backlog = [rest, *backlog[i + 1:]]
+                self.waiting = sum(map(len, self._backlog))
+                self._torn = True
+                return
+        self._torn = False
+        if self._status is not None:
+            code, message = self._status
+            self._status = None
+            self.end(code, message)
+
+    def take(self, data: bytes, max_message: int) -> None:
+        """Request bytes arrived: hand over each whole message."""
+        inbox = self._inbox
+        inbox += data
+        while len(inbox) >= 5 and not self.ended:
+            size = int.from_bytes(inbox[1:5], "big")
+            if inbox[0]:
+                self.end(grpc.StatusCode.UNIMPLEMENTED, "compressed requests are not supported")
+            elif size > max_message:
+                self.end(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request message is {size} bytes; "
+                         f"the limit is {max_message}")
+            elif len(inbox) >= 5 + size:
+                message = bytes(inbox[5:5 + size])
+                del inbox[:5 + size]
+                self.receive(message)
+                continue
+            return
+
+
+def unary(handle: Callable[[Call, bytes], None]) -> Opener:
+    """An opener for a method with one request message: `handle(call, request)` once it is here
+    (a request `handle` cannot decode ends the call with INVALID_ARGUMENT)."""
+    def open_call(call: Call) -> None:
+        def receive(message: bytes | None) -> None:
+            call.receive = _ignore
+            if message is None:
+                call.end(grpc.StatusCode.INTERNAL, "the request message is missing")
+                return
+            try:
+                handle(call, message)
+            except DecodeError:
+                call.end(grpc.StatusCode.INVALID_ARGUMENT, undecodable(call.path))
+
+        call.receive = receive
+
+    return open_call
+
+
+class Connection(asyncio.Protocol):
+    """One client's HTTP/2 connection: its calls, and its writes, gathered into one per loop round."""
+
+    def __init__(self, server: GrpcServer) -> None:
+        self.server = server
+        self.h2 = H2Connection(_CONFIG)
+        self.h2.local_settings = Settings(client=False, initial_values={  # as grpc's servers: no limit
+            SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
+        self.calls: dict[int, Call] = {}
+        self.transport: asyncio.WriteTransport | None = None
+        self._out: list[bytes] = []
+        self._pinged = False  # a keepalive PING is unanswered
+
+    # -- output --------------------------------------------------------------------------
+
+    def buffered(self) -> int:
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def _queue(self, data: bytes) -> None:
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _emit(self) -> None:
+        """Queue what h2 has framed (before any DATA frame built here, so frames keep their order)."""
+        data = self.h2.data_to_send()
+        if data:
+            self._queue(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def write_data(self, stream_id: int, data: bytes) -> bytes:
+        """DATA frames of `data` as far as the flow-control windows allow; returns the rest."""
+        h2 = self.h2
+        stream = h2.streams[stream_id]
+        size = min(len(data), h2.outbound_flow_control_window, stream.outbound_flow_control_window)
+        if size <= 0:
+            return data
+        limit = h2.max_outbound_frame_size
+        if size == len(data) and size <= limit:
+            self._queue(_DATA.pack(size << 8, 0, stream_id))
+            self._queue(data)
+        else:
+            for start in range(0, size, limit):
+                chunk = data[start:min(start + limit, size)]
+                self._queue(_DATA.pack(len(chunk) << 8, 0, stream_id))
+                self._queue(chunk)
+        h2.outbound_flow_control_window -= size
+        stream.outbound_flow_control_window -= size
+        return data[size:]
+
+    def trailers(self, call: Call, code: grpc.StatusCode, message: str) -> None:
+        headers = [(b"grpc-status", b"%d" % code.value[0])]
+        if message:
+            headers.append((b"grpc-message", quote(message, safe=_MESSAGE_SAFE).encode()))
+        self.h2.send_headers(call.stream_id, headers, end_stream=True)
+        stream = self.h2.streams.get(call.stream_id)
+        if stream is not None and not stream.closed:  # the client may stop sending now (RFC 9113 8.1)
+            self.h2.reset_stream(call.stream_id, ErrorCodes.NO_ERROR)
+        self._emit()
+        self._close(call)
+
+    def reset(self, call: Call, error: ErrorCodes) -> None:
+        self.h2.reset_stream(call.stream_id, error)
+        self._emit()
+        self._close(call)
+
+    def _close(self, call: Call) -> None:
+        if not call.ended:
+            call.ended = True
+            self.calls.pop(call.stream_id, None)
+            call.done()
+
+    # -- input ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self.h2.initiate_connection()
+        self._emit()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError:  # h2 has framed a GOAWAY saying why
+            self._emit()
+            self._flush()
+            self.close()
+            return
+        for event in events:
+            self._on(event)
+        self._emit()
+
+    def _on(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.take(event.data, self.server.max_message_bytes)
+        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+            stream_id = getattr(event, "stream_id", 0)
+            for call in [self.calls[stream_id]] if stream_id in self.calls else list(self.calls.values()):
+                if call.waiting:
+                    call.flush()
+        elif isinstance(event, RequestReceived):
+            self._open(event.stream_id, dict(event.headers or ()))
+        elif isinstance(event, StreamEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.receive(None)
+        elif isinstance(event, StreamReset):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                self._close(call)
+        elif isinstance(event, PingAckReceived):
+            self._pinged = False
+        elif isinstance(event, ConnectionTerminated):
+            self.close()
+
+    def _open(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
+        if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
+            self.h2.send_headers(stream_id, [(b":status", b"415")], end_stream=True)
+            return
+        path = headers.get(b":path", b"").decode("utf-8", "replace")
+        call = self.calls[stream_id] = Call(self, stream_id, path)
+        self.h2.send_headers(stream_id, _RESPONSE)
+        opener = self.server.routes.get(path)
+        if opener is None:
+            call.end(grpc.StatusCode.UNIMPLEMENTED, f"method {path} not found")
+        else:
+            opener(call)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        for call in list(self.calls.values()):
+            self._close(call)
+        self.transport = None
+
+    # -- the connection as a whole -----------------------------------------------------
+
+    def ping(self) -> None:
+        """Keepalive: close the connection if the last PING went unanswered, else send one."""
+        if self._pinged:
+            self.close()
+            return
+        self._pinged = True
+        self.h2.ping(b"keepaliv")
+        self._emit()
+
+    def goaway(self, message: str) -> None:
+        """End every call (UNAVAILABLE), say GOAWAY, and close once that is written."""
+        for call in list(self.calls.values()):
+            call.end(grpc.StatusCode.UNAVAILABLE, message)
+        self.h2.close_connection()
+        self._emit()
+        self._flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class GrpcServer:
+    """The gRPC methods `routes` ({path: opener}) on a listening socket, with keepalive PINGs."""
+
+    def __init__(self, routes: dict[str, Opener], max_message_bytes: int, keepalive: float) -> None:
+        self.routes, self.max_message_bytes, self.keepalive = routes, max_message_bytes, keepalive
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._pinger = loop.create_task(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.keepalive)
+            for connection in list(self.connections):
+                connection.ping()
+
+    def stop(self, message: str) -> None:
+        """Stop listening; end every call with UNAVAILABLE (`message`) and every connection with GOAWAY."""
+        if self._server is not None:
+            self._server.close()
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for connection in list(self.connections):
+            connection.goaway(message)
