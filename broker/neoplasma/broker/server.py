@@ -56,8 +56,8 @@ log = get_logger("broker")
 
 SERVICE_NAME = "neoplasma.v1.Broker"
 # Publish bodies larger than this are checked on a worker thread: the event loop (health, other
-# publishers, relay streams) then stalls for at most the body's one json.loads (~30 ms at 16 MiB)
-# instead of the whole check (~170 ms over HTTP, ~270 ms over gRPC at 16 MiB; bench/ingest_stall.py).
+# publishers, relay streams) then stalls for at most the body's one orjson.loads (~30 ms at 16 MiB)
+# instead of the whole check (~160 ms over HTTP, ~45 ms over gRPC at 16 MiB; bench/ingest_stall.py).
 OFF_LOOP_BYTES = 256 * 1024
 # With --workers N > 1, publish requests of at least this many bytes are checked by the N - 1 other
 # processes (neoplasma.core.workers.Offload) while this one serves; smaller ones cost less inline.
