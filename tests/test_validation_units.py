@@ -108,7 +108,7 @@ def test_grpc_publish_keeps_valid_data_as_given(data: bytes, compact: bytes) -> 
 
 # JSON as publishers write it: odd numbers (exponents, big integers, 2.50), escapes, Go's specials, spaces.
 _scalar = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-           | st.text(st.sampled_from("a <&>\u2028\u00e9\U0001f600\\\"\n\x01"), max_size=6))
+           | st.text(st.sampled_from("a <&>\u2028\u2019\u00e9\U0001f600\\\"\n\x01"), max_size=6))
 _json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text("ab <", max_size=3), inner, max_size=4), max_leaves=12)
 _numbers = st.sampled_from(["1e3", "2.50", "-0", "1E-7", "0.00001", "18446744073709551616", "1e400", "NaN"])
