@@ -15,8 +15,8 @@ from typing import Any
 from neoplasma.core.events import (
     DEFAULT_MAX_EVENTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BYTES,
+    check_publish_body,
     make_events,
-    parse_publish_body,
 )
 
 
@@ -51,7 +51,7 @@ async def main() -> None:
     pad = "x" * (DEFAULT_MAX_REQUEST_BYTES // n - 80)  # the largest request: every limit nearly reached
     body = json.dumps([{"meta": {"type": "topic:1"}, "data": {"k": pad}} for _ in range(n)]).encode()
     pairs = [("topic:1", json.dumps({"k": pad}).encode())] * n
-    for name, check in (("http", lambda: parse_publish_body(body)), ("grpc", lambda: make_events(pairs))):
+    for name, check in (("http", lambda: check_publish_body(body)), ("grpc", lambda: make_events(pairs))):
         for off_loop in (False, True):
             took, stall = await worst_stall(check, off_loop)
             print(json.dumps({"path": name, "bytes": len(body), "events": n, "off_loop": off_loop,

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from neoplasma.core.events import make_event
+from neoplasma.core.events import make_events
 from neoplasma.core.resume import RetentionLog
 from neoplasma.local.harness import apply_membership, links_ready, start_server, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -53,7 +53,7 @@ def retention_memory(n: int = 200_000) -> dict[str, Any]:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for first in range(1, n + 1, 10):  # publish requests of 10 events
-        log.append(first, [make_event("program:1234:views", PAYLOAD) for _ in range(10)], now=0.0)
+        log.append(first, make_events([("program:1234:views", PAYLOAD)] * 10), now=0.0)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return {"events": n, "event_data_bytes": len(PAYLOAD), "bytes_per_event": round(held / n, 1),

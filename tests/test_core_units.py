@@ -71,7 +71,7 @@ async def test_router_delivers_once_per_stream_and_bounds_slow_streams() -> None
         router.attach(s)
     router.update_interest(fast, ["a", "a:b"], [], replace=True)
     router.update_interest(slow, ["a"], [], replace=True)
-    _, dropped = router.route([Event("a:b", b"1"), Event("c", b"2")] + [Event("a", b'"' + b"x" * 40 + b'"')] * 3, 1)
+    _, dropped = router.route([("a:b", b"1"), ("c", b"2")] + [("a", b'"' + b"x" * 40 + b'"')] * 3, 1)
     assert len(fast.outbox) == 4  # a:b once although it matches two keys, plus three a's
     assert dropped == 2 and slow.dropped == 2  # 100-byte outbox holds only the first two
     message, count = fast.take(1 << 20, 7, 5, 0.0)
@@ -80,12 +80,12 @@ async def test_router_delivers_once_per_stream_and_bounds_slow_streams() -> None
     assert [e.seq for e in decoded.events] == [1, 3, 4, 5] and (decoded.epoch, decoded.head) == (7, 5)
     assert not decoded.gap
     router.update_interest(fast, [], ["a", "a:b"], replace=False)
-    assert router.route([Event("a", b'"' + b"x" * 40 + b'"')], 6) == (0, 1)  # only slow wants it, and it is full
+    assert router.route([("a", b'"' + b"x" * 40 + b'"')], 6) == (0, 1)  # only slow wants it, and it is full
     assert pb.EventBatch.FromString(slow.take(1 << 20, 7, 6, 0.0)[0]).gap  # the proxy is told it lost events
-    assert router.route([Event("a", b"1")], 7) == (1, 0)
+    assert router.route([("a", b"1")], 7) == (1, 0)
     router.detach(fast)
     router.detach(slow)
-    assert router.route([Event("a", b"1")], 8) == (0, 0)
+    assert router.route([("a", b"1")], 8) == (0, 0)
 
 
 @pytest.mark.parametrize("n_events", [1, 64])

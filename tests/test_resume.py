@@ -356,8 +356,8 @@ async def in_process_broker(name: str = "b0") -> tuple[Broker, grpc.aio.Server, 
     return broker, server, f"127.0.0.1:{port}"
 
 
-def numbered(*ns: int) -> list[Event]:
-    return [Event("x", json.dumps({"n": n}).encode()) for n in ns]
+def numbered(*ns: int) -> list[tuple[str, bytes]]:
+    return [("x", json.dumps({"n": n}).encode()) for n in ns]
 
 
 def numbers(events: Sequence[Event]) -> list[int]:
@@ -506,7 +506,7 @@ def test_garbage_tokens_raise_only_invalid_token() -> None:
 
 def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     log = RetentionLog(max_age=10.0, max_bytes=100_000)
-    events = [Event("a:x" if i % 2 else "b", b"%d" % i) for i in range(1, 101)]
+    events = [("a:x" if i % 2 else "b", b"%d" % i) for i in range(1, 101)]
     for i in range(0, 100, 10):  # batches of 10, seq 1..100, one per second
         log.append(i + 1, events[i:i + 10], now=float(i // 10))
     assert log.oldest == 1 and log.covers(0)
@@ -520,7 +520,7 @@ def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
     small = RetentionLog(max_age=1e9, max_bytes=2 * (150 + 4))  # two one-event batches
     for seq in range(1, 6):
-        small.append(seq, [Event("t", b"1234"[:3])], now=0.0)
+        small.append(seq, [("t", b"1234"[:3])], now=0.0)
     assert small.oldest == 4 and small.events == 2 and small.bytes <= small.max_bytes
 
 

@@ -6,7 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from neoplasma.core import events as ev
 from neoplasma.core import scaling as sc
 from neoplasma.core.events import (
     MAX_JSON_DEPTH,
@@ -100,7 +103,49 @@ def test_grpc_publish_refuses_bad_data(data: bytes, message: str) -> None:
 ])
 def test_grpc_publish_keeps_valid_data_as_given(data: bytes, compact: bytes) -> None:
     assert compact_json(data) == compact
-    assert make_events([("t", data)]) == [Event("t", compact)]
+    assert make_events([("t", data)]) == [("t", compact)]
+
+
+# JSON as publishers write it: odd numbers (exponents, big integers, 2.50), escapes, Go's specials, spaces.
+_scalar = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+           | st.text(st.sampled_from("a <&>\u2028\u2019\u00e9\U0001f600\\\"\n\x01"), max_size=6))
+_json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text("ab <", max_size=3), inner, max_size=4), max_leaves=12)
+_numbers = st.sampled_from(["1e3", "2.50", "-0", "1E-7", "0.00001", "18446744073709551616", "1e400", "NaN"])
+
+
+@st.composite
+def _raw_json(draw: st.DrawFn) -> bytes:
+    """What a publisher might send: JSON written one of several ways, sometimes with a number or
+    a character spliced in (valid or not)."""
+    value = draw(_json)
+    spaced = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]))
+    text = json.dumps(value, ensure_ascii=draw(st.booleans()), separators=spaced)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(_numbers | st.sampled_from(["[", "]", '"', "\\ud800", " ", ","])) + text[at:]
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _outcome(check: Any, raw: bytes) -> Any:
+    try:
+        return check(raw)
+    except InvalidEvent as exc:
+        return str(exc)
+
+
+@settings(max_examples=400)
+@given(raw=_raw_json())
+def test_orjson_checks_answer_as_the_json_path_does(raw: bytes) -> None:
+    """orjson only speeds the checks: the results and refusals are those of the json path."""
+    body = b'[{"meta": {"type": "t"}, "data": ' + raw + b"}]"
+    fast = _outcome(compact_json, raw), _outcome(parse_publish_body, body)
+    def refuse(doc: bytes) -> Any:
+        raise ev.orjson.JSONDecodeError("not asked", "", 0)
+
+    with pytest.MonkeyPatch.context() as patch:  # the json path alone
+        patch.setattr(ev.orjson, "loads", refuse)
+        assert fast == (_outcome(compact_json, raw), _outcome(parse_publish_body, body))
 
 
 def test_grpc_topics_with_surrogates_and_empty_requests() -> None:

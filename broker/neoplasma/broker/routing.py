@@ -15,10 +15,11 @@ Every message carries the broker's epoch and head (docs/resume.md).
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from neoplasma.core.events import Event, batch_trailer, stamped_entry, topic_field, varint_field
+from neoplasma.core.events import Checked, batch_trailer, stamped_entry, topic_field, varint_field
 from neoplasma.core.topics import TopicIndex
 
 
@@ -51,6 +52,16 @@ class RelayStream:
         self.outbox_bytes += size
         self.wake.set()
         return True
+
+    def offer_all(self, entries: list[bytes]) -> int:
+        """`offer` each of `entries` in turn (all at once when they fit); returns how many were queued."""
+        size = sum(map(len, entries))
+        if self.outbox_bytes + size > self.max_outbox_bytes:
+            return sum(map(self.offer, entries))
+        self.outbox += entries
+        self.outbox_bytes += size
+        self.wake.set()
+        return len(entries)
 
     def has_news(self, head: int, now: float, head_interval: float) -> bool:
         """Something to send: events, an interest ack, a gap, or (at most every `head_interval`) a new head."""
@@ -110,27 +121,25 @@ class Router:
         self._index.add(stream, new - stream.interest)
         stream.interest = new
 
-    def route(self, events: Sequence[Event], first_seq: int) -> tuple[int, int]:
+    def route(self, events: Sequence[Checked], first_seq: int) -> tuple[int, int]:
         """Queue each event (stamped `first_seq`, +1, ...) once on every stream interested in it.
 
         Returns (queued, dropped).
         """
-        queued = dropped = 0
         topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
-        for seq, event in enumerate(events, first_seq):
-            found = topics.get(event.topic)
+        outgoing: defaultdict[RelayStream, list[bytes]] = defaultdict(list)  # offered once per stream
+        for seq, (topic, data) in enumerate(events, first_seq):
+            found = topics.get(topic)
             if found is None:
-                found = topics[event.topic] = (self._index.matching(event.topic), topic_field(event.topic))
-            streams, topic = found
+                found = topics[topic] = (self._index.matching(topic), topic_field(topic))
+            streams, field = found
             if not streams:
                 continue
-            entry = stamped_entry(topic, event.data, seq)
+            entry = stamped_entry(field, data, seq)
             for stream in streams:
-                if stream.offer(entry):
-                    queued += 1
-                else:
-                    dropped += 1
-        return queued, dropped
+                outgoing[stream].append(entry)
+        queued = sum(stream.offer_all(entries) for stream, entries in outgoing.items())
+        return queued, sum(map(len, outgoing.values())) - queued
 
     def pending_bytes(self) -> int:
         return sum(s.outbox_bytes for s in self.streams)

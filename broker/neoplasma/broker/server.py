@@ -25,12 +25,12 @@ from neoplasma.core.events import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_MAX_EVENTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BYTES,
-    Event,
+    Checked,
     InvalidEvent,
     batch_entry,
     batch_trailer,
+    check_publish_body,
     make_events,
-    parse_publish_body,
 )
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
@@ -56,8 +56,8 @@ log = get_logger("broker")
 
 SERVICE_NAME = "neoplasma.v1.Broker"
 # Publish bodies larger than this are checked on a worker thread: the event loop (health, other
-# publishers, relay streams) then stalls for at most the body's one json.loads (~30 ms at 16 MiB)
-# instead of the whole check (~170 ms over HTTP, ~270 ms over gRPC at 16 MiB; bench/ingest_stall.py).
+# publishers, relay streams) then stalls for at most the body's one orjson.loads (~30 ms at 16 MiB)
+# instead of the whole check (~160 ms over HTTP, ~45 ms over gRPC at 16 MiB; bench/ingest_stall.py).
 OFF_LOOP_BYTES = 256 * 1024
 # With --workers N > 1, publish requests of at least this many bytes are checked by the N - 1 other
 # processes (neoplasma.core.workers.Offload) while this one serves; smaller ones cost less inline.
@@ -142,18 +142,18 @@ class Broker:
 
     # -- publishing ----------------------------------------------------------
 
-    async def check(self, parse: Callable[..., list[Event]], given: Any, size: int) -> list[Event]:
+    async def check(self, parse: Callable[..., list[Checked]], given: Any, size: int) -> list[Checked]:
         """Published input checked by `parse` within the limits (on a worker thread when large)."""
         cfg = self.config
         limits = {"max_bytes": cfg.max_event_bytes, "max_topic_length": cfg.max_topic_length,
                   "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes}
         if size >= OFFLOAD_BYTES and self.offload.free():
-            return [Event(topic, data) for topic, data in await self.offload.run(checked_pairs, parse, given, limits)]
+            return await self.offload.run(checked_pairs, parse, given, limits)
         if size > OFF_LOOP_BYTES:
             return await asyncio.to_thread(parse, given, **limits)
         return parse(given, **limits)
 
-    def accept(self, events: list[Event], peer: str) -> int:
+    def accept(self, events: list[Checked], peer: str) -> int:
         first = self.seq + 1
         n = len(events)
         self.seq += n
@@ -223,9 +223,9 @@ class Broker:
         )
 
 
-def checked_pairs(parse: Callable[..., list[Event]], given: Any, limits: dict[str, int]) -> list[tuple[str, bytes]]:
-    """`parse(given, **limits)` as (topic, data) pairs: what an offload worker sends back (Events pickle slowly)."""
-    return [(event.topic, event.data) for event in parse(given, **limits)]
+def checked_pairs(parse: Callable[..., list[Checked]], given: Any, limits: dict[str, int]) -> list[Checked]:
+    """`parse(given, **limits)`, as an offload worker runs it."""
+    return parse(given, **limits)
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
@@ -239,7 +239,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                                 f"broker {broker.config.name} is draining; publish to another broker")
         pairs = [(e.topic, e.data) for e in request.events]
         try:
-            events = await broker.check(make_events, pairs, sum(len(d) for _, d in pairs))
+            events = await broker.check(make_events, pairs, request.ByteSize())
         except InvalidEvent as exc:
             broker.reject(len(pairs))
             await context.abort(refusal_code(exc), f"nothing published: {exc}")
@@ -380,7 +380,7 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
                                      status=503)
         body = await request.read()
         try:
-            events = await broker.check(parse_publish_body, body, len(body))
+            events = await broker.check(check_publish_body, body, len(body))
         except InvalidEvent as exc:
             broker.reject()
             return web.json_response({"error": f"nothing published: {exc}"},
