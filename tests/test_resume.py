@@ -337,9 +337,10 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
                         encode_token(hub.tag, {link.epoch: 0}).decode())
     await asyncio.wait_for(decided.wait(), 10)
     b.stop(signal.SIGKILL)
-    await links.apply(Snapshot(2, (), CLUSTER))  # removed: its epoch is retired
+    await links.apply(Snapshot(2, (), CLUSTER))  # removed: once its relay is seen lost, its epoch is retired
     dispatcher = asyncio.create_task(hub.run_dispatcher())
     await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(asyncio.gather(*(task for _, task in links.leaving.values())), 5)
     assert [json.loads(e.data)["n"] for e in client.events] == list(range(5))
     assert client.gaps == ["broker b0 went away; its events since may be lost"]
     dispatcher.cancel()
@@ -400,6 +401,30 @@ async def test_relay_lost_mid_epoch_ends_with_an_error_and_the_broker_backfills_
     broker.accept(numbered(3), "publisher")
     assert await hub.advanced.wait_until(lambda: len(client.events) >= 4, 10)
     assert numbers(client.events) == [0, 1, 2, 3] and client.gaps == []
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_broker_removed_while_it_drains_delivers_what_it_flushes() -> None:
+    """The operator removes a draining broker from the membership (its pod turned unready) while
+    the broker still flushes what it accepted: the proxy's link runs on until the broker ends the
+    relay cleanly, so those events arrive and no gap is signalled."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    broker.accept(numbered(0), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 1, 10)
+    await links.apply(Snapshot(2, (), CLUSTER))
+    assert list(links.leaving) == ["b0"]
+    broker.accept(numbered(1, 2), "publisher")  # accepted before it stopped taking publishes
+    broker.closing = True  # drained: the relay sends its last head and ends with OK
+    for stream in broker.router.streams:
+        stream.wake.set()
+    assert await hub.advanced.wait_until(lambda: len(client.events) >= 3, 10)
+    await asyncio.wait_for(asyncio.gather(*(task for _, task in links.leaving.values())), 10)
+    assert numbers(client.events) == [0, 1, 2] and client.gaps == [] and not links.leaving
     dispatcher.cancel()
     await links.close()
     await server.stop(None)

@@ -34,6 +34,7 @@ LinkState = pb.BrokerLink.State
 
 
 MAX_BACKFILL_MS = 2**32 - 1  # Interest.backfill_ms is a uint32 (brokers retain at most a day anyway)
+REMOVAL_GRACE = 10.0  # seconds a removed broker's connected relay may run on (it is draining: let it flush)
 BACKFILL_SLACK = 2.0  # seconds: a busy broker reads a relay's first message late (its clock runs on meanwhile)
 RETRY = BackoffPolicy(initial=0.1, maximum=5.0, jitter=True)  # a lost relay stream, reconnected
 
@@ -63,6 +64,7 @@ class BrokerLink:
         self._interest_sent = 0  # Interest messages written on the current stream
         self._interest_applied = 0  # ... and how many the broker says it applied
         self._task: asyncio.Task[None] | None = None
+        self.finishing = False  # removed from the membership: no reconnect once the stream ends
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.member.name}")
@@ -73,6 +75,14 @@ class BrokerLink:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._replay_channel is not None:
             await self._replay_channel.close()
+
+    async def finish(self, grace: float) -> None:
+        """Removed from the membership: a connected relay runs on until the broker ends it (a drained
+        broker flushes what it accepted, then ends it) or for `grace` seconds; then the link stops."""
+        if self.state == LinkState.CONNECTED and self._task is not None:
+            self.finishing = True
+            await asyncio.wait([self._task], timeout=grace)
+        await self.stop()
 
     def replay_stub(self) -> pb_grpc.BrokerStub:
         """A stub for Replay calls, on a channel of its own that outlives relay streams."""
@@ -117,6 +127,8 @@ class BrokerLink:
                 self.ended_cleanly = True
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
+            if self.finishing:
+                return
             self.state = LinkState.BACKOFF
             self.changed.notify()
             delay = self.backoff.failed(time.monotonic())
@@ -201,6 +213,7 @@ class LinkSet:
         self.applied: Snapshot = EMPTY
         self.links: dict[str, BrokerLink] = {}
         self.left: dict[str, tuple[int, int]] = {}  # removed brokers: (epoch, position), should they return
+        self.leaving: dict[str, tuple[BrokerLink, asyncio.Task[None]]] = {}  # removed links finishing their relay
         self.changed = Signal()
         hub.on_interest_change(self._interest_changed)
 
@@ -215,13 +228,7 @@ class LinkSet:
             member = wanted.get(name)
             if member is None or member.address != link.member.address:
                 del self.links[name]
-                await link.stop()
-                link.retire()
-                if link.epoch:
-                    self.left[name] = (link.epoch, link.position)
-                    while len(self.left) > RETIRED_KEPT:
-                        del self.left[next(iter(self.left))]
-                log.info("relay_removed", broker=name, address=link.member.address)
+                self.leaving[name] = link, asyncio.create_task(self._leave(name, link), name=f"leave-{name}")
         for name, member in wanted.items():
             existing = self.links.get(name)
             if existing is not None:
@@ -229,7 +236,13 @@ class LinkSet:
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
-            link.epoch, link.position = self.left.pop(name, (0, 0))
+            old, leaving = self.leaving.pop(name, (None, None))
+            if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
+                leaving.cancel()
+                await old.stop()
+                link.epoch, link.position = old.epoch, old.position
+            else:
+                link.epoch, link.position = self.left.pop(name, (0, 0))
             link.start()
         self.applied = snapshot
         self.hub.set_cluster(snapshot.cluster)
@@ -237,6 +250,18 @@ class LinkSet:
         log.info("membership_applied", version=snapshot.version,
                  brokers=[m.name for m in snapshot.members],
                  draining=[m.name for m in snapshot.members if m.state is BrokerState.DRAINING])
+
+    async def _leave(self, name: str, link: BrokerLink) -> None:
+        """A link removed from the membership: finished (see `BrokerLink.finish`), its epoch retired,
+        its position remembered should the broker come back."""
+        await link.finish(REMOVAL_GRACE)
+        link.retire()
+        log.info("relay_removed", broker=name, address=link.member.address, ended_cleanly=link.ended_cleanly)
+        if link.epoch:
+            self.left[name] = (link.epoch, link.position)
+            while len(self.left) > RETIRED_KEPT:
+                del self.left[next(iter(self.left))]
+        self.leaving.pop(name, None)
 
     def settled(self) -> bool:
         """Membership applied and every link connected with the proxy's interest acknowledged."""
@@ -251,7 +276,11 @@ class LinkSet:
         return not self.links or (self.hub.wants(topics) and self._synced())
 
     async def close(self) -> None:
-        links, self.links = list(self.links.values()), {}
+        leaving, self.leaving = list(self.leaving.values()), {}
+        for _, task in leaving:
+            task.cancel()
+        links = [*self.links.values(), *(link for link, _ in leaving)]
+        self.links = {}
         await asyncio.gather(*(link.stop() for link in links))
 
     def to_proto(self) -> list[pb.BrokerLink]:
