@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -333,7 +334,13 @@ async def ingest(broker: Server, seconds: float, transport: str = "grpc", key: s
 
 
 def cpu_seconds(server: Server) -> float:
-    return float(sum(psutil.Process(server.proc.pid).cpu_times()[:2]))
+    """CPU seconds of a server process and of its live children (a --workers supervisor's workers)."""
+    proc = psutil.Process(server.proc.pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(p.cpu_times()[:2])
+    return total
 
 
 def subscribers_role(kind: str, proxy: Server, n: int, seconds: float, sample: int) -> Role:
