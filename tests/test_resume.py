@@ -35,10 +35,10 @@ from neoplasma.local.harness import (
     wait_for,
 )
 from neoplasma.proxy import links as links_module
-from neoplasma.proxy.hub import Batch, Hub, Subscriber
+from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
 from neoplasma.proxy.resume import Resume, start_resume
-from neoplasma.proxy.server import Proxy, ProxyConfig
+from neoplasma.proxy.server import Proxy, ProxyConfig, SseSink
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -574,3 +574,19 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
         old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]),
                                                               metadata=AUTH)]
     assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing
+
+
+async def test_catch_up_a_subscriber_cannot_take_ends_it_instead_of_vanishing() -> None:
+    """Held or replayed events that a too-slow subscriber cannot take close it ("slow"): its client
+    resumes from the last token it got, so nothing is silently skipped."""
+
+    class FullTransport(asyncio.WriteTransport):
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return 1 << 30
+
+    sub = SseSubscriber(FullTransport(), max_buffer=1 << 20)
+    SseSink(None, sub).send_now([Event("x", b"{}")], [b"token"], ())  # type: ignore[arg-type]
+    assert sub.closed.done() and sub.closed.result() == "slow"

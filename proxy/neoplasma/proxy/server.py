@@ -190,6 +190,13 @@ class Proxy:
 # -- catch-up for resuming subscribers ---------------------------------------------
 
 
+def deliver_or_close(sub: Subscriber, data: bytes) -> None:
+    """Catch-up data that the subscriber cannot take (too far behind, or gone) ends it, never vanishes:
+    the client comes back with the last token it got and resumes from there."""
+    if not sub.deliver(data):
+        sub.close("slow" if sub.slow else "gone")
+
+
 class SseSink:
     def __init__(self, response: web.StreamResponse, sub: SseSubscriber) -> None:
         self.response, self.sub = response, sub
@@ -207,7 +214,7 @@ class SseSink:
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         data = b"".join(sse_gap(reason) for reason in gaps) + self._frames(events, tokens)
         if data:
-            self.sub.deliver(http_chunk(data))
+            deliver_or_close(self.sub, http_chunk(data))
 
 
 class BatchSink:
@@ -223,7 +230,8 @@ class BatchSink:
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         if events or gaps:
             message = b"".join([batch_entry(e) for e in events])
-            self.sub.deliver(grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=bool(gaps))))
+            deliver_or_close(self.sub, grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"",
+                                                                           gap=bool(gaps))))
 
 
 # -- the subscriber port: plasma's stream, the native stream, health -------------------
