@@ -328,7 +328,7 @@ class Hub:
             self._pending_heads[epoch] = head
         self._wake.set()
 
-    async def run_dispatcher(self, linger: float = 0.02, share: float = 0.25) -> None:
+    async def run_dispatcher(self, linger: float = 0.005, share: float = 0.25) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
         Adaptive coalescing: after a round, wait until rounds have taken no more than `share`

@@ -110,7 +110,7 @@ class ProxyConfig(TrustSettings):
                                     "connections; one left unanswered that long closes the connection")
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
     # Under load, the longest the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
-    linger_seconds: float = setting(0.02, bound=NON_NEGATIVE)
+    linger_seconds: float = setting(0.005, bound=NON_NEGATIVE)
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
