@@ -4,6 +4,7 @@ message once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import redis.asyncio as aioredis
 from kubeharness.fixtures import unavailable
 
-from neoplasma.core.events import InvalidEvent
+from neoplasma.core.events import Event, InvalidEvent
+from neoplasma.core.trust import PLAIN
+from neoplasma.ingest.publisher import BrokerPublisher, Outcome
 from neoplasma.ingest.reader import readiness, rejection_kind
 from neoplasma.ingest.resp import RedisAddress
 from neoplasma.local.harness import CREDENTIAL, PlasmaClient, Server, apply_membership, links_ready, sse, wait_for
@@ -267,3 +271,29 @@ def test_rejection_kinds_and_readiness() -> None:
     assert RedisAddress.parse("rediss://u:p%40ss@h:7000", db=2) == RedisAddress("h", 7000, True, 2, "u", "p@ss")
     with pytest.raises(Exception, match="give the database with --redis-db"):
         RedisAddress.parse("redis://h:1/3")
+
+
+async def test_senders_that_find_the_buffer_emptied_by_another_publish_nothing() -> None:
+    """Two senders linger for a batch to fill; the first takes what came, the second finds nothing:
+    it must not publish an empty batch (a broker refuses one, and splitting a refused empty batch
+    recursed until the reader crashed: seen in CI after a Redis restart)."""
+    bodies: list[bytes] = []
+    outcomes: list[Outcome] = []
+
+    async def publish(body: bytes, **_: Any) -> None:
+        bodies.append(body)
+        if not body:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "no events")
+
+    publisher = BrokerPublisher(["127.0.0.1:1"], PLAIN, batch_events=10, linger=0.05, in_flight=2,
+                                buffer_events=100, timeout=1.0, done=outcomes.append)
+    publisher._publish = [publish]
+    running = asyncio.create_task(publisher.run())
+    publisher.put([Event("t", b"1"), Event("t", b"2"), Event("t", b"3")], time.monotonic())
+    assert await publisher.flushed(5.0)
+    assert await publisher.changed.wait_until(lambda: not publisher.sending and not publisher.buffer, 5.0)
+    assert not running.done(), running.exception()
+    assert [o.published for o in outcomes] == [3] and b"" not in bodies
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)

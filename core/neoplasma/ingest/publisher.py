@@ -103,6 +103,8 @@ class BrokerPublisher:
             if len(self.buffer) < self.batch_events:
                 await self.changed.wait_until(lambda: len(self.buffer) >= self.batch_events, self.linger)
             take = min(self.batch_events, len(self.buffer))
+            if not take:  # another sender took everything while this one lingered
+                continue
             batch = [self.buffer.popleft() for _ in range(take)]
             self.sending += take
             try:
