@@ -1,9 +1,12 @@
-"""Events read by ingest, batched into broker Publish calls spread over the brokers.
+"""Events read by ingest, batched into broker Publish calls (one broker at a time, in order).
 
 Up to `batch_events` events (or what came within `linger` seconds) make one PublishRequest,
-`in_flight` of them at a time. Each call goes to the next broker in turn; a broker that refuses
+`in_flight` of them at a time (1 by default). Every call goes to the same broker while it takes
+them: events of different brokers reach subscribers through different relays, so spreading
+batches over brokers would reorder what Redis delivered in order. A broker that refuses
 (UNAVAILABLE: draining or down) or does not answer is skipped, with backoff, and the batch goes
-to another. While no broker takes batches, events wait in a buffer of `buffer_events`; beyond
+to the next one, which then stays the one (order may change only at such a failover). While no
+broker takes batches, events wait in a buffer of `buffer_events`; beyond
 it new events are dropped and counted. A batch a broker refuses as invalid is split in halves
 until the bad events are alone, so one bad event costs only itself.
 """
@@ -121,7 +124,7 @@ class BrokerPublisher:
             if index is None:
                 await asyncio.sleep(max(0.0, min(b.not_before or now for b in self.backoffs) - now))
                 continue
-            self._next = (index + 1) % len(self.brokers)
+            self._next = index  # stay with this broker while it takes batches
             try:
                 await self._publish[index](body, timeout=self.timeout, metadata=self.access.metadata())
             except grpc.aio.AioRpcError as exc:
@@ -132,6 +135,7 @@ class BrokerPublisher:
                     log.warning("broker_unavailable", broker=self.brokers[index], code=exc.code().name,
                                 error=exc.details())
                 self.backoffs[index].failed(time.monotonic())
+                self._next = (index + 1) % len(self.brokers)
                 continue
             if self.backoffs[index].failures:
                 log.info("broker_available", broker=self.brokers[index])

@@ -78,7 +78,8 @@ class IngestConfig(TrustSettings):
                                "hand-over after a reader dies")
     batch_events: int = setting(1000, bound=Bound(1, 10_000), help="most events per broker publish")
     batch_ms: float = setting(2.0, bound=NON_NEGATIVE, help="milliseconds to wait for a batch to fill")
-    in_flight: int = setting(4, bound=Bound(1, 64), help="broker publishes in flight")
+    in_flight: int = setting(1, bound=Bound(1, 64), help="broker publishes in flight (more than 1 may reorder "
+                             "messages: concurrent batches go to different brokers)")
     buffer_events: int = setting(200_000, bound=POSITIVE, help="events held while no broker takes them; "
                                  "beyond, new ones are dropped")
     publish_timeout: float = setting(5.0, bound=POSITIVE)
