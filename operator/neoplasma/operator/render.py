@@ -130,21 +130,25 @@ def service_host(cluster: Cluster, tier: Tier) -> str:
     return f"{cluster.name}-{tier}.{cluster.namespace}.svc"
 
 
-def trust_settings(cluster: Cluster, tier: Tier) -> tuple[list[SecretVolume], dict[str, str]]:
-    """The Secrets a tier's pods mount, and the settings that point the servers at them."""
+def trust_settings(cluster: Cluster, *, keys_setting: str = "",
+                   broker_ca_settings: tuple[str, str] | None = None) -> tuple[list[SecretVolume], dict[str, str]]:
+    """The Secrets a server's pods mount, and the settings that point it at them: the cluster credential;
+    the publisher keys (as `keys_setting`, when spec.publishers sets them); with spec.tls its certificate
+    and, for a client of the brokers, their CA and name (as `broker_ca_settings`: the CA's and the name's)."""
     trust = cluster.spec.trust
     credential = SecretVolume("credential", credential_secret_name(cluster.name))
     volumes, settings = [credential], {"credential_file": credential.file(CREDENTIAL_KEY)}
-    if trust.api_keys_secret and tier is Tier.BROKER:
+    if trust.api_keys_secret and keys_setting:
         keys = SecretVolume("publish-keys", trust.api_keys_secret)
         volumes.append(keys)
-        settings["publish_keys_file"] = keys.file(API_KEYS_KEY)
+        settings[keys_setting] = keys.file(API_KEYS_KEY)
     if trust.tls_secret:
         tls = SecretVolume("tls", trust.tls_secret)
         volumes.append(tls)
         settings |= {"tls_cert": tls.file("tls.crt"), "tls_key": tls.file("tls.key")}
-        if tier is Tier.PROXY:
-            settings |= {"tls_ca": tls.file(CA_KEY), "tls_server_name": service_host(cluster, Tier.BROKER)}
+        if broker_ca_settings is not None:
+            ca_setting, name_setting = broker_ca_settings
+            settings |= {ca_setting: tls.file(CA_KEY), name_setting: service_host(cluster, Tier.BROKER)}
     return volumes, settings
 
 
@@ -219,7 +223,7 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
     name = broker_deployment_name(cluster.name, index)
     selector = {**selector_labels(cluster.name, Tier.BROKER), BROKER_DEPLOYMENT_LABEL: name}
     retention = cluster.spec.brokers.retention
-    volumes, trust = trust_settings(cluster, Tier.BROKER)
+    volumes, trust = trust_settings(cluster, keys_setting="publish_keys_file")  # brokers check the keys
     return _render_template(
         "deployment.yaml.j2",
         name=name,
@@ -244,7 +248,7 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
 
 
 def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
-    volumes, trust = trust_settings(cluster, Tier.PROXY)
+    volumes, trust = trust_settings(cluster, broker_ca_settings=("tls_ca", "tls_server_name"))
     return _render_template(
         "deployment.yaml.j2",
         name=f"{cluster.name}-proxy",
@@ -276,19 +280,9 @@ def ingest_deployment(cluster: Cluster, ingest: RedisIngest, *, image: str) -> M
     """The readers of spec.ingest: `neoplasma ingest-redis`, publishing to the broker Service. The
     Redis password comes from its Secret through the environment (never in the manifest); the
     cluster credential guards /stats; with spec.tls they serve HTTPS and check the brokers' CA."""
-    trust = cluster.spec.trust
-    credential = SecretVolume("credential", credential_secret_name(cluster.name))
-    volumes = [credential]
-    settings: dict[str, int | str] = {"credential_file": credential.file(CREDENTIAL_KEY)}
-    if trust.api_keys_secret:
-        keys = SecretVolume("publish-keys", trust.api_keys_secret)
-        volumes.append(keys)
-        settings["publish_key_file"] = keys.file(API_KEYS_KEY)
-    if trust.tls_secret:
-        tls = SecretVolume("tls", trust.tls_secret)
-        volumes.append(tls)
-        settings |= {"tls_cert": tls.file("tls.crt"), "tls_key": tls.file("tls.key"),
-                     "broker_ca_file": tls.file(CA_KEY), "broker_server_name": service_host(cluster, Tier.BROKER)}
+    volumes, secrets = trust_settings(cluster, keys_setting="publish_key_file",  # readers present a key
+                                      broker_ca_settings=("broker_ca_file", "broker_server_name"))
+    settings: dict[str, int | str] = dict(secrets)
     if ingest.ca is not None:
         ca = SecretVolume("redis-ca", ingest.ca.name)
         volumes.append(ca)
@@ -312,7 +306,7 @@ def ingest_deployment(cluster: Cluster, ingest: RedisIngest, *, image: str) -> M
             **settings),
         ports=INGEST_PORTS,
         secrets=volumes,
-        probe_scheme="HTTPS" if trust.tls_secret else "HTTP",
+        probe_scheme="HTTPS" if cluster.spec.trust.tls_secret else "HTTP",
         resources=ingest.resources.to_dict(),
         grace_seconds=30,  # it stops reading, hands the lease over, then publishes what it read
         strategy=None,
