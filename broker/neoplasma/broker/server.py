@@ -172,6 +172,10 @@ class Broker:
         self._rate.append((now, self.events_in))
         return n
 
+    def holds_after(self, after: int) -> bool:
+        """Every event of this epoch after seq `after` is still retained (and `after` is no future seq)."""
+        return after <= self.seq and self.retention.covers(after)
+
     def backfill(self, stream: RelayStream, first: pb.Interest) -> int:
         """Queue on a new relay stream what the proxy missed before it (`Interest.epoch`, `after`,
         `backfill_ms`): retained events matching its interest, up to the head now. Returns how many."""
@@ -179,7 +183,7 @@ class Broker:
         now = time.monotonic()
         log_.evict(now)
         if first.epoch == self.epoch and first.after:
-            after, covered = first.after, first.after <= self.seq and log_.covers(first.after)
+            after, covered = first.after, self.holds_after(first.after)
         elif first.backfill_ms:
             after, covered = log_.accepted_since(now - first.backfill_ms / 1000)
         else:
@@ -325,7 +329,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         log_ = broker.retention
         log_.evict(time.monotonic())
         ours = request.epoch == broker.epoch
-        gap = not ours or request.after > head or not log_.covers(request.after)
+        gap = not ours or not broker.holds_after(request.after)
         found = list(log_.replay(request.after, head, topics)) if ours else []
         trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)  # the gap goes with the first message
         plain, most = batch_trailer(epoch=broker.epoch, head=head), broker.config.max_message_bytes
