@@ -133,10 +133,11 @@ async def cluster(start: Any) -> tuple[list[Server], list[Server]]:
 
 
 async def active_reader(readers: list[Server] | list[str]) -> Any:
+    """The reader holding the lease, once it reads (ready: Redis confirmed its subscriptions)."""
     async def find() -> Server | str | None:
-        found = [r for r in readers if (await health(r))["active"]]
+        found = [(r, body) for r in readers if (body := await health(r))["active"]]
         assert len(found) <= 1, "two readers active at once"
-        return found[0] if found else None
+        return found[0][0] if found and found[0][1]["ready"] else None
     return await wait_for(find, what="an active reader")
 
 
@@ -268,6 +269,7 @@ def test_rejection_kinds_and_readiness() -> None:
     assert readiness(False, "down", None, 0) == (True, "standby: another reader holds the lease")
     assert readiness(True, None, None, 0) == (False, "no broker accepts publishes")
     assert readiness(True, None, None, 2) == (True, "active: reading Redis")
+    assert readiness(True, None, None, 2, subscribed=False) == (False, "subscribing to Redis")
     assert RedisAddress.parse("rediss://u:p%40ss@h:7000", db=2) == RedisAddress("h", 7000, True, 2, "u", "p@ss")
     with pytest.raises(Exception, match="give the database with --redis-db"):
         RedisAddress.parse("redis://h:1/3")

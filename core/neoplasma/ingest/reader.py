@@ -121,14 +121,18 @@ def message_payload(reply: Any) -> bytes | None:
     return None
 
 
-def readiness(active: bool, redis_error: str | None, lease_error: str | None, brokers_up: int) -> tuple[bool, str]:
-    """Whether the reader is ready, and why (pure)."""
+def readiness(active: bool, redis_error: str | None, lease_error: str | None, brokers_up: int,
+              subscribed: bool = True) -> tuple[bool, str]:
+    """Whether the reader is ready, and why (pure). An active reader is ready only once Redis confirmed
+    its subscriptions: what is published before then is not read."""
     if lease_error:
         return False, f"cannot reach the lease: {lease_error}"
     if not active:
         return True, "standby: another reader holds the lease"
     if redis_error:
         return False, f"cannot read Redis: {redis_error}"
+    if not subscribed:
+        return False, "subscribing to Redis"
     if not brokers_up:
         return False, "no broker accepts publishes"
     return True, "active: reading Redis"
@@ -170,6 +174,7 @@ class Ingest:
         self.kinds: set[str] = set()
         self.stopping = False
         self._dropped = 0
+        self.subscribed = False  # Redis confirmed every SUBSCRIBE/PSUBSCRIBE of the current connection
 
     @property
     def active(self) -> bool:
@@ -280,6 +285,7 @@ class Ingest:
                             log.info("redis_subscribed", redis=str(self.address), channels=cfg.channels,
                                      patterns=cfg.patterns)
                             self.redis_error = None
+                            self.subscribed = True
                             backoff.succeeded()
                     self.take(replies, time.monotonic())
             except (OSError, RedisError, TimeoutError) as exc:
@@ -290,13 +296,15 @@ class Ingest:
                             retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
             finally:
+                self.subscribed = False
                 if conn is not None:
                     conn.close()
 
     # -- health --------------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        ready, reason = readiness(self.active, self.redis_error, self.lease_error, self.publisher.brokers_up())
+        ready, reason = readiness(self.active, self.redis_error, self.lease_error, self.publisher.brokers_up(),
+                                  self.subscribed)
         return ready, {"ready": ready, "reason": reason, "active": self.active, "name": self.config.name}
 
     def stats(self) -> dict[str, Any]:
