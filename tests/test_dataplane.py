@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import hpack
 
 from neoplasma.local.harness import (
@@ -190,7 +191,9 @@ async def test_heartbeat_comments_reach_every_sse_client(start: Any) -> None:
 async def test_plasma_grpc_clients_get_every_event_in_order_through_batched_frames(start: Any) -> None:
     bs, ps = await cluster(start, 1, 1)
     control = ps[0].endpoints["control"]
-    clients = [PlasmaClient(ps[0].endpoints["grpc"]) for _ in range(3)]
+    address = ps[0].endpoints["grpc"]
+    shared = grpc.aio.insecure_channel(address)  # two streams on one connection: their frames gathered
+    clients = [PlasmaClient(address), PlasmaClient(address, shared), PlasmaClient(address, shared)]
     for client in clients:
         await client.subscribe("t")
     await wait_for(lambda: links_ready(control, 1))
@@ -203,6 +206,7 @@ async def test_plasma_grpc_clients_get_every_event_in_order_through_batched_fram
         assert [json.loads(p.data) for p in client.payloads] == sent
         assert set(client.topics()) == {"t"}
         await client.close()
+    await shared.close()
 
 
 async def stalled_plasma_stream(address: str, topic: str) -> asyncio.StreamWriter:

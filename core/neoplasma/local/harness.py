@@ -256,8 +256,11 @@ class SseClient:
 class PlasmaClient:
     """plasma's gRPC StreamService client, as plasma users write it."""
 
-    def __init__(self, grpc_addr: str) -> None:
-        self.channel = grpc.aio.insecure_channel(grpc_addr)
+    def __init__(self, grpc_addr: str, channel: grpc.aio.Channel | None = None) -> None:
+        """A stream on its own channel, or on `channel` (several streams on one HTTP/2 connection),
+        which its owner closes."""
+        self._owned = channel is None
+        self.channel = grpc.aio.insecure_channel(grpc_addr) if channel is None else channel
         self.call = stream_pb2_grpc.StreamServiceStub(self.channel).Events()
         self.payloads: list[stream_pb2.Payload] = []
         self.error: grpc.aio.AioRpcError | None = None
@@ -286,7 +289,8 @@ class PlasmaClient:
         self.call.cancel()
         with contextlib.suppress(BaseException):
             await self._task
-        await self.channel.close()
+        if self._owned:
+            await self.channel.close()
 
 
 class EventSource:

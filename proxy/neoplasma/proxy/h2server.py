@@ -3,20 +3,26 @@
 grpc.aio spends tens of microseconds of Python on every message it writes. Here a call's `send`
 takes any number of gRPC messages already framed (5-byte prefix + message; the hub frames each
 event once for every subscriber) and writes them as one DATA frame under HTTP/2 flow control, and
-every connection's frames of a round leave in one socket write: per subscriber and batch, a few
-microseconds, whatever the number of events.
+a connection's frames of a round leave in at most two socket writes: per subscriber and batch, a
+few microseconds, whatever the number of events.
 
 h2 keeps the protocol's state (settings, streams, windows, PING, GOAWAY, headers); only response
 DATA frames are built here, debited from h2's outbound windows as its own `send_data` does
 (that costs ~13 us a frame). Data a client's window does not take waits in its call (`unsent`).
+
+Frames go to the transport as they are made (a socket write when nothing waits in it); within
+`GrpcServer.gathered()` (a dispatch round) a connection's first frame does too, and the rest
+wait for the round's end and leave in one write: at most two socket writes per connection and
+round, whatever its number of calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import grpc
@@ -167,7 +173,7 @@ def unary(handle: Callable[[Call, bytes], None]) -> Opener:
 
 
 class Connection(asyncio.Protocol):
-    """One client's HTTP/2 connection: its calls, and its writes, gathered into one per loop round."""
+    """One client's HTTP/2 connection and its calls."""
 
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
@@ -176,7 +182,8 @@ class Connection(asyncio.Protocol):
             SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.WriteTransport | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes] = []  # frames gathered in a round
+        self._round = 0  # the last round this connection wrote in
         self._pinged = False  # a keepalive PING is unanswered
 
     # -- output --------------------------------------------------------------------------
@@ -185,21 +192,29 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         return 0 if transport is None else transport.get_write_buffer_size()
 
-    def _queue(self, data: bytes) -> None:
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(data)
+    def _write(self, data: bytes) -> None:
+        server = self.server
+        if server.gathering is not None:
+            if self._round == server.round:  # this round wrote already: the rest leaves at its end
+                if not self._out:
+                    server.gathering.append(self)
+                self._out.append(data)
+                return
+            self._round = server.round
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def release(self) -> None:
+        """Write the frames gathered in a round, at once."""
+        out, self._out = self._out, []
+        self._write(b"".join(out))
 
     def _emit(self) -> None:
-        """Queue what h2 has framed (before any DATA frame built here, so frames keep their order)."""
+        """Write what h2 has framed."""
         data = self.h2.data_to_send()
         if data:
-            self._queue(data)
-
-    def _flush(self) -> None:
-        out, self._out = self._out, []
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+            self._write(data)
 
     def write_data(self, stream_id: int, data: bytes) -> bytes:
         """DATA frames of `data` as far as the flow-control windows allow; returns the rest."""
@@ -210,13 +225,10 @@ class Connection(asyncio.Protocol):
             return data
         limit = h2.max_outbound_frame_size
         if size == len(data) and size <= limit:
-            self._queue(_DATA.pack(size << 8, 0, stream_id))
-            self._queue(data)
+            self._write(_DATA.pack(size << 8, 0, stream_id) + data)
         else:
-            for start in range(0, size, limit):
-                chunk = data[start:min(start + limit, size)]
-                self._queue(_DATA.pack(len(chunk) << 8, 0, stream_id))
-                self._queue(chunk)
+            self._write(b"".join([_DATA.pack(min(limit, size - start) << 8, 0, stream_id)
+                                  + data[start:min(start + limit, size)] for start in range(0, size, limit)]))
         h2.outbound_flow_control_window -= size
         stream.outbound_flow_control_window -= size
         return data[size:]
@@ -256,7 +268,6 @@ class Connection(asyncio.Protocol):
             events = self.h2.receive_data(data)
         except ProtocolError:  # h2 has framed a GOAWAY saying why
             self._emit()
-            self._flush()
             self.close()
             return
         for event in events:
@@ -296,6 +307,7 @@ class Connection(asyncio.Protocol):
         path = headers.get(b":path", b"").decode("utf-8", "replace")
         call = self.calls[stream_id] = Call(self, stream_id, path)
         self.h2.send_headers(stream_id, _RESPONSE)
+        self._emit()  # the response headers go before any DATA frame of the call
         opener = self.server.routes.get(path)
         if opener is None:
             call.end(grpc.StatusCode.UNIMPLEMENTED, f"method {path} not found")
@@ -325,7 +337,6 @@ class Connection(asyncio.Protocol):
             call.end(grpc.StatusCode.UNAVAILABLE, message)
         self.h2.close_connection()
         self._emit()
-        self._flush()
         self.close()
 
     def close(self) -> None:
@@ -339,6 +350,8 @@ class GrpcServer:
     def __init__(self, routes: dict[str, Opener], max_message_bytes: int, keepalive: float) -> None:
         self.routes, self.max_message_bytes, self.keepalive = routes, max_message_bytes, keepalive
         self.connections: set[Connection] = set()
+        self.gathering: list[Connection] | None = None  # connections with frames gathered, in a round
+        self.round = 0
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.Task[None] | None = None
 
@@ -346,6 +359,20 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self), sock=sock)
         self._pinger = loop.create_task(self._keepalive())
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """A round: within, a connection's first frame is written at once, the others wait; at the end
+        each connection writes them at once."""
+        gathering: list[Connection] = []
+        self.gathering = gathering
+        self.round += 1
+        try:
+            yield
+        finally:
+            self.gathering = None
+            for connection in gathering:
+                connection.release()
 
     async def _keepalive(self) -> None:
         while True:

@@ -18,8 +18,10 @@ or per batch (native), never per subscriber (docs/resume.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import ClassVar
 
 from neoplasma.core.aio import Signal
@@ -28,6 +30,7 @@ from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
 
+LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
 
@@ -210,6 +213,8 @@ class Hub:
         self.events_received = 0
         self.deliveries = 0
         self.slow_dropped = 0
+        # Around each round's deliveries: the subscriber gRPC server gathers each connection's frames.
+        self.gathered: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     # -- interest ----------------------------------------------------------------
 
@@ -328,13 +333,14 @@ class Hub:
             self._pending_heads[epoch] = head
         self._wake.set()
 
-    async def run_dispatcher(self, linger: float = 0.005, share: float = 0.25) -> None:
+    async def run_dispatcher(self, linger: float = LINGER, share: float = 0.25) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
         Adaptive coalescing: after a round, wait until rounds have taken no more than `share`
         of the time (at most `linger`), so that under load more events join each round: fewer,
-        larger writes per subscriber, whose cost is mostly per write. A quiet proxy's rounds
-        take microseconds, and so do its waits.
+        larger writes per subscriber, whose cost is mostly per write. A round's cost includes its
+        socket writes (uvloop makes them once the loop's callbacks have run: measured from the
+        next iteration). A quiet proxy's rounds take microseconds, and so do its waits.
         """
         pause = 0.0
         while True:
@@ -345,7 +351,8 @@ class Hub:
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
-            self.dispatch(events, heads)
+            if self.dispatch(events, heads):
+                await asyncio.sleep(0)  # the round's writes
             pause = min(linger, (time.perf_counter() - started) * (1 - share) / share)
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
@@ -370,14 +377,15 @@ class Hub:
         self._token = None
         deliveries = 0
         refused: list[Subscriber] = []
-        for group, indices in matched.items():
-            for kind, members in group.members.items():
-                encoded = kind.encode(batch, indices)
-                for sub in members:
-                    if sub.deliver(encoded):
-                        deliveries += len(indices)
-                    else:
-                        refused.append(sub)
+        with self.gathered():
+            for group, indices in matched.items():
+                for kind, members in group.members.items():
+                    encoded = kind.encode(batch, indices)
+                    for sub in members:
+                        if sub.deliver(encoded):
+                            deliveries += len(indices)
+                        else:
+                            refused.append(sub)
         self._drop(refused)
         self.deliveries += deliveries
         self.advanced.notify()

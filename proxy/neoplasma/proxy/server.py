@@ -45,6 +45,7 @@ from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metr
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
+    LINGER,
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
@@ -109,8 +110,8 @@ class ProxyConfig(TrustSettings):
     grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
                                     "connections; one left unanswered that long closes the connection")
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    # Under load, the longest the dispatcher lets events pile up before a round (see Hub.run_dispatcher).
-    linger_seconds: float = setting(0.005, bound=NON_NEGATIVE)
+    linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
+                                    "events pile up for fewer, larger writes (Hub.run_dispatcher)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
@@ -508,6 +509,7 @@ async def serve(config: ProxyConfig) -> None:
         control_address = place.control()
         control.add_insecure_port(control_address)
     await subscribers.start(grpc_socket)
+    proxy.hub.gathered = subscribers.gathered
     await control.start()
 
     registry = CollectorRegistry()

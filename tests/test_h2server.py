@@ -1,0 +1,77 @@
+"""The subscriber gRPC server's write gathering, in process on 127.0.0.1 with an h2 client.
+
+Frames made within `GrpcServer.gathered()` (a dispatch round) leave in at most two socket writes
+per connection (the first at once, the rest at the round's end), in order per stream, whatever the
+number of calls on the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived
+
+from neoplasma.local.harness import wait_for
+from neoplasma.proxy.h2server import Call, GrpcServer
+
+
+class CountingTransport:
+    """Passes writes through to the real transport, counting them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.writes = inner, 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> None:
+    calls: list[Call] = []
+    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30)
+    sock = socket.create_server(("127.0.0.1", 0))
+    await server.start(sock)
+    reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    for _ in range(3):
+        client.send_headers(client.get_next_available_stream_id(), [
+            (":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/t.S/M"),
+            ("content-type", "application/grpc")])
+    writer.write(client.data_to_send())
+    await wait_for(lambda: len(calls) == 3, what="three calls on one connection")
+    try:
+        connection = next(iter(server.connections))
+        counting = connection.transport = CountingTransport(connection.transport)  # type: ignore[assignment]
+        with server.gathered():
+            for round_ in range(2):
+                for call in calls:
+                    call.send(b"%d:%d;" % (call.stream_id, round_))
+            assert counting.writes == 1  # the first frame at once, the others wait for the round's end
+        assert counting.writes == 2
+
+        received: dict[int, bytes] = {call.stream_id: b"" for call in calls}
+
+        async def everything() -> bool:
+            data = await reader.read(65536)
+            for event in client.receive_data(data):
+                if isinstance(event, DataReceived):
+                    received[event.stream_id] += event.data
+            return all(len(v) == len(b"%d:0;%d:1;" % (k, k)) for k, v in received.items())
+
+        await wait_for(everything, what="every call's frames")
+        assert received == {call.stream_id: b"%d:0;%d:1;" % (call.stream_id, call.stream_id) for call in calls}
+        with server.gathered():
+            pass
+        assert counting.writes == 2  # a round with nothing to send writes nothing
+    finally:
+        writer.close()
+        server.stop("test over")
+        sock.close()
