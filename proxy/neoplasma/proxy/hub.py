@@ -338,9 +338,8 @@ class Hub:
 
         Adaptive coalescing: after a round, wait until rounds have taken no more than `share`
         of the time (at most `linger`), so that under load more events join each round: fewer,
-        larger writes per subscriber, whose cost is mostly per write. A round's cost includes its
-        socket writes (uvloop makes them once the loop's callbacks have run: measured from the
-        next iteration). A quiet proxy's rounds take microseconds, and so do its waits.
+        larger writes per subscriber, whose cost is mostly per write (a round's socket writes are
+        made within it). A quiet proxy's rounds take microseconds, and so do its waits.
         """
         pause = 0.0
         while True:
@@ -351,8 +350,7 @@ class Hub:
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
-            if self.dispatch(events, heads):
-                await asyncio.sleep(0)  # the round's writes
+            self.dispatch(events, heads)
             pause = min(linger, (time.perf_counter() - started) * (1 - share) / share)
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
