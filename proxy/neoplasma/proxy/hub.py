@@ -336,22 +336,26 @@ class Hub:
     async def run_dispatcher(self, linger: float = LINGER, share: float = 0.25) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
-        Adaptive coalescing: after a round, wait until rounds have taken no more than `share`
-        of the time (at most `linger`), so that under load more events join each round: fewer,
-        larger writes per subscriber, whose cost is mostly per write (a round's socket writes are
-        made within it). A quiet proxy's rounds take microseconds, and so do its waits.
+        Adaptive coalescing: the next round starts no sooner than the last one's cost allows for
+        rounds to take no more than `share` of the time (counted from its end, at most `linger`
+        later), so that under load more events join each round: fewer, larger writes per
+        subscriber, whose cost is mostly per write (a round's socket writes are made within it).
+        An event that finds that time passed goes at once; none waits longer than `linger` plus a
+        round. A quiet proxy's rounds take microseconds, and so do its waits.
         """
-        pause = 0.0
+        clock = asyncio.get_running_loop().time
+        next_round = 0.0
         while True:
             await self._wake.wait()
-            if pause:
-                await asyncio.sleep(pause)
+            if (wait := next_round - clock()) > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
             self.dispatch(events, heads)
-            pause = min(linger, (time.perf_counter() - started) * (1 - share) / share)
+            cost = time.perf_counter() - started
+            next_round = clock() + min(linger, cost * (1 - share) / share)
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries.
