@@ -1,4 +1,5 @@
-"""The subscriber gRPC server's write gathering, in process on 127.0.0.1 with an h2 client.
+"""The subscriber gRPC server, on 127.0.0.1 with an h2 client: its bound on calls per connection
+(a real proxy), and its write gathering (in process).
 
 Frames made within `GrpcServer.gathered()` (a dispatch round) leave in at most two socket writes
 per connection (the first at once, the rest at the round's end), in order per stream, whatever the
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Any
 
+import hpack
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived
+from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
+from h2.settings import SettingCodes
 
 from neoplasma.local.harness import wait_for
 from neoplasma.proxy.h2server import Call, GrpcServer
@@ -35,7 +39,7 @@ class CountingTransport:
 
 async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> None:
     calls: list[Call] = []
-    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30)
+    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
     sock = socket.create_server(("127.0.0.1", 0))
     await server.start(sock)
     reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
@@ -75,3 +79,44 @@ async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> N
         writer.close()
         server.stop("test over")
         sock.close()
+
+
+HEADERS = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/proto.StreamService/Events"),
+           ("content-type", "application/grpc")]
+
+
+def events_stream(client: H2Connection) -> None:
+    client.send_headers(client.get_next_available_stream_id(), HEADERS)
+
+
+async def test_a_connection_opening_more_calls_than_the_proxy_allows_is_cut_off(start: Any) -> None:
+    proxy = start("proxy", "p0", "--max-streams-per-connection", "2")
+    host, _, port = proxy.endpoints["grpc"].rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    writer.write(client.data_to_send())
+    settings: dict[int, int] = {}
+    ended: list[ConnectionTerminated] = []
+
+    async def read(until: Any) -> bool:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        for event in client.receive_data(data):
+            if isinstance(event, RemoteSettingsChanged):
+                settings.update({k: v.new_value for k, v in event.changed_settings.items()})
+            elif isinstance(event, ConnectionTerminated):
+                ended.append(event)
+        writer.write(client.data_to_send())
+        return bool(until()) or not data
+
+    await wait_for(lambda: read(lambda: settings), what="the proxy's SETTINGS")
+    assert settings[SettingCodes.MAX_CONCURRENT_STREAMS] == 2  # what clients are told, and respect
+    for _ in range(2):
+        events_stream(client)
+    writer.write(client.data_to_send())
+    third = hpack.Encoder().encode(HEADERS)  # past the limit (h2 would not send it): framed by hand
+    writer.write(struct.pack(">IBI", len(third) << 8 | 1, 4, 5) + third)
+    await wait_for(lambda: read(lambda: ended), what="GOAWAY")
+    assert ended[0].error_code == 1  # PROTOCOL_ERROR
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection is closed
+    writer.close()

@@ -178,8 +178,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.h2 = H2Connection(_CONFIG)
-        self.h2.local_settings = Settings(client=False, initial_values={  # as grpc's servers: no limit
-            SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1})
+        self.h2.local_settings = Settings(client=False, initial_values={  # a client opening more is cut off
+            SettingCodes.MAX_CONCURRENT_STREAMS: server.max_streams})
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.WriteTransport | None = None
         self._out: list[bytes] = []  # frames gathered in a round
@@ -345,10 +345,14 @@ class Connection(asyncio.Protocol):
 
 
 class GrpcServer:
-    """The gRPC methods `routes` ({path: opener}) on a listening socket, with keepalive PINGs."""
+    """The gRPC methods `routes` ({path: opener}) on a listening socket, with keepalive PINGs.
 
-    def __init__(self, routes: dict[str, Opener], max_message_bytes: int, keepalive: float) -> None:
+    A connection that opens more than `max_streams` calls at once (HTTP/2's MAX_CONCURRENT_STREAMS,
+    which clients respect) is ended with GOAWAY PROTOCOL_ERROR."""
+
+    def __init__(self, routes: dict[str, Opener], max_message_bytes: int, keepalive: float, max_streams: int) -> None:
         self.routes, self.max_message_bytes, self.keepalive = routes, max_message_bytes, keepalive
+        self.max_streams = max_streams  # calls open at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS)
         self.connections: set[Connection] = set()
         self.gathering: list[Connection] | None = None  # connections with frames gathered, in a round
         self.round = 0

@@ -110,6 +110,8 @@ class ProxyConfig(TrustSettings):
     grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
                                     "connections; one left unanswered that long closes the connection")
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
+    max_streams_per_connection: int = setting(1000, bound=POSITIVE, help="most gRPC calls one subscriber "
+                                              "connection may have open at once; a client opening more is cut off")
     linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
                                     "events pile up for fewer, larger writes (Hub.run_dispatcher)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
@@ -362,7 +364,7 @@ def subscriber_server(proxy: Proxy, health: Health) -> GrpcServer:
     cfg = proxy.config
     return GrpcServer({"/proto.StreamService/Events": PlasmaEvents.open(proxy),
                        "/neoplasma.v1.Subscriber/Subscribe": native_subscribe(proxy), **health.routes()},
-                      cfg.max_message_bytes, cfg.grpc_keepalive)
+                      cfg.max_message_bytes, cfg.grpc_keepalive, cfg.max_streams_per_connection)
 
 
 class ControlServicer(pb_grpc.ProxyControlServicer):
