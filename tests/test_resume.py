@@ -20,7 +20,7 @@ import pytest
 from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
 from neoplasma.core.events import Event
 from neoplasma.core.membership import Member, Snapshot
-from neoplasma.core.resume import InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.core.resume import EVENT_OVERHEAD, InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.local.harness import (
     ACCESS,
@@ -543,7 +543,7 @@ def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     assert log.oldest == 31 and not log.covers(29) and log.covers(30)
     assert log.accepted_since(1.5) == (30, False) and log.accepted_since(2.5) == (30, True)
     assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
-    small = RetentionLog(max_age=1e9, max_bytes=2 * (150 + 4))  # two one-event batches
+    small = RetentionLog(max_age=1e9, max_bytes=2 * (EVENT_OVERHEAD + 4))  # two one-event batches
     for seq in range(1, 6):
         small.append(seq, [("t", b"1234"[:3])], now=0.0)
     assert small.oldest == 4 and small.events == 2 and small.bytes <= small.max_bytes
