@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, StreamEnded, StreamReset
 
 from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
 from neoplasma.core.events import Event
@@ -239,6 +242,57 @@ async def test_native_stream_resumes_with_the_batch_token(start: Any) -> None:
     publisher.assert_exactly_once_in_order(resumed.events, "native")
     assert resumed.gaps == 0
     await resumed.close()
+
+
+async def stalled_native_stream(address: str, token: str, stall: float, want: int) -> tuple[list[int], bool]:
+    """A native stream resuming from `token` whose client takes nothing for `stall` seconds (its 64 KiB
+    HTTP/2 window fills), then reads on until `want` events or the end: (their "n"s, whether it ended)."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "p"),
+                            (":path", "/neoplasma.v1.Subscriber/Subscribe"), ("content-type", "application/grpc")])
+    request = pb.SubscribeRequest(topics=["t"], resume_token=token).SerializeToString()
+    client.send_data(1, b"\0" + len(request).to_bytes(4, "big") + request, end_stream=True)
+    writer.write(client.data_to_send())
+    await asyncio.sleep(stall)  # the load shape (a client that stalls), not a synchronisation
+    got: list[int] = []
+    inbox, ended = b"", False
+    while len(got) < want and not ended:
+        data = await asyncio.wait_for(reader.read(1 << 16), 30)
+        for event in client.receive_data(data) if data else []:
+            if isinstance(event, DataReceived):
+                client.acknowledge_received_data(event.flow_controlled_length, 1)
+                inbox += event.data
+                while len(inbox) >= 5 and len(inbox) >= 5 + (size := int.from_bytes(inbox[1:5], "big")):
+                    got += [json.loads(e.data)["n"] for e in pb.EventBatch.FromString(inbox[5:5 + size]).events]
+                    inbox = inbox[5 + size:]
+            ended |= isinstance(event, StreamEnded | StreamReset)
+        ended |= not data
+        writer.write(client.data_to_send())
+    writer.close()
+    return got, ended
+
+
+async def test_native_catch_up_larger_than_the_grpc_buffer_waits_for_a_stalled_client(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 1)
+    client = NativeClient(lambda: ps[0].endpoints["grpc"], ["t"])
+    await wait_for(lambda: all_subscribed(ps[0], 1, 1), what="subscriber")
+    await publish_grpc(bs[0].endpoints["grpc"], [("t", {"b": 0, "n": 0})])
+    await wait_for(lambda: client.events, what="the first event")
+    await client.close()
+    await wait_for(lambda: no_subscribers(ps[0]), what="the subscriber gone")
+    pad = "x" * 2000
+    for first in range(1, 3001, 100):  # 3000 events of ~2 KB: a 6 MiB catch-up, past the 4 MiB --max-grpc-buffer
+        await publish_grpc(bs[0].endpoints["grpc"], [("t", {"n": n, "pad": pad}) for n in range(first, first + 100)])
+    got, ended = await stalled_native_stream(ps[0].endpoints["grpc"], client.token, stall=1.0, want=3000)
+    assert got == list(range(1, 3001)) and not ended  # all of it, in order, on the one stream
+    assert (await proxy_status(ps[0].endpoints["control"])).slow_subscribers_dropped == 0
+
+
+async def no_subscribers(proxy: Server) -> bool:
+    return (await proxy_status(proxy.endpoints["control"])).subscribers == 0
 
 
 class Recorder(Subscriber):

@@ -44,6 +44,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
+from neoplasma.core.aio import Signal
 from neoplasma.core.trust import undecodable
 
 Opener = Callable[["Call"], None]
@@ -89,6 +90,11 @@ class Call:
         """Bytes sent on this call that its client has not taken: waiting for its window, or in
         its connection's buffers (shared by the connection's calls)."""
         return self.waiting + self.connection.buffered()
+
+    async def taken(self, limit: int, timeout: float) -> bool:
+        """Wait until at most `limit` bytes sent on this call are unsent, or the call ended (False
+        if neither within `timeout` seconds)."""
+        return await self.connection.writable.wait_until(lambda: self.ended or self.unsent <= limit, timeout)
 
     def send(self, data: bytes) -> None:
         """Write framed messages, now or as soon as the client's flow-control window allows."""
@@ -185,6 +191,7 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []  # frames gathered in a round
         self._round = 0  # the last round this connection wrote in
         self._pinged = False  # a keepalive PING is unanswered
+        self.writable = Signal()  # its calls' unsent data may have dropped (or a call ended)
 
     # -- output --------------------------------------------------------------------------
 
@@ -254,6 +261,10 @@ class Connection(asyncio.Protocol):
             call.ended = True
             self.calls.pop(call.stream_id, None)
             call.done()
+            self.writable.notify()
+
+    def resume_writing(self) -> None:  # the transport's buffer drained below its low-water mark
+        self.writable.notify()
 
     # -- input ---------------------------------------------------------------------------
 
@@ -285,6 +296,7 @@ class Connection(asyncio.Protocol):
             for call in [self.calls[stream_id]] if stream_id in self.calls else list(self.calls.values()):
                 if call.waiting:
                     call.flush()
+            self.writable.notify()
         elif isinstance(event, RequestReceived):
             self._open(event.stream_id, dict(event.headers or ()))
         elif isinstance(event, StreamEnded):

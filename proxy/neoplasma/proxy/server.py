@@ -221,10 +221,15 @@ class SseSink:
 
 
 class BatchSink:
-    def __init__(self, sub: BatchSubscriber) -> None:
-        self.sub = sub
+    """Catch-up on the native stream: each replayed batch waits until the client has taken all but half
+    of `--max-grpc-buffer` (a catch-up larger than the buffer flows at the client's pace; a client that
+    takes nothing for `wait` seconds is dropped as slow)."""
+
+    def __init__(self, sub: BatchSubscriber, wait: float) -> None:
+        self.sub, self.wait = sub, wait
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        await self.sub.call.taken(self.sub.max_unsent // 2, self.wait)
         self.send_now(events, tokens, ())
 
     async def gap(self, reason: str) -> None:
@@ -321,7 +326,8 @@ def native_subscribe(proxy: Proxy) -> Opener:
             call.end(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
             return
         sub = BatchSubscriber(call, cfg.max_grpc_buffer)
-        _attach(call, sub, proxy, proxy.subscribe(sub, topics, request.resume_token, BatchSink(sub)))
+        sink = BatchSink(sub, cfg.grpc_keepalive)
+        _attach(call, sub, proxy, proxy.subscribe(sub, topics, request.resume_token, sink))
 
     return unary(subscribe)
 
