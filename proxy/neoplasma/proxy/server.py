@@ -110,7 +110,8 @@ class ProxyConfig(TrustSettings):
     grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
                                     "connections; one left unanswered that long closes the connection")
     max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    max_streams_per_connection: int = setting(1000, bound=POSITIVE, help="most gRPC calls one subscriber "
+    # plasma's Go server allows any number; services may multiplex thousands of streams on one channel.
+    max_streams_per_connection: int = setting(10_000, bound=POSITIVE, help="most gRPC calls one subscriber "
                                               "connection may have open at once; a client opening more is cut off")
     linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
                                     "events pile up for fewer, larger writes (Hub.run_dispatcher)")
