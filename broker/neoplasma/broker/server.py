@@ -38,6 +38,7 @@ from neoplasma.core.resume import RetentionLog
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
+    CREDENTIAL_REQUIRED,
     Guard,
     Rule,
     Tokens,
@@ -419,9 +420,8 @@ async def serve(config: BrokerConfig) -> None:
     servicer = BrokerServicer(broker)
     cluster = config.cluster_tokens()
     keys = Tokens.optional(config.publish_keys_file)
-    need = "the cluster credential is required (authorization: Bearer TOKEN)"
     guard = Guard({f"/{SERVICE_NAME}/Publish": Rule(keys, "a publisher key is required (authorization: Bearer KEY)"),
-                   f"/{SERVICE_NAME}/": Rule(cluster, need)})
+                   f"/{SERVICE_NAME}/": Rule(cluster, CREDENTIAL_REQUIRED)})
     server = grpc.aio.server(interceptors=[guard], options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes + config.max_event_bytes + 4096),

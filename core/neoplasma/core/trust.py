@@ -106,6 +106,9 @@ def bearer_metadata(token: str) -> Metadata:
 
 # -- servers ---------------------------------------------------------------------
 
+# A gRPC control, relay or Stats call without the cluster credential is refused with this.
+CREDENTIAL_REQUIRED = "the cluster credential is required (authorization: Bearer TOKEN)"
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -17,9 +17,9 @@ import grpc
 
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
-from neoplasma.core.trust import Guard, Metadata, Rule, Tokens, grpc_server_credentials, server_tls
+from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import ProxyConfig
+from neoplasma.proxy.server import ProxyConfig, control_server
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -136,10 +136,7 @@ async def serve_pod(config: ProxyConfig) -> None:
     pod = PodControl(config, tokens)
     argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0, workers=1))
     supervisor = pod.supervisor = Supervisor(argv, config.workers, started=pod.started)
-    guard = Guard({"/neoplasma.v1.ProxyControl/": Rule(tokens, "the cluster credential is required "
-                                                       "(authorization: Bearer TOKEN)")})
-    control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ProxyControlServicer_to_server(pod, control)
+    control = control_server(pod, tokens)
     control_port = add_grpc_port(control, config.host, config.control_port, "--control-port",
                                  grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
     stop = asyncio.Event()

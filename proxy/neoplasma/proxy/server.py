@@ -33,9 +33,11 @@ from neoplasma.core.topics import (
     parse_topic_list,
 )
 from neoplasma.core.trust import (
+    CREDENTIAL_REQUIRED,
     Access,
     Guard,
     Rule,
+    Tokens,
     TrustSettings,
     grpc_server_credentials,
     refusal,
@@ -374,6 +376,15 @@ def subscriber_server(proxy: Proxy, health: Health) -> GrpcServer:
                       cfg.max_message_bytes, cfg.grpc_keepalive, cfg.max_streams_per_connection)
 
 
+def control_server(servicer: pb_grpc.ProxyControlServicer, tokens: Tokens | None) -> grpc.aio.Server:
+    """A gRPC server (ports not yet added) for ProxyControl, refusing callers without the cluster
+    credential: a single proxy's, a worker's private one, or a pod supervisor's."""
+    control = grpc.aio.server(interceptors=[Guard({"/neoplasma.v1.ProxyControl/": Rule(tokens, CREDENTIAL_REQUIRED)})],
+                              options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ProxyControlServicer_to_server(servicer, control)
+    return control
+
+
 class ControlServicer(pb_grpc.ProxyControlServicer):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -506,10 +517,7 @@ async def serve(config: ProxyConfig) -> None:
     subscribers = subscriber_server(proxy, health)
     grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
     grpc_port = grpc_socket.getsockname()[1]
-    guard = Guard({"/neoplasma.v1.ProxyControl/": Rule(proxy.access.tokens, "the cluster credential is required "
-                                                       "(authorization: Bearer TOKEN)")})
-    control = grpc.aio.server(interceptors=[guard], options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ProxyControlServicer_to_server(ControlServicer(proxy), control)
+    control = control_server(ControlServicer(proxy), proxy.access.tokens)
     if place is None:
         control_address = hostport(config.host, add_grpc_port(
             control, config.host, config.control_port, "--control-port",
