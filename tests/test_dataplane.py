@@ -15,6 +15,7 @@ from neoplasma.local.harness import (
     PlasmaClient,
     Server,
     apply_membership,
+    grpc_request_headers,
     links_ready,
     proxy_status,
     publish_grpc,
@@ -213,8 +214,7 @@ async def stalled_plasma_stream(address: str, topic: str) -> asyncio.StreamWrite
     """A plasma `Events` stream whose client never reads: its 64 KiB HTTP/2 window and its socket fill."""
     host, _, port = address.rpartition(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
-    headers = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "x"),
-                                      (":path", "/proto.StreamService/Events"), ("content-type", "application/grpc")])
+    headers = hpack.Encoder().encode(grpc_request_headers("/proto.StreamService/Events"))
     request = stream_pb2.Request(Events=[stream_pb2.EventType(type=topic)]).SerializeToString()
     message = b"\x00" + len(request).to_bytes(4, "big") + request
 

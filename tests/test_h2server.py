@@ -14,12 +14,12 @@ import struct
 from typing import Any
 
 import hpack
-from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.settings import SettingCodes
 
-from neoplasma.local.harness import wait_for
+from neoplasma.core.net import hostport
+from neoplasma.local.harness import grpc_request_headers, h2_client, wait_for
 from neoplasma.proxy.h2server import Call, GrpcServer
 
 
@@ -42,13 +42,9 @@ async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> N
     server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
     sock = socket.create_server(("127.0.0.1", 0))
     await server.start(sock)
-    reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
-    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    client.initiate_connection()
+    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
     for _ in range(3):
-        client.send_headers(client.get_next_available_stream_id(), [
-            (":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/t.S/M"),
-            ("content-type", "application/grpc")])
+        client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
     writer.write(client.data_to_send())
     await wait_for(lambda: len(calls) == 3, what="three calls on one connection")
     try:
@@ -81,8 +77,7 @@ async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> N
         sock.close()
 
 
-HEADERS = [(":method", "POST"), (":scheme", "http"), (":authority", "t"), (":path", "/proto.StreamService/Events"),
-           ("content-type", "application/grpc")]
+HEADERS = grpc_request_headers("/proto.StreamService/Events")
 
 
 def events_stream(client: H2Connection) -> None:
@@ -91,11 +86,7 @@ def events_stream(client: H2Connection) -> None:
 
 async def test_a_connection_opening_more_calls_than_the_proxy_allows_is_cut_off(start: Any) -> None:
     proxy = start("proxy", "p0", "--max-streams-per-connection", "2")
-    host, _, port = proxy.endpoints["grpc"].rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    client.initiate_connection()
-    writer.write(client.data_to_send())
+    reader, writer, client = await h2_client(proxy.endpoints["grpc"])
     settings: dict[int, int] = {}
     ended: list[ConnectionTerminated] = []
 

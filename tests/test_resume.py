@@ -16,8 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.events import DataReceived, StreamEnded, StreamReset
 
 from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
@@ -32,6 +30,8 @@ from neoplasma.local.harness import (
     EventSource,
     Publisher,
     Server,
+    grpc_request_headers,
+    h2_client,
     links_ready,
     proxy_status,
     publish_grpc,
@@ -247,12 +247,8 @@ async def test_native_stream_resumes_with_the_batch_token(start: Any) -> None:
 async def stalled_native_stream(address: str, token: str, stall: float, want: int) -> tuple[list[int], bool]:
     """A native stream resuming from `token` whose client takes nothing for `stall` seconds (its 64 KiB
     HTTP/2 window fills), then reads on until `want` events or the end: (their "n"s, whether it ended)."""
-    host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "p"),
-                            (":path", "/neoplasma.v1.Subscriber/Subscribe"), ("content-type", "application/grpc")])
+    reader, writer, client = await h2_client(address)
+    client.send_headers(1, grpc_request_headers("/neoplasma.v1.Subscriber/Subscribe"))
     request = pb.SubscribeRequest(topics=["t"], resume_token=token).SerializeToString()
     client.send_data(1, b"\0" + len(request).to_bytes(4, "big") + request, end_stream=True)
     writer.write(client.data_to_send())

@@ -27,6 +27,8 @@ from typing import Any
 
 import aiohttp
 import grpc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from neoplasma.core.trust import CREDENTIAL_ENV, Access, Tokens, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
@@ -164,6 +166,22 @@ async def links_ready(control: str, brokers: int, access: Access | None = None) 
 
 
 # -- publishers --------------------------------------------------------------------
+
+
+def grpc_request_headers(path: str) -> list[tuple[str, str]]:
+    """The HEADERS of a gRPC call to `path` (`/pkg.Service/Method`), as a raw HTTP/2 client sends them."""
+    return [(":method", "POST"), (":scheme", "http"), (":authority", "neoplasma"), (":path", path),
+            ("content-type", "application/grpc")]
+
+
+async def h2_client(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, H2Connection]:
+    """A raw HTTP/2 client connection to `address` (HOST:PORT), its preface and SETTINGS sent."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    writer.write(client.data_to_send())
+    return reader, writer, client
 
 
 async def publish_grpc(broker: str, events: list[tuple[str, Any]], key: str = "") -> int:
