@@ -15,12 +15,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/neoplasma
 WORKDIR /src
-# Dependencies first, in a layer that changes only with pyproject.toml.
-COPY pyproject.toml ./
+# Dependencies first, in a layer that changes only with pyproject.toml and constraints.txt: the
+# runtime dependencies at the versions the tests ran with (scripts/lock.sh).
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && /opt/neoplasma/bin/pip install --upgrade pip \
-    && /opt/neoplasma/bin/pip install -r /tmp/requirements.txt
+    && /opt/neoplasma/bin/pip install -c constraints.txt -r /tmp/requirements.txt
 # Then the distribution itself (README.md is optional to the build). Byte-compiled ahead of
 # time: the root filesystem is read-only at run time, and importing the kubernetes client
 # from source takes seconds.

@@ -1,14 +1,44 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs the project and its test
-# tools, the real Kubernetes control plane and node binaries (cached outside the repo) and
-# redis-server, runs pytest, then the end-to-end suite on a real one-node cluster made on this
-# machine (e2e/run.sh --node; NEOPLASMA_E2E=0 leaves it out). Each step's time is printed.
+# The whole test suite, from a fresh machine: makes a virtual environment (.venv, or the one that is
+# active) and installs the project and its test tools into it at the exact versions of
+# constraints.txt, installs the real Kubernetes control plane and node binaries (cached outside the
+# repo) and redis-server, runs pytest, then the end-to-end suite on a real one-node cluster made on
+# this machine (e2e/run.sh --node; NEOPLASMA_E2E=0 leaves it out). At the end it prints the versions
+# it tested with and each stage's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stages=()
 step_start=$SECONDS
-step() { echo "scripts/test.sh: $1 took $((SECONDS - step_start)) s" >&2; step_start=$SECONDS; }
+step() {
+    stages+=("$(printf '%-44s %5d s' "$1" $((SECONDS - step_start)))")
+    echo "scripts/test.sh: $1 took $((SECONDS - step_start)) s" >&2
+    step_start=$SECONDS
+}
+summary() {
+    local rc=$?
+    {
+        echo "scripts/test.sh: ---- $([[ $rc == 0 ]] && echo passed || echo "FAILED (exit $rc)") in $SECONDS s ----"
+        printf 'scripts/test.sh:   %s\n' "${stages[@]}"
+        if [[ -x "${venv:-}/bin/python" ]]; then
+            echo "scripts/test.sh: versions: $("$venv/bin/python" --version 2>&1)," \
+                "$("$venv/bin/python" -m pip freeze --all 2>/dev/null | grep -iE \
+                '^(grpcio|grpcio-tools|protobuf|h2|aiohttp|kopf|kubernetes|jinja2|pytest|mypy|ruff)==' | paste -sd' ')"
+        fi
+        echo "scripts/test.sh: versions: kube-apiserver $("${NEOPLASMA_K8S_CACHE:-$HOME/.cache/neoplasma/k8s-v1.20.2}/bin/kube-apiserver" --version 2>/dev/null | awk '{print $2}' || true)," \
+            "etcd $(etcd --version 2>/dev/null | awk 'NR==1{print $3}' || true)," \
+            "$(chromium --version 2>/dev/null || echo 'no chromium')," \
+            "$(redis-server --version 2>/dev/null | awk '{print $1, $3}' || echo 'no redis-server')"
+    } >&2
+}
+trap summary EXIT
+
+# One environment, the same on every machine: the exact versions of constraints.txt (scripts/lock.sh
+# makes it), also for the build backend of the editable install.
+if [[ -n "${VIRTUAL_ENV:-}" ]]; then venv="$VIRTUAL_ENV"; else venv="$PWD/.venv"; fi
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" PIP_CONSTRAINT="$PWD/constraints.txt"
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
-step "pip install"
+step "pip install (constraints.txt)"
 # The e2e stage's Debian packages, then its image (debootstrap and pip: network-bound) built beside
 # the Kubernetes binaries (Go: CPU-bound); both cached.
 e2e_image=0
