@@ -27,7 +27,8 @@ summary() {
         echo "scripts/test.sh: versions: kube-apiserver $("${NEOPLASMA_K8S_CACHE:-$HOME/.cache/neoplasma/k8s-v1.20.2}/bin/kube-apiserver" --version 2>/dev/null | awk '{print $2}' || true)," \
             "etcd $(etcd --version 2>/dev/null | awk 'NR==1{print $3}' || true)," \
             "$(chromium --version 2>/dev/null || echo 'no chromium')," \
-            "$(redis-server --version 2>/dev/null | awk '{print $1, $3}' || echo 'no redis-server')"
+            "$(redis-server --version 2>/dev/null | awk '{print $1, $3}' || echo 'no redis-server')," \
+            "$(prometheus --version 2>/dev/null | head -1 | awk '{print $1, $3}' || echo 'no prometheus')"
     } >&2
 }
 trap summary EXIT
@@ -54,10 +55,12 @@ if [[ $e2e_image != 0 ]]; then
     step "the e2e image (waited for)"
 fi
 # Debian packages for tests that need real programs (each such test says why it is skipped without
-# them, or fails under CI): chromium for tests/test_browser.py, redis-server for tests/test_redis_ingest.py.
+# them, or fails under CI): chromium for tests/test_browser.py, redis-server for tests/test_redis_ingest.py,
+# prometheus (and its promtool) for tests/test_observability.py.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server redis-tools)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 if [[ ${#missing[@]} -gt 0 ]]; then
     sudo=(); [[ $EUID -eq 0 ]] || sudo=(sudo)
     { "${sudo[@]}" apt-get update -q \

@@ -41,6 +41,7 @@ class RelayStream:
         self.gap = False  # events were dropped since the last message
         self.head_sent = 0  # the head in the last message
         self.written_at = 0.0  # when the last message was cut (monotonic)
+        self.accepted_ns = 0  # when the oldest live event in the outbox was accepted (wall clock, ns)
 
     def offer(self, entry: bytes) -> bool:
         size = len(entry)
@@ -53,8 +54,11 @@ class RelayStream:
         self.wake.set()
         return True
 
-    def offer_all(self, entries: list[bytes]) -> int:
-        """`offer` each of `entries` in turn (all at once when they fit); returns how many were queued."""
+    def offer_all(self, entries: list[bytes], accepted_ns: int = 0) -> int:
+        """`offer` each of `entries` (accepted at `accepted_ns`) in turn (all at once when they fit);
+        returns how many were queued."""
+        if not self.accepted_ns:
+            self.accepted_ns = accepted_ns
         size = sum(map(len, entries))
         if self.outbox_bytes + size > self.max_outbox_bytes:
             return sum(map(self.offer, entries))
@@ -72,10 +76,13 @@ class RelayStream:
         """Remove up to `max_bytes` of entries and return them as one `EventBatch` message.
 
         The message carries `epoch`, `head` (0 when entries stay behind: they are older than
-        it), `gap` after drops, and `interest_applied` when it changed since the last one.
+        it), `gap` after drops, `interest_applied` when it changed since the last one, and when
+        its oldest live event was accepted (entries left behind keep that time: an upper bound).
         """
+        accepted_ns = self.accepted_ns
         if self.outbox_bytes <= max_bytes:
             taken, self.outbox, self.outbox_bytes = self.outbox, [], 0
+            self.accepted_ns = 0
         else:
             head = 0
             total, n = 0, 0
@@ -91,7 +98,7 @@ class RelayStream:
         if self.interest_reported != self.interest_applied:
             self.interest_reported = self.interest_applied
             taken.append(varint_field(2, self.interest_applied))
-        taken.append(batch_trailer(epoch=epoch, head=head, gap=self.gap))
+        taken.append(batch_trailer(epoch=epoch, head=head, gap=self.gap, accepted_ns=accepted_ns if count else 0))
         self.gap = False
         self.head_sent = max(self.head_sent, head)
         self.written_at = now
@@ -121,8 +128,9 @@ class Router:
         self._index.add(stream, new - stream.interest)
         stream.interest = new
 
-    def route(self, events: Sequence[Checked], first_seq: int) -> tuple[int, int]:
-        """Queue each event (stamped `first_seq`, +1, ...) once on every stream interested in it.
+    def route(self, events: Sequence[Checked], first_seq: int, accepted_ns: int = 0) -> tuple[int, int]:
+        """Queue each event (stamped `first_seq`, +1, ..., accepted at `accepted_ns`) once on every
+        stream interested in it.
 
         Returns (queued, dropped).
         """
@@ -138,11 +146,15 @@ class Router:
             entry = stamped_entry(field, data, seq)
             for stream in streams:
                 outgoing[stream].append(entry)
-        queued = sum(stream.offer_all(entries) for stream, entries in outgoing.items())
+        queued = sum(stream.offer_all(entries, accepted_ns) for stream, entries in outgoing.items())
         return queued, sum(map(len, outgoing.values())) - queued
 
     def pending_bytes(self) -> int:
         return sum(s.outbox_bytes for s in self.streams)
+
+    def largest_backlog(self) -> int:
+        """The bytes queued for the most backed-up relay stream (0 with none)."""
+        return max((s.outbox_bytes for s in self.streams), default=0)
 
     def note_flushed(self) -> None:
         """A stream's writer emptied its outbox: wake `flushed()` if all are empty."""

@@ -16,7 +16,7 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import RelayStream, Router
@@ -33,6 +33,7 @@ from neoplasma.core.events import (
     make_events,
 )
 from neoplasma.core.logs import get_logger
+from neoplasma.core.metrics import LATENCY_BUCKETS
 from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
 from neoplasma.core.resume import RetentionLog
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
@@ -105,10 +106,38 @@ class BrokerConfig(TrustSettings):
     head_interval: float = setting(1.0, bound=POSITIVE)
 
 
+# Why a publish was refused (the label of neoplasma_broker_publish_refusals_total).
+REFUSALS = ("invalid", "too_large", "unauthenticated", "draining", "media_type")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.publish_duration = Histogram(
+            "neoplasma_broker_publish_duration_seconds", "Publish requests accepted: from the request's arrival "
+            "(its handler starting) to its events being accepted, by transport", ["transport"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.refusals = Counter("neoplasma_broker_publish_refusals", "Publish requests refused, by reason",
+                                ["reason"], registry=r)
+        for reason in REFUSALS:
+            self.refusals.labels(reason)
+        for transport in ("grpc", "http"):
+            self.publish_duration.labels(transport)
+        self.retention_bytes = Gauge("neoplasma_broker_retention_bytes", "Bytes of accepted events retained "
+                                     "for resuming subscribers", registry=r)
+        self.retention_limit_bytes = Gauge("neoplasma_broker_retention_limit_bytes",
+                                           "Most bytes retained (--retention-bytes)", registry=r)
+        self.retention_oldest_age = Gauge("neoplasma_broker_retention_oldest_event_age_seconds",
+                                          "Age of the oldest retained event: how far back subscribers can "
+                                          "resume (0: nothing retained)", registry=r)
+        self.retention_limit_seconds = Gauge("neoplasma_broker_retention_limit_seconds",
+                                             "Longest an event is retained (--retention-seconds)", registry=r)
+        self.relay_backlog_max = Gauge("neoplasma_broker_relay_backlog_max_bytes",
+                                       "Bytes queued for the most backed-up relay stream (one per proxy)",
+                                       registry=r)
+        self.draining = Gauge("neoplasma_broker_draining", "1 while the broker drains (refusing publishes)",
+                              registry=r)
         self.events_in = Counter("neoplasma_broker_events_in", "Events accepted", registry=r)
         self.events_out = Counter("neoplasma_broker_events_out", "Deliveries queued to relay streams",
                                   registry=r)
@@ -159,7 +188,7 @@ class Broker:
         n = len(events)
         self.seq += n
         now = time.monotonic()
-        queued, dropped = self.router.route(events, first)
+        queued, dropped = self.router.route(events, first, time.time_ns())
         self.retention.append(first, events, now)
         self.events_in += n
         self.events_out += queued
@@ -197,9 +226,17 @@ class Broker:
         self.metrics.events_out.inc(queued)
         return queued
 
-    def reject(self, count: int = 1) -> None:
+    def reject(self, error: InvalidEvent, count: int = 1) -> None:
         self.events_rejected += count
         self.metrics.events_rejected.inc(count)
+        self.refused("too_large" if isinstance(error, LimitExceeded) else "invalid")
+
+    def refused(self, reason: str) -> None:
+        self.metrics.refusals.labels(reason).inc()
+
+    def accepted(self, transport: str, started: float) -> None:
+        """A publish request that arrived at `started` (perf_counter) was accepted."""
+        self.metrics.publish_duration.labels(transport).observe(time.perf_counter() - started)
 
     def publishers(self) -> int:
         cutoff = time.monotonic() - self.config.publisher_window
@@ -220,6 +257,14 @@ class Broker:
         self.metrics.relay_streams.set(streams)
         self.metrics.publishers.set(publishers)
         self.metrics.outbox_bytes.set(self.router.pending_bytes())
+        self.metrics.relay_backlog_max.set(self.router.largest_backlog())
+        now = time.monotonic()
+        self.retention.evict(now)
+        self.metrics.retention_bytes.set(self.retention.bytes)
+        self.metrics.retention_limit_bytes.set(self.retention.max_bytes)
+        self.metrics.retention_oldest_age.set(self.retention.oldest_age(now))
+        self.metrics.retention_limit_seconds.set(self.retention.max_age)
+        self.metrics.draining.set(self.draining)
         return pb.BrokerStats(
             name=self.config.name, connections=publishers + streams, relay_streams=streams,
             publishers=publishers, events_in=self.events_in, events_out=self.events_out,
@@ -238,17 +283,21 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         self.broker = broker
 
     async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:  # noqa: N802
+        started = time.perf_counter()
         broker = self.broker
         if broker.draining:
+            broker.refused("draining")
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"broker {broker.config.name} is draining; publish to another broker")
         pairs = [(e.topic, e.data) for e in request.events]
         try:
             events = await broker.check(make_events, pairs, request.ByteSize())
         except InvalidEvent as exc:
-            broker.reject(len(pairs))
+            broker.reject(exc, len(pairs))
             await context.abort(refusal_code(exc), f"nothing published: {exc}")
-        return pb.PublishResponse(accepted=broker.accept(events, context.peer()))
+        accepted = broker.accept(events, context.peer())
+        broker.accepted("grpc", started)
+        return pb.PublishResponse(accepted=accepted)
 
     async def Relay(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         broker = self.broker
@@ -373,25 +422,30 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
     cfg = broker.config
 
     async def publish(request: web.Request) -> web.Response:
+        started = time.perf_counter()
         if keys is not None and not keys.allows(request.headers.get("Authorization")):
+            broker.refused("unauthenticated")
             return web.json_response({"error": "nothing published: a publisher key is required "
                                       "(Authorization: Bearer KEY)"}, status=401,
                                      headers={"WWW-Authenticate": "Bearer"})
         if not JSON_TYPE.fullmatch(request.content_type):  # a browser form from another site cannot send these
+            broker.refused("media_type")
             return web.json_response({"error": f"nothing published: the body must be JSON (Content-Type: "
                                       f"application/json), not {request.content_type}"}, status=415)
         if broker.draining:
+            broker.refused("draining")
             return web.json_response({"error": f"broker {cfg.name} is draining; publish to another broker"},
                                      status=503)
         body = await request.read()
         try:
             events = await broker.check(check_publish_body, body, len(body))
         except InvalidEvent as exc:
-            broker.reject()
+            broker.reject(exc)
             return web.json_response({"error": f"nothing published: {exc}"},
                                      status=413 if isinstance(exc, LimitExceeded) else 400)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         accepted = broker.accept(events, str(peer))
+        broker.accepted("http", started)
         return web.json_response({"accepted": accepted})
 
     async def healthz(request: web.Request) -> web.Response:
@@ -420,7 +474,8 @@ async def serve(config: BrokerConfig) -> None:
     servicer = BrokerServicer(broker)
     cluster = config.cluster_tokens()
     keys = Tokens.optional(config.publish_keys_file)
-    guard = Guard({f"/{SERVICE_NAME}/Publish": Rule(keys, "a publisher key is required (authorization: Bearer KEY)"),
+    guard = Guard({f"/{SERVICE_NAME}/Publish": Rule(keys, "a publisher key is required (authorization: Bearer KEY)",
+                                                    lambda: broker.refused("unauthenticated")),
                    f"/{SERVICE_NAME}/": Rule(cluster, CREDENTIAL_REQUIRED)})
     server = grpc.aio.server(interceptors=[guard], options=[
         ("grpc.max_receive_message_length", config.max_request_bytes),

@@ -333,6 +333,11 @@ def fixed32_field(field: int, value: int) -> bytes:
     return varint(field << 3 | 5) + value.to_bytes(4, "little")
 
 
+def fixed64_field(field: int, value: int) -> bytes:
+    """A protobuf fixed64 field (wire type 1), encoded."""
+    return varint(field << 3 | 1) + value.to_bytes(8, "little")
+
+
 def topic_field(topic: str) -> bytes:
     """`Event.topic` encoded: the start of every entry of that topic (see `stamped_entry`)."""
     return _field_bytes(1, topic.encode("utf-8"))
@@ -356,9 +361,10 @@ def batch_entry(event: Event, seq: int = 0) -> bytes:
     return stamped_entry(topic_field(event.topic), event.data, seq)
 
 
-def batch_trailer(*, epoch: int = 0, head: int = 0, token: bytes = b"", gap: bool = False) -> bytes:
+def batch_trailer(*, epoch: int = 0, head: int = 0, token: bytes = b"", gap: bool = False,
+                  accepted_ns: int = 0) -> bytes:
     """The `EventBatch` fields after the events (joined after the entries)."""
-    out = b""
+    out = fixed64_field(7, accepted_ns) if accepted_ns else b""
     if epoch:
         out += fixed32_field(3, epoch)
     if head:

@@ -120,6 +120,11 @@ class RetentionLog:
         self.events += len(events)
         self.evict(now)
 
+    def oldest_age(self, now: float) -> float:
+        """Seconds since the oldest retained event was accepted (0 when none is): how far back a
+        subscriber can resume."""
+        return now - self._batches[0][1] if self._batches else 0.0
+
     def evict(self, now: float) -> None:
         cutoff = now - self.max_age
         batches = self._batches

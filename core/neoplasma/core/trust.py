@@ -116,6 +116,7 @@ class Rule:
 
     tokens: Tokens | None
     refusal: str
+    refused: Callable[[], None] | None = None  # told of each call refused (e.g. to count it)
 
 
 class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -145,7 +146,11 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if rule.tokens is None:
             return handlers[0]
         presented = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        return handlers[0] if rule.tokens.allows(presented) else handlers[1]
+        if rule.tokens.allows(presented):
+            return handlers[0]
+        if rule.refused is not None:
+            rule.refused()
+        return handlers[1]
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -190,7 +190,8 @@ class ClusterController:
         now = clock()
         autoscaler = Autoscaler(status.get("autoscaling"))
         sync = MembershipSync(MembershipPusher(timeout=2.0), version=persisted_version(status),
-                              on_progress=self.wake, label=self.label, cluster=self.uid)
+                              on_progress=self.wake, label=self.label, cluster=self.uid,
+                              on_converged=lambda seconds: self.metrics.converged(key, seconds))
         self.resource = Resource(autoscaler, self.label)
         self.membership = Membership(sync, options.anti_entropy, now)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)
@@ -244,16 +245,19 @@ class ClusterController:
             if self._pods_seen_at is not None:
                 await asyncio.sleep(max(0.0, self._pods_seen_at + self.options.debounce - self.clock()))
             self._wakeup.clear()
+            started = time.perf_counter()
             try:
                 await self._pass()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a bug: say so, and try again later (events still wake us)
+                self.metrics.reconciled(self.key, time.perf_counter() - started, ok=False)
                 delay = self._retry.failed(self.clock())
                 log.error("cluster_reconcile_failed", exc_info=True, cluster=self.label, retry_in=delay)
                 if self._problems.news("pass", _describe(error)):
                     self._post([Event("ReconcileFailed", f"{_describe(error)}; retrying in {delay:g} s", True)])
             else:
+                self.metrics.reconciled(self.key, time.perf_counter() - started, ok=True)
                 self._retry.succeeded()
                 self._problems.news("pass", None)
 

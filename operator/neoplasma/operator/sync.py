@@ -102,13 +102,16 @@ class MembershipSync:
         clock: Callable[[], float] = time.monotonic,
         label: str = "",
         cluster: str = "",
+        on_converged: Callable[[float], None] = lambda seconds: None,
     ) -> None:
-        """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it)."""
+        """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it);
+        `on_converged` is told each convergence time (the metrics)."""
         self.pusher = pusher
         self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
         self.retry = retry
         self._on_progress = on_progress
+        self._on_converged = on_converged
         self._clock = clock
         self._label = label
         self._targets: dict[str, ProxyTarget] = {}
@@ -233,5 +236,6 @@ class MembershipSync:
         everyone = all(self._is_applied(name) for name in self._targets)
         seconds = self.convergence.check(self.snapshot.version, everyone, self._clock())
         if seconds is not None:
+            self._on_converged(seconds)
             log.info("membership_converged", cluster=self._label, version=self.snapshot.version,
                      proxies=len(self._targets), seconds=round(seconds, 4))

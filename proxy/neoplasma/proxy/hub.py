@@ -29,6 +29,7 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
+from neoplasma.proxy.metrics import ProxyMetrics
 
 LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
@@ -92,6 +93,12 @@ class Subscriber:
     @property
     def counted_as(self) -> str:
         return self.kind
+
+    @property
+    def closed_as(self) -> str | None:
+        """Why the proxy closed this subscriber (`close`), or None: it did not (its client left)."""
+        closed = self.closed
+        return closed.result() if closed.done() and not closed.cancelled() else None
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> object:
@@ -203,6 +210,8 @@ class Hub:
         self._listeners: list[InterestListener] = []
         self._pending: list[Event] = []
         self._pending_heads: dict[int, int] = {}
+        self._pending_accepted = 0  # the oldest accept time (ns) stamped on a pending relay batch
+        self.metrics = ProxyMetrics()
         self._wake = asyncio.Event()
         self.positions: dict[int, int] = {}  # epoch -> seq: everything up to it was dispatched
         self.retired: dict[int, int] = {}  # ended epochs -> their last position
@@ -326,8 +335,11 @@ class Hub:
 
     # -- delivery ------------------------------------------------------------------
 
-    def submit(self, events: Sequence[Event], epoch: int = 0, head: int = 0) -> None:
-        """Queue events from a relay link (and the `head` it reported) for the dispatcher."""
+    def submit(self, events: Sequence[Event], epoch: int = 0, head: int = 0, accepted_ns: int = 0) -> None:
+        """Queue events from a relay link (the `head` it reported, and when the broker accepted the
+        oldest of them) for the dispatcher."""
+        if accepted_ns and events and (not self._pending_accepted or accepted_ns < self._pending_accepted):
+            self._pending_accepted = accepted_ns
         self._pending.extend(events)
         if head > self._pending_heads.get(epoch, 0):
             self._pending_heads[epoch] = head
@@ -352,15 +364,18 @@ class Hub:
             self._wake.clear()
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
+            accepted, self._pending_accepted = self._pending_accepted, 0
             started = time.perf_counter()
-            self.dispatch(events, heads)
+            self.dispatch(events, heads, accepted)
             cost = time.perf_counter() - started
             next_round = clock() + min(linger, cost * (1 - share) / share)
 
-    def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
+    def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None, accepted_ns: int = 0) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries.
 
-        Advances the positions by the events' stamps and then by `heads` {epoch: head}.
+        Advances the positions by the events' stamps and then by `heads` {epoch: head}. With
+        `accepted_ns` (when a broker accepted the oldest event), the round's delivery latency is
+        observed once per transport (ProxyMetrics.delivered).
         """
         batch = Batch(events, self)
         self.events_received += len(events)
@@ -377,18 +392,24 @@ class Hub:
         if self._retiring:
             self._retire_now()
         self._token = None
-        deliveries = 0
+        by_kind: dict[str, int] = {}
         refused: list[Subscriber] = []
         with self.gathered():
             for group, indices in matched.items():
                 for kind, members in group.members.items():
                     encoded = kind.encode(batch, indices)
+                    delivered = 0
                     for sub in members:
                         if sub.deliver(encoded):
-                            deliveries += len(indices)
+                            delivered += 1
                         else:
                             refused.append(sub)
+                    if delivered:
+                        by_kind[kind.kind] = by_kind.get(kind.kind, 0) + delivered * len(indices)
+        if accepted_ns and by_kind:
+            self.metrics.delivered(by_kind, accepted_ns)
         self._drop(refused)
+        deliveries = sum(by_kind.values())
         self.deliveries += deliveries
         self.advanced.notify()
         return deliveries
@@ -414,6 +435,8 @@ class Hub:
     def broadcast_gap(self, reason: str) -> None:
         """Tell every subscriber that events were missed (a relay lost events)."""
         token = self.token()
+        # Counted where one is written: plasma's stream has none; a resuming one's goes with its catch-up.
+        self.metrics.gap_signals += sum(sub.kind in ("sse", "batch") for sub in self.subscribers)
         self._drop([sub for sub in list(self.subscribers) if not sub.signal_gap(reason, token)])
 
     def counts(self) -> dict[str, int]:

@@ -162,7 +162,7 @@ class BrokerLink:
                 events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
                 self.events_received += len(events)
                 self.position = max(self.position, batch.head, events[-1].seq if events else 0)
-                self.hub.submit(events, epoch, batch.head)
+                self.hub.submit(events, epoch, batch.head, batch.accepted_unix_nanos)
                 if batch.interest_applied:
                     self._interest_applied = batch.interest_applied
                     self._mark_connected()

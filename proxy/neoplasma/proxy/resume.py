@@ -71,6 +71,15 @@ class Resume:
                  wait: float) -> None:
         self.hub, self.links, self.sub, self.topics, self.sink, self.wait = hub, links, sub, topics, sink, wait
         self.position: dict[int, int] = {}  # the client's position while it catches up
+        self.gapped = False  # a gap signal went to the subscriber
+
+    async def _gap(self, reason: str) -> None:
+        self.gapped = True
+        self.hub.metrics.gap_signals += 1
+        await self.sink.gap(reason)
+
+    def _resumed(self) -> None:
+        self.hub.metrics.resumes.inc("gap" if self.gapped else "exact")
 
     async def run(self, token: str) -> None:
         """Catch up from `token`; without one (a fresh subscriber whose topics some broker has not
@@ -80,20 +89,21 @@ class Resume:
         try:
             client = decode_token(token, self.hub.tag) if token else dict(self.hub.positions)
         except InvalidToken as exc:
-            await self.sink.gap(str(exc))
+            await self._gap(str(exc))
             self.hub.add(self.sub, self.topics)
+            self._resumed()
             return
         holder = Holder(self.sub)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
         swapped = False
         try:
             if not await self.links.changed.wait_until(self.links.settled, self.wait):
-                await self.sink.gap("not every broker could be reached in time")
+                await self._gap("not every broker could be reached in time")
             if not token:  # brokers the proxy had no position for: from where their relays are now
                 client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             skip = await self._replay_all(client)
             if not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
-                await self.sink.gap("a broker's relay fell behind")
+                await self._gap("a broker's relay fell behind")
             # From here to the swap nothing awaits: no live event can slip between.
             if holder.closed.done():
                 return
@@ -101,6 +111,10 @@ class Resume:
             self.sink.send_now(held, self._tokens(held), holder.gaps)
             self.hub.swap(holder, self.sub)
             swapped = True
+            self.hub.metrics.gap_signals += len(holder.gaps)
+            self.gapped = self.gapped or bool(holder.gaps)
+            if token:
+                self._resumed()
         finally:
             if not swapped:
                 self.hub.remove(holder)
@@ -125,7 +139,7 @@ class Resume:
             self.position[link.epoch] = max(self.position[link.epoch], skip[link.epoch])
         gone = [epoch for epoch, seq in client.items() if self.hub.retired.get(epoch, seq + 1) > seq]
         if gone:
-            await self.sink.gap(f"{len(gone)} broker(s) of this position are gone with their retention")
+            await self._gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
 
     async def _replay(self, link: BrokerLink, after: int) -> int:
@@ -137,14 +151,15 @@ class Resume:
                                                              metadata=link.access.metadata()):
                 head = max(head, batch.head)
                 if batch.gap:
-                    await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "
+                    await self._gap(f"broker {link.member.name} no longer holds every event since this "
                                         "position")
                 if batch.events:
                     events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
+                    self.hub.metrics.replayed_events += len(events)
                     await self.sink.send(events, self._tokens(events))
         except grpc.aio.AioRpcError as exc:
             log.warning("replay_failed", broker=link.member.name, error=f"{exc.code().name}: {exc.details()}")
-            await self.sink.gap(f"broker {link.member.name} could not replay: {exc.code().name}")
+            await self._gap(f"broker {link.member.name} could not replay: {exc.code().name}")
             return max(head, self.hub.positions.get(epoch, 0))
         return head
 
@@ -160,7 +175,7 @@ def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
     def done(t: asyncio.Task[None]) -> None:
         if not t.cancelled() and t.exception() is not None:
             log.error("resume_failed", error=repr(t.exception()))
-            resume.sub.close("gone")
+            resume.sub.close("error")
 
     task.add_done_callback(done)
     return task

@@ -261,7 +261,9 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
         if resuming is not None:
             resuming.cancel()
         proxy.hub.remove(sub)
+        proxy.hub.metrics.disconnected(sub.closed_as)
 
+    proxy.hub.metrics.connected(sub.kind)
     sub.closed.add_done_callback(closed)
     call.done = done
 
@@ -426,6 +428,9 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
         yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+        yield GaugeMetricFamily("neoplasma_proxy_draining", "1 while the proxy drains its subscribers",
+                                value=self.proxy.draining)
+        yield from hub.metrics.families()
 
 
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
@@ -460,6 +465,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         if transport is None:
             return response
         sub = SseSubscriber(transport, cfg.max_sse_buffer)
+        proxy.hub.metrics.connected(sub.kind)
         token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
         resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
         try:
@@ -468,6 +474,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
             if resuming is not None:
                 resuming.cancel()
             proxy.hub.remove(sub)
+            proxy.hub.metrics.disconnected(sub.closed_as)
         if reason == "draining" and not transport.is_closing():
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()

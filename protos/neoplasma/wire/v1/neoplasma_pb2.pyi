@@ -48,20 +48,22 @@ class Interest(_message.Message):
     def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap")
+    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     interest_applied: int
     epoch: int
     head: int
     token: str
     gap: bool
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ...) -> None: ...
+    accepted_unix_nanos: int
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ...) -> None: ...
 
 class ReplayRequest(_message.Message):
     __slots__ = ("epoch", "after", "topics")
