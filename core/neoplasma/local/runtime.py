@@ -1,8 +1,10 @@
 """`neoplasma up`: a whole cluster as child processes on 127.0.0.1.
 
 Brokers and proxies are the real servers; membership reaches the proxies
-through the same pusher the operator uses. With `--redis`, two `ingest-redis` readers
-sharing a lease feed the brokers. A child that dies is reported and restarted on the same ports.
+through the same pusher the operator uses, pushed again every few seconds as the operator does.
+With `--redis`, two `ingest-redis` readers sharing a lease feed the brokers. A child that dies is
+reported and restarted on the same ports. The operator's metrics (membership convergence, scaling
+decisions, pass durations, sizes) are served at /metrics, labelled namespace="local", cluster="local".
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from neoplasma.core.push import MembershipPusher
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import CREDENTIAL_FILE_ENV, Access, Tokens
+from neoplasma.operator import metrics as operator_metrics
+from neoplasma.operator.sync import Convergence
 
 log = get_logger("up")
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 RESTART_BACKOFF = BackoffPolicy(initial=1.0, maximum=30.0)  # a failed restart's wait, by the child's restarts
+ANTI_ENTROPY = 5.0  # seconds between pushes of the membership to every proxy (the operator's default)
+KEY = ("local", "local")  # the namespace and cluster labels of the operator's metrics
 
 
 class ChildFailed(NeoplasmaError):
@@ -110,6 +116,12 @@ class LocalCluster:
         self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
+        self.metrics = operator_metrics.Metrics()
+        self.convergence = Convergence()
+        self._applied: dict[str, int] = {}  # proxy name -> the membership version it last acknowledged
+        self.desired = dict(self._initial)
+        self.metrics.clusters.set(1)
+        self.metrics_address = ""  # host:port of the operator's metrics, once served
 
     @property
     def children(self) -> list[Child]:
@@ -143,13 +155,48 @@ class LocalCluster:
         async with self._membership_lock:
             members = [Member(b.name, b.endpoints["grpc"], BrokerState.DRAINING if b.draining
                               else BrokerState.SERVING) for b in self.brokers if b.endpoints]
-            self.snapshot = next_snapshot(self.snapshot, members)
+            previous, self.snapshot = self.snapshot, next_snapshot(self.snapshot, members)
+            if self.snapshot is not previous:
+                self.convergence.changed(self.snapshot.version, time.monotonic())
             proxies = [only] if only else self.proxies
             targets = {p.name: p.endpoints["control"] for p in proxies if p.endpoints and not p.draining}
             results = await self.pusher.push_all(targets, self.snapshot)
         failed = [name for name, r in results.items() if not r.ok]
         if failed:
             log.warning("membership_not_acknowledged", version=self.snapshot.version, proxies=failed)
+        self._applied.update((name, r.applied_version) for name, r in results.items() if r.ok)
+        self._observe()
+
+    def _observe(self) -> None:
+        """Convergence, sizes and membership, as the operator's metrics give them."""
+        def ready(group: list[Child]) -> list[Child]:
+            return [c for c in group if c.process is not None and c.process.returncode is None and not c.draining]
+
+        proxies = ready(self.proxies)
+        version = self.snapshot.version
+        acknowledged = sum(self._applied.get(p.name) == version for p in proxies)
+        seconds = self.convergence.check(version, acknowledged == len(proxies), time.monotonic())
+        if seconds is not None:
+            self.metrics.converged(KEY, seconds)
+        self.metrics.sizes(KEY, (self.desired[Tier.BROKER], len(ready(self.brokers))),
+                           (self.desired[Tier.PROXY], len(proxies)), version, acknowledged)
+
+    async def reconcile(self, interval: float = ANTI_ENTROPY) -> None:
+        """Until stopping: push the membership to every proxy every `interval` seconds (as the
+        operator's anti-entropy does), timed as the operator's reconcile passes are."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            if self.stopping.is_set():
+                return
+            started = time.perf_counter()
+            try:
+                await self.push_membership()
+            except Exception:  # a bug: say so, count it, go on
+                log.error("up_pass_failed", exc_info=True)
+                self.metrics.reconciled(KEY, time.perf_counter() - started, ok=False)
+            else:
+                self.metrics.reconciled(KEY, time.perf_counter() - started, ok=True)
 
     # -- children come and go ------------------------------------------------------------
 
@@ -212,10 +259,12 @@ class LocalCluster:
         while not self.stopping.is_set():
             loads = {tier: await self.load(tier) for tier in scaler.autoscaled()}
             for change in scaler.step(*spec, loads, time.monotonic()):
+                self.metrics.scaled(KEY, change.tier.plural, change.direction)
                 load = loads[change.tier]
                 log.info("scaling", tier=change.tier, current=change.before, desired=change.after,
                          reason=change.reason, load=load.total, pods_read=load.pods_read)
-            for tier, size in scaler.sizes(*spec).items():
+            self.desired = scaler.sizes(*spec)
+            for tier, size in self.desired.items():
                 await self._resize(tier, size)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval)  # the polling period, cut short by a stop
@@ -250,7 +299,8 @@ class LocalCluster:
             "brokers": [{"grpc": b.endpoints["grpc"], "http": b.endpoints["http"]} for b in self.brokers],
             "proxies": [{"grpc": p.endpoints["grpc"], "http": p.endpoints["http"],
                          "control": p.endpoints["control"]} for p in self.proxies],
-        } | ({"readers": [{"http": r.endpoints["http"]} for r in self.readers]} if self.readers else {})
+        } | ({"readers": [{"http": r.endpoints["http"]} for r in self.readers]} if self.readers else {}) | (
+            {"operator": {"metrics": self.metrics_address}} if self.metrics_address else {})
 
     def table(self) -> str:
         rows = [("NAME", "GRPC", "HTTP", "CONTROL")]
@@ -266,12 +316,14 @@ class LocalCluster:
                       f"  neoplasma publish --broker {broker['grpc']} demo:hello '{{\"hi\": 1}}'",
                       f"control and Stats calls need the credential in {self.credential_file}:",
                       f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {self.credential_file})\" ...",
+                      *([f"the operator's metrics: http://{self.metrics_address}/metrics"] if self.metrics_address
+                        else []),
                       "Ctrl-C stops everything."]
         return "\n".join(lines)
 
 
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
-              credential_file: str, ingest: list[str] | None) -> int:
+              credential_file: str, ingest: list[str] | None, metrics_port: int) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
     cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
     loop = asyncio.get_running_loop()
@@ -282,18 +334,29 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
     except ChildFailed:
         await cluster.stop()
         raise
+    try:
+        port, stop_metrics = operator_metrics.serve(metrics_port, cluster.metrics, "127.0.0.1")
+    except OSError as exc:
+        await cluster.stop()
+        raise UsageError(f"--metrics-port {metrics_port}: cannot listen there ({exc.strerror}); "
+                         "choose another port, or 0 for any free one") from None
+    cluster.metrics_address = f"127.0.0.1:{port}"
     print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
     scaling = asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval)) if scaler.autoscale else None
+    reconciling = asyncio.create_task(cluster.reconcile())
     await cluster.stopping.wait()
     log.info("up_stopping")
     if scaling is not None:
         await scaling  # ends at once, or once the child being added or removed is up or gone
+    await reconciling
     await cluster.stop()
+    await asyncio.to_thread(stop_metrics)
     return 0
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None) -> int:
+           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None,
+           metrics_port: int = 0) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
     the options of two `ingest-redis` readers (None: no readers). Its cluster credential is read from
     `credential_file`, else a new random one (in a 0600 file removed at the end)."""
@@ -304,11 +367,11 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
     if credential_file:
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest, metrics_port))
     fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
     try:
         os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
         os.close(fd)
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest, metrics_port))
     finally:
         os.unlink(path)
