@@ -27,6 +27,7 @@ import yaml
 
 from neoplasma.core.cli import build_parser
 from neoplasma.core.scaling import parse_policy
+from neoplasma.operator.render import BROKER_PORTS, INGEST, INGEST_PORTS, PROXY_PORTS, labels
 from neoplasma.operator.spec import parse_cluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"enabled": True, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                     "service": {"annotations": {"prometheus.io/scrape": "true"}}},
         "logLevel": "debug",
+        "dashboards": {"enabled": True, "namespace": "monitoring", "labels": {"team": "events"},
+                       "annotations": {"grafana_folder": "Neoplasma"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+        "podMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s", "labels": {"release": "prom"}},
     },
     "everything else": {
         "image": {"repository": "registry.example/neo", "tag": "1.2.3", "pullPolicy": "Always"},
@@ -172,10 +177,11 @@ def test_values_schema_refuses_wrong_values(helm: str, command: str, value: str,
     assert message in output, output
 
 
-def test_service_monitor_needs_metrics(helm: str, tmp_path: Path) -> None:
-    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", "metrics.serviceMonitor.enabled=true")
+@pytest.mark.parametrize("key", ["metrics.serviceMonitor.enabled", "prometheusRule.enabled", "podMonitor.enabled"])
+def test_monitors_need_metrics(helm: str, key: str) -> None:
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", f"{key}=true")
     assert result.returncode != 0
-    assert "metrics.serviceMonitor.enabled needs metrics.enabled" in result.stderr
+    assert f"{key} needs metrics.enabled" in result.stderr
 
 
 def test_values_schema_describes_every_default() -> None:
@@ -336,6 +342,60 @@ def test_service_monitor(rendered: dict[str, list[dict[str, Any]]]) -> None:
     other = only(rendered["everything else"], "Service")
     assert (other["spec"]["type"], other["spec"]["ports"][0]["port"]) == ("NodePort", 9100)
     assert not [d for d in rendered["everything else"] if d["kind"] == "ServiceMonitor"]
+
+
+def test_dashboard_config_map(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The sidecar's label, the values' labels and namespace, and the dashboard file byte for byte."""
+    config_map = only(rendered["restricted, metrics"], "ConfigMap")
+    metadata = config_map["metadata"]
+    assert metadata["namespace"] == "monitoring"
+    assert {"grafana_dashboard": "1", "team": "events"}.items() <= metadata["labels"].items()
+    assert metadata["annotations"] == {"grafana_folder": "Neoplasma"}
+    assert config_map["data"] == {"neoplasma.json": (CHART / "files" / "dashboard.json").read_text().rstrip("\n")}
+    for name in ("defaults", "everything else"):
+        assert not [d for d in rendered[name] if d["kind"] in ("ConfigMap", "PrometheusRule", "PodMonitor")]
+
+
+def test_prometheus_rule_is_the_rules_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rule = only(rendered["restricted, metrics"], "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "rules.yaml").read_text())
+
+
+def test_pod_monitors(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """One per data-plane component, in the watched namespaces, naming the NeoplasmaCluster `cluster`;
+    the operator's keeps its metrics' own namespace and cluster labels."""
+    monitors = {d["metadata"]["name"]: d for d in rendered["restricted, metrics"] if d["kind"] == "PodMonitor"}
+    fullname = f"{RELEASE}-neoplasma-operator"
+    assert set(monitors) == {fullname, *(f"{fullname}-{n}" for n in ("brokers", "proxies", "ingest"))}
+    components = set()
+    for name, monitor in monitors.items():
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        assert (endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("/metrics", "15s", "5s")
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        if name == fullname:
+            assert (endpoint["port"], endpoint["honorLabels"]) == ("metrics", True)
+            assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+            continue
+        assert endpoint["port"] == "http"
+        assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                                            "targetLabel": "cluster"}]
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["events", "staging"]}
+        components.add(selector["app.kubernetes.io/component"])
+        assert selector.items() >= {"app.kubernetes.io/name": "neoplasma",
+                                    "app.kubernetes.io/managed-by": "neoplasma-operator"}.items()
+    assert components == {"broker", "proxy", "ingest"}
+
+
+def test_pod_monitors_match_the_rendered_pods() -> None:
+    """What the operator renders carries the labels and the port the PodMonitors select."""
+    for component in ("broker", "proxy", INGEST):
+        assert labels("c", component).items() >= {"app.kubernetes.io/name": "neoplasma",
+                                                 "app.kubernetes.io/managed-by": "neoplasma-operator",
+                                                 "app.kubernetes.io/component": component,
+                                                 "app.kubernetes.io/instance": "c"}.items()
+    assert all("http" in ports for ports in (BROKER_PORTS, PROXY_PORTS, INGEST_PORTS))
 
 
 def test_helm_test_pod(rendered: dict[str, list[dict[str, Any]]]) -> None:
