@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neoplasma.broker.server import BrokerConfig, serve
-from neoplasma.core.cli import Commands, add_server
+from neoplasma.core.commands import Commands, add_server
 
 
 def add_commands(commands: Commands) -> None:

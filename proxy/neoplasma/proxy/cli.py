@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neoplasma.core.cli import Commands, add_server
+from neoplasma.core.commands import Commands, add_server
 from neoplasma.proxy.pod import serve_pod
 from neoplasma.proxy.server import ProxyConfig, serve
 

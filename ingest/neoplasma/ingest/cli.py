@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neoplasma.core.cli import Commands, add_server
+from neoplasma.core.commands import Commands, add_server
 from neoplasma.ingest.reader import IngestConfig, serve
 
 
