@@ -1,13 +1,15 @@
 """What every tier's `cli` module shares: the subparsers it adds its commands to, and running a
-server. The `neoplasma` command itself (neoplasma.cli) imports the tiers; the tiers import this."""
+server (neoplasma.core.lifecycle). The `neoplasma` command itself (neoplasma.cli) imports the
+tiers; the tiers import this."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Callable
+from typing import TypeAlias, TypeVar
 
+from neoplasma.core.lifecycle import Service, serve
 from neoplasma.core.net import die_with_parent, raise_fd_limit
 from neoplasma.core.settings import Settings
 from neoplasma.core.workers import Place
@@ -17,24 +19,27 @@ Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 Config = TypeVar("Config", bound=Settings)
 
 
-def run_server(server: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Run a server (`neoplasma broker`, `proxy`) on uvloop until it stops."""
+def run_server(service: Callable[[], Service]) -> int:
+    """Run a server (`neoplasma broker`, `proxy`, `ingest-redis`) on uvloop until it stops; its exit code.
+    The service is made in the event loop."""
     die_with_parent()
     raise_fd_limit()
     try:
         import uvloop
 
-        runner: Callable[..., object] = uvloop.run
+        runner: Callable[..., int] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         runner = asyncio.run
-    runner(server())
-    return 0
+
+    async def main() -> int:
+        return await serve(service())
+
+    return runner(main())
 
 
 def add_server(commands: Commands, name: str, help: str, config: type[Config],
-               serve: Callable[[Config], Coroutine[Any, Any, None]],
-               supervise: Callable[[Config], Coroutine[Any, Any, None]] | None = None) -> None:
-    """The command `name`, with an option per setting of `config`, running `serve(config)`, or
+               service: Callable[[Config], Service], supervise: Callable[[Config], Service] | None = None) -> None:
+    """The command `name`, with an option per setting of `config`, running `service(config)`, or
     `supervise(config)` when given and the config asks for more than one worker (neoplasma.core.workers)."""
     parser = commands.add_parser(name, help=help)
     config.add_options(parser)
@@ -43,6 +48,6 @@ def add_server(commands: Commands, name: str, help: str, config: type[Config],
         settings = config.from_args(args)
         if supervise is not None and getattr(settings, "workers", 1) > 1 and Place.here() is None:
             return run_server(lambda: supervise(settings))
-        return run_server(lambda: serve(settings))
+        return run_server(lambda: service(settings))
 
     parser.set_defaults(func=run)
