@@ -27,6 +27,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # from source takes seconds.
 COPY pyproject.toml README.md* ./
 COPY core/ core/
+COPY ingest/ ingest/
+COPY local/ local/
 COPY broker/ broker/
 COPY proxy/ proxy/
 COPY operator/ operator/
