@@ -37,12 +37,12 @@ import grpc
 import psutil
 import pytest
 import yaml
+from harness import EventSource, PlasmaClient, Publisher, SseClient, publish_http, wait_for
 from kubeharness.fixtures import unavailable
 
 from neoplasma.broker.routing import RelayStream
 from neoplasma.core.events import Event, batch_entry
 from neoplasma.core.metrics import LATENCY_BUCKETS, WeightedHistogram
-from neoplasma.local.harness import EventSource, PlasmaClient, Publisher, SseClient, publish_http, wait_for
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
