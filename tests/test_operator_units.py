@@ -43,6 +43,7 @@ from neoplasma.operator.members import (
     proxy_targets,
     ready_count,
 )
+from neoplasma.operator.metrics import Metrics
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership
@@ -493,6 +494,27 @@ async def test_sync_pushes_each_new_version_to_every_ready_proxy_once() -> None:
     sync.refresh()  # anti-entropy pushes again, version unchanged
     await settle()
     assert sorted(pusher.pushes[2:]) == [("p1", 1), ("p2", 1)]
+    await sync.close()
+
+
+async def test_sync_reports_each_convergence_to_the_operators_metrics() -> None:
+    pusher, clock, metrics = FakePusher(), Clock(), Metrics()
+    key = ("ns", "c")
+    sync = MembershipSync(pusher, clock=clock,  # type: ignore[arg-type]
+                          on_converged=lambda seconds: metrics.converged(key, seconds))
+    sync.update([B1], targets("p1", "p2"), seen_at=clock.now - 1.5)  # the broker change was seen 1.5 s ago
+    await settle()
+    sync.update([B1], targets("p1", "p2"), seen_at=clock.now)  # nothing new: no second observation
+    await settle()
+    count = metrics.registry.get_sample_value("neoplasma_cluster_membership_convergence_seconds_count",
+                                              {"namespace": "ns", "cluster": "c"})
+    total = metrics.registry.get_sample_value("neoplasma_cluster_membership_convergence_seconds_sum",
+                                              {"namespace": "ns", "cluster": "c"})
+    assert (count, total) == (1, 1.5)
+    metrics.reconciled(key, 0.02, ok=True)
+    metrics.forget(key)
+    assert metrics.registry.get_sample_value("neoplasma_operator_reconcile_duration_seconds_count",
+                                             {"namespace": "ns", "cluster": "c", "result": "ok"}) is None
     await sync.close()
 
 
