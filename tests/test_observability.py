@@ -5,6 +5,7 @@
   and it has the panels the README names.
 - The alerts (files/rules.yaml): `promtool check rules`, and `promtool test rules` with the unit
   tests of tests/prometheus/rules_test.yaml (at least one firing case per alert).
+- An ingest reader's /metrics passes `promtool check metrics` (Redis and brokers unreachable).
 - Debian's `prometheus` scrapes a `neoplasma up` cluster (2 brokers, 2 proxies, the operator's
   metrics of `up`) under a bounded load of SSE, plasma and native subscribers; `promtool check
   metrics` passes on every /metrics; every panel query and every alert expression is evaluated
@@ -351,6 +352,15 @@ def broker_process(up: subprocess.Popen[bytes], name: str) -> psutil.Process:
             if "broker" in cmdline and name in cmdline:
                 return child
     raise AssertionError(f"no process for {name}")
+
+
+async def test_an_ingest_readers_metrics_pass_promtool(start: Any) -> None:
+    """The reader serves /metrics whether or not Redis and the brokers answer (here: neither)."""
+    _, promtool = tools()
+    dead = f"127.0.0.1:{free_port()}"
+    reader = start("ingest-redis", "reader", "--redis", dead, "--channels", "plasma", "--brokers", dead,
+                   ports={"http-port": 0})
+    await check_metrics(promtool, f"http://{reader.endpoints['http']}/metrics")
 
 
 @pytest.mark.timeout(240)
