@@ -433,7 +433,13 @@ async def test_dashboard_and_alerts_against_a_real_prometheus(run_up: Any, tmp_p
 
             # The fault: a broker killed under load. Its restart is a new epoch; the proxies tell their
             # subscribers that its events since may be lost, and the alert fires.
-            assert not await prometheus.firing("NeoplasmaGapSignals")
+            # A healthy cluster raises none of them (but delivery latency, which a loaded machine can push
+            # up), once it has been up for two passes (`for: 1s` here lets even a moment's state fire).
+            async def quiet() -> bool:
+                alerts = (await prometheus.get("/api/v1/alerts"))["alerts"]
+                return {a["labels"]["alertname"] for a in alerts} <= {"NeoplasmaDeliveryLatencyHigh"}
+
+            await wait_for(quiet, 30, "no alert but latency in a healthy cluster", interval=0.5)
             assert not any(name == "neoplasma-gap" for c in clients for name, _ in c.named)
             broker_process(up, "broker-0").send_signal(signal.SIGKILL)
             await wait_for(lambda: all(any(n == "neoplasma-gap" for n, _ in c.named) for c in clients), 60,
