@@ -37,6 +37,7 @@ from harness import (
 from kubeharness.controlplane import ControlPlane, free_port
 from kubeharness.kubelet import StandInKubelet
 from kubernetes.client.rest import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from neoplasma.core.resume import cluster_tag, decode_token
 from neoplasma.core.trust import Access, Tokens
@@ -64,6 +65,11 @@ def neoplasma_command(argv: list[str], container: Mapping[str, Any]) -> list[str
         raise ValueError(f"container {container.get('name')} runs {argv}, not neoplasma")
     script = 'exec "$@" --host "$NEOPLASMA_POD_IP"'
     return ["/bin/sh", "-c", script, "sh", sys.executable, "-m", "neoplasma", *argv[1:]]
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
 
 
 class OperatorProcess:
@@ -310,7 +316,8 @@ async def test_applied_cluster_gets_its_children_becomes_ready_and_delivers(
 async def test_scaling_and_replacing_brokers_reaches_every_proxy(
     clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
 ) -> None:
-    operator()
+    metrics_port = free_port()
+    operator(extra_args=("--metrics-port", str(metrics_port)))
     clusters.apply("demo", {"brokers": {"replicas": 1, "maxPerDeployment": 2}, "proxies": {"replicas": 2}})
     before = await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 2), 60, "1 broker, 2 proxies")
 
@@ -346,6 +353,15 @@ async def test_scaling_and_replacing_brokers_reaches_every_proxy(
     # A proxy that becomes ready is given the current membership.
     clusters.patch_spec("demo", {"proxies": {"replicas": 3}})
     await wait_for(lambda: membership_everywhere(clusters, "demo", 2, 3), 60, "a third proxy in sync")
+
+    # The operator's metrics saw each membership change converge, and its passes.
+    text = await asyncio.to_thread(get_text, f"http://127.0.0.1:{metrics_port}/metrics")
+    families = list(text_string_to_metric_families(text))
+    labels = {"namespace": clusters.namespace, "cluster": "demo"}
+    values = {s.name: s.value for f in families for s in f.samples if s.labels in (labels, {**labels, "result": "ok"})}
+    assert values["neoplasma_cluster_membership_convergence_seconds_count"] >= 4  # 1, 3, replaced, 2 brokers
+    assert values["neoplasma_operator_reconcile_duration_seconds_count"] > 10
+    assert (values["neoplasma_cluster_brokers_ready"], values["neoplasma_cluster_proxies_ready"]) == (2, 3)
 
 
 def test_hand_edits_are_put_back_and_deleting_the_resource_deletes_children(
