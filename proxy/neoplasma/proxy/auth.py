@@ -334,3 +334,31 @@ def mint(secret: bytes, topics: Sequence[str], ttl: float, audience: str = "", n
     if audience:
         claims["aud"] = audience
     return jwt.encode(claims, secret, algorithm="HS256")
+
+
+# -- where tokens come from, and the answers ---------------------------------------------
+
+
+def http_token(headers: Mapping[str, str], query: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+    """An HTTP subscriber's token: `Authorization: Bearer`, else `?token=` (EventSource cannot set
+    headers), else the cookie `neoplasma_token`."""
+    return bearer(headers.get("Authorization")) or query.get(QUERY) or cookies.get(COOKIE) or None
+
+
+def challenge(refusal: Refused) -> str:
+    """The `WWW-Authenticate` value of a refusal (RFC 6750)."""
+    if isinstance(refusal, Unauthenticated) and not refusal.reason:
+        return 'Bearer realm="neoplasma"'
+    error, text = (("invalid_token", refusal.reason) if isinstance(refusal, Unauthenticated)
+                   else ("insufficient_scope", str(refusal)))
+    quoted = "".join(ch if " " <= ch < "\x7f" and ch not in '"\\' else "'" for ch in text)
+    return f'Bearer realm="neoplasma", error="{error}", error_description="{quoted}"'
+
+
+def without_token(path_qs: str) -> str:
+    """A request's path and query for logs: the value of `?token=` replaced (tokens are never logged)."""
+    path, sep, query = path_qs.partition("?")
+    if not sep:
+        return path
+    parts = [f"{QUERY}=REDACTED" if part.split("=", 1)[0] == QUERY else part for part in query.split("&")]
+    return f"{path}?{'&'.join(parts)}"
