@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -290,3 +292,32 @@ async def test_expiry_mid_stream_then_resume_with_a_fresh_token_exactly_once(sta
     publisher.assert_exactly_once_in_order(native["events"], "native")
     assert resumed.named == []
     await resumed.close()
+
+
+async def test_up_passes_the_flags_to_its_proxies_and_token_mints(run_up: Any, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(SECRET.decode() + "\n")
+    _, endpoints = run_up("--brokers", "1", "--proxies", "2", "--subscriber-jwt-keys-file", str(keys),
+                          "--public-topics", "demo")
+    mint_cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "neoplasma", "token", "--keys-file",
+                                                    str(keys), "--topics", "user:42", "--ttl", "10m",
+                                                    stdout=subprocess.PIPE)
+    minted = (await mint_cli.communicate())[0].decode().strip()
+    claims = jwt.decode(minted, SECRET, algorithms=["HS256"])
+    assert claims["topics"] == ["user:42"] and 595 <= claims["exp"] - time.time() <= 600
+    for proxy in endpoints["proxies"]:
+        http = proxy["http"]
+        assert (await sse_answer(http, "eventType=user:42"))[0] == 401
+        assert (await sse_answer(http, "eventType=demo"))[0] == 200
+        assert (await sse_answer(http, f"eventType=user:42:inbox&token={minted}"))[0] == 200
+
+
+def test_up_refuses_unusable_key_files(tmp_path: Path) -> None:
+    (tmp_path / "short").write_text("short\n")
+    missing = str(tmp_path / "missing")
+    for args, message in [(["--subscriber-jwt-keys-file", missing], "cannot read subscriber JWT keys"),
+                          (["--subscriber-jwt-keys-file", str(tmp_path / "short")], "at least 32 bytes"),
+                          (["--public-topics", "a,,b\x01"], "--public-topics")]:
+        done = subprocess.run([sys.executable, "-m", "neoplasma", "up", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and message in done.stderr, done.stderr

@@ -8,8 +8,9 @@ import math
 import signal
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -147,6 +148,19 @@ class ProxyConfig(TrustSettings):
     def subscriber_auth(self) -> SubscriberAuth:
         return SubscriberAuth(self.subscriber_jwt_keys_file, self.subscriber_jwks_file, self.subscriber_jwt_audience,
                               self.public_topics)
+
+
+# The settings of private topics, which `neoplasma up` takes too and passes to its proxies.
+SUBSCRIBER_AUTH = ("subscriber_jwt_keys_file", "subscriber_jwks_file", "subscriber_jwt_audience", "public_topics")
+
+
+def subscriber_auth_args(values: Mapping[str, Any]) -> list[str]:
+    """The proxy options giving the private-topic settings in `values` (field name: value; unset ones left out).
+    The files must be usable: UsageError otherwise, before any proxy starts."""
+    given = {name: values[name] for name in SUBSCRIBER_AUTH if values.get(name)}
+    config = ProxyConfig(**given)
+    config.subscriber_auth()
+    return config.to_args(only=given)
 
 
 class Proxy:
