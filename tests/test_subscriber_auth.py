@@ -18,6 +18,9 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from neoplasma.core import trust
 from neoplasma.core.errors import UsageError
+from neoplasma.operator import conditions as c
+from neoplasma.operator.spec import parse_spec
+from neoplasma.operator.status import Observed, build_status
 from neoplasma.proxy.auth import (
     MAX_TOKEN_TOPICS,
     NBF_LEEWAY,
@@ -273,3 +276,36 @@ def test_mint_makes_what_verify_takes() -> None:
     token = mint(SECRET, ["user:42", "news"], 60, audience="prod", now=NOW)
     grant = verify(token, KEYS, "prod", NOW)
     assert grant.prefixes == {"user:42", "news"} and grant.expires == NOW + 60
+
+
+# -- the operator: spec.subscribers.auth's Secrets, checked with the proxies' own parsers ----------
+
+
+def test_operator_names_what_is_wrong_with_the_subscriber_key_secrets() -> None:
+    auth = parse_spec({"subscribers": {"auth": {"jwt": {"keysSecretRef": {"name": "sub-keys"},
+                                                        "jwksSecretRef": {"name": "idp", "key": "jwks"}}}}})
+    assert auth.subscriber_auth is not None
+    spec = auth.subscriber_auth
+    good = {"sub-keys": {"keys": SECRET.decode()}, "idp": {"jwks": json.dumps(JWKS)}}
+    assert c.subscriber_keys_problem(spec, good) is None
+    for secrets, problem in [
+        ({**good, "sub-keys": None}, "Secret sub-keys (spec.subscribers.auth.jwt.keysSecretRef) does not exist"),
+        ({**good, "sub-keys": {"other": "x"}}, "Secret sub-keys has no key 'keys'"),
+        ({**good, "sub-keys": {"keys": "short"}}, "HS256 keys must be at least 32 bytes"),
+        ({**good, "idp": {"jwks": "{}"}}, "Secret idp key 'jwks' (spec.subscribers.auth.jwt.jwksSecretRef) cannot be"),
+    ]:
+        found = c.subscriber_keys_problem(spec, secrets)
+        assert found is not None and problem in found, found
+    ready, broken = c.subscriber_keys_ready(None), c.subscriber_keys_ready("Secret x does not exist")
+    assert (ready.type, ready.status, broken.status, broken.reason) == (
+        "SubscriberKeysReady", True, False, "SubscriberKeysInvalid")
+
+
+def test_the_condition_is_in_status_only_while_auth_is_set() -> None:
+    base: dict[str, Any] = dict(generation=1, spec_error=None, brokers=(1, 1), proxies=(1, 1), deployments=[],
+                                membership=c.MembershipProgress(1, 1, 1, 1, {}))
+    with_auth = build_status(Observed(**base, subscriber_keys=("Secret k does not exist",)), {}, now="T")
+    [condition] = [x for x in with_auth["conditions"] if x["type"] == "SubscriberKeysReady"]
+    assert (condition["status"], condition["message"]) == ("False", "Secret k does not exist")
+    without = build_status(Observed(**base), with_auth, now="T2")
+    assert "SubscriberKeysReady" not in [x["type"] for x in without["conditions"]]
