@@ -186,6 +186,20 @@ def test_oversized_and_garbled_tokens_are_refused() -> None:
     refused("a.b.c", "not a JWT")
 
 
+def test_remembered_grants_still_expire_and_are_per_keys_and_audience() -> None:
+    keys = Keys.of([SECRET], ())
+    token = hs(exp=NOW + 10)
+    assert verify(token, keys, "", NOW).expires == NOW + 10
+    assert (token, "") in keys.verified
+    assert verify(token, keys, "", NOW + 9).expires == NOW + 10  # remembered ...
+    with pytest.raises(InvalidToken, match="token expired"):
+        verify(token, keys, "", NOW + 10)  # ... and refused at its `exp`
+    with pytest.raises(InvalidToken, match="no `aud` claim"):
+        verify(token, keys, "prod", NOW)  # another audience is checked anew
+    with pytest.raises(InvalidToken, match="bad signature"):
+        verify(token, Keys.of([OTHER], ()), "", NOW)  # other keys remember nothing
+
+
 def test_policy_answers() -> None:
     assert Policy(None).check(["user:42"], None, NOW) is None  # no keys: everything public
     policy = Policy(KEYS, public=frozenset({"news"}))

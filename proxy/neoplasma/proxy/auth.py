@@ -26,6 +26,8 @@ adds the files.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import time
@@ -35,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import jwt
+import orjson
 from jwt.algorithms import HMACAlgorithm
 
 from neoplasma.core.errors import UsageError
@@ -46,6 +49,8 @@ MAX_TOKEN_BYTES = 8192
 MAX_TOKEN_TOPICS = 1000
 NBF_LEEWAY = 5.0  # seconds a token's `nbf` may be ahead of this proxy's clock (clock skew)
 MAX_JWKS_BYTES = 1024 * 1024
+VERIFIED_KEPT = 2048  # grants of recently verified tokens remembered (Keys.verified), each token at most...
+VERIFIED_MAX_BYTES = 2048  # ... this long: at most 4 MiB
 ASYMMETRIC = ("RS256", "ES256", "EdDSA")
 ACCEPTED = ("HS256", *ASYMMETRIC)
 COOKIE = "neoplasma_token"  # the cookie a browser may carry the token in
@@ -89,11 +94,16 @@ class Forbidden(Refused):
 
 @dataclass(frozen=True)
 class Keys:
-    """The verification keys: HS256 secrets and JWKS public keys (by `kid`, and all of them)."""
+    """The verification keys: HS256 secrets and JWKS public keys (by `kid`, and all of them).
+
+    `verified` remembers the grants of the last VERIFIED_KEPT tokens verified with these keys (and an
+    audience), so that a reconnect storm of the same tokens costs a lookup each; it goes with the keys
+    when they change. A remembered grant is still checked against the time."""
 
     secrets: tuple[bytes, ...] = ()
     public: tuple[jwt.PyJWK, ...] = ()
     by_kid: Mapping[str, jwt.PyJWK] = field(default_factory=dict)
+    verified: dict[tuple[str, str], Grant] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, secrets: Sequence[bytes], public: Sequence[jwt.PyJWK]) -> Keys:
@@ -166,15 +176,37 @@ def _candidates(header: Mapping[str, Any], keys: Keys) -> tuple[str, list[Any]]:
     return alg, found
 
 
+def _header(token: str) -> Mapping[str, Any]:
+    """The token's header, read only to choose the keys to try (PyJWT reads and checks it again)."""
+    head = token.partition(".")[0]
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, binascii.Error):
+        header = None
+    if token.count(".") != 2 or not isinstance(header, dict):
+        raise InvalidToken("it is not a JWT (three base64url parts separated by '.')")
+    return header
+
+
 def verify(token: str, keys: Keys, audience: str, now: float) -> Grant:
     """The grant of a valid `token` at time `now`, else InvalidToken saying why."""
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidToken(f"the token is {len(token)} bytes long; the limit is {MAX_TOKEN_BYTES}")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError:
-        raise InvalidToken("it is not a JWT (three base64url parts separated by '.')") from None
-    alg, candidates = _candidates(header, keys)
+    known = keys.verified.get((token, audience))
+    if known is not None:
+        if known.expires <= now:
+            raise InvalidToken(f"{EXPIRED} at {_when(known.expires)}")
+        return known
+    grant = _verify(token, keys, audience, now)
+    if len(token) <= VERIFIED_MAX_BYTES:
+        if len(keys.verified) >= VERIFIED_KEPT:
+            del keys.verified[next(iter(keys.verified))]  # the oldest
+        keys.verified[token, audience] = grant
+    return grant
+
+
+def _verify(token: str, keys: Keys, audience: str, now: float) -> Grant:
+    alg, candidates = _candidates(_header(token), keys)
     options: Any = {"require": ["exp"], "verify_exp": False, "verify_nbf": False, "verify_iat": False,
                     "verify_aud": bool(audience)}
     claims: dict[str, Any] | None = None
