@@ -38,7 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from neoplasma.core.net import raise_fd_limit
-from neoplasma.local.harness import links_ready, start_server, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import links_ready, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"b" * 48

@@ -16,9 +16,9 @@ import aiohttp
 import grpc
 import jwt
 import pytest
+from harness import AUTH, Publisher, Server, links_ready, publish_grpc, wait_for
 
 from neoplasma.core.trust import bearer_metadata
-from neoplasma.local.harness import AUTH, Publisher, Server, links_ready, publish_grpc, wait_for
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.proxy.auth import mint
 from neoplasma.wire.v1 import neoplasma_pb2 as pb

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 import test_operator_kube
+from harness import links_ready, publish_grpc, sse, wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import Clusters, OperatorProcess, membership_everywhere
 
-from neoplasma.local.harness import links_ready, publish_grpc, sse, wait_for
 from neoplasma.proxy.auth import mint
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(180)]

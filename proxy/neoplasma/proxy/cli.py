@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 
-from neoplasma.core.cli import Commands, add_server
+from neoplasma.core.commands import Commands, add_server
 from neoplasma.core.errors import UsageError
-from neoplasma.proxy.pod import serve_pod
-from neoplasma.proxy.server import ProxyConfig, serve
+from neoplasma.proxy.pod import PodService
+from neoplasma.proxy.server import ProxyConfig, ProxyService
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -25,8 +25,8 @@ def duration(text: str) -> float:
 
 
 def add_commands(commands: Commands) -> None:
-    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, serve,
-               serve_pod)
+    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, ProxyService,
+               PodService)
     p = commands.add_parser("token", help="mint an HS256 subscriber token for private topics (to try them out)")
     p.add_argument("--keys-file", required=True, help="the proxies' --subscriber-jwt-keys-file (its first key signs)")
     p.add_argument("--topics", required=True, help="topic prefixes the token allows, comma-separated")
