@@ -16,7 +16,7 @@ import aiohttp
 import grpc
 import jwt
 import pytest
-from harness import AUTH, Publisher, Server, links_ready, publish_grpc, wait_for
+from harness import AUTH, Publisher, Server, links_ready, proxy_status, publish_grpc, wait_for
 
 from neoplasma.core.trust import bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
@@ -257,6 +257,9 @@ async def test_expiry_mid_stream_then_resume_with_a_fresh_token_exactly_once(sta
 
     sse = Stream(http, "user:42", short)
     native: dict[str, Any] = {"events": [], "token": ""}
+    plasma_channel = grpc.aio.insecure_channel(address)
+    plasma = plasma_call(plasma_channel, short)
+    await plasma.write(plasma_request("user:42"))
     async with grpc.aio.insecure_channel(address) as ch:
         call = pb_grpc.SubscriberStub(ch).Subscribe(pb.SubscribeRequest(topics=["user:42"]),
                                                     metadata=bearer_metadata(short))
@@ -269,6 +272,12 @@ async def test_expiry_mid_stream_then_resume_with_a_fresh_token_exactly_once(sta
                 native["token"] = batch.token or native["token"]
         assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token expired" in str(ended.value.details())
     assert time.time() >= expires - 0.1
+    with pytest.raises(grpc.aio.AioRpcError) as plasma_ended:  # plasma's stream: no resume, the same end
+        async for _ in plasma:
+            pass
+    assert plasma_ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "token expired" in str(plasma_ended.value.details())
+    await plasma_channel.close()
     await asyncio.wait_for(sse.ended.wait(), 10)
     assert sse.status == 200 and sse.named == ["neoplasma-expired"]
     assert sse.events and native["events"]
@@ -310,6 +319,24 @@ async def test_up_passes_the_flags_to_its_proxies_and_token_mints(run_up: Any, t
         assert (await sse_answer(http, "eventType=user:42"))[0] == 401
         assert (await sse_answer(http, "eventType=demo"))[0] == 200
         assert (await sse_answer(http, f"eventType=user:42:inbox&token={minted}"))[0] == 200
+
+    # `neoplasma subscribe --token` as a user tries it; without one, the proxy's answer.
+    http = endpoints["proxies"][0]["http"]
+    refused = await asyncio.create_subprocess_exec(sys.executable, "-m", "neoplasma", "subscribe", "--proxy", http,
+                                                   "user:42", stderr=subprocess.PIPE)
+    assert await refused.wait() != 0
+    assert b'401: {"error": "unauthenticated", "topic": "user:42"' in await refused.stderr.read()
+    reader = await asyncio.create_subprocess_exec(sys.executable, "-m", "neoplasma", "subscribe", "--proxy", http,
+                                                  "--token", minted, "--count", "1", "user:42",
+                                                  stdout=subprocess.PIPE)
+
+    async def subscribed() -> bool:
+        status = await proxy_status(endpoints["proxies"][0]["control"])
+        return status.subscribers >= 1
+    await wait_for(subscribed, what="`neoplasma subscribe --token` connected")
+    await publish_grpc(endpoints["brokers"][0]["grpc"], [("user:42:inbox", {"hello": 42})])
+    printed, _ = await asyncio.wait_for(reader.communicate(), 20)
+    assert reader.returncode == 0 and json.loads(printed)["data"] == {"hello": 42}
 
 
 def test_up_refuses_unusable_key_files(tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--proxy", default="127.0.0.1:8080", help="proxy HTTP address")
     p.add_argument("--count", type=argument_type(int, NON_NEGATIVE), default=0,
                    help="stop after N events (0: never)")
+    p.add_argument("--token", default="", help="a subscriber token for private topics (see `neoplasma token`), "
+                   "sent as Authorization: Bearer")
     p.set_defaults(func=cmd_subscribe)
 
 
@@ -87,4 +89,4 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from neoplasma.local.tools import subscribe
 
-    return asyncio.run(subscribe(args.proxy, args.topics, args.count))
+    return asyncio.run(subscribe(args.proxy, args.topics, args.count, args.token))
