@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,15 @@ async def sse_answer(http: str, query: str, headers: dict[str, str] | None = Non
         async with session.get(f"http://{http}/?{query}", headers=headers or {}) as resp:
             body = await resp.content.read() if resp.status != 200 else await resp.content.readuntil(b"\n")
             return resp.status, dict(resp.headers), body
+
+
+async def auth_outcomes(http: str) -> dict[str, float]:
+    """The proxy's neoplasma_proxy_subscriber_auth counters, by outcome (a pod's: summed over its workers)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{http}/metrics") as resp:
+            text = await resp.text()
+    found = re.findall(r'^neoplasma_proxy_subscriber_auth_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    return {outcome: float(value) for outcome, value in found}
 
 
 class Stream:
@@ -143,6 +153,7 @@ async def test_sse_answers_before_streaming_and_keeps_tokens_out_of_logs(start: 
     assert [e["meta"]["type"] for e in stream.events] == ["user:42:inbox"]
     await stream.close()
 
+    assert await auth_outcomes(http) == {"unauthenticated": 4, "forbidden": 2, "expired": 0}
     log = proxy.log()
     assert '"event": "subscriber_refused"' in log and "token=REDACTED" in log
     assert good not in log and late not in log and foreign not in log
@@ -246,6 +257,7 @@ async def test_workers_apply_the_policy(start: Any, tmp_path: Path) -> None:
         assert status == 401 and json.loads(body)["topic"] == "user:42"
     code, _ = await native_refusal(proxy.endpoints["grpc"], ["user:42"], None)
     assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert (await auth_outcomes(proxy.endpoints["http"]))["unauthenticated"] == 7  # summed over the workers
 
 
 async def test_expiry_mid_stream_then_resume_with_a_fresh_token_exactly_once(start: Any, tmp_path: Path) -> None:
@@ -300,6 +312,7 @@ async def test_expiry_mid_stream_then_resume_with_a_fresh_token_exactly_once(sta
     publisher.assert_exactly_once_in_order(sse.events + resumed.events, "SSE")
     publisher.assert_exactly_once_in_order(native["events"], "native")
     assert resumed.named == []
+    assert (await auth_outcomes(http))["expired"] == 3  # SSE, native, plasma
     await resumed.close()
 
 

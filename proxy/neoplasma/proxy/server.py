@@ -167,6 +167,8 @@ class Proxy:
         self.config = config
         self.hub = Hub()
         self.auth = config.subscriber_auth()
+        # Subscriptions refused for want of a token or beyond its topics, and streams ended at `exp`.
+        self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
         self.draining = False
@@ -301,15 +303,22 @@ def grpc_refusal(refusal: Refused) -> tuple[grpc.StatusCode, str]:
     return code, str(refusal)
 
 
-def expire_at(grant: Grant | None, sub: Subscriber) -> asyncio.TimerHandle | None:
+def expire_at(proxy: Proxy, grant: Grant | None, sub: Subscriber) -> asyncio.TimerHandle | None:
     """Close `sub` as "expired" when its token expires (None: a subscription that needs no token)."""
     if grant is None:
         return None
-    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), sub.close, "expired")
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), expire, proxy, sub)
 
 
-def _refused(kind: str, refusal: Refused, **fields: object) -> None:
-    log.info("subscriber_refused", kind=kind, topic=refusal.topic, error=type(refusal).__name__.lower(), **fields)
+def expire(proxy: Proxy, sub: Subscriber) -> None:
+    proxy.auth_outcomes["expired"] += 1
+    sub.close("expired")
+
+
+def _refused(proxy: Proxy, kind: str, refusal: Refused, **fields: object) -> None:
+    error = type(refusal).__name__.lower()
+    proxy.auth_outcomes[error] += 1
+    log.info("subscriber_refused", kind=kind, topic=refusal.topic, error=error, **fields)
 
 
 def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None,
@@ -391,7 +400,7 @@ class PlasmaEvents:
         try:
             grant = self.proxy.auth.check(topics, self.token)
         except Refused as refused:
-            _refused("plasma", refused, first=not self.subscribed)
+            _refused(self.proxy, "plasma", refused, first=not self.subscribed)
             if not self.subscribed:
                 self.call.end(*grpc_refusal(refused))
                 return
@@ -410,7 +419,7 @@ class PlasmaEvents:
         try:
             self.proxy.auth.check(self.sub.topics, None)
         except Refused:
-            self.sub.close("expired")
+            expire(self.proxy, self.sub)
 
 
 def native_subscribe(proxy: Proxy) -> Opener:
@@ -433,13 +442,13 @@ def native_subscribe(proxy: Proxy) -> Opener:
         try:  # a resumed subscription is checked like a new one: resume tokens carry positions, not topics
             grant = proxy.auth.check(topics, bearer(call.authorization))
         except Refused as refused:
-            _refused("batch", refused)
+            _refused(proxy, "batch", refused)
             call.end(*grpc_refusal(refused))
             return
         sub = BatchSubscriber(call, cfg.max_grpc_buffer)
         sink = BatchSink(sub, cfg.grpc_keepalive)
         resuming = proxy.subscribe(sub, topics, request.resume_token, sink)
-        _attach(call, sub, proxy, resuming, expire_at(grant, sub))
+        _attach(call, sub, proxy, resuming, expire_at(proxy, grant, sub))
 
     return unary(subscribe)
 
@@ -535,6 +544,12 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
         yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+        ended = CounterMetricFamily("neoplasma_proxy_subscriber_auth", "Subscriptions refused (unauthenticated, "
+                                    "forbidden) and streams ended at their token's expiry (expired)",
+                                    labels=["outcome"])
+        for outcome, n in self.proxy.auth_outcomes.items():
+            ended.add_metric([outcome], n)
+        yield ended
 
 
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
@@ -557,7 +572,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         try:  # before anything is streamed; a resumed subscription is checked like a new one
             grant = proxy.auth.check(topics, http_token(request.headers, request.query, request.cookies))
         except Refused as refused:
-            _refused("sse", refused, path=without_token(request.path_qs))
+            _refused(proxy, "sse", refused, path=without_token(request.path_qs))
             return web.json_response(refused.answer(), status=refused.status, headers={
                 "WWW-Authenticate": challenge(refused), "Access-Control-Allow-Origin": cfg.origin,
                 "Cache-Control": "no-store"})
@@ -578,7 +593,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         sub = SseSubscriber(transport, cfg.max_sse_buffer)
         token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
         resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
-        expiry = expire_at(grant, sub)
+        expiry = expire_at(proxy, grant, sub)
         try:
             reason = await sub.closed
         finally:
