@@ -232,6 +232,8 @@ def test_keys_file_refuses_public_keys_and_short_secrets() -> None:
         secret_lines("short\n")
     with pytest.raises(ValueError, match="no token"):
         secret_lines("# nothing\n")
+    with pytest.raises(ValueError, match="33 keys; the limit is 32"):
+        secret_lines("".join(f"{i:040d}\n" for i in range(33)))
 
 
 def test_jwks_file_refuses_what_it_cannot_use() -> None:
@@ -241,7 +243,8 @@ def test_jwks_file_refuses_what_it_cannot_use() -> None:
                             (json.dumps({"keys": [private]}), "private key"),
                             (json.dumps({"keys": [{"kty": "oct", "k": "AAAA"}]}), "kty oct"),
                             (json.dumps({"keys": [p384]}), "ES384; accepted"),
-                            (json.dumps({"keys": [{"kty": "RSA"}]}), "cannot be used")]:
+                            (json.dumps({"keys": [{"kty": "RSA"}]}), "cannot be used"),
+                            (json.dumps({"keys": [jwk(EC_KEY, str(i)) for i in range(33)]}), "the limit is 32")]:
         with pytest.raises(ValueError, match=match):
             jwks_keys(document)
 

@@ -49,6 +49,7 @@ MAX_TOKEN_BYTES = 8192
 MAX_TOKEN_TOPICS = 1000
 NBF_LEEWAY = 5.0  # seconds a token's `nbf` may be ahead of this proxy's clock (clock skew)
 MAX_JWKS_BYTES = 1024 * 1024
+MAX_KEYS = 32  # keys per file: a token without `kid` is tried against each key of its algorithm
 VERIFIED_KEPT = 2048  # grants of recently verified tokens remembered (Keys.verified), each token at most...
 VERIFIED_MAX_BYTES = 2048  # ... this long: at most 4 MiB
 ASYMMETRIC = ("RS256", "ES256", "EdDSA")
@@ -273,6 +274,9 @@ def secret_lines(text: str) -> tuple[bytes, ...]:
     """An HS256 keys file: one shared secret per line (blank lines and `#` comments ignored); a PEM or
     SSH public key is refused (it would be an algorithm confusion waiting to happen)."""
     secrets = token_lines(text)
+    if len(secrets) > MAX_KEYS:
+        raise ValueError(f"the file holds {len(secrets)} keys; the limit is {MAX_KEYS} (each token is tried "
+                         "against each: keep the current keys and those of tokens not yet expired)")
     hmac = HMACAlgorithm(HMACAlgorithm.SHA256)
     for i, secret in enumerate(secrets, 1):
         try:
@@ -295,6 +299,8 @@ def jwks_keys(text: str) -> tuple[jwt.PyJWK, ...]:
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError('a JWKS is a JSON object with a non-empty list "keys"')
+    if len(entries) > MAX_KEYS:
+        raise ValueError(f"the JWKS holds {len(entries)} keys; the limit is {MAX_KEYS}")
     keys = []
     for i, entry in enumerate(entries, 1):
         name = f"key {i}" + (f" ({entry.get('kid')})" if isinstance(entry, dict) and entry.get("kid") else "")
