@@ -9,6 +9,7 @@ import os
 from neoplasma.core.commands import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, argument_type
+from neoplasma.proxy.server import SUBSCRIBER_AUTH, ProxyConfig, subscriber_auth_args
 
 
 def add_commands(commands: Commands) -> None:
@@ -23,6 +24,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--metrics-port", type=argument_type(int, PORT), default=0,
                    help="port of the operator's metrics on 127.0.0.1 (membership convergence, scaling, passes; "
                    "default 0: any free one, named in the output)")
+    private = p.add_argument_group("private topics: subscribers need a signed token (passed to every proxy)")
+    ProxyConfig.add_options(private, only=SUBSCRIBER_AUTH)
     redis = p.add_argument_group("ingest from Redis Pub/Sub (plasma's publishers): two readers, one active")
     redis.add_argument("--redis", metavar="URL", help="Redis to read: HOST:PORT or "
                        "redis[s]://[USER:PASSWORD@]HOST:PORT "
@@ -50,6 +53,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--proxy", default="127.0.0.1:8080", help="proxy HTTP address")
     p.add_argument("--count", type=argument_type(int, NON_NEGATIVE), default=0,
                    help="stop after N events (0: never)")
+    p.add_argument("--token", default="", help="a subscriber token for private topics (see `neoplasma token`), "
+                   "sent as Authorization: Bearer")
     p.set_defaults(func=cmd_subscribe)
 
 
@@ -75,7 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                           "--patterns", args.redis_patterns]
     return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
                   interval=args.scale_interval, credential_file=args.credential_file, ingest=ingest,
-                  metrics_port=args.metrics_port)
+                  proxy_args=subscriber_auth_args(vars(args)), metrics_port=args.metrics_port)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -87,4 +92,4 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from neoplasma.local.tools import subscribe
 
-    return asyncio.run(subscribe(args.proxy, args.topics, args.count))
+    return asyncio.run(subscribe(args.proxy, args.topics, args.count, args.token))
