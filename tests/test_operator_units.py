@@ -31,7 +31,7 @@ from neoplasma.operator.children import (
     index_value,
     plan,
 )
-from neoplasma.operator.controller import ClusterController, Indexes, Options
+from neoplasma.operator.controller import ClusterController, Indexes
 from neoplasma.operator.members import (
     Controlled,
     PodView,
@@ -43,6 +43,7 @@ from neoplasma.operator.members import (
     proxy_targets,
     ready_count,
 )
+from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership

@@ -28,7 +28,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,7 +37,7 @@ import kopf
 import kubernetes.client
 
 from neoplasma.core.autoscaler import Autoscaler, problems
-from neoplasma.core.backoff import Backoff, BackoffPolicy
+from neoplasma.core.backoff import Backoff
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import hostport
@@ -57,39 +57,17 @@ from neoplasma.operator.render import (
     GRPC_PORT,
     INGEST,
     INGEST_PORTS,
-    NO_PEERS,
-    Peers,
     credential_secret,
     credential_secret_name,
     service_host,
 )
+from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster
 from neoplasma.operator.status import Observed, persisted_version
 from neoplasma.operator.steps import Children, Desired, Event, Membership, Problems, Resource, Scaling, Status, earliest
 from neoplasma.operator.sync import MembershipSync
 
 log = get_logger("operator")
-
-
-@dataclass(frozen=True)
-class Options:
-    default_image: str
-    policy_api: str = "policy/v1"
-    operator: Peers = NO_PEERS  # where the operator's pods run (NetworkPolicies let them in)
-    debounce: float = 0.2  # seconds a burst of pod changes is gathered into one snapshot
-    anti_entropy: float = 5.0  # seconds between pushes of the current snapshot to every proxy
-    resync: float = 60.0  # seconds between checks of the children with no event at all
-    stats_interval: float = 10.0  # seconds between reads of the brokers' connection counts
-    scale_interval: float = 10.0  # seconds between autoscaling decisions (load reads)
-    # Seconds a membership push may take before status says MembershipSynced=False (status
-    # is not written meanwhile), so that Ready does not flicker on every broker change.
-    sync_grace: float = 2.0
-    retry_initial: float = 1.0  # first delay after a failed API call, doubling...
-    retry_max: float = 60.0  # ...up to this
-
-    @property
-    def retry(self) -> BackoffPolicy:
-        return BackoffPolicy(self.retry_initial, self.retry_max)
 
 
 class Indexes:

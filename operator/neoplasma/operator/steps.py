@@ -21,7 +21,7 @@ from neoplasma.core.tiers import Tier
 from neoplasma.operator import children as ch
 from neoplasma.operator.conditions import count, now_text
 from neoplasma.operator.members import PodView, broker_members, proxy_targets
-from neoplasma.operator.render import Peers
+from neoplasma.operator.settings import Peers
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
 from neoplasma.operator.status import Observed, build_status, same_status
 from neoplasma.operator.sync import MembershipSync

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from neoplasma.core.commands import Commands, add_server
 from neoplasma.proxy.pod import PodService
-from neoplasma.proxy.server import ProxyConfig, ProxyService
+from neoplasma.proxy.server import ProxyService
+from neoplasma.proxy.settings import ProxyConfig
 
 
 def add_commands(commands: Commands) -> None:

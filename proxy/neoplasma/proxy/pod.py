@@ -19,7 +19,8 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import ProxyConfig, control_server
+from neoplasma.proxy.server import control_server
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
