@@ -122,3 +122,19 @@ def test_the_renderer_and_spec_parser_read_settings_not_servers() -> None:
         servers = {other for other in reached(graph, name) - allowed
                    if other.split(".")[1] in ("broker", "proxy", "ingest") and not other.endswith(".settings")}
         assert not servers, f"{name} imports {sorted(servers)}"
+
+
+def test_the_operators_controller_does_no_reading_of_its_own() -> None:
+    """Observe (observe.py) reads; the controller schedules and acts: no HTTP, TLS or JSON of its own."""
+    imported = {alias.split(".")[0] for alias in _all_imports(modules()["neoplasma.operator.controller"])}
+    assert not imported & {"aiohttp", "ssl", "json"}
+
+
+def _all_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names

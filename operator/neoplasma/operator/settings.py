@@ -40,6 +40,7 @@ class Options:
     sync_grace: float = 2.0
     retry_initial: float = 1.0  # first delay after a failed API call, doubling...
     retry_max: float = 60.0  # ...up to this
+    read_timeout: float = 2.0  # seconds each read of a pass (Stats, Status, /stats) and each push may take
 
     @property
     def retry(self) -> BackoffPolicy:
