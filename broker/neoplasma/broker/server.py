@@ -29,7 +29,7 @@ from neoplasma.core.events import (
     make_events,
 )
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport, identity
 from neoplasma.core.resume import RetentionLog
 from neoplasma.core.topics import InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
@@ -299,10 +299,6 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             entries.append(entry)
             size += len(entry)
         yield b"".join(entries) + trailer
-
-
-def identity(data: bytes) -> bytes:
-    return data
 
 
 def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:

@@ -55,7 +55,8 @@ def merge_links(per_worker: Sequence[Sequence[pb.BrokerLink]]) -> list[pb.Broker
 
 
 def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
-    """The pod's status: counts summed over its workers, the membership version all have applied."""
+    """The pod's status: counts summed over its workers, the membership version all have applied,
+    the topics of its busiest worker (a topic on several workers is one topic)."""
     return pb.ProxyStatus(
         name=name, subscribers=sum(s.subscribers for s in statuses),
         sse_subscribers=sum(s.sse_subscribers for s in statuses),
@@ -64,7 +65,7 @@ def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
         links=merge_links([s.links for s in statuses]),
         events_received=sum(s.events_received for s in statuses), deliveries=sum(s.deliveries for s in statuses),
         slow_subscribers_dropped=sum(s.slow_subscribers_dropped for s in statuses),
-        topics=sum(s.topics for s in statuses), draining=any(s.draining for s in statuses))
+        topics=max((s.topics for s in statuses), default=0), draining=any(s.draining for s in statuses))
 
 
 def merge_applied(replies: Sequence[pb.ApplyResponse]) -> pb.ApplyResponse:

@@ -59,8 +59,9 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
-# Summed over a pod's workers except these: the version every worker has applied.
-LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
+# Not summed over a pod's workers: the version every worker has applied, and the topics (a topic
+# subscribed on several workers is one topic: the largest worker's count is the closest known).
+POD_METRICS = {"neoplasma_proxy_membership_version": min, "neoplasma_proxy_topics": max}
 
 
 class Proxy:
@@ -422,7 +423,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        body = await metrics_body(place, lambda: generate_latest(registry), LOWEST_METRICS)
+        body = await metrics_body(place, lambda: generate_latest(registry), POD_METRICS)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
