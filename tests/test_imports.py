@@ -138,3 +138,10 @@ def _all_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
     return names
+
+
+def test_one_lifecycle_handles_the_signals_of_every_server() -> None:
+    """Servers are Services of neoplasma.core.lifecycle: none installs signal handlers of its own."""
+    handlers = {name for name, path in modules().items()
+                if "add_signal_handler" in path.read_text() or "signal.signal(" in path.read_text()}
+    assert handlers == {"neoplasma.core.lifecycle"}
