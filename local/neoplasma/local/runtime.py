@@ -355,7 +355,7 @@ class UpService:
                              "choose another port, or 0 for any free one") from None
         self.cluster.metrics_address = f"127.0.0.1:{port}"
         self.reconciling = asyncio.create_task(self.cluster.reconcile())
-        if self.scaler.autoscale:
+        if self.scaler.autoscaled():
             self.scaling = asyncio.create_task(self.cluster.autoscale(self.scaler, self.sizes, self.interval))
         return self.cluster.describe()
 

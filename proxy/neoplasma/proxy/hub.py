@@ -30,8 +30,8 @@ from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
 from neoplasma.proxy.metrics import ProxyMetrics
+from neoplasma.proxy.settings import LINGER
 
-LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
 
