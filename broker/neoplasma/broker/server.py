@@ -33,7 +33,7 @@ from neoplasma.core.events import (
     make_events,
 )
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, announce, backlog_setting, bind_socket, hostport
 from neoplasma.core.resume import RetentionLog
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, LimitExceeded, check_topic
@@ -78,6 +78,7 @@ class BrokerConfig(TrustSettings):
     host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
     grpc_port: int = setting(50051, bound=PORT, help="gRPC port")
     http_port: int = setting(8080, bound=PORT, help="HTTP publish/metrics port")
+    listen_backlog: int = backlog_setting()
     max_event_bytes: int = setting(DEFAULT_MAX_EVENT_BYTES, bound=POSITIVE, help="largest event data, in bytes")
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     max_request_bytes: int = setting(DEFAULT_MAX_REQUEST_BYTES, bound=POSITIVE, help="largest publish request")
@@ -436,8 +437,10 @@ async def serve(config: BrokerConfig) -> None:
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    http = HttpServer(http_app(broker, keys), bind_socket(config.host, config.http_port, "--http-port"),
-                      config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key))
+    http = HttpServer(http_app(broker, keys),
+                      bind_socket(config.host, config.http_port, "--http-port", backlog=config.listen_backlog),
+                      config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key),
+                      backlog=config.listen_backlog)
     await http.start()
     http_port = http.port
 

@@ -45,6 +45,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from neoplasma.core.aio import Signal
+from neoplasma.core.net import DEFAULT_BACKLOG
 from neoplasma.core.trust import undecodable
 
 Opener = Callable[["Call"], None]
@@ -371,9 +372,10 @@ class GrpcServer:
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.Task[None] | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, backlog: int = DEFAULT_BACKLOG) -> None:
+        """Serve on `sock`, bound (`bind_socket`) with listen backlog `backlog`."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=backlog)
         self._pinger = loop.create_task(self._keepalive())
 
     @contextlib.contextmanager

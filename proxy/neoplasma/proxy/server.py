@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
-from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, announce, backlog_setting, bind_socket, hostport
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import (
     MAX_TOPIC_LENGTH,
@@ -81,6 +81,7 @@ class ProxyConfig(TrustSettings):
     http_port: int = setting(8080, bound=PORT, help="SSE/health/metrics port")
     grpc_port: int = setting(50051, bound=PORT, help="subscriber gRPC port")
     control_port: int = setting(50052, bound=PORT, help="ProxyControl port")
+    listen_backlog: int = backlog_setting()
     # Static brokers, applied as membership version 0 until a push replaces them.
     brokers: list[str] = setting(factory=list, help="static broker list host:port,... (until a membership push)")
     event_query: str = "eventType"  # plasma's default query parameter
@@ -515,7 +516,8 @@ async def serve(config: ProxyConfig) -> None:
 
     health = Health()
     subscribers = subscriber_server(proxy, health)
-    grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
+    grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None,
+                              backlog=config.listen_backlog)
     grpc_port = grpc_socket.getsockname()[1]
     control = control_server(ControlServicer(proxy), proxy.access.tokens)
     if place is None:
@@ -525,15 +527,16 @@ async def serve(config: ProxyConfig) -> None:
     else:  # the pod's control port is its supervisor's, which relays to this private one
         control_address = place.control()
         control.add_insecure_port(control_address)
-    await subscribers.start(grpc_socket)
+    await subscribers.start(grpc_socket, config.listen_backlog)
     proxy.hub.gathered = subscribers.gathered
     await control.start()
 
     registry = CollectorRegistry()
     registry.register(ProxyCollector(proxy))
     http = HttpServer(http_app(proxy, registry, place),
-                      bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
-                      config.header_timeout, handler_cancellation=True)
+                      bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None,
+                                  backlog=config.listen_backlog),
+                      config.header_timeout, backlog=config.listen_backlog, handler_cancellation=True)
     await http.start()
     own_metrics = (await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
                    if place is not None else None)
