@@ -82,8 +82,8 @@ def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, liste
     if listen:
         cap = somaxconn()
         if effective_backlog(backlog, cap) < backlog:
-            log.warning("listen_backlog_capped", address=hostport(host, sock.getsockname()[1]), asked=backlog, somaxconn=cap,
-                        fix="raise the sysctl net.core.somaxconn")
+            log.warning("listen_backlog_capped", address=hostport(host, sock.getsockname()[1]), asked=backlog,
+                        somaxconn=cap, fix="raise the sysctl net.core.somaxconn")
         sock.listen(backlog)
         sock.setblocking(False)
     return sock

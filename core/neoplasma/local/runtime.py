@@ -53,10 +53,11 @@ class Child:
     credential_file: str = ""  # the cluster credential, passed in the environment (not in argv)
     restarts: int = 0
     draining: bool = False  # being removed: no restart, DRAINING in membership
+    workers: int = 1  # a broker's or proxy's --workers (one core each unless `up --workers N`)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1",
-               *(("--workers", "1") if self.kind in ("broker", "proxy") else ())]  # one core each here
+               *(("--workers", str(self.workers)) if self.kind in ("broker", "proxy") else ())]
         for flag, port in self.ports.items():
             cmd += [f"--{flag}", str(port)]
         return cmd + self.args
@@ -96,8 +97,10 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None) -> None:
+    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None,
+                 workers: int = 1) -> None:
         self.credential_file = credential_file
+        self.workers = workers  # each broker's and proxy's --workers
         self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
@@ -123,7 +126,7 @@ class LocalCluster:
         self._next_index[kind] += 1
         ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
                                                                               "control-port": 0}
-        return Child(kind, f"{kind}-{index}", ports, credential_file=self.credential_file)
+        return Child(kind, f"{kind}-{index}", ports, credential_file=self.credential_file, workers=self.workers)
 
     async def start(self) -> None:
         for kind, n in self._initial.items():
@@ -271,9 +274,9 @@ class LocalCluster:
 
 
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
-              credential_file: str, ingest: list[str] | None) -> int:
+              credential_file: str, ingest: list[str] | None, workers: int) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
-    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest, workers)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, cluster.stopping.set)
@@ -293,10 +296,12 @@ async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, int
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None) -> int:
+           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None,
+           workers: int = 1) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
-    the options of two `ingest-redis` readers (None: no readers). Its cluster credential is read from
-    `credential_file`, else a new random one (in a 0600 file removed at the end)."""
+    the options of two `ingest-redis` readers (None: no readers), `workers` each broker's and proxy's
+    worker processes. Its cluster credential is read from `credential_file`, else a new random one (in
+    a 0600 file removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
     scaler = Autoscaler()
@@ -304,11 +309,11 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
     if credential_file:
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest, workers))
     fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
     try:
         os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
         os.close(fd)
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest, workers))
     finally:
         os.unlink(path)
