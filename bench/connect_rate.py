@@ -42,7 +42,9 @@ import aiohttp
 import psutil
 
 from neoplasma.core.net import raise_fd_limit, somaxconn
-from neoplasma.local.harness import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import (
     Server,
     apply_membership,
     links_ready,
