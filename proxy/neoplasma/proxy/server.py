@@ -14,7 +14,7 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -545,6 +545,7 @@ class ProxyService:
 
         registry = CollectorRegistry()
         registry.register(ProxyCollector(proxy))
+        ProcessCollector(registry=registry)  # process_open_fds and process_max_fds: how near the open-file limit
         self.http = HttpServer(http_app(proxy, registry, place),
                                bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None,
                                            backlog=config.listen_backlog),
