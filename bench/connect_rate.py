@@ -100,10 +100,11 @@ class Conn(asyncio.Protocol):
 
 async def role_connect(host: str, port: int, source: str, n: int, inflight: int, path: str, hold: bool,
                        timeout: float, out: str, tls_ca: str = "", record: bool = False, stay: float = 0.0,
-                       ) -> dict[str, Any]:
+                       deadline: float = 0.0) -> dict[str, Any]:
     """Open `n` connections from `source`, `inflight` at once (n: all at once), each sending
     `GET path` and waiting (at most `timeout` s) for its 200; keep them open when `hold` (and
-    record event latencies when `record`) until stdin says "stop" or `stay` seconds pass."""
+    record event latencies when `record`) until stdin says "stop" or `stay` seconds pass. With a
+    `deadline`, no connection is begun more than that many seconds after the start."""
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
@@ -116,6 +117,9 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
     async def one() -> None:
         async with gate:
             began = time.monotonic()
+            if deadline and began - started > deadline:
+                failed["not_begun_by_deadline"] = failed.get("not_begun_by_deadline", 0) + 1
+                return
             ok: asyncio.Future[float] = loop.create_future()
             try:
                 transport, _ = await asyncio.wait_for(loop.create_connection(

@@ -48,6 +48,7 @@ from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     LINGER,
+    MAX_LINGER,
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
@@ -118,6 +119,9 @@ class ProxyConfig(TrustSettings):
                                               "connection may have open at once; a client opening more is cut off")
     linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
                                     "events pile up for fewer, larger writes (Hub.run_dispatcher)")
+    max_linger_seconds: float = setting(MAX_LINGER, bound=NON_NEGATIVE, help="when the proxy's event loop runs "
+                                        "behind (overloaded), the pause between delivery rounds grows up to this: "
+                                        "fewer, larger writes until it keeps up (bounds the latency added)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
@@ -554,7 +558,8 @@ class ProxyService:
         if place is not None:
             self.own_metrics = await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
         self.tasks = [asyncio.create_task(_heartbeat(proxy)),
-                      asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))]
+                      asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds,
+                                                                   max_linger=config.max_linger_seconds))]
         return {"name": config.name, "http": hostport(config.host, self.http.port),
                 "grpc": hostport(config.host, grpc_port), "control": control_address}
 
