@@ -13,8 +13,8 @@ Scenarios (each with fresh servers, every wait bounded):
   - tls: the same server code (aiohttp on uvloop, `HttpServer`) accepting new connections with and
     without TLS, side by side: the broker's HTTP port (`GET /healthz`, one request per connection),
     plaintext vs `--tls-cert` (the proxy's subscriber ports are plaintext; TLS is put in front);
-  - storm: S subscriptions opened at once with `--listen-backlog 100` (the old behaviour) and the
-    default, while W subscribers already connected receive 20 events/s: time to `200` p50/p99/max,
+  - storm: S subscriptions opened at once with each `--storm-backlogs` (100: the old behaviour;
+    1024: the default), while W subscribers already connected receive 20 events/s: time to `200` p50/p99/max,
     how many did not get it within the bound, the kernel's listen overflows (TcpExtListenOverflows:
     a counter of the whole network namespace, so other work on the machine adds to it),
     and the watchers' delivery latency p50/p99 before and during the storm.
@@ -280,8 +280,8 @@ async def publish_stamped(broker: Server, seconds: float, rate: float) -> int:
     return sent
 
 
-async def storm(log_dir: Path, backlog: int | None, n: int, procs: int, watchers: int, quick: bool) -> dict[str, Any]:
-    broker, proxy = await servers(log_dir, *(["--listen-backlog", str(backlog)] if backlog else []))
+async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, quick: bool) -> dict[str, Any]:
+    broker, proxy = await servers(log_dir, "--listen-backlog", str(backlog))
     try:
         quiet, bound = (2.0, 20.0) if quick else (3.0, 30.0)
         watch = clients(1, 2 + procs, host="127.0.0.1", port=proxy.port("http"), n=watchers, inflight=watchers,
@@ -308,7 +308,7 @@ async def storm(log_dir: Path, backlog: int | None, n: int, procs: int, watchers
         took, failed = merged(results)
         before = [lat for at, lat in records if at < storm_at]
         during = [lat for at, lat in records if storm_at <= at <= storm_end + 0.5]
-        return {"listen_backlog": backlog or "default", "storm": n, "got_200": len(took),
+        return {"listen_backlog": backlog, "storm": n, "got_200": len(took),
                 "not_within_s": {"bound_s": bound, "count": n // procs * procs - len(took), "why": failed},
                 "storm_wall_s": round(max(r["wall"] for r in results), 2),
                 "to_200_p50_ms": round(1000 * pct(took, 0.5)), "to_200_p99_ms": round(1000 * pct(took, 0.99)),
@@ -364,8 +364,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"rate healthz {name}", out[f"rate_healthz_{name}"], flush=True)
                 finally:
                     b.stop()
-        for backlog in (100, None) if "storm" in scenarios else ():
-            key_name = f"storm_backlog_{backlog or 'default'}"
+        for backlog in [int(b) for b in args.storm_backlogs.split(",")] if "storm" in scenarios else ():
+            key_name = f"storm_backlog_{backlog}"
             out[key_name] = await storm(log_dir, backlog, args.storm_n, args.clients, args.watchers, args.quick)
             print(key_name, out[key_name], flush=True)
     return out
@@ -382,6 +382,8 @@ def cli() -> None:
     parser.add_argument("--tls-n", type=int, default=3_000, help="connections in each TLS/plain scenario")
     parser.add_argument("--storm-n", type=int, default=15_000, help="subscriptions opened at once in the storm")
     parser.add_argument("--watchers", type=int, default=500, help="subscribers connected before the storm")
+    parser.add_argument("--storm-backlogs", default="100,1024,4096", help="--listen-backlog of the proxy in each "
+                        "storm (100: what create_server gave before it was a setting; 1024: the default)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (one source address each)")
     parser.add_argument("--inflight", type=int, default=128, help="connections in flight per client process (rate)")
     args = parser.parse_args()
