@@ -14,7 +14,8 @@ import psutil
 import pytest
 from harness import sse, start_server, wait_for
 
-from neoplasma.core.net import DEFAULT_BACKLOG, effective_backlog, somaxconn
+from neoplasma.core.net import effective_backlog, somaxconn
+from neoplasma.core.settings import DEFAULT_BACKLOG
 
 
 def listen_backlogs(port: int) -> list[int]:

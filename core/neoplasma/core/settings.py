@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Self, get_origin, get_type_hints
 
@@ -85,6 +85,24 @@ def setting(default: Any = MISSING, *, help: str | None = None, bound: Bound | N
     return field(default=default, metadata=metadata)
 
 
+# Connections the kernel queues on a listening socket before the server accepts them. A connect
+# storm larger than this overflows the queue (the kernel drops the SYN or the final ACK: the client
+# waits out retransmissions, 1 s, 3 s, 7 s...). The kernel caps it at net.core.somaxconn
+# (4096 by default since Linux 5.4; 128 before). Larger is not better without limit: the event loop
+# accepts everything queued in one go, and while it does, subscribers already connected wait for
+# their events (bench/connect_rate.py, storm of 15,000: their p99 was 1.3-1.7 s with 1024 and
+# 8.9-10 s with 4096; with 100, a third to a half of the storm was not admitted within 30 s).
+DEFAULT_BACKLOG = 1024
+
+
+def backlog_setting() -> Any:
+    """The `--listen-backlog` setting of a server (a field of its config dataclass; neoplasma.core.net
+    binds with it)."""
+    return setting(DEFAULT_BACKLOG, bound=Bound(1, 65535, note="the kernel caps it at net.core.somaxconn"),
+                   help="connections the kernel may queue on each listening port before they are accepted "
+                   "(a connect storm beyond it waits out SYN retransmissions)")
+
+
 def _help(f: Field[Any]) -> str:
     """A field's help, with what its special values mean and its default."""
     meta = f.metadata
@@ -115,12 +133,14 @@ class Settings:
                 raise InvalidSetting(f.name, value, allowed(get_type_hints(type(self))[f.name], bound))
 
     @classmethod
-    def add_options(cls, parser: argparse.ArgumentParser) -> None:
-        """One option per field with `help`, typed, bounded and defaulted as the field is."""
+    def add_options(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                    only: Collection[str] | None = None) -> None:
+        """One option per field with `help` (of those named in `only`, when given), typed, bounded and
+        defaulted as the field is."""
         hints = get_type_hints(cls)
         for f in fields(cls):
             meta, kind = f.metadata, hints[f.name]
-            if not meta.get("help"):
+            if not meta.get("help") or (only is not None and f.name not in only):
                 continue
             default = f.default_factory() if callable(f.default_factory) else f.default
             if meta["env"]:
@@ -139,12 +159,13 @@ class Settings:
             raise KeyError(f"{cls.__name__}.{name} is not a command-line option")
         return _flag(found[0])
 
-    def to_args(self, **changes: Any) -> list[str]:
-        """The command-line options that give this config, with `changes` (field name: value)."""
+    def to_args(self, only: Collection[str] | None = None, **changes: Any) -> list[str]:
+        """The command-line options that give this config (those of the fields named in `only`, when given),
+        with `changes` (field name: value)."""
         out: list[str] = []
         for f in fields(self):
             value = changes.get(f.name, getattr(self, f.name))
-            if f.metadata.get("help") and value != []:
+            if f.metadata.get("help") and value != [] and (only is None or f.name in only):
                 out += [_flag(f), ",".join(value) if isinstance(value, list) else str(value)]
         return out
 

@@ -29,9 +29,8 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
+from neoplasma.proxy.settings import LINGER, MAX_LINGER
 
-LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
-MAX_LINGER = 0.05  # default longest pause when the event loop runs behind (Hub.run_dispatcher)
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
 
@@ -324,7 +323,7 @@ class Hub:
     def retire(self, epoch: int) -> None:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
         self._retiring.add(epoch)
-        self._wake.set()
+        self._wake_up()
 
     def revive(self, epoch: int) -> None:
         """A retired epoch's broker is back (same process): its position counts again."""
@@ -348,6 +347,9 @@ class Hub:
         self._pending.extend(events)
         if head > self._pending_heads.get(epoch, 0):
             self._pending_heads[epoch] = head
+        self._wake_up()
+
+    def _wake_up(self) -> None:
         if not self._wake.is_set():
             self._woken_at = asyncio.get_running_loop().time()
             self._wake.set()
