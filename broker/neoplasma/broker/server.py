@@ -119,6 +119,9 @@ class Metrics:
         self.relay_streams = Gauge("neoplasma_broker_relay_streams", "Open relay streams", registry=r)
         self.publishers = Gauge("neoplasma_broker_publishers", "Publishers seen within the activity window", registry=r)
         self.outbox_bytes = Gauge("neoplasma_broker_outbox_bytes", "Bytes queued for relay streams", registry=r)
+        self.retained_bytes = Gauge("neoplasma_broker_retained_bytes",
+                                    "Bytes held by retention for resuming subscribers", registry=r)
+        self.retained_events = Gauge("neoplasma_broker_retained_events", "Events held by retention", registry=r)
 
 
 class Broker:
@@ -220,6 +223,8 @@ class Broker:
         self.metrics.relay_streams.set(streams)
         self.metrics.publishers.set(publishers)
         self.metrics.outbox_bytes.set(self.router.pending_bytes())
+        self.metrics.retained_bytes.set(self.retention.bytes)
+        self.metrics.retained_events.set(self.retention.events)
         return pb.BrokerStats(
             name=self.config.name, connections=publishers + streams, relay_streams=streams,
             publishers=publishers, events_in=self.events_in, events_out=self.events_out,
