@@ -6,6 +6,7 @@ Each test drives a real broker or proxy on 127.0.0.1 and checks what it holds or
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import socket
 import time
@@ -13,12 +14,16 @@ from typing import Any
 
 import aiohttp
 import psutil
+import pytest
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, TrailersReceived
 
-from neoplasma.core.events import grpc_frame
+from neoplasma.core.events import grpc_frame, varint
+from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND
 from neoplasma.core.net import hostport
+from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
 from neoplasma.local.harness import (
+    EventSource,
     Server,
     grpc_request_headers,
     h2_client,
@@ -196,3 +201,86 @@ async def test_a_handler_failing_on_one_call_ends_that_call_only() -> None:
         writer.close()
         server.stop("test over")
         sock.close()
+
+
+def token_parts(token: str) -> tuple[bytes, int]:
+    """(the cluster tag, the first epoch) of a real resume token: both public, in every SSE `id:`."""
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    return raw[1:5], int.from_bytes(raw[5:9], "big")
+
+
+def forged(tag: bytes, positions: list[tuple[int, int]]) -> str:
+    raw = b"\x01" + tag + b"".join(epoch.to_bytes(4, "big") + varint(seq) for epoch, seq in positions)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(start: Any) -> None:
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    http = proxy.endpoints["http"]
+    honest = EventSource(lambda: http, "t").start()
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
+    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
+    await wait_for(lambda: honest.events, what="the first event")
+    tag, epoch = token_parts(honest.last_id)
+    clients = [EventSource(lambda: http, "t", token=forged(tag, [(epoch, seq)])).start()
+               for seq in (1 << 64, 1 << 70, (1 << 64) + 5)]
+    await wait_for(lambda: all(c.gaps for c in clients), what="the gap signal")
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 4), what="the forged clients live")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 1})])
+    await wait_for(lambda: all({"meta": {"type": "t"}, "data": {"n": 1}} in c.events for c in clients),
+                   what="live events after the gap")
+    assert all(c.statuses == [200] and not c.connections for c in clients)  # one connection each, no retry loop
+    assert all("64 bits" in c.gaps[0]["reason"] for c in clients), clients[0].gaps
+    for client in [honest, *clients]:
+        await client.close()
+    assert '"level": "error"' not in proxy.log()
+
+
+async def test_long_resume_ids_are_served_and_longer_requests_refused_quietly(start: Any) -> None:
+    """The longest legitimate id (MAX_TOKEN_CHARS: 438 brokers at the largest positions; 60 brokers need
+    at most 1127 characters) resumes from the header and from the query (a gap: those brokers are
+    unknown); longer headers and request lines get 400, with no traceback and few log lines."""
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    http = proxy.endpoints["http"]
+    honest = EventSource(lambda: http, "t").start()
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
+    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
+    await wait_for(lambda: honest.events, what="the first event")
+    tag, _ = token_parts(honest.last_id)
+    sixty = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 61)])
+    longest = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 439)])
+    assert len(sixty) == 1127 and len(longest) <= MAX_TOKEN_CHARS
+    by_header = EventSource(lambda: http, "t", token=longest).start()
+    by_query = EventSource(lambda: http, f"t&lastEventId={longest}").start()
+    await wait_for(lambda: by_header.gaps and by_query.gaps, what="the gap signal for unknown brokers")
+    assert by_header.statuses == by_query.statuses == [200]
+    host, _, port = http.rpartition(":")
+    started = time.monotonic()
+    for request in (b"GET /?eventType=t HTTP/1.1\r\nHost: p\r\nLast-Event-ID: %s\r\n\r\n" % (b"A" * 20_000),
+                    b"GET /?eventType=t&lastEventId=%s HTTP/1.1\r\nHost: p\r\n\r\n" % (b"A" * 20_000)):
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.0 400 ")
+            writer.close()
+    took = time.monotonic() - started
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 1})])  # still serving
+    await wait_for(lambda: {"meta": {"type": "t"}, "data": {"n": 1}} in by_header.events, what="live events")
+    for client in (honest, by_header, by_query):
+        await client.close()
+    log = proxy.log()
+    refused = [line for line in log.splitlines() if "aiohttp" in line]
+    assert "Traceback" not in log and '"level": "error"' not in log
+    assert 1 <= len(refused) <= OUTSIDE_BURST + OUTSIDE_PER_SECOND * took + 1, len(refused)
+
+
+def test_the_decoder_refuses_what_uint64_cannot_carry() -> None:
+    tag = cluster_tag("c")
+    assert decode_token(forged(tag, [(7, MAX_SEQ)]), tag) == {7: MAX_SEQ}
+    for seq in (MAX_SEQ + 1, 1 << 70):
+        with pytest.raises(InvalidToken, match="beyond 64 bits"):
+            decode_token(forged(tag, [(7, seq)]), tag)

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -74,6 +76,8 @@ class OutsideFilter(logging.Filter):
         fields: dict[str, Any] = {"source": record.name}
         if record.exc_info and record.exc_info[1] is not None:
             error = record.exc_info[1]
+            if isinstance(error, HttpProcessingError):  # a request aiohttp could not parse: the client's doing
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             fields["error"] = f"{type(error).__name__}: {error}"[:500]
             record.exc_info = None
             record.exc_text = None

@@ -16,6 +16,12 @@ from neoplasma.core.events import Checked, Event, varint
 from neoplasma.core.topics import prefixes
 
 TOKEN_VERSION = 1
+# The longest token accepted (characters). A token is 5 bytes, then 4 (epoch) + at most 10 (a seq below
+# 2**64) per broker, in unpadded base64: at most 1127 characters at 60 brokers (2247 while all 60 are
+# replaced, old and new in one membership), ~730 with seqs below 2**35. 8192 characters cover 438
+# brokers at the largest seqs; the proxy's HTTP server takes headers and request lines that long.
+MAX_TOKEN_CHARS = 8192
+MAX_SEQ = (1 << 64) - 1  # what the protocol's uint64 fields carry
 
 
 class InvalidToken(ValueError):
@@ -48,8 +54,8 @@ def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event]) 
 
 def decode_token(token: str, tag: bytes) -> dict[int, int]:
     """{epoch: seq} from a token of the cluster named by `tag`; InvalidToken for anything else."""
-    if not token or len(token) > 8192:
-        raise InvalidToken("the resume token is empty or too long")
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        raise InvalidToken(f"the resume token is empty or longer than {MAX_TOKEN_CHARS} characters")
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
@@ -67,7 +73,9 @@ def decode_token(token: str, tag: bytes) -> dict[int, int]:
         i += 4
         seq = shift = 0
         while True:
-            if i >= len(raw) or shift > 63:
+            if shift > 63:
+                raise InvalidToken("the resume token holds a position beyond 64 bits")
+            if i >= len(raw):
                 raise InvalidToken("the resume token is truncated")
             byte = raw[i]
             i += 1
@@ -77,6 +85,8 @@ def decode_token(token: str, tag: bytes) -> dict[int, int]:
                 break
         if not epoch or epoch in positions:
             raise InvalidToken("the resume token names a broker twice or epoch 0")
+        if seq > MAX_SEQ:
+            raise InvalidToken("the resume token holds a position beyond 64 bits")
         positions[epoch] = seq
     return positions
 

@@ -23,6 +23,7 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.resume import MAX_TOKEN_CHARS
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import (
     MAX_TOPIC_LENGTH,
@@ -64,6 +65,10 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
+# HTTP limits: a Last-Event-ID header, or ?lastEventId= beside the topics (aiohttp's usual 8190 bytes),
+# as long as the longest token accepted; longer ones get 400 and one rate-limited warning line.
+MAX_HEADER_BYTES = MAX_TOKEN_CHARS + 64
+MAX_REQUEST_LINE = 8190 + MAX_TOKEN_CHARS + 64
 # Summed over a pod's workers except these: the version every worker has applied.
 LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
 
@@ -533,7 +538,8 @@ async def serve(config: ProxyConfig) -> None:
     registry.register(ProxyCollector(proxy))
     http = HttpServer(http_app(proxy, registry, place),
                       bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
-                      config.header_timeout, handler_cancellation=True)
+                      config.header_timeout, handler_cancellation=True, max_field_size=MAX_HEADER_BYTES,
+                      max_line_size=MAX_REQUEST_LINE)
     await http.start()
     own_metrics = (await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
                    if place is not None else None)
