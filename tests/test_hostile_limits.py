@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import aiohttp
+import grpc
 import psutil
 import pytest
 from h2.connection import H2Connection
@@ -23,8 +24,10 @@ from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND
 from neoplasma.core.net import hostport
 from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
 from neoplasma.local.harness import (
+    AUTH,
     EventSource,
     Server,
+    apply_membership,
     grpc_request_headers,
     h2_client,
     links_ready,
@@ -34,6 +37,8 @@ from neoplasma.local.harness import (
 )
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 MIB = 1 << 20
 
@@ -284,3 +289,27 @@ def test_the_decoder_refuses_what_uint64_cannot_carry() -> None:
     for seq in (MAX_SEQ + 1, 1 << 70):
         with pytest.raises(InvalidToken, match="beyond 64 bits"):
             decode_token(forged(tag, [(7, seq)]), tag)
+
+
+async def test_same_version_other_contents_and_unbounded_drain_rates_are_refused(start: Any) -> None:
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0")
+    control = proxy.endpoints["control"]
+    members = [("b0", broker.endpoints["grpc"])]
+    assert (await apply_membership(control, 3, members)).accepted
+    await wait_for(lambda: links_ready(control, 1), what="the link")
+    again = await apply_membership(control, 3, members)  # the same again: idempotent
+    assert again.accepted and again.applied_version == 3
+    emptied = await apply_membership(control, 3, [])
+    assert not emptied.accepted and "version 3 is applied with other contents" in emptied.reason
+    assert len((await proxy_status(control)).links) == 1 and await links_ready(control, 1)
+    async with grpc.aio.insecure_channel(control) as ch:
+        stub = pb_grpc.ProxyControlStub(ch)
+        for rate in (1e-300, 0.01, 1e7):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Drain(pb.DrainRequest(reconnects_per_second=rate), timeout=5, metadata=AUTH)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "must be a positive number from 0.1 to 1e+06" in (refused.value.details() or "")
+    status = await proxy_status(control)
+    assert not status.draining and status.membership_version == 3
+    assert (await apply_membership(control, 4, [])).accepted  # a newer version may empty it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import signal
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
+from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
 from neoplasma.core.resume import MAX_TOKEN_CHARS
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
@@ -65,6 +64,10 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
+# Drain rates a Drain call may ask for (subscribers asked to reconnect per second): below, a drain that
+# never ends (one subscriber a day is no drain); above, far beyond what a proxy can close.
+MIN_DRAIN_RATE = 0.1
+MAX_DRAIN_RATE = 1e6
 # HTTP limits: a Last-Event-ID header, or ?lastEventId= beside the topics (aiohttp's usual 8190 bytes),
 # as long as the longest token accepted; longer ones get 400 and one rate-limited warning line.
 MAX_HEADER_BYTES = MAX_TOKEN_CHARS + 64
@@ -149,6 +152,10 @@ class Proxy:
             except InvalidSnapshot as exc:
                 log.warning("membership_refused", version=message.version, reason=str(exc))
                 return self._answer(False, f"refused: {exc}")
+            if conflicts(self.links.applied, snapshot):
+                log.outside("membership_refused", version=message.version, reason="other contents, same version")
+                return self._answer(False, f"refused: version {message.version} is applied with other contents; "
+                                    "a change needs a newer version")
             if snapshot != self.links.applied:
                 await self.links.apply(snapshot)
             return self._answer(True, "")
@@ -402,9 +409,9 @@ class ControlServicer(pb_grpc.ProxyControlServicer):
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
         rate = request.reconnects_per_second
-        if not (rate == 0 or (math.isfinite(rate) and rate > 0)):
+        if not (rate == 0 or MIN_DRAIN_RATE <= rate <= MAX_DRAIN_RATE):  # NaN fails both
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reconnects_per_second must be a positive number "
-                                f"(0: the proxy's default), not {rate}")
+                                f"from {MIN_DRAIN_RATE} to {MAX_DRAIN_RATE:g} (0: the proxy's default), not {rate}")
         self.proxy.drain(rate)
         return pb.DrainResponse(subscribers_remaining=len(self.proxy.hub.subscribers))
 
