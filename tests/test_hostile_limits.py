@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -33,6 +36,7 @@ from neoplasma.local.harness import (
     links_ready,
     proxy_status,
     publish_grpc,
+    publish_http,
     wait_for,
 )
 from neoplasma.plasma.v1 import stream_pb2
@@ -313,3 +317,75 @@ async def test_same_version_other_contents_and_unbounded_drain_rates_are_refused
     status = await proxy_status(control)
     assert not status.draining and status.membership_version == 3
     assert (await apply_membership(control, 4, [])).accepted  # a newer version may empty it
+
+
+class PeakRss:
+    """The peak RSS of a process while within (sampled every 10 ms on a thread)."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def raw_publish(http: str, head: bytes, chunks: Iterator[bytes]) -> tuple[bytes, int]:
+    """Send `head`, then `chunks` until the broker answers; (its status line, bytes of body sent)."""
+    host, _, port = http.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answer = asyncio.ensure_future(reader.readline())
+    sent = 0
+    try:
+        writer.write(head)
+        for chunk in chunks:
+            if answer.done():
+                break
+            writer.write(chunk)
+            sent += len(chunk)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        return await asyncio.wait_for(answer, 30), sent
+    finally:
+        writer.close()
+
+
+async def test_oversize_publishes_are_refused_as_they_stream_in(start: Any) -> None:
+    """Without publisher keys (the default): a 100 MiB chunked body is refused once it passes the limit
+    (not read to its end), a 100 MiB Content-Length at once, 16 MiB of tiny events (HTTP and gRPC) before
+    they are parsed; the broker's RSS stays within 64 MiB of its idle figure, and it goes on serving."""
+    broker = start("broker", "b0")
+    http = broker.endpoints["http"]
+    head = b"POST /publish HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n"
+    chunk = b"[" + b"1," * (MIB // 2 - 1) + b"1"
+    tiny = b'{"meta":{"type":"t"},"data":1}'
+    events = b"[" + b",".join([tiny] * ((16 * MIB - 4096) // (len(tiny) + 1))) + b"]"
+    idle = psutil.Process(broker.proc.pid).memory_info().rss
+    with PeakRss(broker.proc.pid) as rss:
+        status, sent = await raw_publish(http, head + b"Transfer-Encoding: chunked\r\n\r\n",
+                                         (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(100)))
+        assert status.startswith(b"HTTP/1.1 413 ") and sent < 64 * MIB, (status, sent)
+        status, sent = await raw_publish(http, head + b"Content-Length: %d\r\n\r\n" % (100 * MIB), iter([chunk]))
+        assert status.startswith(b"HTTP/1.1 413 ")
+        code, answer = await publish_http(http, events)
+        assert code == 413 and "JSON values" in answer["error"], answer
+        async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.BrokerStub(ch).Publish(pb.PublishRequest(
+                    events=[pb.Event(topic="t", data=b"1")] * ((16 * MIB - 4096) // 8)), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 10000 events" in (refused.value.details() or "")
+    assert rss.peak - idle < 64 * MIB, f"peak RSS {(rss.peak - idle) / MIB:.0f} MiB over idle"
+    assert await publish_grpc(broker.endpoints["grpc"], [("t", {"still": "serving"})]) == 1

@@ -22,11 +22,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import (
+    DEFAULT_MAX_ELEMENTS_PER_REQUEST,
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_MAX_EVENTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BYTES,
     Checked,
     InvalidEvent,
+    RequestTooLarge,
     batch_entry,
     batch_trailer,
     check_publish_body,
@@ -83,6 +85,9 @@ class BrokerConfig(TrustSettings):
     max_request_bytes: int = setting(DEFAULT_MAX_REQUEST_BYTES, bound=POSITIVE, help="largest publish request")
     max_events_per_request: int = setting(DEFAULT_MAX_EVENTS_PER_REQUEST, bound=POSITIVE,
                                           help="most events in one publish request")
+    max_elements_per_request: int = setting(DEFAULT_MAX_ELEMENTS_PER_REQUEST, bound=POSITIVE,
+                                            help="most JSON values (array elements and object members) in one "
+                                            "HTTP publish body, counted before it is parsed")
     publish_keys_file: str = setting("", help="file of publisher API keys, one per line (re-read when it "
                                      "changes); when given, publishing needs `Authorization: Bearer KEY`")
     max_interest_topics: int = setting(500_000, bound=POSITIVE,
@@ -150,7 +155,8 @@ class Broker:
         """Published input checked by `parse` within the limits (on a worker thread when large)."""
         cfg = self.config
         limits = {"max_bytes": cfg.max_event_bytes, "max_topic_length": cfg.max_topic_length,
-                  "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes}
+                  "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes,
+                  "max_elements": cfg.max_elements_per_request}
         if size >= OFFLOAD_BYTES and self.offload.free():
             return await self.offload.run(checked_pairs, parse, given, limits)
         if size > OFF_LOOP_BYTES:
@@ -242,11 +248,16 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:  # noqa: N802
+    async def Publish(self, request: pb.PublishRequest | RequestTooLarge,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.PublishResponse:
         broker = self.broker
         if broker.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"broker {broker.config.name} is draining; publish to another broker")
+        if isinstance(request, RequestTooLarge):  # counted before it was parsed (publish_request)
+            broker.reject()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"nothing published: {request}")
+            return pb.PublishResponse()  # not reached: abort raises
         pairs = [(e.topic, e.data) for e in request.events]
         try:
             events = await broker.check(make_events, pairs, request.ByteSize())
@@ -355,11 +366,50 @@ def identity(data: bytes) -> bytes:
     return data
 
 
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at `raw[i:]` and where it ends (past the end of `raw` when truncated)."""
+    value = shift = 0
+    while i < len(raw) and shift < 64:
+        byte = raw[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    return value, len(raw) + 1
+
+
+def publish_request(cfg: BrokerConfig) -> Callable[[bytes], pb.PublishRequest | RequestTooLarge]:
+    """A PublishRequest deserializer that counts events, and measures each, before parsing: parsing makes
+    an object per event (16 MiB of tiny events was 2 million of them and 365 MB), so a request beyond
+    the limits is refused from its wire form. What it cannot follow is left to the parser to judge."""
+    most_bytes = cfg.max_event_bytes + 4 * cfg.max_topic_length + 32  # data, topic (UTF-8), field headers
+
+    def deserialize(raw: bytes) -> pb.PublishRequest | RequestTooLarge:
+        i = events = 0
+        while i < len(raw):
+            key, i = _varint(raw, i)
+            if key != 0x0A:  # not `events` (field 1, length-delimited)
+                break
+            size, i = _varint(raw, i)
+            events += 1
+            if events > cfg.max_events_per_request:
+                return RequestTooLarge(f"the request holds more than {cfg.max_events_per_request} events "
+                                       "(send smaller batches)")
+            if size > most_bytes:
+                return RequestTooLarge(f"event {events - 1} is {size} bytes; the limit is {cfg.max_event_bytes} "
+                                       "bytes of data")
+            i += size
+        return pb.PublishRequest.FromString(raw)
+
+    return deserialize
+
+
 def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
     """The Broker service, with relay messages written as ready-made bytes."""
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Publish": grpc.unary_unary_rpc_method_handler(
-            servicer.Publish, request_deserializer=pb.PublishRequest.FromString,
+            servicer.Publish, request_deserializer=publish_request(servicer.broker.config),
             response_serializer=pb.PublishResponse.SerializeToString),
         "Relay": grpc.stream_stream_rpc_method_handler(
             servicer.Relay, request_deserializer=pb.Interest.FromString, response_serializer=identity),
@@ -372,6 +422,19 @@ def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
 
 
 # -- HTTP ------------------------------------------------------------------------
+
+
+async def read_bounded(request: web.Request, most: int) -> bytes | None:
+    """The request's body, counted as it arrives: None as soon as it is over `most` bytes (its length
+    said so, or its chunks did), without reading the rest."""
+    if request.content_length is not None and request.content_length > most:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > most:
+            return None
+    return bytes(body)
 
 
 def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
@@ -388,7 +451,13 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
         if broker.draining:
             return web.json_response({"error": f"broker {cfg.name} is draining; publish to another broker"},
                                      status=503)
-        body = await request.read()
+        body = await read_bounded(request, cfg.max_request_bytes)
+        if body is None:
+            broker.reject()
+            response = web.json_response({"error": f"nothing published: the request is over {cfg.max_request_bytes} "
+                                          "bytes (send smaller batches)"}, status=413)
+            response.force_close()  # the rest of the body is not read
+            return response
         try:
             events = await broker.check(check_publish_body, body, len(body))
         except InvalidEvent as exc:
