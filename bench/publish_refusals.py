@@ -29,9 +29,11 @@ from typing import Any
 import grpc
 import psutil
 
-from neoplasma.local.harness import start_server
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

@@ -21,12 +21,7 @@ import psutil
 import pytest
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, TrailersReceived
-
-from neoplasma.core.events import grpc_frame, varint
-from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND
-from neoplasma.core.net import hostport
-from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
-from neoplasma.local.harness import (
+from harness import (
     AUTH,
     EventSource,
     Server,
@@ -39,6 +34,11 @@ from neoplasma.local.harness import (
     publish_http,
     wait_for,
 )
+
+from neoplasma.core.events import grpc_frame, varint
+from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND
+from neoplasma.core.net import hostport
+from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer
 from neoplasma.wire.v1 import neoplasma_pb2 as pb

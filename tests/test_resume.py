@@ -17,6 +17,20 @@ from typing import Any
 import grpc
 import pytest
 from h2.events import DataReceived, StreamEnded, StreamReset
+from harness import (
+    ACCESS,
+    AUTH,
+    CREDENTIAL,
+    EventSource,
+    Publisher,
+    Server,
+    grpc_request_headers,
+    h2_client,
+    links_ready,
+    proxy_status,
+    publish_grpc,
+    wait_for,
+)
 
 from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
 from neoplasma.core.events import Event
@@ -32,20 +46,6 @@ from neoplasma.core.resume import (
     encode_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
-from neoplasma.local.harness import (
-    ACCESS,
-    AUTH,
-    CREDENTIAL,
-    EventSource,
-    Publisher,
-    Server,
-    grpc_request_headers,
-    h2_client,
-    links_ready,
-    proxy_status,
-    publish_grpc,
-    wait_for,
-)
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
