@@ -41,6 +41,7 @@ from neoplasma.core.net import hostport
 from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer
+from neoplasma.proxy.resume import OVER_BUDGET
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -389,3 +390,75 @@ async def test_oversize_publishes_are_refused_as_they_stream_in(start: Any) -> N
         assert "more than 10000 events" in (refused.value.details() or "")
     assert rss.peak - idle < 64 * MIB, f"peak RSS {(rss.peak - idle) / MIB:.0f} MiB over idle"
     assert await publish_grpc(broker.endpoints["grpc"], [("t", {"still": "serving"})]) == 1
+
+
+async def resumable_plane(start: Any, *proxy_args: str) -> tuple[Server, Server, str]:
+    """A broker and a proxy, a subscriber's id after one event on topic t, and 2000 events it then missed."""
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"], *proxy_args)
+    http = proxy.endpoints["http"]
+    first = EventSource(lambda: http, "t").start()
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
+    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
+    await wait_for(lambda: first.events, what="the first event")
+    await first.close()
+    for k in range(1, 2001, 500):
+        await publish_grpc(broker.endpoints["grpc"], [("t", {"n": n}) for n in range(k, k + 500)])
+    return broker, proxy, first.last_id
+
+
+async def test_resumes_from_one_position_share_one_replay(start: Any) -> None:
+    """50 browsers resuming from the same id at once (a proxy died): each gets the 2000 missed events
+    exactly once, with no gap, and the broker serves far fewer than 50 Replay calls."""
+    broker, proxy, token = await resumable_plane(start)
+    before = await metric(broker, "neoplasma_broker_replays_total")
+    clients = [EventSource(lambda: proxy.endpoints["http"], "t", token=token).start() for _ in range(50)]
+    await wait_for(lambda: all(len(c.events) >= 2000 for c in clients), timeout=30, what="every missed event")
+    for client in clients:
+        assert [e["data"]["n"] for e in client.events] == list(range(1, 2001)) and not client.gaps
+        await client.close()
+    assert await metric(broker, "neoplasma_broker_replays_total") - before <= 10
+
+
+async def test_a_position_in_the_future_is_a_gap_at_once_then_live(start: Any) -> None:
+    broker, proxy, token = await resumable_plane(start)
+    tag, epoch = token_parts(token)
+    started = time.monotonic()
+    client = EventSource(lambda: proxy.endpoints["http"], "t", token=forged(tag, [(epoch, 10**12)])).start()
+    await wait_for(lambda: client.gaps, what="the gap signal")
+    assert time.monotonic() - started < 3 and "has not reached this position" in client.gaps[0]["reason"]
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="live")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": "live"})])
+    await wait_for(lambda: client.events, what="a live event")
+    assert [e["data"]["n"] for e in client.events] == ["live"]
+    await client.close()
+
+
+async def test_a_resume_over_the_held_events_budget_is_a_gap_then_live(start: Any) -> None:
+    """Live events arriving while a subscriber catches up are held for it, within a budget (here 1 event):
+    over it, the subscriber is told (the gap signal) and resumes from now, never dropped as slow."""
+    broker, proxy, token = await resumable_plane(start, "--max-held-events-per-resume", "1")
+    publishing = True
+
+    async def publish() -> None:  # batches of 5: any batch that reaches the holder is over its budget
+        k = 0
+        async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
+            stub = pb_grpc.BrokerStub(ch)
+            while publishing:
+                await stub.Publish(pb.PublishRequest(events=[
+                    pb.Event(topic="t", data=b'{"live":%d}' % (k + i)) for i in range(5)]), timeout=5)
+                k += 5
+
+    publisher = asyncio.create_task(publish())
+    try:
+        client = EventSource(lambda: proxy.endpoints["http"], "t", token=token).start()
+        await wait_for(lambda: client.gaps, what="the gap signal")
+        assert client.gaps[0]["reason"] == OVER_BUDGET
+        await wait_for(lambda: sum("live" in e["data"] for e in client.events) > 10, what="live events after it")
+    finally:
+        publishing = False
+        await publisher
+    live = [e["data"]["live"] for e in client.events if "live" in e["data"]]
+    assert live == sorted(set(live)) and client.statuses == [200] and not client.connections
+    await client.close()

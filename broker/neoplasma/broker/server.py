@@ -105,6 +105,9 @@ class BrokerConfig(TrustSettings):
                                        "subscribers")
     retention_bytes: int = setting(256 * 1024 * 1024, bound=POSITIVE,
                                    help="bytes of accepted events kept for resuming subscribers")
+    max_replays: int = setting(4, bound=POSITIVE, help="Replay calls (resuming subscribers' catch-up) served at once")
+    max_replays_waiting: int = setting(64, bound=NON_NEGATIVE, help="Replay calls that may wait for one of those; "
+                                       "more are refused (RESOURCE_EXHAUSTED)")
     # An idle relay stream is told the new head at most this often.
     head_interval: float = setting(1.0, bound=POSITIVE)
 
@@ -123,9 +126,17 @@ class Metrics:
         self.relay_streams = Gauge("neoplasma_broker_relay_streams", "Open relay streams", registry=r)
         self.publishers = Gauge("neoplasma_broker_publishers", "Publishers seen within the activity window", registry=r)
         self.outbox_bytes = Gauge("neoplasma_broker_outbox_bytes", "Bytes queued for relay streams", registry=r)
+        self.replays = Counter("neoplasma_broker_replays", "Replay calls served (resuming subscribers' catch-up)",
+                               registry=r)
+        self.replays_refused = Counter("neoplasma_broker_replays_refused", "Replay calls refused: over the budget",
+                                       registry=r)
         self.retained_bytes = Gauge("neoplasma_broker_retained_bytes",
                                     "Bytes held by retention for resuming subscribers", registry=r)
         self.retained_events = Gauge("neoplasma_broker_retained_events", "Events held by retention", registry=r)
+
+
+# Retained events a Replay looks at before it lets the broker's loop serve others (~10 ms).
+REPLAY_PART = 10_000
 
 
 class Broker:
@@ -140,6 +151,8 @@ class Broker:
         self.epoch = random.randint(1, 2**32 - 1)
         self.seq = 0  # the last seq stamped in this epoch
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
+        self.replays = asyncio.Semaphore(config.max_replays)
+        self.replays_waiting = 0
         self.offload = Offload(config.workers - 1)
         self.events_in = 0
         self.events_out = 0
@@ -334,31 +347,49 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         return self.broker.stats()
 
     async def Replay(self, request: pb.ReplayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # noqa: N802
-        """The retained events after `request.after` for `request.topics`, up to the head now."""
+        """The retained events after `request.after` for `request.topics`, up to the head now.
+
+        At most --max-replays run at once (others wait, up to --max-replays-waiting; beyond, refused
+        with RESOURCE_EXHAUSTED); each walks retention a part at a time, in messages of up to
+        --max-message-bytes, yielding the loop between parts (a replay of all of retention holds one part)."""
         broker = self.broker
-        limit = broker.config.max_topic_length
+        cfg = broker.config
         try:
-            topics = frozenset(check_topic(t, limit) for t in request.topics)
+            topics = frozenset(check_topic(t, cfg.max_topic_length) for t in request.topics)
         except InvalidTopic as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replay refused: {exc}")
-        head = broker.seq
-        log_ = broker.retention
-        log_.evict(time.monotonic())
-        ours = request.epoch == broker.epoch
-        gap = not ours or not broker.holds_after(request.after)
-        found = list(log_.replay(request.after, head, topics)) if ours else []
-        trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)  # the gap goes with the first message
-        plain, most = batch_trailer(epoch=broker.epoch, head=head), broker.config.max_message_bytes
-        entries: list[bytes] = []
-        size = 0
-        for seq, event in found:
-            entry = batch_entry(event, seq)
-            if entries and size + len(entry) > most:
-                yield b"".join(entries) + trailer
-                trailer, entries, size = plain, [], 0
-            entries.append(entry)
-            size += len(entry)
-        yield b"".join(entries) + trailer
+        if broker.replays.locked() and broker.replays_waiting >= cfg.max_replays_waiting:
+            broker.metrics.replays_refused.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"replay refused: {cfg.max_replays} replays "
+                                f"run and {broker.replays_waiting} wait on broker {cfg.name}; try again later")
+        broker.replays_waiting += 1
+        try:
+            await broker.replays.acquire()
+        finally:
+            broker.replays_waiting -= 1
+        broker.metrics.replays.inc()
+        try:
+            head = broker.seq
+            log_ = broker.retention
+            log_.evict(time.monotonic())
+            ours = request.epoch == broker.epoch
+            gap = not ours or not broker.holds_after(request.after)
+            after = min(request.after, head) if ours else head  # nothing to walk for another epoch
+            plain = batch_trailer(epoch=broker.epoch, head=head)
+            while True:
+                if ours and not log_.covers(after):  # evicted while this replay went on
+                    gap = True
+                found, after = log_.replay_part(after, head, topics, cfg.max_message_bytes, REPLAY_PART)
+                done = after >= head
+                if found or done or gap:
+                    message = b"".join([batch_entry(event, seq) for seq, event in found])
+                    yield message + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
+                    gap = False
+                if done:
+                    return
+                await asyncio.sleep(0)  # a part walked: let the loop serve others
+        finally:
+            broker.replays.release()
 
 
 def identity(data: bytes) -> bytes:

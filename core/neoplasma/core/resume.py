@@ -271,16 +271,11 @@ class RetentionLog:
                 return segment.run(index)[0] - 1, self._evicted_at < since
         return self._next - 1, self._evicted_at < since
 
-    def replay(self, after: int, until: int, topics: frozenset[str]) -> Iterator[tuple[int, Event]]:
-        """(seq, event) with after < seq <= until matching `topics`, in order.
-
-        Consume it before the log changes again (no await in between): appends and
-        evictions move the entries it walks.
-        """
+    def _walk(self, after: int, until: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """(seq, topic as UTF-8, data) of every retained event with after < seq <= until, in order."""
         segments = self._segments
         after = max(after, self.oldest - 1)
         index = max(0, bisect.bisect_right(segments, after + 1, key=lambda s: s.first_seq) - 1)
-        names: dict[bytes, tuple[str, bool]] = {}  # each topic decoded and matched once
         for k in range(index, len(segments)):
             segment = segments[k]
             if segment.first_seq > until:
@@ -288,11 +283,43 @@ class RetentionLog:
             for seq, name, data in segment.records(segment.find_seq(after + 1)):
                 if seq > until:
                     return
-                if seq <= after:
-                    continue
-                found = names.get(name)
-                if found is None:
-                    topic = name.decode("utf-8")
-                    found = names[name] = (topic, wanted(topic, topics))
-                if found[1]:
-                    yield seq, Event(found[0], data)
+                if seq > after:
+                    yield seq, name, data
+
+    def replay(self, after: int, until: int, topics: frozenset[str]) -> Iterator[tuple[int, Event]]:
+        """(seq, event) with after < seq <= until matching `topics`, in order.
+
+        Consume it before the log changes again (no await in between): appends and
+        evictions move the entries it walks.
+        """
+        names: dict[bytes, tuple[str, bool]] = {}  # each topic decoded and matched once
+        for seq, name, data in self._walk(after, until):
+            found = names.get(name)
+            if found is None:
+                topic = name.decode("utf-8")
+                found = names[name] = (topic, wanted(topic, topics))
+            if found[1]:
+                yield seq, Event(found[0], data)
+
+    def replay_part(self, after: int, until: int, topics: frozenset[str], max_bytes: int,
+                    max_walked: int) -> tuple[list[tuple[int, Event]], int]:
+        """The start of `replay(after, until, topics)`: events up to about `max_bytes` of data, having looked
+        at no more than `max_walked` events; and the seq up to which it looked (`until` when done). Between
+        parts the log may change: the next part starts after that seq."""
+        found: list[tuple[int, Event]] = []
+        names: dict[bytes, tuple[str, bool]] = {}
+        size = walked = 0
+        last = after
+        for seq, name, data in self._walk(after, until):
+            last = seq
+            hit = names.get(name)
+            if hit is None:
+                topic = name.decode("utf-8")
+                hit = names[name] = (topic, wanted(topic, topics))
+            if hit[1]:
+                found.append((seq, Event(hit[0], data)))
+                size += len(data) + len(name)
+            walked += 1
+            if size >= max_bytes or walked >= max_walked:
+                return found, last
+        return found, until

@@ -57,7 +57,15 @@ from neoplasma.proxy.hub import (
     http_chunk,
 )
 from neoplasma.proxy.links import LinkSet
-from neoplasma.proxy.resume import Resume, Sink, start_resume
+from neoplasma.proxy.resume import (
+    MAX_HELD,
+    MAX_HELD_PER_PROXY,
+    MAX_REPLAYS,
+    Resume,
+    ResumeBudget,
+    Sink,
+    start_resume,
+)
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -127,6 +135,12 @@ class ProxyConfig(TrustSettings):
                                     "events pile up for fewer, larger writes (Hub.run_dispatcher)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
+    max_held_events_per_resume: int = setting(MAX_HELD, bound=POSITIVE, help="live events kept for one resuming "
+                                              "subscriber while it catches up; beyond, it resumes from now with a gap")
+    max_held_events: int = setting(MAX_HELD_PER_PROXY, bound=POSITIVE, help="live events kept for all resuming "
+                                   "subscribers at once; beyond, those over it resume from now with a gap")
+    max_replays: int = setting(MAX_REPLAYS, bound=POSITIVE, help="Replay calls to brokers at once (resumes "
+                               "from the same position share one); others wait their turn")
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
                                          help="seconds a resuming subscriber waits for the broker links")
 
@@ -137,6 +151,7 @@ class Proxy:
         self.hub = Hub()
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
+        self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays)
         self.draining = False
         self.ready = True  # /healthz; false from the first signal to stop or drain
         self._apply_lock = asyncio.Lock()
@@ -202,7 +217,8 @@ class Proxy:
         if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
-        resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds)
+        resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds,
+                        self.resumes)
         return start_resume(resume, token)
 
 
