@@ -25,6 +25,7 @@ from harness import (
     AUTH,
     EventSource,
     Server,
+    SseClient,
     apply_membership,
     grpc_request_headers,
     h2_client,
@@ -462,3 +463,38 @@ async def test_a_resume_over_the_held_events_budget_is_a_gap_then_live(start: An
     live = [e["data"]["live"] for e in client.events if "live" in e["data"]]
     assert live == sorted(set(live)) and client.statuses == [200] and not client.connections
     await client.close()
+
+
+async def test_a_proxys_interest_is_bounded_and_given_back(start: Any) -> None:
+    """--max-topics bounds the distinct topics all of a proxy's subscribers want (what it asks every broker
+    for), over SSE and gRPC; the room comes back when subscribers leave."""
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"], "--max-topics", "2500")
+    http, control = proxy.endpoints["http"], proxy.endpoints["control"]
+    first = await SseClient(http, ",".join(f"a{n}" for n in range(1000))).start()
+    second = await SseClient(http, ",".join(f"b{n}" for n in range(1000))).start()
+    await wait_for(lambda: proxy_status_field(proxy, "topics", 2000), what="2000 topics")
+    third = await SseClient(http, ",".join(f"c{n}" for n in range(1000))).start()
+    assert third.status == 413 and "want 2000 topics; 1000 more would pass its limit of 2500" in third.body
+    shared = await SseClient(http, ",".join(f"a{n}" for n in range(1000))).start()  # nothing new: room enough
+    assert shared.status == 200
+    reader, writer, client = await h2_client(proxy.endpoints["grpc"])
+    stream_id, received, other = await plasma_stream(reader, writer, client, "x")
+    request = stream_pb2.Request(Events=[stream_pb2.EventType(type=f"d{n}") for n in range(600)])
+    client.send_data(stream_id, grpc_frame(request.SerializeToString()))
+    writer.write(client.data_to_send())
+
+    async def refused() -> bool:
+        await pump(reader, writer, client, received, other)
+        return any(isinstance(e, TrailersReceived | ResponseReceived) and (b"grpc-status", b"8") in e.headers
+                   for e in other)
+
+    await wait_for(refused, what="RESOURCE_EXHAUSTED for the plasma stream")
+    writer.close()
+    for sub in (first, second, shared, third):
+        await sub.close()
+    await wait_for(lambda: proxy_status_field(proxy, "topics", 0), what="the interest given back")
+    again = await SseClient(http, ",".join(f"c{n}" for n in range(1000))).start()
+    assert again.status == 200
+    await again.close()
+    assert (await proxy_status(control)).membership_version == 0

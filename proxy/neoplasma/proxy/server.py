@@ -117,6 +117,8 @@ class ProxyConfig(TrustSettings):
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
                                                help="most topics one subscriber may name")
+    max_topics: int = setting(100_000, bound=POSITIVE, help="most distinct topics this proxy's subscribers may "
+                              "want at once (what it asks every broker for); a subscription past it is refused")
     max_subscription_changes: int = setting(10, bound=POSITIVE,
                                             help="subscription changes a plasma gRPC stream may make per second")
     header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
@@ -187,6 +189,15 @@ class Proxy:
             links=self.links.to_proto(), events_received=self.hub.events_received,
             deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
             topics=len(self.hub.topics()), draining=self.draining)
+
+    def check_room(self, topics: Sequence[str], leaving: frozenset[str] = frozenset()) -> None:
+        """LimitExceeded when `topics` would take the proxy's interest past --max-topics (`leaving`: topics
+        the subscriber gives up at the same time, counted as still wanted)."""
+        hub, most = self.hub, self.config.max_topics
+        new = hub.new_topics(t for t in topics if t not in leaving)
+        if new and hub.topic_count() + new > most:
+            raise LimitExceeded(f"this proxy's subscribers want {hub.topic_count()} topics; {new} more would pass "
+                                f"its limit of {most} (subscribe at another proxy, or to fewer topics)")
 
     def drain(self, rate: float) -> None:
         """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
@@ -334,6 +345,7 @@ class PlasmaEvents:
             self.changes.append(now)
             topics = check_topics((e.type for e in request.Events), cfg.max_topic_length,
                                   cfg.max_topics_per_subscription)
+            self.proxy.check_room(topics, self.sub.topics)
         except (InvalidTopic, LimitExceeded, DecodeError) as error:
             self.call.end(*refusal(error, "Events", "subscription"))
             return
@@ -351,6 +363,7 @@ def native_subscribe(proxy: Proxy) -> Opener:
         request = pb.SubscribeRequest.FromString(message)
         try:
             topics = check_topics(request.topics, cfg.max_topic_length, cfg.max_topics_per_subscription)
+            proxy.check_room(topics)
         except (InvalidTopic, LimitExceeded) as error:
             call.end(*refusal(error, "Subscribe", "subscription"))
             return
@@ -454,7 +467,7 @@ class ProxyCollector(Collector):
                                   value=hub.slow_dropped)
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
-        yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+        yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=hub.topic_count())
 
 
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
@@ -469,7 +482,8 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
             return web.Response(status=400, text="event query can't be empty\n")
         try:
             topics = parse_topic_list(raw, cfg.max_topic_length, cfg.max_topics_per_subscription)
-        except InvalidTopic as exc:
+            proxy.check_room(topics)
+        except (InvalidTopic, LimitExceeded) as exc:
             return web.Response(status=413 if isinstance(exc, LimitExceeded) else 400, text=f"{exc}\n")
         if request.version < (1, 1):  # SSE here is a chunked stream
             return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
