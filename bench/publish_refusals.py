@@ -46,7 +46,7 @@ def tree_env(ref: str | None) -> dict[str, str]:
     folder = Path(tempfile.mkdtemp(prefix="neoplasma-refusals-"))
     archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return {"PYTHONPATH": os.pathsep.join(str(folder / d) for d in ("core", "broker", "proxy", "protos"))}
+    return {"PYTHONPATH": os.pathsep.join(str(d) for d in sorted(folder.iterdir()) if (d / "neoplasma").is_dir())}
 
 
 def tiny_events(size: int) -> bytes:
