@@ -37,7 +37,7 @@ from harness import (
 )
 
 from neoplasma.core.events import grpc_frame, varint
-from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND
+from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND, LineBudget
 from neoplasma.core.net import hostport
 from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
 from neoplasma.plasma.v1 import stream_pb2
@@ -498,3 +498,12 @@ async def test_a_proxys_interest_is_bounded_and_given_back(start: Any) -> None:
     assert again.status == 200
     await again.close()
     assert (await proxy_status(control)).membership_version == 0
+
+
+def test_the_outside_line_budget_allows_bursts_then_a_steady_rate_and_counts_what_it_left_out() -> None:
+    now = [0.0]
+    budget = LineBudget(per_second=5.0, burst=20, clock=lambda: now[0])
+    assert [budget.take() for _ in range(20)] == [0] * 20
+    assert [budget.take() for _ in range(100)] == [None] * 100  # whatever is sent, no more lines now
+    now[0] += 1.0
+    assert budget.take() == 100 and [budget.take() for _ in range(4)] == [0] * 4 and budget.take() is None

@@ -106,14 +106,15 @@ class EventLogger:
     def warning(self, event: str, **fields: Any) -> None:
         self._emit(logging.WARNING, event, False, fields)
 
-    def outside(self, event: str, **fields: Any) -> None:
-        """A warning caused by outside input: written within the process's `OUTSIDE` budget."""
-        if self._log.isEnabledFor(logging.WARNING):
+    def outside(self, event: str, level: int = logging.WARNING, **fields: Any) -> None:
+        """A line (a warning unless `level` says) caused by outside input: written within the process's
+        `OUTSIDE` budget."""
+        if self._log.isEnabledFor(level):
             suppressed = OUTSIDE.take()
             if suppressed:
                 fields["suppressed"] = suppressed
             if suppressed is not None:
-                self._emit(logging.WARNING, event, False, fields)
+                self._emit(level, event, False, fields)
 
     def error(self, event: str, exc_info: bool = False, **fields: Any) -> None:
         self._emit(logging.ERROR, event, exc_info, fields)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
@@ -47,6 +48,18 @@ class ReplayBatch(NamedTuple):
     events: list[Event]
     head: int
     gap: bool
+    # Its frames as sent to readers, by (sink kind, position before it): readers at one position (every
+    # client of a proxy that died, say) get the same bytes, encoded once.
+    encoded: dict[tuple[type, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+
+
+@runtime_checkable
+class Framing(Protocol):
+    """A sink that can send replayed events as frames encoded once for all readers at one position."""
+
+    def frames(self, events: Sequence[Event], tokens: Sequence[bytes]) -> bytes: ...
+
+    async def send_frames(self, data: bytes) -> None: ...
 
 
 class SharedReplay:
@@ -89,7 +102,7 @@ class SharedReplay:
                                 self.called = max(self.called, batch.head)
                             self.batches.append(ReplayBatch(
                                 [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
-                                batch.gap))
+                                batch.gap, {}))
                             self.changed.notify()
                             await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
                                                           timeout)
@@ -296,7 +309,7 @@ class Resume:
                     await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "
                                         "position")
                 if batch.events:
-                    await self.sink.send(batch.events, self._tokens(batch.events))
+                    await self._send(batch)
                 if self.holder is not None and self.holder.over:  # resumes from now: the rest is not needed
                     return head
         except grpc.aio.AioRpcError as exc:
@@ -304,6 +317,21 @@ class Resume:
             await self.sink.gap(f"broker {link.member.name} could not replay: {exc.code().name}")
             return max(head, self.hub.positions.get(epoch, 0))
         return head
+
+    async def _send(self, batch: ReplayBatch) -> None:
+        """Send a replayed batch, encoded once for every reader at the same position (a Framing sink)."""
+        sink = self.sink
+        if not isinstance(sink, Framing):
+            await sink.send(batch.events, self._tokens(batch.events))
+            return
+        key = (type(sink), tuple(sorted(self.position.items())))
+        done = batch.encoded.get(key)
+        if done is None:
+            data = sink.frames(batch.events, self._tokens(batch.events))
+            done = batch.encoded[key] = (data, dict(self.position))
+        else:
+            self.position = dict(done[1])
+        await sink.send_frames(done[0])
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
@@ -316,7 +344,7 @@ def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
 
     def done(t: asyncio.Task[None]) -> None:
         if not t.cancelled() and t.exception() is not None:
-            log.error("resume_failed", error=repr(t.exception()))
+            log.outside("resume_failed", logging.ERROR, error=repr(t.exception()))
             resume.sub.close("gone")
 
     task.add_done_callback(done)

@@ -167,7 +167,7 @@ class Proxy:
             try:
                 snapshot = snapshot_from_proto(message)
             except InvalidSnapshot as exc:
-                log.warning("membership_refused", version=message.version, reason=str(exc))
+                log.outside("membership_refused", version=message.version, reason=str(exc))
                 return self._answer(False, f"refused: {exc}")
             if conflicts(self.links.applied, snapshot):
                 log.outside("membership_refused", version=message.version, reason="other contents, same version")
@@ -248,17 +248,20 @@ class SseSink:
         self.response, self.sub = response, sub
 
     @staticmethod
-    def _frames(events: Sequence[Event], tokens: Sequence[bytes]) -> bytes:
+    def frames(events: Sequence[Event], tokens: Sequence[bytes]) -> bytes:
         return b"".join([sse_frame(token, event) for event, token in zip(events, tokens, strict=True)])
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
-        await self.response.write(self._frames(events, tokens))  # waits while the client is behind
+        await self.send_frames(self.frames(events, tokens))
+
+    async def send_frames(self, data: bytes) -> None:
+        await self.response.write(data)  # waits while the client is behind
 
     async def gap(self, reason: str) -> None:
         await self.response.write(sse_gap(reason))
 
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
-        data = b"".join(sse_gap(reason) for reason in gaps) + self._frames(events, tokens)
+        data = b"".join(sse_gap(reason) for reason in gaps) + self.frames(events, tokens)
         if data:
             deliver_or_close(self.sub, http_chunk(data))
 
@@ -272,17 +275,23 @@ class BatchSink:
         self.sub, self.wait = sub, wait
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        await self.send_frames(self.frames(events, tokens))
+
+    @staticmethod
+    def frames(events: Sequence[Event], tokens: Sequence[bytes], gap: bool = False) -> bytes:
+        message = b"".join([batch_entry(e) for e in events])
+        return grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=gap))
+
+    async def send_frames(self, data: bytes) -> None:
         await self.sub.call.taken(self.sub.max_unsent // 2, self.wait)
-        self.send_now(events, tokens, ())
+        deliver_or_close(self.sub, data)
 
     async def gap(self, reason: str) -> None:
         self.send_now((), (), (reason,))
 
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         if events or gaps:
-            message = b"".join([batch_entry(e) for e in events])
-            deliver_or_close(self.sub, grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"",
-                                                                           gap=bool(gaps))))
+            deliver_or_close(self.sub, self.frames(events, tokens, bool(gaps)))
 
 
 # -- the subscriber port: plasma's stream, the native stream, health -------------------
