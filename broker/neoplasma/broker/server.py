@@ -108,6 +108,8 @@ class BrokerConfig(TrustSettings):
     max_replays: int = setting(4, bound=POSITIVE, help="Replay calls (resuming subscribers' catch-up) served at once")
     max_replays_waiting: int = setting(64, bound=NON_NEGATIVE, help="Replay calls that may wait for one of those; "
                                        "more are refused (RESOURCE_EXHAUSTED)")
+    replay_events_per_second: int = setting(250_000, bound=POSITIVE, help="retained events all Replay calls "
+                                            "together may walk per second (~a quarter of a core)")
     # An idle relay stream is told the new head at most this often.
     head_interval: float = setting(1.0, bound=POSITIVE)
 
@@ -153,6 +155,7 @@ class Broker:
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
         self.replays = asyncio.Semaphore(config.max_replays)
         self.replays_waiting = 0
+        self._replay_allowed_at = 0.0  # when the retained events Replays walked so far are paid for
         self.offload = Offload(config.workers - 1)
         self.events_in = 0
         self.events_out = 0
@@ -217,6 +220,15 @@ class Broker:
         self.events_out += queued
         self.metrics.events_out.inc(queued)
         return queued
+
+    async def pace_replay(self, walked: int) -> None:
+        """Let the loop serve others, and keep every Replay's walking together within
+        --replay-events-per-second (bursts of one second)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rate = self.config.replay_events_per_second
+        self._replay_allowed_at = max(self._replay_allowed_at, now - 1.0) + walked / rate
+        await asyncio.sleep(max(0.0, self._replay_allowed_at - now))
 
     def reject(self, count: int = 1) -> None:
         self.events_rejected += count
@@ -387,7 +399,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                     gap = False
                 if done:
                     return
-                await asyncio.sleep(0)  # a part walked: let the loop serve others
+                await broker.pace_replay(REPLAY_PART)  # a part walked: let the loop serve others
         finally:
             broker.replays.release()
 

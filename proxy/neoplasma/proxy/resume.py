@@ -27,21 +27,34 @@ MAX_HELD = 10_000
 MAX_HELD_PER_PROXY = 200_000
 MAX_REPLAYS = 8
 REPLAY_WINDOW = 16
+CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
 
 class ResumeBudget:
-    """A proxy's budgets for resuming subscribers: live events held, Replay calls at once, and the
-    replays in progress, by position, so that resumes asking the same one share it."""
+    """A proxy's budgets for resuming subscribers: live events held, Replay calls at once, the bytes of
+    catch-up written per second (what is left for live events), and the replays in progress, by
+    position, so that resumes asking the same one share it."""
 
     def __init__(self, max_held: int = MAX_HELD, max_held_per_proxy: int = MAX_HELD_PER_PROXY,
-                 max_replays: int = MAX_REPLAYS) -> None:
+                 max_replays: int = MAX_REPLAYS, catch_up_bytes_per_second: float = CATCH_UP_BYTES_PER_SECOND) -> None:
         self.max_held, self.max_held_per_proxy = max_held, max_held_per_proxy
+        self.rate = catch_up_bytes_per_second
+        self._allowed_at = 0.0  # when the catch-up bytes written so far are paid for (monotonic)
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
+
+
+    async def pace(self, size: int) -> None:
+        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._allowed_at = max(self._allowed_at, now - 1.0) + size / self.rate
+        if self._allowed_at > now:
+            await asyncio.sleep(self._allowed_at - now)
 
 
 class ReplayBatch(NamedTuple):
@@ -324,6 +337,7 @@ class Resume:
         if not isinstance(sink, Framing):
             await sink.send(batch.events, self._tokens(batch.events))
             return
+        await self.budget.pace(sum(len(e.data) for e in batch.events))
         key = (type(sink), tuple(sorted(self.position.items())))
         done = batch.encoded.get(key)
         if done is None:

@@ -58,6 +58,7 @@ from neoplasma.proxy.hub import (
 )
 from neoplasma.proxy.links import LinkSet
 from neoplasma.proxy.resume import (
+    CATCH_UP_BYTES_PER_SECOND,
     MAX_HELD,
     MAX_HELD_PER_PROXY,
     MAX_REPLAYS,
@@ -143,6 +144,9 @@ class ProxyConfig(TrustSettings):
                                    "subscribers at once; beyond, those over it resume from now with a gap")
     max_replays: int = setting(MAX_REPLAYS, bound=POSITIVE, help="Replay calls to brokers at once (resumes "
                                "from the same position share one); others wait their turn")
+    catch_up_bytes_per_second: float = setting(CATCH_UP_BYTES_PER_SECOND, bound=POSITIVE, help="bytes of event "
+                                               "data this proxy writes per second to resuming subscribers, all "
+                                               "together (the rest of its time is for live events)")
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
                                          help="seconds a resuming subscriber waits for the broker links")
 
@@ -153,7 +157,8 @@ class Proxy:
         self.hub = Hub()
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
-        self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays)
+        self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays,
+                                    config.catch_up_bytes_per_second)
         self.draining = False
         self.ready = True  # /healthz; false from the first signal to stop or drain
         self._apply_lock = asyncio.Lock()
