@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,19 +22,11 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
-from harness import SseClient, links_ready, proxy_status, start_server, wait_for
+from harness import SseClient, links_ready, proxy_status, start_server, trees, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
-
-def tree_env(ref: str | None) -> dict[str, str]:
-    if ref is None:
-        return {}
-    folder = Path(tempfile.mkdtemp(prefix="neoplasma-interest-"))
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return {"PYTHONPATH": os.pathsep.join(str(d) for d in sorted(folder.iterdir()) if (d / "neoplasma").is_dir())}
 
 
 async def run(tmp: Path, env: dict[str, str], subscriptions: int) -> dict[str, Any]:
@@ -78,12 +68,10 @@ async def main() -> None:
     parser.add_argument("--before", default=None, help="also run this commit's code, side by side")
     parser.add_argument("--subscriptions", type=int, default=200)
     args = parser.parse_args()
-    trees = {"this tree": tree_env(None)}
-    if args.before:
-        trees[f"at {args.before}"] = tree_env(args.before)
+    codes = trees(args.before)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for tree, env in trees.items():
+        for tree, env in codes.items():
             row = {"tree": tree, **await run(Path(tmp), env, args.subscriptions)}
             results.append(row)
             print(f"{tree:>14}: {row['accepted']}/{row['subscriptions']} accepted, {row['topics_during']} topics; "

@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,20 +31,12 @@ from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
-from harness import start_server
+from harness import start_server, trees
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 TINY = b'{"meta":{"type":"t"},"data":1}'
 
-
-def tree_env(ref: str | None) -> dict[str, str]:
-    if ref is None:
-        return {}
-    folder = Path(tempfile.mkdtemp(prefix="neoplasma-refusals-"))
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return {"PYTHONPATH": os.pathsep.join(str(d) for d in sorted(folder.iterdir()) if (d / "neoplasma").is_dir())}
 
 
 def tiny_events(size: int) -> bytes:
@@ -164,13 +154,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default=None, help="also run this commit's code, side by side")
     args = parser.parse_args()
-    trees = {"this tree": tree_env(None)}
-    if args.before:
-        trees[f"at {args.before}"] = tree_env(args.before)
+    codes = trees(args.before)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in cases(16 * MIB).items():
-            for tree, env in trees.items():
+            for tree, env in codes.items():
                 row = {"case": name, "tree": tree, **await one_case(Path(tmp), env, run)}
                 results.append(row)
                 print(f"{name:<36} {tree:>14}: peak +{row['peak_above_idle_mb']:6.1f} MB over {row['idle_rss_mb']} MB "

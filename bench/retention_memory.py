@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,22 +35,13 @@ from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
-from harness import start_server
+from harness import start_server, trees
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = json.dumps({"program": 1234, "views": 98765, "pad": "x" * 150}).encode()  # ~200 B events
 TOPICS = [f"program:{n}:views" for n in range(100)]
 CONCURRENCY = 8
 
-
-def tree_env(ref: str | None) -> dict[str, str]:
-    """The environment that runs `ref`'s code (exported to a temporary folder), or this tree's."""
-    if ref is None:
-        return {}
-    folder = Path(tempfile.mkdtemp(prefix="neoplasma-retention-"))
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return {"PYTHONPATH": os.pathsep.join(str(d) for d in sorted(folder.iterdir()) if (d / "neoplasma").is_dir())}
 
 
 def rss(pid: int) -> int:
@@ -120,9 +109,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=20_000, help="events published per run")
     parser.add_argument("--before", default=None, help="also run this commit's code, side by side")
     args = parser.parse_args()
-    trees = {"this tree": tree_env(None)}
-    if args.before:
-        trees[f"at {args.before}"] = tree_env(args.before)
+    codes = trees(args.before)
     results: list[dict[str, Any]] = []
     keep_all = ["--retention-bytes", str(1 << 30)]
     keep_none = ["--retention-seconds", "0.001"]
@@ -130,7 +117,7 @@ async def main() -> None:
         for how in ("http", "grpc"):
             for batch in (1, 10, 1000):
                 events = max(args.events, 10 * batch) if batch < 1000 else max(10 * args.events, 10 * batch)
-                for tree, env in trees.items():  # interleaved: load on the machine hits both alike
+                for tree, env in codes.items():  # interleaved: load on the machine hits both alike
                     kept = await one_run(Path(tmp), env, how, batch, events, keep_all)
                     dropped = await one_run(Path(tmp), env, how, batch, events, keep_none)
                     row = {"tree": tree, "via": how, "batch": batch, "events": events, "retained": kept,

@@ -225,15 +225,22 @@ def forged(tag: bytes, positions: list[tuple[int, int]]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(start: Any) -> None:
+async def subscribed_plane(start: Any, *proxy_args: str) -> tuple[Server, Server, EventSource]:
+    """A broker, a proxy linked to it and a subscriber of topic t that got one event (and its id)."""
     broker = start("broker", "b0")
-    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"], *proxy_args)
     http = proxy.endpoints["http"]
     honest = EventSource(lambda: http, "t").start()
     await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
     await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
     await wait_for(lambda: honest.events, what="the first event")
+    return broker, proxy, honest
+
+
+async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(start: Any) -> None:
+    broker, proxy, honest = await subscribed_plane(start)
+    http = proxy.endpoints["http"]
     tag, epoch = token_parts(honest.last_id)
     clients = [EventSource(lambda: http, "t", token=forged(tag, [(epoch, seq)])).start()
                for seq in (1 << 64, 1 << 70, (1 << 64) + 5)]
@@ -253,14 +260,8 @@ async def test_long_resume_ids_are_served_and_longer_requests_refused_quietly(st
     """The longest legitimate id (MAX_TOKEN_CHARS: 438 brokers at the largest positions; 60 brokers need
     at most 1127 characters) resumes from the header and from the query (a gap: those brokers are
     unknown); longer headers and request lines get 400, with no traceback and few log lines."""
-    broker = start("broker", "b0")
-    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    broker, proxy, honest = await subscribed_plane(start)
     http = proxy.endpoints["http"]
-    honest = EventSource(lambda: http, "t").start()
-    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
-    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
-    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
-    await wait_for(lambda: honest.events, what="the first event")
     tag, _ = token_parts(honest.last_id)
     sixty = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 61)])
     longest = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 439)])
@@ -395,14 +396,7 @@ async def test_oversize_publishes_are_refused_as_they_stream_in(start: Any) -> N
 
 async def resumable_plane(start: Any, *proxy_args: str) -> tuple[Server, Server, str]:
     """A broker and a proxy, a subscriber's id after one event on topic t, and 2000 events it then missed."""
-    broker = start("broker", "b0")
-    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"], *proxy_args)
-    http = proxy.endpoints["http"]
-    first = EventSource(lambda: http, "t").start()
-    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber")
-    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
-    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 0})])
-    await wait_for(lambda: first.events, what="the first event")
+    broker, proxy, first = await subscribed_plane(start, *proxy_args)
     await first.close()
     for k in range(1, 2001, 500):
         await publish_grpc(broker.endpoints["grpc"], [("t", {"n": n}) for n in range(k, k + 500)])
