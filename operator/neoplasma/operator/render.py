@@ -10,20 +10,20 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import yaml
 
-from neoplasma.broker.server import BrokerConfig
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
-from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
+from neoplasma.ingest.settings import PASSWORD_ENV, IngestConfig
+from neoplasma.operator.settings import NO_PEERS, Peers
 from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, Resources, ServiceType
-from neoplasma.proxy.server import ProxyConfig
+from neoplasma.proxy.settings import ProxyConfig
 
 Manifest = dict[str, Any]
 
@@ -56,18 +56,6 @@ _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 
 PROXY_DRAIN_DELAY = 5
 PROXY_SUBSCRIBERS = 25_000
 PROXY_GRACE_SECONDS = PROXY_DRAIN_DELAY + math.ceil(PROXY_SUBSCRIBERS / ProxyConfig.drain_rate) + 10
-
-
-@dataclass(frozen=True)
-class Peers:
-    """Where the operator's own pods run (the chart's namespace and pod labels): NetworkPolicies
-    let them reach the control port. Empty: not known (the operator runs outside the cluster)."""
-
-    namespace: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-NO_PEERS = Peers()
 
 
 @dataclass(frozen=True)
@@ -247,8 +235,28 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
     )
 
 
+def subscriber_auth_settings(cluster: Cluster) -> tuple[list[SecretVolume], dict[str, str]]:
+    """spec.subscribers.auth for the proxies: its Secrets mounted whole (a subPath mount would never see a
+    rotation; the proxies re-read the files when they change), the options pointing at them, the audience
+    (default: the cluster's name) and the public topics. Nothing when unset: every topic is public."""
+    auth = cluster.spec.subscriber_auth
+    if auth is None:
+        return [], {}
+    volumes, settings = [], {"subscriber_jwt_audience": auth.audience or cluster.name}
+    for volume_name, setting, ref in (("subscriber-keys", "subscriber_jwt_keys_file", auth.keys),
+                                      ("subscriber-jwks", "subscriber_jwks_file", auth.jwks)):
+        if ref is not None:
+            volume = SecretVolume(volume_name, ref.name)
+            volumes.append(volume)
+            settings[setting] = volume.file(ref.key)
+    if auth.public_topics:
+        settings["public_topics"] = ",".join(auth.public_topics)
+    return volumes, settings
+
+
 def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
     volumes, trust = trust_settings(cluster, broker_ca_settings=("tls_ca", "tls_server_name"))
+    auth_volumes, auth = subscriber_auth_settings(cluster)
     return _render_template(
         "deployment.yaml.j2",
         name=f"{cluster.name}-proxy",
@@ -259,9 +267,9 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         replicas=cluster.spec.proxies.replicas,
         image=image,
         command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY, **trust,
-                               workers=workers_for(cluster.spec.proxies.resources)),
+                               **auth, workers=workers_for(cluster.spec.proxies.resources)),
         ports=PROXY_PORTS,
-        secrets=volumes,
+        secrets=volumes + auth_volumes,
         probe_scheme="HTTP",  # subscribers' port: plaintext
         resources=cluster.spec.proxies.resources.to_dict(),
         grace_seconds=PROXY_GRACE_SECONDS,

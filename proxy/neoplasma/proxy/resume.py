@@ -16,18 +16,13 @@ from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, decode_token, tokens_after
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
+from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 log = get_logger("proxy.resume")
 
-# Budgets (docs/resume.md, "Budgets"): live events kept for one resuming subscriber while it catches
-# up, and for all of a proxy's at once; Replay calls a proxy runs at once (resumes asking the same
-# position share one); batches a shared replay runs ahead of its slowest reader.
-MAX_HELD = 10_000
-MAX_HELD_PER_PROXY = 200_000
-MAX_REPLAYS = 8
+# Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
 REPLAY_WINDOW = 16
-CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,10 +23,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.resume import MAX_TOKEN_CHARS
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import (
-    MAX_TOPIC_LENGTH,
-    MAX_TOPICS_PER_SUBSCRIPTION,
     InvalidTopic,
     LimitExceeded,
     check_topics,
@@ -38,16 +35,24 @@ from neoplasma.core.trust import (
     Guard,
     Rule,
     Tokens,
-    TrustSettings,
     grpc_server_credentials,
     refusal,
     server_tls,
 )
-from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metrics
+from neoplasma.core.workers import Place, metrics_body, serve_own_metrics
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.auth import (
+    EXPIRED,
+    Forbidden,
+    Grant,
+    Refused,
+    bearer,
+    challenge,
+    http_token,
+    without_token,
+)
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
-    LINGER,
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
@@ -57,16 +62,8 @@ from neoplasma.proxy.hub import (
     http_chunk,
 )
 from neoplasma.proxy.links import LinkSet
-from neoplasma.proxy.resume import (
-    CATCH_UP_BYTES_PER_SECOND,
-    MAX_HELD,
-    MAX_HELD_PER_PROXY,
-    MAX_REPLAYS,
-    Resume,
-    ResumeBudget,
-    Sink,
-    start_resume,
-)
+from neoplasma.proxy.resume import Resume, ResumeBudget, Sink, start_resume
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -81,80 +78,20 @@ MAX_DRAIN_RATE = 1e6
 # as long as the longest token accepted; longer ones get 400 and one rate-limited warning line.
 MAX_HEADER_BYTES = MAX_TOKEN_CHARS + 64
 MAX_REQUEST_LINE = 8190 + MAX_TOKEN_CHARS + 64
-# Summed over a pod's workers except these: the version every worker has applied.
-LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
-
-
-@dataclass
-class ProxyConfig(TrustSettings):
-    """The proxy's settings; `neoplasma proxy` has an option for each one with help."""
-
-    workers: int = setting(factory=cpus_now, bound=POSITIVE, env="NEOPLASMA_WORKERS",
-                           help="worker processes sharing the ports (default: the CPUs this process may use, "
-                           "cgroup quota included)")
-    name: str = setting(factory=lambda: pod_name("proxy"),
-                        help="proxy name (default $NEOPLASMA_POD_NAME, else proxy-HOST-PID)")
-    host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
-    http_port: int = setting(8080, bound=PORT, help="SSE/health/metrics port")
-    grpc_port: int = setting(50051, bound=PORT, help="subscriber gRPC port")
-    control_port: int = setting(50052, bound=PORT, help="ProxyControl port")
-    # Static brokers, applied as membership version 0 until a push replaces them.
-    brokers: list[str] = setting(factory=list, help="static broker list host:port,... (until a membership push)")
-    event_query: str = "eventType"  # plasma's default query parameter
-    origin: str = "*"  # Access-Control-Allow-Origin on SSE responses
-    heartbeat_seconds: float = setting(10.0, bound=POSITIVE, flag="--heartbeat",
-                                       help="seconds between SSE heartbeat comments")
-    retry_ms: int = setting(2000, bound=POSITIVE, help="SSE retry: hint in milliseconds")
-    # Closes are paced when draining, so clients may come back quickly (to another proxy),
-    # which shortens the gap in which they miss events.
-    drain_retry_ms: int = setting(250, bound=POSITIVE,
-                                  help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
-    drain_rate: float = setting(500.0, bound=POSITIVE,
-                                help="subscribers asked to reconnect per second when shutting down")
-    # Behind a load balancer (a Kubernetes Service), new connections keep coming until it has seen
-    # readiness fail: on SIGTERM, fail readiness at once, keep serving this long, then drain.
-    drain_delay: float = setting(0.0, bound=NON_NEGATIVE,
-                                 help="seconds between failing readiness and the drain on SIGTERM")
-    max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
-    max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
-                                               help="most topics one subscriber may name")
-    max_topics: int = setting(100_000, bound=POSITIVE, help="most distinct topics this proxy's subscribers may "
-                              "want at once (what it asks every broker for); a subscription past it is refused")
-    max_subscription_changes: int = setting(10, bound=POSITIVE,
-                                            help="subscription changes a plasma gRPC stream may make per second")
-    header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
-    tls_ca: str = setting("", help="PEM CA file: reach brokers over TLS, trusting this CA")
-    tls_server_name: str = setting("", help="the name brokers' certificates carry (addresses are IPs)")
-    # Slow-subscriber limits: unsent bytes of an SSE response, of a gRPC stream.
-    max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
-    max_grpc_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
-    grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
-                                    "connections; one left unanswered that long closes the connection")
-    max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    # plasma's Go server allows any number; services may multiplex thousands of streams on one channel.
-    max_streams_per_connection: int = setting(10_000, bound=POSITIVE, help="most gRPC calls one subscriber "
-                                              "connection may have open at once; a client opening more is cut off")
-    linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
-                                    "events pile up for fewer, larger writes (Hub.run_dispatcher)")
-    # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
-    # membership, interest acknowledgements) and for each relay to reach its replay.
-    max_held_events_per_resume: int = setting(MAX_HELD, bound=POSITIVE, help="live events kept for one resuming "
-                                              "subscriber while it catches up; beyond, it resumes from now with a gap")
-    max_held_events: int = setting(MAX_HELD_PER_PROXY, bound=POSITIVE, help="live events kept for all resuming "
-                                   "subscribers at once; beyond, those over it resume from now with a gap")
-    max_replays: int = setting(MAX_REPLAYS, bound=POSITIVE, help="Replay calls to brokers at once (resumes "
-                               "from the same position share one); others wait their turn")
-    catch_up_bytes_per_second: float = setting(CATCH_UP_BYTES_PER_SECOND, bound=POSITIVE, help="bytes of event "
-                                               "data this proxy writes per second to resuming subscribers, all "
-                                               "together (the rest of its time is for live events)")
-    resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
-                                         help="seconds a resuming subscriber waits for the broker links")
+# The end of an SSE stream at its token's `exp`: reconnect with a fresh token and the last id.
+SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": EXPIRED}).encode()
+# Not summed over a pod's workers: the version every worker has applied, and the topics (a topic
+# subscribed on several workers is one topic: the largest worker's count is the closest known).
+POD_METRICS = {"neoplasma_proxy_membership_version": min, "neoplasma_proxy_topics": max}
 
 
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.hub = Hub()
+        self.auth = config.subscriber_auth()
+        # Subscriptions refused for want of a token or beyond its topics, and streams ended at `exp`.
+        self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
         self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays,
@@ -302,11 +239,38 @@ class BatchSink:
 # -- the subscriber port: plasma's stream, the native stream, health -------------------
 
 CLOSED_AS = {"slow": (grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect"),
-             "draining": (grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect")}
+             "draining": (grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect"),
+             "expired": (grpc.StatusCode.UNAUTHENTICATED, f"{EXPIRED}: reconnect with a fresh token "
+                         "(and the last resume token: nothing is lost)")}
 SHUTTING_DOWN = "proxy is shutting down; connect to another"
+REFUSED_TYPE = "neoplasma-refused"  # plasma stream: the eventType of a refused subscription change
 
 
-def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None) -> None:
+def grpc_refusal(refusal: Refused) -> tuple[grpc.StatusCode, str]:
+    code = grpc.StatusCode.PERMISSION_DENIED if isinstance(refusal, Forbidden) else grpc.StatusCode.UNAUTHENTICATED
+    return code, str(refusal)
+
+
+def expire_at(proxy: Proxy, grant: Grant | None, sub: Subscriber) -> asyncio.TimerHandle | None:
+    """Close `sub` as "expired" when its token expires (None: a subscription that needs no token)."""
+    if grant is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), expire, proxy, sub)
+
+
+def expire(proxy: Proxy, sub: Subscriber) -> None:
+    proxy.auth_outcomes["expired"] += 1
+    sub.close("expired")
+
+
+def _refused(proxy: Proxy, kind: str, refusal: Refused, **fields: object) -> None:
+    error = type(refusal).__name__.lower()
+    proxy.auth_outcomes[error] += 1
+    log.info("subscriber_refused", kind=kind, topic=refusal.topic, error=error, **fields)
+
+
+def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None,
+            expiry: asyncio.TimerHandle | None = None) -> None:
     """Tie a stream subscriber's life to its call: closing either ends the other."""
     def closed(future: asyncio.Future[str]) -> None:
         call.end(*CLOSED_AS.get(future.result(), (grpc.StatusCode.OK, "")))
@@ -314,6 +278,8 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
     def done() -> None:
         if resuming is not None:
             resuming.cancel()
+        if expiry is not None:
+            expiry.cancel()
         proxy.hub.remove(sub)
 
     sub.closed.add_done_callback(closed)
@@ -323,15 +289,32 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
 class PlasmaEvents:
     """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients: each request
     replaces the stream's topics (none: unsubscribed); `forceClose` or the client's end of
-    requests ends it cleanly."""
+    requests ends it cleanly.
+
+    Private topics: the call's `authorization` metadata is checked against every request. A refused
+    first subscription ends the call (UNAUTHENTICATED / PERMISSION_DENIED); a refused later change
+    is answered in the stream, as a `Payload` of type `neoplasma-refused` whose data is the JSON
+    refusal, and the stream keeps its previous topics. At the token's `exp` a stream still reading
+    private topics ends with UNAUTHENTICATED ("token expired")."""
 
     def __init__(self, proxy: Proxy, call: Call) -> None:
         self.proxy, self.call = proxy, call
         self.changes: deque[float] = deque(maxlen=proxy.config.max_subscription_changes)
         self.sub = PlasmaSubscriber(call, proxy.config.max_grpc_buffer)
+        self.token = bearer(call.authorization)
+        self.expiry: asyncio.TimerHandle | None = None
+        self.subscribed = False  # a request was applied
         proxy.hub.add(self.sub, ())
         _attach(call, self.sub, proxy)
         call.receive = self.receive
+        detach = call.done
+
+        def done() -> None:
+            if self.expiry is not None:
+                self.expiry.cancel()
+            detach()
+
+        call.done = done
 
     @classmethod
     def open(cls, proxy: Proxy) -> Opener:
@@ -363,7 +346,29 @@ class PlasmaEvents:
         except (InvalidTopic, LimitExceeded, DecodeError) as error:
             self.call.end(*refusal(error, "Events", "subscription"))
             return
+        try:
+            grant = self.proxy.auth.check(topics, self.token)
+        except Refused as refused:
+            _refused(self.proxy, "plasma", refused, first=not self.subscribed)
+            if not self.subscribed:
+                self.call.end(*grpc_refusal(refused))
+                return
+            code, _ = grpc_refusal(refused)
+            self.call.send(grpc_frame(stream_pb2.Payload(
+                eventType=stream_pb2.EventType(type=REFUSED_TYPE),
+                data=json.dumps({**refused.answer(), "code": code.name})).SerializeToString()))
+            return
+        self.subscribed = True
+        if grant is not None and self.expiry is None:
+            self.expiry = asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), self.expire)
         self.proxy.hub.resubscribe(self.sub, topics)  # a new request replaces the set; empty unsubscribes
+
+    def expire(self) -> None:
+        """The token expired: end the stream unless what it reads now is public."""
+        try:
+            self.proxy.auth.check(self.sub.topics, None)
+        except Refused:
+            expire(self.proxy, self.sub)
 
 
 def native_subscribe(proxy: Proxy) -> Opener:
@@ -384,9 +389,16 @@ def native_subscribe(proxy: Proxy) -> Opener:
         if not topics:
             call.end(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
             return
+        try:  # a resumed subscription is checked like a new one: resume tokens carry positions, not topics
+            grant = proxy.auth.check(topics, bearer(call.authorization))
+        except Refused as refused:
+            _refused(proxy, "batch", refused)
+            call.end(*grpc_refusal(refused))
+            return
         sub = BatchSubscriber(call, cfg.max_grpc_buffer)
         sink = BatchSink(sub, cfg.grpc_keepalive)
-        _attach(call, sub, proxy, proxy.subscribe(sub, topics, request.resume_token, sink))
+        resuming = proxy.subscribe(sub, topics, request.resume_token, sink)
+        _attach(call, sub, proxy, resuming, expire_at(proxy, grant, sub))
 
     return unary(subscribe)
 
@@ -482,6 +494,12 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
         yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=hub.topic_count())
+        ended = CounterMetricFamily("neoplasma_proxy_subscriber_auth", "Subscriptions refused (unauthenticated, "
+                                    "forbidden) and streams ended at their token's expiry (expired)",
+                                    labels=["outcome"])
+        for outcome, n in self.proxy.auth_outcomes.items():
+            ended.add_metric([outcome], n)
+        yield ended
 
 
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
@@ -502,6 +520,13 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         if request.version < (1, 1):  # SSE here is a chunked stream
             return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
                                 headers={"Upgrade": "HTTP/1.1", "Connection": "Upgrade"})
+        try:  # before anything is streamed; a resumed subscription is checked like a new one
+            grant = proxy.auth.check(topics, http_token(request.headers, request.query, request.cookies))
+        except Refused as refused:
+            _refused(proxy, "sse", refused, path=without_token(request.path_qs))
+            return web.json_response(refused.answer(), status=refused.status, headers={
+                "WWW-Authenticate": challenge(refused), "Access-Control-Allow-Origin": cfg.origin,
+                "Cache-Control": "no-store"})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
@@ -519,14 +544,20 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         sub = SseSubscriber(transport, cfg.max_sse_buffer)
         token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
         resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
+        expiry = expire_at(proxy, grant, sub)
         try:
             reason = await sub.closed
         finally:
             if resuming is not None:
                 resuming.cancel()
+            if expiry is not None:
+                expiry.cancel()
             proxy.hub.remove(sub)
         if reason == "draining" and not transport.is_closing():
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
+            await response.write_eof()
+        elif reason == "expired" and not transport.is_closing():
+            await response.write(SSE_EXPIRED)
             await response.write_eof()
         else:
             transport.abort()
@@ -538,7 +569,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        body = await metrics_body(place, lambda: generate_latest(registry), LOWEST_METRICS)
+        body = await metrics_body(place, lambda: generate_latest(registry), POD_METRICS)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
