@@ -238,6 +238,13 @@ class Hub:
         """Every topic some local subscriber wants (what brokers are asked for)."""
         return self._index.topics()
 
+    def topic_count(self) -> int:
+        return len(self._index)
+
+    def new_topics(self, topics: Iterable[str]) -> int:
+        """How many of `topics` are not yet in the proxy's interest."""
+        return self._index.new_keys(topics)
+
     def wants(self, topics: Iterable[str]) -> bool:
         """Every one of `topics` is already in the proxy's interest."""
         return all(topic in self._index for topic in topics)
