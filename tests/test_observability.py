@@ -44,6 +44,7 @@ from kubeharness.fixtures import unavailable
 from neoplasma.broker.routing import RelayStream
 from neoplasma.core.events import Event, batch_entry
 from neoplasma.core.metrics import LATENCY_BUCKETS, WeightedHistogram
+from neoplasma.core.resume import RetentionLog
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -104,6 +105,18 @@ def test_relay_batches_carry_their_oldest_live_events_accept_time() -> None:
     assert pb.EventBatch.FromString(stream.take(1 << 20, 7, 4, 0.0)[0]).accepted_unix_nanos == 3_000
     stream.interest_applied += 1  # a message without events carries no time
     assert pb.EventBatch.FromString(stream.take(1 << 20, 7, 4, 0.0)[0]).accepted_unix_nanos == 0
+
+
+def test_retention_reports_how_far_back_subscribers_can_resume() -> None:
+    log = RetentionLog(max_age=60.0, max_bytes=1 << 20)
+    assert log.oldest_age(100.0) == 0.0
+    log.append(1, [("t", b"1")], now=100.0)
+    log.append(2, [("t", b"2")], now=110.0)
+    assert log.oldest_age(130.0) == 30.0
+    log.evict(165.0)  # the first aged out
+    assert log.oldest_age(165.0) == 55.0
+    log.evict(500.0)
+    assert log.oldest_age(500.0) == 0.0
 
 
 def test_weighted_histogram() -> None:
