@@ -268,6 +268,28 @@ def grace_seconds(budget: float, observed_max: int, drain_delay: float, margin: 
     return int(min(math.ceil(seconds), MAX_GRACE_SECONDS))
 
 
+STOP_SECONDS = 5.0  # after its drain, the time a proxy takes to stop
+
+
+@dataclass(frozen=True)
+class DrainSizing:
+    """What the proxy pods are rendered with: the pace of a drain when the operator says nothing
+    (the whole budget: one pod at a time drains, as the rollout and the PodDisruptionBudget
+    allow), the time it must end within, the grace period, and the PDB's maxUnavailable."""
+
+    drain_rate: float
+    drain_within: int
+    grace_seconds: int
+    max_unavailable: int = 1
+
+
+def drain_sizing(budget: float, observed_max: int, drain_delay: float, proxies: int) -> DrainSizing:
+    grace = grace_seconds(budget, observed_max, drain_delay, margin=2 * STOP_SECONDS)
+    within = max(1, math.floor(grace - drain_delay - STOP_SECONDS))
+    return DrainSizing(budget, within, grace, max_unavailable(budget, covered_subscribers(observed_max), within,
+                                                              proxies))
+
+
 def max_unavailable(budget: float, observed_max: int, window: float, replicas: int) -> int:
     """The proxy PodDisruptionBudget's maxUnavailable: as many pods as can drain at once within
     `window` seconds (the grace period's drain part) sharing the budget, at least 1, and at most a
