@@ -20,13 +20,15 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && /opt/neoplasma/bin/pip install --upgrade pip \
+    && /opt/neoplasma/bin/pip install -c constraints.txt --upgrade pip \
     && /opt/neoplasma/bin/pip install -c constraints.txt -r /tmp/requirements.txt
 # Then the distribution itself (README.md is optional to the build). Byte-compiled ahead of
 # time: the root filesystem is read-only at run time, and importing the kubernetes client
 # from source takes seconds.
 COPY pyproject.toml README.md* ./
 COPY core/ core/
+COPY ingest/ ingest/
+COPY local/ local/
 COPY broker/ broker/
 COPY proxy/ proxy/
 COPY operator/ operator/

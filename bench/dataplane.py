@@ -41,7 +41,12 @@ import psutil
 
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.core.trust import bearer_metadata
-from neoplasma.local.harness import (
+from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import (
     AUTH,
     Server,
     apply_membership,
@@ -51,9 +56,6 @@ from neoplasma.local.harness import (
     start_server,
     wait_for,
 )
-from neoplasma.plasma.v1 import stream_pb2
-from neoplasma.wire.v1 import neoplasma_pb2 as pb
-from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,12 +21,13 @@ from typing import Any
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dataplane  # the load roles and the ingest scenario
-
-from neoplasma.local.harness import Server, read_json_line, start_server
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+import dataplane  # the load roles and the ingest scenario
+from harness import Server, read_json_line, start_server
 
 
 class Floor(pb_grpc.BrokerServicer):

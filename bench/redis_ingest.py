@@ -29,7 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from neoplasma.local.harness import Server, start_server, wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import Server, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = json.dumps({"meta": {"type": "program:1234:views"}, "data": {"program": 1234, "views": 98765,

@@ -34,9 +34,11 @@ import grpc
 
 from neoplasma.core.events import make_events
 from neoplasma.core.resume import RetentionLog
-from neoplasma.local.harness import apply_membership, links_ready, start_server, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import apply_membership, links_ready, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,7 +38,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     echo "e2e/run.sh: missing: ${missing[*]} (see e2e/README.md)" >&2
     exit 2
 fi
-python3 -c 'import neoplasma.core.cli' 2>/dev/null || {
+python3 -c 'import neoplasma.cli' 2>/dev/null || {
     echo "e2e/run.sh: the project is not installed: pip install -e '.[test]'" >&2
     exit 2
 }

@@ -38,11 +38,11 @@ import kubernetes.client
 import kubernetes.watch
 import pytest
 import test_operator_kube
+from harness import proxy_status
 from kubeharness.controlplane import wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, neoplasma_command
 
-from neoplasma.local.harness import proxy_status
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from neoplasma.local.harness import CREDENTIAL, Server, read_json_line, start_server
+from harness import CREDENTIAL, Server, read_json_line, start_server
 
 UpFactory = Callable[..., tuple[subprocess.Popen[bytes], dict[str, Any]]]
 

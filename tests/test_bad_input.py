@@ -8,8 +8,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-
-from neoplasma.local.harness import (
+from harness import (
     AUTH,
     PlasmaClient,
     apply_membership,
@@ -19,6 +18,7 @@ from neoplasma.local.harness import (
     sse,
     wait_for,
 )
+
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

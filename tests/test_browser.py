@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
+from harness import AUTH, Publisher, links_ready, proxy_status, wait_for
 from kubeharness.fixtures import unavailable
 
-from neoplasma.local.harness import AUTH, Publisher, links_ready, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from neoplasma.core.cli import build_parser
+from neoplasma.cli import build_parser
 from neoplasma.core.scaling import parse_policy
 from neoplasma.operator.spec import parse_cluster
 
@@ -669,7 +669,7 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
                if line.strip() and not line.startswith("#")]
     copied = [part.rstrip("/") for i in dockerfile_stages()[0] if i.startswith("COPY ") and "--from" not in i
               for part in i.split()[1:-1]]
-    assert {"core", "broker", "proxy", "operator", "protos", "pyproject.toml"} <= set(copied)
+    assert {"core", "ingest", "local", "broker", "proxy", "operator", "protos", "pyproject.toml"} <= set(copied)
     for source in copied:
         assert source.rstrip("*") not in ignored, f".dockerignore drops {source}, which the build copies"
     assert {".git", "tests", "charts", "e2e"} <= set(ignored)

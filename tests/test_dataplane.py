@@ -10,8 +10,7 @@ from typing import Any
 
 import grpc
 import hpack
-
-from neoplasma.local.harness import (
+from harness import (
     PlasmaClient,
     Server,
     apply_membership,
@@ -23,6 +22,7 @@ from neoplasma.local.harness import (
     sse,
     wait_for,
 )
+
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 

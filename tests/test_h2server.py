@@ -17,9 +17,9 @@ import hpack
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.settings import SettingCodes
+from harness import grpc_request_headers, h2_client, wait_for
 
 from neoplasma.core.net import hostport
-from neoplasma.local.harness import grpc_request_headers, h2_client, wait_for
 from neoplasma.proxy.h2server import Call, GrpcServer
 
 

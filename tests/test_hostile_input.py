@@ -19,9 +19,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-
-from neoplasma.core.trust import bearer_metadata
-from neoplasma.local.harness import (
+from harness import (
     AUTH,
     Server,
     links_ready,
@@ -32,6 +30,8 @@ from neoplasma.local.harness import (
     start_server,
     wait_for,
 )
+
+from neoplasma.core.trust import bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc

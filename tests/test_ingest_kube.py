@@ -19,13 +19,13 @@ import kubernetes.client
 import pytest
 import test_operator_kube
 import test_redis_ingest
+from harness import links_ready, sse, wait_for
 from kubeharness.controlplane import ControlPlane
 from kubeharness.kubelet import CommandMapper
 from test_operator_kube import NEOPLASMA_PODS, Clusters, membership_everywhere, neoplasma_command
 from test_redis_ingest import RedisServer, plasma_message
 
 from neoplasma.ingest.reader import PASSWORD_ENV
-from neoplasma.local.harness import links_ready, sse, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(180)]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
+from harness import proxy_status, sse, wait_for
 
-from neoplasma.local.harness import proxy_status, sse, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

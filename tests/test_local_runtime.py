@@ -11,8 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
-
-from neoplasma.local.harness import (
+from harness import (
     PlasmaClient,
     links_ready,
     port_is_free,

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import test_operator_kube
+from harness import SseClient, links_ready, proxy_status, wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
 from test_operator_units import OPTIONS, FakeKube, holds_for, resource
@@ -28,7 +29,6 @@ from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import Access
 from neoplasma.local import loadgen
-from neoplasma.local.harness import SseClient, links_ready, proxy_status, wait_for
 from neoplasma.operator import controller as controller_module
 from neoplasma.operator.controller import ClusterController, Indexes
 from neoplasma.operator.members import PodView
@@ -495,7 +495,7 @@ async def _subscribers_at(control: str, least: int, access: Access) -> bool:
 def test_metrics_flag_and_per_cluster_gauges() -> None:
     from prometheus_client import generate_latest
 
-    from neoplasma.core.cli import build_parser
+    from neoplasma.cli import build_parser
     from neoplasma.operator import metrics
     from neoplasma.operator.conditions import MembershipProgress
     from neoplasma.operator.status import Observed

@@ -24,13 +24,7 @@ import grpc
 import kubernetes.client
 import pytest
 import yaml
-from kubeharness.controlplane import ControlPlane, free_port
-from kubeharness.kubelet import StandInKubelet
-from kubernetes.client.rest import ApiException
-
-from neoplasma.core.resume import cluster_tag, decode_token
-from neoplasma.core.trust import Access, Tokens
-from neoplasma.local.harness import (
+from harness import (
     EventSource,
     Publisher,
     links_ready,
@@ -40,6 +34,12 @@ from neoplasma.local.harness import (
     stop_process,
     wait_for,
 )
+from kubeharness.controlplane import ControlPlane, free_port
+from kubeharness.kubelet import StandInKubelet
+from kubernetes.client.rest import ApiException
+
+from neoplasma.core.resume import cluster_tag, decode_token
+from neoplasma.core.trust import Access, Tokens
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

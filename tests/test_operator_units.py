@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import ACCESS, proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
@@ -22,7 +23,6 @@ from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, bearer_metadata
-from neoplasma.local.harness import ACCESS, proxy_status, wait_for
 from neoplasma.operator import conditions as c
 from neoplasma.operator.children import (
     broker_deployments,

@@ -97,7 +97,7 @@ def test_every_package_folder_is_mapped() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapped = set(config["packages"])
     found = set()
-    for top in ("core", "broker", "proxy", "operator", "protos"):
+    for top in ("core", "ingest", "local", "broker", "proxy", "operator", "protos"):
         for init in (ROOT / top).rglob("__init__.py"):
             found.add(".".join(init.parent.relative_to(ROOT / top).parts))
     assert found | {"neoplasma"} == mapped

@@ -8,8 +8,8 @@ from typing import Any
 
 import aiohttp
 import grpc
+from harness import AUTH, PlasmaClient, SseClient, proxy_status, wait_for
 
-from neoplasma.local.harness import AUTH, PlasmaClient, SseClient, proxy_status, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from harness import AUTH, EventSource, Publisher, Server, proxy_status, wait_for
 from test_resume import NativeClient, all_subscribed, cluster, grpc_addresses
 
-from neoplasma.local.harness import AUTH, EventSource, Publisher, Server, proxy_status, wait_for
 from neoplasma.proxy.pod import worker_share
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc

@@ -21,6 +21,7 @@ import aiohttp
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from harness import CREDENTIAL, PlasmaClient, Server, apply_membership, links_ready, sse, wait_for
 from kubeharness.fixtures import unavailable
 
 from neoplasma.core.events import Event, InvalidEvent
@@ -28,7 +29,6 @@ from neoplasma.core.trust import PLAIN
 from neoplasma.ingest.publisher import BrokerPublisher, Outcome
 from neoplasma.ingest.reader import readiness, rejection_kind
 from neoplasma.ingest.resp import RedisAddress
-from neoplasma.local.harness import CREDENTIAL, PlasmaClient, Server, apply_membership, links_ready, sse, wait_for
 
 
 @dataclass

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neoplasma.broker.server import BrokerConfig
-from neoplasma.core.cli import build_parser
+from neoplasma.cli import build_parser
 from neoplasma.core.scaling import DEFAULT_MAX_RECONNECTS
 from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
 from neoplasma.operator import render as r

@@ -17,13 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from h2.events import DataReceived, StreamEnded, StreamReset
-
-from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
-from neoplasma.core.events import Event
-from neoplasma.core.membership import Member, Snapshot
-from neoplasma.core.resume import EVENT_OVERHEAD, InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
-from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
-from neoplasma.local.harness import (
+from harness import (
     ACCESS,
     AUTH,
     CREDENTIAL,
@@ -37,6 +31,12 @@ from neoplasma.local.harness import (
     publish_grpc,
     wait_for,
 )
+
+from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
+from neoplasma.core.events import Event
+from neoplasma.core.membership import Member, Snapshot
+from neoplasma.core.resume import EVENT_OVERHEAD, InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState

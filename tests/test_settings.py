@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from neoplasma.broker.server import BrokerConfig
-from neoplasma.core.cli import build_parser
+from neoplasma.cli import build_parser
 from neoplasma.core.settings import InvalidSetting, Settings
 from neoplasma.operator.cli import OperatorConfig
 from neoplasma.proxy.server import ProxyConfig

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from harness import CREDENTIAL, links_ready, proxy_status, publish_grpc, sse, wait_for
 
 from neoplasma.core.trust import Access, Tokens, bearer_metadata
-from neoplasma.local.harness import CREDENTIAL, links_ready, proxy_status, publish_grpc, sse, wait_for
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

@@ -10,10 +10,7 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-
-from neoplasma.core.events import InvalidEvent, make_events
-from neoplasma.core.workers import Offload, sum_expositions, usable_cpus
-from neoplasma.local.harness import (
+from harness import (
     SseClient,
     apply_membership,
     links_ready,
@@ -22,6 +19,9 @@ from neoplasma.local.harness import (
     publish_http,
     wait_for,
 )
+
+from neoplasma.core.events import InvalidEvent, make_events
+from neoplasma.core.workers import Offload, sum_expositions, usable_cpus
 from neoplasma.proxy.pod import merge_applied, sum_status
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 

@@ -1,3 +1,3 @@
-from neoplasma.core.cli import main
+from neoplasma.cli import main
 
 raise SystemExit(main())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from neoplasma.broker.server import BrokerConfig, serve
-from neoplasma.core.cli import Commands, add_server
+from neoplasma.broker.server import BrokerConfig, BrokerService
+from neoplasma.core.commands import Commands, add_server
 
 
 def add_commands(commands: Commands) -> None:
-    add_server(commands, "broker", "run a broker (publish + relay to proxies)", BrokerConfig, serve)
+    add_server(commands, "broker", "run a broker (publish + relay to proxies)", BrokerConfig, BrokerService)

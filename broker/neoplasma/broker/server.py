@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,7 @@ from neoplasma.core.events import (
     make_events,
 )
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.resume import RetentionLog
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, LimitExceeded, check_topic
@@ -414,57 +413,68 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
 # -- process ---------------------------------------------------------------------
 
 
-async def serve(config: BrokerConfig) -> None:
-    broker = Broker(config)
-    await broker.offload.start()
-    servicer = BrokerServicer(broker)
-    cluster = config.cluster_tokens()
-    keys = Tokens.optional(config.publish_keys_file)
-    guard = Guard({f"/{SERVICE_NAME}/Publish": Rule(keys, "a publisher key is required (authorization: Bearer KEY)"),
-                   f"/{SERVICE_NAME}/": Rule(cluster, CREDENTIAL_REQUIRED)})
-    server = grpc.aio.server(interceptors=[guard], options=[
-        ("grpc.max_receive_message_length", config.max_request_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes + config.max_event_bytes + 4096),
-        ("grpc.so_reuseport", 0),
-    ])
-    server.add_generic_rpc_handlers((relay_handler(servicer),))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    tls = server_tls(config.tls_cert, config.tls_key)
-    grpc_port = add_grpc_port(server, config.host, config.grpc_port, "--grpc-port", grpc_server_credentials(tls))
-    await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+class BrokerService:
+    """`neoplasma broker` for neoplasma.core.lifecycle: on a stop, refuse new publishes, let relay
+    outboxes empty (within drain_timeout), then end the relay streams and stop."""
 
-    http = HttpServer(http_app(broker, keys), bind_socket(config.host, config.http_port, "--http-port"),
-                      config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key))
-    await http.start()
-    http_port = http.port
+    kind = "broker"
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("broker_serving", name=config.name, grpc=hostport(config.host, grpc_port),
-             http=hostport(config.host, http_port))
-    announce(kind="broker", name=config.name, grpc=hostport(config.host, grpc_port),
-             http=hostport(config.host, http_port))
-    await stop.wait()
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.broker = Broker(config)
+        self.health = health.aio.HealthServicer()
 
-    # Drain: refuse new publishes, let relay outboxes empty, then stop.
-    broker.draining = True
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    log.info("broker_draining", pending_bytes=broker.router.pending_bytes())
-    try:
-        await asyncio.wait_for(broker.router.flushed(), config.drain_timeout)
-    except TimeoutError:
-        log.warning("broker_drain_timeout", pending_bytes=broker.router.pending_bytes())
-    broker.closing = True  # relay streams send their last head and end cleanly
-    for stream in broker.router.streams:
-        stream.wake.set()
-    await server.stop(grace=1.0)
-    await http.stop()
-    broker.offload.close()
-    log.info("broker_stopped", events_in=broker.events_in, events_out=broker.events_out,
-             dropped=broker.events_dropped)
+    async def start(self) -> dict[str, Any]:
+        config, broker = self.config, self.broker
+        await broker.offload.start()
+        servicer = BrokerServicer(broker)
+        cluster = config.cluster_tokens()
+        keys = Tokens.optional(config.publish_keys_file)
+        guard = Guard({
+            f"/{SERVICE_NAME}/Publish": Rule(keys, "a publisher key is required (authorization: Bearer KEY)"),
+            f"/{SERVICE_NAME}/": Rule(cluster, CREDENTIAL_REQUIRED)})
+        self.server = grpc.aio.server(interceptors=[guard], options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes + config.max_event_bytes + 4096),
+            ("grpc.so_reuseport", 0),
+        ])
+        self.server.add_generic_rpc_handlers((relay_handler(servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        tls = server_tls(config.tls_cert, config.tls_key)
+        grpc_port = add_grpc_port(self.server, config.host, config.grpc_port, "--grpc-port",
+                                  grpc_server_credentials(tls))
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.http = HttpServer(http_app(broker, keys), bind_socket(config.host, config.http_port, "--http-port"),
+                               config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key))
+        await self.http.start()
+        return {"name": config.name, "grpc": hostport(config.host, grpc_port),
+                "http": hostport(config.host, self.http.port)}
+
+    async def _set_health(self, status: Any) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def quiesce(self) -> None:
+        self.broker.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("broker_draining", **self.pending())
+
+    def deadline(self) -> float:
+        return self.config.drain_timeout
+
+    async def drained(self) -> None:
+        await self.broker.router.flushed()
+
+    def pending(self) -> dict[str, Any]:
+        return {"pending_bytes": self.broker.router.pending_bytes()}
+
+    async def close(self) -> dict[str, Any]:
+        broker = self.broker
+        broker.closing = True  # relay streams send their last head and end cleanly
+        for stream in broker.router.streams:
+            stream.wake.set()
+        await self.server.stop(grace=1.0)
+        await self.http.stop()
+        broker.offload.close()
+        return {"events_in": broker.events_in, "events_out": broker.events_out, "dropped": broker.events_dropped}

@@ -1,4 +1,4 @@
-"""Errors a user can act on: library code raises them, the command line prints them (neoplasma.core.cli)."""
+"""Errors a user can act on: library code raises them, the command line prints them (neoplasma.cli)."""
 
 from __future__ import annotations
 

@@ -319,22 +319,27 @@ class Supervisor:
             except (WorkerFailed, OSError) as exc:
                 log.warning("worker_restart_failed", worker=worker.index, error=str(exc))
 
-    async def stop(self, timeout: float) -> None:
-        """SIGTERM to every worker (each drains as a single server does); SIGKILL after `timeout`."""
+    def terminate(self) -> None:
+        """SIGTERM to every worker (each drains as a single server does); none is restarted."""
         self.stopping = True
-        procs = [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
-        for proc in procs:
+        for proc in self.running():
             proc.send_signal(signal.SIGTERM)
-        waits = [asyncio.create_task(p.wait()) for p in procs]
-        if waits:
-            await asyncio.wait(waits, timeout=timeout)
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-        await asyncio.gather(*waits)
+
+    async def exited(self) -> None:
+        """Return once every worker has exited."""
+        await asyncio.gather(*(proc.wait() for proc in self.running()))
+
+    async def close(self) -> None:
+        """SIGKILL to the workers still running, then release the workers' folder."""
+        for proc in self.running():
+            proc.kill()
+        await self.exited()
         for task in self._watch:
             task.cancel()
         self._dir.cleanup()
+
+    def running(self) -> list[asyncio.subprocess.Process]:
+        return [w.proc for w in self.workers if w.proc is not None and w.proc.returncode is None]
 
 
 class WorkerFailed(RuntimeError):

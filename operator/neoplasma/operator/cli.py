@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from neoplasma.core.cli import Commands
+from neoplasma.core.commands import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import POSITIVE, Bound, Settings, setting
 from neoplasma.operator.render import Peers

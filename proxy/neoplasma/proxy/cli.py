@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from neoplasma.core.cli import Commands, add_server
-from neoplasma.proxy.pod import serve_pod
-from neoplasma.proxy.server import ProxyConfig, serve
+from neoplasma.core.commands import Commands, add_server
+from neoplasma.proxy.pod import PodService
+from neoplasma.proxy.server import ProxyConfig, ProxyService
 
 
 def add_commands(commands: Commands) -> None:
-    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, serve,
-               serve_pod)
+    add_server(commands, "proxy", "run a proxy (SSE + plasma gRPC for subscribers)", ProxyConfig, ProxyService,
+               PodService)

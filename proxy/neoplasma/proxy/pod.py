@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import signal
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
 from neoplasma.proxy.server import ProxyConfig, control_server
@@ -146,35 +146,50 @@ def worker_share(request: pb.DrainRequest, workers: int) -> pb.DrainRequest:
     return share
 
 
-async def serve_pod(config: ProxyConfig) -> None:
-    """`neoplasma proxy --workers N`: N workers on the subscriber ports, one control port."""
-    held = {flag: bind_socket(config.host, port, flag, reuse_port=True, listen=False)
-            for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
-    http_port, grpc_port = (int(sock.getsockname()[1]) for sock in held.values())
-    tokens = config.cluster_tokens()
-    pod = PodControl(config, tokens)
-    # The pod drains at --drain-rate: each worker at its share.
-    argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0, workers=1,
-                                               drain_rate=config.drain_rate / config.workers))
-    supervisor = pod.supervisor = Supervisor(argv, config.workers, started=pod.started)
-    control = control_server(pod, tokens)
-    control_port = add_grpc_port(control, config.host, config.control_port, "--control-port",
-                                 grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await supervisor.start()
-    await control.start()
-    addresses = {"http": hostport(config.host, http_port), "grpc": hostport(config.host, grpc_port),
-                 "control": hostport(config.host, control_port)}
-    log.info("proxy_serving", name=config.name, workers=config.workers, **addresses)
-    announce(kind="proxy", name=config.name, workers=config.workers, **addresses)
-    await stop.wait()
-    # Each worker drains as a single proxy does (readiness, delay, paced reconnects); control
-    # answers until they are gone.
-    await supervisor.stop(timeout=config.drain_delay + 60.0)
-    await control.stop(grace=0.5)
-    for sock in held.values():
-        sock.close()
-    log.info("proxy_stopped", workers=config.workers)
+class PodService:
+    """`neoplasma proxy --workers N` for neoplasma.core.lifecycle: N workers on the subscriber ports,
+    one control port. On a stop each worker drains as a single proxy does (readiness, delay, paced
+    reconnects); control answers until they are gone."""
+
+    kind = "proxy"
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+
+    async def start(self) -> dict[str, Any]:
+        config = self.config
+        self.held = {flag: bind_socket(config.host, port, flag, reuse_port=True, listen=False)
+                     for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
+        http_port, grpc_port = (int(sock.getsockname()[1]) for sock in self.held.values())
+        tokens = config.cluster_tokens()
+        pod = PodControl(config, tokens)
+        # The pod drains at --drain-rate: each worker at its share.
+        argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0,
+                                                   workers=1, drain_rate=config.drain_rate / config.workers))
+        self.supervisor = pod.supervisor = Supervisor(argv, config.workers, started=pod.started)
+        self.control = control_server(pod, tokens)
+        control_port = add_grpc_port(self.control, config.host, config.control_port, "--control-port",
+                                     grpc_server_credentials(server_tls(config.tls_cert, config.tls_key)))
+        await self.supervisor.start()
+        await self.control.start()
+        return {"name": config.name, "workers": config.workers, "http": hostport(config.host, http_port),
+                "grpc": hostport(config.host, grpc_port), "control": hostport(config.host, control_port)}
+
+    async def quiesce(self) -> None:
+        self.supervisor.terminate()
+
+    def deadline(self) -> float:
+        return self.config.drain_delay + (self.config.drain_within or 60.0) + 5.0
+
+    async def drained(self) -> None:
+        await self.supervisor.exited()
+
+    def pending(self) -> dict[str, Any]:
+        return {"workers": len(self.supervisor.running())}
+
+    async def close(self) -> dict[str, Any]:
+        await self.supervisor.close()
+        await self.control.stop(grace=0.5)
+        for sock in self.held.values():
+            sock.close()
+        return {"workers": self.config.workers}

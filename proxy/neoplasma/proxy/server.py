@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import signal
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
-from neoplasma.core.net import HttpServer, add_grpc_port, announce, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import (
     MAX_TOPIC_LENGTH,
@@ -255,9 +255,10 @@ class Proxy:
             await asyncio.sleep(interval)
         log.info("proxy_drained")
 
-    async def drained(self, timeout: float) -> None:
+    async def drained(self) -> None:
+        """Return once the drain moved every subscriber away (waiting leaves the drain running)."""
         if self._drain_task is not None:
-            await asyncio.wait({self._drain_task}, timeout=timeout)
+            await asyncio.wait({self._drain_task})
 
     def subscribe(self, sub: Subscriber, topics: list[str], token: str, sink: Sink) -> asyncio.Task[None] | None:
         """Add a subscriber: live at once, or after catching up in a task (from a resume token, or
@@ -618,68 +619,79 @@ async def _heartbeat(proxy: Proxy) -> None:
         proxy.hub.broadcast_sse(HEARTBEAT)
 
 
-async def serve(config: ProxyConfig) -> None:
-    place = Place.here()  # one of a pod's workers (neoplasma.proxy.pod), or None: the whole proxy
-    proxy = Proxy(config)
-    if config.brokers:
-        await proxy.links.apply(static_snapshot(config.brokers))
+class ProxyService:
+    """`neoplasma proxy` (one process, or one of a pod's workers) for neoplasma.core.lifecycle: on a
+    stop, fail readiness, let load balancers see it (drain_delay), move subscribers away at a paced
+    rate, stop."""
 
-    health = Health()
-    subscribers = subscriber_server(proxy, health)
-    grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
-    grpc_port = grpc_socket.getsockname()[1]
-    control = control_server(ControlServicer(proxy), proxy.access.tokens)
-    if place is None:
-        control_address = hostport(config.host, add_grpc_port(
-            control, config.host, config.control_port, "--control-port",
-            grpc_server_credentials(server_tls(config.tls_cert, config.tls_key))))
-    else:  # the pod's control port is its supervisor's, which relays to this private one
-        control_address = place.control()
-        control.add_insecure_port(control_address)
-    await subscribers.start(grpc_socket)
-    proxy.hub.gathered = subscribers.gathered
-    await control.start()
+    kind = "proxy"
 
-    registry = CollectorRegistry()
-    registry.register(ProxyCollector(proxy))
-    http = HttpServer(http_app(proxy, registry, place),
-                      bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
-                      config.header_timeout, handler_cancellation=True)
-    await http.start()
-    own_metrics = (await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
-                   if place is not None else None)
-    http_port = http.port
-    heartbeat = asyncio.create_task(_heartbeat(proxy))
-    dispatcher = asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.place = Place.here()  # one of a pod's workers (neoplasma.proxy.pod), or None: the whole proxy
+        self.proxy = Proxy(config)
+        self.health = Health()
+        self.own_metrics: HttpServer | None = None
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    addresses = {"http": hostport(config.host, http_port), "grpc": hostport(config.host, grpc_port),
-                 "control": control_address}
-    log.info("proxy_serving", name=config.name, **addresses)
-    announce(kind="proxy", name=config.name, **addresses)
-    await stop.wait()
+    async def start(self) -> dict[str, Any]:
+        config, proxy, place = self.config, self.proxy, self.place
+        if config.brokers:
+            await proxy.links.apply(static_snapshot(config.brokers))
+        self.subscribers = subscriber_server(proxy, self.health)
+        grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
+        grpc_port = grpc_socket.getsockname()[1]
+        self.control = control_server(ControlServicer(proxy), proxy.access.tokens)
+        if place is None:
+            control_address = hostport(config.host, add_grpc_port(
+                self.control, config.host, config.control_port, "--control-port",
+                grpc_server_credentials(server_tls(config.tls_cert, config.tls_key))))
+        else:  # the pod's control port is its supervisor's, which relays to this private one
+            control_address = place.control()
+            self.control.add_insecure_port(control_address)
+        await self.subscribers.start(grpc_socket)
+        proxy.hub.gathered = self.subscribers.gathered
+        await self.control.start()
 
-    # Graceful: fail readiness, let load balancers see it, move subscribers away at a paced rate, stop.
-    proxy.ready, proxy.stopping, proxy.limit = False, True, None
-    if not proxy.draining:  # (a shed's pace is not the drain's; the operator may give one during the delay)
-        proxy.rate = config.drain_rate
-    health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
-    if config.drain_delay:
-        log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
-        await asyncio.sleep(config.drain_delay)
-    proxy.drain(proxy.rate, config.drain_within)  # the pace the operator gave meanwhile, if it did
-    limit = config.drain_within or len(proxy.hub.subscribers) / proxy.rate
-    await proxy.drained(timeout=max(5.0, limit + 5.0))
-    heartbeat.cancel()
-    dispatcher.cancel()
-    subscribers.stop(SHUTTING_DOWN)
-    await control.stop(grace=0.5)
-    await proxy.links.close()
-    await http.stop()
-    if own_metrics is not None:
-        await own_metrics.stop()
-    log.info("proxy_stopped", deliveries=proxy.hub.deliveries)
+        registry = CollectorRegistry()
+        registry.register(ProxyCollector(proxy))
+        self.http = HttpServer(http_app(proxy, registry, place),
+                               bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
+                               config.header_timeout, handler_cancellation=True)
+        await self.http.start()
+        if place is not None:
+            self.own_metrics = await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
+        self.tasks = [asyncio.create_task(_heartbeat(proxy)),
+                      asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))]
+        return {"name": config.name, "http": hostport(config.host, self.http.port),
+                "grpc": hostport(config.host, grpc_port), "control": control_address}
 
+    async def quiesce(self) -> None:
+        config, proxy = self.config, self.proxy
+        proxy.ready, proxy.stopping, proxy.limit = False, True, None
+        if not proxy.draining:  # (a shed's pace is not the drain's; the operator may give one during the delay)
+            proxy.rate = config.drain_rate
+        self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if config.drain_delay:
+            log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
+            await asyncio.sleep(config.drain_delay)
+        proxy.drain(proxy.rate, config.drain_within)  # the pace the operator gave meanwhile, if it did
+
+    def deadline(self) -> float:
+        return max(5.0, (self.config.drain_within or len(self.proxy.hub.subscribers) / self.proxy.rate) + 5.0)
+
+    async def drained(self) -> None:
+        await self.proxy.drained()
+
+    def pending(self) -> dict[str, Any]:
+        return {"subscribers": len(self.proxy.hub.subscribers)}
+
+    async def close(self) -> dict[str, Any]:
+        for task in self.tasks:
+            task.cancel()
+        self.subscribers.stop(SHUTTING_DOWN)
+        await self.control.stop(grace=0.5)
+        await self.proxy.links.close()
+        await self.http.stop()
+        if self.own_metrics is not None:
+            await self.own_metrics.stop()
+        return {"deliveries": self.proxy.hub.deliveries}

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from typing import Any
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.errors import NeoplasmaError, UsageError
+from neoplasma.core.lifecycle import serve
 from neoplasma.core.load import broker_load, proxy_load
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import BrokerState, Member, Snapshot, next_snapshot
@@ -270,26 +270,55 @@ class LocalCluster:
         return "\n".join(lines)
 
 
+class UpService:
+    """`neoplasma up` for neoplasma.core.lifecycle: the children started and announced as a table (or
+    one JSON line); on a stop, the autoscaling loop ends (once a child being added or removed is up
+    or gone), then every child is stopped."""
+
+    kind = "up"
+
+    def __init__(self, cluster: LocalCluster, as_json: bool, scaler: Autoscaler, sizes: tuple[int, int],
+                 interval: float) -> None:
+        self.cluster, self.as_json, self.scaler, self.sizes, self.interval = cluster, as_json, scaler, sizes, interval
+        self.scaling: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        try:
+            await self.cluster.start()
+        except ChildFailed:
+            await self.cluster.stop()
+            raise
+        if self.scaler.autoscale:
+            self.scaling = asyncio.create_task(self.cluster.autoscale(self.scaler, self.sizes, self.interval))
+        return self.cluster.describe()
+
+    def announce(self, fields: dict[str, Any]) -> None:
+        print(json.dumps(fields) if self.as_json else self.cluster.table(), flush=True)
+
+    async def quiesce(self) -> None:
+        log.info("up_stopping")
+
+    def deadline(self) -> None:
+        return None  # adding or removing a child is bounded by READY_TIMEOUT and STOP_TIMEOUT
+
+    async def drained(self) -> None:
+        if self.scaling is not None:
+            await self.scaling
+
+    def pending(self) -> dict[str, Any]:
+        return {}
+
+    async def close(self) -> dict[str, Any]:
+        await self.cluster.stop()
+        return {"brokers": len(self.cluster.brokers), "proxies": len(self.cluster.proxies)}
+
+
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
               credential_file: str, ingest: list[str] | None) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
     cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, cluster.stopping.set)
-    try:
-        await cluster.start()
-    except ChildFailed:
-        await cluster.stop()
-        raise
-    print(json.dumps(cluster.describe()) if as_json else cluster.table(), flush=True)
-    scaling = asyncio.create_task(cluster.autoscale(scaler, (brokers, proxies), interval)) if scaler.autoscale else None
-    await cluster.stopping.wait()
-    log.info("up_stopping")
-    if scaling is not None:
-        await scaling  # ends at once, or once the child being added or removed is up or gone
-    await cluster.stop()
-    return 0
+    up = UpService(cluster, as_json, scaler, (brokers, proxies), interval)
+    return await serve(up, stop=cluster.stopping, announced=lambda _, fields: up.announce(fields))
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 
-from neoplasma.core.cli import Commands
+from neoplasma.core.commands import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import NON_NEGATIVE, POSITIVE, argument_type
 

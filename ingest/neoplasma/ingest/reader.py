@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.errors import UsageError
 from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, InvalidEvent, parse_publish_body
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import announce, bind_socket, hostport
+from neoplasma.core.net import bind_socket, hostport
 from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, Bound, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH
 from neoplasma.core.trust import Access, Tokens, TrustSettings, http_ssl_context
@@ -348,40 +347,53 @@ def http_app(ingest: Ingest, credential: Tokens | None) -> web.Application:
     return app
 
 
-async def serve(config: IngestConfig) -> None:
-    address = config.address()
-    lease = RedisLease(address, config.lease_key, config.name, config.lease_ttl) if config.lease == "redis" else None
-    ingest = Ingest(config, address, lease)
-    sock = bind_socket(config.host, config.http_port, "--http-port")
-    runner = web.AppRunner(http_app(ingest, config.cluster_tokens()), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.SockSite(runner, sock, ssl_context=http_ssl_context(config.tls_cert, config.tls_key)).start()
-    http_port = sock.getsockname()[1]
+class IngestService:
+    """`neoplasma ingest-redis` for neoplasma.core.lifecycle: on a stop, stop reading, hand the
+    lease over, then publish what was read (within drain_timeout)."""
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(ingest.run()), asyncio.create_task(ingest.publisher.run())]
-    if lease is not None:
-        tasks.append(asyncio.create_task(ingest.keep_lease(lease)))
-    log.info("ingest_serving", name=config.name, redis=str(address), http=hostport(config.host, http_port))
-    announce(kind="ingest", name=config.name, http=hostport(config.host, http_port))
-    await stop.wait()
+    kind = "ingest"
 
-    # Stop reading, hand the lease over, then publish what was read.
-    ingest.stopping = True
-    ingest.changed.notify()
-    await tasks[0]
-    if lease is not None:
-        await tasks[2]
-        with contextlib.suppress(OSError, RedisError, TimeoutError):
-            await lease.release()
-        lease.close()
-    if not await ingest.publisher.flushed(config.drain_timeout):
-        log.warning("ingest_drain_timeout", pending=ingest.publisher.pending())
-    tasks[1].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await tasks[1]
-    await runner.cleanup()
-    log.info("ingest_stopped", name=config.name)
+    def __init__(self, config: IngestConfig) -> None:
+        self.config = config
+        address = config.address()
+        self.lease = (RedisLease(address, config.lease_key, config.name, config.lease_ttl)
+                      if config.lease == "redis" else None)
+        self.ingest = Ingest(config, address, self.lease)
+
+    async def start(self) -> dict[str, Any]:
+        config, ingest = self.config, self.ingest
+        sock = bind_socket(config.host, config.http_port, "--http-port")
+        self.runner = web.AppRunner(http_app(ingest, config.cluster_tokens()), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock, ssl_context=http_ssl_context(config.tls_cert, config.tls_key)).start()
+        self.reading = asyncio.create_task(ingest.run())
+        self.publishing = asyncio.create_task(ingest.publisher.run())
+        self.leasing = asyncio.create_task(ingest.keep_lease(self.lease)) if self.lease is not None else None
+        return {"name": config.name, "redis": str(ingest.address), "http": hostport(config.host, sock.getsockname()[1])}
+
+    async def quiesce(self) -> None:
+        self.ingest.stopping = True
+        self.ingest.changed.notify()
+        await self.reading
+        if self.lease is not None and self.leasing is not None:
+            await self.leasing
+            with contextlib.suppress(OSError, RedisError, TimeoutError):
+                await self.lease.release()
+            self.lease.close()
+
+    def deadline(self) -> float:
+        return self.config.drain_timeout
+
+    async def drained(self) -> None:
+        while not await self.ingest.publisher.flushed(60.0):
+            pass
+
+    def pending(self) -> dict[str, Any]:
+        return {"pending": self.ingest.publisher.pending()}
+
+    async def close(self) -> dict[str, Any]:
+        self.publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.publishing
+        await self.runner.cleanup()
+        return {"name": self.config.name}
