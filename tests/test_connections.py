@@ -21,12 +21,16 @@ from neoplasma.operator.connections import (
     COOLDOWN,
     MAX_GRACE_SECONDS,
     REBALANCE_SHARE_WITH_DRAINS,
+    Connections,
     Limit,
     Operation,
+    Pace,
+    PodSeen,
     ProxySeen,
     Rebalancer,
     Round,
     covered_subscribers,
+    drain_kind,
     grace_seconds,
     max_unavailable,
     plan_rebalance,
@@ -265,3 +269,61 @@ def test_a_new_round_waits_while_pods_drain_and_a_stuck_round_times_out() -> Non
     stuck = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000 + 601)
     assert stuck.events[0] == "rebalance ended (not done after 600 s): 0 of 39 subscribers moved"
     assert stuck.events[1].startswith("rebalance started")  # a source is not cooling: it is asked again
+
+
+# -- one pass: drains and the rebalance on one budget -----------------------------------------
+
+
+def test_drain_kind() -> None:
+    assert drain_kind("rs-old", "rs-new", desired=3, running=3) == "rollout"
+    assert drain_kind("rs-new", "rs-new", desired=2, running=3) == "scale-in"
+    assert drain_kind("rs-new", "rs-new", desired=3, running=3) == "eviction"
+
+
+def test_a_pass_paces_every_drain_and_the_rebalance_within_the_budget() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("auto", 0.1, 200.0)
+    pods = [PodSeen("a", 61, READY), PodSeen("b", 0, READY), PodSeen("c", 0, READY)]
+    started = step.step(policy, pods, None, now=1000)
+    assert started.paces == () and [(x.proxy, x.keep) for x in started.limits] == [("a", 22), ("b", 22), ("c", 22)]
+    assert started.status["reconnects"] == {"budget": 200.0, "reconnectsPerSecond": 200.0, "inProgress": [
+        {"kind": "rebalance", "name": "rebalance", "subscribersLeft": 39, "reconnectsPerSecond": 200.0,
+         "etaSeconds": 1}]}
+    assert started.busiest == 61 and started.notices[0].reason == "Rebalance"
+    # A rollout starts meanwhile: two pods drain, the round keeps a tenth, the sum is the budget.
+    pods = [PodSeen("a", 50, READY), PodSeen("b", 5, READY), PodSeen("c", 6, READY),
+            PodSeen("old-1", 3000, None, "rollout", 100.0), PodSeen("old-2", 1000, None, "eviction", 100.0)]
+    both = step.step(policy, pods, None, now=1001)
+    assert both.paces == (Pace("old-1", 90.0), Pace("old-2", 90.0))
+    assert both.limits[0] == Limit("a", 22, 20.0)
+    progress = both.status["reconnects"]
+    assert progress["reconnectsPerSecond"] == 200.0
+    assert [(e["kind"], e["name"], e["subscribersLeft"]) for e in progress["inProgress"]] == [
+        ("rollout", "old-1", 3000), ("eviction", "old-2", 1000), ("rebalance", "rebalance", 28)]
+    assert not [n for n in both.notices if n.warning]
+
+
+def test_a_drain_that_must_go_over_the_budget_is_reported_once() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("off", 0.1, 100.0)
+    late = [PodSeen("a", 10, READY), PodSeen("old", 5000, None, "rollout", 30.0)]
+    first = step.step(policy, late, None, now=1000)
+    assert first.paces == (Pace("old", 200.0),)
+    assert first.status["reconnects"]["inProgress"][0]["overBudget"] is True
+    warning = [n for n in first.notices if n.warning]
+    assert warning[0].reason == "ReconnectBudgetExceeded" and "rollout of old: 5000 subscribers left" in \
+        warning[0].message and "raise the budget or the grace period" in warning[0].message
+    assert not [n for n in step.step(policy, late, None, now=1001).notices if n.warning]
+    assert first.status["rebalance"]["state"] == "Off"
+
+
+def test_plan_mode_shows_the_plan_with_its_rate_and_moves_nothing() -> None:
+    step = Connections()
+    pods = [PodSeen("a", 100, READY), PodSeen("b", 0, READY)]
+    shown = step.step(ConnectionPolicy("plan", 0.1, 50.0), pods, None, now=1000)
+    assert shown.limits == () and shown.status["reconnects"]["inProgress"] == []
+    assert shown.status["rebalance"]["plan"] == {"cap": 55, "subscribers": 45, "reconnectsPerSecond": 50.0,
+                                                 "etaSeconds": 1, "moves": [{"from": "a", "subscribers": 45}]}
+    unread = step.step(ConnectionPolicy("auto", 0.1, 50.0), [PodSeen("a", 100, READY), PodSeen("b", None, READY)],
+                       None, now=1001)
+    assert unread.limits == () and "waiting for b" in unread.status["rebalance"]["reason"]

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from neoplasma.core.scaling import ConnectionPolicy
+
 COOLDOWN = 600.0  # seconds: a proxy that received moved subscribers does not shed for this long
 SETTLE = 10.0  # seconds a proxy must have been ready before it counts (endpoints, kube-proxy)
 HOLD = 30.0  # seconds a limit given to a proxy lasts unless given again (an operator gone lifts it)
@@ -409,3 +411,99 @@ def _left(current: Round, proxies: Sequence[ProxySeen]) -> int:
     """What the round's sources still hold over their limits (sources that are gone count 0)."""
     here = {p.name: p.subscribers for p in proxies}
     return sum(max(0, here[name] - current.limits[name]) for name in current.sources if name in here)
+
+
+# -- one pass: every operation, one budget ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodSeen:
+    """A proxy pod as one pass saw it: its subscribers (None: its Status could not be read), how
+    long it has been ready (None: not ready), and, terminating, why (`drain_kind`) and the seconds
+    until it is killed."""
+
+    name: str
+    subscribers: int | None
+    ready_for: float | None = None
+    terminating: str | None = None
+    seconds_left: float | None = None
+
+
+def drain_kind(pod_owner: str, current_owner: str, desired: int, running: int) -> str:
+    """Why a proxy pod is terminating: its ReplicaSet is not the Deployment's current one (a
+    rollout), the Deployment wants fewer pods than run (a scale-in), else an eviction (a node
+    drain, the eviction API, a deleted pod)."""
+    if current_owner and pod_owner != current_owner:
+        return "rollout"
+    return "scale-in" if desired < running else "eviction"
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A terminating pod's share of the budget: ProxyControl.Drain(reconnects_per_second=rate)."""
+
+    proxy: str
+    rate: float
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An Event to post (reason, message)."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True)
+class ConnectionOrders:
+    paces: tuple[Pace, ...] = ()
+    limits: tuple[Limit, ...] = ()
+    reset_to_plan: bool = False  # approve ran: set neoplasma.io/rebalance back to "plan"
+    status: Mapping[str, Any] = field(default_factory=dict)  # status.rebalance and status.reconnects
+    notices: tuple[Notice, ...] = ()
+    busiest: int = 0  # subscribers on the busiest proxy (DrainSizing)
+
+
+class Connections:
+    """The connections step of a cluster's pass: the drains under way and the rebalance share
+    one budget; what each proxy is told, and what status shows."""
+
+    def __init__(self) -> None:
+        self.rebalancer = Rebalancer()
+        self._over: frozenset[str] = frozenset()  # drains last reported over the budget
+
+    def step(self, policy: ConnectionPolicy, pods: Sequence[PodSeen], shown: Mapping[str, Any] | None,
+             now: float) -> ConnectionOrders:
+        budget = policy.max_reconnects
+        drains = [Operation(p.terminating, p.name, p.subscribers or 0, p.seconds_left)
+                  for p in pods if p.terminating is not None and p.subscribers]
+        live = [ProxySeen(p.name, p.subscribers or 0, p.ready_for if p.subscribers is not None else None)
+                for p in pods if p.terminating is None]
+        running = self.rebalancer.operation(live)
+        shares = share_budget(budget, [*drains, *([running] if running else [])])
+        rate = shares[-1].rate if running else (budget * REBALANCE_SHARE_WITH_DRAINS if drains else budget)
+        orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, shown, bool(drains), now)
+        notices = [Notice("Rebalance", message) for message in orders.events]
+        over = frozenset(s.operation.name for s in shares if s.forced)
+        if over - self._over:
+            late = [s for s in shares if s.operation.name in over - self._over]
+            notices.append(Notice("ReconnectBudgetExceeded", "; ".join(
+                f"{s.operation.kind} of {s.operation.name}: {s.operation.left} subscribers left and "
+                f"{s.operation.seconds_left or 0:.0f} s before the pod is killed: {s.rate:.0f}/s" for s in late)
+                + f", over neoplasma.io/max-reconnects-per-second {budget:g} (else they would all reconnect at "
+                "once when it is killed); raise the budget or the grace period", warning=True))
+        self._over = over
+        entries = [s.to_status() for s in shares if s.operation.kind != "rebalance" and s.operation.left]
+        if running and self.rebalancer.current is not None:
+            entries.append(shares[-1].to_status())
+        elif self.rebalancer.current is not None:  # started in this pass
+            entries.append(Share(Operation("rebalance", "rebalance", self.rebalancer.current.moves), rate).to_status())
+        status = {"rebalance": dict(orders.status),
+                  "reconnects": {"budget": budget, "inProgress": entries,
+                                 "reconnectsPerSecond": round(sum(e["reconnectsPerSecond"] for e in entries), 3)}}
+        return ConnectionOrders(
+            paces=tuple(Pace(s.operation.name, s.rate) for s in shares if s.operation.kind != "rebalance"
+                        and s.operation.left),
+            limits=orders.limits, reset_to_plan=orders.reset_to_plan, status=status, notices=tuple(notices),
+            busiest=max((p.subscribers or 0 for p in pods), default=0))
