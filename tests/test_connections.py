@@ -251,13 +251,36 @@ def test_off_plan_and_approve() -> None:
     assert planned.limits == () and rb.current is None and planned.status["state"] == "Planned"
     assert planned.status["plan"] == {"cap": 22, "subscribers": 39, "moves": [{"from": "p0", "subscribers": 39}],
                                       "reconnectsPerSecond": 200.0, "etaSeconds": 1}
-    approved = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, planned.status["plan"], False, 1010)
-    assert approved.reset_to_plan and approved.limits[0] == Limit("p0", 22, 200.0)
-    # Approve with no plan shown yet: shown first (the next pass runs it), never run unseen.
-    first = Rebalancer().step("approve", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
-    assert first.limits == () and first.status["state"] == "Planned" and not first.reset_to_plan
+    assert planned.status["reason"].endswith("set neoplasma.io/rebalance=approve to run it")
+    # Turned to approve: the plan shown runs, once.
+    approved = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, planned.status, False, 1010)
+    assert approved.limits[0] == Limit("p0", 22, 200.0) and approved.status["approval"] is None
+    running = rb.step("approve", proxies(40, 10, 11), 0.1, 200.0, approved.status, False, 1011)
+    assert running.status["state"] == "Running" and running.status["plan"] == planned.status["plan"]
+    done = rb.step("approve", proxies(22, 20, 19), 0.1, 200.0, running.status, False, 1013)
+    assert done.status["state"] == "Balanced"
+    # Still `approve`: a new plan is shown, not run, until it is set to plan and approve again.
+    again = rb.step("approve", [*proxies(22, 20, 19), ProxySeen("p3", 0, READY)], 0.1, 200.0, done.status, False,
+                    1100)
+    assert again.limits == () and again.status["state"] == "Planned"
+    assert "set neoplasma.io/rebalance=plan, then approve" in again.status["reason"]
+    assert rb.step("plan", proxies(22, 20, 19, 0), 0.1, 200.0, again.status, False, 1101).limits == ()
+    rerun = rb.step("approve", [*proxies(22, 20, 19), ProxySeen("p3", 0, READY)], 0.1, 200.0,
+                    {**again.status, "mode": "plan"}, False, 1102)
+    assert rerun.limits[0].proxy == "p0" and rerun.status["state"] == "Running"
+
+
+def test_approve_with_no_plan_shown_shows_it_first_and_a_wait_keeps_the_approval() -> None:
+    rb = Rebalancer()
+    first = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    assert first.limits == () and first.status["state"] == "Planned" and first.status["approval"] == "pending"
+    assert first.status["reason"].endswith("running it next")
+    waiting = rb.step("approve", proxies(61, 0, 0), 0.1, 20.0, first.status, draining=True, now=1010)
+    assert waiting.status["state"] == "Waiting" and waiting.status["approval"] == "pending"
+    ran = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, waiting.status, draining=False, now=1020)
+    assert ran.status["state"] == "Running" and ran.limits and ran.status["approval"] is None
     # Turning it off stops a running round.
-    stopped = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, None, draining=False, now=1011)
+    stopped = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, ran.status, draining=False, now=1021)
     assert stopped.limits == () and stopped.events[0].startswith("rebalance ended (neoplasma.io/rebalance is off)")
 
 

@@ -316,18 +316,22 @@ class Limit:
 
 @dataclass(frozen=True)
 class Orders:
-    """One pass's decision: the limits to send, the annotation to reset (approve ran), the
-    status, the events."""
+    """One pass's decision: the limits to send, `status.rebalance`, the events."""
 
     limits: tuple[Limit, ...] = ()
-    reset_to_plan: bool = False
     status: Mapping[str, Any] = field(default_factory=dict)
     events: tuple[str, ...] = ()
 
 
 class Rebalancer:
     """One cluster's rebalancing between passes: the running round and the past ones (for the
-    cooldown). `operation` says what the round has left for the budget; `step` decides."""
+    cooldown). `operation` says what the round has left for the budget; `step` decides.
+
+    `approve` runs the plan shown in status once, when the annotation turns to `approve` (from
+    anything else: status keeps the mode last seen, and `approval: pending` until it ran); while
+    it stays `approve`, later plans are shown, not run. No write to the resource but its status
+    (a GitOps tool would fight an operator that rewrote its annotations).
+    """
 
     def __init__(self) -> None:
         self.current: Round | None = None
@@ -340,12 +344,22 @@ class Rebalancer:
         return Operation("rebalance", "rebalance", _left(self.current, proxies))
 
     def step(self, mode: str, proxies: Sequence[ProxySeen], tolerance: float, rate: float | None,
-             shown: Mapping[str, Any] | None, draining: bool, now: float) -> Orders:
-        """`rate`: the running round's share of the budget (None: no round, or the whole budget
-        a new round would get); `shown`: the plan in status; `draining`: pods are draining
-        (a new round waits for them)."""
+             previous: Mapping[str, Any] | None, draining: bool, now: float) -> Orders:
+        """`rate`: the running round's share of the budget (or what a new round would get);
+        `previous`: `status.rebalance` as last written; `draining`: pods are draining (a new round
+        waits for them)."""
         self.history = [r for r in self.history if r.ended is not None and now - r.ended < COOLDOWN]
+        previous = previous or {}
+        shown = previous.get("plan") if isinstance(previous.get("plan"), Mapping) else None
+        pending = mode == "approve" and (previous.get("mode") != "approve" or previous.get("approval") == "pending")
         events: list[str] = []
+
+        def orders(state: str, reason: str, *, limits: tuple[Limit, ...] = (), still_pending: bool = pending,
+                   **fields: Any) -> Orders:
+            status = {"mode": mode, "state": state, "reason": reason, "plan": None,
+                      "approval": "pending" if still_pending else None, **fields}  # (null removes a key)
+            return Orders(limits, status, tuple(events))
+
         if self.current is not None:
             left = _left(self.current, proxies)
             if mode == "off" or left == 0 or now - self.current.started > ROUND_TIMEOUT:
@@ -356,37 +370,31 @@ class Rebalancer:
                 self.history.append(replace(self.current, ended=now))
                 self.current = None
             else:
-                return Orders(self._limits(self.current, proxies, rate), status={
-                    "mode": mode, "state": "Running", "plan": _shown(shown),
-                    "reason": f"moving {left} more subscribers, at most {self.current.cap} per proxy",
-                    **self._eta(left, rate)}, events=tuple(events))
+                return orders("Running", f"moving {left} more subscribers, at most {self.current.cap} per proxy",
+                              limits=self._limits(self.current, proxies, rate), plan=shown, **self._eta(left, rate))
         plan = plan_rebalance(proxies, tolerance, self.history, now)
-        base: dict[str, Any] = {"mode": mode, "average": round(plan.average, 1), "busiest": plan.busiest,
-                                "plan": None}  # (null removes a plan shown before)
+        seen: dict[str, Any] = {"average": round(plan.average, 1), "busiest": plan.busiest}
         if mode == "off":
-            return Orders(status={**base, "state": "Off", "reason": "neoplasma.io/rebalance is off"},
-                          events=tuple(events))
-        if mode == "approve" and shown:
+            return orders("Off", "neoplasma.io/rebalance is off", **seen)
+        if pending and shown:
             plan = replan(shown, proxies, self.history, now)
             if not plan.moves:
-                return Orders(reset_to_plan=True, status={**base, "state": "Balanced", "reason": plan.reason},
-                              events=(*events, f"approved plan not run: {plan.reason}"))
+                events.append(f"approved plan not run: {plan.reason}")
+                return orders("Balanced", plan.reason, still_pending=False, **seen)
         if not plan.moves:
-            return Orders(status={**base, "state": "Balanced", "reason": plan.reason}, events=tuple(events))
-        if mode == "plan" or (mode == "approve" and not shown):
-            return Orders(status={**base, "state": "Planned", "reason": plan.reason + (
-                "; set neoplasma.io/rebalance=approve to run it" if mode == "plan" else "; running it next"),
-                "plan": plan.to_status(rate)}, events=tuple(events))
+            return orders("Balanced", plan.reason, **seen)
+        if mode == "plan" or (mode == "approve" and not (pending and shown)):
+            then = ("set neoplasma.io/rebalance=approve to run it" if mode == "plan" else "running it next" if pending
+                    else "the approved plan ran: set neoplasma.io/rebalance=plan, then approve, to run this one")
+            return orders("Planned", f"{plan.reason}; {then}", plan=plan.to_status(rate), **seen)
         if draining:
-            return Orders(status={**base, "state": "Waiting", "reason": "proxy pods are draining: "
-                                  "rebalancing starts when they are done", "plan": plan.to_status(rate)},
-                          events=tuple(events))
+            return orders("Waiting", "proxy pods are draining: rebalancing starts when they are done",
+                          plan=plan.to_status(rate), **seen)
         self.current = Round(now, plan.cap, dict(plan.limits), frozenset(plan.moves), plan.moved)
         events.append(f"rebalance started: {plan.reason}; moving " + ", ".join(
             f"{n} from {name}" for name, n in sorted(plan.moves.items())))
-        return Orders(self._limits(self.current, proxies, rate), reset_to_plan=mode == "approve", status={
-            **base, "state": "Running", "reason": plan.reason, "plan": plan.to_status(rate),
-            **self._eta(plan.moved, rate)}, events=tuple(events))
+        return orders("Running", plan.reason, limits=self._limits(self.current, proxies, rate), still_pending=False,
+                      plan=plan.to_status(rate), **seen, **self._eta(plan.moved, rate))
 
     @staticmethod
     def _limits(current: Round, proxies: Sequence[ProxySeen], rate: float | None) -> tuple[Limit, ...]:
@@ -401,10 +409,6 @@ class Rebalancer:
         if not rate:
             return {"subscribersLeft": left}
         return {"subscribersLeft": left, "reconnectsPerSecond": round(rate, 3), "etaSeconds": math.ceil(left / rate)}
-
-
-def _shown(shown: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    return dict(shown) if shown else None
 
 
 def _left(current: Round, proxies: Sequence[ProxySeen]) -> int:
@@ -459,7 +463,6 @@ class Notice:
 class ConnectionOrders:
     paces: tuple[Pace, ...] = ()
     limits: tuple[Limit, ...] = ()
-    reset_to_plan: bool = False  # approve ran: set neoplasma.io/rebalance back to "plan"
     status: Mapping[str, Any] = field(default_factory=dict)  # status.rebalance and status.reconnects
     notices: tuple[Notice, ...] = ()
     busiest: int = 0  # subscribers on the busiest proxy (DrainSizing)
@@ -473,8 +476,9 @@ class Connections:
         self.rebalancer = Rebalancer()
         self._over: frozenset[str] = frozenset()  # drains last reported over the budget
 
-    def step(self, policy: ConnectionPolicy, pods: Sequence[PodSeen], shown: Mapping[str, Any] | None,
+    def step(self, policy: ConnectionPolicy, pods: Sequence[PodSeen], previous: Mapping[str, Any] | None,
              now: float) -> ConnectionOrders:
+        """`previous`: `status.rebalance` as last written."""
         budget = policy.max_reconnects
         drains = [Operation(p.terminating, p.name, p.subscribers or 0, p.seconds_left)
                   for p in pods if p.terminating is not None and p.subscribers]
@@ -483,7 +487,7 @@ class Connections:
         running = self.rebalancer.operation(live)
         shares = share_budget(budget, [*drains, *([running] if running else [])])
         rate = shares[-1].rate if running else (budget * REBALANCE_SHARE_WITH_DRAINS if drains else budget)
-        orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, shown, bool(drains), now)
+        orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, previous, bool(drains), now)
         notices = [Notice("Rebalance", message) for message in orders.events]
         over = frozenset(s.operation.name for s in shares if s.forced)
         if over - self._over:
@@ -505,5 +509,5 @@ class Connections:
         return ConnectionOrders(
             paces=tuple(Pace(s.operation.name, s.rate) for s in shares if s.operation.kind != "rebalance"
                         and s.operation.left),
-            limits=orders.limits, reset_to_plan=orders.reset_to_plan, status=status, notices=tuple(notices),
+            limits=orders.limits, status=status, notices=tuple(notices),
             busiest=max((p.subscribers or 0 for p in pods), default=0))
