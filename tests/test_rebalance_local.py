@@ -16,14 +16,12 @@ import time
 from typing import Any
 
 import aiohttp
-import grpc
-from harness import AUTH, EventSource, Publisher, Server, proxy_status, wait_for
+from harness import ACCESS, EventSource, Publisher, Server, proxy_status, wait_for
 from test_resume import NativeClient, all_subscribed, cluster, grpc_addresses
 
+from neoplasma.core import drains
 from neoplasma.core.scaling import ConnectionPolicy
 from neoplasma.operator.connections import Connections, PodSeen
-from neoplasma.wire.v1 import neoplasma_pb2 as pb
-from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 PROBE_PERIOD = 0.5  # seconds (the rendered readinessProbe: 5 s, failureThreshold 2)
 
@@ -72,11 +70,8 @@ async def operator_pass(step: Connections, policy: ConnectionPolicy, proxies: li
     counts = {p.name: (await proxy_status(p.endpoints["control"])).subscribers for p in proxies}
     orders = step.step(policy, [PodSeen(name, n, 60.0) for name, n in counts.items()], None, now)
     by_name = {p.name: p for p in proxies}
-    for limit in orders.limits:
-        async with grpc.aio.insecure_channel(by_name[limit.proxy].endpoints["control"]) as ch:
-            await pb_grpc.ProxyControlStub(ch).Drain(pb.DrainRequest(
-                keep_at_most=limit.keep, reconnects_per_second=limit.rate, hold_seconds=limit.hold),
-                timeout=5, metadata=AUTH)
+    assert await drains.send({by_name[x.proxy].endpoints["control"]: drains.limit(x.keep, x.rate, x.hold)
+                              for x in orders.limits}, ACCESS) == {}
     return counts
 
 
