@@ -82,7 +82,8 @@ def pod(
 @pytest.mark.parametrize(("body", "expected"), [
     (pod("b"), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, False, 0)),
     (pod("p", "proxy", ready=False), PodView("ns", "demo", "proxy", "p", "uid-p", "10.0.0.1", False, False, 0)),
-    (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2)),
+    (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2,
+                                                  deletion="2024-01-01T00:00:00Z")),
     (pod("i", "ingest"), PodView("ns", "demo", "ingest", "i", "uid-i", "10.0.0.1", True, False, 0)),
     # Ready without an IP cannot be reached: not ready.
     (pod("b", ip=""), PodView("ns", "demo", "broker", "b", "uid-b", "", False, False, 0)),
