@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from datetime import UTC, datetime
 
 import pytest
 
@@ -34,10 +35,12 @@ from neoplasma.operator.connections import (
     grace_seconds,
     max_unavailable,
     plan_rebalance,
+    pods_seen,
     replan,
     share_budget,
     split_rate,
 )
+from neoplasma.operator.members import PodView
 
 READY = 60.0  # seconds every proxy of these tests has been ready
 
@@ -297,10 +300,22 @@ def test_a_new_round_waits_while_pods_drain_and_a_stuck_round_times_out() -> Non
 # -- one pass: drains and the rebalance on one budget -----------------------------------------
 
 
-def test_drain_kind() -> None:
-    assert drain_kind("rs-old", "rs-new", desired=3, running=3) == "rollout"
-    assert drain_kind("rs-new", "rs-new", desired=2, running=3) == "scale-in"
-    assert drain_kind("rs-new", "rs-new", desired=3, running=3) == "eviction"
+def test_pods_as_the_connections_step_sees_them() -> None:
+    wall = datetime(2026, 1, 1, 0, 1, 0, tzinfo=UTC)
+    pods = [PodView("ns", "demo", "proxy", "a", ready=True, owner="rs-2", ready_since="2026-01-01T00:00:30Z"),
+            PodView("ns", "demo", "proxy", "b", ready=True, owner="rs-2"),
+            PodView("ns", "demo", "proxy", "c", ready=False, owner="rs-2"),
+            PodView("ns", "demo", "proxy", "old", ready=True, deleting=True, owner="rs-1",
+                    deletion="2026-01-01T00:03:00Z"),
+            PodView("ns", "demo", "proxy", "gone", deleting=True, owner="rs-2", deletion="garbage")]
+    seen = pods_seen(pods, {"a": 10, "c": 3, "old": 500}, "rs-2", scaled_in=False, wall=wall)
+    assert seen == [PodSeen("a", 10, 30.0), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
+                    PodSeen("old", 500, None, "rollout", 120.0), PodSeen("gone", None, None, "eviction", None)]
+    assert pods_seen(pods[-1:], {}, "rs-2", scaled_in=True, wall=wall)[0].terminating == "scale-in"
+    assert drain_kind("rs-1", "", scaled_in=False) == "eviction"  # no current template known
+    step = Connections()
+    assert [step.scaled_in(n, 140, now) for n, now in ((3, 0), (3, 10), (2, 20), (2, 150), (2, 161))] == [
+        False, False, True, True, False]
 
 
 def test_a_pass_paces_every_drain_and_the_rebalance_within_the_budget() -> None:

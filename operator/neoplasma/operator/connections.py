@@ -30,7 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from neoplasma.core.scaling import ConnectionPolicy
 
@@ -433,13 +434,57 @@ class PodSeen:
     seconds_left: float | None = None
 
 
-def drain_kind(pod_owner: str, current_owner: str, desired: int, running: int) -> str:
+class ProxyPod(Protocol):
+    """What `pods_seen` needs of a proxy pod (members.PodView)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def deleting(self) -> bool: ...
+    @property
+    def owner(self) -> str: ...
+    @property
+    def ready_since(self) -> str: ...
+    @property
+    def deletion(self) -> str: ...
+
+
+def pods_seen(pods: Iterable[ProxyPod], subscribers: Mapping[str, int], current_owner: str,
+              scaled_in: bool, wall: datetime) -> list[PodSeen]:
+    """The proxy pods as the connections step sees them: `subscribers` by pod name (those read),
+    the ReplicaSet of the proxy Deployment's current template (`current_owner`), whether the
+    operator lowered the proxies' replicas lately (`scaled_in`), the wall clock."""
+    seen = []
+    for pod in pods:
+        if pod.deleting:
+            left = _seconds(wall, pod.deletion)
+            seen.append(PodSeen(pod.name, subscribers.get(pod.name), None,
+                                drain_kind(pod.owner, current_owner, scaled_in), None if left is None else -left))
+        elif not pod.ready:
+            seen.append(PodSeen(pod.name, subscribers.get(pod.name), None))
+        else:  # ready since an unknown time: counted as settled
+            since = _seconds(wall, pod.ready_since)
+            seen.append(PodSeen(pod.name, subscribers.get(pod.name), SETTLE if since is None else since))
+    return seen
+
+
+def _seconds(wall: datetime, stamp: str) -> float | None:
+    """Seconds from `stamp` (RFC 3339) to `wall` (None: no stamp, or unreadable)."""
+    try:
+        return (wall - datetime.fromisoformat(stamp)).total_seconds() if stamp else None
+    except ValueError:
+        return None
+
+
+def drain_kind(pod_owner: str, current_owner: str, scaled_in: bool) -> str:
     """Why a proxy pod is terminating: its ReplicaSet is not the Deployment's current one (a
-    rollout), the Deployment wants fewer pods than run (a scale-in), else an eviction (a node
-    drain, the eviction API, a deleted pod)."""
+    rollout); else the operator lowered the replicas lately (a scale-in); else an eviction (a
+    node drain, the eviction API, a deleted pod: the ReplicaSet replaces it)."""
     if current_owner and pod_owner != current_owner:
         return "rollout"
-    return "scale-in" if desired < running else "eviction"
+    return "scale-in" if scaled_in else "eviction"
 
 
 @dataclass(frozen=True)
@@ -475,6 +520,16 @@ class Connections:
     def __init__(self) -> None:
         self.rebalancer = Rebalancer()
         self._over: frozenset[str] = frozenset()  # drains last reported over the budget
+        self._replicas: int | None = None
+        self._lowered_at: float | None = None
+
+    def scaled_in(self, replicas: int, grace: float, now: float) -> bool:
+        """Whether the proxies' replicas (as rendered, given on every pass) went down less than
+        `grace` seconds ago: a pod of the current template stopping now is then a scale-in."""
+        if self._replicas is not None and replicas < self._replicas:
+            self._lowered_at = now
+        self._replicas = replicas
+        return self._lowered_at is not None and now - self._lowered_at < grace
 
     def step(self, policy: ConnectionPolicy, pods: Sequence[PodSeen], previous: Mapping[str, Any] | None,
              now: float) -> ConnectionOrders:
