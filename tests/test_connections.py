@@ -327,7 +327,7 @@ def test_a_pass_paces_every_drain_and_the_rebalance_within_the_budget() -> None:
     assert started.status["reconnects"] == {"budget": 200.0, "reconnectsPerSecond": 200.0, "inProgress": [
         {"kind": "rebalance", "name": "rebalance", "subscribersLeft": 39, "reconnectsPerSecond": 200.0,
          "etaSeconds": 1}]}
-    assert started.busiest == 61 and started.notices[0].reason == "Rebalance"
+    assert step.busiest == 61 and started.notices[0].reason == "Rebalance"
     # A rollout starts meanwhile: two pods drain, the round keeps a tenth, the sum is the budget.
     pods = [PodSeen("a", 50, READY), PodSeen("b", 5, READY), PodSeen("c", 6, READY),
             PodSeen("old-1", 3000, None, "rollout", 100.0), PodSeen("old-2", 1000, None, "eviction", 100.0)]

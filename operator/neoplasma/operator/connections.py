@@ -510,7 +510,6 @@ class ConnectionOrders:
     limits: tuple[Limit, ...] = ()
     status: Mapping[str, Any] = field(default_factory=dict)  # status.rebalance and status.reconnects
     notices: tuple[Notice, ...] = ()
-    busiest: int = 0  # subscribers on the busiest proxy (DrainSizing)
 
 
 class Connections:
@@ -522,6 +521,7 @@ class Connections:
         self._over: frozenset[str] = frozenset()  # drains last reported over the budget
         self._replicas: int | None = None
         self._lowered_at: float | None = None
+        self.busiest = 0  # subscribers on the busiest proxy at the last pass (DrainSizing)
 
     def scaled_in(self, replicas: int, grace: float, now: float) -> bool:
         """Whether the proxies' replicas (as rendered, given on every pass) went down less than
@@ -561,8 +561,8 @@ class Connections:
         status = {"rebalance": dict(orders.status),
                   "reconnects": {"budget": budget, "inProgress": entries,
                                  "reconnectsPerSecond": round(sum(e["reconnectsPerSecond"] for e in entries), 3)}}
+        self.busiest = max((p.subscribers or 0 for p in pods), default=0)
         return ConnectionOrders(
             paces=tuple(Pace(s.operation.name, s.rate) for s in shares if s.operation.kind != "rebalance"
                         and s.operation.left),
-            limits=orders.limits, status=status, notices=tuple(notices),
-            busiest=max((p.subscribers or 0 for p in pods), default=0))
+            limits=orders.limits, status=status, notices=tuple(notices))
