@@ -240,7 +240,9 @@ def test_auto_runs_a_round_to_the_end_then_the_receivers_cool_down() -> None:
     mid = rb.step("auto", proxies(40, 10, 11), 0.1, 100.0, None, draining=False, now=1001)
     assert mid.limits[0] == Limit("p0", 22, 100.0) and mid.status["subscribersLeft"] == 18
     done = rb.step("auto", proxies(22, 20, 19), 0.1, None, None, draining=False, now=1003)
-    assert done.limits == () and done.status["state"] == "Balanced" and rb.current is None
+    assert done.status["state"] == "Balanced" and rb.current is None
+    # The round's limits stay a little longer (subscribers still on their way), then lapse.
+    assert [(x.proxy, x.keep, x.hold) for x in done.limits] == [("p0", 22, 10.0), ("p1", 22, 10.0), ("p2", 22, 10.0)]
     assert done.events[0] == "rebalance ended (done): 39 of 39 subscribers moved"
     skewed = rb.step("auto", proxies(22, 35, 4), 0.1, 200.0, None, draining=False, now=1100)
     assert skewed.limits == () and "p1, p2 received moved subscribers" not in skewed.status["reason"]
@@ -284,7 +286,8 @@ def test_approve_with_no_plan_shown_shows_it_first_and_a_wait_keeps_the_approval
     assert ran.status["state"] == "Running" and ran.limits and ran.status["approval"] is None
     # Turning it off stops a running round.
     stopped = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, ran.status, draining=False, now=1021)
-    assert stopped.limits == () and stopped.events[0].startswith("rebalance ended (neoplasma.io/rebalance is off)")
+    assert {x.hold for x in stopped.limits} == {0.5}  # lifted at once
+    assert stopped.events[0].startswith("rebalance ended (neoplasma.io/rebalance is off)")
 
 
 def test_a_new_round_waits_while_pods_drain_and_a_stuck_round_times_out() -> None:

@@ -38,6 +38,10 @@ from neoplasma.core.scaling import ConnectionPolicy
 COOLDOWN = 600.0  # seconds: a proxy that received moved subscribers does not shed for this long
 SETTLE = 10.0  # seconds a proxy must have been ready before it counts (endpoints, kube-proxy)
 HOLD = 30.0  # seconds a limit given to a proxy lasts unless given again (an operator gone lifts it)
+# After a round, its limits stay this long (two readiness probe periods), so that subscribers still
+# on their way land elsewhere, then lapse; turned off, at once.
+AFTER_ROUND = 10.0
+MIN_HOLD = 0.5
 ROUND_TIMEOUT = 600.0  # a round that has not finished by then ends anyway (proxies gone, clients slow)
 REBALANCE_SHARE_WITH_DRAINS = 0.1  # of the budget, for a running rebalance while pods drain
 DEADLINE_MARGIN = 5.0  # seconds before SIGKILL by which a drain must be done
@@ -355,11 +359,13 @@ class Rebalancer:
         pending = mode == "approve" and (previous.get("mode") != "approve" or previous.get("approval") == "pending")
         events: list[str] = []
 
-        def orders(state: str, reason: str, *, limits: tuple[Limit, ...] = (), still_pending: bool = pending,
-                   **fields: Any) -> Orders:
+        ending: tuple[Limit, ...] = ()  # the last word to the proxies of a round that ended now
+
+        def orders(state: str, reason: str, *, limits: tuple[Limit, ...] | None = None,
+                   still_pending: bool = pending, **fields: Any) -> Orders:
             status = {"mode": mode, "state": state, "reason": reason, "plan": None,
                       "approval": "pending" if still_pending else None, **fields}  # (null removes a key)
-            return Orders(limits, status, tuple(events))
+            return Orders(ending if limits is None else limits, status, tuple(events))
 
         if self.current is not None:
             left = _left(self.current, proxies)
@@ -368,6 +374,10 @@ class Rebalancer:
                        else f"not done after {ROUND_TIMEOUT:g} s")
                 events.append(f"rebalance ended ({why}): {self.current.moves - left} of "
                               f"{self.current.moves} subscribers moved")
+                here = {p.name: p.subscribers for p in proxies}
+                ending = tuple(replace(x, hold=AFTER_ROUND) if mode != "off"  # off: lifted, nothing more shed
+                               else replace(x, keep=max(x.keep, here[x.proxy]), hold=MIN_HOLD)
+                               for x in self._limits(self.current, proxies, rate))
                 self.history.append(replace(self.current, ended=now))
                 self.current = None
             else:
