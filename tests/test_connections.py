@@ -368,3 +368,19 @@ def test_plan_mode_shows_the_plan_with_its_rate_and_moves_nothing() -> None:
     unread = step.step(ConnectionPolicy("auto", 0.1, 50.0), [PodSeen("a", 100, READY), PodSeen("b", None, READY)],
                        None, now=1001)
     assert unread.limits == () and "waiting for b" in unread.status["rebalance"]["reason"]
+
+
+def test_approval_is_remembered_not_reread_from_a_lagging_status_and_survives_a_restart() -> None:
+    rb = Rebalancer()
+    planned = rb.step("plan", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    ran = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, planned.status, False, 1010)
+    assert ran.limits and ran.status["approval"] is None
+    # The resource in hand still shows the status from before the approve: not approved again.
+    lagging = rb.step("approve", proxies(40, 10, 11), 0.1, 200.0, planned.status, False, 1011)
+    assert lagging.status["approval"] is None
+    after = rb.step("approve", proxies(22, 20, 19), 0.1, 200.0, planned.status, False, 1013)
+    assert after.status["state"] == "Balanced" and not any("started" in e for e in after.events)
+    # A restarted operator goes on from status: an approval still pending runs.
+    restarted = Rebalancer().step("approve", proxies(61, 0, 0), 0.1, 200.0,
+                                  {**planned.status, "mode": "approve", "approval": "pending"}, False, 2000)
+    assert restarted.status["state"] == "Running"

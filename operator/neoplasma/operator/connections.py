@@ -341,6 +341,8 @@ class Rebalancer:
     def __init__(self) -> None:
         self.current: Round | None = None
         self.history: list[Round] = []
+        self._mode: str | None = None  # the mode at the last step (None: none yet: status says)
+        self._pending = False
 
     def operation(self, proxies: Sequence[ProxySeen]) -> Operation | None:
         """The running round as an operation for `share_budget` (None: no round)."""
@@ -351,12 +353,22 @@ class Rebalancer:
     def step(self, mode: str, proxies: Sequence[ProxySeen], tolerance: float, rate: float | None,
              previous: Mapping[str, Any] | None, draining: bool, now: float) -> Orders:
         """`rate`: the running round's share of the budget (or what a new round would get);
-        `previous`: `status.rebalance` as last written; `draining`: pods are draining (a new round
-        waits for them)."""
+        `previous`: `status.rebalance` as last written (what a restarted operator goes on from:
+        the plan shown, the mode and approval last seen); `draining`: pods are draining (a new
+        round waits for them)."""
+        orders = self._step(mode, proxies, tolerance, rate, previous or {}, draining, now)
+        self._mode, self._pending = mode, orders.status.get("approval") == "pending"
+        return orders
+
+    def _step(self, mode: str, proxies: Sequence[ProxySeen], tolerance: float, rate: float | None,
+              previous: Mapping[str, Any], draining: bool, now: float) -> Orders:
         self.history = [r for r in self.history if r.ended is not None and now - r.ended < COOLDOWN]
-        previous = previous or {}
         shown = previous.get("plan") if isinstance(previous.get("plan"), Mapping) else None
-        pending = mode == "approve" and (previous.get("mode") != "approve" or previous.get("approval") == "pending")
+        if self._mode is None:
+            last_mode, was_pending = previous.get("mode"), previous.get("approval") == "pending"
+        else:  # (the status in hand may not show the last write yet)
+            last_mode, was_pending = self._mode, self._pending
+        pending = mode == "approve" and (last_mode != "approve" or was_pending)
         events: list[str] = []
 
         ending: tuple[Limit, ...] = ()  # the last word to the proxies of a round that ended now
