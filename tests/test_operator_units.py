@@ -38,6 +38,7 @@ from neoplasma.operator.members import (
     ProxyTarget,
     broker_members,
     controlled,
+    current_replicaset,
     own_pods,
     pod_view,
     proxy_targets,
@@ -129,6 +130,13 @@ def test_only_pods_whose_controller_chain_leads_to_the_cluster_count() -> None:
     assert own_pods(pods, replicasets, deployments, "") == []
     assert controlled({"metadata": {"uid": "rs-broker", "ownerReferences": [
         {"uid": "d-broker", "controller": True}]}}) == Controlled("rs-broker", "d-broker")
+    assert controlled({"metadata": {"uid": "rs-2", "annotations": {"deployment.kubernetes.io/revision": "2"}}}) == \
+        Controlled("rs-2", "", 2)
+    assert controlled({"metadata": {"uid": "x", "annotations": {"deployment.kubernetes.io/revision": "-1"}}}) == \
+        Controlled("x", "", 0)
+    sets = [Controlled("rs-1", "d", 1), Controlled("rs-3", "d", 3), Controlled("rs-9", "other", 9)]
+    assert (current_replicaset(sets, "d"), current_replicaset(sets, "none"), current_replicaset(sets, "")) == \
+        ("rs-3", "", "")
 
 
 def views(*bodies: dict[str, Any]) -> list[PodView]:

@@ -104,15 +104,28 @@ def controller_uid(metadata: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Controlled:
-    """An object (a ReplicaSet) by its uid and its controller's uid."""
+    """An object (a ReplicaSet) by its uid and its controller's uid, and (a ReplicaSet of a
+    Deployment) its revision: the Deployment's current template is its highest."""
 
     uid: str
     controller: str
+    revision: int = 0
+
+
+REVISION = "deployment.kubernetes.io/revision"
 
 
 def controlled(obj: Mapping[str, Any]) -> Controlled:
     metadata = obj.get("metadata") or {}
-    return Controlled(str(metadata.get("uid") or ""), controller_uid(metadata))
+    revision = str((metadata.get("annotations") or {}).get(REVISION) or "0")
+    return Controlled(str(metadata.get("uid") or ""), controller_uid(metadata),
+                      int(revision) if revision.isdigit() and len(revision) < 19 else 0)
+
+
+def current_replicaset(replicasets: Iterable[Controlled], deployment_uid: str) -> str:
+    """The uid of the ReplicaSet of a Deployment's current template ("" for none known)."""
+    mine = [rs for rs in replicasets if rs.controller == deployment_uid and deployment_uid]
+    return max(mine, key=lambda rs: rs.revision).uid if mine else ""
 
 
 def own_pods(pods: Iterable[PodView], replicasets: Iterable[Controlled],
