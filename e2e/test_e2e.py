@@ -36,6 +36,8 @@ import shlex
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +113,7 @@ import aiohttp  # noqa: E402
 import grpc  # noqa: E402
 
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc  # noqa: E402
+from neoplasma.proxy.auth import mint  # noqa: E402
 from neoplasma.wire.v1 import neoplasma_pb2 as pb  # noqa: E402
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -475,8 +478,12 @@ def test_production_example_becomes_ready(kube: Kube, release: str) -> None:
     LoadBalancer Service gets node ports whether or not the cluster has a load balancer."""
     manifest = fitting(yaml.safe_load((EXAMPLES / "production.yaml").read_text()))
     secret = manifest["spec"]["publishers"]["apiKeysSecret"]
+    subscriber_keys = manifest["spec"]["subscribers"]["auth"]["jwt"]["keysSecretRef"]["name"]
+    subscriber_key = uuid.uuid4().hex + uuid.uuid4().hex  # HS256: at least 32 bytes
     try:
         kube.kubectl("create", "secret", "generic", "-n", NAMESPACE, secret, f"--from-literal=keys={uuid.uuid4().hex}")
+        kube.kubectl("create", "secret", "generic", "-n", NAMESPACE, subscriber_keys,
+                     f"--from-literal=keys={subscriber_key}")
         kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
 
         def rendered() -> bool:
@@ -489,12 +496,30 @@ def test_production_example_becomes_ready(kube: Kube, release: str) -> None:
         assert service["spec"]["type"] == "LoadBalancer"
         assert all(port.get("nodePort") for port in service["spec"]["ports"])
         kube.wait_ready("production", timeout=420)
+        # Its topics are private but for `status`: the proxies answer by token (its node ports are random,
+        # which kind does not map to the host: through a port-forward to the Service).
+        token = mint(subscriber_key.encode(), ["e2e"], 600, audience="production")
+        with port_forward(kube, "production-proxy", 8080) as local:
+            assert sse_status(local[8080], "eventType=e2e:private") == 401
+            assert sse_status(local[8080], f"eventType=e2e:private&token={token}") == 200
+            assert sse_status(local[8080], f"eventType=e2e-other&token={token}") == 403
+            assert sse_status(local[8080], "eventType=status:e2e") == 200
     finally:
         kube.kubectl("delete", "neoplasmacluster", "production", "-n", NAMESPACE, "--ignore-not-found", "--wait",
                      "--timeout=180s", timeout=240, check=False)
-        kube.kubectl("delete", "secret", secret, "-n", NAMESPACE, "--ignore-not-found", check=False)
+        for name in (secret, subscriber_keys):
+            kube.kubectl("delete", "secret", name, "-n", NAMESPACE, "--ignore-not-found", check=False)
     wait_for(lambda: not kube.get("pods", selector="app.kubernetes.io/instance=production")["items"], 180,
              "the production example's pods to be gone")
+
+
+def sse_status(port: int, query: str) -> int:
+    """The HTTP status of an SSE request to 127.0.0.1:`port` (the stream, if any, left at once)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/?{query}", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as refused:
+        return int(refused.code)
 
 
 def test_sse_and_grpc_subscribers_receive_published_events(kube: Kube, small: str) -> None:

@@ -151,3 +151,79 @@ async def test_a_browser_gets_every_event_once_across_a_proxy_restart(
     publisher.assert_exactly_once_in_order(page.events, "chromium")
     assert sum(publisher.sent) >= 60  # 20 before, ~25 while no proxy runs, 20 after
     assert page.opens >= 2 and not page.gaps
+
+
+TOKEN_PAGE = """<!doctype html><title>neoplasma</title><script>
+let queue = Promise.resolve();
+const post = (path, body) => { queue = queue.then(() => fetch(path, {method: "POST", body: body})); };
+let lastId = "";
+async function connect() {
+  // The application's backend hands out the token; EventSource cannot set headers: ?token=.
+  const token = await (await fetch("/token")).text();
+  const resume = lastId ? "&lastEventId=" + encodeURIComponent(lastId) : "";
+  const source = new EventSource("http://%(proxy)s/?eventType=user:42&token=" + encodeURIComponent(token) + resume);
+  source.onopen = () => post("/open", "");
+  source.onmessage = (e) => { lastId = e.lastEventId; post("/event", e.data); };
+  source.addEventListener("neoplasma-expired", () => { source.close(); post("/expired", ""); connect(); });
+}
+connect();
+// Without a token a private topic is refused (401): EventSource gives up for good.
+const anonymous = new EventSource("http://%(proxy)s/?eventType=user:42");
+anonymous.onerror = () => { if (anonymous.readyState === EventSource.CLOSED) post("/refused", ""); };
+</script>"""
+
+
+async def test_a_browser_with_a_token_in_the_query_resumes_exactly_once_after_expiry(
+    start: Any, browser: Any, tmp_path: Any
+) -> None:
+    from neoplasma.proxy.auth import mint
+
+    secret = b"c" * 40
+    keys = tmp_path / "subscriber-keys"
+    keys.write_text(secret.decode() + "\n")
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--subscriber-jwt-keys-file", str(keys))
+    await push(proxy.endpoints["control"], broker)
+    reports: dict[str, int] = {"open": 0, "expired": 0, "refused": 0}
+    events: list[dict[str, Any]] = []
+    tokens: list[str] = []
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=TOKEN_PAGE % {"proxy": proxy.endpoints["http"]}, content_type="text/html")
+
+    async def token(request: web.Request) -> web.Response:
+        tokens.append(mint(secret, ["user:42"], 3 if not tokens else 600))  # the first expires mid-stream
+        return web.Response(text=tokens[-1])
+
+    async def report(request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if kind == "event":
+            events.append(json.loads(await request.text()))
+        else:
+            reports[kind] += 1
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/token", token)
+    app.router.add_post("/{kind:open|event|expired|refused}", report)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        browser(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        await wait_for(lambda: reports["open"] == 1 and reports["refused"] == 1, 30, "the page's EventSources")
+        await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), 10, "the relay link")
+        publisher = Publisher([broker.endpoints["grpc"]], topic="user:42:inbox").start(interval=0.02)
+        await wait_for(lambda: reports["expired"] == 1, 20, "the token's expiry in the page")
+        await wait_for(lambda: reports["open"] == 2, 20, "the page back with a fresh token")
+        await wait_for(lambda: len(events) > sum(publisher.sent) - 5 and len(tokens) == 2, 20, "live events again")
+        await publisher.stop()
+        await wait_for(lambda: publisher.all_received(events), 20, "every event in the page")
+        await asyncio.sleep(0.3)  # a duplicate would arrive after the last event
+    finally:
+        await runner.cleanup()
+    publisher.assert_exactly_once_in_order(events, "chromium")
+    assert sum(publisher.sent) >= 100  # ~3 s before the expiry, and after it
+    assert not any(t in proxy.log() for t in tokens)  # ?token= never reaches the proxy's logs

@@ -35,10 +35,10 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import proxy_status, sse, stop_process, wait_for
 
 from neoplasma.core.topics import SEPARATOR
 from neoplasma.core.trust import Access, Tokens
-from neoplasma.local.harness import proxy_status, sse, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "neoplasma-operator"

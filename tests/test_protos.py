@@ -26,12 +26,17 @@ def without_generator_version(text: str) -> str:
     return text
 
 
+def generated_modules(root: Path) -> list[Path]:
+    """The generated sources below `root` (not their byte code in __pycache__)."""
+    return sorted(p.relative_to(root) for p in root.rglob("*_pb2*") if p.suffix in {".py", ".pyi"})
+
+
 def test_generated_modules_are_in_sync(tmp_path: Path) -> None:
     """Regenerates every module and compares it with the committed one, but for the generator's version."""
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), str(tmp_path)], check=True)
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
+    generated = generated_modules(tmp_path)
     assert generated, "protoc generated nothing"
-    committed_files = sorted(p.relative_to(ROOT / "protos") for p in (ROOT / "protos").rglob("*_pb2*.py*"))
+    committed_files = generated_modules(ROOT / "protos")
     assert committed_files == generated, "committed and generated modules differ; run: python scripts/gen_protos.py"
     for rel in generated:
         committed = without_generator_version((ROOT / "protos" / rel).read_text())

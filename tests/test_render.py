@@ -51,6 +51,9 @@ SPECS: dict[str, dict[str, Any]] = {
                                           "password": {"secretKeyRef": {"name": "redis-auth"}},
                                           "tls": {"enabled": True, "ca": {"secretKeyRef": {"name": "redis-ca"}}}}},
                      "publishers": {"apiKeysSecret": "keys"}, "tls": {"secretName": "demo-tls"}},
+    "private topics": {"subscribers": {"auth": {"jwt": {"keysSecretRef": {"name": "subscriber-keys"},
+                                                        "jwksSecretRef": {"name": "idp", "key": "jwks"}},
+                                                "publicTopics": ["news", "status:public"]}}},
 }
 
 
@@ -655,6 +658,9 @@ GOOD_SPECS = {
                                                   "nodePorts": {"grpc": 32767}}}},
     "shortest, smallest retention": {"brokers": {"retention": {"seconds": 1, "maxBytes": 1024**2}}},
     "longest, largest retention": {"brokers": {"retention": {"seconds": 86400, "maxBytes": 64 * 1024**3}}},
+    "private topics, JWKS only, an audience": {"subscribers": {"auth": {
+        "jwt": {"jwksSecretRef": {"name": "idp"}}, "audience": "https://events.example"}}},
+    "no subscriber auth": {"subscribers": {}},
 }
 BAD_SPECS = {
     "negative broker replicas": ({"brokers": {"replicas": -1}}, "spec.brokers.replicas"),
@@ -682,6 +688,11 @@ BAD_SPECS = {
                                "spec.ingest.redis.address"),
     "Redis TLS as text": ({"ingest": {"redis": {"address": "r", "channels": ["a"], "tls": {"enabled": "yes"}}}},
                           "spec.ingest.redis.tls.enabled"),
+    "subscriber keys with an empty name": ({"subscribers": {"auth": {"jwt": {"keysSecretRef": {"name": ""}}}}},
+                                           "spec.subscribers.auth.jwt.keysSecretRef.name"),
+    "public topics as text": ({"subscribers": {"auth": {"jwt": {"keysSecretRef": {"name": "k"}},
+                                                        "publicTopics": "news"}}},
+                              "spec.subscribers.auth.publicTopics"),
 }
 
 
@@ -753,3 +764,63 @@ def test_worker_counts_follow_the_cpu_resources(resources: dict[str, Any] | None
     for name in ("demo-broker-0", "demo-proxy"):
         command = container(children["Deployment", name])["command"]
         assert command[command.index("--workers") + 1] == str(workers)
+
+
+# --- private topics (spec.subscribers.auth) ------------------------------------------------------
+
+
+def test_private_topics_mount_the_secrets_whole_and_pass_the_files() -> None:
+    children = rendered(SPECS["private topics"])
+    deployment = children["Deployment", "demo-proxy"]
+    proxy = server_config(deployment)
+    assert isinstance(proxy, ProxyConfig)
+    assert (proxy.subscriber_jwt_keys_file, proxy.subscriber_jwks_file) == (
+        "/etc/neoplasma/subscriber-keys/keys", "/etc/neoplasma/subscriber-jwks/jwks")
+    assert proxy.subscriber_jwt_audience == "demo"  # default: the cluster's name
+    assert proxy.public_topics == ["news", "status:public"]
+    volumes = {v["name"]: v["secret"] for v in pod_spec(deployment)["volumes"] if "secret" in v}
+    assert volumes["subscriber-keys"] == {"secretName": "subscriber-keys"}  # whole: rotations reach the files
+    assert volumes["subscriber-jwks"] == {"secretName": "idp"}
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    assert "subPath" not in mounts["subscriber-keys"] and mounts["subscriber-keys"]["readOnly"] is True
+    for name, manifest in children.items():  # only the proxies read subscriber tokens
+        if name[0] == "Deployment" and name[1] != "demo-proxy":
+            assert not any(v["name"].startswith("subscriber-") for v in pod_spec(manifest)["volumes"])
+
+
+def test_without_subscriber_auth_the_proxy_is_public_and_an_audience_is_passed_as_given() -> None:
+    proxy = server_config(rendered()["Deployment", "demo-proxy"])
+    assert isinstance(proxy, ProxyConfig)
+    assert (proxy.subscriber_jwt_keys_file, proxy.subscriber_jwks_file, proxy.public_topics) == ("", "", [])
+    given = GOOD_SPECS["private topics, JWKS only, an audience"]
+    proxy = server_config(rendered(given)["Deployment", "demo-proxy"])
+    assert isinstance(proxy, ProxyConfig)
+    assert (proxy.subscriber_jwks_file, proxy.subscriber_jwt_audience) == (
+        "/etc/neoplasma/subscriber-jwks/jwks.json", "https://events.example")
+
+
+@pytest.mark.parametrize(("auth", "field", "problem"), [
+    ({}, "spec.subscribers.auth.jwt", "needs keysSecretRef"),
+    ({"jwt": {}}, "spec.subscribers.auth.jwt", "needs keysSecretRef"),
+    ({"jwt": {"keysSecretRef": {"name": "Bad_Name"}}}, "spec.subscribers.auth.jwt.keysSecretRef.name", "Secret"),
+    ({"jwt": {"jwksSecretRef": {"name": "k", "key": "a/b"}}}, "spec.subscribers.auth.jwt.jwksSecretRef.key",
+     "Secret key"),
+    ({"jwt": {"keysSecretRef": {"name": "k"}}, "publicTopics": ["a,b"]}, "spec.subscribers.auth.publicTopics[0]",
+     "contains ','"),
+    ({"jwt": {"keysSecretRef": {"name": "k"}}, "publicTopics": "news"}, "spec.subscribers.auth.publicTopics",
+     "list"),
+    ({"jwt": {"keysSecretRef": {"name": "k"}}, "audience": "a\nb"}, "spec.subscribers.auth.audience", "printable"),
+    ({"jwt": {"keysSecretRef": {"name": "k", "secret": "x"}}}, "spec.subscribers.auth.jwt.keysSecretRef.secret",
+     "unknown field"),
+])
+def test_bad_subscriber_auth_is_refused_naming_the_field(auth: dict[str, Any], field: str, problem: str) -> None:
+    with pytest.raises(InvalidSpec) as refused:
+        parse_spec({"subscribers": {"auth": auth}})
+    assert refused.value.field == field and problem in refused.value.problem
+
+
+def test_the_production_example_has_private_topics(schema: dict[str, Any]) -> None:
+    example = yaml.safe_load((CRD_PATH.parents[1] / "examples" / "production.yaml").read_text())
+    jsonschema.Draft4Validator(schema).validate(example)
+    auth = parse_spec(example["spec"]).subscriber_auth
+    assert auth is not None and auth.keys is not None

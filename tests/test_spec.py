@@ -93,7 +93,8 @@ def test_resources_to_dict_leaves_out_empty_maps(
         ([], "spec", "must be an object, got list"),
         ({"brokers": 3}, "spec.brokers", "must be an object, got int"),
         ({"replicas": 3}, "spec.replicas",
-         "unknown field; known fields are brokers, image, ingest, networkPolicies, proxies, publishers, tls"),
+         "unknown field; known fields are brokers, image, ingest, networkPolicies, proxies, publishers, "
+         "subscribers, tls"),
         ({"brokers": {"replicas": -1}}, "spec.brokers.replicas", "must be at least 0, got -1"),
         ({"brokers": {"replicas": True}}, "spec.brokers.replicas", "must be an integer, got True"),
         ({"brokers": {"replicas": 1.5}}, "spec.brokers.replicas", "must be an integer, got 1.5"),

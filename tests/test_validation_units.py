@@ -306,7 +306,8 @@ def test_duration_pattern_is_linear_on_its_own() -> None:
     ({"brokers": {"replicas": "9" * HUGE}}, "spec.brokers.replicas", "must be an integer, got '" + "9" * 40 + "...'"),
     ({"proxies": {"service": {"type": "x" * HUGE}}}, "spec.proxies.service.type", None),
     ({"x" * HUGE: 1}, "spec." + "x" * 40 + "...",
-     "unknown field; known fields are brokers, image, ingest, networkPolicies, proxies, publishers, tls"),
+     "unknown field; known fields are brokers, image, ingest, networkPolicies, proxies, publishers, "
+     "subscribers, tls"),
 ])
 def test_huge_spec_values_get_short_messages(spec: object, field: str, problem: str | None) -> None:
     with pytest.raises(InvalidSpec) as refused:

@@ -11,7 +11,7 @@ import argparse
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Self, get_origin, get_type_hints
 
@@ -115,12 +115,14 @@ class Settings:
                 raise InvalidSetting(f.name, value, allowed(get_type_hints(type(self))[f.name], bound))
 
     @classmethod
-    def add_options(cls, parser: argparse.ArgumentParser) -> None:
-        """One option per field with `help`, typed, bounded and defaulted as the field is."""
+    def add_options(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                    only: Collection[str] | None = None) -> None:
+        """One option per field with `help` (of those named in `only`, when given), typed, bounded and
+        defaulted as the field is."""
         hints = get_type_hints(cls)
         for f in fields(cls):
             meta, kind = f.metadata, hints[f.name]
-            if not meta.get("help"):
+            if not meta.get("help") or (only is not None and f.name not in only):
                 continue
             default = f.default_factory() if callable(f.default_factory) else f.default
             if meta["env"]:
@@ -139,12 +141,13 @@ class Settings:
             raise KeyError(f"{cls.__name__}.{name} is not a command-line option")
         return _flag(found[0])
 
-    def to_args(self, **changes: Any) -> list[str]:
-        """The command-line options that give this config, with `changes` (field name: value)."""
+    def to_args(self, only: Collection[str] | None = None, **changes: Any) -> list[str]:
+        """The command-line options that give this config (those of the fields named in `only`, when given),
+        with `changes` (field name: value)."""
         out: list[str] = []
         for f in fields(self):
             value = changes.get(f.name, getattr(self, f.name))
-            if f.metadata.get("help") and value != []:
+            if f.metadata.get("help") and value != [] and (only is None or f.name in only):
                 out += [_flag(f), ",".join(value) if isinstance(value, list) else str(value)]
         return out
 

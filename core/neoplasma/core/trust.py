@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,6 +33,55 @@ CREDENTIAL_ENV = "NEOPLASMA_CREDENTIAL"  # the cluster credential itself (local 
 CREDENTIAL_FILE_ENV = "NEOPLASMA_CREDENTIAL_FILE"  # the default of --credential-file
 RECHECK_SECONDS = 1.0
 Metadata = tuple[tuple[str, str], ...]
+T = TypeVar("T")
+
+
+class WatchedFile(Generic[T]):
+    """A file's contents as `parse` makes them, re-read when the file changes (its inode, mtime or size;
+    checked at most once a second): a rotated Kubernetes Secret takes effect without a restart.
+
+    The first read must succeed (UsageError saying why); later a file that cannot be read or parsed
+    is logged and the previous contents kept, so a half-written update never locks everyone out.
+    `parse` raises ValueError saying what is wrong with the text."""
+
+    def __init__(self, path: str, parse: Callable[[str], T], what: str) -> None:
+        self.path, self._parse, self.what = path, parse, what
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = time.monotonic()
+        self._value = self._read(strict=True)
+
+    def _read(self, strict: bool = False) -> T:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._stamp:
+                return self._value
+            with open(self.path, encoding="utf-8") as f:
+                value = self._parse(f.read())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            if strict:
+                raise UsageError(f"cannot read {self.what} from {self.path}: {exc}") from None
+            log.warning("file_unreadable", path=self.path, what=self.what, error=str(exc), keeping="previous")
+            return self._value
+        if self._stamp is not None:
+            log.info("file_reloaded", path=self.path, what=self.what)
+        self._stamp = stamp
+        return value
+
+    def current(self) -> T:
+        now = time.monotonic()
+        if now - self._checked >= RECHECK_SECONDS:
+            self._checked = now
+            self._value = self._read()
+        return self._value
+
+
+def token_lines(text: str) -> tuple[bytes, ...]:
+    """A tokens file: one token per line; blank lines and `#` comments ignored; at least one."""
+    tokens = tuple(line.encode() for line in map(str.strip, text.splitlines()) if line and not line.startswith("#"))
+    if not tokens:
+        raise ValueError("the file holds no token (one per line)")
+    return tokens
 
 
 class Tokens:
@@ -40,11 +89,8 @@ class Tokens:
 
     def __init__(self, path: str = "", given: Sequence[str] = ()) -> None:
         self.path = path
-        self._tokens = tuple(t.encode() for t in given)
-        self._stamp: tuple[int, int, int] | None = None
-        self._checked = -RECHECK_SECONDS
-        if path:
-            self._reload(strict=True)
+        self._given = tuple(t.encode() for t in given)
+        self._file = WatchedFile(path, token_lines, "tokens") if path else None
 
     @classmethod
     def cluster(cls, path: str) -> Tokens | None:
@@ -58,33 +104,8 @@ class Tokens:
     def optional(cls, path: str) -> Tokens | None:
         return cls(path) if path else None
 
-    def _reload(self, strict: bool = False) -> None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return
-            with open(self.path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-        except (OSError, UnicodeDecodeError) as exc:
-            if strict:
-                raise UsageError(f"cannot read tokens from {self.path}: {exc}") from None
-            log.warning("tokens_unreadable", path=self.path, error=str(exc), keeping=len(self._tokens))
-            return
-        tokens = tuple(line.encode() for line in lines if line and not line.startswith("#"))
-        if not tokens and strict:
-            raise UsageError(f"{self.path} holds no token (one per line)")
-        if self._stamp is not None:
-            log.info("tokens_reloaded", path=self.path, tokens=len(tokens))
-        self._tokens, self._stamp = tokens, stamp
-
     def current(self) -> tuple[bytes, ...]:
-        if self.path:
-            now = time.monotonic()
-            if now - self._checked >= RECHECK_SECONDS:
-                self._checked = now
-                self._reload()
-        return self._tokens
+        return self._file.current() if self._file is not None else self._given
 
     def allows(self, presented: str | None) -> bool:
         """True when `presented` (an `authorization` value) is `Bearer` and one of the tokens."""

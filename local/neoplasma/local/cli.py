@@ -9,6 +9,7 @@ import os
 from neoplasma.core.commands import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import NON_NEGATIVE, POSITIVE, argument_type
+from neoplasma.proxy.server import SUBSCRIBER_AUTH, ProxyConfig, subscriber_auth_args
 
 
 def add_commands(commands: Commands) -> None:
@@ -20,6 +21,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
     p.add_argument("--credential-file", default="", help="file holding the cluster credential (default: a new "
                    "random one per run, in a 0600 temporary file)")
+    private = p.add_argument_group("private topics: subscribers need a signed token (passed to every proxy)")
+    ProxyConfig.add_options(private, only=SUBSCRIBER_AUTH)
     redis = p.add_argument_group("ingest from Redis Pub/Sub (plasma's publishers): two readers, one active")
     redis.add_argument("--redis", metavar="URL", help="Redis to read: HOST:PORT or "
                        "redis[s]://[USER:PASSWORD@]HOST:PORT "
@@ -47,6 +50,8 @@ def add_commands(commands: Commands) -> None:
     p.add_argument("--proxy", default="127.0.0.1:8080", help="proxy HTTP address")
     p.add_argument("--count", type=argument_type(int, NON_NEGATIVE), default=0,
                    help="stop after N events (0: never)")
+    p.add_argument("--token", default="", help="a subscriber token for private topics (see `neoplasma token`), "
+                   "sent as Authorization: Bearer")
     p.set_defaults(func=cmd_subscribe)
 
 
@@ -71,7 +76,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ingest = None if not args.redis else ["--redis", args.redis, "--channels", args.redis_channels,
                                           "--patterns", args.redis_patterns]
     return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
-                  interval=args.scale_interval, credential_file=args.credential_file, ingest=ingest)
+                  interval=args.scale_interval, credential_file=args.credential_file, ingest=ingest,
+                  proxy_args=subscriber_auth_args(vars(args)))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -83,4 +89,4 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from neoplasma.local.tools import subscribe
 
-    return asyncio.run(subscribe(args.proxy, args.topics, args.count))
+    return asyncio.run(subscribe(args.proxy, args.topics, args.count, args.token))

@@ -96,8 +96,10 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None) -> None:
+    def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None,
+                 proxy_args: list[str] | None = None) -> None:
         self.credential_file = credential_file
+        self.proxy_args = proxy_args or []  # more options for every proxy (private topics)
         self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
         self.proxies: list[Child] = []
@@ -123,7 +125,8 @@ class LocalCluster:
         self._next_index[kind] += 1
         ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
                                                                               "control-port": 0}
-        return Child(kind, f"{kind}-{index}", ports, credential_file=self.credential_file)
+        return Child(kind, f"{kind}-{index}", ports, self.proxy_args if kind is Tier.PROXY else [],
+                     credential_file=self.credential_file)
 
     async def start(self) -> None:
         for kind, n in self._initial.items():
@@ -314,17 +317,20 @@ class UpService:
 
 
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
-              credential_file: str, ingest: list[str] | None) -> int:
+              credential_file: str, ingest: list[str] | None, proxy_args: list[str]) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
-    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest)
+    cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest,
+                           proxy_args)
     up = UpService(cluster, as_json, scaler, (brokers, proxies), interval)
     return await serve(up, stop=cluster.stopping, announced=lambda _, fields: up.announce(fields))
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
-           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None) -> int:
+           interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None,
+           proxy_args: list[str] | None = None) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
-    the options of two `ingest-redis` readers (None: no readers). Its cluster credential is read from
+    the options of two `ingest-redis` readers (None: no readers), `proxy_args` more options for every
+    proxy (private topics). Its cluster credential is read from
     `credential_file`, else a new random one (in a 0600 file removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
@@ -333,11 +339,11 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
     if credential_file:
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest, proxy_args or []))
     fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
     try:
         os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
         os.close(fd)
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest, proxy_args or []))
     finally:
         os.unlink(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import aiohttp
 import grpc
 
@@ -30,22 +32,33 @@ async def publish(broker: str, topic: str, data: str) -> int:
     return 0
 
 
-async def subscribe(proxy: str, topics: list[str], count: int) -> int:
+async def subscribe(proxy: str, topics: list[str], count: int, token: str = "") -> int:
     url = f"http://{proxy}/"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     received = 0
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(url, params={"eventType": ",".join(topics)}) as resp:
+            async with session.get(url, params={"eventType": ",".join(topics)}, headers=headers) as resp:
                 if resp.status != 200:
                     raise Refused(f"{resp.status}: {(await resp.text()).strip()}")
+                name = last = ""  # named events (neoplasma-gap, neoplasma-expired): said on stderr, not printed
                 async for raw in resp.content:
                     line = raw.decode().rstrip("\n")
-                    if line.startswith("data: "):
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: ") and name:
+                        print(f"neoplasma subscribe: {name}: {line[6:]}", file=sys.stderr, flush=True)
+                        last = name
+                    elif line.startswith("data: "):
                         print(line[6:], flush=True)
                         received += 1
                         if count and received >= count:
                             return 0
+                    elif not line:
+                        name = ""
     except aiohttp.ClientError as exc:
         raise Refused(f"{url}: {exc}") from None
+    if last == "neoplasma-expired":
+        raise Refused("the token expired: get a fresh one (neoplasma token) and subscribe again")
     return 0

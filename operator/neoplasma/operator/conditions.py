@@ -12,13 +12,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from neoplasma.operator.spec import SubscriberAuth
+from neoplasma.proxy.auth import jwks_keys, secret_lines
+
 READY = "Ready"
 MEMBERSHIP_SYNCED = "MembershipSynced"
 SPEC_VALID = "SpecValid"
 AUTOSCALING_POLICY_VALID = "AutoscalingPolicyValid"
 RECONCILIATION_PAUSED = "ReconciliationPaused"
 INGEST_READY = "IngestReady"  # only while spec.ingest is set
-OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED, INGEST_READY)
+SUBSCRIBER_KEYS_READY = "SubscriberKeysReady"  # only while spec.subscribers.auth is set
+OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED, INGEST_READY,
+             SUBSCRIBER_KEYS_READY)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,30 @@ class ReaderSeen:
 def now_text(now: datetime | None = None) -> str:
     """A timestamp as Kubernetes writes them (RFC 3339, seconds, UTC)."""
     return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def subscriber_keys_problem(auth: SubscriberAuth, secrets: Mapping[str, Mapping[str, str] | None]) -> str | None:
+    """What keeps the proxies from using spec.subscribers.auth's keys (None: nothing): a Secret that does not
+    exist (the pods cannot start), a key it lacks, or keys the proxies would refuse (checked as they check
+    them). `secrets`: each named Secret's data, None for one that does not exist."""
+    for path, ref in auth.secrets().items():
+        data = secrets.get(ref.name)
+        if data is None:
+            return f"Secret {ref.name} ({path}) does not exist: proxy pods cannot start until it does"
+        if ref.key not in data:
+            return f"Secret {ref.name} has no key {ref.key!r} ({path}.key): add it, or name the key that holds them"
+        parse = jwks_keys if path.endswith("jwksSecretRef") else secret_lines
+        try:
+            parse(data[ref.key])
+        except ValueError as exc:
+            return f"Secret {ref.name} key {ref.key!r} ({path}) cannot be used: {exc}"
+    return None
+
+
+def subscriber_keys_ready(problem: str | None) -> Condition:
+    if problem is None:
+        return Condition(SUBSCRIBER_KEYS_READY, True, "Ready", "the proxies' subscriber token keys are in place")
+    return Condition(SUBSCRIBER_KEYS_READY, False, "SubscriberKeysInvalid", problem)
 
 
 def spec_valid(error: str | None) -> Condition:

@@ -46,7 +46,7 @@ from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
-from neoplasma.operator.conditions import ReaderSeen
+from neoplasma.operator.conditions import ReaderSeen, subscriber_keys_problem
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey, Controlled, PodView, own_pods, ready_count
 from neoplasma.operator.metrics import Metrics
@@ -202,6 +202,7 @@ class ClusterController:
         self.status = Status(options.retry, options.sync_grace, options.stats_interval, now)
         self._retry = Backoff(options.retry)  # a pass that failed (a bug)
         self._problems = Problems()
+        self._subscriber_keys: tuple[str | None] = (None,)  # spec.subscribers.auth's keys: their problem, if any
         self._wakeup = asyncio.Event()
         self._pods_seen_at: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -305,6 +306,13 @@ class ClusterController:
             tls = cluster.spec.trust.tls_secret
             ca = (await asyncio.to_thread(self.kube.read_secret, cluster.namespace, tls) or {}).get(CA_KEY, "") \
                 if tls else ""
+            auth = cluster.spec.subscriber_auth
+            if auth is not None:  # spec.subscribers.auth's Secrets: a condition and an event when unusable
+                found = {ref.name: await asyncio.to_thread(self.kube.read_secret, cluster.namespace, ref.name)
+                         for ref in auth.secrets().values()}
+                self._subscriber_keys = (subscriber_keys_problem(auth, found),)
+                if self._problems.news("subscriber-keys", self._subscriber_keys[0]) and self._subscriber_keys[0]:
+                    self._post([Event("SubscriberKeysInvalid", self._subscriber_keys[0], True)])
         except Exception as error:  # API errors: keep the last credential, try again next pass
             if self._problems.news("trust", _describe(error)):
                 self._post([Event("CredentialFailed", f"reading the cluster credential failed: "
@@ -381,6 +389,7 @@ class ClusterController:
             policy_kept=autoscaler.policy is not None,
             paused=desired.paused,
             seen_generation=desired.generation,
+            subscriber_keys=self._subscriber_keys if spec and spec.subscriber_auth else None,
         )
 
     def _post(self, events: Iterable[Event]) -> None:

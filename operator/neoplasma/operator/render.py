@@ -251,8 +251,28 @@ def broker_deployment(cluster: Cluster, index: int, replicas: int, *, image: str
     )
 
 
+def subscriber_auth_settings(cluster: Cluster) -> tuple[list[SecretVolume], dict[str, str]]:
+    """spec.subscribers.auth for the proxies: its Secrets mounted whole (a subPath mount would never see a
+    rotation; the proxies re-read the files when they change), the options pointing at them, the audience
+    (default: the cluster's name) and the public topics. Nothing when unset: every topic is public."""
+    auth = cluster.spec.subscriber_auth
+    if auth is None:
+        return [], {}
+    volumes, settings = [], {"subscriber_jwt_audience": auth.audience or cluster.name}
+    for volume_name, setting, ref in (("subscriber-keys", "subscriber_jwt_keys_file", auth.keys),
+                                      ("subscriber-jwks", "subscriber_jwks_file", auth.jwks)):
+        if ref is not None:
+            volume = SecretVolume(volume_name, ref.name)
+            volumes.append(volume)
+            settings[setting] = volume.file(ref.key)
+    if auth.public_topics:
+        settings["public_topics"] = ",".join(auth.public_topics)
+    return volumes, settings
+
+
 def proxy_deployment(cluster: Cluster, *, image: str, drains: DrainSizing = DEFAULT_DRAINS) -> Manifest:
     volumes, trust = trust_settings(cluster, broker_ca_settings=("tls_ca", "tls_server_name"))
+    auth_volumes, auth = subscriber_auth_settings(cluster)
     return _render_template(
         "deployment.yaml.j2",
         name=f"{cluster.name}-proxy",
@@ -264,9 +284,9 @@ def proxy_deployment(cluster: Cluster, *, image: str, drains: DrainSizing = DEFA
         image=image,
         command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY,
                                drain_rate=f"{drains.drain_rate:g}", drain_within=drains.drain_within, **trust,
-                               workers=workers_for(cluster.spec.proxies.resources)),
+                               **auth, workers=workers_for(cluster.spec.proxies.resources)),
         ports=PROXY_PORTS,
-        secrets=volumes,
+        secrets=volumes + auth_volumes,
         probe_scheme="HTTP",  # subscribers' port: plaintext
         resources=cluster.spec.proxies.resources.to_dict(),
         grace_seconds=drains.grace_seconds,

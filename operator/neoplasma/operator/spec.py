@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 from neoplasma.broker.server import BrokerConfig
 from neoplasma.core.text import clip, excerpt
+from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
 
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -45,6 +46,11 @@ _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MAX_REDIS_ADDRESS_LENGTH = 261  # a DNS name and a port
 MAX_CHANNEL_LENGTH = 256
 MAX_CHANNELS = 64
+AUTH_PATH = "spec.subscribers.auth"
+MAX_AUDIENCE_LENGTH = 253
+MAX_PUBLIC_TOPICS = 1000
+SUBSCRIBER_KEYS_KEY = "keys"  # the default key of jwt.keysSecretRef: HS256 secrets, one per line
+SUBSCRIBER_JWKS_KEY = "jwks.json"  # the default key of jwt.jwksSecretRef: a JWKS document
 
 
 class InvalidSpec(ValueError):
@@ -143,6 +149,23 @@ class RedisIngest:
 
 
 @dataclass(frozen=True)
+class SubscriberAuth:
+    """`spec.subscribers.auth`: subscribers need a signed token (JWT) for topics not in `public_topics`,
+    verified with the HS256 secrets of `keys` and/or the public keys (a JWKS) of `jwks`; tokens must name
+    `audience` in `aud` ("" here: the cluster's name)."""
+
+    keys: SecretKey | None = None
+    jwks: SecretKey | None = None
+    audience: str = ""
+    public_topics: tuple[str, ...] = ()
+
+    def secrets(self) -> dict[str, SecretKey]:
+        """The Secret keys it names, by their field (for messages)."""
+        named = {f"{AUTH_PATH}.jwt.keysSecretRef": self.keys, f"{AUTH_PATH}.jwt.jwksSecretRef": self.jwks}
+        return {path: ref for path, ref in named.items() if ref is not None}
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """The `spec` of a NeoplasmaCluster; `image` "" means the operator's default image."""
 
@@ -151,6 +174,7 @@ class ClusterSpec:
     proxies: Proxies = field(default_factory=Proxies)
     trust: Trust = field(default_factory=Trust)
     ingest: RedisIngest | None = None  # None: no reader
+    subscriber_auth: SubscriberAuth | None = None  # None: every topic is public
 
 
 @dataclass(frozen=True)
@@ -186,7 +210,7 @@ def check_name(name: object) -> str:
 def parse_spec(spec: object) -> ClusterSpec:
     """Parse a NeoplasmaCluster `spec` (None or missing fields take the defaults)."""
     fields = _object(spec, "spec", known={"image", "brokers", "proxies", "publishers", "tls", "networkPolicies",
-                                          "ingest"})
+                                          "ingest", "subscribers"})
     publishers = _object(fields.get("publishers"), "spec.publishers", known={"apiKeysSecret"})
     tls = _object(fields.get("tls"), "spec.tls", known={"secretName"})
     policies = _object(fields.get("networkPolicies"), "spec.networkPolicies", known={"enabled"})
@@ -200,7 +224,54 @@ def parse_spec(spec: object) -> ClusterSpec:
         trust=Trust(_secret_name(publishers.get("apiKeysSecret"), "spec.publishers.apiKeysSecret"),
                     _secret_name(tls.get("secretName"), "spec.tls.secretName"), enabled),
         ingest=_ingest(fields.get("ingest"), "spec.ingest"),
+        subscriber_auth=_subscriber_auth(fields.get("subscribers")),
     )
+
+
+def _subscriber_auth(value: object) -> SubscriberAuth | None:
+    auth = _object(value, "spec.subscribers", known={"auth"}).get("auth")
+    if auth is None:
+        return None
+    fields = _object(auth, AUTH_PATH, known={"jwt", "audience", "publicTopics"})
+    keys = _object(fields.get("jwt"), f"{AUTH_PATH}.jwt", known={"keysSecretRef", "jwksSecretRef"})
+    refs = {name: _secret_ref(keys.get(name), f"{AUTH_PATH}.jwt.{name}", default)
+            for name, default in (("keysSecretRef", SUBSCRIBER_KEYS_KEY), ("jwksSecretRef", SUBSCRIBER_JWKS_KEY))}
+    if refs["keysSecretRef"] is None and refs["jwksSecretRef"] is None:
+        raise InvalidSpec(f"{AUTH_PATH}.jwt", "needs keysSecretRef (HS256 secrets) and/or jwksSecretRef (a JWKS of "
+                          "public keys): the keys subscriber tokens are verified with")
+    audience = _string(fields.get("audience"), f"{AUTH_PATH}.audience", "", MAX_AUDIENCE_LENGTH)
+    if audience and not audience.isprintable():
+        raise InvalidSpec(f"{AUTH_PATH}.audience", f"must be printable text, got {excerpt(audience)}")
+    return SubscriberAuth(refs["keysSecretRef"], refs["jwksSecretRef"], audience,
+                          _public_topics(fields.get("publicTopics"), f"{AUTH_PATH}.publicTopics"))
+
+
+def _public_topics(value: object, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_PUBLIC_TOPICS:
+        raise InvalidSpec(path, f"must be a list of at most {MAX_PUBLIC_TOPICS} topic prefixes, got {excerpt(value)}")
+    topics = []
+    for i, topic in enumerate(value):
+        try:
+            topics.append(check_topic(_string(topic, f"{path}[{i}]", "", MAX_TOPIC_LENGTH)))
+        except InvalidTopic as exc:
+            raise InvalidSpec(f"{path}[{i}]", str(exc)) from None
+    return tuple(dict.fromkeys(topics))
+
+
+def _secret_ref(value: object, path: str, default_key: str) -> SecretKey | None:
+    """`{name, key}` naming a key of a Secret in the cluster's namespace, None when unset."""
+    if value is None:
+        return None
+    ref = _object(value, path, known={"name", "key"})
+    name = _secret_name(ref.get("name"), f"{path}.name")
+    key = _string(ref.get("key"), f"{path}.key", default_key, MAX_SECRET_NAME_LENGTH)
+    if not name:
+        raise InvalidSpec(f"{path}.name", "is required: the Secret's name")
+    if not _SECRET_KEY.match(key):
+        raise InvalidSpec(f"{path}.key", f"must be a Secret key (letters, digits, '-', '_', '.'), got {excerpt(key)}")
+    return SecretKey(name, key)
 
 
 def _ingest(value: object, path: str) -> RedisIngest | None:
@@ -249,16 +320,8 @@ def _secret_key(value: object, path: str, default_key: str) -> SecretKey | None:
     """`{secretKeyRef: {name, key}}` as a SecretKey, None when unset."""
     if value is None:
         return None
-    ref = _object(_object(value, path, known={"secretKeyRef"}).get("secretKeyRef"), f"{path}.secretKeyRef",
-                  known={"name", "key"})
-    name = _secret_name(ref.get("name"), f"{path}.secretKeyRef.name")
-    key = _string(ref.get("key"), f"{path}.secretKeyRef.key", default_key, MAX_SECRET_NAME_LENGTH)
-    if not name:
-        raise InvalidSpec(f"{path}.secretKeyRef.name", "is required: the Secret's name")
-    if not _SECRET_KEY.match(key):
-        raise InvalidSpec(f"{path}.secretKeyRef.key", f"must be a Secret key (letters, digits, '-', '_', '.'), "
-                          f"got {excerpt(key)}")
-    return SecretKey(name, key)
+    ref = _object(value, path, known={"secretKeyRef"}).get("secretKeyRef")
+    return _secret_ref({} if ref is None else ref, f"{path}.secretKeyRef", default_key)
 
 
 def _secret_name(value: object, path: str) -> str:

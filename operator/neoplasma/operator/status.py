@@ -26,6 +26,7 @@ class Observed:
     paused: bool = False
     seen_generation: int | None = None  # the newest generation seen, applied or not
     ingest: tuple[str, Sequence[c.ReaderSeen]] | None = None  # spec.ingest's Redis and its readers (None: unset)
+    subscriber_keys: tuple[str | None] | None = None  # spec.subscribers.auth: (its keys' problem or None); None: unset
 
 
 def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
@@ -48,7 +49,8 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
              c.autoscaling_policy_valid(observed.policy_problems, observed.policy_kept,
                                         observed.autoscaling is not None),
              c.reconciliation_paused(observed.paused, observed.seen_generation),
-             *([c.ingest_ready(observed.ingest[1], observed.ingest[0])] if observed.ingest else [])],
+             *([c.ingest_ready(observed.ingest[1], observed.ingest[0])] if observed.ingest else []),
+             *([c.subscriber_keys_ready(observed.subscriber_keys[0])] if observed.subscriber_keys else [])],
             now,
         ),
         # null removes it (merge patch) once autoscaling is turned off

@@ -71,11 +71,12 @@ class Call:
     last) and `done` (called once when the call is over, whichever side ended it).
     """
 
-    __slots__ = ("_backlog", "_inbox", "_status", "_torn", "connection", "done", "ended", "path",
+    __slots__ = ("_backlog", "_inbox", "_status", "_torn", "authorization", "connection", "done", "ended", "path",
                  "receive", "stream_id", "waiting")
 
-    def __init__(self, connection: Connection, stream_id: int, path: str) -> None:
+    def __init__(self, connection: Connection, stream_id: int, path: str, authorization: str | None = None) -> None:
         self.connection, self.stream_id, self.path = connection, stream_id, path
+        self.authorization = authorization  # the `authorization` metadata, if sent
         self.receive: Callable[[bytes | None], None] = _ignore
         self.done: Callable[[], None] = _nothing
         self.ended = False
@@ -317,7 +318,9 @@ class Connection(asyncio.Protocol):
             self.h2.send_headers(stream_id, [(b":status", b"415")], end_stream=True)
             return
         path = headers.get(b":path", b"").decode("utf-8", "replace")
-        call = self.calls[stream_id] = Call(self, stream_id, path)
+        authorization = headers.get(b"authorization")
+        call = self.calls[stream_id] = Call(self, stream_id, path,
+                                            None if authorization is None else authorization.decode("latin-1"))
         self.h2.send_headers(stream_id, _RESPONSE)
         self._emit()  # the response headers go before any DATA frame of the call
         opener = self.server.routes.get(path)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,17 @@ from neoplasma.core.trust import (
 )
 from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metrics
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.auth import (
+    EXPIRED,
+    Forbidden,
+    Grant,
+    Refused,
+    SubscriberAuth,
+    bearer,
+    challenge,
+    http_token,
+    without_token,
+)
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     LINGER,
@@ -64,6 +76,8 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
+# The end of an SSE stream at its token's `exp`: reconnect with a fresh token and the last id.
+SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": EXPIRED}).encode()
 # Summed over a pod's workers except these: the version every worker has applied.
 LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
 
@@ -126,6 +140,31 @@ class ProxyConfig(TrustSettings):
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
                                          help="seconds a resuming subscriber waits for the broker links")
+    # Private topics (neoplasma.proxy.auth): with a keys or JWKS file, only --public-topics are read without a token.
+    subscriber_jwt_keys_file: str = setting("", help="file of HS256 secrets, one per line (re-read when it changes): "
+                                            "subscribers need a token signed with one for private topics")
+    subscriber_jwks_file: str = setting("", help="JWKS file of RS256/ES256/EdDSA public keys (re-read when it "
+                                        "changes): subscribers need a token signed with one for private topics")
+    subscriber_jwt_audience: str = setting("", help="the `aud` subscriber tokens must name (unset: not checked)")
+    public_topics: list[str] = setting(factory=list, help="topic prefixes anyone may read without a token when "
+                                       "keys are configured (without keys every topic is public)")
+
+    def subscriber_auth(self) -> SubscriberAuth:
+        return SubscriberAuth(self.subscriber_jwt_keys_file, self.subscriber_jwks_file, self.subscriber_jwt_audience,
+                              self.public_topics)
+
+
+# The settings of private topics, which `neoplasma up` takes too and passes to its proxies.
+SUBSCRIBER_AUTH = ("subscriber_jwt_keys_file", "subscriber_jwks_file", "subscriber_jwt_audience", "public_topics")
+
+
+def subscriber_auth_args(values: Mapping[str, Any]) -> list[str]:
+    """The proxy options giving the private-topic settings in `values` (field name: value; unset ones left out).
+    The files must be usable: UsageError otherwise, before any proxy starts."""
+    given = {name: values[name] for name in SUBSCRIBER_AUTH if values.get(name)}
+    config = ProxyConfig(**given)
+    config.subscriber_auth()
+    return config.to_args(only=given)
 
 
 MAX_KEEP = 10_000_000  # DrainRequest.keep_at_most: far above what a proxy holds
@@ -146,6 +185,9 @@ class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.hub = Hub()
+        self.auth = config.subscriber_auth()
+        # Subscriptions refused for want of a token or beyond its topics, and streams ended at `exp`.
+        self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
         self.draining = False
@@ -326,17 +368,44 @@ class BatchSink:
 
 CLOSED_AS = {"slow": (grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect"),
              "draining": (grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect"),
-             "moved": (grpc.StatusCode.UNAVAILABLE, "subscribers are being spread over the proxies; reconnect")}
+             "moved": (grpc.StatusCode.UNAVAILABLE, "subscribers are being spread over the proxies; reconnect"),
+             "expired": (grpc.StatusCode.UNAUTHENTICATED, f"{EXPIRED}: reconnect with a fresh token "
+                         "(and the last resume token: nothing is lost)")}
 SHUTTING_DOWN = "proxy is shutting down; connect to another"
 FULL = "proxy is full while subscribers are spread over the proxies; connect to another"
 MOVED = frozenset({"draining", "moved"})  # closes that ask the client to come back (elsewhere) soon
+REFUSED_TYPE = "neoplasma-refused"  # plasma stream: the eventType of a refused subscription change
 
 
 def refusal_text(proxy: Proxy) -> str:
     return SHUTTING_DOWN if proxy.draining else FULL
 
 
-def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None) -> None:
+def grpc_refusal(refusal: Refused) -> tuple[grpc.StatusCode, str]:
+    code = grpc.StatusCode.PERMISSION_DENIED if isinstance(refusal, Forbidden) else grpc.StatusCode.UNAUTHENTICATED
+    return code, str(refusal)
+
+
+def expire_at(proxy: Proxy, grant: Grant | None, sub: Subscriber) -> asyncio.TimerHandle | None:
+    """Close `sub` as "expired" when its token expires (None: a subscription that needs no token)."""
+    if grant is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), expire, proxy, sub)
+
+
+def expire(proxy: Proxy, sub: Subscriber) -> None:
+    proxy.auth_outcomes["expired"] += 1
+    sub.close("expired")
+
+
+def _refused(proxy: Proxy, kind: str, refusal: Refused, **fields: object) -> None:
+    error = type(refusal).__name__.lower()
+    proxy.auth_outcomes[error] += 1
+    log.info("subscriber_refused", kind=kind, topic=refusal.topic, error=error, **fields)
+
+
+def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.Task[None] | None = None,
+            expiry: asyncio.TimerHandle | None = None) -> None:
     """Tie a stream subscriber's life to its call: closing either ends the other."""
     def closed(future: asyncio.Future[str]) -> None:
         call.end(*CLOSED_AS.get(future.result(), (grpc.StatusCode.OK, "")))
@@ -344,6 +413,8 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
     def done() -> None:
         if resuming is not None:
             resuming.cancel()
+        if expiry is not None:
+            expiry.cancel()
         proxy.hub.remove(sub)
 
     sub.closed.add_done_callback(closed)
@@ -353,15 +424,32 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
 class PlasmaEvents:
     """plasma's `proto.StreamService/Events`, wire-compatible with plasma clients: each request
     replaces the stream's topics (none: unsubscribed); `forceClose` or the client's end of
-    requests ends it cleanly."""
+    requests ends it cleanly.
+
+    Private topics: the call's `authorization` metadata is checked against every request. A refused
+    first subscription ends the call (UNAUTHENTICATED / PERMISSION_DENIED); a refused later change
+    is answered in the stream, as a `Payload` of type `neoplasma-refused` whose data is the JSON
+    refusal, and the stream keeps its previous topics. At the token's `exp` a stream still reading
+    private topics ends with UNAUTHENTICATED ("token expired")."""
 
     def __init__(self, proxy: Proxy, call: Call) -> None:
         self.proxy, self.call = proxy, call
         self.changes: deque[float] = deque(maxlen=proxy.config.max_subscription_changes)
         self.sub = PlasmaSubscriber(call, proxy.config.max_grpc_buffer)
+        self.token = bearer(call.authorization)
+        self.expiry: asyncio.TimerHandle | None = None
+        self.subscribed = False  # a request was applied
         proxy.hub.add(self.sub, ())
         _attach(call, self.sub, proxy)
         call.receive = self.receive
+        detach = call.done
+
+        def done() -> None:
+            if self.expiry is not None:
+                self.expiry.cancel()
+            detach()
+
+        call.done = done
 
     @classmethod
     def open(cls, proxy: Proxy) -> Opener:
@@ -392,7 +480,29 @@ class PlasmaEvents:
         except (InvalidTopic, LimitExceeded, DecodeError) as error:
             self.call.end(*refusal(error, "Events", "subscription"))
             return
+        try:
+            grant = self.proxy.auth.check(topics, self.token)
+        except Refused as refused:
+            _refused(self.proxy, "plasma", refused, first=not self.subscribed)
+            if not self.subscribed:
+                self.call.end(*grpc_refusal(refused))
+                return
+            code, _ = grpc_refusal(refused)
+            self.call.send(grpc_frame(stream_pb2.Payload(
+                eventType=stream_pb2.EventType(type=REFUSED_TYPE),
+                data=json.dumps({**refused.answer(), "code": code.name})).SerializeToString()))
+            return
+        self.subscribed = True
+        if grant is not None and self.expiry is None:
+            self.expiry = asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), self.expire)
         self.proxy.hub.resubscribe(self.sub, topics)  # a new request replaces the set; empty unsubscribes
+
+    def expire(self) -> None:
+        """The token expired: end the stream unless what it reads now is public."""
+        try:
+            self.proxy.auth.check(self.sub.topics, None)
+        except Refused:
+            expire(self.proxy, self.sub)
 
 
 def native_subscribe(proxy: Proxy) -> Opener:
@@ -412,9 +522,16 @@ def native_subscribe(proxy: Proxy) -> Opener:
         if not topics:
             call.end(grpc.StatusCode.INVALID_ARGUMENT, "subscription refused: no topics given")
             return
+        try:  # a resumed subscription is checked like a new one: resume tokens carry positions, not topics
+            grant = proxy.auth.check(topics, bearer(call.authorization))
+        except Refused as refused:
+            _refused(proxy, "batch", refused)
+            call.end(*grpc_refusal(refused))
+            return
         sub = BatchSubscriber(call, cfg.max_grpc_buffer)
         sink = BatchSink(sub, cfg.grpc_keepalive)
-        _attach(call, sub, proxy, proxy.subscribe(sub, topics, request.resume_token, sink))
+        resuming = proxy.subscribe(sub, topics, request.resume_token, sink)
+        _attach(call, sub, proxy, resuming, expire_at(proxy, grant, sub))
 
     return unary(subscribe)
 
@@ -530,6 +647,12 @@ class ProxyCollector(Collector):
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
         yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+        ended = CounterMetricFamily("neoplasma_proxy_subscriber_auth", "Subscriptions refused (unauthenticated, "
+                                    "forbidden) and streams ended at their token's expiry (expired)",
+                                    labels=["outcome"])
+        for outcome, n in self.proxy.auth_outcomes.items():
+            ended.add_metric([outcome], n)
+        yield ended
 
 
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
@@ -549,6 +672,13 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         if request.version < (1, 1):  # SSE here is a chunked stream
             return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
                                 headers={"Upgrade": "HTTP/1.1", "Connection": "Upgrade"})
+        try:  # before anything is streamed; a resumed subscription is checked like a new one
+            grant = proxy.auth.check(topics, http_token(request.headers, request.query, request.cookies))
+        except Refused as refused:
+            _refused(proxy, "sse", refused, path=without_token(request.path_qs))
+            return web.json_response(refused.answer(), status=refused.status, headers={
+                "WWW-Authenticate": challenge(refused), "Access-Control-Allow-Origin": cfg.origin,
+                "Cache-Control": "no-store"})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
@@ -566,14 +696,20 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         sub = SseSubscriber(transport, cfg.max_sse_buffer)
         token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
         resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
+        expiry = expire_at(proxy, grant, sub)
         try:
             reason = await sub.closed
         finally:
             if resuming is not None:
                 resuming.cancel()
+            if expiry is not None:
+                expiry.cancel()
             proxy.hub.remove(sub)
         if reason in MOVED and not transport.is_closing():
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
+            await response.write_eof()
+        elif reason == "expired" and not transport.is_closing():
+            await response.write(SSE_EXPIRED)
             await response.write_eof()
         else:
             transport.abort()
