@@ -25,7 +25,7 @@ from kubeharness.kubelet import CommandMapper
 from test_operator_kube import NEOPLASMA_PODS, Clusters, membership_everywhere, neoplasma_command
 from test_redis_ingest import RedisServer, plasma_message
 
-from neoplasma.ingest.reader import PASSWORD_ENV
+from neoplasma.ingest.settings import PASSWORD_ENV
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(180)]
 

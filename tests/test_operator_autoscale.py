@@ -22,16 +22,18 @@ import test_operator_kube
 from harness import SseClient, links_ready, proxy_status, wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
-from test_operator_units import OPTIONS, FakeKube, holds_for, resource
+from test_operator_units import OPTIONS, FakeKube, deployment, holds_for, resource
 
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import Access
 from neoplasma.local import loadgen
-from neoplasma.operator import controller as controller_module
-from neoplasma.operator.controller import ClusterController, Indexes
-from neoplasma.operator.members import PodView
+from neoplasma.operator import observe as observe_module
+from neoplasma.operator.controller import ClusterController
+from neoplasma.operator.members import Controlled, PodView
+from neoplasma.operator.observe import Indexes
+from neoplasma.operator.settings import Options
 from neoplasma.operator.steps import Event
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -111,16 +113,22 @@ def conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_controller_scales_from_load_and_renders_a_second_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     loads = [Load(total=14, pods_read=1)]
 
-    async def fake_broker_load(addresses: Any, access: Any = None) -> Load:
-        return loads[-1]
+    async def fake_broker_stats(addresses: Any, access: Any = None, timeout: Any = None) -> dict[str, Any]:
+        return {address: pb.BrokerStats(connections=int(loads[-1].total),  # one pod: the Load above
+                                        events_in_per_second=loads[-1].events_per_second) for address in addresses}
 
-    monkeypatch.setattr(controller_module, "broker_load", fake_broker_load)
+    monkeypatch.setattr(observe_module, "broker_stats", fake_broker_stats)
     kube = FakeKube()
-    pods = {("ns", "demo"): [PodView("ns", "demo", "broker", "demo-broker-0-a", "u1", "127.0.0.1", True)]}
+    # One ready broker pod of the cluster's own broker Deployment (through its ReplicaSet).
+    pods = {("ns", "demo"): [PodView("ns", "demo", "broker", "demo-broker-0-a", "u1", "127.0.0.1", True,
+                                     owner="rs-b")]}
+    served = {("ns", "demo"): [deployment("d-b", "broker", owner="owner-uid")]}
+    replicasets = {("ns", "demo"): [Controlled("rs-b", "d-b")]}
     body = annotated({"brokers": {"replicas": 1, "maxPerDeployment": 2}},
                      {**AUTOSCALE, "neoplasma.io/max-brokers": "3"})
-    options = controller_module.Options(**{**OPTIONS.__dict__, "scale_interval": 0.05})
-    controller = ClusterController(("ns", "demo"), body, Indexes(pods, [{}]), kube, options)  # type: ignore[arg-type]
+    options = Options(**{**OPTIONS.__dict__, "scale_interval": 0.05})
+    controller = ClusterController(("ns", "demo"), body, Indexes(pods, [served], replicasets),  # type: ignore[arg-type]
+                                   kube, options)  # type: ignore[arg-type]
     controller.start()
     await wait_for(lambda: ("Deployment", "demo-broker-1") in kube.applied, 5, "a second broker Deployment")
     await wait_for(lambda: kube.statuses and (kube.statuses[-1].get("autoscaling") or {}).get("brokers", {})

@@ -363,8 +363,11 @@ def test_hand_edits_are_put_back_and_deleting_the_resource_deletes_children(
                .spec.replicas == 1, 30, "replicas put back to 1")
     _sync_wait(lambda: clusters.core.read_namespaced_service("demo-proxy", clusters.namespace)
                .metadata.uid != service_uid, 30, "Service demo-proxy created again")
-    reasons = {(e.reason, e.message) for e in clusters.events("demo")}
-    assert ("Updated", "updated Deployment demo-broker-0 (spec.replicas)") in reasons
+    # Events are posted by kopf after the change is made: wait for the one saying what was put back.
+    updated = ("Updated", "updated Deployment demo-broker-0 (spec.replicas)")
+    reasons = _sync_wait(lambda: (found := {(e.reason, e.message) for e in clusters.events("demo")}) and
+                         updated in found and found, 10, "the Updated event")
+    assert updated in reasons
 
     control_plane.kubectl("-n", clusters.namespace, "delete", "neoplasmacluster/demo", "--wait=true")
     _sync_wait(lambda: not clusters.children("demo"), 60, "children removed by the garbage collector")

@@ -31,7 +31,7 @@ from neoplasma.operator.children import (
     index_value,
     plan,
 )
-from neoplasma.operator.controller import ClusterController, Indexes, Options
+from neoplasma.operator.controller import ClusterController
 from neoplasma.operator.members import (
     Controlled,
     PodView,
@@ -44,6 +44,8 @@ from neoplasma.operator.members import (
     proxy_targets,
     ready_count,
 )
+from neoplasma.operator.observe import Desired, Indexes, Seen
+from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership
@@ -476,6 +478,12 @@ class Clock:
         return self.now
 
 
+def seen(pods: list[PodView], now: float, **parts: Any) -> Seen:
+    """One pass's observation of a valid resource with these pods."""
+    desired = Desired(1, None, None, paused=False, deleting=False)
+    return Seen(now, "2026-12-07T06:00:00Z", {}, desired, pods, [], now, **parts)
+
+
 def targets(*names: str, incarnation: str = "1") -> dict[str, ProxyTarget]:
     return {n: ProxyTarget(n, f"{n}:50052", incarnation) for n in names}
 
@@ -489,17 +497,19 @@ async def test_sync_pushes_each_new_version_to_every_ready_proxy_once() -> None:
     pusher, clock = FakePusher(), Clock()
     sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
     sync.update([B1], targets("p1", "p2"), seen_at=clock.now)
+    sync.push()  # the controller's act phase
     assert sync.settling_since() == clock.now  # pushes under way
     await settle()
     assert sorted(pusher.pushes) == [("p1", 1), ("p2", 1)]
     assert sync.settling_since() is None
     clock.now += 0.3
     sync.update([B1], targets("p1", "p2"), seen_at=clock.now)  # nothing changed: nothing to push
+    sync.push()  # the controller's act phase
     await settle()
     assert len(pusher.pushes) == 2
     assert sync.progress() == c.MembershipProgress(1, 1, 2, 2, {}, sync.convergence.last_seconds)
     assert sync.convergence.last_seconds is not None
-    sync.refresh()  # anti-entropy pushes again, version unchanged
+    sync.push(force=True)  # anti-entropy pushes again, version unchanged
     await settle()
     assert sorted(pusher.pushes[2:]) == [("p1", 1), ("p2", 1)]
     await sync.close()
@@ -511,6 +521,7 @@ async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None
                                                        "UNAVAILABLE: refused" if t in down else "")), Clock()
     sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
     sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)
+    sync.push()  # the controller's act phase
     await settle()
     assert (sync.progress().version, sync.progress().errors) == (1, {"p2": "UNAVAILABLE: refused"})
     assert sync.settling_since() is None  # failing: status says so at once
@@ -518,11 +529,13 @@ async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None
     retry_at = sync.next_retry()
     assert retry_at is not None and retry_at > clock.now
     sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)  # not due yet
+    sync.push()  # the controller's act phase
     await settle()
     assert pusher.pushes.count(("p2", 1)) == 1
     down.clear()
     clock.now = retry_at
     sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)
+    sync.push()  # the controller's act phase
     await settle()
     assert pusher.pushes.count(("p2", 1)) == 2
     assert sync.progress().acknowledged == 2 and not sync.progress().errors
@@ -534,11 +547,14 @@ async def test_sync_pushes_again_to_a_restarted_proxy_and_forgets_gone_ones() ->
     pusher, clock = FakePusher(), Clock()
     sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
     sync.update([B1], targets("p1", "p2"), seen_at=clock.now)
+    sync.push()  # the controller's act phase
     await settle()
     sync.update([B1], {**targets("p1"), **targets("p2", incarnation="2")}, seen_at=clock.now)
+    sync.push()  # the controller's act phase
     await settle()
     assert pusher.pushes.count(("p2", 1)) == 2 and pusher.pushes.count(("p1", 1)) == 1
     sync.update([B1], targets("p1"), seen_at=clock.now)
+    sync.push()  # the controller's act phase
     assert sync.progress().proxies == 1 and sync.progress().acknowledged == 1
     await sync.close()
 
@@ -548,6 +564,7 @@ async def test_sync_moves_past_a_version_a_proxy_already_has() -> None:
     pusher = FakePusher(lambda t, s: PushResult(t, "", True, max(9, s.version)))
     sync = MembershipSync(pusher, version=4, clock=Clock())  # type: ignore[arg-type]
     sync.update([B1], targets("p1"), seen_at=0.0)
+    sync.push()  # the controller's act phase
     await settle()
     assert pusher.pushes == [("p1", 5), ("p1", 10)]
     assert sync.snapshot == Snapshot(10, (B1,))
@@ -561,8 +578,10 @@ async def test_every_pushed_snapshot_names_the_cluster_whatever_its_version() ->
     sync = MembershipSync(pusher, version=4, clock=Clock(), cluster="uid-1")  # type: ignore[arg-type]
     assert sync.snapshot.version == 4  # versions as without a cluster id
     sync.update([B1], targets("p1"), seen_at=0.0)
+    sync.push()  # the controller's act phase
     await settle()
     sync.update([B1, B2], targets("p1"), seen_at=0.0)
+    sync.push()  # the controller's act phase
     await settle()
     assert pusher.pushes == [("p1", 5), ("p1", 10), ("p1", 11)]
     assert sync.snapshot == Snapshot(11, (B1, B2), "uid-1")
@@ -581,7 +600,9 @@ async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_retur
 
     async def passes(n: int = 2) -> None:  # a pass starts the push, the next one sees how it went
         for _ in range(n):
-            reported.extend(e for e in membership.step(pods, clock.now, clock.now) if e.reason == "PushFailed")
+            decision = membership.decide(seen(pods, clock.now), clock.now)
+            reported.extend(e for e in decision.events if e.reason == "PushFailed")
+            membership.sync.push(force=bool(decision.push))  # the controller's act phase
             await settle()
 
     await passes(3)
@@ -609,6 +630,7 @@ async def test_sync_brings_real_proxies_to_the_brokers(start: Any) -> None:
     members = [Member(b.name, b.endpoints["grpc"]) for b in brokers]
     ready = {p.name: ProxyTarget(p.name, p.endpoints["control"], "1") for p in proxies}
     sync.update(members, ready, seen_at=asyncio.get_running_loop().time())
+    sync.push()  # the controller's act phase
     await wait_for(lambda: sync.progress().acknowledged == 2, 10, "both proxies applied")
     for proxy in proxies:
         status = await proxy_status(proxy.endpoints["control"])
@@ -731,13 +753,14 @@ async def test_controller_applies_only_what_differs_and_deletes_unneeded_broker_
 async def test_controller_creates_the_credential_once_and_pushes_with_it() -> None:
     kube = FakeKube()
     controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS)  # type: ignore[arg-type]
+    assert len(vars(controller)) <= 12  # the steps hold the state; the controller schedules and acts
     controller.start()
-    await wait_for(lambda: controller.access[Tier.PROXY] is not PLAIN, 5, "the credential read")
+    await wait_for(lambda: controller.steps.trust.access[Tier.PROXY] is not PLAIN, 5, "the credential read")
     [token] = [kube.secrets["demo-credential"]["credential"]]
-    assert len(token) >= 43 and controller.membership.sync.pusher.access.metadata() == bearer_metadata(token)
-    kube.secrets["demo-credential"] = {"credential": "rotated"}  # replaced: used from the next pass on
-    controller.wake()
-    await wait_for(lambda: controller.membership.sync.pusher.access.metadata() == bearer_metadata("rotated"), 5,
+    assert len(token) >= 43 and controller.steps.membership.sync.pusher.access.metadata() == bearer_metadata(token)
+    kube.secrets["demo-credential"] = {"credential": "rotated"}  # replaced: read again when a child changes
+    controller.wake(children=True)
+    await wait_for(lambda: controller.steps.membership.sync.pusher.access.metadata() == bearer_metadata("rotated"), 5,
                    "the rotated credential used")
     assert kube.secrets["demo-credential"] == {"credential": "rotated"}  # never overwritten
     await controller.stop()

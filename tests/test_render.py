@@ -20,14 +20,14 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neoplasma.broker.server import BrokerConfig
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.cli import build_parser
 from neoplasma.core.scaling import DEFAULT_MAX_RECONNECTS
-from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
+from neoplasma.ingest.settings import PASSWORD_ENV, IngestConfig
 from neoplasma.operator import render as r
 from neoplasma.operator.connections import SUBSCRIBERS_FLOOR, drain_sizing
 from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, InvalidSpec, parse_cluster, parse_spec
-from neoplasma.proxy.server import ProxyConfig
+from neoplasma.proxy.settings import ProxyConfig
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
 # The oldest schemas kubernetes-validate bundles; the target server (1.20) has every field used.

@@ -32,7 +32,8 @@ from harness import (
     wait_for,
 )
 
-from neoplasma.broker.server import Broker, BrokerConfig, BrokerServicer, relay_handler
+from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import EVENT_OVERHEAD, InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
@@ -41,7 +42,8 @@ from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
 from neoplasma.proxy.resume import Resume, start_resume
-from neoplasma.proxy.server import Proxy, ProxyConfig, SseSink
+from neoplasma.proxy.server import Proxy, SseSink
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 

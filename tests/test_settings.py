@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from neoplasma.broker.server import BrokerConfig
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.cli import build_parser
 from neoplasma.core.settings import InvalidSetting, Settings
-from neoplasma.operator.cli import OperatorConfig
-from neoplasma.proxy.server import ProxyConfig
+from neoplasma.operator.settings import OperatorConfig
+from neoplasma.proxy.settings import ProxyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = "from 0 to 65535 (0: any free port)"

@@ -55,7 +55,7 @@ def test_expositions_add_up_except_the_lowest_families() -> None:
                 "# TYPE neoplasma_proxy_membership_version gauge\n"
                 f"neoplasma_proxy_membership_version {version}\n")
 
-    text = sum_expositions([worker(3, 7), worker(4, 6)], frozenset({"neoplasma_proxy_membership_version"})).decode()
+    text = sum_expositions([worker(3, 7), worker(4, 6)], {"neoplasma_proxy_membership_version": min}).decode()
     assert 'neoplasma_proxy_subscribers{kind="sse"} 7.0' in text
     assert 'neoplasma_proxy_subscribers{kind="plasma"} 2.0' in text
     assert "neoplasma_proxy_deliveries_total 70.0" in text
@@ -74,6 +74,9 @@ def test_status_and_apply_of_a_pod_add_up() -> None:
     ])
     assert (status.name, status.subscribers, status.sse_subscribers, status.grpc_subscribers) == ("p", 7, 6, 1)
     assert (status.membership_version, status.deliveries, status.topics, status.draining) == (3, 11, 3, True)
+    # A topic subscribed on both workers is one topic: the pod's count is its busiest worker's, not the sum.
+    both = sum_status("p", [pb.ProxyStatus(topics=3), pb.ProxyStatus(topics=2)])
+    assert both.topics == 3
     b0, b1 = status.links
     assert (b0.name, b0.state, b0.events_received, b0.interest_synced, b0.last_error) == (
         "b0", pb.BrokerLink.BACKOFF, 7, False, "refused")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from neoplasma.broker.server import BrokerConfig, BrokerService
+from neoplasma.broker.server import BrokerService
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.commands import Commands, add_server
 
 

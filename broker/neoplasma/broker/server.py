@@ -8,7 +8,6 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,11 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import (
-    DEFAULT_MAX_EVENT_BYTES,
-    DEFAULT_MAX_EVENTS_PER_REQUEST,
-    DEFAULT_MAX_REQUEST_BYTES,
     Checked,
     InvalidEvent,
     batch_entry,
@@ -32,23 +29,21 @@ from neoplasma.core.events import (
     make_events,
 )
 from neoplasma.core.logs import get_logger
-from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
+from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport, identity
 from neoplasma.core.resume import RetentionLog
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
-from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, LimitExceeded, check_topic
+from neoplasma.core.topics import InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
     CREDENTIAL_REQUIRED,
     Guard,
     Rule,
     Tokens,
-    TrustSettings,
     grpc_server_credentials,
     http_ssl_context,
     refusal_code,
     refuse,
     server_tls,
 )
-from neoplasma.core.workers import Offload, cpus_now
+from neoplasma.core.workers import Offload
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -63,45 +58,6 @@ OFF_LOOP_BYTES = 256 * 1024
 # processes (neoplasma.core.workers.Offload) while this one serves; smaller ones cost less inline.
 OFFLOAD_BYTES = 4096
 JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json")
-
-
-@dataclass
-class BrokerConfig(TrustSettings):
-    """The broker's settings; `neoplasma broker` has an option for each one with help."""
-
-    workers: int = setting(factory=cpus_now, bound=POSITIVE, env="NEOPLASMA_WORKERS",
-                           help="processes checking publishes: this one and N - 1 others (default: the CPUs "
-                           "this process may use, cgroup quota included)")
-    name: str = setting(factory=lambda: pod_name("broker"),
-                        help="broker name (default $NEOPLASMA_POD_NAME, else broker-HOST-PID)")
-    host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
-    grpc_port: int = setting(50051, bound=PORT, help="gRPC port")
-    http_port: int = setting(8080, bound=PORT, help="HTTP publish/metrics port")
-    max_event_bytes: int = setting(DEFAULT_MAX_EVENT_BYTES, bound=POSITIVE, help="largest event data, in bytes")
-    max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
-    max_request_bytes: int = setting(DEFAULT_MAX_REQUEST_BYTES, bound=POSITIVE, help="largest publish request")
-    max_events_per_request: int = setting(DEFAULT_MAX_EVENTS_PER_REQUEST, bound=POSITIVE,
-                                          help="most events in one publish request")
-    publish_keys_file: str = setting("", help="file of publisher API keys, one per line (re-read when it "
-                                     "changes); when given, publishing needs `Authorization: Bearer KEY`")
-    max_interest_topics: int = setting(500_000, bound=POSITIVE,
-                                       help="most topics a relay stream may ask for (in all and per message)")
-    header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
-    max_outbox_bytes: int = setting(64 * 1024 * 1024, bound=POSITIVE,
-                                    help="bytes held per slow relay stream before its events are dropped")
-    # Largest relay message (a single bigger event still goes alone).
-    max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    publisher_window: float = setting(30.0, bound=POSITIVE, env="NEOPLASMA_PUBLISHER_WINDOW",
-                                      help="seconds a publisher counts as connected after its last publish")
-    # On SIGTERM: how long to wait for relay outboxes to drain before exiting.
-    drain_timeout: float = setting(20.0, bound=NON_NEGATIVE)
-    # Retention for resumable streams (docs/resume.md): longer than any rollout or reconnect.
-    retention_seconds: float = setting(300.0, bound=POSITIVE, help="seconds accepted events are kept for resuming "
-                                       "subscribers")
-    retention_bytes: int = setting(256 * 1024 * 1024, bound=POSITIVE,
-                                   help="bytes of accepted events kept for resuming subscribers")
-    # An idle relay stream is told the new head at most this often.
-    head_interval: float = setting(1.0, bound=POSITIVE)
 
 
 class Metrics:
@@ -343,10 +299,6 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             entries.append(entry)
             size += len(entry)
         yield b"".join(entries) + trailer
-
-
-def identity(data: bytes) -> bytes:
-    return data
 
 
 def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:

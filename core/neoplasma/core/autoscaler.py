@@ -76,10 +76,6 @@ class Autoscaler:
         self._sizes: dict[Tier, TierSize] = _persisted_sizes(persisted)
         self._history: dict[Tier, tuple[Recommendation, ...]] = {}
 
-    @property
-    def autoscale(self) -> bool:
-        return self.policy is not None and self.policy.autoscale
-
     def read(self, annotations: Mapping[str, str], spec_brokers: int, spec_proxies: int) -> None:
         """Read the annotations (on every reconcile); keep the last good policy on errors."""
         policy, errors = parse_policy(annotations, spec_brokers, spec_proxies)
@@ -99,14 +95,14 @@ class Autoscaler:
                 self.paused = pause_only.paused
             elif self.policy is not None:
                 self.paused = self.policy.paused
-        if not self.autoscale:
+        if not self.autoscaled():
             self._sizes.clear()
             self._history.clear()
 
     def sizes(self, spec_brokers: int, spec_proxies: int) -> dict[Tier, int]:
         """The replicas to run: the spec's, or (autoscaling) the decided ones within bounds."""
         spec = {Tier.BROKER: spec_brokers, Tier.PROXY: spec_proxies}
-        if not self.autoscale:
+        if not self.autoscaled():
             return spec
         result: dict[Tier, int] = {}
         for tier in Tier:
@@ -122,13 +118,16 @@ class Autoscaler:
         return result
 
     def autoscaled(self) -> list[Tier]:
-        """The tiers with a target (the ones whose load is worth reading)."""
-        return [t for t in Tier if self.autoscale and self._tier(t).target is not None]
+        """The tiers with a target (the ones whose load is worth reading); none with autoscaling off.
+        A policy that turns autoscaling on names at least one target (neoplasma.core.scaling)."""
+        if self.policy is None or not self.policy.autoscale:
+            return []
+        return [t for t in Tier if self._tier(t).target is not None]
 
     def step(self, spec_brokers: int, spec_proxies: int, loads: Mapping[Tier, Load | None], now: float,
              wall: str | None = None) -> list[Scaled]:
         """One decision per autoscaled tier from the loads read (`now`: monotonic, `wall`: for status)."""
-        if not self.autoscale or self.policy is None:
+        if not self.autoscaled() or self.policy is None:
             return []
         current = self.sizes(spec_brokers, spec_proxies)
         changes: list[Scaled] = []
@@ -149,7 +148,7 @@ class Autoscaler:
 
     def status(self, spec_brokers: int, spec_proxies: int) -> dict[str, Any] | None:
         """`status.autoscaling` (None with autoscaling off)."""
-        if not self.autoscale:
+        if not self.autoscaled():
             return None
         sizes = self.sizes(spec_brokers, spec_proxies)
         status: dict[str, Any] = {}

@@ -19,36 +19,48 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 TIMEOUT = 2.0
 
 
-async def _broker_stats(address: str, access: Access) -> pb.BrokerStats | None:
+async def _broker_stats(address: str, access: Access, timeout: float) -> pb.BrokerStats | None:
     try:
         async with access.channel(address) as channel:
             stats: pb.BrokerStats = await pb_grpc.BrokerStub(channel).Stats(
-                pb.StatsRequest(), timeout=TIMEOUT, metadata=access.metadata())
+                pb.StatsRequest(), timeout=timeout, metadata=access.metadata())
             return stats
     except grpc.aio.AioRpcError:
         return None
 
 
-async def _proxy_status(address: str, access: Access) -> pb.ProxyStatus | None:
+async def _proxy_status(address: str, access: Access, timeout: float) -> pb.ProxyStatus | None:
     try:
         async with access.channel(address) as channel:
             status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(channel).Status(
-                pb.StatusRequest(), timeout=TIMEOUT, metadata=access.metadata())
+                pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
             return status
     except grpc.aio.AioRpcError:
         return None
 
 
+async def broker_stats(grpc_addresses: Iterable[str], access: Access = PLAIN,
+                       timeout: float = TIMEOUT) -> dict[str, pb.BrokerStats]:
+    """The Stats of each broker that answered, by address (one call per broker)."""
+    addresses = list(grpc_addresses)
+    answers = await asyncio.gather(*(_broker_stats(a, access, timeout) for a in addresses))
+    return {address: stats for address, stats in zip(addresses, answers, strict=True) if stats is not None}
+
+
+def brokers_load(answers: Iterable[pb.BrokerStats]) -> Load:
+    """Connections (publishers + relay streams) and events/s over the brokers' Stats."""
+    stats = list(answers)
+    return Load(total=float(sum(s.connections for s in stats)), pods_read=len(stats),
+                events_per_second=sum(s.events_in_per_second for s in stats))
+
+
 async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> Load:
     """Connections (publishers + relay streams) and events/s over the brokers that answered."""
-    answers = [s for s in await asyncio.gather(*(_broker_stats(a, access) for a in grpc_addresses))
-               if s is not None]
-    return Load(total=float(sum(s.connections for s in answers)), pods_read=len(answers),
-                events_per_second=sum(s.events_in_per_second for s in answers))
+    return brokers_load((await broker_stats(grpc_addresses, access)).values())
 
 
-async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN) -> Load:
+async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT) -> Load:
     """Subscribers over the proxies that answered."""
-    answers = [s for s in await asyncio.gather(*(_proxy_status(a, access) for a in control_addresses))
+    answers = [s for s in await asyncio.gather(*(_proxy_status(a, access, timeout) for a in control_addresses))
                if s is not None]
     return Load(total=float(sum(s.subscribers for s in answers)), pods_read=len(answers))

@@ -44,10 +44,6 @@ class Snapshot:
                      for m in self.members],
         )
 
-    @property
-    def serving(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.state is BrokerState.SERVING)
-
 
 EMPTY = Snapshot(0, ())
 

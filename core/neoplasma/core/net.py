@@ -150,6 +150,11 @@ def raise_fd_limit() -> int:
     return hard
 
 
+def identity(data: bytes) -> bytes:
+    """The gRPC (de)serializer of messages that are bytes already (encoded once, sent as they are)."""
+    return data
+
+
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

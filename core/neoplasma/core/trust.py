@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -260,16 +261,20 @@ class Access:
     tokens: Tokens | None = None
     ca_file: str = ""
     server_name: str = ""
+    ca: str = ""  # the CA as PEM text, instead of a file (the operator's, read from a Secret)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca or self.ca_file)
 
     def metadata(self) -> Metadata:
         return self.tokens.metadata() if self.tokens else ()
 
     def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        if not self.ca_file:
+        if not self.tls:
             return grpc.aio.insecure_channel(address, options=list(options))
         try:
-            with open(self.ca_file, "rb") as f:
-                roots = f.read()
+            roots = self.ca.encode() if self.ca else Path(self.ca_file).read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read the TLS CA file: {exc}") from None
         extra = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []

@@ -23,7 +23,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -126,10 +126,15 @@ class _Summed(Collector):
         return self.families
 
 
-def sum_expositions(texts: Iterable[str], lowest: frozenset[str] = frozenset()) -> bytes:
+Combine = Callable[[float, float], float]
+
+
+def sum_expositions(texts: Iterable[str], combine: Mapping[str, Combine] | None = None) -> bytes:
     """Prometheus expositions of the pod's workers as one: each sample (name and labels) summed
-    over the workers, except the families named in `lowest`, which take the lowest value (such as
-    the membership version every worker has applied)."""
+    over the workers, except the families named in `combine`, which are combined as it says (`min`
+    for the membership version every worker has applied, `max` for a count of distinct things
+    several workers may each hold)."""
+    combine = combine or {}
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
@@ -139,7 +144,8 @@ def sum_expositions(texts: Iterable[str], lowest: frozenset[str] = frozenset()) 
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key in mine:
-                    mine[key] = min(mine[key], sample.value) if family.name in lowest else mine[key] + sample.value
+                    kept = combine.get(family.name)
+                    mine[key] = kept(mine[key], sample.value) if kept else mine[key] + sample.value
                 else:
                     mine[key] = sample.value
     out = []
@@ -153,9 +159,10 @@ def sum_expositions(texts: Iterable[str], lowest: frozenset[str] = frozenset()) 
     return generate_latest(registry)
 
 
-async def metrics_body(place: Place | None, local: Callable[[], bytes], lowest: frozenset[str] = frozenset()) -> bytes:
+async def metrics_body(place: Place | None, local: Callable[[], bytes],
+                       combine: Mapping[str, Combine] | None = None) -> bytes:
     """What /metrics answers: this server's own metrics (`local()`), or a worker's pod's, summed."""
-    return local() if place is None else await pod_metrics(place, lowest)
+    return local() if place is None else await pod_metrics(place, combine)
 
 
 async def serve_own_metrics(place: Place, local: Callable[[], bytes], header_timeout: float) -> HttpServer:
@@ -177,7 +184,7 @@ async def serve_own_metrics(place: Place, local: Callable[[], bytes], header_tim
     return server
 
 
-async def pod_metrics(place: Place, lowest: frozenset[str] = frozenset()) -> bytes:
+async def pod_metrics(place: Place, combine: Mapping[str, Combine] | None = None) -> bytes:
     """The pod's metrics: every worker's own /metrics (from its private socket), summed."""
 
     async def one(index: int) -> str:
@@ -186,7 +193,7 @@ async def pod_metrics(place: Place, lowest: frozenset[str] = frozenset()) -> byt
                 return await resp.text()
 
     texts = await asyncio.gather(*(one(i) for i in range(place.count)), return_exceptions=True)
-    return sum_expositions((t for t in texts if isinstance(t, str)), lowest)
+    return sum_expositions((t for t in texts if isinstance(t, str)), combine)
 
 
 # -- CPU-bound work on other cores (a broker's checks) --------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from neoplasma.core.commands import Commands, add_server
-from neoplasma.ingest.reader import IngestConfig, IngestService
+from neoplasma.ingest.reader import IngestService
+from neoplasma.ingest.settings import IngestConfig
 
 
 def add_commands(commands: Commands) -> None:

@@ -25,6 +25,7 @@ from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event, batch_entry
 from neoplasma.core.logs import get_logger
+from neoplasma.core.net import identity
 from neoplasma.core.trust import Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
@@ -47,10 +48,6 @@ def pick(due: list[bool], start: int) -> int | None:
     """The first broker from `start` (round robin) that may be tried now, or None."""
     n = len(due)
     return next(((start + i) % n for i in range(n) if due[(start + i) % n]), None)
-
-
-def identity(data: bytes) -> bytes:
-    return data
 
 
 class BrokerPublisher:

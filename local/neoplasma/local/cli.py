@@ -9,7 +9,7 @@ import os
 from neoplasma.core.commands import Commands
 from neoplasma.core.errors import UsageError
 from neoplasma.core.settings import NON_NEGATIVE, POSITIVE, argument_type
-from neoplasma.proxy.server import SUBSCRIBER_AUTH, ProxyConfig, subscriber_auth_args
+from neoplasma.proxy.settings import SUBSCRIBER_AUTH, ProxyConfig, subscriber_auth_args
 
 
 def add_commands(commands: Commands) -> None:

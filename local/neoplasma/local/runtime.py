@@ -291,7 +291,7 @@ class UpService:
         except ChildFailed:
             await self.cluster.stop()
             raise
-        if self.scaler.autoscale:
+        if self.scaler.autoscaled():
             self.scaling = asyncio.create_task(self.cluster.autoscale(self.scaler, self.sizes, self.interval))
         return self.cluster.describe()
 

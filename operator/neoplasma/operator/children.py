@@ -21,11 +21,10 @@ from neoplasma.operator.render import (
     BROKER_DEPLOYMENT_LABEL,
     COMPONENT_LABEL,
     INGEST,
-    NO_PEERS,
     Manifest,
-    Peers,
     render,
 )
+from neoplasma.operator.settings import NO_PEERS, Peers
 from neoplasma.operator.spec import Cluster
 
 ChildKey = tuple[str, str]

@@ -24,9 +24,10 @@ from typing import Any
 import kopf
 
 from neoplasma.operator.children import index_value
-from neoplasma.operator.controller import Indexes, OperatorState
+from neoplasma.operator.controller import OperatorState
 from neoplasma.operator.kube import GROUP, PLURAL, VERSION
 from neoplasma.operator.members import ClusterKey, Controlled, PodView, controlled, pod_view
+from neoplasma.operator.observe import Indexes
 from neoplasma.operator.render import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL
 
 NEOPLASMA_PODS = {NAME_LABEL: "neoplasma"}
@@ -41,7 +42,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 10
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.batching.batch_window = 0.05
 
 
 def state_of(memo: kopf.Memo) -> OperatorState:

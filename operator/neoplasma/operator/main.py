@@ -14,9 +14,9 @@ from neoplasma.core.errors import NeoplasmaError
 from neoplasma.core.logs import get_logger
 from neoplasma.core.net import bind_socket
 from neoplasma.operator import handlers, metrics
-from neoplasma.operator.cli import OperatorConfig
-from neoplasma.operator.controller import OperatorState, Options
+from neoplasma.operator.controller import OperatorState
 from neoplasma.operator.kube import Kube, api_client
+from neoplasma.operator.settings import OperatorConfig
 
 log = get_logger("operator")
 
@@ -49,8 +49,7 @@ def run_operator(config: OperatorConfig) -> int:
         # what the operator does; they come back with --log-level debug.
         for name in ("kopf.objects", "kopf.activities.probe", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = Options(default_image=handlers.default_image(), policy_api=policy_api,
-                      scale_interval=config.scale_interval, operator=config.peers())
+    options = config.options(handlers.default_image(), policy_api)
     state = OperatorState(kube, options)
     if config.metrics_port:
         metrics.serve(config.metrics_port, state.metrics)

@@ -10,22 +10,22 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import yaml
 
-from neoplasma.broker.server import BrokerConfig
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.scaling import DEFAULT_MAX_RECONNECTS
 from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
-from neoplasma.ingest.reader import PASSWORD_ENV, IngestConfig
+from neoplasma.ingest.settings import PASSWORD_ENV, IngestConfig
 from neoplasma.operator.connections import DrainSizing, drain_sizing
+from neoplasma.operator.settings import NO_PEERS, Peers
 from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, Resources, ServiceType
-from neoplasma.proxy.server import ProxyConfig
+from neoplasma.proxy.settings import ProxyConfig
 
 Manifest = dict[str, Any]
 
@@ -58,18 +58,6 @@ _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 
 # the busiest proxy holds (at least 25,000) at that pace, and a margin to stop.
 PROXY_DRAIN_DELAY = 5
 DEFAULT_DRAINS = drain_sizing(DEFAULT_MAX_RECONNECTS, 0, PROXY_DRAIN_DELAY, 1)
-
-
-@dataclass(frozen=True)
-class Peers:
-    """Where the operator's own pods run (the chart's namespace and pod labels): NetworkPolicies
-    let them reach the control port. Empty: not known (the operator runs outside the cluster)."""
-
-    namespace: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-
-
-NO_PEERS = Peers()
 
 
 @dataclass(frozen=True)

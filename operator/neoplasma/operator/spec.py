@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from neoplasma.broker.server import BrokerConfig
+from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.text import clip, excerpt
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, InvalidTopic, check_topic
 

@@ -1,27 +1,34 @@
-"""The steps of one NeoplasmaCluster's pass (`Resource`, `Membership`, `Scaling`, `Children`,
-`Status`), in the order controller.py runs them.
+"""The steps of one NeoplasmaCluster's pass, pure: `Resource` reads the resource; then, over one
+observation (observe.Seen) and the time, `Trust`, `Membership`, `Scaling`, `Children` and
+`Status` each return a `Decision` (events, trust material, membership to push, children to
+apply, a status to write), in the order of `Steps.sequence()`.
 
-Each step takes what was observed and returns what to do (events, children to apply, a status
-to write); `due` says when it next needs to run (clock time; None: only when woken). No step
-does I/O or knows another: the controller does what they say and tells them how it went. Each
-keeps its own `Problems`: a Warning when one starts or changes, again if it returns after clearing.
+`due` says when a step next needs a pass (clock time; None: only when woken); `to_read` what the
+next observation must read for it. No step does I/O: the controller's act phase does what they
+decide and tells them how it went. Each keeps its own `Problems`: a Warning when one starts or
+changes, again if it returns after clearing.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from neoplasma.core.autoscaler import Autoscaler, Scaled, problems
 from neoplasma.core.backoff import Backoff, BackoffPolicy
+from neoplasma.core.load import brokers_load
 from neoplasma.core.membership import BrokerState
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
+from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
-from neoplasma.operator.conditions import count, now_text
-from neoplasma.operator.members import PodView, broker_members, proxy_targets
-from neoplasma.operator.render import Peers
+from neoplasma.operator.conditions import count, subscriber_keys_problem
+from neoplasma.operator.members import broker_members, proxy_targets, ready_count
+from neoplasma.operator.observe import Desired, Seen, TrustSeen, Wants, serving
+from neoplasma.operator.render import CREDENTIAL_KEY, Manifest, credential_secret, credential_secret_name, service_host
+from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
 from neoplasma.operator.status import Observed, build_status, same_status
 from neoplasma.operator.sync import MembershipSync
@@ -72,20 +79,36 @@ def earliest(*times: float | None) -> float | None:
     return min((t for t in times if t is not None), default=None)
 
 
-@dataclass(frozen=True)
-class Desired:
-    """What the resource asks for, as read on one pass."""
+@dataclass
+class Decision:
+    """What one step decided, for the act phase; every part optional."""
 
-    generation: int
-    cluster: Cluster | None  # the last spec that parsed
-    spec_error: str | None  # None: this generation's spec parsed
-    paused: bool
-    deleting: bool
+    events: list[Event] = field(default_factory=list)
+    access: dict[Tier, Access] | None = None  # how to reach the pods from now on (credential, TLS)
+    secret: Manifest | None = None  # the credential Secret to create
+    push: bool | None = None  # push membership: what is due (False), to every ready proxy (True); None: not
+    scaled: list[Scaled] = field(default_factory=list)  # for the metrics
+    plan: ch.Plan | None = None  # children to apply and delete (Children.applied/failed after)
+    observed: Observed | None = None  # for the metrics
+    status: dict[str, Any] | None = None  # to write (Status.written/failed after)
 
-    @property
-    def changeable(self) -> bool:
-        """Whether the children may be changed now."""
-        return self.spec_error is None and not self.paused and not self.deleting and self.cluster is not None
+
+class Failing:
+    """A pass that raised (a bug): retried with backoff, reported once while it lasts."""
+
+    def __init__(self, retry: BackoffPolicy) -> None:
+        self.retry = Backoff(retry)
+        self.problems = Problems()
+
+    def failed(self, error: str, now: float) -> tuple[float, list[Event]]:
+        """The delay before the next pass, and the events."""
+        delay = self.retry.failed(now)
+        return delay, [Event("ReconcileFailed", f"{error}; retrying in {delay:g} s", True)
+                       ] if self.problems.news("pass", error) else []
+
+    def succeeded(self) -> None:
+        self.retry.succeeded()
+        self.problems.news("pass", None)
 
 
 class Resource:
@@ -128,8 +151,71 @@ class Resource:
                        bool(metadata.get("deletionTimestamp"))), events
 
 
+def access_for(cluster: Cluster, token: str, ca: str) -> dict[Tier, Access]:
+    """How to reach each tier's pods: the credential, and with spec.trust's CA, TLS to the name
+    on the tier's certificate."""
+    tokens = Tokens(given=[token])
+    return {tier: Access(tokens, server_name=service_host(cluster, tier) if ca else "", ca=ca) for tier in Tier}
+
+
+class Trust:
+    """Step 1: the cluster credential (a Secret, owned by the resource, made when there is none)
+    and spec.trust's CA. Read when stale (at first, after a problem), when a child changed, and
+    every `refresh` seconds, so that a replaced Secret is used soon; a problem keeps the last."""
+
+    def __init__(self, refresh: float, now: float) -> None:
+        self.access: dict[Tier, Access] = dict.fromkeys(Tier, PLAIN)
+        self.timer = Every(refresh, now + refresh)
+        self.problems = Problems()
+        self.stale = True
+        self.subscriber_keys: str | None = None  # what is wrong with spec.subscribers.auth's keys, if anything
+
+    @property
+    def due(self) -> float | None:
+        return self.timer.next
+
+    def to_read(self, desired: Desired, now: float) -> bool:
+        return desired.cluster is not None and not desired.deleting and (self.timer.fire(now) or self.stale)
+
+    def reach(self, cluster: Cluster | None, seen: TrustSeen | None) -> dict[Tier, Access]:
+        """The access this pass reads with: from the credential just read, else the last."""
+        token = ((seen.credential or {}).get(CREDENTIAL_KEY, "").strip()
+                 if seen is not None and seen.error is None else "")
+        return access_for(cluster, token, seen.ca) if cluster is not None and token and seen else self.access
+
+    def decide(self, seen: Seen, now: float) -> Decision:
+        cluster = seen.desired.cluster
+        if seen.trust is None or cluster is None:
+            return Decision()
+        self.stale = True
+        name = credential_secret_name(cluster.name)
+        if seen.trust.error is not None:
+            return Decision([Event("CredentialFailed", f"reading the cluster credential failed: {seen.trust.error}; "
+                                   "keeping the last one", True)] if self.problems.news("trust", seen.trust.error)
+                            else [])
+        decision = Decision()
+        auth = cluster.spec.subscriber_auth
+        if auth is not None and seen.trust.subscriber_secrets is not None:  # a condition and an event when unusable
+            self.subscriber_keys = subscriber_keys_problem(auth, seen.trust.subscriber_secrets)
+            if self.problems.news("subscriber-keys", self.subscriber_keys) and self.subscriber_keys:
+                decision.events.append(Event("SubscriberKeysInvalid", self.subscriber_keys, True))
+        credential = seen.trust.credential
+        if credential is None:
+            credential = {CREDENTIAL_KEY: secrets.token_urlsafe(32)}
+            decision.secret = ch.adopted([credential_secret(cluster, credential[CREDENTIAL_KEY])], seen.body)[0]
+            decision.events.append(Event("Created", f"created Secret {name} (the cluster credential)"))
+        token = credential.get(CREDENTIAL_KEY, "").strip()
+        problem = None if token else f"Secret {name} has no key {CREDENTIAL_KEY!r}: delete it to have a new one made"
+        if self.problems.news("trust", problem) and problem:
+            decision.events.append(Event("CredentialFailed", problem, True))
+        if problem is None:
+            self.stale = decision.secret is not None  # read back once made
+            decision.access = access_for(cluster, token, seen.trust.ca)
+        return decision
+
+
 class Membership:
-    """Step 1: the ready brokers as the next snapshot; `MembershipSync` pushes it to the ready
+    """Step 2: the ready brokers as the next snapshot; `MembershipSync` pushes it to the ready
     proxies (and retries each with backoff), and every `anti_entropy` seconds to all of them."""
 
     def __init__(self, sync: MembershipSync, anti_entropy: float, now: float) -> None:
@@ -142,29 +228,28 @@ class Membership:
     def due(self) -> float | None:
         return earliest(self.refresh.next, self.sync.next_retry())
 
-    def step(self, pods: list[PodView], seen_at: float, now: float) -> list[Event]:
-        targets = proxy_targets(pods)
-        snapshot = self.sync.update(broker_members(pods), targets, seen_at)
-        if self.refresh.fire(now):
-            self.sync.refresh()
-        events: list[Event] = []
+    def decide(self, seen: Seen, now: float) -> Decision:
+        """The next snapshot (the act phase pushes it), and its events."""
+        targets = proxy_targets(seen.pods)
+        snapshot = self.sync.update(broker_members(seen.pods), targets, seen.pods_changed_at)
+        decision = Decision(push=self.refresh.fire(now))
         if snapshot.version != self._announced:
             self._announced = snapshot.version
             draining = sum(1 for m in snapshot.members if m.state is BrokerState.DRAINING)
-            events.append(Event("MembershipChanged", f"membership version {snapshot.version}: "
-                                f"{count(len(snapshot.members), 'broker')} ({draining} draining), "
-                                f"pushing to {count(len(targets), 'ready proxy')}"))
+            decision.events.append(Event("MembershipChanged", f"membership version {snapshot.version}: "
+                                         f"{count(len(snapshot.members), 'broker')} ({draining} draining), "
+                                         f"pushing to {count(len(targets), 'ready proxy')}"))
         failing = self.sync.progress().errors
         self.problems.keep(failing)
         for proxy, error in failing.items():
             if self.problems.news(proxy, f"version {snapshot.version}"):
-                events.append(Event("PushFailed", f"proxy pod {proxy} has not applied membership version "
-                                    f"{snapshot.version}: {error}; retrying with backoff", warning=True))
-        return events
+                decision.events.append(Event("PushFailed", f"proxy pod {proxy} has not applied membership version "
+                                             f"{snapshot.version}: {error}; retrying with backoff", warning=True))
+        return decision
 
 
 class Scaling:
-    """Step 2: the replicas to render, the spec's or (autoscaling) the autoscaler's, decided
+    """Step 3: the replicas to render, the spec's or (autoscaling) the autoscaler's, decided
     every `interval` seconds from the load of the autoscaled tiers."""
 
     def __init__(self, autoscaler: Autoscaler, interval: float, now: float) -> None:
@@ -183,30 +268,46 @@ class Scaling:
             return []
         return tiers if desired.changeable else []
 
-    def step(self, desired: Desired, loads: Mapping[Tier, Load | None], now: float) -> list[Scaled]:
+    def decide(self, seen: Seen, now: float) -> Decision:
+        desired = seen.desired
         if not desired.changeable or desired.cluster is None:
-            return []
+            return Decision()
         spec = desired.cluster.spec
-        changes = (self.autoscaler.step(spec.brokers.replicas, spec.proxies.replicas, loads, now, now_text())
+        loads = self.loads(seen)
+        changes = (self.autoscaler.step(spec.brokers.replicas, spec.proxies.replicas, loads, now, seen.stamp)
                    if loads else [])
         sizes = self.autoscaler.sizes(spec.brokers.replicas, spec.proxies.replicas)
         self.effective = replace(desired.cluster, spec=replace(
             spec, brokers=replace(spec.brokers, replicas=sizes[Tier.BROKER]),
             proxies=replace(spec.proxies, replicas=sizes[Tier.PROXY])))
-        return changes
+        return Decision([Event("ScaledBrokers" if change.tier is Tier.BROKER else "ScaledProxies", change.describe())
+                         for change in changes], scaled=changes)
+
+    @staticmethod
+    def loads(seen: Seen) -> dict[Tier, Load | None]:
+        """The load of the tiers read for a decision: the serving brokers' Stats, the proxies'."""
+        loads: dict[Tier, Load | None] = {}
+        if Tier.BROKER in seen.wants.loads:
+            names = {p.name for p in serving(seen.pods, Tier.BROKER)}
+            loads[Tier.BROKER] = brokers_load(s for n, s in (seen.brokers or {}).items() if n in names)
+        if Tier.PROXY in seen.wants.loads:
+            loads[Tier.PROXY] = seen.proxy_load
+        return loads
 
 
 class Children:
-    """Step 3: the children rendered from the cluster, applied when they may differ (the
+    """Step 4: the children rendered from the cluster, applied when they may differ (the
     resource changed, a child changed, the sizes changed, or every `resync` seconds); after a
     failure, not before the backoff says."""
 
-    def __init__(self, retry: BackoffPolicy, resync: float, now: float, *, default_image: str,
-                 policy_api: str, operator: Peers) -> None:
+    def __init__(self, options: Options, scaling: Scaling, now: float) -> None:
+        self.scaling = scaling
+        retry, resync = options.retry, options.resync
         self.retry = Backoff(retry)
         self.resync = Every(resync, now + resync)
         self.problems = Problems()
-        self.render: dict[str, Any] = {"default_image": default_image, "policy_api": policy_api, "operator": operator}
+        self.render: dict[str, Any] = {"default_image": options.default_image, "policy_api": options.policy_api,
+                                       "operator": options.operator}
         self.dirty = True  # a child changed (or might have): look again
         self.generation: int | None = None  # the generation last converged
         self._converged: tuple[int, int, int] | None = None  # generation and sizes
@@ -215,25 +316,26 @@ class Children:
     def due(self) -> float | None:
         return earliest(self.resync.next, self.retry.not_before)
 
-    def step(self, desired: Desired, cluster: Cluster | None, body: Mapping[str, Any],
-             served: list[Mapping[str, Any]], now: float) -> ch.Plan | None:
+    def decide(self, seen: Seen, now: float) -> Decision:
         """What to apply and delete now, if it is time to look."""
+        desired, cluster = seen.desired, self.scaling.effective
         if self.resync.fire(now):
             self.dirty = True
         if not desired.changeable or cluster is None:
             self.retry.succeeded()  # nothing to retry until it may change again...
             self.dirty = True  # ...and then whatever changed meanwhile is converged
-            return None
+            return Decision()
         spec = cluster.spec
         if self.retry.not_before is not None:
             go = self.retry.due(now)
         else:
             go = self.dirty or (desired.generation, spec.brokers.replicas, spec.proxies.replicas) != self._converged
         if not go:
-            return None
+            return Decision()
         self.dirty = False
-        uid = str((body.get("metadata") or {}).get("uid"))
-        return ch.plan(ch.desired_children(cluster, body, **self.render), served, owner_uid=uid)
+        uid = str((seen.body.get("metadata") or {}).get("uid"))
+        return Decision(plan=ch.plan(ch.desired_children(cluster, seen.body, **self.render), seen.children,
+                                     owner_uid=uid))
 
     def applied(self, desired: Desired, cluster: Cluster) -> None:
         self.retry.succeeded()
@@ -248,13 +350,14 @@ class Children:
 
 
 class Status:
-    """Step 4: `status`, written when it changed; while a membership push that has gone well so
+    """Step 5: `status`, written when it changed; while a membership push that has gone well so
     far is under way (up to `grace` seconds), not at all, so that Ready does not flicker."""
 
-    def __init__(self, retry: BackoffPolicy, grace: float, stats_interval: float, now: float) -> None:
-        self.retry = Backoff(retry)
-        self.grace = grace
-        self.stats = Every(stats_interval, now)  # when the brokers' connections are read
+    def __init__(self, options: Options, steps: Steps, now: float) -> None:
+        self.steps = steps  # the other steps' state that status reports
+        self.retry = Backoff(options.retry)
+        self.grace = options.sync_grace
+        self.stats = Every(options.stats_interval, now)  # when the brokers' connections are read
         self.problems = Problems()
         self.due_at: float | None = None
         # The status last written, and the resourceVersion the resource had just before: while
@@ -266,23 +369,65 @@ class Status:
     def due(self) -> float | None:
         return earliest(self.stats.next, self.due_at)
 
-    def step(self, observed: Observed, body: Mapping[str, Any], settling_since: float | None,
-             now: float) -> dict[str, Any] | None:
+    def to_read(self, desired: Desired, now: float) -> bool:
+        """Whether the brokers' connections are to be read on this pass."""
+        return self.stats.fire(now) and not desired.deleting
+
+    def decide(self, seen: Seen, now: float) -> Decision:
         """The status to write now, if any."""
         self.due_at = None
+        if seen.desired.deleting:
+            return Decision()  # being deleted: the garbage collector removes the children
+        observed = self.observed(seen)
+        decision = Decision(observed=observed)
+        settling_since = self.steps.membership.sync.settling_since()
         if settling_since is not None and now < settling_since + self.grace:
             self.due_at = settling_since + self.grace
-            return None
+            return decision
+        body = seen.body
         version = (body.get("metadata") or {}).get("resourceVersion")
         if self._written is not None and self._written[0] == version:
             current: Mapping[str, Any] = self._written[1]
         else:
             current = body.get("status") or {}
-        status = build_status(observed, current, now_text())
-        if same_status(status, current):
+        status = build_status(observed, current, seen.stamp)
+        if not same_status(status, current):
+            self._pending = (version, {**current, **status})
+            decision.status = status
+        return decision
+
+    def observed(self, seen: Seen) -> Observed:
+        desired, steps = seen.desired, self.steps
+        cluster = steps.scaling.effective or desired.cluster
+        spec = desired.cluster.spec if desired.cluster else None
+        autoscaler = steps.resource.autoscaler
+        converged = steps.children.generation
+        ingest = desired.cluster.spec.ingest if desired.cluster else None
+        return Observed(
+            generation=desired.generation if desired.spec_error is not None or converged is None else converged,
+            spec_error=desired.spec_error,
+            brokers=(cluster.spec.brokers.replicas if cluster else 0, ready_count(seen.pods, Tier.BROKER)),
+            proxies=(cluster.spec.proxies.replicas if cluster else 0, ready_count(seen.pods, Tier.PROXY)),
+            deployments=ch.broker_deployments(seen.children),
+            membership=steps.membership.sync.progress(),
+            connections=self.connections(seen),
+            autoscaling=autoscaler.status(spec.brokers.replicas, spec.proxies.replicas) if spec else None,
+            policy_problems=problems(autoscaler.errors) if autoscaler.errors else None,
+            policy_kept=autoscaler.policy is not None,
+            paused=desired.paused,
+            seen_generation=desired.generation,
+            ingest=(ingest.address, seen.readers or []) if ingest else None,
+            subscriber_keys=(steps.trust.subscriber_keys,) if spec and spec.subscriber_auth else None,
+        )
+
+    @staticmethod
+    def connections(seen: Seen) -> int | None:
+        """The ready brokers' connections (0 without any; None when not read, or none answered: keep the last)."""
+        if not seen.wants.connections or seen.brokers is None:
             return None
-        self._pending = (version, {**current, **status})
-        return status
+        ready = [p for p in seen.pods if p.component == Tier.BROKER and p.ready and p.ip]
+        load = brokers_load(seen.brokers.values())
+        return int(load.total) if load.pods_read or not ready else None
 
     def written(self, kept: bool) -> None:
         """The write went through (`kept`: the resource still exists)."""
@@ -296,3 +441,31 @@ class Status:
         self.due_at = self.retry.not_before
         return [Event("StatusFailed", f"writing status failed: {error}; retrying in {delay:g} s", True)
                 ] if self.problems.news("write", error) else []
+
+
+class Steps:
+    """One cluster's steps. `sequence()` is the order they decide over a pass's observation (a
+    new step is one more entry there, and one more part of `Decision` for the act phase)."""
+
+    def __init__(self, body: Mapping[str, Any], options: Options, sync: MembershipSync, now: float) -> None:
+        metadata, status = body.get("metadata") or {}, body.get("status") or {}
+        autoscaler = Autoscaler(status.get("autoscaling"))
+        self.resource = Resource(autoscaler, f"{metadata.get('namespace')}/{metadata.get('name')}")
+        self.trust = Trust(options.anti_entropy, now)
+        self.membership = Membership(sync, options.anti_entropy, now)
+        self.scaling = Scaling(autoscaler, options.scale_interval, now)
+        self.children = Children(options, self.scaling, now)
+        self.status = Status(options, self, now)
+
+    def sequence(self) -> list[Trust | Membership | Scaling | Children | Status]:
+        return [self.trust, self.membership, self.scaling, self.children, self.status]
+
+    @property
+    def due(self) -> float | None:
+        return earliest(*(step.due for step in self.sequence()))
+
+    def wants(self, desired: Desired, now: float) -> Wants:
+        """What the next observation must read (firing the steps' read timers)."""
+        ingest = desired.cluster is not None and desired.cluster.spec.ingest is not None and not desired.deleting
+        return Wants(trust=self.trust.to_read(desired, now), loads=tuple(self.scaling.to_read(desired, now)),
+                     connections=self.status.to_read(desired, now), readers=ingest)

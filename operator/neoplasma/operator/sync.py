@@ -1,12 +1,12 @@
 """Keeping every ready proxy of one NeoplasmaCluster on the current membership snapshot.
 
 `MembershipSync.update(members, targets, seen_at)` builds the next snapshot with
-`next_snapshot` (the version grows only when the brokers changed) and pushes it, through the
-same `MembershipPusher` the local runtime uses, to each ready proxy that has not applied it:
-one push task per proxy, so a slow or broken proxy never holds the others back. A proxy whose
-push failed is retried with backoff (this is the one retry loop of a push: the pusher tries
-once); `refresh()` (anti-entropy) pushes to every
-proxy again, which also repairs one that restarted unnoticed. Versions never go backwards:
+`next_snapshot` (the version grows only when the brokers changed); `push()` (the controller's
+act phase) pushes it, through the same `MembershipPusher` the local runtime uses, to each ready
+proxy that has not applied it: one push task per proxy, so a slow or broken proxy never holds
+the others back. A proxy whose push failed is retried with backoff (this is the one retry loop
+of a push: the pusher tries once); `push(force=True)` (anti-entropy) pushes to every proxy
+again, which also repairs one that restarted unnoticed. Versions never go backwards:
 a restarted operator resumes from the version in the resource's status, and a proxy that
 reports a newer version than ours (pushed before a crash, never recorded) makes the next
 snapshot jump past it.
@@ -129,13 +129,14 @@ class MembershipSync:
             log.info("membership_changed", cluster=self._label, version=self.snapshot.version,
                      brokers=[f"{m.name}={m.address}/{m.state.value}" for m in self.snapshot.members])
         self._set_targets(targets)
-        self._push_due(force=False)
         self._check_converged()
         return self.snapshot
 
-    def refresh(self) -> None:
-        """Anti-entropy: push the current snapshot to every ready proxy, applied or not."""
-        self._push_due(force=True)
+    def push(self, force: bool = False) -> None:
+        """Start the pushes that are due: to each ready proxy that has not applied the snapshot
+        and is not backing off, or (`force`, anti-entropy) to every ready proxy."""
+        self.pusher.prune(t.address for t in self._targets.values())
+        self._push_due(force)
 
     def next_retry(self) -> float | None:
         """When the earliest failed push is due again (clock time), if any."""
@@ -180,7 +181,6 @@ class MembershipSync:
         for table in (self._applied, self._errors, self._retries):
             for name in [n for n in table if n not in targets]:
                 del table[name]
-        self.pusher.prune(t.address for t in targets.values())
 
     def _push_due(self, force: bool) -> None:
         if self._closed:

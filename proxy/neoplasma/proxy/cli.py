@@ -8,7 +8,8 @@ import re
 from neoplasma.core.commands import Commands, add_server
 from neoplasma.core.errors import UsageError
 from neoplasma.proxy.pod import PodService
-from neoplasma.proxy.server import ProxyConfig, ProxyService
+from neoplasma.proxy.server import ProxyService
+from neoplasma.proxy.settings import ProxyConfig
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -29,8 +29,8 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
+from neoplasma.proxy.settings import LINGER
 
-LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
 

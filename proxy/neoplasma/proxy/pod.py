@@ -20,7 +20,8 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import ProxyConfig, control_server
+from neoplasma.proxy.server import control_server
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -55,7 +56,8 @@ def merge_links(per_worker: Sequence[Sequence[pb.BrokerLink]]) -> list[pb.Broker
 
 
 def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
-    """The pod's status: counts summed over its workers, the membership version all have applied."""
+    """The pod's status: counts summed over its workers, the membership version all have applied,
+    the topics of its busiest worker (a topic on several workers is one topic)."""
     return pb.ProxyStatus(
         name=name, subscribers=sum(s.subscribers for s in statuses),
         sse_subscribers=sum(s.sse_subscribers for s in statuses),
@@ -64,7 +66,7 @@ def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
         links=merge_links([s.links for s in statuses]),
         events_received=sum(s.events_received for s in statuses), deliveries=sum(s.deliveries for s in statuses),
         slow_subscribers_dropped=sum(s.slow_subscribers_dropped for s in statuses),
-        topics=sum(s.topics for s in statuses), draining=any(s.draining for s in statuses))
+        topics=max((s.topics for s in statuses), default=0), draining=any(s.draining for s in statuses))
 
 
 def merge_applied(replies: Sequence[pb.ApplyResponse]) -> pb.ApplyResponse:

@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,7 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
 from neoplasma.core.topics import (
-    MAX_TOPIC_LENGTH,
-    MAX_TOPICS_PER_SUBSCRIPTION,
     InvalidTopic,
     LimitExceeded,
     check_topics,
@@ -39,19 +36,17 @@ from neoplasma.core.trust import (
     Guard,
     Rule,
     Tokens,
-    TrustSettings,
     grpc_server_credentials,
     refusal,
     server_tls,
 )
-from neoplasma.core.workers import Place, cpus_now, metrics_body, serve_own_metrics
+from neoplasma.core.workers import Place, metrics_body, serve_own_metrics
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.auth import (
     EXPIRED,
     Forbidden,
     Grant,
     Refused,
-    SubscriberAuth,
     bearer,
     challenge,
     http_token,
@@ -59,7 +54,6 @@ from neoplasma.proxy.auth import (
 )
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
-    LINGER,
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
@@ -70,6 +64,7 @@ from neoplasma.proxy.hub import (
 )
 from neoplasma.proxy.links import LinkSet
 from neoplasma.proxy.resume import Resume, Sink, start_resume
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -78,93 +73,9 @@ log = get_logger("proxy")
 HEARTBEAT = b":heartbeat \n\n"
 # The end of an SSE stream at its token's `exp`: reconnect with a fresh token and the last id.
 SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": EXPIRED}).encode()
-# Summed over a pod's workers except these: the version every worker has applied.
-LOWEST_METRICS = frozenset({"neoplasma_proxy_membership_version"})
-
-
-@dataclass
-class ProxyConfig(TrustSettings):
-    """The proxy's settings; `neoplasma proxy` has an option for each one with help."""
-
-    workers: int = setting(factory=cpus_now, bound=POSITIVE, env="NEOPLASMA_WORKERS",
-                           help="worker processes sharing the ports (default: the CPUs this process may use, "
-                           "cgroup quota included)")
-    name: str = setting(factory=lambda: pod_name("proxy"),
-                        help="proxy name (default $NEOPLASMA_POD_NAME, else proxy-HOST-PID)")
-    host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
-    http_port: int = setting(8080, bound=PORT, help="SSE/health/metrics port")
-    grpc_port: int = setting(50051, bound=PORT, help="subscriber gRPC port")
-    control_port: int = setting(50052, bound=PORT, help="ProxyControl port")
-    # Static brokers, applied as membership version 0 until a push replaces them.
-    brokers: list[str] = setting(factory=list, help="static broker list host:port,... (until a membership push)")
-    event_query: str = "eventType"  # plasma's default query parameter
-    origin: str = "*"  # Access-Control-Allow-Origin on SSE responses
-    heartbeat_seconds: float = setting(10.0, bound=POSITIVE, flag="--heartbeat",
-                                       help="seconds between SSE heartbeat comments")
-    retry_ms: int = setting(2000, bound=POSITIVE, help="SSE retry: hint in milliseconds")
-    # Closes are paced when draining, so clients may come back quickly (to another proxy),
-    # which shortens the gap in which they miss events.
-    drain_retry_ms: int = setting(250, bound=POSITIVE,
-                                  help="SSE retry: hint sent to subscribers asked to reconnect when shutting down")
-    drain_rate: float = setting(500.0, bound=POSITIVE,
-                                help="subscribers asked to reconnect per second when shutting down")
-    # Behind a load balancer (a Kubernetes Service), new connections keep coming until it has seen
-    # readiness fail: on SIGTERM, fail readiness at once, keep serving this long, then drain.
-    drain_delay: float = setting(0.0, bound=NON_NEGATIVE,
-                                 help="seconds between failing readiness and the drain on SIGTERM")
-    # A drain cut short by SIGKILL closes every subscriber left at once (the storm pacing avoids):
-    # the operator sets this from the pod's grace period, and the drain speeds up to end in time.
-    drain_within: float = setting(0.0, bound=NON_NEGATIVE,
-                                  help="most seconds the drain on SIGTERM may take (0: no limit); it goes faster "
-                                  "than --drain-rate when it must, to end in time")
-    max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
-    max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
-                                               help="most topics one subscriber may name")
-    max_subscription_changes: int = setting(10, bound=POSITIVE,
-                                            help="subscription changes a plasma gRPC stream may make per second")
-    header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
-    tls_ca: str = setting("", help="PEM CA file: reach brokers over TLS, trusting this CA")
-    tls_server_name: str = setting("", help="the name brokers' certificates carry (addresses are IPs)")
-    # Slow-subscriber limits: unsent bytes of an SSE response, of a gRPC stream.
-    max_sse_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
-    max_grpc_buffer: int = setting(4 * 1024 * 1024, bound=POSITIVE)
-    grpc_keepalive: float = setting(30.0, bound=POSITIVE, help="seconds between PINGs to subscriber gRPC "
-                                    "connections; one left unanswered that long closes the connection")
-    max_message_bytes: int = setting(1024 * 1024, bound=POSITIVE)
-    # plasma's Go server allows any number; services may multiplex thousands of streams on one channel.
-    max_streams_per_connection: int = setting(10_000, bound=POSITIVE, help="most gRPC calls one subscriber "
-                                              "connection may have open at once; a client opening more is cut off")
-    linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
-                                    "events pile up for fewer, larger writes (Hub.run_dispatcher)")
-    # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
-    # membership, interest acknowledgements) and for each relay to reach its replay.
-    resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
-                                         help="seconds a resuming subscriber waits for the broker links")
-    # Private topics (neoplasma.proxy.auth): with a keys or JWKS file, only --public-topics are read without a token.
-    subscriber_jwt_keys_file: str = setting("", help="file of HS256 secrets, one per line (re-read when it changes): "
-                                            "subscribers need a token signed with one for private topics")
-    subscriber_jwks_file: str = setting("", help="JWKS file of RS256/ES256/EdDSA public keys (re-read when it "
-                                        "changes): subscribers need a token signed with one for private topics")
-    subscriber_jwt_audience: str = setting("", help="the `aud` subscriber tokens must name (unset: not checked)")
-    public_topics: list[str] = setting(factory=list, help="topic prefixes anyone may read without a token when "
-                                       "keys are configured (without keys every topic is public)")
-
-    def subscriber_auth(self) -> SubscriberAuth:
-        return SubscriberAuth(self.subscriber_jwt_keys_file, self.subscriber_jwks_file, self.subscriber_jwt_audience,
-                              self.public_topics)
-
-
-# The settings of private topics, which `neoplasma up` takes too and passes to its proxies.
-SUBSCRIBER_AUTH = ("subscriber_jwt_keys_file", "subscriber_jwks_file", "subscriber_jwt_audience", "public_topics")
-
-
-def subscriber_auth_args(values: Mapping[str, Any]) -> list[str]:
-    """The proxy options giving the private-topic settings in `values` (field name: value; unset ones left out).
-    The files must be usable: UsageError otherwise, before any proxy starts."""
-    given = {name: values[name] for name in SUBSCRIBER_AUTH if values.get(name)}
-    config = ProxyConfig(**given)
-    config.subscriber_auth()
-    return config.to_args(only=given)
+# Not summed over a pod's workers: the version every worker has applied, and the topics (a topic
+# subscribed on several workers is one topic: the largest worker's count is the closest known).
+POD_METRICS = {"neoplasma_proxy_membership_version": min, "neoplasma_proxy_topics": max}
 
 
 MAX_KEEP = 10_000_000  # DrainRequest.keep_at_most: far above what a proxy holds
@@ -728,7 +639,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        body = await metrics_body(place, lambda: generate_latest(registry), LOWEST_METRICS)
+        body = await metrics_body(place, lambda: generate_latest(registry), POD_METRICS)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
