@@ -59,8 +59,20 @@ async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> 
     return brokers_load((await broker_stats(grpc_addresses, access)).values())
 
 
+async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN,
+                         timeout: float = TIMEOUT) -> dict[str, pb.ProxyStatus]:
+    """The Status of each proxy that answered, by control address (one call per proxy)."""
+    addresses = list(control_addresses)
+    answers = await asyncio.gather(*(_proxy_status(a, access, timeout) for a in addresses))
+    return {address: status for address, status in zip(addresses, answers, strict=True) if status is not None}
+
+
+def proxies_load(answers: Iterable[pb.ProxyStatus]) -> Load:
+    """Subscribers over the proxies' Status."""
+    statuses = list(answers)
+    return Load(total=float(sum(s.subscribers for s in statuses)), pods_read=len(statuses))
+
+
 async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT) -> Load:
     """Subscribers over the proxies that answered."""
-    answers = [s for s in await asyncio.gather(*(_proxy_status(a, access, timeout) for a in control_addresses))
-               if s is not None]
-    return Load(total=float(sum(s.subscribers for s in answers)), pods_read=len(answers))
+    return proxies_load((await proxy_statuses(control_addresses, access, timeout)).values())
