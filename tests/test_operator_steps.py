@@ -246,11 +246,14 @@ def test_connections_read_every_proxy_and_limit_them_while_one_is_hot() -> None:
     steps = steps_for(body)
     desired, _ = steps.resource.step(body)
     assert steps.wants(desired, NOW).proxies  # read at first, then every scale interval
-    assert not steps.wants(desired, NOW + 1).proxies
     pods = [proxy("p0", "10.0.1.1"), proxy("p1", "10.0.1.2"), proxy("p2", "10.0.1.3")]
     seen = seen_of(steps, body, pods=pods, proxies=proxies_seen(p0=60, p1=0, p2=0))
     steps.scaling.decide(seen, NOW)
     decision = steps.connections.decide(seen, NOW)
+    assert not steps.wants(desired, NOW + 1).proxies
+    planned, _ = steps.resource.step(body_of({"proxies": {"replicas": 3}}, {"neoplasma.io/rebalance": "plan"}))
+    assert steps.wants(planned, NOW + 1).proxies  # the annotations changed: at once
+    steps.resource.step(body)
     assert decision.drains == {
         "10.0.1.1:50052": pb.DrainRequest(keep_at_most=22, reconnects_per_second=30, hold_seconds=30),
         "10.0.1.2:50052": pb.DrainRequest(keep_at_most=22, reconnects_per_second=0.1, hold_seconds=30),

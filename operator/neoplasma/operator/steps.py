@@ -23,7 +23,7 @@ from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.load import brokers_load
 from neoplasma.core.membership import BrokerState
 from neoplasma.core.net import hostport
-from neoplasma.core.scaling import Load
+from neoplasma.core.scaling import ConnectionPolicy, Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
@@ -326,13 +326,17 @@ class Connections:
         self.state = cx.Connections()
         self.rebalance: Mapping[str, Any] | None = None  # the last decided status sections
         self.reconnects: Mapping[str, Any] | None = None
+        self._policy: ConnectionPolicy | None = None  # the policy of the last decision
 
     @property
     def due(self) -> float | None:
         return self.timer.next
 
     def to_read(self, desired: Desired, now: float) -> bool:
-        return desired.cluster is not None and not desired.deleting and self.timer.fire(now)
+        """Every `interval` (or BUSY) seconds, and at once when the annotations changed (approve)."""
+        if desired.cluster is None or desired.deleting:
+            return False
+        return self.timer.fire(now) or self.autoscaler.connections != self._policy
 
     def sizing(self, cluster: Cluster) -> cx.DrainSizing:
         """How the proxy pods drain: from the budget and the busiest proxy seen."""
@@ -343,7 +347,7 @@ class Connections:
         cluster = self.scaling.effective or seen.desired.cluster
         if seen.proxies is None or cluster is None:
             return Decision()
-        policy = self.autoscaler.connections
+        policy = self._policy = self.autoscaler.connections
         if seen.desired.paused:
             policy = replace(policy, rebalance="off")
         pods = [p for p in seen.pods if p.component == Tier.PROXY]

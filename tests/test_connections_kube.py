@@ -1,0 +1,174 @@
+"""Connections on the real control plane: the operator's rebalance (plan, then approve) after a
+proxy scale-up, and a rollout paced by the reconnect budget, with real brokers and proxies run by
+the stand-in kubelet and subscribers that reach the proxies as a Service does (a ready address of
+the proxy Service's Endpoints, at random) and resume with their last id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import test_operator_kube
+from harness import EventSource, Publisher, proxy_status, wait_for
+from kubeharness.kubelet import StandInKubelet
+from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
+
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(240)]
+
+clusters = test_operator_kube.clusters  # fixtures
+operator = test_operator_kube.operator
+
+
+@pytest.fixture
+def pods(kubelet: Callable[..., StandInKubelet]) -> StandInKubelet:
+    return kubelet(NEOPLASMA_PODS, command_mapper=neoplasma_command, max_probe_period=0.2)
+
+
+class Service:
+    """Connections to the proxy Service as kube-proxy makes them: to a ready proxy pod, at random
+    (the pods' Ready condition, as the kubelet's readiness probe sets it, is what endpoints follow)."""
+
+    def __init__(self, clusters: Clusters, name: str) -> None:
+        self.clusters, self.name = clusters, name
+        self.rng = random.Random(5)
+        self.ready: list[str] = []
+
+    def refresh(self) -> None:
+        self.ready = [p.status.pod_ip for p in self.clusters.ready_pods(self.name, "proxy")]
+
+    def pick(self) -> str:
+        return f"{self.rng.choice(self.ready)}:8080" if self.ready else "127.0.0.1:9"
+
+
+async def counts(clusters: Clusters, name: str) -> dict[str, int]:
+    """Subscribers per running proxy pod (ready or not: a full one fails readiness), from its Status."""
+    access = clusters.access(name)
+    pods = clusters.core.list_namespaced_pod(
+        clusters.namespace, label_selector=f"app.kubernetes.io/instance={name},app.kubernetes.io/component=proxy").items
+    return {p.metadata.name: (await proxy_status(f"{p.status.pod_ip}:50052", access)).subscribers
+            for p in pods if p.metadata.deletion_timestamp is None and p.status.pod_ip}
+
+
+async def keep_refreshing(service: Service) -> None:
+    while True:
+        await asyncio.to_thread(service.refresh)
+        await asyncio.sleep(0.2)
+
+
+async def test_plan_shows_the_moves_without_moving_then_approve_spreads_the_subscribers(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}},
+                   {"neoplasma.io/rebalance": "plan", "neoplasma.io/max-reconnects-per-second": "20"})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "1 broker, 1 proxy")
+    service = Service(clusters, "demo")
+    refresher = asyncio.create_task(keep_refreshing(service))
+    await wait_for(lambda: service.ready, 20, "a ready proxy")
+    browsers = [EventSource(service.pick, "t").start() for _ in range(30)]
+
+    async def all_at_one() -> bool:
+        return list((await counts(clusters, "demo")).values()) == [30]
+
+    await wait_for(all_at_one, 30, "30 subscribers at the one proxy")
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    publisher = Publisher(brokers).start(interval=0.02)
+
+    clusters.patch_spec("demo", {"proxies": {"replicas": 3}})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 3), 60, "3 proxies")
+
+    def planned() -> dict[str, Any]:
+        rebalance = clusters.status("demo").get("rebalance") or {}
+        return rebalance if rebalance.get("state") == "Planned" else {}
+
+    shown = await wait_for(planned, 60, "a plan in status")
+    plan = shown["plan"]
+    assert plan["cap"] == 11 and plan["subscribers"] == 19 and len(plan["moves"]) == 1
+    assert plan["reconnectsPerSecond"] == 20 and plan["etaSeconds"] == 1
+    assert shown["mode"] == "plan" and "set neoplasma.io/rebalance=approve to run it" in shown["reason"]
+    assert sorted((await counts(clusters, "demo")).values()) == [0, 0, 30]  # nothing moved
+
+    clusters.annotate("demo", {"neoplasma.io/rebalance": "approve"})
+
+    async def spread() -> dict[str, int]:
+        now = await counts(clusters, "demo")
+        return now if sum(now.values()) == 30 and max(now.values()) <= 11 else {}
+
+    started = time.monotonic()
+    await wait_for(spread, 60, "the subscribers spread, at most 11 per proxy")
+    took = time.monotonic() - started
+
+    def balanced() -> dict[str, Any]:
+        rebalance = clusters.status("demo").get("rebalance") or {}
+        return rebalance if rebalance.get("state") == "Balanced" else {}
+
+    done = await wait_for(balanced, 60, "status Balanced")
+    assert done["mode"] == "approve" and "approval" not in done
+    reasons = [(e.reason, e.message) for e in clusters.events("demo") if e.reason == "Rebalance"]
+    assert any(m.startswith("rebalance started") and "moving 19 from demo-proxy-" in m for _, m in reasons), reasons
+    await asyncio.sleep(0.5)
+    await publisher.stop()
+    await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), 30, "every event")
+    for k, b in enumerate(browsers):
+        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}"
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert not b.gaps
+    print(f"19 moves after approve in {took:.1f} s (20/s budget)")
+    for b in browsers:
+        await b.close()
+    refresher.cancel()
+
+
+async def test_a_rollout_is_paced_by_the_budget_and_shows_in_status(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}},
+                   {"neoplasma.io/rebalance": "off", "neoplasma.io/max-reconnects-per-second": "4"})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "1 broker, 1 proxy")
+    service = Service(clusters, "demo")
+    refresher = asyncio.create_task(keep_refreshing(service))
+    await wait_for(lambda: service.ready, 20, "a ready proxy")
+    browsers = [EventSource(service.pick, "t").start() for _ in range(16)]
+
+    async def all_subscribed() -> bool:
+        return list((await counts(clusters, "demo")).values()) == [16]
+
+    await wait_for(all_subscribed, 30, "16 subscribers")
+    ended_at: list[float] = []
+    before = {id(b): len(b.statuses) for b in browsers}
+    # A new template (resources) rolls the proxy: the old pod drains at the budget's 4/s.
+    clusters.patch_spec("demo", {"proxies": {"resources": {"requests": {"cpu": "150m"}}}})
+
+    def rollout_in_status() -> dict[str, Any]:
+        progress = clusters.status("demo").get("reconnects") or {}
+        rolling = [e for e in progress.get("inProgress") or [] if e["kind"] == "rollout"]
+        return rolling[0] if rolling else {}
+
+    entry = await wait_for(rollout_in_status, 60, "the rollout in status.reconnects")
+    assert entry["reconnectsPerSecond"] == 4 and entry["subscribersLeft"] <= 16
+    started = time.monotonic()
+
+    async def moved() -> bool:
+        for b in browsers:
+            if len(b.statuses) > before[id(b)] and id(b) not in seen:
+                seen.add(id(b))
+                ended_at.append(time.monotonic() - started)
+        return len(seen) == 16
+
+    seen: set[int] = set()
+    await wait_for(moved, 60, "every subscriber reconnected to the new proxy")
+    ended_at.sort()
+    # 16 at 4/s: ~4 s, never a burst above the budget (one second's worth, plus one of slack).
+    for t in ended_at:
+        within = [u for u in ended_at if t <= u < t + 1.0]
+        assert len(within) <= 4 + 1, f"more than the budget in a second from {t:.2f}: {ended_at}"
+    assert ended_at[-1] - ended_at[0] >= 2.5, ended_at
+    for b in browsers:
+        await b.close()
+    refresher.cancel()
