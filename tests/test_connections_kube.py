@@ -175,3 +175,57 @@ async def test_a_rollout_is_paced_by_the_budget_and_shows_in_status(
     for b in browsers:
         await b.close()
     refresher.cancel()
+
+
+async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    operator()
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 3}},
+                   {"neoplasma.io/rebalance": "off", "neoplasma.io/max-reconnects-per-second": "4"})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 3), 60, "1 broker, 3 proxies")
+    service = Service(clusters, "demo")
+    refresher = asyncio.create_task(keep_refreshing(service))
+    await wait_for(lambda: len(service.ready) == 3, 20, "three ready proxies")
+    browsers = [EventSource(service.pick, "t").start() for _ in range(24)]
+
+    async def all_subscribed() -> bool:
+        return sum((await counts(clusters, "demo")).values()) == 24
+
+    await wait_for(all_subscribed, 30, "24 subscribers")
+    ended_at: list[float] = []
+
+    async def watch_reconnects() -> None:
+        before = {id(b): len(b.statuses) for b in browsers}
+        while True:
+            for b in browsers:
+                if len(b.statuses) > before[id(b)]:
+                    before[id(b)] = len(b.statuses)
+                    ended_at.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_reconnects())
+    clusters.patch_spec("demo", {"proxies": {"replicas": 1}})  # two pods stop at once
+
+    def two_drains() -> list[dict[str, Any]]:
+        progress = clusters.status("demo").get("reconnects") or {}
+        drains = [e for e in progress.get("inProgress") or [] if e["kind"] == "scale-in"]
+        return drains if len(drains) == 2 else []
+
+    drains = await wait_for(two_drains, 60, "two scale-in drains in status.reconnects")
+    assert [d["reconnectsPerSecond"] for d in drains] == [2, 2]  # the budget, shared
+    assert clusters.status("demo")["reconnects"]["reconnectsPerSecond"] == 4
+    moved = 24 - max((await counts(clusters, "demo")).values())
+    await wait_for(lambda: len(ended_at) >= moved, 60, "the stopped proxies' subscribers back")
+    watcher.cancel()
+    # Two drains at 2/s each: in any 2 s, at most the budget's 8 (and one more per drain at the edge).
+    ended_at.sort()
+    spread = [round(u - ended_at[0], 2) for u in ended_at]
+    for t in ended_at:
+        assert len([u for u in ended_at if t <= u < t + 2.0]) <= 8 + 2, f"over the budget: {spread}"
+    assert ended_at[-1] - ended_at[0] >= (moved - 2) / 4, f"faster than the budget: {spread}"
+    assert sum((await counts(clusters, "demo")).values()) == 24
+    for b in browsers:
+        assert set(b.statuses) == {200}
+        await b.close()
+    refresher.cancel()

@@ -179,6 +179,8 @@ class ClusterController:
     def wake(self, *, pods: bool = False, children: bool = False) -> None:
         if children:
             self.steps.children.dirty = self.steps.trust.stale = True
+        if pods:
+            self.steps.connections.stale = True  # a proxy pod may have begun to stop: pace it now
         self._wakeup.set(self.clock() if pods else None)
 
     # -- the scheduler ---------------------------------------------------------------------

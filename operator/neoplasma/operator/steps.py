@@ -327,16 +327,18 @@ class Connections:
         self.rebalance: Mapping[str, Any] | None = None  # the last decided status sections
         self.reconnects: Mapping[str, Any] | None = None
         self._policy: ConnectionPolicy | None = None  # the policy of the last decision
+        self.stale = True  # pods changed since the last read
 
     @property
     def due(self) -> float | None:
         return self.timer.next
 
     def to_read(self, desired: Desired, now: float) -> bool:
-        """Every `interval` (or BUSY) seconds, and at once when the annotations changed (approve)."""
+        """Every `interval` (or BUSY) seconds, and at once when pods changed (a stopping one gets its
+        pace before its drain begins) or the annotations did (approve)."""
         if desired.cluster is None or desired.deleting:
             return False
-        return self.timer.fire(now) or self.autoscaler.connections != self._policy
+        return self.timer.fire(now) or self.stale or self.autoscaler.connections != self._policy
 
     def sizing(self, cluster: Cluster) -> cx.DrainSizing:
         """How the proxy pods drain: from the budget and the busiest proxy seen."""
@@ -348,6 +350,7 @@ class Connections:
         if seen.proxies is None or cluster is None:
             return Decision()
         policy = self._policy = self.autoscaler.connections
+        self.stale = False
         if seen.desired.paused:
             policy = replace(policy, rebalance="off")
         pods = [p for p in seen.pods if p.component == Tier.PROXY]
