@@ -384,3 +384,13 @@ def test_approval_is_remembered_not_reread_from_a_lagging_status_and_survives_a_
     restarted = Rebalancer().step("approve", proxies(61, 0, 0), 0.1, 200.0,
                                   {**planned.status, "mode": "approve", "approval": "pending"}, False, 2000)
     assert restarted.status["state"] == "Running"
+
+
+def test_a_source_that_cannot_be_read_keeps_its_round_and_limits_instead_of_ending_it() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("auto", 0.1, 20.0)
+    started = step.step(policy, [PodSeen("a", 60, READY), PodSeen("b", 0, READY), PodSeen("c", 0, READY)], None, 1000)
+    unread = step.step(policy, [PodSeen("a", None, None), PodSeen("b", 10, READY), PodSeen("c", 9, READY)], None, 1001)
+    assert step.rebalancer.current is not None and unread.limits == started.limits and not unread.notices
+    done = step.step(policy, [PodSeen("a", 22, None), PodSeen("b", 19, READY), PodSeen("c", 19, READY)], None, 1003)
+    assert step.rebalancer.current is None and done.notices[0].message.startswith("rebalance ended (done)")

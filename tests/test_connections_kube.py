@@ -187,12 +187,12 @@ async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
     service = Service(clusters, "demo")
     refresher = asyncio.create_task(keep_refreshing(service))
     await wait_for(lambda: len(service.ready) == 3, 20, "three ready proxies")
-    browsers = [EventSource(service.pick, "t").start() for _ in range(24)]
+    browsers = [EventSource(service.pick, "t").start() for _ in range(36)]
 
     async def all_subscribed() -> bool:
-        return sum((await counts(clusters, "demo")).values()) == 24
+        return sum((await counts(clusters, "demo")).values()) == 36
 
-    await wait_for(all_subscribed, 30, "24 subscribers")
+    await wait_for(all_subscribed, 30, "36 subscribers")
     ended_at: list[float] = []
 
     async def watch_reconnects() -> None:
@@ -215,7 +215,7 @@ async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
     drains = await wait_for(two_drains, 60, "two scale-in drains in status.reconnects")
     assert [d["reconnectsPerSecond"] for d in drains] == [2, 2]  # the budget, shared
     assert clusters.status("demo")["reconnects"]["reconnectsPerSecond"] == 4
-    moved = 24 - max((await counts(clusters, "demo")).values())
+    moved = 36 - max((await counts(clusters, "demo")).values())
     await wait_for(lambda: len(ended_at) >= moved, 60, "the stopped proxies' subscribers back")
     watcher.cancel()
     # Two drains at 2/s each: in any 2 s, at most the budget's 8 (and one more per drain at the edge).
@@ -224,7 +224,7 @@ async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
     for t in ended_at:
         assert len([u for u in ended_at if t <= u < t + 2.0]) <= 8 + 2, f"over the budget: {spread}"
     assert ended_at[-1] - ended_at[0] >= (moved - 2) / 4, f"faster than the budget: {spread}"
-    assert sum((await counts(clusters, "demo")).values()) == 24
+    assert sum((await counts(clusters, "demo")).values()) == 36
     for b in browsers:
         assert set(b.statuses) == {200}
         await b.close()

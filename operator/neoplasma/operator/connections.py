@@ -544,6 +544,7 @@ class Connections:
         self._replicas: int | None = None
         self._lowered_at: float | None = None
         self.busiest = 0  # subscribers on the busiest proxy at the last pass (DrainSizing)
+        self._last: Orders | None = None
 
     def scaled_in(self, replicas: int, grace: float, now: float) -> bool:
         """Whether the proxies' replicas (as rendered, given on every pass) went down less than
@@ -564,7 +565,13 @@ class Connections:
         running = self.rebalancer.operation(live)
         shares = share_budget(budget, [*drains, *([running] if running else [])])
         rate = shares[-1].rate if running else (budget * REBALANCE_SHARE_WITH_DRAINS if drains else budget)
-        orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, previous, bool(drains), now)
+        unknown = {p.name for p in pods if p.terminating is None and p.subscribers is None}
+        current = self.rebalancer.current
+        if current is not None and current.sources & unknown and self._last is not None:
+            orders = self._last  # a source could not be read: its limits renewed, nothing decided
+        else:
+            orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, previous, bool(drains), now)
+        self._last = replace(orders, events=())
         notices = [Notice("Rebalance", message) for message in orders.events]
         over = frozenset(s.operation.name for s in shares if s.forced)
         if over - self._over:

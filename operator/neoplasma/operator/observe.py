@@ -184,7 +184,7 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
     reach = access(cluster, trust)
     brokers = (read_brokers(pods, reach[Tier.BROKER], timeout)
                if wants.connections or Tier.BROKER in wants.loads else _none())
-    proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, stopping=wants.proxies)
+    proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies)
                if wants.proxies or Tier.PROXY in wants.loads else _none())
     readers = read_readers(pods, reach[Tier.BROKER], timeout) if wants.readers else _none()
     stats, statuses, seen_readers = await asyncio.gather(brokers, proxies, readers)
@@ -195,10 +195,10 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
                 seen_readers, statuses if wants.proxies else None, indexes.replicasets(key))
 
 
-async def read_proxies(pods: list[PodView], access: Access, timeout: float, stopping: bool) -> dict[str, Any]:
-    """The Status of the serving proxy pods (`stopping`: and of those being deleted), by pod name."""
-    chosen = [p for p in pods if p.component == Tier.PROXY and p.ip and (p.ready or (stopping and p.deleting))
-              and (stopping or not p.deleting)]
+async def read_proxies(pods: list[PodView], access: Access, timeout: float, every: bool) -> dict[str, Any]:
+    """The Status of the serving proxy pods (`every`: of every one with an address, also those not
+    ready, as a full one during a rebalance, and those stopping), by pod name."""
+    chosen = [p for p in pods if p.component == Tier.PROXY and p.ip and (every or (p.ready and not p.deleting))]
     addresses = {hostport(p.ip, CONTROL_PORT): p.name for p in chosen}
     answers = await proxy_statuses(addresses, access, timeout)
     return {addresses[address]: status for address, status in answers.items()}
