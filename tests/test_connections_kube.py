@@ -17,6 +17,7 @@ import test_operator_kube
 from harness import EventSource, Publisher, proxy_status, wait_for
 from kubeharness.kubelet import StandInKubelet
 from test_operator_kube import NEOPLASMA_PODS, Clusters, OperatorProcess, membership_everywhere, neoplasma_command
+from test_proxy_shed import delivered_exactly_once
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(240)]
 
@@ -60,22 +61,59 @@ async def keep_refreshing(service: Service) -> None:
         await asyncio.sleep(0.2)
 
 
+async def subscribed(clusters: Clusters, proxies: int, budget: int, rebalance: str, subscribers: int
+                     ) -> tuple[asyncio.Task[None], list[EventSource]]:
+    """Cluster demo (1 broker, `proxies`) with `subscribers` browsers through the Service stand-in."""
+    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": proxies}},
+                   {"neoplasma.io/rebalance": rebalance, "neoplasma.io/max-reconnects-per-second": str(budget)})
+    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, proxies), 60, f"1 broker, {proxies} proxies")
+    service = Service(clusters, "demo")
+    refresher = asyncio.create_task(keep_refreshing(service))
+    await wait_for(lambda: len(service.ready) == proxies, 20, "the proxies ready")
+    browsers = [EventSource(service.pick, "t").start() for _ in range(subscribers)]
+
+    async def all_subscribed() -> bool:
+        return sum((await counts(clusters, "demo")).values()) == subscribers
+
+    await wait_for(all_subscribed, 30, f"{subscribers} subscribers")
+    return refresher, browsers
+
+
+class Reconnects:
+    """When each browser came back (a new connection), watched every 10 ms."""
+
+    def __init__(self, browsers: list[EventSource]) -> None:
+        self.browsers, self.at = browsers, list[float]()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        before = {id(b): len(b.statuses) for b in self.browsers}
+        while True:
+            for b in self.browsers:
+                if len(b.statuses) > before[id(b)]:
+                    before[id(b)] = len(b.statuses)
+                    self.at.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    def stop(self) -> list[float]:
+        self._task.cancel()
+        return sorted(self.at)
+
+    @staticmethod
+    def check_rate(at: list[float], rate: float, drains: int, window: float) -> None:
+        """At most `rate` per second over any `window` (and one more per drain at its edge), and
+        no faster than `rate` on the whole."""
+        spread = [round(u - at[0], 2) for u in at]
+        for t in at:
+            assert len([u for u in at if t <= u < t + window]) <= rate * window + drains, f"over the budget: {spread}"
+        assert at[-1] - at[0] >= (len(at) - drains) / rate, f"faster than the budget: {spread}"
+
+
 async def test_plan_shows_the_moves_without_moving_then_approve_spreads_the_subscribers(
     clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
 ) -> None:
     operator()
-    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}},
-                   {"neoplasma.io/rebalance": "plan", "neoplasma.io/max-reconnects-per-second": "20"})
-    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "1 broker, 1 proxy")
-    service = Service(clusters, "demo")
-    refresher = asyncio.create_task(keep_refreshing(service))
-    await wait_for(lambda: service.ready, 20, "a ready proxy")
-    browsers = [EventSource(service.pick, "t").start() for _ in range(30)]
-
-    async def all_at_one() -> bool:
-        return list((await counts(clusters, "demo")).values()) == [30]
-
-    await wait_for(all_at_one, 30, "30 subscribers at the one proxy")
+    refresher, browsers = await subscribed(clusters, 1, 20, "plan", 30)
     brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
     publisher = Publisher(brokers).start(interval=0.02)
 
@@ -112,65 +150,32 @@ async def test_plan_shows_the_moves_without_moving_then_approve_spreads_the_subs
     reasons = [(e.reason, e.message) for e in clusters.events("demo") if e.reason == "Rebalance"]
     assert any(m.startswith("rebalance started") and "moving 19 from demo-proxy-" in m for _, m in reasons), reasons
     await asyncio.sleep(0.5)
-    await publisher.stop()
-    await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), 30, "every event")
-    for k, b in enumerate(browsers):
-        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}"
-        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
-        assert not b.gaps
+    await delivered_exactly_once(publisher, browsers)
     print(f"19 moves after approve in {took:.1f} s (20/s budget)")
     for b in browsers:
         await b.close()
     refresher.cancel()
 
 
+def in_progress(clusters: Clusters, kind: str) -> list[dict[str, Any]]:
+    """status.reconnects.inProgress entries of `kind`."""
+    progress = clusters.status("demo").get("reconnects") or {}
+    return [e for e in progress.get("inProgress") or [] if e["kind"] == kind]
+
+
 async def test_a_rollout_is_paced_by_the_budget_and_shows_in_status(
     clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
 ) -> None:
     operator()
-    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 1}},
-                   {"neoplasma.io/rebalance": "off", "neoplasma.io/max-reconnects-per-second": "4"})
-    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 1), 60, "1 broker, 1 proxy")
-    service = Service(clusters, "demo")
-    refresher = asyncio.create_task(keep_refreshing(service))
-    await wait_for(lambda: service.ready, 20, "a ready proxy")
-    browsers = [EventSource(service.pick, "t").start() for _ in range(16)]
-
-    async def all_subscribed() -> bool:
-        return list((await counts(clusters, "demo")).values()) == [16]
-
-    await wait_for(all_subscribed, 30, "16 subscribers")
-    ended_at: list[float] = []
-
-    async def watch_reconnects() -> None:  # when each subscriber came back (a new connection)
-        before = {id(b): len(b.statuses) for b in browsers}
-        while True:
-            for b in browsers:
-                if len(b.statuses) > before[id(b)]:
-                    before[id(b)] = len(b.statuses)
-                    ended_at.append(time.monotonic())
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch_reconnects())
+    refresher, browsers = await subscribed(clusters, 1, 4, "off", 16)
+    reconnects = Reconnects(browsers)
     # A new template (resources) rolls the proxy: the old pod drains at the budget's 4/s.
     clusters.patch_spec("demo", {"proxies": {"resources": {"requests": {"cpu": "150m"}}}})
-
-    def rollout_in_status() -> dict[str, Any]:
-        progress = clusters.status("demo").get("reconnects") or {}
-        rolling = [e for e in progress.get("inProgress") or [] if e["kind"] == "rollout"]
-        return rolling[0] if rolling else {}
-
-    entry = await wait_for(rollout_in_status, 60, "the rollout in status.reconnects")
+    [entry] = await wait_for(lambda: in_progress(clusters, "rollout"), 60, "the rollout in status.reconnects")
     assert entry["reconnectsPerSecond"] == 4 and entry["subscribersLeft"] <= 16
     assert entry["name"].startswith("demo-proxy-")
-    await wait_for(lambda: len(ended_at) >= 16, 60, "every subscriber reconnected to the new proxy")
-    watcher.cancel()
-    # 16 at 4/s: ~4 s, never a burst above the budget (a second's worth, and one of slack).
-    for t in ended_at:
-        within = [u for u in ended_at if t <= u < t + 1.0]
-        spread = [round(u - ended_at[0], 2) for u in ended_at]
-        assert len(within) <= 4 + 1, f"more than the budget in a second: {spread}"
-    assert ended_at[-1] - ended_at[0] >= 3.0, ended_at
+    await wait_for(lambda: len(reconnects.at) >= 16, 60, "every subscriber reconnected to the new proxy")
+    Reconnects.check_rate(reconnects.stop(), rate=4, drains=1, window=1.0)
     assert list((await counts(clusters, "demo")).values()) == [16]
     for b in browsers:
         await b.close()
@@ -181,49 +186,17 @@ async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
     clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
 ) -> None:
     operator()
-    clusters.apply("demo", {"brokers": {"replicas": 1}, "proxies": {"replicas": 3}},
-                   {"neoplasma.io/rebalance": "off", "neoplasma.io/max-reconnects-per-second": "4"})
-    await wait_for(lambda: membership_everywhere(clusters, "demo", 1, 3), 60, "1 broker, 3 proxies")
-    service = Service(clusters, "demo")
-    refresher = asyncio.create_task(keep_refreshing(service))
-    await wait_for(lambda: len(service.ready) == 3, 20, "three ready proxies")
-    browsers = [EventSource(service.pick, "t").start() for _ in range(36)]
-
-    async def all_subscribed() -> bool:
-        return sum((await counts(clusters, "demo")).values()) == 36
-
-    await wait_for(all_subscribed, 30, "36 subscribers")
-    ended_at: list[float] = []
-
-    async def watch_reconnects() -> None:
-        before = {id(b): len(b.statuses) for b in browsers}
-        while True:
-            for b in browsers:
-                if len(b.statuses) > before[id(b)]:
-                    before[id(b)] = len(b.statuses)
-                    ended_at.append(time.monotonic())
-            await asyncio.sleep(0.01)
-
-    watcher = asyncio.create_task(watch_reconnects())
+    refresher, browsers = await subscribed(clusters, 3, 4, "off", 36)
+    reconnects = Reconnects(browsers)
     clusters.patch_spec("demo", {"proxies": {"replicas": 1}})  # two pods stop at once
-
-    def two_drains() -> list[dict[str, Any]]:
-        progress = clusters.status("demo").get("reconnects") or {}
-        drains = [e for e in progress.get("inProgress") or [] if e["kind"] == "scale-in"]
-        return drains if len(drains) == 2 else []
-
-    drains = await wait_for(two_drains, 60, "two scale-in drains in status.reconnects")
+    drains = await wait_for(lambda: len(in_progress(clusters, "scale-in")) == 2 and in_progress(clusters, "scale-in"),
+                            60, "two scale-in drains in status.reconnects")
     assert [d["reconnectsPerSecond"] for d in drains] == [2, 2]  # the budget, shared
     assert clusters.status("demo")["reconnects"]["reconnectsPerSecond"] == 4
     moved = 36 - max((await counts(clusters, "demo")).values())
-    await wait_for(lambda: len(ended_at) >= moved, 60, "the stopped proxies' subscribers back")
-    watcher.cancel()
+    await wait_for(lambda: len(reconnects.at) >= moved, 60, "the stopped proxies' subscribers back")
     # Two drains at 2/s each: in any 2 s, at most the budget's 8 (and one more per drain at the edge).
-    ended_at.sort()
-    spread = [round(u - ended_at[0], 2) for u in ended_at]
-    for t in ended_at:
-        assert len([u for u in ended_at if t <= u < t + 2.0]) <= 8 + 2, f"over the budget: {spread}"
-    assert ended_at[-1] - ended_at[0] >= (moved - 2) / 4, f"faster than the budget: {spread}"
+    Reconnects.check_rate(reconnects.stop(), rate=4, drains=2, window=2.0)
     assert sum((await counts(clusters, "demo")).values()) == 36
     for b in browsers:
         assert set(b.statuses) == {200}

@@ -8,11 +8,11 @@ renewed, a pace replaced), so a failed one is simply sent again on the next pass
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 
 import grpc
 
+from neoplasma.core.load import by_address
 from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -41,6 +41,4 @@ async def send(requests: Mapping[str, pb.DrainRequest], access: Access = PLAIN) 
             return f"{error.code().name}: {error.details()}"
         return None
 
-    addresses = list(requests)
-    answers = await asyncio.gather(*(one(a, requests[a]) for a in addresses))
-    return {address: error for address, error in zip(addresses, answers, strict=True) if error is not None}
+    return await by_address(requests, lambda a: one(a, requests[a]))
