@@ -16,6 +16,11 @@ HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also b
 `--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 
 Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scenarios A,B]]
+       python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go]
+`--client go` reads plasma streams with grpc-go (bench/go/plasmaload, built offline from Debian's
+golang-go and golang-google-grpc-dev), as plasma's Go users do; each fan-out also reports what the
+proxy handed out but subscribers had not read 4 s after the load, and the share of the window its
+loop waited for a CPU (a shared machine's doing, not the proxy's).
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
@@ -294,6 +299,15 @@ class Role:
         self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, json.dumps(args)],
                                      stdout=subprocess.PIPE, text=True)
 
+    @classmethod
+    def go(cls, grpc_addr: str, n: int, seconds: float, sample: int = 0, per_connection: int = 1) -> Role:
+        """plasma `Events` streams read by grpc-go (bench/go/plasmaload) instead of the Python role: same lines."""
+        role = cls.__new__(cls)
+        role.proc = subprocess.Popen([str(go_client()), "-addr", grpc_addr, "-streams", str(n), "-per-conn",
+                                      str(per_connection), "-seconds", str(seconds), "-sample", str(sample),
+                                      "-topic", "bench"], stdout=subprocess.PIPE, text=True)
+        return role
+
     def wait_line(self, timeout: float = 120) -> dict[str, Any]:
         return read_json_line(self.proc.stdout, timeout)
 
@@ -345,10 +359,45 @@ def cpu_seconds(server: Server) -> float:
     return total
 
 
+GO_SOURCE = ROOT / "bench" / "go" / "plasmaload"
+GO_BINARY = ROOT / "bench" / "results" / "plasmaload"
+CLIENTS = {"plasma": "python"}  # who reads plasma streams: "python" (PlasmaStreams) or "go" (grpc-go)
+
+
+def go_client() -> Path:
+    """bench/go/plasmaload built (once per source change) offline from Debian's packages (golang-go,
+    golang-google-grpc-dev: GOPATH /usr/share/gocode)."""
+    source = GO_SOURCE / "main.go"
+    if not GO_BINARY.exists() or GO_BINARY.stat().st_mtime < source.stat().st_mtime:
+        GO_BINARY.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "GOPATH": "/usr/share/gocode", "GO111MODULE": "off", "GOFLAGS": "",
+               "GOCACHE": os.environ.get("GOCACHE", str(ROOT / "bench" / "results" / "gocache"))}
+        try:
+            subprocess.run(["go", "build", "-o", str(GO_BINARY), "."], cwd=GO_SOURCE, env=env, check=True,
+                           capture_output=True, text=True, timeout=600)
+        except FileNotFoundError:
+            sys.exit("--client go needs the Go toolchain and grpc-go: apt-get install golang-go golang-google-grpc-dev")
+        except subprocess.CalledProcessError as exc:
+            sys.exit(f"building {GO_SOURCE} failed (apt-get install golang-google-grpc-dev?):\n{exc.stderr}")
+    return GO_BINARY
+
+
+def runqueue_wait(server: Server) -> float:
+    """Seconds the server's main thread has waited for a CPU while runnable (/proc/PID/schedstat): on a
+    shared machine, how much of a lag is the machine's rather than the server's."""
+    try:
+        return int(Path(f"/proc/{server.proc.pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def subscribers_role(kind: str, proxy: Server, n: int, seconds: float, sample: int) -> Role:
-    """`n` subscribers of `kind`: SSE, plasma gRPC streams (one connection each) or native gRPC streams."""
+    """`n` subscribers of `kind`: SSE, plasma gRPC streams (one connection each; read by grpc-go with
+    `--client go`) or native gRPC streams."""
     if kind == "sse":
         return Role("sse", http=proxy.endpoints["http"], n=n, seconds=seconds, sample=sample)
+    if kind == "plasma" and CLIENTS["plasma"] == "go":
+        return Role.go(proxy.endpoints["grpc"], n, seconds, sample)
     return Role(kind, grpc_addr=proxy.endpoints["grpc"], n=n, seconds=seconds, sample=sample)
 
 
@@ -367,6 +416,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     status0 = await proxy_status(proxy.endpoints["control"])
     cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
+    wait0 = runqueue_wait(proxy)
     t0 = time.monotonic()
     batch = batch or (max(1, int(rate // 100)) if rate else 50)  # by default one request every 10 ms
     pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=8)
@@ -374,7 +424,9 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
     proxy_cpu = (cpu_seconds(proxy) - cpu0[0]) / elapsed
+    proxy_waited = (runqueue_wait(proxy) - wait0) / elapsed
     res = subs.result()
+    status2 = await proxy_status(proxy.endpoints["control"])
 
     async def backlog_drained() -> bool:  # so the next scenario starts from a quiet proxy
         status, stats = await proxy_status(proxy.endpoints["control"]), await broker_stats(broker)
@@ -395,9 +447,13 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         "events_lost": published * subscribers - res["events"],
         "streams_ended": res.get("streams_ended", 0),
         "proxy_handed_to_sockets_per_second": round((status1.deliveries - status0.deliveries) / elapsed),
+        # Handed to sockets or calls by the proxy but not read by the subscribers 4 s after the load.
+        "handed_not_read_after_4s": status2.deliveries - status0.deliveries - res["events"],
         "slow_subscribers_dropped": status1.slow_subscribers_dropped - status0.slow_subscribers_dropped,
         "proxy_rss_mb": round(psutil.Process(proxy.proc.pid).memory_info().rss / 2**20, 1),
         "proxy_cpu_cores": round(proxy_cpu, 2),
+        # Share of the window the proxy's loop was runnable but had no CPU (the machine's doing).
+        "proxy_runqueue_wait_share": round(proxy_waited, 2),
         "proxy_cpu_s_per_1m_deliveries": round((cpu1[0] - cpu0[0]) / max(handed, 1) * 1e6, 3),
         "broker_cpu_s_per_1m_deliveries": round((cpu1[1] - cpu0[1]) / max(handed, 1) * 1e6, 3),
     }
@@ -482,7 +538,8 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
                 "broker_cpu_s_per_1m_events": run["broker_cpu_s_per_1m_events"]}
     lat = run.get("latency_ms", {})
     return {"deliveries_per_second": run["deliveries_per_second"], "events_lost": run["events_lost"],
-            "subscribers_dropped": run["slow_subscribers_dropped"],
+            "subscribers_dropped": run["slow_subscribers_dropped"], "streams_ended": run["streams_ended"],
+            "handed_not_read_after_4s": run["handed_not_read_after_4s"],
             "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
             "proxy_cpu_s_per_1m_deliveries": run["proxy_cpu_s_per_1m_deliveries"],
             "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"]}
@@ -547,6 +604,22 @@ async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]
             "before_python": before, "rounds": rounds, "seconds": seconds, "medians": table, "runs": runs}
 
 
+async def only(rounds: int, seconds: float, scenarios: list[str], workers: bool) -> dict[str, Any]:
+    """This build alone (and with --workers 2 when `workers`) through `scenarios`, `rounds` times."""
+    raise_fd_limit()
+    tmp = ROOT / "bench" / "results" / "logs"
+    tmp.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for label in ("current", WORKERS) if workers else ("current",):
+            for run in await ab_round(label, sys.executable, scenarios, seconds, tmp):
+                run.update(build=label, round=r, load_average=os.getloadavg()[0], client=CLIENTS["plasma"])
+                print(f"round {r} {label:12} {run['scenario']}:", figures(run), flush=True)
+                runs.append(run)
+    return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "seconds": seconds,
+            "client": CLIENTS["plasma"], "runs": runs}
+
+
 def print_table(out: dict[str, Any]) -> None:
     def cell(v: float | None) -> str:
         return "" if v is None else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
@@ -571,6 +644,12 @@ if __name__ == "__main__":
     parser.add_argument("--before", metavar="PYTHON",
                         help="A/B instead: this interpreter's build (e.g. another worktree's .venv/bin/python) "
                              "against this one, interleaved; medians to bench/results/dataplane_ab.json")
+    parser.add_argument("--client", choices=("python", "go"), default="python",
+                        help="who reads plasma gRPC streams: the lean Python HTTP/2 client, or grpc-go "
+                        "(bench/go/plasmaload, built from Debian's golang-google-grpc-dev)")
+    parser.add_argument("--only", action="store_true",
+                        help="only this build, through --scenarios once per round (no A/B); "
+                        "bench/results/dataplane_only.json")
     parser.add_argument("--workers2", action="store_true",
                         help=f"also this build with --workers 2 on the broker and the proxy ({WORKERS})")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
@@ -578,7 +657,14 @@ if __name__ == "__main__":
                         help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)})")
     opts = parser.parse_args()
     seconds = 4.0 if opts.quick else 10.0
-    if opts.before:
+    CLIENTS["plasma"] = opts.client
+    if opts.only:
+        scenarios = opts.scenarios.split(",")
+        if unknown := set(scenarios) - set(AB_SCENARIOS):
+            parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+        out = asyncio.run(only(opts.rounds, seconds, scenarios, opts.workers2))
+        path = ROOT / "bench" / "results" / "dataplane_only.json"
+    elif opts.before:
         scenarios = opts.scenarios.split(",")
         if unknown := set(scenarios) - set(AB_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -590,6 +676,6 @@ if __name__ == "__main__":
     path.write_text(json.dumps(out, indent=2))
     if opts.before:
         print_table(out)
-    else:
+    elif not opts.only:
         print(json.dumps(out, indent=2))
     print(f"written to {path}")

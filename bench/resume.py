@@ -1,12 +1,13 @@
 """Resumable streams benchmark (docs/resume.md).
 
 Prints figures and writes JSON (bench/results/resume.json):
-  - retention memory per event (tracemalloc, ~200 B events as bench/dataplane.py publishes);
   - the CPU of the proxy's fan-out alone (Hub.dispatch to 1000 SSE subscribers, in a fresh
     process), this tree and the code before resumable streams (`git merge-base HEAD main`,
     exported to a temporary folder and put first on PYTHONPATH), which load on a shared machine
     disturbs far less than end-to-end figures;
   - the time to serve one resume of 10,000 missed events (SSE, from Last-Event-ID to the last event).
+
+Retention memory per event: bench/retention_memory.py.
 
 End to end, before and after, interleaved with medians: `python bench/dataplane.py --before PYTHON`
 (PYTHON: the interpreter of a checkout of the older code, with its own `pip install -e .`).
@@ -25,15 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 
-from neoplasma.core.events import make_events
-from neoplasma.core.resume import RetentionLog
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -47,20 +45,6 @@ assert _spec is not None and _spec.loader is not None
 bench_dataplane = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_dataplane)
 PAYLOAD = json.dumps(bench_dataplane.PAYLOAD).encode()
-
-
-def retention_memory(n: int = 200_000) -> dict[str, Any]:
-    """Bytes held per retained event, counting the event objects themselves (retention keeps them alive)."""
-    log = RetentionLog(max_age=1e9, max_bytes=1 << 40)
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for first in range(1, n + 1, 10):  # publish requests of 10 events
-        log.append(first, make_events([("program:1234:views", PAYLOAD)] * 10), now=0.0)
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    return {"events": n, "event_data_bytes": len(PAYLOAD), "bytes_per_event": round(held / n, 1),
-            "accounted_bytes_per_event": round(log.bytes / n, 1),
-            "events_in_256_mib": int((256 << 20) / (held / n))}
 
 
 def baseline_tree() -> Path:
@@ -164,8 +148,6 @@ async def main() -> dict[str, Any]:
     tmp.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                            "load_average": os.getloadavg()}}
-    results["retention_memory"] = retention_memory()
-    print("retention memory:", results["retention_memory"], flush=True)
     tree = baseline_tree()
     for label, code in (("baseline", tree), ("resumable", None)):
         results[f"hub_dispatch_cpu_{label}"] = hub_cpu(code)

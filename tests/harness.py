@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -444,3 +445,18 @@ async def sse(http: str, topics: str) -> AsyncIterator[SseClient]:
     finally:
         await client.close()
 
+
+
+def code_at(ref: str) -> dict[str, str]:
+    """The environment in which `python -m neoplasma` runs commit `ref`'s code (exported with `git archive`
+    to a temporary folder, its top-level folders first on PYTHONPATH): for benchmarks side by side."""
+    root = Path(__file__).resolve().parent.parent
+    folder = Path(tempfile.mkdtemp(prefix="neoplasma-at-"))
+    archive = subprocess.run(["git", "archive", ref], cwd=root, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return {"PYTHONPATH": os.pathsep.join(str(d) for d in sorted(folder.iterdir()) if (d / "neoplasma").is_dir())}
+
+
+def trees(before: str | None) -> dict[str, dict[str, str]]:
+    """{label: environment}: this tree's code, and `before`'s when given (see `code_at`)."""
+    return {"this tree": {}, **({f"at {before}": code_at(before)} if before else {})}

@@ -11,7 +11,7 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, compact_jso
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
 from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
 from neoplasma.plasma.v1 import stream_pb2
-from neoplasma.proxy.hub import Hub, PlasmaSubscriber
+from neoplasma.proxy.hub import Hub, PlasmaSubscriber, pause
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 segment = st.text(alphabet="abc1", min_size=1, max_size=3)
@@ -155,3 +155,25 @@ def test_topic_index_matches_each_holder_once(holdings: dict[int, set[str]], top
     for holder, topics in holdings.items():
         index.remove(holder, topics)
     assert index.topics() == set() and not index.matching(topic)
+
+
+def test_dispatch_pauses_grow_while_the_loop_is_behind_and_shrink_once_it_keeps_up() -> None:
+    linger, most, share = 0.005, 0.05, 0.25
+    # Keeping up: rounds may take a quarter of the time, never pausing longer than linger.
+    assert pause(0.001, 0.0, linger, linger, most, share) == (pytest.approx(0.003), linger)
+    assert pause(0.01, 0.0, linger, linger, most, share) == (linger, linger)
+    # Behind (ran 20 ms late): the ceiling doubles each time, up to the most, and is waited in full.
+    ceiling, pauses = linger, []
+    for _ in range(5):
+        wait, ceiling = pause(0.001, 0.02 + ceiling, ceiling, linger, most, share)
+        pauses.append(wait)
+    assert pauses == pytest.approx([0.01, 0.02, 0.04, 0.05, 0.05])
+    # Keeping up again: the ceiling halves back to linger.
+    ceilings = []
+    for _ in range(5):
+        _, ceiling = pause(0.0001, 0.0, ceiling, linger, most, share)
+        ceilings.append(ceiling)
+    assert ceilings == pytest.approx([0.025, 0.0125, 0.00625, 0.005, 0.005])
+    # linger 0 never lingers, however late; a most below linger does not shrink linger.
+    assert pause(0.01, 1.0, 0.0, 0.0, most, share) == (0.0, 0.0)
+    assert pause(0.01, 1.0, 0.1, 0.1, 0.05, share)[1] == pytest.approx(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -134,3 +135,28 @@ async def test_children_die_with_a_killed_up(run_up: Any) -> None:
     proc.kill()  # no chance to clean up: the children must notice by themselves
     await wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
                    timeout=30, what="children to exit after up was killed")
+
+
+async def test_up_workers_runs_every_proxy_and_broker_as_a_pod_of_workers(run_up: Any) -> None:
+    proc, endpoints = run_up("--brokers", "1", "--proxies", "1", "--workers", "2")
+    children = psutil.Process(proc.pid).children()
+    proxy = next(c for c in children if "proxy-0" in c.cmdline())
+    assert "--workers" in proxy.cmdline() and proxy.cmdline()[proxy.cmdline().index("--workers") + 1] == "2"
+    workers = [w for w in proxy.children() if "proxy" in w.cmdline()]
+    assert len(workers) == 2
+    p0 = endpoints["proxies"][0]
+    await wait_for(lambda: links_ready(p0["control"], 1), what="both workers linked to the broker")
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(sse(p0["http"], "w")) for _ in range(12)]
+        await wait_for(lambda: all(any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == int(
+            p0["http"].rpartition(":")[2]) for c in w.net_connections()) for w in workers),
+            what="subscribers on both workers")
+        await publish_grpc(endpoints["brokers"][0]["grpc"], [("w", "to-all")])
+        await wait_for(lambda: all(c.events for c in clients), what="the event on every subscriber")
+        status = await proxy_status(p0["control"])
+        assert status.sse_subscribers == 12  # the pod's, summed over its workers
+    everyone = [*children, *workers]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    for p in everyone:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE

@@ -134,9 +134,10 @@ async def test_sigterm_drain_speeds_up_to_end_within_its_limit(start: Any) -> No
 
 
 @pytest.mark.parametrize(("fields", "problem"), [
-    ({"reconnects_per_second": -1.0}, "reconnects_per_second must be a positive number up to 100000"),
+    ({"reconnects_per_second": -1.0}, "reconnects_per_second must be a positive number from 0.1 to 1e+06"),
     ({"reconnects_per_second": math.nan}, "reconnects_per_second must be a positive number"),
-    ({"reconnects_per_second": 1e6}, "reconnects_per_second must be a positive number up to 100000"),
+    ({"reconnects_per_second": 1e7}, "reconnects_per_second must be a positive number from 0.1 to 1e+06"),
+    ({"keep_at_most": 5, "reconnects_per_second": 0.01}, "from 0.1 to 1e+06"),
     ({"keep_at_most": 10_000_001}, "keep_at_most must be at most 10000000"),
     ({"keep_at_most": 5, "hold_seconds": -1.0}, "hold_seconds must be between 0 and 3600"),
     ({"keep_at_most": 5, "hold_seconds": math.inf}, "hold_seconds must be between 0 and 3600"),

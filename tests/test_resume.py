@@ -36,7 +36,16 @@ from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event
 from neoplasma.core.membership import Member, Snapshot
-from neoplasma.core.resume import EVENT_OVERHEAD, InvalidToken, RetentionLog, cluster_tag, decode_token, encode_token
+from neoplasma.core.resume import (
+    EVENT_OVERHEAD,
+    MIN_SEGMENT_BYTES,
+    SEGMENT_OVERHEAD,
+    InvalidToken,
+    RetentionLog,
+    cluster_tag,
+    decode_token,
+    encode_token,
+)
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
@@ -595,10 +604,22 @@ def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
     assert log.oldest == 31 and not log.covers(29) and log.covers(30)
     assert log.accepted_since(1.5) == (30, False) and log.accepted_since(2.5) == (30, True)
     assert [s for s, _ in log.replay(0, 40, frozenset({"b"}))] == [32, 34, 36, 38, 40]
-    small = RetentionLog(max_age=1e9, max_bytes=2 * (EVENT_OVERHEAD + 4))  # two one-event batches
-    for seq in range(1, 6):
-        small.append(seq, [("t", b"1234"[:3])], now=0.0)
-    assert small.oldest == 4 and small.events == 2 and small.bytes <= small.max_bytes
+    small = RetentionLog(max_age=1e9, max_bytes=4 * (MIN_SEGMENT_BYTES + SEGMENT_OVERHEAD))  # four segments
+    record = EVENT_OVERHEAD + 1 + 1000  # a one-event request: topic "t", 1000 bytes of data
+    for seq in range(1, 1001):
+        small.append(seq, [("t", b"%04d" % seq + b"0" * 996)], now=float(seq))
+        assert small.bytes <= small.max_bytes
+    per = MIN_SEGMENT_BYTES // record  # events in a segment
+    assert 3 * per < small.events <= 4 * per
+    assert small.oldest == 1001 - small.events and not small.covers(small.oldest - 2)
+    replayed = list(small.replay(0, 1000, frozenset({"t"})))
+    assert [s for s, _ in replayed] == list(range(small.oldest, 1001))
+    assert all(e.data.startswith(b"%04d" % s) for s, e in replayed)
+    assert small.accepted_since(0.0) == (small.oldest - 1, False)
+    big = RetentionLog(max_age=1e9, max_bytes=1 << 20)  # an event larger than a segment has one of its own
+    big.append(1, [("t", b"1"), ("t", b"2" * 200_000), ("t", b"3")], now=0.0)
+    assert [e.data[:1] for _, e in big.replay(0, 3, frozenset({"t"}))] == [b"1", b"2", b"3"]
+    assert [s for s, _ in big.replay(1, 2, frozenset({"t"}))] == [2]
 
 
 async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start: Any) -> None:

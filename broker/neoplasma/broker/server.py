@@ -23,6 +23,7 @@ from neoplasma.core.aio import wait_event_or_task
 from neoplasma.core.events import (
     Checked,
     InvalidEvent,
+    RequestTooLarge,
     batch_entry,
     batch_trailer,
     check_publish_body,
@@ -74,6 +75,17 @@ class Metrics:
         self.relay_streams = Gauge("neoplasma_broker_relay_streams", "Open relay streams", registry=r)
         self.publishers = Gauge("neoplasma_broker_publishers", "Publishers seen within the activity window", registry=r)
         self.outbox_bytes = Gauge("neoplasma_broker_outbox_bytes", "Bytes queued for relay streams", registry=r)
+        self.replays = Counter("neoplasma_broker_replays", "Replay calls served (resuming subscribers' catch-up)",
+                               registry=r)
+        self.replays_refused = Counter("neoplasma_broker_replays_refused", "Replay calls refused: over the budget",
+                                       registry=r)
+        self.retained_bytes = Gauge("neoplasma_broker_retained_bytes",
+                                    "Bytes held by retention for resuming subscribers", registry=r)
+        self.retained_events = Gauge("neoplasma_broker_retained_events", "Events held by retention", registry=r)
+
+
+# Retained events a Replay looks at before it lets the broker's loop serve others (~10 ms).
+REPLAY_PART = 10_000
 
 
 class Broker:
@@ -88,6 +100,9 @@ class Broker:
         self.epoch = random.randint(1, 2**32 - 1)
         self.seq = 0  # the last seq stamped in this epoch
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
+        self.replays = asyncio.Semaphore(config.max_replays)
+        self.replays_waiting = 0
+        self._replay_allowed_at = 0.0  # when the retained events Replays walked so far are paid for
         self.offload = Offload(config.workers - 1)
         self.events_in = 0
         self.events_out = 0
@@ -102,7 +117,8 @@ class Broker:
         """Published input checked by `parse` within the limits (on a worker thread when large)."""
         cfg = self.config
         limits = {"max_bytes": cfg.max_event_bytes, "max_topic_length": cfg.max_topic_length,
-                  "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes}
+                  "max_events": cfg.max_events_per_request, "max_request_bytes": cfg.max_request_bytes,
+                  "max_elements": cfg.max_elements_per_request}
         if size >= OFFLOAD_BYTES and self.offload.free():
             return await self.offload.run(checked_pairs, parse, given, limits)
         if size > OFF_LOOP_BYTES:
@@ -152,6 +168,15 @@ class Broker:
         self.metrics.events_out.inc(queued)
         return queued
 
+    async def pace_replay(self, walked: int) -> None:
+        """Let the loop serve others, and keep every Replay's walking together within
+        --replay-events-per-second (bursts of one second)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        rate = self.config.replay_events_per_second
+        self._replay_allowed_at = max(self._replay_allowed_at, now - 1.0) + walked / rate
+        await asyncio.sleep(max(0.0, self._replay_allowed_at - now))
+
     def reject(self, count: int = 1) -> None:
         self.events_rejected += count
         self.metrics.events_rejected.inc(count)
@@ -175,6 +200,8 @@ class Broker:
         self.metrics.relay_streams.set(streams)
         self.metrics.publishers.set(publishers)
         self.metrics.outbox_bytes.set(self.router.pending_bytes())
+        self.metrics.retained_bytes.set(self.retention.bytes)
+        self.metrics.retained_events.set(self.retention.events)
         return pb.BrokerStats(
             name=self.config.name, connections=publishers + streams, relay_streams=streams,
             publishers=publishers, events_in=self.events_in, events_out=self.events_out,
@@ -192,11 +219,16 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def Publish(self, request: pb.PublishRequest, context: grpc.aio.ServicerContext) -> pb.PublishResponse:  # noqa: N802
+    async def Publish(self, request: pb.PublishRequest | RequestTooLarge,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> pb.PublishResponse:
         broker = self.broker
         if broker.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"broker {broker.config.name} is draining; publish to another broker")
+        if isinstance(request, RequestTooLarge):  # counted before it was parsed (publish_request)
+            broker.reject()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"nothing published: {request}")
+            return pb.PublishResponse()  # not reached: abort raises
         pairs = [(e.topic, e.data) for e in request.events]
         try:
             events = await broker.check(make_events, pairs, request.ByteSize())
@@ -274,38 +306,95 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         return self.broker.stats()
 
     async def Replay(self, request: pb.ReplayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:  # noqa: N802
-        """The retained events after `request.after` for `request.topics`, up to the head now."""
+        """The retained events after `request.after` for `request.topics`, up to the head now.
+
+        At most --max-replays run at once (others wait, up to --max-replays-waiting; beyond, refused
+        with RESOURCE_EXHAUSTED); each walks retention a part at a time, in messages of up to
+        --max-message-bytes, yielding the loop between parts (a replay of all of retention holds one part)."""
         broker = self.broker
-        limit = broker.config.max_topic_length
+        cfg = broker.config
         try:
-            topics = frozenset(check_topic(t, limit) for t in request.topics)
+            topics = frozenset(check_topic(t, cfg.max_topic_length) for t in request.topics)
         except InvalidTopic as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replay refused: {exc}")
-        head = broker.seq
-        log_ = broker.retention
-        log_.evict(time.monotonic())
-        ours = request.epoch == broker.epoch
-        gap = not ours or not broker.holds_after(request.after)
-        found = list(log_.replay(request.after, head, topics)) if ours else []
-        trailer = batch_trailer(epoch=broker.epoch, head=head, gap=gap)  # the gap goes with the first message
-        plain, most = batch_trailer(epoch=broker.epoch, head=head), broker.config.max_message_bytes
-        entries: list[bytes] = []
-        size = 0
-        for seq, event in found:
-            entry = batch_entry(event, seq)
-            if entries and size + len(entry) > most:
-                yield b"".join(entries) + trailer
-                trailer, entries, size = plain, [], 0
-            entries.append(entry)
-            size += len(entry)
-        yield b"".join(entries) + trailer
+        if broker.replays.locked() and broker.replays_waiting >= cfg.max_replays_waiting:
+            broker.metrics.replays_refused.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"replay refused: {cfg.max_replays} replays "
+                                f"run and {broker.replays_waiting} wait on broker {cfg.name}; try again later")
+        broker.replays_waiting += 1
+        try:
+            await broker.replays.acquire()
+        finally:
+            broker.replays_waiting -= 1
+        broker.metrics.replays.inc()
+        try:
+            head = broker.seq
+            log_ = broker.retention
+            log_.evict(time.monotonic())
+            ours = request.epoch == broker.epoch
+            gap = not ours or not broker.holds_after(request.after)
+            after = min(request.after, head) if ours else head  # nothing to walk for another epoch
+            plain = batch_trailer(epoch=broker.epoch, head=head)
+            while True:
+                if ours and not log_.covers(after):  # evicted while this replay went on
+                    gap = True
+                found, after = log_.replay_part(after, head, topics, cfg.max_message_bytes, REPLAY_PART)
+                done = after >= head
+                if found or done or gap:
+                    message = b"".join([batch_entry(event, seq) for seq, event in found])
+                    yield message + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
+                    gap = False
+                if done:
+                    return
+                await broker.pace_replay(REPLAY_PART)  # a part walked: let the loop serve others
+        finally:
+            broker.replays.release()
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    """The protobuf varint at `raw[i:]` and where it ends (past the end of `raw` when truncated)."""
+    value = shift = 0
+    while i < len(raw) and shift < 64:
+        byte = raw[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    return value, len(raw) + 1
+
+
+def publish_request(cfg: BrokerConfig) -> Callable[[bytes], pb.PublishRequest | RequestTooLarge]:
+    """A PublishRequest deserializer that counts events, and measures each, before parsing: parsing makes
+    an object per event (16 MiB of tiny events was 2 million of them and 365 MB), so a request beyond
+    the limits is refused from its wire form. What it cannot follow is left to the parser to judge."""
+    most_bytes = cfg.max_event_bytes + 4 * cfg.max_topic_length + 32  # data, topic (UTF-8), field headers
+
+    def deserialize(raw: bytes) -> pb.PublishRequest | RequestTooLarge:
+        i = events = 0
+        while i < len(raw):
+            key, i = _varint(raw, i)
+            if key != 0x0A:  # not `events` (field 1, length-delimited)
+                break
+            size, i = _varint(raw, i)
+            events += 1
+            if events > cfg.max_events_per_request:
+                return RequestTooLarge(f"the request holds more than {cfg.max_events_per_request} events "
+                                       "(send smaller batches)")
+            if size > most_bytes:
+                return RequestTooLarge(f"event {events - 1} is {size} bytes; the limit is {cfg.max_event_bytes} "
+                                       "bytes of data")
+            i += size
+        return pb.PublishRequest.FromString(raw)
+
+    return deserialize
 
 
 def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
     """The Broker service, with relay messages written as ready-made bytes."""
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Publish": grpc.unary_unary_rpc_method_handler(
-            servicer.Publish, request_deserializer=pb.PublishRequest.FromString,
+            servicer.Publish, request_deserializer=publish_request(servicer.broker.config),
             response_serializer=pb.PublishResponse.SerializeToString),
         "Relay": grpc.stream_stream_rpc_method_handler(
             servicer.Relay, request_deserializer=pb.Interest.FromString, response_serializer=identity),
@@ -318,6 +407,19 @@ def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
 
 
 # -- HTTP ------------------------------------------------------------------------
+
+
+async def read_bounded(request: web.Request, most: int) -> bytes | None:
+    """The request's body, counted as it arrives: None as soon as it is over `most` bytes (its length
+    said so, or its chunks did), without reading the rest."""
+    if request.content_length is not None and request.content_length > most:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > most:
+            return None
+    return bytes(body)
 
 
 def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
@@ -334,7 +436,13 @@ def http_app(broker: Broker, keys: Tokens | None) -> web.Application:
         if broker.draining:
             return web.json_response({"error": f"broker {cfg.name} is draining; publish to another broker"},
                                      status=503)
-        body = await request.read()
+        body = await read_bounded(request, cfg.max_request_bytes)
+        if body is None:
+            broker.reject()
+            response = web.json_response({"error": f"nothing published: the request is over {cfg.max_request_bytes} "
+                                          "bytes (send smaller batches)"}, status=413)
+            response.force_close()  # the rest of the body is not read
+            return response
         try:
             events = await broker.check(check_publish_body, body, len(body))
         except InvalidEvent as exc:
@@ -397,8 +505,10 @@ class BrokerService:
                                   grpc_server_credentials(tls))
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self.http = HttpServer(http_app(broker, keys), bind_socket(config.host, config.http_port, "--http-port"),
-                               config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key))
+        self.http = HttpServer(http_app(broker, keys),
+                               bind_socket(config.host, config.http_port, "--http-port", backlog=config.listen_backlog),
+                               config.header_timeout, http_ssl_context(config.tls_cert, config.tls_key),
+                               backlog=config.listen_backlog)
         await self.http.start()
         return {"name": config.name, "grpc": hostport(config.host, grpc_port),
                 "http": hostport(config.host, self.http.port)}

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from neoplasma.core.events import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_EVENTS_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
+from neoplasma.core.events import (
+    DEFAULT_MAX_ELEMENTS_PER_REQUEST,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_EVENTS_PER_REQUEST,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, backlog_setting, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH
 from neoplasma.core.trust import TrustSettings
 from neoplasma.core.workers import cpus_now
@@ -24,11 +29,15 @@ class BrokerConfig(TrustSettings):
     host: str = setting("127.0.0.1", help="address to bind, 0.0.0.0 in a pod")
     grpc_port: int = setting(50051, bound=PORT, help="gRPC port")
     http_port: int = setting(8080, bound=PORT, help="HTTP publish/metrics port")
+    listen_backlog: int = backlog_setting()
     max_event_bytes: int = setting(DEFAULT_MAX_EVENT_BYTES, bound=POSITIVE, help="largest event data, in bytes")
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     max_request_bytes: int = setting(DEFAULT_MAX_REQUEST_BYTES, bound=POSITIVE, help="largest publish request")
     max_events_per_request: int = setting(DEFAULT_MAX_EVENTS_PER_REQUEST, bound=POSITIVE,
                                           help="most events in one publish request")
+    max_elements_per_request: int = setting(DEFAULT_MAX_ELEMENTS_PER_REQUEST, bound=POSITIVE,
+                                            help="most JSON values (array elements and object members) in one "
+                                            "HTTP publish body, counted before it is parsed")
     publish_keys_file: str = setting("", help="file of publisher API keys, one per line (re-read when it "
                                      "changes); when given, publishing needs `Authorization: Bearer KEY`")
     max_interest_topics: int = setting(500_000, bound=POSITIVE,
@@ -47,5 +56,10 @@ class BrokerConfig(TrustSettings):
                                        "subscribers")
     retention_bytes: int = setting(256 * 1024 * 1024, bound=POSITIVE,
                                    help="bytes of accepted events kept for resuming subscribers")
+    max_replays: int = setting(4, bound=POSITIVE, help="Replay calls (resuming subscribers' catch-up) served at once")
+    max_replays_waiting: int = setting(64, bound=NON_NEGATIVE, help="Replay calls that may wait for one of those; "
+                                       "more are refused (RESOURCE_EXHAUSTED)")
+    replay_events_per_second: int = setting(250_000, bound=POSITIVE, help="retained events all Replay calls "
+                                            "together may walk per second (~a quarter of a core)")
     # An idle relay stream is told the new head at most this often.
     head_interval: float = setting(1.0, bound=POSITIVE)

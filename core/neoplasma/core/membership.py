@@ -130,3 +130,9 @@ def is_stale(applied_version: int, incoming_version: int) -> bool:
     Re-sending the applied version is answered as applied (idempotent), not as stale.
     """
     return incoming_version < applied_version
+
+
+def conflicts(applied: Snapshot, incoming: Snapshot) -> bool:
+    """`incoming` has the applied version but other contents: a change must come with a newer version
+    (versions only grow; a proxy that had applied nothing yet takes any)."""
+    return incoming.version == applied.version and incoming != applied and applied != EMPTY

@@ -17,6 +17,26 @@ import grpc
 from aiohttp import web
 
 from neoplasma.core.errors import NeoplasmaError
+from neoplasma.core.logs import get_logger
+from neoplasma.core.settings import DEFAULT_BACKLOG
+
+log = get_logger("net")
+
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on a listen backlog (net.core.somaxconn); None when it cannot be read."""
+    try:
+        with open(SOMAXCONN) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def effective_backlog(asked: int, cap: int | None) -> int:
+    """The backlog a listening socket gets when `asked` for under the kernel's `cap` (None: unknown)."""
+    return asked if cap is None else min(asked, cap)
 
 
 class CannotListen(NeoplasmaError):
@@ -29,11 +49,14 @@ class ParentGone(NeoplasmaError):
     """`neoplasma up`, which started this server, died before the server could follow it."""
 
 
-def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, listen: bool = True,
+                backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     """A listening TCP socket; port 0 picks a free one (read it back with sock.getsockname()).
     `flag` names the option that chose the port, for the error if it is taken. With `reuse_port`,
     other sockets with SO_REUSEPORT (a pod's workers) may listen on it too; without `listen`, it
-    only holds the port (a supervisor's, while its workers serve it)."""
+    only holds the port (a supervisor's, while its workers serve it). A server that takes the
+    socket over (`HttpServer`, `GrpcServer`) must listen with the same `backlog` again: asyncio's
+    create_server calls listen() itself, with 100 unless told."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,7 +68,11 @@ def bind_socket(host: str, port: int, flag: str, reuse_port: bool = False, liste
         sock.close()
         raise CannotListen(host, port, exc.strerror or str(exc), flag) from None
     if listen:
-        sock.listen(1024)
+        cap = somaxconn()
+        if effective_backlog(backlog, cap) < backlog:
+            log.warning("listen_backlog_capped", address=hostport(host, sock.getsockname()[1]), asked=backlog,
+                        somaxconn=cap, fix="raise the sysctl net.core.somaxconn")
+        sock.listen(backlog)
         sock.setblocking(False)
     return sock
 
@@ -100,13 +127,14 @@ class _HeaderDeadline(asyncio.Protocol):
 
 class HttpServer:
     """An aiohttp app on a listening socket, with TLS when `tls` is given; a request's headers must
-    arrive within `header_timeout` seconds (also the keep-alive timeout between requests)."""
+    arrive within `header_timeout` seconds (also the keep-alive timeout between requests). `backlog`
+    is the listen backlog `sock` was bound with (`bind_socket`)."""
 
     def __init__(self, app: web.Application, sock: socket.socket, header_timeout: float,
-                 tls: ssl.SSLContext | None = None, **handler_args: Any) -> None:
+                 tls: ssl.SSLContext | None = None, backlog: int = DEFAULT_BACKLOG, **handler_args: Any) -> None:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=header_timeout,
                                     **handler_args)
-        self.sock, self.header_timeout, self.tls = sock, header_timeout, tls
+        self.sock, self.header_timeout, self.tls, self.backlog = sock, header_timeout, tls, backlog
         self._server: asyncio.Server | None = None
 
     @property
@@ -118,7 +146,8 @@ class HttpServer:
         handlers = self.runner.server
         assert handlers is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _HeaderDeadline(handlers(), self.header_timeout), sock=self.sock, ssl=self.tls)
+            lambda: _HeaderDeadline(handlers(), self.header_timeout), sock=self.sock, ssl=self.tls,
+            backlog=self.backlog)
 
     async def stop(self) -> None:
         if self._server is not None:

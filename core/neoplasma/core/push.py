@@ -54,13 +54,14 @@ class MembershipPusher:
         return pb_grpc.ProxyControlStub(channel)
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
-        """One push: ok when the proxy runs `snapshot.version` (or newer) afterwards."""
+        """One push: ok when the proxy runs `snapshot.version` (not refused: the same version with other
+        contents is) or newer afterwards."""
         try:
             reply: pb.ApplyResponse = await self._stub(address).Apply(snapshot.to_proto(), timeout=self.timeout,
                                                                       metadata=self.access.metadata())
         except grpc.aio.AioRpcError as exc:
             return PushResult(target, address, ok=False, error=f"{exc.code().name}: {exc.details()}")
-        if reply.applied_version >= snapshot.version:
+        if reply.applied_version > snapshot.version or (reply.applied_version == snapshot.version and reply.accepted):
             return PushResult(target, address, ok=True, applied_version=reply.applied_version)
         return PushResult(target, address, ok=False, applied_version=reply.applied_version,
                           error=f"proxy refused version {snapshot.version}: {reply.reason}")

@@ -7,19 +7,21 @@ import binascii
 import bisect
 import hashlib
 import math
-from array import array
+import mmap
+import struct
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import accumulate
 
 from neoplasma.core.events import Checked, Event, varint
 from neoplasma.core.topics import prefixes
 
 TOKEN_VERSION = 1
-# Overhead counted per retained event on top of its topic and data bytes: a batch keeps its data as
-# one block, a shared topic reference and a 4-byte end per event; bench/resume.py measures ~41 bytes
-# held per event beyond its data (10-event requests; topics shared), less with larger requests.
-EVENT_OVERHEAD = 40
+# The longest token accepted (characters). A token is 5 bytes, then 4 (epoch) + at most 10 (a seq below
+# 2**64) per broker, in unpadded base64: at most 1127 characters at 60 brokers (2247 while all 60 are
+# replaced, old and new in one membership), ~730 with seqs below 2**35. 8192 characters cover 438
+# brokers at the largest seqs; the proxy's HTTP server takes headers and request lines that long.
+MAX_TOKEN_CHARS = 8192
+MAX_SEQ = (1 << 64) - 1  # what the protocol's uint64 fields carry
 
 
 class InvalidToken(ValueError):
@@ -52,8 +54,8 @@ def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event]) 
 
 def decode_token(token: str, tag: bytes) -> dict[int, int]:
     """{epoch: seq} from a token of the cluster named by `tag`; InvalidToken for anything else."""
-    if not token or len(token) > 8192:
-        raise InvalidToken("the resume token is empty or too long")
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        raise InvalidToken(f"the resume token is empty or longer than {MAX_TOKEN_CHARS} characters")
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
@@ -71,7 +73,9 @@ def decode_token(token: str, tag: bytes) -> dict[int, int]:
         i += 4
         seq = shift = 0
         while True:
-            if i >= len(raw) or shift > 63:
+            if shift > 63:
+                raise InvalidToken("the resume token holds a position beyond 64 bits")
+            if i >= len(raw):
                 raise InvalidToken("the resume token is truncated")
             byte = raw[i]
             i += 1
@@ -81,6 +85,8 @@ def decode_token(token: str, tag: bytes) -> dict[int, int]:
                 break
         if not epoch or epoch in positions:
             raise InvalidToken("the resume token names a broker twice or epoch 0")
+        if seq > MAX_SEQ:
+            raise InvalidToken("the resume token holds a position beyond 64 bits")
         positions[epoch] = seq
     return positions
 
@@ -90,43 +96,167 @@ def wanted(topic: str, topics: frozenset[str]) -> bool:
     return any(key in topics for key in prefixes(topic))
 
 
+# Retention keeps events in segments: anonymous memory maps (never the Python heap) of this many bytes,
+# or a 16th of --retention-bytes when that is smaller (at least a page), or one event's size when larger.
+SEGMENT_BYTES = 1 << 20
+MIN_SEGMENT_BYTES = mmap.PAGESIZE
+# Counted per segment beyond its mapping: the Python object that refers to it.
+SEGMENT_OVERHEAD = 512
+# A retained event in a segment: its data's and topic's lengths (4 bytes each), then the topic, then the data.
+_RECORD = struct.Struct("<II")
+# A run (the events of one publish request within one segment), in the segment's index, which grows from
+# its end towards its records: first seq, accepted at (monotonic seconds), where its records start, count.
+_RUN = struct.Struct("<QdII")
+# Bytes a retained event takes in a segment beyond its topic and data (one run per single-event request).
+EVENT_OVERHEAD = _RECORD.size + _RUN.size
+
+
+class _Segment:
+    """A memory map of records (from its start) and the index of their runs (from its end)."""
+
+    __slots__ = ("first_seq", "first_time", "map", "next_seq", "runs", "size", "used")
+
+    def __init__(self, size: int, first_seq: int, now: float) -> None:
+        self.map = mmap.mmap(-1, size)  # pages are only resident once written; closed when evicted
+        self.size = size
+        self.used = 0  # record bytes written
+        self.runs = 0
+        self.first_seq = first_seq
+        self.first_time = now
+        self.next_seq = first_seq
+
+    def free(self) -> int:
+        return self.size - self.used - _RUN.size * self.runs
+
+    def run(self, index: int) -> tuple[int, float, int, int]:
+        """(first seq, accepted at, offset, count) of run `index` (0 the oldest)."""
+        first, at, offset, count = _RUN.unpack_from(self.map, self.size - _RUN.size * (index + 1))
+        return first, at, offset, count
+
+    def add(self, events: Sequence[Checked], now: float) -> int:
+        """Write as many of `events` as fit, as one run; returns how many."""
+        room = self.free() - _RUN.size
+        pieces: list[bytes] = []
+        size = 0
+        for topic, data in events:
+            name = topic.encode("utf-8")
+            record = _RECORD.size + len(name) + len(data)
+            if size + record > room:
+                break
+            pieces += (_RECORD.pack(len(data), len(name)), name, data)
+            size += record
+        n = len(pieces) // 3
+        if n:
+            self.map[self.used:self.used + size] = b"".join(pieces)
+            _RUN.pack_into(self.map, self.size - _RUN.size * (self.runs + 1), self.next_seq, now, self.used, n)
+            self.runs += 1
+            self.used += size
+            self.next_seq += n
+        return n
+
+    def find_seq(self, seq: int) -> int:
+        """The index of the run holding `seq` (or the first run after it)."""
+        return max(0, bisect.bisect_right(range(self.runs), seq, key=lambda k: self.run(k)[0]) - 1)
+
+    def find_time(self, since: float, lo: int = 0) -> int:
+        """The index of the first run from `lo` accepted at or after `since` (`runs` if none)."""
+        return bisect.bisect_left(range(self.runs), since, lo=lo, key=lambda k: self.run(k)[1])
+
+    def records(self, run: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """(seq, topic as UTF-8, data) of every event from run `run` on."""
+        if run >= self.runs:
+            return
+        seq, _, pos, _ = self.run(run)
+        view = self.map
+        while pos < self.used:
+            length, name = _RECORD.unpack_from(view, pos)
+            pos += _RECORD.size
+            yield seq, view[pos:pos + name], view[pos + name:pos + name + length]
+            pos += name + length
+            seq += 1
+
+
 class RetentionLog:
-    """A broker's accepted events, by batch, bounded by age and bytes. No I/O, no clock of its own."""
+    """A broker's accepted events, bounded by age and bytes. No I/O, no clock of its own.
+
+    Events are written into segments (see `_Segment`), not kept as Python objects: what it counts
+    (`bytes`: its segments' whole size, resident or not) is what it holds, and an evicted segment's
+    memory goes back to the system at once.
+    """
 
     def __init__(self, max_age: float, max_bytes: int) -> None:
         self.max_age = max_age
         self.max_bytes = max_bytes
+        pages = max_bytes // 16 // mmap.PAGESIZE
+        self.segment_bytes = min(SEGMENT_BYTES, max(MIN_SEGMENT_BYTES, pages * mmap.PAGESIZE))
         self.bytes = 0
-        self.events = 0
-        # (first seq, accepted at, topics, the data joined, where each one's data ends, bytes), oldest
-        # first; seqs are contiguous across entries. A batch's data is one block, not an object per
-        # event: the broker's heap does not grow with every event retained.
-        self._batches: deque[tuple[int, float, tuple[str, ...], bytes, array[int], int]] = deque()
+        self._segments: deque[_Segment] = deque()  # oldest first; seqs are contiguous across them
+        self._start = 0  # the first run of the oldest segment still retained (older ones aged out)
         self._next = 1  # seq of the next event appended
-        self._evicted_at = -math.inf  # when the newest evicted batch was accepted
+        self._evicted_at = -math.inf  # when the newest evicted run was accepted
 
     @property
     def oldest(self) -> int:
         """The first retained seq (the next one to be appended when nothing is retained)."""
-        return self._batches[0][0] if self._batches else self._next
+        if not self._segments:
+            return self._next
+        first = self._segments[0]
+        return first.run(self._start)[0] if self._start < first.runs else first.next_seq
+
+    @property
+    def events(self) -> int:
+        return self._next - self.oldest
 
     def append(self, first_seq: int, events: Sequence[Checked], now: float) -> None:
-        topics, datas = zip(*events, strict=True)
-        ends = array("I", accumulate(map(len, datas)))  # 4 bytes an event: a request is far below 4 GiB
-        size = ends[-1] + sum(map(len, topics)) + EVENT_OVERHEAD * len(events)
-        self._batches.append((first_seq, now, topics, b"".join(datas), ends, size))
+        if self._segments and self._segments[-1].next_seq != first_seq:  # a gap in seqs: start afresh
+            self._drop_all(now)
         self._next = first_seq + len(events)
-        self.bytes += size
-        self.events += len(events)
+        rest = events
+        while rest:
+            last = self._segments[-1] if self._segments else None
+            n = last.add(rest, now) if last is not None else 0
+            if n:
+                rest = rest[n:]
+                continue
+            topic, data = rest[0]
+            need = _RECORD.size + len(topic.encode("utf-8")) + len(data) + _RUN.size
+            size = max(self.segment_bytes, -(-need // mmap.PAGESIZE) * mmap.PAGESIZE)
+            self._segments.append(_Segment(size, self._next - len(rest), now))
+            self.bytes += size + SEGMENT_OVERHEAD
+            self._evict_bytes()
         self.evict(now)
 
+    def _evict_bytes(self) -> None:
+        """Drop the oldest segments while over `max_bytes` (the newest always stays)."""
+        segments = self._segments
+        while self.bytes > self.max_bytes and len(segments) > 1:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        gone = self._segments.popleft()
+        if gone.runs:
+            self._evicted_at = max(self._evicted_at, gone.run(gone.runs - 1)[1])
+        self.bytes -= gone.size + SEGMENT_OVERHEAD
+        gone.map.close()
+        self._start = 0
+
+    def _drop_all(self, now: float) -> None:
+        while self._segments:
+            self._drop_oldest()
+        self._evicted_at = max(self._evicted_at, now)
+
     def evict(self, now: float) -> None:
+        """Age out what was accepted more than `max_age` ago."""
         cutoff = now - self.max_age
-        batches = self._batches
-        while batches and (batches[0][1] < cutoff or self.bytes > self.max_bytes):
-            _, self._evicted_at, topics, _, _, size = batches.popleft()
-            self.bytes -= size
-            self.events -= len(topics)
+        segments = self._segments
+        while segments:
+            first = segments[0]
+            self._start = first.find_time(cutoff, self._start)
+            if self._start:
+                self._evicted_at = max(self._evicted_at, first.run(self._start - 1)[1])
+            if self._start < first.runs or (len(segments) == 1 and first.free() > _RUN.size + _RECORD.size):
+                return
+            self._drop_oldest()  # wholly aged out (and full, or not the newest)
 
     def covers(self, after: int) -> bool:
         """True when every event with seq > `after` is still retained."""
@@ -135,10 +265,26 @@ class RetentionLog:
     def accepted_since(self, since: float) -> tuple[int, bool]:
         """(the seq after which every event was accepted at or after `since`, and whether
         all of those are still retained)."""
-        batches = self._batches
-        index = bisect.bisect_left(batches, since, key=lambda b: b[1])
-        after = batches[index][0] - 1 if index < len(batches) else self._next - 1
-        return after, self._evicted_at < since
+        for k, segment in enumerate(self._segments):
+            index = segment.find_time(since, self._start if k == 0 else 0)
+            if index < segment.runs:
+                return segment.run(index)[0] - 1, self._evicted_at < since
+        return self._next - 1, self._evicted_at < since
+
+    def _walk(self, after: int, until: int) -> Iterator[tuple[int, bytes, bytes]]:
+        """(seq, topic as UTF-8, data) of every retained event with after < seq <= until, in order."""
+        segments = self._segments
+        after = max(after, self.oldest - 1)
+        index = max(0, bisect.bisect_right(segments, after + 1, key=lambda s: s.first_seq) - 1)
+        for k in range(index, len(segments)):
+            segment = segments[k]
+            if segment.first_seq > until:
+                return
+            for seq, name, data in segment.records(segment.find_seq(after + 1)):
+                if seq > until:
+                    return
+                if seq > after:
+                    yield seq, name, data
 
     def replay(self, after: int, until: int, topics: frozenset[str]) -> Iterator[tuple[int, Event]]:
         """(seq, event) with after < seq <= until matching `topics`, in order.
@@ -146,14 +292,34 @@ class RetentionLog:
         Consume it before the log changes again (no await in between): appends and
         evictions move the entries it walks.
         """
-        batches = self._batches
-        index = max(0, bisect.bisect_right(batches, after, key=lambda b: b[0]) - 1)
-        for k in range(index, len(batches)):
-            first, _, names, joined, ends, _ = batches[k]
-            if first > until:
-                return
-            start = 0
-            for seq, topic, end in zip(range(first, first + len(ends)), names, ends, strict=True):
-                if after < seq <= until and wanted(topic, topics):
-                    yield seq, Event(topic, joined[start:end])
-                start = end
+        names: dict[bytes, tuple[str, bool]] = {}  # each topic decoded and matched once
+        for seq, name, data in self._walk(after, until):
+            found = names.get(name)
+            if found is None:
+                topic = name.decode("utf-8")
+                found = names[name] = (topic, wanted(topic, topics))
+            if found[1]:
+                yield seq, Event(found[0], data)
+
+    def replay_part(self, after: int, until: int, topics: frozenset[str], max_bytes: int,
+                    max_walked: int) -> tuple[list[tuple[int, Event]], int]:
+        """The start of `replay(after, until, topics)`: events up to about `max_bytes` of data, having looked
+        at no more than `max_walked` events; and the seq up to which it looked (`until` when done). Between
+        parts the log may change: the next part starts after that seq."""
+        found: list[tuple[int, Event]] = []
+        names: dict[bytes, tuple[str, bool]] = {}
+        size = walked = 0
+        last = after
+        for seq, name, data in self._walk(after, until):
+            last = seq
+            hit = names.get(name)
+            if hit is None:
+                topic = name.decode("utf-8")
+                hit = names[name] = (topic, wanted(topic, topics))
+            if hit[1]:
+                found.append((seq, Event(hit[0], data)))
+                size += len(data) + len(name)
+            walked += 1
+            if size >= max_bytes or walked >= max_walked:
+                return found, last
+        return found, until

@@ -85,6 +85,24 @@ def setting(default: Any = MISSING, *, help: str | None = None, bound: Bound | N
     return field(default=default, metadata=metadata)
 
 
+# Connections the kernel queues on a listening socket before the server accepts them. A connect
+# storm larger than this overflows the queue (the kernel drops the SYN or the final ACK: the client
+# waits out retransmissions, 1 s, 3 s, 7 s...). The kernel caps it at net.core.somaxconn
+# (4096 by default since Linux 5.4; 128 before). Larger is not better without limit: the event loop
+# accepts everything queued in one go, and while it does, subscribers already connected wait for
+# their events (bench/connect_rate.py, storm of 15,000: their p99 was 1.3-1.7 s with 1024 and
+# 8.9-10 s with 4096; with 100, a third to a half of the storm was not admitted within 30 s).
+DEFAULT_BACKLOG = 1024
+
+
+def backlog_setting() -> Any:
+    """The `--listen-backlog` setting of a server (a field of its config dataclass; neoplasma.core.net
+    binds with it)."""
+    return setting(DEFAULT_BACKLOG, bound=Bound(1, 65535, note="the kernel caps it at net.core.somaxconn"),
+                   help="connections the kernel may queue on each listening port before they are accepted "
+                   "(a connect storm beyond it waits out SYN retransmissions)")
+
+
 def _help(f: Field[Any]) -> str:
     """A field's help, with what its special values mean and its default."""
     meta = f.metadata

@@ -102,6 +102,7 @@ class TopicIndex(Generic[H]):
 
     def __init__(self) -> None:
         self._keys: dict[str, set[H]] = {}
+        self._peak = 0  # the most keys since the table was last rebuilt
 
     def add(self, holder: H, topics: Iterable[str]) -> set[str]:
         """Index `holder` under `topics`; returns the topics nobody wanted before."""
@@ -112,6 +113,7 @@ class TopicIndex(Generic[H]):
                 holders = self._keys[topic] = set()
                 new.add(topic)
             holders.add(holder)
+        self._peak = max(self._peak, len(self._keys))
         return new
 
     def remove(self, holder: H, topics: Iterable[str]) -> set[str]:
@@ -124,7 +126,17 @@ class TopicIndex(Generic[H]):
                 if not holders:
                     del self._keys[topic]
                     gone.add(topic)
+        if self._peak > 1024 and len(self._keys) < self._peak // 4:  # a dict never shrinks its table: rebuild it
+            self._keys = dict(self._keys)
+            self._peak = len(self._keys)
         return gone
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def new_keys(self, topics: Iterable[str]) -> int:
+        """How many of `topics` nobody wants yet."""
+        return sum(topic not in self._keys for topic in topics)
 
     def topics(self) -> set[str]:
         return set(self._keys)

@@ -18,6 +18,8 @@ def add_commands(commands: Commands) -> None:
                    help="number of brokers (default 2)")
     p.add_argument("--proxies", type=argument_type(int, NON_NEGATIVE), default=2,
                    help="number of proxies (default 2)")
+    p.add_argument("--workers", type=argument_type(int, POSITIVE), default=1,
+                   help="worker processes per broker and per proxy, as their --workers (default 1: one core each)")
     p.add_argument("--json", action="store_true", help="print the endpoints as one JSON line")
     p.add_argument("--credential-file", default="", help="file holding the cluster credential (default: a new "
                    "random one per run, in a 0600 temporary file)")
@@ -77,7 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                           "--patterns", args.redis_patterns]
     return run_up(brokers=args.brokers, proxies=args.proxies, as_json=args.json, annotations=annotations,
                   interval=args.scale_interval, credential_file=args.credential_file, ingest=ingest,
-                  proxy_args=subscriber_auth_args(vars(args)))
+                  proxy_args=subscriber_auth_args(vars(args)), workers=args.workers)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -53,10 +53,11 @@ class Child:
     credential_file: str = ""  # the cluster credential, passed in the environment (not in argv)
     restarts: int = 0
     draining: bool = False  # being removed: no restart, DRAINING in membership
+    workers: int = 1  # a broker's or proxy's --workers (one core each unless `up --workers N`)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "neoplasma", self.kind, "--name", self.name, "--host", "127.0.0.1",
-               *(("--workers", "1") if self.kind in ("broker", "proxy") else ())]  # one core each here
+               *(("--workers", str(self.workers)) if self.kind in ("broker", "proxy") else ())]
         for flag, port in self.ports.items():
             cmd += [f"--{flag}", str(port)]
         return cmd + self.args
@@ -97,8 +98,9 @@ class Child:
 
 class LocalCluster:
     def __init__(self, brokers: int, proxies: int, credential_file: str, ingest: list[str] | None = None,
-                 proxy_args: list[str] | None = None) -> None:
+                 proxy_args: list[str] | None = None, workers: int = 1) -> None:
         self.credential_file = credential_file
+        self.workers = workers  # each broker's and proxy's --workers
         self.proxy_args = proxy_args or []  # more options for every proxy (private topics)
         self.access = Access(Tokens(credential_file))
         self.brokers: list[Child] = []
@@ -126,7 +128,7 @@ class LocalCluster:
         ports = {"grpc-port": 0, "http-port": 0} if kind is Tier.BROKER else {"http-port": 0, "grpc-port": 0,
                                                                               "control-port": 0}
         return Child(kind, f"{kind}-{index}", ports, self.proxy_args if kind is Tier.PROXY else [],
-                     credential_file=self.credential_file)
+                     credential_file=self.credential_file, workers=self.workers)
 
     async def start(self) -> None:
         for kind, n in self._initial.items():
@@ -317,20 +319,21 @@ class UpService:
 
 
 async def _up(brokers: int, proxies: int, as_json: bool, scaler: Autoscaler, interval: float,
-              credential_file: str, ingest: list[str] | None, proxy_args: list[str]) -> int:
+              credential_file: str, ingest: list[str] | None, proxy_args: list[str], workers: int) -> int:
     sizes = scaler.sizes(brokers, proxies)  # within the bounds, as the operator starts before any load is read
     cluster = LocalCluster(max(1, sizes[Tier.BROKER]), max(1, sizes[Tier.PROXY]), credential_file, ingest,
-                           proxy_args)
+                           proxy_args, workers)
     up = UpService(cluster, as_json, scaler, (brokers, proxies), interval)
     return await serve(up, stop=cluster.stopping, announced=lambda _, fields: up.announce(fields))
 
 
 def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str] | None = None,
            interval: float = 5.0, credential_file: str = "", ingest: list[str] | None = None,
-           proxy_args: list[str] | None = None) -> int:
+           proxy_args: list[str] | None = None, workers: int = 1) -> int:
     """Run the local cluster; `annotations` are the NeoplasmaCluster autoscaling annotations, `ingest`
     the options of two `ingest-redis` readers (None: no readers), `proxy_args` more options for every
-    proxy (private topics). Its cluster credential is read from
+    proxy (private topics), `workers` each broker's and proxy's worker processes. Its cluster credential
+    is read from
     `credential_file`, else a new random one (in a 0600 file removed at the end)."""
     if brokers < 1 or proxies < 1:
         raise UsageError("need at least one broker and one proxy")
@@ -339,11 +342,12 @@ def run_up(brokers: int, proxies: int, as_json: bool, annotations: dict[str, str
     if scaler.errors:
         raise UsageError("\n".join(map(str, scaler.errors)))
     if credential_file:
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest, proxy_args or []))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, credential_file, ingest, proxy_args or [],
+                               workers))
     fd, path = tempfile.mkstemp(prefix="neoplasma-credential-")  # mode 0600
     try:
         os.write(fd, secrets.token_urlsafe(32).encode() + b"\n")
         os.close(fd)
-        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest, proxy_args or []))
+        return asyncio.run(_up(brokers, proxies, as_json, scaler, interval, path, ingest, proxy_args or [], workers))
     finally:
         os.unlink(path)

@@ -45,8 +45,11 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
 from neoplasma.core.aio import Signal
+from neoplasma.core.logs import get_logger
+from neoplasma.core.settings import DEFAULT_BACKLOG
 from neoplasma.core.trust import undecodable
 
+log = get_logger("proxy.grpc")
 Opener = Callable[["Call"], None]
 OK = grpc.StatusCode.OK
 
@@ -282,9 +285,36 @@ class Connection(asyncio.Protocol):
             self._emit()
             self.close()
             return
-        for event in events:
-            self._on(event)
+        for event in events:  # each on its own: what fails ends its stream (or, if connection-wide, the connection)
+            try:
+                self._on(event)
+            except ProtocolError as exc:  # h2 refused what was done for it: a stream the client reset, ...
+                self._failed(getattr(event, "stream_id", 0), f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a method's handler failed on this call: only the call ends
+                self._failed(getattr(event, "stream_id", 0), f"{type(exc).__name__}: {exc}", internal=True)
+            if self.transport is None or self.transport.is_closing():
+                return
         self._emit()
+
+    def _failed(self, stream_id: int, error: str, internal: bool = False) -> None:
+        """An event could not be handled: end its call (a reset, if its stream is still open), or the
+        connection with GOAWAY PROTOCOL_ERROR when it concerns no stream; one rate-limited line."""
+        log.outside("h2_event_failed", stream=stream_id, error=error)
+        call = self.calls.get(stream_id)
+        stream = self.h2.streams.get(stream_id) if stream_id else None
+        try:
+            if internal and call is not None and stream is not None and not stream.closed:
+                call.end(grpc.StatusCode.INTERNAL, "the call failed on the proxy")
+            elif stream is not None and not stream.closed:
+                self.h2.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR if internal else ErrorCodes.PROTOCOL_ERROR)
+            elif not stream_id:
+                self.h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+                self._emit()
+                self.close()
+        except ProtocolError:  # the stream or connection is past what h2 can still say on it
+            pass
+        if call is not None:
+            self._close(call)
 
     def _on(self, event: Event) -> None:
         if isinstance(event, DataReceived):
@@ -314,6 +344,9 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def _open(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
+        stream = self.h2.streams.get(stream_id)
+        if stream is None or stream.closed:  # reset in the same read as its HEADERS: a call cancelled at once
+            return
         if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
             self.h2.send_headers(stream_id, [(b":status", b"415")], end_stream=True)
             return
@@ -374,9 +407,10 @@ class GrpcServer:
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.Task[None] | None = None
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, backlog: int = DEFAULT_BACKLOG) -> None:
+        """Serve on `sock`, bound (`bind_socket`) with listen backlog `backlog`."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), sock=sock)
+        self._server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=backlog)
         self._pinger = loop.create_task(self._keepalive())
 
     @contextlib.contextmanager

@@ -29,9 +29,24 @@ from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame,
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
-from neoplasma.proxy.settings import LINGER
+from neoplasma.proxy.settings import LINGER, MAX_LINGER
 
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
+
+
+def pause(cost: float, late: float, ceiling: float, linger: float, max_linger: float,
+          share: float) -> tuple[float, float]:
+    """The pause before the next dispatch round, and the new ceiling on pauses (Hub.run_dispatcher).
+
+    `cost`: the last round's seconds; `late`: how long after it was due the loop ran it; `ceiling`:
+    the current cap (`linger` while the loop keeps up). Behind (late by more than the cap): the cap
+    doubles, up to `max_linger`, and the next round waits for all of it. Keeping up: the cap halves
+    back toward `linger`, and the pause lets rounds take `share` of the time at most."""
+    if late > max(ceiling, linger):
+        ceiling = min(max(max_linger, linger), max(ceiling, linger) * 2)
+        return ceiling, ceiling
+    ceiling = max(linger, ceiling / 2)
+    return min(ceiling, cost * (1 - share) / share), ceiling
 
 
 class Batch:
@@ -204,6 +219,7 @@ class Hub:
         self._pending: list[Event] = []
         self._pending_heads: dict[int, int] = {}
         self._wake = asyncio.Event()
+        self._woken_at = 0.0  # when the dispatcher was last woken (loop time)
         self.positions: dict[int, int] = {}  # epoch -> seq: everything up to it was dispatched
         self.retired: dict[int, int] = {}  # ended epochs -> their last position
         self._retiring: set[int] = set()
@@ -221,6 +237,13 @@ class Hub:
     def topics(self) -> set[str]:
         """Every topic some local subscriber wants (what brokers are asked for)."""
         return self._index.topics()
+
+    def topic_count(self) -> int:
+        return len(self._index)
+
+    def new_topics(self, topics: Iterable[str]) -> int:
+        """How many of `topics` are not yet in the proxy's interest."""
+        return self._index.new_keys(topics)
 
     def wants(self, topics: Iterable[str]) -> bool:
         """Every one of `topics` is already in the proxy's interest."""
@@ -307,7 +330,7 @@ class Hub:
     def retire(self, epoch: int) -> None:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
         self._retiring.add(epoch)
-        self._wake.set()
+        self._wake_up()
 
     def revive(self, epoch: int) -> None:
         """A retired epoch's broker is back (same process): its position counts again."""
@@ -331,31 +354,46 @@ class Hub:
         self._pending.extend(events)
         if head > self._pending_heads.get(epoch, 0):
             self._pending_heads[epoch] = head
-        self._wake.set()
+        self._wake_up()
 
-    async def run_dispatcher(self, linger: float = LINGER, share: float = 0.25) -> None:
+    def _wake_up(self) -> None:
+        if not self._wake.is_set():
+            self._woken_at = asyncio.get_running_loop().time()
+            self._wake.set()
+
+    async def run_dispatcher(self, linger: float = LINGER, share: float = 0.25, max_linger: float = MAX_LINGER) -> None:
         """Deliver whatever piled up since the last round, in one `dispatch`.
 
         Adaptive coalescing: the next round starts no sooner than the last one's cost allows for
         rounds to take no more than `share` of the time (counted from its end, at most `linger`
         later), so that under load more events join each round: fewer, larger writes per
         subscriber, whose cost is mostly per write (a round's socket writes are made within it).
-        An event that finds that time passed goes at once; none waits longer than `linger` plus a
-        round. A quiet proxy's rounds take microseconds, and so do its waits.
+        An event that finds that time passed goes at once. A quiet proxy's rounds take
+        microseconds, and so do its waits.
+
+        A round's writes cost more than the round: what clients send back (gRPC clients answer
+        data with WINDOW_UPDATE and PING frames) and everything else the loop does (accepting a
+        connect storm, reading relays, or a CPU shared with others) runs between rounds. When the
+        loop runs a round later than it was due by more than the pause (it is behind), the pauses
+        grow, up to `max_linger`: fewer rounds, more events each, until the loop keeps up; they
+        shrink back to `linger` once it does (`pause`). No event waits longer than `max_linger`
+        plus the loop's own delay.
         """
         clock = asyncio.get_running_loop().time
         next_round = 0.0
+        ceiling = linger
         while True:
             await self._wake.wait()
             if (wait := next_round - clock()) > 0:
                 await asyncio.sleep(wait)
+            late = clock() - max(next_round, self._woken_at)
             self._wake.clear()
             events, self._pending = self._pending, []
             heads, self._pending_heads = self._pending_heads, {}
             started = time.perf_counter()
             self.dispatch(events, heads)
-            cost = time.perf_counter() - started
-            next_round = clock() + min(linger, cost * (1 - share) / share)
+            wait, ceiling = pause(time.perf_counter() - started, late, ceiling, linger, max_linger, share)
+            next_round = clock() + wait
 
     def dispatch(self, events: Sequence[Event], heads: dict[int, int] | None = None) -> int:
         """Deliver a batch to every matching subscriber, each event once. Returns deliveries.

@@ -3,22 +3,162 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Protocol
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
+from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, decode_token, tokens_after
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
+from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 log = get_logger("proxy.resume")
 
-MAX_HELD = 100_000  # live events kept for one subscriber while it catches up
+# Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
+REPLAY_WINDOW = 16
+OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
+               "resumed from now")
+
+
+class ResumeBudget:
+    """A proxy's budgets for resuming subscribers: live events held, Replay calls at once, the bytes of
+    catch-up written per second (what is left for live events), and the replays in progress, by
+    position, so that resumes asking the same one share it."""
+
+    def __init__(self, max_held: int = MAX_HELD, max_held_per_proxy: int = MAX_HELD_PER_PROXY,
+                 max_replays: int = MAX_REPLAYS, catch_up_bytes_per_second: float = CATCH_UP_BYTES_PER_SECOND) -> None:
+        self.max_held, self.max_held_per_proxy = max_held, max_held_per_proxy
+        self.rate = catch_up_bytes_per_second
+        self._allowed_at = 0.0  # when the catch-up bytes written so far are paid for (monotonic)
+        self.held = 0  # live events held by every Holder of the proxy
+        self.replays = asyncio.Semaphore(max_replays)
+        self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
+        self.started = 0  # Replay calls made (resumes that shared one made none)
+
+
+    async def pace(self, size: int) -> None:
+        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._allowed_at = max(self._allowed_at, now - 1.0) + size / self.rate
+        if self._allowed_at > now:
+            await asyncio.sleep(self._allowed_at - now)
+
+
+class ReplayBatch(NamedTuple):
+    events: list[Event]
+    head: int
+    gap: bool
+    # Its frames as sent to readers, by (sink kind, position before it): readers at one position (every
+    # client of a proxy that died, say) get the same bytes, encoded once.
+    encoded: dict[tuple[type, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+
+
+@runtime_checkable
+class Framing(Protocol):
+    """A sink that can send replayed events as frames encoded once for all readers at one position."""
+
+    def frames(self, events: Sequence[Event], tokens: Sequence[bytes]) -> bytes: ...
+
+    async def send_frames(self, data: bytes) -> None: ...
+
+
+class SharedReplay:
+    """One Replay call to a broker, read by every resume that asks the same position while nothing
+    of it has been let go: batches are kept until all its readers have taken them, and the call
+    runs at most REPLAY_WINDOW batches ahead of its slowest reader (the gRPC stream waits)."""
+
+    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]]) -> None:
+        self.budget, self.key = budget, key
+        self.batches: list[ReplayBatch] = []
+        self.trimmed = 0  # batches every reader has taken, let go
+        self.readers: dict[int, int] = {}  # reader -> the index of its next batch
+        self.done = False
+        self.error: grpc.aio.AioRpcError | None = None
+        self.changed = Signal()
+        self.timeout = 30.0  # the call's, set by run
+        self.called: int | None = None  # not before the replay's head, once called (None before)
+        self._next_reader = 0
+
+    def joinable(self, held_from: int) -> bool:
+        """Whether a resume whose holder has had the live events after `held_from` (this broker's position
+        when it was added to the hub) may read this replay: nothing of it let go, and its head (the
+        broker's, when the call was made) not before that position (or the call not yet made)."""
+        return not self.trimmed and not self.done and (self.called is None or self.called >= held_from)
+
+    async def run(self, link: BrokerLink, request: pb.ReplayRequest, timeout: float, floor: Callable[[], int]) -> None:
+        """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers;
+        `floor()`: the proxy's position for the broker, which the broker's head is not before when called."""
+        budget = self.budget
+        self.timeout = timeout
+        try:
+            async with budget.replays:
+                budget.started += 1
+                if self.readers:  # all may have left while it waited for its turn
+                    self.called = floor()
+                    call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
+                    try:
+                        async for batch in call:
+                            if not self.batches:
+                                self.called = max(self.called, batch.head)
+                            self.batches.append(ReplayBatch(
+                                [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
+                                batch.gap, {}))
+                            self.changed.notify()
+                            await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
+                                                          timeout)
+                            if not self.readers:
+                                break
+                    finally:
+                        call.cancel()
+        except grpc.aio.AioRpcError as exc:
+            self.error = exc
+        finally:
+            self.done = True
+            if budget.shared.get(self.key) is self:
+                del budget.shared[self.key]
+            self.changed.notify()
+
+    async def read(self) -> AsyncIterator[ReplayBatch]:
+        """Every batch of the replay, in order (then AioRpcError if the call failed)."""
+        me = self._next_reader
+        self._next_reader += 1
+        self.readers[me] = self.trimmed
+        try:
+            while True:
+                index = self.readers[me]
+                if index < self.trimmed + len(self.batches):
+                    self.readers[me] = index + 1
+                    batch = self.batches[index - self.trimmed]
+                    self._trim()
+                    yield batch
+                    continue
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self.changed.wait_until(
+                    lambda: self.done or self.readers[me] < self.trimmed + len(self.batches), self.timeout)
+        finally:
+            del self.readers[me]
+            self._trim()
+
+    def _trim(self) -> None:
+        """Let go of the batches every reader has taken (all of them when no reader is left)."""
+        taken = min(self.readers.values(), default=self.trimmed + len(self.batches)) - self.trimmed
+        if taken > 0:
+            del self.batches[:taken]
+            self.trimmed += taken
+            if self.budget.shared.get(self.key) is self:  # no longer joinable from its start
+                del self.budget.shared[self.key]
+        self.changed.notify()
 
 
 class Sink(Protocol):
@@ -36,12 +176,14 @@ class Holder(Subscriber):
 
     kind = "resuming"
 
-    def __init__(self, target: Subscriber) -> None:
+    def __init__(self, target: Subscriber, budget: ResumeBudget) -> None:
         super().__init__()
         self.target = target
+        self.budget = budget
         self.closed = target.closed  # closing the holder (drain, too slow) closes the subscriber
         self.held: list[Event] = []
         self.gaps: list[str] = []
+        self.over = False  # over a budget: holds nothing more; the subscriber resumes from now, with a gap
 
     @property
     def counted_as(self) -> str:
@@ -53,11 +195,21 @@ class Holder(Subscriber):
 
     def deliver(self, encoded: object) -> bool:
         events: list[Event] = encoded  # type: ignore[assignment]
-        if len(self.held) + len(events) > MAX_HELD:
-            self.slow = True
-            return False
+        if self.over:
+            return True
+        budget = self.budget
+        if len(self.held) + len(events) > budget.max_held or budget.held + len(events) > budget.max_held_per_proxy:
+            self.over = True
+            self.release()
+            return True
         self.held.extend(events)
+        budget.held += len(events)
         return True
+
+    def release(self) -> None:
+        """Let go of what is held (its count leaves the proxy's budget)."""
+        self.budget.held -= len(self.held)
+        self.held = []
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
         self.gaps.append(reason)
@@ -68,9 +220,12 @@ class Resume:
     """One subscriber's catch-up: the steps of docs/resume.md, "Resuming at a proxy"."""
 
     def __init__(self, hub: Hub, links: LinkSet, sub: Subscriber, topics: frozenset[str], sink: Sink,
-                 wait: float) -> None:
+                 wait: float, budget: ResumeBudget | None = None) -> None:
         self.hub, self.links, self.sub, self.topics, self.sink, self.wait = hub, links, sub, topics, sink, wait
+        self.budget = budget or ResumeBudget()
         self.position: dict[int, int] = {}  # the client's position while it catches up
+        self.holder: Holder | None = None
+        self.held_from: dict[int, int] = {}
 
     async def run(self, token: str) -> None:
         """Catch up from `token`; without one (a fresh subscriber whose topics some broker has not
@@ -83,8 +238,9 @@ class Resume:
             await self.sink.gap(str(exc))
             self.hub.add(self.sub, self.topics)
             return
-        holder = Holder(self.sub)
+        holder = self.holder = Holder(self.sub, self.budget)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
+        self.held_from = dict(self.hub.positions)  # the holder has every live event after these
         swapped = False
         try:
             if not await self.links.changed.wait_until(self.links.settled, self.wait):
@@ -92,16 +248,20 @@ class Resume:
             if not token:  # brokers the proxy had no position for: from where their relays are now
                 client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             skip = await self._replay_all(client)
-            if not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
+            if not holder.over and not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
                 await self.sink.gap("a broker's relay fell behind")
             # From here to the swap nothing awaits: no live event can slip between.
             if holder.closed.done():
                 return
+            if holder.over:  # live from now: what was not held is missed
+                holder.gaps.append(OVER_BUDGET)
+                self.position = dict(self.hub.positions)
             held = [e for e in holder.held if e.seq > skip.get(e.epoch, 0)]
             self.sink.send_now(held, self._tokens(held), holder.gaps)
             self.hub.swap(holder, self.sub)
             swapped = True
         finally:
+            holder.release()
             if not swapped:
                 self.hub.remove(holder)
 
@@ -122,31 +282,65 @@ class Resume:
             # have accepted events for these topics after that position and before it applied this
             # proxy's interest in them, and those were never relayed.
             skip[link.epoch] = await self._replay(link, self.position[link.epoch])
-            self.position[link.epoch] = max(self.position[link.epoch], skip[link.epoch])
+            self.position[link.epoch] = skip[link.epoch]  # not past the broker's head (a forged position)
         gone = [epoch for epoch, seq in client.items() if self.hub.retired.get(epoch, seq + 1) > seq]
         if gone:
             await self.sink.gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
 
+    def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
+        """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
+        same and can still be joined, or a new one (which waits its turn among the proxy's replays)."""
+        budget = self.budget
+        key = (link.member.name, link.epoch, after, self.topics)
+        shared = budget.shared.get(key)
+        if shared is None or not shared.joinable(self.held_from.get(link.epoch, 0)):
+            shared = budget.shared[key] = SharedReplay(budget, key)
+            request = pb.ReplayRequest(epoch=link.epoch, after=after, topics=sorted(self.topics))
+            floor = lambda: self.hub.positions.get(link.epoch, 0)  # noqa: E731
+            asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0), floor))
+        return shared
+
     async def _replay(self, link: BrokerLink, after: int) -> int:
-        """Deliver `link`'s broker's events after `after`; returns the replay's head."""
-        epoch, head = link.epoch, after
-        request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
+        """Deliver `link`'s broker's events after `after`; returns the replay's head (the broker's head
+        when `after` is beyond it: a position from elsewhere or forged, signalled as a gap)."""
+        epoch, head, first = link.epoch, after, True
         try:
-            async for batch in link.replay_stub().Replay(request, timeout=max(self.wait, 30.0),
-                                                             metadata=link.access.metadata()):
+            async for batch in self._shared(link, after).read():
+                beyond = first and batch.head < after
+                if beyond:
+                    await self.sink.gap(f"broker {link.member.name} has not reached this position")
+                    head = batch.head
+                first = False
                 head = max(head, batch.head)
-                if batch.gap:
+                if batch.gap and not beyond:
                     await self.sink.gap(f"broker {link.member.name} no longer holds every event since this "
                                         "position")
                 if batch.events:
-                    events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
-                    await self.sink.send(events, self._tokens(events))
+                    await self._send(batch)
+                if self.holder is not None and self.holder.over:  # resumes from now: the rest is not needed
+                    return head
         except grpc.aio.AioRpcError as exc:
-            log.warning("replay_failed", broker=link.member.name, error=f"{exc.code().name}: {exc.details()}")
+            log.outside("replay_failed", broker=link.member.name, error=f"{exc.code().name}: {exc.details()}")
             await self.sink.gap(f"broker {link.member.name} could not replay: {exc.code().name}")
             return max(head, self.hub.positions.get(epoch, 0))
         return head
+
+    async def _send(self, batch: ReplayBatch) -> None:
+        """Send a replayed batch, encoded once for every reader at the same position (a Framing sink)."""
+        sink = self.sink
+        if not isinstance(sink, Framing):
+            await sink.send(batch.events, self._tokens(batch.events))
+            return
+        await self.budget.pace(sum(len(e.data) for e in batch.events))
+        key = (type(sink), tuple(sorted(self.position.items())))
+        done = batch.encoded.get(key)
+        if done is None:
+            data = sink.frames(batch.events, self._tokens(batch.events))
+            done = batch.encoded[key] = (data, dict(self.position))
+        else:
+            self.position = dict(done[1])
+        await sink.send_frames(done[0])
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
@@ -159,7 +353,7 @@ def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
 
     def done(t: asyncio.Task[None]) -> None:
         if not t.cancelled() and t.exception() is not None:
-            log.error("resume_failed", error=repr(t.exception()))
+            log.outside("resume_failed", logging.ERROR, error=repr(t.exception()))
             resume.sub.close("gone")
 
     task.add_done_callback(done)

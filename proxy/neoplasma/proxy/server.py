@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -15,15 +14,16 @@ import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
-from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, is_stale, snapshot_from_proto
+from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
+from neoplasma.core.resume import MAX_TOKEN_CHARS
 from neoplasma.core.topics import (
     InvalidTopic,
     LimitExceeded,
@@ -63,7 +63,7 @@ from neoplasma.proxy.hub import (
     http_chunk,
 )
 from neoplasma.proxy.links import LinkSet
-from neoplasma.proxy.resume import Resume, Sink, start_resume
+from neoplasma.proxy.resume import Resume, ResumeBudget, Sink, start_resume
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -71,6 +71,14 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 log = get_logger("proxy")
 
 HEARTBEAT = b":heartbeat \n\n"
+# Drain rates a Drain call may ask for (subscribers asked to reconnect per second): below, a drain that
+# never ends (one subscriber a day is no drain); above, far beyond what a proxy can close.
+MIN_DRAIN_RATE = 0.1
+MAX_DRAIN_RATE = 1e6
+# HTTP limits: a Last-Event-ID header, or ?lastEventId= beside the topics (aiohttp's usual 8190 bytes),
+# as long as the longest token accepted; longer ones get 400 and one rate-limited warning line.
+MAX_HEADER_BYTES = MAX_TOKEN_CHARS + 64
+MAX_REQUEST_LINE = 8190 + MAX_TOKEN_CHARS + 64
 # The end of an SSE stream at its token's `exp`: reconnect with a fresh token and the last id.
 SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": EXPIRED}).encode()
 # Not summed over a pod's workers: the version every worker has applied, and the topics (a topic
@@ -81,7 +89,6 @@ POD_METRICS = {"neoplasma_proxy_membership_version": min, "neoplasma_proxy_topic
 MAX_KEEP = 10_000_000  # DrainRequest.keep_at_most: far above what a proxy holds
 MAX_HOLD = 3600.0  # DrainRequest.hold_seconds
 DEFAULT_HOLD = 30.0
-MAX_RATE = 100_000.0  # DrainRequest.reconnects_per_second (the operator's budget has the same bound)
 
 
 @dataclass
@@ -101,6 +108,8 @@ class Proxy:
         self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
+        self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays,
+                                    config.catch_up_bytes_per_second)
         self.draining = False
         self.stopping = False  # a signal to stop came: the drain starts after the drain delay
         self.ready = True  # /healthz; false from the first signal to stop or drain
@@ -119,8 +128,12 @@ class Proxy:
             try:
                 snapshot = snapshot_from_proto(message)
             except InvalidSnapshot as exc:
-                log.warning("membership_refused", version=message.version, reason=str(exc))
+                log.outside("membership_refused", version=message.version, reason=str(exc))
                 return self._answer(False, f"refused: {exc}")
+            if conflicts(self.links.applied, snapshot):
+                log.outside("membership_refused", version=message.version, reason="other contents, same version")
+                return self._answer(False, f"refused: version {message.version} is applied with other contents; "
+                                    "a change needs a newer version")
             if snapshot != self.links.applied:
                 await self.links.apply(snapshot)
             return self._answer(True, "")
@@ -138,6 +151,15 @@ class Proxy:
             links=self.links.to_proto(), events_received=self.hub.events_received,
             deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
             topics=len(self.hub.topics()), draining=self.draining, keep_at_most=limit.keep if limit else 0)
+
+    def check_room(self, topics: Sequence[str], leaving: frozenset[str] = frozenset()) -> None:
+        """LimitExceeded when `topics` would take the proxy's interest past --max-topics (`leaving`: topics
+        the subscriber gives up at the same time, counted as still wanted)."""
+        hub, most = self.hub, self.config.max_topics
+        new = hub.new_topics(t for t in topics if t not in leaving)
+        if new and hub.topic_count() + new > most:
+            raise LimitExceeded(f"this proxy's subscribers want {hub.topic_count()} topics; {new} more would pass "
+                                f"its limit of {most} (subscribe at another proxy, or to fewer topics)")
 
     def _limit(self) -> Limit | None:
         """The rebalance limit in force (a lapsed one is forgotten)."""
@@ -219,7 +241,8 @@ class Proxy:
         if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
-        resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds)
+        resume = Resume(self.hub, self.links, sub, frozenset(topics), sink, self.config.resume_wait_seconds,
+                        self.resumes)
         return start_resume(resume, token)
 
 
@@ -238,17 +261,20 @@ class SseSink:
         self.response, self.sub = response, sub
 
     @staticmethod
-    def _frames(events: Sequence[Event], tokens: Sequence[bytes]) -> bytes:
+    def frames(events: Sequence[Event], tokens: Sequence[bytes]) -> bytes:
         return b"".join([sse_frame(token, event) for event, token in zip(events, tokens, strict=True)])
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
-        await self.response.write(self._frames(events, tokens))  # waits while the client is behind
+        await self.send_frames(self.frames(events, tokens))
+
+    async def send_frames(self, data: bytes) -> None:
+        await self.response.write(data)  # waits while the client is behind
 
     async def gap(self, reason: str) -> None:
         await self.response.write(sse_gap(reason))
 
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
-        data = b"".join(sse_gap(reason) for reason in gaps) + self._frames(events, tokens)
+        data = b"".join(sse_gap(reason) for reason in gaps) + self.frames(events, tokens)
         if data:
             deliver_or_close(self.sub, http_chunk(data))
 
@@ -262,17 +288,23 @@ class BatchSink:
         self.sub, self.wait = sub, wait
 
     async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+        await self.send_frames(self.frames(events, tokens))
+
+    @staticmethod
+    def frames(events: Sequence[Event], tokens: Sequence[bytes], gap: bool = False) -> bytes:
+        message = b"".join([batch_entry(e) for e in events])
+        return grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"", gap=gap))
+
+    async def send_frames(self, data: bytes) -> None:
         await self.sub.call.taken(self.sub.max_unsent // 2, self.wait)
-        self.send_now(events, tokens, ())
+        deliver_or_close(self.sub, data)
 
     async def gap(self, reason: str) -> None:
         self.send_now((), (), (reason,))
 
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         if events or gaps:
-            message = b"".join([batch_entry(e) for e in events])
-            deliver_or_close(self.sub, grpc_frame(message + batch_trailer(token=tokens[-1] if tokens else b"",
-                                                                           gap=bool(gaps))))
+            deliver_or_close(self.sub, self.frames(events, tokens, bool(gaps)))
 
 
 # -- the subscriber port: plasma's stream, the native stream, health -------------------
@@ -388,6 +420,7 @@ class PlasmaEvents:
             self.changes.append(now)
             topics = check_topics((e.type for e in request.Events), cfg.max_topic_length,
                                   cfg.max_topics_per_subscription)
+            self.proxy.check_room(topics, self.sub.topics)
         except (InvalidTopic, LimitExceeded, DecodeError) as error:
             self.call.end(*refusal(error, "Events", "subscription"))
             return
@@ -427,6 +460,7 @@ def native_subscribe(proxy: Proxy) -> Opener:
         request = pb.SubscribeRequest.FromString(message)
         try:
             topics = check_topics(request.topics, cfg.max_topic_length, cfg.max_topics_per_subscription)
+            proxy.check_room(topics)
         except (InvalidTopic, LimitExceeded) as error:
             call.end(*refusal(error, "Subscribe", "subscription"))
             return
@@ -524,12 +558,12 @@ class ControlServicer(pb_grpc.ProxyControlServicer):
 def drain_problem(request: pb.DrainRequest) -> str:
     """What is wrong with a DrainRequest ("" for nothing): every field is checked before any is used."""
     rate, hold = request.reconnects_per_second, request.hold_seconds
-    if not (rate == 0 or (math.isfinite(rate) and 0 < rate <= MAX_RATE)):
-        return (f"reconnects_per_second must be a positive number up to {MAX_RATE:g} (0: the proxy's default), "
-                f"not {rate}")
+    if not (rate == 0 or MIN_DRAIN_RATE <= rate <= MAX_DRAIN_RATE):  # NaN fails both
+        return (f"reconnects_per_second must be a positive number from {MIN_DRAIN_RATE} to {MAX_DRAIN_RATE:g} "
+                f"(0: the proxy's default), not {rate}")
     if request.keep_at_most > MAX_KEEP:
         return f"keep_at_most must be at most {MAX_KEEP} (0: drain every subscriber), not {request.keep_at_most}"
-    if not (math.isfinite(hold) and 0 <= hold <= MAX_HOLD):
+    if not 0 <= hold <= MAX_HOLD:  # NaN fails too
         return f"hold_seconds must be between 0 and {MAX_HOLD:g} (0: {DEFAULT_HOLD:g} s), not {hold}"
     if hold and not request.keep_at_most:
         return "hold_seconds is for a limit (keep_at_most); a drain (keep_at_most 0) lasts until the proxy stops"
@@ -557,7 +591,7 @@ class ProxyCollector(Collector):
                                   value=hub.slow_dropped)
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
                                 value=self.proxy.links.applied.version)
-        yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=len(hub.topics()))
+        yield GaugeMetricFamily("neoplasma_proxy_topics", "Topics subscribed locally", value=hub.topic_count())
         ended = CounterMetricFamily("neoplasma_proxy_subscriber_auth", "Subscriptions refused (unauthenticated, "
                                     "forbidden) and streams ended at their token's expiry (expired)",
                                     labels=["outcome"])
@@ -578,7 +612,8 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
             return web.Response(status=400, text="event query can't be empty\n")
         try:
             topics = parse_topic_list(raw, cfg.max_topic_length, cfg.max_topics_per_subscription)
-        except InvalidTopic as exc:
+            proxy.check_room(topics)
+        except (InvalidTopic, LimitExceeded) as exc:
             return web.Response(status=413 if isinstance(exc, LimitExceeded) else 400, text=f"{exc}\n")
         if request.version < (1, 1):  # SSE here is a chunked stream
             return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
@@ -685,7 +720,8 @@ class ProxyService:
         if config.brokers:
             await proxy.links.apply(static_snapshot(config.brokers))
         self.subscribers = subscriber_server(proxy, self.health)
-        grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None)
+        grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None,
+                                  backlog=config.listen_backlog)
         grpc_port = grpc_socket.getsockname()[1]
         self.control = control_server(ControlServicer(proxy), proxy.access.tokens)
         if place is None:
@@ -695,20 +731,24 @@ class ProxyService:
         else:  # the pod's control port is its supervisor's, which relays to this private one
             control_address = place.control()
             self.control.add_insecure_port(control_address)
-        await self.subscribers.start(grpc_socket)
+        await self.subscribers.start(grpc_socket, config.listen_backlog)
         proxy.hub.gathered = self.subscribers.gathered
         await self.control.start()
 
         registry = CollectorRegistry()
         registry.register(ProxyCollector(proxy))
+        ProcessCollector(registry=registry)  # process_open_fds and process_max_fds: how near the open-file limit
         self.http = HttpServer(http_app(proxy, registry, place),
-                               bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None),
-                               config.header_timeout, handler_cancellation=True)
+                               bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None,
+                                           backlog=config.listen_backlog),
+                               config.header_timeout, backlog=config.listen_backlog, handler_cancellation=True,
+                               max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_REQUEST_LINE)
         await self.http.start()
         if place is not None:
             self.own_metrics = await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
         self.tasks = [asyncio.create_task(_heartbeat(proxy)),
-                      asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds))]
+                      asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds,
+                                                                   max_linger=config.max_linger_seconds))]
         return {"name": config.name, "http": hostport(config.host, self.http.port),
                 "grpc": hostport(config.host, grpc_port), "control": control_address}
 

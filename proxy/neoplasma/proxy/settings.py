@@ -7,13 +7,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, pod_name, setting
+from neoplasma.core.settings import NON_NEGATIVE, PORT, POSITIVE, backlog_setting, pod_name, setting
 from neoplasma.core.topics import MAX_TOPIC_LENGTH, MAX_TOPICS_PER_SUBSCRIPTION
 from neoplasma.core.trust import TrustSettings
 from neoplasma.core.workers import cpus_now
 from neoplasma.proxy.auth import SubscriberAuth
 
+# Budgets for resuming subscribers (docs/resume.md, "Budgets"): live events kept for one while it catches
+# up, and for all of a proxy's at once; Replay calls a proxy runs at once (resumes asking the same
+# position share one); bytes of catch-up it writes per second, all resumes together.
+MAX_HELD = 10_000
+MAX_HELD_PER_PROXY = 200_000
+MAX_REPLAYS = 8
+CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
+
 LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
+MAX_LINGER = 0.05  # default longest pause when the event loop runs behind (Hub.run_dispatcher)
 
 
 @dataclass
@@ -29,6 +38,7 @@ class ProxyConfig(TrustSettings):
     http_port: int = setting(8080, bound=PORT, help="SSE/health/metrics port")
     grpc_port: int = setting(50051, bound=PORT, help="subscriber gRPC port")
     control_port: int = setting(50052, bound=PORT, help="ProxyControl port")
+    listen_backlog: int = backlog_setting()
     # Static brokers, applied as membership version 0 until a push replaces them.
     brokers: list[str] = setting(factory=list, help="static broker list host:port,... (until a membership push)")
     event_query: str = "eventType"  # plasma's default query parameter
@@ -54,6 +64,8 @@ class ProxyConfig(TrustSettings):
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
                                                help="most topics one subscriber may name")
+    max_topics: int = setting(100_000, bound=POSITIVE, help="most distinct topics this proxy's subscribers may "
+                              "want at once (what it asks every broker for); a subscription past it is refused")
     max_subscription_changes: int = setting(10, bound=POSITIVE,
                                             help="subscription changes a plasma gRPC stream may make per second")
     header_timeout: float = setting(10.0, bound=POSITIVE, help="seconds an HTTP request's headers may take")
@@ -70,8 +82,20 @@ class ProxyConfig(TrustSettings):
                                               "connection may have open at once; a client opening more is cut off")
     linger_seconds: float = setting(LINGER, bound=NON_NEGATIVE, help="under load, the longest the proxy lets "
                                     "events pile up for fewer, larger writes (Hub.run_dispatcher)")
+    max_linger_seconds: float = setting(MAX_LINGER, bound=NON_NEGATIVE, help="when the proxy's event loop runs "
+                                        "behind (overloaded), the pause between delivery rounds grows up to this: "
+                                        "fewer, larger writes until it keeps up (bounds the latency added)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
+    max_held_events_per_resume: int = setting(MAX_HELD, bound=POSITIVE, help="live events kept for one resuming "
+                                              "subscriber while it catches up; beyond, it resumes from now with a gap")
+    max_held_events: int = setting(MAX_HELD_PER_PROXY, bound=POSITIVE, help="live events kept for all resuming "
+                                   "subscribers at once; beyond, those over it resume from now with a gap")
+    max_replays: int = setting(MAX_REPLAYS, bound=POSITIVE, help="Replay calls to brokers at once (resumes "
+                               "from the same position share one); others wait their turn")
+    catch_up_bytes_per_second: float = setting(CATCH_UP_BYTES_PER_SECOND, bound=POSITIVE, help="bytes of event "
+                                               "data this proxy writes per second to resuming subscribers, all "
+                                               "together (the rest of its time is for live events)")
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
                                          help="seconds a resuming subscriber waits for the broker links")
     # Private topics (neoplasma.proxy.auth): with a keys or JWKS file, only --public-topics are read without a token.

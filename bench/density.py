@@ -1,0 +1,247 @@
+"""Density benchmark: many idle SSE subscribers on one proxy pod, what each costs, and one event to all.
+
+A broker and a proxy pod (`--workers W`, W = subscribers / --per-worker rounded up: a process here may
+hold at most 20,000 open files) on 127.0.0.1; the subscribers are raw asyncio protocols on uvloop in
+several client processes, each connecting from its own loopback source address (127.0.0.2, .3, ...).
+Every wait is bounded.
+
+Figures (printed, and written to bench/results/density_sse.json):
+  - subscribers reached, and how long connecting them took;
+  - proxy RSS per subscriber (the supervisor and its workers, after minus before);
+  - kernel memory per socket: /proc/net/sockstat's TCP buffer pages and the slab caches a TCP
+    socket uses (TCP, sock_inode_cache, dentry, filp, eventpoll_epi, eventpoll_pwq) from /proc/slabinfo,
+    after minus before, divided by 2 x subscribers (both ends of every connection are on this machine);
+  - one event published to their topic: how many received it, latency p50/p99/max (publish to read).
+
+With `--kind plasma`: plasma gRPC `Events` streams instead, `--per-connection` on each connection
+(100,000 streams over 1,000 connections by default), on one proxy process: RSS per stream and one
+event to all of them (bench/results/density_plasma.json).
+
+Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N]
+       python bench/density.py --kind plasma [--subscribers N] [--per-connection K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from connect_rate import Client, clients, go, pct
+
+from neoplasma.core.net import raise_fd_limit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import Server, apply_membership, links_ready, proxy_status, start_server, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "density"
+SLABS = ("TCP", "sock_inode_cache", "dentry", "filp", "eventpoll_epi", "eventpoll_pwq")
+
+
+def rss(server: Server) -> int:
+    """Resident bytes of a server and its workers."""
+    proc = psutil.Process(server.proc.pid)
+    total = 0
+    for p in (proc, *proc.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
+def kernel() -> dict[str, int]:
+    """TCP buffer bytes (sockstat) and the bytes of the slab caches sockets use (slabinfo, root only)."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], map(int, fields[1::2]), strict=True))
+            out["tcp_sockets"] = values["alloc"]
+            out["tcp_buffer_bytes"] = values["mem"] * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/slabinfo").read_text().splitlines()[2:]:
+            name, active, _, size = line.split()[:4]
+            if name in SLABS:
+                out[f"slab_{name}_bytes"] = int(active) * int(size)
+    return out
+
+
+async def publish_one(broker: Server, topic: str = TOPIC) -> None:
+    body = json.dumps([{"meta": {"type": topic}, "data": {"ts": time.time(), "pad": "x" * 150}}])
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://{broker.endpoints['http']}/publish", data=body.encode(),
+            headers={"Content-Type": "application/json"}) as resp:
+        resp.raise_for_status()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    raise_fd_limit()
+    n = args.subscribers
+    workers = max(1, math.ceil(n / args.per_worker))
+    procs = max(1, math.ceil(n / args.per_client))
+    machine = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+               "shared": "yes: other work ran at the same time"}
+    out: dict[str, Any] = {"machine": machine,
+                           "subscribers_asked": n, "proxy_workers": workers, "client_processes": procs}
+    with tempfile.TemporaryDirectory() as tmp:
+        log_dir = Path(tmp)
+        broker = start_server("broker", "b0", log_dir, "--workers", "1")
+        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat", "30")
+        started: list[Client] = []
+        try:
+            await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
+            await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=30, what="links")
+            rss0, kernel0 = rss(proxy), kernel()
+            started = clients(procs, 2, host="127.0.0.1", port=proxy.port("http"), n=n // procs,
+                              inflight=args.inflight, path=f"/?eventType={TOPIC}", hold=True, timeout=60.0,
+                              record=True, deadline=args.connect_seconds)
+
+            async def subscribers() -> int:
+                return int((await proxy_status(proxy.endpoints["control"])).sse_subscribers)
+
+            async def progress() -> None:
+                while True:
+                    await asyncio.sleep(10)
+                    print(f"{time.monotonic() - t0:.0f} s: {await subscribers()} subscribers", flush=True)
+
+            t0 = time.monotonic()
+            go(started)
+            reporting = asyncio.create_task(progress())
+            for c in started:
+                await asyncio.to_thread(c.line, args.connect_seconds + 120)
+            connect_s = time.monotonic() - t0
+            reporting.cancel()
+
+            async def all_there() -> bool:
+                return await subscribers() >= n // procs * procs
+
+            with contextlib.suppress(AssertionError):  # what it reached is the figure
+                await wait_for(all_there, timeout=30, what="every subscriber at the proxy")
+            reached = await subscribers()
+            rss1, kernel1 = rss(proxy), kernel()
+            out.update(subscribers=reached, connect_seconds=round(connect_s, 1),
+                       connects_per_second=round(reached / connect_s),
+                       proxy_rss_mb_before=round(rss0 / 2**20, 1), proxy_rss_mb_after=round(rss1 / 2**20, 1),
+                       proxy_rss_kb_per_subscriber=round((rss1 - rss0) / max(1, reached) / 1024, 2),
+                       kernel_bytes_per_socket={k: round((kernel1[k] - kernel0.get(k, 0)) / max(1, 2 * reached))
+                                                for k in kernel1 if k != "tcp_sockets"},
+                       tcp_sockets_added=kernel1.get("tcp_sockets", 0) - kernel0.get("tcp_sockets", 0))
+            out["kernel_bytes_per_socket"]["total"] = sum(out["kernel_bytes_per_socket"].values())
+            print("connected:", {k: v for k, v in out.items() if k != "machine"}, flush=True)
+
+            deliveries0 = (await proxy_status(proxy.endpoints["control"])).deliveries
+            await publish_one(broker)
+
+            async def handed() -> bool:
+                return (await proxy_status(proxy.endpoints["control"])).deliveries - deliveries0 >= reached
+
+            with contextlib.suppress(AssertionError):
+                await wait_for(handed, timeout=30, what="the event handed to every subscriber")
+            for c in started:
+                c.say("stop")
+            results = [await asyncio.to_thread(c.result, 120) for c in started]
+            started = []
+            latencies = [lat for r in results for _, lat in r["records"]]
+            out["one_event_to_all"] = {"received": len(latencies), "of": reached,
+                                       "p50_ms": round(1000 * pct(latencies, 0.5), 1),
+                                       "p99_ms": round(1000 * pct(latencies, 0.99), 1),
+                                       "max_ms": round(1000 * max(latencies, default=float("nan")), 1)}
+            print("one event to all:", out["one_event_to_all"], flush=True)
+        finally:
+            for c in started:
+                c.proc.kill()
+            proxy.stop(timeout=60)
+            broker.stop()
+    return out
+
+
+async def plasma(args: argparse.Namespace) -> dict[str, Any]:
+    """Idle plasma gRPC `Events` streams, `--per-connection` on each connection, on one proxy process
+    (few connections: few descriptors), read by bench/dataplane.py's lean HTTP/2 client in processes."""
+    from dataplane import Role
+
+    raise_fd_limit()
+    n, per = args.subscribers, args.per_connection
+    procs = max(1, min(6, math.ceil(n / 20_000)))
+    out: dict[str, Any] = {"kind": "plasma", "streams_asked": n, "streams_per_connection": per,
+                           "proxy_workers": 1, "client_processes": procs}
+    with tempfile.TemporaryDirectory() as tmp:
+        log_dir = Path(tmp)
+        broker = start_server("broker", "b0", log_dir, "--workers", "1")
+        proxy = start_server("proxy", "p0", log_dir, "--workers", "1")
+        try:
+            await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
+            await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=30, what="links")
+            rss0 = rss(proxy)
+            t0 = time.monotonic()
+            roles = [Role("plasma", grpc_addr=proxy.endpoints["grpc"], n=n // procs, seconds=args.hold_seconds,
+                          sample=n, per_connection=per) for _ in range(procs)]
+            for role in roles:
+                await asyncio.to_thread(role.wait_line, 300)
+
+            async def streams() -> int:
+                return int((await proxy_status(proxy.endpoints["control"])).grpc_subscribers)
+
+            async def all_there() -> bool:
+                return await streams() >= n // procs * procs
+
+            with contextlib.suppress(AssertionError):
+                await wait_for(all_there, timeout=120, what="every stream at the proxy")
+            reached, connect_s = await streams(), time.monotonic() - t0
+            rss1 = rss(proxy)
+            out.update(streams=reached, connect_seconds=round(connect_s, 1),
+                       proxy_rss_mb_before=round(rss0 / 2**20, 1), proxy_rss_mb_after=round(rss1 / 2**20, 1),
+                       proxy_rss_kb_per_stream=round((rss1 - rss0) / max(1, reached) / 1024, 2))
+            print("connected:", out, flush=True)
+            published = time.monotonic()
+            await publish_one(broker, "bench")
+            results = [await asyncio.to_thread(role.result, args.hold_seconds + 120) for role in roles]
+            latencies = [lat for r in results for lat in r["latencies"]]
+            out["one_event_to_all"] = {"received": sum(r["events"] for r in results), "of": reached,
+                                       "latency_samples": len(latencies),
+                                       "p50_ms": round(1000 * pct(latencies, 0.5), 1),
+                                       "p99_ms": round(1000 * pct(latencies, 0.99), 1),
+                                       "max_ms": round(1000 * max(latencies, default=float("nan")), 1),
+                                       "streams_ended": sum(r["streams_ended"] for r in results),
+                                       "window_after_publish_s": round(t0 + args.hold_seconds - published, 1)}
+            print("one event to all:", out["one_event_to_all"], flush=True)
+        finally:
+            proxy.stop(timeout=60)
+            broker.stop()
+    return out
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subscribers", type=int, default=100_000, help="idle SSE subscribers (default 100,000)")
+    parser.add_argument("--per-worker", type=int, default=18_000, help="subscribers per proxy worker process")
+    parser.add_argument("--per-client", type=int, default=18_000, help="subscribers per client process")
+    parser.add_argument("--inflight", type=int, default=100, help="connections in flight per client process")
+    parser.add_argument("--connect-seconds", type=float, default=300.0,
+                        help="no connection is begun later than this (what was reached by then is measured)")
+    parser.add_argument("--kind", choices=("sse", "plasma"), default="sse",
+                        help="SSE subscribers, or plasma gRPC streams (--per-connection on each connection)")
+    parser.add_argument("--per-connection", type=int, default=100, help="plasma streams per connection")
+    parser.add_argument("--hold-seconds", type=float, default=120.0,
+                        help="plasma: how long the clients hold their streams (connect, measure, one event)")
+    args = parser.parse_args()
+    result = asyncio.run(main(args) if args.kind == "sse" else plasma(args))
+    path = ROOT / "bench" / "results" / f"density_{args.kind}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    cli()
