@@ -234,12 +234,80 @@ def test_status_waits_for_a_push_under_way_and_says_nothing_while_deleting() -> 
     assert gone.status is None and gone.observed is None and steps.status.due_at is None
 
 
+# -- Connections ------------------------------------------------------------------------------
+
+
+def proxies_seen(**subscribers: int) -> dict[str, pb.ProxyStatus]:
+    return {name: pb.ProxyStatus(name=name, subscribers=n) for name, n in subscribers.items()}
+
+
+def test_connections_read_every_proxy_and_limit_them_while_one_is_hot() -> None:
+    body = body_of({"proxies": {"replicas": 3}}, {"neoplasma.io/max-reconnects-per-second": "30"})
+    steps = steps_for(body)
+    desired, _ = steps.resource.step(body)
+    assert steps.wants(desired, NOW).proxies  # read at first, then every scale interval
+    pods = [proxy("p0", "10.0.1.1"), proxy("p1", "10.0.1.2"), proxy("p2", "10.0.1.3")]
+    seen = seen_of(steps, body, pods=pods, proxies=proxies_seen(p0=60, p1=0, p2=0))
+    steps.scaling.decide(seen, NOW)
+    decision = steps.connections.decide(seen, NOW)
+    assert not steps.wants(desired, NOW + 1).proxies
+    planned, _ = steps.resource.step(body_of({"proxies": {"replicas": 3}}, {"neoplasma.io/rebalance": "plan"}))
+    assert steps.wants(planned, NOW + 1).proxies  # the annotations changed: at once
+    steps.resource.step(body)
+    assert decision.drains == {
+        "10.0.1.1:50052": pb.DrainRequest(keep_at_most=22, reconnects_per_second=30, hold_seconds=30),
+        "10.0.1.2:50052": pb.DrainRequest(keep_at_most=22, reconnects_per_second=0.1, hold_seconds=30),
+        "10.0.1.3:50052": pb.DrainRequest(keep_at_most=22, reconnects_per_second=0.1, hold_seconds=30)}
+    assert [e.reason for e in decision.events] == ["Rebalance"]
+    assert steps.connections.due == NOW + steps.connections.BUSY  # read more often while moving
+    status = steps.status.decide(seen, NOW).status
+    assert status is not None and status["rebalance"]["state"] == "Running"
+    assert "plan" in status["rebalance"] and "approval" not in status["rebalance"]  # no null for a key never set
+    assert status["reconnects"]["inProgress"][0]["kind"] == "rebalance"
+
+
+def test_connections_pace_a_stopping_pod_and_pause_stops_rebalancing() -> None:
+    body = body_of({"proxies": {"replicas": 2}}, {"neoplasma.io/max-reconnects-per-second": "50",
+                                                  "neoplasma.io/pause-reconciliation": "true"})
+    steps = steps_for(body)
+    stopping = PodView("ns", "demo", "proxy", "old", "uid-old", "10.0.1.9", False, True, owner="rs-1",
+                       deletion="2026-12-07T06:02:00Z")
+    pods = [proxy("p0", "10.0.1.1"), proxy("p1", "10.0.1.2"), stopping]
+    seen = seen_of(steps, body, pods=pods, proxies=proxies_seen(p0=60, p1=0, old=900))
+    decision = steps.connections.decide(seen, NOW)
+    assert decision.drains == {"10.0.1.9:50052": pb.DrainRequest(reconnects_per_second=50)}
+    assert steps.connections.rebalance is not None and steps.connections.rebalance["state"] == "Off"
+    assert steps.connections.reconnects == {"budget": 50.0, "reconnectsPerSecond": 50.0, "inProgress": [
+        {"kind": "eviction", "name": "old", "subscribersLeft": 900, "reconnectsPerSecond": 50.0, "etaSeconds": 18}]}
+
+
+def test_proxy_drains_are_rendered_from_the_budget_and_a_new_budget_applies_them() -> None:
+    body = body_of({"proxies": {"replicas": 2}})
+    steps = steps_for(body)
+    seen = seen_of(steps, body)
+    steps.scaling.decide(seen, NOW)
+    plan = steps.children.decide(seen, NOW).plan
+    assert plan is not None
+    proxy_deployment = next(c.manifest for c in plan.apply if c.manifest["metadata"]["name"] == "demo-proxy")
+    assert proxy_deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 140
+    cluster = steps.scaling.effective
+    assert cluster is not None
+    steps.children.applied(seen.desired, cluster)
+    assert steps.children.decide(seen, NOW + 1).plan is None
+    cheaper = body_of({"proxies": {"replicas": 2}}, {"neoplasma.io/max-reconnects-per-second": "100"})
+    seen = seen_of(steps, cheaper, NOW + 2)
+    steps.scaling.decide(seen, NOW + 2)
+    again = steps.children.decide(seen, NOW + 2).plan
+    assert again is not None and any(c.manifest["metadata"]["name"] == "demo-proxy" for c in again.apply)
+
+
 # -- the pass as a whole ----------------------------------------------------------------------
 
 
 def test_the_steps_run_in_one_order_over_one_observation() -> None:
     steps = steps_for(body_of())
-    assert [type(s).__name__ for s in steps.sequence()] == ["Trust", "Membership", "Scaling", "Children", "Status"]
+    assert [type(s).__name__ for s in steps.sequence()] == ["Trust", "Membership", "Scaling", "Connections",
+                                                             "Children", "Status"]
     assert steps.due == NOW  # the status's first read of connections
     deleting, _ = steps.resource.step(body_of(deleting=True))
     assert steps.wants(deleting, NOW) == Wants()

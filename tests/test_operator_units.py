@@ -38,6 +38,7 @@ from neoplasma.operator.members import (
     ProxyTarget,
     broker_members,
     controlled,
+    current_replicaset,
     own_pods,
     pod_view,
     proxy_targets,
@@ -85,7 +86,8 @@ def pod(
 @pytest.mark.parametrize(("body", "expected"), [
     (pod("b"), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, False, 0)),
     (pod("p", "proxy", ready=False), PodView("ns", "demo", "proxy", "p", "uid-p", "10.0.0.1", False, False, 0)),
-    (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2)),
+    (pod("b", deleting=True, restarts=2), PodView("ns", "demo", "broker", "b", "uid-b", "10.0.0.1", True, True, 2,
+                                                  deletion="2024-01-01T00:00:00Z")),
     (pod("i", "ingest"), PodView("ns", "demo", "ingest", "i", "uid-i", "10.0.0.1", True, False, 0)),
     # Ready without an IP cannot be reached: not ready.
     (pod("b", ip=""), PodView("ns", "demo", "broker", "b", "uid-b", "", False, False, 0)),
@@ -131,6 +133,13 @@ def test_only_pods_whose_controller_chain_leads_to_the_cluster_count() -> None:
     assert own_pods(pods, replicasets, deployments, "") == []
     assert controlled({"metadata": {"uid": "rs-broker", "ownerReferences": [
         {"uid": "d-broker", "controller": True}]}}) == Controlled("rs-broker", "d-broker")
+    assert controlled({"metadata": {"uid": "rs-2", "annotations": {"deployment.kubernetes.io/revision": "2"}}}) == \
+        Controlled("rs-2", "", 2)
+    assert controlled({"metadata": {"uid": "x", "annotations": {"deployment.kubernetes.io/revision": "-1"}}}) == \
+        Controlled("x", "", 0)
+    sets = [Controlled("rs-1", "d", 1), Controlled("rs-3", "d", 3), Controlled("rs-9", "other", 9)]
+    assert (current_replicaset(sets, "d"), current_replicaset(sets, "none"), current_replicaset(sets, "")) == \
+        ("rs-3", "", "")
 
 
 def views(*bodies: dict[str, Any]) -> list[PodView]:

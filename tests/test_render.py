@@ -22,9 +22,11 @@ from hypothesis import strategies as st
 
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.cli import build_parser
+from neoplasma.core.scaling import DEFAULT_MAX_RECONNECTS
 from neoplasma.ingest.settings import PASSWORD_ENV, IngestConfig
 from neoplasma.operator import render as r
-from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, InvalidSpec, parse_spec
+from neoplasma.operator.connections import SUBSCRIBERS_FLOOR, drain_sizing
+from neoplasma.operator.spec import QUANTITY_PATTERN, Cluster, InvalidSpec, parse_cluster, parse_spec
 from neoplasma.proxy.settings import ProxyConfig
 
 CRD_PATH = Path(__file__).resolve().parents[1] / "crds" / "neoplasmaclusters.yaml"
@@ -318,9 +320,9 @@ def test_resources_are_passed_through(
          {"grpc": 50051, "http": 8080}, 30),
         ("demo-proxy",
          ["neoplasma", "proxy", "--host", "0.0.0.0", "--http-port", "8080",
-          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5",
-          "--credential-file", "/etc/neoplasma/credential/credential", "--workers", "1"],
-         {"grpc": 50051, "http": 8080, "control": 50052}, 65),
+          "--grpc-port", "50051", "--control-port", "50052", "--drain-delay", "5", "--drain-rate", "200",
+          "--drain-within", "130", "--credential-file", "/etc/neoplasma/credential/credential", "--workers", "1"],
+         {"grpc": 50051, "http": 8080, "control": 50052}, 140),
     ],
 )
 def test_containers(name: str, command: list[str], ports: dict[str, int], grace: int) -> None:
@@ -333,8 +335,9 @@ def test_containers(name: str, command: list[str], ports: dict[str, int], grace:
         "NEOPLASMA_POD_NAME": "metadata.name",
         "NEOPLASMA_POD_IP": "status.podIP",
     }
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    assert main["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    live = "/livez" if name == "demo-proxy" else "/healthz"  # a proxy is alive while not ready (full, draining)
+    assert main["livenessProbe"]["httpGet"] == {"path": live, "port": "http", "scheme": "HTTP"}
     assert main["livenessProbe"]["failureThreshold"] > main["readinessProbe"]["failureThreshold"]
     assert main["securityContext"] == {
         "runAsNonRoot": True,
@@ -508,9 +511,29 @@ def test_a_stopping_proxy_leaves_the_service_before_it_asks_subscribers_to_recon
     # probe period is not needed for that: a terminating pod leaves them at once).
     assert proxy.drain_delay == r.PROXY_DRAIN_DELAY >= 3
     assert "lifecycle" not in container(deployment)  # no preStop: the image need not have a shell
-    # Then the paced drain of the expected subscribers, and time to stop, fit in the grace period.
-    drain = r.PROXY_SUBSCRIBERS / proxy.drain_rate
-    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= proxy.drain_delay + drain + 5
+    # Then the paced drain of the expected subscribers (at the whole reconnect budget), and time
+    # to stop, fit in the grace period; a drain that would take longer is sped up to end in time.
+    drain = SUBSCRIBERS_FLOOR / proxy.drain_rate
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert proxy.drain_rate == DEFAULT_MAX_RECONNECTS
+    assert grace >= proxy.drain_delay + drain + 5 and proxy.drain_delay + proxy.drain_within + 5 <= grace
+    # Not ready is not dead: a proxy failing readiness while it drains or is full stays alive.
+    assert container(deployment)["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+
+def test_proxy_drains_follow_the_budget_and_the_subscribers_observed() -> None:
+    spec = parse_cluster({"metadata": {"name": "demo", "namespace": "events"}, "spec": {"proxies": {"replicas": 8}}})
+    drains = drain_sizing(50, 40_000, r.PROXY_DRAIN_DELAY, 8)
+    children = {(m["kind"], m["metadata"]["name"]): m for m in r.render(spec, default_image="x", drains=drains)}
+    deployment = children["Deployment", "demo-proxy"]
+    proxy = server_config(deployment)
+    assert isinstance(proxy, ProxyConfig)
+    assert (proxy.drain_rate, proxy.drain_within) == (50, 1311 + 5)  # 65,536 (the next power of 2) at 50/s
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] == 5 + 1311 + 10
+    assert children["PodDisruptionBudget", "demo-proxy"]["spec"]["maxUnavailable"] == 1
+    assert drain_sizing(200, 100, r.PROXY_DRAIN_DELAY, 8) == r.DEFAULT_DRAINS  # the floor: 25,000 per proxy
+    # A budget that drains two floors' worth at once within the window lets a node drain take two.
+    assert drain_sizing(5000, 100, r.PROXY_DRAIN_DELAY, 8).max_unavailable == 2
 
 
 @pytest.mark.parametrize(("retention", "seconds", "max_bytes"), [

@@ -9,7 +9,9 @@ needs between steps, and is pure (no I/O, the caller passes clocks and loads):
 - per autoscaled tier, the size decided and the HPA history of recommendations; a restarted
   operator starts from the sizes kept in `status.autoscaling`, not from the spec's replicas;
 - with `neoplasma.io/autoscale` off, the spec's replicas are used as they are (the min/max
-  annotations only apply while autoscaling is on).
+  annotations only apply while autoscaling is on);
+- the connection policy (rebalancing, the reconnect budget) is read from the same annotations
+  and reported with the same `errors`; a bad value keeps its last good one (or the defaults).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from neoplasma.core.scaling import (
     HARD_MAX,
     PAUSE,
+    ConnectionPolicy,
     Decision,
     Load,
     Policy,
@@ -28,6 +31,7 @@ from neoplasma.core.scaling import (
     Recommendation,
     TierPolicy,
     decide,
+    parse_connections,
     parse_policy,
 )
 from neoplasma.core.tiers import Tier
@@ -68,13 +72,17 @@ class Autoscaler:
         self.policy: Policy | None = None  # the last good policy; None: none seen yet
         self.errors: tuple[PolicyError, ...] = ()  # problems of the current annotations
         self.paused = False
+        self.connections = ConnectionPolicy()  # the last good connection policy
         self._sizes: dict[Tier, TierSize] = _persisted_sizes(persisted)
         self._history: dict[Tier, tuple[Recommendation, ...]] = {}
 
     def read(self, annotations: Mapping[str, str], spec_brokers: int, spec_proxies: int) -> None:
         """Read the annotations (on every reconcile); keep the last good policy on errors."""
         policy, errors = parse_policy(annotations, spec_brokers, spec_proxies)
-        self.errors = tuple(errors)
+        connections, connection_errors = parse_connections(annotations)
+        self.errors = (*errors, *connection_errors)
+        if connections is not None:
+            self.connections = connections
         if policy is not None:
             if policy != self.policy:
                 self._history.clear()  # recommendations made against other targets do not count

@@ -7,7 +7,8 @@ Shared by the operator and `neoplasma up`. A pod that cannot be read is left out
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 
@@ -39,12 +40,21 @@ async def _proxy_status(address: str, access: Access, timeout: float) -> pb.Prox
         return None
 
 
+_Answer = TypeVar("_Answer")
+
+
+async def by_address(addresses: Iterable[str], read: Callable[[str], Awaitable[_Answer | None]]
+                      ) -> dict[str, _Answer]:
+    """`read` of every address at once: the answers by address, those that answered."""
+    chosen = list(addresses)
+    answers = await asyncio.gather(*(read(a) for a in chosen))
+    return {address: answer for address, answer in zip(chosen, answers, strict=True) if answer is not None}
+
+
 async def broker_stats(grpc_addresses: Iterable[str], access: Access = PLAIN,
                        timeout: float = TIMEOUT) -> dict[str, pb.BrokerStats]:
     """The Stats of each broker that answered, by address (one call per broker)."""
-    addresses = list(grpc_addresses)
-    answers = await asyncio.gather(*(_broker_stats(a, access, timeout) for a in addresses))
-    return {address: stats for address, stats in zip(addresses, answers, strict=True) if stats is not None}
+    return await by_address(grpc_addresses, lambda a: _broker_stats(a, access, timeout))
 
 
 def brokers_load(answers: Iterable[pb.BrokerStats]) -> Load:
@@ -59,8 +69,18 @@ async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> 
     return brokers_load((await broker_stats(grpc_addresses, access)).values())
 
 
+async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN,
+                         timeout: float = TIMEOUT) -> dict[str, pb.ProxyStatus]:
+    """The Status of each proxy that answered, by control address (one call per proxy)."""
+    return await by_address(control_addresses, lambda a: _proxy_status(a, access, timeout))
+
+
+def proxies_load(answers: Iterable[pb.ProxyStatus]) -> Load:
+    """Subscribers over the proxies' Status."""
+    statuses = list(answers)
+    return Load(total=float(sum(s.subscribers for s in statuses)), pods_read=len(statuses))
+
+
 async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT) -> Load:
     """Subscribers over the proxies that answered."""
-    answers = [s for s in await asyncio.gather(*(_proxy_status(a, access, timeout) for a in control_addresses))
-               if s is not None]
-    return Load(total=float(sum(s.subscribers for s in answers)), pods_read=len(answers))
+    return proxies_load((await proxy_statuses(control_addresses, access, timeout)).values())

@@ -33,12 +33,24 @@ MIN_PROXIES, MAX_PROXIES = PREFIX + "min-proxies", PREFIX + "max-proxies"
 SCALE_DOWN_DELAY = PREFIX + "scale-down-delay"
 TOLERANCE = PREFIX + "tolerance"
 SCALE_UP_LIMIT = PREFIX + "scale-up-limit"
+# Connections (neoplasma.operator.connections): how subscribers are spread and how fast they may be moved.
+REBALANCE = PREFIX + "rebalance"
+REBALANCE_TOLERANCE = PREFIX + "rebalance-tolerance"
+MAX_RECONNECTS = PREFIX + "max-reconnects-per-second"
 
 DEFAULT_MAX = 100
 DEFAULT_SCALE_DOWN_DELAY = 300.0
 DEFAULT_TOLERANCE = 0.1
 DEFAULT_SCALE_UP_LIMIT = 4
 HARD_MAX = 1000  # no annotation may ask for more pods than this
+REBALANCE_MODES = ("auto", "off", "plan", "approve")
+DEFAULT_REBALANCE_TOLERANCE = 0.1
+# Reconnects the operator may cause per second, over every operation at once. 200/s: a proxy
+# resumes a subscriber with one replay request per broker, so 200/s is at most 200 replays/s
+# per broker, a small share of what one broker serves (docs/resume.md), and the default proxy
+# (25,000 subscribers) drains in about two minutes; a rollout of 10 such proxies in ~21 minutes.
+DEFAULT_MAX_RECONNECTS = 200.0
+MAX_RECONNECTS_LIMIT = 100_000.0  # more than any proxy could take back at once: refused
 MAX_VALUE_LENGTH = 64  # every valid value is a short word or number; longer ones are refused unread
 
 
@@ -68,6 +80,16 @@ class Policy:
     scale_down_delay: float = DEFAULT_SCALE_DOWN_DELAY
     tolerance: float = DEFAULT_TOLERANCE
     scale_up_limit: int = DEFAULT_SCALE_UP_LIMIT
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """The connection annotations: rebalancing (`auto`, `off`, `plan`, `approve`), the tolerance
+    of the busiest proxy over the average, and the reconnect budget shared by every operation."""
+
+    rebalance: str = "auto"
+    tolerance: float = DEFAULT_REBALANCE_TOLERANCE
+    max_reconnects: float = DEFAULT_MAX_RECONNECTS
 
 
 # Matched in full against the stripped value. Leading and trailing `\s*` in the pattern would
@@ -172,6 +194,32 @@ def parse_policy(annotations: Mapping[str, str], spec_brokers: int, spec_proxies
         read.errors.append(PolicyError(AUTOSCALE, f"autoscaling is on but neither {TARGET_CONNECTIONS} nor "
                                                   f"{TARGET_SUBSCRIBERS} is set"))
     return (None, read.errors) if read.errors else (policy, [])
+
+
+def parse_connections(annotations: Mapping[str, str]) -> tuple[ConnectionPolicy | None, list[PolicyError]]:
+    """The connection policy the annotations describe, or None and every problem found
+    (callers keep their last good one, as with `parse_policy`)."""
+    read = _Reader(annotations)
+    policy = ConnectionPolicy(
+        rebalance=read.get(REBALANCE, _mode, "auto"),
+        tolerance=read.get(REBALANCE_TOLERANCE, _fraction, DEFAULT_REBALANCE_TOLERANCE),
+        max_reconnects=read.get(MAX_RECONNECTS, _reconnects, DEFAULT_MAX_RECONNECTS),
+    )
+    return (None, read.errors) if read.errors else (policy, [])
+
+
+def _mode(annotation: str, text: str) -> str:
+    value = text.strip().lower()
+    if value not in REBALANCE_MODES:
+        raise PolicyError(annotation, f"{excerpt(text)} is not one of {', '.join(REBALANCE_MODES)}")
+    return value
+
+
+def _reconnects(annotation: str, text: str) -> float:
+    value = _positive(annotation, text)
+    if value < 1 or value > MAX_RECONNECTS_LIMIT:
+        raise PolicyError(annotation, f"{excerpt(text)} is outside 1..{MAX_RECONNECTS_LIMIT:g} reconnects per second")
+    return value
 
 
 def _fraction(annotation: str, text: str) -> float:

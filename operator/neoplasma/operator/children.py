@@ -17,9 +17,11 @@ from typing import Any, cast
 
 import kopf
 
+from neoplasma.operator.connections import DrainSizing
 from neoplasma.operator.render import (
     BROKER_DEPLOYMENT_LABEL,
     COMPONENT_LABEL,
+    DEFAULT_DRAINS,
     INGEST,
     Manifest,
     render,
@@ -60,10 +62,12 @@ class Plan:
 
 
 def desired_children(
-    cluster: Cluster, owner: Mapping[str, Any], *, default_image: str, policy_api: str, operator: Peers = NO_PEERS
+    cluster: Cluster, owner: Mapping[str, Any], *, default_image: str, policy_api: str, operator: Peers = NO_PEERS,
+    drains: DrainSizing = DEFAULT_DRAINS,
 ) -> list[Manifest]:
     """Every child of `cluster`, owned by the NeoplasmaCluster object `owner`."""
-    return adopted(render(cluster, default_image=default_image, policy_api=policy_api, operator=operator), owner)
+    return adopted(render(cluster, default_image=default_image, policy_api=policy_api, operator=operator,
+                          drains=drains), owner)
 
 
 def adopted(manifests: list[Manifest], owner: Mapping[str, Any]) -> list[Manifest]:

@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import kopf
 
+from neoplasma.core import drains
 from neoplasma.core.logs import get_logger
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.tiers import Tier
@@ -43,6 +44,7 @@ from neoplasma.operator.settings import Options
 from neoplasma.operator.status import persisted_version
 from neoplasma.operator.steps import Decision, Event, Failing, Steps, earliest
 from neoplasma.operator.sync import MembershipSync
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 log = get_logger("operator")
 
@@ -177,6 +179,8 @@ class ClusterController:
     def wake(self, *, pods: bool = False, children: bool = False) -> None:
         if children:
             self.steps.children.dirty = self.steps.trust.stale = True
+        if pods:
+            self.steps.connections.stale = True  # a proxy pod may have begun to stop: pace it now
         self._wakeup.set(self.clock() if pods else None)
 
     # -- the scheduler ---------------------------------------------------------------------
@@ -223,6 +227,8 @@ class ClusterController:
             await self._use(decision.access)
         if decision.push is not None:
             self.steps.membership.sync.push(force=decision.push)
+        if decision.drains:
+            await self._pace(decision.drains)
         for change in decision.scaled:
             self.metrics.scaled(self.key, change.tier.plural, change.direction)
         if decision.plan is not None:
@@ -231,6 +237,12 @@ class ClusterController:
             self.metrics.observe(self.key, decision.observed)
         if decision.status is not None:
             await self._write_status(decision.status)
+
+    async def _pace(self, requests: Mapping[str, pb.DrainRequest]) -> None:
+        """Send the proxies their paces and limits (idempotent: a failed one goes again next time)."""
+        failed = await drains.send(requests, self.steps.trust.access[Tier.PROXY])
+        if failed:
+            log.warning("drain_calls_failed", cluster=self.label, failed=failed)
 
     async def _create_secret(self, secret: Mapping[str, Any]) -> None:
         try:

@@ -45,6 +45,8 @@ class PodView:
     deleting: bool = False
     restarts: int = 0
     owner: str = ""  # the uid of its controller (a ReplicaSet), "" for none
+    ready_since: str = ""  # when its Ready condition last changed (RFC 3339; "" unknown)
+    deletion: str = ""  # its deletionTimestamp: when it is killed if still running ("" not deleted)
 
 
     @property
@@ -75,9 +77,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
     if labels.get(NAME_LABEL) != "neoplasma" or component not in COMPONENTS or not instance:
         return None
     status = pod.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-    )
+    condition: Mapping[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready = condition.get("status") == "True"
     restarts = sum(int(s.get("restartCount") or 0) for s in status.get("containerStatuses") or [])
     return PodView(
         namespace=str(metadata.get("namespace") or ""),
@@ -90,6 +91,8 @@ def pod_view(pod: Mapping[str, Any]) -> PodView | None:
         deleting=metadata.get("deletionTimestamp") is not None,
         restarts=restarts,
         owner=controller_uid(metadata),
+        ready_since=str(condition.get("lastTransitionTime") or ""),
+        deletion=str(metadata.get("deletionTimestamp") or ""),
     )
 
 
@@ -101,15 +104,28 @@ def controller_uid(metadata: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Controlled:
-    """An object (a ReplicaSet) by its uid and its controller's uid."""
+    """An object (a ReplicaSet) by its uid and its controller's uid, and (a ReplicaSet of a
+    Deployment) its revision: the Deployment's current template is its highest."""
 
     uid: str
     controller: str
+    revision: int = 0
+
+
+REVISION = "deployment.kubernetes.io/revision"
 
 
 def controlled(obj: Mapping[str, Any]) -> Controlled:
     metadata = obj.get("metadata") or {}
-    return Controlled(str(metadata.get("uid") or ""), controller_uid(metadata))
+    revision = str((metadata.get("annotations") or {}).get(REVISION) or "0")
+    return Controlled(str(metadata.get("uid") or ""), controller_uid(metadata),
+                      int(revision) if revision.isdigit() and len(revision) < 19 else 0)
+
+
+def current_replicaset(replicasets: Iterable[Controlled], deployment_uid: str) -> str:
+    """The uid of the ReplicaSet of a Deployment's current template ("" for none known)."""
+    mine = [rs for rs in replicasets if rs.controller == deployment_uid and deployment_uid]
+    return max(mine, key=lambda rs: rs.revision).uid if mine else ""
 
 
 def own_pods(pods: Iterable[PodView], replicasets: Iterable[Controlled],

@@ -12,13 +12,13 @@ import asyncio
 import json
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import kubernetes.client
 
-from neoplasma.core.load import broker_stats, proxy_load
+from neoplasma.core.load import broker_stats, proxies_load, proxy_statuses
 from neoplasma.core.net import hostport
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
@@ -56,6 +56,9 @@ class Indexes:
         """The cluster's own pods: those its Deployments control, through their ReplicaSets."""
         return own_pods(self._pods.get(key, ()), self._replicasets.get(key, ()), self.children(key), cluster_uid)
 
+    def replicasets(self, key: ClusterKey) -> list[Controlled]:
+        return list(self._replicasets.get(key, ()))
+
     def children(self, key: ClusterKey) -> list[Mapping[str, Any]]:
         return [obj for index in self._children for obj in index.get(key, ())]
 
@@ -84,6 +87,7 @@ class Wants:
     loads: tuple[Tier, ...] = ()  # the tiers whose load the Scaling step decides from
     connections: bool = False  # the brokers' connections, for status
     readers: bool = False  # the ingest readers' /stats
+    proxies: bool = False  # every proxy pod's Status, stopping ones too (the Connections step)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class Seen:
     brokers: Mapping[str, Any] | None = None  # pod name -> its Stats (those that answered); None: not read
     proxy_load: Load | None = None
     readers: list[ReaderSeen] | None = None
+    proxies: Mapping[str, Any] | None = None  # pod name -> its Status (those that answered); None: not read
+    replicasets: list[Controlled] = field(default_factory=list)
 
 
 def serving(pods: Iterable[PodView], tier: str) -> list[PodView]:
@@ -178,12 +184,24 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
     reach = access(cluster, trust)
     brokers = (read_brokers(pods, reach[Tier.BROKER], timeout)
                if wants.connections or Tier.BROKER in wants.loads else _none())
-    proxies = (proxy_load((hostport(p.ip, CONTROL_PORT) for p in serving(pods, Tier.PROXY)), reach[Tier.PROXY], timeout)
-               if Tier.PROXY in wants.loads else _none())
+    proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies)
+               if wants.proxies or Tier.PROXY in wants.loads else _none())
     readers = read_readers(pods, reach[Tier.BROKER], timeout) if wants.readers else _none()
-    stats, load, seen_readers = await asyncio.gather(brokers, proxies, readers)
+    stats, statuses, seen_readers = await asyncio.gather(brokers, proxies, readers)
+    names = {p.name for p in serving(pods, Tier.PROXY)}
+    load = (proxies_load(s for n, s in statuses.items() if n in names)
+            if statuses is not None and Tier.PROXY in wants.loads else None)
     return Seen(at, now_text(), body, desired, pods, indexes.children(key), pods_changed_at, wants, trust, stats, load,
-                seen_readers)
+                seen_readers, statuses if wants.proxies else None, indexes.replicasets(key))
+
+
+async def read_proxies(pods: list[PodView], access: Access, timeout: float, every: bool) -> dict[str, Any]:
+    """The Status of the serving proxy pods (`every`: of every one with an address, also those not
+    ready, as a full one during a rebalance, and those stopping), by pod name."""
+    chosen = [p for p in pods if p.component == Tier.PROXY and p.ip and (every or (p.ready and not p.deleting))]
+    addresses = {hostport(p.ip, CONTROL_PORT): p.name for p in chosen}
+    answers = await proxy_statuses(addresses, access, timeout)
+    return {addresses[address]: status for address, status in answers.items()}
 
 
 async def _none() -> None:

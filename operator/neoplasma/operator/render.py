@@ -18,9 +18,11 @@ import jinja2
 import yaml
 
 from neoplasma.broker.settings import BrokerConfig
+from neoplasma.core.scaling import DEFAULT_MAX_RECONNECTS
 from neoplasma.core.settings import Settings
 from neoplasma.core.tiers import Tier
 from neoplasma.ingest.settings import PASSWORD_ENV, IngestConfig
+from neoplasma.operator.connections import DrainSizing, drain_sizing
 from neoplasma.operator.settings import NO_PEERS, Peers
 from neoplasma.operator.spec import Cluster, NodePorts, RedisIngest, Resources, ServiceType
 from neoplasma.proxy.settings import ProxyConfig
@@ -51,11 +53,11 @@ MANAGED_BY = "neoplasma-operator"
 # Rollouts keep serving: a new proxy is ready before an old one is stopped.
 _PROXY_STRATEGY = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
 # A stopping proxy pod fails readiness at once and keeps serving for PROXY_DRAIN_DELAY seconds, so
-# the Service's endpoints drop it before its subscribers are asked to reconnect (paced, at the
-# proxy's drain_rate); the grace period covers PROXY_SUBSCRIBERS of them, and a margin to stop.
+# the Service's endpoints drop it before its subscribers are asked to reconnect (paced: the
+# reconnect budget, neoplasma.operator.connections); the grace period covers the subscribers
+# the busiest proxy holds (at least 25,000) at that pace, and a margin to stop.
 PROXY_DRAIN_DELAY = 5
-PROXY_SUBSCRIBERS = 25_000
-PROXY_GRACE_SECONDS = PROXY_DRAIN_DELAY + math.ceil(PROXY_SUBSCRIBERS / ProxyConfig.drain_rate) + 10
+DEFAULT_DRAINS = drain_sizing(DEFAULT_MAX_RECONNECTS, 0, PROXY_DRAIN_DELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,12 @@ class ServicePort:
 
 
 def render(
-    cluster: Cluster, *, default_image: str, policy_api: str = "policy/v1", operator: Peers = NO_PEERS
+    cluster: Cluster, *, default_image: str, policy_api: str = "policy/v1", operator: Peers = NO_PEERS,
+    drains: DrainSizing = DEFAULT_DRAINS,
 ) -> list[Manifest]:
     """Every child of `cluster`, in creation order (the credential Secret is not one: it is
-    created once, see `credential_secret`)."""
+    created once, see `credential_secret`); `drains`: how proxy pods drain (from the reconnect
+    budget and the subscribers observed)."""
     image = cluster.spec.image or default_image
     sizes = split_replicas(cluster.spec.brokers.replicas, cluster.spec.brokers.max_per_deployment)
     policies = [network_policy(cluster, tier, operator) for tier in Tier] if cluster.spec.trust.network_policies else []
@@ -93,9 +97,9 @@ def render(
         *(broker_deployment(cluster, index, size, image=image) for index, size in enumerate(sizes)),
         broker_service(cluster),
         pod_disruption_budget(cluster, Tier.BROKER, policy_api=policy_api),
-        proxy_deployment(cluster, image=image),
+        proxy_deployment(cluster, image=image, drains=drains),
         proxy_service(cluster),
-        pod_disruption_budget(cluster, Tier.PROXY, policy_api=policy_api),
+        pod_disruption_budget(cluster, Tier.PROXY, policy_api=policy_api, max_unavailable=drains.max_unavailable),
         *([ingest_deployment(cluster, cluster.spec.ingest, image=image)] if cluster.spec.ingest else []),
         *policies,
     ]
@@ -254,7 +258,7 @@ def subscriber_auth_settings(cluster: Cluster) -> tuple[list[SecretVolume], dict
     return volumes, settings
 
 
-def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
+def proxy_deployment(cluster: Cluster, *, image: str, drains: DrainSizing = DEFAULT_DRAINS) -> Manifest:
     volumes, trust = trust_settings(cluster, broker_ca_settings=("tls_ca", "tls_server_name"))
     auth_volumes, auth = subscriber_auth_settings(cluster)
     return _render_template(
@@ -266,16 +270,17 @@ def proxy_deployment(cluster: Cluster, *, image: str) -> Manifest:
         selector=selector_labels(cluster.name, Tier.PROXY),
         replicas=cluster.spec.proxies.replicas,
         image=image,
-        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY, **trust,
+        command=server_command(Tier.PROXY, ProxyConfig, PROXY_PORTS, drain_delay=PROXY_DRAIN_DELAY,
+                               drain_rate=f"{drains.drain_rate:g}", drain_within=drains.drain_within, **trust,
                                **auth, workers=workers_for(cluster.spec.proxies.resources)),
         ports=PROXY_PORTS,
         secrets=volumes + auth_volumes,
         probe_scheme="HTTP",  # subscribers' port: plaintext
         resources=cluster.spec.proxies.resources.to_dict(),
-        grace_seconds=PROXY_GRACE_SECONDS,
+        grace_seconds=drains.grace_seconds,
         strategy=_PROXY_STRATEGY,
         env=[],
-        liveness_path="/healthz",
+        liveness_path="/livez",  # alive while not ready: draining, or full while subscribers are spread
     )
 
 
@@ -341,7 +346,7 @@ def proxy_service(cluster: Cluster) -> Manifest:
 
 
 def pod_disruption_budget(
-    cluster: Cluster, component: Tier, *, policy_api: str = "policy/v1"
+    cluster: Cluster, component: Tier, *, policy_api: str = "policy/v1", max_unavailable: int = 1
 ) -> Manifest:
     """A PodDisruptionBudget for `component`; `policy_api` is policy/v1 or (before 1.21) v1beta1."""
     if policy_api not in POLICY_APIS:
@@ -353,6 +358,7 @@ def pod_disruption_budget(
         namespace=cluster.namespace,
         labels=labels(cluster.name, component),
         selector=selector_labels(cluster.name, component),
+        max_unavailable=max_unavailable,
     )
 
 

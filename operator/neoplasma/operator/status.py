@@ -26,6 +26,9 @@ class Observed:
     paused: bool = False
     seen_generation: int | None = None  # the newest generation seen, applied or not
     ingest: tuple[str, Sequence[c.ReaderSeen]] | None = None  # spec.ingest's Redis and its readers (None: unset)
+    # status.rebalance and status.reconnects (the Connections step; None: not decided on this pass)
+    rebalance: Mapping[str, Any] | None = None
+    reconnects: Mapping[str, Any] | None = None
     subscriber_keys: tuple[str | None] | None = None  # spec.subscribers.auth: (its keys' problem or None); None: unset
 
 
@@ -61,7 +64,17 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
     connections = observed.connections if observed.connections is not None else previous.get("connections")
     if connections is not None:
         status["connections"] = connections
+    for key, section in (("rebalance", observed.rebalance), ("reconnects", observed.reconnects)):
+        if section is not None:
+            status[key] = present(section, previous.get(key))
     return status
+
+
+def present(section: Mapping[str, Any], previous: object) -> dict[str, Any]:
+    """`section` for a merge patch: a null (removing a key) only where `previous` has the key, so
+    that a status compares equal to what the API server keeps (which has no nulls)."""
+    had = previous if isinstance(previous, Mapping) else {}
+    return {key: value for key, value in section.items() if value is not None or key in had}
 
 
 def membership_status(progress: c.MembershipProgress, previous: object) -> dict[str, Any]:

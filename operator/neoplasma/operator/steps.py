@@ -1,7 +1,7 @@
 """The steps of one NeoplasmaCluster's pass, pure: `Resource` reads the resource; then, over one
-observation (observe.Seen) and the time, `Trust`, `Membership`, `Scaling`, `Children` and
-`Status` each return a `Decision` (events, trust material, membership to push, children to
-apply, a status to write), in the order of `Steps.sequence()`.
+observation (observe.Seen) and the time, `Trust`, `Membership`, `Scaling`, `Connections`,
+`Children` and `Status` each return a `Decision` (events, trust material, membership to push,
+drains to pace, children to apply, a status to write), in the order of `Steps.sequence()`.
 
 `due` says when a step next needs a pass (clock time; None: only when woken); `to_read` what the
 next observation must read for it. No step does I/O: the controller's act phase does what they
@@ -14,24 +14,37 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
+from neoplasma.core import drains
 from neoplasma.core.autoscaler import Autoscaler, Scaled, problems
 from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.load import brokers_load
 from neoplasma.core.membership import BrokerState
-from neoplasma.core.scaling import Load
+from neoplasma.core.net import hostport
+from neoplasma.core.scaling import ConnectionPolicy, Load
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, Access, Tokens
 from neoplasma.operator import children as ch
+from neoplasma.operator import connections as cx
 from neoplasma.operator.conditions import count, subscriber_keys_problem
-from neoplasma.operator.members import broker_members, proxy_targets, ready_count
+from neoplasma.operator.members import broker_members, current_replicaset, proxy_targets, ready_count
 from neoplasma.operator.observe import Desired, Seen, TrustSeen, Wants, serving
-from neoplasma.operator.render import CREDENTIAL_KEY, Manifest, credential_secret, credential_secret_name, service_host
+from neoplasma.operator.render import (
+    CONTROL_PORT,
+    CREDENTIAL_KEY,
+    PROXY_DRAIN_DELAY,
+    Manifest,
+    credential_secret,
+    credential_secret_name,
+    service_host,
+)
 from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, InvalidSpec, parse_cluster
 from neoplasma.operator.status import Observed, build_status, same_status
 from neoplasma.operator.sync import MembershipSync
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class Decision:
     secret: Manifest | None = None  # the credential Secret to create
     push: bool | None = None  # push membership: what is due (False), to every ready proxy (True); None: not
     scaled: list[Scaled] = field(default_factory=list)  # for the metrics
+    drains: dict[str, pb.DrainRequest] = field(default_factory=dict)  # control address -> a pace or a limit
     plan: ch.Plan | None = None  # children to apply and delete (Children.applied/failed after)
     observed: Observed | None = None  # for the metrics
     status: dict[str, Any] | None = None  # to write (Status.written/failed after)
@@ -295,13 +309,78 @@ class Scaling:
         return loads
 
 
+class Connections:
+    """Step 4: subscribers as a managed resource (operator/connections.py). Every proxy pod's
+    Status (stopping ones too) is read every `interval` seconds, every `BUSY` seconds while
+    subscribers are being moved; each stopping pod gets its pace and, rebalancing, each live one its
+    limit, from one reconnect budget; status.rebalance and status.reconnects say what goes on.
+    Paused, nothing is rebalanced (drains are still paced: the pods stop anyway)."""
+
+    BUSY = 2.0
+
+    def __init__(self, autoscaler: Autoscaler, scaling: Scaling, interval: float, now: float) -> None:
+        self.autoscaler = autoscaler
+        self.scaling = scaling
+        self.interval = interval
+        self.timer = Every(interval, now)
+        self.state = cx.Connections()
+        self.rebalance: Mapping[str, Any] | None = None  # the last decided status sections
+        self.reconnects: Mapping[str, Any] | None = None
+        self._policy: ConnectionPolicy | None = None  # the policy of the last decision
+        self.stale = True  # pods changed since the last read
+
+    @property
+    def due(self) -> float | None:
+        return self.timer.next
+
+    def to_read(self, desired: Desired, now: float) -> bool:
+        """Every `interval` (or BUSY) seconds, and at once when pods changed (a stopping one gets its
+        pace before its drain begins) or the annotations did (approve)."""
+        if desired.cluster is None or desired.deleting:
+            return False
+        return self.timer.fire(now) or self.stale or self.autoscaler.connections != self._policy
+
+    def sizing(self, cluster: Cluster) -> cx.DrainSizing:
+        """How the proxy pods drain: from the budget and the busiest proxy seen."""
+        return cx.drain_sizing(self.autoscaler.connections.max_reconnects, self.state.busiest, PROXY_DRAIN_DELAY,
+                               cluster.spec.proxies.replicas)
+
+    def decide(self, seen: Seen, now: float) -> Decision:
+        cluster = self.scaling.effective or seen.desired.cluster
+        if seen.proxies is None or cluster is None:
+            return Decision()
+        policy = self._policy = self.autoscaler.connections
+        self.stale = False
+        if seen.desired.paused:
+            policy = replace(policy, rebalance="off")
+        pods = [p for p in seen.pods if p.component == Tier.PROXY]
+        deployment = next((str((c.get("metadata") or {}).get("uid")) for c in seen.children
+                           if c.get("kind") == "Deployment" and (c.get("metadata") or {}).get("name")
+                           == f"{cluster.name}-proxy"), "")
+        scaled_in = self.state.scaled_in(cluster.spec.proxies.replicas, self.sizing(cluster).grace_seconds, now)
+        proxies = cx.pods_seen(pods, {name: status.subscribers for name, status in seen.proxies.items()},
+                               current_replicaset(seen.replicasets, deployment), scaled_in,
+                               datetime.fromisoformat(seen.stamp))
+        orders = self.state.step(policy, proxies, (seen.body.get("status") or {}).get("rebalance"), now)
+        self.rebalance, self.reconnects = orders.status["rebalance"], orders.status["reconnects"]
+        busy = bool(orders.paces or self.state.rebalancer.current)
+        self.timer.interval = self.BUSY if busy else self.interval
+        self.timer.next = min(self.timer.next, now + self.timer.interval)
+        address = {p.name: hostport(p.ip, CONTROL_PORT) for p in pods if p.ip}
+        requests = {address[x.proxy]: drains.pace(x.rate) for x in orders.paces if x.proxy in address}
+        requests |= {address[x.proxy]: drains.limit(x.keep, x.rate, x.hold) for x in orders.limits
+                     if x.proxy in address}
+        return Decision([Event(n.reason, n.message, n.warning) for n in orders.notices], drains=requests)
+
+
 class Children:
     """Step 4: the children rendered from the cluster, applied when they may differ (the
     resource changed, a child changed, the sizes changed, or every `resync` seconds); after a
     failure, not before the backoff says."""
 
-    def __init__(self, options: Options, scaling: Scaling, now: float) -> None:
+    def __init__(self, options: Options, scaling: Scaling, connections: Connections, now: float) -> None:
         self.scaling = scaling
+        self.connections = connections
         retry, resync = options.retry, options.resync
         self.retry = Backoff(retry)
         self.resync = Every(resync, now + resync)
@@ -310,7 +389,7 @@ class Children:
                                        "operator": options.operator}
         self.dirty = True  # a child changed (or might have): look again
         self.generation: int | None = None  # the generation last converged
-        self._converged: tuple[int, int, int] | None = None  # generation and sizes
+        self._converged: tuple[int, int, int, cx.DrainSizing] | None = None  # generation, sizes, drains
 
     @property
     def due(self) -> float | None:
@@ -329,19 +408,21 @@ class Children:
         if self.retry.not_before is not None:
             go = self.retry.due(now)
         else:
-            go = self.dirty or (desired.generation, spec.brokers.replicas, spec.proxies.replicas) != self._converged
+            go = self.dirty or (desired.generation, spec.brokers.replicas, spec.proxies.replicas,
+                                self.connections.sizing(cluster)) != self._converged
         if not go:
             return Decision()
         self.dirty = False
         uid = str((seen.body.get("metadata") or {}).get("uid"))
-        return Decision(plan=ch.plan(ch.desired_children(cluster, seen.body, **self.render), seen.children,
-                                     owner_uid=uid))
+        return Decision(plan=ch.plan(ch.desired_children(cluster, seen.body, drains=self.connections.sizing(cluster),
+                                                         **self.render), seen.children, owner_uid=uid))
 
     def applied(self, desired: Desired, cluster: Cluster) -> None:
         self.retry.succeeded()
         self.problems.news("apply", None)
         self.generation = desired.generation
-        self._converged = (desired.generation, cluster.spec.brokers.replicas, cluster.spec.proxies.replicas)
+        self._converged = (desired.generation, cluster.spec.brokers.replicas, cluster.spec.proxies.replicas,
+                           self.connections.sizing(cluster))
 
     def failed(self, error: str, now: float) -> list[Event]:
         delay = self.retry.failed(now)
@@ -418,6 +499,8 @@ class Status:
             seen_generation=desired.generation,
             ingest=(ingest.address, seen.readers or []) if ingest else None,
             subscriber_keys=(steps.trust.subscriber_keys,) if spec and spec.subscriber_auth else None,
+            rebalance=steps.connections.rebalance,
+            reconnects=steps.connections.reconnects,
         )
 
     @staticmethod
@@ -454,11 +537,12 @@ class Steps:
         self.trust = Trust(options.anti_entropy, now)
         self.membership = Membership(sync, options.anti_entropy, now)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)
-        self.children = Children(options, self.scaling, now)
+        self.connections = Connections(autoscaler, self.scaling, options.scale_interval, now)
+        self.children = Children(options, self.scaling, self.connections, now)
         self.status = Status(options, self, now)
 
-    def sequence(self) -> list[Trust | Membership | Scaling | Children | Status]:
-        return [self.trust, self.membership, self.scaling, self.children, self.status]
+    def sequence(self) -> list[Trust | Membership | Scaling | Connections | Children | Status]:
+        return [self.trust, self.membership, self.scaling, self.connections, self.children, self.status]
 
     @property
     def due(self) -> float | None:
@@ -468,4 +552,5 @@ class Steps:
         """What the next observation must read (firing the steps' read timers)."""
         ingest = desired.cluster is not None and desired.cluster.spec.ingest is not None and not desired.deleting
         return Wants(trust=self.trust.to_read(desired, now), loads=tuple(self.scaling.to_read(desired, now)),
-                     connections=self.status.to_read(desired, now), readers=ingest)
+                     connections=self.status.to_read(desired, now), readers=ingest,
+                     proxies=self.connections.to_read(desired, now))

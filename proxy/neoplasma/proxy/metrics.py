@@ -31,7 +31,7 @@ DISCONNECT_REASONS = ("client", "drain", "rebalance", "slow", "expired", "error"
 # Why a subscriber was closed (Subscriber.close) -> its disconnect reason; a connection that ends
 # without being closed by the proxy was ended by its client.
 CLOSED_BECAUSE = {"draining": "drain", "slow": "slow", "gone": "client", "error": "error",
-                  "rebalance": "rebalance", "expired": "expired"}
+                  "moved": "rebalance", "expired": "expired"}
 RESUME_RESULTS = ("exact", "gap")
 
 

@@ -10,6 +10,7 @@ operator's next push.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,12 +122,30 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return sum_status(self.config.name, statuses)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
+        workers = self._workers()
+        share = worker_share(request, len(workers))
         try:
-            replies = await asyncio.gather(*(self._stub(w).Drain(request, timeout=10, metadata=self._metadata())
-                                             for w in self._workers()))
+            replies = await asyncio.gather(*(self._stub(w).Drain(share, timeout=10, metadata=self._metadata())
+                                             for w in workers))
         except grpc.aio.AioRpcError as exc:  # a refused rate: every worker says the same
             await context.abort(exc.code(), exc.details() or "")
         return pb.DrainResponse(subscribers_remaining=sum(r.subscribers_remaining for r in replies))
+
+
+def worker_share(request: pb.DrainRequest, workers: int) -> pb.DrainRequest:
+    """One worker's part of the pod's drain or limit: the pace divided among the workers, and a
+    limit of ceil(keep / workers) each (the kernel spreads new connections evenly over them; a
+    limit of 0 would be a drain, so each keeps at least 1). Invalid values pass through unchanged,
+    for the workers to refuse with their reason."""
+    if workers < 2:
+        return request
+    share = pb.DrainRequest()
+    share.CopyFrom(request)
+    if math.isfinite(request.reconnects_per_second) and request.reconnects_per_second > 0:
+        share.reconnects_per_second = request.reconnects_per_second / workers
+    if request.keep_at_most:
+        share.keep_at_most = max(1, math.ceil(request.keep_at_most / workers))
+    return share
 
 
 class PodService:
@@ -146,8 +165,9 @@ class PodService:
         http_port, grpc_port = (int(sock.getsockname()[1]) for sock in self.held.values())
         tokens = config.cluster_tokens()
         pod = PodControl(config, tokens)
+        # The pod drains at --drain-rate: each worker at its share.
         argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0,
-                                                   workers=1))
+                                                   workers=1, drain_rate=config.drain_rate / config.workers))
         self.supervisor = pod.supervisor = Supervisor(argv, config.workers, started=pod.started)
         self.control = control_server(pod, tokens)
         control_port = add_grpc_port(self.control, config.host, config.control_port, "--control-port",
@@ -161,7 +181,7 @@ class PodService:
         self.supervisor.terminate()
 
     def deadline(self) -> float:
-        return self.config.drain_delay + 60.0
+        return self.config.drain_delay + (self.config.drain_within or 60.0) + 5.0
 
     async def drained(self) -> None:
         await self.supervisor.exited()

@@ -7,6 +7,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -85,6 +86,19 @@ SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": 
 POD_METRICS = {"neoplasma_proxy_membership_version": min, "neoplasma_proxy_topics": max}
 
 
+MAX_KEEP = 10_000_000  # DrainRequest.keep_at_most: far above what a proxy holds
+MAX_HOLD = 3600.0  # DrainRequest.hold_seconds
+DEFAULT_HOLD = 30.0
+
+
+@dataclass
+class Limit:
+    """A rebalance's limit: at most `keep` subscribers until `until` (monotonic)."""
+
+    keep: int
+    until: float
+
+
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -97,9 +111,14 @@ class Proxy:
         self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays,
                                     config.catch_up_bytes_per_second)
         self.draining = False
+        self.stopping = False  # a signal to stop came: the drain starts after the drain delay
         self.ready = True  # /healthz; false from the first signal to stop or drain
+        self.limit: Limit | None = None  # a rebalance in force (DrainRequest.keep_at_most)
+        self.rate = config.drain_rate  # reconnects/s of the drain or shed under way; may be changed meanwhile
+        self.deadline: float | None = None  # monotonic: the drain must be done by then
         self._apply_lock = asyncio.Lock()
         self._drain_task: asyncio.Task[None] | None = None
+        self._shed_task: asyncio.Task[None] | None = None
 
     async def apply(self, message: pb.Membership) -> pb.ApplyResponse:
         async with self._apply_lock:
@@ -125,12 +144,13 @@ class Proxy:
 
     def status(self) -> pb.ProxyStatus:
         counts = self.hub.counts()
+        limit = self._limit()
         return pb.ProxyStatus(
             name=self.config.name, subscribers=len(self.hub.subscribers), sse_subscribers=counts["sse"],
             grpc_subscribers=counts["plasma"] + counts["batch"], membership_version=self.links.applied.version,
             links=self.links.to_proto(), events_received=self.hub.events_received,
             deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
-            topics=len(self.hub.topics()), draining=self.draining)
+            topics=len(self.hub.topics()), draining=self.draining, keep_at_most=limit.keep if limit else 0)
 
     def check_room(self, topics: Sequence[str], leaving: frozenset[str] = frozenset()) -> None:
         """LimitExceeded when `topics` would take the proxy's interest past --max-topics (`leaving`: topics
@@ -141,21 +161,72 @@ class Proxy:
             raise LimitExceeded(f"this proxy's subscribers want {hub.topic_count()} topics; {new} more would pass "
                                 f"its limit of {most} (subscribe at another proxy, or to fewer topics)")
 
-    def drain(self, rate: float) -> None:
-        """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
-        (positive and finite; 0 means the configured drain_rate)."""
-        self.draining, self.ready = True, False
-        if self._drain_task is None:
-            rate = rate or self.config.drain_rate
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(rate))
+    def _limit(self) -> Limit | None:
+        """The rebalance limit in force (a lapsed one is forgotten)."""
+        if self.limit is not None and time.monotonic() >= self.limit.until:
+            log.info("proxy_limit_lapsed", keep=self.limit.keep, subscribers=len(self.hub.subscribers))
+            self.limit = None
+        return self.limit
 
-    async def _drain(self, rate: float) -> None:
-        interval = 1.0 / rate
-        log.info("proxy_draining", subscribers=len(self.hub.subscribers), rate=rate)
+    def full(self) -> bool:
+        """At or over a rebalance's limit: new subscribers are sent elsewhere, readiness fails."""
+        limit = self._limit()
+        return limit is not None and len(self.hub.subscribers) >= limit.keep
+
+    def refusing(self) -> bool:
+        return self.draining or self.full()
+
+    def drain(self, rate: float, within: float = 0.0) -> None:
+        """Stop accepting subscribers and ask the connected ones to reconnect, `rate` per second
+        (positive and finite; 0 means the configured drain_rate), faster if needed to be done
+        `within` seconds (0: no limit). Called again, it changes the pace of the drain under way."""
+        self.draining, self.ready, self.limit = True, False, None
+        self.rate = rate or self.config.drain_rate
+        if within:
+            self.deadline = time.monotonic() + within
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    def shed(self, keep: int, rate: float, hold: float) -> None:
+        """Rebalance: hold at most `keep` subscribers for `hold` seconds, asking the excess to
+        reconnect at `rate` per second (0: the configured drain_rate). Ignored while draining."""
+        if self.draining or self.stopping:
+            return
+        self.limit = Limit(keep, time.monotonic() + (hold or DEFAULT_HOLD))
+        self.rate = rate or self.config.drain_rate
+        if self._shed_task is None or self._shed_task.done():
+            self._shed_task = asyncio.get_running_loop().create_task(self._shed())
+
+    async def _shed(self) -> None:
+        limit = self._limit()
+        log.info("proxy_shedding", subscribers=len(self.hub.subscribers), keep=limit.keep if limit else None,
+                 rate=self.rate)
+        moved = 0
+        while not self.draining and (limit := self._limit()) is not None and len(self.hub.subscribers) > limit.keep:
+            self._close_one("moved")
+            moved += 1
+            await asyncio.sleep(1.0 / self.rate)
+        log.info("proxy_shed", moved=moved, subscribers=len(self.hub.subscribers))
+
+    def _close_one(self, reason: str) -> None:
+        sub = next(iter(self.hub.subscribers))
+        self.hub.remove(sub)
+        sub.close(reason)
+
+    async def _drain(self) -> None:
+        log.info("proxy_draining", subscribers=len(self.hub.subscribers), rate=self.rate)
+        hurried = False
         while self.hub.subscribers:
-            sub = next(iter(self.hub.subscribers))
-            self.hub.remove(sub)
-            sub.close("draining")
+            self._close_one("draining")
+            interval = 1.0 / self.rate
+            if self.deadline is not None and self.hub.subscribers:
+                needed = max(0.0, self.deadline - time.monotonic()) / len(self.hub.subscribers)
+                if needed < interval:
+                    interval = needed
+                    if not hurried:
+                        hurried = True
+                        log.warning("proxy_drain_hurried", subscribers=len(self.hub.subscribers),
+                                    rate=self.rate, seconds_left=round(self.deadline - time.monotonic(), 1))
             await asyncio.sleep(interval)
         log.info("proxy_drained")
 
@@ -240,10 +311,17 @@ class BatchSink:
 
 CLOSED_AS = {"slow": (grpc.StatusCode.UNAVAILABLE, "subscriber too slow: disconnected; reconnect"),
              "draining": (grpc.StatusCode.UNAVAILABLE, "proxy is shutting down; reconnect"),
+             "moved": (grpc.StatusCode.UNAVAILABLE, "subscribers are being spread over the proxies; reconnect"),
              "expired": (grpc.StatusCode.UNAUTHENTICATED, f"{EXPIRED}: reconnect with a fresh token "
                          "(and the last resume token: nothing is lost)")}
 SHUTTING_DOWN = "proxy is shutting down; connect to another"
+FULL = "proxy is full while subscribers are spread over the proxies; connect to another"
+MOVED = frozenset({"draining", "moved"})  # closes that ask the client to come back (elsewhere) soon
 REFUSED_TYPE = "neoplasma-refused"  # plasma stream: the eventType of a refused subscription change
+
+
+def refusal_text(proxy: Proxy) -> str:
+    return SHUTTING_DOWN if proxy.draining else FULL
 
 
 def grpc_refusal(refusal: Refused) -> tuple[grpc.StatusCode, str]:
@@ -321,8 +399,8 @@ class PlasmaEvents:
     @classmethod
     def open(cls, proxy: Proxy) -> Opener:
         def open_call(call: Call) -> None:
-            if proxy.draining:
-                call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if proxy.refusing():
+                call.end(grpc.StatusCode.UNAVAILABLE, refusal_text(proxy))
             else:
                 cls(proxy, call)
 
@@ -378,8 +456,8 @@ def native_subscribe(proxy: Proxy) -> Opener:
     cfg = proxy.config
 
     def subscribe(call: Call, message: bytes) -> None:
-        if proxy.draining:
-            call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if proxy.refusing():
+            call.end(grpc.StatusCode.UNAVAILABLE, refusal_text(proxy))
             return
         request = pb.SubscribeRequest.FromString(message)
         try:
@@ -466,12 +544,32 @@ class ControlServicer(pb_grpc.ProxyControlServicer):
         return self.proxy.status()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
-        rate = request.reconnects_per_second
-        if not (rate == 0 or MIN_DRAIN_RATE <= rate <= MAX_DRAIN_RATE):  # NaN fails both
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reconnects_per_second must be a positive number "
-                                f"from {MIN_DRAIN_RATE} to {MAX_DRAIN_RATE:g} (0: the proxy's default), not {rate}")
-        self.proxy.drain(rate)
+        problem = drain_problem(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        proxy = self.proxy
+        if request.keep_at_most:
+            proxy.shed(request.keep_at_most, request.reconnects_per_second, request.hold_seconds)
+        elif proxy.stopping and not proxy.draining:  # in its drain delay: the pace for when it starts
+            proxy.rate = request.reconnects_per_second or proxy.rate
+        else:
+            proxy.drain(request.reconnects_per_second)
         return pb.DrainResponse(subscribers_remaining=len(self.proxy.hub.subscribers))
+
+
+def drain_problem(request: pb.DrainRequest) -> str:
+    """What is wrong with a DrainRequest ("" for nothing): every field is checked before any is used."""
+    rate, hold = request.reconnects_per_second, request.hold_seconds
+    if not (rate == 0 or MIN_DRAIN_RATE <= rate <= MAX_DRAIN_RATE):  # NaN fails both
+        return (f"reconnects_per_second must be a positive number from {MIN_DRAIN_RATE} to {MAX_DRAIN_RATE:g} "
+                f"(0: the proxy's default), not {rate}")
+    if request.keep_at_most > MAX_KEEP:
+        return f"keep_at_most must be at most {MAX_KEEP} (0: drain every subscriber), not {request.keep_at_most}"
+    if not 0 <= hold <= MAX_HOLD:  # NaN fails too
+        return f"hold_seconds must be between 0 and {MAX_HOLD:g} (0: {DEFAULT_HOLD:g} s), not {hold}"
+    if hold and not request.keep_at_most:
+        return "hold_seconds is for a limit (keep_at_most); a drain (keep_at_most 0) lasts until the proxy stops"
+    return ""
 
 
 # -- HTTP --------------------------------------------------------------------------
@@ -538,7 +636,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         })
         response.enable_chunked_encoding()
         await response.prepare(request)
-        if proxy.draining:  # never a non-200 (EventSource would give up): come back soon, elsewhere
+        if proxy.refusing():  # never a non-200 (EventSource would give up): come back soon, elsewhere
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
             return response
@@ -560,7 +658,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
                 expiry.cancel()
             proxy.hub.remove(sub)
             proxy.hub.metrics.disconnected(sub.closed_as)
-        if reason == "draining" and not transport.is_closing():
+        if reason in MOVED and not transport.is_closing():
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
         elif reason == "expired" and not transport.is_closing():
@@ -571,8 +669,15 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         return response
 
     async def healthz(request: web.Request) -> web.Response:
+        """Readiness: fails while draining, and while full under a rebalance's limit."""
         if not proxy.ready:
             return web.Response(status=503, text="draining\n")
+        if proxy.full():
+            return web.Response(status=503, text="full: subscribers are being spread over the proxies\n")
+        return web.Response(text="ok\n")
+
+    async def livez(request: web.Request) -> web.Response:
+        """Liveness: serving (a proxy that is not ready, draining or full, is alive)."""
         return web.Response(text="ok\n")
 
     async def metrics(request: web.Request) -> web.Response:
@@ -584,6 +689,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
     app.router.add_get("/events", sse)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/hc", healthz)  # plasma's health check path
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics)
     return app
 
@@ -655,15 +761,17 @@ class ProxyService:
 
     async def quiesce(self) -> None:
         config, proxy = self.config, self.proxy
-        proxy.ready = False
+        proxy.ready, proxy.stopping, proxy.limit = False, True, None
+        if not proxy.draining:  # (a shed's pace is not the drain's; the operator may give one during the delay)
+            proxy.rate = config.drain_rate
         self.health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.drain_delay:
             log.info("proxy_unready", subscribers=len(proxy.hub.subscribers), drain_in=config.drain_delay)
             await asyncio.sleep(config.drain_delay)
-        proxy.drain(config.drain_rate)
+        proxy.drain(proxy.rate, config.drain_within)  # the pace the operator gave meanwhile, if it did
 
     def deadline(self) -> float:
-        return max(5.0, len(self.proxy.hub.subscribers) / self.config.drain_rate + 5.0)
+        return max(5.0, (self.config.drain_within or len(self.proxy.hub.subscribers) / self.proxy.rate) + 5.0)
 
     async def drained(self) -> None:
         await self.proxy.drained()

@@ -56,6 +56,11 @@ class ProxyConfig(TrustSettings):
     # readiness fail: on SIGTERM, fail readiness at once, keep serving this long, then drain.
     drain_delay: float = setting(0.0, bound=NON_NEGATIVE,
                                  help="seconds between failing readiness and the drain on SIGTERM")
+    # A drain cut short by SIGKILL closes every subscriber left at once (the storm pacing avoids):
+    # the operator sets this from the pod's grace period, and the drain speeds up to end in time.
+    drain_within: float = setting(0.0, bound=NON_NEGATIVE,
+                                  help="most seconds the drain on SIGTERM may take (0: no limit); it goes faster "
+                                  "than --drain-rate when it must, to end in time")
     max_topic_length: int = setting(MAX_TOPIC_LENGTH, bound=POSITIVE)
     max_topics_per_subscription: int = setting(MAX_TOPICS_PER_SUBSCRIPTION, bound=POSITIVE,
                                                help="most topics one subscriber may name")

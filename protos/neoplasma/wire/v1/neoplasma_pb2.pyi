@@ -176,7 +176,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProxyStatus(_message.Message):
-    __slots__ = ("name", "subscribers", "sse_subscribers", "grpc_subscribers", "membership_version", "links", "events_received", "deliveries", "slow_subscribers_dropped", "topics", "draining")
+    __slots__ = ("name", "subscribers", "sse_subscribers", "grpc_subscribers", "membership_version", "links", "events_received", "deliveries", "slow_subscribers_dropped", "topics", "draining", "keep_at_most")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
     SSE_SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class ProxyStatus(_message.Message):
     SLOW_SUBSCRIBERS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_AT_MOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     subscribers: int
     sse_subscribers: int
@@ -199,13 +200,18 @@ class ProxyStatus(_message.Message):
     slow_subscribers_dropped: int
     topics: int
     draining: bool
-    def __init__(self, name: _Optional[str] = ..., subscribers: _Optional[int] = ..., sse_subscribers: _Optional[int] = ..., grpc_subscribers: _Optional[int] = ..., membership_version: _Optional[int] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ..., events_received: _Optional[int] = ..., deliveries: _Optional[int] = ..., slow_subscribers_dropped: _Optional[int] = ..., topics: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    keep_at_most: int
+    def __init__(self, name: _Optional[str] = ..., subscribers: _Optional[int] = ..., sse_subscribers: _Optional[int] = ..., grpc_subscribers: _Optional[int] = ..., membership_version: _Optional[int] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ..., events_received: _Optional[int] = ..., deliveries: _Optional[int] = ..., slow_subscribers_dropped: _Optional[int] = ..., topics: _Optional[int] = ..., draining: _Optional[bool] = ..., keep_at_most: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("reconnects_per_second",)
+    __slots__ = ("reconnects_per_second", "keep_at_most", "hold_seconds")
     RECONNECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    KEEP_AT_MOST_FIELD_NUMBER: _ClassVar[int]
+    HOLD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reconnects_per_second: float
-    def __init__(self, reconnects_per_second: _Optional[float] = ...) -> None: ...
+    keep_at_most: int
+    hold_seconds: float
+    def __init__(self, reconnects_per_second: _Optional[float] = ..., keep_at_most: _Optional[int] = ..., hold_seconds: _Optional[float] = ...) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("subscribers_remaining",)

@@ -1,0 +1,396 @@
+"""Connections as a managed resource (operator/neoplasma/operator/connections.py): the annotations,
+the rebalance plan, the shared reconnect budget, the grace period. Pure: no event loop, no API."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from neoplasma.core.autoscaler import Autoscaler, problems
+from neoplasma.core.scaling import (
+    DEFAULT_MAX_RECONNECTS,
+    MAX_RECONNECTS,
+    REBALANCE,
+    REBALANCE_TOLERANCE,
+    ConnectionPolicy,
+    parse_connections,
+)
+from neoplasma.operator.connections import (
+    COOLDOWN,
+    MAX_GRACE_SECONDS,
+    REBALANCE_SHARE_WITH_DRAINS,
+    Connections,
+    Limit,
+    Operation,
+    Pace,
+    PodSeen,
+    ProxySeen,
+    Rebalancer,
+    Round,
+    covered_subscribers,
+    drain_kind,
+    grace_seconds,
+    max_unavailable,
+    plan_rebalance,
+    pods_seen,
+    replan,
+    share_budget,
+    split_rate,
+)
+from neoplasma.operator.members import PodView
+
+READY = 60.0  # seconds every proxy of these tests has been ready
+
+
+def proxies(*counts: int) -> list[ProxySeen]:
+    return [ProxySeen(f"p{i}", n, READY) for i, n in enumerate(counts)]
+
+
+# -- annotations ------------------------------------------------------------------------------
+
+
+def test_connection_annotations_default_and_parse() -> None:
+    assert parse_connections({}) == (ConnectionPolicy("auto", 0.1, DEFAULT_MAX_RECONNECTS), [])
+    policy, errors = parse_connections({REBALANCE: " Plan ", REBALANCE_TOLERANCE: "0.25", MAX_RECONNECTS: "50"})
+    assert errors == [] and policy == ConnectionPolicy("plan", 0.25, 50.0)
+
+
+@pytest.mark.parametrize(("annotation", "value", "problem"), [
+    (REBALANCE, "sometimes", "'sometimes' is not one of auto, off, plan, approve"),
+    (REBALANCE_TOLERANCE, "1.5", "'1.5' must be below 1"),
+    (REBALANCE_TOLERANCE, "-0.1", "'-0.1' must be a positive number"),
+    (MAX_RECONNECTS, "0", "'0' must be a positive number"),
+    (MAX_RECONNECTS, "0.5", "'0.5' is outside 1..100000 reconnects per second"),
+    (MAX_RECONNECTS, "1e9", "'1e9' is outside 1..100000"),
+    (MAX_RECONNECTS, "nan", "'nan' must be a positive number"),
+    (MAX_RECONNECTS, "lots", "'lots' is not a number"),
+    (MAX_RECONNECTS, "9" * 65, "is 65 characters long; values are at most 64"),
+])
+def test_bad_connection_annotations_are_reported_never_raised(annotation: str, value: str, problem: str) -> None:
+    policy, errors = parse_connections({annotation: value})
+    assert policy is None and len(errors) == 1
+    assert errors[0].annotation == annotation and problem in str(errors[0])
+
+
+def test_the_autoscaler_reports_bad_connection_annotations_and_keeps_the_last_good_policy() -> None:
+    scaler = Autoscaler()
+    scaler.read({MAX_RECONNECTS: "100", REBALANCE: "off"}, 1, 2)
+    assert scaler.errors == () and scaler.connections == ConnectionPolicy("off", 0.1, 100.0)
+    scaler.read({MAX_RECONNECTS: "fast", REBALANCE: "auto"}, 1, 2)
+    assert problems(scaler.errors) == "neoplasma.io/max-reconnects-per-second: 'fast' is not a number"
+    assert scaler.connections == ConnectionPolicy("off", 0.1, 100.0)  # the last good one, as a whole
+    assert scaler.policy is not None  # autoscaling's own policy is unaffected
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def test_after_scale_up_the_hot_proxy_sheds_down_to_the_cap_and_everyone_is_limited() -> None:
+    plan = plan_rebalance(proxies(61, 0, 0), 0.1, [], now=1000)
+    assert plan.cap == 22  # max(ceil(20.33), floor(1.1 x 20.33))
+    assert plan.moves == {"p0": 39} and dict(plan.limits) == {"p0": 22, "p1": 22, "p2": 22}
+    assert sum(plan.limits.values()) >= 61  # room for every subscriber: the limits cannot deadlock
+    assert plan.to_status(20.0) == {"cap": 22, "subscribers": 39, "moves": [{"from": "p0", "subscribers": 39}],
+                                    "reconnectsPerSecond": 20.0, "etaSeconds": 2}
+
+
+@pytest.mark.parametrize(("counts", "reason"), [
+    ((100,), "fewer than 2 proxies"),
+    ((0, 0, 0), "no subscribers"),
+    ((21, 20, 20), "balanced: the busiest proxy holds 21, within 1.1 x the average 20.3"),
+    ((2, 1), "as even as whole subscribers allow (at most 2 per proxy)"),
+])
+def test_nothing_to_move(counts: tuple[int, ...], reason: str) -> None:
+    plan = plan_rebalance(proxies(*counts), 0.1, [], now=1000)
+    assert not plan.moves and reason in plan.reason
+
+
+def test_a_proxy_not_ready_long_enough_is_waited_for() -> None:
+    seen = [ProxySeen("p0", 60, READY), ProxySeen("p1", 0, 3.0), ProxySeen("p2", 0, None)]
+    plan = plan_rebalance(seen, 0.1, [], now=1000)
+    assert not plan.moves and plan.reason == "waiting for p1, p2 to be ready for 10 s"
+
+
+def test_every_proxy_over_the_cap_sheds_the_excess() -> None:
+    plan = plan_rebalance(proxies(40, 35, 0, 5), 0.1, [], now=1000)
+    assert plan.cap == 22 and plan.moves == {"p0": 18, "p1": 13}
+
+
+def test_a_proxy_that_received_moves_is_not_a_source_for_the_cooldown_no_ping_pong() -> None:
+    first = plan_rebalance(proxies(60, 0), 0.1, [], now=1000)
+    done = Round(1000, first.cap, first.limits, frozenset(first.moves), first.moved, ended=1010)
+    # p1 received more than it should have (say, clients that came back fast): it is held, not shed.
+    again = plan_rebalance(proxies(25, 40), 0.1, [done], now=1100)
+    assert not again.moves and "p1 received moved subscribers less than 600 s ago" in again.reason
+    later = plan_rebalance(proxies(25, 40), 0.1, [done], now=1010 + COOLDOWN)
+    assert later.moves == {"p1": 5}
+    # p0 (the source) may shed again meanwhile: its subscribers were never moved.
+    hot = plan_rebalance(proxies(50, 30), 0.1, [done], now=1100)
+    assert hot.moves == {"p0": 6} and hot.limits["p1"] == 44
+
+
+def kube_proxy(limits: dict[str, int], counts: dict[str, int], arrivals: int, rng: random.Random,
+               lag: int) -> int:
+    """Reconnects landing as through a Service: each picks a proxy at random among those the
+    endpoints still list (a full proxy stays listed for `lag` more picks: readiness lags); a full
+    one refuses it and the client tries again. Returns the bounces."""
+    listed_until = {name: math.inf for name in counts}
+    picks = bounces = 0
+    while arrivals:
+        picks += 1
+        name = rng.choice([n for n in counts if listed_until[n] > picks])
+        if counts[name] >= limits[name]:
+            bounces += 1
+            listed_until[name] = min(listed_until[name], picks + lag)
+            continue
+        counts[name] += 1
+        arrivals -= 1
+    return bounces
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_moves_land_elsewhere_and_converge_whatever_kube_proxy_picks(seed: int) -> None:
+    rng = random.Random(seed)
+    counts = {"p0": rng.randint(60, 400), "p1": 0, "p2": 0, "p3": rng.randint(0, 30)}
+    plan = plan_rebalance([ProxySeen(n, c, READY) for n, c in counts.items()], 0.1, [], now=1000)
+    limits = dict(plan.limits)
+    total = sum(counts.values())
+    for name, n in plan.moves.items():
+        counts[name] -= n
+    bounces = kube_proxy(limits, counts, plan.moved, rng, lag=10)
+    assert sum(counts.values()) == total
+    assert max(counts.values()) <= plan.cap <= 1.1 * total / 4 + 1
+    assert bounces < plan.moved  # a few per proxy filling up, not one per move
+
+
+def test_replan_runs_the_shown_plan_for_the_proxies_there_are_now() -> None:
+    shown = plan_rebalance(proxies(61, 0, 0), 0.1, [], now=1000).to_status(None)
+    now = [ProxySeen("p0", 50, READY), ProxySeen("p1", 5, READY), ProxySeen("p3", 0, READY)]
+    plan = replan(shown, now, [], now=1100)
+    assert plan.moves == {"p0": 28} and plan.limits == {"p0": 22, "p1": 22, "p3": 22}
+    shrunk = replan(shown, [ProxySeen("p0", 90, READY), ProxySeen("p1", 0, READY)], [], now=1100)
+    assert shrunk.moves == {"p0": 39} and shrunk.limits["p0"] == 51  # never more than was approved
+    assert "unreadable" in replan({"cap": "x"}, now, [], 1100).reason
+
+
+# -- the budget -------------------------------------------------------------------------------
+
+
+def test_concurrent_drains_share_the_budget_and_a_running_rebalance_keeps_a_tenth() -> None:
+    ops = [Operation("rollout", "proxy-a", 5000), Operation("scale-in", "proxy-b", 3000),
+           Operation("eviction", "proxy-c", 0), Operation("rebalance", "rebalance", 400)]
+    shares = share_budget(200, ops)
+    rates = [s.rate for s in shares]
+    assert rates == pytest.approx([90, 90, 0, 20])
+    assert sum(rates) <= 200 + 1e-9 and not any(s.forced for s in shares)
+    assert shares[0].to_status() == {"kind": "rollout", "name": "proxy-a", "subscribersLeft": 5000,
+                                     "reconnectsPerSecond": 90.0, "etaSeconds": 56}
+    assert share_budget(200, [Operation("rebalance", "rebalance", 400)])[0].rate == 200
+    assert REBALANCE_SHARE_WITH_DRAINS == 0.1
+
+
+def test_a_drain_that_would_be_killed_first_gets_what_it_needs_the_others_share_the_rest() -> None:
+    ops = [Operation("rollout", "a", 3000, seconds_left=25.0), Operation("scale-in", "b", 10_000, 600.0),
+           Operation("scale-in", "c", 10_000, 600.0)]
+    shares = share_budget(200, ops)
+    assert shares[0].rate == pytest.approx(150) and shares[0].forced  # 3000 in the 20 s before the margin
+    assert [s.rate for s in shares[1:]] == pytest.approx([25, 25]) and sum(s.rate for s in shares) == 200
+    over = share_budget(100, [Operation("rollout", "a", 3000, 25.0), Operation("rollout", "b", 3000, 25.0)])
+    assert [s.rate for s in over] == pytest.approx([150, 150]) and all(s.forced for s in over)
+    assert over[0].to_status()["overBudget"] is True
+
+
+def test_split_rate_is_proportional_so_sources_end_together() -> None:
+    assert split_rate(100, {"a": 30, "b": 10, "c": 0}) == {"a": 75, "b": 25}
+    assert split_rate(100, {}) == {}
+
+
+# -- grace period and disruption budget -------------------------------------------------------
+
+
+def test_grace_period_covers_the_busiest_proxy_at_the_budget_and_changes_only_when_load_doubles() -> None:
+    assert covered_subscribers(0) == covered_subscribers(25_000) == 25_000
+    assert covered_subscribers(25_001) == covered_subscribers(32_768) == 32_768
+    assert grace_seconds(200, 1000, drain_delay=5) == 5 + 125 + 10
+    assert grace_seconds(200, 30_000, drain_delay=5) == 5 + math.ceil(32_768 / 200) + 10
+    assert grace_seconds(1, 1000, drain_delay=5) == MAX_GRACE_SECONDS  # then drains are sped up (forced)
+
+
+def test_max_unavailable_lets_as_many_drain_at_once_as_the_budget_allows() -> None:
+    assert max_unavailable(200, 25_000, window=125, replicas=20) == 1
+    assert max_unavailable(200, 1000, window=125, replicas=20) == 5  # a quarter of the proxies at most
+    assert max_unavailable(200, 10_000, window=125, replicas=20) == 2
+    assert max_unavailable(200, 0, window=125, replicas=2) == 1
+
+
+# -- the modes --------------------------------------------------------------------------------
+
+
+def test_auto_runs_a_round_to_the_end_then_the_receivers_cool_down() -> None:
+    rb = Rebalancer()
+    orders = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    assert orders.limits == (Limit("p0", 22, 200.0), Limit("p1", 22, 0.1), Limit("p2", 22, 0.1))
+    assert orders.status["state"] == "Running" and orders.status["etaSeconds"] == 1
+    assert orders.events == ("rebalance started: the busiest proxy holds 61, over 1.1 x the average 20.3: at most "
+                             "22 per proxy; moving 39 from p0",)
+    assert rb.operation(proxies(40, 10, 11)) == Operation("rebalance", "rebalance", 18)
+    mid = rb.step("auto", proxies(40, 10, 11), 0.1, 100.0, None, draining=False, now=1001)
+    assert mid.limits[0] == Limit("p0", 22, 100.0) and mid.status["subscribersLeft"] == 18
+    done = rb.step("auto", proxies(22, 20, 19), 0.1, None, None, draining=False, now=1003)
+    assert done.status["state"] == "Balanced" and rb.current is None
+    # The round's limits stay a little longer (subscribers still on their way), then lapse.
+    assert [(x.proxy, x.keep, x.hold) for x in done.limits] == [("p0", 22, 10.0), ("p1", 22, 10.0), ("p2", 22, 10.0)]
+    assert done.events[0] == "rebalance ended (done): 39 of 39 subscribers moved"
+    skewed = rb.step("auto", proxies(22, 35, 4), 0.1, 200.0, None, draining=False, now=1100)
+    assert skewed.limits == () and "p1, p2 received moved subscribers" not in skewed.status["reason"]
+    assert "p1 received moved subscribers less than 600 s ago" in skewed.status["reason"]
+
+
+def test_off_plan_and_approve() -> None:
+    assert Rebalancer().step("off", proxies(61, 0), 0.1, 200.0, None, False, 1000).status["state"] == "Off"
+    rb = Rebalancer()
+    planned = rb.step("plan", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    assert planned.limits == () and rb.current is None and planned.status["state"] == "Planned"
+    assert planned.status["plan"] == {"cap": 22, "subscribers": 39, "moves": [{"from": "p0", "subscribers": 39}],
+                                      "reconnectsPerSecond": 200.0, "etaSeconds": 1}
+    assert planned.status["reason"].endswith("set neoplasma.io/rebalance=approve to run it")
+    # Turned to approve: the plan shown runs, once.
+    approved = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, planned.status, False, 1010)
+    assert approved.limits[0] == Limit("p0", 22, 200.0) and approved.status["approval"] is None
+    running = rb.step("approve", proxies(40, 10, 11), 0.1, 200.0, approved.status, False, 1011)
+    assert running.status["state"] == "Running" and running.status["plan"] == planned.status["plan"]
+    done = rb.step("approve", proxies(22, 20, 19), 0.1, 200.0, running.status, False, 1013)
+    assert done.status["state"] == "Balanced"
+    # Still `approve`: a new plan is shown, not run, until it is set to plan and approve again.
+    again = rb.step("approve", [*proxies(22, 20, 19), ProxySeen("p3", 0, READY)], 0.1, 200.0, done.status, False,
+                    1100)
+    assert again.limits == () and again.status["state"] == "Planned"
+    assert "set neoplasma.io/rebalance=plan, then approve" in again.status["reason"]
+    assert rb.step("plan", proxies(22, 20, 19, 0), 0.1, 200.0, again.status, False, 1101).limits == ()
+    rerun = rb.step("approve", [*proxies(22, 20, 19), ProxySeen("p3", 0, READY)], 0.1, 200.0,
+                    {**again.status, "mode": "plan"}, False, 1102)
+    assert rerun.limits[0].proxy == "p0" and rerun.status["state"] == "Running"
+
+
+def test_approve_with_no_plan_shown_shows_it_first_and_a_wait_keeps_the_approval() -> None:
+    rb = Rebalancer()
+    first = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    assert first.limits == () and first.status["state"] == "Planned" and first.status["approval"] == "pending"
+    assert first.status["reason"].endswith("running it next")
+    waiting = rb.step("approve", proxies(61, 0, 0), 0.1, 20.0, first.status, draining=True, now=1010)
+    assert waiting.status["state"] == "Waiting" and waiting.status["approval"] == "pending"
+    ran = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, waiting.status, draining=False, now=1020)
+    assert ran.status["state"] == "Running" and ran.limits and ran.status["approval"] is None
+    # Turning it off stops a running round.
+    stopped = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, ran.status, draining=False, now=1021)
+    assert {x.hold for x in stopped.limits} == {0.5}  # lifted at once
+    assert stopped.events[0].startswith("rebalance ended (neoplasma.io/rebalance is off)")
+
+
+def test_a_new_round_waits_while_pods_drain_and_a_stuck_round_times_out() -> None:
+    waiting = Rebalancer().step("auto", proxies(61, 0, 0), 0.1, 20.0, None, draining=True, now=1000)
+    assert waiting.limits == () and waiting.status["state"] == "Waiting"
+    rb = Rebalancer()
+    rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    stuck = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000 + 601)
+    assert stuck.events[0] == "rebalance ended (not done after 600 s): 0 of 39 subscribers moved"
+    assert stuck.events[1].startswith("rebalance started")  # a source is not cooling: it is asked again
+
+
+# -- one pass: drains and the rebalance on one budget -----------------------------------------
+
+
+def test_pods_as_the_connections_step_sees_them() -> None:
+    wall = datetime(2026, 1, 1, 0, 1, 0, tzinfo=UTC)
+    pods = [PodView("ns", "demo", "proxy", "a", ready=True, owner="rs-2", ready_since="2026-01-01T00:00:30Z"),
+            PodView("ns", "demo", "proxy", "b", ready=True, owner="rs-2"),
+            PodView("ns", "demo", "proxy", "c", ready=False, owner="rs-2"),
+            PodView("ns", "demo", "proxy", "old", ready=True, deleting=True, owner="rs-1",
+                    deletion="2026-01-01T00:03:00Z"),
+            PodView("ns", "demo", "proxy", "gone", deleting=True, owner="rs-2", deletion="garbage")]
+    seen = pods_seen(pods, {"a": 10, "c": 3, "old": 500}, "rs-2", scaled_in=False, wall=wall)
+    assert seen == [PodSeen("a", 10, 30.0), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
+                    PodSeen("old", 500, None, "rollout", 120.0), PodSeen("gone", None, None, "eviction", None)]
+    assert pods_seen(pods[-1:], {}, "rs-2", scaled_in=True, wall=wall)[0].terminating == "scale-in"
+    assert drain_kind("rs-1", "", scaled_in=False) == "eviction"  # no current template known
+    step = Connections()
+    assert [step.scaled_in(n, 140, now) for n, now in ((3, 0), (3, 10), (2, 20), (2, 150), (2, 161))] == [
+        False, False, True, True, False]
+
+
+def test_a_pass_paces_every_drain_and_the_rebalance_within_the_budget() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("auto", 0.1, 200.0)
+    pods = [PodSeen("a", 61, READY), PodSeen("b", 0, READY), PodSeen("c", 0, READY)]
+    started = step.step(policy, pods, None, now=1000)
+    assert started.paces == () and [(x.proxy, x.keep) for x in started.limits] == [("a", 22), ("b", 22), ("c", 22)]
+    assert started.status["reconnects"] == {"budget": 200.0, "reconnectsPerSecond": 200.0, "inProgress": [
+        {"kind": "rebalance", "name": "rebalance", "subscribersLeft": 39, "reconnectsPerSecond": 200.0,
+         "etaSeconds": 1}]}
+    assert step.busiest == 61 and started.notices[0].reason == "Rebalance"
+    # A rollout starts meanwhile: two pods drain, the round keeps a tenth, the sum is the budget.
+    pods = [PodSeen("a", 50, READY), PodSeen("b", 5, READY), PodSeen("c", 6, READY),
+            PodSeen("old-1", 3000, None, "rollout", 100.0), PodSeen("old-2", 1000, None, "eviction", 100.0)]
+    both = step.step(policy, pods, None, now=1001)
+    assert both.paces == (Pace("old-1", 90.0), Pace("old-2", 90.0))
+    assert both.limits[0] == Limit("a", 22, 20.0)
+    progress = both.status["reconnects"]
+    assert progress["reconnectsPerSecond"] == 200.0
+    assert [(e["kind"], e["name"], e["subscribersLeft"]) for e in progress["inProgress"]] == [
+        ("rollout", "old-1", 3000), ("eviction", "old-2", 1000), ("rebalance", "rebalance", 28)]
+    assert not [n for n in both.notices if n.warning]
+
+
+def test_a_drain_that_must_go_over_the_budget_is_reported_once() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("off", 0.1, 100.0)
+    late = [PodSeen("a", 10, READY), PodSeen("old", 5000, None, "rollout", 30.0)]
+    first = step.step(policy, late, None, now=1000)
+    assert first.paces == (Pace("old", 200.0),)
+    assert first.status["reconnects"]["inProgress"][0]["overBudget"] is True
+    warning = [n for n in first.notices if n.warning]
+    assert warning[0].reason == "ReconnectBudgetExceeded" and "rollout of old: 5000 subscribers left" in \
+        warning[0].message and "raise the budget or the grace period" in warning[0].message
+    assert not [n for n in step.step(policy, late, None, now=1001).notices if n.warning]
+    assert first.status["rebalance"]["state"] == "Off"
+
+
+def test_plan_mode_shows_the_plan_with_its_rate_and_moves_nothing() -> None:
+    step = Connections()
+    pods = [PodSeen("a", 100, READY), PodSeen("b", 0, READY)]
+    shown = step.step(ConnectionPolicy("plan", 0.1, 50.0), pods, None, now=1000)
+    assert shown.limits == () and shown.status["reconnects"]["inProgress"] == []
+    assert shown.status["rebalance"]["plan"] == {"cap": 55, "subscribers": 45, "reconnectsPerSecond": 50.0,
+                                                 "etaSeconds": 1, "moves": [{"from": "a", "subscribers": 45}]}
+    unread = step.step(ConnectionPolicy("auto", 0.1, 50.0), [PodSeen("a", 100, READY), PodSeen("b", None, READY)],
+                       None, now=1001)
+    assert unread.limits == () and "waiting for b" in unread.status["rebalance"]["reason"]
+
+
+def test_approval_is_remembered_not_reread_from_a_lagging_status_and_survives_a_restart() -> None:
+    rb = Rebalancer()
+    planned = rb.step("plan", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    ran = rb.step("approve", proxies(61, 0, 0), 0.1, 200.0, planned.status, False, 1010)
+    assert ran.limits and ran.status["approval"] is None
+    # The resource in hand still shows the status from before the approve: not approved again.
+    lagging = rb.step("approve", proxies(40, 10, 11), 0.1, 200.0, planned.status, False, 1011)
+    assert lagging.status["approval"] is None
+    after = rb.step("approve", proxies(22, 20, 19), 0.1, 200.0, planned.status, False, 1013)
+    assert after.status["state"] == "Balanced" and not any("started" in e for e in after.events)
+    # A restarted operator goes on from status: an approval still pending runs.
+    restarted = Rebalancer().step("approve", proxies(61, 0, 0), 0.1, 200.0,
+                                  {**planned.status, "mode": "approve", "approval": "pending"}, False, 2000)
+    assert restarted.status["state"] == "Running"
+
+
+def test_a_source_that_cannot_be_read_keeps_its_round_and_limits_instead_of_ending_it() -> None:
+    step = Connections()
+    policy = ConnectionPolicy("auto", 0.1, 20.0)
+    started = step.step(policy, [PodSeen("a", 60, READY), PodSeen("b", 0, READY), PodSeen("c", 0, READY)], None, 1000)
+    unread = step.step(policy, [PodSeen("a", None, None), PodSeen("b", 10, READY), PodSeen("c", 9, READY)], None, 1001)
+    assert step.rebalancer.current is not None and unread.limits == started.limits and not unread.notices
+    done = step.step(policy, [PodSeen("a", 22, None), PodSeen("b", 19, READY), PodSeen("c", 19, READY)], None, 1003)
+    assert step.rebalancer.current is None and done.notices[0].message.startswith("rebalance ended (done)")

@@ -1,0 +1,166 @@
+"""A proxy told to hold at most N subscribers (ProxyControl.Drain with keep_at_most) sheds the excess
+at the rate it is given, refuses newcomers and fails readiness while full, and serves as before when
+the limit lapses; the moved subscribers resume at the other proxy: 0 lost, 0 duplicated, never a
+non-200. Real brokers and proxies on 127.0.0.1; clients that reconnect through a stand-in for
+kube-proxy that picks any proxy at random (the worst case: it has not seen readiness yet)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from harness import AUTH, EventSource, Publisher, Server, proxy_status, wait_for
+from test_resume import NativeClient, all_subscribed, cluster, grpc_addresses
+
+from neoplasma.proxy.pod import worker_share
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
+
+
+async def drain(proxy: Server, **fields: Any) -> pb.DrainResponse:
+    async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
+        reply: pb.DrainResponse = await pb_grpc.ProxyControlStub(ch).Drain(pb.DrainRequest(**fields), timeout=5,
+                                                                          metadata=AUTH)
+    return reply
+
+
+async def health(proxy: Server) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{proxy.endpoints['http']}/healthz") as r:
+        return r.status, await r.text()
+
+
+async def test_shed_moves_the_excess_to_the_other_proxy_exactly_once_and_lapses(start: Any) -> None:
+    bs, ps = await cluster(start, 1, 2)
+    p0, p1 = ps
+    at = {"proxies": [p0]}
+    rng = random.Random(7)
+
+    def pick(kind: str) -> str:
+        return rng.choice(at["proxies"]).endpoints[kind]
+
+    browsers = [EventSource(lambda: pick("http"), "t").start() for _ in range(24)]
+    natives = [NativeClient(lambda: pick("grpc"), ["t"]) for _ in range(6)]
+    await wait_for(lambda: all_subscribed(p0, 30, 1), what="30 subscribers at p0")
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.01)
+    await wait_for(lambda: all(len(b.events) > 10 for b in browsers), what="events flowing")
+
+    at["proxies"] = [p0, p1]  # from now on a reconnect may land on either
+    started = time.monotonic()
+    reply = await drain(p0, keep_at_most=15, reconnects_per_second=20, hold_seconds=4)
+    assert reply.subscribers_remaining == 30
+    await wait_for(lambda: all_subscribed(p1, 15, 1), timeout=15, what="15 subscribers moved to p1")
+    took = time.monotonic() - started
+    assert took >= 14 / 20, f"15 moves at 20/s take at least 0.7 s, took {took:.2f} s"
+    status = await proxy_status(p0.endpoints["control"])
+    assert (status.subscribers, status.keep_at_most, status.draining) == (15, 15, False)
+    # Full: readiness fails and a newcomer is sent elsewhere with a short retry, never a non-200.
+    assert await health(p0) == (503, "full: subscribers are being spread over the proxies\n")
+    async with aiohttp.ClientSession() as session, session.get(f"http://{p0.endpoints['http']}/?eventType=t") as r:
+        assert r.status == 200 and await r.read() == b"retry: 100\n\n"
+    async with grpc.aio.insecure_channel(p0.endpoints["grpc"]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in pb_grpc.SubscriberStub(ch).Subscribe(pb.SubscribeRequest(topics=["t"]), timeout=5):
+                pass
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "proxy is full" in str(refused.value.details())
+
+    async def lapsed() -> bool:
+        return await health(p0) == (200, "ok\n")
+
+    await wait_for(lapsed, timeout=10, what="the limit lapsing after its hold")
+    assert (await proxy_status(p0.endpoints["control"])).keep_at_most == 0
+    await asyncio.sleep(0.3)  # publishing goes on after the moves
+    await delivered_exactly_once(publisher, browsers, natives)
+    for c in [*browsers, *natives]:
+        await c.close()
+
+
+async def delivered_exactly_once(publisher: Publisher, browsers: list[EventSource],
+                                 natives: Sequence[NativeClient] = ()) -> None:
+    """Stop publishing; every client got every event once, in order, no gap; browsers never a non-200."""
+    await publisher.stop()
+    await wait_for(lambda: all(publisher.all_received(c.events) for c in [*browsers, *natives]), timeout=30,
+                   what="every event at every client")
+    for k, b in enumerate(browsers):
+        assert set(b.statuses) == {200}, f"browser {k} got {b.statuses}"
+        publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
+        assert not b.gaps
+    for k, n in enumerate(natives):
+        publisher.assert_exactly_once_in_order(n.events, f"native {k}")
+        assert n.gaps == 0
+
+
+async def test_a_drain_under_way_changes_pace_when_told_and_a_shed_never_overrides_it(start: Any) -> None:
+    _, ps = await cluster(start, 1, 1)
+    browsers = [EventSource(lambda: ps[0].endpoints["http"], "t").start() for _ in range(30)]
+    await wait_for(lambda: all_subscribed(ps[0], 30, 1), what="30 subscribers")
+    started = time.monotonic()
+    await drain(ps[0], reconnects_per_second=2)
+
+    async def gone(n: int) -> bool:
+        return (await proxy_status(ps[0].endpoints["control"])).subscribers <= n
+
+    await wait_for(lambda: gone(29), what="the first moves")
+    await drain(ps[0], keep_at_most=5, reconnects_per_second=1)  # ignored: a drain ends everything
+    await drain(ps[0], reconnects_per_second=200)  # the operator's budget grew: faster
+    await wait_for(lambda: gone(0), timeout=5, what="the rest at the new pace")
+    assert time.monotonic() - started < 3, "30 at 2/s would take 15 s; at 200/s well under a second"
+    assert (await proxy_status(ps[0].endpoints["control"])).keep_at_most == 0
+    for b in browsers:
+        await b.close()
+
+
+async def test_sigterm_drain_speeds_up_to_end_within_its_limit(start: Any) -> None:
+    proxy = start("proxy", "p0", "--drain-rate", "1", "--drain-within", "2")
+    browsers = [EventSource(lambda: proxy.endpoints["http"], "t").start() for _ in range(20)]
+    await wait_for(lambda: proxy_status(proxy.endpoints["control"]), what="status")
+
+    async def twenty() -> bool:
+        return (await proxy_status(proxy.endpoints["control"])).subscribers == 20
+
+    await wait_for(twenty, what="20 subscribers")
+    started = time.monotonic()
+    assert await asyncio.to_thread(proxy.stop) == 0  # 20 at 1/s would take 20 s: the limit says 2
+    assert time.monotonic() - started < 6
+    assert "proxy_drain_hurried" in proxy.log()
+    for b in browsers:
+        await b.close()
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"reconnects_per_second": -1.0}, "reconnects_per_second must be a positive number from 0.1 to 1e+06"),
+    ({"reconnects_per_second": math.nan}, "reconnects_per_second must be a positive number"),
+    ({"reconnects_per_second": 1e7}, "reconnects_per_second must be a positive number from 0.1 to 1e+06"),
+    ({"keep_at_most": 5, "reconnects_per_second": 0.01}, "from 0.1 to 1e+06"),
+    ({"keep_at_most": 10_000_001}, "keep_at_most must be at most 10000000"),
+    ({"keep_at_most": 5, "hold_seconds": -1.0}, "hold_seconds must be between 0 and 3600"),
+    ({"keep_at_most": 5, "hold_seconds": math.inf}, "hold_seconds must be between 0 and 3600"),
+    ({"keep_at_most": 5, "hold_seconds": 7200.0}, "hold_seconds must be between 0 and 3600"),
+    ({"hold_seconds": 10.0}, "hold_seconds is for a limit (keep_at_most)"),
+])
+async def test_bad_drain_requests_are_refused_whole(start: Any, fields: dict[str, Any], problem: str) -> None:
+    proxy = start("proxy", "p0")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await drain(proxy, **fields)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and problem in str(refused.value.details())
+    status = await proxy_status(proxy.endpoints["control"])
+    assert (status.draining, status.keep_at_most) == (False, 0) and await health(proxy) == (200, "ok\n")
+    async with grpc.aio.insecure_channel(proxy.endpoints["control"]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+            await pb_grpc.ProxyControlStub(ch).Drain(pb.DrainRequest(keep_at_most=1), timeout=5)
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_pod_splits_pace_and_limit_over_its_workers() -> None:
+    share = worker_share(pb.DrainRequest(reconnects_per_second=90, keep_at_most=100, hold_seconds=30), 4)
+    assert (share.reconnects_per_second, share.keep_at_most, share.hold_seconds) == (22.5, 25, 30)
+    assert worker_share(pb.DrainRequest(keep_at_most=3), 4).keep_at_most == 1  # never 0: that is a drain
+    assert worker_share(pb.DrainRequest(reconnects_per_second=-1), 4).reconnects_per_second == -1  # refused there
+    one = pb.DrainRequest(reconnects_per_second=9)
+    assert worker_share(one, 1) is one
