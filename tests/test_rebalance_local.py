@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from typing import Any
 
@@ -107,6 +108,10 @@ async def test_sixty_subscribers_on_one_of_three_proxies_are_spread_within_toler
     moved = sum(1 for b in browsers if any(events for _, events in b.connections))
     bounces = sum(1 for b in browsers for _, events in b.connections[1:] if not events)
     print(f"balanced within {within:.1f} s: {history[-1][1]}; {moved} browsers moved, {bounces} bounces")
+    async with aiohttp.ClientSession() as session, session.get(f"http://{ps[0].endpoints['http']}/metrics") as resp:
+        exposition = await resp.text()
+    [rebalanced] = re.findall(r'^neoplasma_proxy_disconnects_total\{reason="rebalance"\} (\S+)$', exposition, re.M)
+    assert float(rebalanced) >= moved  # the moves away from the first proxy, as its metrics count them
     for c in clients:
         await c.close()
     await endpoints.close()
