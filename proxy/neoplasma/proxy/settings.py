@@ -85,8 +85,6 @@ class ProxyConfig(TrustSettings):
     max_linger_seconds: float = setting(MAX_LINGER, bound=NON_NEGATIVE, help="when the proxy's event loop runs "
                                         "behind (overloaded), the pause between delivery rounds grows up to this: "
                                         "fewer, larger writes until it keeps up (bounds the latency added)")
-    # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
-    # membership, interest acknowledgements) and for each relay to reach its replay.
     max_held_events_per_resume: int = setting(MAX_HELD, bound=POSITIVE, help="live events kept for one resuming "
                                               "subscriber while it catches up; beyond, it resumes from now with a gap")
     max_held_events: int = setting(MAX_HELD_PER_PROXY, bound=POSITIVE, help="live events kept for all resuming "
@@ -96,6 +94,8 @@ class ProxyConfig(TrustSettings):
     catch_up_bytes_per_second: float = setting(CATCH_UP_BYTES_PER_SECOND, bound=POSITIVE, help="bytes of event "
                                                "data this proxy writes per second to resuming subscribers, all "
                                                "together (the rest of its time is for live events)")
+    # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
+    # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,
                                          help="seconds a resuming subscriber waits for the broker links")
     # Private topics (neoplasma.proxy.auth): with a keys or JWKS file, only --public-topics are read without a token.
