@@ -28,7 +28,7 @@ summary() {
             "etcd $(etcd --version 2>/dev/null | awk 'NR==1{print $3}' || true)," \
             "$(chromium --version 2>/dev/null || echo 'no chromium')," \
             "$(redis-server --version 2>/dev/null | awk '{print $1, $3}' || echo 'no redis-server')," \
-            "$(prometheus --version 2>/dev/null | head -1 | awk '{print $1, $3}' || echo 'no prometheus')"
+            "$(prometheus --version 2>/dev/null | head -1 | awk '{print "prometheus", $3}' || echo 'no prometheus')"
     } >&2
 }
 trap summary EXIT
