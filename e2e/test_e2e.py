@@ -798,7 +798,14 @@ async def spread_history(kube: Kube, names: list[str], ready_at: float) -> list[
                 await asyncio.sleep(1.0)
 
 
-def test_scale_up_spreads_resuming_subscribers_over_the_proxies(kube: Kube, small: str) -> None:
+def figures(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print measured figures also when the test passes (pytest shows captured output only on failure)."""
+    with capsys.disabled():
+        print(f"\n[figures] {text}", flush=True)
+
+
+def test_scale_up_spreads_resuming_subscribers_over_the_proxies(kube: Kube, small: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """60 resuming SSE subscribers connect through the NodePort while there is one proxy; the
     proxies are scaled to 3; the operator moves subscribers off the busy one until the busiest
     holds at most 1.25x the average (each proxy's count read from its /metrics). Every event
@@ -824,9 +831,9 @@ def test_scale_up_spreads_resuming_subscribers_over_the_proxies(kube: Kube, smal
                 history = await spread_history(kube, names, ready_at)
                 took, counts = history[-1]
                 ratio = max(counts.values()) / (sum(counts.values()) / 3)
-                print(f"spread: busiest/average {ratio:.2f} ({sorted(counts.values())}) {took:.1f} s after 3 "
-                      f"proxies were ready (target {SPREAD_TARGET}x within {SPREAD_SECONDS:g} s); "
-                      f"samples: {history}")
+                figures(capsys, f"spread: busiest/average {ratio:.2f} ({sorted(counts.values())}) {took:.1f} s "
+                        f"after 3 proxies were ready (target {SPREAD_TARGET}x within {SPREAD_SECONDS:g} s); "
+                        f"samples: {history}")
                 print(f"status.rebalance: {kube.cluster(small)['status'].get('rebalance')}")
                 rebalances = [e["message"] for e in kube.get("events")["items"] if e.get("reason") == "Rebalance"]
                 print(f"Rebalance events: {rebalances}")
@@ -834,10 +841,10 @@ def test_scale_up_spreads_resuming_subscribers_over_the_proxies(kube: Kube, smal
                     f"a rebalance round moved subscribers from {first}"
             await eventually(lambda: publisher.all_received(clients), 60, "every event at every subscriber")
             publisher.assert_exactly_once(clients)
-            print(f"{len(publisher.sent)} events published during the move, each received once by each subscriber "
-                  f"({publisher.failed} publishes failed); {sum(1 for c in clients if c.moves)} subscribers "
-                  f"moved, {sum(len(c.ends) - len(c.moves) for c in clients)} bounces (refused, came back), "
-                      f"{sum(c.failed_connects for c in clients)} connection errors")
+            figures(capsys, f"{len(publisher.sent)} events published during the move, each received once by each "
+                    f"subscriber ({publisher.failed} publishes failed); {sum(1 for c in clients if c.moves)} "
+                    f"subscribers moved, {sum(len(c.ends) - len(c.moves) for c in clients)} bounces (refused, came "
+                    f"back), {sum(c.failed_connects for c in clients)} connection errors")
 
     asyncio.run(scenario())
 
@@ -864,7 +871,8 @@ def busiest_window(times: list[float], window: float) -> tuple[int, float]:
     return best, start
 
 
-def test_a_rollout_stays_within_the_reconnect_budget(kube: Kube, small: str) -> None:
+def test_a_rollout_stays_within_the_reconnect_budget(kube: Kube, small: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """neoplasma.io/max-reconnects-per-second set to 5: changing the budget changes the proxies'
     grace period, so the annotation itself rolls the 3 proxies out. The reconnects the 60
     subscribers see while the proxies are replaced (streams ended after they delivered events;
@@ -909,11 +917,11 @@ def test_a_rollout_stays_within_the_reconnect_budget(kube: Kube, small: str) -> 
             bounces = sum(1 for c in clients for t in c.ends if started <= t <= ended) - len(moves)
             most, at = busiest_window(moves, BUDGET_WINDOW)
             span = moves[-1] - moves[0] if len(moves) > 1 else 0.0
-            print(f"rollout at budget {BUDGET}/s: {len(moves)} moves over {span:.1f} s "
-                  f"({len(moves) / max(span, 1.0):.2f}/s on average), at most {most} in {BUDGET_WINDOW:g} s "
-                  f"({most / BUDGET_WINDOW:.2f}/s, from {at - started:.1f} s after the annotation); "
-                  f"{bounces} bounces, {sum(c.failed_connects for c in clients)} connection errors; the rollout "
-                      f"took {ended - started:.1f} s")
+            figures(capsys, f"rollout at budget {BUDGET}/s: {len(moves)} moves over {span:.1f} s "
+                    f"({len(moves) / max(span, 1.0):.2f}/s on average), at most {most} in {BUDGET_WINDOW:g} s "
+                    f"({most / BUDGET_WINDOW:.2f}/s, from {at - started:.1f} s after the annotation); "
+                    f"{bounces} bounces, {sum(c.failed_connects for c in clients)} connection errors; the rollout "
+                    f"took {ended - started:.1f} s")
             assert len(moves) >= SPREAD_SUBSCRIBERS, "every subscriber was moved off its old proxy"
             assert most <= BUDGET_TOLERANCE * BUDGET * BUDGET_WINDOW, (
                 f"{most} reconnects within {BUDGET_WINDOW:g} s, over {BUDGET_TOLERANCE} x the budget {BUDGET}/s")
