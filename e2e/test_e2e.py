@@ -6,9 +6,11 @@ created from e2e/kind-config.yaml. The image is made available to it by NEOPLASM
 chart is installed with `helm install` and checked with `helm test`, and the examples are
 applied. Then, from this machine: SSE and gRPC subscribers through the small example's
 NodePorts receive events published to the brokers; load above the annotations' thresholds adds
-brokers; a proxy rollout keeps subscribers served; deleting the clusters and `helm uninstall`
-leave nothing behind. Every test removes what it made, also when it fails, and a failing test
-prints the objects, events and logs of both namespaces.
+brokers; a proxy rollout keeps subscribers served; scaling the proxies up spreads resuming
+subscribers over them; a rollout's reconnects stay within neoplasma.io/max-reconnects-per-second;
+deleting the clusters and `helm uninstall` leave nothing behind. Every test removes what it
+made, also when it fails, and a failing test prints the objects, events and logs of both
+namespaces.
 
 Skipped, with the reason, where kubectl or helm is missing (and, without a kubeconfig, where
 Docker or kind is). Environment:
@@ -39,6 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,10 +117,12 @@ import grpc  # noqa: E402
 
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc  # noqa: E402
 from neoplasma.proxy.auth import mint  # noqa: E402
+from neoplasma.proxy.settings import ProxyConfig  # noqa: E402
 from neoplasma.wire.v1 import neoplasma_pb2 as pb  # noqa: E402
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc  # noqa: E402
 
 HELM = find_helm() or "helm"
+HTTP_PORT = ProxyConfig.http_port  # the proxies' SSE and /metrics port in their pods
 pytestmark = pytest.mark.timeout(1800)
 
 
@@ -221,9 +226,10 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
 
 @contextlib.contextmanager
 def port_forward(kube: Kube, service: str, *ports: int) -> Iterator[dict[int, int]]:
-    """`kubectl port-forward service/NAME :PORT...`: the local port of each remote port."""
+    """`kubectl port-forward service/NAME :PORT...` (or `pod/NAME`): the local port of each remote port."""
+    target = service if "/" in service else f"service/{service}"
     process = subprocess.Popen(
-        ["kubectl", "port-forward", "-n", NAMESPACE, f"service/{service}", *(f":{p}" for p in ports)],
+        ["kubectl", "port-forward", "-n", NAMESPACE, target, *(f":{p}" for p in ports)],
         env=kube.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     local: dict[int, int] = {}
@@ -250,12 +256,20 @@ def port_forward(kube: Kube, service: str, *ports: int) -> Iterator[dict[int, in
 
 @dataclass
 class SseSubscriber:
-    """An SSE subscriber that reconnects as a browser's EventSource does (after `retry:`)."""
+    """An SSE subscriber that behaves as a browser's EventSource: after the end of a stream it
+    waits `retry:` and reconnects with `Last-Event-ID`, resuming where it left off at whichever
+    proxy the Service sends it to. It records every response's status and when each stream ended."""
 
     topics: str
     events: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)  # `event: neoplasma-gap` (what could not be resumed)
+    statuses: list[int] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)  # time.monotonic() at each stream's end (a reconnect follows)
+    moves: list[float] = field(default_factory=list)  # the ends of streams that had delivered events (not bounces)
     connects: int = 0
     failed_connects: int = 0
+    last_id: str = ""
+    retry: float = 1.0
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> SseSubscriber:
@@ -263,24 +277,48 @@ class SseSubscriber:
         return self
 
     async def _run(self) -> None:
-        retry = 1.0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
             while True:
+                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+                delivered = len(self.events)
                 try:
-                    async with session.get(f"{SSE_URL}/", params={"eventType": self.topics}) as response:
+                    async with session.get(f"{SSE_URL}/", params={"eventType": self.topics},
+                                           headers=headers) as response:
+                        self.statuses.append(response.status)
                         if response.status != 200:
                             self.failed_connects += 1
                         else:
                             self.connects += 1
-                            async for raw in response.content:
-                                line = raw.decode().rstrip("\n")
-                                if line.startswith("data: "):
-                                    self.events.append(json.loads(line[6:]))
-                                elif line.startswith("retry: "):
-                                    retry = int(line[7:]) / 1000
+                            await self._read(response)
                 except aiohttp.ClientError:
                     self.failed_connects += 1
-                await asyncio.sleep(retry)
+                self.ends.append(time.monotonic())
+                if len(self.events) > delivered:
+                    self.moves.append(self.ends[-1])
+                await asyncio.sleep(self.retry)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> None:
+        """Each event as the HTML spec reads it: its fields, dispatched at the blank line."""
+        name, data, event_id = "", "", None
+        async for raw in response.content:
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if event_id is not None:
+                    self.last_id = event_id
+                if data:
+                    (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
+                name, data, event_id = "", "", None
+                continue
+            key, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if key == "retry":
+                self.retry = int(value) / 1000
+            elif key == "id":
+                event_id = value
+            elif key == "event":
+                name = value
+            elif key == "data":
+                data = value
 
     def received(self, marker: str) -> bool:
         return any(event.get("data", {}).get("marker") == marker for event in self.events)
@@ -359,6 +397,58 @@ async def subscribers(sse: int, grpc_streams: int, topic: str) -> AsyncIterator[
     finally:
         for client in clients:
             await client.close()
+
+
+@dataclass
+class NumberedPublisher:
+    """Publishes {"marker": marker, "n": 0, 1, 2, ...} to `topic` every `interval` seconds through
+    one broker; `sent` holds the numbers the broker accepted (a failed publish may or may not have
+    been, so it is never required, but must not arrive twice either)."""
+
+    broker: str
+    topic: str
+    marker: str
+    sent: list[int] = field(default_factory=list)
+    failed: int = 0
+
+    async def run(self, interval: float) -> None:
+        async with grpc.aio.insecure_channel(self.broker) as channel:
+            n = 0
+            while True:
+                try:
+                    await publish(self.broker, self.topic, {"marker": self.marker, "n": n}, channel=channel)
+                    self.sent.append(n)
+                except grpc.aio.AioRpcError:
+                    self.failed += 1
+                n += 1
+                await asyncio.sleep(interval)
+
+    def counts(self, client: SseSubscriber) -> Counter[int]:
+        return Counter(int(e["data"]["n"]) for e in client.events if e.get("data", {}).get("marker") == self.marker)
+
+    def all_received(self, clients: list[SseSubscriber]) -> bool:
+        return all(all(self.counts(c)[n] for n in self.sent) for c in clients)
+
+    def assert_exactly_once(self, clients: list[SseSubscriber]) -> None:
+        """Every accepted event at every subscriber once, nothing twice, no gap, never a non-200."""
+        for k, c in enumerate(clients):
+            counts = self.counts(c)
+            lost = [n for n in self.sent if not counts[n]]
+            twice = sorted(n for n, times in counts.items() if times > 1)
+            assert not lost and not twice, f"subscriber {k}: lost {lost}, received twice {twice}"
+            assert set(c.statuses) == {200}, f"subscriber {k} got {c.statuses}"
+            assert not c.gaps, f"subscriber {k} could not resume: {c.gaps}"
+
+
+@contextlib.asynccontextmanager
+async def publishing(publisher: NumberedPublisher, interval: float) -> AsyncIterator[NumberedPublisher]:
+    task = asyncio.create_task(publisher.run(interval))
+    try:
+        yield publisher
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # -- the cluster, the image, the release ----------------------------------------------------
@@ -635,6 +725,211 @@ def test_proxy_rollout_keeps_subscribers_served(kube: Kube, small: str) -> None:
 
     asyncio.run(scenario())
     kube.wait_ready(small)
+
+
+SPREAD_SUBSCRIBERS = 60
+# The issue's target on a real node: 30 s after 3 proxies are ready, the busiest holds at most 1.25x
+# the average. Waited for up to 3 times as long (the one-node cluster shares 2 CPUs with this test);
+# the time it took is printed.
+SPREAD_TARGET, SPREAD_SECONDS, SPREAD_WAIT = 1.25, 30.0, 90.0
+
+
+def proxy_selector(cluster: str) -> str:
+    return f"app.kubernetes.io/instance={cluster},app.kubernetes.io/component=proxy"
+
+
+def scale_proxies(kube: Kube, cluster: str, replicas: int) -> None:
+    kube.kubectl("patch", "-n", NAMESPACE, f"neoplasmacluster/{cluster}", "--type", "merge", "-p",
+                 json.dumps({"spec": {"proxies": {"replicas": replicas}}}))
+
+
+async def proxy_subscribers(session: aiohttp.ClientSession, ports: dict[str, int]) -> dict[str, int]:
+    """Each proxy pod's subscribers (SSE and gRPC), from its /metrics (through a port-forward)."""
+    counts = {}
+    for name, port in ports.items():
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            text = await response.text()
+        values = re.findall(r"^neoplasma_proxy_subscribers\{[^}]*\} (\S+)$", text, re.M)
+        assert values, f"{name}'s /metrics has no neoplasma_proxy_subscribers"
+        counts[name] = round(sum(float(v) for v in values))
+    return counts
+
+
+@contextlib.asynccontextmanager
+async def connected(kube: Kube, cluster: str, sse: int) -> AsyncIterator[tuple[str, str, list[SseSubscriber]]]:
+    """`sse` SSE subscribers of a new topic through the NodePort, each once it received an event;
+    with a broker's address (through a port-forward) and the topic."""
+    topic = f"e2e:{uuid.uuid4().hex[:8]}"
+    with port_forward(kube, f"{cluster}-broker", 50051) as local:
+        broker = f"127.0.0.1:{local[50051]}"
+        async with subscribers(sse=sse, grpc_streams=0, topic=topic) as clients:
+            await eventually(lambda: all(c.received("ready") for c in clients), 90, f"{sse} subscribers connected",
+                             tick=lambda: publish(broker, topic, {"marker": "ready"}))
+            yield broker, topic, clients
+
+
+def ready_proxies(kube: Kube, selector: str, replicas: int) -> list[str]:
+    """The proxy pods' names once exactly `replicas` of them run and all are ready, else []."""
+    pods = kube.pods(selector)
+    ready = [p["metadata"]["name"] for p in pods if _pod_ready(p)]
+    return ready if len(pods) == replicas and len(ready) == replicas else []
+
+
+async def spread_history(kube: Kube, names: list[str], ready_at: float) -> list[tuple[float, dict[str, int]]]:
+    """Each proxy's subscribers, read every second from `ready_at` until the busiest holds at most
+    SPREAD_TARGET x the average (with every subscriber counted); fails after SPREAD_WAIT seconds."""
+    history: list[tuple[float, dict[str, int]]] = []
+    with contextlib.ExitStack() as forwards:
+        ports = {}
+        for name in names:
+            local = await asyncio.to_thread(forwards.enter_context, port_forward(kube, f"pod/{name}", HTTP_PORT))
+            ports[name] = local[HTTP_PORT]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    counts = await proxy_subscribers(session, ports)
+                    history.append((round(time.monotonic() - ready_at, 1), counts))
+                    total = sum(counts.values())
+                    if total >= SPREAD_SUBSCRIBERS and max(counts.values()) <= SPREAD_TARGET * total / len(counts):
+                        return history
+                assert time.monotonic() - ready_at < SPREAD_WAIT, (
+                    f"the busiest proxy holds more than {SPREAD_TARGET}x the average {SPREAD_WAIT:g} s after "
+                    f"{len(names)} proxies were ready: {history}")
+                await asyncio.sleep(1.0)
+
+
+def figures(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print measured figures also when the test passes (pytest shows captured output only on failure)."""
+    with capsys.disabled():
+        print(f"\n[figures] {text}", flush=True)
+
+
+def test_scale_up_spreads_resuming_subscribers_over_the_proxies(kube: Kube, small: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """60 resuming SSE subscribers connect through the NodePort while there is one proxy; the
+    proxies are scaled to 3; the operator moves subscribers off the busy one until the busiest
+    holds at most 1.25x the average (each proxy's count read from its /metrics). Every event
+    published meanwhile reaches every subscriber exactly once, and no connect gets a non-200.
+    (The proxies stay at 3 for the next test; the release fixture removes the cluster.)"""
+    proxies = proxy_selector(small)
+    scale_proxies(kube, small, 1)
+
+    def one_proxy() -> str:
+        pods = kube.get("pods", selector=proxies)["items"]  # terminating ones too: all on one proxy
+        return str(pods[0]["metadata"]["name"]) if len(pods) == 1 and _pod_ready(pods[0]) else ""
+
+    first = wait_for(one_proxy, 180, "one proxy")
+
+    async def scenario() -> None:
+        async with connected(kube, small, SPREAD_SUBSCRIBERS) as (broker, topic, clients):
+            publisher = NumberedPublisher(broker, topic, "spread")
+            async with publishing(publisher, 0.2):
+                await asyncio.to_thread(scale_proxies, kube, small, 3)
+                names = await asyncio.to_thread(wait_for, lambda: ready_proxies(kube, proxies, 3), 180,
+                                                "3 ready proxies", 0.5)
+                ready_at = time.monotonic()
+                history = await spread_history(kube, names, ready_at)
+                took, counts = history[-1]
+                ratio = max(counts.values()) / (sum(counts.values()) / 3)
+                figures(capsys, f"spread: busiest/average {ratio:.2f} ({sorted(counts.values())}) {took:.1f} s "
+                        f"after 3 proxies were ready (target {SPREAD_TARGET}x within {SPREAD_SECONDS:g} s); "
+                        f"samples: {history}")
+                print(f"status.rebalance: {kube.cluster(small)['status'].get('rebalance')}")
+                rebalances = [e["message"] for e in kube.get("events")["items"] if e.get("reason") == "Rebalance"]
+                print(f"Rebalance events: {rebalances}")
+                assert any("rebalance started" in m and first in m for m in rebalances), \
+                    f"a rebalance round moved subscribers from {first}"
+            await eventually(lambda: publisher.all_received(clients), 60, "every event at every subscriber")
+            publisher.assert_exactly_once(clients)
+            figures(capsys, f"{len(publisher.sent)} events published during the move, each received once by each "
+                    f"subscriber ({publisher.failed} publishes failed); {sum(1 for c in clients if c.moves)} "
+                    f"subscribers moved, {sum(len(c.ends) - len(c.moves) for c in clients)} bounces (refused, came "
+                    f"back), {sum(c.failed_connects for c in clients)} connection errors")
+
+    asyncio.run(scenario())
+
+
+# A low budget, so that pacing shows: 60 subscribers on 3 proxies take at least 12 s to move.
+BUDGET = 5
+# Reconnects are counted in every window of BUDGET_WINDOW seconds. Allowed: BUDGET_TOLERANCE x the
+# budget. A drain closes its first subscriber as soon as it starts, then one every 1/rate s, so each
+# drain starting in a window adds up to 1 (3 proxies: up to 3 in 25); and the clients' clock is this
+# test's event loop on the 2 CPUs the cluster also runs on, which bunches reconnects by a few hundred
+# ms at the window's edges. 1.2 x covers both; a drain not paced by the operator (--drain-rate, or
+# two drains at the whole budget each) shows as 2 x or more.
+BUDGET_WINDOW, BUDGET_TOLERANCE = 5.0, 1.2
+
+
+def busiest_window(times: list[float], window: float) -> tuple[int, float]:
+    """The most of `times` (sorted) within `window` seconds of each other, and where that window starts."""
+    best, start, j = 0, times[0] if times else 0.0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - window:
+            j += 1
+        if i - j + 1 > best:
+            best, start = i - j + 1, times[j]
+    return best, start
+
+
+def test_a_rollout_stays_within_the_reconnect_budget(kube: Kube, small: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """neoplasma.io/max-reconnects-per-second set to 5: changing the budget changes the proxies'
+    grace period, so the annotation itself rolls the 3 proxies out. The reconnects the 60
+    subscribers see while the proxies are replaced (streams ended after they delivered events;
+    bounces off a refusing proxy are not moves, and are printed apart) stay within the budget, with
+    the tolerance above; every event reaches every subscriber exactly once. (The budget stays
+    annotated: removing it would roll the proxies again; the release fixture removes the cluster.)"""
+    proxies = proxy_selector(small)
+    scale_proxies(kube, small, 3)  # (as the previous test left them)
+    wait_for(lambda: ready_proxies(kube, proxies, 3), 180, "3 ready proxies")
+    # Only the rollout moves subscribers here (a rebalance is paced from the same budget, but one
+    # started before the annotation would go at the default budget).
+    kube.kubectl("annotate", "--overwrite", "-n", NAMESPACE, f"neoplasmacluster/{small}", "neoplasma.io/rebalance=off")
+
+    async def scenario() -> None:
+        async with connected(kube, small, SPREAD_SUBSCRIBERS) as (broker, topic, clients):
+            old = {p["metadata"]["name"] for p in kube.pods(proxies)}
+            publisher = NumberedPublisher(broker, topic, "budget")
+            async with publishing(publisher, 0.1):  # (every live stream delivers events: moves are seen)
+                started = time.monotonic()
+                await asyncio.to_thread(
+                    kube.kubectl, "annotate", "--overwrite", "-n", NAMESPACE, f"neoplasmacluster/{small}",
+                    f"neoplasma.io/max-reconnects-per-second={BUDGET}")
+
+                def rolled() -> bool:
+                    [container] = kube.get("deployment", f"{small}-proxy")["spec"]["template"]["spec"]["containers"]
+                    command = [*container.get("command", []), *container.get("args", [])]
+                    at = command.index("--drain-rate") + 1 if "--drain-rate" in command else len(command)
+                    return command[at:at + 1] == [str(BUDGET)]
+
+                await asyncio.to_thread(wait_for, rolled, 60, f"the proxies rendered with the budget {BUDGET}")
+                await asyncio.to_thread(kube.wait_rollout, f"{small}-proxy", 300)
+
+                def old_gone() -> bool:
+                    return not old & {p["metadata"]["name"] for p in kube.get("pods", selector=proxies)["items"]}
+
+                await asyncio.to_thread(wait_for, old_gone, 240, "the old proxies to drain and exit")
+                ended = time.monotonic()
+                print(f"status.reconnects: {kube.cluster(small)['status'].get('reconnects')}")
+            await eventually(lambda: publisher.all_received(clients), 60, "every event at every subscriber")
+            publisher.assert_exactly_once(clients)
+            moves = sorted(t for c in clients for t in c.moves if started <= t <= ended)
+            bounces = sum(1 for c in clients for t in c.ends if started <= t <= ended) - len(moves)
+            most, at = busiest_window(moves, BUDGET_WINDOW)
+            span = moves[-1] - moves[0] if len(moves) > 1 else 0.0
+            figures(capsys, f"rollout at budget {BUDGET}/s: {len(moves)} moves over {span:.1f} s "
+                    f"({len(moves) / max(span, 1.0):.2f}/s on average), at most {most} in {BUDGET_WINDOW:g} s "
+                    f"({most / BUDGET_WINDOW:.2f}/s, from {at - started:.1f} s after the annotation); "
+                    f"{bounces} bounces, {sum(c.failed_connects for c in clients)} connection errors; the rollout "
+                    f"took {ended - started:.1f} s")
+            assert len(moves) >= SPREAD_SUBSCRIBERS, "every subscriber was moved off its old proxy"
+            assert most <= BUDGET_TOLERANCE * BUDGET * BUDGET_WINDOW, (
+                f"{most} reconnects within {BUDGET_WINDOW:g} s, over {BUDGET_TOLERANCE} x the budget {BUDGET}/s")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        kube.kubectl("annotate", "-n", NAMESPACE, f"neoplasmacluster/{small}", "neoplasma.io/rebalance-", check=False)
 
 
 def test_deleting_clusters_and_uninstalling_cleans_up(kube: Kube, release: str) -> None:

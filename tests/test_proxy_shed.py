@@ -96,6 +96,34 @@ async def delivered_exactly_once(publisher: Publisher, browsers: list[EventSourc
         assert n.gaps == 0
 
 
+async def sse_until_closed(address: str) -> bytes:
+    """One SSE request over a keep-alive connection, read until the proxy closes the connection."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET /?eventType=t HTTP/1.1\r\nHost: {address}\r\nConnection: keep-alive\r\n\r\n".encode())
+        await writer.drain()
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_moved_or_refused_sse_stream_closes_its_connection(start: Any) -> None:
+    """kube-proxy picks a backend per connection: a reconnect over the same keep-alive connection
+    would come back to the proxy it was moved from. So the connection of a moved or refused
+    stream is closed after it (the request asked for keep-alive)."""
+    _, ps = await cluster(start, 1, 1)
+    streams = [asyncio.create_task(sse_until_closed(ps[0].endpoints["http"])) for _ in range(2)]
+    await wait_for(lambda: all_subscribed(ps[0], 2, 1), what="2 subscribers")
+    await drain(ps[0], keep_at_most=1, reconnects_per_second=20, hold_seconds=5)
+    done, pending = await asyncio.wait(streams, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1 and len(pending) == 1, "one stream moved, its connection closed"
+    assert b"retry: 100" in done.pop().result()
+    refused = await asyncio.wait_for(sse_until_closed(ps[0].endpoints["http"]), 10)  # full: refused, closed
+    assert b"HTTP/1.1 200" in refused and b"retry: 100" in refused
+    pending.pop().cancel()
+
+
 async def test_a_drain_under_way_changes_pace_when_told_and_a_shed_never_overrides_it(start: Any) -> None:
     _, ps = await cluster(start, 1, 1)
     browsers = [EventSource(lambda: ps[0].endpoints["http"], "t").start() for _ in range(30)]

@@ -637,6 +637,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         response.enable_chunked_encoding()
         await response.prepare(request)
         if proxy.refusing():  # never a non-200 (EventSource would give up): come back soon, elsewhere
+            response.force_close()  # (see below: elsewhere needs a new connection)
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
             return response
@@ -659,6 +660,10 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
             proxy.hub.remove(sub)
             proxy.hub.metrics.disconnected(sub.closed_as)
         if reason in MOVED and not transport.is_closing():
+            # The connection is closed after the stream: a client (a browser too) reconnecting over the
+            # same keep-alive connection would reach this proxy again, as kube-proxy and most load
+            # balancers pick a backend per connection, not per request.
+            response.force_close()
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
         elif reason == "expired" and not transport.is_closing():
