@@ -249,6 +249,19 @@ def test_auto_runs_a_round_to_the_end_then_the_receivers_cool_down() -> None:
     assert "p1 received moved subscribers less than 600 s ago" in skewed.status["reason"]
 
 
+def test_no_round_is_planned_while_the_last_ones_subscribers_are_landing() -> None:
+    """A round ends when its source is at its limit while the moved subscribers are still reconnecting
+    (counted nowhere): no new round from that undercount, whose limits would hold fewer than all of them."""
+    rb = Rebalancer()
+    rb.step("auto", proxies(60, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
+    in_flight = rb.step("auto", proxies(22, 0, 0), 0.1, 200.0, None, draining=False, now=1001)
+    assert rb.current is None and in_flight.status["state"] == "Waiting"
+    assert [(x.proxy, x.keep) for x in in_flight.limits] == [("p0", 22), ("p1", 22), ("p2", 22)]  # the round's
+    assert rb.step("auto", proxies(22, 5, 0), 0.1, 200.0, None, draining=False, now=1005).limits == ()
+    landed = rb.step("auto", proxies(22, 20, 18), 0.1, 200.0, None, draining=False, now=1012)
+    assert landed.status["state"] == "Balanced" and landed.limits == ()
+
+
 def test_off_plan_and_approve() -> None:
     assert Rebalancer().step("off", proxies(61, 0), 0.1, 200.0, None, False, 1000).status["state"] == "Off"
     rb = Rebalancer()
@@ -297,7 +310,9 @@ def test_a_new_round_waits_while_pods_drain_and_a_stuck_round_times_out() -> Non
     rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000)
     stuck = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000 + 601)
     assert stuck.events[0] == "rebalance ended (not done after 600 s): 0 of 39 subscribers moved"
-    assert stuck.events[1].startswith("rebalance started")  # a source is not cooling: it is asked again
+    assert stuck.status["state"] == "Waiting"  # for the moved ones still landing, then:
+    again = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000 + 612)
+    assert again.events[0].startswith("rebalance started")  # a source is not cooling: it is asked again
 
 
 # -- one pass: drains and the rebalance on one budget -----------------------------------------

@@ -106,7 +106,9 @@ class Reconnects:
         spread = [round(u - at[0], 2) for u in at]
         for t in at:
             assert len([u for u in at if t <= u < t + window]) <= rate * window + drains, f"over the budget: {spread}"
-        assert at[-1] - at[0] >= (len(at) - drains) / rate, f"faster than the budget: {spread}"
+        # Paced at exactly `rate`, the clients see the closes a few ms off the proxy's schedule: 5 % slack
+        # (a drain at twice the budget, or unpaced, is far outside it).
+        assert at[-1] - at[0] >= 0.95 * (len(at) - drains) / rate, f"faster than the budget: {spread}"
 
 
 async def test_plan_shows_the_moves_without_moving_then_approve_spreads_the_subscribers(

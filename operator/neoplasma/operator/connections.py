@@ -413,6 +413,11 @@ class Rebalancer:
         if draining:
             return orders("Waiting", "proxy pods are draining: rebalancing starts when they are done",
                           plan=plan.to_status(rate), **seen)
+        if any(r.ended is not None and now - r.ended < AFTER_ROUND for r in self.history):
+            # The last round's moved subscribers may still be reconnecting, counted nowhere: a plan made
+            # now would take them for gone and give limits that hold fewer than every subscriber.
+            return orders("Waiting", f"the last round's moved subscribers are still landing (for {AFTER_ROUND:g} s "
+                          "after it ended)", plan=plan.to_status(rate), **seen)
         self.current = Round(now, plan.cap, dict(plan.limits), frozenset(plan.moves), plan.moved)
         events.append(f"rebalance started: {plan.reason}; moving " + ", ".join(
             f"{n} from {name}" for name, n in sorted(plan.moves.items())))
