@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 import grpc
 import psutil
+from connect_rate import cpu_seconds, listen_overflows, pct
 
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -60,13 +61,6 @@ WATCH = "watch"
 
 def topic(i: int) -> str:
     return f"storm{i:04d}"
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # -- client roles (child processes) -------------------------------------------------------------
@@ -442,6 +436,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 peak_b = max(peak_b, rss(proxy_b))
                 await asyncio.sleep(0.05)
             broker0, b0 = await metrics(broker.endpoints["http"]), await metrics(proxy_b.endpoints["http"])
+            overflows0, cpu0, b_procs = listen_overflows(), cpu_seconds(proxy_b), len(processes(proxy_b))
             kill = time.time()
             for c in storm:
                 c.say(f"kill {kill!r}")
@@ -465,6 +460,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             storm_end = time.time()
             broker1, b1 = await metrics(broker.endpoints["http"]), await metrics(proxy_b.endpoints["http"])
             rss_b_after, hwm_b = rss(proxy_b), hwm(proxy_b)
+            overflows, cpu_b = listen_overflows() - overflows0, cpu_seconds(proxy_b) - cpu0
             await publisher.stop()
             sent = publisher.sent
             expected = [sum(sent.get(topic(i % args.topics), 0) for i in range(c_first, c_first + c_n))
@@ -507,6 +503,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "gap_signals": sum(r["gaps"] for r in results),
         "events_published": sum(v for k, v in sent.items() if k != WATCH),
         "events_received": sum(r["received"] for r in results), "events_expected": sum(expected),
+        "listen_overflows_during_storm": overflows, "proxy_b_cpu_s_during_storm": round(cpu_b, 2),
+        "load_average_at_end": os.getloadavg(), "proxy_b_processes": b_procs,
         "connect_attempts": sum(r["attempts"] for r in results),
         "statuses": {k: sum(r["statuses"].get(k, 0) for r in results) for r in results for k in r["statuses"]},
         "broker_replay_metrics_during_storm": replay,
@@ -531,7 +529,9 @@ def table(out: dict[str, Any]) -> str:
         ("time to all live (from the kill)", f"{out['time_to_all_live_s']} s (p50 {out['time_to_live_p50_s']} s, "
                                              f"p99 {out['time_to_live_p99_s']} s; "
                                              f"{out['not_live_within_bound']} not live)"),
-        ("reconnect to 200 on B", f"p50 {out['reconnected_200_p50_s']} s, max {out['reconnected_200_max_s']} s"),
+        ("reconnect to 200 on B", f"p50 {out['reconnected_200_p50_s']} s, max {out['reconnected_200_max_s']} s "
+                                  f"(listen overflows {out['listen_overflows_during_storm']}, "
+                                  f"B's CPU {out['proxy_b_cpu_s_during_storm']} s)"),
         ("lost / duplicated / out of order", f"{out['lost']} / {out['duplicated']} / {out['out_of_order']} "
                                              f"(gap signals {out['gap_signals']})"),
         ("events received / expected", f"{out['events_received']} / {out['events_expected']}"),
@@ -565,8 +565,8 @@ def cli() -> None:
     path = ROOT / "bench" / "results" / "storm.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
     print(table(out))
-    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
     print(f"written {path.relative_to(ROOT)}")
 
 
