@@ -8,7 +8,8 @@ address) subscribe on A to --topics topics; --watchers more subscribe on B to to
 sends --rate events/s spread over the topics (each event carries its topic's sequence number `n` and its
 publish time) and 20 events/s to `watch`. After --quiet-seconds, proxy A is killed (SIGKILL): every
 subscriber reconnects at once to B with `Last-Event-ID` (its last `id:`), without waiting the `retry:`
-hint (the worst case; a failed attempt waits it).
+hint (the worst case; a failed attempt waits it), or after a random delay up to --reconnect-spread seconds
+(the jitter a client library may add).
 
 Figures (printed, and written to bench/results/storm.json):
   - time from the kill until every resumed subscriber is live (received an event published after the
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -157,7 +159,8 @@ class Sub(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if not self.role.stopping and not self.role.watch:
-            asyncio.get_running_loop().create_task(self.role.connect(self, self.role.cfg["port_b"], 0.0))
+            delay = random.uniform(0.0, self.role.cfg["spread"])
+            asyncio.get_running_loop().create_task(self.role.connect(self, self.role.cfg["port_b"], delay))
 
 
 class Role:
@@ -393,7 +396,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
                                        "shared": "yes: other work may run at the same time"},
                            "subscribers": n, "topics": args.topics, "rate_per_s": args.rate,
-                           "watchers": args.watchers, "client_processes": procs}
+                           "watchers": args.watchers, "client_processes": procs,
+                           "reconnect_spread_s": args.reconnect_spread}
     started: list[Client] = []
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
@@ -408,9 +412,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             ports = {"port_a": proxy_a.port("http"), "port_b": proxy_b.port("http")}
             share = [n // procs + (i < n % procs) for i in range(procs)]
             storm = [Client(**ports, source=f"127.0.0.{2 + i}", first=sum(share[:i]), n=share[i],
-                            topics=args.topics, watch=False) for i in range(procs)]
+                            topics=args.topics, watch=False, spread=args.reconnect_spread) for i in range(procs)]
             watch = Client(port_a=proxy_b.port("http"), port_b=0, source=f"127.0.0.{2 + procs}", first=0,
-                           n=args.watchers, topics=1, watch=True)
+                           n=args.watchers, topics=1, watch=True, spread=0.0)
             started = [*storm, watch]
             for c in started:
                 c.expect("ready", 60)
@@ -556,6 +560,9 @@ def cli() -> None:
     parser.add_argument("--quiet-seconds", type=float, default=5.0, help="publishing before the kill (default 5)")
     parser.add_argument("--client-processes", type=int, default=0,
                         help="client processes for the subscribers (default: one per 3,000, at most 4)")
+    parser.add_argument("--reconnect-spread", type=float, default=0.0,
+                        help="each subscriber reconnects after a random delay up to this many seconds "
+                             "(default 0: all at once)")
     parser.add_argument("--timeout", type=float, default=120.0, help="bound on the whole run in seconds (default 120)")
     if len(sys.argv) > 2 and sys.argv[1] == "--role":
         run_role(sys.argv[2])
