@@ -81,6 +81,7 @@ class Sub(asyncio.Protocol):
         self.live_at = 0.0  # when the first event published after the kill arrived
         self.ok_at = 0.0  # when the last connection got its 200
         self.gaps = 0
+        self.dropped = False
         self.attempts = 0
         self.statuses: dict[str, int] = {}
         self.retry_ms = 2000
@@ -152,12 +153,13 @@ class Sub(asyncio.Protocol):
             self.role.events += 1
             if self.role.watch:
                 self.records.append((now, now - float(event["ts"])))
-            elif self.role.kill and not self.live_at and float(event["ts"]) > self.role.kill:
+            elif self.dropped and not self.live_at and float(event["ts"]) > self.role.kill:
                 self.live_at = now
                 self.role.live += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.dropped = self.role.kill > 0  # live again: on a connection after the kill
         if not self.role.stopping and not self.role.watch:
             delay = random.uniform(0.0, self.role.cfg["spread"])
             asyncio.get_running_loop().create_task(self.role.connect(self, self.role.cfg["port_b"], delay))
