@@ -159,6 +159,9 @@ class Sub(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if not self.in_body:  # reset or closed before the status line
+            why = f"closed before the status line: {type(exc).__name__ if exc else 'EOF'}"
+            self.statuses[why] = self.statuses.get(why, 0) + 1
         self.dropped = self.role.kill > 0  # live again: on a connection after the kill
         if not self.role.stopping and not self.role.watch:
             delay = random.uniform(0.0, self.role.cfg["spread"])
