@@ -104,6 +104,8 @@ class Metrics:
         self.outbox_bytes = Gauge("neoplasma_broker_outbox_bytes", "Bytes queued for relay streams", registry=r)
         self.replays = Counter("neoplasma_broker_replays", "Replay calls served (resuming subscribers' catch-up)",
                                registry=r)
+        self.replayed_bytes = Counter("neoplasma_broker_replayed_bytes", "Bytes of retained events Replay calls sent",
+                                      registry=r)
         self.replays_refused = Counter("neoplasma_broker_replays_refused", "Replay calls refused: over the budget",
                                        registry=r)
         self.retained_bytes = Gauge("neoplasma_broker_retained_bytes",
@@ -389,6 +391,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 done = after >= head
                 if found or done or gap:
                     message = b"".join([batch_entry(event, seq) for seq, event in found])
+                    broker.metrics.replayed_bytes.inc(len(message))
                     yield message + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
                     gap = False
                 if done:
