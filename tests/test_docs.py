@@ -87,10 +87,16 @@ def _join_continuations(lines: list[str]) -> list[str]:
     return joined
 
 
-def _first_word(command: str) -> str:
+def _command_words(command: str) -> list[str]:
+    """The command's words without the VAR=value assignments before it."""
     words = shlex.split(command, comments=True)
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-        words = words[1:]  # VAR=value before the command
+        words = words[1:]
+    return words
+
+
+def _first_word(command: str) -> str:
+    words = _command_words(command)
     return words[0] if words else ""
 
 
@@ -231,9 +237,7 @@ def check_names(example: Example) -> list[str]:
         if annotation not in known_annotations() and annotation not in {"v1alpha1"}:
             problems.append(f"annotation neoplasma.io/{annotation} is not used by the code")
     for command in simple_commands(example):
-        words = shlex.split(command)
-        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-            words = words[1:]
+        words = _command_words(command)
         first = words[0]
         if first == "...":  # "and so on", as in `kubectl get nodes; ...`
             continue
