@@ -34,7 +34,7 @@ from harness import (
 
 from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, varint
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     EVENT_OVERHEAD,
@@ -45,6 +45,8 @@ from neoplasma.core.resume import (
     cluster_tag,
     decode_token,
     encode_token,
+    epoch_mark,
+    parse_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
@@ -554,7 +556,7 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": 1})])  # seq 3, live
     assert await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
     assert [json.loads(e.data)["n"] for e in client.events] == [0, 1] and not client.gaps
-    assert [decode_token(t.decode(), hub.tag) for t in client.tokens] == [{link.epoch: 2}]
+    assert [decode_token(t.decode(), hub.tag, [link.epoch]) for t in client.tokens] == [{link.epoch: 2}]
     dispatcher.cancel()
     await links.close()
 
@@ -562,32 +564,76 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
 # -- units ---------------------------------------------------------------------------
 
 
+def v1_token(tag: bytes, positions: dict[int, int]) -> str:
+    """A token as the code before version 2 issued it (clients hold these across an upgrade)."""
+    raw = b"\x01" + tag + b"".join(e.to_bytes(4, "big") + varint(positions[e]) for e in sorted(positions))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
 def test_token_round_trip_and_size() -> None:
     tag = cluster_tag("c")
     for positions in ({}, {1: 0}, {2**32 - 1: 2**63}, {random.randint(1, 2**32 - 1): random.randint(0, 2**40)
                                                        for _ in range(60)}):
         token = encode_token(tag, positions)
-        assert decode_token(token.decode(), tag) == positions
-        assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 1
-    sixty = encode_token(tag, {epoch: 5_000_000 for epoch in range(1, 61)})
-    assert len(sixty) < 700  # docs/resume.md: about 650 characters for 60 brokers
+        assert decode_token(token.decode(), tag, positions) == positions
+        assert decode_token(token.decode(), tag, [*positions, 5, 77, 2**31]) == positions  # other known brokers
+        assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 2
+    sixty = {epoch: 5_000_000 for epoch in range(1, 61)}
+    chars = lambda n: -(-n * 4 // 3)  # noqa: E731  unpadded base64
+    assert len(encode_token(tag, sixty)) == chars(5 + 60 * (2 + 4)) == 487  # docs/resume.md
+    assert len(v1_token(tag, sixty)) == chars(5 + 60 * (4 + 4)) == 647  # version 1
+
+
+def test_tokens_issued_before_version_2_are_still_read() -> None:
+    tag = cluster_tag("c")
+    positions = {random.randint(1, 2**32 - 1): random.randint(0, 2**40) for _ in range(60)}
+    assert decode_token(v1_token(tag, positions), tag) == positions  # needs no known brokers: it names them
+    assert parse_token(v1_token(tag, positions), tag).resolve([]) == (positions, 0)
+    with pytest.raises(InvalidToken, match="another cluster"):
+        decode_token(v1_token(tag, positions), cluster_tag("d"))
+
+
+def test_marks_resolve_through_collisions_and_unknown_brokers_are_counted() -> None:
+    tag = cluster_tag("c")
+    by_mark: dict[bytes, int] = {}
+    for epoch in range(1, 100_000):  # two epochs with one mark (16 bits: a collision within ~300 on average)
+        twin = by_mark.setdefault(epoch_mark(epoch), epoch)
+        if twin != epoch:
+            break
+    assert epoch_mark(twin) == epoch_mark(epoch)
+    token = encode_token(tag, {twin: 3, 9_999_999: 4}).decode()
+    assert decode_token(token, tag, [twin, epoch, 9_999_999]) == {twin: 3, 9_999_999: 4}  # the check picks
+    both = encode_token(tag, {twin: 3, epoch: 4}).decode()
+    assert decode_token(both, tag, [twin, epoch, 9_999_999]) == {twin: 3, epoch: 4}
+    # A broker this proxy never saw: the others are taken, the unknown one counted (a gap).
+    assert parse_token(token, tag).resolve([twin, 5]) == ({twin: 3}, 1)
+    with pytest.raises(InvalidToken, match="not among those known"):
+        decode_token(token, tag, [twin])
+    with pytest.raises(InvalidToken, match="another cluster"):  # no broker known at all
+        parse_token(token, tag).resolve([5, 6])
+    with pytest.raises(InvalidToken, match="another cluster"):  # all marks known, but the check says otherwise
+        parse_token(encode_token(cluster_tag("d"), {twin: 3, 9_999_999: 4}).decode(), tag).resolve(
+            [twin, epoch, 9_999_999])
 
 
 def test_garbage_tokens_raise_only_invalid_token() -> None:
     tag = cluster_tag("c")
     good = encode_token(tag, {7: 300, 9: 1}).decode()
-    samples = ["", "!", "====", "A" * 9000, good[:-1], good[:6], good + "A", "AQ", "\x00\xff"]
+    samples = ["", "!", "====", "A" * 9000, good[:-1], good[:6], good + "A", "AQ", "\x00\xff",
+               v1_token(tag, {7: 1})[:-1]]
     rng = random.Random(8)
     samples += ["".join(rng.choice("AZaz09-_+/=%") for _ in range(rng.randint(1, 60))) for _ in range(2000)]
-    samples += [base64.urlsafe_b64encode(bytes([1]) + tag + rng.randbytes(rng.randint(0, 20))).decode()
-                for _ in range(2000)]
+    samples += [base64.urlsafe_b64encode(bytes([version]) + tag + rng.randbytes(rng.randint(0, 20))).decode()
+                for _ in range(1000) for version in (1, 2)]
     for sample in samples:
         try:
-            decode_token(sample, tag)
+            decode_token(sample, tag, [7, 9])
         except InvalidToken:
             pass
     with pytest.raises(InvalidToken, match="another cluster"):
-        decode_token(good, cluster_tag("d"))
+        decode_token(good, cluster_tag("d"), [7, 9])
+    with pytest.raises(InvalidToken, match="beyond 64 bits"):
+        decode_token(base64.urlsafe_b64encode(b"\x02" + tag + epoch_mark(7) + b"\xff" * 10 + b"\x01").decode(), tag)
 
 
 def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:
