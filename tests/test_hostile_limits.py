@@ -267,15 +267,15 @@ async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(s
 
 
 async def test_long_resume_ids_are_served_and_longer_requests_refused_quietly(start: Any) -> None:
-    """The longest legitimate id (MAX_TOKEN_CHARS: 511 brokers at the largest positions; 60 brokers need
-    at most 967 characters) resumes from the header and from the query (a gap: those brokers are
-    unknown); longer headers and request lines get 400, with no traceback and few log lines."""
+    """A long id (511 brokers at positions 2**49 apart: 6820 characters; MAX_TOKEN_CHARS is 8192, 60 brokers
+    need at most 967) resumes from the header and from the query (a gap: those brokers are unknown);
+    longer headers and request lines get 400, with no traceback and few log lines."""
     broker, proxy, honest = await subscribed_plane(start)
     http = proxy.endpoints["http"]
     head, _ = token_parts(honest.last_id)
-    sixty = forged(head, [(epoch_mark(epoch), MAX_SEQ) for epoch in range(1, 61)])
-    longest = forged(head, [(epoch_mark(epoch), MAX_SEQ) for epoch in range(1, 512)])
-    assert len(sixty) == 967 and len(longest) <= MAX_TOKEN_CHARS
+    sixty = forged(head, [(epoch_mark(epoch), MAX_SEQ) for epoch in range(1, 61)])  # 10-byte varints: the bound
+    longest = forged(head, [(epoch_mark(epoch), 1 << 49) for epoch in range(1, 512)])
+    assert len(sixty) == 967 and len(longest) == 6820 <= MAX_TOKEN_CHARS
     by_header = EventSource(lambda: http, "t", token=longest).start()
     by_query = EventSource(lambda: http, f"t&lastEventId={longest}").start()
     await wait_for(lambda: by_header.gaps and by_query.gaps, what="the gap signal for unknown brokers")

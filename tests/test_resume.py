@@ -684,10 +684,11 @@ def test_token_round_trip_and_size() -> None:
         assert decode_token(token.decode(), tag, positions) == positions
         assert decode_token(token.decode(), tag, [*positions, 5, 77, 2**31]) == positions  # other known brokers
         assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 2
-    sixty = {epoch: 5_000_000 for epoch in range(1, 61)}
+    # 60 brokers, days old, 1 M events apart: the first seq takes 4 bytes, the differences 3 (docs/resume.md).
+    sixty = {epoch: 200_000_000 + 1_000_000 * k for k, epoch in enumerate(random.sample(range(1, 2**32), 60))}
     chars = lambda n: -(-n * 4 // 3)  # noqa: E731  unpadded base64
-    assert len(encode_token(tag, sixty)) == chars(5 + 60 * (2 + 4)) == 487  # docs/resume.md
-    assert len(v1_token(tag, sixty)) == chars(5 + 60 * (4 + 4)) == 647  # version 1
+    assert len(encode_token(tag, sixty)) == chars(5 + 60 * 2 + 4 + 59 * 3) == 408
+    assert len(v1_token(tag, sixty)) == chars(5 + 60 * (4 + 4)) == 647  # version 1: whole seqs
 
 
 def test_tokens_issued_before_version_2_are_still_read() -> None:
@@ -740,6 +741,8 @@ def test_garbage_tokens_raise_only_invalid_token() -> None:
         decode_token(good, cluster_tag("d"), [7, 9])
     with pytest.raises(InvalidToken, match="beyond 64 bits"):
         decode_token(base64.urlsafe_b64encode(b"\x02" + tag + epoch_mark(7) + b"\xff" * 10 + b"\x01").decode(), tag)
+    with pytest.raises(InvalidToken, match="beyond 64 bits"):  # each seq within 64 bits, their sum not
+        decode_token(base64.urlsafe_b64encode(b"\x02" + tag + (epoch_mark(7) + varint(2**63)) * 2).decode(), tag)
 
 
 def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:

@@ -20,10 +20,11 @@ from neoplasma.core.topics import prefixes
 
 TOKEN_VERSION = 2  # what encode_token writes; decode_token also reads version 1 (docs/resume.md, "The token")
 # The longest token accepted (characters). A version 2 token is 5 bytes, then 2 (the broker's mark) + at most 10
-# (a seq below 2**64) per broker, in unpadded base64: at most 967 characters at 60 brokers (1927 while all 60 are
-# replaced, old and new in one membership), ~570 with seqs below 2**35. A version 1 token has 4 bytes per broker
-# instead of 2 (1127 characters at 60 brokers). 8192 characters cover 511 brokers at the largest seqs in version 2
-# (438 in version 1); the proxy's HTTP server takes headers and request lines that long.
+# (a seq, or its difference from the next smaller one, below 2**64) per broker, in unpadded base64: at most 967
+# characters at 60 brokers (1927 while all 60 are replaced, old and new in one membership). A version 1 token has
+# 4 bytes per broker instead of 2, and whole seqs (1127 characters at 60 brokers). 8192 characters cover 511
+# brokers in version 2 (438 in version 1) at the largest seqs; the proxy's HTTP server takes headers and request
+# lines that long.
 MAX_TOKEN_CHARS = 8192
 MAX_SEQ = (1 << 64) - 1  # what the protocol's uint64 fields carry
 # Combinations of known brokers tried for the entries of one token whose marks match several (rare: a
@@ -53,13 +54,15 @@ def positions_check(tag: bytes, epochs: tuple[int, ...]) -> bytes:
 
 
 def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
-    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag` (version 2)."""
-    epochs = tuple(sorted(positions))
+    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag` (version 2):
+    version, check, then per broker by ascending seq its mark and the seq's difference from the one before."""
     raw = bytearray((TOKEN_VERSION,))
-    raw += positions_check(tag, epochs)
-    for epoch in epochs:
+    raw += positions_check(tag, tuple(sorted(positions)))
+    before = 0
+    for epoch, seq in sorted(positions.items(), key=lambda entry: (entry[1], entry[0])):  # ascending seqs
         raw += epoch_mark(epoch)
-        raw += varint(positions[epoch])
+        raw += varint(seq - before)  # brokers that took similar numbers of events: small differences
+        before = seq
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
@@ -154,12 +157,16 @@ def parse_token(token: str, tag: bytes) -> ParsedToken:
     key_size = 4 if version == 1 else 2
     entries: list[tuple[bytes | int, int]] = []
     seen: set[int] = set()
-    i = 5
+    i, before = 5, 0
     while i < len(raw):
         if i + key_size >= len(raw):
             raise InvalidToken("the resume token is truncated")
         key = raw[i:i + key_size]
         seq, i = _varint_at(raw, i + key_size)
+        if version == 2:  # each seq is the difference from the one before (ascending)
+            seq = before = before + seq
+            if seq > MAX_SEQ:
+                raise InvalidToken("the resume token holds a position beyond 64 bits")
         if version == 1:
             epoch = int.from_bytes(key, "big")
             if not epoch or epoch in seen:
