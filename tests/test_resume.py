@@ -514,6 +514,7 @@ async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_back
     # A proxy whose subscribers are younger than the broker's events gets none of them (without the
     # slack for a busy broker, which would let events up to that much older through).
     monkeypatch.setattr(links_module, "BACKFILL_SLACK", 0.0)
+    await asyncio.sleep(0.002)  # backfill_ms is whole milliseconds, rounded up: event 4 must be older than that
     hub2, links2, dispatcher2, late = in_process_proxy("p1")
     await links2.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
     assert await links2.changed.wait_until(links2.settled, 10)

@@ -115,6 +115,9 @@ class Metrics:
 # Seconds a replay or backfill walks retention (and encodes what it finds) before it lets the broker's loop
 # serve others: relay streams' live events wait at most about this long behind any one walk.
 REPLAY_SLICE = 0.002
+# A Replay's messages hold at most this much (or --max-message-bytes when smaller): a proxy turns each into
+# objects in one go, and keeps up to 16 of them for a shared replay's readers.
+REPLAY_MESSAGE_BYTES = 256 * 1024
 
 
 class Broker:
@@ -381,7 +384,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
 
         At most --max-replays run at once (others wait, up to --max-replays-waiting; beyond, refused
         with RESOURCE_EXHAUSTED); each walks retention a part (REPLAY_SLICE seconds) at a time, in messages of up
-        to --max-message-bytes, yielding the loop between parts (a replay of all of retention holds one message)."""
+        to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message)."""
         broker = self.broker
         cfg = broker.config
         try:
@@ -405,16 +408,17 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             walk = ReplayWalk(broker.retention, min(request.after, head) if ours else head,  # another epoch: nothing
                               head, topics, gap=not ours or not broker.holds_after(request.after))
             plain = batch_trailer(epoch=broker.epoch, head=head)
+            most = min(cfg.max_message_bytes, REPLAY_MESSAGE_BYTES)
             message: list[bytes] = []
             size = 0
             signalled = False  # the gap (signalled once, in the first message after it is known)
             while True:
                 walked = walk.walked
-                entries = walk.part(cfg.max_message_bytes - size, *broker.slice())
+                entries = walk.part(most - size, *broker.slice())
                 message += entries
                 size += sum(map(len, entries))
                 gap = walk.gap and not signalled
-                if size >= cfg.max_message_bytes or walk.done or gap:
+                if size >= most or walk.done or gap:
                     broker.metrics.replayed_bytes.inc(size)
                     yield b"".join(message) + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
                     signalled = signalled or gap

@@ -311,13 +311,16 @@ class RetentionLog:
                 yield seq, Event(found[0], data)
 
     def replay_part(self, after: int, until: int, topics: frozenset[str], max_bytes: int, deadline: float = math.inf,
-                    clock: Callable[[], float] = lambda: 0.0) -> tuple[list[bytes], int, int]:
+                    clock: Callable[[], float] = lambda: 0.0, fields: dict[bytes, bytes | None] | None = None
+                    ) -> tuple[list[bytes], int, int]:
         """The start of `replay(after, until, topics)` as relay entries (`stamped_entry`): up to about `max_bytes`
         of them, looking no longer than until `clock()` reaches `deadline` (checked every WALK_CHECK events).
         Returns them, the seq up to which it looked (`until` when done) and how many events it looked at.
-        Between parts the log may change: the next part starts after that seq."""
+        Between parts the log may change: the next part starts after that seq. `fields`: each topic (UTF-8)
+        -> its encoded field if `topics` want it, else None, kept from part to part (a walk's topics are decoded
+        and matched once)."""
         entries: list[bytes] = []
-        fields: dict[bytes, bytes | None] = {}  # each topic decoded, matched and encoded once
+        fields = {} if fields is None else fields
         size = walked = 0
         last = after
         for seq, name, data in self._walk(after, until):
@@ -340,6 +343,8 @@ class RetentionLog:
 
 # Events a retention walk looks at between looks at the clock (a few hundred microseconds' worth).
 WALK_CHECK = 64
+# Topics a walk remembers (decoded, matched, encoded) from part to part; beyond, it starts afresh.
+WALK_TOPICS = 4096
 
 
 class ReplayWalk:
@@ -350,6 +355,7 @@ class ReplayWalk:
     def __init__(self, log: RetentionLog, after: int, until: int, topics: frozenset[str], gap: bool = False) -> None:
         self.log, self.after, self.until, self.topics, self.gap = log, after, until, topics, gap
         self.walked = 0
+        self._fields: dict[bytes, bytes | None] = {}  # topics seen, matched and encoded (at most WALK_TOPICS)
 
     @property
     def done(self) -> bool:
@@ -360,7 +366,9 @@ class ReplayWalk:
         """The next part's entries (see `RetentionLog.replay_part`)."""
         if not self.log.covers(self.after):  # evicted since the last part
             self.gap = True
+        if len(self._fields) > WALK_TOPICS:
+            self._fields.clear()
         entries, self.after, walked = self.log.replay_part(self.after, self.until, self.topics, max_bytes,
-                                                           deadline, clock)
+                                                           deadline, clock, self._fields)
         self.walked += walked
         return entries
