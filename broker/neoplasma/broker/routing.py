@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Collection, Iterable, Sequence
 
 from neoplasma.core.events import Checked, batch_trailer, stamped_entry, topic_field, varint_field
 from neoplasma.core.resume import ReplayWalk
@@ -191,7 +190,7 @@ class Router:
 
         Returns (queued, dropped).
         """
-        topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
+        topics: dict[str, tuple[Collection[RelayStream], bytes]] = {}  # looked up once per topic
         outgoing: defaultdict[RelayStream, list[bytes]] = defaultdict(list)  # offered once per stream
         for seq, (topic, data) in enumerate(events, first_seq):
             found = topics.get(topic)

@@ -712,6 +712,7 @@ async def _heartbeat(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(proxy.config.heartbeat_seconds)
         proxy.hub.broadcast_sse(HEARTBEAT)
+        proxy.hub.give_back_memory()
 
 
 class ProxyService:
