@@ -276,8 +276,10 @@ class LinkSet:
             return True
         if self._settling is None or self._settling.done():
             self._settling = asyncio.ensure_future(self.changed.wait_until(self.settled, math.inf))
-        done, _ = await asyncio.wait((self._settling,), timeout=timeout)
-        return bool(done) or self.settled()
+        settling = self._settling
+        await asyncio.wait((settling,), timeout=timeout)
+        # Settled when the watcher saw it (it may have changed since, as after any wait), or now.
+        return (settling.done() and not settling.cancelled() and settling.exception() is None) or self.settled()
 
     def _synced(self) -> bool:
         return all(link.interest_synced for link in self.links.values())
