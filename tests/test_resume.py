@@ -516,6 +516,7 @@ async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_back
     # A proxy whose subscribers are younger than the broker's events gets none of them (without the
     # slack for a busy broker, which would let events up to that much older through).
     monkeypatch.setattr(links_module, "BACKFILL_SLACK", 0.0)
+    await asyncio.sleep(0.002)  # backfill_ms is whole milliseconds, rounded up: event 4 must be older than that
     hub2, links2, dispatcher2, late = in_process_proxy("p1")
     await links2.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
     assert await links2.changed.wait_until(links2.settled, 10)
@@ -818,3 +819,52 @@ async def test_catch_up_a_subscriber_cannot_take_ends_it_instead_of_vanishing() 
     sub = SseSubscriber(FullTransport(), max_buffer=1 << 20)
     SseSink(None, sub).send_now([Event("x", b"{}")], [b"token"], ())  # type: ignore[arg-type]
     assert sub.closed.done() and sub.closed.result() == "slow"
+
+
+async def test_a_large_backfill_does_not_hold_up_another_relays_live_events(start: Any) -> None:
+    """A relay stream opening with 200,000 retained events to backfill (a proxy back after a while) gets
+    them all, in order, then the live ones accepted meanwhile, while another proxy's subscribers keep
+    getting live events within a bound: the broker walks a backfill a slice at a time."""
+    broker = start("broker", "b0")
+    proxy = start("proxy", "p0", "--brokers", broker.endpoints["grpc"])
+    grpc_address = broker.endpoints["grpc"]
+    client = EventSource(lambda: proxy.endpoints["http"], "live").start()
+    await wait_for(lambda: proxy_status(proxy.endpoints["control"]), what="status")
+    await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
+    await wait_for(lambda: client.statuses, what="the subscription")
+    payload = b'{"pad":"' + b"x" * 150 + b'"}'
+    async with grpc.aio.insecure_channel(grpc_address) as ch:
+        stub = pb_grpc.BrokerStub(ch)
+        for _ in range(20):  # 200,000 events of `big` (~40 MB) retained
+            await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="big", data=payload)] * 10_000), timeout=30)
+        relay = stub.Relay(metadata=AUTH)  # a proxy with nothing of this epoch yet: the last minute is backfilled
+        await relay.write(pb.Interest(add=["big"], replace=True, proxy="hungry", backfill_ms=60_000))
+        seqs: list[int] = []
+        heads: list[tuple[int, int]] = []  # (a message's head, events received up to it)
+
+        async def read() -> None:
+            async for batch in relay:
+                seqs.extend(e.seq for e in batch.events)
+                heads.append((batch.head, len(seqs)))
+
+        reader = asyncio.create_task(read())
+        late: list[float] = []
+        k = 0
+        while len(seqs) < 200_000 and k < 1000:  # live events for the other proxy while the backfill goes on
+            sent = time.time()
+            await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="live", data=b'{"at":%r}' % sent),
+                                                         pb.Event(topic="big", data=b'{"live":%d}' % k)]), timeout=10)
+            k += 1
+            await wait_for(lambda n=k: len(client.events) >= n, timeout=30, what="the live event", interval=0.002)
+            late.append(time.time() - sent)
+            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(seqs) >= 200_000 + k, timeout=30, what="the backfill and the live events")
+        reader.cancel()
+        relay.cancel()
+    assert k < 1000, "the backfill never ended"
+    assert seqs == [*range(1, 200_001), *range(200_002, 200_002 + 2 * k, 2)]  # in order, live ones after
+    # A head claims every `big` event up to it: none while the backfill is under way.
+    assert all(head <= 200_000 + 2 * k and got >= min(head, 200_000) + max(0, head - 200_000) // 2
+               for head, got in heads)
+    assert k >= 3 and max(late) < 0.5, f"live events for the other proxy waited up to {max(late):.3f} s"
+    await client.close()

@@ -10,16 +10,21 @@ events for that stream are dropped and counted (`dropped`), and its next
 message carries `gap`; other streams and publishers are never blocked by it.
 
 Every message carries the broker's epoch and head (docs/resume.md).
+
+Backfill: a new stream first gets retained events it missed (`backfill`, a `ReplayWalk` its writer walks a
+slice at a time, so that no one walk holds the broker's loop); live events routed to it meanwhile are held
+(bounded like the outbox) and follow the backfill, so the stream stays in seq order, and its messages
+claim no head until the backfill is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Collection, Iterable, Sequence
 
 from neoplasma.core.events import Checked, batch_trailer, stamped_entry, topic_field, varint_field
+from neoplasma.core.resume import ReplayWalk
 from neoplasma.core.topics import TopicIndex
 
 
@@ -42,6 +47,11 @@ class RelayStream:
         self.head_sent = 0  # the head in the last message
         self.written_at = 0.0  # when the last message was cut (monotonic)
         self.accepted_ns = 0  # when the oldest live event in the outbox was accepted (wall clock, ns)
+        self.backfill: ReplayWalk | None = None  # retained events still to queue before live ones
+        self.backfilled = 0  # ... and how many it queued
+        self.held: list[bytes] = []  # live entries routed while it backfills: they follow it
+        self.held_bytes = 0
+        self.held_accepted_ns = 0
 
     def offer(self, entry: bytes) -> bool:
         size = len(entry)
@@ -56,7 +66,9 @@ class RelayStream:
 
     def offer_all(self, entries: list[bytes], accepted_ns: int = 0) -> int:
         """`offer` each of `entries` (accepted at `accepted_ns`) in turn (all at once when they fit);
-        returns how many were queued."""
+        returns how many were queued (held, while the stream backfills)."""
+        if self.backfill is not None:
+            return self._hold(entries, accepted_ns)
         if not self.accepted_ns:
             self.accepted_ns = accepted_ns
         size = sum(map(len, entries))
@@ -67,19 +79,62 @@ class RelayStream:
         self.wake.set()
         return len(entries)
 
+    def _hold(self, entries: list[bytes], accepted_ns: int) -> int:
+        """Keep live `entries` until the backfill is done (beyond `max_outbox_bytes` held: dropped, a gap)."""
+        if not self.held_accepted_ns:
+            self.held_accepted_ns = accepted_ns
+        queued = 0
+        for entry in entries:
+            if self.held_bytes + len(entry) > self.max_outbox_bytes and self.held:
+                self.dropped += 1
+                self.gap = True
+                continue
+            self.held.append(entry)
+            self.held_bytes += len(entry)
+            queued += 1
+        return queued
+
+    def queue_backfill(self, entries: list[bytes]) -> int:
+        """Queue a part of the backfill (what does not fit the outbox is dropped: a gap); once the walk is
+        done, the live entries held meanwhile follow, all of them (the outbox may then hold up to twice
+        `max_outbox_bytes`). Returns how many backfilled entries were queued."""
+        walk = self.backfill
+        assert walk is not None, "no backfill under way"
+        queued = sum(map(self.offer, entries))
+        self.backfilled += queued
+        if walk.done:
+            self.backfill = None
+            self.gap = self.gap or walk.gap
+            if self.held:
+                if not self.accepted_ns:
+                    self.accepted_ns = self.held_accepted_ns
+                self.outbox += self.held
+                self.outbox_bytes += self.held_bytes
+                self.wake.set()
+            self.held, self.held_bytes, self.held_accepted_ns = [], 0, 0
+        return queued
+
+    @property
+    def pending(self) -> int:
+        """Bytes still to write (held live events included)."""
+        return self.outbox_bytes + self.held_bytes
+
     def has_news(self, head: int, now: float, head_interval: float) -> bool:
-        """Something to send: events, an interest ack, a gap, or (at most every `head_interval`) a new head."""
+        """Something to send: events, an interest ack, a gap, or (at most every `head_interval`, and not
+        while it backfills) a new head."""
         return (bool(self.outbox) or self.interest_reported != self.interest_applied or self.gap
-                or (head > self.head_sent and now - self.written_at >= head_interval))
+                or (head > self.head_sent and now - self.written_at >= head_interval and self.backfill is None))
 
     def take(self, max_bytes: int, epoch: int, head: int, now: float) -> tuple[bytes, int]:
         """Remove up to `max_bytes` of entries and return them as one `EventBatch` message.
 
-        The message carries `epoch`, `head` (0 when entries stay behind: they are older than
-        it), `gap` after drops, `interest_applied` when it changed since the last one, and when
+        The message carries `epoch`, `head` (0 when entries stay behind, or the backfill is not done: they
+        are older than it), `gap` after drops, `interest_applied` when it changed since the last one, and when
         its oldest live event was accepted (entries left behind keep that time: an upper bound).
         """
         accepted_ns = self.accepted_ns
+        if self.backfill is not None:
+            head = 0
         if self.outbox_bytes <= max_bytes:
             taken, self.outbox, self.outbox_bytes = self.outbox, [], 0
             self.accepted_ns = 0
@@ -118,6 +173,7 @@ class Router:
         self.streams.discard(stream)
         self._index.remove(stream, stream.interest)
         stream.interest = set()
+        self.note_flushed()
 
     def update_interest(self, stream: RelayStream, add: Iterable[str], remove: Iterable[str],
                         replace: bool) -> None:
@@ -134,7 +190,7 @@ class Router:
 
         Returns (queued, dropped).
         """
-        topics: dict[str, tuple[AbstractSet[RelayStream], bytes]] = {}  # looked up once per topic
+        topics: dict[str, tuple[Collection[RelayStream], bytes]] = {}  # looked up once per topic
         outgoing: defaultdict[RelayStream, list[bytes]] = defaultdict(list)  # offered once per stream
         for seq, (topic, data) in enumerate(events, first_seq):
             found = topics.get(topic)
@@ -150,19 +206,24 @@ class Router:
         return queued, sum(map(len, outgoing.values())) - queued
 
     def pending_bytes(self) -> int:
-        return sum(s.outbox_bytes for s in self.streams)
+        """Bytes queued for relay streams."""
+        return sum(s.pending for s in self.streams)
+
+    def busy(self) -> bool:
+        """Some relay stream has events to write or a backfill under way."""
+        return any(s.pending or s.backfill is not None for s in self.streams)
 
     def largest_backlog(self) -> int:
         """The bytes queued for the most backed-up relay stream (0 with none)."""
-        return max((s.outbox_bytes for s in self.streams), default=0)
+        return max((s.pending for s in self.streams), default=0)
 
     def note_flushed(self) -> None:
-        """A stream's writer emptied its outbox: wake `flushed()` if all are empty."""
-        if not self.pending_bytes():
+        """A stream's writer emptied its outbox: wake `flushed()` if all are empty (and no backfill is under way)."""
+        if not self.busy():
             self._flushed.set()
 
     async def flushed(self) -> None:
-        """Return once every outbox is empty (events handed to gRPC)."""
-        while self.pending_bytes():
+        """Return once every outbox is empty (events handed to gRPC) and every backfill done."""
+        while self.busy():
             self._flushed.clear()
             await self._flushed.wait()

@@ -24,7 +24,6 @@ from neoplasma.core.events import (
     Checked,
     InvalidEvent,
     RequestTooLarge,
-    batch_entry,
     batch_trailer,
     check_publish_body,
     make_events,
@@ -32,7 +31,7 @@ from neoplasma.core.events import (
 from neoplasma.core.logs import get_logger
 from neoplasma.core.metrics import LATENCY_BUCKETS
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport, identity
-from neoplasma.core.resume import RetentionLog
+from neoplasma.core.resume import ReplayWalk, RetentionLog
 from neoplasma.core.topics import InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
     CREDENTIAL_REQUIRED,
@@ -113,8 +112,12 @@ class Metrics:
         self.retained_events = Gauge("neoplasma_broker_retained_events", "Events held by retention", registry=r)
 
 
-# Retained events a Replay looks at before it lets the broker's loop serve others (~10 ms).
-REPLAY_PART = 10_000
+# Seconds a replay or backfill walks retention (and encodes what it finds) before it lets the broker's loop
+# serve others: relay streams' live events wait at most about this long behind any one walk.
+REPLAY_SLICE = 0.002
+# A Replay's messages hold at most this much (or --max-message-bytes when smaller): a proxy turns each into
+# objects in one go, and keeps up to 16 of them for a shared replay's readers.
+REPLAY_MESSAGE_BYTES = 256 * 1024
 
 
 class Broker:
@@ -177,9 +180,10 @@ class Broker:
         """Every event of this epoch after seq `after` is still retained (and `after` is no future seq)."""
         return after <= self.seq and self.retention.covers(after)
 
-    def backfill(self, stream: RelayStream, first: pb.Interest) -> int:
-        """Queue on a new relay stream what the proxy missed before it (`Interest.epoch`, `after`,
-        `backfill_ms`): retained events matching its interest, up to the head now. Returns how many."""
+    def start_backfill(self, stream: RelayStream, first: pb.Interest) -> None:
+        """Set a new relay stream to queue what the proxy missed before it (`Interest.epoch`, `after`,
+        `backfill_ms`) before any live event: retained events matching its interest, up to the head now
+        (walked by `backfill_part`, a slice at a time)."""
         log_ = self.retention
         now = time.monotonic()
         log_.evict(now)
@@ -188,14 +192,30 @@ class Broker:
         elif first.backfill_ms:
             after, covered = log_.accepted_since(now - first.backfill_ms / 1000)
         else:
-            return 0
+            return
         stream.gap = stream.gap or not covered
-        queued = 0
-        for seq, event in log_.replay(after, self.seq, frozenset(stream.interest)):
-            queued += stream.offer(batch_entry(event, seq))
+        if after < self.seq:
+            stream.backfill = ReplayWalk(log_, after, self.seq, frozenset(stream.interest))
+
+    def backfill_part(self, stream: RelayStream) -> int:
+        """Walk a slice of `stream`'s backfill, queueing what it finds (at most what fits a message beside what
+        is queued); returns how many events were queued."""
+        walk = stream.backfill
+        assert walk is not None, "no backfill under way"
+        room = max(self.config.max_message_bytes - stream.outbox_bytes, 1)
+        queued = stream.queue_backfill(walk.part(room, *self.slice()))
         self.events_out += queued
         self.metrics.events_out.inc(queued)
+        if stream.backfill is None:
+            log.info("relay_backfilled", proxy=stream.proxy, events=stream.backfilled, walked=walk.walked,
+                     gap=walk.gap)
+            self.router.note_flushed()
         return queued
+
+    @staticmethod
+    def slice() -> tuple[float, Callable[[], float]]:
+        """The deadline and clock of a retention walk's part that starts now (REPLAY_SLICE)."""
+        return time.perf_counter() + REPLAY_SLICE, time.perf_counter
 
     async def pace_replay(self, walked: int) -> None:
         """Let the loop serve others, and keep every Replay's walking together within
@@ -300,13 +320,18 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
-        backfilled = broker.backfill(stream, first)  # no await from here to attach: no event slips between
+        broker.start_backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)
         log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest),
-                 backfilled=backfilled, gap=stream.gap)
+                 backfill=stream.backfill is not None, gap=stream.gap)
         reader = asyncio.create_task(self._read_interest(stream, context))
         try:
             while not reader.done():
+                if stream.backfill is not None and stream.outbox_bytes < cfg.max_message_bytes:
+                    broker.backfill_part(stream)
+                    if stream.backfill is not None and stream.outbox_bytes < cfg.max_message_bytes:
+                        await asyncio.sleep(0)  # a slice walked: let the loop serve others
+                        continue
                 now = time.monotonic()
                 if not stream.has_news(broker.seq, now, cfg.head_interval):
                     if broker.closing:  # drained: a last head, then a clean end
@@ -358,8 +383,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         """The retained events after `request.after` for `request.topics`, up to the head now.
 
         At most --max-replays run at once (others wait, up to --max-replays-waiting; beyond, refused
-        with RESOURCE_EXHAUSTED); each walks retention a part at a time, in messages of up to
-        --max-message-bytes, yielding the loop between parts (a replay of all of retention holds one part)."""
+        with RESOURCE_EXHAUSTED); each walks retention a part (REPLAY_SLICE seconds) at a time, in messages of up
+        to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message)."""
         broker = self.broker
         cfg = broker.config
         try:
@@ -378,25 +403,29 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         broker.metrics.replays.inc()
         try:
             head = broker.seq
-            log_ = broker.retention
-            log_.evict(time.monotonic())
+            broker.retention.evict(time.monotonic())
             ours = request.epoch == broker.epoch
-            gap = not ours or not broker.holds_after(request.after)
-            after = min(request.after, head) if ours else head  # nothing to walk for another epoch
+            walk = ReplayWalk(broker.retention, min(request.after, head) if ours else head,  # another epoch: nothing
+                              head, topics, gap=not ours or not broker.holds_after(request.after))
             plain = batch_trailer(epoch=broker.epoch, head=head)
+            most = min(cfg.max_message_bytes, REPLAY_MESSAGE_BYTES)
+            message: list[bytes] = []
+            size = 0
+            signalled = False  # the gap (signalled once, in the first message after it is known)
             while True:
-                if ours and not log_.covers(after):  # evicted while this replay went on
-                    gap = True
-                found, after = log_.replay_part(after, head, topics, cfg.max_message_bytes, REPLAY_PART)
-                done = after >= head
-                if found or done or gap:
-                    message = b"".join([batch_entry(event, seq) for seq, event in found])
-                    broker.metrics.replayed_bytes.inc(len(message))
-                    yield message + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
-                    gap = False
-                if done:
+                walked = walk.walked
+                entries = walk.part(most - size, *broker.slice())
+                message += entries
+                size += sum(map(len, entries))
+                gap = walk.gap and not signalled
+                if size >= most or walk.done or gap:
+                    broker.metrics.replayed_bytes.inc(size)
+                    yield b"".join(message) + (batch_trailer(epoch=broker.epoch, head=head, gap=True) if gap else plain)
+                    signalled = signalled or gap
+                    message, size = [], 0
+                if walk.done:
                     return
-                await broker.pace_replay(REPLAY_PART)  # a part walked: let the loop serve others
+                await broker.pace_replay(walk.walked - walked)  # a part walked: let the loop serve others
         finally:
             broker.replays.release()
 

@@ -12,10 +12,10 @@ import math
 import mmap
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from neoplasma.core.events import Checked, Event, varint
+from neoplasma.core.events import Checked, Event, stamped_entry, topic_field, varint
 from neoplasma.core.topics import prefixes
 
 TOKEN_VERSION = 2  # what encode_token writes; decode_token also reads version 1 (docs/resume.md, "The token")
@@ -406,25 +406,65 @@ class RetentionLog:
             if found[1]:
                 yield seq, Event(found[0], data)
 
-    def replay_part(self, after: int, until: int, topics: frozenset[str], max_bytes: int,
-                    max_walked: int) -> tuple[list[tuple[int, Event]], int]:
-        """The start of `replay(after, until, topics)`: events up to about `max_bytes` of data, having looked
-        at no more than `max_walked` events; and the seq up to which it looked (`until` when done). Between
-        parts the log may change: the next part starts after that seq."""
-        found: list[tuple[int, Event]] = []
-        names: dict[bytes, tuple[str, bool]] = {}
+    def replay_part(self, after: int, until: int, topics: frozenset[str], max_bytes: int, deadline: float = math.inf,
+                    clock: Callable[[], float] = lambda: 0.0, fields: dict[bytes, bytes | None] | None = None
+                    ) -> tuple[list[bytes], int, int]:
+        """The start of `replay(after, until, topics)` as relay entries (`stamped_entry`): up to about `max_bytes`
+        of them, looking no longer than until `clock()` reaches `deadline` (checked every WALK_CHECK events).
+        Returns them, the seq up to which it looked (`until` when done) and how many events it looked at.
+        Between parts the log may change: the next part starts after that seq. `fields`: each topic (UTF-8)
+        -> its encoded field if `topics` want it, else None, kept from part to part (a walk's topics are decoded
+        and matched once)."""
+        entries: list[bytes] = []
+        fields = {} if fields is None else fields
         size = walked = 0
         last = after
         for seq, name, data in self._walk(after, until):
             last = seq
-            hit = names.get(name)
-            if hit is None:
-                topic = name.decode("utf-8")
-                hit = names[name] = (topic, wanted(topic, topics))
-            if hit[1]:
-                found.append((seq, Event(hit[0], data)))
-                size += len(data) + len(name)
             walked += 1
-            if size >= max_bytes or walked >= max_walked:
-                return found, last
-        return found, until
+            field = fields.get(name, b"")
+            if field == b"":
+                topic = name.decode("utf-8")
+                field = fields[name] = topic_field(topic) if wanted(topic, topics) else None
+            if field is not None:
+                entry = stamped_entry(field, data, seq)
+                entries.append(entry)
+                size += len(entry)
+                if size >= max_bytes:
+                    return entries, last, walked
+            if not walked % WALK_CHECK and clock() >= deadline:
+                return entries, last, walked
+        return entries, until, walked
+
+
+# Events a retention walk looks at between looks at the clock (a few hundred microseconds' worth).
+WALK_CHECK = 64
+# Topics a walk remembers (decoded, matched, encoded) from part to part; beyond, it starts afresh.
+WALK_TOPICS = 4096
+
+
+class ReplayWalk:
+    """A walk of a RetentionLog's events after `after` up to `until` for `topics`, a part at a time (a
+    broker's loop serves others between parts, while the log changes). `gap`: some events it should have
+    found were not (or are no longer) retained."""
+
+    def __init__(self, log: RetentionLog, after: int, until: int, topics: frozenset[str], gap: bool = False) -> None:
+        self.log, self.after, self.until, self.topics, self.gap = log, after, until, topics, gap
+        self.walked = 0
+        self._fields: dict[bytes, bytes | None] = {}  # topics seen, matched and encoded (at most WALK_TOPICS)
+
+    @property
+    def done(self) -> bool:
+        return self.after >= self.until
+
+    def part(self, max_bytes: int, deadline: float = math.inf,
+             clock: Callable[[], float] = lambda: 0.0) -> list[bytes]:
+        """The next part's entries (see `RetentionLog.replay_part`)."""
+        if not self.log.covers(self.after):  # evicted since the last part
+            self.gap = True
+        if len(self._fields) > WALK_TOPICS:
+            self._fields.clear()
+        entries, self.after, walked = self.log.replay_part(self.after, self.until, self.topics, max_bytes,
+                                                           deadline, clock, self._fields)
+        self.walked += walked
+        return entries

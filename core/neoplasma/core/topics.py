@@ -7,8 +7,7 @@ it (`program:1234:views`), but not `program:12345:views`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from collections.abc import Set as AbstractSet
+from collections.abc import Collection, Iterable
 from functools import lru_cache
 from typing import Generic, TypeVar
 
@@ -98,36 +97,48 @@ class TopicIndex(Generic[H]):
 
     Answers which holders want an event's topic, each holder once even when it
     holds several matching keys (`a` and `a:b` for `a:b`).
+
+    A key held by one holder maps to it directly; a set is made only for a key held by several. Most keys
+    of a large interest have one holder (a proxy's 100,000 topics, one subscriber group each): a set per
+    key was ~216 bytes more per key, allocated and freed in bulk as subscribers come and go, and what
+    the allocator then kept (bench/interest_memory.py).
     """
 
     def __init__(self) -> None:
-        self._keys: dict[str, set[H]] = {}
+        self._keys: dict[str, H | set[H]] = {}
         self._peak = 0  # the most keys since the table was last rebuilt
 
     def add(self, holder: H, topics: Iterable[str]) -> set[str]:
         """Index `holder` under `topics`; returns the topics nobody wanted before."""
+        keys = self._keys
         new = set()
         for topic in topics:
-            holders = self._keys.get(topic)
-            if holders is None:
-                holders = self._keys[topic] = set()
+            held = keys.get(topic)
+            if held is None:
+                keys[topic] = holder
                 new.add(topic)
-            holders.add(holder)
-        self._peak = max(self._peak, len(self._keys))
+            elif isinstance(held, set):
+                held.add(holder)
+            elif held is not holder:
+                keys[topic] = {held, holder}
+        self._peak = max(self._peak, len(keys))
         return new
 
     def remove(self, holder: H, topics: Iterable[str]) -> set[str]:
         """Unindex `holder` from `topics`; returns the topics nobody wants any more."""
+        keys = self._keys
         gone = set()
         for topic in topics:
-            holders = self._keys.get(topic)
-            if holders is not None:
-                holders.discard(holder)
-                if not holders:
-                    del self._keys[topic]
-                    gone.add(topic)
-        if self._peak > 1024 and len(self._keys) < self._peak // 4:  # a dict never shrinks its table: rebuild it
-            self._keys = dict(self._keys)
+            held = keys.get(topic)
+            if isinstance(held, set):
+                held.discard(holder)
+                if len(held) == 1:
+                    keys[topic] = next(iter(held))
+            elif held is holder and held is not None:
+                del keys[topic]
+                gone.add(topic)
+        if self._peak > 1024 and len(keys) < self._peak // 4:  # a dict never shrinks its table: rebuild it
+            self._keys = dict(keys)
             self._peak = len(self._keys)
         return gone
 
@@ -144,19 +155,25 @@ class TopicIndex(Generic[H]):
     def __contains__(self, key: str) -> bool:
         return key in self._keys
 
-    def matching(self, topic: str) -> AbstractSet[H]:
-        """The holders that want `topic` (read-only: do not change the returned set)."""
-        first: set[H] | None = None
+    def matching(self, topic: str) -> Collection[H]:
+        """The holders that want `topic` (read-only: do not change what is returned)."""
+        first: H | set[H] | None = None
         merged: set[H] | None = None
         for key in prefixes(topic):
-            holders = self._keys.get(key)
-            if holders:
-                if first is None:
-                    first = holders
-                elif merged is None:
-                    merged = first | holders
-                else:
-                    merged |= holders
+            held = self._keys.get(key)
+            if held is None:
+                continue
+            if first is None:
+                first = held
+                continue
+            if merged is None:
+                merged = set(first) if isinstance(first, set) else {first}
+            if isinstance(held, set):
+                merged |= held
+            else:
+                merged.add(held)
         if merged is not None:
             return merged
-        return first if first is not None else frozenset()
+        if first is None:
+            return ()
+        return first if isinstance(first, set) else (first,)

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, plasma_payload, sse_frame, sse_gap
+from neoplasma.core.memory import give_back
 from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
@@ -235,6 +236,7 @@ class Hub:
         self.tag = cluster_tag("")
         self._token: bytes | None = None
         self.advanced = Signal()  # notified after every dispatch
+        self._topics_high = 0  # the most topics since memory was last given back
         self.events_received = 0
         self.deliveries = 0
         self.slow_dropped = 0
@@ -308,6 +310,7 @@ class Hub:
         if group is None:
             group = self._groups[key] = Group(key)
             self._notify(self._index.add(group, key), set())
+            self._topics_high = max(self._topics_high, len(self._index))
         group.members.setdefault(type(sub), set()).add(sub)
 
     def _leave(self, sub: Subscriber) -> None:
@@ -457,6 +460,17 @@ class Hub:
             self.slow_dropped += sub.slow
             self.remove(sub)
             sub.close("slow" if sub.slow else "gone")
+
+    def give_back_memory(self) -> bool:
+        """Once most of a large interest has gone (under a quarter of its high-water mark, from over 1024
+        topics), give the freed heap back to the system (`give_back`); call it now and then (the heartbeat
+        does): a departure of many subscribers frees memory over a while. Returns whether it did."""
+        count = self.topic_count()
+        if self._topics_high <= 1024 or count >= self._topics_high // 4:
+            return False
+        give_back("interest_shrunk", topics=count, most_topics=self._topics_high)
+        self._topics_high = count
+        return True
 
     def broadcast_sse(self, data: bytes) -> None:
         """Write `data` (e.g. a heartbeat comment) to every SSE subscriber, with the current token.

@@ -215,6 +215,7 @@ class LinkSet:
         self.left: dict[str, tuple[int, int]] = {}  # removed brokers: (epoch, position), should they return
         self.leaving: dict[str, tuple[BrokerLink, asyncio.Task[None]]] = {}  # removed links finishing their relay
         self.changed = Signal()
+        self._settling: asyncio.Future[bool] | None = None  # watches for `settled` on behalf of waiters
         hub.on_interest_change(self._interest_changed)
 
     def _interest_changed(self, added: set[str], removed: set[str]) -> None:
@@ -267,6 +268,19 @@ class LinkSet:
         """Membership applied and every link connected with the proxy's interest acknowledged."""
         return self.applied is not EMPTY and self._synced()
 
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait until `settled()` (False after `timeout` seconds). One watcher re-checks it at each change for
+        every waiter: a thousand resumes waiting while interest changes one topic at a time cost a thousand
+        wake-ups, not a million."""
+        if self.settled():
+            return True
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.ensure_future(self.changed.wait_until(self.settled, math.inf))
+        settling = self._settling
+        await asyncio.wait((settling,), timeout=timeout)
+        # Settled when the watcher saw it (it may have changed since, as after any wait), or now.
+        return (settling.done() and not settling.cancelled() and settling.exception() is None) or self.settled()
+
     def _synced(self) -> bool:
         return all(link.interest_synced for link in self.links.values())
 
@@ -276,6 +290,8 @@ class LinkSet:
         return not self.links or (self.hub.wants(topics) and self._synced())
 
     async def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
         leaving, self.leaving = list(self.leaving.values()), {}
         for _, task in leaving:
             task.cancel()

@@ -9,7 +9,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
-from neoplasma.core.aio import Signal
+from neoplasma.core.aio import Signal, Turns
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
@@ -23,14 +23,18 @@ log = get_logger("proxy.resume")
 
 # Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
 REPLAY_WINDOW = 16
+# Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
+# between steps the loop serves live events, see `Turns`).
+CATCH_UP_STEP = 256
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
 
 class ResumeBudget:
     """A proxy's budgets for resuming subscribers: live events held, Replay calls at once, the bytes of
-    catch-up written per second (what is left for live events), and the replays in progress, by
-    position, so that resumes asking the same one share it."""
+    catch-up written per second (what is left for live events), the loop's time (`turns`: catch-up goes in
+    short steps behind live events), and the replays in progress, by position, so that resumes asking the
+    same one share it."""
 
     def __init__(self, max_held: int = MAX_HELD, max_held_per_proxy: int = MAX_HELD_PER_PROXY,
                  max_replays: int = MAX_REPLAYS, catch_up_bytes_per_second: float = CATCH_UP_BYTES_PER_SECOND) -> None:
@@ -41,7 +45,7 @@ class ResumeBudget:
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
-
+        self.turns = Turns()
 
     async def pace(self, size: int) -> None:
         """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
@@ -56,9 +60,15 @@ class ReplayBatch(NamedTuple):
     events: list[Event]
     head: int
     gap: bool
-    # Its frames as sent to readers, by (sink kind, position before it): readers at one position (every
-    # client of a proxy that died, say) get the same bytes, encoded once.
-    encoded: dict[tuple[type, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+    sizes: list[int]  # bytes of data in each step (CATCH_UP_STEP events) of it
+    # Its steps' frames as sent to readers, by (sink kind, step, position before it): readers at one
+    # position (every client of a proxy that died, say) get the same bytes, encoded once.
+    encoded: dict[tuple[type, int, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+
+    @staticmethod
+    def made(events: list[Event], head: int, gap: bool) -> ReplayBatch:
+        sizes = [sum(len(e.data) for e in events[k:k + CATCH_UP_STEP]) for k in range(0, len(events), CATCH_UP_STEP)]
+        return ReplayBatch(events, head, gap, sizes, {})
 
 
 @runtime_checkable
@@ -108,9 +118,10 @@ class SharedReplay:
                         async for batch in call:
                             if not self.batches:
                                 self.called = max(self.called, batch.head)
-                            self.batches.append(ReplayBatch(
+                            await budget.turns.turn()
+                            self.batches.append(ReplayBatch.made(
                                 [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
-                                batch.gap, {}))
+                                batch.gap))
                             self.changed.notify()
                             await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
                                                           timeout)
@@ -254,7 +265,7 @@ class Resume:
         self.held_from = dict(self.hub.positions)  # the holder has every live event after these
         swapped = False
         try:
-            if not await self.links.changed.wait_until(self.links.settled, self.wait):
+            if not await self.links.wait_settled(self.wait):
                 await self._gap("not every broker could be reached in time")
             unknown, from_now = 0, parsed is None
             if parsed is not None:  # its brokers are named among those known now that the links settled
@@ -357,21 +368,26 @@ class Resume:
         return head
 
     async def _send(self, batch: ReplayBatch) -> None:
-        """Send a replayed batch, encoded once for every reader at the same position (a Framing sink)."""
+        """Send a replayed batch in steps behind live events (`Turns`), each encoded once for every reader at the
+        same position (a Framing sink)."""
         self.hub.metrics.replayed_events += len(batch.events)
         sink = self.sink
-        if not isinstance(sink, Framing):
-            await sink.send(batch.events, self._tokens(batch.events))
-            return
-        await self.budget.pace(sum(len(e.data) for e in batch.events))
-        key = (type(sink), tuple(sorted(self.position.items())))
-        done = batch.encoded.get(key)
-        if done is None:
-            data = sink.frames(batch.events, self._tokens(batch.events))
-            done = batch.encoded[key] = (data, dict(self.position))
-        else:
-            self.position = dict(done[1])
-        await sink.send_frames(done[0])
+        framing = sink if isinstance(sink, Framing) else None
+        for step, size in enumerate(batch.sizes):
+            events = batch.events[step * CATCH_UP_STEP:(step + 1) * CATCH_UP_STEP]
+            await self.budget.pace(size)
+            await self.budget.turns.turn()
+            if framing is None:
+                await sink.send(events, self._tokens(events))
+                continue
+            key = (type(sink), step, tuple(sorted(self.position.items())))
+            done = batch.encoded.get(key)
+            if done is None:
+                data = framing.frames(events, self._tokens(events))
+                done = batch.encoded[key] = (data, dict(self.position))
+            else:
+                self.position = dict(done[1])
+            await framing.send_frames(done[0])
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""

@@ -609,6 +609,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
     cfg = proxy.config
 
     async def sse(request: web.Request) -> web.StreamResponse:
+        await proxy.resumes.turns.turn()  # a burst of new connections is set up behind live events
         # plasma's answers, word for word, for a missing or empty query.
         if cfg.event_query not in request.query:
             return web.Response(status=400, text="specify event queries\n")
@@ -711,6 +712,7 @@ async def _heartbeat(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(proxy.config.heartbeat_seconds)
         proxy.hub.broadcast_sse(HEARTBEAT)
+        proxy.hub.give_back_memory()
 
 
 class ProxyService:
