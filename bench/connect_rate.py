@@ -20,7 +20,11 @@ Scenarios (each with fresh servers, every wait bounded):
     and the watchers' delivery latency p50/p99 before and during the storm.
 
 Prints figures and writes bench/results/connect_rate.json.
+With `--before PYTHON` the rate scenario also runs another build's servers (e.g. main's venv), `--rounds`
+rounds interleaved (A B, B A, ...), and reports each build's medians and the ratio of CPU per accept.
+
 Usage: python bench/connect_rate.py [--quick] [--scenarios rate,tls,storm] [--rate-n N] [--storm-n S] [--clients P]
+       python bench/connect_rate.py --scenarios rate --before /path/to/main/.venv/bin/python --rounds 3
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import contextlib
 import json
 import os
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +72,7 @@ class Conn(asyncio.Protocol):
         self.request, self.ok, self.record = request, ok, record
         self.head = b""
         self.tail = b""
+        self.count = 0  # stamped events received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.write(self.request)  # type: ignore[attr-defined]
@@ -90,6 +96,7 @@ class Conn(asyncio.Protocol):
                 if j < 0:
                     break
                 self.record.append((now, now - float(buf[i + 5:j])))
+                self.count += 1
                 start = j
             self.tail = buf[start:][-64:]
 
@@ -100,21 +107,25 @@ class Conn(asyncio.Protocol):
 
 async def role_connect(host: str, port: int, source: str, n: int, inflight: int, path: str, hold: bool,
                        timeout: float, out: str, tls_ca: str = "", record: bool = False, stay: float = 0.0,
-                       deadline: float = 0.0) -> dict[str, Any]:
+                       deadline: float = 0.0, first: int = 0, spread: int = 0) -> dict[str, Any]:
     """Open `n` connections from `source`, `inflight` at once (n: all at once), each sending
     `GET path` and waiting (at most `timeout` s) for its 200; keep them open when `hold` (and
     record event latencies when `record`) until stdin says "stop" or `stay` seconds pass. With a
-    `deadline`, no connection is begun more than that many seconds after the start."""
+    `deadline`, no connection is begun more than that many seconds after the start. Connections are
+    numbered from `first` (their events are counted by number); a `{i}` in `path` is the number
+    modulo `spread` (a topic of `spread` topics)."""
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
-    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     records: list[tuple[float, float]] = []
     took: list[float] = []
     failed: dict[str, int] = {}
     transports: list[asyncio.BaseTransport] = []
+    conns: dict[int, Conn] = {}
     gate = asyncio.Semaphore(inflight)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
+        request = f"GET {path.replace('{i}', str(i % spread if spread else i))} HTTP/1.1\r\nHost: bench\r\n\r\n"
+        request_bytes = request.encode()
         async with gate:
             began = time.monotonic()
             if deadline and began - started > deadline:
@@ -122,10 +133,11 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
                 return
             ok: asyncio.Future[float] = loop.create_future()
             try:
-                transport, _ = await asyncio.wait_for(loop.create_connection(
-                    lambda: Conn(request, ok, records if record else None), host, port,
+                transport, conn = await asyncio.wait_for(loop.create_connection(
+                    lambda: Conn(request_bytes, ok, records if record else None), host, port,
                     local_addr=(source, 0), ssl=context, server_hostname="neoplasma" if context else None), timeout)
                 transports.append(transport)
+                conns[i] = conn
                 took.append(await asyncio.wait_for(ok, max(0.1, timeout - (time.monotonic() - began))) - began)
                 if not hold:
                     transport.close()
@@ -136,7 +148,7 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
     print(json.dumps({"ready": n}), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)  # "go": every client starts at once
     started = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one(first + i) for i in range(n)))
     wall = time.monotonic() - started
     print(json.dumps({"connected": len(took), "wall": wall}), flush=True)
     if hold:
@@ -146,7 +158,8 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
             await loop.run_in_executor(None, sys.stdin.readline)  # "stop"
     for t in transports:
         t.close()
-    return {"took": took, "failed": failed, "wall": wall, "records": records}
+    counts = {i: c.count for i, c in conns.items() if c.ok.done() and not c.ok.exception()}
+    return {"took": took, "failed": failed, "wall": wall, "records": records, "counts": counts}
 
 
 def run_role(argv: list[str]) -> None:
@@ -184,8 +197,9 @@ class Client:
 
 
 def clients(count: int, first_source: int, **args: Any) -> list[Client]:
-    """`count` client processes, each from its own source address 127.0.0.{first_source + i}."""
-    started = [Client(source=f"127.0.0.{first_source + i}", **args) for i in range(count)]
+    """`count` client processes, each from its own source address 127.0.0.{first_source + i}, numbering
+    its `n` connections after the previous one's."""
+    started = [Client(source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
     for c in started:
         c.line()  # ready
     return started
@@ -228,12 +242,20 @@ def merged(results: list[dict[str, Any]]) -> tuple[list[float], dict[str, int]]:
     return took, failed
 
 
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each numeric figure over `runs` (and how many runs)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and k not in ("round", "load_average")]
+    return {"runs": len(runs), **{k: round(statistics.median(run[k] for run in runs if run[k] is not None), 3)
+                                  for k in keys}}
+
+
 # -- scenarios ------------------------------------------------------------------------------------
 
 
-async def servers(log_dir: Path, *proxy_args: str) -> tuple[Server, Server]:
-    broker = start_server("broker", "b0", log_dir, "--workers", "1")
-    proxy = start_server("proxy", "p0", log_dir, "--workers", "1", *proxy_args)
+async def servers(log_dir: Path, *proxy_args: str, python: str = sys.executable) -> tuple[Server, Server]:
+    """A broker and a one-process proxy, run by `python` (another build's interpreter, for --before)."""
+    broker = start_server("broker", "b0", log_dir, "--workers", "1", python=python)
+    proxy = start_server("proxy", "p0", log_dir, "--workers", "1", *proxy_args, python=python)
     await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     return broker, proxy
@@ -263,14 +285,16 @@ async def accept_rate(server: Server, which: str, path: str, n: int, procs: int,
             "listen_overflows": listen_overflows() - overflow0}
 
 
-async def publish_stamped(broker: Server, seconds: float, rate: float) -> int:
-    """Events with a "ts" stamp to TOPIC at `rate` per second for `seconds` (HTTP publish)."""
+async def publish_stamped(broker: Server, seconds: float, rate: float, topics: tuple[str, ...] = (TOPIC,)) -> int:
+    """Events with a "ts" stamp at `rate` per second for `seconds` (HTTP publish), to each of `topics` in
+    turn; how many were sent."""
     sent = 0
     interval, deadline = 1.0 / rate, time.monotonic() + seconds
     next_at = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            body = json.dumps([{"meta": {"type": TOPIC}, "data": {"ts": time.time(), "pad": "x" * 150}}])
+            body = json.dumps([{"meta": {"type": topics[sent % len(topics)]},
+                                "data": {"ts": time.time(), "pad": "x" * 150}}])
             async with session.post(f"http://{broker.endpoints['http']}/publish", data=body.encode(),
                                     headers={"Content-Type": "application/json"}) as resp:
                 resp.raise_for_status()
@@ -346,14 +370,28 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
         if "rate" in scenarios:
-            broker, proxy = await servers(log_dir)
-            try:
-                out["rate_sse"] = await accept_rate(proxy, "http", f"/?eventType={TOPIC}", args.rate_n, args.clients,
-                                                    args.inflight, hold=True)
-                print("rate sse", out["rate_sse"], flush=True)
-            finally:
-                proxy.stop()
-                broker.stop()
+            builds = {"before": args.before, "current": sys.executable} if args.before else {"current": sys.executable}
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label in builds}
+            for r in range(args.rounds):  # A B, B A, ...: a drifting machine load favours neither
+                for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
+                    broker, proxy = await servers(log_dir, python=python)
+                    try:
+                        run = await accept_rate(proxy, "http", f"/?eventType={TOPIC}", args.rate_n, args.clients,
+                                                args.inflight, hold=True)
+                    finally:
+                        proxy.stop()
+                        broker.stop()
+                    run.update(round=r, load_average=round(os.getloadavg()[0], 2))
+                    runs[label].append(run)
+                    print(f"rate sse {label}", run, flush=True)
+            out["rate_sse"] = {label: medians(mine) for label, mine in runs.items()}
+            if args.before:
+                out["rate_sse"]["before_python"] = args.before
+                out["rate_sse"]["cpu_per_accept_current/before"] = round(
+                    out["rate_sse"]["current"]["server_cpu_us_per_accept"]
+                    / out["rate_sse"]["before"]["server_cpu_us_per_accept"], 3)
+            out["rate_sse_runs"] = runs
+            print("rate sse medians", {k: v for k, v in out["rate_sse"].items()}, flush=True)
         if "tls" in scenarios:
             ca, cert, key = certificates(log_dir)
             for name, extra, tls_ca in (("plain", (), ""), ("tls", ("--tls-cert", cert, "--tls-key", key), ca)):
@@ -386,6 +424,9 @@ def cli() -> None:
                         "storm (100: what create_server gave before it was a setting; 1024: the default)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (one source address each)")
     parser.add_argument("--inflight", type=int, default=128, help="connections in flight per client process (rate)")
+    parser.add_argument("--before", default="", help="rate: also run another build's servers (that interpreter's "
+                        "`-m neoplasma`), interleaved round by round with this one's; medians of each")
+    parser.add_argument("--rounds", type=int, default=1, help="rate: rounds (each build once a round)")
     args = parser.parse_args()
     if args.quick:
         args.rate_n, args.tls_n, args.storm_n, args.watchers = 2000, 600, 2000, 100
