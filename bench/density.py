@@ -6,7 +6,7 @@ several client processes, each connecting from its own loopback source address (
 Every wait is bounded.
 
 Figures (printed, and written to bench/results/density_sse.json):
-  - subscribers reached, and how long connecting them took;
+  - subscribers reached, how long connecting them took, and the proxy pod's CPU per subscriber meanwhile;
   - proxy RSS per subscriber (the supervisor and its workers, after minus before);
   - kernel memory per socket: /proc/net/sockstat's TCP buffer pages and the slab caches a TCP
     socket uses (TCP, sock_inode_cache, dentry, filp, eventpoll_epi, eventpoll_pwq) from /proc/slabinfo,
@@ -62,6 +62,17 @@ def rss(server: Server) -> int:
     for p in (proc, *proc.children(recursive=True)):
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
+    return total
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU seconds (user + system) of a server and its workers."""
+    proc = psutil.Process(server.proc.pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            total += times.user + times.system
     return total
 
 
@@ -136,12 +147,12 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
                     await asyncio.sleep(10)
                     print(f"{time.monotonic() - t0:.0f} s: {await subscribers()} subscribers", flush=True)
 
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), cpu_seconds(proxy)
             go(started)
             reporting = asyncio.create_task(progress())
             for c in started:
                 await asyncio.to_thread(c.line, args.connect_seconds + 120)
-            connect_s = time.monotonic() - t0
+            connect_s, connect_cpu = time.monotonic() - t0, cpu_seconds(proxy) - cpu0
             reporting.cancel()
 
             async def all_there() -> bool:
@@ -153,6 +164,7 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
             rss1, kernel1 = rss(proxy), kernel()
             out.update(subscribers=reached, connect_seconds=round(connect_s, 1),
                        connects_per_second=round(reached / connect_s),
+                       proxy_cpu_us_per_connect=round(1e6 * connect_cpu / max(1, reached)),
                        proxy_rss_mb_before=round(rss0 / 2**20, 1), proxy_rss_mb_after=round(rss1 / 2**20, 1),
                        proxy_rss_kb_per_subscriber=round((rss1 - rss0) / max(1, reached) / 1024, 2),
                        kernel_bytes_per_socket={k: round((kernel1[k] - kernel0.get(k, 0)) / max(1, 2 * reached))

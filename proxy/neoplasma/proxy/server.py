@@ -692,9 +692,9 @@ class SseStream:
         reason = sub.closed_as
         if sub.transport.is_closing():
             return None
-        # The connection is closed after the stream: a client (a browser too) reconnecting over the same
-        # keep-alive connection would reach this proxy again, as kube-proxy and most load balancers pick a
-        # backend per connection, not per request.
+        # The connection is closed after the stream: a moved client (a browser too) reconnecting over the
+        # same keep-alive connection would reach this proxy again, as kube-proxy and most load balancers pick
+        # a backend per connection, not per request; an expired one comes back on a new one as well.
         if reason in MOVED:
             return b"retry: %d\n\n" % proxy.config.drain_retry_ms
         if reason == "expired":
