@@ -34,12 +34,14 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,28 @@ class Conn(asyncio.Protocol):
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
+
+async def connect(factory: Callable[[], Conn], host: str, port: int, source: str,
+                  context: ssl.SSLContext | None) -> tuple[asyncio.BaseTransport, Conn]:
+    """A connection from address `source`, its port chosen at connect (IP_BIND_ADDRESS_NO_PORT), not at
+    bind: a bind to port 0 searches for a port no socket of that address holds, which costs the kernel
+    more and more as the ports fill (with tens of thousands of connections, more than the server)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        return await loop.create_connection(factory, sock=sock, ssl=context,
+                                            server_hostname="neoplasma" if context else None)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def role_connect(host: str, port: int, source: str, n: int, inflight: int, path: str, hold: bool,
                        timeout: float, out: str, tls_ca: str = "", record: bool = False, stay: float = 0.0,
                        deadline: float = 0.0, first: int = 0, spread: int = 0) -> dict[str, Any]:
@@ -133,9 +157,9 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
                 return
             ok: asyncio.Future[float] = loop.create_future()
             try:
-                transport, conn = await asyncio.wait_for(loop.create_connection(
-                    lambda: Conn(request_bytes, ok, records if record else None), host, port,
-                    local_addr=(source, 0), ssl=context, server_hostname="neoplasma" if context else None), timeout)
+                transport, conn = await asyncio.wait_for(connect(
+                    lambda: Conn(request_bytes, ok, records if record else None), host, port, source, context),
+                    timeout)
                 transports.append(transport)
                 conns[i] = conn
                 took.append(await asyncio.wait_for(ok, max(0.1, timeout - (time.monotonic() - began))) - began)
