@@ -43,7 +43,11 @@ class Signal:
             if self._event is None:
                 self._event = asyncio.Event()
             try:
-                await asyncio.wait_for(self._event.wait(), remaining)
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that comes while the
+                # event is being set (it returns the result instead), and the waiter went on waiting:
+                # a resuming subscriber whose client left at that moment stayed in the hub.
+                async with asyncio.timeout(remaining):
+                    await self._event.wait()
             except TimeoutError:
                 return predicate()
         return True
