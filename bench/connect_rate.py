@@ -21,7 +21,8 @@ Scenarios (each with fresh servers, every wait bounded):
 
 Prints figures and writes bench/results/connect_rate.json.
 With `--before PYTHON` the rate scenario also runs another build's servers (e.g. main's venv), `--rounds`
-rounds interleaved (A B, B A, ...), and reports each build's medians and the ratio of CPU per accept.
+rounds interleaved (A B, B A, ...), and reports each build's medians and the ratio of CPU per accept;
+the storm scenario runs that build's first, then this one's.
 
 Usage: python bench/connect_rate.py [--quick] [--scenarios rate,tls,storm] [--rate-n N] [--storm-n S] [--clients P]
        python bench/connect_rate.py --scenarios rate --before /path/to/main/.venv/bin/python --rounds 3
@@ -328,8 +329,9 @@ async def publish_stamped(broker: Server, seconds: float, rate: float, topics: t
     return sent
 
 
-async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, quick: bool) -> dict[str, Any]:
-    broker, proxy = await servers(log_dir, "--listen-backlog", str(backlog))
+async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, quick: bool,
+                python: str = sys.executable) -> dict[str, Any]:
+    broker, proxy = await servers(log_dir, "--listen-backlog", str(backlog), python=python)
     try:
         quiet, bound = (2.0, 20.0) if quick else (3.0, 30.0)
         watch = clients(1, 2 + procs, host="127.0.0.1", port=proxy.port("http"), n=watchers, inflight=watchers,
@@ -427,9 +429,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     b.stop()
         for backlog in [int(b) for b in args.storm_backlogs.split(",")] if "storm" in scenarios else ():
-            key_name = f"storm_backlog_{backlog}"
-            out[key_name] = await storm(log_dir, backlog, args.storm_n, args.clients, args.watchers, args.quick)
-            print(key_name, out[key_name], flush=True)
+            for label, python in (("before", args.before), ("current", sys.executable)):
+                if not python:
+                    continue
+                key_name = f"storm_backlog_{backlog}" + (f"_{label}" if args.before else "")
+                out[key_name] = await storm(log_dir, backlog, args.storm_n, args.clients, args.watchers, args.quick,
+                                            python)
+                print(key_name, out[key_name], flush=True)
     return out
 
 
@@ -448,8 +454,9 @@ def cli() -> None:
                         "storm (100: what create_server gave before it was a setting; 1024: the default)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (one source address each)")
     parser.add_argument("--inflight", type=int, default=128, help="connections in flight per client process (rate)")
-    parser.add_argument("--before", default="", help="rate: also run another build's servers (that interpreter's "
-                        "`-m neoplasma`), interleaved round by round with this one's; medians of each")
+    parser.add_argument("--before", default="", help="rate and storm: also run another build's servers (that "
+                        "interpreter's `-m neoplasma`); rate: interleaved round by round with this one's, medians of "
+                        "each; storm: before this one's, each backlog")
     parser.add_argument("--rounds", type=int, default=1, help="rate: rounds (each build once a round)")
     args = parser.parse_args()
     if args.quick:
