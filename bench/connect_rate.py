@@ -20,7 +20,12 @@ Scenarios (each with fresh servers, every wait bounded):
     and the watchers' delivery latency p50/p99 before and during the storm.
 
 Prints figures and writes bench/results/connect_rate.json.
+With `--before PYTHON` the rate scenario also runs another build's servers (e.g. main's venv), `--rounds`
+rounds interleaved (A B, B A, ...), and reports each build's medians and the ratio of CPU per accept;
+the storm scenario runs that build's first, then this one's.
+
 Usage: python bench/connect_rate.py [--quick] [--scenarios rate,tls,storm] [--rate-n N] [--storm-n S] [--clients P]
+       python bench/connect_rate.py --scenarios rate --before /path/to/main/.venv/bin/python --rounds 3
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +75,7 @@ class Conn(asyncio.Protocol):
         self.request, self.ok, self.record = request, ok, record
         self.head = b""
         self.tail = b""
+        self.count = 0  # stamped events received
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.write(self.request)  # type: ignore[attr-defined]
@@ -90,6 +99,7 @@ class Conn(asyncio.Protocol):
                 if j < 0:
                     break
                 self.record.append((now, now - float(buf[i + 5:j])))
+                self.count += 1
                 start = j
             self.tail = buf[start:][-64:]
 
@@ -98,23 +108,49 @@ class Conn(asyncio.Protocol):
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
+
+async def connect(factory: Callable[[], Conn], host: str, port: int, source: str,
+                  context: ssl.SSLContext | None) -> tuple[asyncio.BaseTransport, Conn]:
+    """A connection from address `source`, its port chosen at connect (IP_BIND_ADDRESS_NO_PORT), not at
+    bind: a bind to port 0 searches for a port no socket of that address holds, which costs the kernel
+    more and more as the ports fill (with tens of thousands of connections, more than the server)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        return await loop.create_connection(factory, sock=sock, ssl=context,
+                                            server_hostname="neoplasma" if context else None)
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def role_connect(host: str, port: int, source: str, n: int, inflight: int, path: str, hold: bool,
                        timeout: float, out: str, tls_ca: str = "", record: bool = False, stay: float = 0.0,
-                       deadline: float = 0.0) -> dict[str, Any]:
+                       deadline: float = 0.0, first: int = 0, spread: int = 0) -> dict[str, Any]:
     """Open `n` connections from `source`, `inflight` at once (n: all at once), each sending
     `GET path` and waiting (at most `timeout` s) for its 200; keep them open when `hold` (and
     record event latencies when `record`) until stdin says "stop" or `stay` seconds pass. With a
-    `deadline`, no connection is begun more than that many seconds after the start."""
+    `deadline`, no connection is begun more than that many seconds after the start. Connections are
+    numbered from `first` (their events are counted by number); a `{i}` in `path` is the number
+    modulo `spread` (a topic of `spread` topics)."""
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
-    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     records: list[tuple[float, float]] = []
     took: list[float] = []
     failed: dict[str, int] = {}
     transports: list[asyncio.BaseTransport] = []
+    conns: dict[int, Conn] = {}
     gate = asyncio.Semaphore(inflight)
 
-    async def one() -> None:
+    async def one(i: int) -> None:
+        request = f"GET {path.replace('{i}', str(i % spread if spread else i))} HTTP/1.1\r\nHost: bench\r\n\r\n"
+        request_bytes = request.encode()
         async with gate:
             began = time.monotonic()
             if deadline and began - started > deadline:
@@ -122,10 +158,11 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
                 return
             ok: asyncio.Future[float] = loop.create_future()
             try:
-                transport, _ = await asyncio.wait_for(loop.create_connection(
-                    lambda: Conn(request, ok, records if record else None), host, port,
-                    local_addr=(source, 0), ssl=context, server_hostname="neoplasma" if context else None), timeout)
+                transport, conn = await asyncio.wait_for(connect(
+                    lambda: Conn(request_bytes, ok, records if record else None), host, port, source, context),
+                    timeout)
                 transports.append(transport)
+                conns[i] = conn
                 took.append(await asyncio.wait_for(ok, max(0.1, timeout - (time.monotonic() - began))) - began)
                 if not hold:
                     transport.close()
@@ -136,7 +173,7 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
     print(json.dumps({"ready": n}), flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)  # "go": every client starts at once
     started = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one(first + i) for i in range(n)))
     wall = time.monotonic() - started
     print(json.dumps({"connected": len(took), "wall": wall}), flush=True)
     if hold:
@@ -146,7 +183,8 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
             await loop.run_in_executor(None, sys.stdin.readline)  # "stop"
     for t in transports:
         t.close()
-    return {"took": took, "failed": failed, "wall": wall, "records": records}
+    counts = {i: c.count for i, c in conns.items() if c.ok.done() and not c.ok.exception()}
+    return {"took": took, "failed": failed, "wall": wall, "records": records, "counts": counts}
 
 
 def run_role(argv: list[str]) -> None:
@@ -184,8 +222,9 @@ class Client:
 
 
 def clients(count: int, first_source: int, **args: Any) -> list[Client]:
-    """`count` client processes, each from its own source address 127.0.0.{first_source + i}."""
-    started = [Client(source=f"127.0.0.{first_source + i}", **args) for i in range(count)]
+    """`count` client processes, each from its own source address 127.0.0.{first_source + i}, numbering
+    its `n` connections after the previous one's."""
+    started = [Client(source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
     for c in started:
         c.line()  # ready
     return started
@@ -228,12 +267,20 @@ def merged(results: list[dict[str, Any]]) -> tuple[list[float], dict[str, int]]:
     return took, failed
 
 
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each numeric figure over `runs` (and how many runs)."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and k not in ("round", "load_average")]
+    return {"runs": len(runs), **{k: round(statistics.median(run[k] for run in runs if run[k] is not None), 3)
+                                  for k in keys}}
+
+
 # -- scenarios ------------------------------------------------------------------------------------
 
 
-async def servers(log_dir: Path, *proxy_args: str) -> tuple[Server, Server]:
-    broker = start_server("broker", "b0", log_dir, "--workers", "1")
-    proxy = start_server("proxy", "p0", log_dir, "--workers", "1", *proxy_args)
+async def servers(log_dir: Path, *proxy_args: str, python: str = sys.executable) -> tuple[Server, Server]:
+    """A broker and a one-process proxy, run by `python` (another build's interpreter, for --before)."""
+    broker = start_server("broker", "b0", log_dir, "--workers", "1", python=python)
+    proxy = start_server("proxy", "p0", log_dir, "--workers", "1", *proxy_args, python=python)
     await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     return broker, proxy
@@ -263,14 +310,16 @@ async def accept_rate(server: Server, which: str, path: str, n: int, procs: int,
             "listen_overflows": listen_overflows() - overflow0}
 
 
-async def publish_stamped(broker: Server, seconds: float, rate: float) -> int:
-    """Events with a "ts" stamp to TOPIC at `rate` per second for `seconds` (HTTP publish)."""
+async def publish_stamped(broker: Server, seconds: float, rate: float, topics: tuple[str, ...] = (TOPIC,)) -> int:
+    """Events with a "ts" stamp at `rate` per second for `seconds` (HTTP publish), to each of `topics` in
+    turn; how many were sent."""
     sent = 0
     interval, deadline = 1.0 / rate, time.monotonic() + seconds
     next_at = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            body = json.dumps([{"meta": {"type": TOPIC}, "data": {"ts": time.time(), "pad": "x" * 150}}])
+            body = json.dumps([{"meta": {"type": topics[sent % len(topics)]},
+                                "data": {"ts": time.time(), "pad": "x" * 150}}])
             async with session.post(f"http://{broker.endpoints['http']}/publish", data=body.encode(),
                                     headers={"Content-Type": "application/json"}) as resp:
                 resp.raise_for_status()
@@ -280,8 +329,9 @@ async def publish_stamped(broker: Server, seconds: float, rate: float) -> int:
     return sent
 
 
-async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, quick: bool) -> dict[str, Any]:
-    broker, proxy = await servers(log_dir, "--listen-backlog", str(backlog))
+async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, quick: bool,
+                python: str = sys.executable) -> dict[str, Any]:
+    broker, proxy = await servers(log_dir, "--listen-backlog", str(backlog), python=python)
     try:
         quiet, bound = (2.0, 20.0) if quick else (3.0, 30.0)
         watch = clients(1, 2 + procs, host="127.0.0.1", port=proxy.port("http"), n=watchers, inflight=watchers,
@@ -346,14 +396,28 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
         if "rate" in scenarios:
-            broker, proxy = await servers(log_dir)
-            try:
-                out["rate_sse"] = await accept_rate(proxy, "http", f"/?eventType={TOPIC}", args.rate_n, args.clients,
-                                                    args.inflight, hold=True)
-                print("rate sse", out["rate_sse"], flush=True)
-            finally:
-                proxy.stop()
-                broker.stop()
+            builds = {"before": args.before, "current": sys.executable} if args.before else {"current": sys.executable}
+            runs: dict[str, list[dict[str, Any]]] = {label: [] for label in builds}
+            for r in range(args.rounds):  # A B, B A, ...: a drifting machine load favours neither
+                for label, python in list(builds.items())[::1 if r % 2 == 0 else -1]:
+                    broker, proxy = await servers(log_dir, python=python)
+                    try:
+                        run = await accept_rate(proxy, "http", f"/?eventType={TOPIC}", args.rate_n, args.clients,
+                                                args.inflight, hold=True)
+                    finally:
+                        proxy.stop()
+                        broker.stop()
+                    run.update(round=r, load_average=round(os.getloadavg()[0], 2))
+                    runs[label].append(run)
+                    print(f"rate sse {label}", run, flush=True)
+            out["rate_sse"] = {label: medians(mine) for label, mine in runs.items()}
+            if args.before:
+                out["rate_sse"]["before_python"] = args.before
+                out["rate_sse"]["cpu_per_accept_current/before"] = round(
+                    out["rate_sse"]["current"]["server_cpu_us_per_accept"]
+                    / out["rate_sse"]["before"]["server_cpu_us_per_accept"], 3)
+            out["rate_sse_runs"] = runs
+            print("rate sse medians", {k: v for k, v in out["rate_sse"].items()}, flush=True)
         if "tls" in scenarios:
             ca, cert, key = certificates(log_dir)
             for name, extra, tls_ca in (("plain", (), ""), ("tls", ("--tls-cert", cert, "--tls-key", key), ca)):
@@ -365,9 +429,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     b.stop()
         for backlog in [int(b) for b in args.storm_backlogs.split(",")] if "storm" in scenarios else ():
-            key_name = f"storm_backlog_{backlog}"
-            out[key_name] = await storm(log_dir, backlog, args.storm_n, args.clients, args.watchers, args.quick)
-            print(key_name, out[key_name], flush=True)
+            for label, python in (("before", args.before), ("current", sys.executable)):
+                if not python:
+                    continue
+                key_name = f"storm_backlog_{backlog}" + (f"_{label}" if args.before else "")
+                out[key_name] = await storm(log_dir, backlog, args.storm_n, args.clients, args.watchers, args.quick,
+                                            python)
+                print(key_name, out[key_name], flush=True)
     return out
 
 
@@ -386,6 +454,10 @@ def cli() -> None:
                         "storm (100: what create_server gave before it was a setting; 1024: the default)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (one source address each)")
     parser.add_argument("--inflight", type=int, default=128, help="connections in flight per client process (rate)")
+    parser.add_argument("--before", default="", help="rate and storm: also run another build's servers (that "
+                        "interpreter's `-m neoplasma`); rate: interleaved round by round with this one's, medians of "
+                        "each; storm: before this one's, each backlog")
+    parser.add_argument("--rounds", type=int, default=1, help="rate: rounds (each build once a round)")
     args = parser.parse_args()
     if args.quick:
         args.rate_n, args.tls_n, args.storm_n, args.watchers = 2000, 600, 2000, 100

@@ -6,18 +6,24 @@ several client processes, each connecting from its own loopback source address (
 Every wait is bounded.
 
 Figures (printed, and written to bench/results/density_sse.json):
-  - subscribers reached, and how long connecting them took;
+  - subscribers reached, how long connecting them took, and the proxy pod's CPU per subscriber meanwhile;
   - proxy RSS per subscriber (the supervisor and its workers, after minus before);
   - kernel memory per socket: /proc/net/sockstat's TCP buffer pages and the slab caches a TCP
     socket uses (TCP, sock_inode_cache, dentry, filp, eventpoll_epi, eventpoll_pwq) from /proc/slabinfo,
     after minus before, divided by 2 x subscribers (both ends of every connection are on this machine);
-  - one event published to their topic: how many received it, latency p50/p99/max (publish to read).
+  - one event published to their topic: how many received it, latency p50/p99/max (publish to read);
+  - the spread load: each subscriber also wants one of `--spread-topics` topics, and `--spread-rate`
+    events per second go to those topics in turn for `--spread-seconds`: deliveries expected (from what
+    was sent and who is connected) and received, events lost, latency p50/p99/max.
+
+With `--before PYTHON`: first the same run (without the spread load) with another build's servers.
 
 With `--kind plasma`: plasma gRPC `Events` streams instead, `--per-connection` on each connection
 (100,000 streams over 1,000 connections by default), on one proxy process: RSS per stream and one
 event to all of them (bench/results/density_plasma.json).
 
-Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N]
+Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON]
+       [--spread-topics T --spread-rate R --spread-seconds S]
        python bench/density.py --kind plasma [--subscribers N] [--per-connection K]
 """
 
@@ -37,7 +43,7 @@ from typing import Any
 
 import aiohttp
 import psutil
-from connect_rate import Client, clients, go, pct
+from connect_rate import Client, clients, go, pct, publish_stamped
 
 from neoplasma.core.net import raise_fd_limit
 
@@ -56,6 +62,17 @@ def rss(server: Server) -> int:
     for p in (proc, *proc.children(recursive=True)):
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
+    return total
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU seconds (user + system) of a server and its workers."""
+    proc = psutil.Process(server.proc.pid)
+    total = 0.0
+    for p in (proc, *proc.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = p.cpu_times()
+            total += times.user + times.system
     return total
 
 
@@ -85,26 +102,42 @@ async def publish_one(broker: Server, topic: str = TOPIC) -> None:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    """The SSE density run of this build, and of `--before`'s first when given."""
+    machine = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+               "shared": "yes: other work ran at the same time"}
+    if not args.before:
+        return {"machine": machine, **await sse(args, sys.executable)}
+    out: dict[str, Any] = {"machine": machine, "before_python": args.before}
+    for label, python in (("before", args.before), ("current", sys.executable)):
+        # Each build's clients from their own source addresses: the ports the first one's connections
+        # leave in TIME_WAIT would slow the second's binds for a minute.
+        out[label] = await sse(args, python, spread=label == "current", first_source=2 if label == "before" else 64)
+        print(label, json.dumps(out[label]), flush=True)
+    return out
+
+
+async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_source: int = 2) -> dict[str, Any]:
+    """Idle SSE subscribers on a proxy pod run by `python`, one event to all, then (with `spread`) the
+    spread load; the clients connect from 127.0.0.{first_source}, .{first_source + 1}, ..."""
     raise_fd_limit()
     n = args.subscribers
     workers = max(1, math.ceil(n / args.per_worker))
     procs = max(1, math.ceil(n / args.per_client))
-    machine = {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-               "shared": "yes: other work ran at the same time"}
-    out: dict[str, Any] = {"machine": machine,
-                           "subscribers_asked": n, "proxy_workers": workers, "client_processes": procs}
+    topics = args.spread_topics
+    out: dict[str, Any] = {"subscribers_asked": n, "proxy_workers": workers, "client_processes": procs}
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
-        broker = start_server("broker", "b0", log_dir, "--workers", "1")
-        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat", "30")
+        broker = start_server("broker", "b0", log_dir, "--workers", "1", python=python)
+        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat", "30", python=python)
         started: list[Client] = []
         try:
             await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
             await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=30, what="links")
             rss0, kernel0 = rss(proxy), kernel()
-            started = clients(procs, 2, host="127.0.0.1", port=proxy.port("http"), n=n // procs,
-                              inflight=args.inflight, path=f"/?eventType={TOPIC}", hold=True, timeout=60.0,
-                              record=True, deadline=args.connect_seconds)
+            # Each subscriber wants TOPIC (one event to all) and one of `topics` (the spread load).
+            started = clients(procs, first_source, host="127.0.0.1", port=proxy.port("http"), n=n // procs,
+                              inflight=args.inflight, path=f"/?eventType={TOPIC},{TOPIC}-{{i}}", spread=topics,
+                              hold=True, timeout=60.0, record=True, deadline=args.connect_seconds)
 
             async def subscribers() -> int:
                 return int((await proxy_status(proxy.endpoints["control"])).sse_subscribers)
@@ -114,12 +147,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(10)
                     print(f"{time.monotonic() - t0:.0f} s: {await subscribers()} subscribers", flush=True)
 
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), cpu_seconds(proxy)
             go(started)
             reporting = asyncio.create_task(progress())
             for c in started:
                 await asyncio.to_thread(c.line, args.connect_seconds + 120)
-            connect_s = time.monotonic() - t0
+            connect_s, connect_cpu = time.monotonic() - t0, cpu_seconds(proxy) - cpu0
             reporting.cancel()
 
             async def all_there() -> bool:
@@ -131,6 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             rss1, kernel1 = rss(proxy), kernel()
             out.update(subscribers=reached, connect_seconds=round(connect_s, 1),
                        connects_per_second=round(reached / connect_s),
+                       proxy_cpu_us_per_connect=round(1e6 * connect_cpu / max(1, reached)),
                        proxy_rss_mb_before=round(rss0 / 2**20, 1), proxy_rss_mb_after=round(rss1 / 2**20, 1),
                        proxy_rss_kb_per_subscriber=round((rss1 - rss0) / max(1, reached) / 1024, 2),
                        kernel_bytes_per_socket={k: round((kernel1[k] - kernel0.get(k, 0)) / max(1, 2 * reached))
@@ -147,22 +181,62 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
             with contextlib.suppress(AssertionError):
                 await wait_for(handed, timeout=30, what="the event handed to every subscriber")
+            spread_at = time.time()
+            sent = 0
+            if spread and args.spread_seconds:
+                names = tuple(f"{TOPIC}-{t}" for t in range(topics))
+                sent = await publish_stamped(broker, args.spread_seconds, args.spread_rate, names)
+                deliveries1 = (await proxy_status(proxy.endpoints["control"])).deliveries
+
+                async def settled() -> bool:  # every delivery the proxy made is handed out (or it stalls)
+                    nonlocal deliveries1
+                    now = (await proxy_status(proxy.endpoints["control"])).deliveries
+                    done, deliveries1 = now == deliveries1, now
+                    return done
+                with contextlib.suppress(AssertionError):
+                    await wait_for(settled, timeout=30, interval=2.0, what="the spread load delivered")
             for c in started:
                 c.say("stop")
             results = [await asyncio.to_thread(c.result, 120) for c in started]
             started = []
-            latencies = [lat for r in results for _, lat in r["records"]]
-            out["one_event_to_all"] = {"received": len(latencies), "of": reached,
-                                       "p50_ms": round(1000 * pct(latencies, 0.5), 1),
-                                       "p99_ms": round(1000 * pct(latencies, 0.99), 1),
-                                       "max_ms": round(1000 * max(latencies, default=float("nan")), 1)}
+            first = [lat for r in results for at, lat in r["records"] if at - lat < spread_at]  # sent before it
+            out["one_event_to_all"] = {"received": len(first), "of": reached,
+                                       "p50_ms": round(1000 * pct(first, 0.5), 1),
+                                       "p99_ms": round(1000 * pct(first, 0.99), 1),
+                                       "max_ms": round(1000 * max(first, default=float("nan")), 1)}
             print("one event to all:", out["one_event_to_all"], flush=True)
+            if sent:
+                out["spread"] = spread_figures(results, sent, topics, args, spread_at)
+                status = await proxy_status(proxy.endpoints["control"])
+                out["spread"]["slow_subscribers_dropped"] = status.slow_subscribers_dropped
+                print("spread:", out["spread"], flush=True)
         finally:
             for c in started:
                 c.proc.kill()
             proxy.stop(timeout=60)
             broker.stop()
     return out
+
+
+def spread_figures(results: list[dict[str, Any]], sent: int, topics: int, args: argparse.Namespace,
+                   since: float) -> dict[str, Any]:
+    """What the spread load (`sent` events to `topics` topics in turn, one each) should have delivered to the
+    subscribers connected (number i wants topic i % topics, and got the event to all first) and what they
+    received: lost events, and the latency of those received."""
+    per_topic = [sent // topics + (t < sent % topics) for t in range(topics)]
+    expected = received = short = 0
+    for r in results:
+        for i, count in r["counts"].items():
+            want = 1 + per_topic[int(i) % topics]
+            expected += want
+            received += min(count, want)
+            short += count < want
+    latencies = [lat for r in results for at, lat in r["records"] if at - lat >= since]  # sent since
+    return {"topics": topics, "events_per_s": args.spread_rate, "seconds": args.spread_seconds, "events_sent": sent,
+            "deliveries_expected": expected, "deliveries_received": received, "lost": expected - received,
+            "subscribers_short": short, "p50_ms": round(1000 * pct(latencies, 0.5), 1),
+            "p99_ms": round(1000 * pct(latencies, 0.99), 1),
+            "max_ms": round(1000 * max(latencies, default=float("nan")), 1)}
 
 
 async def plasma(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,6 +303,13 @@ def cli() -> None:
     parser.add_argument("--inflight", type=int, default=100, help="connections in flight per client process")
     parser.add_argument("--connect-seconds", type=float, default=300.0,
                         help="no connection is begun later than this (what was reached by then is measured)")
+    parser.add_argument("--spread-topics", type=int, default=1000, help="SSE: each subscriber also wants one of "
+                        "this many topics")
+    parser.add_argument("--spread-rate", type=float, default=100.0, help="SSE: events per second over those topics "
+                        "after the event to all")
+    parser.add_argument("--spread-seconds", type=float, default=60.0, help="SSE: for this long (0: no spread load)")
+    parser.add_argument("--before", default="", help="SSE: first the same run (without the spread load) with another "
+                        "build's servers (that interpreter's `-m neoplasma`)")
     parser.add_argument("--kind", choices=("sse", "plasma"), default="sse",
                         help="SSE subscribers, or plasma gRPC streams (--per-connection on each connection)")
     parser.add_argument("--per-connection", type=int, default=100, help="plasma streams per connection")

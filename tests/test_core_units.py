@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event, batch_entry, batch_trailer, compact_json, plasma_payload, sse_frame
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
 from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
@@ -177,3 +180,19 @@ def test_dispatch_pauses_grow_while_the_loop_is_behind_and_shrink_once_it_keeps_
     # linger 0 never lingers, however late; a most below linger does not shrink linger.
     assert pause(0.01, 1.0, 0.0, 0.0, most, share) == (0.0, 0.0)
     assert pause(0.01, 1.0, 0.1, 0.1, 0.05, share)[1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_a_wait_on_a_signal_is_cancelled_even_as_the_signal_comes(turns: int) -> None:
+    """A waiter cancelled just after a notify (the event set, the waiter not yet resumed) ends cancelled:
+    asyncio.wait_for on Python 3.11 returned instead, and the waiter waited again (a resuming subscriber
+    whose client had left stayed in the hub)."""
+    signal = Signal()
+    waiter = asyncio.ensure_future(signal.wait_until(lambda: False, 30))
+    await asyncio.sleep(0)
+    signal.notify()
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    waiter.cancel()
+    done, _ = await asyncio.wait({waiter}, timeout=5)
+    assert done and waiter.cancelled()

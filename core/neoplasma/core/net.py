@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
@@ -125,16 +126,24 @@ class _HeaderDeadline(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+Front = Callable[[Callable[[], asyncio.Protocol]], asyncio.Protocol]
+
+
 class HttpServer:
     """An aiohttp app on a listening socket, with TLS when `tls` is given; a request's headers must
     arrive within `header_timeout` seconds (also the keep-alive timeout between requests). `backlog`
-    is the listen backlog `sock` was bound with (`bind_socket`)."""
+    is the listen backlog `sock` was bound with (`bind_socket`). With `front`, each connection is
+    `front(make_handler)`, which makes aiohttp's handler for it only if it needs one (the proxy's SSE
+    fast path). Accepted connections have TCP keepalive on (as aiohttp sets it; here it comes from
+    the listening socket, at no cost per connection)."""
 
     def __init__(self, app: web.Application, sock: socket.socket, header_timeout: float,
-                 tls: ssl.SSLContext | None = None, backlog: int = DEFAULT_BACKLOG, **handler_args: Any) -> None:
+                 tls: ssl.SSLContext | None = None, backlog: int = DEFAULT_BACKLOG, front: Front | None = None,
+                 **handler_args: Any) -> None:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=header_timeout,
                                     **handler_args)
         self.sock, self.header_timeout, self.tls, self.backlog = sock, header_timeout, tls, backlog
+        self.front = front
         self._server: asyncio.Server | None = None
 
     @property
@@ -145,9 +154,14 @@ class HttpServer:
         await self.runner.setup()
         handlers = self.runner.server
         assert handlers is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _HeaderDeadline(handlers(), self.header_timeout), sock=self.sock, ssl=self.tls,
-            backlog=self.backlog)
+        front, timeout = self.front, self.header_timeout
+
+        def connection() -> asyncio.Protocol:
+            return _HeaderDeadline(front(handlers) if front else handlers(), timeout)
+
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # inherited by accepted sockets
+        self._server = await asyncio.get_running_loop().create_server(connection, sock=self.sock, ssl=self.tls,
+                                                                      backlog=self.backlog)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -377,10 +377,10 @@ def mint(secret: bytes, topics: Sequence[str], ttl: float, audience: str = "", n
 # -- where tokens come from, and the answers ---------------------------------------------
 
 
-def http_token(headers: Mapping[str, str], query: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
-    """An HTTP subscriber's token: `Authorization: Bearer`, else `?token=` (EventSource cannot set
-    headers), else the cookie `neoplasma_token`."""
-    return bearer(headers.get("Authorization")) or query.get(QUERY) or cookies.get(COOKIE) or None
+def http_token(authorization: str | None, query: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+    """An HTTP subscriber's token: `Authorization: Bearer` (the header's value), else `?token=` (EventSource
+    cannot set headers), else the cookie `neoplasma_token`."""
+    return bearer(authorization) or query.get(QUERY) or cookies.get(COOKIE) or None
 
 
 def challenge(refusal: Refused) -> str:

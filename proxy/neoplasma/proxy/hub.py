@@ -91,6 +91,9 @@ class Batch:
         return entry
 
 
+LAST_CHUNK = b"0\r\n\r\n"  # the end of a chunked HTTP/1.1 body
+
+
 def http_chunk(data: bytes) -> bytes:
     """`data` framed as one HTTP/1.1 chunk (SSE responses are chunked)."""
     return b"%x\r\n%s\r\n" % (len(data), data)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -22,7 +24,7 @@ from prometheus_client.registry import Collector
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
-from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
+from neoplasma.core.net import Front, HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.resume import MAX_TOKEN_CHARS
 from neoplasma.core.topics import (
     InvalidTopic,
@@ -52,8 +54,10 @@ from neoplasma.proxy.auth import (
     http_token,
     without_token,
 )
+from neoplasma.proxy.fastpath import FastPath, Head, Serve, date_header
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
+    LAST_CHUNK,
     BatchSubscriber,
     Hub,
     PlasmaSubscriber,
@@ -79,6 +83,8 @@ MAX_DRAIN_RATE = 1e6
 # as long as the longest token accepted; longer ones get 400 and one rate-limited warning line.
 MAX_HEADER_BYTES = MAX_TOKEN_CHARS + 64
 MAX_REQUEST_LINE = 8190 + MAX_TOKEN_CHARS + 64
+# A request head longer than this is aiohttp's to read (its limits are per line); browsers' are far shorter.
+FAST_HEAD_LIMIT = MAX_REQUEST_LINE + 4 * MAX_HEADER_BYTES
 # The end of an SSE stream at its token's `exp`: reconnect with a fresh token and the last id.
 SSE_EXPIRED = b"event: neoplasma-expired\ndata: %s\n\n" % json.dumps({"reason": EXPIRED}).encode()
 # Not summed over a pod's workers: the version every worker has applied, and the topics (a topic
@@ -256,8 +262,14 @@ def deliver_or_close(sub: Subscriber, data: bytes) -> None:
         sub.close("slow" if sub.slow else "gone")
 
 
+class ChunkWriter(Protocol):
+    """A stream's chunked writer: aiohttp's StreamResponse, or the fast path's connection."""
+
+    async def write(self, data: bytes) -> None: ...
+
+
 class SseSink:
-    def __init__(self, response: web.StreamResponse, sub: SseSubscriber) -> None:
+    def __init__(self, response: ChunkWriter, sub: SseSubscriber) -> None:
         self.response, self.sub = response, sub
 
     @staticmethod
@@ -605,32 +617,189 @@ class ProxyCollector(Collector):
         yield from hub.metrics.families()
 
 
+SSE_PATHS = ("/", "/events")  # where the SSE port serves subscriptions
+
+
+@dataclass(frozen=True, slots=True)
+class SseAdmission:
+    """An SSE subscription that may start: its topics, its token's grant (None: none needed), and the
+    resume token it came with ("": none)."""
+
+    topics: list[str]
+    grant: Grant | None
+    resume: str
+
+
+@dataclass(frozen=True, slots=True)
+class SseRefusal:
+    """An SSE subscription refused before anything is streamed: a text answer, or a token's refusal."""
+
+    status: int
+    text: str = ""
+    refused: Refused | None = None
+
+
+def sse_admission(proxy: Proxy, query: Mapping[str, str], token: str | None, last_event_id: str | None,
+                  http11: bool) -> SseAdmission | SseRefusal:
+    """Whether an SSE request (its query, token, `Last-Event-ID` and whether it is HTTP/1.1 or later) may
+    subscribe; the same decision for the fast path and for aiohttp (a resumed subscription is checked
+    like a new one)."""
+    cfg = proxy.config
+    # plasma's answers, word for word, for a missing or empty query.
+    if cfg.event_query not in query:
+        return SseRefusal(400, "specify event queries\n")
+    raw = query[cfg.event_query]
+    if not raw:
+        return SseRefusal(400, "event query can't be empty\n")
+    try:
+        topics = parse_topic_list(raw, cfg.max_topic_length, cfg.max_topics_per_subscription)
+        proxy.check_room(topics)
+    except (InvalidTopic, LimitExceeded) as exc:
+        return SseRefusal(413 if isinstance(exc, LimitExceeded) else 400, f"{exc}\n")
+    if not http11:  # SSE here is a chunked stream
+        return SseRefusal(426, "server-sent events need HTTP/1.1\n")
+    try:
+        grant = proxy.auth.check(topics, token)
+    except Refused as refused:
+        return SseRefusal(refused.status, refused=refused)
+    return SseAdmission(topics, grant, last_event_id or query.get("lastEventId", ""))
+
+
+class SseStream:
+    """An admitted SSE subscriber on its connection, whichever server read its request: in the hub (or
+    catching up) from its making until `end`."""
+
+    __slots__ = ("expiry", "proxy", "resuming", "sub")
+
+    def __init__(self, proxy: Proxy, transport: asyncio.Transport, writer: ChunkWriter,
+                 admission: SseAdmission) -> None:
+        self.proxy = proxy
+        self.sub = sub = SseSubscriber(transport, proxy.config.max_sse_buffer)
+        proxy.hub.metrics.connected(sub.kind)
+        self.resuming = proxy.subscribe(sub, admission.topics, admission.resume, SseSink(writer, sub))
+        self.expiry = expire_at(proxy, admission.grant, sub)
+
+    def end(self) -> bytes | None:
+        """Take the subscriber out of the proxy (once). Returns the SSE text that ends its stream, after
+        which the connection is closed; None: abort the connection (its client left, or is not told)."""
+        proxy, sub = self.proxy, self.sub
+        if self.resuming is not None:
+            self.resuming.cancel()
+        if self.expiry is not None:
+            self.expiry.cancel()
+        proxy.hub.remove(sub)
+        proxy.hub.metrics.disconnected(sub.closed_as)
+        reason = sub.closed_as
+        if sub.transport.is_closing():
+            return None
+        # The connection is closed after the stream: a moved client (a browser too) reconnecting over the
+        # same keep-alive connection would reach this proxy again, as kube-proxy and most load balancers pick
+        # a backend per connection, not per request; an expired one comes back on a new one as well.
+        if reason in MOVED:
+            return b"retry: %d\n\n" % proxy.config.drain_retry_ms
+        if reason == "expired":
+            return SSE_EXPIRED
+        return None
+
+
+class FastSseStream(SseStream):
+    """An SseStream on the fast path's connection: it ends the connection itself when the proxy closes
+    the subscriber, and is ended by the connection's loss."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, proxy: Proxy, conn: FastPath, transport: asyncio.Transport, admission: SseAdmission) -> None:
+        super().__init__(proxy, transport, conn, admission)
+        self.conn = conn
+        conn.stream = self
+        self.sub.closed.add_done_callback(self._closed)
+
+    def _closed(self, _: asyncio.Future[str]) -> None:
+        conn = self.conn
+        if conn.stream is not self:  # the connection was lost first
+            return
+        conn.stream = None
+        final = self.end()
+        transport = self.sub.transport
+        if final is None:
+            transport.abort()
+        else:
+            transport.write(http_chunk(final) + LAST_CHUNK)
+            transport.close()
+
+    def lost(self) -> None:
+        self.sub.closed.remove_done_callback(self._closed)
+        self.end()
+
+
+def sse_fast_path(proxy: Proxy) -> Serve:
+    """The fast path's subscribe: a `GET` of SSE_PATHS that `sse_admission` admits, while the proxy takes
+    subscribers, is answered here (the answer aiohttp gives, byte for byte but the date); anything else
+    is aiohttp's (False)."""
+    cfg = proxy.config
+    ok = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+          b"Connection: keep-alive\r\nAccess-Control-Allow-Origin: %s\r\nTransfer-Encoding: chunked\r\n"
+          % cfg.origin.encode())
+    retry = b"\r\n" + http_chunk(b"retry: %d\n" % cfg.retry_ms)
+
+    def serve(head: Head, conn: FastPath) -> bool:
+        if head.path not in SSE_PATHS:
+            return False
+        headers, query = head.headers, head.query
+        cookie = headers.get("cookie")
+        token = http_token(headers.get("authorization"), query, cookie_values(cookie) if cookie else {})
+        admission = sse_admission(proxy, query, token, headers.get("last-event-id"), http11=True)
+        if isinstance(admission, SseRefusal) or proxy.refusing():
+            return False
+        transport = conn.transport
+        assert transport is not None  # (data came from it)
+        transport.write(ok + date_header() + retry)
+        FastSseStream(proxy, conn, transport, admission)
+        return True
+
+    return serve
+
+
+def sse_port(proxy: Proxy, app: web.Application, sock: socket.socket, fast: bool = True) -> HttpServer:
+    """The SSE port's server on `sock`: the fast path first (unless not `fast`), aiohttp for the rest."""
+    cfg = proxy.config
+    return HttpServer(app, sock, cfg.header_timeout, backlog=cfg.listen_backlog,
+                      front=sse_front(proxy) if fast else None, handler_cancellation=True,
+                      max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_REQUEST_LINE)
+
+
+def sse_front(proxy: Proxy) -> Front:
+    """The SSE port's connections: the fast path first (`sse_fast_path`), aiohttp for the rest."""
+    serve = sse_fast_path(proxy)
+
+    def front(handler: Callable[[], asyncio.Protocol]) -> FastPath:
+        return FastPath(serve, handler, MAX_REQUEST_LINE, MAX_HEADER_BYTES, FAST_HEAD_LIMIT)
+
+    return front
+
+
+def cookie_values(header: str) -> dict[str, str]:
+    """A `Cookie` header's values by name, parsed as aiohttp's `request.cookies` does."""
+    return {name: morsel.value for name, morsel in parse_cookie_header(header)}
+
+
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
     cfg = proxy.config
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await proxy.resumes.turns.turn()  # a burst of new connections is set up behind live events
-        # plasma's answers, word for word, for a missing or empty query.
-        if cfg.event_query not in request.query:
-            return web.Response(status=400, text="specify event queries\n")
-        raw = request.query[cfg.event_query]
-        if not raw:
-            return web.Response(status=400, text="event query can't be empty\n")
-        try:
-            topics = parse_topic_list(raw, cfg.max_topic_length, cfg.max_topics_per_subscription)
-            proxy.check_room(topics)
-        except (InvalidTopic, LimitExceeded) as exc:
-            return web.Response(status=413 if isinstance(exc, LimitExceeded) else 400, text=f"{exc}\n")
-        if request.version < (1, 1):  # SSE here is a chunked stream
-            return web.Response(status=426, text="server-sent events need HTTP/1.1\n",
-                                headers={"Upgrade": "HTTP/1.1", "Connection": "Upgrade"})
-        try:  # before anything is streamed; a resumed subscription is checked like a new one
-            grant = proxy.auth.check(topics, http_token(request.headers, request.query, request.cookies))
-        except Refused as refused:
-            _refused(proxy, "sse", refused, path=without_token(request.path_qs))
-            return web.json_response(refused.answer(), status=refused.status, headers={
-                "WWW-Authenticate": challenge(refused), "Access-Control-Allow-Origin": cfg.origin,
-                "Cache-Control": "no-store"})
+        query = request.query
+        admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
+                                                           request.cookies),
+                                  request.headers.get("Last-Event-ID"), request.version >= (1, 1))
+        if isinstance(admission, SseRefusal):
+            if (refused := admission.refused) is not None:
+                _refused(proxy, "sse", refused, path=without_token(request.path_qs))
+                return web.json_response(refused.answer(), status=refused.status, headers={
+                    "WWW-Authenticate": challenge(refused), "Access-Control-Allow-Origin": cfg.origin,
+                    "Cache-Control": "no-store"})
+            upgrade = {"Upgrade": "HTTP/1.1", "Connection": "Upgrade"} if admission.status == 426 else None
+            return web.Response(status=admission.status, text=admission.text, headers=upgrade)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "Connection": "keep-alive", "Access-Control-Allow-Origin": cfg.origin,
@@ -638,7 +807,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         response.enable_chunked_encoding()
         await response.prepare(request)
         if proxy.refusing():  # never a non-200 (EventSource would give up): come back soon, elsewhere
-            response.force_close()  # (see below: elsewhere needs a new connection)
+            response.force_close()  # (see SseStream.end: elsewhere needs a new connection)
             await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
             await response.write_eof()
             return response
@@ -646,32 +815,17 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         transport = request.transport
         if transport is None:
             return response
-        sub = SseSubscriber(transport, cfg.max_sse_buffer)
-        proxy.hub.metrics.connected(sub.kind)
-        token = request.headers.get("Last-Event-ID") or request.query.get("lastEventId", "")
-        resuming = proxy.subscribe(sub, topics, token, SseSink(response, sub))
-        expiry = expire_at(proxy, grant, sub)
+        stream = SseStream(proxy, transport, response, admission)
         try:
-            reason = await sub.closed
+            await stream.sub.closed
         finally:
-            if resuming is not None:
-                resuming.cancel()
-            if expiry is not None:
-                expiry.cancel()
-            proxy.hub.remove(sub)
-            proxy.hub.metrics.disconnected(sub.closed_as)
-        if reason in MOVED and not transport.is_closing():
-            # The connection is closed after the stream: a client (a browser too) reconnecting over the
-            # same keep-alive connection would reach this proxy again, as kube-proxy and most load
-            # balancers pick a backend per connection, not per request.
-            response.force_close()
-            await response.write(b"retry: %d\n\n" % cfg.drain_retry_ms)
-            await response.write_eof()
-        elif reason == "expired" and not transport.is_closing():
-            await response.write(SSE_EXPIRED)
-            await response.write_eof()
-        else:
+            final = stream.end()
+        if final is None:
             transport.abort()
+        else:
+            response.force_close()
+            await response.write(final)
+            await response.write_eof()
         return response
 
     async def healthz(request: web.Request) -> web.Response:
@@ -752,11 +906,9 @@ class ProxyService:
         registry = CollectorRegistry()
         registry.register(ProxyCollector(proxy))
         ProcessCollector(registry=registry)  # process_open_fds and process_max_fds: how near the open-file limit
-        self.http = HttpServer(http_app(proxy, registry, place),
-                               bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None,
-                                           backlog=config.listen_backlog),
-                               config.header_timeout, backlog=config.listen_backlog, handler_cancellation=True,
-                               max_field_size=MAX_HEADER_BYTES, max_line_size=MAX_REQUEST_LINE)
+        self.http = sse_port(proxy, http_app(proxy, registry, place),
+                             bind_socket(config.host, config.http_port, "--http-port", reuse_port=place is not None,
+                                         backlog=config.listen_backlog))
         await self.http.start()
         if place is not None:
             self.own_metrics = await serve_own_metrics(place, lambda: generate_latest(registry), config.header_timeout)
