@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -21,6 +21,7 @@ from neoplasma.core.scaling import (
 from neoplasma.operator.connections import (
     COOLDOWN,
     MAX_GRACE_SECONDS,
+    MAX_RECEIVED,
     REBALANCE_SHARE_WITH_DRAINS,
     Connections,
     Limit,
@@ -36,11 +37,14 @@ from neoplasma.operator.connections import (
     max_unavailable,
     plan_rebalance,
     pods_seen,
+    received_from_status,
+    received_to_status,
     replan,
     share_budget,
     split_rate,
 )
 from neoplasma.operator.members import PodView
+from neoplasma.operator.status import present
 
 READY = 60.0  # seconds every proxy of these tests has been ready
 
@@ -326,9 +330,10 @@ def test_pods_as_the_connections_step_sees_them() -> None:
             PodView("ns", "demo", "proxy", "old", ready=True, deleting=True, owner="rs-1",
                     deletion="2026-01-01T00:03:00Z"),
             PodView("ns", "demo", "proxy", "gone", deleting=True, owner="rs-2", deletion="garbage")]
-    seen = pods_seen(pods, {"a": 10, "c": 3, "old": 500}, "rs-2", scaled_in=False, wall=wall)
-    assert seen == [PodSeen("a", 10, 30.0), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
-                    PodSeen("old", 500, None, "rollout", 120.0), PodSeen("gone", None, None, "eviction", None)]
+    seen = pods_seen(pods, {"a": (10, 7), "c": (3, 3), "old": (500, 0)}, "rs-2", scaled_in=False, wall=wall)
+    assert seen == [PodSeen("a", 10, 30.0, unmovable=3), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
+                    PodSeen("old", 500, None, "rollout", 120.0, unmovable=500),
+                    PodSeen("gone", None, None, "eviction", None)]
     assert pods_seen(pods[-1:], {}, "rs-2", scaled_in=True, wall=wall)[0].terminating == "scale-in"
     assert drain_kind("rs-1", "", scaled_in=False) == "eviction"  # no current template known
     step = Connections()
@@ -409,3 +414,124 @@ def test_a_source_that_cannot_be_read_keeps_its_round_and_limits_instead_of_endi
     assert step.rebalancer.current is not None and unread.limits == started.limits and not unread.notices
     done = step.step(policy, [PodSeen("a", 22, None), PodSeen("b", 19, READY), PodSeen("c", 19, READY)], None, 1003)
     assert step.rebalancer.current is None and done.notices[0].message.startswith("rebalance ended (done)")
+
+
+# -- subscribers that cannot be moved (plasma gRPC streams, streams with no position yet) -------
+
+
+def test_unmovable_subscribers_count_as_load_but_only_movable_ones_are_moved() -> None:
+    """p0 holds 60, 50 of them plasma streams: the average counts them all (cap 22), but p0 can
+    shed only its 10 others, so its limit is 50; the limits still hold every subscriber."""
+    seen = [ProxySeen("p0", 60, READY, unmovable=50), ProxySeen("p1", 0, READY), ProxySeen("p2", 0, READY)]
+    plan = plan_rebalance(seen, 0.1, [], now=1000)
+    assert plan.cap == 22 and plan.moves == {"p0": 10} and dict(plan.limits) == {"p0": 50, "p1": 22, "p2": 22}
+    assert plan.stuck == 28 and sum(plan.limits.values()) >= 60
+    assert "cannot resume elsewhere (p0 28): plasma gRPC streams carry no position" in plan.reason
+    # Mixed: a proxy with a few unmovable ones sheds down to the cap as before.
+    mixed = plan_rebalance([ProxySeen("p0", 60, READY, unmovable=5), *proxies(0, 0, 0)[1:]], 0.1, [], now=1000)
+    assert mixed.moves == {"p0": 38} and mixed.stuck == 0 and "cannot resume" not in mixed.reason
+
+
+def test_a_proxy_whose_excess_cannot_move_is_reported_as_unmovable_and_no_round_starts() -> None:
+    rb = Rebalancer()
+    seen = [ProxySeen("p0", 40, READY, unmovable=40), ProxySeen("p1", 0, READY)]
+    for now in (1000, 1002, 1100):  # every pass the same: no round, no event, no limit
+        orders = rb.step("auto", seen, 0.1, 200.0, None, draining=False, now=now)
+        assert orders.limits == () and orders.events == () and rb.current is None
+        assert orders.status["state"] == "Unmovable" and orders.status["unmovable"] == 40
+        assert "over the limit of 22, not moved as they cannot resume elsewhere (p0 18)" in orders.status["reason"]
+    assert plan_rebalance(seen, 0.1, [], now=1000).moves == {}
+
+
+def test_a_round_ends_when_its_sources_have_nothing_movable_left_over_their_limit() -> None:
+    """The round planned 38 moves; 8 movable subscribers left p0 by themselves and the 22 still there
+    over its limit are plasma streams: nothing more can move, so the round ends at once (not after
+    ROUND_TIMEOUT), and the proxies are not asked to shed what they cannot."""
+    rb = Rebalancer()
+    rb.step("auto", [ProxySeen("p0", 60, READY, unmovable=10), *proxies(0, 0, 0)[1:]], 0.1, 20.0, None, False, 1000)
+    assert rb.current is not None and rb.current.moves == 38
+    now = [ProxySeen("p0", 32, READY, unmovable=32), ProxySeen("p1", 10, READY), ProxySeen("p2", 10, READY)]
+    assert rb.operation(now) == Operation("rebalance", "rebalance", 0)
+    ended = rb.step("auto", now, 0.1, 20.0, None, False, 1003)
+    assert rb.current is None and ended.events[0] == "rebalance ended (done): 38 of 38 subscribers moved"
+    running = Rebalancer()
+    running.step("auto", [ProxySeen("p0", 60, READY, unmovable=10), *proxies(0, 0, 0)[1:]], 0.1, 20.0, None, False,
+                 1000)
+    mid = running.step("auto", [ProxySeen("p0", 40, READY, unmovable=30), *proxies(0, 10, 10)[1:]], 0.1, 20.0, None,
+                       False, 1001)
+    assert mid.status["subscribersLeft"] == 10  # 40 held, 30 of them unmovable: 10 more can go, not 18
+
+
+def test_replan_moves_no_more_than_is_movable() -> None:
+    shown = plan_rebalance(proxies(61, 0, 0), 0.1, [], now=1000).to_status(None)
+    now = [ProxySeen("p0", 61, READY, unmovable=45), ProxySeen("p1", 0, READY), ProxySeen("p2", 0, READY)]
+    plan = replan(shown, now, [], now=1100)
+    assert plan.moves == {"p0": 16} and plan.limits["p0"] == 45
+
+
+def test_a_pass_reads_unmovable_subscribers_from_the_pods() -> None:
+    step = Connections()
+    pods = [PodSeen("a", 30, READY, unmovable=30), PodSeen("b", 0, READY), PodSeen("c", 0, READY)]
+    orders = step.step(ConnectionPolicy("auto", 0.1, 200.0), pods, None, now=1000)
+    assert orders.limits == () and orders.status["rebalance"]["state"] == "Unmovable"
+    assert orders.status["rebalance"]["unmovable"] == 30 and orders.status["reconnects"]["inProgress"] == []
+
+
+# -- status: nothing stale, the round history kept ----------------------------------------------
+
+
+def test_off_and_every_later_state_show_no_figure_of_an_earlier_one() -> None:
+    rb = Rebalancer()
+    running = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000).status
+    assert {"subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan"} <= set(running)
+    written = present(running, None)
+    off = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, written, draining=False, now=1001).status
+    assert off["state"] == "Off" and not {"subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan"} & set(off)
+    patch = present(off, written)  # what the merge patch says: the running round's figures removed
+    figures = ("subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan")
+    assert {key: patch[key] for key in figures} == dict.fromkeys(figures)
+    assert patch["state"] == "Off" and patch["busiest"] == 50 and "approval" not in patch  # (never written)
+    # Nested objects too (a merge patch merges them), and a key that was never there gets no null.
+    assert present({"plan": {"cap": 3}, "x": None}, {"plan": {"cap": 2, "etaSeconds": 4}}) == {
+        "plan": {"cap": 3, "etaSeconds": None}}
+
+
+WALL = datetime(2026, 12, 7, 9, 0, 0, tzinfo=UTC)
+
+
+def test_the_receivers_of_rounds_are_kept_in_status_and_a_restarted_operator_honours_their_cooldown() -> None:
+    first = Rebalancer()
+    started = first.step("auto", proxies(60, 0), 0.1, 200.0, None, draining=False, now=1000, wall=WALL)
+    assert started.status["received"] == [{"proxy": "p1", "at": "2026-12-07T09:00:00Z"}]  # receiving now
+    done = first.step("auto", proxies(30, 30), 0.1, 200.0, started.status, False, 1003,
+                      wall=WALL + timedelta(seconds=3))
+    assert done.status["received"] == [{"proxy": "p1", "at": "2026-12-07T09:00:03Z"}]  # the round's end
+    # The operator restarts 100 s later; meanwhile p1 got busy. It is not made a source: its
+    # subscribers were moved there less than 600 s ago.
+    restarted = Rebalancer()
+    later = restarted.step("auto", proxies(25, 40), 0.1, 200.0, done.status, False, now=50.0,
+                           wall=WALL + timedelta(seconds=103))
+    assert later.limits == () and "p1 received moved subscribers less than 600 s ago" in later.status["reason"]
+    assert later.status["received"] == done.status["received"]  # still shown, for the next restart
+    # Without it (what a restart forgot before), p1 would have been a source at once.
+    assert Rebalancer().step("auto", proxies(25, 40), 0.1, 200.0, None, False, now=50.0).limits
+    # Once the cooldown is over p1's entry is gone and p1 sheds (p0 receives, from now).
+    free = restarted.step("auto", proxies(25, 40), 0.1, 200.0, later.status, False, now=50.0 + 500,
+                          wall=WALL + timedelta(seconds=603))
+    assert free.limits and free.status["received"] == [{"proxy": "p0", "at": "2026-12-07T09:10:03Z"}]
+
+
+def test_received_is_bounded_and_what_cannot_be_read_is_left_out() -> None:
+    now = 5000.0
+    many = [{"proxy": f"p{i}", "at": "2026-12-07T08:59:00Z"} for i in range(MAX_RECEIVED + 50)]
+    rounds = received_from_status(many, now, WALL)
+    assert len(rounds) == 1 and len(rounds[0].receivers()) == MAX_RECEIVED and rounds[0].ended == now - 60
+    odd = [{"proxy": "a", "at": "2026-12-07T09:00:00"},  # no time zone
+           {"proxy": "b", "at": "yesterday"}, {"proxy": "", "at": "2026-12-07T09:00:00Z"}, "c",
+           {"proxy": "d" * 254, "at": "2026-12-07T09:00:00Z"}, {"proxy": "e", "at": 7},
+           {"proxy": "old", "at": "2026-12-07T08:49:00Z"},  # 660 s ago: cooled down
+           {"proxy": "ahead", "at": "2026-12-07T09:05:00Z"}]  # a clock ahead: counted as now
+    assert [(r.ended, sorted(r.receivers())) for r in received_from_status(odd, now, WALL)] == [(now, ["ahead"])]
+    assert received_from_status({"proxy": "x"}, now, WALL) == []
+    history = [Round(0, 1, {f"p{i}": 1 for i in range(300)}, frozenset(), 0, ended=now - i) for i in range(3)]
+    assert len(received_to_status(history, None, now, WALL)) == MAX_RECEIVED

@@ -62,6 +62,7 @@ def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
         name=name, subscribers=sum(s.subscribers for s in statuses),
         sse_subscribers=sum(s.sse_subscribers for s in statuses),
         grpc_subscribers=sum(s.grpc_subscribers for s in statuses),
+        movable_subscribers=sum(s.movable_subscribers for s in statuses),
         membership_version=min((s.membership_version for s in statuses), default=0),
         links=merge_links([s.links for s in statuses]),
         events_received=sum(s.events_received for s in statuses), deliveries=sum(s.deliveries for s in statuses),
