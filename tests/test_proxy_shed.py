@@ -21,7 +21,7 @@ import pytest
 from harness import AUTH, EventSource, PlasmaClient, Publisher, Server, proxy_status, publish_grpc, wait_for
 from test_resume import NativeClient, all_subscribed, cluster, grpc_addresses
 
-from neoplasma.proxy.pod import worker_share
+from neoplasma.proxy.pod import worker_limits, worker_share
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -200,6 +200,20 @@ def test_a_pod_splits_pace_and_limit_over_its_workers() -> None:
     assert worker_share(pb.DrainRequest(reconnects_per_second=-1), 4).reconnects_per_second == -1  # refused there
     one = pb.DrainRequest(reconnects_per_second=9)
     assert worker_share(one, 1) is one
+
+
+def test_a_pods_limit_is_split_as_its_workers_unmovable_subscribers_allow() -> None:
+    """A limit sheds only movable subscribers: a worker whose subscribers are all plasma streams
+    cannot go below them, so the others take its part of the pod's limit (else the pod would stay
+    over it, and the operator's round would wait for moves that cannot happen)."""
+    def worker(subscribers: int, movable: int) -> pb.ProxyStatus:
+        return pb.ProxyStatus(subscribers=subscribers, movable_subscribers=movable)
+
+    assert worker_limits(20, [worker(10, 10)] * 4) == [5, 5, 5, 5]  # as ceil(keep / workers)
+    assert worker_limits(21, [worker(10, 10)] * 4) == [6, 6, 6, 6]
+    assert worker_limits(12, [worker(10, 0), worker(10, 10)]) == [10, 2]  # (evenly: 6 and 6, the pod at 16)
+    assert worker_limits(5, [worker(10, 0), worker(10, 2)]) == [10, 8]  # nothing below what cannot move
+    assert worker_limits(3, [worker(0, 0)] * 4) == [1, 1, 1, 1]  # never 0: that is a drain
 
 
 def plasma_events(client: PlasmaClient) -> list[dict[str, Any]]:

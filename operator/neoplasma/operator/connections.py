@@ -9,8 +9,10 @@ limit sheds the excess at the rate it is given and, like a full one, refuses new
 (SSE: `retry:` and the end of the stream, gRPC: UNAVAILABLE) and fails readiness, so the Service
 stops sending them there; a proxy below it accepts until it is full. A reconnect therefore lands
 on a proxy with room, at most a few bounces (each one retry interval) before kube-proxy has seen
-the readiness; the proxies end at or below `cap`, whatever order the reconnects come in, as the
-limits add up to at least every subscriber there is.
+the readiness; the proxies end at or below `cap` (or what they cannot shed, below), whatever
+order the reconnects come in, as the limits add up to at least every subscriber there is. A shed
+gRPC call's connection also gets GOAWAY from the proxy, so that its retry opens a new connection
+(a channel's retry over the old one would come back to the same proxy).
 
 Only subscribers that resume exactly elsewhere are moved (a proxy reports them as movable):
 plasma's gRPC stream carries no position, so one moved would miss what is published while it
