@@ -408,7 +408,7 @@ class Connection(asyncio.Protocol):
         """End every call (UNAVAILABLE), say GOAWAY, and close once that is written."""
         for call in list(self.calls.values()):
             call.end(grpc.StatusCode.UNAVAILABLE, message)
-        self.h2.close_connection()
+        self.h2.close_connection(last_stream_id=self.last_stream)  # (never above one sent before: RFC 9113 6.8)
         self._emit()
         self.close()
 
