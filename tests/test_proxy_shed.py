@@ -262,6 +262,30 @@ async def test_a_limit_sheds_only_subscribers_that_resume_exactly_never_plasma_s
         await c.close()
 
 
+async def test_subscribers_moved_to_a_proxy_are_not_moved_again_from_there(start: Any) -> None:
+    """A subscriber that resumes at a proxy while it is under a rebalance's limit (the moved ones
+    land then: every proxy has one during a round) is not movable there for 600 s: no subscriber
+    is moved twice, whatever the operator remembers."""
+    bs, (p0, p1) = await cluster(start, 1, 2)
+    at = {"proxy": p0}
+    browsers = [EventSource(lambda: at["proxy"].endpoints["http"], "t").start() for _ in range(6)]
+    await wait_for(lambda: all_subscribed(p0, 6, 1), what="6 subscribers at p0")
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.01)
+    await wait_for(lambda: all(len(b.events) > 3 for b in browsers), what="events at every subscriber")
+    at["proxy"] = p1
+    await drain(p1, keep_at_most=6, reconnects_per_second=50, hold_seconds=10)  # the receiver's limit
+    await drain(p0, keep_at_most=3, reconnects_per_second=50, hold_seconds=10)
+    await wait_for(lambda: all_subscribed(p1, 3, 1), what="3 moved to p1")
+    assert (await proxy_status(p1.endpoints["control"])).movable_subscribers == 0
+    assert (await proxy_status(p0.endpoints["control"])).movable_subscribers == 3  # never moved: movable
+    await drain(p1, keep_at_most=1, reconnects_per_second=50, hold_seconds=10)
+    await asyncio.sleep(0.5)  # (50/s: 2 would be gone in 0.04 s)
+    assert (await proxy_status(p1.endpoints["control"])).subscribers == 3
+    await delivered_exactly_once(publisher, browsers)
+    for b in browsers:
+        await b.close()
+
+
 class ChannelNative:
     """The native stream as a service's client writes it: one channel kept for its life, the call
     made again on it (with the last token) after UNAVAILABLE."""

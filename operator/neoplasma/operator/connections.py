@@ -22,11 +22,14 @@ its movable subscribers; one whose excess cannot move is left as it is, and stat
 (state `Unmovable`) instead of a round that could not end. Drains of pods that are going away
 end every subscriber: nothing else is possible.
 
-No subscriber is moved twice within `COOLDOWN`, and there is no ping-pong: a proxy that received
-moved subscribers (it was a receiver of a round that ended less than `COOLDOWN` ago) never sheds
-in a new round; its limit is then its own count, so it only stops growing. Which proxies received
-moved subscribers, and when, is kept in status (`received`, wall-clock times), so that an operator
-that restarts goes on from it.
+No subscriber is moved twice within `COOLDOWN`, and there is no ping-pong: a proxy counts a
+subscriber that resumed there while it was under a limit (the moved ones land then) as unmovable
+for that long, so what it received stays and only what it had otherwise may be shed. The proxies
+hold this, so an operator that restarts forgets nothing of it; which proxies received moved
+subscribers and when is also shown in status (`received`, wall-clock times) and read back at
+start (a new round waits `AFTER_ROUND` after the last one ended, restart or not). (Before, a
+proxy that received was not made to shed at all for `COOLDOWN`: after a scale-in it could hold
+every subscriber, none of them moved, and block rebalancing for ten minutes.)
 
 One reconnect budget. Every operation that makes subscribers reconnect is an `Operation`: a
 terminating proxy pod's drain (a rollout, a scale-in, an eviction) or the rebalance round.
@@ -45,10 +48,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from neoplasma.core.scaling import ConnectionPolicy
+from neoplasma.core.scaling import REBALANCE_COOLDOWN, ConnectionPolicy
 from neoplasma.operator.conditions import now_text
 
-COOLDOWN = 600.0  # seconds: a proxy that received moved subscribers does not shed for this long
+COOLDOWN = REBALANCE_COOLDOWN  # seconds: a moved subscriber is not moved again (the proxies hold it)
 SETTLE = 10.0  # seconds a proxy must have been ready before it counts (endpoints, kube-proxy)
 HOLD = 30.0  # seconds a limit given to a proxy lasts unless given again (an operator gone lifts it)
 # After a round, its limits stay this long (two readiness probe periods), so that subscribers still
@@ -66,8 +69,8 @@ MAX_NAME = 253  # characters of a pod name
 # -- what was observed --------------------------------------------------------------------
 
 
-UNMOVABLE_WHY = ("plasma gRPC streams carry no position to resume from, and other streams have none until "
-                 "they are sent an event or a heartbeat")
+UNMOVABLE_WHY = ("plasma gRPC streams carry no position to resume from, other streams have none until they are "
+                 "sent an event or a heartbeat, and subscribers moved less than 600 s ago are not moved again")
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class Plan:
 def received_to_status(history: Iterable[Round], current: Round | None, now: float,
                        wall: datetime) -> list[dict[str, str]]:
     """`status.rebalance.received`: each proxy that received moved subscribers less than COOLDOWN
-    ago (a receiver of a round that ended then, or of the running one: now) and when, RFC 3339
+    ago (a receiver of a round that ended then, or of the running one: now; they hold those as
+    unmovable meanwhile) and when, RFC 3339
     from the wall clock `wall` (at monotonic `now`); the latest first, at most MAX_RECEIVED."""
     at: dict[str, float] = {}
     for past in [*history, *([current] if current is not None else [])]:
@@ -149,10 +153,10 @@ def received_to_status(history: Iterable[Round], current: Round | None, now: flo
 
 
 def received_from_status(entries: object, now: float, wall: datetime) -> list[Round]:
-    """What `received_to_status` wrote, read back for the cooldown (an operator that restarted):
-    one ended round per time, with those proxies as its receivers. Entries that are unreadable or
-    older than COOLDOWN are left out; one later than `wall` (clocks apart) counts as now; at most
-    MAX_RECEIVED are read."""
+    """What `received_to_status` wrote, read back by an operator that restarted (for status, and
+    the wait after a round): one ended round per time, with those proxies as its receivers.
+    Entries that are unreadable or older than COOLDOWN are left out; one later than `wall`
+    (clocks apart) counts as now; at most MAX_RECEIVED are read."""
     if not isinstance(entries, list):
         return []
     by_time: dict[float, set[str]] = {}
@@ -166,18 +170,7 @@ def received_from_status(entries: object, now: float, wall: datetime) -> list[Ro
     return [Round(t, 0, dict.fromkeys(sorted(names), 0), frozenset(), 0, ended=t) for t, names in by_time.items()]
 
 
-def cooling(history: Iterable[Round], now: float, cooldown: float = COOLDOWN) -> frozenset[str]:
-    """The proxies that received moved subscribers in a round that ended less than `cooldown`
-    ago (or is still running): they shed nothing until then."""
-    names: set[str] = set()
-    for past in history:
-        if past.ended is None or now - past.ended < cooldown:
-            names |= past.receivers()
-    return frozenset(names)
-
-
-def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, history: Iterable[Round], now: float, *,
-                   settle: float = SETTLE, cooldown: float = COOLDOWN) -> Plan:
+def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, *, settle: float = SETTLE) -> Plan:
     """How to spread the subscribers of `proxies` (those not being deleted) so that the busiest
     holds at most (1 + tolerance) x the average."""
     if len(proxies) < 2:
@@ -194,18 +187,12 @@ def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, history: Iter
         return Plan(f"balanced: the busiest proxy holds {busiest}, within {1 + tolerance:g} x the average "
                     f"{average:.1f}", average=average, busiest=busiest)
     cap = max(math.ceil(average), math.floor((1 + tolerance) * average))
-    cool = cooling(history, now, cooldown)
-    limits = _proxy_limits(proxies, cap, cool)
+    limits = _proxy_limits(proxies, cap)
     moves = {p.name: p.subscribers - limits[p.name] for p in proxies if p.subscribers > limits[p.name]}
-    stuck = {p.name: p.unmovable - cap for p in proxies if p.name not in cool and p.unmovable > cap}
+    stuck = {p.name: p.unmovable - cap for p in proxies if p.unmovable > cap}
     if not moves:
-        held = sorted(p.name for p in proxies if p.subscribers > cap and p.name in cool)
-        whys = [f"{', '.join(held)} received moved subscribers less than {cooldown:g} s ago: not moved again yet"
-                ] if held else []
-        if stuck:
-            whys.append(_stuck_reason(stuck, cap))
-        return Plan("; ".join(whys) or f"as even as whole subscribers allow (at most {cap} per proxy)",
-                    average=average, busiest=busiest, stuck=sum(stuck.values()))
+        return Plan(_stuck_reason(stuck, cap) if stuck else f"as even as whole subscribers allow (at most {cap} per "
+                    "proxy)", average=average, busiest=busiest, stuck=sum(stuck.values()))
     reason = (f"the busiest proxy holds {busiest}, over {1 + tolerance:g} x the average {average:.1f}: "
               f"at most {cap} per proxy")
     if stuck:
@@ -213,10 +200,9 @@ def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, history: Iter
     return Plan(reason, cap, limits, moves, average, busiest, sum(stuck.values()))
 
 
-def _proxy_limits(proxies: Sequence[ProxySeen], cap: int, cool: frozenset[str]) -> dict[str, int]:
-    """Every proxy's limit: `cap`, its own count while it cools down, and never below what it
-    cannot shed (its unmovable subscribers)."""
-    return {p.name: max(cap, p.subscribers if p.name in cool else p.unmovable) for p in proxies}
+def _proxy_limits(proxies: Sequence[ProxySeen], cap: int) -> dict[str, int]:
+    """Every proxy's limit: `cap`, never below what it cannot shed (its unmovable subscribers)."""
+    return {p.name: max(cap, p.unmovable) for p in proxies}
 
 
 def _stuck_reason(stuck: Mapping[str, int], cap: int) -> str:
@@ -224,8 +210,7 @@ def _stuck_reason(stuck: Mapping[str, int], cap: int) -> str:
     return f"over the limit of {cap}, not moved as they cannot resume elsewhere ({over}): {UNMOVABLE_WHY}"
 
 
-def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen], history: Iterable[Round], now: float,
-           cooldown: float = COOLDOWN) -> Plan:
+def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen]) -> Plan:
     """The plan shown in status (`Plan.to_status`), for the proxies there are now: its cap, its
     sources each shedding at most what was shown (subscribers that left meanwhile are not
     replaced by others), proxies that are gone left out."""
@@ -234,7 +219,7 @@ def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen], history: Iter
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1 or not isinstance(rows, list):
         return Plan("the plan in status is unreadable: compute a new one with neoplasma.io/rebalance=plan")
     approved = {str(row.get("from")): row.get("subscribers") for row in rows if isinstance(row, Mapping)}
-    limits = _proxy_limits(proxies, cap, cooling(history, now, cooldown))
+    limits = _proxy_limits(proxies, cap)
     moves: dict[str, int] = {}
     for p in proxies:
         most = approved.get(p.name)
@@ -406,7 +391,7 @@ class Orders:
 
 class Rebalancer:
     """One cluster's rebalancing between passes: the running round and the past ones (for the
-    cooldown; in status as `received`, read back at the first step). `operation` says what the
+    wait after a round and status `received`, read back at the first step). `operation` says what the
     round has left for the budget; `step` decides.
 
     `approve` runs the plan shown in status once, when the annotation turns to `approve` (from
@@ -484,9 +469,9 @@ class Rebalancer:
                               limits=self._limits(self.current, proxies, rate), plan=shown, **self._eta(left, rate))
         if mode == "off":
             return orders("Off", "neoplasma.io/rebalance is off")
-        plan = plan_rebalance(proxies, tolerance, self.history, now)
+        plan = plan_rebalance(proxies, tolerance)
         if pending and shown:
-            plan = replan(shown, proxies, self.history, now)
+            plan = replan(shown, proxies)
             if not plan.moves:
                 events.append(f"approved plan not run: {plan.reason}")
                 return orders(_idle(plan), plan.reason, still_pending=False)

@@ -102,7 +102,8 @@ class Subscriber:
     exactly, i.e. its protocol carries a position (`resumes`) and the client holds one
     (`positioned`: it came with one, or one was written to it since: an SSE `id:`, a native
     batch's token). plasma's stream carries none; a stream that has been sent no position yet
-    would reconnect without one and miss what is published meanwhile.
+    would reconnect without one and miss what is published meanwhile. Nor before `settled`
+    (monotonic): a subscriber moved here is not moved again within REBALANCE_COOLDOWN.
     """
 
     kind: ClassVar[str]
@@ -113,10 +114,11 @@ class Subscriber:
         self.closed = asyncio.get_running_loop().create_future()
         self.slow = False  # set by deliver() when it refuses for being too far behind
         self.positioned = False  # its client holds a position (see the class)
+        self.settled = 0.0  # monotonic: not moved before (see the class)
 
-    @property
-    def movable(self) -> bool:
-        return self.resumes and self.positioned
+    def movable(self, now: float) -> bool:
+        """Whether a rebalance may move it at monotonic time `now` (see the class)."""
+        return self.resumes and self.positioned and now >= self.settled
 
     @property
     def counted_as(self) -> str:
@@ -506,5 +508,6 @@ class Hub:
         return out
 
     def movable(self) -> list[Subscriber]:
-        """The subscribers a rebalance may move (`Subscriber.movable`)."""
-        return [sub for sub in self.subscribers if sub.movable]
+        """The subscribers a rebalance may move now (`Subscriber.movable`)."""
+        now = time.monotonic()
+        return [sub for sub in self.subscribers if sub.movable(now)]

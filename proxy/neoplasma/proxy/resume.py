@@ -189,10 +189,9 @@ class Holder(Subscriber):
     def counted_as(self) -> str:
         return self.target.kind
 
-    @property
-    def movable(self) -> bool:
+    def movable(self, now: float) -> bool:
         """As its subscriber (held events are written to no one: they give it no position)."""
-        return self.target.movable
+        return self.target.movable(now)
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> list[Event]:

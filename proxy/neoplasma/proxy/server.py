@@ -24,6 +24,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.resume import MAX_TOKEN_CHARS
+from neoplasma.core.scaling import REBALANCE_COOLDOWN
 from neoplasma.core.topics import (
     InvalidTopic,
     LimitExceeded,
@@ -191,8 +192,10 @@ class Proxy:
     def shed(self, keep: int, rate: float, hold: float) -> None:
         """Rebalance: hold at most `keep` subscribers for `hold` seconds, asking the excess to
         reconnect at `rate` per second (0: the configured drain_rate), movable ones only (they
-        resume exactly elsewhere: `Subscriber.movable`); with none left, the rest stays (the
-        operator plans no more moves than the proxy reports movable). Ignored while draining."""
+        resume exactly elsewhere and were not moved here lately: `Subscriber.movable`); with none
+        left, the rest stays (the operator plans no more moves than the proxy reports movable).
+        A subscriber that resumes here while a limit is in force is taken for a moved one: not
+        movable for REBALANCE_COOLDOWN. Ignored while draining."""
         if self.draining or self.stopping:
             return
         self.limit = Limit(keep, time.monotonic() + (hold or DEFAULT_HOLD))
@@ -225,7 +228,7 @@ class Proxy:
                 candidates[:] = self.hub.movable()
             while candidates:
                 sub = candidates.pop()
-                if sub in self.hub.subscribers and sub.movable:
+                if sub in self.hub.subscribers and sub.movable(time.monotonic()):
                     return sub
         return None
 
@@ -259,6 +262,8 @@ class Proxy:
         """Add a subscriber: live at once, or after catching up in a task (from a resume token, or
         from the proxy's positions when some broker has not applied its topics yet)."""
         sub.positioned = bool(token)  # (a garbled one is found out by the catch-up: positioned no more)
+        if token and self._limit() is not None:  # resumed during a rebalance: it may have been moved here
+            sub.settled = time.monotonic() + REBALANCE_COOLDOWN
         if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
