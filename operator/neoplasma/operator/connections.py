@@ -27,9 +27,9 @@ subscriber that resumed there while it was under a limit (the moved ones land th
 for that long, so what it received stays and only what it had otherwise may be shed. The proxies
 hold this, so an operator that restarts forgets nothing of it; which proxies received moved
 subscribers and when is also shown in status (`received`, wall-clock times) and read back at
-start (a new round waits `AFTER_ROUND` after the last one ended, restart or not). (Before, a
-proxy that received was not made to shed at all for `COOLDOWN`: after a scale-in it could hold
-every subscriber, none of them moved, and block rebalancing for ten minutes.)
+start (a new round waits `AFTER_ROUND` after the last one ended, restart or not). A proxy that
+received is not barred from shedding as a whole: after a scale-in it may hold every subscriber,
+none of them moved.
 
 One reconnect budget. Every operation that makes subscribers reconnect is an `Operation`: a
 terminating proxy pod's drain (a rollout, a scale-in, an eviction) or the rebalance round.
@@ -70,7 +70,8 @@ MAX_NAME = 253  # characters of a pod name
 
 
 UNMOVABLE_WHY = ("plasma gRPC streams carry no position to resume from, other streams have none until they are "
-                 "sent an event or a heartbeat, and subscribers moved less than 600 s ago are not moved again")
+                 f"sent an event or a heartbeat, and subscribers moved less than {REBALANCE_COOLDOWN:g} s ago are not "
+                 "moved again")
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,9 @@ class Plan:
 def received_to_status(history: Iterable[Round], current: Round | None, now: float,
                        wall: datetime) -> list[dict[str, str]]:
     """`status.rebalance.received`: each proxy that received moved subscribers less than COOLDOWN
-    ago (a receiver of a round that ended then, or of the running one: now; they hold those as
-    unmovable meanwhile) and when, RFC 3339
-    from the wall clock `wall` (at monotonic `now`); the latest first, at most MAX_RECEIVED."""
+    ago (a receiver of a round that ended then, or of the running one: now; it holds those as
+    unmovable meanwhile) and when, RFC 3339 from the wall clock `wall` (at monotonic `now`); the
+    latest first, at most MAX_RECEIVED."""
     at: dict[str, float] = {}
     for past in [*history, *([current] if current is not None else [])]:
         end = now if past.ended is None else past.ended
