@@ -40,7 +40,7 @@ class Nowhere(SseSubscriber):
     def encode(batch: Batch, indices: list[int]) -> bytes:
         return SseSubscriber.encode(batch, indices)
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         if self.fd is not None:
             os.write(self.fd, encoded)  # type: ignore[arg-type]
         return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -21,6 +21,7 @@ from neoplasma.core.scaling import (
 from neoplasma.operator.connections import (
     COOLDOWN,
     MAX_GRACE_SECONDS,
+    MAX_RECEIVED,
     REBALANCE_SHARE_WITH_DRAINS,
     Connections,
     Limit,
@@ -36,11 +37,14 @@ from neoplasma.operator.connections import (
     max_unavailable,
     plan_rebalance,
     pods_seen,
+    received_from_status,
+    received_to_status,
     replan,
     share_budget,
     split_rate,
 )
 from neoplasma.operator.members import PodView
+from neoplasma.operator.status import present
 
 READY = 60.0  # seconds every proxy of these tests has been ready
 
@@ -89,7 +93,7 @@ def test_the_autoscaler_reports_bad_connection_annotations_and_keeps_the_last_go
 
 
 def test_after_scale_up_the_hot_proxy_sheds_down_to_the_cap_and_everyone_is_limited() -> None:
-    plan = plan_rebalance(proxies(61, 0, 0), 0.1, [], now=1000)
+    plan = plan_rebalance(proxies(61, 0, 0), 0.1)
     assert plan.cap == 22  # max(ceil(20.33), floor(1.1 x 20.33))
     assert plan.moves == {"p0": 39} and dict(plan.limits) == {"p0": 22, "p1": 22, "p2": 22}
     assert sum(plan.limits.values()) >= 61  # room for every subscriber: the limits cannot deadlock
@@ -104,32 +108,30 @@ def test_after_scale_up_the_hot_proxy_sheds_down_to_the_cap_and_everyone_is_limi
     ((2, 1), "as even as whole subscribers allow (at most 2 per proxy)"),
 ])
 def test_nothing_to_move(counts: tuple[int, ...], reason: str) -> None:
-    plan = plan_rebalance(proxies(*counts), 0.1, [], now=1000)
+    plan = plan_rebalance(proxies(*counts), 0.1)
     assert not plan.moves and reason in plan.reason
 
 
 def test_a_proxy_not_ready_long_enough_is_waited_for() -> None:
     seen = [ProxySeen("p0", 60, READY), ProxySeen("p1", 0, 3.0), ProxySeen("p2", 0, None)]
-    plan = plan_rebalance(seen, 0.1, [], now=1000)
+    plan = plan_rebalance(seen, 0.1)
     assert not plan.moves and plan.reason == "waiting for p1, p2 to be ready for 10 s"
 
 
 def test_every_proxy_over_the_cap_sheds_the_excess() -> None:
-    plan = plan_rebalance(proxies(40, 35, 0, 5), 0.1, [], now=1000)
+    plan = plan_rebalance(proxies(40, 35, 0, 5), 0.1)
     assert plan.cap == 22 and plan.moves == {"p0": 18, "p1": 13}
 
 
-def test_a_proxy_that_received_moves_is_not_a_source_for_the_cooldown_no_ping_pong() -> None:
-    first = plan_rebalance(proxies(60, 0), 0.1, [], now=1000)
-    done = Round(1000, first.cap, first.limits, frozenset(first.moves), first.moved, ended=1010)
-    # p1 received more than it should have (say, clients that came back fast): it is held, not shed.
-    again = plan_rebalance(proxies(25, 40), 0.1, [done], now=1100)
-    assert not again.moves and "p1 received moved subscribers less than 600 s ago" in again.reason
-    later = plan_rebalance(proxies(25, 40), 0.1, [done], now=1010 + COOLDOWN)
-    assert later.moves == {"p1": 5}
-    # p0 (the source) may shed again meanwhile: its subscribers were never moved.
-    hot = plan_rebalance(proxies(50, 30), 0.1, [done], now=1100)
-    assert hot.moves == {"p0": 6} and hot.limits["p1"] == 44
+def test_what_a_proxy_received_is_not_moved_again_no_ping_pong() -> None:
+    """The proxies count subscribers moved to them less than 600 s ago as unmovable: p1 received 30
+    of p0's and later holds 40; only its 10 others may go (a proxy that received is no longer
+    barred from shedding as a whole: after a scale-in it may hold many subscribers never moved)."""
+    received = [ProxySeen("p0", 25, READY), ProxySeen("p1", 40, READY, unmovable=30)]
+    again = plan_rebalance(received, 0.1)
+    assert again.moves == {"p1": 5} and again.limits["p1"] == 35
+    held = plan_rebalance([ProxySeen("p0", 10, READY), ProxySeen("p1", 40, READY, unmovable=40)], 0.1)
+    assert not held.moves and "subscribers moved less than 600 s ago are not moved again" in held.reason
 
 
 def kube_proxy(limits: dict[str, int], counts: dict[str, int], arrivals: int, rng: random.Random,
@@ -155,7 +157,7 @@ def kube_proxy(limits: dict[str, int], counts: dict[str, int], arrivals: int, rn
 def test_moves_land_elsewhere_and_converge_whatever_kube_proxy_picks(seed: int) -> None:
     rng = random.Random(seed)
     counts = {"p0": rng.randint(60, 400), "p1": 0, "p2": 0, "p3": rng.randint(0, 30)}
-    plan = plan_rebalance([ProxySeen(n, c, READY) for n, c in counts.items()], 0.1, [], now=1000)
+    plan = plan_rebalance([ProxySeen(n, c, READY) for n, c in counts.items()], 0.1)
     limits = dict(plan.limits)
     total = sum(counts.values())
     for name, n in plan.moves.items():
@@ -167,13 +169,13 @@ def test_moves_land_elsewhere_and_converge_whatever_kube_proxy_picks(seed: int) 
 
 
 def test_replan_runs_the_shown_plan_for_the_proxies_there_are_now() -> None:
-    shown = plan_rebalance(proxies(61, 0, 0), 0.1, [], now=1000).to_status(None)
+    shown = plan_rebalance(proxies(61, 0, 0), 0.1).to_status(None)
     now = [ProxySeen("p0", 50, READY), ProxySeen("p1", 5, READY), ProxySeen("p3", 0, READY)]
-    plan = replan(shown, now, [], now=1100)
+    plan = replan(shown, now)
     assert plan.moves == {"p0": 28} and plan.limits == {"p0": 22, "p1": 22, "p3": 22}
-    shrunk = replan(shown, [ProxySeen("p0", 90, READY), ProxySeen("p1", 0, READY)], [], now=1100)
+    shrunk = replan(shown, [ProxySeen("p0", 90, READY), ProxySeen("p1", 0, READY)])
     assert shrunk.moves == {"p0": 39} and shrunk.limits["p0"] == 51  # never more than was approved
-    assert "unreadable" in replan({"cap": "x"}, now, [], 1100).reason
+    assert "unreadable" in replan({"cap": "x"}, now).reason
 
 
 # -- the budget -------------------------------------------------------------------------------
@@ -244,9 +246,11 @@ def test_auto_runs_a_round_to_the_end_then_the_receivers_cool_down() -> None:
     # The round's limits stay a little longer (subscribers still on their way), then lapse.
     assert [(x.proxy, x.keep, x.hold) for x in done.limits] == [("p0", 22, 10.0), ("p1", 22, 10.0), ("p2", 22, 10.0)]
     assert done.events[0] == "rebalance ended (done): 39 of 39 subscribers moved"
-    skewed = rb.step("auto", proxies(22, 35, 4), 0.1, 200.0, None, draining=False, now=1100)
-    assert skewed.limits == () and "p1, p2 received moved subscribers" not in skewed.status["reason"]
-    assert "p1 received moved subscribers less than 600 s ago" in skewed.status["reason"]
+    # What p1 received (its proxy counts it unmovable) stays; it sheds only the rest.
+    skewed = rb.step("auto", [*proxies(22)[:1], ProxySeen("p1", 35, READY, unmovable=20), *proxies(0, 0, 4)[2:]],
+                     0.1, 200.0, None, draining=False, now=1100)
+    assert [(x.proxy, x.keep) for x in skewed.limits] == [("p0", 22), ("p1", 22), ("p2", 22)]
+    assert skewed.events[0].endswith("moving 13 from p1")
 
 
 def test_no_round_is_planned_while_the_last_ones_subscribers_are_landing() -> None:
@@ -326,9 +330,10 @@ def test_pods_as_the_connections_step_sees_them() -> None:
             PodView("ns", "demo", "proxy", "old", ready=True, deleting=True, owner="rs-1",
                     deletion="2026-01-01T00:03:00Z"),
             PodView("ns", "demo", "proxy", "gone", deleting=True, owner="rs-2", deletion="garbage")]
-    seen = pods_seen(pods, {"a": 10, "c": 3, "old": 500}, "rs-2", scaled_in=False, wall=wall)
-    assert seen == [PodSeen("a", 10, 30.0), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
-                    PodSeen("old", 500, None, "rollout", 120.0), PodSeen("gone", None, None, "eviction", None)]
+    seen = pods_seen(pods, {"a": (10, 7), "c": (3, 3), "old": (500, 0)}, "rs-2", scaled_in=False, wall=wall)
+    assert seen == [PodSeen("a", 10, 30.0, unmovable=3), PodSeen("b", None, 10.0), PodSeen("c", 3, None),
+                    PodSeen("old", 500, None, "rollout", 120.0, unmovable=500),
+                    PodSeen("gone", None, None, "eviction", None)]
     assert pods_seen(pods[-1:], {}, "rs-2", scaled_in=True, wall=wall)[0].terminating == "scale-in"
     assert drain_kind("rs-1", "", scaled_in=False) == "eviction"  # no current template known
     step = Connections()
@@ -409,3 +414,128 @@ def test_a_source_that_cannot_be_read_keeps_its_round_and_limits_instead_of_endi
     assert step.rebalancer.current is not None and unread.limits == started.limits and not unread.notices
     done = step.step(policy, [PodSeen("a", 22, None), PodSeen("b", 19, READY), PodSeen("c", 19, READY)], None, 1003)
     assert step.rebalancer.current is None and done.notices[0].message.startswith("rebalance ended (done)")
+
+
+# -- subscribers that cannot be moved (plasma gRPC streams, streams with no position yet) -------
+
+
+def test_unmovable_subscribers_count_as_load_but_only_movable_ones_are_moved() -> None:
+    """p0 holds 60, 50 of them plasma streams: the average counts them all (cap 22), but p0 can
+    shed only its 10 others, so its limit is 50; the limits still hold every subscriber."""
+    seen = [ProxySeen("p0", 60, READY, unmovable=50), ProxySeen("p1", 0, READY), ProxySeen("p2", 0, READY)]
+    plan = plan_rebalance(seen, 0.1)
+    assert plan.cap == 22 and plan.moves == {"p0": 10} and dict(plan.limits) == {"p0": 50, "p1": 22, "p2": 22}
+    assert plan.stuck == 28 and sum(plan.limits.values()) >= 60
+    assert "cannot resume elsewhere (p0 28): plasma gRPC streams carry no position" in plan.reason
+    # Mixed: a proxy with a few unmovable ones sheds down to the cap as before.
+    mixed = plan_rebalance([ProxySeen("p0", 60, READY, unmovable=5), *proxies(0, 0, 0)[1:]], 0.1)
+    assert mixed.moves == {"p0": 38} and mixed.stuck == 0 and "cannot resume" not in mixed.reason
+
+
+def test_a_proxy_whose_excess_cannot_move_is_reported_as_unmovable_and_no_round_starts() -> None:
+    rb = Rebalancer()
+    seen = [ProxySeen("p0", 40, READY, unmovable=40), ProxySeen("p1", 0, READY)]
+    for now in (1000, 1002, 1100):  # every pass the same: no round, no event, no limit
+        orders = rb.step("auto", seen, 0.1, 200.0, None, draining=False, now=now)
+        assert orders.limits == () and orders.events == () and rb.current is None
+        assert orders.status["state"] == "Unmovable" and orders.status["unmovable"] == 40
+        assert "over the limit of 22, not moved as they cannot resume elsewhere (p0 18)" in orders.status["reason"]
+    assert plan_rebalance(seen, 0.1).moves == {}
+
+
+def test_a_round_ends_when_its_sources_have_nothing_movable_left_over_their_limit() -> None:
+    """The round planned 38 moves; 8 movable subscribers left p0 by themselves and the 22 still there
+    over its limit are plasma streams: nothing more can move, so the round ends at once (not after
+    ROUND_TIMEOUT), and the proxies are not asked to shed what they cannot."""
+    rb = Rebalancer()
+    rb.step("auto", [ProxySeen("p0", 60, READY, unmovable=10), *proxies(0, 0, 0)[1:]], 0.1, 20.0, None, False, 1000)
+    assert rb.current is not None and rb.current.moves == 38
+    now = [ProxySeen("p0", 32, READY, unmovable=32), ProxySeen("p1", 10, READY), ProxySeen("p2", 10, READY)]
+    assert rb.operation(now) == Operation("rebalance", "rebalance", 0)
+    ended = rb.step("auto", now, 0.1, 20.0, None, False, 1003)
+    assert rb.current is None and ended.events[0] == "rebalance ended (done): 38 of 38 subscribers moved"
+    running = Rebalancer()
+    running.step("auto", [ProxySeen("p0", 60, READY, unmovable=10), *proxies(0, 0, 0)[1:]], 0.1, 20.0, None, False,
+                 1000)
+    mid = running.step("auto", [ProxySeen("p0", 40, READY, unmovable=30), *proxies(0, 10, 10)[1:]], 0.1, 20.0, None,
+                       False, 1001)
+    assert mid.status["subscribersLeft"] == 10  # 40 held, 30 of them unmovable: 10 more can go, not 18
+
+
+def test_replan_moves_no_more_than_is_movable() -> None:
+    shown = plan_rebalance(proxies(61, 0, 0), 0.1).to_status(None)
+    now = [ProxySeen("p0", 61, READY, unmovable=45), ProxySeen("p1", 0, READY), ProxySeen("p2", 0, READY)]
+    plan = replan(shown, now)
+    assert plan.moves == {"p0": 16} and plan.limits["p0"] == 45
+
+
+def test_a_pass_reads_unmovable_subscribers_from_the_pods() -> None:
+    step = Connections()
+    pods = [PodSeen("a", 30, READY, unmovable=30), PodSeen("b", 0, READY), PodSeen("c", 0, READY)]
+    orders = step.step(ConnectionPolicy("auto", 0.1, 200.0), pods, None, now=1000)
+    assert orders.limits == () and orders.status["rebalance"]["state"] == "Unmovable"
+    assert orders.status["rebalance"]["unmovable"] == 30 and orders.status["reconnects"]["inProgress"] == []
+
+
+# -- status: nothing stale, the round history kept ----------------------------------------------
+
+
+def test_off_and_every_later_state_show_no_figure_of_an_earlier_one() -> None:
+    rb = Rebalancer()
+    running = rb.step("auto", proxies(61, 0, 0), 0.1, 200.0, None, draining=False, now=1000).status
+    assert {"subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan"} <= set(running)
+    written = present(running, None)
+    off = rb.step("off", proxies(50, 5, 6), 0.1, 200.0, written, draining=False, now=1001).status
+    assert off["state"] == "Off" and not {"subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan"} & set(off)
+    patch = present(off, written)  # what the merge patch says: the running round's figures removed
+    figures = ("subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan")
+    assert {key: patch[key] for key in figures} == dict.fromkeys(figures)
+    assert patch["state"] == "Off" and patch["busiest"] == 50 and "approval" not in patch  # (never written)
+    # Nested objects too (a merge patch merges them), and a key that was never there gets no null.
+    assert present({"plan": {"cap": 3}, "x": None}, {"plan": {"cap": 2, "etaSeconds": 4}}) == {
+        "plan": {"cap": 3, "etaSeconds": None}}
+
+
+WALL = datetime(2026, 12, 7, 9, 0, 0, tzinfo=UTC)
+
+
+def test_the_receivers_of_rounds_are_kept_in_status_and_read_back_by_a_restarted_operator() -> None:
+    first = Rebalancer()
+    started = first.step("auto", proxies(60, 0), 0.1, 200.0, None, draining=False, now=1000, wall=WALL)
+    assert started.status["received"] == [{"proxy": "p1", "at": "2026-12-07T09:00:00Z"}]  # receiving now
+    done = first.step("auto", proxies(30, 25), 0.1, 200.0, started.status, False, 1003,
+                      wall=WALL + timedelta(seconds=3))
+    assert done.status["received"] == [{"proxy": "p1", "at": "2026-12-07T09:00:03Z"}]  # the round's end
+    # The operator restarts at once: the round's moved subscribers may still be landing (counted
+    # nowhere), so it waits as the one before would have, instead of planning from an undercount.
+    restarted = Rebalancer()
+    landing = restarted.step("auto", proxies(45, 10), 0.1, 200.0, done.status, False, now=50.0,
+                             wall=WALL + timedelta(seconds=8))
+    assert landing.limits == () and landing.status["state"] == "Waiting"
+    assert landing.status["received"] == done.status["received"]  # still shown, for the next restart
+    assert Rebalancer().step("auto", proxies(45, 10), 0.1, 200.0, None, False, now=50.0).limits  # (forgotten)
+    # Later, a new round: what p1 received its proxy holds as unmovable (600 s), the rest may go.
+    later = restarted.step("auto", [ProxySeen("p0", 20, READY), ProxySeen("p1", 40, READY, unmovable=25)], 0.1,
+                           200.0, landing.status, False, now=150.0, wall=WALL + timedelta(seconds=108))
+    assert later.events[0].endswith("moving 7 from p1") and later.limits[1].keep == 33
+    assert later.status["received"] == [{"proxy": "p0", "at": "2026-12-07T09:01:48Z"},
+                                        {"proxy": "p1", "at": "2026-12-07T09:00:03Z"}]
+    assert restarted.step("auto", proxies(30, 30), 0.1, 200.0, later.status, False, now=150.0 + COOLDOWN,
+                          wall=WALL + timedelta(seconds=108 + COOLDOWN)).status["received"] == [
+        {"proxy": "p0", "at": "2026-12-07T09:11:48Z"}]  # the round ended now; p1's entry, over 600 s old, gone
+
+
+def test_received_is_bounded_and_what_cannot_be_read_is_left_out() -> None:
+    now = 5000.0
+    many = [{"proxy": f"p{i}", "at": "2026-12-07T08:59:00Z"} for i in range(MAX_RECEIVED + 50)]
+    rounds = received_from_status(many, now, WALL)
+    assert len(rounds) == 1 and len(rounds[0].receivers()) == MAX_RECEIVED and rounds[0].ended == now - 60
+    odd = [{"proxy": "a", "at": "2026-12-07T09:00:00"},  # no time zone
+           {"proxy": "b", "at": "yesterday"}, {"proxy": "", "at": "2026-12-07T09:00:00Z"}, "c",
+           {"proxy": "d" * 254, "at": "2026-12-07T09:00:00Z"}, {"proxy": "e", "at": 7},
+           {"proxy": "old", "at": "2026-12-07T08:49:00Z"},  # 660 s ago: cooled down
+           {"proxy": "ahead", "at": "2026-12-07T09:05:00Z"}]  # a clock ahead: counted as now
+    assert [(r.ended, sorted(r.receivers())) for r in received_from_status(odd, now, WALL)] == [(now, ["ahead"])]
+    assert received_from_status({"proxy": "x"}, now, WALL) == []
+    history = [Round(0, 1, {f"p{i}": 1 for i in range(300)}, frozenset(), 0, ended=now - i) for i in range(3)]
+    assert len(received_to_status(history, None, now, WALL)) == MAX_RECEIVED

@@ -204,3 +204,88 @@ async def test_a_scale_in_of_two_proxies_shares_the_budget_between_their_drains(
         assert set(b.statuses) == {200}
         await b.close()
     refresher.cancel()
+
+
+def rebalance_status(clusters: Clusters, state: str) -> dict[str, Any]:
+    """status.rebalance once its state is `state` ({} before)."""
+    rebalance = clusters.status("demo").get("rebalance") or {}
+    return rebalance if rebalance.get("state") == state else {}
+
+
+ROUND_FIGURES = ("subscribersLeft", "reconnectsPerSecond", "etaSeconds", "plan")
+
+
+async def test_turned_off_mid_round_status_keeps_no_figure_of_the_round(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    """status is written as a merge patch: a key left out of a write stays. Turned off while a round
+    runs, status.rebalance shows Off and nothing of the round (its subscribers left, rate, ETA,
+    plan), but the proxy that received moved subscribers (its cooldown goes on)."""
+    operator()
+    refresher, browsers = await subscribed(clusters, 1, 2, "auto", 20)  # 2/s: 10 moves take 5 s
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    publisher = Publisher(brokers).start(interval=0.05)  # (every stream gets an id: movable)
+    clusters.patch_spec("demo", {"proxies": {"replicas": 2}})
+    running = await wait_for(lambda: rebalance_status(clusters, "Running"), 90, "a round running")
+    assert set(ROUND_FIGURES) <= set(running), running
+    clusters.annotate("demo", {"neoplasma.io/rebalance": "off"})
+    off = await wait_for(lambda: rebalance_status(clusters, "Off"), 30, "status Off")
+    assert not set(ROUND_FIGURES) & set(off), f"the round's figures stayed under Off: {off}"
+    assert off["mode"] == "off" and off["reason"] == "neoplasma.io/rebalance is off"
+    assert [r["proxy"] for r in off["received"]] and off["busiest"] <= 20
+    await asyncio.sleep(0.5)
+    await delivered_exactly_once(publisher, browsers)
+    assert sum((await counts(clusters, "demo")).values()) == 20
+    for b in browsers:
+        await b.close()
+    refresher.cancel()
+
+
+async def test_a_restarted_operator_does_not_move_again_what_it_moved_before(
+    clusters: Clusters, operator: Callable[..., OperatorProcess], pods: StandInKubelet
+) -> None:
+    """The first operator spreads 30 subscribers over 2 proxies (the new one receives 14) and
+    stops. Another starts and the proxies go to 3: both old ones are over the new cap (11), but
+    what the second one received less than 10 minutes ago is not moved again: its proxy counts
+    those as unmovable (nothing the operator must remember), and status.rebalance.received,
+    written by the first operator, is read back and still shown."""
+    first = operator()
+    refresher, browsers = await subscribed(clusters, 1, 50, "auto", 30)
+    brokers = [f"{p.status.pod_ip}:50051" for p in clusters.ready_pods("demo", "broker")]
+    publisher = Publisher(brokers).start(interval=0.05)
+    [source] = [p.metadata.name for p in clusters.ready_pods("demo", "proxy")]
+    clusters.patch_spec("demo", {"proxies": {"replicas": 2}})
+
+    def spread_once() -> dict[str, Any]:
+        status = rebalance_status(clusters, "Balanced")
+        ended = [e for e in clusters.events("demo") if e.message.startswith("rebalance ended")]
+        return status if status.get("received") and ended else {}
+
+    done = await wait_for(spread_once, 120, "a round done, its receiver in status")
+    [receiver] = [r["proxy"] for r in done["received"]]
+    assert receiver != source
+
+    async def landed() -> dict[str, int]:  # (the round ends when the source is at its limit)
+        now = await counts(clusters, "demo")
+        return now if sum(now.values()) == 30 else {}
+
+    held = (await wait_for(landed, 60, "every moved subscriber landed"))[receiver]
+    assert held >= 14, f"{receiver} received {held}"
+    assert first.stop() == 0
+
+    operator()  # a new process: nothing in memory
+    clusters.patch_spec("demo", {"proxies": {"replicas": 3}})
+
+    def second_round() -> list[str]:
+        return [e.message for e in clusters.events("demo")
+                if e.reason == "Rebalance" and e.message.startswith("rebalance started")][1:]
+
+    [started] = await wait_for(second_round, 120, "a second round")
+    assert f"from {source}" in started and receiver not in started.split("; moving ")[1], started
+    assert receiver in [r["proxy"] for r in (clusters.status("demo").get("rebalance") or {}).get("received", [])]
+    assert (await counts(clusters, "demo"))[receiver] >= held  # held: it sheds nothing
+    await asyncio.sleep(0.5)
+    await delivered_exactly_once(publisher, browsers)
+    for b in browsers:
+        await b.close()
+    refresher.cancel()

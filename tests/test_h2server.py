@@ -15,9 +15,11 @@ from typing import Any
 
 import hpack
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
 from h2.settings import SettingCodes
 from harness import grpc_request_headers, h2_client, wait_for
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from neoplasma.core.net import hostport
 from neoplasma.proxy.h2server import Call, GrpcServer
@@ -111,3 +113,62 @@ async def test_a_connection_opening_more_calls_than_the_proxy_allows_is_cut_off(
     assert ended[0].error_code == 1  # PROTOCOL_ERROR
     assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection is closed
     writer.close()
+
+
+async def test_going_away_lets_the_calls_there_finish_refuses_new_ones_and_closes_after_the_last() -> None:
+    """GOAWAY NO_ERROR with the last stream opened: the client's next calls go to a new connection;
+    a call it opened before reading it is refused (REFUSED_STREAM: retried elsewhere, never
+    processed); the calls already there go on; the connection closes when the last has ended.
+    (Frames read raw: h2's client, once it has the GOAWAY, takes nothing more.)"""
+    calls: list[Call] = []
+    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
+    sock = socket.create_server(("127.0.0.1", 0))
+    await server.start(sock)
+    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    frames: list[Frame] = []
+    buffer = bytearray()
+
+    async def read(until: Any) -> bool:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        buffer.extend(data)
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9:9 + length]))
+            del buffer[:9 + length]
+            frames.append(frame)
+        return bool(until()) or not data
+
+    def of(kind: type[Frame]) -> list[Any]:
+        return [f for f in frames if isinstance(f, kind)]
+
+    try:
+        for _ in range(2):
+            client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
+        writer.write(client.data_to_send())
+        await wait_for(lambda: len(calls) == 2, what="two calls on one connection")
+        connection = next(iter(server.connections))
+        connection.going_away()
+        connection.going_away()  # once only
+        late = client.get_next_available_stream_id()  # (sent before the client read the GOAWAY)
+        client.send_headers(late, grpc_request_headers("/t.S/M"))
+        writer.write(client.data_to_send())
+        await wait_for(lambda: read(lambda: of(RstStreamFrame)), what="the refusal")
+        [goaway] = of(GoAwayFrame)
+        assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, 3)
+        [refused] = of(RstStreamFrame)
+        assert (refused.stream_id, refused.error_code) == (late, ErrorCodes.REFUSED_STREAM) and len(calls) == 2
+        calls[0].send(b"still here")
+        calls[0].end()
+        await wait_for(lambda: read(lambda: [f for f in of(HeadersFrame) if "END_STREAM" in f.flags]),
+                       what="call 1's trailers")
+        assert [f.data for f in of(DataFrame)] == [b"still here"]
+        assert server.connections == {connection}  # a call is left
+        calls[1].end()
+        await wait_for(lambda: read(lambda: False), what="the connection closed after its last call")
+        assert not server.connections
+    finally:
+        writer.close()
+        server.stop("test over")
+        sock.close()

@@ -144,7 +144,7 @@ class Socketless(Subscriber):
     def encode(batch: Batch, indices: list[int]) -> object:
         return indices
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         return True
 
 

@@ -237,8 +237,9 @@ def test_status_waits_for_a_push_under_way_and_says_nothing_while_deleting() -> 
 # -- Connections ------------------------------------------------------------------------------
 
 
-def proxies_seen(**subscribers: int) -> dict[str, pb.ProxyStatus]:
-    return {name: pb.ProxyStatus(name=name, subscribers=n) for name, n in subscribers.items()}
+def proxies_seen(unmovable: dict[str, int] | None = None, **subscribers: int) -> dict[str, pb.ProxyStatus]:
+    return {name: pb.ProxyStatus(name=name, subscribers=n, movable_subscribers=n - (unmovable or {}).get(name, 0))
+            for name, n in subscribers.items()}
 
 
 def test_connections_read_every_proxy_and_limit_them_while_one_is_hot() -> None:
@@ -264,6 +265,27 @@ def test_connections_read_every_proxy_and_limit_them_while_one_is_hot() -> None:
     assert status is not None and status["rebalance"]["state"] == "Running"
     assert "plan" in status["rebalance"] and "approval" not in status["rebalance"]  # no null for a key never set
     assert status["reconnects"]["inProgress"][0]["kind"] == "rebalance"
+    assert status["rebalance"]["received"] == [{"proxy": p, "at": "2026-12-07T06:00:00Z"} for p in ("p1", "p2")]
+
+
+def test_connections_move_only_what_the_proxies_report_movable() -> None:
+    body = body_of({"proxies": {"replicas": 3}}, {"neoplasma.io/max-reconnects-per-second": "30"})
+    steps = steps_for(body)
+    steps.resource.step(body)
+    pods = [proxy("p0", "10.0.1.1"), proxy("p1", "10.0.1.2"), proxy("p2", "10.0.1.3")]
+    seen = seen_of(steps, body, pods=pods, proxies=proxies_seen({"p0": 50}, p0=60, p1=0, p2=0))
+    steps.scaling.decide(seen, NOW)
+    decision = steps.connections.decide(seen, NOW)
+    assert decision.drains["10.0.1.1:50052"] == pb.DrainRequest(keep_at_most=50, reconnects_per_second=30,
+                                                                hold_seconds=30)  # its 10 movable ones
+    # Every one of p0's subscribers a plasma stream: nothing to send, and status says why.
+    fresh = steps_for(body)
+    fresh.resource.step(body)
+    stuck = seen_of(fresh, body, pods=pods, proxies=proxies_seen({"p0": 60}, p0=60, p1=0, p2=0))
+    fresh.scaling.decide(stuck, NOW)
+    assert fresh.connections.decide(stuck, NOW).drains == {}
+    rebalance = fresh.connections.rebalance
+    assert rebalance is not None and rebalance["state"] == "Unmovable" and rebalance["unmovable"] == 60
 
 
 def test_connections_pace_a_stopping_pod_and_pause_stops_rebalancing() -> None:

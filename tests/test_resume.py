@@ -319,7 +319,7 @@ class Recorder(Subscriber):
     def encode(batch: Batch, indices: list[int]) -> list[Event]:
         return [batch.events[i] for i in indices]
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         self.events += encoded  # type: ignore[arg-type]
         return True
 

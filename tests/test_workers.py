@@ -68,11 +68,12 @@ def test_status_and_apply_of_a_pod_add_up() -> None:
     only_one = pb.BrokerLink(name="b1", state=pb.BrokerLink.CONNECTED, interest_synced=True)
     status = sum_status("p", [
         pb.ProxyStatus(subscribers=2, sse_subscribers=1, grpc_subscribers=1, membership_version=4, deliveries=10,
-                       links=[connected, only_one], topics=3),
+                       links=[connected, only_one], topics=3, movable_subscribers=1),
         pb.ProxyStatus(subscribers=5, sse_subscribers=5, membership_version=3, deliveries=1, links=[backoff],
-                       draining=True),
+                       draining=True, movable_subscribers=4),
     ])
     assert (status.name, status.subscribers, status.sse_subscribers, status.grpc_subscribers) == ("p", 7, 6, 1)
+    assert status.movable_subscribers == 5
     assert (status.membership_version, status.deliveries, status.topics, status.draining) == (3, 11, 3, True)
     # A topic subscribed on both workers is one topic: the pod's count is its busiest worker's, not the sum.
     both = sum_status("p", [pb.ProxyStatus(topics=3), pb.ProxyStatus(topics=2)])

@@ -45,6 +45,9 @@ DEFAULT_SCALE_UP_LIMIT = 4
 HARD_MAX = 1000  # no annotation may ask for more pods than this
 REBALANCE_MODES = ("auto", "off", "plan", "approve")
 DEFAULT_REBALANCE_TOLERANCE = 0.1
+# Seconds during which a subscriber moved by a rebalance is not moved again: a proxy counts one
+# that resumed there while it was under a rebalance's limit (the moved ones land then) as unmovable.
+REBALANCE_COOLDOWN = 600.0
 # Reconnects the operator may cause per second, over every operation at once. 200/s: a proxy
 # resumes a subscriber with one replay request per broker, so 200/s is at most 200 replays/s
 # per broker, a small share of what one broker serves (docs/resume.md), and the default proxy

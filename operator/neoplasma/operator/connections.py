@@ -9,12 +9,27 @@ limit sheds the excess at the rate it is given and, like a full one, refuses new
 (SSE: `retry:` and the end of the stream, gRPC: UNAVAILABLE) and fails readiness, so the Service
 stops sending them there; a proxy below it accepts until it is full. A reconnect therefore lands
 on a proxy with room, at most a few bounces (each one retry interval) before kube-proxy has seen
-the readiness; the proxies end at or below `cap`, whatever order the reconnects come in, as the
-limits add up to at least every subscriber there is.
+the readiness; the proxies end at or below `cap` (or what they cannot shed, below), whatever
+order the reconnects come in, as the limits add up to at least every subscriber there is. A shed
+gRPC call's connection also gets GOAWAY from the proxy, so that its retry opens a new connection
+(a channel's retry over the old one would come back to the same proxy).
 
-No subscriber is moved twice within `COOLDOWN`, and there is no ping-pong: a proxy that received
-moved subscribers (it was a receiver of a round that ended less than `COOLDOWN` ago) never sheds
-in a new round; its limit is then its own count, so it only stops growing.
+Only subscribers that resume exactly elsewhere are moved (a proxy reports them as movable):
+plasma's gRPC stream carries no position, so one moved would miss what is published while it
+reconnects; nor does a stream that has not been sent a position yet. The others count as load
+(in the average and the cap) but a proxy's limit is never below them, so a proxy sheds at most
+its movable subscribers; one whose excess cannot move is left as it is, and status says so
+(state `Unmovable`) instead of a round that could not end. Drains of pods that are going away
+end every subscriber: nothing else is possible.
+
+No subscriber is moved twice within `COOLDOWN`, and there is no ping-pong: a proxy counts a
+subscriber that resumed there while it was under a limit (the moved ones land then) as unmovable
+for that long, so what it received stays and only what it had otherwise may be shed. The proxies
+hold this, so an operator that restarts forgets nothing of it; which proxies received moved
+subscribers and when is also shown in status (`received`, wall-clock times) and read back at
+start (a new round waits `AFTER_ROUND` after the last one ended, restart or not). A proxy that
+received is not barred from shedding as a whole: after a scale-in it may hold every subscriber,
+none of them moved.
 
 One reconnect budget. Every operation that makes subscribers reconnect is an `Operation`: a
 terminating proxy pod's drain (a rollout, a scale-in, an eviction) or the rebalance round.
@@ -30,12 +45,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from neoplasma.core.scaling import ConnectionPolicy
+from neoplasma.core.scaling import REBALANCE_COOLDOWN, ConnectionPolicy
+from neoplasma.operator.conditions import now_text
 
-COOLDOWN = 600.0  # seconds: a proxy that received moved subscribers does not shed for this long
+COOLDOWN = REBALANCE_COOLDOWN  # seconds: a moved subscriber is not moved again (the proxies hold it)
 SETTLE = 10.0  # seconds a proxy must have been ready before it counts (endpoints, kube-proxy)
 HOLD = 30.0  # seconds a limit given to a proxy lasts unless given again (an operator gone lifts it)
 # After a round, its limits stay this long (two readiness probe periods), so that subscribers still
@@ -46,19 +62,32 @@ ROUND_TIMEOUT = 600.0  # a round that has not finished by then ends anyway (prox
 REBALANCE_SHARE_WITH_DRAINS = 0.1  # of the budget, for a running rebalance while pods drain
 DEADLINE_MARGIN = 5.0  # seconds before SIGKILL by which a drain must be done
 MIN_RATE = 0.1  # reconnects/s: the slowest any running operation is paced (a proxy needs > 0)
+MAX_RECEIVED = 256  # entries of status.rebalance.received written and read back (the latest first)
+MAX_NAME = 253  # characters of a pod name
 
 
 # -- what was observed --------------------------------------------------------------------
 
 
+UNMOVABLE_WHY = ("plasma gRPC streams carry no position to resume from, other streams have none until they are "
+                 f"sent an event or a heartbeat, and subscribers moved less than {REBALANCE_COOLDOWN:g} s ago are not "
+                 "moved again")
+
+
 @dataclass(frozen=True)
 class ProxySeen:
-    """A proxy pod that is not being deleted: its subscribers (SSE and gRPC) and how long it has
-    been ready (None: not ready, or its Status could not be read)."""
+    """A proxy pod that is not being deleted: its subscribers (SSE and gRPC), how long it has been
+    ready (None: not ready, or its Status could not be read), and how many of its subscribers
+    could not resume exactly elsewhere (ProxyStatus: subscribers - movable_subscribers)."""
 
     name: str
     subscribers: int
     ready_for: float | None
+    unmovable: int = 0
+
+    def excess(self, limit: int) -> int:
+        """What it would shed down to `limit`: movable subscribers only."""
+        return max(0, self.subscribers - max(limit, self.unmovable))
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,7 @@ class Plan:
     moves: Mapping[str, int] = field(default_factory=dict)
     average: float = 0.0
     busiest: int = 0
+    stuck: int = 0  # subscribers over the cap that cannot be moved (UNMOVABLE_WHY)
 
     @property
     def moved(self) -> int:
@@ -107,18 +137,41 @@ class Plan:
         return status
 
 
-def cooling(history: Iterable[Round], now: float, cooldown: float = COOLDOWN) -> frozenset[str]:
-    """The proxies that received moved subscribers in a round that ended less than `cooldown`
-    ago (or is still running): they shed nothing until then."""
-    names: set[str] = set()
-    for past in history:
-        if past.ended is None or now - past.ended < cooldown:
-            names |= past.receivers()
-    return frozenset(names)
+def received_to_status(history: Iterable[Round], current: Round | None, now: float,
+                       wall: datetime) -> list[dict[str, str]]:
+    """`status.rebalance.received`: each proxy that received moved subscribers less than COOLDOWN
+    ago (a receiver of a round that ended then, or of the running one: now; it holds those as
+    unmovable meanwhile) and when, RFC 3339 from the wall clock `wall` (at monotonic `now`); the
+    latest first, at most MAX_RECEIVED."""
+    at: dict[str, float] = {}
+    for past in [*history, *([current] if current is not None else [])]:
+        end = now if past.ended is None else past.ended
+        if now - end < COOLDOWN:
+            for name in past.receivers():
+                at[name] = max(at.get(name, end), end)
+    latest = sorted(at.items(), key=lambda item: (-item[1], item[0]))[:MAX_RECEIVED]
+    return [{"proxy": name, "at": now_text(wall + timedelta(seconds=t - now))} for name, t in latest]
 
 
-def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, history: Iterable[Round], now: float, *,
-                   settle: float = SETTLE, cooldown: float = COOLDOWN) -> Plan:
+def received_from_status(entries: object, now: float, wall: datetime) -> list[Round]:
+    """What `received_to_status` wrote, read back by an operator that restarted (for status, and
+    the wait after a round): one ended round per time, with those proxies as its receivers.
+    Entries that are unreadable or older than COOLDOWN are left out; one later than `wall`
+    (clocks apart) counts as now; at most MAX_RECEIVED are read."""
+    if not isinstance(entries, list):
+        return []
+    by_time: dict[float, set[str]] = {}
+    for entry in entries[:MAX_RECEIVED]:
+        if not isinstance(entry, Mapping):
+            continue
+        name, stamp = entry.get("proxy"), entry.get("at")
+        ago = _seconds(wall, stamp) if isinstance(stamp, str) else None
+        if isinstance(name, str) and 0 < len(name) <= MAX_NAME and ago is not None and ago < COOLDOWN:
+            by_time.setdefault(now - max(ago, 0.0), set()).add(name)
+    return [Round(t, 0, dict.fromkeys(sorted(names), 0), frozenset(), 0, ended=t) for t, names in by_time.items()]
+
+
+def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, *, settle: float = SETTLE) -> Plan:
     """How to spread the subscribers of `proxies` (those not being deleted) so that the busiest
     holds at most (1 + tolerance) x the average."""
     if len(proxies) < 2:
@@ -135,20 +188,30 @@ def plan_rebalance(proxies: Sequence[ProxySeen], tolerance: float, history: Iter
         return Plan(f"balanced: the busiest proxy holds {busiest}, within {1 + tolerance:g} x the average "
                     f"{average:.1f}", average=average, busiest=busiest)
     cap = max(math.ceil(average), math.floor((1 + tolerance) * average))
-    cool = cooling(history, now, cooldown)
-    limits = {p.name: max(cap, p.subscribers) if p.name in cool else cap for p in proxies}
+    limits = _proxy_limits(proxies, cap)
     moves = {p.name: p.subscribers - limits[p.name] for p in proxies if p.subscribers > limits[p.name]}
+    stuck = {p.name: p.unmovable - cap for p in proxies if p.unmovable > cap}
     if not moves:
-        held = sorted(p.name for p in proxies if p.subscribers > cap)
-        why = (f"{', '.join(held)} received moved subscribers less than {cooldown:g} s ago: not moved again yet"
-               if held else f"as even as whole subscribers allow (at most {cap} per proxy)")
-        return Plan(why, average=average, busiest=busiest)
-    return Plan(f"the busiest proxy holds {busiest}, over {1 + tolerance:g} x the average {average:.1f}: "
-                f"at most {cap} per proxy", cap, limits, moves, average, busiest)
+        return Plan(_stuck_reason(stuck, cap) if stuck else f"as even as whole subscribers allow (at most {cap} per "
+                    "proxy)", average=average, busiest=busiest, stuck=sum(stuck.values()))
+    reason = (f"the busiest proxy holds {busiest}, over {1 + tolerance:g} x the average {average:.1f}: "
+              f"at most {cap} per proxy")
+    if stuck:
+        reason += f"; {_stuck_reason(stuck, cap)}"
+    return Plan(reason, cap, limits, moves, average, busiest, sum(stuck.values()))
 
 
-def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen], history: Iterable[Round], now: float,
-           cooldown: float = COOLDOWN) -> Plan:
+def _proxy_limits(proxies: Sequence[ProxySeen], cap: int) -> dict[str, int]:
+    """Every proxy's limit: `cap`, never below what it cannot shed (its unmovable subscribers)."""
+    return {p.name: max(cap, p.unmovable) for p in proxies}
+
+
+def _stuck_reason(stuck: Mapping[str, int], cap: int) -> str:
+    over = ", ".join(f"{name} {n}" for name, n in sorted(stuck.items()))
+    return f"over the limit of {cap}, not moved as they cannot resume elsewhere ({over}): {UNMOVABLE_WHY}"
+
+
+def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen]) -> Plan:
     """The plan shown in status (`Plan.to_status`), for the proxies there are now: its cap, its
     sources each shedding at most what was shown (subscribers that left meanwhile are not
     replaced by others), proxies that are gone left out."""
@@ -157,8 +220,7 @@ def replan(shown: Mapping[str, Any], proxies: Sequence[ProxySeen], history: Iter
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1 or not isinstance(rows, list):
         return Plan("the plan in status is unreadable: compute a new one with neoplasma.io/rebalance=plan")
     approved = {str(row.get("from")): row.get("subscribers") for row in rows if isinstance(row, Mapping)}
-    cool = cooling(history, now, cooldown)
-    limits = {p.name: max(cap, p.subscribers) if p.name in cool else cap for p in proxies}
+    limits = _proxy_limits(proxies, cap)
     moves: dict[str, int] = {}
     for p in proxies:
         most = approved.get(p.name)
@@ -330,7 +392,8 @@ class Orders:
 
 class Rebalancer:
     """One cluster's rebalancing between passes: the running round and the past ones (for the
-    cooldown). `operation` says what the round has left for the budget; `step` decides.
+    wait after a round and status `received`, read back at the first step). `operation` says what the
+    round has left for the budget; `step` decides.
 
     `approve` runs the plan shown in status once, when the annotation turns to `approve` (from
     anything else: status keeps the mode last seen, and `approval: pending` until it ran); while
@@ -351,13 +414,20 @@ class Rebalancer:
         return Operation("rebalance", "rebalance", _left(self.current, proxies))
 
     def step(self, mode: str, proxies: Sequence[ProxySeen], tolerance: float, rate: float | None,
-             previous: Mapping[str, Any] | None, draining: bool, now: float) -> Orders:
+             previous: Mapping[str, Any] | None, draining: bool, now: float, wall: datetime | None = None) -> Orders:
         """`rate`: the running round's share of the budget (or what a new round would get);
         `previous`: `status.rebalance` as last written (what a restarted operator goes on from:
-        the plan shown, the mode and approval last seen); `draining`: pods are draining (a new
-        round waits for them)."""
-        orders = self._step(mode, proxies, tolerance, rate, previous or {}, draining, now)
+        the plan shown, the mode and approval last seen, the proxies that received moved
+        subscribers); `draining`: pods are draining (a new round waits for them); `wall`: the
+        wall clock at `now`, for `received` (None: not read nor written)."""
+        previous = previous or {}
+        if self._mode is None and wall is not None:
+            self.history += received_from_status(previous.get("received"), now, wall)
+        orders = self._step(mode, proxies, tolerance, rate, previous, draining, now)
         self._mode, self._pending = mode, orders.status.get("approval") == "pending"
+        if wall is not None:
+            orders = replace(orders, status={**orders.status,
+                                             "received": received_to_status(self.history, self.current, now, wall)})
         return orders
 
     def _step(self, mode: str, proxies: Sequence[ProxySeen], tolerance: float, rate: float | None,
@@ -372,11 +442,14 @@ class Rebalancer:
         events: list[str] = []
 
         ending: tuple[Limit, ...] = ()  # the last word to the proxies of a round that ended now
+        seen = _seen(proxies)
 
         def orders(state: str, reason: str, *, limits: tuple[Limit, ...] | None = None,
                    still_pending: bool = pending, **fields: Any) -> Orders:
-            status = {"mode": mode, "state": state, "reason": reason, "plan": None,
-                      "approval": "pending" if still_pending else None, **fields}  # (null removes a key)
+            # Every key of status.rebalance that is not here is removed (status.present): no figure of
+            # an earlier state stays behind.
+            status = {"mode": mode, "state": state, "reason": reason,
+                      "approval": "pending" if still_pending else None, **seen, **fields}
             return Orders(ending if limits is None else limits, status, tuple(events))
 
         if self.current is not None:
@@ -395,39 +468,38 @@ class Rebalancer:
             else:
                 return orders("Running", f"moving {left} more subscribers, at most {self.current.cap} per proxy",
                               limits=self._limits(self.current, proxies, rate), plan=shown, **self._eta(left, rate))
-        plan = plan_rebalance(proxies, tolerance, self.history, now)
-        seen: dict[str, Any] = {"average": round(plan.average, 1), "busiest": plan.busiest}
         if mode == "off":
-            return orders("Off", "neoplasma.io/rebalance is off", **seen)
+            return orders("Off", "neoplasma.io/rebalance is off")
+        plan = plan_rebalance(proxies, tolerance)
         if pending and shown:
-            plan = replan(shown, proxies, self.history, now)
+            plan = replan(shown, proxies)
             if not plan.moves:
                 events.append(f"approved plan not run: {plan.reason}")
-                return orders("Balanced", plan.reason, still_pending=False, **seen)
+                return orders(_idle(plan), plan.reason, still_pending=False)
         if not plan.moves:
-            return orders("Balanced", plan.reason, **seen)
+            return orders(_idle(plan), plan.reason)
         if mode == "plan" or (mode == "approve" and not (pending and shown)):
             then = ("set neoplasma.io/rebalance=approve to run it" if mode == "plan" else "running it next" if pending
                     else "the approved plan ran: set neoplasma.io/rebalance=plan, then approve, to run this one")
-            return orders("Planned", f"{plan.reason}; {then}", plan=plan.to_status(rate), **seen)
+            return orders("Planned", f"{plan.reason}; {then}", plan=plan.to_status(rate))
         if draining:
             return orders("Waiting", "proxy pods are draining: rebalancing starts when they are done",
-                          plan=plan.to_status(rate), **seen)
+                          plan=plan.to_status(rate))
         if any(r.ended is not None and now - r.ended < AFTER_ROUND for r in self.history):
             # The last round's moved subscribers may still be reconnecting, counted nowhere: a plan made
             # now would take them for gone and give limits that hold fewer than every subscriber.
             return orders("Waiting", f"the last round's moved subscribers are still landing (for {AFTER_ROUND:g} s "
-                          "after it ended)", plan=plan.to_status(rate), **seen)
+                          "after it ended)", plan=plan.to_status(rate))
         self.current = Round(now, plan.cap, dict(plan.limits), frozenset(plan.moves), plan.moved)
         events.append(f"rebalance started: {plan.reason}; moving " + ", ".join(
             f"{n} from {name}" for name, n in sorted(plan.moves.items())))
         return orders("Running", plan.reason, limits=self._limits(self.current, proxies, rate), still_pending=False,
-                      plan=plan.to_status(rate), **seen, **self._eta(plan.moved, rate))
+                      plan=plan.to_status(rate), **self._eta(plan.moved, rate))
 
     @staticmethod
     def _limits(current: Round, proxies: Sequence[ProxySeen], rate: float | None) -> tuple[Limit, ...]:
-        here = {p.name: p.subscribers for p in proxies}
-        shed = {name: max(0, here[name] - current.limits[name]) for name in current.sources if name in here}
+        here = {p.name: p for p in proxies}
+        shed = {name: here[name].excess(current.limits[name]) for name in current.sources if name in here}
         rates = split_rate(rate or MIN_RATE, shed)
         return tuple(Limit(name, keep, rates.get(name, MIN_RATE)) for name, keep in sorted(current.limits.items())
                      if name in here)
@@ -439,10 +511,24 @@ class Rebalancer:
         return {"subscribersLeft": left, "reconnectsPerSecond": round(rate, 3), "etaSeconds": math.ceil(left / rate)}
 
 
+def _seen(proxies: Sequence[ProxySeen]) -> dict[str, Any]:
+    """The figures status.rebalance shows in every state: the average and busiest proxy, and the
+    subscribers that cannot be moved."""
+    total = sum(p.subscribers for p in proxies)
+    return {"average": round(total / len(proxies), 1) if proxies else 0.0,
+            "busiest": max((p.subscribers for p in proxies), default=0),
+            "unmovable": sum(p.unmovable for p in proxies)}
+
+
+def _idle(plan: Plan) -> str:
+    """The state when nothing is to move: Unmovable when what is over the cap cannot move, else Balanced."""
+    return "Unmovable" if plan.stuck else "Balanced"
+
+
 def _left(current: Round, proxies: Sequence[ProxySeen]) -> int:
-    """What the round's sources still hold over their limits (sources that are gone count 0)."""
-    here = {p.name: p.subscribers for p in proxies}
-    return sum(max(0, here[name] - current.limits[name]) for name in current.sources if name in here)
+    """What the round's sources still hold over their limits and can move (sources that are gone
+    count 0; subscribers that cannot move are not waited for)."""
+    return sum(p.excess(current.limits[p.name]) for p in proxies if p.name in current.sources)
 
 
 # -- one pass: every operation, one budget ------------------------------------------------------
@@ -452,13 +538,14 @@ def _left(current: Round, proxies: Sequence[ProxySeen]) -> int:
 class PodSeen:
     """A proxy pod as one pass saw it: its subscribers (None: its Status could not be read), how
     long it has been ready (None: not ready), and, terminating, why (`drain_kind`) and the seconds
-    until it is killed."""
+    until it is killed; of its subscribers, those that cannot be moved (ProxySeen.unmovable)."""
 
     name: str
     subscribers: int | None
     ready_for: float | None = None
     terminating: str | None = None
     seconds_left: float | None = None
+    unmovable: int = 0
 
 
 class ProxyPod(Protocol):
@@ -478,22 +565,25 @@ class ProxyPod(Protocol):
     def deletion(self) -> str: ...
 
 
-def pods_seen(pods: Iterable[ProxyPod], subscribers: Mapping[str, int], current_owner: str,
+def pods_seen(pods: Iterable[ProxyPod], subscribers: Mapping[str, tuple[int, int]], current_owner: str,
               scaled_in: bool, wall: datetime) -> list[PodSeen]:
-    """The proxy pods as the connections step sees them: `subscribers` by pod name (those read),
-    the ReplicaSet of the proxy Deployment's current template (`current_owner`), whether the
-    operator lowered the proxies' replicas lately (`scaled_in`), the wall clock."""
+    """The proxy pods as the connections step sees them: `subscribers` by pod name (those read:
+    how many, how many movable), the ReplicaSet of the proxy Deployment's current template
+    (`current_owner`), whether the operator lowered the proxies' replicas lately (`scaled_in`),
+    the wall clock."""
     seen = []
     for pod in pods:
+        count, movable = subscribers.get(pod.name, (None, 0))
+        unmovable = max(0, count - movable) if count is not None else 0
         if pod.deleting:
             left = _seconds(wall, pod.deletion)
-            seen.append(PodSeen(pod.name, subscribers.get(pod.name), None,
-                                drain_kind(pod.owner, current_owner, scaled_in), None if left is None else -left))
+            seen.append(PodSeen(pod.name, count, None, drain_kind(pod.owner, current_owner, scaled_in),
+                                None if left is None else -left, unmovable))
         elif not pod.ready:
-            seen.append(PodSeen(pod.name, subscribers.get(pod.name), None))
+            seen.append(PodSeen(pod.name, count, None, unmovable=unmovable))
         else:  # ready since an unknown time: counted as settled
             since = _seconds(wall, pod.ready_since)
-            seen.append(PodSeen(pod.name, subscribers.get(pod.name), SETTLE if since is None else since))
+            seen.append(PodSeen(pod.name, count, SETTLE if since is None else since, unmovable=unmovable))
     return seen
 
 
@@ -501,7 +591,7 @@ def _seconds(wall: datetime, stamp: str) -> float | None:
     """Seconds from `stamp` (RFC 3339) to `wall` (None: no stamp, or unreadable)."""
     try:
         return (wall - datetime.fromisoformat(stamp)).total_seconds() if stamp else None
-    except ValueError:
+    except (ValueError, TypeError):  # (TypeError: a stamp without a time zone)
         return None
 
 
@@ -560,12 +650,12 @@ class Connections:
         return self._lowered_at is not None and now - self._lowered_at < grace
 
     def step(self, policy: ConnectionPolicy, pods: Sequence[PodSeen], previous: Mapping[str, Any] | None,
-             now: float) -> ConnectionOrders:
-        """`previous`: `status.rebalance` as last written."""
+             now: float, wall: datetime | None = None) -> ConnectionOrders:
+        """`previous`: `status.rebalance` as last written; `wall`: the wall clock (Rebalancer.step)."""
         budget = policy.max_reconnects
         drains = [Operation(p.terminating, p.name, p.subscribers or 0, p.seconds_left)
                   for p in pods if p.terminating is not None and p.subscribers]
-        live = [ProxySeen(p.name, p.subscribers or 0, p.ready_for if p.subscribers is not None else None)
+        live = [ProxySeen(p.name, p.subscribers or 0, p.ready_for if p.subscribers is not None else None, p.unmovable)
                 for p in pods if p.terminating is None]
         running = self.rebalancer.operation(live)
         shares = share_budget(budget, [*drains, *([running] if running else [])])
@@ -575,7 +665,8 @@ class Connections:
         if current is not None and current.sources & unknown and self._last is not None:
             orders = self._last  # a source could not be read: its limits renewed, nothing decided
         else:
-            orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, previous, bool(drains), now)
+            orders = self.rebalancer.step(policy.rebalance, live, policy.tolerance, rate, previous, bool(drains), now,
+                                          wall)
         self._last = replace(orders, events=())
         notices = [Notice("Rebalance", message) for message in orders.events]
         over = frozenset(s.operation.name for s in shares if s.forced)

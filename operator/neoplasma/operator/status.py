@@ -71,10 +71,18 @@ def build_status(observed: Observed, previous: Mapping[str, Any] | None, now: st
 
 
 def present(section: Mapping[str, Any], previous: object) -> dict[str, Any]:
-    """`section` for a merge patch: a null (removing a key) only where `previous` has the key, so
-    that a status compares equal to what the API server keeps (which has no nulls)."""
+    """`section` for a merge patch that replaces `previous` (what the API server holds): a null
+    (removing a key) for every key of `previous` that `section` has not (or has as None), at any
+    depth (a merge patch merges objects: what is not nulled stays), and only there, so that a
+    status compares equal to what the API server keeps (which has no nulls)."""
     had = previous if isinstance(previous, Mapping) else {}
-    return {key: value for key, value in section.items() if value is not None or key in had}
+    patch: dict[str, Any] = dict.fromkeys(had)
+    for key, value in section.items():
+        if isinstance(value, Mapping) and isinstance(had.get(key), Mapping):
+            patch[key] = present(value, had[key])
+        elif value is not None or key in had:
+            patch[key] = value
+    return patch
 
 
 def membership_status(progress: c.MembershipProgress, previous: object) -> dict[str, Any]:

@@ -358,10 +358,11 @@ class Connections:
                            if c.get("kind") == "Deployment" and (c.get("metadata") or {}).get("name")
                            == f"{cluster.name}-proxy"), "")
         scaled_in = self.state.scaled_in(cluster.spec.proxies.replicas, self.sizing(cluster).grace_seconds, now)
-        proxies = cx.pods_seen(pods, {name: status.subscribers for name, status in seen.proxies.items()},
-                               current_replicaset(seen.replicasets, deployment), scaled_in,
-                               datetime.fromisoformat(seen.stamp))
-        orders = self.state.step(policy, proxies, (seen.body.get("status") or {}).get("rebalance"), now)
+        wall = datetime.fromisoformat(seen.stamp)
+        proxies = cx.pods_seen(pods, {name: (status.subscribers, status.movable_subscribers)
+                                      for name, status in seen.proxies.items()},
+                               current_replicaset(seen.replicasets, deployment), scaled_in, wall)
+        orders = self.state.step(policy, proxies, (seen.body.get("status") or {}).get("rebalance"), now, wall)
         self.rebalance, self.reconnects = orders.status["rebalance"], orders.status["reconnects"]
         busy = bool(orders.paces or self.state.rebalancer.current)
         self.timer.interval = self.BUSY if busy else self.interval

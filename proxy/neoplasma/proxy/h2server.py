@@ -43,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.logs import get_logger
@@ -196,6 +197,7 @@ class Connection(asyncio.Protocol):
         self._round = 0  # the last round this connection wrote in
         self._pinged = False  # a keepalive PING is unanswered
         self.writable = Signal()  # its calls' unsent data may have dropped (or a call ended)
+        self.last_stream: int | None = None  # `going_away`: the last stream the GOAWAY let in
 
     # -- output --------------------------------------------------------------------------
 
@@ -266,6 +268,12 @@ class Connection(asyncio.Protocol):
             self.calls.pop(call.stream_id, None)
             call.done()
             self.writable.notify()
+            if self.last_stream is not None and not self.calls:
+                self._close_soon()
+
+    def _close_soon(self) -> None:
+        """Close after what this turn of the loop writes (a round's gathered frames included)."""
+        asyncio.get_running_loop().call_soon(self.close)
 
     def resume_writing(self) -> None:  # the transport's buffer drained below its low-water mark
         self.writable.notify()
@@ -347,6 +355,9 @@ class Connection(asyncio.Protocol):
         stream = self.h2.streams.get(stream_id)
         if stream is None or stream.closed:  # reset in the same read as its HEADERS: a call cancelled at once
             return
+        if self.last_stream is not None and stream_id > self.last_stream:  # sent before the client read GOAWAY
+            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)  # unprocessed: retried on a new connection
+            return
         if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
             self.h2.send_headers(stream_id, [(b":status", b"415")], end_stream=True)
             return
@@ -379,11 +390,25 @@ class Connection(asyncio.Protocol):
         self.h2.ping(b"keepaliv")
         self._emit()
 
+    def going_away(self) -> None:
+        """Graceful GOAWAY (NO_ERROR, last stream = the highest opened so far), once: the client
+        opens its next calls on a new connection, which a Service may send to another proxy (a
+        retry over this one would come back here), while the calls already here go on. Framed here,
+        not by h2: its connection would refuse to send anything more after it. A call the client
+        opens meanwhile (before it read the GOAWAY) is refused with REFUSED_STREAM, which it
+        retries on its new connection; the connection is closed once its last call has ended."""
+        if self.last_stream is not None:
+            return
+        self.last_stream = self.h2.highest_inbound_stream_id
+        self._write(GoAwayFrame(0, last_stream_id=self.last_stream, error_code=ErrorCodes.NO_ERROR).serialize())
+        if not self.calls:
+            self._close_soon()
+
     def goaway(self, message: str) -> None:
         """End every call (UNAVAILABLE), say GOAWAY, and close once that is written."""
         for call in list(self.calls.values()):
             call.end(grpc.StatusCode.UNAVAILABLE, message)
-        self.h2.close_connection()
+        self.h2.close_connection(last_stream_id=self.last_stream)  # (never above one sent before: RFC 9113 6.8)
         self._emit()
         self.close()
 

@@ -100,14 +100,29 @@ def http_chunk(data: bytes) -> bytes:
 
 
 class Subscriber:
-    """A local subscriber. Subclasses say how a batch is encoded for them."""
+    """A local subscriber. Subclasses say how a batch is encoded for them.
+
+    Movable: a rebalance may ask it to reconnect elsewhere only if its client would resume there
+    exactly, i.e. its protocol carries a position (`resumes`) and the client holds one
+    (`positioned`: it came with one, or one was written to it since: an SSE `id:`, a native
+    batch's token). plasma's stream carries none; a stream that has been sent no position yet
+    would reconnect without one and miss what is published meanwhile. Nor before `settled`
+    (monotonic): a subscriber moved here is not moved again within REBALANCE_COOLDOWN.
+    """
 
     kind: ClassVar[str]
+    resumes: ClassVar[bool] = False  # the protocol gives the client a position to reconnect with
 
     def __init__(self) -> None:
         self.topics: frozenset[str] = frozenset()
         self.closed = asyncio.get_running_loop().create_future()
         self.slow = False  # set by deliver() when it refuses for being too far behind
+        self.positioned = False  # its client holds a position (see the class)
+        self.settled = 0.0  # monotonic: not moved before (see the class)
+
+    def movable(self, now: float) -> bool:
+        """Whether a rebalance may move it at monotonic time `now` (see the class)."""
+        return self.resumes and self.positioned and now >= self.settled
 
     @property
     def counted_as(self) -> str:
@@ -123,8 +138,10 @@ class Subscriber:
     def encode(batch: Batch, indices: list[int]) -> object:
         raise NotImplementedError
 
-    def deliver(self, encoded: object) -> bool:
-        """Hand over an encoded batch; False means gone or too slow (`slow`): the hub drops it."""
+    def deliver(self, encoded: object, position: bool = True) -> bool:
+        """Hand over an encoded batch; False means gone or too slow (`slow`): the hub drops it.
+        `position`: it carries a position (an event batch always does; a gap signal or a heartbeat
+        may not)."""
         raise NotImplementedError
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
@@ -141,6 +158,7 @@ class SseSubscriber(Subscriber):
     """Writes straight to the connection's transport: no queue, no coroutine per event."""
 
     kind = "sse"
+    resumes = True
 
     def __init__(self, transport: asyncio.WriteTransport, max_buffer: int) -> None:
         super().__init__()
@@ -151,7 +169,7 @@ class SseSubscriber(Subscriber):
     def encode(batch: Batch, indices: list[int]) -> bytes:
         return http_chunk(b"".join([batch.sse(i) for i in indices]))
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         transport = self.transport
         if transport.is_closing():
             return False
@@ -159,10 +177,12 @@ class SseSubscriber(Subscriber):
             self.slow = True
             return False
         transport.write(encoded)  # type: ignore[arg-type]
+        if position:
+            self.positioned = True
         return True
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
-        return self.deliver(http_chunk(sse_gap(reason)))
+        return self.deliver(http_chunk(sse_gap(reason)), position=False)  # (no id: the client keeps its last)
 
 
 class StreamSubscriber(Subscriber):
@@ -173,7 +193,7 @@ class StreamSubscriber(Subscriber):
         self.call = call
         self.max_unsent = max_unsent
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         call = self.call
         if call.ended:
             return False
@@ -181,6 +201,8 @@ class StreamSubscriber(Subscriber):
             self.slow = True
             return False
         call.send(encoded)  # type: ignore[arg-type]
+        if position:
+            self.positioned = True
         return True
 
 
@@ -198,6 +220,7 @@ class BatchSubscriber(StreamSubscriber):
     """Neoplasma's native stream: one `EventBatch` message per dispatched batch."""
 
     kind = "batch"
+    resumes = True
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> bytes:
@@ -481,11 +504,12 @@ class Hub:
         An `id:` without data updates EventSource's last id and fires nothing, so a quiet
         subscriber's id stays within the brokers' retention.
         """
-        if self.positions:
+        with_id = bool(self.positions)
+        if with_id:
             data = data[:-1] + b"id: " + self.token() + b"\n\n"
         chunk = http_chunk(data)
         self._drop([sub for sub in list(self.subscribers)
-                    if isinstance(sub, SseSubscriber) and not sub.deliver(chunk)])
+                    if isinstance(sub, SseSubscriber) and not sub.deliver(chunk, with_id)])
 
     def broadcast_gap(self, reason: str) -> None:
         """Tell every subscriber that events were missed (a relay lost events)."""
@@ -499,3 +523,8 @@ class Hub:
         for sub in self.subscribers:
             out[sub.counted_as] += 1
         return out
+
+    def movable(self) -> list[Subscriber]:
+        """The subscribers a rebalance may move now (`Subscriber.movable`)."""
+        now = time.monotonic()
+        return [sub for sub in self.subscribers if sub.movable(now)]

@@ -20,7 +20,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import control_server
+from neoplasma.proxy.server import control_server, drain_problem
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -62,6 +62,7 @@ def sum_status(name: str, statuses: Sequence[pb.ProxyStatus]) -> pb.ProxyStatus:
         name=name, subscribers=sum(s.subscribers for s in statuses),
         sse_subscribers=sum(s.sse_subscribers for s in statuses),
         grpc_subscribers=sum(s.grpc_subscribers for s in statuses),
+        movable_subscribers=sum(s.movable_subscribers for s in statuses),
         membership_version=min((s.membership_version for s in statuses), default=0),
         links=merge_links([s.links for s in statuses]),
         events_received=sum(s.events_received for s in statuses), deliveries=sum(s.deliveries for s in statuses),
@@ -122,11 +123,19 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return sum_status(self.config.name, statuses)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
+        problem = drain_problem(request)  # (before it is split: a part of a refused limit could pass)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         workers = self._workers()
         share = worker_share(request, len(workers))
+        shares = [share] * len(workers)
         try:
-            replies = await asyncio.gather(*(self._stub(w).Drain(share, timeout=10, metadata=self._metadata())
-                                             for w in workers))
+            if share.keep_at_most and len(workers) > 1:  # a limit: split as the workers' unmovable subscribers allow
+                statuses = await asyncio.gather(*(self._stub(w).Status(pb.StatusRequest(), timeout=10,
+                                                                       metadata=self._metadata()) for w in workers))
+                shares = [_with_keep(share, keep) for keep in worker_limits(request.keep_at_most, statuses)]
+            replies = await asyncio.gather(*(self._stub(w).Drain(part, timeout=10, metadata=self._metadata())
+                                             for w, part in zip(workers, shares, strict=True)))
         except grpc.aio.AioRpcError as exc:  # a refused rate: every worker says the same
             await context.abort(exc.code(), exc.details() or "")
         return pb.DrainResponse(subscribers_remaining=sum(r.subscribers_remaining for r in replies))
@@ -146,6 +155,30 @@ def worker_share(request: pb.DrainRequest, workers: int) -> pb.DrainRequest:
     if request.keep_at_most:
         share.keep_at_most = max(1, math.ceil(request.keep_at_most / workers))
     return share
+
+
+def worker_limits(keep: int, statuses: Sequence[pb.ProxyStatus]) -> list[int]:
+    """Each worker's part of the pod's limit `keep` (the kernel spreads new connections evenly over
+    them): an even level, except that a worker is never given less than it cannot shed (its
+    unmovable subscribers: a limit sheds only movable ones) nor less than 1 (0 would be a drain).
+    They add up to `keep` but for rounding up (at most one per worker), or to what cannot be shed
+    when that is more. Without unmovable subscribers: ceil(keep / workers) each."""
+    floors = [max(1, s.subscribers - s.movable_subscribers) for s in statuses]
+    low, high = 0, max(keep, 1)  # the smallest level at which the parts hold `keep`
+    while low < high:
+        level = (low + high) // 2
+        if sum(max(f, level) for f in floors) >= keep:
+            high = level
+        else:
+            low = level + 1
+    return [max(f, low) for f in floors]
+
+
+def _with_keep(share: pb.DrainRequest, keep: int) -> pb.DrainRequest:
+    part = pb.DrainRequest()
+    part.CopyFrom(share)
+    part.keep_at_most = keep
+    return part
 
 
 class PodService:

@@ -200,11 +200,15 @@ class Holder(Subscriber):
     def counted_as(self) -> str:
         return self.target.kind
 
+    def movable(self, now: float) -> bool:
+        """As its subscriber (held events are written to no one: they give it no position)."""
+        return self.target.movable(now)
+
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> list[Event]:
         return [batch.events[i] for i in indices]
 
-    def deliver(self, encoded: object) -> bool:
+    def deliver(self, encoded: object, position: bool = True) -> bool:
         events: list[Event] = encoded  # type: ignore[assignment]
         if self.over:
             return True
@@ -255,6 +259,7 @@ class Resume:
         try:
             parsed = parse_token(token, self.hub.tag) if token else None
         except InvalidToken as exc:
+            self.sub.positioned = False  # what the client holds resumes nowhere exactly
             await self._gap(str(exc))
             self.hub.add(self.sub, self.topics)
             self._resumed()

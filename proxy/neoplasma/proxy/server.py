@@ -26,6 +26,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
 from neoplasma.core.net import Front, HttpServer, add_grpc_port, bind_socket, hostport
 from neoplasma.core.resume import MAX_TOKEN_CHARS
+from neoplasma.core.scaling import REBALANCE_COOLDOWN
 from neoplasma.core.topics import (
     InvalidTopic,
     LimitExceeded,
@@ -156,7 +157,8 @@ class Proxy:
             grpc_subscribers=counts["plasma"] + counts["batch"], membership_version=self.links.applied.version,
             links=self.links.to_proto(), events_received=self.hub.events_received,
             deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
-            topics=len(self.hub.topics()), draining=self.draining, keep_at_most=limit.keep if limit else 0)
+            topics=len(self.hub.topics()), draining=self.draining, keep_at_most=limit.keep if limit else 0,
+            movable_subscribers=len(self.hub.movable()))
 
     def check_room(self, topics: Sequence[str], leaving: frozenset[str] = frozenset()) -> None:
         """LimitExceeded when `topics` would take the proxy's interest past --max-topics (`leaving`: topics
@@ -195,7 +197,11 @@ class Proxy:
 
     def shed(self, keep: int, rate: float, hold: float) -> None:
         """Rebalance: hold at most `keep` subscribers for `hold` seconds, asking the excess to
-        reconnect at `rate` per second (0: the configured drain_rate). Ignored while draining."""
+        reconnect at `rate` per second (0: the configured drain_rate), movable ones only (they
+        resume exactly elsewhere and were not moved here lately: `Subscriber.movable`); with none
+        left, the rest stays (the operator plans no more moves than the proxy reports movable).
+        A subscriber that resumes here while a limit is in force is taken for a moved one: not
+        movable for REBALANCE_COOLDOWN. Ignored while draining."""
         if self.draining or self.stopping:
             return
         self.limit = Limit(keep, time.monotonic() + (hold or DEFAULT_HOLD))
@@ -208,22 +214,39 @@ class Proxy:
         log.info("proxy_shedding", subscribers=len(self.hub.subscribers), keep=limit.keep if limit else None,
                  rate=self.rate)
         moved = 0
-        while not self.draining and (limit := self._limit()) is not None and len(self.hub.subscribers) > limit.keep:
-            self._close_one("moved")
+        hub = self.hub
+        candidates: list[Subscriber] = []  # movable when last looked at (looked at again when used up)
+        while not self.draining and (limit := self._limit()) is not None and len(hub.subscribers) > limit.keep:
+            sub = self._next_movable(candidates)
+            if sub is None:
+                break
+            self._close(sub, "moved")
             moved += 1
             await asyncio.sleep(1.0 / self.rate)
-        log.info("proxy_shed", moved=moved, subscribers=len(self.hub.subscribers))
+        log.info("proxy_shed", moved=moved, subscribers=len(hub.subscribers), keep=limit.keep if limit else None,
+                 unmovable=len(hub.subscribers) - len(hub.movable()))
 
-    def _close_one(self, reason: str) -> None:
-        sub = next(iter(self.hub.subscribers))
+    def _next_movable(self, candidates: list[Subscriber]) -> Subscriber | None:
+        """A subscriber still here and movable: from `candidates`, refilled once they are used up
+        (one look at every subscriber per refill, not per move); None when there is none."""
+        for refill in (False, True):
+            if refill:
+                candidates[:] = self.hub.movable()
+            while candidates:
+                sub = candidates.pop()
+                if sub in self.hub.subscribers and sub.movable(time.monotonic()):
+                    return sub
+        return None
+
+    def _close(self, sub: Subscriber, reason: str) -> None:
         self.hub.remove(sub)
         sub.close(reason)
 
     async def _drain(self) -> None:
         log.info("proxy_draining", subscribers=len(self.hub.subscribers), rate=self.rate)
         hurried = False
-        while self.hub.subscribers:
-            self._close_one("draining")
+        while self.hub.subscribers:  # every one, movable or not: the proxy is going away
+            self._close(next(iter(self.hub.subscribers)), "draining")
             interval = 1.0 / self.rate
             if self.deadline is not None and self.hub.subscribers:
                 needed = max(0.0, self.deadline - time.monotonic()) / len(self.hub.subscribers)
@@ -244,6 +267,9 @@ class Proxy:
     def subscribe(self, sub: Subscriber, topics: list[str], token: str, sink: Sink) -> asyncio.Task[None] | None:
         """Add a subscriber: live at once, or after catching up in a task (from a resume token, or
         from the proxy's positions when some broker has not applied its topics yet)."""
+        sub.positioned = bool(token)  # (a garbled one is found out by the catch-up: positioned no more)
+        if token and self._limit() is not None:  # resumed during a rebalance: it may have been moved here
+            sub.settled = time.monotonic() + REBALANCE_COOLDOWN
         if not token and self.links.applied_everywhere(topics):
             self.hub.add(sub, topics)
             return None
@@ -255,10 +281,11 @@ class Proxy:
 # -- catch-up for resuming subscribers ---------------------------------------------
 
 
-def deliver_or_close(sub: Subscriber, data: bytes) -> None:
+def deliver_or_close(sub: Subscriber, data: bytes, position: bool) -> None:
     """Catch-up data that the subscriber cannot take (too far behind, or gone) ends it, never vanishes:
-    the client comes back with the last token it got and resumes from there."""
-    if not sub.deliver(data):
+    the client comes back with the last token it got and resumes from there. `position`: `data`
+    carries one (events do; gap signals alone do not)."""
+    if not sub.deliver(data, position):
         sub.close("slow" if sub.slow else "gone")
 
 
@@ -281,6 +308,7 @@ class SseSink:
 
     async def send_frames(self, data: bytes) -> None:
         await self.response.write(data)  # waits while the client is behind
+        self.sub.positioned = True  # (frames of events: each with its id)
 
     async def gap(self, reason: str) -> None:
         await self.response.write(sse_gap(reason))
@@ -288,7 +316,7 @@ class SseSink:
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         data = b"".join(sse_gap(reason) for reason in gaps) + self.frames(events, tokens)
         if data:
-            deliver_or_close(self.sub, http_chunk(data))
+            deliver_or_close(self.sub, http_chunk(data), bool(events))
 
 
 class BatchSink:
@@ -309,14 +337,14 @@ class BatchSink:
 
     async def send_frames(self, data: bytes) -> None:
         await self.sub.call.taken(self.sub.max_unsent // 2, self.wait)
-        deliver_or_close(self.sub, data)
+        deliver_or_close(self.sub, data, True)
 
     async def gap(self, reason: str) -> None:
         self.send_now((), (), (reason,))
 
     def send_now(self, events: Sequence[Event], tokens: Sequence[bytes], gaps: Sequence[str]) -> None:
         if events or gaps:
-            deliver_or_close(self.sub, self.frames(events, tokens, bool(gaps)))
+            deliver_or_close(self.sub, self.frames(events, tokens, bool(gaps)), bool(events))
 
 
 # -- the subscriber port: plasma's stream, the native stream, health -------------------
@@ -332,8 +360,12 @@ MOVED = frozenset({"draining", "moved"})  # closes that ask the client to come b
 REFUSED_TYPE = "neoplasma-refused"  # plasma stream: the eventType of a refused subscription change
 
 
-def refusal_text(proxy: Proxy) -> str:
-    return SHUTTING_DOWN if proxy.draining else FULL
+def refuse(call: Call, proxy: Proxy) -> None:
+    """Refuse a new stream while the proxy is draining or full: UNAVAILABLE, and GOAWAY on its
+    connection, so that the client's retry opens a new one, which the Service sends to a ready
+    proxy (as a refused SSE request's connection is closed); its other calls go on."""
+    call.connection.going_away()
+    call.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN if proxy.draining else FULL)
 
 
 def grpc_refusal(refusal: Refused) -> tuple[grpc.StatusCode, str]:
@@ -363,7 +395,10 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
             expiry: asyncio.TimerHandle | None = None) -> None:
     """Tie a stream subscriber's life to its call: closing either ends the other."""
     def closed(future: asyncio.Future[str]) -> None:
-        call.end(*CLOSED_AS.get(future.result(), (grpc.StatusCode.OK, "")))
+        reason = future.result()
+        if reason in MOVED:  # elsewhere needs a new connection: the client's next call opens one
+            call.connection.going_away()
+        call.end(*CLOSED_AS.get(reason, (grpc.StatusCode.OK, "")))
 
     def done() -> None:
         if resuming is not None:
@@ -412,7 +447,7 @@ class PlasmaEvents:
     def open(cls, proxy: Proxy) -> Opener:
         def open_call(call: Call) -> None:
             if proxy.refusing():
-                call.end(grpc.StatusCode.UNAVAILABLE, refusal_text(proxy))
+                refuse(call, proxy)
             else:
                 cls(proxy, call)
 
@@ -469,7 +504,7 @@ def native_subscribe(proxy: Proxy) -> Opener:
 
     def subscribe(call: Call, message: bytes) -> None:
         if proxy.refusing():
-            call.end(grpc.StatusCode.UNAVAILABLE, refusal_text(proxy))
+            refuse(call, proxy)
             return
         request = pb.SubscribeRequest.FromString(message)
         try:

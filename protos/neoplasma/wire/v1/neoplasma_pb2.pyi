@@ -176,7 +176,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProxyStatus(_message.Message):
-    __slots__ = ("name", "subscribers", "sse_subscribers", "grpc_subscribers", "membership_version", "links", "events_received", "deliveries", "slow_subscribers_dropped", "topics", "draining", "keep_at_most")
+    __slots__ = ("name", "subscribers", "sse_subscribers", "grpc_subscribers", "membership_version", "links", "events_received", "deliveries", "slow_subscribers_dropped", "topics", "draining", "keep_at_most", "movable_subscribers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
     SSE_SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class ProxyStatus(_message.Message):
     TOPICS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     KEEP_AT_MOST_FIELD_NUMBER: _ClassVar[int]
+    MOVABLE_SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     subscribers: int
     sse_subscribers: int
@@ -201,7 +202,8 @@ class ProxyStatus(_message.Message):
     topics: int
     draining: bool
     keep_at_most: int
-    def __init__(self, name: _Optional[str] = ..., subscribers: _Optional[int] = ..., sse_subscribers: _Optional[int] = ..., grpc_subscribers: _Optional[int] = ..., membership_version: _Optional[int] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ..., events_received: _Optional[int] = ..., deliveries: _Optional[int] = ..., slow_subscribers_dropped: _Optional[int] = ..., topics: _Optional[int] = ..., draining: _Optional[bool] = ..., keep_at_most: _Optional[int] = ...) -> None: ...
+    movable_subscribers: int
+    def __init__(self, name: _Optional[str] = ..., subscribers: _Optional[int] = ..., sse_subscribers: _Optional[int] = ..., grpc_subscribers: _Optional[int] = ..., membership_version: _Optional[int] = ..., links: _Optional[_Iterable[_Union[BrokerLink, _Mapping]]] = ..., events_received: _Optional[int] = ..., deliveries: _Optional[int] = ..., slow_subscribers_dropped: _Optional[int] = ..., topics: _Optional[int] = ..., draining: _Optional[bool] = ..., keep_at_most: _Optional[int] = ..., movable_subscribers: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("reconnects_per_second", "keep_at_most", "hold_seconds")
