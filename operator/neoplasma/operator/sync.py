@@ -105,7 +105,8 @@ class MembershipSync:
         on_converged: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it);
-        `on_converged` is told each convergence time (the metrics)."""
+        `on_converged` is told each convergence time (the metrics); `on_progress` is called when a push
+        brings news (a failure, a recovery, the version everywhere), not for each acknowledgement."""
         self.pusher = pusher
         self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
