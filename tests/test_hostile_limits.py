@@ -39,7 +39,15 @@ from harness import (
 from neoplasma.core.events import grpc_frame, varint
 from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND, LineBudget
 from neoplasma.core.net import hostport
-from neoplasma.core.resume import MAX_SEQ, MAX_TOKEN_CHARS, InvalidToken, cluster_tag, decode_token
+from neoplasma.core.resume import (
+    MAX_SEQ,
+    MAX_TOKEN_CHARS,
+    InvalidToken,
+    cluster_tag,
+    decode_token,
+    epoch_mark,
+    positions_check,
+)
 from neoplasma.plasma.v1 import stream_pb2
 from neoplasma.proxy.h2server import Call, GrpcServer
 from neoplasma.proxy.resume import OVER_BUDGET
@@ -214,14 +222,16 @@ async def test_a_handler_failing_on_one_call_ends_that_call_only() -> None:
         sock.close()
 
 
-def token_parts(token: str) -> tuple[bytes, int]:
-    """(the cluster tag, the first epoch) of a real resume token: both public, in every SSE `id:`."""
+def token_parts(token: str) -> tuple[bytes, bytes]:
+    """(the version and check, the first broker's mark) of a real resume token: public, in every SSE `id:`.
+    With them any position of that broker can be forged: the check names the brokers, not their positions."""
     raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    return raw[1:5], int.from_bytes(raw[5:9], "big")
+    return raw[:5], raw[5:7]
 
 
-def forged(tag: bytes, positions: list[tuple[int, int]]) -> str:
-    raw = b"\x01" + tag + b"".join(epoch.to_bytes(4, "big") + varint(seq) for epoch, seq in positions)
+def forged(head: bytes, positions: list[tuple[bytes, int]]) -> str:
+    """A version 2 token: `head` (version and check), then (mark, seq) per broker."""
+    raw = head + b"".join(mark + varint(seq) for mark, seq in positions)
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
@@ -241,8 +251,8 @@ async def subscribed_plane(start: Any, *proxy_args: str) -> tuple[Server, Server
 async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(start: Any) -> None:
     broker, proxy, honest = await subscribed_plane(start)
     http = proxy.endpoints["http"]
-    tag, epoch = token_parts(honest.last_id)
-    clients = [EventSource(lambda: http, "t", token=forged(tag, [(epoch, seq)])).start()
+    head, mark = token_parts(honest.last_id)
+    clients = [EventSource(lambda: http, "t", token=forged(head, [(mark, seq)])).start()
                for seq in (1 << 64, 1 << 70, (1 << 64) + 5)]
     await wait_for(lambda: all(c.gaps for c in clients), what="the gap signal")
     await wait_for(lambda: proxy_status_field(proxy, "subscribers", 4), what="the forged clients live")
@@ -257,15 +267,15 @@ async def test_a_position_beyond_64_bits_gives_the_gap_signal_then_live_events(s
 
 
 async def test_long_resume_ids_are_served_and_longer_requests_refused_quietly(start: Any) -> None:
-    """The longest legitimate id (MAX_TOKEN_CHARS: 438 brokers at the largest positions; 60 brokers need
-    at most 1127 characters) resumes from the header and from the query (a gap: those brokers are
-    unknown); longer headers and request lines get 400, with no traceback and few log lines."""
+    """A long id (511 brokers at positions 2**49 apart: 6820 characters; MAX_TOKEN_CHARS is 8192, 60 brokers
+    need at most 967) resumes from the header and from the query (a gap: those brokers are unknown);
+    longer headers and request lines get 400, with no traceback and few log lines."""
     broker, proxy, honest = await subscribed_plane(start)
     http = proxy.endpoints["http"]
-    tag, _ = token_parts(honest.last_id)
-    sixty = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 61)])
-    longest = forged(tag, [(epoch, MAX_SEQ) for epoch in range(1, 439)])
-    assert len(sixty) == 1127 and len(longest) <= MAX_TOKEN_CHARS
+    head, _ = token_parts(honest.last_id)
+    sixty = forged(head, [(epoch_mark(epoch), MAX_SEQ) for epoch in range(1, 61)])  # 10-byte varints: the bound
+    longest = forged(head, [(epoch_mark(epoch), 1 << 49) for epoch in range(1, 512)])
+    assert len(sixty) == 967 and len(longest) == 6820 <= MAX_TOKEN_CHARS
     by_header = EventSource(lambda: http, "t", token=longest).start()
     by_query = EventSource(lambda: http, f"t&lastEventId={longest}").start()
     await wait_for(lambda: by_header.gaps and by_query.gaps, what="the gap signal for unknown brokers")
@@ -292,10 +302,11 @@ async def test_long_resume_ids_are_served_and_longer_requests_refused_quietly(st
 
 def test_the_decoder_refuses_what_uint64_cannot_carry() -> None:
     tag = cluster_tag("c")
-    assert decode_token(forged(tag, [(7, MAX_SEQ)]), tag) == {7: MAX_SEQ}
+    head = b"\x02" + positions_check(tag, (7,))
+    assert decode_token(forged(head, [(epoch_mark(7), MAX_SEQ)]), tag, [7]) == {7: MAX_SEQ}
     for seq in (MAX_SEQ + 1, 1 << 70):
         with pytest.raises(InvalidToken, match="beyond 64 bits"):
-            decode_token(forged(tag, [(7, seq)]), tag)
+            decode_token(forged(head, [(epoch_mark(7), seq)]), tag, [7])
 
 
 async def test_same_version_other_contents_and_unbounded_drain_rates_are_refused(start: Any) -> None:
@@ -418,9 +429,9 @@ async def test_resumes_from_one_position_share_one_replay(start: Any) -> None:
 
 async def test_a_position_in_the_future_is_a_gap_at_once_then_live(start: Any) -> None:
     broker, proxy, token = await resumable_plane(start)
-    tag, epoch = token_parts(token)
+    head, mark = token_parts(token)
     started = time.monotonic()
-    client = EventSource(lambda: proxy.endpoints["http"], "t", token=forged(tag, [(epoch, 10**12)])).start()
+    client = EventSource(lambda: proxy.endpoints["http"], "t", token=forged(head, [(mark, 10**12)])).start()
     await wait_for(lambda: client.gaps, what="the gap signal")
     assert time.monotonic() - started < 3 and "has not reached this position" in client.gaps[0]["reason"]
     await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="live")

@@ -35,7 +35,7 @@ from harness import (
 from neoplasma.broker.routing import RelayStream
 from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, varint
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     EVENT_OVERHEAD,
@@ -46,6 +46,8 @@ from neoplasma.core.resume import (
     cluster_tag,
     decode_token,
     encode_token,
+    epoch_mark,
+    parse_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
@@ -528,6 +530,112 @@ async def test_events_a_new_broker_accepted_before_the_relay_reached_it_are_back
     await server.stop(None)
 
 
+async def read_sse_prefix(address: str, topics: str, enough: Callable[[list[dict[str, Any]]], bool],
+                          token: str = "") -> tuple[list[dict[str, Any]], str, int]:
+    """A raw-socket subscriber that reads 97 bytes at a time, parsing as EventSource does, and cuts the
+    connection as soon as `enough(events)`: usually in the middle of one of the proxy's writes. Returns
+    the events it parsed, the last id (what EventSource would send back) and how many events of the cut
+    write it had not parsed (0 when the cut fell between writes)."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /?eventType={topics} HTTP/1.1\r\nHost: {address}\r\nLast-Event-ID: {token}\r\n\r\n"
+                 .encode())
+    raw = bytearray()
+    events: list[dict[str, Any]] = []
+    last_id, parsed = token, 0  # bytes of the body parsed as whole events
+    body = bytearray()
+    while not enough(events):
+        piece = await asyncio.wait_for(reader.read(97), 10)
+        assert piece, "the proxy ended the stream"
+        raw += piece
+        start = raw.find(b"\r\n\r\n")
+        if start < 0:
+            continue
+        body[:] = b""
+        i = start + 4
+        while (end := raw.find(b"\r\n", i)) >= 0:  # the chunks' payloads so far (the last one maybe partial)
+            size = int(raw[i:end], 16)
+            body += raw[end + 2:end + 2 + size]
+            i = end + 2 + size + 2
+        while (stop := body.find(b"\n\n", parsed)) >= 0 and not enough(events):
+            frame = body[parsed:stop].decode()
+            parsed = stop + 2
+            fields = dict(line.split(": ", 1) for line in frame.split("\n") if ": " in line)
+            last_id = fields.get("id", last_id)
+            if "data" in fields and "event" not in fields:
+                events.append(json.loads(fields["data"]))
+    unparsed = body[parsed:].count(b"data: ")  # of the write being read when cut, seen but not taken
+    writer.transport.abort()  # the cut: unread data and all
+    return events, last_id, unparsed
+
+
+async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_once(start: Any) -> None:
+    """EventSource keeps the id of the last event it parsed whole; a connection cut after the client parsed
+    part of one write (many events) must resume after exactly that event: every event has its own id."""
+    bs, ps = await cluster(start, 2, 2)
+    for p in ps:
+        await wait_for(lambda p=p: links_ready(p.endpoints["control"], 2), what="links")
+    cuts_mid_write = 0
+    for attempt in range(3):
+        need = 7 + 50 * attempt  # where the cut falls: inside the first write, or further on
+        first = asyncio.create_task(read_sse_prefix(ps[0].endpoints["http"], "t",
+                                                    lambda events, need=need: len(events) >= need))
+        await wait_for(lambda: all_subscribed(ps[0], 1, 2), timeout=20, what="the subscriber at p0")
+        # 200 events per broker in one request: each reaches the proxy in one relay message, one round, one write.
+        for b, broker in enumerate(bs):
+            await publish_grpc(broker.endpoints["grpc"], [("t", {"b": b, "n": 200 * attempt + n}) for n in range(200)])
+        before, last_id, unparsed = await first
+        cuts_mid_write += unparsed > 0
+        assert last_id and len(before) == need
+        after = EventSource(lambda: ps[1].endpoints["http"], "t", token=last_id).start()
+        burst = {(b, 200 * attempt + n) for b in (0, 1) for n in range(200)}
+
+        def complete(before: list[dict[str, Any]] = before, after: EventSource = after,
+                     burst: set[tuple[int, int]] = burst) -> bool:
+            return {(e["data"]["b"], e["data"]["n"]) for e in [*before, *after.events]} >= burst
+
+        await wait_for(complete, timeout=20, what=f"the rest of attempt {attempt}'s events at p1")
+        await asyncio.sleep(0.2)  # time for a duplicate, if any, to arrive too
+        await after.close()
+        assert not after.gaps, after.gaps
+        got = [(e["data"]["b"], e["data"]["n"]) for e in [*before, *after.events]]
+        for b in (0, 1):
+            # From its first event on, each broker's events exactly once, in order, to the last one published
+            # (a fresh subscriber may begin with events accepted just before it came: docs/resume.md).
+            seen = [n for k, n in got if k == b]
+            assert seen == list(range(seen[0], 200 * (attempt + 1))) and seen[0] <= 200 * attempt, (
+                f"attempt {attempt}, broker {b}: lost or repeated: {seen[:5]}...{seen[-5:]} ({len(seen)})")
+        await wait_for(lambda: all_subscribed(ps[0], 0, 2), timeout=20, what="the cut subscriber gone from p0")
+    assert cuts_mid_write, "no cut fell inside a write: the test proved nothing"
+
+
+async def test_a_token_issued_before_version_2_resumes_exactly(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients hold ids across an upgrade: a version 1 token (epochs in full) resumes as it did."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    bs = [start("broker", f"b{i}") for i in range(2)]
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    epochs = {b.name: link.epoch for b in bs for link in links.links.values() if link.member.name == b.name}
+    for b in bs:
+        await publish_grpc(b.endpoints["grpc"], [("t", {"b": b.name, "n": n}) for n in range(10)])
+    old = v1_token(hub.tag, {epochs["b0"]: 4, epochs["b1"]: 7})  # b0's first 4 and b1's first 7 were seen
+    client = Recorder()
+    task = proxy.subscribe(client, ["t"], old, client)
+    assert task is not None
+    await asyncio.wait_for(task, 10)
+    got = sorted((e["b"], e["n"]) for e in map(json.loads, (e.data for e in client.events)))
+    assert got == [("b0", n) for n in range(4, 10)] + [("b1", n) for n in range(7, 10)] and not client.gaps
+    # ... and it is then given version 2 ids (the token it would send next), naming the same brokers.
+    assert decode_token(client.tokens[-1].decode(), hub.tag, epochs.values()) == \
+        {epochs["b0"]: 10, epochs["b1"]: 10}
+    dispatcher.cancel()
+    await links.close()
+
+
 async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
         start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A subscriber without a token whose topics a broker has not applied yet is not on the live path
@@ -555,7 +663,7 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": 1})])  # seq 3, live
     assert await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
     assert [json.loads(e.data)["n"] for e in client.events] == [0, 1] and not client.gaps
-    assert [decode_token(t.decode(), hub.tag) for t in client.tokens] == [{link.epoch: 2}]
+    assert [decode_token(t.decode(), hub.tag, [link.epoch]) for t in client.tokens] == [{link.epoch: 2}]
     dispatcher.cancel()
     await links.close()
 
@@ -563,32 +671,79 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
 # -- units ---------------------------------------------------------------------------
 
 
+def v1_token(tag: bytes, positions: dict[int, int]) -> str:
+    """A token as the code before version 2 issued it (clients hold these across an upgrade)."""
+    raw = b"\x01" + tag + b"".join(e.to_bytes(4, "big") + varint(positions[e]) for e in sorted(positions))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
 def test_token_round_trip_and_size() -> None:
     tag = cluster_tag("c")
     for positions in ({}, {1: 0}, {2**32 - 1: 2**63}, {random.randint(1, 2**32 - 1): random.randint(0, 2**40)
                                                        for _ in range(60)}):
         token = encode_token(tag, positions)
-        assert decode_token(token.decode(), tag) == positions
-        assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 1
-    sixty = encode_token(tag, {epoch: 5_000_000 for epoch in range(1, 61)})
-    assert len(sixty) < 700  # docs/resume.md: about 650 characters for 60 brokers
+        assert decode_token(token.decode(), tag, positions) == positions
+        assert decode_token(token.decode(), tag, [*positions, 5, 77, 2**31]) == positions  # other known brokers
+        assert b"=" not in token and base64.urlsafe_b64decode(token + b"=" * (-len(token) % 4))[0] == 2
+    # 60 brokers, days old, 1 M events apart: the first seq takes 4 bytes, the differences 3 (docs/resume.md).
+    sixty = {epoch: 200_000_000 + 1_000_000 * k for k, epoch in enumerate(random.sample(range(1, 2**32), 60))}
+    chars = lambda n: -(-n * 4 // 3)  # noqa: E731  unpadded base64
+    assert len(encode_token(tag, sixty)) == chars(5 + 60 * 2 + 4 + 59 * 3) == 408
+    assert len(v1_token(tag, sixty)) == chars(5 + 60 * (4 + 4)) == 647  # version 1: whole seqs
+
+
+def test_tokens_issued_before_version_2_are_still_read() -> None:
+    tag = cluster_tag("c")
+    positions = {random.randint(1, 2**32 - 1): random.randint(0, 2**40) for _ in range(60)}
+    assert decode_token(v1_token(tag, positions), tag) == positions  # needs no known brokers: it names them
+    assert parse_token(v1_token(tag, positions), tag).resolve([]) == (positions, 0)
+    with pytest.raises(InvalidToken, match="another cluster"):
+        decode_token(v1_token(tag, positions), cluster_tag("d"))
+
+
+def test_marks_resolve_through_collisions_and_unknown_brokers_are_counted() -> None:
+    tag = cluster_tag("c")
+    by_mark: dict[bytes, int] = {}
+    for epoch in range(1, 100_000):  # two epochs with one mark (16 bits: a collision within ~300 on average)
+        twin = by_mark.setdefault(epoch_mark(epoch), epoch)
+        if twin != epoch:
+            break
+    assert epoch_mark(twin) == epoch_mark(epoch)
+    token = encode_token(tag, {twin: 3, 9_999_999: 4}).decode()
+    assert decode_token(token, tag, [twin, epoch, 9_999_999]) == {twin: 3, 9_999_999: 4}  # the check picks
+    both = encode_token(tag, {twin: 3, epoch: 4}).decode()
+    assert decode_token(both, tag, [twin, epoch, 9_999_999]) == {twin: 3, epoch: 4}
+    # A broker this proxy never saw: the others are taken, the unknown one counted (a gap).
+    assert parse_token(token, tag).resolve([twin, 5]) == ({twin: 3}, 1)
+    with pytest.raises(InvalidToken, match="not among those known"):
+        decode_token(token, tag, [twin])
+    with pytest.raises(InvalidToken, match="another cluster"):  # no broker known at all
+        parse_token(token, tag).resolve([5, 6])
+    with pytest.raises(InvalidToken, match="another cluster"):  # all marks known, but the check says otherwise
+        parse_token(encode_token(cluster_tag("d"), {twin: 3, 9_999_999: 4}).decode(), tag).resolve(
+            [twin, epoch, 9_999_999])
 
 
 def test_garbage_tokens_raise_only_invalid_token() -> None:
     tag = cluster_tag("c")
     good = encode_token(tag, {7: 300, 9: 1}).decode()
-    samples = ["", "!", "====", "A" * 9000, good[:-1], good[:6], good + "A", "AQ", "\x00\xff"]
+    samples = ["", "!", "====", "A" * 9000, good[:-1], good[:6], good + "A", "AQ", "\x00\xff",
+               v1_token(tag, {7: 1})[:-1]]
     rng = random.Random(8)
     samples += ["".join(rng.choice("AZaz09-_+/=%") for _ in range(rng.randint(1, 60))) for _ in range(2000)]
-    samples += [base64.urlsafe_b64encode(bytes([1]) + tag + rng.randbytes(rng.randint(0, 20))).decode()
-                for _ in range(2000)]
+    samples += [base64.urlsafe_b64encode(bytes([version]) + tag + rng.randbytes(rng.randint(0, 20))).decode()
+                for _ in range(1000) for version in (1, 2)]
     for sample in samples:
         try:
-            decode_token(sample, tag)
+            decode_token(sample, tag, [7, 9])
         except InvalidToken:
             pass
     with pytest.raises(InvalidToken, match="another cluster"):
-        decode_token(good, cluster_tag("d"))
+        decode_token(good, cluster_tag("d"), [7, 9])
+    with pytest.raises(InvalidToken, match="beyond 64 bits"):
+        decode_token(base64.urlsafe_b64encode(b"\x02" + tag + epoch_mark(7) + b"\xff" * 10 + b"\x01").decode(), tag)
+    with pytest.raises(InvalidToken, match="beyond 64 bits"):  # each seq within 64 bits, their sum not
+        decode_token(base64.urlsafe_b64encode(b"\x02" + tag + (epoch_mark(7) + varint(2**63)) * 2).decode(), tag)
 
 
 def test_retention_bounds_by_age_and_bytes_and_replays_ranges() -> None:

@@ -5,23 +5,31 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import hashlib
+import itertools
 import math
 import mmap
 import struct
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from neoplasma.core.events import Checked, Event, varint
 from neoplasma.core.topics import prefixes
 
-TOKEN_VERSION = 1
-# The longest token accepted (characters). A token is 5 bytes, then 4 (epoch) + at most 10 (a seq below
-# 2**64) per broker, in unpadded base64: at most 1127 characters at 60 brokers (2247 while all 60 are
-# replaced, old and new in one membership), ~730 with seqs below 2**35. 8192 characters cover 438
-# brokers at the largest seqs; the proxy's HTTP server takes headers and request lines that long.
+TOKEN_VERSION = 2  # what encode_token writes; decode_token also reads version 1 (docs/resume.md, "The token")
+# The longest token accepted (characters). A version 2 token is 5 bytes, then 2 (the broker's mark) + at most 10
+# (a seq, or its difference from the next smaller one, below 2**64) per broker, in unpadded base64: at most 967
+# characters at 60 brokers (1927 while all 60 are replaced, old and new in one membership). A version 1 token has
+# 4 bytes per broker instead of 2, and whole seqs (1127 characters at 60 brokers). 8192 characters cover 511
+# brokers in version 2 (438 in version 1) at the largest seqs; the proxy's HTTP server takes headers and request
+# lines that long.
 MAX_TOKEN_CHARS = 8192
 MAX_SEQ = (1 << 64) - 1  # what the protocol's uint64 fields carry
+# Combinations of known brokers tried for the entries of one token whose marks match several (rare: a
+# mark is 16 bits, and the check says which combination is right).
+MAX_COMBINATIONS = 64
 
 
 class InvalidToken(ValueError):
@@ -32,13 +40,29 @@ def cluster_tag(cluster: str) -> bytes:
     return hashlib.sha256(cluster.encode("utf-8")).digest()[:4]
 
 
+@functools.lru_cache(maxsize=65536)
+def epoch_mark(epoch: int) -> bytes:
+    """A broker epoch's 2-byte mark: how a version 2 token names it (a hash: epochs need not be random)."""
+    return hashlib.blake2b(epoch.to_bytes(4, "big"), digest_size=2).digest()
+
+
+@functools.lru_cache(maxsize=256)
+def positions_check(tag: bytes, epochs: tuple[int, ...]) -> bytes:
+    """4 bytes naming the cluster (`tag`) and exactly these epochs (ascending): a decoder that resolved a
+    token's marks to known epochs knows it resolved them right (and that the token is this cluster's)."""
+    return hashlib.blake2b(tag + b"".join(e.to_bytes(4, "big") for e in epochs), digest_size=4).digest()
+
+
 def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
-    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag`."""
+    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag` (version 2):
+    version, check, then per broker by ascending seq its mark and the seq's difference from the one before."""
     raw = bytearray((TOKEN_VERSION,))
-    raw += tag
-    for epoch in sorted(positions):
-        raw += epoch.to_bytes(4, "big")
-        raw += varint(positions[epoch])
+    raw += positions_check(tag, tuple(sorted(positions)))
+    before = 0
+    for epoch, seq in sorted(positions.items(), key=lambda entry: (entry[1], entry[0])):  # ascending seqs
+        raw += epoch_mark(epoch)
+        raw += varint(seq - before)  # brokers that took similar numbers of events: small differences
+        before = seq
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
@@ -52,43 +76,115 @@ def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event]) 
     return tokens
 
 
-def decode_token(token: str, tag: bytes) -> dict[int, int]:
-    """{epoch: seq} from a token of the cluster named by `tag`; InvalidToken for anything else."""
+class Resolved(NamedTuple):
+    positions: dict[int, int]  # {epoch: seq} for the token's brokers this proxy knows
+    unknown: int  # the token's entries naming brokers this proxy does not know (version 2: by mark)
+
+
+class ParsedToken(NamedTuple):
+    """A token checked for form; `resolve` names its brokers (version 2 names them by mark)."""
+
+    version: int
+    tag: bytes
+    check: bytes
+    entries: tuple[tuple[bytes | int, int], ...]  # (epoch (version 1) or mark (version 2), seq)
+
+    def resolve(self, known: Iterable[int]) -> Resolved:
+        """The positions, with the marks of a version 2 token matched to `known` epochs (those of the
+        proxy's links and of the brokers it saw end). InvalidToken when none matches, or when all match
+        but not as the check says (another cluster's token)."""
+        if self.version == 1:
+            return Resolved({e: s for e, s in self.entries if isinstance(e, int)}, 0)
+        by_mark: dict[bytes, list[int]] = {}
+        for epoch in set(known):
+            if epoch:
+                by_mark.setdefault(epoch_mark(epoch), []).append(epoch)
+        choices = [by_mark.get(mark, []) if isinstance(mark, bytes) else [] for mark, _ in self.entries]
+        seqs = [seq for _, seq in self.entries]
+        if all(choices):
+            for combo in itertools.islice(itertools.product(*choices), MAX_COMBINATIONS):
+                if len(set(combo)) == len(combo) and positions_check(self.tag, tuple(sorted(combo))) == self.check:
+                    return Resolved(dict(zip(combo, seqs, strict=True)), 0)
+            raise InvalidToken("the resume token is from another cluster (or names brokers this proxy cannot tell "
+                               "apart)")
+        if not any(choices):
+            raise InvalidToken("the resume token is from another cluster, or all its brokers are gone")
+        # Some brokers are unknown here (gone before this proxy saw them end): the check cannot be
+        # verified; the entries whose mark names one known broker are taken, the others are gaps.
+        positions: dict[int, int] = {}
+        unknown = 0
+        for found, seq in zip(choices, seqs, strict=True):
+            if len(found) == 1 and found[0] not in positions:
+                positions[found[0]] = seq
+            else:
+                unknown += 1
+        return Resolved(positions, unknown)
+
+
+def _varint_at(raw: bytes, i: int) -> tuple[int, int]:
+    """The varint at `raw[i:]` and the index after it; InvalidToken when truncated or beyond 64 bits."""
+    seq = shift = 0
+    while True:
+        if shift > 63:
+            raise InvalidToken("the resume token holds a position beyond 64 bits")
+        if i >= len(raw):
+            raise InvalidToken("the resume token is truncated")
+        byte = raw[i]
+        i += 1
+        seq |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    if seq > MAX_SEQ:
+        raise InvalidToken("the resume token holds a position beyond 64 bits")
+    return seq, i
+
+
+def parse_token(token: str, tag: bytes) -> ParsedToken:
+    """A token of version 2 (or 1, as issued before) checked for form; InvalidToken for anything else.
+    A version 1 token names its cluster here; a version 2 token when resolved."""
     if not token or len(token) > MAX_TOKEN_CHARS:
         raise InvalidToken(f"the resume token is empty or longer than {MAX_TOKEN_CHARS} characters")
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise InvalidToken("the resume token is not URL-safe base64") from None
-    if len(raw) < 5 or raw[0] != TOKEN_VERSION:
+    if len(raw) < 5 or raw[0] not in (1, 2):
         raise InvalidToken("the resume token is not a neoplasma token")
-    if raw[1:5] != tag:
+    version = raw[0]
+    if version == 1 and raw[1:5] != tag:
         raise InvalidToken("the resume token is from another cluster")
-    positions: dict[int, int] = {}
-    i = 5
+    key_size = 4 if version == 1 else 2
+    entries: list[tuple[bytes | int, int]] = []
+    seen: set[int] = set()
+    i, before = 5, 0
     while i < len(raw):
-        if i + 4 >= len(raw):
+        if i + key_size >= len(raw):
             raise InvalidToken("the resume token is truncated")
-        epoch = int.from_bytes(raw[i:i + 4], "big")
-        i += 4
-        seq = shift = 0
-        while True:
-            if shift > 63:
+        key = raw[i:i + key_size]
+        seq, i = _varint_at(raw, i + key_size)
+        if version == 2:  # each seq is the difference from the one before (ascending)
+            seq = before = before + seq
+            if seq > MAX_SEQ:
                 raise InvalidToken("the resume token holds a position beyond 64 bits")
-            if i >= len(raw):
-                raise InvalidToken("the resume token is truncated")
-            byte = raw[i]
-            i += 1
-            seq |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if not epoch or epoch in positions:
-            raise InvalidToken("the resume token names a broker twice or epoch 0")
-        if seq > MAX_SEQ:
-            raise InvalidToken("the resume token holds a position beyond 64 bits")
-        positions[epoch] = seq
-    return positions
+        if version == 1:
+            epoch = int.from_bytes(key, "big")
+            if not epoch or epoch in seen:
+                raise InvalidToken("the resume token names a broker twice or epoch 0")
+            seen.add(epoch)
+            entries.append((epoch, seq))
+        else:
+            entries.append((bytes(key), seq))
+    return ParsedToken(version, tag, bytes(raw[1:5]), tuple(entries))
+
+
+def decode_token(token: str, tag: bytes, known: Iterable[int] = ()) -> dict[int, int]:
+    """{epoch: seq} from a token of the cluster named by `tag`, the brokers of a version 2 token among `known`
+    epochs; InvalidToken for anything else (including a broker not among `known`)."""
+    resolved = parse_token(token, tag).resolve(known)
+    if resolved.unknown:
+        raise InvalidToken(f"the resume token names {resolved.unknown} broker(s) not among those known")
+    return resolved.positions
 
 
 def wanted(topic: str, topics: frozenset[str]) -> bool:

@@ -13,7 +13,7 @@ from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
-from neoplasma.core.resume import InvalidToken, decode_token, tokens_after
+from neoplasma.core.resume import InvalidToken, parse_token, tokens_after
 from neoplasma.proxy.hub import Batch, Hub, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
@@ -242,12 +242,13 @@ class Resume:
         # A restarted proxy learns the cluster id (which a token names) with its first membership.
         await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
         try:
-            client = decode_token(token, self.hub.tag) if token else dict(self.hub.positions)
+            parsed = parse_token(token, self.hub.tag) if token else None
         except InvalidToken as exc:
             await self._gap(str(exc))
             self.hub.add(self.sub, self.topics)
             self._resumed()
             return
+        client = dict(self.hub.positions)
         holder = self.holder = Holder(self.sub, self.budget)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
         self.held_from = dict(self.hub.positions)  # the holder has every live event after these
@@ -255,8 +256,17 @@ class Resume:
         try:
             if not await self.links.changed.wait_until(self.links.settled, self.wait):
                 await self._gap("not every broker could be reached in time")
-            if not token:  # brokers the proxy had no position for: from where their relays are now
+            unknown, from_now = 0, parsed is None
+            if parsed is not None:  # its brokers are named among those known now that the links settled
+                try:
+                    client, unknown = parsed.resolve(self._known())
+                except InvalidToken as exc:  # resumes from when it came, as one without a token does
+                    await self._gap(str(exc))
+                    client, from_now = dict(self.held_from), True
+            if from_now:  # brokers with no position then: from where their relays are now
                 client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
+            if unknown:
+                await self._gap(f"{unknown} broker(s) of this position are gone with their retention")
             skip = await self._replay_all(client)
             if not holder.over and not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
                 await self._gap("a broker's relay fell behind")
@@ -278,6 +288,12 @@ class Resume:
             holder.release()
             if not swapped:
                 self.hub.remove(holder)
+
+    def _known(self) -> set[int]:
+        """The broker epochs this proxy can name: its links', and those it saw end (with their positions)."""
+        hub = self.hub
+        return {link.epoch for link in self.links.links.values() if link.epoch} | hub.positions.keys() | \
+            hub.retired.keys()
 
     def _caught_up(self, skip: dict[int, int]) -> bool:
         """Every link's relay is past its replay, or the link is gone (a gap if it ended uncleanly,
