@@ -41,6 +41,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from neoplasma.core.resume import cluster_tag, parse_token
 from neoplasma.core.trust import Access, Tokens
+from neoplasma.operator.kube import Kube
+from neoplasma.operator.status import MAX_LAGGING
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -293,6 +295,7 @@ async def test_applied_cluster_gets_its_children_becomes_ready_and_delivers(
     assert status["deployments"] == [{"name": "demo-broker-0", "replicas": 2, "ready": 2}]
     assert status["membership"]["version"] >= 1
     assert status["membership"]["lastConvergenceSeconds"] >= 0
+    assert status["membership"]["lagging"] == []  # (kept by the API server: the CRD's schema has it)
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["MembershipSynced"]["status"] == "True"
     assert conditions["SpecValid"]["status"] == "True"
@@ -578,6 +581,22 @@ async def answers(control: str, access: Access) -> bool:
     except grpc.aio.AioRpcError:
         return False
     return True
+
+
+def test_the_api_server_keeps_the_lagging_proxies_status_names_and_bounds_them(clusters: Clusters) -> None:
+    """status.membership.lagging as the operator writes it (through its own Kube): kept by the CRD's
+    schema as written, emptied by a later write, and at most MAX_LAGGING names."""
+    clusters.apply("lag", {})
+    kube = Kube(clusters.api)
+    names = [f"lag-proxy-{i}" for i in range(MAX_LAGGING)]
+    assert kube.patch_status(clusters.namespace, "lag", {"membership": {"version": 3, "acknowledged": 990,
+                                                                          "lagging": names}})
+    assert clusters.status("lag")["membership"]["lagging"] == names
+    assert kube.patch_status(clusters.namespace, "lag", {"membership": {"lagging": []}})
+    assert clusters.status("lag")["membership"] == {"version": 3, "acknowledged": 990, "lagging": []}
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        kube.patch_status(clusters.namespace, "lag", {"membership": {"lagging": [*names, "one-more"]}})
+    assert refused.value.status == 422 and "lagging" in str(refused.value.body)
 
 
 async def test_trust_on_the_control_plane(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
 from neoplasma.core.trust import PLAIN, bearer_metadata
 from neoplasma.operator import conditions as c
+from neoplasma.operator import observe as observe_module
 from neoplasma.operator.children import (
     broker_deployments,
     desired_children,
@@ -330,7 +332,8 @@ def test_status_reports_counts_membership_and_conditions() -> None:
     status = build_status(observed(), {"connections": 17, "kopf": {"x": 1}}, now="T")
     assert status["observedGeneration"] == 4
     assert status["brokers"] == {"desired": 2, "ready": 2}
-    assert status["membership"] == {"version": 3, "brokers": 2, "acknowledged": 2, "lastConvergenceSeconds": 0.25}
+    assert status["membership"] == {"version": 3, "brokers": 2, "acknowledged": 2, "lagging": [],
+                                    "lastConvergenceSeconds": 0.25}
     assert status["connections"] == 17  # kept until measured again
     assert "kopf" not in status
     assert [(x["type"], x["status"]) for x in status["conditions"]] == [
@@ -382,6 +385,21 @@ def test_plan_deletes_the_ingest_readers_once_spec_ingest_is_unset() -> None:
     assert ("Deployment", "demo-ingest") in [(m["kind"], m["metadata"]["name"]) for m in served]
     assert not plan(children_of(ingest), served, "owner-uid")
     assert plan(children_of({}), served, "owner-uid").delete == [("Deployment", "demo-ingest")]
+
+
+def test_status_names_at_most_ten_lagging_proxies_and_the_condition_at_most_five_failures() -> None:
+    # 1000 ready proxies, 60 of them failing: status stays small and says which lag.
+    errors = {f"p{i:03d}": "DEADLINE_EXCEEDED: Deadline Exceeded" for i in range(0, 120, 2)}
+    lagging = (*sorted(errors), "p999")  # failing first, then one whose push is under way
+    membership = c.MembershipProgress(7, 3, 1000, 939, errors, lagging=lagging)
+    status = build_status(observed(proxies=(1000, 1000), membership=membership), {}, now="T")
+    assert status["membership"]["lagging"] == [f"p{i:03d}" for i in range(0, 20, 2)]
+    synced = {x["type"]: x for x in status["conditions"]}["MembershipSynced"]
+    assert synced["reason"] == "PushFailed"
+    assert synced["message"].count("DEADLINE_EXCEEDED") == 5 and "and 55 more" in synced["message"]
+    assert len(json.dumps(status)) < 3000
+    healed = build_status(observed(), status, now="T2")
+    assert healed["membership"]["lagging"] == []  # written as [] (a merge patch would keep an absent key)
 
 
 def test_status_keeps_the_last_convergence_time() -> None:
@@ -458,6 +476,7 @@ class FakePusher:
     def __init__(self, answer: Callable[[str, Snapshot], PushResult] | None = None) -> None:
         self.answer = answer or (lambda target, snapshot: PushResult(target, "", True, snapshot.version))
         self.pushes: list[tuple[str, int]] = []
+        self.access = PLAIN  # what the controller gives a pusher to reach the proxies with
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         self.pushes.append((target, snapshot.version))
@@ -580,6 +599,56 @@ async def test_sync_pushes_again_to_a_restarted_proxy_and_forgets_gone_ones() ->
     sync.update([B1], targets("p1"), seen_at=clock.now)
     sync.push()  # the controller's act phase
     assert sync.progress().proxies == 1 and sync.progress().acknowledged == 1
+    await sync.close()
+
+
+async def test_sync_wakes_the_controller_for_news_not_for_each_acknowledgement() -> None:
+    # 300 proxies acknowledge one by one: one wake-up (the version is everywhere), not 300 passes over them.
+    down = {"p007"}
+    pusher, clock, wakes = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                                              "UNAVAILABLE: down" if t in down else "")), Clock(), []
+    sync = MembershipSync(pusher, clock=clock, on_progress=lambda: wakes.append(clock.now))  # type: ignore[arg-type]
+    names = [f"p{i:03d}" for i in range(300)]
+    sync.update([B1], targets(*names), seen_at=clock.now)
+    sync.push()
+    for _ in range(20):
+        await settle()
+    assert len(wakes) == 1  # p007 failed: news (status, an Event, its retry)
+    assert sync.progress().acknowledged == 299 and sync.progress().lagging == ("p007",)
+    down.clear()
+    clock.now = sync.next_retry() or 0.0
+    sync.update([B1], targets(*names), seen_at=clock.now)
+    sync.push()
+    await settle()
+    assert len(wakes) == 2  # recovered, and with it the version is everywhere
+    assert sync.progress().acknowledged == 300 and sync.progress().lagging == ()
+    assert sync.convergence.pending_version is None
+    await sync.close()
+
+
+async def test_sync_names_the_lagging_proxies_failing_first() -> None:
+    down = {"p3"}
+    release = asyncio.Event()
+
+    class Held(FakePusher):
+        async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
+            if target == "p1":
+                await release.wait()  # a push under way
+            return await super().push_one(target, address, snapshot)
+
+    pusher = Held(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                          "DEADLINE_EXCEEDED" if t in down else ""))
+    sync = MembershipSync(pusher, clock=Clock())  # type: ignore[arg-type]
+    sync.update([B1], targets("p1", "p2", "p3"), seen_at=0.0)
+    sync.push()
+    await settle()
+    assert sync.progress().lagging == ("p3", "p1") and sync.progress().acknowledged == 1
+    release.set()
+    await settle()
+    assert sync.progress().lagging == ("p3",)
+    sync.update([B1], {**targets("p1", "p2"), **targets("p3", incarnation="2")}, seen_at=0.0)  # p3 restarted
+    sync.update([B1], targets("p1"), seen_at=0.0)  # p2 and p3 went away
+    assert sync.progress().lagging == () and sync.progress().acknowledged == 1
     await sync.close()
 
 
@@ -787,6 +856,39 @@ async def test_controller_creates_the_credential_once_and_pushes_with_it() -> No
     await wait_for(lambda: controller.steps.membership.sync.pusher.access.metadata() == bearer_metadata("rotated"), 5,
                    "the rotated credential used")
     assert kube.secrets["demo-credential"] == {"credential": "rotated"}  # never overwritten
+    await controller.stop()
+
+
+async def test_controller_pushes_a_membership_change_without_waiting_for_the_proxies_status(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy that never answers its Status makes the proxies' read take the whole read timeout (here 3 s);
+    # a new proxy must get the membership meanwhile, not after it.
+    reads: list[str] = []
+
+    async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0) -> dict[str, Any]:
+        reads.append("started")
+        await asyncio.sleep(timeout)
+        reads.append("ended")
+        return {}
+
+    monkeypatch.setattr(observe_module, "proxy_statuses", frozen_statuses)
+    key = ("ns", "demo")
+    pods = {key: [PodView("ns", "demo", "broker", "b0", "u-b0", "10.0.0.1", True, owner="rs-b"),
+                  PodView("ns", "demo", "proxy", "p0", "u-p0", "10.0.1.1", True, owner="rs-p")]}
+    served = {key: [deployment("d-b", "broker", owner="owner-uid"), deployment("d-p", "proxy", owner="owner-uid")]}
+    replicasets = {key: [Controlled("rs-b", "d-b"), Controlled("rs-p", "d-p")]}
+    options = Options(**{**OPTIONS.__dict__, "read_timeout": 3.0})
+    controller = ClusterController(key, resource({}), Indexes(pods, [served], replicasets), FakeKube(),  # type: ignore[arg-type]
+                                   options)
+    pusher = controller.steps.membership.sync.pusher = FakePusher()  # type: ignore[assignment]
+    controller.start()
+    await wait_for(lambda: ("p0", 1) in pusher.pushes, 5, "the first membership pushed")
+    pods[key].append(PodView("ns", "demo", "proxy", "p1", "u-p1", "10.0.1.2", True, owner="rs-p"))
+    controller.wake(pods=True, proxies=True)  # a proxy turned Ready...
+    await wait_for(lambda: ("p1", 1) in pusher.pushes, 5, "the membership pushed to the new proxy")
+    assert reads == ["started"]  # ...pushed while the first pass's read still waits
+    # Once it ended, the pass the pod change asked for runs in full (the proxies' Status read again).
+    await wait_for(lambda: reads[2:] == ["started"], 10, "a full pass after the read ended")
     await controller.stop()
 
 

@@ -32,6 +32,7 @@ from harness import (
     wait_for,
 )
 
+from neoplasma.broker.routing import RelayStream
 from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event, varint
@@ -803,6 +804,42 @@ async def test_idle_relay_reports_head_and_restarted_broker_is_a_new_epoch(start
         old = [m async for m in pb_grpc.BrokerStub(ch).Replay(pb.ReplayRequest(epoch=first.epoch, topics=["y"]),
                                                               metadata=AUTH)]
     assert old[0].gap and old[0].epoch != first.epoch  # a restart is a new epoch: old positions mean nothing
+
+
+async def test_idle_relay_streams_wait_without_a_timer_and_still_tell_a_moved_head(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker's idle relay streams (every proxy has one to every broker: 100 per broker at 100 proxies)
+    do not wake every head_interval when there is nothing to tell; a publish on a topic they do not
+    want still reaches them as a new head within about head_interval."""
+    looked = [0]
+    has_news = RelayStream.has_news
+
+    def counted(stream: RelayStream, head: int, now: float, head_interval: float) -> bool:
+        looked[0] += 1
+        return has_news(stream, head, now, head_interval)
+
+    monkeypatch.setattr(RelayStream, "has_news", counted)
+    broker = Broker(BrokerConfig(name="b0", head_interval=0.02))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        relays = [pb_grpc.BrokerStub(channel).Relay() for _ in range(10)]
+        for i, relay in enumerate(relays):
+            await relay.write(pb.Interest(add=["x"], replace=True, proxy=f"p{i}"))
+        firsts = [await relay.read() for relay in relays]
+        looked[0] = 0
+        await asyncio.sleep(1.0)  # 50 head intervals
+        assert looked[0] <= 2 * len(relays)  # (a timer per stream: ~50 looks each)
+        broker.accept([("y", b"{}")], "publisher")  # nothing for "x", but the head moved
+        started = time.monotonic()
+        updates = [await asyncio.wait_for(relay.read(), 5) for relay in relays]
+        assert all(not u.events and u.head == f.head + 1 for u, f in zip(updates, firsts, strict=True))
+        assert time.monotonic() - started < 1.0
+        for relay in relays:
+            relay.cancel()
+    await server.stop(None)
 
 
 async def test_catch_up_a_subscriber_cannot_take_ends_it_instead_of_vanishing() -> None:

@@ -165,12 +165,19 @@ class Router:
         self.streams: set[RelayStream] = set()
         self._index: TopicIndex[RelayStream] = TopicIndex()
         self._flushed = asyncio.Event()
+        self._idle: set[RelayStream] = set()  # streams waiting with no timer: woken by the next `route`
 
     def attach(self, stream: RelayStream) -> None:
         self.streams.add(stream)
 
+    def idle(self, stream: RelayStream) -> None:
+        """`stream` told the latest head and has nothing to send: it waits, without a timer, until
+        events come for it, its interest changes, the broker closes, or (`route`) the head moves."""
+        self._idle.add(stream)
+
     def detach(self, stream: RelayStream) -> None:
         self.streams.discard(stream)
+        self._idle.discard(stream)
         self._index.remove(stream, stream.interest)
         stream.interest = set()
         self.note_flushed()
@@ -188,8 +195,11 @@ class Router:
         """Queue each event (stamped `first_seq`, +1, ..., accepted at `accepted_ns`) once on every
         stream interested in it.
 
-        Returns (queued, dropped).
+        Returns (queued, dropped). Idle streams are woken: the head moved, they tell it in head_interval.
         """
+        for idle in self._idle:
+            idle.wake.set()
+        self._idle.clear()
         topics: dict[str, tuple[Collection[RelayStream], bytes]] = {}  # looked up once per topic
         outgoing: defaultdict[RelayStream, list[bytes]] = defaultdict(list)  # offered once per stream
         for seq, (topic, data) in enumerate(events, first_seq):

@@ -338,7 +338,12 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                         await context.write(batch_trailer(epoch=broker.epoch, head=broker.seq))
                         return
                     stream.wake.clear()
-                    await wait_event_or_task(stream.wake, reader, cfg.head_interval)
+                    # With a head to tell, in head_interval; with none, no timer: the next publish wakes it
+                    # (an idle broker with 100 relay streams would otherwise wake 100 times a second).
+                    behind = broker.seq > stream.head_sent
+                    if not behind:
+                        broker.router.idle(stream)
+                    await wait_event_or_task(stream.wake, reader, cfg.head_interval if behind else None)
                     continue
                 message, _ = stream.take(cfg.max_message_bytes, broker.epoch, broker.seq, now)
                 if not stream.outbox:

@@ -43,21 +43,23 @@ class MembershipPusher:
         self.timeout = timeout
         self.attempts = attempts
         self.retry = retry
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.ProxyControlStub]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._message: tuple[Snapshot, pb.Membership] = (Snapshot(-1, ()), pb.Membership())  # the last one sent
 
     def _stub(self, address: str) -> pb_grpc.ProxyControlStub:
-        channel = self._channels.get(address)
-        if channel is None:
+        """The stub of the address's channel, made once (a stub costs as much as the call at 1000 proxies)."""
+        known = self._channels.get(address)
+        if known is None:
             channel = self.access.channel(address)
-            self._channels[address] = channel
-        return pb_grpc.ProxyControlStub(channel)
+            known = self._channels[address] = (channel, pb_grpc.ProxyControlStub(channel))
+        return known[1]
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         """One push: ok when the proxy runs `snapshot.version` (not refused: the same version with other
         contents is) or newer afterwards."""
         try:
-            reply: pb.ApplyResponse = await self._stub(address).Apply(snapshot.to_proto(), timeout=self.timeout,
+            reply: pb.ApplyResponse = await self._stub(address).Apply(self._proto(snapshot), timeout=self.timeout,
                                                                       metadata=self.access.metadata())
         except grpc.aio.AioRpcError as exc:
             return PushResult(target, address, ok=False, error=f"{exc.code().name}: {exc.details()}")
@@ -65,6 +67,12 @@ class MembershipPusher:
             return PushResult(target, address, ok=True, applied_version=reply.applied_version)
         return PushResult(target, address, ok=False, applied_version=reply.applied_version,
                           error=f"proxy refused version {snapshot.version}: {reply.reason}")
+
+    def _proto(self, snapshot: Snapshot) -> pb.Membership:
+        """`snapshot` as the message, made once for all the proxies it goes to."""
+        if self._message[0] is not snapshot:
+            self._message = (snapshot, snapshot.to_proto())
+        return self._message[1]
 
     async def push_all(self, targets: Mapping[str, str], snapshot: Snapshot) -> dict[str, PushResult]:
         """Push `snapshot` to every target (name -> control address) at once, each retried with backoff."""
@@ -92,12 +100,12 @@ class MembershipPusher:
         """Close channels to addresses not in `keep`."""
         wanted = set(keep)
         for address in [a for a in self._channels if a not in wanted]:
-            task = asyncio.get_running_loop().create_task(self._channels.pop(address).close())
+            task = asyncio.get_running_loop().create_task(self._channels.pop(address)[0].close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
+        for channel, _ in channels:
             await channel.close()
         await asyncio.gather(*self._closing)

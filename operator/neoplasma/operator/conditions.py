@@ -22,6 +22,7 @@ AUTOSCALING_POLICY_VALID = "AutoscalingPolicyValid"
 RECONCILIATION_PAUSED = "ReconciliationPaused"
 INGEST_READY = "IngestReady"  # only while spec.ingest is set
 SUBSCRIBER_KEYS_READY = "SubscriberKeysReady"  # only while spec.subscribers.auth is set
+MAX_FAILURES_NAMED = 5  # failing proxies named in MembershipSynced's message (a cluster may have 1000)
 OWN_TYPES = (READY, MEMBERSHIP_SYNCED, SPEC_VALID, AUTOSCALING_POLICY_VALID, RECONCILIATION_PAUSED, INGEST_READY,
              SUBSCRIBER_KEYS_READY)
 
@@ -48,6 +49,7 @@ class MembershipProgress:
     acknowledged: int  # of those, how many run `version`
     errors: Mapping[str, str]  # proxy name -> why its last push failed
     last_convergence_seconds: float | None = None
+    lagging: tuple[str, ...] = ()  # the ready proxies not running `version`: those failing first, then by name
 
     @property
     def synced(self) -> bool:
@@ -126,8 +128,11 @@ def membership_synced(progress: MembershipProgress) -> Condition:
     if progress.synced:
         return Condition(MEMBERSHIP_SYNCED, True, "AllProxiesApplied", applied)
     if progress.errors:
-        failures = "; ".join(f"{name}: {error}" for name, error in sorted(progress.errors.items()))
-        return Condition(MEMBERSHIP_SYNCED, False, "PushFailed", f"{applied}; retrying {failures}")
+        failing = sorted(progress.errors.items())
+        failures = "; ".join(f"{name}: {error[:200]}" for name, error in failing[:MAX_FAILURES_NAMED])
+        more = (f"; and {len(failing) - MAX_FAILURES_NAMED} more (status.membership.lagging names up to 10)"
+                if len(failing) > MAX_FAILURES_NAMED else "")
+        return Condition(MEMBERSHIP_SYNCED, False, "PushFailed", f"{applied}; retrying {failures}{more}")
     return Condition(MEMBERSHIP_SYNCED, False, "Pushing", applied)
 
 

@@ -5,11 +5,18 @@ cluster's controller: one asyncio task that sleeps until woken (a pod change, de
 burst becomes one membership version; a child or the resource changed) or until the earliest
 step is `due`, then runs one level-based pass over the current state:
 
-- observe (observe.py): one read of everything the pass needs, under one timeout;
+- observe (observe.py): one read of the API's view (kopf's indexes, the Secrets when wanted), then
+  the pods' own answers (`read_pods`: Stats, Status, /stats, under one read timeout);
 - decide (steps.py): `Resource` reads spec and annotations, then each step of
   `Steps.sequence()` takes the observation and the time and returns a `Decision`;
 - act (here): all the I/O the decisions ask for (server-side apply, deletes, the credential
   Secret, membership pushes, status, Events, metrics), telling the steps how it went.
+
+A pass runs in two halves so that no pod's answer ever delays a membership push: the first
+observes the API's view and acts on Trust and Membership (`Steps.without_reads()`); the second,
+a task of its own, reads the pods (a frozen one costs the read timeout) and acts on the other
+steps. While a second half runs, a wake-up runs another first half at once (a pod change is pushed
+after its debounce, whatever the reads), and a full pass follows once that second half ended.
 
 Why not kopf's per-object timers and daemons: the due times move (debounce, each step's
 backoff, the push grace, an interval only while autoscaling), pod and child events must wake
@@ -25,6 +32,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -38,7 +46,7 @@ from neoplasma.operator import children as ch
 from neoplasma.operator.kube import Kube
 from neoplasma.operator.members import ClusterKey
 from neoplasma.operator.metrics import Metrics
-from neoplasma.operator.observe import Indexes, Seen, describe, observe
+from neoplasma.operator.observe import Indexes, Seen, describe, observe, read_pods
 from neoplasma.operator.render import INGEST
 from neoplasma.operator.settings import Options
 from neoplasma.operator.status import persisted_version
@@ -90,10 +98,10 @@ class OperatorState:
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    def wake(self, key: ClusterKey, *, pods: bool = False, children: bool = False) -> None:
+    def wake(self, key: ClusterKey, *, pods: bool = False, children: bool = False, proxies: bool = False) -> None:
         controller = self.controllers.get(key)
         if controller is not None:
-            controller.wake(pods=pods, children=children)
+            controller.wake(pods=pods, children=children, proxies=proxies)
 
     async def close(self) -> None:
         controllers, self.controllers = list(self.controllers.values()), {}
@@ -107,6 +115,7 @@ class Wakeup:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.pods_seen_at: float | None = None
+        self.deferred = False  # a pass's first half ran while another's second half was under way
 
     def set(self, pods_at: float | None = None) -> None:
         if pods_at is not None and self.pods_seen_at is None:
@@ -118,6 +127,18 @@ class Wakeup:
         self.event.clear()
         seen_at, self.pods_seen_at = (self.pods_seen_at or now), None
         return seen_at
+
+
+@dataclass
+class Running:
+    """The controller's tasks: its scheduler loop, and the second half of a pass (the pods' answers read,
+    then acted on), which runs on while the loop goes on pushing membership changes."""
+
+    loop: asyncio.Task[None] | None = None
+    second_half: asyncio.Task[None] | None = None
+
+    def reading(self) -> bool:
+        return self.second_half is not None and not self.second_half.done()
 
 
 class ClusterController:
@@ -147,7 +168,7 @@ class ClusterController:
         self.steps = Steps(self.body, options, sync, clock())
         self._wakeup = Wakeup()
         self._failing = Failing(options.retry)  # a pass that raised (a bug)
-        self._task: asyncio.Task[None] | None = None
+        self._running = Running()
 
     @property
     def label(self) -> str:
@@ -162,13 +183,14 @@ class ClusterController:
     def start(self) -> None:
         log.info("cluster_controller_started", cluster=self.label,
                  membership_version=self.steps.membership.sync.snapshot.version)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"neoplasma:{self.label}")
+        self._running.loop = asyncio.get_running_loop().create_task(self._run(), name=f"neoplasma:{self.label}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._running.loop, self._running.second_half):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.steps.membership.sync.close()
         log.info("cluster_controller_stopped", cluster=self.label)
 
@@ -176,46 +198,88 @@ class ClusterController:
         self.body = copy.deepcopy(dict(body))
         self.wake()
 
-    def wake(self, *, pods: bool = False, children: bool = False) -> None:
+    def wake(self, *, pods: bool = False, children: bool = False, proxies: bool = False) -> None:
+        """`pods`: a pod or ReplicaSet changed (debounced; pushes membership); `proxies`: one of the proxies'
+        (their Status is read again: one may have begun to stop, to be paced now); `children`: a child."""
         if children:
             self.steps.children.dirty = self.steps.trust.stale = True
-        if pods:
-            self.steps.connections.stale = True  # a proxy pod may have begun to stop: pace it now
+        if proxies:
+            self.steps.connections.stale = True
         self._wakeup.set(self.clock() if pods else None)
 
     # -- the scheduler ---------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            due = earliest(self.steps.due, self._failing.retry.not_before)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.event.wait(),
-                                       None if due is None else max(0.0, due - self.clock()))
+            await self._sleep()
             if self._wakeup.pods_seen_at is not None:
                 await asyncio.sleep(max(0.0, self._wakeup.pods_seen_at + self.options.debounce - self.clock()))
             started = time.perf_counter()
+            reading = self._running.reading()
             try:
-                await self._pass(self._wakeup.take(self.clock()))
+                seen = await self._first_half(self._wakeup.take(self.clock()), reads=not reading)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a bug: say so, and try again later (events still wake us)
-                self.metrics.reconciled(self.key, time.perf_counter() - started, ok=False)
-                delay, events = self._failing.failed(describe(error), self.clock())
-                log.error("cluster_reconcile_failed", exc_info=True, cluster=self.label, retry_in=delay)
-                self._post(events)
+                self._pass_failed(error, started)
+                continue
+            if reading:
+                self._wakeup.deferred = True  # the other steps once the reads under way are in: a full pass then
             else:
-                self.metrics.reconciled(self.key, time.perf_counter() - started, ok=True)
-                self._failing.succeeded()
+                self._running.second_half = asyncio.get_running_loop().create_task(self._second_half(seen, started))
 
-    async def _pass(self, pods_changed_at: float) -> None:
-        """Observe once, then let each step decide over the observation and act on it."""
+    async def _sleep(self) -> None:
+        """Until woken, or the earliest step is due. While a pass waits for the pods' answers, only a
+        wake-up (a pod change to push) ends the sleep; what else is due waits for that pass's end."""
+        while self._running.second_half is not None and self._running.reading():
+            woken = asyncio.ensure_future(self._wakeup.event.wait())
+            try:
+                await asyncio.wait([woken, self._running.second_half], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+            if self._wakeup.event.is_set():
+                return
+        due = earliest(self.steps.due, self._failing.retry.not_before)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.event.wait(), None if due is None else max(0.0, due - self.clock()))
+
+    async def _first_half(self, pods_changed_at: float, reads: bool) -> Seen:
+        """Observe the API's view and act on the steps that need no more (Trust, Membership): a pass's
+        first half, which never waits for a pod. `reads`: whether this pass goes on to read the pods."""
         now = self.clock()
         desired, events = self.steps.resource.step(self.body)
         self._post(events)
-        seen = await observe(self.kube, self.indexes, self.key, self.body, desired, self.steps.wants(desired, now),
-                             self.steps.trust.reach, now, pods_changed_at, self.options.read_timeout)
-        for step in self.steps.sequence():
+        seen = await observe(self.kube, self.indexes, self.key, self.body, desired,
+                             self.steps.wants(desired, now, pods=reads), now, pods_changed_at)
+        for step in self.steps.without_reads():
             await self._act(step.decide(seen, now), seen)
+        return seen
+
+    async def _second_half(self, seen: Seen, started: float) -> None:
+        """Read the pods (a slow or frozen one costs up to the read timeout) and act on the other steps;
+        meanwhile the scheduler runs first halves for pod changes, so membership pushes never wait."""
+        try:
+            seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
+                                   self.options.read_timeout)
+            for step in self.steps.with_reads():
+                await self._act(step.decide(seen, seen.at), seen)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug: say so, and try again later (events still wake us)
+            self._pass_failed(error, started)
+        else:
+            self.metrics.reconciled(self.key, time.perf_counter() - started, ok=True)
+            self._failing.succeeded()
+        finally:
+            if self._wakeup.deferred:  # pod changes came meanwhile: now the full pass they ask for
+                self._wakeup.deferred = False
+                self._wakeup.set()
+
+    def _pass_failed(self, error: Exception, started: float) -> None:
+        self.metrics.reconciled(self.key, time.perf_counter() - started, ok=False)
+        delay, events = self._failing.failed(describe(error), self.clock())
+        log.error("cluster_reconcile_failed", exc_info=True, cluster=self.label, retry_in=delay)
+        self._post(events)
 
     # -- act: all the I/O ------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import kopf
 
+from neoplasma.core.tiers import Tier
 from neoplasma.operator.children import index_value
 from neoplasma.operator.controller import OperatorState
 from neoplasma.operator.kube import GROUP, PLURAL, VERSION
@@ -120,14 +121,14 @@ async def cluster_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: A
 async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     view = pod_view(body)
     if view is not None:
-        state_of(memo).wake(view.key, pods=True)
+        state_of(memo).wake(view.key, pods=True, proxies=view.component == Tier.PROXY)
 
 
 @kopf.on.event("apps", "v1", "replicasets", labels=NEOPLASMA_PODS)
 async def replicaset_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     key = _cluster_key(body)
     if key is not None:
-        state_of(memo).wake(key, pods=True)
+        state_of(memo).wake(key, pods=True, proxies=True)  # (a proxy rollout's ReplicaSets)
 
 
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILDREN)

@@ -42,6 +42,10 @@ class Metrics:
         self.membership_acknowledged = Gauge("neoplasma_cluster_membership_acknowledged",
                                              "Ready proxies that applied the latest membership version.", LABELS,
                                              registry=registry)
+        self.membership_lagging = Gauge("neoplasma_cluster_membership_lagging",
+                                        "Ready proxies not running the latest membership version (pushes under way "
+                                        "or failing; status.membership.lagging names them).", LABELS,
+                                        registry=registry)
         self.scaling_decisions = Counter("neoplasma_cluster_scaling_decisions",
                                          "Autoscaler decisions that changed a size.", (*LABELS, "tier", "direction"),
                                          registry=registry)
@@ -55,6 +59,7 @@ class Metrics:
     def observe(self, key: ClusterKey, observed: Observed) -> None:
         self.sizes(key, observed.brokers, observed.proxies, observed.membership.version,
                    observed.membership.acknowledged)
+        self.membership_lagging.labels(*key).set(len(observed.membership.lagging))
 
     def sizes(self, key: ClusterKey, brokers: tuple[int, int], proxies: tuple[int, int], version: int,
               acknowledged: int) -> None:
@@ -82,7 +87,8 @@ class Metrics:
 
     def forget(self, key: ClusterKey) -> None:
         for gauge in (self.brokers_desired, self.brokers_ready, self.proxies_desired, self.proxies_ready,
-                      self.membership_version, self.membership_acknowledged, self.convergence):
+                      self.membership_version, self.membership_acknowledged, self.membership_lagging,
+                      self.convergence):
             with contextlib.suppress(KeyError):
                 gauge.remove(*key)
         for result in ("ok", "error"):

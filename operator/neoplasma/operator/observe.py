@@ -1,9 +1,9 @@
 """What one pass of a cluster's controller sees, read once at its start (the observe phase).
 
-`observe` reads, all under one `timeout`: the cluster's pods and children (kopf's indexes), the
-credential and CA Secrets (when the Trust step wants them), each ready broker's Stats once (for
-the status's connections and the broker load alike), the proxies' load, and the ingest readers'
-/stats. Nothing here decides: steps.py takes the `Seen` and the time and says what to do.
+`observe` reads the cluster's pods and children (kopf's indexes) and the credential and CA Secrets
+(when the Trust step wants them); `read_pods` then adds, all under one `timeout`, each ready broker's
+Stats once (for the status's connections and the broker load alike), the proxies' Status, and the
+ingest readers' /stats. Nothing here decides: steps.py takes the `Seen` and the time and says what to do.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -175,13 +175,20 @@ async def read_readers(pods: list[PodView], access: Access, timeout: float) -> l
 
 
 async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[str, Any], desired: Desired,
-                  wants: Wants, access: Callable[[Cluster | None, TrustSeen | None], Mapping[Tier, Access]],
-                  at: float, pods_changed_at: float, timeout: float) -> Seen:
-    """Everything one pass reads; `access(cluster, trust)` says how to reach the pods with the trust just read."""
+                  wants: Wants, at: float, pods_changed_at: float) -> Seen:
+    """What a pass reads from the API (kopf's indexes, and the Secrets when wanted): enough for the
+    Trust and Membership steps, which must not wait on the pods' own answers (`read_pods`)."""
     pods = indexes.pods(key, str((body.get("metadata") or {}).get("uid")))
     cluster = desired.cluster
     trust = await read_trust(kube, cluster) if wants.trust and cluster is not None else None
-    reach = access(cluster, trust)
+    return Seen(at, now_text(), body, desired, pods, indexes.children(key), pods_changed_at, wants, trust,
+                replicasets=indexes.replicasets(key))
+
+
+async def read_pods(seen: Seen, reach: Mapping[Tier, Access], timeout: float) -> Seen:
+    """`seen` with what its `wants` asks of the pods themselves, all at once under `timeout`: the brokers'
+    Stats, the proxies' Status, the ingest readers' /stats. A pod that does not answer costs the wait."""
+    pods, wants = seen.pods, seen.wants
     brokers = (read_brokers(pods, reach[Tier.BROKER], timeout)
                if wants.connections or Tier.BROKER in wants.loads else _none())
     proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies)
@@ -191,8 +198,8 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
     names = {p.name for p in serving(pods, Tier.PROXY)}
     load = (proxies_load(s for n, s in statuses.items() if n in names)
             if statuses is not None and Tier.PROXY in wants.loads else None)
-    return Seen(at, now_text(), body, desired, pods, indexes.children(key), pods_changed_at, wants, trust, stats, load,
-                seen_readers, statuses if wants.proxies else None, indexes.replicasets(key))
+    return replace(seen, brokers=stats, proxy_load=load, readers=seen_readers,
+                   proxies=statuses if wants.proxies else None)
 
 
 async def read_proxies(pods: list[PodView], access: Access, timeout: float, every: bool) -> dict[str, Any]:

@@ -85,11 +85,15 @@ def present(section: Mapping[str, Any], previous: object) -> dict[str, Any]:
     return patch
 
 
+MAX_LAGGING = 10  # proxies named in status.membership.lagging (the count is proxies.ready - acknowledged)
+
+
 def membership_status(progress: c.MembershipProgress, previous: object) -> dict[str, Any]:
     status: dict[str, Any] = {
         "version": progress.version,
         "brokers": progress.brokers,
         "acknowledged": progress.acknowledged,
+        "lagging": list(progress.lagging[:MAX_LAGGING]),  # [] once none lags (a merge patch keeps an absent key)
     }
     seconds = progress.last_convergence_seconds
     if seconds is None and isinstance(previous, Mapping):

@@ -338,7 +338,10 @@ class Connections:
         pace before its drain begins) or the annotations did (approve)."""
         if desired.cluster is None or desired.deleting:
             return False
-        return self.timer.fire(now) or self.stale or self.autoscaler.connections != self._policy
+        read = self.timer.fire(now) or self.stale or self.autoscaler.connections != self._policy
+        if read:  # (a pod change while this read is under way makes it stale again: read once more)
+            self.stale = False
+        return read
 
     def sizing(self, cluster: Cluster) -> cx.DrainSizing:
         """How the proxy pods drain: from the budget and the busiest proxy seen."""
@@ -350,7 +353,6 @@ class Connections:
         if seen.proxies is None or cluster is None:
             return Decision()
         policy = self._policy = self.autoscaler.connections
-        self.stale = False
         if seen.desired.paused:
             policy = replace(policy, rebalance="off")
         pods = [p for p in seen.pods if p.component == Tier.PROXY]
@@ -543,15 +545,28 @@ class Steps:
         self.status = Status(options, self, now)
 
     def sequence(self) -> list[Trust | Membership | Scaling | Connections | Children | Status]:
-        return [self.trust, self.membership, self.scaling, self.connections, self.children, self.status]
+        return [*self.without_reads(), *self.with_reads()]
+
+    def without_reads(self) -> list[Trust | Membership]:
+        """The steps that decide from the API's view alone (pods, Secrets): acted on before the pods'
+        own answers are in, so that a slow or frozen pod never delays a membership push."""
+        return [self.trust, self.membership]
+
+    def with_reads(self) -> list[Scaling | Connections | Children | Status]:
+        """The steps that also need the pods' answers (Stats, Status, /stats)."""
+        return [self.scaling, self.connections, self.children, self.status]
 
     @property
     def due(self) -> float | None:
         return earliest(*(step.due for step in self.sequence()))
 
-    def wants(self, desired: Desired, now: float) -> Wants:
-        """What the next observation must read (firing the steps' read timers)."""
+    def wants(self, desired: Desired, now: float, pods: bool = True) -> Wants:
+        """What the next observation must read (firing the steps' read timers); `pods`: whether the pass
+        reads the pods at all (not while another pass's reads are under way: their timers keep)."""
+        trust = self.trust.to_read(desired, now)
+        if not pods:
+            return Wants(trust=trust)
         ingest = desired.cluster is not None and desired.cluster.spec.ingest is not None and not desired.deleting
-        return Wants(trust=self.trust.to_read(desired, now), loads=tuple(self.scaling.to_read(desired, now)),
+        return Wants(trust=trust, loads=tuple(self.scaling.to_read(desired, now)),
                      connections=self.status.to_read(desired, now), readers=ingest,
                      proxies=self.connections.to_read(desired, now))

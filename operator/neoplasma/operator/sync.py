@@ -105,7 +105,8 @@ class MembershipSync:
         on_converged: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it);
-        `on_converged` is told each convergence time (the metrics)."""
+        `on_converged` is told each convergence time (the metrics); `on_progress` is called when a push
+        brings news (a failure, a recovery, the version everywhere), not for each acknowledgement."""
         self.pusher = pusher
         self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
@@ -117,6 +118,9 @@ class MembershipSync:
         self._targets: dict[str, ProxyTarget] = {}
         self._applied: dict[str, tuple[str, int]] = {}  # name -> (incarnation, version)
         self._errors: dict[str, str] = {}
+        # The ready proxies not (known to be) running the current version: kept as pushes end, so that
+        # an acknowledgement costs the same whether 2 or 1000 proxies are pushed to.
+        self._lagging: set[str] = set()
         self._retries: dict[str, Backoff] = {}  # the proxies whose push failed
         self._pushes: dict[str, _Push] = {}
         self._closed = False
@@ -132,6 +136,7 @@ class MembershipSync:
             log.info("membership_changed", cluster=self._label, version=self.snapshot.version,
                      brokers=[f"{m.name}={m.address}/{m.state.value}" for m in self.snapshot.members])
         self._set_targets(targets)
+        self._lagging = {name for name in self._targets if not self._is_applied(name)}
         self._check_converged()
         return self.snapshot
 
@@ -156,9 +161,10 @@ class MembershipSync:
             version=self.snapshot.version,
             brokers=len(self.snapshot.members),
             proxies=len(self._targets),
-            acknowledged=sum(1 for name in self._targets if self._is_applied(name)),
+            acknowledged=len(self._targets) - len(self._lagging),
             errors=dict(self._errors),
             last_convergence_seconds=self.convergence.last_seconds,
+            lagging=tuple(sorted(self._lagging, key=lambda name: (name not in self._errors, name))),
         )
 
     async def close(self) -> None:
@@ -206,36 +212,43 @@ class MembershipSync:
         result = await self.pusher.push_one(target.name, target.address, snapshot)
         if self._targets.get(target.name) != target:
             return  # the proxy went away or restarted meanwhile; its new incarnation gets its own push
-        self._record(target, snapshot, result)
-        self._on_progress()
+        if self._record(target, snapshot, result):
+            self._on_progress()
 
-    def _record(self, target: ProxyTarget, snapshot: Snapshot, result: PushResult) -> None:
+    def _record(self, target: ProxyTarget, snapshot: Snapshot, result: PushResult) -> bool:
+        """Take a push's result; whether the controller has news (a failure, a recovery, the version
+        everywhere, a version to catch up with) rather than one more acknowledgement among many."""
         name = target.name
         if result.ok and result.applied_version > self.snapshot.version:
             # A version pushed before this operator (re)started: move past it, push again.
             self.snapshot = catch_up(self.snapshot, [result.applied_version])
+            self._lagging = set(self._targets)
             self.convergence.changed(self.snapshot.version, self._clock())
             log.warning("membership_version_caught_up", cluster=self._label, proxy=name,
                         proxy_version=result.applied_version, version=self.snapshot.version)
             self._push_due(force=False)
-            return
+            return True
         if result.ok:
             self._applied[name] = (target.incarnation, result.applied_version)
-            self._errors.pop(name, None)
+            recovered = self._errors.pop(name, None) is not None
             self._retries.pop(name, None)
-            self._check_converged()
-            return
+            if self._is_applied(name):
+                self._lagging.discard(name)
+            return self._check_converged() or recovered
         if snapshot.version != self.snapshot.version:
-            return  # a newer push supersedes this failure
+            return False  # a newer push supersedes this failure
         self._errors[name] = result.error or "no answer"
         delay = self._retries.setdefault(name, Backoff(self.retry)).failed(self._clock())
         log.warning("membership_push_failed", cluster=self._label, proxy=name, address=target.address,
                     version=snapshot.version, error=self._errors[name], retry_in=round(delay, 2))
+        return True
 
-    def _check_converged(self) -> None:
-        everyone = all(self._is_applied(name) for name in self._targets)
-        seconds = self.convergence.check(self.snapshot.version, everyone, self._clock())
-        if seconds is not None:
-            self._on_converged(seconds)
-            log.info("membership_converged", cluster=self._label, version=self.snapshot.version,
-                     proxies=len(self._targets), seconds=round(seconds, 4))
+    def _check_converged(self) -> bool:
+        """Whether the current version has just reached every ready proxy (recorded if so)."""
+        seconds = self.convergence.check(self.snapshot.version, not self._lagging, self._clock())
+        if seconds is None:
+            return False
+        self._on_converged(seconds)
+        log.info("membership_converged", cluster=self._label, version=self.snapshot.version,
+                 proxies=len(self._targets), seconds=round(seconds, 4))
+        return True

@@ -1,0 +1,463 @@
+"""Membership push at scale: the operator's real controller pushing to 1000 stand-in proxies.
+
+The operator side is the real thing, in this process: a `ClusterController` (operator/controller.py)
+with its steps, its `MembershipSync` and `MembershipPusher`, its debounce and read timeout at their
+defaults, driven as kopf drives it (a pod change in the index, then `wake(pods=True)`); only the
+Kubernetes API is a stand-in (`Api`: the credential Secret, and status writes recorded).
+
+The proxies are stand-ins, one per loopback address 127.1.X.Y on the real control port (each pod
+has its own IP, as in a cluster), served by `--standin-processes` processes with grpc.aio: each is
+the proxy's own control server (`control_server`, the credential checked by its interceptor) and
+its own `ControlServicer` over an object whose `apply` *is* `Proxy.apply` (version checks, refusals
+and answers as a proxy gives them); only the relay links are not opened. Behaviours:
+
+- answering: answers at once;
+- slow: answers every call after `--slow-seconds` (1 s);
+- frozen: accepts the TCP connection and never answers (no HTTP/2 either).
+
+Per scenario: the membership converged first, then `--changes` times a broker pod turns Ready; for
+each answering proxy the time from the pod change being handed to the controller to the operator
+holding that proxy's acknowledgement of the new version (debounce included): p50/p99/max over every
+(change, proxy). Also: how often each frozen proxy was tried meanwhile, what `status.membership`
+says (which proxies lag), and the controller's passes.
+
+    python bench/membership.py                      # 1000 proxies: all answering, then 5 % frozen + 5 % slow
+    python bench/membership.py --proxies 200 --changes 3
+
+Prints a table and writes JSON (bench/results/membership.json unless --json says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from neoplasma.core.membership import EMPTY, Snapshot
+from neoplasma.core.net import raise_fd_limit
+from neoplasma.core.push import PushResult
+from neoplasma.core.trust import Tokens
+from neoplasma.operator.controller import ClusterController
+from neoplasma.operator.members import Controlled, PodView
+from neoplasma.operator.observe import Indexes
+from neoplasma.operator.render import COMPONENT_LABEL, CONTROL_PORT, CREDENTIAL_KEY, credential_secret_name
+from neoplasma.operator.settings import Options
+from neoplasma.operator.status import MAX_LAGGING
+from neoplasma.proxy.server import ControlServicer, Proxy, control_server
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "membership.json"
+SCRIPT = str(Path(__file__).resolve())  # run again as a stand-in process
+NAMESPACE, NAME, CLUSTER_UID = "bench", "mesh", "uid-bench-cluster"
+ANSWERING, SLOW, FROZEN = "answering", "slow", "frozen"
+
+
+# -- the stand-in proxies (a child process serves a share of them) ---------------------------
+
+
+class _Links:
+    """What `Proxy.apply` uses of the proxy's LinkSet: the applied snapshot and the links' states.
+    No relay stream is opened (the brokers of this bench do not exist)."""
+
+    def __init__(self) -> None:
+        self.applied: Snapshot = EMPTY
+
+    async def apply(self, snapshot: Snapshot) -> None:
+        self.applied = snapshot
+
+    def to_proto(self) -> list[pb.BrokerLink]:
+        return [pb.BrokerLink(name=m.name, address=m.address, state=pb.BrokerLink.State.CONNECTED,
+                              member_state=m.state.value, interest_synced=True) for m in self.applied.members]
+
+
+class StandIn:
+    """A proxy as its control port shows it: `apply` and `_answer` are the proxy's own."""
+
+    apply = Proxy.apply
+    _answer = Proxy._answer
+
+    def __init__(self, name: str, delay: float) -> None:
+        self.name = name
+        self.delay = delay
+        self.links = _Links()
+        self._apply_lock = asyncio.Lock()
+        self.hub = _NoHub()
+
+    def status(self) -> pb.ProxyStatus:
+        return pb.ProxyStatus(name=self.name, membership_version=self.links.applied.version,
+                              links=self.links.to_proto())
+
+
+class _NoHub:
+    subscribers: dict[str, Any] = {}
+
+
+class SlowServicer(ControlServicer):
+    """The proxy's ControlServicer, answering every call `delay` seconds late."""
+
+    async def Apply(self, request: pb.Membership, context: Any) -> pb.ApplyResponse:  # noqa: N802
+        await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]
+        return await super().Apply(request, context)
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.ProxyStatus:  # noqa: N802
+        await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]
+        return await super().Status(request, context)
+
+
+async def serve_standins(spec: dict[str, Any]) -> None:
+    """Serve `spec["proxies"]` ([name, host, behaviour]) until stdin closes."""
+    tokens = Tokens(given=[spec["credential"]])
+    servers, frozen, held = [], [], []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted; never read, never answered
+
+    for name, host, behaviour in spec["proxies"]:
+        if behaviour == FROZEN:
+            frozen.append(await asyncio.start_server(hold, host, CONTROL_PORT, backlog=1024))
+            continue
+        delay = spec["slow_seconds"] if behaviour == SLOW else 0.0
+        servicer = (SlowServicer if delay else ControlServicer)(StandIn(name, delay))  # type: ignore[arg-type]
+        server = control_server(servicer, tokens)
+        server.add_insecure_port(f"{host}:{CONTROL_PORT}")
+        await server.start()
+        servers.append(server)
+    print(json.dumps({"ready": len(spec["proxies"])}), flush=True)
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    loop.add_reader(sys.stdin.fileno(), done.set)  # the bench closes our stdin (or dies): stop
+    await done.wait()
+    for s in frozen:
+        s.close()
+    await asyncio.gather(*(s.stop(None) for s in servers))
+
+
+# -- the operator side -----------------------------------------------------------------------
+
+
+class Api:
+    """The Kubernetes API as the controller uses it: the credential Secret exists; writes recorded."""
+
+    def __init__(self, credential: str) -> None:
+        self.secrets = {credential_secret_name(NAME): {CREDENTIAL_KEY: credential}}
+        self.statuses: list[dict[str, Any]] = []
+        self.applied = 0
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.applied += 1
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        pass
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get(name)
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        self.secrets.setdefault(manifest["metadata"]["name"], dict(manifest["stringData"]))
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        self.statuses.append(json.loads(json.dumps(status)))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def proxy_host(index: int) -> str:
+    return f"127.1.{index // 250}.{index % 250 + 1}"
+
+
+def deployment(uid: str, component: str) -> dict[str, Any]:
+    suffix = "proxy" if component == "proxy" else "broker-0"
+    return {"kind": "Deployment", "apiVersion": "apps/v1",
+            "metadata": {"name": f"{NAME}-{suffix}", "namespace": NAMESPACE, "uid": uid,
+                         "labels": {COMPONENT_LABEL: component},
+                         "ownerReferences": [{"uid": CLUSTER_UID, "controller": True}]}}
+
+
+def broker_pod(index: int) -> PodView:
+    return PodView(NAMESPACE, NAME, "broker", f"{NAME}-broker-{index}", f"uid-b{index}", f"127.2.{index // 250}."
+                   f"{index % 250 + 1}", True, owner="rs-broker")
+
+
+class Recorder:
+    """Wraps the controller's pusher (the real one): when each push ended, how, per proxy."""
+
+    def __init__(self, controller: ClusterController, awaited: set[str]) -> None:
+        self.acked: dict[tuple[str, int], float] = {}  # (proxy, version) -> monotonic time of the ack
+        self.sent: dict[tuple[str, int], float] = {}  # (proxy, version) -> when its first push began
+        self.awaited = awaited  # the proxies whose acknowledgements `everywhere` waits for
+        self._counts: dict[int, int] = {}
+        self._everywhere: dict[int, asyncio.Event] = {}
+        self.tries: dict[str, int] = {}
+        self.failures: dict[str, int] = {}
+        pusher = controller.steps.membership.sync.pusher
+        push_one = pusher.push_one
+
+        async def recorded(target: str, address: str, snapshot: Snapshot) -> PushResult:
+            self.tries[target] = self.tries.get(target, 0) + 1
+            self.sent.setdefault((target, snapshot.version), time.monotonic())
+            result = await push_one(target, address, snapshot)
+            if result.ok and (target, snapshot.version) not in self.acked:
+                self.acked[target, snapshot.version] = time.monotonic()
+                if target in self.awaited:
+                    self._counts[snapshot.version] = self._counts.get(snapshot.version, 0) + 1
+                    if self._counts[snapshot.version] == len(self.awaited):
+                        self.everywhere(snapshot.version).set()
+            else:
+                self.failures[target] = self.failures.get(target, 0) + 1
+            return result
+
+        pusher.push_one = recorded  # type: ignore[method-assign]
+
+    def everywhere(self, version: int) -> asyncio.Event:
+        """Set once every awaited proxy acknowledged `version`."""
+        return self._everywhere.setdefault(version, asyncio.Event())
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+async def start_standins(plan: list[tuple[str, str, str]], processes: int, credential: str,
+                         slow_seconds: float) -> list[subprocess.Popen[bytes]]:
+    children = []
+    for k in range(processes):
+        share = plan[k::processes]
+        spec = {"proxies": share, "credential": credential, "slow_seconds": slow_seconds}
+        child = subprocess.Popen([sys.executable, SCRIPT, "--serve", json.dumps(spec)],  # noqa: ASYNC220
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        children.append(child)
+    for child in children:
+        assert child.stdout is not None
+        line = await asyncio.to_thread(child.stdout.readline)
+        if not line:
+            raise RuntimeError("a stand-in process did not start (see its stderr above)")
+    return children
+
+
+def stop_standins(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        with contextlib.suppress(OSError):
+            assert child.stdin is not None
+            child.stdin.close()
+    for child in children:
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+
+
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.005)  # polling every 5 ms is the resolution of the waits, not of the figures
+
+
+async def scenario(name: str, args: argparse.Namespace, frozen_share: float, slow_share: float) -> dict[str, Any]:
+    n = args.proxies
+    rng = random.Random(7)
+    order = list(range(n))
+    rng.shuffle(order)
+    n_frozen, n_slow = round(n * frozen_share), round(n * slow_share)
+    behaviour = {i: FROZEN for i in order[:n_frozen]} | {i: SLOW for i in order[n_frozen:n_frozen + n_slow]}
+    names = [f"{NAME}-proxy-{i:04d}" for i in range(n)]
+    kinds = {names[i]: behaviour.get(i, ANSWERING) for i in range(n)}
+    plan = [(names[i], proxy_host(i), kinds[names[i]]) for i in range(n)]
+    credential = secrets.token_urlsafe(24)
+    children = await start_standins(plan, args.standin_processes, credential, args.slow_seconds)
+    try:
+        return await drive(name, args, names, kinds, credential, [psutil.Process(c.pid) for c in children])
+    finally:
+        stop_standins(children)
+
+
+async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Mapping[str, str],
+                credential: str, standins: list[psutil.Process]) -> dict[str, Any]:
+    key = (NAMESPACE, NAME)
+    proxies = [PodView(NAMESPACE, NAME, "proxy", names[i], f"uid-{names[i]}", proxy_host(i), True, owner="rs-proxy")
+               for i in range(len(names))]
+    brokers = [broker_pod(0), broker_pod(1)]
+    pods: dict[tuple[str, str], list[PodView]] = {key: [*brokers, *proxies]}
+    children = {key: [deployment("d-proxy", "proxy"), deployment("d-broker", "broker")]}
+    replicasets = {key: [Controlled("rs-proxy", "d-proxy", 1), Controlled("rs-broker", "d-broker", 1)]}
+    body = {"apiVersion": "neoplasma.io/v1alpha1", "kind": "NeoplasmaCluster",
+            "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": CLUSTER_UID, "generation": 1,
+                         "resourceVersion": "1"},
+            "spec": {"brokers": {"replicas": 2}, "proxies": {"replicas": len(names)}}}
+    api = Api(credential)
+    options = Options(default_image="img:bench")  # the operator's defaults: debounce, read timeout, retries
+    controller = ClusterController(key, body, Indexes(pods, [children], replicasets), api, options,  # type: ignore[arg-type]
+                                   post=lambda event: None)
+    answering = [p for p in names if kinds[p] != FROZEN]
+    recorder = Recorder(controller, set(answering))
+    sync = controller.steps.membership.sync
+    process = psutil.Process()
+    controller.start()
+    latencies: dict[str, list[float]] = {ANSWERING: [], SLOW: []}
+    rounds = []
+    try:
+        await wait_until(lambda: sync.snapshot.version >= 1, 30, "the first membership")
+        await asyncio.wait_for(recorder.everywhere(sync.snapshot.version).wait(), 60)
+        for change in range(args.changes):
+            await asyncio.sleep(args.gap)  # let the last change's retries and anti-entropy run as they would
+            tries_before = {p: recorder.tries.get(p, 0) for p in names}
+            cpu_before = sum(process.cpu_times()[:2])
+            standins_before = sum(sum(p.cpu_times()[:2]) for p in standins)
+            index = len(brokers)
+            brokers.append(broker_pod(index))
+            pods[key].insert(index, brokers[-1])  # the pod watch's index now has it Ready...
+            seen = time.monotonic()
+            controller.wake(pods=True)  # ...and the handler wakes the controller
+            await wait_until(lambda: sync.snapshot.version > 0 and len(sync.snapshot.members) == len(brokers),
+                             30, "the new snapshot")
+            version = sync.snapshot.version
+            await asyncio.wait_for(recorder.everywhere(version).wait(), 60)  # every answering proxy acknowledged
+            for p in answering:
+                latencies[kinds[p]].append(recorder.acked[(p, version)] - seen)
+            fast = [recorder.acked[(p, version)] - seen for p in answering if kinds[p] == ANSWERING]
+            rounds.append({"version": version, "p50": round(pct(fast, 50), 4), "p99": round(pct(fast, 99), 4),
+                           "max": round(max(fast), 4),
+                           # when the pushes began (after the debounce): the first and the last one
+                           "pushes_began": [round(min(recorder.sent[p, version] for p in answering) - seen, 4),
+                                            round(max(recorder.sent[p, version] for p in answering) - seen, 4)],
+                           "operator_cpu_seconds": round(sum(process.cpu_times()[:2]) - cpu_before, 3),
+                           "standins_cpu_seconds": round(sum(sum(p.cpu_times()[:2]) for p in standins)
+                                                         - standins_before, 3),
+                           "frozen_tries": sum(recorder.tries.get(p, 0) - tries_before[p]
+                                               for p in names if kinds[p] == FROZEN)})
+            print(f"  {name}: change {change + 1}: v{version} answering p50 {rounds[-1]['p50'] * 1000:.0f} ms "
+                  f"p99 {rounds[-1]['p99'] * 1000:.0f} ms max {rounds[-1]['max'] * 1000:.0f} ms", flush=True)
+        # What status and the metrics say once the frozen ones have been retried a while.
+        await asyncio.sleep(options.sync_grace + 0.5)
+        controller.wake()
+        await wait_until(lambda: api.statuses, 10, "a status written")
+        await asyncio.sleep(0.5)
+    finally:
+        await controller.stop()
+    status = api.statuses[-1] if api.statuses else {}
+    frozen = sorted(p for p in names if kinds[p] == FROZEN)
+    registry = controller.metrics.registry
+    labels = {"namespace": NAMESPACE, "cluster": NAME}
+    synced = next((c for c in status.get("conditions", []) if c.get("type") == "MembershipSynced"), {})
+    return {
+        "scenario": name, "proxies": len(names),
+        "answering": sum(1 for p in names if kinds[p] == ANSWERING), "slow": sum(1 for p in names if kinds[p] == SLOW),
+        "frozen": len(frozen), "changes": args.changes,
+        "seconds_to_ack": {kind: {"n": len(v), "p50": round(pct(v, 50), 4), "p99": round(pct(v, 99), 4),
+                                  "max": round(max(v), 4) if v else None} for kind, v in latencies.items()},
+        "rounds": rounds,
+        "frozen_tries_each": sorted({recorder.tries.get(p, 0) for p in frozen}),
+        "status_membership": status.get("membership"),
+        "status_condition": {k: (v[:300] + f"... ({len(v)} characters)" if isinstance(v, str) and len(v) > 300 else v)
+                             for k, v in synced.items()},
+        "status_bytes": len(json.dumps(status)),
+        "status_lists_lagging": listed_lagging(status, frozen),
+        "metrics": {"acknowledged": registry.get_sample_value("neoplasma_cluster_membership_acknowledged", labels),
+                    "lagging": registry.get_sample_value("neoplasma_cluster_membership_lagging", labels),
+                    "passes": registry.get_sample_value("neoplasma_operator_reconcile_duration_seconds_count",
+                                                        {**labels, "result": "ok"}),
+                    "pass_seconds": round(registry.get_sample_value(
+                        "neoplasma_operator_reconcile_duration_seconds_sum", {**labels, "result": "ok"}) or 0, 2)},
+    }
+
+
+def listed_lagging(status: Mapping[str, Any], frozen: list[str]) -> bool | None:
+    """Whether status.membership.lagging names frozen proxies only, as many as it may (None: none frozen)."""
+    if not frozen:
+        return None
+    listed = (status.get("membership") or {}).get("lagging") or []
+    return set(listed) <= set(frozen) and len(listed) == min(len(frozen), MAX_LAGGING)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| scenario | proxies (answering/slow/frozen) | answering: p50 / p99 / max | slow: p50 / p99 | "
+             "operator CPU per change | frozen tries each | status lists lagging |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        a, s = r["seconds_to_ack"][ANSWERING], r["seconds_to_ack"][SLOW]
+        slow = f"{s['p50']:.3f} / {s['p99']:.3f} s" if s["n"] else "-"
+        lines.append(f"| {r['scenario']} | {r['proxies']} ({r['answering']}/{r['slow']}/{r['frozen']}) | "
+                     f"{a['p50']:.3f} / {a['p99']:.3f} / {a['max']:.3f} s | {slow} | "
+                     f"{statistics.median(x['operator_cpu_seconds'] for x in r['rounds']):.2f} s | "
+                     f"{r['frozen_tries_each'] or '-'} | {r['status_lists_lagging'] if r['frozen'] else '-'} |")
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    raise_fd_limit()
+    logging.getLogger("neoplasma").setLevel(logging.ERROR)  # 50 frozen proxies' push failures, each retry
+    started = time.monotonic()
+    results = []
+    for name, frozen, slow in (("all answering", 0.0, 0.0),
+                               (f"{args.frozen:.0%} frozen + {args.slow:.0%} slow", args.frozen, args.slow)):
+        print(f"scenario: {name}", flush=True)
+        results.append(await scenario(name, args, frozen, slow))
+    report = {"what": "broker pod Ready handed to the operator's controller -> the operator holds each proxy's "
+                      "acknowledgement of the new membership version (debounce included)",
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_average": os.getloadavg(), "memory_gib": round(psutil.virtual_memory().total / 2**30)},
+              "settings": {"debounce": Options.debounce, "read_timeout": Options.read_timeout,
+                           "standin_processes": args.standin_processes, "slow_seconds": args.slow_seconds},
+              "seconds": round(time.monotonic() - started, 1), "scenarios": results}
+    print()
+    print(table(results))
+    for r in results:
+        print(f"{r['scenario']}: status.membership = {json.dumps(r['status_membership'])[:400]}")
+        condition = r["status_condition"]
+        print(f"  MembershipSynced: {condition.get('reason')}: {str(condition.get('message'))[:200]}"
+              f"; status {r['status_bytes']} bytes; metrics {r['metrics']}")
+    path = Path(args.json)
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(path.write_text, json.dumps(report, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--proxies", type=int, default=1000, help="stand-in proxies (default 1000)")
+    p.add_argument("--changes", type=int, default=5, help="membership changes measured per scenario (default 5)")
+    p.add_argument("--frozen", type=float, default=0.05, help="share of proxies frozen in the second scenario")
+    p.add_argument("--slow", type=float, default=0.05, help="share of proxies slow in the second scenario")
+    p.add_argument("--slow-seconds", type=float, default=1.0, help="how late a slow proxy answers (default 1 s)")
+    p.add_argument("--gap", type=float, default=1.0, help="seconds between changes (default 1)")
+    p.add_argument("--standin-processes", type=int, default=2, help="processes serving the stand-ins (default 2)")
+    p.add_argument("--json", default=str(RESULTS),
+                   help=f"where to write the JSON (default {RESULTS.relative_to(ROOT)})")
+    p.add_argument("--serve", help=argparse.SUPPRESS)  # a stand-in child process
+    args = p.parse_args(argv)
+    if not args.serve and not 1 <= args.proxies <= 62500:
+        p.error("--proxies must be 1..62500 (one loopback address 127.1.X.Y each)")
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.serve:
+        import uvloop  # the proxy's loop
+
+        raise_fd_limit()
+        uvloop.run(serve_standins(json.loads(arguments.serve)))
+    else:
+        asyncio.run(main(arguments))
