@@ -115,6 +115,7 @@ if _WHY_NOT is not None:
 import aiohttp  # noqa: E402
 import grpc  # noqa: E402
 
+from neoplasma.core.events import SseReader  # noqa: E402
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc  # noqa: E402
 from neoplasma.proxy.auth import mint  # noqa: E402
 from neoplasma.proxy.settings import ProxyConfig  # noqa: E402
@@ -298,27 +299,15 @@ class SseSubscriber:
                 await asyncio.sleep(self.retry)
 
     async def _read(self, response: aiohttp.ClientResponse) -> None:
-        """Each event as the HTML spec reads it: its fields, dispatched at the blank line."""
-        name, data, event_id = "", "", None
-        async for raw in response.content:
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if event_id is not None:
-                    self.last_id = event_id
-                if data:
-                    (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
-                name, data, event_id = "", "", None
-                continue
-            key, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if key == "retry":
-                self.retry = int(value) / 1000
-            elif key == "id":
-                event_id = value
-            elif key == "event":
-                name = value
-            elif key == "data":
-                data = value
+        """Each event as the HTML spec reads it (`SseReader`): dispatched at the blank line."""
+        reader = SseReader(self.last_id)
+        async for chunk in response.content.iter_any():
+            for message in reader.feed(chunk):
+                if message.data:
+                    (self.gaps if message.name == "neoplasma-gap" else self.events).append(json.loads(message.data))
+            self.last_id = reader.last_id
+            if reader.retry is not None:
+                self.retry = reader.retry / 1000
 
     def received(self, marker: str) -> bool:
         return any(event.get("data", {}).get("marker") == marker for event in self.events)

@@ -31,6 +31,7 @@ import grpc
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 
+from neoplasma.core.events import SseReader
 from neoplasma.core.trust import CREDENTIAL_ENV, Access, Tokens, bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -236,25 +237,19 @@ class SseClient:
         return self
 
     async def _read(self, resp: aiohttp.ClientResponse) -> None:
-        name: str | None = None
+        reader = SseReader()
+        reader.comments = self.comments
         try:
-            async for line in resp.content:
-                self.raw += line
-                text = line.decode().rstrip("\n")
-                if not text:
-                    name = None  # the end of an event
-                elif text.startswith("event: "):
-                    name = text[7:]
-                elif text.startswith("data: ") and name is not None:
-                    self.named.append((name, json.loads(text[6:])))  # onmessage never sees these
-                elif text.startswith("data: "):
-                    self.events.append(json.loads(text[6:]))
-                elif text.startswith("id: "):
-                    self.ids.append(text[4:])
-                elif text.startswith("retry: "):
-                    self.retry = int(text[7:])
-                elif text.startswith(":"):
-                    self.comments.append(text)
+            async for chunk in resp.content.iter_any():
+                self.raw += chunk
+                for message in reader.feed(chunk):
+                    if message.id is not None:
+                        self.ids.append(message.id)
+                    if message.name and message.data:
+                        self.named.append((message.name, json.loads(message.data)))  # onmessage never sees these
+                    elif message.data:
+                        self.events.append(json.loads(message.data))
+                self.retry = reader.retry if reader.retry is not None else self.retry
         except (aiohttp.ClientError, asyncio.CancelledError):
             pass
         finally:
@@ -352,29 +347,13 @@ class EventSource:
                 await asyncio.sleep(self.retry / 1000)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> None:
-        pending = b""
+        reader = SseReader(self.last_id)
         async for chunk in resp.content.iter_any():
-            *frames, pending = (pending + chunk).split(b"\n\n")
-            for frame in frames:
-                self._dispatch(frame.decode())
-
-    def _dispatch(self, frame: str) -> None:
-        """One event as the HTML spec reads it: its fields, then the blank line."""
-        name, data, event_id = "", "", None
-        for line in frame.split("\n"):
-            field, _, value = line.partition(": ")
-            if field == "retry":
-                self.retry = int(value)
-            elif field == "id":
-                event_id = value
-            elif field == "event":
-                name = value
-            elif field == "data":
-                data = value
-        if event_id is not None:
-            self.last_id = event_id
-        if data:
-            (self.gaps if name == "neoplasma-gap" else self.events).append(json.loads(data))
+            for message in reader.feed(chunk):
+                if message.data:
+                    (self.gaps if message.name == "neoplasma-gap" else self.events).append(json.loads(message.data))
+            self.last_id = reader.last_id
+            self.retry = reader.retry if reader.retry is not None else self.retry
 
     async def close(self) -> None:
         if self._task is not None:

@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.core.aio import Signal
-from neoplasma.core.events import Event, batch_entry, batch_trailer, compact_json, plasma_payload, sse_frame
+from neoplasma.core.events import (
+    Event,
+    SseMessage,
+    SseReader,
+    batch_entry,
+    batch_trailer,
+    compact_json,
+    plasma_payload,
+    sse_frame,
+    sse_gap,
+)
 from neoplasma.core.membership import EMPTY, BrokerState, Member, is_stale, next_snapshot
 from neoplasma.core.topics import InvalidTopic, TopicIndex, matches, parse_topic_list, prefixes
 from neoplasma.plasma.v1 import stream_pb2
@@ -196,3 +206,30 @@ async def test_a_wait_on_a_signal_is_cancelled_even_as_the_signal_comes(turns: i
     waiter.cancel()
     done, _ = await asyncio.wait({waiter}, timeout=5)
     assert done and waiter.cancelled()
+
+
+# -- SseReader: the client side of sse_frame, as an EventSource reads it ------------------------------
+
+
+STREAM = (b": heartbeat\n\nretry: 250\r\n\n" + sse_frame(b"tok-1", Event("a", b'{"n":1}'))
+          + sse_gap("gone") + b"data: x\ndata: y\n\n" + b"id: tok-2\n\n" + b"id: bad\0id\ndata: z\n\n")
+
+
+def test_sse_reader_reads_what_the_proxy_writes_however_the_bytes_are_split() -> None:
+    expected = [SseMessage("", '{"meta":{"type":"a"},"data":{"n":1}}', "tok-1"),
+                SseMessage("neoplasma-gap", '{"reason": "gone"}', None),
+                SseMessage("", "x\ny", None),  # data lines joined; an event without id: keeps the last one
+                SseMessage("", "", "tok-2"),  # no data: a browser dispatches nothing, but takes the id
+                SseMessage("", "z", None)]  # an id holding NUL is ignored (the HTML spec)
+    for cut in range(len(STREAM) + 1):
+        reader = SseReader("tok-0")
+        got = reader.feed(STREAM[:cut]) + reader.feed(STREAM[cut:])
+        assert got == expected, cut
+        assert (reader.last_id, reader.retry, reader.comments) == ("tok-2", 250, [": heartbeat"])
+
+
+def test_sse_reader_keeps_the_last_id_until_an_event_ends() -> None:
+    reader = SseReader("tok-0")
+    assert reader.feed(b"id: tok-1\ndata: half") == []
+    assert reader.last_id == "tok-0"  # a cut before the blank line: the event never happened
+    assert reader.feed(b"\n\n") == [SseMessage("", "half", "tok-1")] and reader.last_id == "tok-1"

@@ -429,6 +429,63 @@ def sse_gap(reason: str) -> bytes:
     return b"event: neoplasma-gap\ndata: %s\n\n" % json.dumps({"reason": reason}).encode()
 
 
+@dataclass(frozen=True)
+class SseMessage:
+    """One event block of an event stream, read as the HTML spec reads it: `name` is its `event:`
+    field ("" for a plain message, what `onmessage` sees), `data` its `data:` lines joined by "\n",
+    `id` its own `id:` field or None. A browser dispatches only blocks with data; their ids count
+    either way (`SseReader.last_id`)."""
+
+    name: str
+    data: str
+    id: str | None
+
+
+class SseReader:
+    """The client side of `sse_frame`: reads an event stream incrementally, as a browser's
+    EventSource does. `feed` the bytes as they arrive (split anywhere) and get the event blocks they
+    complete; `last_id` is what a reconnect sends as `Last-Event-ID` (kept until an `id:` replaces
+    it), `retry` the reconnection time in ms the server asked for, `comments` the comment lines."""
+
+    def __init__(self, last_id: str = "") -> None:
+        self.last_id = last_id
+        self.retry: int | None = None
+        self.comments: list[str] = []
+        self._pending = b""
+        self._name = ""  # the block being read: its fields so far
+        self._data: list[str] = []
+        self._id: str | None = None
+        self._fields = False
+
+    def feed(self, chunk: bytes) -> list[SseMessage]:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        done: list[SseMessage] = []
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").removesuffix("\r")
+            if not line:
+                if self._id is not None:
+                    self.last_id = self._id
+                if self._fields:
+                    done.append(SseMessage(self._name, "\n".join(self._data), self._id))
+                self._name, self._data, self._id, self._fields = "", [], None, False
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if not field:
+                self.comments.append(line)
+                continue
+            if field == "event":
+                self._name, self._fields = value, True
+            elif field == "data":
+                self._data.append(value)
+                self._fields = True
+            elif field == "id" and "\0" not in value:
+                self._id, self._fields = value, True
+            elif field == "retry" and value.isdigit():
+                self.retry = int(value)
+        return done
+
+
 def grpc_frame(message: bytes) -> bytes:
     """`message` framed as gRPC sends it on a stream: uncompressed, its length, itself."""
     return b"\x00" + len(message).to_bytes(4, "big") + message

@@ -8,7 +8,7 @@ import aiohttp
 import grpc
 
 from neoplasma.core.errors import NeoplasmaError, UsageError
-from neoplasma.core.events import InvalidEvent, make_event
+from neoplasma.core.events import InvalidEvent, SseReader, make_event
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -42,21 +42,17 @@ async def subscribe(proxy: str, topics: list[str], count: int, token: str = "") 
             async with session.get(url, params={"eventType": ",".join(topics)}, headers=headers) as resp:
                 if resp.status != 200:
                     raise Refused(f"{resp.status}: {(await resp.text()).strip()}")
-                name = last = ""  # named events (neoplasma-gap, neoplasma-expired): said on stderr, not printed
-                async for raw in resp.content:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        name = line[7:]
-                    elif line.startswith("data: ") and name:
-                        print(f"neoplasma subscribe: {name}: {line[6:]}", file=sys.stderr, flush=True)
-                        last = name
-                    elif line.startswith("data: "):
-                        print(line[6:], flush=True)
-                        received += 1
-                        if count and received >= count:
-                            return 0
-                    elif not line:
-                        name = ""
+                reader, last = SseReader(), ""  # named events (neoplasma-gap, neoplasma-expired): on stderr
+                async for chunk in resp.content.iter_any():
+                    for message in reader.feed(chunk):
+                        if message.name and message.data:
+                            print(f"neoplasma subscribe: {message.name}: {message.data}", file=sys.stderr, flush=True)
+                            last = message.name
+                        elif message.data:
+                            print(message.data, flush=True)
+                            received += 1
+                            if count and received >= count:
+                                return 0
     except aiohttp.ClientError as exc:
         raise Refused(f"{url}: {exc}") from None
     if last == "neoplasma-expired":
