@@ -399,14 +399,23 @@ class Resume:
         return tokens_after(self.hub.tag, self.position, events)
 
 
+def resume_ended(exc: BaseException) -> tuple[str, int, str]:
+    """How a catch-up that raised `exc` is logged and why its subscriber is closed: (event, level, reason).
+    Writing to a connection its client has closed is a client leaving (info, "gone"), not an error."""
+    if isinstance(exc, ConnectionError):
+        return "resume_client_left", logging.INFO, "gone"
+    return "resume_failed", logging.ERROR, "error"
+
+
 def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
     """Run `resume` beside the connection; a failure ends the subscriber instead of leaving it silent."""
     task = asyncio.get_running_loop().create_task(resume.run(token))
 
     def done(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.outside("resume_failed", logging.ERROR, error=repr(t.exception()))
-            resume.sub.close("error")
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            event, level, reason = resume_ended(exc)
+            log.outside(event, level, error=repr(exc))
+            resume.sub.close(reason)
 
     task.add_done_callback(done)
     return task
