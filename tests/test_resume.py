@@ -54,7 +54,7 @@ from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import JOIN_GRACE, Resume, ResumeBudget, start_resume
+from neoplasma.proxy.resume import Resume, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -436,37 +436,6 @@ async def test_a_resume_whose_client_left_is_not_logged_as_an_error(
     lines = [(r.getMessage(), r.levelno) for r in caplog.records if r.name == "neoplasma.proxy.resume"]
     assert lines == [(event, level)]
     assert client.closed.done() and client.closed.result() == reason
-    await links.close()
-
-
-async def test_resumes_of_one_position_arriving_within_the_grace_share_one_replay(start: Any) -> None:
-    """A burst of resumes of one position is set up a slice at a time: one that comes after the first one's
-    replay ran to its end, within JOIN_GRACE, reads that replay (one Replay call, every event); one that comes
-    after the grace makes its own."""
-    b, hub, links, link = await settled_proxy(start)
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(20)])
-    budget = ResumeBudget()
-    token = encode_token(hub.tag, {link.epoch: 0}).decode()
-
-    async def resume() -> Recorder:
-        client = Recorder()
-        await asyncio.wait_for(start_resume(Resume(hub, links, client, frozenset({"t"}), client, 10.0, budget), token),
-                               10)
-        return client
-
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    first = await resume()
-    second = await resume()
-    assert loop.time() - began < JOIN_GRACE / 2  # (else the machine is too slow for this test to say anything)
-    assert budget.started == 1
-    assert [json.loads(e.data)["n"] for e in second.events] == list(range(20)) == \
-        [json.loads(e.data)["n"] for e in first.events]
-    await wait_for(lambda: not budget.shared, timeout=JOIN_GRACE * 3, what="the grace to end")
-    third = await resume()
-    assert budget.started == 2 and [json.loads(e.data)["n"] for e in third.events] == list(range(20))
-    dispatcher.cancel()
     await links.close()
 
 

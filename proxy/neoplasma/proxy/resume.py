@@ -23,9 +23,6 @@ log = get_logger("proxy.resume")
 
 # Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
 REPLAY_WINDOW = 16
-# Seconds a shared replay keeps its batches from its start once called (up to REPLAY_WINDOW of them): resumes of one
-# position that arrive in a burst and are set up a slice at a time (behind live events) still share its one call.
-JOIN_GRACE = 1.0
 # Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
 # between steps the loop serves live events, see `Turns`).
 CATCH_UP_STEP = 256
@@ -86,8 +83,7 @@ class Framing(Protocol):
 
 class SharedReplay:
     """One Replay call to a broker, read by every resume that asks the same position while nothing
-    of it has been let go: batches are kept until all its readers have taken them, and for JOIN_GRACE
-    seconds after the call was made (a replay that ran to its end stays joinable meanwhile), and the call
+    of it has been let go: batches are kept until all its readers have taken them, and the call
     runs at most REPLAY_WINDOW batches ahead of its slowest reader (the gRPC stream waits)."""
 
     def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]]) -> None:
@@ -96,8 +92,6 @@ class SharedReplay:
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
         self.done = False
-        self.complete = False  # the call ran to its end (not cut short, no error)
-        self.keep_until = 0.0  # loop time until which batches are kept for joiners (JOIN_GRACE)
         self.error: grpc.aio.AioRpcError | None = None
         self.changed = Signal()
         self.timeout = 30.0  # the call's, set by run
@@ -107,10 +101,8 @@ class SharedReplay:
     def joinable(self, held_from: int) -> bool:
         """Whether a resume whose holder has had the live events after `held_from` (this broker's position
         when it was added to the hub) may read this replay: nothing of it let go, and its head (the
-        broker's, when the call was made) not before that position (or the call not yet made); when it is
-        done, only if it ran to its end."""
-        return (not self.trimmed and (not self.done or self.complete)
-                and (self.called is None or self.called >= held_from))
+        broker's, when the call was made) not before that position (or the call not yet made)."""
+        return not self.trimmed and not self.done and (self.called is None or self.called >= held_from)
 
     async def run(self, link: BrokerLink, request: pb.ReplayRequest, timeout: float, floor: Callable[[], int]) -> None:
         """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers;
@@ -122,9 +114,6 @@ class SharedReplay:
                 budget.started += 1
                 if self.readers:  # all may have left while it waited for its turn
                     self.called = floor()
-                    loop = asyncio.get_running_loop()
-                    self.keep_until = loop.time() + JOIN_GRACE
-                    loop.call_later(JOIN_GRACE, self._kept)
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
@@ -139,30 +128,15 @@ class SharedReplay:
                                                           timeout)
                             if not self.readers:
                                 break
-                        else:
-                            self.complete = True
                     finally:
                         call.cancel()
         except grpc.aio.AioRpcError as exc:
             self.error = exc
         finally:
             self.done = True
-            if not self.complete or not self._keeping():
-                self._unshare()
+            if budget.shared.get(self.key) is self:
+                del budget.shared[self.key]
             self.changed.notify()
-
-    def _keeping(self) -> bool:
-        return asyncio.get_running_loop().time() < self.keep_until
-
-    def _unshare(self) -> None:
-        if self.budget.shared.get(self.key) is self:
-            del self.budget.shared[self.key]
-
-    def _kept(self) -> None:
-        """JOIN_GRACE is over: what every reader took is let go, and a finished replay no longer joined."""
-        self._trim()
-        if self.done:
-            self._unshare()
 
     async def read(self) -> AsyncIterator[ReplayBatch]:
         """Every batch of the replay, in order (then AioRpcError if the call failed)."""
@@ -191,10 +165,11 @@ class SharedReplay:
     def _trim(self) -> None:
         """Let go of the batches every reader has taken (all of them when no reader is left)."""
         taken = min(self.readers.values(), default=self.trimmed + len(self.batches)) - self.trimmed
-        if taken > 0 and not self._keeping():
+        if taken > 0:
             del self.batches[:taken]
             self.trimmed += taken
-            self._unshare()  # no longer joinable from its start
+            if self.budget.shared.get(self.key) is self:  # no longer joinable from its start
+                del self.budget.shared[self.key]
         self.changed.notify()
 
 
