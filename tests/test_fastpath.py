@@ -74,6 +74,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closing
 
+    def close(self) -> None:
+        self.closing = True
+
 
 class Recorder:
     """A stand-in for aiohttp's handler: what it was given."""
@@ -185,6 +188,48 @@ async def test_a_write_waits_while_the_client_is_behind_and_fails_once_it_is_gon
     transport.closing = True
     with pytest.raises(ConnectionResetError):
         await conn.write(b"z")
+
+
+def test_a_deferred_request_waits_parked_then_is_served_declined_or_dropped_when_offered() -> None:
+    """`defer` takes a request (a resuming one, behind the proxy's turns): nothing is served until `offer`;
+    declined then, aiohttp gets every byte, those that came while it waited too; lost meanwhile, nothing."""
+    parked: list[tuple[Head, FastPath]] = []
+
+    def defer(h: Head, conn: FastPath) -> bool:
+        if "last-event-id" in h.headers:
+            parked.append((h, conn))
+            return True
+        return False
+
+    request = b"GET /?eventType=a HTTP/1.1\r\nHost: p\r\nLast-Event-ID: t\r\n\r\n"
+    conn, _, made, served, taken = fast(True)
+    conn.defer = defer
+    conn.data_received(b"GET /?eventType=a HTTP/1.1\r\nHost: p\r\n\r\n")  # plain: served at once
+    assert len(served) == 1 and not parked
+    conn, _, made, served, taken = fast(True)
+    conn.defer = defer
+    conn.data_received(request)
+    assert conn.parked and not served and not made and len(parked) == 1
+    conn.offer(parked[0][0])
+    assert not conn.parked and [h.headers["last-event-id"] for h in served] == ["t"] and conn.stream is taken
+    conn, _, made, served, _ = fast(False)  # declined once offered
+    conn.defer = defer
+    conn.data_received(request)
+    conn.data_received(b"GET /livez")  # came while it waited: kept for aiohttp
+    conn.offer(parked[-1][0])
+    assert len(served) == 1 and bytes(made[0].data) == request + b"GET /livez"
+    conn, transport, made, served, _ = fast(True)  # lost while it waited
+    conn.defer = defer
+    conn.data_received(request)
+    conn.connection_lost(None)
+    transport.closing = True
+    conn.offer(parked[-1][0])
+    assert not served and not made
+    conn, transport, made, served, _ = fast(True, limit=100)  # a parked client may not send without end
+    conn.defer = defer
+    conn.data_received(request)
+    conn.data_received(b"x" * 100)
+    assert transport.closing
 
 
 # -- the proxy's answers, with the fast path and with aiohttp alone -------------------------------------

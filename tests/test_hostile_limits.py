@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import re
 import socket
 import threading
@@ -36,7 +37,7 @@ from harness import (
     wait_for,
 )
 
-from neoplasma.core.aio import Turns
+from neoplasma.core.aio import InTurns, Turns
 from neoplasma.core.events import grpc_frame, varint
 from neoplasma.core.logs import OUTSIDE_BURST, OUTSIDE_PER_SECOND, LineBudget
 from neoplasma.core.net import hostport
@@ -546,6 +547,43 @@ async def test_catch_up_steps_take_turns_behind_the_loops_other_work() -> None:
     await ticking
     assert len(late) > 20 and max(late) < 0.1, f"the timer ran up to {max(late):.3f} s late"
     assert order[:300] == list(range(300))  # one step each before anyone's second
+
+
+async def test_calls_in_turns_run_in_order_a_slice_at_a_time_behind_the_loops_other_work() -> None:
+    """300 set-ups of resuming subscribers pushed at once (1 ms each, 300 ms in all) run in arrival order, a slice's
+    worth per turn: a timer beside them runs within a few slices, not after all of them; one that fails goes to the
+    loop's exception handler and the next ones still run."""
+    turns = Turns(slice=0.002)
+    calls = InTurns(turns)
+    loop = asyncio.get_running_loop()
+    late: list[float] = []
+    order: list[int] = []
+    failed: list[BaseException] = []
+    loop.set_exception_handler(lambda _, context: failed.append(context["exception"]))
+
+    def set_up(n: int) -> None:
+        order.append(n)
+        end = time.perf_counter() + 0.001
+        while time.perf_counter() < end:
+            pass
+        if n == 7:
+            raise RuntimeError("seven")
+
+    async def timer() -> None:
+        while len(order) < 300:
+            due = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            late.append(loop.time() - due)
+
+    assert calls.busy()  # no slice running: a call waits for a turn
+    ticking = asyncio.create_task(timer())
+    for n in range(300):
+        calls.push(functools.partial(set_up, n))
+    await asyncio.wait_for(ticking, 30)
+    loop.set_exception_handler(None)
+    assert order == list(range(300)) and len(calls) == 0
+    assert [str(e) for e in failed] == ["seven"]
+    assert len(late) > 20 and max(late) < 0.1, f"the timer ran up to {max(late):.3f} s late"
 
 
 async def test_a_proxys_memory_comes_back_after_a_large_interest_leaves(start: Any) -> None:

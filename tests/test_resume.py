@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import random
 import signal
 import time
@@ -408,6 +409,33 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
     assert [json.loads(e.data)["n"] for e in client.events] == list(range(5))
     assert client.gaps == ["broker b0 went away; its events since may be lost"]
     dispatcher.cancel()
+    await links.close()
+
+
+@pytest.mark.parametrize(("raised", "event", "level", "reason"), [
+    (ConnectionResetError("cannot write to a closed subscriber connection"), "resume_client_left", logging.INFO,
+     "gone"),
+    (RuntimeError("a bug"), "resume_failed", logging.ERROR, "error")])
+async def test_a_resume_whose_client_left_is_not_logged_as_an_error(
+        start: Any, caplog: pytest.LogCaptureFixture, raised: Exception, event: str, level: int, reason: str) -> None:
+    """Catch-up writing to a connection its client has closed (it left mid-replay) ends the subscriber
+    as gone, with an info line; anything else that ends a catch-up is still an error."""
+    b, hub, links, link = await settled_proxy(start)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])
+
+    class Leaving(Recorder):
+        async def send(self, events: Sequence[Event], tokens: Sequence[bytes]) -> None:
+            raise raised
+
+    client = Leaving()
+    with caplog.at_level(logging.INFO, logger="neoplasma.proxy.resume"):
+        task = start_resume(Resume(hub, links, client, frozenset({"t"}), client, 10.0),
+                            encode_token(hub.tag, {link.epoch: 0}).decode())
+        await asyncio.wait({task}, timeout=10)
+        assert task.done()
+    lines = [(r.getMessage(), r.levelno) for r in caplog.records if r.name == "neoplasma.proxy.resume"]
+    assert lines == [(event, level)]
+    assert client.closed.done() and client.closed.result() == reason
     await links.close()
 
 

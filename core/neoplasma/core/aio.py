@@ -74,6 +74,14 @@ class Turns:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def free(self) -> bool:
+        """Whether a step may run now without waiting: nobody waits and the current slice is not used up."""
+        return not self._waiters and self.in_slice()
+
+    def in_slice(self) -> bool:
+        """Whether the current slice (the last one let through's) is not used up."""
+        return self.clock() < self.ends
+
     async def turn(self) -> None:
         if not self._waiters and self.clock() < self.ends:
             return
@@ -98,3 +106,41 @@ class Turns:
                 break
         if self._waiters:
             self._schedule()
+
+
+class InTurns:
+    """Calls that can wait (setting up a resuming subscriber) made in `turns`' turns: in arrival order, as many
+    per turn as its slice holds, by one task for all of them. An exception from one goes to the loop's exception
+    handler (as a protocol callback's would); the next is called."""
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+        self._queue: deque[Callable[[], None]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def busy(self) -> bool:
+        """Whether a call made now would not run at once without waiting (then `push` it)."""
+        return bool(self._queue) or not self.turns.free()
+
+    def push(self, call: Callable[[], None]) -> None:
+        self._queue.append(call)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        queue, turns, loop = self._queue, self.turns, asyncio.get_running_loop()
+        try:
+            while queue:
+                await turns.turn()
+                while queue:
+                    try:
+                        queue.popleft()()
+                    except Exception as exc:  # reported, as the loop reports a callback's
+                        loop.call_exception_handler({"message": "a call made in turns failed", "exception": exc})
+                    if not turns.in_slice():
+                        break
+        finally:
+            self._task = None

@@ -94,6 +94,8 @@ def date_header() -> bytes:
 
 
 Serve = Callable[[Head, "FastPath"], bool]
+# Whether a request waits before it is offered to `serve`: True when the callee took it, to call `offer` later.
+Defer = Callable[[Head, "FastPath"], bool]
 
 
 class Stream(Protocol):
@@ -106,14 +108,17 @@ class FastPath(asyncio.Protocol):
     """One connection of the SSE port: its first request served by `serve` when it can (a `stream` then
     owns the connection, told when it is lost; it sets `stream` to None when it ends the connection
     itself), else handed to `fallback()` (aiohttp's handler). `write` sends one chunk of the stream and
-    waits while the client is behind."""
+    waits while the client is behind. With `defer`, a request it takes waits (`parked`, its bytes kept)
+    until `offer` hands it to `serve` (or aiohttp) later; its client's further bytes are kept meanwhile,
+    up to `head_limit`, beyond which the connection is closed."""
 
-    __slots__ = ("_buffer", "_paused", "_waiter", "fallback", "head_limit", "inner", "max_field", "max_line",
-                 "serve", "stream", "transport")
+    __slots__ = ("_buffer", "_paused", "_waiter", "defer", "fallback", "head_limit", "inner", "max_field", "max_line",
+                 "parked", "serve", "stream", "transport")
 
     def __init__(self, serve: Serve, fallback: Callable[[], asyncio.Protocol], max_line: int, max_field: int,
-                 head_limit: int) -> None:
-        self.serve, self.fallback = serve, fallback
+                 head_limit: int, defer: Defer | None = None) -> None:
+        self.serve, self.fallback, self.defer = serve, fallback, defer
+        self.parked = False
         self.max_line, self.max_field, self.head_limit = max_line, max_field, head_limit
         self.transport: asyncio.Transport | None = None
         self.inner: asyncio.Protocol | None = None  # aiohttp's handler, once handed over
@@ -132,6 +137,11 @@ class FastPath(asyncio.Protocol):
         if self.stream is not None:  # a stream's client has nothing more to say: ignored
             return
         buffer = self._buffer
+        if self.parked:
+            buffer += data
+            if len(buffer) > self.head_limit and self.transport is not None:
+                self.transport.close()
+            return
         start = max(0, len(buffer) - 3)
         buffer += data
         end = buffer.find(b"\r\n\r\n", start)
@@ -140,7 +150,21 @@ class FastPath(asyncio.Protocol):
                 self._hand_over()
             return
         head = parse_head(bytes(buffer[:end]), self.max_line, self.max_field)
-        if head is None or not self.serve(head, self):
+        if head is None:
+            self._hand_over()
+        elif self.defer is not None and self.defer(head, self):
+            self.parked = True
+        else:
+            self.offer(head)
+
+    def offer(self, head: Head) -> None:
+        """Offer the request to `serve` (now, or when a deferred one's time came); aiohttp's if declined.
+        Nothing when the connection was lost or handed over meanwhile."""
+        self.parked = False
+        transport = self.transport
+        if self.inner is not None or transport is None or transport.is_closing():
+            return
+        if not self.serve(head, self):
             self._hand_over()
             return
         self._buffer = bytearray()
@@ -154,7 +178,8 @@ class FastPath(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.inner is None and self.stream is None and self._buffer:
-            self._hand_over()  # a partial head: aiohttp says what it says of it
+            self.parked = False
+            self._hand_over()  # a partial head (or a parked request): aiohttp says what it says of it
         return self.inner.eof_received() if self.inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -9,7 +9,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
-from neoplasma.core.aio import Signal, Turns
+from neoplasma.core.aio import InTurns, Signal, Turns
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
@@ -33,8 +33,8 @@ OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over 
 class ResumeBudget:
     """A proxy's budgets for resuming subscribers: live events held, Replay calls at once, the bytes of
     catch-up written per second (what is left for live events), the loop's time (`turns`: catch-up goes in
-    short steps behind live events), and the replays in progress, by position, so that resumes asking the
-    same one share it."""
+    short steps behind live events; `admissions`: the fast path's resuming requests wait for them), and the
+    replays in progress, by position, so that resumes asking the same one share it."""
 
     def __init__(self, max_held: int = MAX_HELD, max_held_per_proxy: int = MAX_HELD_PER_PROXY,
                  max_replays: int = MAX_REPLAYS, catch_up_bytes_per_second: float = CATCH_UP_BYTES_PER_SECOND) -> None:
@@ -46,6 +46,7 @@ class ResumeBudget:
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
+        self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
 
     async def pace(self, size: int) -> None:
         """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
@@ -256,6 +257,10 @@ class Resume:
         applied yet), from the proxy's positions now: no id before then claims what it never got."""
         # A restarted proxy learns the cluster id (which a token names) with its first membership.
         await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
+        # Its setup (the token, a Holder, the interest) and, once the links settled, its replay's takes turns
+        # behind live events: a thousand resumes arriving at once are set up one per pass of the loop.
+        turns = self.budget.turns
+        await turns.turn()
         try:
             parsed = parse_token(token, self.hub.tag) if token else None
         except InvalidToken as exc:
@@ -272,6 +277,7 @@ class Resume:
         try:
             if not await self.links.wait_settled(self.wait):
                 await self._gap("not every broker could be reached in time")
+            await turns.turn()
             unknown, from_now = 0, parsed is None
             if parsed is not None:  # its brokers are named among those known now that the links settled
                 try:
@@ -399,14 +405,23 @@ class Resume:
         return tokens_after(self.hub.tag, self.position, events)
 
 
+def resume_ended(exc: BaseException) -> tuple[str, int, str]:
+    """How a catch-up that raised `exc` is logged and why its subscriber is closed: (event, level, reason).
+    Writing to a connection its client has closed is a client leaving (info, "gone"), not an error."""
+    if isinstance(exc, ConnectionError):
+        return "resume_client_left", logging.INFO, "gone"
+    return "resume_failed", logging.ERROR, "error"
+
+
 def start_resume(resume: Resume, token: str) -> asyncio.Task[None]:
     """Run `resume` beside the connection; a failure ends the subscriber instead of leaving it silent."""
     task = asyncio.get_running_loop().create_task(resume.run(token))
 
     def done(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.outside("resume_failed", logging.ERROR, error=repr(t.exception()))
-            resume.sub.close("error")
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            event, level, reason = resume_ended(exc)
+            log.outside(event, level, error=repr(exc))
+            resume.sub.close(reason)
 
     task.add_done_callback(done)
     return task

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import grpc
@@ -55,7 +56,7 @@ from neoplasma.proxy.auth import (
     http_token,
     without_token,
 )
-from neoplasma.proxy.fastpath import FastPath, Head, Serve, date_header
+from neoplasma.proxy.fastpath import Defer, FastPath, Head, Serve, date_header
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     LAST_CHUNK,
@@ -795,6 +796,21 @@ def sse_fast_path(proxy: Proxy) -> Serve:
     return serve
 
 
+def sse_deferral(proxy: Proxy) -> Defer:
+    """A resuming subscriber's request (with `Last-Event-ID` or `lastEventId`) on the fast path waits for the
+    proxy's turns while they contend (catch-up, other resumes' set-up): a thousand resumes at once are admitted
+    a slice at a time, behind live events. A plain subscribe is served at once."""
+    admissions = proxy.resumes.admissions
+
+    def defer(head: Head, conn: FastPath) -> bool:
+        if not (head.headers.get("last-event-id") or head.query.get("lastEventId")) or not admissions.busy():
+            return False
+        admissions.push(partial(conn.offer, head))
+        return True
+
+    return defer
+
+
 def sse_port(proxy: Proxy, app: web.Application, sock: socket.socket, fast: bool = True) -> HttpServer:
     """The SSE port's server on `sock`: the fast path first (unless not `fast`), aiohttp for the rest."""
     cfg = proxy.config
@@ -805,10 +821,10 @@ def sse_port(proxy: Proxy, app: web.Application, sock: socket.socket, fast: bool
 
 def sse_front(proxy: Proxy) -> Front:
     """The SSE port's connections: the fast path first (`sse_fast_path`), aiohttp for the rest."""
-    serve = sse_fast_path(proxy)
+    serve, defer = sse_fast_path(proxy), sse_deferral(proxy)
 
     def front(handler: Callable[[], asyncio.Protocol]) -> FastPath:
-        return FastPath(serve, handler, MAX_REQUEST_LINE, MAX_HEADER_BYTES, FAST_HEAD_LIMIT)
+        return FastPath(serve, handler, MAX_REQUEST_LINE, MAX_HEADER_BYTES, FAST_HEAD_LIMIT, defer)
 
     return front
 
