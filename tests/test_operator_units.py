@@ -20,6 +20,7 @@ from harness import ACCESS, proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
+from neoplasma.core.control import ProxyChannels
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
@@ -477,6 +478,7 @@ class FakePusher:
         self.answer = answer or (lambda target, snapshot: PushResult(target, "", True, snapshot.version))
         self.pushes: list[tuple[str, int]] = []
         self.access = PLAIN  # what the controller gives a pusher to reach the proxies with
+        self.channels = ProxyChannels()  # the proxies' channels, which the controller's Status reads use
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         self.pushes.append((target, snapshot.version))
@@ -954,7 +956,8 @@ async def test_controller_pushes_a_membership_change_without_waiting_for_the_pro
     # a new proxy must get the membership meanwhile, not after it.
     reads: list[str] = []
 
-    async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0) -> dict[str, Any]:
+    async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0,
+                              channels: Any = None) -> dict[str, Any]:
         reads.append("started")
         await asyncio.sleep(timeout)
         reads.append("ended")

@@ -174,7 +174,8 @@ class ClusterController:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self._post_event = post or self._kopf_event
-        sync = MembershipSync(MembershipPusher(timeout=options.read_timeout), refresh=Refresh(options.anti_entropy),
+        sync = MembershipSync(MembershipPusher(timeout=options.read_timeout),
+                              refresh=Refresh(options.anti_entropy),
                               clock=clock, label=self.label,
                               version=persisted_version(self.body.get("status")), on_progress=self.wake,
                               cluster=self.uid, on_converged=lambda seconds: self.metrics.converged(key, seconds))
@@ -274,7 +275,7 @@ class ClusterController:
         meanwhile the scheduler runs first halves for pod changes, so membership pushes never wait."""
         try:
             seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
-                                   self.options.read_timeout)
+                                   self.options.read_timeout, self.steps.membership.sync.pusher.channels)
             for step in self.steps.with_reads():
                 await self._act(step.decide(seen, seen.at), seen)
         except asyncio.CancelledError:
@@ -330,10 +331,7 @@ class ClusterController:
 
     async def _use(self, access: Mapping[Tier, Access]) -> None:
         self.steps.trust.access = dict(access)
-        pusher = self.steps.membership.sync.pusher
-        if (pusher.access.ca, pusher.access.server_name) != (access[Tier.PROXY].ca, access[Tier.PROXY].server_name):
-            await pusher.close()  # its channels were made for the old TLS settings
-        pusher.access = access[Tier.PROXY]
+        self.steps.membership.sync.pusher.access = access[Tier.PROXY]  # ProxyChannels: new TLS, new channels
 
     async def _apply(self, plan: ch.Plan, seen: Seen) -> None:
         cluster, children = self.steps.scaling.effective, self.steps.children
