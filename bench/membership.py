@@ -243,11 +243,12 @@ class Reads:
         read = observe.proxy_statuses
 
         async def recorded(*args: Any, **kwargs: Any) -> Any:
-            began = time.monotonic()
+            index = len(self.spans)
+            self.spans.append((time.monotonic(), float("inf")))  # under way (a frozen proxy holds it 2 s)
             try:
                 return await read(*args, **kwargs)
             finally:
-                self.spans.append((began, time.monotonic()))
+                self.spans[index] = (self.spans[index][0], time.monotonic())
 
         self.original = read
         observe.proxy_statuses = recorded  # type: ignore[assignment]
@@ -376,6 +377,7 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                            "standins_cpu_seconds": round(sum(sum(p.cpu_times()[:2]) for p in standins)
                                                          - standins_before, 3),
                            "met_status_read": reads.met(seen, seen + max(fast)),
+                           "pushes": sum(recorder.tries.get(p, 0) - tries_before[p] for p in names),
                            "frozen_tries": sum(recorder.tries.get(p, 0) - tries_before[p]
                                                for p in names if kinds[p] == FROZEN)})
             if not rounds[-1]["met_status_read"]:
