@@ -24,7 +24,7 @@ from neoplasma.core.control import ProxyChannels
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
-from neoplasma.core.trust import PLAIN, bearer_metadata
+from neoplasma.core.trust import PLAIN, Access, Tokens, bearer_metadata
 from neoplasma.operator import conditions as c
 from neoplasma.operator import observe as observe_module
 from neoplasma.operator.children import (
@@ -784,6 +784,21 @@ async def test_a_failed_anti_entropy_push_makes_the_proxy_lag_and_retries_it() -
     assert sync.progress().lagging == ("p1",) and sync.progress().errors == {"p1": "UNAVAILABLE: refused"}
     assert sync.next_due() == clock.now + 0.1  # retried with backoff, not at its next phase
     await sync.close()
+
+
+async def test_proxy_channels_are_made_once_per_proxy_and_again_for_other_tls() -> None:
+    channels = ProxyChannels()
+    first = channels.stub("10.0.0.1:50052", PLAIN)
+    assert channels.stub("10.0.0.1:50052", Access(Tokens(given=["t"]))) is first  # the credential goes per call
+    channels.stub("10.0.0.2:50052", PLAIN)
+    assert len(channels) == 2
+    tls = Access(ca="-----BEGIN CERTIFICATE-----\nnot parsed until a call\n-----END CERTIFICATE-----\n",
+                 server_name="demo-proxy")
+    assert channels.stub("10.0.0.1:50052", tls) is not first  # other TLS settings: a new channel
+    channels.prune(["10.0.0.1:50052"])
+    assert len(channels) == 1
+    await channels.close()
+    assert len(channels) == 0
 
 
 def test_a_pod_change_is_answered_at_once_and_a_burst_once_per_debounce() -> None:
