@@ -257,6 +257,11 @@ class Reads:
         """Whether a read of the proxies' Status overlapped [start, end]."""
         return any(b <= end and e >= start for b, e in self.spans)
 
+    def since(self, at: float) -> float | None:
+        """Seconds from the start of the last read begun before `at` to `at` (None: none)."""
+        began = [b for b, _ in self.spans if b <= at]
+        return round(at - max(began), 3) if began else None
+
     def close(self) -> None:
         observe.proxy_statuses = self.original  # type: ignore[assignment]
 
@@ -377,6 +382,8 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                            "standins_cpu_seconds": round(sum(sum(p.cpu_times()[:2]) for p in standins)
                                                          - standins_before, 3),
                            "met_status_read": reads.met(seen, seen + max(fast)),
+                           # its 1000 answers may still be taking the CPU when it ended just before the change
+                           "status_read_began_before": reads.since(seen),
                            "pushes": sum(recorder.tries.get(p, 0) - tries_before[p] for p in names),
                            "frozen_tries": sum(recorder.tries.get(p, 0) - tries_before[p]
                                                for p in names if kinds[p] == FROZEN)})
