@@ -769,6 +769,40 @@ async def test_anti_entropy_spreads_over_the_interval_and_a_change_pre_empts_it(
     await sync.close()
 
 
+async def test_reads_of_every_proxy_wait_for_a_change_s_pushes_but_not_for_failing_ones() -> None:
+    release = asyncio.Event()
+
+    class Held(FakePusher):
+        async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
+            if target == "slow" or (target == "frozen" and self.pushes.count(("frozen", 1)) > 0):
+                await release.wait()  # answers late / never again
+            return await super().push_one(target, address, snapshot)
+
+    pusher = Held(lambda t, s: PushResult(t, "", t != "frozen", 0 if t == "frozen" else s.version,
+                                          "" if t != "frozen" else "DEADLINE_EXCEEDED"))
+    clock = Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1", "slow", "frozen"), seen_at=clock.now)
+    sync.push()
+    await settle()  # frozen failed once: known failing
+    clock.now = sync.next_due() or 0.0
+    sync.push()  # frozen's retry, under way (held)
+    await settle()
+    waiting = asyncio.ensure_future(sync.pushed(timeout=5.0))
+    await settle()
+    assert not waiting.done()  # the push to "slow" is under way
+    release.set()
+    await asyncio.wait_for(waiting, 1.0)  # ended with it, frozen's retry does not hold it
+    started = time.monotonic()
+    release.clear()
+    sync.update([B1, B2], targets("p1", "slow", "frozen"), seen_at=clock.now)
+    sync.push()
+    await sync.pushed(timeout=0.05)  # bounded: returns after the timeout though "slow" still holds its push
+    assert time.monotonic() - started < 1.0
+    release.set()
+    await sync.close()
+
+
 async def test_a_failed_anti_entropy_push_makes_the_proxy_lag_and_retries_it() -> None:
     down: set[str] = set()
     pusher, clock = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,

@@ -274,6 +274,8 @@ class ClusterController:
         """Read the pods (a slow or frozen one costs up to the read timeout) and act on the other steps;
         meanwhile the scheduler runs first halves for pod changes, so membership pushes never wait."""
         try:
+            if seen.wants.proxies or Tier.PROXY in seen.wants.loads:  # a call to every proxy: after a change's pushes
+                await self.steps.membership.sync.pushed(self.options.read_timeout)
             seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
                                    self.options.read_timeout, self.steps.membership.sync.pusher.channels)
             for step in self.steps.with_reads():

@@ -189,6 +189,14 @@ class MembershipSync:
                        if self._is_applied(name) and not self._under_way(name)), default=None)
         return retry if refresh is None else refresh if retry is None else min(retry, refresh)
 
+    async def pushed(self, timeout: float) -> None:
+        """Return once the pushes under way to proxies not known to fail have ended, or after `timeout`
+        seconds: a change's burst to every proxy is not made to share the CPU with other calls to them."""
+        under_way = [push.task for name, push in self._pushes.items()
+                     if not push.task.done() and name not in self._errors]
+        if under_way:
+            await asyncio.wait(under_way, timeout=timeout)
+
     def settling_since(self) -> float | None:
         """When the change now being pushed was seen, while every push so far went fine."""
         if self.convergence.pending_version is None or self._errors:
