@@ -17,7 +17,9 @@ A pass runs in two halves so that no pod's answer ever delays a membership push:
 observes the API's view and acts on Trust and Membership (`Steps.without_reads()`); the second,
 a task of its own, reads the pods (a frozen one costs the read timeout) and acts on the other
 steps. While a second half runs, a wake-up runs another first half at once (a pod change is pushed
-after its debounce, whatever the reads), and a full pass follows once that second half ended.
+after its debounce, whatever the reads), and a full pass follows once that second half ended. A
+second half that reads every proxy's Status first lets a change's pushes under way end (at most the
+read timeout), so that 1000 reads do not share the CPU with 1000 acknowledgements.
 
 Why not kopf's per-object timers and daemons: the due times move (debounce, each step's
 backoff, the push grace, an interval only while autoscaling), pod and child events must wake
