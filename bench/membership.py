@@ -19,7 +19,8 @@ Per scenario: the membership converged first, then `--changes` times a broker po
 each answering proxy the time from the pod change being handed to the controller to the operator
 holding that proxy's acknowledgement of the new version (debounce included): p50/p99/max over every
 (change, proxy). Also: how often each frozen proxy was tried meanwhile, what `status.membership`
-says (which proxies lag), and the controller's passes.
+says (which proxies lag), the controller's passes, and which changes met the controller's read of
+every proxy's Status (the Connections step's, every scale interval), with the p50/p99 of the others.
 
     python bench/membership.py                      # 1000 proxies: all answering, then 5 % frozen + 5 % slow
     python bench/membership.py --proxies 200 --changes 3
@@ -53,6 +54,7 @@ from neoplasma.core.membership import EMPTY, Snapshot
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.core.push import PushResult
 from neoplasma.core.trust import Tokens
+from neoplasma.operator import observe
 from neoplasma.operator.controller import ClusterController
 from neoplasma.operator.members import Controlled, PodView
 from neoplasma.operator.observe import Indexes
@@ -232,6 +234,38 @@ class Recorder:
         return self._everywhere.setdefault(version, asyncio.Event())
 
 
+class Reads:
+    """When the controller read every proxy's Status (the Connections step's read, every scale interval):
+    wraps observe's `proxy_statuses`, the real one, to say which changes met such a read."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        read = observe.proxy_statuses
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            index = len(self.spans)
+            self.spans.append((time.monotonic(), float("inf")))  # under way (a frozen proxy holds it 2 s)
+            try:
+                return await read(*args, **kwargs)
+            finally:
+                self.spans[index] = (self.spans[index][0], time.monotonic())
+
+        self.original = read
+        observe.proxy_statuses = recorded  # type: ignore[assignment]
+
+    def met(self, start: float, end: float) -> bool:
+        """Whether a read of the proxies' Status overlapped [start, end]."""
+        return any(b <= end and e >= start for b, e in self.spans)
+
+    def since(self, at: float) -> float | None:
+        """Seconds from the start of the last read begun before `at` to `at` (None: none)."""
+        began = [b for b, _ in self.spans if b <= at]
+        return round(at - max(began), 3) if began else None
+
+    def close(self) -> None:
+        observe.proxy_statuses = self.original  # type: ignore[assignment]
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -312,10 +346,12 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                                    post=lambda event: None)
     answering = [p for p in names if kinds[p] != FROZEN]
     recorder = Recorder(controller, set(answering))
+    reads = Reads()
     sync = controller.steps.membership.sync
     process = psutil.Process()
     controller.start()
     latencies: dict[str, list[float]] = {ANSWERING: [], SLOW: []}
+    unread: list[float] = []  # the answering proxies' latencies in the rounds that met no Status read
     rounds = []
     try:
         await wait_until(lambda: sync.snapshot.version >= 1, 30, "the first membership")
@@ -345,10 +381,17 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                            "operator_cpu_seconds": round(sum(process.cpu_times()[:2]) - cpu_before, 3),
                            "standins_cpu_seconds": round(sum(sum(p.cpu_times()[:2]) for p in standins)
                                                          - standins_before, 3),
+                           "met_status_read": reads.met(seen, seen + max(fast)),
+                           # its 1000 answers may still be taking the CPU when it ended just before the change
+                           "status_read_began_before": reads.since(seen),
+                           "pushes": sum(recorder.tries.get(p, 0) - tries_before[p] for p in names),
                            "frozen_tries": sum(recorder.tries.get(p, 0) - tries_before[p]
                                                for p in names if kinds[p] == FROZEN)})
+            if not rounds[-1]["met_status_read"]:
+                unread.extend(fast)
             print(f"  {name}: change {change + 1}: v{version} answering p50 {rounds[-1]['p50'] * 1000:.0f} ms "
-                  f"p99 {rounds[-1]['p99'] * 1000:.0f} ms max {rounds[-1]['max'] * 1000:.0f} ms", flush=True)
+                  f"p99 {rounds[-1]['p99'] * 1000:.0f} ms max {rounds[-1]['max'] * 1000:.0f} ms"
+                  + (" (met a read of every proxy's Status)" if rounds[-1]["met_status_read"] else ""), flush=True)
         # What status and the metrics say once the frozen ones have been retried a while.
         await asyncio.sleep(options.sync_grace + 0.5)
         controller.wake()
@@ -356,6 +399,7 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
         await asyncio.sleep(0.5)
     finally:
         await controller.stop()
+        reads.close()
     status = api.statuses[-1] if api.statuses else {}
     frozen = sorted(p for p in names if kinds[p] == FROZEN)
     registry = controller.metrics.registry
@@ -368,6 +412,8 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
         "seconds_to_ack": {kind: {"n": len(v), "p50": round(pct(v, 50), 4), "p99": round(pct(v, 99), 4),
                                   "max": round(max(v), 4) if v else None} for kind, v in latencies.items()},
         "rounds": rounds,
+        "answering_without_status_read": {"rounds": sum(not r["met_status_read"] for r in rounds),
+                                          "p50": round(pct(unread, 50), 4), "p99": round(pct(unread, 99), 4)},
         "frozen_tries_each": sorted({recorder.tries.get(p, 0) for p in frozen}),
         "status_membership": status.get("membership"),
         "status_condition": {k: (v[:300] + f"... ({len(v)} characters)" if isinstance(v, str) and len(v) > 300 else v)
@@ -424,6 +470,9 @@ async def main(args: argparse.Namespace) -> None:
     print(table(results))
     for r in results:
         print(f"{r['scenario']}: status.membership = {json.dumps(r['status_membership'])[:400]}")
+        clear = r["answering_without_status_read"]
+        print(f"  answering, the {clear['rounds']} changes that met no read of every proxy's Status: "
+              f"p50 {clear['p50']:.3f} s, p99 {clear['p99']:.3f} s")
         condition = r["status_condition"]
         print(f"  MembershipSynced: {condition.get('reason')}: {str(condition.get('message'))[:200]}"
               f"; status {r['status_bytes']} bytes; metrics {r['metrics']}")

@@ -120,12 +120,11 @@ def test_membership_decides_the_snapshot_and_leaves_the_pushes_to_the_act_phase(
     decision = steps.membership.decide(seen_of(steps, body, pods=pods), NOW)
     assert [(e.reason, e.message) for e in decision.events] == [
         ("MembershipChanged", "membership version 1: 2 brokers (1 draining), pushing to 1 ready proxy")]
-    assert decision.push is False and pusher.pushes == []  # deciding starts no push
+    assert decision.push is True and pusher.pushes == []  # deciding starts no push: the act phase does
     assert steps.membership.sync.snapshot.version == 1
     again = steps.membership.decide(seen_of(steps, body, pods=pods), NOW + 1)
-    assert again.events == [] and again.push is False  # nothing changed
-    refresh = steps.membership.decide(seen_of(steps, body, pods=pods), NOW + OPTIONS.anti_entropy)
-    assert refresh.push is True  # anti-entropy: push to every ready proxy
+    assert again.events == []  # nothing changed (the sync pushes only what is due: tests/test_operator_units.py)
+    assert steps.membership.due == steps.membership.sync.next_due()
 
 
 # -- Scaling ----------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from harness import ACCESS, proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
+from neoplasma.core.control import ProxyChannels
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
-from neoplasma.core.trust import PLAIN, bearer_metadata
+from neoplasma.core.trust import PLAIN, Access, Tokens, bearer_metadata
 from neoplasma.operator import conditions as c
 from neoplasma.operator import observe as observe_module
 from neoplasma.operator.children import (
@@ -33,7 +34,7 @@ from neoplasma.operator.children import (
     index_value,
     plan,
 )
-from neoplasma.operator.controller import ClusterController
+from neoplasma.operator.controller import ClusterController, Wakeup
 from neoplasma.operator.members import (
     Controlled,
     PodView,
@@ -52,7 +53,7 @@ from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership
-from neoplasma.operator.sync import Convergence, MembershipSync, catch_up, resume_snapshot
+from neoplasma.operator.sync import Convergence, MembershipSync, Refresh, catch_up, resume_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -477,6 +478,7 @@ class FakePusher:
         self.answer = answer or (lambda target, snapshot: PushResult(target, "", True, snapshot.version))
         self.pushes: list[tuple[str, int]] = []
         self.access = PLAIN  # what the controller gives a pusher to reach the proxies with
+        self.channels = ProxyChannels()  # the proxies' channels, which the controller's Status reads use
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         self.pushes.append((target, snapshot.version))
@@ -529,8 +531,13 @@ async def test_sync_pushes_each_new_version_to_every_ready_proxy_once() -> None:
     assert len(pusher.pushes) == 2
     assert sync.progress() == c.MembershipProgress(1, 1, 2, 2, {}, sync.convergence.last_seconds)
     assert sync.convergence.last_seconds is not None
-    sync.push(force=True)  # anti-entropy pushes again, version unchanged
-    await settle()
+    for _ in range(2):  # anti-entropy pushes again, version unchanged, each proxy at its own phase
+        due = sync.next_due()
+        assert due is not None and clock.now < due <= clock.now + 1.5 * sync.refresh.interval
+        clock.now = due
+        sync.update([B1], targets("p1", "p2"), seen_at=clock.now)
+        sync.push()  # the controller's act phase
+        await settle()
     assert sorted(pusher.pushes[2:]) == [("p1", 1), ("p2", 1)]
     await sync.close()
 
@@ -569,8 +576,8 @@ async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None
     assert (sync.progress().version, sync.progress().errors) == (1, {"p2": "UNAVAILABLE: refused"})
     assert sync.settling_since() is None  # failing: status says so at once
     assert sync.progress().acknowledged == 1 and sync.progress().errors == {"p2": "UNAVAILABLE: refused"}
-    retry_at = sync.next_retry()
-    assert retry_at is not None and retry_at > clock.now
+    retry_at = sync.next_due()
+    assert retry_at is not None and retry_at == clock.now + 0.1  # RETRY's first delay, before p1's anti-entropy
     sync.update([B1, B2], targets("p1", "p2"), seen_at=clock.now)  # not due yet
     sync.push()  # the controller's act phase
     await settle()
@@ -582,7 +589,7 @@ async def test_sync_retries_a_failed_proxy_with_backoff_and_reports_it() -> None
     await settle()
     assert pusher.pushes.count(("p2", 1)) == 2
     assert sync.progress().acknowledged == 2 and not sync.progress().errors
-    assert sync.next_retry() is None
+    assert (sync.next_due() or 0.0) >= clock.now + sync.refresh.interval / 2  # only anti-entropy is due now
     await sync.close()
 
 
@@ -616,7 +623,7 @@ async def test_sync_wakes_the_controller_for_news_not_for_each_acknowledgement()
     assert len(wakes) == 1  # p007 failed: news (status, an Event, its retry)
     assert sync.progress().acknowledged == 299 and sync.progress().lagging == ("p007",)
     down.clear()
-    clock.now = sync.next_retry() or 0.0
+    clock.now = sync.next_due() or 0.0
     sync.update([B1], targets(*names), seen_at=clock.now)
     sync.push()
     await settle()
@@ -687,7 +694,7 @@ async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_retur
     pusher = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
                                                 "UNAVAILABLE: refused" if t in down else ""))
     clock = Clock()
-    membership = Membership(MembershipSync(pusher, clock=clock), anti_entropy=5.0, now=clock.now)  # type: ignore[arg-type]
+    membership = Membership(MembershipSync(pusher, clock=clock))  # type: ignore[arg-type]
     pods = views(pod("b1"), pod("p1", "proxy"))
     reported: list[Event] = []
 
@@ -695,7 +702,8 @@ async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_retur
         for _ in range(n):
             decision = membership.decide(seen(pods, clock.now), clock.now)
             reported.extend(e for e in decision.events if e.reason == "PushFailed")
-            membership.sync.push(force=bool(decision.push))  # the controller's act phase
+            if decision.push:
+                membership.sync.push()  # the controller's act phase
             await settle()
 
     await passes(3)
@@ -706,10 +714,142 @@ async def test_a_push_failure_is_reported_when_it_starts_and_again_when_it_retur
     await passes()
     assert membership.sync.progress().acknowledged == 1 and len(reported) == 1
     down.add("p1")  # ...and fails again (the anti-entropy push): news again
-    clock.now += 5.0
+    assert membership.due is not None
+    clock.now = membership.due
     await passes()
     assert len(reported) == 2 and reported[1] == reported[0]
     await membership.sync.close()
+
+
+def test_anti_entropy_gives_each_proxy_its_own_phase_once_per_interval() -> None:
+    refresh = Refresh(interval=5.0, slots=10)
+    names = [f"mesh-proxy-{i:04d}" for i in range(1000)]
+    per_slot = [0] * 10
+    for name in names:
+        per_slot[round(refresh.phase(name) / 0.5)] += 1
+    assert min(per_slot) >= 60 and max(per_slot) <= 140  # ~100 of 1000 at each of the 10 phases
+    for name in names[:50]:
+        for confirmed in (0.0, 1.3, 4.99, 100.0):
+            due = refresh.due_at(name, confirmed)
+            assert confirmed + 2.5 <= due < confirmed + 7.5  # not soon after a confirmation, never long after
+            assert (due - refresh.phase(name)) / 5.0 == pytest.approx(round((due - refresh.phase(name)) / 5.0))
+            assert refresh.due_at(name, due) == pytest.approx(due + 5.0)  # then every interval, on its phase
+    with pytest.raises(ValueError, match="interval > 0"):
+        Refresh(interval=0.0)
+
+
+async def test_anti_entropy_spreads_over_the_interval_and_a_change_pre_empts_it() -> None:
+    # 1000 proxies acknowledged a change at once: their anti-entropy pushes come a slot at a time.
+    pusher, clock = FakePusher(), Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    names = [f"mesh-proxy-{i:04d}" for i in range(1000)]
+    sync.update([B1], targets(*names), seen_at=clock.now)
+    sync.push()
+    for _ in range(5):
+        await settle()
+    assert len(pusher.pushes) == 1000 and sync.progress().acknowledged == 1000
+    confirmed, batches = clock.now, []
+    while (due := sync.next_due()) is not None and due < confirmed + 7.5:
+        clock.now = due
+        before = len(pusher.pushes)
+        sync.update([B1], targets(*names), seen_at=clock.now)
+        sync.push()
+        for _ in range(5):
+            await settle()
+        batches.append(len(pusher.pushes) - before)
+    assert len(batches) == 10 and sum(batches) == 1000 and max(batches) <= 140  # never all at once
+    # A change: every proxy gets the new version at once, and no anti-entropy push follows it soon.
+    before = len(pusher.pushes)
+    sync.update([B1, B2], targets(*names), seen_at=clock.now)
+    sync.push()
+    for _ in range(5):
+        await settle()
+    assert pusher.pushes[before:].count(("mesh-proxy-0000", 2)) == 1 and len(pusher.pushes) == before + 1000
+    assert (sync.next_due() or 0.0) >= clock.now + 2.5
+    await sync.close()
+
+
+async def test_reads_of_every_proxy_wait_for_a_change_s_pushes_but_not_for_failing_ones() -> None:
+    release = asyncio.Event()
+
+    class Held(FakePusher):
+        async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
+            if target == "slow" or (target == "frozen" and self.pushes.count(("frozen", 1)) > 0):
+                await release.wait()  # answers late / never again
+            return await super().push_one(target, address, snapshot)
+
+    pusher = Held(lambda t, s: PushResult(t, "", t != "frozen", 0 if t == "frozen" else s.version,
+                                          "" if t != "frozen" else "DEADLINE_EXCEEDED"))
+    clock = Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1", "slow", "frozen"), seen_at=clock.now)
+    sync.push()
+    await settle()  # frozen failed once: known failing
+    clock.now = sync.next_due() or 0.0
+    sync.push()  # frozen's retry, under way (held)
+    await settle()
+    waiting = asyncio.ensure_future(sync.pushed(timeout=5.0))
+    await settle()
+    assert not waiting.done()  # the push to "slow" is under way
+    release.set()
+    await asyncio.wait_for(waiting, 1.0)  # ended with it, frozen's retry does not hold it
+    started = time.monotonic()
+    release.clear()
+    sync.update([B1, B2], targets("p1", "slow", "frozen"), seen_at=clock.now)
+    sync.push()
+    await sync.pushed(timeout=0.05)  # bounded: returns after the timeout though "slow" still holds its push
+    assert time.monotonic() - started < 1.0
+    release.set()
+    await sync.close()
+
+
+async def test_a_failed_anti_entropy_push_makes_the_proxy_lag_and_retries_it() -> None:
+    down: set[str] = set()
+    pusher, clock = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                                       "UNAVAILABLE: refused" if t in down else "")), Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1"), seen_at=clock.now)
+    sync.push()
+    await settle()
+    down.add("p1")  # restarted unnoticed, or gone: its anti-entropy push fails
+    clock.now = sync.next_due() or 0.0
+    sync.push()
+    await settle()
+    assert sync.progress().lagging == ("p1",) and sync.progress().errors == {"p1": "UNAVAILABLE: refused"}
+    assert sync.next_due() == clock.now + 0.1  # retried with backoff, not at its next phase
+    await sync.close()
+
+
+async def test_proxy_channels_are_made_once_per_proxy_and_again_for_other_tls() -> None:
+    channels = ProxyChannels()
+    first = channels.stub("10.0.0.1:50052", PLAIN)
+    assert channels.stub("10.0.0.1:50052", Access(Tokens(given=["t"]))) is first  # the credential goes per call
+    channels.stub("10.0.0.2:50052", PLAIN)
+    assert len(channels) == 2
+    tls = Access(ca="-----BEGIN CERTIFICATE-----\nnot parsed until a call\n-----END CERTIFICATE-----\n",
+                 server_name="demo-proxy")
+    assert channels.stub("10.0.0.1:50052", tls) is not first  # other TLS settings: a new channel
+    channels.prune(["10.0.0.1:50052"])
+    assert len(channels) == 1
+    await channels.close()
+    assert len(channels) == 0
+
+
+def test_a_pod_change_is_answered_at_once_and_a_burst_once_per_debounce() -> None:
+    wakeup = Wakeup()
+    assert wakeup.pods_due(0.2) is None  # nothing seen
+    wakeup.set(pods_at=10.0)
+    assert wakeup.pods_due(0.2) == 10.0  # the first change: at once
+    assert wakeup.take(10.0) == 10.0
+    wakeup.set(pods_at=10.05)  # another within the debounce...
+    wakeup.set(pods_at=10.1)
+    assert wakeup.pods_due(0.2) == pytest.approx(10.2)  # ...waits, gathered with the rest of the burst
+    assert wakeup.take(10.2) == 10.05
+    wakeup.set()  # a wake-up for something else: no wait
+    assert wakeup.pods_due(0.2) is None
+    wakeup.take(11.0)
+    wakeup.set(pods_at=11.5)  # a change after a quiet debounce: at once again
+    assert wakeup.pods_due(0.2) == 11.5
 
 
 # -- the sync loop, against real proxies -----------------------------------------------------
@@ -865,7 +1005,8 @@ async def test_controller_pushes_a_membership_change_without_waiting_for_the_pro
     # a new proxy must get the membership meanwhile, not after it.
     reads: list[str] = []
 
-    async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0) -> dict[str, Any]:
+    async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0,
+                              channels: Any = None) -> dict[str, Any]:
         reads.append("started")
         await asyncio.sleep(timeout)
         reads.append("ended")

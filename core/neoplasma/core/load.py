@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 
+from neoplasma.core.control import ProxyChannels
 from neoplasma.core.scaling import Load
 from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -30,10 +31,15 @@ async def _broker_stats(address: str, access: Access, timeout: float) -> pb.Brok
         return None
 
 
-async def _proxy_status(address: str, access: Access, timeout: float) -> pb.ProxyStatus | None:
+async def _proxy_status(address: str, access: Access, timeout: float,
+                        channels: ProxyChannels | None) -> pb.ProxyStatus | None:
     try:
+        if channels is not None:
+            status: pb.ProxyStatus = await channels.stub(address, access).Status(
+                pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
+            return status
         async with access.channel(address) as channel:
-            status: pb.ProxyStatus = await pb_grpc.ProxyControlStub(channel).Status(
+            status = await pb_grpc.ProxyControlStub(channel).Status(
                 pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
             return status
     except grpc.aio.AioRpcError:
@@ -69,10 +75,11 @@ async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> 
     return brokers_load((await broker_stats(grpc_addresses, access)).values())
 
 
-async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN,
-                         timeout: float = TIMEOUT) -> dict[str, pb.ProxyStatus]:
-    """The Status of each proxy that answered, by control address (one call per proxy)."""
-    return await by_address(control_addresses, lambda a: _proxy_status(a, access, timeout))
+async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT,
+                         channels: ProxyChannels | None = None) -> dict[str, pb.ProxyStatus]:
+    """The Status of each proxy that answered, by control address (one call per proxy; over `channels`,
+    kept open, if given, else a channel per call)."""
+    return await by_address(control_addresses, lambda a: _proxy_status(a, access, timeout, channels))
 
 
 def proxies_load(answers: Iterable[pb.ProxyStatus]) -> Load:

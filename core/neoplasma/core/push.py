@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from neoplasma.core.backoff import BackoffPolicy
+from neoplasma.core.control import ProxyChannels
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import Snapshot
 from neoplasma.core.trust import PLAIN, Access
@@ -37,23 +38,18 @@ class MembershipPusher:
     """Pushes snapshots to proxies: `push_one` tries once (its caller owns retries, as the
     operator's MembershipSync does); `push_all` retries each proxy with `retry` up to `attempts`."""
 
-    def __init__(self, *, timeout: float = 2.0, attempts: int = 5,
-                 retry: BackoffPolicy = RETRY, access: Access = PLAIN) -> None:
+    def __init__(self, *, timeout: float = 2.0, attempts: int = 5, retry: BackoffPolicy = RETRY,
+                 access: Access = PLAIN, channels: ProxyChannels | None = None) -> None:
+        """`channels`: the proxies' channels, to share with other calls to them (Status reads)."""
         self.access = access  # the cluster credential (and TLS) for the proxies' control ports
         self.timeout = timeout
         self.attempts = attempts
         self.retry = retry
-        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.ProxyControlStub]] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self.channels = channels or ProxyChannels()
         self._message: tuple[Snapshot, pb.Membership] = (Snapshot(-1, ()), pb.Membership())  # the last one sent
 
     def _stub(self, address: str) -> pb_grpc.ProxyControlStub:
-        """The stub of the address's channel, made once (a stub costs as much as the call at 1000 proxies)."""
-        known = self._channels.get(address)
-        if known is None:
-            channel = self.access.channel(address)
-            known = self._channels[address] = (channel, pb_grpc.ProxyControlStub(channel))
-        return known[1]
+        return self.channels.stub(address, self.access)
 
     async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
         """One push: ok when the proxy runs `snapshot.version` (not refused: the same version with other
@@ -98,14 +94,7 @@ class MembershipPusher:
 
     def prune(self, keep: Iterable[str]) -> None:
         """Close channels to addresses not in `keep`."""
-        wanted = set(keep)
-        for address in [a for a in self._channels if a not in wanted]:
-            task = asyncio.get_running_loop().create_task(self._channels.pop(address)[0].close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        self.channels.prune(keep)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel, _ in channels:
-            await channel.close()
-        await asyncio.gather(*self._closing)
+        await self.channels.close()

@@ -1,8 +1,9 @@
 """One controller per NeoplasmaCluster: a small scheduler, and each pass as observe, decide, act.
 
 kopf's handlers (handlers.py) only hand the latest cluster object to this module and wake the
-cluster's controller: one asyncio task that sleeps until woken (a pod change, debounced so a
-burst becomes one membership version; a child or the resource changed) or until the earliest
+cluster's controller: one asyncio task that sleeps until woken (a pod change: at once, unless
+another was answered within the debounce, then gathered with the others of that burst into one
+membership version; a child or the resource changed) or until the earliest
 step is `due`, then runs one level-based pass over the current state:
 
 - observe (observe.py): one read of the API's view (kopf's indexes, the Secrets when wanted), then
@@ -16,7 +17,9 @@ A pass runs in two halves so that no pod's answer ever delays a membership push:
 observes the API's view and acts on Trust and Membership (`Steps.without_reads()`); the second,
 a task of its own, reads the pods (a frozen one costs the read timeout) and acts on the other
 steps. While a second half runs, a wake-up runs another first half at once (a pod change is pushed
-after its debounce, whatever the reads), and a full pass follows once that second half ended.
+after its debounce, whatever the reads), and a full pass follows once that second half ended. A
+second half that reads every proxy's Status first lets a change's pushes under way end (at most the
+read timeout), so that 1000 reads do not share the CPU with 1000 acknowledgements.
 
 Why not kopf's per-object timers and daemons: the due times move (debounce, each step's
 backoff, the push grace, an interval only while autoscaling), pod and child events must wake
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -51,7 +55,7 @@ from neoplasma.operator.render import INGEST
 from neoplasma.operator.settings import Options
 from neoplasma.operator.status import persisted_version
 from neoplasma.operator.steps import Decision, Event, Failing, Steps, earliest
-from neoplasma.operator.sync import MembershipSync
+from neoplasma.operator.sync import MembershipSync, Refresh
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 log = get_logger("operator")
@@ -115,7 +119,15 @@ class Wakeup:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.pods_seen_at: float | None = None
+        self.pods_answered_at = -math.inf  # when the last pass for a pod change began
         self.deferred = False  # a pass's first half ran while another's second half was under way
+
+    def pods_due(self, debounce: float) -> float | None:
+        """When the pass for the pod change seen may begin (None: none seen): at once, unless a pass
+        answered one less than `debounce` seconds before; then at that time, with every change seen
+        meanwhile gathered into it. An isolated change is pushed without waiting; a burst costs at
+        most one pass (and membership version) per `debounce`."""
+        return None if self.pods_seen_at is None else max(self.pods_seen_at, self.pods_answered_at + debounce)
 
     def set(self, pods_at: float | None = None) -> None:
         if pods_at is not None and self.pods_seen_at is None:
@@ -125,6 +137,8 @@ class Wakeup:
     def take(self, now: float) -> float:
         """When the pod change this pass answers was seen (`now` for none); the next is new."""
         self.event.clear()
+        if self.pods_seen_at is not None:
+            self.pods_answered_at = now
         seen_at, self.pods_seen_at = (self.pods_seen_at or now), None
         return seen_at
 
@@ -162,7 +176,9 @@ class ClusterController:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self._post_event = post or self._kopf_event
-        sync = MembershipSync(MembershipPusher(timeout=options.read_timeout), clock=clock, label=self.label,
+        sync = MembershipSync(MembershipPusher(timeout=options.read_timeout),
+                              refresh=Refresh(options.anti_entropy),
+                              clock=clock, label=self.label,
                               version=persisted_version(self.body.get("status")), on_progress=self.wake,
                               cluster=self.uid, on_converged=lambda seconds: self.metrics.converged(key, seconds))
         self.steps = Steps(self.body, options, sync, clock())
@@ -212,8 +228,9 @@ class ClusterController:
     async def _run(self) -> None:
         while True:
             await self._sleep()
-            if self._wakeup.pods_seen_at is not None:
-                await asyncio.sleep(max(0.0, self._wakeup.pods_seen_at + self.options.debounce - self.clock()))
+            pods_due = self._wakeup.pods_due(self.options.debounce)
+            if pods_due is not None and pods_due > self.clock():
+                await asyncio.sleep(pods_due - self.clock())
             started = time.perf_counter()
             reading = self._running.reading()
             try:
@@ -259,8 +276,10 @@ class ClusterController:
         """Read the pods (a slow or frozen one costs up to the read timeout) and act on the other steps;
         meanwhile the scheduler runs first halves for pod changes, so membership pushes never wait."""
         try:
+            if seen.wants.proxies or Tier.PROXY in seen.wants.loads:  # a call to every proxy: after a change's pushes
+                await self.steps.membership.sync.pushed(self.options.read_timeout)
             seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
-                                   self.options.read_timeout)
+                                   self.options.read_timeout, self.steps.membership.sync.pusher.channels)
             for step in self.steps.with_reads():
                 await self._act(step.decide(seen, seen.at), seen)
         except asyncio.CancelledError:
@@ -289,8 +308,8 @@ class ClusterController:
             await self._create_secret(decision.secret)
         if decision.access is not None:
             await self._use(decision.access)
-        if decision.push is not None:
-            self.steps.membership.sync.push(force=decision.push)
+        if decision.push:
+            self.steps.membership.sync.push()
         if decision.drains:
             await self._pace(decision.drains)
         for change in decision.scaled:
@@ -316,10 +335,7 @@ class ClusterController:
 
     async def _use(self, access: Mapping[Tier, Access]) -> None:
         self.steps.trust.access = dict(access)
-        pusher = self.steps.membership.sync.pusher
-        if (pusher.access.ca, pusher.access.server_name) != (access[Tier.PROXY].ca, access[Tier.PROXY].server_name):
-            await pusher.close()  # its channels were made for the old TLS settings
-        pusher.access = access[Tier.PROXY]
+        self.steps.membership.sync.pusher.access = access[Tier.PROXY]  # ProxyChannels: new TLS, new channels
 
     async def _apply(self, plan: ch.Plan, seen: Seen) -> None:
         cluster, children = self.steps.scaling.effective, self.steps.children

@@ -30,8 +30,8 @@ class Options:
     default_image: str
     policy_api: str = "policy/v1"
     operator: Peers = NO_PEERS  # where the operator's pods run (NetworkPolicies let them in)
-    debounce: float = 0.2  # seconds a burst of pod changes is gathered into one snapshot
-    anti_entropy: float = 5.0  # seconds between pushes of the current snapshot to every proxy
+    debounce: float = 0.2  # seconds after a pass for a pod change during which further ones are gathered into one
+    anti_entropy: float = 5.0  # seconds between pushes of the current snapshot to each proxy (each at its own phase)
     resync: float = 60.0  # seconds between checks of the children with no event at all
     stats_interval: float = 10.0  # seconds between reads of the brokers' connection counts
     scale_interval: float = 10.0  # seconds between autoscaling decisions (load reads)

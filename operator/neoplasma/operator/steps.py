@@ -99,7 +99,7 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     access: dict[Tier, Access] | None = None  # how to reach the pods from now on (credential, TLS)
     secret: Manifest | None = None  # the credential Secret to create
-    push: bool | None = None  # push membership: what is due (False), to every ready proxy (True); None: not
+    push: bool = False  # start the membership pushes that are due (a new version, retries, anti-entropy)
     scaled: list[Scaled] = field(default_factory=list)  # for the metrics
     drains: dict[str, pb.DrainRequest] = field(default_factory=dict)  # control address -> a pace or a limit
     plan: ch.Plan | None = None  # children to apply and delete (Children.applied/failed after)
@@ -230,23 +230,23 @@ class Trust:
 
 class Membership:
     """Step 2: the ready brokers as the next snapshot; `MembershipSync` pushes it to the ready
-    proxies (and retries each with backoff), and every `anti_entropy` seconds to all of them."""
+    proxies (retrying each with backoff, and pushing it again to each one every `anti_entropy`
+    seconds at that proxy's own phase: sync.Refresh)."""
 
-    def __init__(self, sync: MembershipSync, anti_entropy: float, now: float) -> None:
+    def __init__(self, sync: MembershipSync) -> None:
         self.sync = sync
-        self.refresh = Every(anti_entropy, now + anti_entropy)
         self.problems = Problems()
         self._announced = 0
 
     @property
     def due(self) -> float | None:
-        return earliest(self.refresh.next, self.sync.next_retry())
+        return self.sync.next_due()
 
     def decide(self, seen: Seen, now: float) -> Decision:
         """The next snapshot (the act phase pushes it), and its events."""
         targets = proxy_targets(seen.pods)
         snapshot = self.sync.update(broker_members(seen.pods), targets, seen.pods_changed_at)
-        decision = Decision(push=self.refresh.fire(now))
+        decision = Decision(push=True)
         if snapshot.version != self._announced:
             self._announced = snapshot.version
             draining = sum(1 for m in snapshot.members if m.state is BrokerState.DRAINING)
@@ -538,7 +538,7 @@ class Steps:
         autoscaler = Autoscaler(status.get("autoscaling"))
         self.resource = Resource(autoscaler, f"{metadata.get('namespace')}/{metadata.get('name')}")
         self.trust = Trust(options.anti_entropy, now)
-        self.membership = Membership(sync, options.anti_entropy, now)
+        self.membership = Membership(sync)
         self.scaling = Scaling(autoscaler, options.scale_interval, now)
         self.connections = Connections(autoscaler, self.scaling, options.scale_interval, now)
         self.children = Children(options, self.scaling, self.connections, now)

@@ -5,21 +5,25 @@
 act phase) pushes it, through the same `MembershipPusher` the local runtime uses, to each ready
 proxy that has not applied it: one push task per proxy, so a slow or broken proxy never holds
 the others back. A proxy whose push failed is retried with backoff (this is the one retry loop
-of a push: the pusher tries once); `push(force=True)` (anti-entropy) pushes to every proxy
-again, which also repairs one that restarted unnoticed. Versions never go backwards:
+of a push: the pusher tries once). Anti-entropy (`Refresh`) pushes the current snapshot again to
+each proxy that runs it, once per interval at the proxy's own phase, which also repairs one that
+restarted unnoticed: spread so, it never adds a burst to all proxies at once to a change's push,
+and a proxy confirmed by a change's push is not pushed again for half an interval. Versions never go backwards:
 a restarted operator resumes from the version in the resource's status, and a proxy that
 reports a newer version than ours (pushed before a crash, never recorded) makes the next
 snapshot jump past it.
 
 The decisions are plain functions and classes (`resume_snapshot`, `catch_up`, `Convergence`,
-core.backoff's `Backoff`); only `MembershipSync` does I/O, and only through the pusher.
+`Refresh`, core.backoff's `Backoff`); only `MembershipSync` does I/O, and only through the pusher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -82,6 +86,34 @@ class Convergence:
         return self.last_seconds
 
 
+@dataclass(frozen=True)
+class Refresh:
+    """Anti-entropy: when a proxy confirmed running the current snapshot is pushed it again.
+
+    Each proxy has its own phase, one of `slots` spaced `interval / slots` apart (a hash of its
+    name), and is pushed once per `interval` at that phase, the first one at least half an interval
+    after its last confirmation. So the pushes of 1000 proxies spread over the interval (a tenth of
+    them at each slot, whenever they were last confirmed) instead of coming all at once, a proxy
+    confirmed by a change's push is not pushed again soon after, and none goes unconfirmed for more
+    than 1.5 intervals (one, while nothing changes)."""
+
+    interval: float = 5.0
+    slots: int = 10
+
+    def __post_init__(self) -> None:
+        if not (self.interval > 0 and self.slots >= 1):
+            raise ValueError(f"anti-entropy needs an interval > 0 and slots >= 1, got {self.interval} and {self.slots}")
+
+    def phase(self, name: str) -> float:
+        """The proxy's offset within each interval (seconds)."""
+        return zlib.crc32(name.encode()) % self.slots * self.interval / self.slots
+
+    def due_at(self, name: str, confirmed_at: float) -> float:
+        """When the proxy `name`, confirmed at `confirmed_at`, is pushed again (clock time)."""
+        offset = self.phase(name)
+        return offset + math.ceil((confirmed_at + self.interval / 2 - offset) / self.interval) * self.interval
+
+
 @dataclass
 class _Push:
     incarnation: str
@@ -99,6 +131,7 @@ class MembershipSync:
         version: int = 0,
         on_progress: Callable[[], None] = lambda: None,
         retry: BackoffPolicy = RETRY,
+        refresh: Refresh = Refresh(),
         clock: Callable[[], float] = time.monotonic,
         label: str = "",
         cluster: str = "",
@@ -111,6 +144,7 @@ class MembershipSync:
         self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
         self.retry = retry
+        self.refresh = refresh
         self._on_progress = on_progress
         self._on_converged = on_converged
         self._clock = clock
@@ -122,6 +156,7 @@ class MembershipSync:
         # an acknowledgement costs the same whether 2 or 1000 proxies are pushed to.
         self._lagging: set[str] = set()
         self._retries: dict[str, Backoff] = {}  # the proxies whose push failed
+        self._refresh_at: dict[str, float] = {}  # name -> its next anti-entropy push (those running the version)
         self._pushes: dict[str, _Push] = {}
         self._closed = False
 
@@ -140,15 +175,27 @@ class MembershipSync:
         self._check_converged()
         return self.snapshot
 
-    def push(self, force: bool = False) -> None:
+    def push(self) -> None:
         """Start the pushes that are due: to each ready proxy that has not applied the snapshot
-        and is not backing off, or (`force`, anti-entropy) to every ready proxy."""
+        and is not backing off, and (anti-entropy) to each one that has and whose `Refresh` is due."""
         self.pusher.prune(t.address for t in self._targets.values())
-        self._push_due(force)
+        self._push_due()
 
-    def next_retry(self) -> float | None:
-        """When the earliest failed push is due again (clock time), if any."""
-        return min((r.not_before for r in self._retries.values() if r.not_before is not None), default=None)
+    def next_due(self) -> float | None:
+        """When the next push is due (clock time), if any: the earliest failed push's retry or
+        anti-entropy push. A push under way is due at none: its end is news or a new due time."""
+        retry = min((r.not_before for r in self._retries.values() if r.not_before is not None), default=None)
+        refresh = min((at for name, at in self._refresh_at.items()
+                       if self._is_applied(name) and not self._under_way(name)), default=None)
+        return retry if refresh is None else refresh if retry is None else min(retry, refresh)
+
+    async def pushed(self, timeout: float) -> None:
+        """Return once the pushes under way to proxies not known to fail have ended, or after `timeout`
+        seconds: a change's burst to every proxy is not made to share the CPU with other calls to them."""
+        under_way = [push.task for name, push in self._pushes.items()
+                     if not push.task.done() and name not in self._errors]
+        if under_way:
+            await asyncio.wait(under_way, timeout=timeout)
 
     def settling_since(self) -> float | None:
         """When the change now being pushed was seen, while every push so far went fine."""
@@ -187,11 +234,15 @@ class MembershipSync:
         self._targets = dict(targets)
         for name in [n for n in self._pushes if n not in targets]:
             self._pushes.pop(name).task.cancel()
-        for table in (self._applied, self._errors, self._retries):
+        for table in (self._applied, self._errors, self._retries, self._refresh_at):
             for name in [n for n in table if n not in targets]:
                 del table[name]
 
-    def _push_due(self, force: bool) -> None:
+    def _under_way(self, name: str) -> bool:
+        push = self._pushes.get(name)
+        return push is not None and not push.task.done()
+
+    def _push_due(self) -> None:
         if self._closed:
             return
         now = self._clock()
@@ -201,7 +252,10 @@ class MembershipSync:
                 if (push.incarnation, push.version) == (target.incarnation, self.snapshot.version):
                     continue
                 push.task.cancel()  # superseded by a newer snapshot or a new incarnation
-            elif not force and (self._is_applied(name) or (retry is not None and not retry.due(now))):
+            elif self._is_applied(name):
+                if self._refresh_at.get(name, math.inf) > now:
+                    continue  # anti-entropy not due yet
+            elif retry is not None and not retry.due(now):
                 continue
             if retry is not None:
                 retry.not_before = None  # under way: not due again unless it fails
@@ -226,7 +280,7 @@ class MembershipSync:
             self.convergence.changed(self.snapshot.version, self._clock())
             log.warning("membership_version_caught_up", cluster=self._label, proxy=name,
                         proxy_version=result.applied_version, version=self.snapshot.version)
-            self._push_due(force=False)
+            self._push_due()
             return True
         if result.ok:
             self._applied[name] = (target.incarnation, result.applied_version)
@@ -234,9 +288,14 @@ class MembershipSync:
             self._retries.pop(name, None)
             if self._is_applied(name):
                 self._lagging.discard(name)
+                self._refresh_at[name] = self.refresh.due_at(name, self._clock())
             return self._check_converged() or recovered
         if snapshot.version != self.snapshot.version:
             return False  # a newer push supersedes this failure
+        # Not known to run the version any more (a failed anti-entropy push: it may have restarted).
+        self._applied.pop(name, None)
+        self._refresh_at.pop(name, None)
+        self._lagging.add(name)
         self._errors[name] = result.error or "no answer"
         delay = self._retries.setdefault(name, Backoff(self.retry)).failed(self._clock())
         log.warning("membership_push_failed", cluster=self._label, proxy=name, address=target.address,
