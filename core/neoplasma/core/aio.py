@@ -83,7 +83,7 @@ class Turns:
         return self.clock() < self.ends
 
     async def turn(self) -> None:
-        if not self._waiters and self.clock() < self.ends:
+        if self.free():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
