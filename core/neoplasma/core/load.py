@@ -33,17 +33,16 @@ async def _broker_stats(address: str, access: Access, timeout: float) -> pb.Brok
 
 async def _proxy_status(address: str, access: Access, timeout: float,
                         channels: ProxyChannels | None) -> pb.ProxyStatus | None:
+    used = channels if channels is not None else ProxyChannels()  # without: a channel for this call alone
     try:
-        if channels is not None:
-            status: pb.ProxyStatus = await channels.stub(address, access).Status(
-                pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
-            return status
-        async with access.channel(address) as channel:
-            status = await pb_grpc.ProxyControlStub(channel).Status(
-                pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
-            return status
+        status: pb.ProxyStatus = await used.stub(address, access).Status(
+            pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
+        return status
     except grpc.aio.AioRpcError:
         return None
+    finally:
+        if used is not channels:
+            await used.close()
 
 
 _Answer = TypeVar("_Answer")
