@@ -56,7 +56,7 @@ from neoplasma.proxy.auth import (
     http_token,
     without_token,
 )
-from neoplasma.proxy.fastpath import Defer, FastPath, Head, Serve, date_header
+from neoplasma.proxy.fastpath import Defer, FastPath, Head, Serve, date_header, handed_decision
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     LAST_CHUNK,
@@ -771,7 +771,7 @@ class FastSseStream(SseStream):
 def sse_fast_path(proxy: Proxy) -> Serve:
     """The fast path's subscribe: a `GET` of SSE_PATHS that `sse_admission` admits, while the proxy takes
     subscribers, is answered here (the answer aiohttp gives, byte for byte but the date); anything else
-    is aiohttp's (False)."""
+    is aiohttp's (False), a decided one with its decision (`FastPath.decision`: not decided again)."""
     cfg = proxy.config
     ok = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
           b"Connection: keep-alive\r\nAccess-Control-Allow-Origin: %s\r\nTransfer-Encoding: chunked\r\n"
@@ -786,6 +786,7 @@ def sse_fast_path(proxy: Proxy) -> Serve:
         token = http_token(headers.get("authorization"), query, cookie_values(cookie) if cookie else {})
         admission = sse_admission(proxy, query, token, headers.get("last-event-id"), http11=True)
         if isinstance(admission, SseRefusal) or proxy.refusing():
+            conn.decision = (head.target, admission)
             return False
         transport = conn.transport
         assert transport is not None  # (data came from it)
@@ -840,9 +841,11 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
     async def sse(request: web.Request) -> web.StreamResponse:
         await proxy.resumes.turns.turn()  # a burst of new connections is set up behind live events
         query = request.query
-        admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
-                                                           request.cookies),
-                                  request.headers.get("Last-Event-ID"), request.version >= (1, 1))
+        admission: SseAdmission | SseRefusal | None = handed_decision(request.transport, request.raw_path)
+        if admission is None:  # not decided by the fast path
+            admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
+                                                               request.cookies),
+                                      request.headers.get("Last-Event-ID"), request.version >= (1, 1))
         if isinstance(admission, SseRefusal):
             if (refused := admission.refused) is not None:
                 _refused(proxy, "sse", refused, path=without_token(request.path_qs))
