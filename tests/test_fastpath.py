@@ -296,6 +296,8 @@ async def test_the_answers_are_aiohttps_and_subscribers_are_served_by_the_fast_p
         ("/events?eventType=news,user:42&lastEventId=abc", f"Authorization: Bearer {token}\r\n"),
         (f"/?eventType=user:42&token={token}", "Last-Event-ID: xyz\r\n"),
         ("/?eventType=user:42", f"Cookie: a=1; neoplasma_token={token}\r\n"),
+        ("/?eventType=user:42", f'Cookie: neoplasma_token=x; neoplasma_token = "{token}" ; b\r\n'),
+        ("/?eventType=user:42", f"Cookie: neoplasma_token={token}; neoplasma_token=x\r\n"),  # 401: the last one
         ("/?eventType=user:42", ""),  # 401
         ("/?eventType=user:42", "Authorization: Bearer x.y.z\r\n"),  # 401, invalid token
         (f"/?eventType=user:43&token={token}", ""),  # 403

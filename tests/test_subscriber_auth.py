@@ -31,6 +31,8 @@ from neoplasma.proxy.auth import (
     SubscriberAuth,
     Unauthenticated,
     bearer,
+    cookie,
+    http_token,
     jwks_keys,
     mint,
     secret_lines,
@@ -221,6 +223,24 @@ def test_bearer_values() -> None:
 
 
 # -- files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    (None, None), ("", None), ("a=1", None), ("neoplasma_token=t", "t"), ("a=1; neoplasma_token=t.u.v; b=2", "t.u.v"),
+    ("a=1;neoplasma_token = t ;b", "t"), ('neoplasma_token="t.u"', "t.u"), ('neoplasma_token="', '"'),
+    ("neoplasma_token=", ""), ("neoplasma_token", None), ("neoplasma_token=1; neoplasma_token=2", "2"),
+    ("neoplasma_tokens=t; xneoplasma_token=u", None), ("Neoplasma_Token=t", None), ("neoplasma_token=a=b", "a=b"),
+    ("\tneoplasma_token=t\t", "t"), (";;;", None), ("; " * 2000 + "neoplasma_token=t", "t"),
+])
+def test_cookie_values(header: str | None, value: str | None) -> None:
+    assert cookie(header, "neoplasma_token") == value
+
+
+def test_http_token_order() -> None:
+    assert http_token("Bearer h", {"token": "q"}, "neoplasma_token=c") == "h"
+    assert http_token("Basic h", {"token": "q"}, "neoplasma_token=c") == "q"
+    assert http_token(None, {"token": ""}, "neoplasma_token=c") == "c"
+    assert http_token(None, {}, "neoplasma_token=") is None and http_token(None, {}, None) is None
 
 
 def test_keys_file_refuses_public_keys_and_short_secrets() -> None:

@@ -450,10 +450,25 @@ def mint(secret: bytes, topics: Sequence[str], ttl: float, audience: str = "", n
 # -- where tokens come from, and the answers ---------------------------------------------
 
 
-def http_token(authorization: str | None, query: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
+def http_token(authorization: str | None, query: Mapping[str, str], cookie_header: str | None) -> str | None:
     """An HTTP subscriber's token: `Authorization: Bearer` (the header's value), else `?token=` (EventSource
-    cannot set headers), else the cookie `neoplasma_token`."""
-    return bearer(authorization) or query.get(QUERY) or cookies.get(COOKIE) or None
+    cannot set headers), else the cookie `neoplasma_token` of the `Cookie` header's value."""
+    return bearer(authorization) or query.get(QUERY) or cookie(cookie_header, COOKIE) or None
+
+
+def cookie(header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a `Cookie` header's value (`a=1; b="2"`, RFC 6265 5.4: pairs split at
+    `;`, around each `=` blanks stripped, a value's surrounding double quotes removed), the last one when it
+    is there twice; None: not there. Pairs without `=` are skipped. The one cookie parser of both of the SSE
+    port's paths (the fast path's and aiohttp's), so they agree; bounded by the header's own bound (the
+    servers' limit on a header line)."""
+    found = None
+    for pair in (header or "").split(";"):
+        key, eq, value = pair.partition("=")
+        if eq and key.strip(" \t") == name:
+            value = value.strip(" \t")
+            found = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    return found
 
 
 def challenge(refusal: Refused) -> str:

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
-from aiohttp._cookie_helpers import parse_cookie_header
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -782,8 +781,7 @@ def sse_fast_path(proxy: Proxy) -> Serve:
         if head.path not in SSE_PATHS:
             return False
         headers, query = head.headers, head.query
-        cookie = headers.get("cookie")
-        token = http_token(headers.get("authorization"), query, cookie_values(cookie) if cookie else {})
+        token = http_token(headers.get("authorization"), query, headers.get("cookie"))
         admission = sse_admission(proxy, query, token, headers.get("last-event-id"), http11=True)
         if isinstance(admission, SseRefusal) or proxy.refusing():
             conn.decision = (head.target, admission)
@@ -830,11 +828,6 @@ def sse_front(proxy: Proxy) -> Front:
     return front
 
 
-def cookie_values(header: str) -> dict[str, str]:
-    """A `Cookie` header's values by name, parsed as aiohttp's `request.cookies` does."""
-    return {name: morsel.value for name, morsel in parse_cookie_header(header)}
-
-
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
     cfg = proxy.config
 
@@ -844,7 +837,7 @@ def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = No
         admission: SseAdmission | SseRefusal | None = handed_decision(request.transport, request.raw_path)
         if admission is None:  # not decided by the fast path
             admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
-                                                               request.cookies),
+                                                               request.headers.get("Cookie")),
                                       request.headers.get("Last-Event-ID"), request.version >= (1, 1))
         if isinstance(admission, SseRefusal):
             if (refused := admission.refused) is not None:
