@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from neoplasma.core.net import bind_socket
 from neoplasma.proxy.auth import mint
-from neoplasma.proxy.fastpath import FastPath, Head, parse_head
+from neoplasma.proxy.fastpath import FastPath, Head, handed_decision, parse_head
 from neoplasma.proxy.hub import SseSubscriber
 from neoplasma.proxy.server import ProxyService, http_app, sse_port
 from neoplasma.proxy.settings import ProxyConfig
@@ -232,6 +232,33 @@ def test_a_deferred_request_waits_parked_then_is_served_declined_or_dropped_when
     assert transport.closing
 
 
+def test_a_declined_requests_decision_is_handed_to_aiohttp_once_for_that_request() -> None:
+    decided: list[str] = []
+
+    def serve(h: Head, conn: FastPath) -> bool:
+        conn.decision = (h.target, f"refused {h.target}")
+        decided.append(h.target)
+        return False
+
+    conn = FastPath(serve, Recorder, 200, 200, 1000)
+    wrapper = FakeTransport()
+    wrapper.inner = conn  # type: ignore[attr-defined]  # as net._HeaderDeadline wraps it
+    transport = FakeTransport()
+    transport.get_protocol = lambda: wrapper  # type: ignore[attr-defined]
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(b"GET /?eventType=a HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert decided == ["/?eventType=a"] and isinstance(conn.inner, Recorder)
+    assert handed_decision(transport, "/?eventType=b") is None  # another request's: not this decision
+    assert handed_decision(transport, "/?eventType=a") is None  # (taken: decided anew)
+    conn.decision = ("/?eventType=a", "refused")
+    assert handed_decision(transport, "/?eventType=a") == "refused"
+    assert handed_decision(transport, "/?eventType=a") is None  # once
+    assert handed_decision(None, "/") is None
+    bare = FakeTransport()
+    bare.get_protocol = lambda: Recorder()  # type: ignore[attr-defined]  # aiohttp alone
+    assert handed_decision(bare, "/") is None  # type: ignore[arg-type]
+
+
 # -- the proxy's answers, with the fast path and with aiohttp alone -------------------------------------
 
 
@@ -269,6 +296,8 @@ async def test_the_answers_are_aiohttps_and_subscribers_are_served_by_the_fast_p
         ("/events?eventType=news,user:42&lastEventId=abc", f"Authorization: Bearer {token}\r\n"),
         (f"/?eventType=user:42&token={token}", "Last-Event-ID: xyz\r\n"),
         ("/?eventType=user:42", f"Cookie: a=1; neoplasma_token={token}\r\n"),
+        ("/?eventType=user:42", f'Cookie: neoplasma_token=x; neoplasma_token = "{token}" ; b\r\n'),
+        ("/?eventType=user:42", f"Cookie: neoplasma_token={token}; neoplasma_token=x\r\n"),  # 401: the last one
         ("/?eventType=user:42", ""),  # 401
         ("/?eventType=user:42", "Authorization: Bearer x.y.z\r\n"),  # 401, invalid token
         (f"/?eventType=user:43&token={token}", ""),  # 403
@@ -276,11 +305,34 @@ async def test_the_answers_are_aiohttps_and_subscribers_are_served_by_the_fast_p
         ("/?eventType=", ""), ("/", ""), ("/?eventType=a%20b", ""), ("/?eventType=..", ""),
         ("/healthz", ""), ("/livez", ""), ("/nope", ""),
     ]] + [b"GET /?eventType=news HTTP/1.0\r\nHost: p\r\n\r\n", b"HEAD /?eventType=news HTTP/1.1\r\nHost: p\r\n\r\n"]
+    checks: list[tuple[object, ...]] = []
+    check = service.proxy.auth.check
+
+    def counted(*args: Any) -> Any:
+        checks.append(args)
+        return check(*args)
+
+    service.proxy.auth.check = counted  # type: ignore[method-assign]
     try:
         for request in requests:
-            fast_answer, aiohttp_answer = await answer(service.http.port, request), await answer(alone.port, request)
+            fast_answer, fast_checks = await answer(service.http.port, request), len(checks)
+            aiohttp_answer = await answer(alone.port, request)
             assert fast_answer == aiohttp_answer, request
             assert fast_answer.startswith(b"HTTP/1."), fast_answer
+            # Decided once on the fast path, refusals too (handed to aiohttp with the decision), as by aiohttp alone.
+            assert fast_checks == len(checks) - fast_checks, request
+            checks.clear()
+        refused = b"GET /?eventType=user:42 HTTP/1.1\r\nHost: p\r\n\r\n"
+        assert (await answer(service.http.port, refused)).startswith(b"HTTP/1.1 401") and len(checks) == 1
+        # A refusal and the next request on the same connection: the second decided anew.
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http.port)
+        writer.write(refused + refused.replace(b"user:42", b"user:43"))
+        for topic in (b"user:42", b"user:43"):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert head.startswith(b"HTTP/1.1 401") and topic in await reader.readexactly(length)
+        writer.close()
+        assert len(checks) == 3
         # Subscribers left by the clients are gone from the hub; a connected one was served by the fast path.
         reader, writer = await asyncio.open_connection("127.0.0.1", service.http.port)
         writer.write(b"GET /?eventType=news HTTP/1.1\r\nHost: p\r\n\r\n")

@@ -113,7 +113,8 @@ def conditions_of(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_controller_scales_from_load_and_renders_a_second_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
     loads = [Load(total=14, pods_read=1)]
 
-    async def fake_broker_stats(addresses: Any, access: Any = None, timeout: Any = None) -> dict[str, Any]:
+    async def fake_broker_stats(addresses: Any, access: Any = None, timeout: Any = None,
+                                channels: Any = None) -> dict[str, Any]:
         return {address: pb.BrokerStats(connections=int(loads[-1].total),  # one pod: the Load above
                                         events_in_per_second=loads[-1].events_per_second) for address in addresses}
 

@@ -20,7 +20,7 @@ from harness import ACCESS, proxy_status, wait_for
 from kubernetes.client.rest import ApiException
 
 from neoplasma.core.backoff import Backoff, BackoffPolicy
-from neoplasma.core.control import ProxyChannels
+from neoplasma.core.control import IDLE, ProxyChannels
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot, next_snapshot
 from neoplasma.core.push import MembershipPusher, PushResult
 from neoplasma.core.tiers import Tier
@@ -821,7 +821,8 @@ async def test_a_failed_anti_entropy_push_makes_the_proxy_lag_and_retries_it() -
 
 
 async def test_proxy_channels_are_made_once_per_proxy_and_again_for_other_tls() -> None:
-    channels = ProxyChannels()
+    clock = Clock()
+    channels = ProxyChannels(clock)
     first = channels.stub("10.0.0.1:50052", PLAIN)
     assert channels.stub("10.0.0.1:50052", Access(Tokens(given=["t"]))) is first  # the credential goes per call
     channels.stub("10.0.0.2:50052", PLAIN)
@@ -830,7 +831,10 @@ async def test_proxy_channels_are_made_once_per_proxy_and_again_for_other_tls() 
                  server_name="demo-proxy")
     assert channels.stub("10.0.0.1:50052", tls) is not first  # other TLS settings: a new channel
     channels.prune(["10.0.0.1:50052"])
-    assert len(channels) == 1
+    assert len(channels) == 2  # 10.0.0.2's was used just now (by a call that may be under way): kept
+    clock.now += IDLE
+    channels.prune(["10.0.0.1:50052"])
+    assert len(channels) == 1  # unused for IDLE seconds: closed
     await channels.close()
     assert len(channels) == 0
 
@@ -986,7 +990,8 @@ async def test_controller_applies_only_what_differs_and_deletes_unneeded_broker_
 async def test_controller_creates_the_credential_once_and_pushes_with_it() -> None:
     kube = FakeKube()
     controller = ClusterController(("ns", "demo"), resource({}), Indexes({}, [{}]), kube, OPTIONS)  # type: ignore[arg-type]
-    assert len(vars(controller)) <= 12  # the steps hold the state; the controller schedules and acts
+    assert len(vars(controller)) <= 13  # the steps hold the state; the controller schedules and acts (its I/O:
+    # the API client, the brokers' channels; the proxies' are the pusher's)
     controller.start()
     await wait_for(lambda: controller.steps.trust.access[Tier.PROXY] is not PLAIN, 5, "the credential read")
     [token] = [kube.secrets["demo-credential"]["credential"]]

@@ -31,6 +31,8 @@ from neoplasma.proxy.auth import (
     SubscriberAuth,
     Unauthenticated,
     bearer,
+    cookie,
+    http_token,
     jwks_keys,
     mint,
     secret_lines,
@@ -223,6 +225,24 @@ def test_bearer_values() -> None:
 # -- files -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("header", "value"), [
+    (None, None), ("", None), ("a=1", None), ("neoplasma_token=t", "t"), ("a=1; neoplasma_token=t.u.v; b=2", "t.u.v"),
+    ("a=1;neoplasma_token = t ;b", "t"), ('neoplasma_token="t.u"', "t.u"), ('neoplasma_token="', '"'),
+    ("neoplasma_token=", ""), ("neoplasma_token", None), ("neoplasma_token=1; neoplasma_token=2", "2"),
+    ("neoplasma_tokens=t; xneoplasma_token=u", None), ("Neoplasma_Token=t", None), ("neoplasma_token=a=b", "a=b"),
+    ("\tneoplasma_token=t\t", "t"), (";;;", None), ("; " * 2000 + "neoplasma_token=t", "t"),
+])
+def test_cookie_values(header: str | None, value: str | None) -> None:
+    assert cookie(header, "neoplasma_token") == value
+
+
+def test_http_token_order() -> None:
+    assert http_token("Bearer h", {"token": "q"}, "neoplasma_token=c") == "h"
+    assert http_token("Basic h", {"token": "q"}, "neoplasma_token=c") == "q"
+    assert http_token(None, {"token": ""}, "neoplasma_token=c") == "c"
+    assert http_token(None, {}, "neoplasma_token=") is None and http_token(None, {}, None) is None
+
+
 def test_keys_file_refuses_public_keys_and_short_secrets() -> None:
     ssh = RSA_KEY.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     assert secret_lines(f"# comment\n\n{SECRET.decode()}\n{OTHER.decode()}\n") == (SECRET, OTHER)
@@ -326,3 +346,103 @@ def test_the_condition_is_in_status_only_while_auth_is_set() -> None:
     assert (condition["status"], condition["message"]) == ("False", "Secret k does not exist")
     without = build_status(Observed(**base), with_auth, now="T2")
     assert "SubscriberKeysReady" not in [x["type"] for x in without["conditions"]]
+
+
+# -- the HS256 fast path answers as PyJWT's path does -------------------------------------------------
+
+
+def _answer(decide: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        grant = decide(*args)
+    except InvalidToken as exc:
+        return ("refused", str(exc))
+    return ("granted", (grant.prefixes, grant.expires))
+
+
+def _raw(header: bytes, body: bytes, secret: bytes | None = SECRET, signature: str | None = None) -> str:
+    """A token of exactly these header and payload bytes, signed with `secret` (or with `signature`)."""
+    signing = f"{b64(header)}.{b64(body)}"
+    if signature is None:
+        signature = b64(hmac.new(secret, signing.encode(), hashlib.sha256).digest()) if secret else ""
+    return f"{signing}.{signature}"
+
+
+def _resigned(token: str, secret: bytes = SECRET) -> str:
+    """`token`'s first two parts (changed or not) with a valid HS256 signature over them."""
+    signing = token.rsplit(".", 1)[0]
+    return f"{signing}.{b64(hmac.new(secret, signing.encode(), hashlib.sha256).digest())}"
+
+
+def _corpus() -> list[str]:
+    pem = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    good = hs(aud="prod")
+    head, body, sig = good.split(".")
+    hs_head = b'{"alg":"HS256","typ":"JWT"}'
+    body_json = json.dumps(claims(aud="prod")).encode()
+    tokens = [
+        good, hs(), hs(OTHER), hs(OTHER, aud="prod"), hs(exp=NOW - 1), hs(exp=NOW), hs(exp=None), hs(exp="tomorrow"),
+        hs(exp=True), hs(exp=NOW + 0.5), hs(nbf=NOW + NBF_LEEWAY + 1), hs(nbf=NOW + 1), hs(nbf="soon"),
+        hs(aud="staging"), hs(aud=["staging", "prod"]), hs(aud=["prod", 7]), hs(aud=""), hs(aud=[]), hs(aud=7),
+        hs(aud={"prod": 1}), hs(sub=7), hs(sub="alice"), hs(jti=7), hs(jti="j-1"), hs(iat="yesterday"),
+        handmade({"alg": "HS256"}, claims(iss=7), SECRET), hs(topics=None), hs(topics="user:42"),
+        hs(topics=["a,b"]), hs(topics=["a"] * 1001),
+        jwt.encode(claims(), SECRET, algorithm="HS256", headers={"kid": "k1"}),
+        handmade({"alg": "HS256", "kid": 7}, claims(), SECRET),
+        handmade({"alg": "HS256", "crit": ["exp"], "exp": 1}, claims(), SECRET),
+        handmade({"alg": "HS256", "b64": False, "crit": ["b64"]}, claims(), SECRET),
+        handmade({"alg": "HS256", "b64": True}, claims(), SECRET),
+        handmade({"alg": "none"}, claims(), None), handmade({"alg": "None"}, claims(), None),
+        handmade({"typ": "JWT"}, claims(), SECRET), handmade({"alg": None}, claims(), SECRET),
+        handmade({"alg": "hs256"}, claims(), SECRET), handmade({"alg": "HS512"}, claims(), SECRET),
+        handmade({"alg": "RS256"}, claims(), pem), handmade({"alg": "RS256", "kid": "rsa-1"}, claims(), pem),
+        handmade({"alg": "HS256", "kid": "rsa-1"}, claims(), pem), handmade({"alg": "ES256"}, claims(), SECRET),
+        jwt.encode(claims(), SECRET * 2, algorithm="HS512"), jwt.encode(claims(), RSA_KEY, algorithm="RS256"),
+        jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec-1"}),
+        _raw(b'{"alg":"none","alg":"HS256"}', body_json), _raw(b'{"alg":"HS256","alg":"none"}', body_json),
+        _raw(hs_head, b'{"exp":1,"exp":' + str(int(NOW + 60)).encode() + b',"topics":["a"]}'),
+        _raw(hs_head, b'{"exp":1e400,"topics":["a"]}'), _raw(hs_head, b'{"exp":NaN,"topics":["a"]}'),
+        _raw(hs_head, b'{"exp":99999999999999999999999,"topics":["a"]}'), _raw(hs_head, b'{"exp":1E10,"topics":["a"]}'),
+        _raw(hs_head, b'{"exp":2e9,"topics":["a\\ud800"]}'), _raw(hs_head, b'{"exp":2e9,"topics":["a\\u0000"]}'),
+        _raw(hs_head, b"\xef\xbb\xbf" + body_json), _raw(hs_head, b"[1,2]"), _raw(hs_head, b""), _raw(hs_head, b"nope"),
+        _raw(hs_head, b" " + body_json + b" "), _raw(hs_head, "{\"exp\":2e9,\"topics\":[\"caf\u00e9\"]}".encode()),
+        _raw(b"[]", body_json), _raw(b"", body_json), _raw(b"{", body_json), _raw(b'{"alg":"HS256"', body_json),
+        _raw(hs_head, body_json, signature=""), _raw(hs_head, body_json, signature=sig[:-1]),
+        _raw(hs_head, body_json, signature=sig + "A"), _raw(hs_head, body_json, signature=sig + "="),
+        f"{head}=.{body}.{sig}", f"{head}.{body}=.{sig}", f"{head}.{body}.{sig}=", f"{head}.{body}.{sig}==",
+        f"{head}..{sig}", f"..{sig}", "..", f"{head}.{body}", f"{head}.{body}.{sig}.{sig}", f" {good}", f"{good} ",
+        f"{head}.{body}.{sig[:-1]}\u00e9", good.replace("-", "+"), good.replace("_", "/"), "not-a-jwt", "a.b.c", "",
+    ]
+    # Every base64url segment ending in each last character: the non-canonical encodings PyJWT refuses.
+    for part in range(3):
+        for last in "AQgwBRhxEFJcd":
+            pieces = good.split(".")
+            pieces[part] = pieces[part][:-1] + last
+            tokens.append(".".join(pieces))
+            tokens.append(_resigned(".".join(pieces)))
+    # Mutations of a valid token (each character changed, dropped, doubled), as they come and re-signed.
+    for i in range(0, len(good), 3):
+        for changed in (good[:i] + ("A" if good[i] != "A" else "B") + good[i + 1:], good[:i] + good[i + 1:],
+                        good[:i] + good[i] + good[i:]):
+            tokens += [changed, _resigned(changed)]
+    return tokens
+
+
+@pytest.mark.parametrize("audience", ["", "prod"])
+def test_hs256_fast_path_answers_as_pyjwt_does(audience: str) -> None:
+    """Every token of the corpus gets the same answer (grant, or refusal and its words) from `verify` as from
+    the general PyJWT path it had before the fast path; and the fast path does decide the common cases."""
+    from neoplasma.proxy import auth
+
+    keys = Keys.of([OTHER, SECRET], jwks_keys(json.dumps(JWKS)))
+    corpus = _corpus()
+    assert len(corpus) > 300
+    for token in corpus:
+        before = _answer(lambda t: auth._grant(auth._claims(t, keys, audience), NOW), token)
+        fresh = Keys.of(keys.secrets, keys.public)  # nothing remembered
+        assert _answer(verify, token, fresh, audience, NOW) == before, token
+    # The fast path is the one answering valid tokens, forged ones and expired ones (not PyJWT's).
+    assert auth._hs256_claims(hs(aud="prod"), keys, audience) is not None
+    assert auth._hs256_claims(hs(exp=NOW - 1, aud="prod"), keys, audience) is not None  # expiry: `_grant`'s
+    with pytest.raises(InvalidToken, match="bad signature"):
+        auth._hs256_claims(hs(b"f" * 40, aud="prod"), keys, audience)
+    assert auth._hs256_claims(handmade({"alg": "RS256"}, claims(), SECRET), keys, audience) is None

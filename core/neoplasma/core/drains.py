@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import grpc
 
+from neoplasma.core.control import ProxyChannels, call
 from neoplasma.core.load import by_address
 from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -30,13 +31,17 @@ def limit(keep: int, rate: float, hold: float) -> pb.DrainRequest:
     return pb.DrainRequest(keep_at_most=keep, reconnects_per_second=rate, hold_seconds=hold)
 
 
-async def send(requests: Mapping[str, pb.DrainRequest], access: Access = PLAIN) -> dict[str, str]:
-    """Send each control address its request, all at once; the errors by address (none: {})."""
+async def send(requests: Mapping[str, pb.DrainRequest], access: Access = PLAIN,
+               channels: ProxyChannels | None = None) -> dict[str, str]:
+    """Send each control address its request, all at once (over `channels`, kept open, if given, else a
+    channel per call); the errors by address (none: {})."""
 
     async def one(address: str, request: pb.DrainRequest) -> str | None:
+        async def drain(stub: pb_grpc.ProxyControlStub) -> None:
+            await stub.Drain(request, timeout=TIMEOUT, metadata=access.metadata())
+
         try:
-            async with access.channel(address) as channel:
-                await pb_grpc.ProxyControlStub(channel).Drain(request, timeout=TIMEOUT, metadata=access.metadata())
+            await call(channels, ProxyChannels, address, access, drain)
         except grpc.aio.AioRpcError as error:
             return f"{error.code().name}: {error.details()}"
         return None

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from neoplasma.core.control import ProxyChannels
+from neoplasma.core.control import BrokerChannels, ProxyChannels, call
 from neoplasma.core.scaling import Load
 from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -21,28 +21,28 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 TIMEOUT = 2.0
 
 
-async def _broker_stats(address: str, access: Access, timeout: float) -> pb.BrokerStats | None:
+async def _broker_stats(address: str, access: Access, timeout: float,
+                        channels: BrokerChannels | None) -> pb.BrokerStats | None:
+    async def read(stub: pb_grpc.BrokerStub) -> pb.BrokerStats:
+        stats: pb.BrokerStats = await stub.Stats(pb.StatsRequest(), timeout=timeout, metadata=access.metadata())
+        return stats
+
     try:
-        async with access.channel(address) as channel:
-            stats: pb.BrokerStats = await pb_grpc.BrokerStub(channel).Stats(
-                pb.StatsRequest(), timeout=timeout, metadata=access.metadata())
-            return stats
+        return await call(channels, BrokerChannels, address, access, read)
     except grpc.aio.AioRpcError:
         return None
 
 
 async def _proxy_status(address: str, access: Access, timeout: float,
                         channels: ProxyChannels | None) -> pb.ProxyStatus | None:
-    used = channels if channels is not None else ProxyChannels()  # without: a channel for this call alone
-    try:
-        status: pb.ProxyStatus = await used.stub(address, access).Status(
-            pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
+    async def read(stub: pb_grpc.ProxyControlStub) -> pb.ProxyStatus:
+        status: pb.ProxyStatus = await stub.Status(pb.StatusRequest(), timeout=timeout, metadata=access.metadata())
         return status
+
+    try:
+        return await call(channels, ProxyChannels, address, access, read)
     except grpc.aio.AioRpcError:
         return None
-    finally:
-        if used is not channels:
-            await used.close()
 
 
 _Answer = TypeVar("_Answer")
@@ -56,10 +56,11 @@ async def by_address(addresses: Iterable[str], read: Callable[[str], Awaitable[_
     return {address: answer for address, answer in zip(chosen, answers, strict=True) if answer is not None}
 
 
-async def broker_stats(grpc_addresses: Iterable[str], access: Access = PLAIN,
-                       timeout: float = TIMEOUT) -> dict[str, pb.BrokerStats]:
-    """The Stats of each broker that answered, by address (one call per broker)."""
-    return await by_address(grpc_addresses, lambda a: _broker_stats(a, access, timeout))
+async def broker_stats(grpc_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT,
+                       channels: BrokerChannels | None = None) -> dict[str, pb.BrokerStats]:
+    """The Stats of each broker that answered, by address (one call per broker; over `channels`, kept open,
+    if given, else a channel per call)."""
+    return await by_address(grpc_addresses, lambda a: _broker_stats(a, access, timeout, channels))
 
 
 def brokers_load(answers: Iterable[pb.BrokerStats]) -> Load:
@@ -69,9 +70,10 @@ def brokers_load(answers: Iterable[pb.BrokerStats]) -> Load:
                 events_per_second=sum(s.events_in_per_second for s in stats))
 
 
-async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN) -> Load:
+async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN,
+                      channels: BrokerChannels | None = None) -> Load:
     """Connections (publishers + relay streams) and events/s over the brokers that answered."""
-    return brokers_load((await broker_stats(grpc_addresses, access)).values())
+    return brokers_load((await broker_stats(grpc_addresses, access, channels=channels)).values())
 
 
 async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT,
@@ -87,6 +89,7 @@ def proxies_load(answers: Iterable[pb.ProxyStatus]) -> Load:
     return Load(total=float(sum(s.subscribers for s in statuses)), pods_read=len(statuses))
 
 
-async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT) -> Load:
+async def proxy_load(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT,
+                     channels: ProxyChannels | None = None) -> Load:
     """Subscribers over the proxies that answered."""
-    return proxies_load((await proxy_statuses(control_addresses, access, timeout)).values())
+    return proxies_load((await proxy_statuses(control_addresses, access, timeout, channels)).values())

@@ -23,6 +23,7 @@ from typing import Any
 
 from neoplasma.core.autoscaler import Autoscaler
 from neoplasma.core.backoff import BackoffPolicy
+from neoplasma.core.control import BrokerChannels
 from neoplasma.core.errors import NeoplasmaError, UsageError
 from neoplasma.core.lifecycle import serve
 from neoplasma.core.load import broker_load, proxy_load
@@ -118,6 +119,7 @@ class LocalCluster:
         self._next_index = dict.fromkeys(Tier, 0)
         self.snapshot = Snapshot(0, (), secrets.token_hex(8))  # a new cluster id per run (resume tokens)
         self.pusher = MembershipPusher(access=self.access)
+        self.broker_channels = BrokerChannels()  # the brokers' Stats reads (the proxies' Status: the pushes' channels)
         self.stopping = asyncio.Event()  # set on Ctrl-C/SIGTERM (by `up`) or by stop()
         self._watchers: set[asyncio.Task[None]] = set()
         self._membership_lock = asyncio.Lock()
@@ -278,8 +280,11 @@ class LocalCluster:
     async def load(self, kind: Tier) -> Load:
         """The load of the children of `kind` not being removed, read as the operator reads its pods'."""
         if kind is Tier.BROKER:
-            return await broker_load((b.endpoints["grpc"] for b in self.brokers if not b.draining), self.access)
-        return await proxy_load((p.endpoints["control"] for p in self.proxies if not p.draining), self.access)
+            addresses = [b.endpoints["grpc"] for b in self.brokers if not b.draining]
+            self.broker_channels.prune(addresses)
+            return await broker_load(addresses, self.access, self.broker_channels)
+        return await proxy_load((p.endpoints["control"] for p in self.proxies if not p.draining), self.access,
+                                channels=self.pusher.channels)
 
     async def _resize(self, kind: Tier, size: int) -> None:
         """Add or remove children of `kind`, one at a time, until there are `size` (or stopping)."""
@@ -298,6 +303,7 @@ class LocalCluster:
         await asyncio.gather(*(c.stop() for c in self.readers))  # first: they publish what they read
         await asyncio.gather(*(c.stop() for c in self.children))
         await self.pusher.close()
+        await self.broker_channels.close()
 
     def describe(self) -> dict[str, Any]:
         return {

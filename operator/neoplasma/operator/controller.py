@@ -42,6 +42,7 @@ from typing import Any, cast
 import kopf
 
 from neoplasma.core import drains
+from neoplasma.core.control import BrokerChannels
 from neoplasma.core.logs import get_logger
 from neoplasma.core.push import MembershipPusher
 from neoplasma.core.tiers import Tier
@@ -182,6 +183,7 @@ class ClusterController:
                               version=persisted_version(self.body.get("status")), on_progress=self.wake,
                               cluster=self.uid, on_converged=lambda seconds: self.metrics.converged(key, seconds))
         self.steps = Steps(self.body, options, sync, clock())
+        self.broker_channels = BrokerChannels()  # the brokers' Stats reads (the proxies': the pushes' channels)
         self._wakeup = Wakeup()
         self._failing = Failing(options.retry)  # a pass that raised (a bug)
         self._running = Running()
@@ -208,6 +210,7 @@ class ClusterController:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.steps.membership.sync.close()
+        await self.broker_channels.close()
         log.info("cluster_controller_stopped", cluster=self.label)
 
     def set_body(self, body: Mapping[str, Any]) -> None:
@@ -279,7 +282,8 @@ class ClusterController:
             if seen.wants.proxies or Tier.PROXY in seen.wants.loads:  # a call to every proxy: after a change's pushes
                 await self.steps.membership.sync.pushed(self.options.read_timeout)
             seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
-                                   self.options.read_timeout, self.steps.membership.sync.pusher.channels)
+                                   self.options.read_timeout, self.steps.membership.sync.pusher.channels,
+                                   self.broker_channels)
             for step in self.steps.with_reads():
                 await self._act(step.decide(seen, seen.at), seen)
         except asyncio.CancelledError:
@@ -323,7 +327,8 @@ class ClusterController:
 
     async def _pace(self, requests: Mapping[str, pb.DrainRequest]) -> None:
         """Send the proxies their paces and limits (idempotent: a failed one goes again next time)."""
-        failed = await drains.send(requests, self.steps.trust.access[Tier.PROXY])
+        failed = await drains.send(requests, self.steps.trust.access[Tier.PROXY],
+                                   self.steps.membership.sync.pusher.channels)
         if failed:
             log.warning("drain_calls_failed", cluster=self.label, failed=failed)
 

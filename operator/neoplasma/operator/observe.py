@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import kubernetes.client
 
-from neoplasma.core.control import ProxyChannels
+from neoplasma.core.control import BrokerChannels, ProxyChannels
 from neoplasma.core.load import broker_stats, proxies_load, proxy_statuses
 from neoplasma.core.net import hostport
 from neoplasma.core.scaling import Load
@@ -142,10 +142,14 @@ async def read_trust(kube: Kube, cluster: Cluster) -> TrustSeen:
     return TrustSeen(credential, ca, subscriber_secrets=subscriber_secrets)
 
 
-async def read_brokers(pods: list[PodView], access: Access, timeout: float) -> dict[str, Any]:
-    """The Stats of every ready broker pod, read once: by pod name, those that answered."""
+async def read_brokers(pods: list[PodView], access: Access, timeout: float,
+                       channels: BrokerChannels | None = None) -> dict[str, Any]:
+    """The Stats of every ready broker pod, read once (over `channels`, kept open, if given; those to other
+    addresses pruned): by pod name, those that answered."""
     ready = {hostport(p.ip, GRPC_PORT): p.name for p in pods if p.component == Tier.BROKER and p.ready and p.ip}
-    answers = await broker_stats(ready, access, timeout)
+    if channels is not None:
+        channels.prune(ready)
+    answers = await broker_stats(ready, access, timeout, channels)
     return {ready[address]: stats for address, stats in answers.items()}
 
 
@@ -187,12 +191,12 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
 
 
 async def read_pods(seen: Seen, reach: Mapping[Tier, Access], timeout: float,
-                    channels: ProxyChannels | None = None) -> Seen:
+                    channels: ProxyChannels | None = None, broker_channels: BrokerChannels | None = None) -> Seen:
     """`seen` with what its `wants` asks of the pods themselves, all at once under `timeout`: the brokers'
-    Stats, the proxies' Status (over `channels`, the ones the pushes use), the ingest readers' /stats.
-    A pod that does not answer costs the wait."""
+    Stats (over `broker_channels`), the proxies' Status (over `channels`, the ones the pushes use), the
+    ingest readers' /stats. A pod that does not answer costs the wait."""
     pods, wants = seen.pods, seen.wants
-    brokers = (read_brokers(pods, reach[Tier.BROKER], timeout)
+    brokers = (read_brokers(pods, reach[Tier.BROKER], timeout, broker_channels)
                if wants.connections or Tier.BROKER in wants.loads else _none())
     proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies, channels=channels)
                if wants.proxies or Tier.PROXY in wants.loads else _none())

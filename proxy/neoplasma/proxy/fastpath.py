@@ -6,7 +6,9 @@ stream's end. Here a connection starts with one small protocol object that reads
 itself. A plain `GET` over HTTP/1.1 whose target and headers need no decoding is offered to `serve`
 (the proxy's SSE subscribe, neoplasma.proxy.server.sse_fast_path); anything else, and whatever
 `serve` declines (refusals, other paths, a proxy refusing subscribers), goes with the bytes read so
-far to aiohttp's handler, made only then, which answers exactly as it does alone.
+far to aiohttp's handler, made only then, which answers exactly as it does alone. What `serve` decided
+of a request it declined goes along (`FastPath.decision`, taken by `handed_decision`), so that a refused
+request is decided once, not again by aiohttp's handler.
 
 Strict and bounded: the request line and each header line within aiohttp's limits, at most
 `MAX_FAST_HEADERS` headers, no header twice, no body, `Host` present, only the bytes below in the
@@ -19,7 +21,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from aiohttp.http import SERVER_SOFTWARE
 
@@ -110,10 +112,11 @@ class FastPath(asyncio.Protocol):
     itself), else handed to `fallback()` (aiohttp's handler). `write` sends one chunk of the stream and
     waits while the client is behind. With `defer`, a request it takes waits (`parked`, its bytes kept)
     until `offer` hands it to `serve` (or aiohttp) later; its client's further bytes are kept meanwhile,
-    up to `head_limit`, beyond which the connection is closed."""
+    up to `head_limit`, beyond which the connection is closed. `serve` may leave in `decision` what it
+    decided of a request it declines (with the request's target), for aiohttp's handler (`handed_decision`)."""
 
-    __slots__ = ("_buffer", "_paused", "_waiter", "defer", "fallback", "head_limit", "inner", "max_field", "max_line",
-                 "parked", "serve", "stream", "transport")
+    __slots__ = ("_buffer", "_paused", "_waiter", "decision", "defer", "fallback", "head_limit", "inner", "max_field",
+                 "max_line", "parked", "serve", "stream", "transport")
 
     def __init__(self, serve: Serve, fallback: Callable[[], asyncio.Protocol], max_line: int, max_field: int,
                  head_limit: int, defer: Defer | None = None) -> None:
@@ -123,6 +126,7 @@ class FastPath(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.inner: asyncio.Protocol | None = None  # aiohttp's handler, once handed over
         self.stream: Stream | None = None  # set by `serve` when it takes the connection
+        self.decision: tuple[str, Any] | None = None  # (target, what `serve` decided) of a declined request
         self._buffer = bytearray()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -213,3 +217,16 @@ class FastPath(asyncio.Protocol):
         if self._paused:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+
+
+def handed_decision(transport: asyncio.BaseTransport | None, target: str) -> Any:
+    """What the fast path's `serve` decided of the request it declined and handed to aiohttp on this
+    connection (`FastPath.decision`), when `target` is that request's; taken once (a later request on the
+    connection is decided anew). None: no decision was handed over (aiohttp alone, or another request)."""
+    protocol: object = transport.get_protocol() if transport is not None else None
+    while protocol is not None and not isinstance(protocol, FastPath):  # under wrappers (their `inner`)
+        protocol = getattr(protocol, "inner", None)
+    if protocol is None or protocol.decision is None:
+        return None
+    (decided_target, decision), protocol.decision = protocol.decision, None
+    return decision if decided_target == target else None

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
-from aiohttp._cookie_helpers import parse_cookie_header
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -56,7 +55,7 @@ from neoplasma.proxy.auth import (
     http_token,
     without_token,
 )
-from neoplasma.proxy.fastpath import Defer, FastPath, Head, Serve, date_header
+from neoplasma.proxy.fastpath import Defer, FastPath, Head, Serve, date_header, handed_decision
 from neoplasma.proxy.h2server import Call, GrpcServer, Opener, unary
 from neoplasma.proxy.hub import (
     LAST_CHUNK,
@@ -771,7 +770,7 @@ class FastSseStream(SseStream):
 def sse_fast_path(proxy: Proxy) -> Serve:
     """The fast path's subscribe: a `GET` of SSE_PATHS that `sse_admission` admits, while the proxy takes
     subscribers, is answered here (the answer aiohttp gives, byte for byte but the date); anything else
-    is aiohttp's (False)."""
+    is aiohttp's (False), a decided one with its decision (`FastPath.decision`: not decided again)."""
     cfg = proxy.config
     ok = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
           b"Connection: keep-alive\r\nAccess-Control-Allow-Origin: %s\r\nTransfer-Encoding: chunked\r\n"
@@ -782,10 +781,10 @@ def sse_fast_path(proxy: Proxy) -> Serve:
         if head.path not in SSE_PATHS:
             return False
         headers, query = head.headers, head.query
-        cookie = headers.get("cookie")
-        token = http_token(headers.get("authorization"), query, cookie_values(cookie) if cookie else {})
+        token = http_token(headers.get("authorization"), query, headers.get("cookie"))
         admission = sse_admission(proxy, query, token, headers.get("last-event-id"), http11=True)
         if isinstance(admission, SseRefusal) or proxy.refusing():
+            conn.decision = (head.target, admission)
             return False
         transport = conn.transport
         assert transport is not None  # (data came from it)
@@ -829,20 +828,17 @@ def sse_front(proxy: Proxy) -> Front:
     return front
 
 
-def cookie_values(header: str) -> dict[str, str]:
-    """A `Cookie` header's values by name, parsed as aiohttp's `request.cookies` does."""
-    return {name: morsel.value for name, morsel in parse_cookie_header(header)}
-
-
 def http_app(proxy: Proxy, registry: CollectorRegistry, place: Place | None = None) -> web.Application:
     cfg = proxy.config
 
     async def sse(request: web.Request) -> web.StreamResponse:
         await proxy.resumes.turns.turn()  # a burst of new connections is set up behind live events
         query = request.query
-        admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
-                                                           request.cookies),
-                                  request.headers.get("Last-Event-ID"), request.version >= (1, 1))
+        admission: SseAdmission | SseRefusal | None = handed_decision(request.transport, request.raw_path)
+        if admission is None:  # not decided by the fast path
+            admission = sse_admission(proxy, query, http_token(request.headers.get("Authorization"), query,
+                                                               request.headers.get("Cookie")),
+                                      request.headers.get("Last-Event-ID"), request.version >= (1, 1))
         if isinstance(admission, SseRefusal):
             if (refused := admission.refused) is not None:
                 _refused(proxy, "sse", refused, path=without_token(request.path_qs))
