@@ -612,7 +612,10 @@ def scenario_name(kind: str, subscribers: int, rate: float, batch: int) -> str:
     return f"{kind}_{subscribers}x{rate:g}" + ("_unbatched" if batch == 1 else "")
 
 
+# Not run unless named: 1000 plasma streams at lower rates, to find where latency meets a bound.
+RATE_SWEEP = (("plasma", 1000, 25, 0), ("plasma", 1000, 50, 0), ("plasma", 1000, 75, 0))
 AB_SCENARIOS = (*(scenario_name(*case) for case in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
+ALL_SCENARIOS = (*AB_SCENARIOS, *(scenario_name(*case) for case in RATE_SWEEP))
 PUBLISH_KEY = "bench-publisher-key"
 KEYS = "current+keys"  # this build with --publish-keys-file, publishers presenting their key: ingest only
 WORKERS = "current+2w"  # this build with --workers 2 (broker and proxy): with --workers2
@@ -646,7 +649,7 @@ async def ab_round(label: str, python: str, scenarios: list[str], seconds: float
     runs = []
     try:
         await attach(proxy, broker)
-        for kind, subs, rate, batch in AB_FANOUT:
+        for kind, subs, rate, batch in (*AB_FANOUT, *RATE_SWEEP):
             if scenario_name(kind, subs, rate, batch) in scenarios:
                 runs.append(await fanout(broker, proxy, subs, seconds, rate, min(50, subs), kind, batch))
         for transport in AB_INGEST:
@@ -745,19 +748,20 @@ if __name__ == "__main__":
                         help=f"also this build with --workers 2 on the broker and the proxy ({WORKERS})")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
     parser.add_argument("--scenarios", default=",".join(AB_SCENARIOS),
-                        help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)})")
+                        help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)}; "
+                        f"also: {','.join(ALL_SCENARIOS[len(AB_SCENARIOS):])})")
     opts = parser.parse_args()
     seconds = 4.0 if opts.quick else 10.0
     CLIENTS["plasma"] = opts.client
     if opts.only:
         scenarios = opts.scenarios.split(",")
-        if unknown := set(scenarios) - set(AB_SCENARIOS):
+        if unknown := set(scenarios) - set(ALL_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
         out = asyncio.run(only(opts.rounds, seconds, scenarios, opts.workers2))
         path = ROOT / "bench" / "results" / "dataplane_only.json"
     elif opts.before:
         scenarios = opts.scenarios.split(",")
-        if unknown := set(scenarios) - set(AB_SCENARIOS):
+        if unknown := set(scenarios) - set(ALL_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
         out = asyncio.run(compare(opts.before, opts.rounds, seconds, scenarios, opts.workers2))
         path = ROOT / "bench" / "results" / "dataplane_ab.json"
