@@ -19,8 +19,12 @@ Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scen
        python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go]
 `--client go` reads plasma streams with grpc-go (bench/go/plasmaload, built offline from Debian's
 golang-go and golang-google-grpc-dev), as plasma's Go users do; each fan-out also reports what the
-proxy handed out but subscribers had not read 4 s after the load, and the share of the window its
-loop waited for a CPU (a shared machine's doing, not the proxy's).
+proxy handed out but subscribers had not read 4 s after the load, the share of the window its
+loop waited for a CPU (a shared machine's doing, not the proxy's), each tier's CPU in cores
+(publisher, broker, proxy, subscribers; the whole machine's beside), where events waited (the
+broker's relay outbox, the relay stream, the proxy's hub: mean and max of samples every 0.5 s) and
+the proxy's own accept-to-write latency (its histogram's buckets). `plasma_1000x25`, `_x50` and
+`_x75` (named only) give latency against rate.
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
