@@ -19,8 +19,12 @@ Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scen
        python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go]
 `--client go` reads plasma streams with grpc-go (bench/go/plasmaload, built offline from Debian's
 golang-go and golang-google-grpc-dev), as plasma's Go users do; each fan-out also reports what the
-proxy handed out but subscribers had not read 4 s after the load, and the share of the window its
-loop waited for a CPU (a shared machine's doing, not the proxy's).
+proxy handed out but subscribers had not read 4 s after the load, the share of the window its
+loop waited for a CPU (a shared machine's doing, not the proxy's), each tier's CPU in cores
+(publisher, broker, proxy, subscribers; the whole machine's beside), where events waited (the
+broker's relay outbox, the relay stream, the proxy's hub: mean and max of samples every 0.5 s) and
+the proxy's own accept-to-write latency (its histogram's buckets). `plasma_1000x25`, `_x50` and
+`_x75` (named only) give latency against rate.
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
@@ -108,8 +112,10 @@ async def role_sse(http: str, n: int, seconds: float, sample: int) -> dict[str, 
         transport.write(b"GET /?eventType=bench HTTP/1.1\r\nHost: b\r\n\r\n")
         conns.append(proto)
     print(json.dumps({"connected": n}), flush=True)
+    cpu0 = time.process_time()
     await asyncio.sleep(seconds)  # the load window is the measurement, not synchronisation
-    return {"events": sum(c.events for c in conns), "latencies": latencies}
+    return {"events": sum(c.events for c in conns), "latencies": latencies,
+            "cpu_seconds": time.process_time() - cpu0, "read_seconds": seconds}
 
 
 class PlasmaStreams(asyncio.Protocol):
@@ -207,9 +213,11 @@ async def role_plasma(grpc_addr: str, n: int, seconds: float, sample: int = 0, p
             lambda i=i: PlasmaStreams(min(per_connection, n - i), latencies if i < sample else None), host, int(port))
         conns.append(proto)
     print(json.dumps({"connected": n}), flush=True)
+    cpu0 = time.process_time()
     await asyncio.sleep(seconds)
     return {"events": sum(c.events for c in conns), "latencies": latencies,
-            "streams_ended": sum(c.ended for c in conns)}
+            "streams_ended": sum(c.ended for c in conns), "cpu_seconds": time.process_time() - cpu0,
+            "read_seconds": seconds}
 
 
 async def role_native(grpc_addr: str, n: int, seconds: float, sample: int) -> dict[str, Any]:
@@ -231,11 +239,13 @@ async def role_native(grpc_addr: str, n: int, seconds: float, sample: int) -> di
 
         readers = [asyncio.create_task(read(k)) for k in range(n)]
         print(json.dumps({"connected": n}), flush=True)
+        cpu0 = time.process_time()
         await asyncio.sleep(seconds)
+        cpu = time.process_time() - cpu0
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-    return {"events": sum(counts), "latencies": latencies}
+    return {"events": sum(counts), "latencies": latencies, "cpu_seconds": cpu, "read_seconds": seconds}
 
 
 async def role_publish(broker: str, seconds: float, rate: float, batch: int, inflight: int,
@@ -244,6 +254,7 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
     publisher `key` when given); at `rate` events/s, or flat out with `inflight` requests when rate is 0."""
     accepted = 0
     deadline = time.monotonic() + seconds
+    cpu0 = time.process_time()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     async with grpc.aio.insecure_channel(broker) as channel, aiohttp.ClientSession(headers=headers) as session:
         stub = pb_grpc.BrokerStub(channel)
@@ -279,7 +290,7 @@ async def role_publish(broker: str, seconds: float, rate: float, batch: int, inf
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             accepted += sum(await asyncio.gather(*sending))
-    return {"accepted": accepted, "seconds": seconds}
+    return {"accepted": accepted, "seconds": seconds, "cpu_seconds": time.process_time() - cpu0}
 
 
 def run_role(argv: list[str]) -> None:
@@ -415,17 +426,28 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     await wait_for(all_connected, timeout=60, what=f"{subscribers} subscribers at the proxy")
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     status0 = await proxy_status(proxy.endpoints["control"])
+    hist0 = await delivery_histogram(proxy, kind)
     cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
     wait0 = runqueue_wait(proxy)
+    machine0 = machine_busy()
     t0 = time.monotonic()
     batch = batch or (max(1, int(rate // 100)) if rate else 50)  # by default one request every 10 ms
     pub = Role("publish", broker=broker.endpoints["grpc"], seconds=seconds, rate=rate, batch=batch, inflight=8)
-    published = pub.result()["accepted"]
+    samples: list[dict[str, int]] = []
+    sampler = asyncio.create_task(sample_queues(broker, proxy, samples))
+    try:
+        pub_res = await asyncio.to_thread(pub.result)  # (the sampler runs meanwhile)
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    published = pub_res["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
     proxy_cpu = (cpu_seconds(proxy) - cpu0[0]) / elapsed
+    broker_cpu = (cpu_seconds(broker) - cpu0[1]) / elapsed
+    machine = (machine_busy() - machine0) / elapsed
     proxy_waited = (runqueue_wait(proxy) - wait0) / elapsed
-    res = subs.result()
+    res = await asyncio.to_thread(subs.result)
     status2 = await proxy_status(proxy.endpoints["control"])
 
     async def backlog_drained() -> bool:  # so the next scenario starts from a quiet proxy
@@ -461,7 +483,75 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         out["latency_ms"] = {"p50": round(1000 * lat[len(lat) // 2], 2),
                              "p99": round(1000 * lat[int(len(lat) * 0.99)], 2),
                              "max": round(1000 * lat[-1], 2), "samples": len(lat)}
+    # Where the time goes: each tier's CPU (cores, over the publishing window; the subscribers' over
+    # their reading window, the 4 s after included) beside what the whole machine ran (other jobs too).
+    tiers = {"publisher": pub_res.get("cpu_seconds", 0.0) / seconds, "broker": broker_cpu, "proxy": proxy_cpu,
+             "subscribers": res.get("cpu_seconds", 0.0) / res.get("read_seconds", seconds + 4)}
+    out["cpu_cores"] = {**{k: round(v, 2) for k, v in tiers.items()}, "sum": round(sum(tiers.values()), 2),
+                        "machine": round(machine, 2), "machine_cpus": os.cpu_count()}
+    # Where events wait: the broker's relay outbox, the relay stream (queued at the broker, not yet at the
+    # proxy's link), the proxy's hub (at its link, not yet dispatched); sampled every 0.5 s of the window.
+    out["queues"] = {key: {"mean": round(statistics.fmean(s[key] for s in samples)),
+                           "max": max(s[key] for s in samples)} for key in QUEUES if samples}
+    # From a broker accepting an event to the proxy writing it to sockets (the proxy's own histogram, each
+    # round's oldest event: upper bounds); the rest of publish-to-read is the publisher's and the
+    # subscribers' (and the sockets' between).
+    hist = [b - a for a, b in zip(hist0, await delivery_histogram(proxy, kind), strict=True)]
+    if sum(hist):
+        out["accepted_to_written_ms"] = {"p50": histogram_quantile(hist, 0.5), "p99": histogram_quantile(hist, 0.99)}
     return out
+
+
+QUEUES = ("broker_outbox_bytes", "relay_events_not_at_proxy", "hub_events_pending")
+
+
+async def sample_queues(broker: Server, proxy: Server, samples: list[dict[str, int]], every: float = 0.5) -> None:
+    """Every `every` seconds until cancelled: where events wait between the broker and the proxy's dispatch."""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            await asyncio.sleep(every)  # a sampling period, not synchronisation
+            stats = await broker_stats(broker)  # (sets the broker's outbox gauge)
+            status = await proxy_status(proxy.endpoints["control"])
+            async with session.get(f"http://{broker.endpoints['http']}/metrics") as resp:
+                text = await resp.text()
+            outbox = sum(float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith("neoplasma_broker_outbox_bytes"))
+            at_links = sum(link.events_received for link in status.links)
+            samples.append({"broker_outbox_bytes": int(outbox),
+                            "relay_events_not_at_proxy": stats.events_out - at_links,
+                            "hub_events_pending": at_links - status.events_received})
+
+
+HISTOGRAM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf"))
+
+
+async def delivery_histogram(proxy: Server, kind: str) -> list[float]:
+    """The proxy's delivery latency histogram for `kind`'s transport: counts per bucket (not cumulative)."""
+    transport = {"native": "native"}.get(kind, kind)
+    async with aiohttp.ClientSession() as session, session.get(f"http://{proxy.endpoints['http']}/metrics") as resp:
+        text = await resp.text()
+    label = f'transport="{transport}"'
+    cumulative = [float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("neoplasma_proxy_delivery_latency_seconds_bucket{") and label in line]
+    if len(cumulative) != len(HISTOGRAM_BOUNDS):
+        return [0.0] * len(HISTOGRAM_BOUNDS)
+    return [b - a for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
+
+
+def histogram_quantile(counts: list[float], q: float) -> str:
+    """The bucket holding quantile `q` of `counts` (per HISTOGRAM_BOUNDS), as "<= X ms"."""
+    target, running = q * sum(counts), 0.0
+    for bound, n in zip(HISTOGRAM_BOUNDS, counts, strict=True):
+        running += n
+        if running >= target:
+            return f"<= {bound * 1000:g} ms" if bound != float("inf") else "> 30 s"
+    return "> 30 s"
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has run (every process, other jobs too)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0))
 
 
 async def idle_memory(proxy: Server, kind: str, n: int) -> dict[str, Any]:
@@ -526,7 +616,10 @@ def scenario_name(kind: str, subscribers: int, rate: float, batch: int) -> str:
     return f"{kind}_{subscribers}x{rate:g}" + ("_unbatched" if batch == 1 else "")
 
 
+# Not run unless named: 1000 plasma streams at lower rates, to find where latency meets a bound.
+RATE_SWEEP = (("plasma", 1000, 25, 0), ("plasma", 1000, 50, 0), ("plasma", 1000, 75, 0))
 AB_SCENARIOS = (*(scenario_name(*case) for case in AB_FANOUT), *(f"ingest_{t}" for t in AB_INGEST))
+ALL_SCENARIOS = (*AB_SCENARIOS, *(scenario_name(*case) for case in RATE_SWEEP))
 PUBLISH_KEY = "bench-publisher-key"
 KEYS = "current+keys"  # this build with --publish-keys-file, publishers presenting their key: ingest only
 WORKERS = "current+2w"  # this build with --workers 2 (broker and proxy): with --workers2
@@ -542,7 +635,10 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
             "handed_not_read_after_4s": run["handed_not_read_after_4s"],
             "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
             "proxy_cpu_s_per_1m_deliveries": run["proxy_cpu_s_per_1m_deliveries"],
-            "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"]}
+            "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"],
+            "proxy_cpu_cores": run["proxy_cpu_cores"], "proxy_runqueue_wait_share": run["proxy_runqueue_wait_share"],
+            **{f"{tier}_cpu_cores": cores for tier, cores in run["cpu_cores"].items() if tier != "machine_cpus"},
+            **{f"{queue}_max": q["max"] for queue, q in run["queues"].items()}}
 
 
 async def ab_round(label: str, python: str, scenarios: list[str], seconds: float, tmp: Path) -> list[dict[str, Any]]:
@@ -557,7 +653,7 @@ async def ab_round(label: str, python: str, scenarios: list[str], seconds: float
     runs = []
     try:
         await attach(proxy, broker)
-        for kind, subs, rate, batch in AB_FANOUT:
+        for kind, subs, rate, batch in (*AB_FANOUT, *RATE_SWEEP):
             if scenario_name(kind, subs, rate, batch) in scenarios:
                 runs.append(await fanout(broker, proxy, subs, seconds, rate, min(50, subs), kind, batch))
         for transport in AB_INGEST:
@@ -587,7 +683,8 @@ async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]
             ours = [s for s in scenarios if label != KEYS or s.startswith("ingest")]
             for run in await ab_round(label, python, ours, seconds, tmp):
                 run.update(build=label, round=r, load_average=os.getloadavg()[0])
-                print(f"round {r} {label:12} {run['scenario']}:", figures(run), flush=True)
+                print(f"round {r} {label:12} {run['scenario']}:", figures(run),
+                      run.get("accepted_to_written_ms"), flush=True)
                 runs.append(run)
     table: dict[str, Any] = {}
     for scenario in scenarios:
@@ -614,7 +711,8 @@ async def only(rounds: int, seconds: float, scenarios: list[str], workers: bool)
         for label in ("current", WORKERS) if workers else ("current",):
             for run in await ab_round(label, sys.executable, scenarios, seconds, tmp):
                 run.update(build=label, round=r, load_average=os.getloadavg()[0], client=CLIENTS["plasma"])
-                print(f"round {r} {label:12} {run['scenario']}:", figures(run), flush=True)
+                print(f"round {r} {label:12} {run['scenario']}:", figures(run),
+                      run.get("accepted_to_written_ms"), flush=True)
                 runs.append(run)
     return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "seconds": seconds,
             "client": CLIENTS["plasma"], "runs": runs}
@@ -654,19 +752,20 @@ if __name__ == "__main__":
                         help=f"also this build with --workers 2 on the broker and the proxy ({WORKERS})")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
     parser.add_argument("--scenarios", default=",".join(AB_SCENARIOS),
-                        help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)})")
+                        help=f"A/B scenarios, comma-separated (default all: {','.join(AB_SCENARIOS)}; "
+                        f"also: {','.join(ALL_SCENARIOS[len(AB_SCENARIOS):])})")
     opts = parser.parse_args()
     seconds = 4.0 if opts.quick else 10.0
     CLIENTS["plasma"] = opts.client
     if opts.only:
         scenarios = opts.scenarios.split(",")
-        if unknown := set(scenarios) - set(AB_SCENARIOS):
+        if unknown := set(scenarios) - set(ALL_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
         out = asyncio.run(only(opts.rounds, seconds, scenarios, opts.workers2))
         path = ROOT / "bench" / "results" / "dataplane_only.json"
     elif opts.before:
         scenarios = opts.scenarios.split(",")
-        if unknown := set(scenarios) - set(AB_SCENARIOS):
+        if unknown := set(scenarios) - set(ALL_SCENARIOS):
             parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
         out = asyncio.run(compare(opts.before, opts.rounds, seconds, scenarios, opts.workers2))
         path = ROOT / "bench" / "results" / "dataplane_ab.json"

@@ -16,13 +16,13 @@ from typing import Any
 import hpack
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated, DataReceived, RemoteSettingsChanged
+from h2.events import ConnectionTerminated, DataReceived, PingAckReceived, RemoteSettingsChanged, SettingsAcknowledged
 from h2.settings import SettingCodes
 from harness import grpc_request_headers, h2_client, wait_for
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, WindowUpdateFrame
 
 from neoplasma.core.net import hostport
-from neoplasma.proxy.h2server import Call, GrpcServer
+from neoplasma.proxy.h2server import Call, GrpcServer, control_frames
 
 
 class CountingTransport:
@@ -168,6 +168,86 @@ async def test_going_away_lets_the_calls_there_finish_refuses_new_ones_and_close
         calls[1].end()
         await wait_for(lambda: read(lambda: False), what="the connection closed after its last call")
         assert not server.connections
+    finally:
+        writer.close()
+        server.stop("test over")
+        sock.close()
+
+
+def test_control_frames_are_only_whole_pings_and_window_updates() -> None:
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    window = WindowUpdateFrame(3, window_increment=100).serialize()
+    assert control_frames(ping + window) == [(6, 0, 0, b"12345678"), (8, 0, 3, struct.pack(">I", 100))]
+    assert control_frames(b"") == []
+    assert control_frames(ping[:-1]) is None  # cut short
+    assert control_frames(ping + window[:5]) is None
+    assert control_frames(ping + DataFrame(1, data=b"x").serialize()) is None  # anything else: h2's
+    assert control_frames(struct.pack(">IBI", 4 << 8 | 8, 0, 3) + b"\0\0\0\0") is None  # increment 0: h2 says why
+    assert control_frames(struct.pack(">IBI", 8 << 8 | 6, 0, 1) + b"12345678") is None  # a PING on a stream
+
+
+async def test_pings_and_window_updates_are_read_without_h2_and_an_ack_rides_with_the_next_write() -> None:
+    """What grpc-go sends while it reads (a PING per read with data, WINDOW_UPDATEs) is taken without
+    h2; the PING's ACK leaves with the connection's next write, or alone within ACK_DELAY."""
+    calls: list[Call] = []
+    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
+    sock = socket.create_server(("127.0.0.1", 0))
+    await server.start(sock)
+    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
+    writer.write(client.data_to_send())
+    events: list[Any] = []
+
+    async def read(until: Any) -> bool:
+        if until():
+            return True
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        events.extend(client.receive_data(data))
+        writer.write(client.data_to_send())
+        return bool(until()) or not data
+
+    try:
+        await wait_for(lambda: len(calls) == 1, what="a call")
+        [call] = calls
+        connection = next(iter(server.connections))
+        await wait_for(lambda: read(lambda: [e for e in events if isinstance(e, RemoteSettingsChanged)]),
+                       what="the server's SETTINGS")  # (acknowledged by the next write)
+        client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 4})  # the call's window takes 4 bytes
+        writer.write(client.data_to_send())
+        await wait_for(lambda: read(lambda: sum(isinstance(e, SettingsAcknowledged) for e in events) == 2),
+                       what="the client's SETTINGS acknowledged")  # so h2 has read all that came before
+        assert connection.h2.streams[call.stream_id].outbound_flow_control_window == 4
+        by_h2: list[int] = []  # the types of the frames h2 was given
+        receive = connection.h2.receive_data
+
+        def counted(data: bytes) -> Any:
+            pos = 0
+            while pos + 9 <= len(data):
+                by_h2.append(data[pos + 3])
+                pos += 9 + int.from_bytes(data[pos:pos + 3], "big")
+            return receive(data)
+
+        connection.h2.receive_data = counted  # type: ignore[method-assign]
+        counting = connection.transport = CountingTransport(connection.transport)  # type: ignore[assignment]
+        call.send(b"0123456789")  # 4 bytes go, 6 wait for the window
+        assert call.waiting == 6 and counting.writes == 1
+        client.ping(b"pingpong")
+        writer.write(client.data_to_send())
+        await wait_for(lambda: connection._acks, what="the PING read")
+        assert counting.writes == 1  # its ACK waits for the next write
+        client.increment_flow_control_window(6, call.stream_id)
+        writer.write(client.data_to_send())
+        await wait_for(lambda: call.waiting == 0, what="the window update read")
+        assert counting.writes == 2 and not connection._acks  # the rest of the data, the ACK with it
+        await wait_for(lambda: read(lambda: [e for e in events if isinstance(e, PingAckReceived)]),
+                       what="the ACK")
+        await wait_for(lambda: read(lambda: sum(len(e.data) for e in events if isinstance(e, DataReceived)) == 10),
+                       what="the data")
+        client.ping(b"pingping")  # no write follows: the ACK goes alone, within ACK_DELAY
+        writer.write(client.data_to_send())
+        await wait_for(lambda: read(lambda: sum(isinstance(e, PingAckReceived) for e in events) == 2),
+                       what="the lone ACK")
+        assert counting.writes == 3 and not {6, 8} & set(by_h2)  # no PING, no WINDOW_UPDATE went to h2
     finally:
         writer.close()
         server.stop("test over")

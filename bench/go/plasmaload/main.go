@@ -4,8 +4,9 @@
 //
 // It opens -streams streams, -per-conn on each connection, subscribes each to -topic, prints
 // {"connected": N} once every stream is open, reads for -seconds, and prints
-// {"result": {"events": .., "latencies": [..], "streams_ended": ..}}: latencies (seconds) from the
-// `"ts":T,` stamps in events on the first -sample streams, as the Python roles do.
+// {"result": {"events": .., "latencies": [..], "streams_ended": .., "cpu_seconds": .., "read_seconds": ..}}:
+// latencies (seconds) from the `"ts":T,` stamps in events on the first -sample streams, as the Python
+// roles do, and the CPU seconds the client spent over its -seconds of reading.
 //
 // Build offline with Debian's packages (golang-go, golang-google-grpc-dev):
 //
@@ -22,6 +23,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -61,6 +63,15 @@ func latencies(data []byte, now float64, out []float64) []float64 {
 		}
 		data = data[j:]
 	}
+}
+
+// cpuSeconds is the CPU time (user + system) this process has used so far.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
 func main() {
@@ -130,13 +141,16 @@ func main() {
 	}
 	out := json.NewEncoder(os.Stdout)
 	out.Encode(map[string]int{"connected": *streams})
+	cpu0 := cpuSeconds()
 	time.Sleep(time.Duration(*seconds * float64(time.Second)))
 	total := atomic.LoadInt64(&events)
+	cpu := cpuSeconds() - cpu0
 	cancel()
 	readers.Wait()
 	if lat == nil {
 		lat = []float64{}
 	}
 	out.Encode(map[string]interface{}{"result": map[string]interface{}{
-		"events": total, "latencies": lat, "streams_ended": atomic.LoadInt64(&ended)}})
+		"events": total, "latencies": lat, "streams_ended": atomic.LoadInt64(&ended), "cpu_seconds": cpu,
+		"read_seconds": *seconds}})
 }

@@ -10,6 +10,12 @@ h2 keeps the protocol's state (settings, streams, windows, PING, GOAWAY, headers
 DATA frames are built here, debited from h2's outbound windows as its own `send_data` does
 (that costs ~13 us a frame). Data a client's window does not take waits in its call (`unsent`).
 
+What clients send back while they read (grpc-go: a BDP PING for about every read with data, and
+WINDOW_UPDATEs) is read here too when a read holds only such whole frames (`control_frames`):
+h2 would spend ~20 us of Python on each. A PING's ACK then waits for the connection's next
+write (the next round's DATA, typically) for at most `ACK_DELAY`, so it costs no socket write of
+its own; anything else, or anything h2 is partway through, goes to h2.
+
 Frames go to the transport as they are made (a socket write when nothing waits in it); within
 `GrpcServer.gathered()` (a dispatch round) a connection's first frame does too, and the rest
 wait for the round's end and leave in one write: at most two socket writes per connection and
@@ -28,7 +34,7 @@ from urllib.parse import quote
 import grpc
 from google.protobuf.message import DecodeError
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -43,6 +49,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamState
 from hyperframe.frame import GoAwayFrame
 
 from neoplasma.core.aio import Signal
@@ -58,6 +65,39 @@ _CONFIG = H2Configuration(client_side=False, header_encoding=None)
 _DATA = struct.Struct(">IBI")  # DATA frame header: length (24 bits) and type 0, flags, stream id
 _RESPONSE = [(b":status", b"200"), (b"content-type", b"application/grpc")]
 _MESSAGE_SAFE = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # grpc-message: printable ASCII but `%` as is
+_PING, _WINDOW_UPDATE = 6, 8
+_PING_ACK = struct.Struct(">IBI8s")  # a PING frame with the ACK flag: length 8, type 6, flags 1, stream 0
+_MAX_WINDOW = 2**31 - 1
+_OPEN_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+# Longest a PING's ACK waits for the connection's next write (a dispatch round's DATA) before it is
+# written alone: a round under load comes within the proxy's --max-linger-seconds (0.05 s).
+ACK_DELAY = 0.05
+
+
+def control_frames(data: bytes) -> list[tuple[int, int, int, bytes]] | None:
+    """`data` as (type, flags, stream id, payload) if it is nothing but whole, well-formed PING and
+    WINDOW_UPDATE frames (window increments of at least 1); otherwise None."""
+    frames = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 9:
+            return None
+        size, kind, flags = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2], data[pos + 3], data[pos + 4]
+        stream_id = int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+        payload = data[pos + 9:pos + 9 + size]
+        if len(payload) != size:
+            return None
+        if kind == _PING:
+            if size != 8 or stream_id:
+                return None
+        elif kind == _WINDOW_UPDATE:
+            if size != 4 or not int.from_bytes(payload, "big") & 0x7FFFFFFF:
+                return None
+        else:
+            return None
+        frames.append((kind, flags, stream_id, payload))
+        pos += 9 + size
+    return frames
 
 
 def _ignore(message: bytes | None) -> None:
@@ -194,6 +234,7 @@ class Connection(asyncio.Protocol):
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.WriteTransport | None = None
         self._out: list[bytes] = []  # frames gathered in a round
+        self._acks: list[bytes] = []  # PING ACKs waiting for the next write (at most ACK_DELAY)
         self._round = 0  # the last round this connection wrote in
         self._pinged = False  # a keepalive PING is unanswered
         self.writable = Signal()  # its calls' unsent data may have dropped (or a call ended)
@@ -206,6 +247,9 @@ class Connection(asyncio.Protocol):
         return 0 if transport is None else transport.get_write_buffer_size()
 
     def _write(self, data: bytes) -> None:
+        if self._acks:
+            self._acks.append(data)
+            data, self._acks = b"".join(self._acks), []
         server = self.server
         if server.gathering is not None:
             if self._round == server.round:  # this round wrote already: the rest leaves at its end
@@ -222,6 +266,11 @@ class Connection(asyncio.Protocol):
         """Write the frames gathered in a round, at once."""
         out, self._out = self._out, []
         self._write(b"".join(out))
+
+    def write_acks(self) -> None:
+        """Write the PING ACKs still waiting (ACK_DELAY is up)."""
+        if self._acks:
+            self._write(b"")
 
     def _emit(self) -> None:
         """Write what h2 has framed."""
@@ -287,6 +336,8 @@ class Connection(asyncio.Protocol):
         self._emit()
 
     def data_received(self, data: bytes) -> None:
+        if self._controls(data):
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError:  # h2 has framed a GOAWAY saying why
@@ -303,6 +354,53 @@ class Connection(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
         self._emit()
+
+    def _controls(self, data: bytes) -> bool:
+        """Take `data` here if it is only PING and WINDOW_UPDATE frames (`control_frames`) that h2 would
+        take without a word: between frames (nothing of h2's buffered), the connection open, each
+        stream window update for an open call's stream, and no window past its limit. Returns whether
+        it did (else h2 is to read it all)."""
+        h2 = self.h2
+        buffered = h2.incoming_buffer
+        if buffered._data or buffered._preamble_len or buffered._headers_buffer:
+            return False
+        if h2.state_machine.state is ConnectionState.CLOSED:
+            return False
+        frames = control_frames(data)
+        if frames is None:
+            return False
+        updates: dict[int, int] = {}
+        for kind, _, stream_id, payload in frames:
+            if kind == _WINDOW_UPDATE:
+                updates[stream_id] = updates.get(stream_id, 0) + (int.from_bytes(payload, "big") & 0x7FFFFFFF)
+        streams = h2.streams
+        for stream_id, increment in updates.items():
+            if stream_id:
+                stream = streams.get(stream_id)
+                if (stream is None or stream_id not in self.calls or stream.state_machine.state not in _OPEN_STATES
+                        or stream.outbound_flow_control_window + increment > _MAX_WINDOW):
+                    return False
+            elif h2.outbound_flow_control_window + increment > _MAX_WINDOW:
+                return False
+        for kind, flags, _, payload in frames:
+            if kind == _PING:
+                if flags & 1:
+                    self._pinged = False
+                else:
+                    if not self._acks:
+                        self.server.ack_later(self)
+                    self._acks.append(_PING_ACK.pack(8 << 8 | _PING, 1, 0, payload))
+        if updates:
+            for stream_id, increment in updates.items():
+                if stream_id:
+                    streams[stream_id].outbound_flow_control_window += increment
+                else:
+                    h2.outbound_flow_control_window += increment
+            for call in list(self.calls.values()) if 0 in updates else [self.calls[sid] for sid in updates]:
+                if call.waiting:
+                    call.flush()
+            self.writable.notify()
+        return True
 
     def _failed(self, stream_id: int, error: str, internal: bool = False) -> None:
         """An event could not be handled: end its call (a reset, if its stream is still open), or the
@@ -428,6 +526,7 @@ class GrpcServer:
         self.max_streams = max_streams  # calls open at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS)
         self.connections: set[Connection] = set()
         self.gathering: list[Connection] | None = None  # connections with frames gathered, in a round
+        self._acking: list[Connection] = []  # connections holding PING ACKs for their next write
         self.round = 0
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.Task[None] | None = None
@@ -451,6 +550,17 @@ class GrpcServer:
             self.gathering = None
             for connection in gathering:
                 connection.release()
+
+    def ack_later(self, connection: Connection) -> None:
+        """`connection` holds a PING ACK for its next write: written within ACK_DELAY at the latest."""
+        if not self._acking:
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._write_acks)
+        self._acking.append(connection)
+
+    def _write_acks(self) -> None:
+        acking, self._acking = self._acking, []
+        for connection in acking:
+            connection.write_acks()
 
     async def _keepalive(self) -> None:
         while True:

@@ -21,7 +21,7 @@ MAX_HELD_PER_PROXY = 200_000
 MAX_REPLAYS = 8
 CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 
-LINGER = 0.005  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
+LINGER = 0.02  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 MAX_LINGER = 0.05  # default longest pause when the event loop runs behind (Hub.run_dispatcher)
 
 
