@@ -47,13 +47,13 @@ def settle_heap(why: str) -> None:
     and collect the youngest generation less often.
 
     A collection of the oldest generation visits every tracked object: with those 90,000, bench/membership.py
-    measured pauses of 96-200 ms of the operator's event loop every 3-5 s while it pushed to 1000 proxies
+    measured pauses of 96-373 ms of the operator's event loop every 3-5 s while it pushed to 1000 proxies
     (each push's call objects, alive across younger collections, are promoted until the oldest generation
     has grown by a quarter). `gc.freeze` moves what is alive now to a generation no collection visits
     (refcounting still frees those objects; only cycles among them would stay, and start-up makes none
     worth collecting). With the first threshold at YOUNG_THRESHOLD more of an in-flight push's objects are
     gone before a collection would promote them: in that bench no full collection ran at all, and the
-    longest pause was 8-47 ms."""
+    longest pause was 13-47 ms (96-373 ms before)."""
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
