@@ -297,19 +297,10 @@ def run_role(argv: list[str]) -> None:
 
 
 class Client:
-    """A client process running `role_connect` with `args`; with `go`, bench/go/sseload instead (the same role
-    compiled: plaintext, holding its connections, always recording)."""
-
-    def __init__(self, go: bool = False, **args: Any) -> None:
+    def __init__(self, **args: Any) -> None:
         self.out = Path(tempfile.mkstemp(prefix="connect-rate-", suffix=".json")[1])  # results: too large a line
-        role = json.dumps({**args, "out": str(self.out)})
-        if go:
-            from dataplane import go_client
-
-            command = [str(go_client("sseload")), role]
-        else:
-            command = [sys.executable, __file__, "--role", role]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--role", json.dumps({**args, "out": str(self.out)})],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def line(self, timeout: float = 120) -> dict[str, Any]:
         return read_json_line(self.proc.stdout, timeout)

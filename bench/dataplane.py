@@ -359,26 +359,27 @@ def cpu_seconds(server: Server) -> float:
     return total
 
 
-GO_SOURCES = ROOT / "bench" / "go"  # one folder per client: plasmaload (grpc-go), sseload (SSE, stdlib)
+GO_SOURCE = ROOT / "bench" / "go" / "plasmaload"
+GO_BINARY = ROOT / "bench" / "results" / "plasmaload"
 CLIENTS = {"plasma": "python"}  # who reads plasma streams: "python" (PlasmaStreams) or "go" (grpc-go)
 
 
-def go_client(name: str = "plasmaload") -> Path:
-    """bench/go/NAME built (once per source change, into bench/results/NAME) offline from Debian's packages
-    (golang-go; plasmaload also golang-google-grpc-dev: GOPATH /usr/share/gocode)."""
-    source, binary = GO_SOURCES / name / "main.go", ROOT / "bench" / "results" / name
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
-        binary.parent.mkdir(parents=True, exist_ok=True)
+def go_client() -> Path:
+    """bench/go/plasmaload built (once per source change) offline from Debian's packages (golang-go,
+    golang-google-grpc-dev: GOPATH /usr/share/gocode)."""
+    source = GO_SOURCE / "main.go"
+    if not GO_BINARY.exists() or GO_BINARY.stat().st_mtime < source.stat().st_mtime:
+        GO_BINARY.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "GOPATH": "/usr/share/gocode", "GO111MODULE": "off", "GOFLAGS": "",
                "GOCACHE": os.environ.get("GOCACHE", str(ROOT / "bench" / "results" / "gocache"))}
         try:
-            subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source.parent, env=env, check=True,
+            subprocess.run(["go", "build", "-o", str(GO_BINARY), "."], cwd=GO_SOURCE, env=env, check=True,
                            capture_output=True, text=True, timeout=600)
         except FileNotFoundError:
             sys.exit("--client go needs the Go toolchain and grpc-go: apt-get install golang-go golang-google-grpc-dev")
         except subprocess.CalledProcessError as exc:
-            sys.exit(f"building {source.parent} failed (apt-get install golang-google-grpc-dev?):\n{exc.stderr}")
-    return binary
+            sys.exit(f"building {GO_SOURCE} failed (apt-get install golang-google-grpc-dev?):\n{exc.stderr}")
+    return GO_BINARY
 
 
 def runqueue_wait(server: Server) -> float:

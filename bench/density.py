@@ -1,9 +1,8 @@
 """Density benchmark: many idle SSE subscribers on one proxy pod, what each costs, and one event to all.
 
 A broker and a proxy pod (`--workers W`, W = subscribers / --per-worker rounded up: a process here may
-hold at most 20,000 open files) on 127.0.0.1; the subscribers are raw sockets on uvloop in several client
-processes (with `--client go`, bench/go/sseload: the same role compiled), each connecting from its own
-loopback source address (127.0.0.2, .3, ...).
+hold at most 20,000 open files) on 127.0.0.1; the subscribers are raw asyncio protocols on uvloop in
+several client processes, each connecting from its own loopback source address (127.0.0.2, .3, ...).
 Every wait is bounded.
 
 Figures (printed, and written to bench/results/density_sse.json):
@@ -31,7 +30,7 @@ With `--kind plasma`: plasma gRPC `Events` streams instead, `--per-connection` o
 (100,000 streams over 1,000 connections by default), on one proxy process: RSS per stream and one
 event to all of them (bench/results/density_plasma.json).
 
-Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON] [--client go]
+Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON]
        [--spread-topics T --spread-rate R --spread-seconds S]
        python bench/density.py --kind plasma [--subscribers N] [--per-connection K]
 """
@@ -147,8 +146,7 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
             # Each subscriber wants TOPIC (one event to all) and one of `topics` (the spread load).
             started = clients(procs, first_source, host="127.0.0.1", port=proxy.port("http"), n=n // procs,
                               inflight=args.inflight, path=f"/?eventType={TOPIC},{TOPIC}-{{i}}", spread=topics,
-                              hold=True, timeout=60.0, record=True, deadline=args.connect_seconds,
-                              go=args.client == "go")
+                              hold=True, timeout=60.0, record=True, deadline=args.connect_seconds)
 
             async def subscribers() -> int:
                 return int((await proxy_status(proxy.endpoints["control"])).sse_subscribers)
@@ -360,9 +358,6 @@ def cli() -> None:
     parser.add_argument("--spread-seconds", type=float, default=60.0, help="SSE: for this long (0: no spread load)")
     parser.add_argument("--before", default="", help="SSE: first the same run (without the spread load) with another "
                         "build's servers (that interpreter's `-m neoplasma`)")
-    parser.add_argument("--client", choices=("python", "go"), default="python",
-                        help="SSE: the subscribers read by Python processes (uvloop), or by bench/go/sseload "
-                        "(compiled: less of the shared CPU for the same reads)")
     parser.add_argument("--kind", choices=("sse", "plasma"), default="sse",
                         help="SSE subscribers, or plasma gRPC streams (--per-connection on each connection)")
     parser.add_argument("--per-connection", type=int, default=100, help="plasma streams per connection")
