@@ -38,6 +38,7 @@ import os
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,9 +70,12 @@ TOPIC = "storm"
 
 class Conn(asyncio.Protocol):
     """One HTTP/1.1 request on a new connection; `ok` resolves when the status line says 200.
-    Events after it (SSE) are scanned for `"ts":T,` stamps when `record` is given."""
+    Events after it (SSE) are scanned for `"ts":T,` stamps when `record` is given: (when this process
+    read them, latency when read, latency when they reached the socket). A transport gives no arrival
+    time, so there both latencies are the read's; `Stamped` reads with the kernel's receive time."""
 
-    def __init__(self, request: bytes, ok: asyncio.Future[float], record: list[tuple[float, float]] | None) -> None:
+    def __init__(self, request: bytes, ok: asyncio.Future[float],
+                 record: list[tuple[float, float, float]] | None) -> None:
         self.request, self.ok, self.record = request, ok, record
         self.head = b""
         self.tail = b""
@@ -81,6 +85,10 @@ class Conn(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        self.received(data, None)
+
+    def received(self, data: bytes, arrived: float | None) -> None:
+        """`data` read now; `arrived`: when it reached the socket (the kernel's time), None if unknown."""
         if not self.ok.done():
             self.head += data
             if b"\r\n" in self.head:
@@ -92,13 +100,15 @@ class Conn(asyncio.Protocol):
             data = self.head
         if self.record is not None:
             now = time.time()
+            at = now if arrived is None else arrived
             buf = self.tail + data
             start = 0
             while (i := buf.find(b'"ts":', start)) >= 0:
                 j = buf.find(b",", i)
                 if j < 0:
                     break
-                self.record.append((now, now - float(buf[i + 5:j])))
+                sent = float(buf[i + 5:j])
+                self.record.append((now, now - sent, at - sent))
                 self.count += 1
                 start = j
             self.tail = buf[start:][-64:]
@@ -108,14 +118,69 @@ class Conn(asyncio.Protocol):
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
 
 
+SO_TIMESTAMPNS = 35  # Linux: receive times as a struct timespec (SCM_TIMESTAMPNS, the same number)
+TIMESPEC = struct.Struct("qq")
+
+
+class Stamped:
+    """A connection read with recvmsg(2) instead of a transport, so that each read comes with the kernel's
+    receive time of its (last) segment (SO_TIMESTAMPNS): when the bytes reached this socket, however long
+    this process, sharing the CPUs with the server and the other clients, took to read them. Feeds `conn`
+    as a transport would. Over loopback that time is the server's write (the kernel delivers it then)."""
+
+    def __init__(self, sock: socket.socket, conn: Conn) -> None:
+        self.sock, self.conn = sock, conn
+        self.loop = asyncio.get_running_loop()
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.send(conn.request)  # a few dozen bytes into an empty send buffer: taken at once
+        self.reading = False
+        self.resume()
+
+    def pause(self) -> None:
+        """Leave the socket alone (what arrives waits in it, with its receive time) until `resume`."""
+        if self.reading and self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+        self.reading = False
+
+    def resume(self) -> None:
+        if not self.reading and self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self.readable)
+            self.reading = True
+
+    def readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(TIMESPEC.size))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close()
+            self.conn.connection_lost(exc)
+            return
+        if not data:
+            self.close()
+            self.conn.connection_lost(None)
+            return
+        arrived = None
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = TIMESPEC.unpack_from(raw)
+                arrived = seconds + nanoseconds / 1e9
+        self.conn.received(data, arrived)
+
+    def close(self) -> None:
+        self.pause()
+        self.sock.close()
+
+
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 
-async def connect(factory: Callable[[], Conn], host: str, port: int, source: str,
-                  context: ssl.SSLContext | None) -> tuple[asyncio.BaseTransport, Conn]:
+async def connect(factory: Callable[[], Conn], host: str, port: int, source: str, context: ssl.SSLContext | None,
+                  stamped: bool = False) -> tuple[asyncio.BaseTransport | Stamped, Conn]:
     """A connection from address `source`, its port chosen at connect (IP_BIND_ADDRESS_NO_PORT), not at
     bind: a bind to port 0 searches for a port no socket of that address holds, which costs the kernel
-    more and more as the ports fill (with tens of thousands of connections, more than the server)."""
+    more and more as the ports fill (with tens of thousands of connections, more than the server).
+    `stamped`: read by `Stamped` (plaintext only) instead of a transport."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -123,6 +188,9 @@ async def connect(factory: Callable[[], Conn], host: str, port: int, source: str
         sock.bind((source, 0))
         sock.setblocking(False)
         await loop.sock_connect(sock, (host, port))
+        if stamped:
+            conn = factory()
+            return Stamped(sock, conn), conn
         return await loop.create_connection(factory, sock=sock, ssl=context,
                                             server_hostname="neoplasma" if context else None)
     except BaseException:
@@ -135,16 +203,22 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
                        deadline: float = 0.0, first: int = 0, spread: int = 0) -> dict[str, Any]:
     """Open `n` connections from `source`, `inflight` at once (n: all at once), each sending
     `GET path` and waiting (at most `timeout` s) for its 200; keep them open when `hold` (and
-    record event latencies when `record`) until stdin says "stop" or `stay` seconds pass. With a
+    record event latencies when `record`: connections read by `Stamped`, plaintext only) until stdin says
+    "stop" (`stop K`: once every connection that got its 200 has read K stamped events, or `timeout`
+    seconds passed, so that what was sent is read before the connections close; `read K` waits the same
+    way and answers with a line; `quiet` leaves every socket unread until the next command, so that
+    this process takes no CPU meanwhile, and answers) or `stay` seconds pass. With a
     `deadline`, no connection is begun more than that many seconds after the start. Connections are
     numbered from `first` (their events are counted by number); a `{i}` in `path` is the number
     modulo `spread` (a topic of `spread` topics)."""
     loop = asyncio.get_running_loop()
     context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
-    records: list[tuple[float, float]] = []
+    if record and tls_ca:
+        raise ValueError("recording latencies needs plaintext connections (Stamped reads the socket itself)")
+    records: list[tuple[float, float, float]] = []
     took: list[float] = []
     failed: dict[str, int] = {}
-    transports: list[asyncio.BaseTransport] = []
+    transports: list[asyncio.BaseTransport | Stamped] = []
     conns: dict[int, Conn] = {}
     gate = asyncio.Semaphore(inflight)
 
@@ -159,7 +233,7 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
             ok: asyncio.Future[float] = loop.create_future()
             try:
                 transport, conn = await asyncio.wait_for(connect(
-                    lambda: Conn(request_bytes, ok, records if record else None), host, port, source, context),
+                    lambda: Conn(request_bytes, ok, records if record else None), host, port, source, context, record),
                     timeout)
                 transports.append(transport)
                 conns[i] = conn
@@ -180,11 +254,36 @@ async def role_connect(host: str, port: int, source: str, n: int, inflight: int,
         if stay:
             await asyncio.sleep(stay)  # the watch window is the measurement, not synchronisation
         else:
-            await loop.run_in_executor(None, sys.stdin.readline)  # "stop"
+            while True:  # "quiet", "read K" (each answered with a line) ... then "stop [K]"
+                words = (await loop.run_in_executor(None, sys.stdin.readline)).split() or ["stop"]
+                for t in transports:
+                    if isinstance(t, Stamped):
+                        t.pause() if words[0] == "quiet" else t.resume()
+                if words[0] == "quiet":
+                    print(json.dumps({"quiet": len(transports)}), flush=True)
+                    continue
+                if len(words) > 1:
+                    short = await read_up_to(list(conns.values()), int(words[1]), timeout)
+                    if words[0] == "read":
+                        print(json.dumps({"read": int(words[1]), "short": short}), flush=True)
+                if words[0] != "read":
+                    break
     for t in transports:
         t.close()
     counts = {i: c.count for i, c in conns.items() if c.ok.done() and not c.ok.exception()}
     return {"took": took, "failed": failed, "wall": wall, "records": records, "counts": counts}
+
+
+async def read_up_to(conns: list[Conn], events: int, timeout: float) -> int:
+    """Return once every connection that got its 200 has read `events` stamped events, or after `timeout` s;
+    how many had not (what they did not read by then is missing from the figures)."""
+    deadline = time.monotonic() + timeout
+    waiting = [c for c in conns if c.ok.done() and not c.ok.exception()]
+    while True:
+        waiting = [c for c in waiting if c.count < events]
+        if not waiting or time.monotonic() >= deadline:
+            return len(waiting)
+        await asyncio.sleep(0.05)  # polled: the reads happen on this loop meanwhile
 
 
 def run_role(argv: list[str]) -> None:
@@ -356,8 +455,8 @@ async def storm(log_dir: Path, backlog: int, n: int, procs: int, watchers: int, 
         results = [c.result() for c in stormers]
         records = watch[0].result()["records"]
         took, failed = merged(results)
-        before = [lat for at, lat in records if at < storm_at]
-        during = [lat for at, lat in records if storm_at <= at <= storm_end + 0.5]
+        before = [lat for at, lat, _ in records if at < storm_at]
+        during = [lat for at, lat, _ in records if storm_at <= at <= storm_end + 0.5]
         return {"listen_backlog": backlog, "storm": n, "got_200": len(took),
                 "not_within_s": {"bound_s": bound, "count": n // procs * procs - len(took), "why": failed},
                 "storm_wall_s": round(max(r["wall"] for r in results), 2),

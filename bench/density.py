@@ -11,10 +11,18 @@ Figures (printed, and written to bench/results/density_sse.json):
   - kernel memory per socket: /proc/net/sockstat's TCP buffer pages and the slab caches a TCP
     socket uses (TCP, sock_inode_cache, dentry, filp, eventpoll_epi, eventpoll_pwq) from /proc/slabinfo,
     after minus before, divided by 2 x subscribers (both ends of every connection are on this machine);
-  - one event published to their topic: how many received it, latency p50/p99/max (publish to read);
+  - one event published to their topic once every subscriber is live (a first one, right after the last
+    connected, waits for the catch-up of the first subscribers of a topic in a worker: `first_event_to_all`,
+    what this figure was before): how many received it, latency p50/p99/max from the publish to the event
+    reaching each subscriber's socket (`arrived_*`: the kernel's receive time, SO_TIMESTAMPNS) and to the
+    client process reading it (`read_*`: later by however long the clients took to get to that socket).
+    `one_event_to_all`: the clients read as the event arrives, on the same 2 cores as the proxy pod (the
+    arrival waits for the proxy's share of them); `one_event_to_all_clients_quiet`: the clients leave their
+    sockets unread until the proxy has written the event to all, so the proxy has the cores to itself, as
+    on a node of its own (its subscribers elsewhere);
   - the spread load: each subscriber also wants one of `--spread-topics` topics, and `--spread-rate`
     events per second go to those topics in turn for `--spread-seconds`: deliveries expected (from what
-    was sent and who is connected) and received, events lost, latency p50/p99/max.
+    was sent and who is connected) and received, events lost, latency p50/p99/max (arrived and read).
 
 With `--before PYTHON`: first the same run (without the spread load) with another build's servers.
 
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import psutil
 from connect_rate import Client, clients, go, pct, publish_stamped
 
@@ -173,14 +182,37 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
             out["kernel_bytes_per_socket"]["total"] = sum(out["kernel_bytes_per_socket"].values())
             print("connected:", {k: v for k, v in out.items() if k != "machine"}, flush=True)
 
-            deliveries0 = (await proxy_status(proxy.endpoints["control"])).deliveries
-            await publish_one(broker)
+            # The first event comes right after the last subscriber connected: the first subscribers of a topic
+            # in a worker may still be catching up from the broker (the proxy's interest did not hold their
+            # topics yet), and theirs comes with their catch-up. Once every client has read it, every
+            # subscriber is live and idle: the second event is the figure (one_event_to_all), the clients
+            # reading their sockets as the events arrive, on the same 2 cores as the proxy. For the third the
+            # clients leave their sockets alone until the proxy has written it to every one: the proxy has the
+            # cores to itself, as on a node of its own (the kernel's receive times are kept meanwhile).
+            deliveries = (await proxy_status(proxy.endpoints["control"])).deliveries
+            publish_at: list[float] = []
+            for k in (1, 2, 3):
+                if k == 3:
+                    for c in started:
+                        c.say("quiet")
+                    for c in started:
+                        await asyncio.to_thread(c.line, 120)
+                publish_at.append(time.time())
+                await publish_one(broker)
+                if k == 3:  # polled slowly: a Status costs each worker a pass over its subscribers
 
-            async def handed() -> bool:
-                return (await proxy_status(proxy.endpoints["control"])).deliveries - deliveries0 >= reached
+                    async def handed(events: int = k) -> bool:
+                        try:  # a pod busy writing to 100,000 sockets may not answer within the call's 5 s
+                            status = await proxy_status(proxy.endpoints["control"])
+                        except grpc.aio.AioRpcError:
+                            return False
+                        return status.deliveries - deliveries >= events * reached
 
-            with contextlib.suppress(AssertionError):
-                await wait_for(handed, timeout=30, what="the event handed to every subscriber")
+                    with contextlib.suppress(AssertionError):
+                        await wait_for(handed, timeout=60, interval=1.0, what="the event written to every subscriber")
+                for c in started:
+                    c.say(f"read {k}")
+                out[f"unread_event_{k}"] = sum([(await asyncio.to_thread(c.line, 120))["short"] for c in started])
             spread_at = time.time()
             sent = 0
             if spread and args.spread_seconds:
@@ -196,14 +228,17 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
                 with contextlib.suppress(AssertionError):
                     await wait_for(settled, timeout=30, interval=2.0, what="the spread load delivered")
             for c in started:
-                c.say("stop")
+                c.say("stop 3")  # every subscriber has read the three events to all
             results = [await asyncio.to_thread(c.result, 120) for c in started]
             started = []
-            first = [lat for r in results for at, lat in r["records"] if at - lat < spread_at]  # sent before it
-            out["one_event_to_all"] = {"received": len(first), "of": reached,
-                                       "p50_ms": round(1000 * pct(first, 0.5), 1),
-                                       "p99_ms": round(1000 * pct(first, 0.99), 1),
-                                       "max_ms": round(1000 * max(first, default=float("nan")), 1)}
+            first, second, third = ([rec for r in results for rec in r["records"] if begin <= rec[0] - rec[1] < end]
+                                    for begin, end in ((0.0, publish_at[1]), (publish_at[1], publish_at[2]),
+                                                       (publish_at[2], spread_at)))  # by when they were sent
+            out["first_event_to_all"] = {"received": len(first), "of": reached, **latency_figures(first)}
+            out["one_event_to_all"] = {"received": len(second), "of": reached, **latency_figures(second)}
+            out["one_event_to_all_clients_quiet"] = {"received": len(third), "of": reached, **latency_figures(third)}
+            print("one event to all, the clients quiet:", out["one_event_to_all_clients_quiet"], flush=True)
+            print("first event to all (some still catching up):", out["first_event_to_all"], flush=True)
             print("one event to all:", out["one_event_to_all"], flush=True)
             if sent:
                 out["spread"] = spread_figures(results, sent, topics, args, spread_at)
@@ -221,22 +256,35 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
 def spread_figures(results: list[dict[str, Any]], sent: int, topics: int, args: argparse.Namespace,
                    since: float) -> dict[str, Any]:
     """What the spread load (`sent` events to `topics` topics in turn, one each) should have delivered to the
-    subscribers connected (number i wants topic i % topics, and got the event to all first) and what they
+    subscribers connected (number i wants topic i % topics, and got the three events to all first) and what they
     received: lost events, and the latency of those received."""
     per_topic = [sent // topics + (t < sent % topics) for t in range(topics)]
     expected = received = short = 0
     for r in results:
         for i, count in r["counts"].items():
-            want = 1 + per_topic[int(i) % topics]
+            want = 3 + per_topic[int(i) % topics]  # (and the three events to all)
             expected += want
             received += min(count, want)
             short += count < want
-    latencies = [lat for r in results for at, lat in r["records"] if at - lat >= since]  # sent since
+    records = [rec for r in results for rec in r["records"] if rec[0] - rec[1] >= since]  # sent since
     return {"topics": topics, "events_per_s": args.spread_rate, "seconds": args.spread_seconds, "events_sent": sent,
             "deliveries_expected": expected, "deliveries_received": received, "lost": expected - received,
-            "subscribers_short": short, "p50_ms": round(1000 * pct(latencies, 0.5), 1),
-            "p99_ms": round(1000 * pct(latencies, 0.99), 1),
-            "max_ms": round(1000 * max(latencies, default=float("nan")), 1)}
+            "subscribers_short": short, **latency_figures(records)}
+
+
+def latency_figures(records: list[list[float]]) -> dict[str, float]:
+    """p50/p99/max of the clients' records (read at, latency when read, latency when it reached the socket):
+    `arrived_*` from the kernel's receive time, the time the proxy's write put the event in the
+    subscriber's socket (what a subscriber on another machine would see, give or take the network);
+    `read_*` when the client process read it, later by however long the clients, sharing the 2 cores
+    with the proxy, took to get to that socket."""
+    out: dict[str, float] = {}
+    for name, column in (("arrived", 2), ("read", 1)):
+        values = [rec[column] for rec in records]
+        out.update({f"{name}_p50_ms": round(1000 * pct(values, 0.5), 1),
+                    f"{name}_p99_ms": round(1000 * pct(values, 0.99), 1),
+                    f"{name}_max_ms": round(1000 * max(values, default=float("nan")), 1)})
+    return out
 
 
 async def plasma(args: argparse.Namespace) -> dict[str, Any]:

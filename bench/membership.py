@@ -20,10 +20,12 @@ each answering proxy the time from the pod change being handed to the controller
 holding that proxy's acknowledgement of the new version (debounce included): p50/p99/max over every
 (change, proxy). Also: how often each frozen proxy was tried meanwhile, what `status.membership`
 says (which proxies lag), the controller's passes, and which changes met the controller's read of
-every proxy's Status (the Connections step's, every scale interval), with the p50/p99 of the others.
+every proxy's Status (the Connections step's, every scale interval), with the p50/p99 of the others;
+the operator process's garbage collections (pauses by generation).
 
     python bench/membership.py                      # 1000 proxies: all answering, then 5 % frozen + 5 % slow
     python bench/membership.py --proxies 200 --changes 3
+    python bench/membership.py --gc cpython         # the operator's garbage collector as before settle_heap
 
 Prints a table and writes JSON (bench/results/membership.json unless --json says otherwise).
 """
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -51,6 +54,7 @@ from typing import Any
 import psutil
 
 from neoplasma.core.membership import EMPTY, Snapshot
+from neoplasma.core.memory import settle_heap
 from neoplasma.core.net import raise_fd_limit
 from neoplasma.core.push import PushResult
 from neoplasma.core.trust import Tokens
@@ -266,6 +270,40 @@ class Reads:
         observe.proxy_statuses = self.original  # type: ignore[assignment]
 
 
+class GcPauses:
+    """The operator process's garbage collections (gc.callbacks): how long each held the event loop, by
+    generation, and when, from `start` to `stop`."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float, int]] = []  # (began, generation, seconds, objects collected)
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append((self._began, info["generation"], time.perf_counter() - self._began, info["collected"]))
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self, seconds: float) -> dict[str, Any]:
+        """Per generation: collections, per second, pause p50/p99/max (ms), total; and the pauses over 10 ms."""
+        out: dict[str, Any] = {"seconds": round(seconds, 1), "tracked_objects_after": len(gc.get_objects()),
+                               "frozen_objects": gc.get_freeze_count(), "thresholds": gc.get_threshold()}
+        for generation in range(3):
+            ms = [1000 * p[2] for p in self.pauses if p[1] == generation]
+            out[f"gen{generation}"] = {"collections": len(ms), "per_second": round(len(ms) / seconds, 2),
+                                       "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
+                                       "max_ms": round(max(ms), 1) if ms else None, "total_ms": round(sum(ms))}
+        long = [1000 * p[2] for p in self.pauses if p[2] > 0.010]
+        out["over_10ms"] = {"count": len(long), "total_ms": round(sum(long))}
+        return out
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -349,6 +387,9 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
     reads = Reads()
     sync = controller.steps.membership.sync
     process = psutil.Process()
+    pauses = GcPauses()
+    pauses.start()
+    began = time.monotonic()
     controller.start()
     latencies: dict[str, list[float]] = {ANSWERING: [], SLOW: []}
     unread: list[float] = []  # the answering proxies' latencies in the rounds that met no Status read
@@ -400,6 +441,11 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
     finally:
         await controller.stop()
         reads.close()
+        pauses.stop()
+    gc_figures = pauses.figures(time.monotonic() - began)
+    print(f"  {name}: garbage collections: " + ", ".join(
+        f"gen{g} {gc_figures[f'gen{g}']['collections']} (max {gc_figures[f'gen{g}']['max_ms']} ms)" for g in range(3))
+        + f"; over 10 ms: {gc_figures['over_10ms']['count']}", flush=True)
     status = api.statuses[-1] if api.statuses else {}
     frozen = sorted(p for p in names if kinds[p] == FROZEN)
     registry = controller.metrics.registry
@@ -412,6 +458,7 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
         "seconds_to_ack": {kind: {"n": len(v), "p50": round(pct(v, 50), 4), "p99": round(pct(v, 99), 4),
                                   "max": round(max(v), 4) if v else None} for kind, v in latencies.items()},
         "rounds": rounds,
+        "garbage_collections": gc_figures,
         "answering_without_status_read": {"rounds": sum(not r["met_status_read"] for r in rounds),
                                           "p50": round(pct(unread, 50), 4), "p99": round(pct(unread, 99), 4)},
         "frozen_tries_each": sorted({recorder.tries.get(p, 0) for p in frozen}),
@@ -452,6 +499,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     raise_fd_limit()
+    if args.gc == "settled":
+        settle_heap("bench")  # as `neoplasma operator` does once started
     logging.getLogger("neoplasma").setLevel(logging.ERROR)  # 50 frozen proxies' push failures, each retry
     started = time.monotonic()
     results = []
@@ -463,7 +512,7 @@ async def main(args: argparse.Namespace) -> None:
                       "acknowledgement of the new membership version (debounce included)",
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average": os.getloadavg(), "memory_gib": round(psutil.virtual_memory().total / 2**30)},
-              "settings": {"debounce": Options.debounce, "read_timeout": Options.read_timeout,
+              "settings": {"gc": args.gc, "debounce": Options.debounce, "read_timeout": Options.read_timeout,
                            "standin_processes": args.standin_processes, "slow_seconds": args.slow_seconds},
               "seconds": round(time.monotonic() - started, 1), "scenarios": results}
     print()
@@ -491,6 +540,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow", type=float, default=0.05, help="share of proxies slow in the second scenario")
     p.add_argument("--slow-seconds", type=float, default=1.0, help="how late a slow proxy answers (default 1 s)")
     p.add_argument("--gap", type=float, default=1.0, help="seconds between changes (default 1)")
+    p.add_argument("--gc", choices=("settled", "cpython"), default="settled",
+                   help="the operator's garbage collector: settled as `neoplasma operator` settles it once started "
+                        "(core.memory.settle_heap), or CPython's defaults (what the operator ran with before)")
     p.add_argument("--standin-processes", type=int, default=2, help="processes serving the stand-ins (default 2)")
     p.add_argument("--json", default=str(RESULTS),
                    help=f"where to write the JSON (default {RESULTS.relative_to(ROOT)})")

@@ -1091,3 +1091,24 @@ def test_operator_with_its_port_taken_says_what_to_do(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1
     assert f"cannot listen on 0.0.0.0:{port}" in result.stderr and "--liveness-port" in result.stderr
+
+
+def test_settled_heap_leaves_what_start_up_made_out_of_collections() -> None:
+    """settle_heap (what `neoplasma operator` calls once started) freezes the ~90,000 objects the operator's
+    imports make, so a full collection no longer visits them, and raises the first threshold. In a child:
+    a frozen heap would stay frozen in this process."""
+    code = """
+import gc, json
+import neoplasma.operator.main
+from neoplasma.core.memory import YOUNG_THRESHOLD, settle_heap
+before = len(gc.get_objects())
+settle_heap("test")
+print(json.dumps({"before": before, "after": len(gc.get_objects()), "frozen": gc.get_freeze_count(),
+                  "young": gc.get_threshold()[0], "expected_young": YOUNG_THRESHOLD}))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    timeout=60).stdout.splitlines()[-1])
+    assert out["before"] > 50_000, out  # the Kubernetes client, kopf, grpc: what made full collections long
+    assert out["frozen"] >= out["before"] * 0.9, out
+    assert out["after"] < out["before"] / 10, out
+    assert out["young"] == out["expected_young"] > 700, out

@@ -12,6 +12,7 @@ import urllib3.exceptions
 
 from neoplasma.core.errors import NeoplasmaError
 from neoplasma.core.logs import get_logger
+from neoplasma.core.memory import settle_heap
 from neoplasma.core.net import bind_socket
 from neoplasma.operator import handlers, metrics
 from neoplasma.operator.controller import OperatorState
@@ -61,6 +62,7 @@ def run_operator(config: OperatorConfig) -> int:
     log.info("operator_starting", namespaces=config.namespaces or "all", liveness_port=config.liveness_port,
              metrics_port=config.metrics_port or None, scale_interval=config.scale_interval,
              policy_api=policy_api, default_image=options.default_image)
+    settle_heap("operator_started")  # everything imported and made so far lives as long as the operator
     asyncio.run(kopf.operator(
         settings=settings,
         memo=memo,
