@@ -6,7 +6,9 @@ subscribers of topic `h` get an event every 20 ms carrying its publish time. The
 with a forged id (the public cluster tag, the broker's epoch, seq 0: a replay of all of retention), all of
 topic `old` (one position: shared) or each of its own topic `old:N` (1000 positions: budgets only), and
 read what they get. The attackers run in a process of their own (`--attackers inline`: in the bench's
-process, beside the honest clients, whose arrival times then also measure the bench's own loop).
+process, beside the honest clients, whose arrival times then also measure the bench's own loop;
+`--attackers-nice N`: their process at nice N, so that on a machine of few cores the servers and the honest
+clients get the CPU first, and what is left of the tail is the servers').
 
 Each round starts a fresh broker and proxy and measures quiet, then under attack, side by side; the
 figures are medians over `--rounds`, with the ratio busy p99 / quiet p99 (median of the rounds' ratios).
@@ -144,8 +146,8 @@ async def attack(http: str, token: str, shared: bool) -> None:
 class Attack:
     """1000 forged resumes, in a process of its own or in this one (`inline`)."""
 
-    def __init__(self, http: str, token: str, shared: bool, inline: bool) -> None:
-        self.http, self.token, self.shared, self.inline = http, token, shared, inline
+    def __init__(self, http: str, token: str, shared: bool, inline: bool, nice: int = 0) -> None:
+        self.http, self.token, self.shared, self.inline, self.nice = http, token, shared, inline, nice
         self.tasks: list[asyncio.Task[int]] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -153,7 +155,8 @@ class Attack:
         """Start the attackers' process (its start-up is not the attack: it waits for `start`)."""
         if not self.inline:
             self.proc = subprocess.Popen([sys.executable, __file__, "--attack", self.http, self.token or "-"]
-                                         + (["--shared"] if self.shared else []), stdin=subprocess.PIPE)
+                                         + (["--shared"] if self.shared else []), stdin=subprocess.PIPE,
+                                         preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
 
     def start(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
@@ -183,6 +186,14 @@ async def proxy_latency(http: str) -> dict[float, float]:
     return out
 
 
+async def broker_replays(http: str) -> float:
+    """Replay calls the broker served (its neoplasma_broker_replays_total)."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://{http}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("neoplasma_broker_replays_total "))
+
+
 def histogram_p99(before: dict[float, float], after: dict[float, float]) -> float:
     """The bucket bound (ms) below which 99 % of the deliveries between the two fall."""
     bounds = sorted(after)
@@ -208,7 +219,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | No
 
 
 async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, shared: bool, inline: bool, forge: bool,
-              profile_dir: Path | None) -> dict[str, Any]:
+              profile_dir: Path | None, nice: int = 0) -> dict[str, Any]:
     broker = start_server("broker", "forged-b0", tmp, env=env)
     proxy = start_server("proxy", "forged-p0", tmp, "--brokers", broker.endpoints["grpc"], env=env)
     procs = {"broker": psutil.Process(broker.proc.pid), "proxy": psutil.Process(proxy.proc.pid)}
@@ -229,7 +240,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             token = base64.urlsafe_b64encode(raw[:7] + varint(0)).rstrip(b"=").decode()
             if not forge:
                 token = ""
-            attack_ = Attack(http, token, shared, inline)
+            attack_ = Attack(http, token, shared, inline, nice)
             attack_.ready()
             used = {k: cpu(p) for k, p in procs.items()}
             hist = await proxy_latency(http)
@@ -244,6 +255,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             busy = await honest_latency(stub, clients, seconds)
             busy_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
             busy_hist = await proxy_latency(http)
+            replays = await broker_replays(broker.endpoints["http"])
             await attack_.stop()
             for spy in spies:
                 if spy is not None:
@@ -260,7 +272,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
                 "broker_cpu_s_quiet": quiet_cpu["broker"], "broker_cpu_s_busy": busy_cpu["broker"],
                 "proxy_cpu_s_quiet": quiet_cpu["proxy"], "proxy_cpu_s_busy": busy_cpu["proxy"],
                 "proxy_quiet_p99_le_ms": histogram_p99(hist, quiet_hist),
-                "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist),
+                "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist), "broker_replays": replays,
                 "late_by_window_ms": [round(percentile(windows[w], 0.99)) for w in sorted(windows)]}
     finally:
         with contextlib.suppress(Exception):
@@ -287,6 +299,8 @@ async def main() -> None:
     parser.add_argument("--mode", choices=("both", "shared", "own"), default="both",
                         help="one forged position for all (shared), one each (own), or both")
     parser.add_argument("--attackers", choices=("process", "inline"), default="process")
+    parser.add_argument("--attackers-nice", type=int, default=0, metavar="N",
+                        help="run the attackers' process at nice N (1-19): the servers and honest clients first")
     parser.add_argument("--token", choices=("forged", "none"), default="forged",
                         help="none: the 1000 connections subscribe without a token (what connecting alone costs)")
     parser.add_argument("--before", default=None, help="also run this commit's code, round by round beside this")
@@ -307,14 +321,16 @@ async def main() -> None:
             for n in range(args.rounds):
                 for tree, env in codes.items():  # side by side, round by round
                     row = await run(Path(tmp), env, args.events, args.seconds, shared, args.attackers == "inline",
-                                    args.token == "forged", args.profile if n == 0 and not env else None)
+                                    args.token == "forged", args.profile if n == 0 and not env else None,
+                                    args.attackers_nice)
                     rows[tree].append(row)
                     print(json.dumps({"tree": tree, "round": n, **{k: (round(v, 2) if isinstance(v, float) else v)
                                                                    for k, v in row.items()}}), flush=True)
             for tree, tree_rows in rows.items():
                 result = {"tree": tree, "forged_topics": "one (old)" if shared else "1000 (old:N)",
                           "token": args.token, "retained_events": args.events, "seconds": args.seconds,
-                          "rounds": args.rounds, "attackers": args.attackers, **summary(tree_rows)}
+                          "rounds": args.rounds, "attackers": args.attackers,
+                          "attackers_nice": args.attackers_nice, **summary(tree_rows)}
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 print(f"{tree:>14}, {result['forged_topics']}: p99 quiet {result['quiet_p99_ms']} ms, under attack "
