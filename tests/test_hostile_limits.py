@@ -429,6 +429,33 @@ async def test_resumes_from_one_position_share_one_replay(start: Any) -> None:
     assert await metric(broker, "neoplasma_broker_replays_total") - before <= 10
 
 
+async def test_a_resume_set_up_later_shares_the_replay_while_live_events_of_other_topics_flow(start: Any) -> None:
+    """Resumes of one position set up one after the other (admitted a slice at a time under a burst), while live
+    events of another topic move the proxy's position past the first replay's head: the later one still shares
+    the first one's Replay call (nothing of it was let go, and nothing of its topics came since); one that an
+    event of its topics came before gets that event exactly once, from a replay of its own."""
+    broker, proxy, token = await resumable_plane(start, "--catch-up-bytes-per-second", "8000")
+    http = proxy.endpoints["http"]
+    other = EventSource(lambda: http, "u").start()
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber of u")
+    before = await metric(broker, "neoplasma_broker_replays_total")
+    first = EventSource(lambda: http, "t", token=token).start()  # caught up at 8 kB/s: a few seconds
+    await wait_for(lambda: first.events, what="the first resume's catch-up")
+    await publish_grpc(broker.endpoints["grpc"], [("u", {"n": "live"})])
+    await wait_for(lambda: other.events, what="the event of u")  # the proxy's position is past the replay's head
+    second = EventSource(lambda: http, "t", token=token).start()
+    await wait_for(lambda: second.events, what="the second resume's catch-up")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 2001})])
+    third = EventSource(lambda: http, "t", token=token).start()
+    clients = [first, second, third]
+    await wait_for(lambda: all(len(c.events) >= 2001 for c in clients), timeout=60, what="every missed event")
+    for client in clients:
+        assert [e["data"]["n"] for e in client.events] == list(range(1, 2002)) and not client.gaps
+    assert await metric(broker, "neoplasma_broker_replays_total") - before == 2
+    for client in (*clients, other):
+        await client.close()
+
+
 async def test_a_position_in_the_future_is_a_gap_at_once_then_live(start: Any) -> None:
     broker, proxy, token = await resumable_plane(start)
     head, mark = token_parts(token)
