@@ -65,10 +65,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seconds: float
-                         ) -> list[tuple[float, float]]:
+async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seconds: float,
+                         publish_ms: list[float] | None = None) -> list[tuple[float, float]]:
     """Publish a timestamped event to `h` every 20 ms for `seconds`; (publish time, delay in ms) of each
-    client's each event (what has not come within 30 s counts as 30 s late)."""
+    client's each event (what has not come within 30 s counts as 30 s late). `publish_ms`: each Publish call's
+    round trip (ms), appended."""
     for c in clients:
         c.events.clear()
     sent: list[float] = []
@@ -77,6 +78,8 @@ async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seco
         at = time.time()
         data = b'{"at":%f,"n":%d}' % (at, len(sent))
         await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="h", data=data)]), timeout=10)
+        if publish_ms is not None:
+            publish_ms.append(1000 * (time.time() - at))
         sent.append(at)
         await asyncio.sleep(INTERVAL)
     with contextlib.suppress(AssertionError):
@@ -244,7 +247,9 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             attack_.ready()
             used = {k: cpu(p) for k, p in procs.items()}
             hist = await proxy_latency(http)
-            quiet = await honest_latency(stub, clients, seconds)
+            quiet_publish: list[float] = []
+            busy_publish: list[float] = []
+            quiet = await honest_latency(stub, clients, seconds, quiet_publish)
             quiet_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
             quiet_hist = await proxy_latency(http)
             spies = [profile(p.pid, seconds, profile_dir / f"{k}-{'shared' if shared else 'own'}.trace.json")
@@ -252,7 +257,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             used = {k: cpu(p) for k, p in procs.items()}
             began = time.time()
             attack_.start()
-            busy = await honest_latency(stub, clients, seconds)
+            busy = await honest_latency(stub, clients, seconds, busy_publish)
             busy_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
             busy_hist = await proxy_latency(http)
             replays = await broker_replays(broker.endpoints["http"])
@@ -273,6 +278,8 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
                 "proxy_cpu_s_quiet": quiet_cpu["proxy"], "proxy_cpu_s_busy": busy_cpu["proxy"],
                 "proxy_quiet_p99_le_ms": histogram_p99(hist, quiet_hist),
                 "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist), "broker_replays": replays,
+                "publish_quiet_p99_ms": percentile(quiet_publish, 0.99),
+                "publish_busy_p99_ms": percentile(busy_publish, 0.99),
                 "late_by_window_ms": [round(percentile(windows[w], 0.99)) for w in sorted(windows)]}
     finally:
         with contextlib.suppress(Exception):
