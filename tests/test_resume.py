@@ -43,6 +43,7 @@ from neoplasma.core.resume import (
     MIN_SEGMENT_BYTES,
     SEGMENT_OVERHEAD,
     InvalidToken,
+    ReplayWalk,
     RetentionLog,
     cluster_tag,
     decode_token,
@@ -933,3 +934,53 @@ async def test_a_large_backfill_does_not_hold_up_another_relays_live_events(star
                for head, got in heads)
     assert k >= 3 and max(late) < 0.5, f"live events for the other proxy waited up to {max(late):.3f} s"
     await client.close()
+
+
+async def test_replays_walk_retention_one_part_per_pass_of_the_brokers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four replays of all of retention at once (forged positions) walk it in turns: one part (2 ms) per pass of
+    the broker's loop, not one per replay, so that a publish or a relay stream's live event waits behind one part at
+    most; each replay still gets every event, in order."""
+    broker = Broker(BrokerConfig(name="b0", replay_events_per_second=10_000_000, workers=1))
+    payload = b'{"pad":"' + b"x" * 150 + b'"}'
+    for _ in range(40):
+        broker.accept([("t", payload)] * 1000, "publisher")
+    servicer = BrokerServicer(broker)
+    passes = 0
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:  # once per pass of the loop
+        nonlocal passes
+        passes += 1
+        loop.call_soon(tick)
+
+    parts: list[int] = []  # the pass each part was walked in
+    walk_part = ReplayWalk.part
+
+    def part(self: ReplayWalk, *args: Any, **kwargs: Any) -> list[bytes]:
+        parts.append(passes)
+        return walk_part(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReplayWalk, "part", part)
+
+    async def replay() -> list[int]:
+        seqs: list[int] = []
+        async for message in servicer.Replay(pb.ReplayRequest(epoch=broker.epoch, after=0, topics=["t"]), None):
+            seqs.extend(e.seq for e in pb.EventBatch.FromString(message).events)
+        return seqs
+
+    loop.call_soon(tick)
+    got = await asyncio.gather(*(replay() for _ in range(4)))
+    assert all(seqs == list(range(1, 40_001)) for seqs in got)
+    assert len(parts) > 8 and len(set(parts)) == len(parts), "two replays' parts walked in one pass of the loop"
+
+
+async def test_replays_walk_at_most_a_tenth_of_a_seconds_worth_of_their_rate_at_once() -> None:
+    """After a quiet while, Replays may walk a tenth of a second's worth of --replay-events-per-second without
+    waiting, then at that rate: a burst of resumes does not start with a second of walking at full speed."""
+    broker = Broker(BrokerConfig(name="b0", replay_events_per_second=1000, workers=1))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await broker.pace_replay(100)  # a tenth of a second's worth: at once
+    assert loop.time() - started < 0.05
+    await broker.pace_replay(100)  # the next tenth waits for its time
+    assert loop.time() - started >= 0.09
