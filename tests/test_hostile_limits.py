@@ -576,6 +576,28 @@ async def test_catch_up_steps_take_turns_behind_the_loops_other_work() -> None:
     assert order[:300] == list(range(300))  # one step each before anyone's second
 
 
+async def test_a_step_let_through_is_not_overtaken_by_one_that_finds_the_slice_unused() -> None:
+    """A step let through (a new slice begun for it) runs before one that comes in the meantime, in the pass in
+    which it was let through, and finds that slice unused: that one used to run first and take the slice, the one
+    let through running after it all the same (two slices' work in a row: a broker's replay walks coming back from
+    their pacing, say); each step uses up a slice here."""
+    now = [0.0]
+    turns = Turns(slice=0.002, clock=lambda: now[0])
+    order: list[str] = []
+
+    async def step(name: str) -> None:
+        await turns.turn()
+        order.append(name)
+        now[0] += 0.002  # it used up its slice
+
+    first = asyncio.create_task(step("first"))
+    await asyncio.sleep(0)  # it waits for its turn, let through in the next pass
+    assert turns.waiting == 1
+    later = asyncio.create_task(step("later"))  # comes in that pass, after it was let through
+    await asyncio.gather(first, later)
+    assert order == ["first", "later"]
+
+
 async def test_calls_in_turns_run_in_order_a_slice_at_a_time_behind_the_loops_other_work() -> None:
     """300 set-ups of resuming subscribers pushed at once (1 ms each, 300 ms in all) run in arrival order, a slice's
     worth per turn: a timer beside them runs within a few slices, not after all of them; one that fails goes to the
