@@ -434,15 +434,17 @@ async def test_a_resume_set_up_later_shares_the_replay_while_live_events_of_othe
     events of another topic move the proxy's position past the first replay's head: the later one still shares
     the first one's Replay call (nothing of it was let go, and nothing of its topics came since); one that an
     event of its topics came before gets that event exactly once, from a replay of its own."""
-    broker, proxy, token = await resumable_plane(start, "--catch-up-bytes-per-second", "8000")
+    broker, proxy, token = await resumable_plane(start, "--catch-up-bytes-per-second", "4000")
     http = proxy.endpoints["http"]
-    other = EventSource(lambda: http, "u").start()
+    other = EventSource(lambda: http, "u").start()  # (a new topic: it catches up too, with a Replay call)
     await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber of u")
+    await publish_grpc(broker.endpoints["grpc"], [("u", {"n": "ready"})])
+    await wait_for(lambda: other.events, what="a live event of u")
     before = await metric(broker, "neoplasma_broker_replays_total")
-    first = EventSource(lambda: http, "t", token=token).start()  # caught up at 8 kB/s: a few seconds
+    first = EventSource(lambda: http, "t", token=token).start()  # caught up at 4 kB/s: seconds
     await wait_for(lambda: first.events, what="the first resume's catch-up")
     await publish_grpc(broker.endpoints["grpc"], [("u", {"n": "live"})])
-    await wait_for(lambda: other.events, what="the event of u")  # the proxy's position is past the replay's head
+    await wait_for(lambda: len(other.events) == 2, what="the event of u")  # the proxy is past the replay's head
     second = EventSource(lambda: http, "t", token=token).start()
     await wait_for(lambda: second.events, what="the second resume's catch-up")
     await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 2001})])
