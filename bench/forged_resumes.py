@@ -12,7 +12,9 @@ clients get the CPU first, and what is left of the tail is the servers').
 
 Each round starts a fresh broker and proxy and measures quiet, then under attack, side by side; the
 figures are medians over `--rounds`, with the ratio busy p99 / quiet p99 (median of the rounds' ratios).
-`late_by_window_ms` gives the busy phase's p99 per half second since the attack began (where the tail is).
+`late_by_window_ms` gives the busy phase's p99 per half second since the attack began (where the tail is);
+`publish_*_p99_ms` the p99 round trip of the honest Publish calls (the broker's share of the tail), and
+`broker_replays` the Replay calls the broker served.
 With `--profile DIR`, py-spy records the proxy and broker during the first round's attack (Chrome trace
 JSON files in DIR, idle samples included: a timeline). Prints figures and writes JSON
 (bench/results/forged_resumes.json). The machine is shared: compare the quiet and busy figures of one run.
