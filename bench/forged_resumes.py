@@ -6,11 +6,15 @@ subscribers of topic `h` get an event every 20 ms carrying its publish time. The
 with a forged id (the public cluster tag, the broker's epoch, seq 0: a replay of all of retention), all of
 topic `old` (one position: shared) or each of its own topic `old:N` (1000 positions: budgets only), and
 read what they get. The attackers run in a process of their own (`--attackers inline`: in the bench's
-process, beside the honest clients, whose arrival times then also measure the bench's own loop).
+process, beside the honest clients, whose arrival times then also measure the bench's own loop;
+`--attackers-nice N`: their process at nice N, so that on a machine of few cores the servers and the honest
+clients get the CPU first, and what is left of the tail is the servers').
 
 Each round starts a fresh broker and proxy and measures quiet, then under attack, side by side; the
 figures are medians over `--rounds`, with the ratio busy p99 / quiet p99 (median of the rounds' ratios).
-`late_by_window_ms` gives the busy phase's p99 per half second since the attack began (where the tail is).
+`late_by_window_ms` gives the busy phase's p99 per half second since the attack began (where the tail is);
+`publish_*_p99_ms` the p99 round trip of the honest Publish calls (the broker's share of the tail), and
+`broker_replays` the Replay calls the broker served.
 With `--profile DIR`, py-spy records the proxy and broker during the first round's attack (Chrome trace
 JSON files in DIR, idle samples included: a timeline). Prints figures and writes JSON
 (bench/results/forged_resumes.json). The machine is shared: compare the quiet and busy figures of one run.
@@ -63,10 +67,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seconds: float
-                         ) -> list[tuple[float, float]]:
+async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seconds: float,
+                         publish_ms: list[float] | None = None) -> list[tuple[float, float]]:
     """Publish a timestamped event to `h` every 20 ms for `seconds`; (publish time, delay in ms) of each
-    client's each event (what has not come within 30 s counts as 30 s late)."""
+    client's each event (what has not come within 30 s counts as 30 s late). `publish_ms`: each Publish call's
+    round trip (ms), appended."""
     for c in clients:
         c.events.clear()
     sent: list[float] = []
@@ -75,6 +80,8 @@ async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seco
         at = time.time()
         data = b'{"at":%f,"n":%d}' % (at, len(sent))
         await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="h", data=data)]), timeout=10)
+        if publish_ms is not None:
+            publish_ms.append(1000 * (time.time() - at))
         sent.append(at)
         await asyncio.sleep(INTERVAL)
     with contextlib.suppress(AssertionError):
@@ -144,8 +151,8 @@ async def attack(http: str, token: str, shared: bool) -> None:
 class Attack:
     """1000 forged resumes, in a process of its own or in this one (`inline`)."""
 
-    def __init__(self, http: str, token: str, shared: bool, inline: bool) -> None:
-        self.http, self.token, self.shared, self.inline = http, token, shared, inline
+    def __init__(self, http: str, token: str, shared: bool, inline: bool, nice: int = 0) -> None:
+        self.http, self.token, self.shared, self.inline, self.nice = http, token, shared, inline, nice
         self.tasks: list[asyncio.Task[int]] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -153,7 +160,8 @@ class Attack:
         """Start the attackers' process (its start-up is not the attack: it waits for `start`)."""
         if not self.inline:
             self.proc = subprocess.Popen([sys.executable, __file__, "--attack", self.http, self.token or "-"]
-                                         + (["--shared"] if self.shared else []), stdin=subprocess.PIPE)
+                                         + (["--shared"] if self.shared else []), stdin=subprocess.PIPE,
+                                         preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
 
     def start(self) -> None:
         if self.proc is not None and self.proc.stdin is not None:
@@ -183,6 +191,14 @@ async def proxy_latency(http: str) -> dict[float, float]:
     return out
 
 
+async def broker_replays(http: str) -> float:
+    """Replay calls the broker served (its neoplasma_broker_replays_total)."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://{http}/metrics") as resp:
+        text = await resp.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("neoplasma_broker_replays_total "))
+
+
 def histogram_p99(before: dict[float, float], after: dict[float, float]) -> float:
     """The bucket bound (ms) below which 99 % of the deliveries between the two fall."""
     bounds = sorted(after)
@@ -208,7 +224,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | No
 
 
 async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, shared: bool, inline: bool, forge: bool,
-              profile_dir: Path | None) -> dict[str, Any]:
+              profile_dir: Path | None, nice: int = 0) -> dict[str, Any]:
     broker = start_server("broker", "forged-b0", tmp, env=env)
     proxy = start_server("proxy", "forged-p0", tmp, "--brokers", broker.endpoints["grpc"], env=env)
     procs = {"broker": psutil.Process(broker.proc.pid), "proxy": psutil.Process(proxy.proc.pid)}
@@ -229,11 +245,13 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             token = base64.urlsafe_b64encode(raw[:7] + varint(0)).rstrip(b"=").decode()
             if not forge:
                 token = ""
-            attack_ = Attack(http, token, shared, inline)
+            attack_ = Attack(http, token, shared, inline, nice)
             attack_.ready()
             used = {k: cpu(p) for k, p in procs.items()}
             hist = await proxy_latency(http)
-            quiet = await honest_latency(stub, clients, seconds)
+            quiet_publish: list[float] = []
+            busy_publish: list[float] = []
+            quiet = await honest_latency(stub, clients, seconds, quiet_publish)
             quiet_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
             quiet_hist = await proxy_latency(http)
             spies = [profile(p.pid, seconds, profile_dir / f"{k}-{'shared' if shared else 'own'}.trace.json")
@@ -241,9 +259,10 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             used = {k: cpu(p) for k, p in procs.items()}
             began = time.time()
             attack_.start()
-            busy = await honest_latency(stub, clients, seconds)
+            busy = await honest_latency(stub, clients, seconds, busy_publish)
             busy_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
             busy_hist = await proxy_latency(http)
+            replays = await broker_replays(broker.endpoints["http"])
             await attack_.stop()
             for spy in spies:
                 if spy is not None:
@@ -260,7 +279,9 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
                 "broker_cpu_s_quiet": quiet_cpu["broker"], "broker_cpu_s_busy": busy_cpu["broker"],
                 "proxy_cpu_s_quiet": quiet_cpu["proxy"], "proxy_cpu_s_busy": busy_cpu["proxy"],
                 "proxy_quiet_p99_le_ms": histogram_p99(hist, quiet_hist),
-                "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist),
+                "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist), "broker_replays": replays,
+                "publish_quiet_p99_ms": percentile(quiet_publish, 0.99),
+                "publish_busy_p99_ms": percentile(busy_publish, 0.99),
                 "late_by_window_ms": [round(percentile(windows[w], 0.99)) for w in sorted(windows)]}
     finally:
         with contextlib.suppress(Exception):
@@ -287,6 +308,8 @@ async def main() -> None:
     parser.add_argument("--mode", choices=("both", "shared", "own"), default="both",
                         help="one forged position for all (shared), one each (own), or both")
     parser.add_argument("--attackers", choices=("process", "inline"), default="process")
+    parser.add_argument("--attackers-nice", type=int, default=0, metavar="N",
+                        help="run the attackers' process at nice N (1-19): the servers and honest clients first")
     parser.add_argument("--token", choices=("forged", "none"), default="forged",
                         help="none: the 1000 connections subscribe without a token (what connecting alone costs)")
     parser.add_argument("--before", default=None, help="also run this commit's code, round by round beside this")
@@ -307,14 +330,16 @@ async def main() -> None:
             for n in range(args.rounds):
                 for tree, env in codes.items():  # side by side, round by round
                     row = await run(Path(tmp), env, args.events, args.seconds, shared, args.attackers == "inline",
-                                    args.token == "forged", args.profile if n == 0 and not env else None)
+                                    args.token == "forged", args.profile if n == 0 and not env else None,
+                                    args.attackers_nice)
                     rows[tree].append(row)
                     print(json.dumps({"tree": tree, "round": n, **{k: (round(v, 2) if isinstance(v, float) else v)
                                                                    for k, v in row.items()}}), flush=True)
             for tree, tree_rows in rows.items():
                 result = {"tree": tree, "forged_topics": "one (old)" if shared else "1000 (old:N)",
                           "token": args.token, "retained_events": args.events, "seconds": args.seconds,
-                          "rounds": args.rounds, "attackers": args.attackers, **summary(tree_rows)}
+                          "rounds": args.rounds, "attackers": args.attackers,
+                          "attackers_nice": args.attackers_nice, **summary(tree_rows)}
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 print(f"{tree:>14}, {result['forged_topics']}: p99 quiet {result['quiet_p99_ms']} ms, under attack "

@@ -429,6 +429,35 @@ async def test_resumes_from_one_position_share_one_replay(start: Any) -> None:
     assert await metric(broker, "neoplasma_broker_replays_total") - before <= 10
 
 
+async def test_a_resume_set_up_later_shares_the_replay_while_live_events_of_other_topics_flow(start: Any) -> None:
+    """Resumes of one position set up one after the other (admitted a slice at a time under a burst), while live
+    events of another topic move the proxy's position past the first replay's head: the later one still shares
+    the first one's Replay call (nothing of it was let go, and nothing of its topics came since); one that an
+    event of its topics came before gets that event exactly once, from a replay of its own."""
+    broker, proxy, token = await resumable_plane(start, "--catch-up-bytes-per-second", "4000")
+    http = proxy.endpoints["http"]
+    other = EventSource(lambda: http, "u").start()  # (a new topic: it catches up too, with a Replay call)
+    await wait_for(lambda: proxy_status_field(proxy, "subscribers", 1), what="the subscriber of u")
+    await publish_grpc(broker.endpoints["grpc"], [("u", {"n": "ready"})])
+    await wait_for(lambda: other.events, what="a live event of u")
+    before = await metric(broker, "neoplasma_broker_replays_total")
+    first = EventSource(lambda: http, "t", token=token).start()  # caught up at 4 kB/s: seconds
+    await wait_for(lambda: first.events, what="the first resume's catch-up")
+    await publish_grpc(broker.endpoints["grpc"], [("u", {"n": "live"})])
+    await wait_for(lambda: len(other.events) == 2, what="the event of u")  # the proxy is past the replay's head
+    second = EventSource(lambda: http, "t", token=token).start()
+    await wait_for(lambda: second.events, what="the second resume's catch-up")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 2001})])
+    third = EventSource(lambda: http, "t", token=token).start()
+    clients = [first, second, third]
+    await wait_for(lambda: all(len(c.events) >= 2001 for c in clients), timeout=60, what="every missed event")
+    for client in clients:
+        assert [e["data"]["n"] for e in client.events] == list(range(1, 2002)) and not client.gaps
+    assert await metric(broker, "neoplasma_broker_replays_total") - before == 2
+    for client in (*clients, other):
+        await client.close()
+
+
 async def test_a_position_in_the_future_is_a_gap_at_once_then_live(start: Any) -> None:
     broker, proxy, token = await resumable_plane(start)
     head, mark = token_parts(token)
@@ -547,6 +576,28 @@ async def test_catch_up_steps_take_turns_behind_the_loops_other_work() -> None:
     await ticking
     assert len(late) > 20 and max(late) < 0.1, f"the timer ran up to {max(late):.3f} s late"
     assert order[:300] == list(range(300))  # one step each before anyone's second
+
+
+async def test_a_step_let_through_is_not_overtaken_by_one_that_finds_the_slice_unused() -> None:
+    """A step let through (a new slice begun for it) runs before one that comes in the meantime, in the pass in
+    which it was let through, and finds that slice unused: that one used to run first and take the slice, the one
+    let through running after it all the same (two slices' work in a row: a broker's replay walks coming back from
+    their pacing, say); each step uses up a slice here."""
+    now = [0.0]
+    turns = Turns(slice=0.002, clock=lambda: now[0])
+    order: list[str] = []
+
+    async def step(name: str) -> None:
+        await turns.turn()
+        order.append(name)
+        now[0] += 0.002  # it used up its slice
+
+    first = asyncio.create_task(step("first"))
+    await asyncio.sleep(0)  # it waits for its turn, let through in the next pass
+    assert turns.waiting == 1
+    later = asyncio.create_task(step("later"))  # comes in that pass, after it was let through
+    await asyncio.gather(first, later)
+    assert order == ["first", "later"]
 
 
 async def test_calls_in_turns_run_in_order_a_slice_at_a_time_behind_the_loops_other_work() -> None:

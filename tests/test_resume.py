@@ -34,7 +34,7 @@ from harness import (
 )
 
 from neoplasma.broker.routing import RelayStream
-from neoplasma.broker.server import Broker, BrokerServicer, relay_handler
+from neoplasma.broker.server import REPLAY_SLICE, Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event, varint
 from neoplasma.core.membership import Member, Snapshot
@@ -43,6 +43,7 @@ from neoplasma.core.resume import (
     MIN_SEGMENT_BYTES,
     SEGMENT_OVERHEAD,
     InvalidToken,
+    ReplayWalk,
     RetentionLog,
     cluster_tag,
     decode_token,
@@ -933,3 +934,55 @@ async def test_a_large_backfill_does_not_hold_up_another_relays_live_events(star
                for head, got in heads)
     assert k >= 3 and max(late) < 0.5, f"live events for the other proxy waited up to {max(late):.3f} s"
     await client.close()
+
+
+async def test_replays_walk_retention_one_slice_per_pass_of_the_brokers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four replays of all of retention at once (forged positions) walk it in turns: in one pass of the broker's
+    loop, parts start only within one slice (REPLAY_SLICE, 2 ms), not one part per replay, so that a publish or a
+    relay stream's live event waits behind about one part at most; each replay still gets every event, in order."""
+    broker = Broker(BrokerConfig(name="b0", replay_events_per_second=10_000_000, workers=1))
+    payload = b'{"pad":"' + b"x" * 150 + b'"}'
+    for _ in range(40):
+        broker.accept([("t", payload)] * 1000, "publisher")
+    servicer = BrokerServicer(broker)
+    passes = 0
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:  # once per pass of the loop
+        nonlocal passes
+        passes += 1
+        loop.call_soon(tick)
+
+    starts: dict[int, list[float]] = {}  # pass -> when each part walked in it started
+    walk_part = ReplayWalk.part
+
+    def part(self: ReplayWalk, *args: Any, **kwargs: Any) -> list[bytes]:
+        starts.setdefault(passes, []).append(time.perf_counter())
+        return walk_part(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReplayWalk, "part", part)
+
+    async def replay() -> list[int]:
+        seqs: list[int] = []
+        async for message in servicer.Replay(pb.ReplayRequest(epoch=broker.epoch, after=0, topics=["t"]), None):
+            seqs.extend(e.seq for e in pb.EventBatch.FromString(message).events)
+        return seqs
+
+    loop.call_soon(tick)
+    got = await asyncio.gather(*(replay() for _ in range(4)))
+    assert all(seqs == list(range(1, 40_001)) for seqs in got)
+    assert sum(map(len, starts.values())) > 8
+    spread = max(max(at) - min(at) for at in starts.values())
+    assert spread < REPLAY_SLICE + 0.0005, f"parts began {spread * 1000:.1f} ms apart in one pass of the loop"
+
+
+async def test_replays_walk_at_most_a_tenth_of_a_seconds_worth_of_their_rate_at_once() -> None:
+    """After a quiet while, Replays may walk a tenth of a second's worth of --replay-events-per-second without
+    waiting, then at that rate: a burst of resumes does not start with a second of walking at full speed."""
+    broker = Broker(BrokerConfig(name="b0", replay_events_per_second=1000, workers=1))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await broker.pace_replay(100)  # a tenth of a second's worth: at once
+    assert loop.time() - started < 0.05
+    await broker.pace_replay(100)  # the next tenth waits for its time
+    assert loop.time() - started >= 0.09

@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import RelayStream, Router
 from neoplasma.broker.settings import BrokerConfig
-from neoplasma.core.aio import wait_event_or_task
+from neoplasma.core.aio import Turns, wait_event_or_task
 from neoplasma.core.events import (
     Checked,
     InvalidEvent,
@@ -115,6 +115,9 @@ class Metrics:
 # Seconds a replay or backfill walks retention (and encodes what it finds) before it lets the broker's loop
 # serve others: relay streams' live events wait at most about this long behind any one walk.
 REPLAY_SLICE = 0.002
+# Seconds' worth of --replay-events-per-second that Replays may walk at once after walking none for a while: a burst
+# of resumes (a thousand forged ones) starts at the steady rate, not with a whole second of walking at full speed.
+REPLAY_BURST = 0.1
 # A Replay's messages hold at most this much (or --max-message-bytes when smaller): a proxy turns each into
 # objects in one go, and keeps up to 16 of them for a shared replay's readers.
 REPLAY_MESSAGE_BYTES = 256 * 1024
@@ -134,6 +137,9 @@ class Broker:
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
         self.replays = asyncio.Semaphore(config.max_replays)
         self.replays_waiting = 0
+        # Replays walk retention in turns: one part (REPLAY_SLICE) per pass of the loop, however many run, so that
+        # publishes and relay streams' live events wait behind one part at most, not one per replay.
+        self.walks = Turns(REPLAY_SLICE)
         self._replay_allowed_at = 0.0  # when the retained events Replays walked so far are paid for
         self.offload = Offload(config.workers - 1)
         self.events_in = 0
@@ -219,11 +225,11 @@ class Broker:
 
     async def pace_replay(self, walked: int) -> None:
         """Let the loop serve others, and keep every Replay's walking together within
-        --replay-events-per-second (bursts of one second)."""
+        --replay-events-per-second (bursts of REPLAY_BURST)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         rate = self.config.replay_events_per_second
-        self._replay_allowed_at = max(self._replay_allowed_at, now - 1.0) + walked / rate
+        self._replay_allowed_at = max(self._replay_allowed_at, now - REPLAY_BURST) + walked / rate
         await asyncio.sleep(max(0.0, self._replay_allowed_at - now))
 
     def reject(self, error: InvalidEvent | None, count: int = 1) -> None:
@@ -389,7 +395,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
 
         At most --max-replays run at once (others wait, up to --max-replays-waiting; beyond, refused
         with RESOURCE_EXHAUSTED); each walks retention a part (REPLAY_SLICE seconds) at a time, in messages of up
-        to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message)."""
+        to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message),
+        and the parts of all replays take turns (`Broker.walks`): one per pass of the loop."""
         broker = self.broker
         cfg = broker.config
         try:
@@ -419,6 +426,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             signalled = False  # the gap (signalled once, in the first message after it is known)
             while True:
                 walked = walk.walked
+                await broker.walks.turn()
                 entries = walk.part(most - size, *broker.slice())
                 message += entries
                 size += sum(map(len, entries))

@@ -69,14 +69,16 @@ class Turns:
         self.ends = 0.0  # when the current slice is used up (clock)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._scheduled = False
+        self._let_through = False  # a waiter was let through and has not run yet: the slice is its
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     def free(self) -> bool:
-        """Whether a step may run now without waiting: nobody waits and the current slice is not used up."""
-        return not self._waiters and self.in_slice()
+        """Whether a step may run now without waiting: nobody waits, nobody let through is still to run, and the
+        current slice is not used up."""
+        return not self._waiters and not self._let_through and self.in_slice()
 
     def in_slice(self) -> bool:
         """Whether the current slice (the last one let through's) is not used up."""
@@ -103,9 +105,16 @@ class Turns:
             if not waiter.done():
                 self.ends = self.clock() + self.slice
                 waiter.set_result(None)
+                # Its task runs when the loop calls back the waiter; this callback comes right after (a step that
+                # comes meanwhile waits: it would take the new slice before the one it was begun for).
+                self._let_through = True
+                waiter.add_done_callback(self._ran)
                 break
         if self._waiters:
             self._schedule()
+
+    def _ran(self, _: asyncio.Future[None]) -> None:
+        self._let_through = False
 
 
 class InTurns:

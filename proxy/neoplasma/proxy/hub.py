@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, plasma_payload, sse_frame, sse_gap
@@ -233,12 +233,20 @@ class BatchSubscriber(StreamSubscriber):
 class Group:
     """Subscribers sharing one topic set, by kind."""
 
-    __slots__ = ("key", "members", "since")
+    __slots__ = ("key", "members", "since", "touched")
 
     def __init__(self, key: frozenset[str]) -> None:
         self.key = key
         self.members: dict[type[Subscriber], set[Subscriber]] = {}
         self.since = time.monotonic()  # when the proxy began wanting these topics
+        self.touched = 0  # the last dispatch round (Hub.rounds) that had an event for them
+
+
+class Mark(NamedTuple):
+    """Where the hub stood for one topic set (`Hub.mark`): its group then, and the dispatch rounds done."""
+
+    group: Group | None
+    rounds: int
 
 
 InterestListener = Callable[[set[str], set[str]], None]
@@ -262,6 +270,7 @@ class Hub:
         self.tag = cluster_tag("")
         self._token: bytes | None = None
         self.advanced = Signal()  # notified after every dispatch
+        self.rounds = 0  # dispatch rounds so far
         self._topics_high = 0  # the most topics since memory was last given back
         self.events_received = 0
         self.deliveries = 0
@@ -290,6 +299,16 @@ class Hub:
         """Seconds since the oldest present topic set was first wanted (0 with no subscribers): how far
         back a broker that this proxy has not heard from yet must backfill (links.py)."""
         return time.monotonic() - min((g.since for g in self._groups.values()), default=time.monotonic())
+
+    def mark(self, topics: frozenset[str]) -> Mark:
+        """Where the hub stands now for the subscribers of exactly `topics` (see `quiet_since`)."""
+        return Mark(self._groups.get(topics), self.rounds)
+
+    def quiet_since(self, topics: frozenset[str], mark: Mark) -> bool:
+        """Whether `topics` have been wanted all along since `mark` (the same group of subscribers) and no event
+        for them was dispatched since: a subscriber of them added since then missed nothing of them meanwhile."""
+        group = self._groups.get(topics)
+        return group is not None and group is mark.group and group.touched <= mark.rounds
 
     def on_interest_change(self, listener: InterestListener) -> None:
         self._listeners.append(listener)
@@ -445,6 +464,7 @@ class Hub:
         observed once per transport (ProxyMetrics.delivered).
         """
         batch = Batch(events, self)
+        self.rounds += 1
         self.events_received += len(events)
         positions = self.positions
         matched: dict[Group, list[int]] = {}
@@ -463,6 +483,7 @@ class Hub:
         refused: list[Subscriber] = []
         with self.gathered():
             for group, indices in matched.items():
+                group.touched = self.rounds
                 for kind, members in group.members.items():
                     encoded = kind.encode(batch, indices)
                     delivered = 0

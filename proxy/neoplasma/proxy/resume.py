@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
@@ -14,7 +14,7 @@ from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, parse_token, tokens_after
-from neoplasma.proxy.hub import Batch, Hub, Subscriber
+from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -83,60 +83,76 @@ class Framing(Protocol):
 
 class SharedReplay:
     """One Replay call to a broker, read by every resume that asks the same position while nothing
-    of it has been let go: batches are kept until all its readers have taken them, and the call
-    runs at most REPLAY_WINDOW batches ahead of its slowest reader (the gRPC stream waits)."""
+    of it has been let go: batches are kept until all its readers have taken them and the call needs
+    room (it runs at most REPLAY_WINDOW batches ahead of its slowest reader; the gRPC stream waits), so a
+    replay that fits the window stays joinable, to its end, while anyone reads it."""
 
-    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]]) -> None:
-        self.budget, self.key = budget, key
+    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub) -> None:
+        self.budget, self.key, self.hub = budget, key, hub
         self.batches: list[ReplayBatch] = []
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
         self.done = False
+        self.complete = False  # the call ran to its end (not cut short, no error)
         self.error: grpc.aio.AioRpcError | None = None
         self.changed = Signal()
         self.timeout = 30.0  # the call's, set by run
         self.called: int | None = None  # not before the replay's head, once called (None before)
+        self.mark: Mark | None = None  # where the hub stood for its topics when it was called
         self._next_reader = 0
 
     def joinable(self, held_from: int) -> bool:
         """Whether a resume whose holder has had the live events after `held_from` (this broker's position
-        when it was added to the hub) may read this replay: nothing of it let go, and its head (the
-        broker's, when the call was made) not before that position (or the call not yet made)."""
-        return not self.trimmed and not self.done and (self.called is None or self.called >= held_from)
+        when it was added to the hub) may read this replay: nothing of it let go, not cut short, and no event
+        for its topics it lacks and the holder did not have: the call not yet made, its head (the broker's,
+        when called) not before `held_from`, or no event for its topics dispatched since it was called (and
+        they were wanted all along: those between its head and `held_from` were none)."""
+        if self.trimmed or (self.done and not self.complete):
+            return False
+        if self.called is None or self.called >= held_from:
+            return True
+        return self.mark is not None and self.hub.quiet_since(self.key[3], self.mark)
 
-    async def run(self, link: BrokerLink, request: pb.ReplayRequest, timeout: float, floor: Callable[[], int]) -> None:
-        """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers;
-        `floor()`: the proxy's position for the broker, which the broker's head is not before when called."""
-        budget = self.budget
+    async def run(self, link: BrokerLink, request: pb.ReplayRequest, timeout: float) -> None:
+        """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers."""
+        budget, hub = self.budget, self.hub
         self.timeout = timeout
         try:
             async with budget.replays:
                 budget.started += 1
                 if self.readers:  # all may have left while it waited for its turn
-                    self.called = floor()
+                    # The broker's head when it is called is not before the proxy's position now.
+                    self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.key[3])
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
-                            if not self.batches:
+                            if not self.batches and not self.trimmed:
                                 self.called = max(self.called, batch.head)
                             await budget.turns.turn()
                             self.batches.append(ReplayBatch.made(
                                 [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
                                 batch.gap))
-                            self.changed.notify()
+                            self._trim()
                             await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
                                                           timeout)
                             if not self.readers:
                                 break
+                        else:
+                            self.complete = True
                     finally:
                         call.cancel()
         except grpc.aio.AioRpcError as exc:
             self.error = exc
         finally:
             self.done = True
-            if budget.shared.get(self.key) is self:
-                del budget.shared[self.key]
+            if not self.complete or not self.readers:
+                self._unshare()
             self.changed.notify()
+
+    def _unshare(self) -> None:
+        """No longer joined by resumes asking its position."""
+        if self.budget.shared.get(self.key) is self:
+            del self.budget.shared[self.key]
 
     async def read(self) -> AsyncIterator[ReplayBatch]:
         """Every batch of the replay, in order (then AioRpcError if the call failed)."""
@@ -163,13 +179,14 @@ class SharedReplay:
             self._trim()
 
     def _trim(self) -> None:
-        """Let go of the batches every reader has taken (all of them when no reader is left)."""
-        taken = min(self.readers.values(), default=self.trimmed + len(self.batches)) - self.trimmed
-        if taken > 0:
-            del self.batches[:taken]
+        """Let go of the batches every reader has taken once the call needs room for another (all of them when no
+        reader is left, or once it let any go: it can no longer be joined from its start)."""
+        readers, batches = self.readers, self.batches
+        taken = min(readers.values(), default=self.trimmed + len(batches)) - self.trimmed
+        if taken > 0 and (self.trimmed or not readers or len(batches) >= REPLAY_WINDOW):
+            del batches[:taken]
             self.trimmed += taken
-            if self.budget.shared.get(self.key) is self:  # no longer joinable from its start
-                del self.budget.shared[self.key]
+            self._unshare()
         self.changed.notify()
 
 
@@ -347,10 +364,9 @@ class Resume:
         key = (link.member.name, link.epoch, after, self.topics)
         shared = budget.shared.get(key)
         if shared is None or not shared.joinable(self.held_from.get(link.epoch, 0)):
-            shared = budget.shared[key] = SharedReplay(budget, key)
+            shared = budget.shared[key] = SharedReplay(budget, key, self.hub)
             request = pb.ReplayRequest(epoch=link.epoch, after=after, topics=sorted(self.topics))
-            floor = lambda: self.hub.positions.get(link.epoch, 0)  # noqa: E731
-            asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0), floor))
+            asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0)))
         return shared
 
     async def _replay(self, link: BrokerLink, after: int) -> int:
