@@ -698,6 +698,48 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     await links.close()
 
 
+async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh subscribers of topics new to the proxy that come together catch up from one Replay call per broker
+    (their topics gathered), not one per topic set per broker; each gets exactly the events of its own topics
+    that the brokers accepted before applying them, once, and no gap."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    bs = [start("broker", f"b{i}") for i in range(2)]
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    for b in bs:  # seq 1: each link has a position (a link with none is caught up from where it is once settled)
+        await publish_grpc(b.endpoints["grpc"], [("other", {"b": b.name, "n": -1})])
+    epochs = [link.epoch for link in links.links.values()]
+    assert await hub.advanced.wait_until(lambda: all(hub.positions.get(e, 0) >= 1 for e in epochs), 10)
+    held = []
+    for link in links.links.values():  # the links' interest stays unsent until released below
+        held.append(link._interest_changed)
+        link._interest_changed = asyncio.Event()
+    topics = {i: [f"n{i}"] for i in range(40)} | {40: ["g"], 41: ["n0", "n1"]}  # "g" has "g:x" (prefix rule)
+    clients = {i: Recorder() for i in topics}
+    tasks = [proxy.subscribe(clients[i], topics[i], "", clients[i]) for i in topics]
+    assert all(task is not None for task in tasks)
+    await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every catch-up holding")
+    for b in bs:  # accepted before the brokers applied these topics: never relayed, only replayed
+        await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i}) for i in range(40)]
+                           + [("g:x", {"b": b.name, "n": 40}), ("other", {"b": b.name, "n": -1})])
+    for event in held:
+        event.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)  # type: ignore[arg-type]
+    for i, client in clients.items():
+        want = sorted((b.name, n) for b in bs for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
+        assert sorted((d["b"], d["n"]) for d in map(json.loads, (e.data for e in client.events))) == want, i
+        assert not client.gaps, client.gaps
+    # Before: one call per topic set per broker (84). Now one per broker for those that came together, and a
+    # few more for any that settled before the rest had joined.
+    assert proxy.resumes.started <= 2 * len(bs), proxy.resumes.started
+    dispatcher.cancel()
+    await links.close()
+
+
 # -- units ---------------------------------------------------------------------------
 
 
