@@ -53,9 +53,9 @@ from neoplasma.core.resume import (
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
-from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
+from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Resume, start_resume
+from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -738,6 +738,63 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     assert proxy.resumes.started <= 2 * len(bs), proxy.resumes.started
     dispatcher.cancel()
     await links.close()
+
+
+class CountedSse(Recorder):
+    resumes = True
+
+
+class CountedPlasma(Recorder):
+    kind = "plasma"
+
+
+class CountedBatch(Recorder):
+    kind = "batch"
+    resumes = True
+
+
+async def test_hub_counters_equal_a_recount_after_random_operations() -> None:
+    """`Hub.counts` and `Hub.movable_count` are kept as subscribers come, go, are swapped for their holders, get
+    their first position or lose it, some within a rebalance's cooldown: after each step they equal a full pass."""
+    rng = random.Random(7)
+    hub, budget = Hub(), ResumeBudget()
+    assert issubclass(PlasmaSubscriber, Subscriber) and issubclass(BatchSubscriber, Subscriber)
+    kinds = (CountedSse, CountedPlasma, CountedBatch)
+    present: list[Subscriber] = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.3 or not present:
+            sub: Subscriber = rng.choice(kinds)()
+            sub.positioned = rng.random() < 0.3
+            if rng.random() < 0.2:
+                sub.settled = time.monotonic() + rng.choice((-1.0, 60.0))  # cooldown over, or not
+            if rng.random() < 0.4:  # a resuming one: its holder in the hub, swapped for it later
+                sub = Holder(sub, budget)
+            hub.add(sub, [f"t{rng.randrange(5)}"])
+            present.append(sub)
+        elif op < 0.5:
+            sub = present.pop(rng.randrange(len(present)))
+            hub.remove(sub)
+        elif op < 0.65:
+            k = rng.randrange(len(present))
+            if isinstance(present[k], Holder):
+                holder = present[k]
+                assert isinstance(holder, Holder)
+                hub.swap(holder, holder.target)
+                present[k] = holder.target
+        elif op < 0.85:
+            sub = rng.choice(present)
+            sub.mover().positioned = True  # a first position written (or again: no change)
+        elif op < 0.9:
+            rng.choice(present).mover().positioned = False  # a garbled token found out
+        else:
+            hub.resubscribe(rng.choice(present), [f"t{rng.randrange(5)}"])
+        recount = {"sse": 0, "plasma": 0, "batch": 0}
+        for sub in hub.subscribers:
+            recount[sub.counted_as] += 1
+        assert hub.counts() == recount, step
+        assert hub.movable_count() == len(hub.movable()), step
+    assert hub.movable_count() > 0 and sum(hub.counts().values()) == len(hub.subscribers) > 0
 
 
 # -- units ---------------------------------------------------------------------------

@@ -253,6 +253,9 @@ class Holder(Subscriber):
     def counted_as(self) -> str:
         return self.target.kind
 
+    def mover(self) -> Subscriber:
+        return self.target
+
     def movable(self, now: float) -> bool:
         """As its subscriber (held events are written to no one: they give it no position)."""
         return self.target.movable(now)
