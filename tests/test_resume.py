@@ -723,15 +723,29 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     tasks = [proxy.subscribe(clients[i], topics[i], "", clients[i]) for i in topics]
     assert all(task is not None for task in tasks)
     await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every catch-up holding")
-    for b in bs:  # accepted before the brokers applied these topics: never relayed, only replayed
-        await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i}) for i in range(40)]
-                           + [("g:x", {"b": b.name, "n": 40}), ("other", {"b": b.name, "n": -1})])
+
+    async def publish_round(r: int) -> None:
+        for b in bs:
+            await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i, "r": r}) for i in range(40)]
+                               + [("g:x", {"b": b.name, "n": 40, "r": r}), ("other", {"b": b.name, "n": -1, "r": r})])
+
+    def got(client: Recorder) -> list[tuple[str, int, int]]:
+        return sorted((d["b"], d["r"], d["n"]) for d in map(json.loads, (e.data for e in client.events)))
+
+    def wanted(i: int, rounds: int) -> list[tuple[str, int, int]]:
+        return sorted((b.name, r, n) for b in bs for r in range(rounds)
+                      for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
+
+    await publish_round(0)  # accepted before the brokers applied these topics: never relayed, only replayed
     for event in held:
         event.set()
+    await publish_round(1)  # while they catch up: replayed or relayed, once
     await asyncio.wait_for(asyncio.gather(*tasks), 20)  # type: ignore[arg-type]
-    for i, client in clients.items():
-        want = sorted((b.name, n) for b in bs for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
-        assert sorted((d["b"], d["n"]) for d in map(json.loads, (e.data for e in client.events))) == want, i
+    await publish_round(2)  # live
+    await wait_for(lambda: all(len(got(c)) >= len(wanted(i, 3)) for i, c in clients.items()), timeout=20,
+                   what="every subscriber's events")
+    for i, client in clients.items():  # exactly once each (and only its own topics')
+        assert got(client) == wanted(i, 3), i
         assert not client.gaps, client.gaps
     # Before: one call per topic set per broker (84). Now one per broker for those that came together, and a
     # few more for any that settled before the rest had joined.
