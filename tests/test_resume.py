@@ -53,9 +53,9 @@ from neoplasma.core.resume import (
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
-from neoplasma.proxy.hub import Batch, Hub, SseSubscriber, Subscriber
+from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Resume, start_resume
+from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -696,6 +696,119 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     assert [decode_token(t.decode(), hub.tag, [link.epoch]) for t in client.tokens] == [{link.epoch: 2}]
     dispatcher.cancel()
     await links.close()
+
+
+async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh subscribers of topics new to the proxy that come together catch up from one Replay call per broker
+    (their topics gathered), not one per topic set per broker; each gets exactly the events of its own topics
+    that the brokers accepted before applying them, once, and no gap."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    bs = [start("broker", f"b{i}") for i in range(2)]
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    for b in bs:  # seq 1: each link has a position (a link with none is caught up from where it is once settled)
+        await publish_grpc(b.endpoints["grpc"], [("other", {"b": b.name, "n": -1})])
+    epochs = [link.epoch for link in links.links.values()]
+    assert await hub.advanced.wait_until(lambda: all(hub.positions.get(e, 0) >= 1 for e in epochs), 10)
+    held = []
+    for link in links.links.values():  # the links' interest stays unsent until released below
+        held.append(link._interest_changed)
+        link._interest_changed = asyncio.Event()
+    topics = {i: [f"n{i}"] for i in range(40)} | {40: ["g"], 41: ["n0", "n1"]}  # "g" has "g:x" (prefix rule)
+    clients = {i: Recorder() for i in topics}
+    tasks = [proxy.subscribe(clients[i], topics[i], "", clients[i]) for i in topics]
+    assert all(task is not None for task in tasks)
+    await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every catch-up holding")
+
+    async def publish_round(r: int) -> None:
+        for b in bs:
+            await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i, "r": r}) for i in range(40)]
+                               + [("g:x", {"b": b.name, "n": 40, "r": r}), ("other", {"b": b.name, "n": -1, "r": r})])
+
+    def got(client: Recorder) -> list[tuple[str, int, int]]:
+        return sorted((d["b"], d["r"], d["n"]) for d in map(json.loads, (e.data for e in client.events)))
+
+    def wanted(i: int, rounds: int) -> list[tuple[str, int, int]]:
+        return sorted((b.name, r, n) for b in bs for r in range(rounds)
+                      for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
+
+    await publish_round(0)  # accepted before the brokers applied these topics: never relayed, only replayed
+    for event in held:
+        event.set()
+    await publish_round(1)  # while they catch up: replayed or relayed, once
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)  # type: ignore[arg-type]
+    await publish_round(2)  # live
+    await wait_for(lambda: all(len(got(c)) >= len(wanted(i, 3)) for i, c in clients.items()), timeout=20,
+                   what="every subscriber's events")
+    for i, client in clients.items():  # exactly once each (and only its own topics')
+        assert got(client) == wanted(i, 3), i
+        assert not client.gaps, client.gaps
+    # Before: one call per topic set per broker (84). Now one per broker for those that came together, and a
+    # few more for any that settled before the rest had joined.
+    assert proxy.resumes.started <= 2 * len(bs), proxy.resumes.started
+    dispatcher.cancel()
+    await links.close()
+
+
+class CountedSse(Recorder):
+    resumes = True
+
+
+class CountedPlasma(Recorder):
+    kind = "plasma"
+
+
+class CountedBatch(Recorder):
+    kind = "batch"
+    resumes = True
+
+
+async def test_hub_counters_equal_a_recount_after_random_operations() -> None:
+    """`Hub.counts` and `Hub.movable_count` are kept as subscribers come, go, are swapped for their holders, get
+    their first position or lose it, some within a rebalance's cooldown: after each step they equal a full pass."""
+    rng = random.Random(7)
+    hub, budget = Hub(), ResumeBudget()
+    assert issubclass(PlasmaSubscriber, Subscriber) and issubclass(BatchSubscriber, Subscriber)
+    kinds = (CountedSse, CountedPlasma, CountedBatch)
+    present: list[Subscriber] = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.3 or not present:
+            sub: Subscriber = rng.choice(kinds)()
+            sub.positioned = rng.random() < 0.3
+            if rng.random() < 0.2:
+                sub.settled = time.monotonic() + rng.choice((-1.0, 60.0))  # cooldown over, or not
+            if rng.random() < 0.4:  # a resuming one: its holder in the hub, swapped for it later
+                sub = Holder(sub, budget)
+            hub.add(sub, [f"t{rng.randrange(5)}"])
+            present.append(sub)
+        elif op < 0.5:
+            sub = present.pop(rng.randrange(len(present)))
+            hub.remove(sub)
+        elif op < 0.65:
+            k = rng.randrange(len(present))
+            if isinstance(present[k], Holder):
+                holder = present[k]
+                assert isinstance(holder, Holder)
+                hub.swap(holder, holder.target)
+                present[k] = holder.target
+        elif op < 0.85:
+            sub = rng.choice(present)
+            sub.mover().positioned = True  # a first position written (or again: no change)
+        elif op < 0.9:
+            rng.choice(present).mover().positioned = False  # a garbled token found out
+        else:
+            hub.resubscribe(rng.choice(present), [f"t{rng.randrange(5)}"])
+        recount = {"sse": 0, "plasma": 0, "batch": 0}
+        for sub in hub.subscribers:
+            recount[sub.counted_as] += 1
+        assert hub.counts() == recount, step
+        assert hub.movable_count() == len(hub.movable()), step
+    assert hub.movable_count() > 0 and sum(hub.counts().values()) == len(hub.subscribers) > 0
 
 
 # -- units ---------------------------------------------------------------------------

@@ -117,12 +117,29 @@ class Subscriber:
         self.topics: frozenset[str] = frozenset()
         self.closed = asyncio.get_running_loop().create_future()
         self.slow = False  # set by deliver() when it refuses for being too far behind
-        self.positioned = False  # its client holds a position (see the class)
+        self._positioned = False
+        self.counted_by: Hub | None = None  # the hub whose counters follow its `positioned` (Hub.movable_count)
         self.settled = 0.0  # monotonic: not moved before (see the class)
+
+    @property
+    def positioned(self) -> bool:
+        """Its client holds a position (see the class)."""
+        return self._positioned
+
+    @positioned.setter
+    def positioned(self, value: bool) -> None:
+        if value != self._positioned:
+            self._positioned = value
+            if self.counted_by is not None and self.resumes:
+                self.counted_by.positioned_changed(value)
+
+    def mover(self) -> Subscriber:
+        """The subscriber whose `resumes`, `positioned` and `settled` say whether this one is movable."""
+        return self
 
     def movable(self, now: float) -> bool:
         """Whether a rebalance may move it at monotonic time `now` (see the class)."""
-        return self.resumes and self.positioned and now >= self.settled
+        return self.resumes and self._positioned and now >= self.settled
 
     @property
     def counted_as(self) -> str:
@@ -177,7 +194,7 @@ class SseSubscriber(Subscriber):
             self.slow = True
             return False
         transport.write(encoded)  # type: ignore[arg-type]
-        if position:
+        if position and not self._positioned:
             self.positioned = True
         return True
 
@@ -201,7 +218,7 @@ class StreamSubscriber(Subscriber):
             self.slow = True
             return False
         call.send(encoded)  # type: ignore[arg-type]
-        if position:
+        if position and not self._positioned:
             self.positioned = True
         return True
 
@@ -255,6 +272,10 @@ InterestListener = Callable[[set[str], set[str]], None]
 class Hub:
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
+        # Counters kept as subscribers come, go or change (a Status call reads them without a pass over all):
+        self._counts = {"sse": 0, "plasma": 0, "batch": 0}  # by `counted_as`
+        self._positioned = 0  # subscribers whose mover resumes and is positioned
+        self._cooling: set[Subscriber] = set()  # those added with a mover not `settled` then (a rebalance's)
         self._groups: dict[frozenset[str], Group] = {}
         self._index: TopicIndex[Group] = TopicIndex()
         self._listeners: list[InterestListener] = []
@@ -321,13 +342,35 @@ class Hub:
     # -- membership of subscribers ---------------------------------------------------
 
     def add(self, sub: Subscriber, topics: Iterable[str]) -> None:
-        self.subscribers.add(sub)
+        if sub not in self.subscribers:
+            self.subscribers.add(sub)
+            self._count(sub, 1)
         self._join(sub, frozenset(topics))
+
+    def _count(self, sub: Subscriber, change: int) -> None:
+        """Count `sub` in (1) or out (-1) of the counters; its mover's `positioned` is followed while it is in."""
+        self._counts[sub.counted_as] += change
+        mover = sub.mover()
+        mover.counted_by = self if change > 0 else None
+        if mover.resumes and mover.positioned:
+            self._positioned += change
+        if change > 0 and mover.settled > time.monotonic():
+            self._cooling.add(sub)
+        elif change < 0:
+            self._cooling.discard(sub)
+
+    def positioned_changed(self, positioned: bool) -> None:
+        """A counted subscriber's mover (that resumes) was given its first position, or lost it."""
+        self._positioned += 1 if positioned else -1
 
     def swap(self, old: Subscriber, new: Subscriber) -> None:
         """Put `new` in `old`'s place (same topics) without touching the proxy's interest."""
-        self.subscribers.discard(old)
-        self.subscribers.add(new)
+        if old in self.subscribers:
+            self.subscribers.discard(old)
+            self._count(old, -1)
+        if new not in self.subscribers:
+            self.subscribers.add(new)
+            self._count(new, 1)
         new.topics = old.topics
         group = self._groups.get(old.topics)
         if group is None:
@@ -345,6 +388,7 @@ class Hub:
     def remove(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
             self.subscribers.discard(sub)
+            self._count(sub, -1)
             self._leave(sub)
 
     def _join(self, sub: Subscriber, key: frozenset[str]) -> None:
@@ -540,12 +584,23 @@ class Hub:
         self._drop([sub for sub in list(self.subscribers) if not sub.signal_gap(reason, token)])
 
     def counts(self) -> dict[str, int]:
-        out = {"sse": 0, "plasma": 0, "batch": 0}
-        for sub in self.subscribers:
-            out[sub.counted_as] += 1
-        return out
+        """Subscribers by kind (kept as they come and go, not counted per call)."""
+        return dict(self._counts)
 
     def movable(self) -> list[Subscriber]:
-        """The subscribers a rebalance may move now (`Subscriber.movable`)."""
+        """The subscribers a rebalance may move now (`Subscriber.movable`): a pass over all (see `movable_count`)."""
         now = time.monotonic()
         return [sub for sub in self.subscribers if sub.movable(now)]
+
+    def movable_count(self) -> int:
+        """len(movable()), from the counters: those positioned, less those still cooling down (moved here lately:
+        a pass over only them, forgetting those whose cooldown is over)."""
+        now = time.monotonic()
+        cooling = 0
+        for sub in list(self._cooling):
+            mover = sub.mover()
+            if now >= mover.settled:
+                self._cooling.discard(sub)
+            elif mover.resumes and mover.positioned:
+                cooling += 1
+        return self._positioned - cooling

@@ -14,6 +14,7 @@ from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, parse_token, tokens_after
+from neoplasma.core.topics import prefixes
 from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
@@ -26,6 +27,8 @@ REPLAY_WINDOW = 16
 # Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
 # between steps the loop serves live events, see `Turns`).
 CATCH_UP_STEP = 256
+# The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB).
+GATHER_MAX_BYTES = 256 * 1024
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
@@ -44,6 +47,8 @@ class ResumeBudget:
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
+        # Per link (broker name, epoch): the Replay call that catch-ups from now (no token) join until it is made.
+        self.gathering: dict[tuple[str, int], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
@@ -100,6 +105,18 @@ class SharedReplay:
         self.called: int | None = None  # not before the replay's head, once called (None before)
         self.mark: Mark | None = None  # where the hub stood for its topics when it was called
         self._next_reader = 0
+        # Gathered (`ResumeBudget.gathering`): the union of its readers' topics and the lowest of their positions,
+        # asked when the call is made; each reader takes its own part of it (`Resume._replay`).
+        self.gathered_topics: set[str] = set()
+        self.gathered_after: int | None = None
+        self.gathered_bytes = 0
+
+    def gather(self, topics: frozenset[str], after: int) -> None:
+        """Add a reader's topics and position to a gathered call not yet made."""
+        new = topics - self.gathered_topics
+        self.gathered_topics |= new
+        self.gathered_bytes += sum(len(t.encode()) for t in new)
+        self.gathered_after = after if self.gathered_after is None else min(self.gathered_after, after)
 
     def joinable(self, held_from: int) -> bool:
         """Whether a resume whose holder has had the live events after `held_from` (this broker's position
@@ -113,13 +130,21 @@ class SharedReplay:
             return True
         return self.mark is not None and self.hub.quiet_since(self.key[3], self.mark)
 
-    async def run(self, link: BrokerLink, request: pb.ReplayRequest, timeout: float) -> None:
-        """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers."""
+    async def run(self, link: BrokerLink, request: pb.ReplayRequest | None, timeout: float) -> None:
+        """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers.
+        `request` None: a gathered call, asking what its readers gathered until then (`gather`)."""
         budget, hub = self.budget, self.hub
         self.timeout = timeout
         try:
+            if request is None:  # behind the catch-ups already waiting for their turn: they gather into it first
+                await budget.turns.turn()
             async with budget.replays:
                 budget.started += 1
+                if request is None:
+                    if budget.gathering.get((link.member.name, link.epoch)) is self:
+                        del budget.gathering[(link.member.name, link.epoch)]
+                    request = pb.ReplayRequest(epoch=link.epoch, after=self.gathered_after or 0,
+                                               topics=sorted(self.gathered_topics))
                 if self.readers:  # all may have left while it waited for its turn
                     # The broker's head when it is called is not before the proxy's position now.
                     self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.key[3])
@@ -154,11 +179,22 @@ class SharedReplay:
         if self.budget.shared.get(self.key) is self:
             del self.budget.shared[self.key]
 
-    async def read(self) -> AsyncIterator[ReplayBatch]:
-        """Every batch of the replay, in order (then AioRpcError if the call failed)."""
+    def join(self) -> int:
+        """A new reader, from the first batch not let go (read it with `read`, or `leave`)."""
         me = self._next_reader
         self._next_reader += 1
         self.readers[me] = self.trimmed
+        return me
+
+    def leave(self, me: int) -> None:
+        if self.readers.pop(me, None) is not None:
+            self._trim()
+
+    async def read(self, me: int | None = None) -> AsyncIterator[ReplayBatch]:
+        """Every batch of the replay, in order (then AioRpcError if the call failed), for reader `me` (`join`;
+        None: a new one)."""
+        if me is None:
+            me = self.join()
         try:
             while True:
                 index = self.readers[me]
@@ -175,8 +211,7 @@ class SharedReplay:
                 await self.changed.wait_until(
                     lambda: self.done or self.readers[me] < self.trimmed + len(self.batches), self.timeout)
         finally:
-            del self.readers[me]
-            self._trim()
+            self.leave(me)
 
     def _trim(self) -> None:
         """Let go of the batches every reader has taken once the call needs room for another (all of them when no
@@ -217,6 +252,9 @@ class Holder(Subscriber):
     @property
     def counted_as(self) -> str:
         return self.target.kind
+
+    def mover(self) -> Subscriber:
+        return self.target
 
     def movable(self, now: float) -> bool:
         """As its subscriber (held events are written to no one: they give it no position)."""
@@ -306,7 +344,7 @@ class Resume:
                 client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             if unknown:
                 await self._gap(f"{unknown} broker(s) of this position are gone with their retention")
-            skip = await self._replay_all(client)
+            skip = await self._replay_all(client, from_now)
             if not holder.over and not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
                 await self._gap("a broker's relay fell behind")
             # From here to the swap nothing awaits: no live event can slip between.
@@ -340,22 +378,51 @@ class Resume:
         hub = self.hub
         return all(epoch in hub.retired or hub.positions.get(epoch, 0) >= seq for epoch, seq in skip.items())
 
-    async def _replay_all(self, client: dict[int, int]) -> dict[int, int]:
+    async def _replay_all(self, client: dict[int, int], from_now: bool) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
-        live events must be skipped, per epoch."""
+        live events must be skipped, per epoch. `from_now` (no token: the first subscribers of topics new to
+        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`)."""
         links = [link for link in self.links.links.values() if link.epoch]
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
+        gathered = {link.epoch: self._gathered(link) for link in links} if from_now else {}
         skip: dict[int, int] = {}
-        for link in links:
-            # Always asked, even when the proxy's position is not past the client's: the broker may
-            # have accepted events for these topics after that position and before it applied this
-            # proxy's interest in them, and those were never relayed.
-            skip[link.epoch] = await self._replay(link, self.position[link.epoch])
-            self.position[link.epoch] = skip[link.epoch]  # not past the broker's head (a forged position)
+        try:
+            for link in links:
+                # Always asked, even when the proxy's position is not past the client's: the broker may
+                # have accepted events for these topics after that position and before it applied this
+                # proxy's interest in them, and those were never relayed.
+                skip[link.epoch] = await self._replay(link, self.position[link.epoch], gathered.get(link.epoch))
+                self.position[link.epoch] = skip[link.epoch]  # not past the broker's head (a forged position)
+        finally:
+            for shared, me in gathered.values():
+                shared.leave(me)
         gone = [epoch for epoch, seq in client.items() if self.hub.retired.get(epoch, seq + 1) > seq]
         if gone:
             await self._gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
+
+    def _gathered(self, link: BrokerLink) -> tuple[SharedReplay, int]:
+        """A reader of the Replay call to `link`'s broker that catch-ups from now gather into until it is made (it
+        waits for the turns of those that came with this one, then for its turn among the proxy's replays): the
+        union of their topics after the lowest of their positions. Joined only after this resume's interest was
+        acknowledged, so the call, made later, is past the seq at which the broker applied it (exactly once)."""
+        budget = self.budget
+        where = (link.member.name, link.epoch)
+        shared = budget.gathering.get(where)
+        if shared is None or shared.gathered_bytes >= GATHER_MAX_BYTES:
+            shared = budget.gathering[where] = SharedReplay(budget, (*where, -1, frozenset()), self.hub)
+            asyncio.get_running_loop().create_task(shared.run(link, None, max(self.wait, 30.0)))
+        shared.gather(self.topics, self.position[link.epoch])
+        return shared, shared.join()
+
+    async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
+        """Reader `me`'s part of a gathered replay: the events of its topics after `after` (others asked from
+        further back, or for other topics). A gap the call reports is passed on (it may be one of an earlier
+        position than this one's: a gap signal too many, never one too few)."""
+        topics = self.topics
+        async for batch in shared.read(me):
+            events = [e for e in batch.events if e.seq > after and not topics.isdisjoint(prefixes(e.topic))]
+            yield ReplayBatch.made(events, batch.head, batch.gap)
 
     def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
         """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
@@ -369,12 +436,14 @@ class Resume:
             asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0)))
         return shared
 
-    async def _replay(self, link: BrokerLink, after: int) -> int:
-        """Deliver `link`'s broker's events after `after`; returns the replay's head (the broker's head
-        when `after` is beyond it: a position from elsewhere or forged, signalled as a gap)."""
+    async def _replay(self, link: BrokerLink, after: int, gathered: tuple[SharedReplay, int] | None = None) -> int:
+        """Deliver `link`'s broker's events after `after` (from `gathered`'s call when given, else from one asking
+        this position); returns the replay's head (the broker's head when `after` is beyond it: a position from
+        elsewhere or forged, signalled as a gap)."""
         epoch, head, first = link.epoch, after, True
+        batches = self._shared(link, after).read() if gathered is None else self._part(*gathered, after)
         try:
-            async for batch in self._shared(link, after).read():
+            async for batch in batches:
                 beyond = first and batch.head < after
                 if beyond:
                     await self._gap(f"broker {link.member.name} has not reached this position")

@@ -158,7 +158,7 @@ class Proxy:
             links=self.links.to_proto(), events_received=self.hub.events_received,
             deliveries=self.hub.deliveries, slow_subscribers_dropped=self.hub.slow_dropped,
             topics=len(self.hub.topics()), draining=self.draining, keep_at_most=limit.keep if limit else 0,
-            movable_subscribers=len(self.hub.movable()))
+            movable_subscribers=self.hub.movable_count())
 
     def check_room(self, topics: Sequence[str], leaving: frozenset[str] = frozenset()) -> None:
         """LimitExceeded when `topics` would take the proxy's interest past --max-topics (`leaving`: topics
@@ -224,7 +224,7 @@ class Proxy:
             moved += 1
             await asyncio.sleep(1.0 / self.rate)
         log.info("proxy_shed", moved=moved, subscribers=len(hub.subscribers), keep=limit.keep if limit else None,
-                 unmovable=len(hub.subscribers) - len(hub.movable()))
+                 unmovable=len(hub.subscribers) - hub.movable_count())
 
     def _next_movable(self, candidates: list[Subscriber]) -> Subscriber | None:
         """A subscriber still here and movable: from `candidates`, refilled once they are used up
