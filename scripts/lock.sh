@@ -14,6 +14,9 @@ venv="$(mktemp -d)"
 trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -e '.[test]'
+# aiohttp and redis also pull in async-timeout on Python < 3.11.3 (Debian 12's python3 is 3.11.2): pinned
+# too, whatever Python this runs with, so a fresh Debian machine installs the locked set.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir async-timeout
 {
     echo "# The exact versions scripts/test.sh installs (pip install -c constraints.txt)."
     echo "# Made by scripts/lock.sh with $("$venv/bin/python" --version) on $(date -u +%Y-%m-%d); do not edit by hand."
