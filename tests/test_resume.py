@@ -639,16 +639,23 @@ async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_o
     assert cuts_mid_write, "no cut fell inside a write: the test proved nothing"
 
 
+async def proxy_on_brokers(start: Any, monkeypatch: pytest.MonkeyPatch,
+                           brokers: int) -> tuple[list[Server], Proxy, asyncio.Task[None]]:
+    """Broker processes b0, b1, ... and, in this process, a proxy settled on them, its hub's dispatcher running."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    bs = [start("broker", f"b{i}") for i in range(brokers)]
+    proxy = Proxy(ProxyConfig(name="p0"))
+    dispatcher = asyncio.create_task(proxy.hub.run_dispatcher())
+    await proxy.links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
+    assert await proxy.links.changed.wait_until(proxy.links.settled, 10)
+    return bs, proxy, dispatcher
+
+
 async def test_a_token_issued_before_version_2_resumes_exactly(
         start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients hold ids across an upgrade: a version 1 token (epochs in full) resumes as it did."""
-    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    bs = [start("broker", f"b{i}") for i in range(2)]
-    proxy = Proxy(ProxyConfig(name="p0"))
+    bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
     hub, links = proxy.hub, proxy.links
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
-    assert await links.changed.wait_until(links.settled, 10)
     epochs = {b.name: link.epoch for b in bs for link in links.links.values() if link.member.name == b.name}
     for b in bs:
         await publish_grpc(b.endpoints["grpc"], [("t", {"b": b.name, "n": n}) for n in range(10)])
@@ -671,14 +678,9 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     """A subscriber without a token whose topics a broker has not applied yet is not on the live path
     (where a heartbeat's or another topic's id would claim events the broker accepted meanwhile and
     never relayed) until the broker has; it then gets what the broker accepted since it came."""
-    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    b = start("broker", "b0")
-    proxy = Proxy(ProxyConfig(name="p0"))
+    [b], proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 1)
     hub, links = proxy.hub, proxy.links
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await links.apply(Snapshot(1, (Member("b0", b.endpoints["grpc"]),), CLUSTER))
     [link] = links.links.values()
-    assert await links.changed.wait_until(links.settled, 10)
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": -1})])  # seq 1, before the subscriber came
     assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)  # an idle head
     waiting = link._interest_changed  # what the link's interest writer waits on: it stays unsent
@@ -703,13 +705,8 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     """Fresh subscribers of topics new to the proxy that come together catch up from one Replay call per broker
     (their topics gathered), not one per topic set per broker; each gets exactly the events of its own topics
     that the brokers accepted before applying them, once, and no gap."""
-    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    bs = [start("broker", f"b{i}") for i in range(2)]
-    proxy = Proxy(ProxyConfig(name="p0"))
+    bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
     hub, links = proxy.hub, proxy.links
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await links.apply(Snapshot(1, tuple(Member(b.name, b.endpoints["grpc"]) for b in bs), CLUSTER))
-    assert await links.changed.wait_until(links.settled, 10)
     for b in bs:  # seq 1: each link has a position (a link with none is caught up from where it is once settled)
         await publish_grpc(b.endpoints["grpc"], [("other", {"b": b.name, "n": -1})])
     epochs = [link.epoch for link in links.links.values()]
