@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote
 
 import grpc
@@ -396,11 +396,17 @@ class Connection(asyncio.Protocol):
                     streams[stream_id].outbound_flow_control_window += increment
                 else:
                     h2.outbound_flow_control_window += increment
-            for call in list(self.calls.values()) if 0 in updates else [self.calls[sid] for sid in updates]:
-                if call.waiting:
-                    call.flush()
-            self.writable.notify()
+            self._windows_grew(updates)
         return True
+
+    def _windows_grew(self, stream_ids: Iterable[int]) -> None:
+        """Flow-control windows grew: those of `stream_ids`' calls, or (0, a stream that is no call, or new
+        settings) the connection's: the calls waiting on them send what they can, and writers look again."""
+        ids = set(stream_ids)
+        for call in [self.calls[i] for i in ids] if ids <= self.calls.keys() else list(self.calls.values()):
+            if call.waiting:
+                call.flush()
+        self.writable.notify()
 
     def _failed(self, stream_id: int, error: str, internal: bool = False) -> None:
         """An event could not be handled: end its call (a reset, if its stream is still open), or the
@@ -429,11 +435,7 @@ class Connection(asyncio.Protocol):
             if call is not None:
                 call.take(event.data, self.server.max_message_bytes)
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
-            stream_id = getattr(event, "stream_id", 0)
-            for call in [self.calls[stream_id]] if stream_id in self.calls else list(self.calls.values()):
-                if call.waiting:
-                    call.flush()
-            self.writable.notify()
+            self._windows_grew((getattr(event, "stream_id", 0),))
         elif isinstance(event, RequestReceived):
             self._open(event.stream_id, dict(event.headers or ()))
         elif isinstance(event, StreamEnded):
