@@ -109,7 +109,7 @@ class Limit:
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.hub = Hub()
+        self.hub = Hub(config.pointer_journal_seconds, config.pointer_journal_bytes)
         self.auth = config.subscriber_auth()
         # Subscriptions refused for want of a token or beyond its topics, and streams ended at `exp`.
         self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
@@ -722,6 +722,7 @@ class SseStream:
             self.resuming.cancel()
         if self.expiry is not None:
             self.expiry.cancel()
+        closing_id = proxy.hub.closing_id(sub)  # (before it leaves the hub)
         proxy.hub.remove(sub)
         proxy.hub.metrics.disconnected(sub.closed_as)
         reason = sub.closed_as
@@ -729,11 +730,12 @@ class SseStream:
             return None
         # The connection is closed after the stream: a moved client (a browser too) reconnecting over the
         # same keep-alive connection would reach this proxy again, as kube-proxy and most load balancers pick
-        # a backend per connection, not per request; an expired one comes back on a new one as well.
+        # a backend per connection, not per request; an expired one comes back on a new one as well. Either
+        # comes back with a full token (`Hub.closing_id`): this proxy may be gone by then, with its pointers.
         if reason in MOVED:
-            return b"retry: %d\n\n" % proxy.config.drain_retry_ms
+            return closing_id + b"retry: %d\n\n" % proxy.config.drain_retry_ms
         if reason == "expired":
-            return SSE_EXPIRED
+            return closing_id + SSE_EXPIRED
         return None
 
 
