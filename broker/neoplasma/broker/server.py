@@ -170,24 +170,27 @@ class Broker:
                 raise OverflowError(f"too many pointer queries wait for proxy instance {instance}")
             raise LookupError(f"no proxy instance {instance} is attached to this broker")
         loop = asyncio.get_running_loop()
-        asked: list[int] = []
+        asked: list[tuple[int, bytes]] = []
         try:
             for stream in streams:
                 self._query_ids += 1
-                asked.append(self._query_ids)
+                message = pb.EventBatch(resolve=[pb.PointerQuery(id=self._query_ids, pointer=pointer)])
+                query = message.SerializeToString()
+                asked.append((self._query_ids, query))
                 self._queries[self._query_ids] = (stream, loop.create_future())
                 stream.asked += 1
-                stream.queries.append(pb.EventBatch(resolve=[pb.PointerQuery(id=self._query_ids, pointer=pointer)])
-                                      .SerializeToString())
+                stream.queries.append(query)
                 stream.wake.set()
-            futures = [self._queries[k][1] for k in asked]
+            futures = [self._queries[k][1] for k, _ in asked]
             await asyncio.wait(futures, timeout=RESOLVE_TIMEOUT)
             tokens = {f.result() for f in futures if f.done() and not f.cancelled()}
         finally:
-            for k in asked:
+            for k, query in asked:
                 stream, future = self._queries.pop(k)
                 stream.asked -= 1
                 future.cancel()
+                if query in stream.queries:  # never sent (its writer is behind): not sent now
+                    stream.queries.remove(query)
         tokens.discard("")
         return tokens.pop() if len(tokens) == 1 else None
 

@@ -225,18 +225,19 @@ def is_pointer(token: str) -> bool:
 
 def parse_pointer(token: str) -> tuple[int, int]:
     """(instance, counter) of a pointer id; InvalidToken when it is not one."""
+    if len(token) > MAX_TOKEN_CHARS or token.strip(_URL_SAFE):
+        raise InvalidToken("the resume token is not URL-safe base64")
     if len(token) != POINTER_CHARS:
-        raise InvalidToken(f"the resume id is neither a token nor a pointer ({POINTER_CHARS} characters)")
-    try:
-        raw = base64.b64decode(token, altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidToken("the resume id is not URL-safe base64") from None
+        raise InvalidToken(f"the resume token is neither a token (which begins with \"A\") nor a pointer "
+                           f"({POINTER_CHARS} characters)")
+    raw = base64.urlsafe_b64decode(token)
     instance = int.from_bytes(raw[:3], "big")
     if instance < MIN_INSTANCE:
-        raise InvalidToken("the resume id is neither a token nor a pointer")
+        raise InvalidToken("the resume token is neither a token nor a pointer")
     return instance, int.from_bytes(raw[3:], "big")
 
 
+_URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _POSITION = struct.Struct("<I")
 
 

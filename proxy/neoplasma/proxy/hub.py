@@ -27,7 +27,16 @@ from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
 from neoplasma.core.aio import Signal
-from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, plasma_payload, sse_frame, sse_gap
+from neoplasma.core.events import (
+    Event,
+    batch_entry,
+    batch_trailer,
+    grpc_frame,
+    plasma_payload,
+    sse_frame,
+    sse_gap,
+    sse_pointed_frame,
+)
 from neoplasma.core.memory import give_back
 from neoplasma.core.resume import (
     PointerJournal,
@@ -110,8 +119,8 @@ class Batch:
         """Event `i` as an SSE frame with its pointer as id (resolved by this process's journal)."""
         frame = self._pointed.get(i)
         if frame is None:
-            frame = self._pointed[i] = sse_frame(encode_pointer(self.hub.pointer_prefix, self.first + i),
-                                                 self.events[i])
+            frame = self._pointed[i] = sse_pointed_frame(encode_pointer(self.hub.pointer_prefix, self.first + i),
+                                                         self.events[i])
         return frame
 
     def plasma(self, i: int) -> bytes:
