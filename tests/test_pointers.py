@@ -257,3 +257,28 @@ async def test_the_broker_asks_the_instance_and_bounds_the_queries(monkeypatch: 
     assert await asyncio.gather(*waiting) == [None] * MAX_QUERIES_PER_STREAM and stream.asked == 0
     broker.router.detach(stream)
     assert MIN_INSTANCE + 1 not in broker.router.instances
+
+
+async def test_two_processes_of_one_instance_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two proxy processes that drew the same instance: their answers must agree, else no token (the gap signal)."""
+    monkeypatch.setattr(broker_server, "RESOLVE_TIMEOUT", 0.5)
+    broker = Broker(BrokerConfig(workers=1))
+    twins = [RelayStream(f"p{k}", "peer", 1 << 20) for k in range(2)]
+    for stream in twins:
+        stream.instance = MIN_INSTANCE
+        broker.router.attach(stream)
+    pointer = encode_pointer(pointer_prefix(MIN_INSTANCE), 7).decode()
+
+    async def answered(first: str, second: str) -> str | None:
+        asked = asyncio.ensure_future(broker.resolve(pointer))
+        await asyncio.sleep(0)
+        for stream, token in zip(twins, (first, second), strict=True):
+            message, _ = stream.take(1 << 20, 7, 0, 0.0)
+            [query] = pb.EventBatch.FromString(message).resolve
+            broker.answered(stream, [pb.PointerAnswer(id=query.id, token=token)])
+        return await asked
+
+    assert await answered("Aone", "Atwo") is None
+    assert await answered("Aone", "") == "Aone"  # the other does not hold that number
+    assert await answered("Aone", "Aone") == "Aone"
+    assert await answered("", "") is None

@@ -494,14 +494,6 @@ class Hub:
         positions = self.journal.positions_at(counter)
         return None if positions is None else encode_token(self.tag, positions)
 
-    def closing_id(self, sub: Subscriber) -> bytes:
-        """An `id:` line with the proxy's token for an SSE subscriber on the live path whose stream the proxy ends
-        (a drain, a rebalance, an expiry), so that its client comes back with a full token rather than a pointer,
-        which would be resolvable only while this process lives; b"" when it holds no position from the hub."""
-        if sub not in self.subscribers or not isinstance(sub, SseSubscriber) or not self.positions:
-            return b""
-        return b"id: " + self.token() + b"\n"
-
     def retire(self, epoch: int) -> None:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
         self._retiring.add(epoch)

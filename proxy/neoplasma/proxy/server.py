@@ -722,7 +722,6 @@ class SseStream:
             self.resuming.cancel()
         if self.expiry is not None:
             self.expiry.cancel()
-        closing_id = proxy.hub.closing_id(sub)  # (before it leaves the hub)
         proxy.hub.remove(sub)
         proxy.hub.metrics.disconnected(sub.closed_as)
         reason = sub.closed_as
@@ -730,12 +729,11 @@ class SseStream:
             return None
         # The connection is closed after the stream: a moved client (a browser too) reconnecting over the
         # same keep-alive connection would reach this proxy again, as kube-proxy and most load balancers pick
-        # a backend per connection, not per request; an expired one comes back on a new one as well. Either
-        # comes back with a full token (`Hub.closing_id`): this proxy may be gone by then, with its pointers.
+        # a backend per connection, not per request; an expired one comes back on a new one as well.
         if reason in MOVED:
-            return closing_id + b"retry: %d\n\n" % proxy.config.drain_retry_ms
+            return b"retry: %d\n\n" % proxy.config.drain_retry_ms
         if reason == "expired":
-            return closing_id + SSE_EXPIRED
+            return SSE_EXPIRED
         return None
 
 
