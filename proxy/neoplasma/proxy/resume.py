@@ -502,9 +502,14 @@ async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
     """The full token `pointer` stands for: from this process's journal when it issued it, else asked (`Resolve`) of
     brokers, which ask the issuing process over its relay stream. InvalidToken when it is no pointer, or no one can
     tell (the issuer gone, or the pointer no longer in its journal): the gap signal, then live."""
-    instance, _ = parse_pointer(pointer)
+    try:
+        instance, _ = parse_pointer(pointer)
+    except InvalidToken:
+        hub.metrics.pointers.inc("unresolved")
+        raise
     if instance == hub.instance:
         token = hub.resolve(pointer)
+        hub.metrics.pointers.inc("unresolved" if token is None else "local")
         if token is None:
             raise InvalidToken("the resume id is a pointer no longer in this proxy's journal")
         return token.decode()
@@ -519,11 +524,13 @@ async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
         try:
             reply = await link.replay_stub().Resolve(pb.ResolveRequest(pointer=pointer), timeout=left,
                                                      metadata=link.access.metadata())
+            hub.metrics.pointers.inc("remote")
             return str(reply.token)
         except grpc.aio.AioRpcError as exc:
             errors.append(f"{link.member.name}: {exc.code().name}")
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 break
+    hub.metrics.pointers.inc("unresolved")
     log.outside("pointer_unresolved", pointer=pointer, errors=errors)
     raise InvalidToken("the resume id is a pointer that the proxy which issued it could not resolve (gone, or "
                        "no longer in its journal)")

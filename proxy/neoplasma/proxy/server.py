@@ -649,6 +649,8 @@ class ProxyCollector(Collector):
         yield ended
         yield GaugeMetricFamily("neoplasma_proxy_draining", "1 while the proxy drains its subscribers",
                                 value=self.proxy.draining)
+        yield GaugeMetricFamily("neoplasma_proxy_pointer_journal_bytes", "Bytes the journal of SSE pointer ids "
+                                "counts (--pointer-journal-bytes bounds it)", value=hub.journal.bytes)
         yield from hub.metrics.families()
 
 
