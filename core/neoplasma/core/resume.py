@@ -238,21 +238,32 @@ def parse_pointer(token: str) -> tuple[int, int]:
 
 
 _URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_POSITION = struct.Struct("<I")
+_GONE = 1 << 32  # in a journal round's changes: this epoch (below 2**32) left the positions
 
 
 def pack_positions(positions: Mapping[int, int]) -> bytes:
-    """{epoch: seq} as compact bytes (each epoch's 4 bytes, its seq's varint): how a journal keeps a round's base."""
-    return b"".join([_POSITION.pack(epoch) + varint(seq) for epoch, seq in positions.items()])
+    """{epoch: seq} as flat pairs of 8-byte ints (how a journal keeps positions: made and read in C, no varints)."""
+    return array("Q", itertools.chain.from_iterable(positions.items())).tobytes()
 
 
 def unpack_positions(raw: bytes) -> dict[int, int]:
-    positions: dict[int, int] = {}
-    i = 0
-    while i < len(raw):
-        (epoch,) = _POSITION.unpack_from(raw, i)
-        positions[epoch], i = _varint_at(raw, i + 4)
-    return positions
+    flat = array("Q", raw)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def changes(before: Mapping[int, int], after: Mapping[int, int]) -> bytes:
+    """What turns positions `before` into `after`: their differing entries, and epochs gone (`_GONE` added)."""
+    differ = dict(after.items() - before.items())
+    differ.update((epoch | _GONE, 0) for epoch in before.keys() - after.keys())
+    return pack_positions(differ)
+
+
+def apply_changes(position: dict[int, int], raw: bytes) -> None:
+    for epoch, seq in unpack_positions(raw).items():
+        if epoch & _GONE:
+            position.pop(epoch & ~_GONE, None)
+        else:
+            position[epoch] = seq
 
 
 def advance(position: dict[int, int], epochs: Sequence[int], seqs: Sequence[int]) -> None:
@@ -262,26 +273,28 @@ def advance(position: dict[int, int], epochs: Sequence[int], seqs: Sequence[int]
             position[epoch] = seq
 
 
-# A journal round beyond its bytes: the tuple, its ints, and three bytes objects (counted, not measured per round).
+# A journal round beyond its bytes: the tuple, its ints, and its bytes objects (counted, not measured per round).
 JOURNAL_ROUND_OVERHEAD = 256
-# A journal round keeps its base positions in full at least every this many rounds (those between are rebuilt
-# from the one before: a lookup walks at most this many rounds' events).
+# A journal round keeps the positions before it whole at least every this many rounds (those between keep what
+# changed since the round before, beyond its events): a lookup walks at most this many rounds.
 JOURNAL_CHECKPOINT = 64
 
 
 class _Round(NamedTuple):
     first: int  # the (unwrapped) counter of its first event
     at: float  # when it was dispatched (the caller's clock)
-    base: bytes | None  # the positions before it (`pack_positions`); None: the last round's, advanced by its events
+    base: bytes | None  # the positions before it (`pack_positions`), or None: ...
+    changes: bytes | None  # ... those after the round before, with these `changes` (None: none)
     epochs: bytes  # its events' epochs (array "I") ...
     seqs: bytes  # ... and seqs (array "Q")
 
 
 class PointerJournal:
     """What a proxy process's pointers mean (docs/resume.md, "Pointer ids"): per dispatch round, the positions
-    before it and each event's (epoch, seq), never the events' data. Bounded by age (`max_age`, the caller's
-    clock), by `max_bytes` (what it counts: its rounds' bytes and JOURNAL_ROUND_OVERHEAD each) and by
-    `max_events` (below POINTER_SPAN, so that a wrapped counter names one event). No I/O, no clock of its own."""
+    before it (whole now and then, else what changed since the round before beyond its events) and each event's
+    (epoch, seq), never the events' data. Bounded by age (`max_age`, the caller's clock), by `max_bytes` (what it
+    counts: its rounds' bytes and JOURNAL_ROUND_OVERHEAD each) and by `max_events` (below POINTER_SPAN, so that a
+    wrapped counter names one event). No I/O, no clock of its own."""
 
     def __init__(self, max_age: float, max_bytes: int, max_events: int = POINTER_SPAN // 2) -> None:
         self.max_age, self.max_bytes = max_age, max_bytes
@@ -290,7 +303,7 @@ class PointerJournal:
         self.bytes = 0
         self._rounds: deque[_Round] = deque()
         self._running: dict[int, int] = {}  # the positions after the last round's events
-        self._since_base = 0  # rounds recorded since the last one with a base
+        self._since_base = 0  # rounds recorded since the last one with its base whole
 
     @property
     def events(self) -> int:
@@ -303,16 +316,18 @@ class PointerJournal:
         if not epochs:
             return first
         rounds = self._rounds
-        keep = not rounds or self._since_base >= JOURNAL_CHECKPOINT or base != self._running
-        if keep:
-            packed: bytes | None = pack_positions(base)
-            self._running = dict(base)
+        whole: bytes | None = None
+        changed: bytes | None = None
+        if not rounds or self._since_base >= JOURNAL_CHECKPOINT:
+            whole = pack_positions(base)
             self._since_base = 0
         else:
-            packed = None
+            if base != self._running:  # heads, brokers retired or back: what changed
+                changed = changes(self._running, base)
             self._since_base += 1
-        advance(self._running, epochs, seqs)
-        entry = _Round(first, now, packed, array("I", epochs).tobytes(), array("Q", seqs).tobytes())
+        running = self._running = dict(base)
+        advance(running, epochs, seqs)
+        entry = _Round(first, now, whole, changed, array("I", epochs).tobytes(), array("Q", seqs).tobytes())
         rounds.append(entry)
         self.bytes += self._size(entry)
         self.next = first + len(epochs)
@@ -321,7 +336,8 @@ class PointerJournal:
 
     @staticmethod
     def _size(entry: _Round) -> int:
-        return JOURNAL_ROUND_OVERHEAD + len(entry.base or b"") + len(entry.epochs) + len(entry.seqs)
+        return (JOURNAL_ROUND_OVERHEAD + len(entry.base or b"") + len(entry.changes or b"") + len(entry.epochs)
+                + len(entry.seqs))
 
     def evict(self, now: float) -> None:
         """Drop the rounds older than `max_age`, then the oldest while over `max_bytes` or `max_events`."""
@@ -334,9 +350,11 @@ class PointerJournal:
             if rounds and rounds[0].base is None:  # the next round's base was this one's, advanced: keep it whole
                 position = unpack_positions(gone.base or b"")
                 advance(position, array("I", gone.epochs), array("Q", gone.seqs))
-                kept = rounds[0]._replace(base=pack_positions(position))
-                rounds[0] = kept
-                self.bytes += len(kept.base or b"")
+                old = rounds[0]
+                if old.changes:
+                    apply_changes(position, old.changes)
+                kept = rounds[0] = old._replace(base=pack_positions(position), changes=None)
+                self.bytes += self._size(kept) - self._size(old)
 
     def positions_at(self, counter: int) -> dict[int, int] | None:
         """The positions after the event numbered `counter` (wrapped, as a pointer carries it): what the full
@@ -350,11 +368,13 @@ class PointerJournal:
             return None
         index = bisect.bisect_right(rounds, n, key=lambda r: r.first) - 1
         start = index
-        while rounds[start].base is None:  # (the oldest round always has one)
+        while rounds[start].base is None:  # (the oldest round always has it whole)
             start -= 1
         position = unpack_positions(rounds[start].base or b"")
         for k in range(start, index + 1):
             entry = rounds[k]
+            if entry.changes:
+                apply_changes(position, entry.changes)
             epochs, seqs = array("I", entry.epochs), array("Q", entry.seqs)
             upto = n - entry.first + 1 if k == index else len(epochs)
             advance(position, epochs[:upto], seqs[:upto])

@@ -22,7 +22,7 @@ MAX_REPLAYS = 8
 CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 
 # The journal of a proxy process's SSE pointer ids (docs/resume.md, "Pointer ids"): how long, and how many bytes
-# of it, a pointer stays resolvable (longer than a client's reconnect; ~11 MiB at 1000 events/s and 60 brokers).
+# of it, a pointer stays resolvable (longer than a client's reconnect; ~8 MiB at 1000 events/s and 60 brokers).
 JOURNAL_SECONDS = 120.0
 JOURNAL_BYTES = 64 * 1024 * 1024
 
