@@ -76,36 +76,30 @@ class Batch:
 
     __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "events", "first", "hub", "lasts")
 
-    def __init__(self, events: Sequence[Event], hub: Hub, first: int = 0) -> None:
+    def __init__(self, events: Sequence[Event], hub: Hub) -> None:
         self.events = events
         self.hub = hub
         self.base = dict(hub.positions)  # positions before this batch
-        self.first = first  # the journal's number for events[0] (the next ones follow)
+        self.first = 0  # the journal's number for events[0] (the next ones follow; set by Hub.dispatch)
         self.lasts: set[int] = set()  # the events whose full token is asked (made in one pass when first asked)
-        self._tokens: dict[int, bytes] | None = None
+        self._tokens: dict[int, bytes] = {}
         self._sse: dict[int, bytes] = {}
         self._pointed: dict[int, bytes] = {}
         self._plasma: dict[int, bytes] = {}
         self._entry: dict[int, bytes] = {}
 
     def token(self, i: int) -> bytes:
-        """The resume token after event `i` (those of `lasts` made at once, when first asked)."""
-        tokens = self._tokens
-        if tokens is None:
-            tokens = self._tokens = {}
-            wanted, tag, position = self.lasts | {i}, self.hub.tag, dict(self.base)
+        """The resume token after event `i` (those of `lasts` made in one pass, when the first is asked)."""
+        token = self._tokens.get(i)
+        if token is None:
+            wanted = {i} if self._tokens else self.lasts | {i}
+            tokens, tag, position = self._tokens, self.hub.tag, dict(self.base)
             for k, event in enumerate(self.events[:max(wanted) + 1]):
                 if event.epoch and event.seq > position.get(event.epoch, 0):
                     position[event.epoch] = event.seq
                 if k in wanted:
                     tokens[k] = encode_token(tag, position)
-        token = tokens.get(i)
-        if token is None:  # not among `lasts` (none of the hub's own callers asks it)
-            position = dict(self.base)
-            for event in self.events[:i + 1]:
-                if event.epoch and event.seq > position.get(event.epoch, 0):
-                    position[event.epoch] = event.seq
-            token = tokens[i] = encode_token(self.hub.tag, position)
+            token = tokens[i]
         return token
 
     def sse(self, i: int) -> bytes:
