@@ -124,8 +124,8 @@ async def resume_time(tmp: Path, missed: int = 10_000) -> dict[str, Any]:
                 await publish(100)
                 last_id = ""
                 async for line in resp.content:
-                    if line.startswith(b"id: "):
-                        last_id = line[4:].decode().strip()
+                    if line.startswith(b"id:"):
+                        last_id = line[3:].decode().strip()
                         break
             await publish(missed)  # ... and misses these (plus the rest of the first hundred)
             started = time.monotonic()

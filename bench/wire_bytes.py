@@ -9,9 +9,11 @@ broker (so every broker has a position), then at an idle rate, then under load. 
 same events: the figures are side by side, from one run.
 
 Per proxy and phase it prints bytes per delivered event, that over the event's plain SSE frame (what
-plasma sends: `data: <json>\\n\\n`, no id), the average id length, events per write (HTTP chunk),
-and for the native stream the batch token's size and events per batch; and writes JSON
-(bench/results/wire_bytes_<N>.json).
+plasma sends: `data: <json>\\n\\n`, no id), the ids: how many are full tokens and how many pointers
+(docs/resume.md, "Pointer ids": a build that has them gives the full token to each write's last event
+only) and the average length of each, events per write (HTTP chunk), what an id on each write's last
+event and none on the others would give (the floor: not exactly-once), and for the native stream the
+batch token's size and events per batch; and writes JSON (bench/results/wire_bytes_<N>.json).
 
 Usage: python bench/wire_bytes.py --brokers 10
        flock /work/bench.lock python bench/wire_bytes.py --brokers 60   (60 processes: take the lock)
@@ -43,7 +45,8 @@ from harness import Server, apply_membership, links_ready, start_server, wait_fo
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "program:1234"
 DATA_LINE = re.compile(rb"^data: (.*)$", re.M)
-ID_LINE = re.compile(rb"^id: (.*)$", re.M)
+ID_LINE = re.compile(rb"^id: ?(.*)$", re.M)
+ID_FIELD = re.compile(rb"^id: ?.*\n", re.M)  # (the whole line)
 
 
 def event_data(k: int) -> bytes:
@@ -78,8 +81,13 @@ def dechunk(raw: bytes) -> list[bytes]:
 
 def id_on_last_only(chunk: bytes) -> int:
     """Bytes `chunk` would take with an id on its last event only (not what is sent: not exactly-once)."""
-    ids = ID_LINE.findall(chunk)
-    return len(chunk) - sum(len(b"id: \n") + len(i) for i in ids[:-1])
+    lines = ID_FIELD.findall(chunk)
+    return len(chunk) - sum(map(len, lines[:-1]))
+
+
+def is_pointer(token: bytes) -> bool:
+    """A pointer id (docs/resume.md, "Pointer ids"), not a full token (which begins with "A")."""
+    return not token.startswith(b"A")
 
 
 class RawSse:
@@ -117,12 +125,17 @@ class RawSse:
         data = DATA_LINE.findall(body)
         last_only = len(raw) - len(body) + sum(map(id_on_last_only, pieces))
         ids = ID_LINE.findall(body)
+        pointers = [i for i in ids if is_pointer(i)]
+        full = [i for i in ids if not is_pointer(i)]
         plain = sum(len(b"data: \n\n") + len(d) for d in data)
         n = max(1, len(data))
         return {"events": len(data), "bytes": len(raw), "sse_bytes": len(body), "plain_bytes": plain,
                 "bytes_per_event": round(len(raw) / n, 1), "plain_frame_bytes": round(plain / n, 1),
                 "ratio": round(len(raw) / max(1, plain), 3), "ratio_sse_only": round(len(body) / max(1, plain), 3),
                 "ids": len(ids), "id_chars_avg": round(sum(map(len, ids)) / max(1, len(ids)), 1),
+                "full_ids": len(full), "full_id_chars_avg": round(sum(map(len, full)) / max(1, len(full)), 1),
+                "pointer_ids": len(pointers),
+                "pointer_chars_avg": round(sum(map(len, pointers)) / max(1, len(pointers)), 1),
                 "writes": chunks, "events_per_write": round(len(data) / max(1, chunks), 2),
                 "ratio_if_id_on_last_event_of_each_write_only": round(last_only / max(1, plain), 3)}
 
@@ -224,7 +237,9 @@ async def run(brokers_n: int, before: str, subscribers: int, idle_rate: float, l
                 print(f"{brokers_n} brokers, {phase} ({rate:g} events/s), {label}: "
                       f"{median['bytes_per_event']} B/event over a {median['plain_frame_bytes']} B plain frame = "
                       f"{median['ratio']}x (SSE alone {median['ratio_sse_only']}x), "
-                      f"ids {median['id_chars_avg']} chars, "
+                      f"ids {median['id_chars_avg']} chars on average: {median['full_ids']} full tokens of "
+                      f"{median['full_id_chars_avg']} and {median['pointer_ids']} pointers of "
+                      f"{median['pointer_chars_avg']}, "
                       f"{median['events_per_write']} events/write (an id on each write's last event only "
                       f"would give {median['ratio_if_id_on_last_event_of_each_write_only']}x); native token "
                       f"{results[f'{label}_{phase}']['native']['token_bytes_avg']} B, "

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import selectors
 import signal
@@ -184,6 +185,15 @@ async def h2_client(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamW
     client.initiate_connection()
     writer.write(client.data_to_send())
     return reader, writer, client
+
+
+async def counters(http: str, name: str, label: str) -> dict[str, float]:
+    """A server's counters `name` (its /metrics on `http`), by their one label `label`."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{http}/metrics") as resp:
+            text = await resp.text()
+    found = re.findall(rf'^{name}\{{{label}="(\w+)"\}} (\S+)$', text, re.M)
+    return {value: float(count) for value, count in found}
 
 
 async def publish_grpc(broker: str, events: list[tuple[str, Any]], key: str = "") -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
-from harness import AUTH, Publisher, links_ready, proxy_status, wait_for
+from harness import AUTH, Publisher, links_ready, proxy_status, publish_grpc, wait_for
 from kubeharness.fixtures import unavailable
 
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -227,3 +227,78 @@ async def test_a_browser_with_a_token_in_the_query_resumes_exactly_once_after_ex
     publisher.assert_exactly_once_in_order(events, "chromium")
     assert sum(publisher.sent) >= 100  # ~3 s before the expiry, and after it
     assert not any(t in proxy.log() for t in tokens)  # ?token= never reaches the proxy's logs
+
+
+POINTER_PAGE = """<!doctype html><title>neoplasma</title><script>
+let queue = Promise.resolve();
+const post = (path, body) => { queue = queue.then(() => fetch(path, {method: "POST", body: body})); };
+let moved = false;
+const report = (at) => (e) => post("/event", JSON.stringify({at: at, id: e.lastEventId, event: JSON.parse(e.data)}));
+const first = new EventSource("http://%(first)s/?eventType=t");
+first.onopen = () => post("/open", "");
+first.onmessage = (e) => {
+  if (moved) return;
+  report("first")(e);
+  // Inside a write (an id that is no full token) and far enough in: leave as a cut would, and resume elsewhere.
+  if (e.lastEventId[0] !== "A" && JSON.parse(e.data).data.n >= 12) {
+    moved = true;
+    first.close();
+    const second = new EventSource("http://%(second)s/?eventType=t&lastEventId=" + encodeURIComponent(e.lastEventId));
+    second.onmessage = report("second");
+    second.addEventListener("neoplasma-gap", (g) => post("/gap", g.data));
+  }
+};
+</script>"""
+
+
+async def test_a_browser_leaving_inside_a_write_resumes_from_its_pointer_at_another_proxy(
+    start: Any, browser: Any
+) -> None:
+    """chromium's EventSource takes pointer ids (`id:` without the space) inside a write and the full token on its
+    last event; from a pointer it resumes at another proxy exactly once (docs/resume.md, "Pointer ids")."""
+    broker = start("broker", "b0")
+    proxies = [start("proxy", f"p{k}") for k in range(2)]
+    for proxy in proxies:
+        await push(proxy.endpoints["control"], broker)
+    got: list[dict[str, Any]] = []
+    reports = {"open": 0, "gap": 0}
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=POINTER_PAGE % {"first": proxies[0].endpoints["http"],
+                                                 "second": proxies[1].endpoints["http"]}, content_type="text/html")
+
+    async def report(request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if kind == "event":
+            got.append(json.loads(await request.text()))
+        else:
+            reports[kind] += 1
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_post("/{kind:open|event|gap}", report)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        browser(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        await wait_for(lambda: reports["open"] == 1, 30, "the page's EventSource")
+        for proxy in proxies:
+            await wait_for(lambda proxy=proxy: links_ready(proxy.endpoints["control"], 1), 10, "the relay links")
+        for k in range(0, 40, 5):  # 5 events a request: one relay message, one dispatch round, one write
+            await publish_grpc(broker.endpoints["grpc"], [("t", {"n": n}) for n in range(k, k + 5)])
+            await asyncio.sleep(0.1)
+        await wait_for(lambda: {e["event"]["data"]["n"] for e in got} >= set(range(40)), 20, "every event")
+        await asyncio.sleep(0.3)  # a duplicate would arrive after the last event
+    finally:
+        await runner.cleanup()
+    numbers = [e["event"]["data"]["n"] for e in got]
+    assert numbers == list(range(40)) and not reports["gap"], numbers
+    first = [e for e in got if e["at"] == "first"]
+    assert first and first[-1]["id"][0] != "A" and len(first[-1]["id"]) == 8  # it left holding a pointer
+    assert len(first) >= 13
+    for write in range(2):  # the whole writes: pointers, then the full token on the write's last event
+        ids = [e["id"] for e in first[5 * write:5 * write + 5]]
+        assert [i[0] != "A" and len(i) == 8 for i in ids] == [True] * 4 + [False] and len(ids[-1]) > 8, ids

@@ -239,6 +239,11 @@ CASES: list[tuple[str, Attack, object, str]] = [
     ("relay without credential", lambda b, p: stream(b, BROKER + "Relay", []), UNAUTH, NEED),
     ("relay, wrong credential", lambda b, p: stream(b, BROKER + "Relay", [], WRONG), UNAUTH, NEED),
     ("replay without credential", lambda b, p: stream(b, BROKER + "Replay", [b""]), UNAUTH, NEED),
+    ("resolve without credential", lambda b, p: unary(b, BROKER + "Resolve", pb.ResolveRequest(
+        pointer="PPPPPPPP").SerializeToString()), UNAUTH, NEED),
+    ("resolve, wrong credential", lambda b, p: unary(b, BROKER + "Resolve", b"", WRONG), UNAUTH, NEED),
+    ("resolve, not a pointer", lambda b, p: unary(b, BROKER + "Resolve", pb.ResolveRequest(
+        pointer="x" * 100).SerializeToString(), AUTH), INVALID, "resolve refused: the resume token is neither a token"),
     ("publish without key", lambda b, p: unary(b, BROKER + "Publish", events(1)), UNAUTH,
      "a publisher key is required"),
     ("publish, wrong key", lambda b, p: unary(b, BROKER + "Publish", events(1), bearer_metadata("nope")),

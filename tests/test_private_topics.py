@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import aiohttp
 import grpc
 import jwt
 import pytest
-from harness import AUTH, Publisher, Server, links_ready, proxy_status, publish_grpc, wait_for
+from harness import AUTH, Publisher, Server, counters, links_ready, proxy_status, publish_grpc, wait_for
 
 from neoplasma.core.trust import bearer_metadata
 from neoplasma.plasma.v1 import stream_pb2, stream_pb2_grpc
@@ -61,15 +60,6 @@ async def sse_answer(http: str, query: str, headers: dict[str, str] | None = Non
 async def auth_outcomes(http: str) -> dict[str, float]:
     """The proxy's neoplasma_proxy_subscriber_auth counters, by outcome (a pod's: summed over its workers)."""
     return await counters(http, "neoplasma_proxy_subscriber_auth_total", "outcome")
-
-
-async def counters(http: str, name: str, label: str) -> dict[str, float]:
-    """The proxy's counters `name`, by their one label `label`."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{http}/metrics") as resp:
-            text = await resp.text()
-    found = re.findall(rf'^{name}\{{{label}="(\w+)"\}} (\S+)$', text, re.M)
-    return {value: float(count) for value, count in found}
 
 
 class Stream:

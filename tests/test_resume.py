@@ -25,6 +25,7 @@ from harness import (
     EventSource,
     Publisher,
     Server,
+    counters,
     grpc_request_headers,
     h2_client,
     links_ready,
@@ -41,6 +42,7 @@ from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     EVENT_OVERHEAD,
     MIN_SEGMENT_BYTES,
+    POINTER_CHARS,
     SEGMENT_OVERHEAD,
     InvalidToken,
     ReplayWalk,
@@ -49,6 +51,7 @@ from neoplasma.core.resume import (
     decode_token,
     encode_token,
     epoch_mark,
+    is_pointer,
     parse_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
@@ -590,7 +593,8 @@ async def read_sse_prefix(address: str, topics: str, enough: Callable[[list[dict
         while (stop := body.find(b"\n\n", parsed)) >= 0 and not enough(events):
             frame = body[parsed:stop].decode()
             parsed = stop + 2
-            fields = dict(line.split(": ", 1) for line in frame.split("\n") if ": " in line)
+            fields = {name: value.removeprefix(" ") for name, _, value in (line.partition(":") for line in
+                                                                           frame.split("\n")) if name}
             last_id = fields.get("id", last_id)
             if "data" in fields and "event" not in fields:
                 events.append(json.loads(fields["data"]))
@@ -601,11 +605,13 @@ async def read_sse_prefix(address: str, topics: str, enough: Callable[[list[dict
 
 async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_once(start: Any) -> None:
     """EventSource keeps the id of the last event it parsed whole; a connection cut after the client parsed
-    part of one write (many events) must resume after exactly that event: every event has its own id."""
+    part of one write (many events) must resume after exactly that event: every event has its own id. Inside a
+    write that id is a pointer (docs/resume.md, "Pointer ids"): the other proxy has it resolved by the one that
+    issued it, through a broker."""
     bs, ps = await cluster(start, 2, 2)
     for p in ps:
         await wait_for(lambda p=p: links_ready(p.endpoints["control"], 2), what="links")
-    cuts_mid_write = 0
+    cuts_mid_write = pointers = 0
     for attempt in range(3):
         need = 7 + 50 * attempt  # where the cut falls: inside the first write, or further on
         first = asyncio.create_task(read_sse_prefix(ps[0].endpoints["http"], "t",
@@ -617,6 +623,10 @@ async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_o
         before, last_id, unparsed = await first
         cuts_mid_write += unparsed > 0
         assert last_id and len(before) == need
+        # Cut inside a live write, the client holds a pointer (catch-up writes give every event its full token).
+        if unparsed and is_pointer(last_id):
+            assert len(last_id) == POINTER_CHARS, last_id
+            pointers += 1
         after = EventSource(lambda: ps[1].endpoints["http"], "t", token=last_id).start()
         burst = {(b, 200 * attempt + n) for b in (0, 1) for n in range(200)}
 
@@ -636,7 +646,9 @@ async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_o
             assert seen == list(range(seen[0], 200 * (attempt + 1))) and seen[0] <= 200 * attempt, (
                 f"attempt {attempt}, broker {b}: lost or repeated: {seen[:5]}...{seen[-5:]} ({len(seen)})")
         await wait_for(lambda: all_subscribed(ps[0], 0, 2), timeout=20, what="the cut subscriber gone from p0")
-    assert cuts_mid_write, "no cut fell inside a write: the test proved nothing"
+    assert cuts_mid_write and pointers, "no cut fell inside a live write: the test proved nothing"
+    resolved = await counters(ps[1].endpoints["http"], "neoplasma_proxy_pointer_resolves_total", "result")
+    assert resolved == {"local": 0, "remote": pointers, "unresolved": 0}, resolved
 
 
 async def proxy_on_brokers(start: Any, monkeypatch: pytest.MonkeyPatch,
@@ -1096,3 +1108,75 @@ async def test_replays_walk_at_most_a_tenth_of_a_seconds_worth_of_their_rate_at_
     assert loop.time() - started < 0.05
     await broker.pace_replay(100)  # the next tenth waits for its time
     assert loop.time() - started >= 0.09
+
+
+# -- pointer ids (docs/resume.md, "Pointer ids") -----------------------------------------------------------------
+
+
+async def cut_with_pointer(proxy: Server, bs: list[Server], attempt: int) -> tuple[list[dict[str, Any]], str]:
+    """A raw-socket subscriber at `proxy` cut in the middle of a 200-event write, holding a pointer id (tried up
+    to 5 times: the cut may fall between writes). Returns the events it parsed and its pointer."""
+    for k in range(5):
+        n = 1000 * attempt + 200 * k
+        first = asyncio.create_task(read_sse_prefix(proxy.endpoints["http"], "t", lambda events: len(events) >= 7))
+        await wait_for(lambda: all_subscribed(proxy, 1, len(bs)), timeout=20, what="the subscriber")
+        for b, broker in enumerate(bs):
+            await publish_grpc(broker.endpoints["grpc"], [("t", {"b": b, "n": n + i}) for i in range(200)])
+        before, last_id, unparsed = await first
+        await wait_for(lambda: all_subscribed(proxy, 0, len(bs)), timeout=20, what="the cut subscriber gone")
+        if unparsed and is_pointer(last_id):
+            return before, last_id
+    raise AssertionError("no cut fell inside a write")
+
+
+async def test_a_pointer_whose_proxy_is_gone_gives_the_gap_signal_then_live(start: Any) -> None:
+    """A pointer resolves only while the process that issued it lives: once it is gone (kill -9), a resume from
+    one at another proxy gets the gap signal, never silent loss nor a refusal, and then the live events."""
+    bs, ps = await cluster(start, 2, 2)
+    for p in ps:
+        await wait_for(lambda p=p: links_ready(p.endpoints["control"], 2), what="links")
+    _, pointer = await cut_with_pointer(ps[0], bs, 0)
+    ps[0].proc.kill()
+    ps[0].proc.wait()
+    after = EventSource(lambda: ps[1].endpoints["http"], "t", token=pointer).start()
+    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
+    assert "pointer" in after.gaps[0]["reason"], after.gaps
+    await wait_for(lambda: all_subscribed(ps[1], 1, 2), timeout=20, what="the resumed subscriber live")
+    await publish_grpc(bs[0].endpoints["grpc"], [("t", {"b": 0, "n": -1})])
+    await wait_for(lambda: any(e["data"]["n"] == -1 for e in after.events), timeout=20, what="a live event")
+    assert set(after.statuses) == {200}
+    await after.close()
+
+
+async def test_garbled_and_forged_pointers_give_the_gap_signal_then_live(start: Any) -> None:
+    """Ids in a pointer's form that no proxy issued, issued by a live proxy but outside its journal, or of no form
+    at all: the gap signal, then live; a 200, no error logged, and the broker's Resolve refuses what is no pointer."""
+    bs, ps = await cluster(start, 1, 2)
+    for p in ps:
+        await wait_for(lambda p=p: links_ready(p.endpoints["control"], 1), what="links")
+    _, pointer = await cut_with_pointer(ps[0], bs, 0)
+    raw = base64.urlsafe_b64decode(pointer)
+    outside = base64.urlsafe_b64encode(raw[:3] + bytes(b ^ 0x80 for b in raw[3:])).decode()  # far from its journal
+    forged = ["PPPPPPPP", outside, "P" * 9, "Zzzzzzz", "P!!!!!!!", "_" * 8, "P" * 100]
+    clients = [EventSource(lambda: ps[1].endpoints["http"], "t", token=f).start() for f in forged]
+    await wait_for(lambda: all(c.gaps for c in clients), timeout=20, what="gap signals")
+    await wait_for(lambda: all_subscribed(ps[1], len(forged), 1), timeout=20, what="all live")
+    await publish_grpc(bs[0].endpoints["grpc"], [("t", {"b": 0, "n": -1})])
+    await wait_for(lambda: all(any(e["data"]["n"] == -1 for e in c.events) for c in clients), timeout=20,
+                   what="a live event at each")
+    for c in clients:
+        assert set(c.statuses) == {200}, c.statuses
+        await c.close()
+    resolved = await counters(ps[1].endpoints["http"], "neoplasma_proxy_pointer_resolves_total", "result")
+    assert resolved == {"local": 0, "remote": 0, "unresolved": len(forged)}, resolved
+    async with grpc.aio.insecure_channel(bs[0].endpoints["grpc"]) as channel:
+        stub = pb_grpc.BrokerStub(channel)
+        refusals = (("P" * 9000, grpc.StatusCode.INVALID_ARGUMENT), ("AAAAAAAA", grpc.StatusCode.INVALID_ARGUMENT),
+                    ("PPPPPPPP", grpc.StatusCode.NOT_FOUND), (outside, grpc.StatusCode.NOT_FOUND))
+        for bad, code in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Resolve(pb.ResolveRequest(pointer=bad), metadata=AUTH, timeout=10)
+            assert refused.value.code() == code, (bad, refused.value.code())
+        assert (await stub.Resolve(pb.ResolveRequest(pointer=pointer), metadata=AUTH, timeout=10)).token.startswith("A")
+    for p in ps:
+        assert "Traceback" not in p.log() and '"level": "error"' not in p.log()

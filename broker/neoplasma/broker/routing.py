@@ -52,6 +52,9 @@ class RelayStream:
         self.held: list[bytes] = []  # live entries routed while it backfills: they follow it
         self.held_bytes = 0
         self.held_accepted_ns = 0
+        self.instance = 0  # the proxy process's instance (`Interest.instance`; 0: none named)
+        self.queries: list[bytes] = []  # pointer queries (encoded `EventBatch.resolve` fields) for its next message
+        self.asked = 0  # pointer queries sent on it and not answered yet
 
     def offer(self, entry: bytes) -> bool:
         size = len(entry)
@@ -122,7 +125,7 @@ class RelayStream:
     def has_news(self, head: int, now: float, head_interval: float) -> bool:
         """Something to send: events, an interest ack, a gap, or (at most every `head_interval`, and not
         while it backfills) a new head."""
-        return (bool(self.outbox) or self.interest_reported != self.interest_applied or self.gap
+        return (bool(self.outbox) or self.interest_reported != self.interest_applied or self.gap or bool(self.queries)
                 or (head > self.head_sent and now - self.written_at >= head_interval and self.backfill is None))
 
     def take(self, max_bytes: int, epoch: int, head: int, now: float) -> tuple[bytes, int]:
@@ -153,6 +156,9 @@ class RelayStream:
         if self.interest_reported != self.interest_applied:
             self.interest_reported = self.interest_applied
             taken.append(varint_field(2, self.interest_applied))
+        if self.queries:
+            taken += self.queries
+            self.queries = []
         taken.append(batch_trailer(epoch=epoch, head=head, gap=self.gap, accepted_ns=accepted_ns if count else 0))
         self.gap = False
         self.head_sent = max(self.head_sent, head)
@@ -166,9 +172,12 @@ class Router:
         self._index: TopicIndex[RelayStream] = TopicIndex()
         self._flushed = asyncio.Event()
         self._idle: set[RelayStream] = set()  # streams waiting with no timer: woken by the next `route`
+        self.instances: dict[int, set[RelayStream]] = {}  # proxy instance -> its relay streams (pointer queries)
 
     def attach(self, stream: RelayStream) -> None:
         self.streams.add(stream)
+        if stream.instance:
+            self.instances.setdefault(stream.instance, set()).add(stream)
 
     def idle(self, stream: RelayStream) -> None:
         """`stream` told the latest head and has nothing to send: it waits, without a timer, until
@@ -177,6 +186,11 @@ class Router:
 
     def detach(self, stream: RelayStream) -> None:
         self.streams.discard(stream)
+        same = self.instances.get(stream.instance)
+        if same is not None:
+            same.discard(stream)
+            if not same:
+                del self.instances[stream.instance]
         self._idle.discard(stream)
         self._index.remove(stream, stream.interest)
         stream.interest = set()

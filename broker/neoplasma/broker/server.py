@@ -7,7 +7,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -31,7 +31,7 @@ from neoplasma.core.events import (
 from neoplasma.core.logs import get_logger
 from neoplasma.core.metrics import LATENCY_BUCKETS
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport, identity
-from neoplasma.core.resume import ReplayWalk, RetentionLog
+from neoplasma.core.resume import MAX_TOKEN_CHARS, InvalidToken, ReplayWalk, RetentionLog, parse_pointer
 from neoplasma.core.topics import InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
     CREDENTIAL_REQUIRED,
@@ -121,6 +121,11 @@ REPLAY_BURST = 0.1
 # A Replay's messages hold at most this much (or --max-message-bytes when smaller): a proxy turns each into
 # objects in one go, and keeps up to 16 of them for a shared replay's readers.
 REPLAY_MESSAGE_BYTES = 256 * 1024
+# Pointer ids (docs/resume.md, "Pointer ids"): a Resolve call waits this long for the issuing proxy's answer, and a
+# relay stream carries at most this many unanswered queries (a Resolve finding every stream of the instance full is
+# refused with RESOURCE_EXHAUSTED).
+RESOLVE_TIMEOUT = 2.0
+MAX_QUERIES_PER_STREAM = 64
 
 
 class Broker:
@@ -148,6 +153,54 @@ class Broker:
         self.events_rejected = 0
         self._publishers: dict[str, float] = {}
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self._queries: dict[int, tuple[RelayStream, asyncio.Future[str]]] = {}  # pointer queries awaiting answers
+        self._query_ids = 0
+
+    # -- pointer ids -----------------------------------------------------------
+
+    async def resolve(self, pointer: str) -> str | None:
+        """The full token a proxy instance's pointer stands for, asked of that instance over its relay streams
+        (every one naming it: two processes that drew the same instance must agree); None when none can tell in
+        RESOLVE_TIMEOUT. InvalidToken for what is not a pointer; LookupError when no relay stream names its
+        instance; OverflowError when every such stream has MAX_QUERIES_PER_STREAM queries unanswered."""
+        instance, _ = parse_pointer(pointer)
+        streams = [s for s in self.router.instances.get(instance, ()) if s.asked < MAX_QUERIES_PER_STREAM]
+        if not streams:
+            if instance in self.router.instances:
+                raise OverflowError(f"too many pointer queries wait for proxy instance {instance}")
+            raise LookupError(f"no proxy instance {instance} is attached to this broker")
+        loop = asyncio.get_running_loop()
+        asked: list[tuple[int, bytes]] = []
+        try:
+            for stream in streams:
+                self._query_ids += 1
+                message = pb.EventBatch(resolve=[pb.PointerQuery(id=self._query_ids, pointer=pointer)])
+                query = message.SerializeToString()
+                asked.append((self._query_ids, query))
+                self._queries[self._query_ids] = (stream, loop.create_future())
+                stream.asked += 1
+                stream.queries.append(query)
+                stream.wake.set()
+            futures = [self._queries[k][1] for k, _ in asked]
+            await asyncio.wait(futures, timeout=RESOLVE_TIMEOUT)
+            tokens = {f.result() for f in futures if f.done() and not f.cancelled()}
+        finally:
+            for k, query in asked:
+                stream, future = self._queries.pop(k)
+                stream.asked -= 1
+                future.cancel()
+                if query in stream.queries:  # never sent (its writer is behind): not sent now
+                    stream.queries.remove(query)
+        tokens.discard("")
+        return tokens.pop() if len(tokens) == 1 else None
+
+    def answered(self, stream: RelayStream, answers: Iterable[pb.PointerAnswer]) -> None:
+        """A proxy's answers to the queries sent down `stream` (others' ids, and oversized tokens, are ignored)."""
+        for answer in answers:
+            asked = self._queries.get(answer.id)
+            if asked is None or asked[0] is not stream or asked[1].done() or len(answer.token) > MAX_TOKEN_CHARS:
+                continue
+            asked[1].set_result(answer.token)
 
     # -- publishing ----------------------------------------------------------
 
@@ -326,6 +379,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
+        stream.instance = first.instance
         broker.start_backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)
         log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest),
@@ -385,7 +439,25 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             msg = await context.read()
             if msg is grpc.aio.EOF:
                 return
+            if msg.resolved:  # answers to pointer queries: nothing else (not an interest change)
+                self.broker.answered(stream, msg.resolved)
+                continue
             self._apply_interest(stream, msg)
+
+    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:  # noqa: N802
+        """The full token a pointer id stands for, asked of the proxy instance that issued it (docs/resume.md)."""
+        try:
+            token = await self.broker.resolve(request.pointer)
+        except InvalidToken as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"resolve refused: {exc}")
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cannot resolve the pointer: {exc}")
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot resolve the pointer now: {exc}")
+        if token is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "the proxy that issued the pointer did not resolve it "
+                                f"within {RESOLVE_TIMEOUT} s (no longer in its journal, or not its pointer)")
+        return pb.ResolveResponse(token=token)
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.BrokerStats:  # noqa: N802
         return self.broker.stats()
@@ -495,6 +567,9 @@ def relay_handler(servicer: BrokerServicer) -> grpc.GenericRpcHandler:
             response_serializer=pb.BrokerStats.SerializeToString),
         "Replay": grpc.unary_stream_rpc_method_handler(
             servicer.Replay, request_deserializer=pb.ReplayRequest.FromString, response_serializer=identity),
+        "Resolve": grpc.unary_unary_rpc_method_handler(
+            servicer.Resolve, request_deserializer=pb.ResolveRequest.FromString,
+            response_serializer=pb.ResolveResponse.SerializeToString),
     })
 
 

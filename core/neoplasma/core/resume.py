@@ -10,7 +10,9 @@ import hashlib
 import itertools
 import math
 import mmap
+import random
 import struct
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -185,6 +187,198 @@ def decode_token(token: str, tag: bytes, known: Iterable[int] = ()) -> dict[int,
     if resolved.unknown:
         raise InvalidToken(f"the resume token names {resolved.unknown} broker(s) not among those known")
     return resolved.positions
+
+
+# -- pointer ids (docs/resume.md, "Pointer ids") ---------------------------------------------------------------
+#
+# A pointer is 6 bytes, 8 characters of URL-safe base64: the issuing proxy process's instance (3 bytes, its first
+# 6 bits never all 0, so the first character is never "A", which begins every version 1 and 2 token) and the
+# event's place in that process's dispatch order (3 bytes, wrapping at POINTER_SPAN).
+POINTER_CHARS = 8
+POINTER_SPAN = 1 << 24
+MIN_INSTANCE = 1 << 18  # the first character of a pointer is never "A"
+MAX_INSTANCE = (1 << 24) - 1
+
+
+def new_instance() -> int:
+    """A proxy process's random instance, drawn at its start (what its pointers name)."""
+    return random.randint(MIN_INSTANCE, MAX_INSTANCE)
+
+
+def pointer_prefix(instance: int) -> bytes:
+    """The first 4 characters of every pointer of `instance` (its 3 bytes: exactly 4 base64 characters)."""
+    if not MIN_INSTANCE <= instance <= MAX_INSTANCE:
+        raise ValueError(f"a pointer instance is in [{MIN_INSTANCE}, {MAX_INSTANCE}], not {instance}")
+    return base64.urlsafe_b64encode(instance.to_bytes(3, "big"))
+
+
+def encode_pointer(prefix: bytes, counter: int) -> bytes:
+    """The pointer of the event numbered `counter` (any int: it wraps) of the instance with `prefix`."""
+    return prefix + base64.urlsafe_b64encode((counter % POINTER_SPAN).to_bytes(3, "big"))
+
+
+def is_pointer(token: str) -> bool:
+    """Whether an id the client sent is meant as a pointer (not a version 1 or 2 token, which begin with "A"). Its
+    form is checked by `parse_pointer`."""
+    return bool(token) and not token.startswith("A")
+
+
+def parse_pointer(token: str) -> tuple[int, int]:
+    """(instance, counter) of a pointer id; InvalidToken when it is not one."""
+    if len(token) > MAX_TOKEN_CHARS or token.strip(_URL_SAFE):
+        raise InvalidToken("the resume token is not URL-safe base64")
+    if len(token) != POINTER_CHARS:
+        raise InvalidToken(f"the resume token is neither a token (which begins with \"A\") nor a pointer "
+                           f"({POINTER_CHARS} characters)")
+    raw = base64.urlsafe_b64decode(token)
+    instance = int.from_bytes(raw[:3], "big")
+    if instance < MIN_INSTANCE:
+        raise InvalidToken("the resume token is neither a token nor a pointer")
+    return instance, int.from_bytes(raw[3:], "big")
+
+
+_URL_SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_GONE = 1 << 32  # in a journal round's changes: this epoch (below 2**32) left the positions
+
+
+def pack_positions(positions: Mapping[int, int]) -> bytes:
+    """{epoch: seq} as flat pairs of 8-byte ints (how a journal keeps positions: made and read in C, no varints)."""
+    return array("Q", itertools.chain.from_iterable(positions.items())).tobytes()
+
+
+def unpack_positions(raw: bytes) -> dict[int, int]:
+    flat = array("Q", raw)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def changes(before: Mapping[int, int], after: Mapping[int, int]) -> bytes:
+    """What turns positions `before` into `after`: their differing entries, and epochs gone (`_GONE` added)."""
+    differ = dict(after.items() - before.items())
+    differ.update((epoch | _GONE, 0) for epoch in before.keys() - after.keys())
+    return pack_positions(differ)
+
+
+def apply_changes(position: dict[int, int], raw: bytes) -> None:
+    for epoch, seq in unpack_positions(raw).items():
+        if epoch & _GONE:
+            position.pop(epoch & ~_GONE, None)
+        else:
+            position[epoch] = seq
+
+
+def advance(position: dict[int, int], epochs: Sequence[int], seqs: Sequence[int]) -> None:
+    """`position` {epoch: seq} advanced in place by events (as `tokens_after` does; epoch 0 names no broker)."""
+    for epoch, seq in zip(epochs, seqs, strict=True):
+        if epoch and seq > position.get(epoch, 0):
+            position[epoch] = seq
+
+
+# A journal round beyond its bytes: the tuple, its ints, and its bytes objects (counted, not measured per round).
+JOURNAL_ROUND_OVERHEAD = 256
+# A journal round keeps the positions before it whole at least every this many rounds (those between keep what
+# changed since the round before, beyond its events): a lookup walks at most this many rounds.
+JOURNAL_CHECKPOINT = 64
+
+
+class _Round(NamedTuple):
+    first: int  # the (unwrapped) counter of its first event
+    at: float  # when it was dispatched (the caller's clock)
+    base: bytes | None  # the positions before it (`pack_positions`), or None: ...
+    changes: bytes | None  # ... those after the round before, with these `changes` (None: none)
+    epochs: bytes  # its events' epochs (array "I") ...
+    seqs: bytes  # ... and seqs (array "Q")
+
+
+class PointerJournal:
+    """What a proxy process's pointers mean (docs/resume.md, "Pointer ids"): per dispatch round, the positions
+    before it (whole now and then, else what changed since the round before beyond its events) and each event's
+    (epoch, seq), never the events' data. Bounded by age (`max_age`, the caller's clock), by `max_bytes` (what it
+    counts: its rounds' bytes and JOURNAL_ROUND_OVERHEAD each) and by `max_events` (below POINTER_SPAN, so that a
+    wrapped counter names one event). No I/O, no clock of its own."""
+
+    def __init__(self, max_age: float, max_bytes: int, max_events: int = POINTER_SPAN // 2) -> None:
+        self.max_age, self.max_bytes = max_age, max_bytes
+        self.max_events = min(max_events, POINTER_SPAN // 2)
+        self.next = random.randrange(POINTER_SPAN)  # the counter of the next event (unwrapped)
+        self.bytes = 0
+        self._rounds: deque[_Round] = deque()
+        self._running: dict[int, int] = {}  # the positions after the last round's events
+        self._since_base = 0  # rounds recorded since the last one with its base whole
+
+    @property
+    def events(self) -> int:
+        return self.next - self._rounds[0].first if self._rounds else 0
+
+    def record(self, base: Mapping[int, int], epochs: Sequence[int], seqs: Sequence[int], now: float) -> int:
+        """Note a dispatch round: the positions before it (`base`) and its events' epochs and seqs. Returns the
+        counter of its first event (the next ones follow)."""
+        first = self.next
+        if not epochs:
+            return first
+        rounds = self._rounds
+        whole: bytes | None = None
+        changed: bytes | None = None
+        if not rounds or self._since_base >= JOURNAL_CHECKPOINT:
+            whole = pack_positions(base)
+            self._since_base = 0
+        else:
+            if base != self._running:  # heads, brokers retired or back: what changed
+                changed = changes(self._running, base)
+            self._since_base += 1
+        running = self._running = dict(base)
+        advance(running, epochs, seqs)
+        entry = _Round(first, now, whole, changed, array("I", epochs).tobytes(), array("Q", seqs).tobytes())
+        rounds.append(entry)
+        self.bytes += self._size(entry)
+        self.next = first + len(epochs)
+        self.evict(now)
+        return first
+
+    @staticmethod
+    def _size(entry: _Round) -> int:
+        return (JOURNAL_ROUND_OVERHEAD + len(entry.base or b"") + len(entry.changes or b"") + len(entry.epochs)
+                + len(entry.seqs))
+
+    def evict(self, now: float) -> None:
+        """Drop the rounds older than `max_age`, then the oldest while over `max_bytes` or `max_events`."""
+        rounds = self._rounds
+        cutoff = now - self.max_age
+        while rounds and (rounds[0].at < cutoff or self.bytes > self.max_bytes
+                          or self.next - rounds[0].first > self.max_events):
+            gone = rounds.popleft()
+            self.bytes -= self._size(gone)
+            if rounds and rounds[0].base is None:  # the next round's base was this one's, advanced: keep it whole
+                position = unpack_positions(gone.base or b"")
+                advance(position, array("I", gone.epochs), array("Q", gone.seqs))
+                old = rounds[0]
+                if old.changes:
+                    apply_changes(position, old.changes)
+                kept = rounds[0] = old._replace(base=pack_positions(position), changes=None)
+                self.bytes += self._size(kept) - self._size(old)
+
+    def positions_at(self, counter: int) -> dict[int, int] | None:
+        """The positions after the event numbered `counter` (wrapped, as a pointer carries it): what the full
+        token after it named. None when it is not in the journal (too old, or never issued)."""
+        rounds = self._rounds
+        if not rounds or not 0 <= counter < POINTER_SPAN:
+            return None
+        last = self.next - 1
+        n = last - (last - counter) % POINTER_SPAN
+        if n < rounds[0].first:
+            return None
+        index = bisect.bisect_right(rounds, n, key=lambda r: r.first) - 1
+        start = index
+        while rounds[start].base is None:  # (the oldest round always has it whole)
+            start -= 1
+        position = unpack_positions(rounds[start].base or b"")
+        for k in range(start, index + 1):
+            entry = rounds[k]
+            if entry.changes:
+                apply_changes(position, entry.changes)
+            epochs, seqs = array("I", entry.epochs), array("Q", entry.seqs)
+            upto = n - entry.first + 1 if k == index else len(epochs)
+            advance(position, epochs[:upto], seqs[:upto])
+        return position
 
 
 def wanted(topic: str, topics: frozenset[str]) -> bool:

@@ -12,7 +12,9 @@ on UNAVAILABLE).
 
 Positions: the hub keeps the proxy's position per broker epoch, advanced as
 it dispatches, and names it in resume tokens, encoded once per event (SSE)
-or per batch (native), never per subscriber (docs/resume.md).
+or per batch (native), never per subscriber (docs/resume.md). An SSE write's
+last event carries the full token, the others a pointer (this process's
+instance and the event's number), which its journal resolves.
 """
 
 from __future__ import annotations
@@ -25,13 +27,30 @@ from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
 from neoplasma.core.aio import Signal
-from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, plasma_payload, sse_frame, sse_gap
+from neoplasma.core.events import (
+    Event,
+    batch_entry,
+    batch_trailer,
+    grpc_frame,
+    plasma_payload,
+    sse_frame,
+    sse_gap,
+    sse_pointed_frame,
+)
 from neoplasma.core.memory import give_back
-from neoplasma.core.resume import cluster_tag, encode_token, tokens_after
+from neoplasma.core.resume import (
+    PointerJournal,
+    cluster_tag,
+    encode_pointer,
+    encode_token,
+    new_instance,
+    parse_pointer,
+    pointer_prefix,
+)
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
 from neoplasma.proxy.metrics import ProxyMetrics
-from neoplasma.proxy.settings import LINGER, MAX_LINGER
+from neoplasma.proxy.settings import JOURNAL_BYTES, JOURNAL_SECONDS, LINGER, MAX_LINGER
 
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 
@@ -52,29 +71,50 @@ def pause(cost: float, late: float, ceiling: float, linger: float, max_linger: f
 
 
 class Batch:
-    """One dispatched batch, with each event's encodings made at most once."""
+    """One dispatched batch, with each event's encodings made at most once: an SSE event has two, one with the
+    full token after it (the last event of a subscriber's write) and one with its pointer (the others)."""
 
-    __slots__ = ("_entry", "_plasma", "_sse", "_tokens", "base", "events", "hub")
+    __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "events", "first", "hub", "lasts")
 
     def __init__(self, events: Sequence[Event], hub: Hub) -> None:
         self.events = events
         self.hub = hub
         self.base = dict(hub.positions)  # positions before this batch
-        self._tokens: list[bytes] | None = None
+        self.first = 0  # the journal's number for events[0] (the next ones follow; set by Hub.dispatch)
+        self.lasts: set[int] = set()  # the events whose full token is asked (made in one pass when first asked)
+        self._tokens: dict[int, bytes] = {}
         self._sse: dict[int, bytes] = {}
+        self._pointed: dict[int, bytes] = {}
         self._plasma: dict[int, bytes] = {}
         self._entry: dict[int, bytes] = {}
 
     def token(self, i: int) -> bytes:
-        """The resume token after event `i` (made for every event at once, when first asked)."""
-        if self._tokens is None:
-            self._tokens = tokens_after(self.hub.tag, self.base, self.events)  # `base` is this batch's copy
-        return self._tokens[i]
+        """The resume token after event `i` (those of `lasts` made in one pass, when the first is asked)."""
+        token = self._tokens.get(i)
+        if token is None:
+            wanted = {i} if self._tokens else self.lasts | {i}
+            tokens, tag, position = self._tokens, self.hub.tag, dict(self.base)
+            for k, event in enumerate(self.events[:max(wanted) + 1]):
+                if event.epoch and event.seq > position.get(event.epoch, 0):
+                    position[event.epoch] = event.seq
+                if k in wanted:
+                    tokens[k] = encode_token(tag, position)
+            token = tokens[i]
+        return token
 
     def sse(self, i: int) -> bytes:
+        """Event `i` as an SSE frame with the full token after it."""
         frame = self._sse.get(i)
         if frame is None:
             frame = self._sse[i] = sse_frame(self.token(i), self.events[i])
+        return frame
+
+    def sse_pointed(self, i: int) -> bytes:
+        """Event `i` as an SSE frame with its pointer as id (resolved by this process's journal)."""
+        frame = self._pointed.get(i)
+        if frame is None:
+            frame = self._pointed[i] = sse_pointed_frame(encode_pointer(self.hub.pointer_prefix, self.first + i),
+                                                         self.events[i])
         return frame
 
     def plasma(self, i: int) -> bytes:
@@ -184,7 +224,11 @@ class SseSubscriber(Subscriber):
 
     @staticmethod
     def encode(batch: Batch, indices: list[int]) -> bytes:
-        return http_chunk(b"".join([batch.sse(i) for i in indices]))
+        """One write: the last event with its full token (a client holds a whole write's last id even when the
+        proxy dies), the others with their pointers (a cut mid-write leaves the client holding one)."""
+        frames = [batch.sse_pointed(i) for i in indices[:-1]]
+        frames.append(batch.sse(indices[-1]))
+        return http_chunk(b"".join(frames))
 
     def deliver(self, encoded: object, position: bool = True) -> bool:
         transport = self.transport
@@ -270,7 +314,7 @@ InterestListener = Callable[[set[str], set[str]], None]
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, journal_seconds: float = JOURNAL_SECONDS, journal_bytes: int = JOURNAL_BYTES) -> None:
         self.subscribers: set[Subscriber] = set()
         # Counters kept as subscribers come, go or change (a Status call reads them without a pass over all):
         self._counts = {"sse": 0, "plasma": 0, "batch": 0}  # by `counted_as`
@@ -290,6 +334,10 @@ class Hub:
         self._retiring: set[int] = set()
         self.tag = cluster_tag("")
         self._token: bytes | None = None
+        # This process's pointers: its instance (named in its relay streams' first Interest) and what they mean.
+        self.instance = new_instance()
+        self.pointer_prefix = pointer_prefix(self.instance)
+        self.journal = PointerJournal(journal_seconds, journal_bytes)
         self.advanced = Signal()  # notified after every dispatch
         self.rounds = 0  # dispatch rounds so far
         self._topics_high = 0  # the most topics since memory was last given back
@@ -428,6 +476,18 @@ class Hub:
             self._token = encode_token(self.tag, self.positions)
         return self._token
 
+    def resolve(self, pointer: str) -> bytes | None:
+        """The full token one of this process's pointers stands for; None when it is not one of its pointers or
+        no longer in its journal (garbled ones included: never an error)."""
+        try:
+            instance, counter = parse_pointer(pointer)
+        except ValueError:
+            return None
+        if instance != self.instance:
+            return None
+        positions = self.journal.positions_at(counter)
+        return None if positions is None else encode_token(self.tag, positions)
+
     def retire(self, epoch: int) -> None:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
         self._retiring.add(epoch)
@@ -516,6 +576,10 @@ class Hub:
             positions[event.epoch] = event.seq
             for group in self._index.matching(event.topic):
                 matched.setdefault(group, []).append(i)
+        if events:  # what this round's pointers mean
+            batch.first = self.journal.record(batch.base, [e.epoch for e in events], [e.seq for e in events],
+                                              time.monotonic())
+            batch.lasts = {indices[-1] for indices in matched.values()}
         for epoch, head in (heads or {}).items():
             if head > positions.get(epoch, 0):
                 positions[epoch] = head

@@ -43,6 +43,9 @@ RETRY = BackoffPolicy(initial=0.1, maximum=5.0, jitter=True)  # a lost relay str
 # turn of its loop, would find them queued there as the single-event messages a broker writes when
 # it is not held back (at 1000 streams x 100 events/s: up to 0.3 s of events behind).
 RELAY_WINDOW = 4096
+# Answers to a broker's pointer queries waiting to be written on one relay stream; a query beyond is not answered
+# (the broker's Resolve call times out: the resuming subscriber gets the gap signal).
+MAX_ANSWERS = 256
 
 
 class BrokerLink:
@@ -68,6 +71,7 @@ class BrokerLink:
         self._removed: set[str] = set()
         self._interest_changed = asyncio.Event()
         self._interest_sent = 0  # Interest messages written on the current stream
+        self._answers: list[pb.PointerAnswer] = []  # to the broker's pointer queries, to write
         self._interest_applied = 0  # ... and how many the broker says it applied
         self._task: asyncio.Task[None] | None = None
         self.finishing = False  # removed from the membership: no reconnect once the stream ends
@@ -150,6 +154,7 @@ class BrokerLink:
         call = stub.Relay(metadata=self.access.metadata())
         first = True
         self._added, self._removed = set(), set()
+        self._answers = []
         self._interest_changed.clear()
         self._interest_sent, self._interest_applied = 1, 0
         # Where this proxy left off with the broker: it backfills what the last stream did not bring,
@@ -159,7 +164,8 @@ class BrokerLink:
         age = self.hub.interest_age()
         backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
         await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
-                                     epoch=self.epoch, after=self.position, backfill_ms=backfill_ms))
+                                     epoch=self.epoch, after=self.position, backfill_ms=backfill_ms,
+                                     instance=self.hub.instance))
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -169,6 +175,8 @@ class BrokerLink:
                     first = False
                 if batch.gap:
                     self.hub.broadcast_gap(f"broker {self.member.name} dropped events for this proxy")
+                if batch.resolve:
+                    self._answer(batch.resolve)
                 events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
                 self.events_received += len(events)
                 self.position = max(self.position, batch.head, events[-1].seq if events else 0)
@@ -199,10 +207,25 @@ class BrokerLink:
             self.last_error = ""
             log.info("relay_connected", broker=self.member.name, address=self.member.address)
 
+    def _answer(self, queries: Iterable[pb.PointerQuery]) -> None:
+        """Answer the broker's pointer queries from this process's journal (in the next message written)."""
+        for query in queries:
+            if len(self._answers) >= MAX_ANSWERS:
+                log.warning("pointer_queries_dropped", broker=self.member.name, most=MAX_ANSWERS)
+                break
+            token = self.hub.resolve(query.pointer)
+            self._answers.append(pb.PointerAnswer(id=query.id, token=token.decode() if token else ""))
+        self._interest_changed.set()
+
     async def _send_interest(self, call: grpc.aio.StreamStreamCall) -> None:
+        """The relay stream's writer: interest changes, and answers to pointer queries (in messages of their own,
+        which brokers do not count as interest changes)."""
         while True:
             await self._interest_changed.wait()
             self._interest_changed.clear()
+            if self._answers:
+                answers, self._answers = self._answers, []
+                await call.write(pb.Interest(resolved=answers))
             added, removed = self._added, self._removed
             if added or removed:
                 self._interest_sent += 1

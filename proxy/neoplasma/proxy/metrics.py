@@ -33,6 +33,9 @@ DISCONNECT_REASONS = ("client", "drain", "rebalance", "slow", "expired", "error"
 CLOSED_BECAUSE = {"draining": "drain", "slow": "slow", "gone": "client", "error": "error",
                   "moved": "rebalance", "expired": "expired"}
 RESUME_RESULTS = ("exact", "gap")
+# How a resume's pointer id (docs/resume.md, "Pointer ids") was resolved: from this process's journal, by the
+# process that issued it (through a broker), or not at all (the gap signal).
+POINTER_RESULTS = ("local", "remote", "unresolved")
 
 
 class ProxyMetrics:
@@ -41,6 +44,7 @@ class ProxyMetrics:
         self.connects = Counts(TRANSPORTS.values())
         self.disconnects = Counts(DISCONNECT_REASONS)
         self.resumes = Counts(RESUME_RESULTS)
+        self.pointers = Counts(POINTER_RESULTS)
         self.replayed_events = 0
         self.gap_signals = 0
         self.skewed_rounds = 0
@@ -74,6 +78,9 @@ class ProxyMetrics:
                                       "reason")
         yield self.resumes.family("neoplasma_proxy_resumes", "Subscribers resumed from a token: exactly, or "
                                   "with a gap signal", "result")
+        yield self.pointers.family("neoplasma_proxy_pointer_resolves", "Resumes from a pointer id: resolved from "
+                                   "this process's journal, by the proxy that issued it, or not (a gap signal)",
+                                   "result")
         yield CounterMetricFamily("neoplasma_proxy_replayed_events", "Events replayed from brokers' retention "
                                   "to resuming subscribers", value=self.replayed_events)
         yield CounterMetricFamily("neoplasma_proxy_gap_signals", "Gap signals sent to subscribers (events "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -13,7 +15,7 @@ from neoplasma.core.aio import InTurns, Signal, Turns
 from neoplasma.core.events import Event
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
-from neoplasma.core.resume import InvalidToken, parse_token, tokens_after
+from neoplasma.core.resume import InvalidToken, is_pointer, parse_pointer, parse_token, tokens_after
 from neoplasma.core.topics import prefixes
 from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet
@@ -29,6 +31,10 @@ REPLAY_WINDOW = 16
 CATCH_UP_STEP = 256
 # The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB).
 GATHER_MAX_BYTES = 256 * 1024
+# Resolving another proxy's pointer id (docs/resume.md, "Pointer ids"): brokers asked at most, one after the other
+# (a broker the issuer has no relay stream to does not know it), within this many seconds in all.
+RESOLVE_BROKERS = 3
+RESOLVE_WAIT = 3.0
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
@@ -317,6 +323,8 @@ class Resume:
         turns = self.budget.turns
         await turns.turn()
         try:
+            if is_pointer(token):  # the full token it stands for, from the proxy process that issued it
+                token = await resolve_pointer(self.hub, self.links, token)
             parsed = parse_token(token, self.hub.tag) if token else None
         except InvalidToken as exc:
             self.sub.positioned = False  # what the client holds resumes nowhere exactly
@@ -488,6 +496,44 @@ class Resume:
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
         return tokens_after(self.hub.tag, self.position, events)
+
+
+async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
+    """The full token `pointer` stands for: from this process's journal when it issued it, else asked (`Resolve`) of
+    brokers, which ask the issuing process over its relay stream. InvalidToken when it is no pointer, or no one can
+    tell (the issuer gone, or the pointer no longer in its journal): the gap signal, then live."""
+    try:
+        instance, _ = parse_pointer(pointer)
+    except InvalidToken:
+        hub.metrics.pointers.inc("unresolved")
+        raise
+    if instance == hub.instance:
+        token = hub.resolve(pointer)
+        hub.metrics.pointers.inc("unresolved" if token is None else "local")
+        if token is None:
+            raise InvalidToken("the resume id is a pointer no longer in this proxy's journal")
+        return token.decode()
+    candidates = list(links.links.values())
+    random.shuffle(candidates)
+    deadline = time.monotonic() + RESOLVE_WAIT
+    errors = []
+    for link in candidates[:RESOLVE_BROKERS]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            reply = await link.replay_stub().Resolve(pb.ResolveRequest(pointer=pointer), timeout=left,
+                                                     metadata=link.access.metadata())
+            hub.metrics.pointers.inc("remote")
+            return str(reply.token)
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{link.member.name}: {exc.code().name}")
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                break
+    hub.metrics.pointers.inc("unresolved")
+    log.outside("pointer_unresolved", pointer=pointer, errors=errors)
+    raise InvalidToken("the resume id is a pointer that the proxy which issued it could not resolve (gone, or "
+                       "no longer in its journal)")
 
 
 def resume_ended(exc: BaseException) -> tuple[str, int, str]:

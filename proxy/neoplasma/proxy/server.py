@@ -109,7 +109,7 @@ class Limit:
 class Proxy:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.hub = Hub()
+        self.hub = Hub(config.pointer_journal_seconds, config.pointer_journal_bytes)
         self.auth = config.subscriber_auth()
         # Subscriptions refused for want of a token or beyond its topics, and streams ended at `exp`.
         self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
@@ -649,6 +649,8 @@ class ProxyCollector(Collector):
         yield ended
         yield GaugeMetricFamily("neoplasma_proxy_draining", "1 while the proxy drains its subscribers",
                                 value=self.proxy.draining)
+        yield GaugeMetricFamily("neoplasma_proxy_pointer_journal_bytes", "Bytes the journal of SSE pointer ids "
+                                "counts (--pointer-journal-bytes bounds it)", value=hub.journal.bytes)
         yield from hub.metrics.families()
 
 
@@ -913,6 +915,7 @@ async def _heartbeat(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(proxy.config.heartbeat_seconds)
         proxy.hub.broadcast_sse(HEARTBEAT)
+        proxy.hub.journal.evict(time.monotonic())  # (rounds evict it too; a quiet proxy's ages out here)
         proxy.hub.give_back_memory()
 
 

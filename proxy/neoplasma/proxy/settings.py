@@ -21,6 +21,11 @@ MAX_HELD_PER_PROXY = 200_000
 MAX_REPLAYS = 8
 CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 
+# The journal of a proxy process's SSE pointer ids (docs/resume.md, "Pointer ids"): how long, and how many bytes
+# of it, a pointer stays resolvable (longer than a client's reconnect; ~8 MiB at 1000 events/s and 60 brokers).
+JOURNAL_SECONDS = 120.0
+JOURNAL_BYTES = 64 * 1024 * 1024
+
 LINGER = 0.02  # default longest pause between dispatch rounds, seconds (Hub.run_dispatcher)
 MAX_LINGER = 0.05  # default longest pause when the event loop runs behind (Hub.run_dispatcher)
 
@@ -94,6 +99,10 @@ class ProxyConfig(TrustSettings):
     catch_up_bytes_per_second: float = setting(CATCH_UP_BYTES_PER_SECOND, bound=POSITIVE, help="bytes of event "
                                                "data this proxy writes per second to resuming subscribers, all "
                                                "together (the rest of its time is for live events)")
+    pointer_journal_seconds: float = setting(JOURNAL_SECONDS, bound=POSITIVE, help="seconds an SSE pointer id "
+                                             "stays resolvable (the proxy's journal of what its pointers mean)")
+    pointer_journal_bytes: int = setting(JOURNAL_BYTES, bound=POSITIVE, help="most bytes the journal of SSE "
+                                         "pointer ids holds (the oldest go first)")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,

@@ -30,7 +30,7 @@ class PublishResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Interest(_message.Message):
-    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms")
+    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved")
     ADD_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class Interest(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     BACKFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
     add: _containers.RepeatedScalarFieldContainer[str]
     remove: _containers.RepeatedScalarFieldContainer[str]
     replace: bool
@@ -45,10 +47,28 @@ class Interest(_message.Message):
     epoch: int
     after: int
     backfill_ms: int
-    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ...) -> None: ...
+    instance: int
+    resolved: _containers.RepeatedCompositeFieldContainer[PointerAnswer]
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ...) -> None: ...
+
+class PointerQuery(_message.Message):
+    __slots__ = ("id", "pointer")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POINTER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    pointer: str
+    def __init__(self, id: _Optional[int] = ..., pointer: _Optional[str] = ...) -> None: ...
+
+class PointerAnswer(_message.Message):
+    __slots__ = ("id", "token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    token: str
+    def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos")
+    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "resolve")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +76,7 @@ class EventBatch(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     GAP_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    RESOLVE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     interest_applied: int
     epoch: int
@@ -63,7 +84,20 @@ class EventBatch(_message.Message):
     token: str
     gap: bool
     accepted_unix_nanos: int
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ...) -> None: ...
+    resolve: _containers.RepeatedCompositeFieldContainer[PointerQuery]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ..., resolve: _Optional[_Iterable[_Union[PointerQuery, _Mapping]]] = ...) -> None: ...
+
+class ResolveRequest(_message.Message):
+    __slots__ = ("pointer",)
+    POINTER_FIELD_NUMBER: _ClassVar[int]
+    pointer: str
+    def __init__(self, pointer: _Optional[str] = ...) -> None: ...
+
+class ResolveResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class ReplayRequest(_message.Message):
     __slots__ = ("epoch", "after", "topics")

@@ -54,6 +54,11 @@ class BrokerStub:
                 request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.SerializeToString,
                 response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/neoplasma.v1.Broker/Resolve',
+                request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -83,6 +88,12 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resolve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Replay,
                     request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.FromString,
                     response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveRequest.FromString,
+                    response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Broker:
             '/neoplasma.v1.Broker/Replay',
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ReplayRequest.SerializeToString,
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neoplasma.v1.Broker/Resolve',
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveRequest.SerializeToString,
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ResolveResponse.FromString,
             options,
             channel_credentials,
             insecure,
