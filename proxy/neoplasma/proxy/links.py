@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -75,6 +75,12 @@ class BrokerLink:
         self._interest_applied = 0  # ... and how many the broker says it applied
         self._task: asyncio.Task[None] | None = None
         self.finishing = False  # removed from the membership: no reconnect once the stream ends
+        # Pointer instances (docs/resume.md, "Pointer ids"): the one the current stream last named, and the number
+        # of the Interest message that named it (acknowledged: the broker took it); `verdict`: the instance the
+        # broker took, or could not be asked about (its stream failed otherwise): not refused.
+        self._claim = (0, 0)
+        self.verdict = 0
+        self.on_instance: Callable[[], None] = lambda: None  # a verdict came, or the hub drew another instance
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.member.name}")
@@ -141,6 +147,7 @@ class BrokerLink:
                 self.ended_cleanly = True
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
+                self._failed(exc.code())
             if self.finishing:
                 return
             self.state = LinkState.BACKOFF
@@ -163,9 +170,10 @@ class BrokerLink:
         await call.wait_for_connection()
         age = self.hub.interest_age()
         backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
+        self._claim = (self.hub.instance, 1)
         await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
                                      epoch=self.epoch, after=self.position, backfill_ms=backfill_ms,
-                                     instance=self.hub.instance))
+                                     instance=self.hub.instance, nonce=self.hub.nonce))
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -183,6 +191,9 @@ class BrokerLink:
                 self.hub.submit(events, epoch, batch.head, batch.accepted_unix_nanos)
                 if batch.interest_applied:
                     self._interest_applied = batch.interest_applied
+                    if batch.interest_applied >= self._claim[1] and self.verdict != self._claim[0]:
+                        self.verdict = self._claim[0]  # the broker took the instance
+                        self.on_instance()
                     self._mark_connected()
                     self.changed.notify()
         finally:
@@ -199,6 +210,23 @@ class BrokerLink:
             self.hub.revive(epoch)  # a broker that left the membership and came back
         self.epoch = epoch
         self.ended_cleanly = False
+
+    def _failed(self, code: grpc.StatusCode) -> None:
+        """A relay stream failed with `code`: a broker refusing the instance it named (another process holds it)
+        has the hub draw another; any other failure leaves it unrefused here."""
+        instance = self._claim[0]
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            if self.hub.redraw(instance):
+                log.warning("pointer_instance_refused", broker=self.member.name, instance=instance,
+                            drawn=self.hub.instance)
+            self.on_instance()
+        elif instance and self.verdict != instance:
+            self.verdict = instance
+            self.on_instance()
+
+    def instance_changed(self) -> None:
+        """The hub drew another pointer instance: the current stream names it next (`_send_interest`)."""
+        self._interest_changed.set()
 
     def _mark_connected(self) -> None:
         if self.state != LinkState.CONNECTED:
@@ -226,6 +254,10 @@ class BrokerLink:
             if self._answers:
                 answers, self._answers = self._answers, []
                 await call.write(pb.Interest(resolved=answers))
+            if self.hub.instance != self._claim[0]:  # drawn anew: acknowledged like an interest change
+                self._interest_sent += 1
+                self._claim = (self.hub.instance, self._interest_sent)
+                await call.write(pb.Interest(instance=self.hub.instance))
             added, removed = self._added, self._removed
             if added or removed:
                 self._interest_sent += 1
@@ -270,6 +302,7 @@ class LinkSet:
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
+            link.on_instance = self._instance_news
             old, leaving = self.leaving.pop(name, (None, None))
             if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
                 leaving.cancel()
@@ -280,10 +313,20 @@ class LinkSet:
             link.start()
         self.applied = snapshot
         self.hub.set_cluster(snapshot.cluster)
+        self._instance_news()
         self.changed.notify()
         log.info("membership_applied", version=snapshot.version,
                  brokers=[m.name for m in snapshot.members],
                  draining=[m.name for m in snapshot.members if m.state is BrokerState.DRAINING])
+
+    def _instance_news(self) -> None:
+        """A link's broker took the pointer instance (or could not be asked), or the hub drew another: the links
+        name the hub's instance; once every link's broker took it (none refused), its pointers are issued."""
+        hub = self.hub
+        for link in self.links.values():
+            link.instance_changed()
+        if not hub.issuing and self.links and all(link.verdict == hub.instance for link in self.links.values()):
+            hub.confirm(hub.instance)
 
     async def _leave(self, name: str, link: BrokerLink) -> None:
         """A link removed from the membership: finished (see `BrokerLink.finish`), its epoch retired,
