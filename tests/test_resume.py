@@ -54,6 +54,7 @@ from neoplasma.core.resume import (
     encode_token,
     epoch_mark,
     is_pointer,
+    parse_pointer,
     parse_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
@@ -1227,11 +1228,11 @@ async def test_processes_that_drew_one_instance_never_resolve_each_others_pointe
     hub1, links1, dispatcher1, _ = in_process_proxy("p1")
     hub1.set_cluster(CLUSTER)
     watched = WrittenTransport()
-    hub1.add(SseSubscriber(watched, 1 << 20), ["x"])
+    hub1.add(SseSubscriber(watched, 1 << 20), ["p"])  # a topic of its own: the second backfills none of it
     await links1.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
     assert await links1.changed.wait_until(lambda: links1.settled() and hub1.issuing, 10)
     assert hub1.instance == shared
-    b0.accept(numbered(*range(20)), "publisher")  # one relay message, one write of 20 events: 19 pointers
+    b0.accept([("p", b"{}")] * 20, "publisher")  # one relay message, one write of 20 events: 19 pointers
     assert await hub1.advanced.wait_until(lambda: len(watched.pointers()) == 19, 10)
     pointer = watched.pointers()[5]
     token = hub1.resolve(pointer)
@@ -1246,6 +1247,8 @@ async def test_processes_that_drew_one_instance_never_resolve_each_others_pointe
     assert set(b0.router.instances) == {shared, hub2.instance}
     b1.accept(numbered(*range(20)), "publisher")
     assert await hub2.advanced.wait_until(lambda: hub2.journal.next == hub1.journal.next, 10)
+    held = hub2.journal.positions_at(parse_pointer(pointer)[1])
+    assert held is not None and encode_token(hub2.tag, held) != token  # what its journal would wrongly say
     assert hub2.resolve(pointer) is None
     assert await resolve_pointer(hub2, links2, pointer) == token.decode()  # asked of the first, through b0
 
@@ -1321,3 +1324,43 @@ async def test_a_relay_reconnect_of_the_same_process_keeps_its_instance(monkeypa
     dispatcher.cancel()
     await links.close()
     await server.stop(None)
+
+
+async def test_a_refused_instance_is_drawn_anew_on_every_stream_and_its_pointers_still_resolve_at_home(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy process that issued pointers of its instance reaches a broker where another process holds it: it
+    draws another and names it on its open stream, where (drawn again unluckily) another process holds that one
+    too: that stream is refused as well, and the third one drawn is taken everywhere. Its pointers of the first
+    still resolve from its journal (here only: its streams name its new instance)."""
+    first, second = MIN_INSTANCE + 1, MIN_INSTANCE + 2
+    drawing(monkeypatch, first, second)
+    b0, server0, address0 = await in_process_broker("b0")
+    b1, server1, address1 = await in_process_broker("b1")
+    now = time.monotonic()
+    for broker, instance in ((b1, first), (b0, second)):  # other processes' streams, each holding one
+        ghost = RelayStream("elsewhere", "peer", 1 << 20)
+        ghost.nonce = 7
+        broker.router.claim(ghost, instance, now)
+        broker.router.attach(ghost)
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    assert hub.instance == first
+    b0.accept(numbered(0, 1), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 2, 10)
+    pointer = encode_pointer(hub.pointer_prefix, hub.journal.next - 2).decode()
+    token = hub.resolve(pointer)
+    assert token is not None
+    await links.apply(Snapshot(2, (Member("b0", address0), Member("b1", address1)), CLUSTER))
+    assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    third = hub.instance
+    assert third not in (first, second) and set(hub.issued) == {first, third}
+    assert b0.router.instances.keys() == {second, third} and b1.router.instances.keys() == {first, third}
+    assert hub.resolve(pointer) == token
+    assert await resolve_pointer(hub, links, pointer) == token.decode()
+    with pytest.raises(LookupError):
+        await b0.resolve(pointer)  # b0 knows `first` only as lately held by this process: asked of no one
+    dispatcher.cancel()
+    await links.close()
+    await server0.stop(None)
+    await server1.stop(None)
