@@ -1245,6 +1245,9 @@ async def test_processes_that_drew_one_instance_never_resolve_each_others_pointe
     assert hub2.instance != shared and shared not in hub2.issued
     assert set(b1.router.instances) == {hub2.instance}  # b1 took the shared one first; the stream moved on
     assert set(b0.router.instances) == {shared, hub2.instance}
+    delivered = b0.events_out
+    b0.accept(numbered(-1), "publisher")
+    assert b0.events_out - delivered == 2  # to the two processes' streams only (none left of the one refused)
     b1.accept(numbered(*range(20)), "publisher")
     assert await hub2.advanced.wait_until(lambda: hub2.journal.next == hub1.journal.next, 10)
     held = hub2.journal.positions_at(parse_pointer(pointer)[1])
@@ -1364,3 +1367,20 @@ async def test_a_refused_instance_is_drawn_anew_on_every_stream_and_its_pointers
     await links.close()
     await server0.stop(None)
     await server1.stop(None)
+
+
+async def test_a_broker_that_cannot_be_reached_does_not_hold_up_pointers() -> None:
+    """Pointers are issued once every link's broker took the instance or could not be asked (its relay failed
+    otherwise than by refusing it): a broker down does not leave a proxy with full tokens on every event."""
+    _, server, address = await in_process_broker()
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    gone = f"127.0.0.1:{closed.sockets[0].getsockname()[1]}"
+    closed.close()
+    await closed.wait_closed()  # nothing listens there now
+    hub, links, dispatcher, _ = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address), Member("b1", gone)), CLUSTER))
+    assert await links.changed.wait_until(lambda: hub.issuing, 10)
+    assert links.links["b1"].state != LinkState.CONNECTED and links.links["b1"].verdict == hub.instance
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)

@@ -383,6 +383,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         try:
             broker.router.claim(stream, first.instance, time.monotonic())
         except (InstanceTaken, OverflowError) as exc:
+            broker.router.detach(stream)  # out of the topic index its interest was put in
             await self._refuse_instance(stream, first.instance, exc, context)
         broker.start_backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)

@@ -164,13 +164,14 @@ class BrokerLink:
         self._answers = []
         self._interest_changed.clear()
         self._interest_sent, self._interest_applied = 1, 0
+        self._claim = (self.hub.instance, 1)  # what the first message names (a broker not reached: not refused)
         # Where this proxy left off with the broker: it backfills what the last stream did not bring,
         # or (a broker new to this proxy, or restarted) what it accepted since our oldest subscription,
         # measured once the stream is open, plus slack for the time the message takes to be read.
         await call.wait_for_connection()
         age = self.hub.interest_age()
         backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
-        self._claim = (self.hub.instance, 1)
+        self._claim = (self.hub.instance, 1)  # (drawn anew meanwhile, perhaps)
         await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
                                      epoch=self.epoch, after=self.position, backfill_ms=backfill_ms,
                                      instance=self.hub.instance, nonce=self.hub.nonce))
