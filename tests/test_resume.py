@@ -751,6 +751,29 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     await links.close()
 
 
+async def test_a_subscriber_is_in_one_group_at_most() -> None:
+    """Adding a subscriber already in the hub (or swapping one in) is refused: it would be in two groups and
+    get their events twice. Changing its topics is `resubscribe`; one no longer in the hub is not put back."""
+    hub = Hub()
+    sub, other = Recorder(), Recorder()
+    hub.add(sub, ["a"])
+    with pytest.raises(ValueError, match="already"):
+        hub.add(sub, ["b"])
+    hub.add(other, ["b"])
+    with pytest.raises(ValueError, match="already"):
+        hub.swap(other, sub)
+    hub.dispatch([Event("a", b"1"), Event("b", b"2")])
+    assert [e.data for e in sub.events] == [b"1"] and [e.data for e in other.events] == [b"2"]
+    hub.resubscribe(sub, ["b"])
+    hub.dispatch([Event("a", b"3"), Event("b", b"4")])
+    assert [e.data for e in sub.events] == [b"1", b"4"]
+    hub.remove(sub)
+    hub.resubscribe(sub, ["a"])  # (a late request of a stream already ended)
+    hub.dispatch([Event("a", b"5")])
+    assert [e.data for e in sub.events] == [b"1", b"4"] and sub not in hub.subscribers
+    assert hub.topics() == {"b"}
+
+
 class CountedSse(Recorder):
     resumes = True
 
