@@ -186,6 +186,19 @@ class Broker:
         """Every event of this epoch after seq `after` is still retained (and `after` is no future seq)."""
         return after <= self.seq and self.retention.covers(after)
 
+    def replay_start(self, request: pb.ReplayRequest, now: float) -> tuple[int, bool]:
+        """Where a Replay walk starts (the seq after which it looks) and whether it is a gap from the start:
+        after `request.after` (and with `since_ms`, after the events accepted before `now` less that), up to
+        the head now; another epoch's positions name nothing here (a gap, nothing walked)."""
+        if request.epoch != self.epoch:
+            return self.seq, True
+        after, covered = min(request.after, self.seq), self.holds_after(request.after)
+        if request.since_ms:
+            since_after, since_covered = self.retention.accepted_since(now - request.since_ms / 1000)
+            if since_after >= after:  # only what was accepted since then is asked
+                after, covered = since_after, since_covered
+        return after, not covered
+
     def start_backfill(self, stream: RelayStream, first: pb.Interest) -> None:
         """Set a new relay stream to queue what the proxy missed before it (`Interest.epoch`, `after`,
         `backfill_ms`) before any live event: retained events matching its interest, up to the head now
@@ -317,7 +330,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         cfg = broker.config
         if broker.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"broker {cfg.name} is shutting down")
-        stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes)
+        stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes,
+                             max_request_bytes=cfg.max_request_bytes)
         try:
             first = await context.read()
             if first is grpc.aio.EOF:
@@ -415,10 +429,10 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         broker.metrics.replays.inc()
         try:
             head = broker.seq
-            broker.retention.evict(time.monotonic())
-            ours = request.epoch == broker.epoch
-            walk = ReplayWalk(broker.retention, min(request.after, head) if ours else head,  # another epoch: nothing
-                              head, topics, gap=not ours or not broker.holds_after(request.after))
+            now = time.monotonic()
+            broker.retention.evict(now)
+            after, gap = broker.replay_start(request, now)
+            walk = ReplayWalk(broker.retention, after, head, topics, gap=gap)
             plain = batch_trailer(epoch=broker.epoch, head=head)
             most = min(cfg.max_message_bytes, REPLAY_MESSAGE_BYTES)
             message: list[bytes] = []

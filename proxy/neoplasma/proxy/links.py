@@ -20,7 +20,7 @@ import grpc
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
 from neoplasma.core.trust import Access
@@ -43,6 +43,31 @@ RETRY = BackoffPolicy(initial=0.1, maximum=5.0, jitter=True)  # a lost relay str
 # turn of its loop, would find them queued there as the single-event messages a broker writes when
 # it is not held back (at 1000 streams x 100 events/s: up to 0.3 s of events behind).
 RELAY_WINDOW = 4096
+# Bytes of a request message beyond its topics (epochs, positions, flags, field headers), kept free when a
+# message is fitted to what a broker reads.
+REQUEST_OVERHEAD = 64
+
+
+def since_ms(age: float) -> int:
+    """`age` seconds, as the milliseconds a broker is asked to look back (`Interest.backfill_ms`,
+    `ReplayRequest.since_ms`): with slack for a busy broker that reads the message late, rounded up."""
+    return min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS)
+
+
+def interest_parts(added: set[str], removed: set[str], room: int) -> list[tuple[list[str], list[str]]]:
+    """An interest change as (add, remove) messages of at most `room` bytes of topics each (a topic larger
+    than that goes alone; `room` 0: one message)."""
+    parts: list[tuple[list[str], list[str]]] = []
+    size = 0
+    for kind, topics in ((0, sorted(added)), (1, sorted(removed))):
+        for topic in topics:
+            field = string_field_size(topic)
+            if not parts or (room and size and size + field > room):
+                parts.append(([], []))
+                size = 0
+            parts[-1][kind].append(topic)
+            size += field
+    return parts
 
 
 class BrokerLink:
@@ -55,6 +80,7 @@ class BrokerLink:
         self.changed = changed  # notified when the link's state or interest acknowledgement changes
         self.epoch = 0  # the broker's epoch, once a relay message named it
         self.position = 0  # the highest seq or head its relay has brought in this epoch
+        self.max_request_bytes = 0  # the largest message its broker reads, as it said (0: not said)
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
         self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
@@ -115,6 +141,11 @@ class BrokerLink:
                              interest_synced=self.interest_synced)
 
     @property
+    def request_room(self) -> int:
+        """The bytes of topics one message to its broker may hold (0: its broker did not say)."""
+        return self.max_request_bytes and max(self.max_request_bytes - REQUEST_OVERHEAD, 1)
+
+    @property
     def interest_synced(self) -> bool:
         return (self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
                 and not self._added and not self._removed)
@@ -157,7 +188,7 @@ class BrokerLink:
         # measured once the stream is open, plus slack for the time the message takes to be read.
         await call.wait_for_connection()
         age = self.hub.interest_age()
-        backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
+        backfill_ms = since_ms(age) if age else 0
         await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
                                      epoch=self.epoch, after=self.position, backfill_ms=backfill_ms))
         writer = asyncio.create_task(self._send_interest(call))
@@ -174,6 +205,7 @@ class BrokerLink:
                 self.position = max(self.position, batch.head, events[-1].seq if events else 0)
                 self.hub.submit(events, epoch, batch.head, batch.accepted_unix_nanos)
                 if batch.interest_applied:
+                    self.max_request_bytes = batch.max_request_bytes
                     self._interest_applied = batch.interest_applied
                     self._mark_connected()
                     self.changed.notify()
@@ -204,9 +236,10 @@ class BrokerLink:
             await self._interest_changed.wait()
             self._interest_changed.clear()
             added, removed = self._added, self._removed
-            if added or removed:
+            # In messages the broker reads (what it said it reads, less the rest of a message).
+            for add, remove in interest_parts(added, removed, self.request_room):
                 self._interest_sent += 1
-                await call.write(pb.Interest(add=sorted(added), remove=sorted(removed)))
+                await call.write(pb.Interest(add=add, remove=remove))
             # Cleared only once written, so `interest_synced` never holds while a change is unsent.
             self._added -= added
             self._removed -= removed

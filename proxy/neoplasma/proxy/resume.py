@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
 from neoplasma.core.aio import InTurns, Signal, Turns
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, parse_token, tokens_after
 from neoplasma.core.topics import prefixes
 from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
-from neoplasma.proxy.links import BrokerLink, LinkSet
+from neoplasma.proxy.links import BrokerLink, LinkSet, since_ms
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
@@ -27,7 +28,8 @@ REPLAY_WINDOW = 16
 # Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
 # between steps the loop serves live events, see `Turns`).
 CATCH_UP_STEP = 256
-# The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB).
+# The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB), and
+# less when its broker reads smaller messages (`BrokerLink.request_room`: its --max-request-bytes).
 GATHER_MAX_BYTES = 256 * 1024
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
@@ -47,8 +49,9 @@ class ResumeBudget:
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
-        # Per link (broker name, epoch): the Replay call that catch-ups from now (no token) join until it is made.
-        self.gathering: dict[tuple[str, int], SharedReplay] = {}
+        # Per link (broker name, epoch) and kind (by time: their subscribers came while the proxy had no position
+        # of the broker): the Replay call that catch-ups from now (no token) join until it is made.
+        self.gathering: dict[tuple[str, int, bool], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
@@ -92,8 +95,10 @@ class SharedReplay:
     room (it runs at most REPLAY_WINDOW batches ahead of its slowest reader; the gRPC stream waits), so a
     replay that fits the window stays joinable, to its end, while anyone reads it."""
 
-    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub) -> None:
+    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub,
+                 gathering: tuple[str, int, bool] | None = None) -> None:
         self.budget, self.key, self.hub = budget, key, hub
+        self.gathering = gathering  # where in `budget.gathering` it is gathered until made (None: not gathered)
         self.batches: list[ReplayBatch] = []
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
@@ -105,18 +110,29 @@ class SharedReplay:
         self.called: int | None = None  # not before the replay's head, once called (None before)
         self.mark: Mark | None = None  # where the hub stood for its topics when it was called
         self._next_reader = 0
-        # Gathered (`ResumeBudget.gathering`): the union of its readers' topics and the lowest of their positions,
-        # asked when the call is made; each reader takes its own part of it (`Resume._replay`).
+        # Gathered (`ResumeBudget.gathering`): the union of its readers' topics and the lowest of their positions
+        # (or, by time, when the first of them came: monotonic), asked when the call is made; each reader takes its
+        # own part of it (`Resume._replay`).
         self.gathered_topics: set[str] = set()
         self.gathered_after: int | None = None
-        self.gathered_bytes = 0
+        self.gathered_since: float | None = None
+        self.gathered_bytes = 0  # the topics' size in the request
 
-    def gather(self, topics: frozenset[str], after: int) -> None:
-        """Add a reader's topics and position to a gathered call not yet made."""
+    def gather(self, topics: frozenset[str], after: int, since: float | None = None) -> None:
+        """Add a reader's topics and position (or the monotonic time it came) to a gathered call not yet made."""
         new = topics - self.gathered_topics
         self.gathered_topics |= new
-        self.gathered_bytes += sum(len(t.encode()) for t in new)
+        self.gathered_bytes += sum(map(string_field_size, new))
         self.gathered_after = after if self.gathered_after is None else min(self.gathered_after, after)
+        if since is not None:
+            self.gathered_since = since if self.gathered_since is None else min(self.gathered_since, since)
+
+    def request(self) -> pb.ReplayRequest:
+        """A gathered call's request, made now: its readers' topics after the lowest of their positions, and by
+        time, what the broker accepted since the first of them came (with slack for the request's way there)."""
+        since = 0 if self.gathered_since is None else since_ms(time.monotonic() - self.gathered_since)
+        return pb.ReplayRequest(epoch=self.key[1], after=self.gathered_after or 0, topics=sorted(self.gathered_topics),
+                                since_ms=since)
 
     def joinable(self, held_from: int) -> bool:
         """Whether a resume whose holder has had the live events after `held_from` (this broker's position
@@ -141,13 +157,12 @@ class SharedReplay:
             async with budget.replays:
                 budget.started += 1
                 if request is None:
-                    if budget.gathering.get((link.member.name, link.epoch)) is self:
-                        del budget.gathering[(link.member.name, link.epoch)]
-                    request = pb.ReplayRequest(epoch=link.epoch, after=self.gathered_after or 0,
-                                               topics=sorted(self.gathered_topics))
+                    if self.gathering is not None and budget.gathering.get(self.gathering) is self:
+                        del budget.gathering[self.gathering]
+                    request = self.request()
                 if self.readers:  # all may have left while it waited for its turn
                     # The broker's head when it is called is not before the proxy's position now.
-                    self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.key[3])
+                    self.called, self.mark = hub.positions.get(self.key[1], 0), hub.mark(self.key[3])
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
@@ -297,6 +312,7 @@ class Resume:
         self.position: dict[int, int] = {}  # the client's position while it catches up
         self.holder: Holder | None = None
         self.held_from: dict[int, int] = {}
+        self.came = 0.0  # when its holder joined the hub (monotonic): it is owed what brokers accepted since
         self.gapped = False  # a gap signal went to the subscriber
 
     async def _gap(self, reason: str) -> None:
@@ -309,7 +325,8 @@ class Resume:
 
     async def run(self, token: str) -> None:
         """Catch up from `token`; without one (a fresh subscriber whose topics some broker has not
-        applied yet), from the proxy's positions now: no id before then claims what it never got."""
+        applied yet), from the proxy's positions now, or, for a broker it has none of, from now by the
+        broker's clock: no id before then claims what it never got."""
         # A restarted proxy learns the cluster id (which a token names) with its first membership.
         await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
         # Its setup (the token, a Holder, the interest) and, once the links settled, its replay's takes turns
@@ -328,6 +345,7 @@ class Resume:
         holder = self.holder = Holder(self.sub, self.budget)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
         self.held_from = dict(self.hub.positions)  # the holder has every live event after these
+        self.came = time.monotonic()
         swapped = False
         try:
             if not await self.links.wait_settled(self.wait):
@@ -340,8 +358,6 @@ class Resume:
                 except InvalidToken as exc:  # resumes from when it came, as one without a token does
                     await self._gap(str(exc))
                     client, from_now = dict(self.held_from), True
-            if from_now:  # brokers with no position then: from where their relays are now
-                client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             if unknown:
                 await self._gap(f"{unknown} broker(s) of this position are gone with their retention")
             skip = await self._replay_all(client, from_now)
@@ -381,10 +397,13 @@ class Resume:
     async def _replay_all(self, client: dict[int, int], from_now: bool) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
         live events must be skipped, per epoch. `from_now` (no token: the first subscribers of topics new to
-        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`)."""
+        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`); a link whose
+        epoch `client` has no position of (the proxy had none when the subscriber came: a link with no message
+        read yet, or from a broker that had accepted nothing) by time, from when the subscriber came."""
         links = [link for link in self.links.links.values() if link.epoch]
+        timed = {link.epoch for link in links if link.epoch not in client}
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
-        gathered = {link.epoch: self._gathered(link) for link in links} if from_now else {}
+        gathered = {link.epoch: self._gathered(link, link.epoch in timed) for link in links} if from_now else {}
         skip: dict[int, int] = {}
         try:
             for link in links:
@@ -401,18 +420,23 @@ class Resume:
             await self._gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
 
-    def _gathered(self, link: BrokerLink) -> tuple[SharedReplay, int]:
+    def _gathered(self, link: BrokerLink, timed: bool) -> tuple[SharedReplay, int]:
         """A reader of the Replay call to `link`'s broker that catch-ups from now gather into until it is made (it
         waits for the turns of those that came with this one, then for its turn among the proxy's replays): the
-        union of their topics after the lowest of their positions. Joined only after this resume's interest was
-        acknowledged, so the call, made later, is past the seq at which the broker applied it (exactly once)."""
+        union of their topics after the lowest of their positions, or (`timed`) what the broker accepted since the
+        first of them came. Joined only after this resume's interest was acknowledged, so the call, made later,
+        is past the seq at which the broker applied it (exactly once). Its request stays within GATHER_MAX_BYTES
+        of topics and what the broker reads (a topic set larger than that alone goes in a call of its own)."""
         budget = self.budget
-        where = (link.member.name, link.epoch)
+        where = (link.member.name, link.epoch, timed)
         shared = budget.gathering.get(where)
-        if shared is None or shared.gathered_bytes >= GATHER_MAX_BYTES:
-            shared = budget.gathering[where] = SharedReplay(budget, (*where, -1, frozenset()), self.hub)
+        room = min(GATHER_MAX_BYTES, link.request_room or GATHER_MAX_BYTES)
+        if shared is None or (shared.gathered_bytes and shared.gathered_bytes + sum(
+                map(string_field_size, self.topics - shared.gathered_topics)) > room):
+            shared = budget.gathering[where] = SharedReplay(budget, (link.member.name, link.epoch, -1, frozenset()),
+                                                            self.hub, where)
             asyncio.get_running_loop().create_task(shared.run(link, None, max(self.wait, 30.0)))
-        shared.gather(self.topics, self.position[link.epoch])
+        shared.gather(self.topics, self.position[link.epoch], self.came if timed else None)
         return shared, shared.join()
 
     async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
