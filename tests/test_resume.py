@@ -809,6 +809,32 @@ async def test_fresh_subscriber_gets_what_a_broker_it_had_no_position_of_accepte
     await server.stop(None)
 
 
+async def test_a_garbled_token_resumes_from_when_it_came_exactly(start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A garbled token is the gap signal, then the stream from when the subscriber came, exactly once, as for one
+    without a token: what a broker accepted after it came and before it applied its topics is not lost."""
+    [b], proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 1)
+    hub, links = proxy.hub, proxy.links
+    [link] = links.links.values()
+    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
+    held, link._interest_changed = link._interest_changed, asyncio.Event()  # "t" stays unsent until released
+    client = Recorder()
+    task = proxy.subscribe(client, ["t"], "not a token!", client)
+    await wait_for(lambda: len(hub.subscribers) == 1, what="the subscriber come")
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 0})])  # after it came, before "t" applies
+    held.set()
+    if task is not None:
+        await asyncio.wait_for(task, 10)
+    assert await links.changed.wait_until(links.settled, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 1})])  # live
+    await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [json.loads(e.data)["n"] for e in client.events] == [0, 1]
+    assert len(client.gaps) == 1 and "base64" in client.gaps[0], client.gaps
+    dispatcher.cancel()
+    await links.close()
+
+
 async def test_a_replay_by_time_streams_only_what_the_broker_accepted_since() -> None:
     """`ReplayRequest.since_ms`: of the events after `after`, only those the broker accepted in the last
     `since_ms` milliseconds by its clock when it reads the request; a position past that bound still counts."""

@@ -335,12 +335,16 @@ class Resume:
         await turns.turn()
         try:
             parsed = parse_token(token, self.hub.tag) if token else None
-        except InvalidToken as exc:
+        except InvalidToken as exc:  # then from when it came, as one without a token
             self.sub.positioned = False  # what the client holds resumes nowhere exactly
             await self._gap(str(exc))
-            self.hub.add(self.sub, self.topics)
-            self._resumed()
-            return
+            parsed = None
+            # Live at once when every broker applied its topics; else what one accepts before it applies them
+            # would be lost: caught up from when it came, below.
+            if self.links.applied_everywhere(self.topics):
+                self.hub.add(self.sub, self.topics)
+                self._resumed()
+                return
         client = dict(self.hub.positions)
         holder = self.holder = Holder(self.sub, self.budget)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
