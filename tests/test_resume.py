@@ -859,6 +859,20 @@ async def test_a_replay_by_time_streams_only_what_the_broker_accepted_since() ->
             pb.ReplayRequest(epoch=broker.epoch, after=1, topics=["x"], since_ms=60_000), timeout=5)]
     assert [json.loads(e.data)["n"] for b in batches for e in b.events] == [1, 2, 3]
     assert not any(b.gap for b in batches)
+    # A replay that waits for its turn counts back from when the broker read it, not from its turn.
+    for _ in range(broker.config.max_replays):
+        await broker.replays.acquire()
+    broker.accept(numbered(4), "publisher")  # seq 5
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = pb_grpc.BrokerStub(ch).Replay(
+            pb.ReplayRequest(epoch=broker.epoch, after=4, topics=["x"], since_ms=1000), timeout=10)
+        replayed = asyncio.create_task(call.read())
+        await wait_for(lambda: broker.replays_waiting == 1, what="the replay waiting for its turn")
+        await asyncio.sleep(1.5)  # time passes: its turn comes after more than since_ms
+        for _ in range(broker.config.max_replays):
+            broker.replays.release()
+        batch = await asyncio.wait_for(replayed, 5)
+    assert [json.loads(e.data)["n"] for e in batch.events] == [4] and not batch.gap
     await server.stop(None)
 
 

@@ -186,15 +186,16 @@ class Broker:
         """Every event of this epoch after seq `after` is still retained (and `after` is no future seq)."""
         return after <= self.seq and self.retention.covers(after)
 
-    def replay_start(self, request: pb.ReplayRequest, now: float) -> tuple[int, bool]:
+    def replay_start(self, request: pb.ReplayRequest, received: float) -> tuple[int, bool]:
         """Where a Replay walk starts (the seq after which it looks) and whether it is a gap from the start:
-        after `request.after` (and with `since_ms`, after the events accepted before `now` less that), up to
-        the head now; another epoch's positions name nothing here (a gap, nothing walked)."""
+        after `request.after` (and with `since_ms`, after the events accepted before `received`, when the
+        request was read, less that: a replay that waited for its turn still has what was accepted meanwhile),
+        up to the head now; another epoch's positions name nothing here (a gap, nothing walked)."""
         if request.epoch != self.epoch:
             return self.seq, True
         after, covered = min(request.after, self.seq), self.holds_after(request.after)
         if request.since_ms:
-            since_after, since_covered = self.retention.accepted_since(now - request.since_ms / 1000)
+            since_after, since_covered = self.retention.accepted_since(received - request.since_ms / 1000)
             if since_after >= after:  # only what was accepted since then is asked
                 after, covered = since_after, since_covered
         return after, not covered
@@ -411,6 +412,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         with RESOURCE_EXHAUSTED); each walks retention a part (REPLAY_SLICE seconds) at a time, in messages of up
         to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message),
         and the parts of all replays take turns (`Broker.walks`): one per pass of the loop."""
+        received = time.monotonic()  # what `since_ms` counts back from (not when its turn comes, below)
         broker = self.broker
         cfg = broker.config
         try:
@@ -429,9 +431,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         broker.metrics.replays.inc()
         try:
             head = broker.seq
-            now = time.monotonic()
-            broker.retention.evict(now)
-            after, gap = broker.replay_start(request, now)
+            broker.retention.evict(time.monotonic())
+            after, gap = broker.replay_start(request, received)
             walk = ReplayWalk(broker.retention, after, head, topics, gap=gap)
             plain = batch_trailer(epoch=broker.epoch, head=head)
             most = min(cfg.max_message_bytes, REPLAY_MESSAGE_BYTES)
