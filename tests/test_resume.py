@@ -835,6 +835,55 @@ async def test_a_garbled_token_resumes_from_when_it_came_exactly(start: Any, mon
     await links.close()
 
 
+async def test_a_catch_up_whose_broker_restarted_before_its_replay_keeps_the_live_events_and_is_a_gap() -> None:
+    """A broker drained and restarted (a new epoch at the same address) after a fresh subscriber's catch-up joined a
+    Replay call for the old epoch and before the call was made: the new process replays nothing of the old epoch
+    (a gap: what the old one accepted before applying the topics is gone), and the subscriber still gets every live
+    event of both epochs once (before, the call asked the new epoch from the old one's position: some new events
+    twice, an old live one dropped, and no gap)."""
+    broker, server, address = await in_process_broker()
+    hub, budget = Hub(), ResumeBudget()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    old = link.epoch
+    broker.accept([("other", b'{"n": -1}')], "publisher")  # a position: the catch-up gathers by seq
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(old, 0) >= 1, 10)
+    for _ in range(MAX_REPLAYS):  # its call waits for its turn
+        await budget.replays.acquire()
+    client = Recorder()
+    task = start_resume(Resume(hub, links, client, frozenset({"x"}), client, 10.0, budget), "")
+    await wait_for(lambda: any(s.readers for s in budget.gathering.values()), what="the catch-up gathered")
+    broker.accept(numbered(1), "publisher")  # live (seq 2 of the old epoch): held
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(old, 0) >= 2, 10)
+    broker.closing = True  # drained: a clean end of the relay (no gap from the link)
+    for stream in broker.router.streams:
+        stream.wake.set()
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10) and link.ended_cleanly
+    await server.stop(None)
+    broker = Broker(BrokerConfig(name="b0"))  # restarted: a new epoch at the same address
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
+    server.add_insecure_port(address)
+    await server.start()
+    assert await links.changed.wait_until(lambda: link.epoch == broker.epoch and links.settled(), 10)
+    broker.accept(numbered(2, 3), "publisher")  # live (seq 1, 2 of the new epoch): held
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(broker.epoch, 0) >= 2, 10)
+    for _ in range(MAX_REPLAYS):
+        budget.replays.release()
+    await asyncio.wait_for(task, 10)
+    broker.accept(numbered(4), "publisher")  # live, after the swap
+    await hub.advanced.wait_until(lambda: len(client.events) >= 4, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert numbers(client.events) == [1, 2, 3, 4], numbers(client.events)
+    assert len(client.gaps) == 1, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
 async def test_a_replay_by_time_streams_only_what_the_broker_accepted_since() -> None:
     """`ReplayRequest.since_ms`: of the events after `after`, only those the broker accepted in the last
     `since_ms` milliseconds by its clock when it reads the request; a position past that bound still counts."""

@@ -73,11 +73,14 @@ class ReplayBatch(NamedTuple):
     # Its steps' frames as sent to readers, by (sink kind, step, position before it): readers at one
     # position (every client of a proxy that died, say) get the same bytes, encoded once.
     encoded: dict[tuple[type, int, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+    # Answered by another epoch than the one asked (the broker restarted at its address since): nothing of the
+    # asked one can be replayed, and its head is not of that epoch.
+    restarted: bool = False
 
     @staticmethod
-    def made(events: list[Event], head: int, gap: bool) -> ReplayBatch:
+    def made(events: list[Event], head: int, gap: bool, restarted: bool = False) -> ReplayBatch:
         sizes = [sum(len(e.data) for e in events[k:k + CATCH_UP_STEP]) for k in range(0, len(events), CATCH_UP_STEP)]
-        return ReplayBatch(events, head, gap, sizes, {})
+        return ReplayBatch(events, head, gap, sizes, {}, restarted)
 
 
 @runtime_checkable
@@ -171,7 +174,7 @@ class SharedReplay:
                             await budget.turns.turn()
                             self.batches.append(ReplayBatch.made(
                                 [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
-                                batch.gap))
+                                batch.gap, batch.epoch != request.epoch))
                             self._trim()
                             await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
                                                           timeout)
@@ -410,12 +413,12 @@ class Resume:
         gathered = {link.epoch: self._gathered(link, link.epoch in timed) for link in links} if from_now else {}
         skip: dict[int, int] = {}
         try:
-            for link in links:
+            for link, epoch in [(link, link.epoch) for link in links]:  # (a link's epoch may change meanwhile)
                 # Always asked, even when the proxy's position is not past the client's: the broker may
                 # have accepted events for these topics after that position and before it applied this
                 # proxy's interest in them, and those were never relayed.
-                skip[link.epoch] = await self._replay(link, self.position[link.epoch], gathered.get(link.epoch))
-                self.position[link.epoch] = skip[link.epoch]  # not past the broker's head (a forged position)
+                skip[epoch] = await self._replay(link, epoch, self.position[epoch], gathered.get(epoch))
+                self.position[epoch] = skip[epoch]  # not past the broker's head (a forged position)
         finally:
             for shared, me in gathered.values():
                 shared.leave(me)
@@ -450,28 +453,34 @@ class Resume:
         topics = self.topics
         async for batch in shared.read(me):
             events = [e for e in batch.events if e.seq > after and not topics.isdisjoint(prefixes(e.topic))]
-            yield ReplayBatch.made(events, batch.head, batch.gap)
+            yield ReplayBatch.made(events, batch.head, batch.gap, batch.restarted)
 
-    def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
-        """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
-        same and can still be joined, or a new one (which waits its turn among the proxy's replays)."""
+    def _shared(self, link: BrokerLink, epoch: int, after: int) -> SharedReplay:
+        """The replay of `link`'s broker (epoch `epoch`) after `after` for these topics: one in progress that asked
+        the same and can still be joined, or a new one (which waits its turn among the proxy's replays)."""
         budget = self.budget
-        key = (link.member.name, link.epoch, after, self.topics)
+        key = (link.member.name, epoch, after, self.topics)
         shared = budget.shared.get(key)
-        if shared is None or not shared.joinable(self.held_from.get(link.epoch, 0)):
+        if shared is None or not shared.joinable(self.held_from.get(epoch, 0)):
             shared = budget.shared[key] = SharedReplay(budget, key, self.hub)
-            request = pb.ReplayRequest(epoch=link.epoch, after=after, topics=sorted(self.topics))
+            request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
             asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0)))
         return shared
 
-    async def _replay(self, link: BrokerLink, after: int, gathered: tuple[SharedReplay, int] | None = None) -> int:
-        """Deliver `link`'s broker's events after `after` (from `gathered`'s call when given, else from one asking
-        this position); returns the replay's head (the broker's head when `after` is beyond it: a position from
-        elsewhere or forged, signalled as a gap)."""
-        epoch, head, first = link.epoch, after, True
-        batches = self._shared(link, after).read() if gathered is None else self._part(*gathered, after)
+    async def _replay(self, link: BrokerLink, epoch: int, after: int,
+                      gathered: tuple[SharedReplay, int] | None = None) -> int:
+        """Deliver the events of `link`'s broker (epoch `epoch`) after `after` (from `gathered`'s call when given,
+        else from one asking this position); returns the replay's head (the broker's head when `after` is beyond
+        it: a position from elsewhere or forged, signalled as a gap; `after` when the broker restarted since: a
+        gap, and the live events held after `after` still go to the subscriber)."""
+        head, first = after, True
+        batches = self._shared(link, epoch, after).read() if gathered is None else self._part(*gathered, after)
         try:
             async for batch in batches:
+                if batch.restarted:
+                    await self._gap(f"broker {link.member.name} restarted; what it accepted since this position "
+                                    "and had not relayed is gone")
+                    return after
                 beyond = first and batch.head < after
                 if beyond:
                     await self._gap(f"broker {link.member.name} has not reached this position")
