@@ -414,6 +414,36 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
     await links.close()
 
 
+async def test_a_resume_whose_relay_lags_its_replay_gets_each_event_once(start: Any) -> None:
+    """A relay that has not reached the replay's head by the end of the wait (a proxy whose dispatcher is behind, a
+    relay backed up): the subscriber is not put on the live path with the relay's events up to that head still to
+    come (each would arrive a second time); it gets the later ones passed on by its holder until the relay has
+    caught up, then goes live: each event once, and no gap (none was missed)."""
+    b, hub, links, link = await settled_proxy(start)  # its dispatcher stopped: positions stay where they are
+    budget = ResumeBudget()
+    for _ in range(MAX_REPLAYS):  # the replay is made only once these are relayed (they wait in the hub)
+        await budget.replays.acquire()
+    client = Recorder()
+    task = start_resume(Resume(hub, links, client, frozenset({"t"}), client, 0.5, budget),
+                        encode_token(hub.tag, {link.epoch: 0}).decode())
+    await wait_for(lambda: bool(budget.shared), what="the resume's replay waiting for its turn")
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])  # relayed (not dispatched) ...
+    await wait_for(lambda: link.position >= 5, what="the events relayed")
+    for _ in range(MAX_REPLAYS):
+        budget.replays.release()  # ... and replayed
+    await wait_for(lambda: len(client.events) == 5, what="the replay")
+    await asyncio.sleep(1.0)  # the wait for the relay (0.5 s) runs out
+    dispatcher = asyncio.create_task(hub.run_dispatcher())  # now the relayed copies come
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 5})])
+    await asyncio.wait_for(task, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 6})])
+    await hub.advanced.wait_until(lambda: len(client.events) >= 7, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [json.loads(e.data)["n"] for e in client.events] == list(range(7)) and not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+
+
 @pytest.mark.parametrize(("raised", "event", "level", "reason"), [
     (ConnectionResetError("cannot write to a closed subscriber connection"), "resume_client_left", logging.INFO,
      "gone"),

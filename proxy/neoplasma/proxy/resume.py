@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
@@ -254,7 +255,8 @@ class Sink(Protocol):
 
 
 class Holder(Subscriber):
-    """Stands in for a resuming subscriber in the hub: its live events are kept, not written."""
+    """Stands in for a resuming subscriber in the hub: its live events are kept, not written (or, once `passing`,
+    handed on as they come)."""
 
     kind = "resuming"
 
@@ -266,6 +268,9 @@ class Holder(Subscriber):
         self.held: list[Event] = []
         self.gaps: list[str] = []
         self.over = False  # over a budget: holds nothing more; the subscriber resumes from now, with a gap
+        # Set when its catch-up is done but not every relay has reached it: live events and gap signals go to it
+        # as they come (the catch-up's `pass_on`) instead of being kept.
+        self.passing: Callable[[list[Event], list[str]], None] | None = None
 
     @property
     def counted_as(self) -> str:
@@ -284,6 +289,9 @@ class Holder(Subscriber):
 
     def deliver(self, encoded: object, position: bool = True) -> bool:
         events: list[Event] = encoded  # type: ignore[assignment]
+        if self.passing is not None:
+            self.passing(events, [])
+            return True
         if self.over:
             return True
         budget = self.budget
@@ -301,7 +309,10 @@ class Holder(Subscriber):
         self.held = []
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
-        self.gaps.append(reason)
+        if self.passing is not None:
+            self.passing([], [reason])
+        else:
+            self.gaps.append(reason)
         return True
 
 
@@ -369,7 +380,10 @@ class Resume:
                 await self._gap(f"{unknown} broker(s) of this position are gone with their retention")
             skip = await self._replay_all(client, from_now)
             if not holder.over and not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
-                await self._gap("a broker's relay fell behind")
+                # A relay behind its replay (its events up to the replay's head still to come): what is held, then
+                # each live event after the replay as it comes, until the relay caught up (never one twice).
+                self._pass_on(holder, skip)
+                await self.hub.advanced.wait_until(lambda: self._caught_up(skip) or holder.closed.done(), math.inf)
             # From here to the swap nothing awaits: no live event can slip between.
             if holder.closed.done():
                 return
@@ -388,6 +402,20 @@ class Resume:
             holder.release()
             if not swapped:
                 self.hub.remove(holder)
+
+    def _pass_on(self, holder: Holder, skip: dict[int, int]) -> None:
+        """Hand the held events after the replays, and from now on each live event after them and each gap signal
+        as it comes, to the subscriber (with its own tokens) instead of holding them."""
+        def pass_on(events: list[Event], gaps: list[str]) -> None:
+            events = [e for e in events if e.seq > skip.get(e.epoch, 0)]
+            self.hub.metrics.gap_signals += len(gaps)
+            self.gapped = self.gapped or bool(gaps)
+            self.sink.send_now(events, self._tokens(events), gaps)
+
+        pass_on(holder.held, holder.gaps)
+        holder.release()
+        holder.gaps = []
+        holder.passing = pass_on
 
     def _known(self) -> set[int]:
         """The broker epochs this proxy can name: its links', and those it saw end (with their positions)."""
