@@ -471,10 +471,16 @@ async def test_a_resume_whose_client_left_is_not_logged_as_an_error(
     await links.close()
 
 
-async def in_process_broker(name: str = "b0") -> tuple[Broker, grpc.aio.Server, str]:
-    """A broker's relay face served in this process (so a test can reach into it)."""
-    broker = Broker(BrokerConfig(name=name))
-    server = grpc.aio.server()
+async def in_process_broker(name: str = "b0", max_request_bytes: int | None = None
+                            ) -> tuple[Broker, grpc.aio.Server, str]:
+    """A broker's relay face served in this process (so a test can reach into it), reading messages of at most
+    `max_request_bytes` if given (as `neoplasma broker --max-request-bytes` does)."""
+    if max_request_bytes is None:
+        broker = Broker(BrokerConfig(name=name))
+        server = grpc.aio.server()
+    else:
+        broker = Broker(BrokerConfig(name=name, max_request_bytes=max_request_bytes))
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
     server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -528,6 +534,79 @@ async def test_relay_lost_mid_epoch_ends_with_an_error_and_the_broker_backfills_
     dispatcher.cancel()
     await links.close()
     await server.stop(None)
+
+
+async def test_a_relay_reopened_with_more_interest_than_the_broker_reads_in_one_message_loses_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay lost and reopened to a broker that reads messages of at most 64 KiB, while the proxy wants 100 KB of
+    topics: the first Interest goes in parts the broker reads, all applied before it backfills; what the broker
+    accepted while the relay was down reaches every subscriber once (before, the reopened relay was refused for
+    its first message, again and again)."""
+    broker, server, address = await in_process_broker(max_request_bytes=65536)
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    for client, topic in zip(clients, topics, strict=True):
+        hub.add(client, [topic])
+    assert await links.changed.wait_until(links.settled, 10)
+    broker.accept([(topic, b'{"r": 0}') for topic in topics], "publisher")
+    await wait_for(lambda: all(c.events for c in clients), what="the first round")
+    update = broker.router.update_interest
+
+    def fail_once(*args: Any) -> None:
+        monkeypatch.setattr(broker.router, "update_interest", update)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(broker.router, "update_interest", fail_once)
+    hub.add(Recorder(), ["y"])  # the broker fails applying this interest: the relay is lost ...
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10)
+    broker.accept([(topic, b'{"r": 1}') for topic in topics], "publisher")  # (no relay open now)
+    assert await links.changed.wait_until(links.settled, 10)  # ... and reopened, asking for all 100 KB
+    broker.accept([(topic, b'{"r": 2}') for topic in topics], "publisher")  # live
+    await wait_for(lambda: all(len(c.events) >= 3 for c in clients), what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, r) for r in range(3)]
+        assert not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_new_broker_reading_less_than_the_proxys_interest_gets_it_in_parts() -> None:
+    """A broker new to a proxy (never heard from) that reads messages of at most 64 KiB, as its other brokers said
+    they do, while the proxy wants 100 KB of topics: its relay's first Interest goes in parts, and what it accepted
+    before the relay reached it is backfilled to every subscriber once (before: refused, again and again)."""
+    _, server0, address0 = await in_process_broker("b0", max_request_bytes=65536)
+    b1, server1, address1 = await in_process_broker("b1", max_request_bytes=65536)
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    for client, topic in zip(clients, topics, strict=True):
+        hub.add(client, [topic])
+    assert await links.changed.wait_until(links.settled, 10)
+    b1.accept([(topic, b'{"r": 0}') for topic in topics], "publisher")  # before the proxy knows b1
+    await links.apply(Snapshot(2, (Member("b0", address0), Member("b1", address1)), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    b1.accept([(topic, b'{"r": 1}') for topic in topics], "publisher")  # live
+    await wait_for(lambda: all(len(c.events) >= 2 for c in clients), what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, 0), (topic, 1)]
+        assert not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server0.stop(None)
+    await server1.stop(None)
 
 
 async def test_a_broker_removed_while_it_drains_delivers_what_it_flushes() -> None:

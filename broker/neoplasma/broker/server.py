@@ -334,10 +334,14 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes,
                              max_request_bytes=cfg.max_request_bytes)
         try:
-            first = await context.read()
-            if first is grpc.aio.EOF:
+            first = part = await context.read()
+            while part is not grpc.aio.EOF:
+                self._apply_interest(stream, part)
+                if not part.more:  # the first interest is whole (it may come in parts)
+                    break
+                part = await context.read()
+            if part is grpc.aio.EOF:
                 return
-            self._apply_interest(stream, first)
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()

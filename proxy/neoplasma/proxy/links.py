@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -81,6 +81,7 @@ class BrokerLink:
         self.epoch = 0  # the broker's epoch, once a relay message named it
         self.position = 0  # the highest seq or head its relay has brought in this epoch
         self.max_request_bytes = 0  # the largest message its broker reads, as it said (0: not said)
+        self.peers_room: Callable[[], int] = lambda: 0  # the least request room its LinkSet's other links know
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
         self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
@@ -189,8 +190,15 @@ class BrokerLink:
         await call.wait_for_connection()
         age = self.hub.interest_age()
         backfill_ms = since_ms(age) if age else 0
-        await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
-                                     epoch=self.epoch, after=self.position, backfill_ms=backfill_ms))
+        # In messages the broker reads, when it said what it reads on an earlier stream (or, never heard from,
+        # as the proxy's other brokers said), each but the last with `more`: it applies them all, then backfills.
+        room = self.request_room or self.peers_room()
+        parts = [add for add, _ in interest_parts(self.hub.topics(), set(), room)] or [[]]
+        self._interest_sent = len(parts)
+        await call.write(pb.Interest(add=parts[0], replace=True, proxy=self.proxy_name, epoch=self.epoch,
+                                     after=self.position, backfill_ms=backfill_ms, more=len(parts) > 1))
+        for k in range(1, len(parts)):
+            await call.write(pb.Interest(add=parts[k], more=k < len(parts) - 1))
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -280,6 +288,7 @@ class LinkSet:
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
+            link.peers_room = self.request_room
             old, leaving = self.leaving.pop(name, (None, None))
             if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
                 leaving.cancel()
@@ -306,6 +315,11 @@ class LinkSet:
             while len(self.left) > RETIRED_KEPT:
                 del self.left[next(iter(self.left))]
         self.leaving.pop(name, None)
+
+    def request_room(self) -> int:
+        """The least request room (`BrokerLink.request_room`) any link knows (0: none does): what a broker never
+        heard from is taken to read (a cluster's brokers run with the same settings)."""
+        return min((link.request_room for link in self.links.values() if link.request_room), default=0)
 
     def settled(self) -> bool:
         """Membership applied and every link connected with the proxy's interest acknowledged."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!neoplasma/wire/v1/neoplasma.proto\x12\x0cneoplasma.v1\"1\n\x05\x45vent\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"5\n\x0ePublishRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.neoplasma.v1.Event\"#\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"z\n\x08Interest\x12\x0b\n\x03\x61\x64\x64\x18\x01 \x03(\t\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\r\n\x05proxy\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x07\x12\r\n\x05\x61\x66ter\x18\x06 \x01(\x04\x12\x13\n\x0b\x62\x61\x63kfill_ms\x18\x07 \x01(\r\"\xbc\x01\n\nEventBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.neoplasma.v1.Event\x12\x18\n\x10interest_applied\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x07\x12\x0c\n\x04head\x18\x04 \x01(\x04\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0b\n\x03gap\x18\x06 \x01(\x08\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x07 \x01(\x06\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x04\"O\n\rReplayRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x07\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\x12\x0e\n\x06topics\x18\x03 \x03(\t\x12\x10\n\x08since_ms\x18\x04 \x01(\r\"\x0e\n\x0cStatsRequest\"\xe3\x01\n\x0b\x42rokerStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x02 \x01(\r\x12\x15\n\rrelay_streams\x18\x03 \x01(\r\x12\x12\n\npublishers\x18\x04 \x01(\r\x12\x11\n\tevents_in\x18\x05 \x01(\x04\x12\x12\n\nevents_out\x18\x06 \x01(\x04\x12\x16\n\x0e\x65vents_dropped\x18\x07 \x01(\x04\x12\x17\n\x0f\x65vents_rejected\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x1c\n\x14\x65vents_in_per_second\x18\n \x01(\x01\"\x99\x01\n\x0c\x42rokerMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .neoplasma.v1.BrokerMember.State\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\"[\n\nMembership\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x62rokers\x18\x02 \x03(\x0b\x32\x1a.neoplasma.v1.BrokerMember\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\"\xa4\x02\n\nBrokerLink\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.neoplasma.v1.BrokerLink.State\x12\x36\n\x0cmember_state\x18\x04 \x01(\x0e\x32 .neoplasma.v1.BrokerMember.State\x12\x17\n\x0f\x65vents_received\x18\x05 \x01(\x04\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x17\n\x0finterest_synced\x18\x07 \x01(\x08\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nCONNECTING\x10\x01\x12\r\n\tCONNECTED\x10\x02\x12\x0b\n\x07\x42\x41\x43KOFF\x10\x03\"s\n\rApplyResponse\x12\x17\n\x0f\x61pplied_version\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\'\n\x05links\x18\x04 \x03(\x0b\x32\x18.neoplasma.v1.BrokerLink\"\x0f\n\rStatusRequest\"\xcc\x02\n\x0bProxyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x17\n\x0fsse_subscribers\x18\x03 \x01(\r\x12\x18\n\x10grpc_subscribers\x18\x04 \x01(\r\x12\x1a\n\x12membership_version\x18\x05 \x01(\x04\x12\'\n\x05links\x18\x06 \x03(\x0b\x32\x18.neoplasma.v1.BrokerLink\x12\x17\n\x0f\x65vents_received\x18\x07 \x01(\x04\x12\x12\n\ndeliveries\x18\x08 \x01(\x04\x12 \n\x18slow_subscribers_dropped\x18\t \x01(\x04\x12\x0e\n\x06topics\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x14\n\x0ckeep_at_most\x18\x0c \x01(\r\x12\x1b\n\x13movable_subscribers\x18\r \x01(\r\"Y\n\x0c\x44rainRequest\x12\x1d\n\x15reconnects_per_second\x18\x01 \x01(\x01\x12\x14\n\x0ckeep_at_most\x18\x02 \x01(\r\x12\x14\n\x0chold_seconds\x18\x03 \x01(\x01\".\n\rDrainResponse\x12\x1d\n\x15subscribers_remaining\x18\x01 \x01(\r\"8\n\x10SubscribeRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2\x92\x02\n\x06\x42roker\x12\x46\n\x07Publish\x12\x1c.neoplasma.v1.PublishRequest\x1a\x1d.neoplasma.v1.PublishResponse\x12=\n\x05Relay\x12\x16.neoplasma.v1.Interest\x1a\x18.neoplasma.v1.EventBatch(\x01\x30\x01\x12>\n\x05Stats\x12\x1a.neoplasma.v1.StatsRequest\x1a\x19.neoplasma.v1.BrokerStats\x12\x41\n\x06Replay\x12\x1b.neoplasma.v1.ReplayRequest\x1a\x18.neoplasma.v1.EventBatch0\x01\x32\xd2\x01\n\x0cProxyControl\x12>\n\x05\x41pply\x12\x18.neoplasma.v1.Membership\x1a\x1b.neoplasma.v1.ApplyResponse\x12@\n\x06Status\x12\x1b.neoplasma.v1.StatusRequest\x1a\x19.neoplasma.v1.ProxyStatus\x12@\n\x05\x44rain\x12\x1a.neoplasma.v1.DrainRequest\x1a\x1b.neoplasma.v1.DrainResponse2U\n\nSubscriber\x12G\n\tSubscribe\x12\x1e.neoplasma.v1.SubscribeRequest\x1a\x18.neoplasma.v1.EventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!neoplasma/wire/v1/neoplasma.proto\x12\x0cneoplasma.v1\"1\n\x05\x45vent\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"5\n\x0ePublishRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.neoplasma.v1.Event\"#\n\x0fPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x88\x01\n\x08Interest\x12\x0b\n\x03\x61\x64\x64\x18\x01 \x03(\t\x12\x0e\n\x06remove\x18\x02 \x03(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\x12\r\n\x05proxy\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x07\x12\r\n\x05\x61\x66ter\x18\x06 \x01(\x04\x12\x13\n\x0b\x62\x61\x63kfill_ms\x18\x07 \x01(\r\x12\x0c\n\x04more\x18\x08 \x01(\x08\"\xbc\x01\n\nEventBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.neoplasma.v1.Event\x12\x18\n\x10interest_applied\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x07\x12\x0c\n\x04head\x18\x04 \x01(\x04\x12\r\n\x05token\x18\x05 \x01(\t\x12\x0b\n\x03gap\x18\x06 \x01(\x08\x12\x1b\n\x13\x61\x63\x63\x65pted_unix_nanos\x18\x07 \x01(\x06\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x04\"O\n\rReplayRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x07\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\x04\x12\x0e\n\x06topics\x18\x03 \x03(\t\x12\x10\n\x08since_ms\x18\x04 \x01(\r\"\x0e\n\x0cStatsRequest\"\xe3\x01\n\x0b\x42rokerStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x02 \x01(\r\x12\x15\n\rrelay_streams\x18\x03 \x01(\r\x12\x12\n\npublishers\x18\x04 \x01(\r\x12\x11\n\tevents_in\x18\x05 \x01(\x04\x12\x12\n\nevents_out\x18\x06 \x01(\x04\x12\x16\n\x0e\x65vents_dropped\x18\x07 \x01(\x04\x12\x17\n\x0f\x65vents_rejected\x18\x08 \x01(\x04\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x1c\n\x14\x65vents_in_per_second\x18\n \x01(\x01\"\x99\x01\n\x0c\x42rokerMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .neoplasma.v1.BrokerMember.State\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\"[\n\nMembership\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12+\n\x07\x62rokers\x18\x02 \x03(\x0b\x32\x1a.neoplasma.v1.BrokerMember\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\"\xa4\x02\n\nBrokerLink\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.neoplasma.v1.BrokerLink.State\x12\x36\n\x0cmember_state\x18\x04 \x01(\x0e\x32 .neoplasma.v1.BrokerMember.State\x12\x17\n\x0f\x65vents_received\x18\x05 \x01(\x04\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x17\n\x0finterest_synced\x18\x07 \x01(\x08\"J\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nCONNECTING\x10\x01\x12\r\n\tCONNECTED\x10\x02\x12\x0b\n\x07\x42\x41\x43KOFF\x10\x03\"s\n\rApplyResponse\x12\x17\n\x0f\x61pplied_version\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\'\n\x05links\x18\x04 \x03(\x0b\x32\x18.neoplasma.v1.BrokerLink\"\x0f\n\rStatusRequest\"\xcc\x02\n\x0bProxyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x17\n\x0fsse_subscribers\x18\x03 \x01(\r\x12\x18\n\x10grpc_subscribers\x18\x04 \x01(\r\x12\x1a\n\x12membership_version\x18\x05 \x01(\x04\x12\'\n\x05links\x18\x06 \x03(\x0b\x32\x18.neoplasma.v1.BrokerLink\x12\x17\n\x0f\x65vents_received\x18\x07 \x01(\x04\x12\x12\n\ndeliveries\x18\x08 \x01(\x04\x12 \n\x18slow_subscribers_dropped\x18\t \x01(\x04\x12\x0e\n\x06topics\x18\n \x01(\r\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x14\n\x0ckeep_at_most\x18\x0c \x01(\r\x12\x1b\n\x13movable_subscribers\x18\r \x01(\r\"Y\n\x0c\x44rainRequest\x12\x1d\n\x15reconnects_per_second\x18\x01 \x01(\x01\x12\x14\n\x0ckeep_at_most\x18\x02 \x01(\r\x12\x14\n\x0chold_seconds\x18\x03 \x01(\x01\".\n\rDrainResponse\x12\x1d\n\x15subscribers_remaining\x18\x01 \x01(\r\"8\n\x10SubscribeRequest\x12\x0e\n\x06topics\x18\x01 \x03(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t2\x92\x02\n\x06\x42roker\x12\x46\n\x07Publish\x12\x1c.neoplasma.v1.PublishRequest\x1a\x1d.neoplasma.v1.PublishResponse\x12=\n\x05Relay\x12\x16.neoplasma.v1.Interest\x1a\x18.neoplasma.v1.EventBatch(\x01\x30\x01\x12>\n\x05Stats\x12\x1a.neoplasma.v1.StatsRequest\x1a\x19.neoplasma.v1.BrokerStats\x12\x41\n\x06Replay\x12\x1b.neoplasma.v1.ReplayRequest\x1a\x18.neoplasma.v1.EventBatch0\x01\x32\xd2\x01\n\x0cProxyControl\x12>\n\x05\x41pply\x12\x18.neoplasma.v1.Membership\x1a\x1b.neoplasma.v1.ApplyResponse\x12@\n\x06Status\x12\x1b.neoplasma.v1.StatusRequest\x1a\x19.neoplasma.v1.ProxyStatus\x12@\n\x05\x44rain\x12\x1a.neoplasma.v1.DrainRequest\x1a\x1b.neoplasma.v1.DrainResponse2U\n\nSubscriber\x12G\n\tSubscribe\x12\x1e.neoplasma.v1.SubscribeRequest\x1a\x18.neoplasma.v1.EventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,42 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHREQUEST']._serialized_end=155
   _globals['_PUBLISHRESPONSE']._serialized_start=157
   _globals['_PUBLISHRESPONSE']._serialized_end=192
-  _globals['_INTEREST']._serialized_start=194
-  _globals['_INTEREST']._serialized_end=316
-  _globals['_EVENTBATCH']._serialized_start=319
-  _globals['_EVENTBATCH']._serialized_end=507
-  _globals['_REPLAYREQUEST']._serialized_start=509
-  _globals['_REPLAYREQUEST']._serialized_end=588
-  _globals['_STATSREQUEST']._serialized_start=590
-  _globals['_STATSREQUEST']._serialized_end=604
-  _globals['_BROKERSTATS']._serialized_start=607
-  _globals['_BROKERSTATS']._serialized_end=834
-  _globals['_BROKERMEMBER']._serialized_start=837
-  _globals['_BROKERMEMBER']._serialized_end=990
-  _globals['_BROKERMEMBER_STATE']._serialized_start=933
-  _globals['_BROKERMEMBER_STATE']._serialized_end=990
-  _globals['_MEMBERSHIP']._serialized_start=992
-  _globals['_MEMBERSHIP']._serialized_end=1083
-  _globals['_BROKERLINK']._serialized_start=1086
-  _globals['_BROKERLINK']._serialized_end=1378
-  _globals['_BROKERLINK_STATE']._serialized_start=1304
-  _globals['_BROKERLINK_STATE']._serialized_end=1378
-  _globals['_APPLYRESPONSE']._serialized_start=1380
-  _globals['_APPLYRESPONSE']._serialized_end=1495
-  _globals['_STATUSREQUEST']._serialized_start=1497
-  _globals['_STATUSREQUEST']._serialized_end=1512
-  _globals['_PROXYSTATUS']._serialized_start=1515
-  _globals['_PROXYSTATUS']._serialized_end=1847
-  _globals['_DRAINREQUEST']._serialized_start=1849
-  _globals['_DRAINREQUEST']._serialized_end=1938
-  _globals['_DRAINRESPONSE']._serialized_start=1940
-  _globals['_DRAINRESPONSE']._serialized_end=1986
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1988
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2044
-  _globals['_BROKER']._serialized_start=2047
-  _globals['_BROKER']._serialized_end=2321
-  _globals['_PROXYCONTROL']._serialized_start=2324
-  _globals['_PROXYCONTROL']._serialized_end=2534
-  _globals['_SUBSCRIBER']._serialized_start=2536
-  _globals['_SUBSCRIBER']._serialized_end=2621
+  _globals['_INTEREST']._serialized_start=195
+  _globals['_INTEREST']._serialized_end=331
+  _globals['_EVENTBATCH']._serialized_start=334
+  _globals['_EVENTBATCH']._serialized_end=522
+  _globals['_REPLAYREQUEST']._serialized_start=524
+  _globals['_REPLAYREQUEST']._serialized_end=603
+  _globals['_STATSREQUEST']._serialized_start=605
+  _globals['_STATSREQUEST']._serialized_end=619
+  _globals['_BROKERSTATS']._serialized_start=622
+  _globals['_BROKERSTATS']._serialized_end=849
+  _globals['_BROKERMEMBER']._serialized_start=852
+  _globals['_BROKERMEMBER']._serialized_end=1005
+  _globals['_BROKERMEMBER_STATE']._serialized_start=948
+  _globals['_BROKERMEMBER_STATE']._serialized_end=1005
+  _globals['_MEMBERSHIP']._serialized_start=1007
+  _globals['_MEMBERSHIP']._serialized_end=1098
+  _globals['_BROKERLINK']._serialized_start=1101
+  _globals['_BROKERLINK']._serialized_end=1393
+  _globals['_BROKERLINK_STATE']._serialized_start=1319
+  _globals['_BROKERLINK_STATE']._serialized_end=1393
+  _globals['_APPLYRESPONSE']._serialized_start=1395
+  _globals['_APPLYRESPONSE']._serialized_end=1510
+  _globals['_STATUSREQUEST']._serialized_start=1512
+  _globals['_STATUSREQUEST']._serialized_end=1527
+  _globals['_PROXYSTATUS']._serialized_start=1530
+  _globals['_PROXYSTATUS']._serialized_end=1862
+  _globals['_DRAINREQUEST']._serialized_start=1864
+  _globals['_DRAINREQUEST']._serialized_end=1953
+  _globals['_DRAINRESPONSE']._serialized_start=1955
+  _globals['_DRAINRESPONSE']._serialized_end=2001
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2003
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2059
+  _globals['_BROKER']._serialized_start=2062
+  _globals['_BROKER']._serialized_end=2336
+  _globals['_PROXYCONTROL']._serialized_start=2339
+  _globals['_PROXYCONTROL']._serialized_end=2549
+  _globals['_SUBSCRIBER']._serialized_start=2551
+  _globals['_SUBSCRIBER']._serialized_end=2636
 # @@protoc_insertion_point(module_scope)

@@ -30,7 +30,7 @@ class PublishResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Interest(_message.Message):
-    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms")
+    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "more")
     ADD_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Interest(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     BACKFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     add: _containers.RepeatedScalarFieldContainer[str]
     remove: _containers.RepeatedScalarFieldContainer[str]
     replace: bool
@@ -45,7 +46,8 @@ class Interest(_message.Message):
     epoch: int
     after: int
     backfill_ms: int
-    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ...) -> None: ...
+    more: bool
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "max_request_bytes")
