@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -62,9 +63,9 @@ from neoplasma.proxy import hub as hub_module
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, resolve_pointer, start_resume
+from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, SharedReplay, resolve_pointer, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
-from neoplasma.proxy.settings import ProxyConfig
+from neoplasma.proxy.settings import MAX_REPLAYS, ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -420,6 +421,36 @@ async def test_resume_ends_when_a_link_is_removed_before_its_relay_caught_up_wit
     await links.close()
 
 
+async def test_a_resume_whose_relay_lags_its_replay_gets_each_event_once(start: Any) -> None:
+    """A relay that has not reached the replay's head by the end of the wait (a proxy whose dispatcher is behind, a
+    relay backed up): the subscriber is not put on the live path with the relay's events up to that head still to
+    come (each would arrive a second time); it gets the later ones passed on by its holder until the relay has
+    caught up, then goes live: each event once, and no gap (none was missed)."""
+    b, hub, links, link = await settled_proxy(start)  # its dispatcher stopped: positions stay where they are
+    budget = ResumeBudget()
+    for _ in range(MAX_REPLAYS):  # the replay is made only once these are relayed (they wait in the hub)
+        await budget.replays.acquire()
+    client = Recorder()
+    task = start_resume(Resume(hub, links, client, frozenset({"t"}), client, 0.5, budget),
+                        encode_token(hub.tag, {link.epoch: 0}).decode())
+    await wait_for(lambda: bool(budget.shared), what="the resume's replay waiting for its turn")
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])  # relayed (not dispatched) ...
+    await wait_for(lambda: link.position >= 5, what="the events relayed")
+    for _ in range(MAX_REPLAYS):
+        budget.replays.release()  # ... and replayed
+    await wait_for(lambda: len(client.events) == 5, what="the replay")
+    await asyncio.sleep(1.0)  # the wait for the relay (0.5 s) runs out
+    dispatcher = asyncio.create_task(hub.run_dispatcher())  # now the relayed copies come
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 5})])
+    await asyncio.wait_for(task, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 6})])
+    await hub.advanced.wait_until(lambda: len(client.events) >= 7, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [json.loads(e.data)["n"] for e in client.events] == list(range(7)) and not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+
+
 @pytest.mark.parametrize(("raised", "event", "level", "reason"), [
     (ConnectionResetError("cannot write to a closed subscriber connection"), "resume_client_left", logging.INFO,
      "gone"),
@@ -447,10 +478,16 @@ async def test_a_resume_whose_client_left_is_not_logged_as_an_error(
     await links.close()
 
 
-async def in_process_broker(name: str = "b0") -> tuple[Broker, grpc.aio.Server, str]:
-    """A broker's relay face served in this process (so a test can reach into it)."""
-    broker = Broker(BrokerConfig(name=name))
-    server = grpc.aio.server()
+async def in_process_broker(name: str = "b0", max_request_bytes: int | None = None
+                            ) -> tuple[Broker, grpc.aio.Server, str]:
+    """A broker's relay face served in this process (so a test can reach into it), reading messages of at most
+    `max_request_bytes` if given (as `neoplasma broker --max-request-bytes` does)."""
+    if max_request_bytes is None:
+        broker = Broker(BrokerConfig(name=name))
+        server = grpc.aio.server()
+    else:
+        broker = Broker(BrokerConfig(name=name, max_request_bytes=max_request_bytes))
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes)])
     server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -504,6 +541,79 @@ async def test_relay_lost_mid_epoch_ends_with_an_error_and_the_broker_backfills_
     dispatcher.cancel()
     await links.close()
     await server.stop(None)
+
+
+async def test_a_relay_reopened_with_more_interest_than_the_broker_reads_in_one_message_loses_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay lost and reopened to a broker that reads messages of at most 64 KiB, while the proxy wants 100 KB of
+    topics: the first Interest goes in parts the broker reads, all applied before it backfills; what the broker
+    accepted while the relay was down reaches every subscriber once (before, the reopened relay was refused for
+    its first message, again and again)."""
+    broker, server, address = await in_process_broker(max_request_bytes=65536)
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    for client, topic in zip(clients, topics, strict=True):
+        hub.add(client, [topic])
+    assert await links.changed.wait_until(links.settled, 10)
+    broker.accept([(topic, b'{"r": 0}') for topic in topics], "publisher")
+    await wait_for(lambda: all(c.events for c in clients), what="the first round")
+    update = broker.router.update_interest
+
+    def fail_once(*args: Any) -> None:
+        monkeypatch.setattr(broker.router, "update_interest", update)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(broker.router, "update_interest", fail_once)
+    hub.add(Recorder(), ["y"])  # the broker fails applying this interest: the relay is lost ...
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10)
+    broker.accept([(topic, b'{"r": 1}') for topic in topics], "publisher")  # (no relay open now)
+    assert await links.changed.wait_until(links.settled, 10)  # ... and reopened, asking for all 100 KB
+    broker.accept([(topic, b'{"r": 2}') for topic in topics], "publisher")  # live
+    await wait_for(lambda: all(len(c.events) >= 3 for c in clients), what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, r) for r in range(3)]
+        assert not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_new_broker_reading_less_than_the_proxys_interest_gets_it_in_parts() -> None:
+    """A broker new to a proxy (never heard from) that reads messages of at most 64 KiB, as its other brokers said
+    they do, while the proxy wants 100 KB of topics: its relay's first Interest goes in parts, and what it accepted
+    before the relay reached it is backfilled to every subscriber once (before: refused, again and again)."""
+    _, server0, address0 = await in_process_broker("b0", max_request_bytes=65536)
+    b1, server1, address1 = await in_process_broker("b1", max_request_bytes=65536)
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    for client, topic in zip(clients, topics, strict=True):
+        hub.add(client, [topic])
+    assert await links.changed.wait_until(links.settled, 10)
+    b1.accept([(topic, b'{"r": 0}') for topic in topics], "publisher")  # before the proxy knows b1
+    await links.apply(Snapshot(2, (Member("b0", address0), Member("b1", address1)), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    b1.accept([(topic, b'{"r": 1}') for topic in topics], "publisher")  # live
+    await wait_for(lambda: all(len(c.events) >= 2 for c in clients), what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, 0), (topic, 1)]
+        assert not client.gaps, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server0.stop(None)
+    await server1.stop(None)
 
 
 async def test_a_broker_removed_while_it_drains_delivers_what_it_flushes() -> None:
@@ -723,7 +833,7 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     that the brokers accepted before applying them, once, and no gap."""
     bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
     hub, links = proxy.hub, proxy.links
-    for b in bs:  # seq 1: each link has a position (a link with none is caught up from where it is once settled)
+    for b in bs:  # seq 1: each link has a position (with none, the catch-ups gather into a call by time instead)
         await publish_grpc(b.endpoints["grpc"], [("other", {"b": b.name, "n": -1})])
     epochs = [link.epoch for link in links.links.values()]
     assert await hub.advanced.wait_until(lambda: all(hub.positions.get(e, 0) >= 1 for e in epochs), 10)
@@ -763,6 +873,296 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     # Before: one call per topic set per broker (84). Now one per broker for those that came together, and a
     # few more for any that settled before the rest had joined.
     assert proxy.resumes.started <= 2 * len(bs), proxy.resumes.started
+    dispatcher.cancel()
+    await links.close()
+
+
+@pytest.mark.parametrize("came", ["with_the_first_interest", "before_the_first_message", "with_no_position"])
+async def test_fresh_subscriber_gets_what_a_broker_it_had_no_position_of_accepted_after_it_came(
+        monkeypatch: pytest.MonkeyPatch, came: str) -> None:
+    """A subscriber without a token that comes while a link has no position (a fresh link: its relay not yet
+    open, or open with no message read yet; or a broker that had accepted nothing) gets, exactly once, what
+    the broker accepted after it came and before it applied its topics (never relayed: only a replay from
+    when it came has them), then the live stream; no gap."""
+    broker, server, address = await in_process_broker()
+    hub = Hub()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    client = Recorder()
+    tasks: list[asyncio.Task[None]] = []
+
+    def subscribe() -> None:
+        tasks.append(start_resume(Resume(hub, links, client, frozenset({"x"}), client, 10.0), ""))
+
+    applying = broker.router.update_interest
+    applied: list[bool] = []
+
+    def accept_then_apply(stream: RelayStream, add: Any, remove: Any, replace: bool) -> None:
+        if "x" in add and not applied:  # the subscriber came (its holder asked for "x"): accepted before "x" applies
+            assert client not in hub.subscribers
+            broker.accept(numbered(1), "publisher")
+            applied.append(replace)
+        applying(stream, add, remove, replace)
+
+    monkeypatch.setattr(broker.router, "update_interest", accept_then_apply)
+    if came == "before_the_first_message":  # the relay's first Interest (without "x") is read, nothing answered
+        opening = broker.start_backfill
+
+        def subscribe_then_open(stream: RelayStream, first: pb.Interest) -> None:
+            assert not links.links["b0"].epoch
+            subscribe()
+            opening(stream, first)
+
+        monkeypatch.setattr(broker, "start_backfill", subscribe_then_open)
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    if came == "with_the_first_interest":
+        subscribe()  # before the link's task has run: its relay asks for "x" in its first message
+    elif came == "with_no_position":  # settled on a broker that accepted nothing: no position for it
+        assert await links.changed.wait_until(links.settled, 10)
+        [link] = links.links.values()
+        assert link.epoch and link.epoch not in hub.positions and not link.position
+        subscribe()
+    await wait_for(lambda: len(tasks) == 1, what="the subscriber")
+    await asyncio.wait_for(tasks[0], 10)
+    assert applied == [came == "with_the_first_interest"]  # "x" first applied as the case says
+    broker.accept(numbered(2), "publisher")  # live
+    await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert numbers(client.events) == [1, 2] and not client.gaps, (numbers(client.events), client.gaps)
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_garbled_token_resumes_from_when_it_came_exactly(start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A garbled token is the gap signal, then the stream from when the subscriber came, exactly once, as for one
+    without a token: what a broker accepted after it came and before it applied its topics is not lost."""
+    [b], proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 1)
+    hub, links = proxy.hub, proxy.links
+    [link] = links.links.values()
+    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
+    held, link._interest_changed = link._interest_changed, asyncio.Event()  # "t" stays unsent until released
+    client = Recorder()
+    task = proxy.subscribe(client, ["t"], "not a token!", client)
+    await wait_for(lambda: len(hub.subscribers) == 1, what="the subscriber come")
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 0})])  # after it came, before "t" applies
+    held.set()
+    if task is not None:
+        await asyncio.wait_for(task, 10)
+    assert await links.changed.wait_until(links.settled, 10)
+    await publish_grpc(b.endpoints["grpc"], [("t", {"n": 1})])  # live
+    await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [json.loads(e.data)["n"] for e in client.events] == [0, 1]
+    assert len(client.gaps) == 1 and "base64" in client.gaps[0], client.gaps
+    dispatcher.cancel()
+    await links.close()
+
+
+async def test_a_catch_up_whose_broker_restarted_before_its_replay_keeps_the_live_events_and_is_a_gap() -> None:
+    """A broker drained and restarted (a new epoch at the same address) after a fresh subscriber's catch-up joined a
+    Replay call for the old epoch and before the call was made: the new process replays nothing of the old epoch
+    (a gap: what the old one accepted before applying the topics is gone), and the subscriber still gets every live
+    event of both epochs once (before, the call asked the new epoch from the old one's position: some new events
+    twice, an old live one dropped, and no gap)."""
+    broker, server, address = await in_process_broker()
+    hub, budget = Hub(), ResumeBudget()
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    old = link.epoch
+    broker.accept([("other", b'{"n": -1}')], "publisher")  # a position: the catch-up gathers by seq
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(old, 0) >= 1, 10)
+    for _ in range(MAX_REPLAYS):  # its call waits for its turn
+        await budget.replays.acquire()
+    client = Recorder()
+    task = start_resume(Resume(hub, links, client, frozenset({"x"}), client, 10.0, budget), "")
+    await wait_for(lambda: any(s.readers for s in budget.gathering.values()), what="the catch-up gathered")
+    broker.accept(numbered(1), "publisher")  # live (seq 2 of the old epoch): held
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(old, 0) >= 2, 10)
+    broker.closing = True  # drained: a clean end of the relay (no gap from the link)
+    for stream in broker.router.streams:
+        stream.wake.set()
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10) and link.ended_cleanly
+    await server.stop(None)
+    broker = Broker(BrokerConfig(name="b0"))  # restarted: a new epoch at the same address
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((relay_handler(BrokerServicer(broker)),))
+    server.add_insecure_port(address)
+    await server.start()
+    assert await links.changed.wait_until(lambda: link.epoch == broker.epoch and links.settled(), 10)
+    broker.accept(numbered(2, 3), "publisher")  # live (seq 1, 2 of the new epoch): held
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(broker.epoch, 0) >= 2, 10)
+    for _ in range(MAX_REPLAYS):
+        budget.replays.release()
+    await asyncio.wait_for(task, 10)
+    broker.accept(numbered(4), "publisher")  # live, after the swap
+    await hub.advanced.wait_until(lambda: len(client.events) >= 4, 10)
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert numbers(client.events) == [1, 2, 3, 4], numbers(client.events)
+    assert len(client.gaps) == 1, client.gaps
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_replay_by_time_streams_only_what_the_broker_accepted_since() -> None:
+    """`ReplayRequest.since_ms`: of the events after `after`, only those the broker accepted in the last
+    `since_ms` milliseconds by its clock when it reads the request; a position past that bound still counts."""
+    broker, server, address = await in_process_broker()
+    broker.accept(numbered(0, 1), "publisher")  # seq 1, 2
+    await asyncio.sleep(0.01)  # time passes: the bound below falls between the two publishes
+    between = time.monotonic()
+    await asyncio.sleep(0.01)
+    broker.accept(numbered(2, 3), "publisher")  # seq 3, 4
+    now = time.monotonic()
+    since_ms = math.ceil((now - between) * 1000)  # back to `between`, or at most 1 ms before it
+
+    def start_of(after: int, since_ms: int) -> tuple[int, bool]:
+        return broker.replay_start(pb.ReplayRequest(epoch=broker.epoch, after=after, since_ms=since_ms), now)
+
+    assert start_of(0, since_ms) == (2, False)  # after seq 2: what was accepted since then
+    assert start_of(3, since_ms) == (3, False)  # the position is later
+    assert start_of(0, 0) == (0, False)
+    assert broker.replay_start(pb.ReplayRequest(epoch=broker.epoch ^ 1, since_ms=since_ms), now) == (4, True)
+    async with grpc.aio.insecure_channel(address) as ch:  # what the call streams from there
+        batches = [b async for b in pb_grpc.BrokerStub(ch).Replay(
+            pb.ReplayRequest(epoch=broker.epoch, after=1, topics=["x"], since_ms=60_000), timeout=5)]
+    assert [json.loads(e.data)["n"] for b in batches for e in b.events] == [1, 2, 3]
+    assert not any(b.gap for b in batches)
+    # A replay that waits for its turn counts back from when the broker read it, not from its turn.
+    for _ in range(broker.config.max_replays):
+        await broker.replays.acquire()
+    broker.accept(numbered(4), "publisher")  # seq 5
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = pb_grpc.BrokerStub(ch).Replay(
+            pb.ReplayRequest(epoch=broker.epoch, after=4, topics=["x"], since_ms=1000), timeout=10)
+        replayed = asyncio.create_task(call.read())
+        await wait_for(lambda: broker.replays_waiting == 1, what="the replay waiting for its turn")
+        await asyncio.sleep(1.5)  # time passes: its turn comes after more than since_ms
+        for _ in range(broker.config.max_replays):
+            broker.replays.release()
+        batch = await asyncio.wait_for(replayed, 5)
+    assert [json.loads(e.data)["n"] for e in batch.events] == [4] and not batch.gap
+    await server.stop(None)
+
+
+async def test_a_subscriber_is_in_one_group_at_most() -> None:
+    """Adding a subscriber already in the hub (or swapping one in) is refused: it would be in two groups and
+    get their events twice. Changing its topics is `resubscribe`; one no longer in the hub is not put back."""
+    hub = Hub()
+    sub, other = Recorder(), Recorder()
+    hub.add(sub, ["a"])
+    with pytest.raises(ValueError, match="already"):
+        hub.add(sub, ["b"])
+    hub.add(other, ["b"])
+    with pytest.raises(ValueError, match="already"):
+        hub.swap(other, sub)
+    hub.dispatch([Event("a", b"1"), Event("b", b"2")])
+    assert [e.data for e in sub.events] == [b"1"] and [e.data for e in other.events] == [b"2"]
+    hub.resubscribe(sub, ["b"])
+    hub.dispatch([Event("a", b"3"), Event("b", b"4")])
+    assert [e.data for e in sub.events] == [b"1", b"4"]
+    hub.remove(sub)
+    hub.resubscribe(sub, ["a"])  # (a late request of a stream already ended)
+    hub.dispatch([Event("a", b"5")])
+    assert [e.data for e in sub.events] == [b"1", b"4"] and sub not in hub.subscribers
+    assert hub.topics() == {"b"}
+
+
+async def test_gathered_catch_ups_ask_no_more_topics_in_one_call_than_the_broker_reads(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker reads messages of at most its --max-request-bytes (64 KiB here). First subscribers of 100 KB of new
+    topics (400 of 250 bytes), whose interest reached the broker in four parts and whose catch-ups then gathered
+    while the proxy's Replay calls were all taken: their topics go in calls that the broker reads (before, one
+    call of all 100 KB was refused and every one of them got the "could not replay" gap)."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    b = start("broker", "b0", "--max-request-bytes", "65536")
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member(b.name, b.endpoints["grpc"]),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position: the catch-ups gather by seq
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
+    gathered = 0
+    gather = SharedReplay.gather
+
+    def counted(self: SharedReplay, *args: Any) -> None:
+        nonlocal gathered
+        gathered += 1
+        gather(self, *args)
+
+    monkeypatch.setattr(SharedReplay, "gather", counted)
+    for _ in range(MAX_REPLAYS):  # the proxy's Replay calls all taken: the catch-ups gather meanwhile
+        await proxy.resumes.replays.acquire()
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    tasks = []
+    for k in range(0, len(topics), 100):  # each part's interest (25 KB) in one Interest message
+        held, link._interest_changed = link._interest_changed, asyncio.Event()
+        tasks += [proxy.subscribe(client, [topic], "", client)
+                  for client, topic in zip(clients[k:k + 100], topics[k:k + 100], strict=True)]
+        await wait_for(lambda k=k: len(hub.subscribers) == k + 100, timeout=10, what="the part's catch-ups holding")
+        # Accepted before the broker applied these topics: only a replay has them.
+        await publish_grpc(b.endpoints["grpc"], [(topic, {"r": 0}) for topic in topics[k:k + 100]])
+        held.set()
+        assert await links.changed.wait_until(links.settled, 10)
+    await wait_for(lambda: gathered == len(topics), timeout=10, what="every catch-up gathered")
+    for _ in range(MAX_REPLAYS):
+        proxy.resumes.replays.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)  # type: ignore[arg-type]
+    for k in range(0, len(topics), 100):  # live
+        await publish_grpc(b.endpoints["grpc"], [(topic, {"r": 1}) for topic in topics[k:k + 100]])
+    await wait_for(lambda: all(len(c.events) >= 2 for c in clients), timeout=20, what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert not client.gaps, client.gaps[:1]
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, 0), (topic, 1)]
+    assert 2 <= proxy.resumes.started <= 3, proxy.resumes.started  # 100 KB of topics in calls within 64 KiB
+    dispatcher.cancel()
+    await links.close()
+
+
+async def test_catch_ups_keep_their_requests_within_what_a_broker_reads(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker reads messages of at most its --max-request-bytes (64 KiB here): the Interest changes and the
+    Replay calls gathering first subscribers' topics (400 topics of 250 bytes: 100 KB) stay within it, so every
+    subscriber gets what the broker accepted before applying its topics, once, and no "could not replay" gap."""
+    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
+    b = start("broker", "b0", "--max-request-bytes", "65536")
+    proxy = Proxy(ProxyConfig(name="p0"))
+    hub, links = proxy.hub, proxy.links
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    await links.apply(Snapshot(1, (Member(b.name, b.endpoints["grpc"]),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    [link] = links.links.values()
+    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position: the catch-ups gather by seq
+    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
+    held, link._interest_changed = link._interest_changed, asyncio.Event()  # unsent until released below
+    topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
+    clients = [Recorder() for _ in topics]
+    tasks = [proxy.subscribe(client, [topic], "", client) for client, topic in zip(clients, topics, strict=True)]
+    await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every catch-up holding")
+
+    async def publish_round(r: int) -> None:
+        for k in range(0, len(topics), 100):  # 100 events (27 KB) a request
+            await publish_grpc(b.endpoints["grpc"], [(topic, {"r": r}) for topic in topics[k:k + 100]])
+
+    await publish_round(0)  # accepted before the broker applied these topics: only a replay has them
+    held.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)  # type: ignore[arg-type]
+    await publish_round(1)  # live
+    await wait_for(lambda: all(len(c.events) >= 2 for c in clients), timeout=20, what="every subscriber's events")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    for client, topic in zip(clients, topics, strict=True):
+        assert [(e.topic, json.loads(e.data)["r"]) for e in client.events] == [(topic, 0), (topic, 1)]
+        assert not client.gaps, client.gaps
+    assert 2 <= proxy.resumes.started <= 4, proxy.resumes.started  # 100 KB of topics over calls within 64 KiB
     dispatcher.cancel()
     await links.close()
 

@@ -32,9 +32,10 @@ from neoplasma.core.topics import TopicIndex
 class RelayStream:
     """One proxy's relay stream as the router sees it."""
 
-    def __init__(self, proxy: str, peer: str, max_outbox_bytes: int) -> None:
+    def __init__(self, proxy: str, peer: str, max_outbox_bytes: int, max_request_bytes: int = 0) -> None:
         self.proxy = proxy
         self.peer = peer
+        self.max_request_bytes = max_request_bytes  # the largest message the broker reads, told with interest acks
         self.interest: set[str] = set()
         self.max_outbox_bytes = max_outbox_bytes
         self.outbox: list[bytes] = []
@@ -135,7 +136,8 @@ class RelayStream:
         """Remove up to `max_bytes` of entries and return them as one `EventBatch` message.
 
         The message carries `epoch`, `head` (0 when entries stay behind, or the backfill is not done: they
-        are older than it), `gap` after drops, `interest_applied` when it changed since the last one, and when
+        are older than it), `gap` after drops, `interest_applied` when it changed since the last one (with
+        `max_request_bytes`: what the proxy's Interest and Replay messages must fit), and when
         its oldest live event was accepted (entries left behind keep that time: an upper bound).
         """
         accepted_ns = self.accepted_ns
@@ -159,6 +161,8 @@ class RelayStream:
         if self.interest_reported != self.interest_applied:
             self.interest_reported = self.interest_applied
             taken.append(varint_field(2, self.interest_applied))
+            if self.max_request_bytes:
+                taken.append(varint_field(9, self.max_request_bytes))  # EventBatch.max_request_bytes
         if self.queries:
             taken += self.queries
             self.queries = []

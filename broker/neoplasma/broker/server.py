@@ -239,6 +239,20 @@ class Broker:
         """Every event of this epoch after seq `after` is still retained (and `after` is no future seq)."""
         return after <= self.seq and self.retention.covers(after)
 
+    def replay_start(self, request: pb.ReplayRequest, received: float) -> tuple[int, bool]:
+        """Where a Replay walk starts (the seq after which it looks) and whether it is a gap from the start:
+        after `request.after` (and with `since_ms`, after the events accepted before `received`, when the
+        request was read, less that: a replay that waited for its turn still has what was accepted meanwhile),
+        up to the head now; another epoch's positions name nothing here (a gap, nothing walked)."""
+        if request.epoch != self.epoch:
+            return self.seq, True
+        after, covered = min(request.after, self.seq), self.holds_after(request.after)
+        if request.since_ms:
+            since_after, since_covered = self.retention.accepted_since(received - request.since_ms / 1000)
+            if since_after >= after:  # only what was accepted since then is asked
+                after, covered = since_after, since_covered
+        return after, not covered
+
     def start_backfill(self, stream: RelayStream, first: pb.Interest) -> None:
         """Set a new relay stream to queue what the proxy missed before it (`Interest.epoch`, `after`,
         `backfill_ms`) before any live event: retained events matching its interest, up to the head now
@@ -370,12 +384,17 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         cfg = broker.config
         if broker.closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"broker {cfg.name} is shutting down")
-        stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes)
+        stream = RelayStream(proxy="?", peer=context.peer(), max_outbox_bytes=cfg.max_outbox_bytes,
+                             max_request_bytes=cfg.max_request_bytes)
         try:
-            first = await context.read()
-            if first is grpc.aio.EOF:
+            first = part = await context.read()
+            while part is not grpc.aio.EOF:
+                self._apply_interest(stream, part)
+                if not part.more:  # the first interest is whole (it may come in parts)
+                    break
+                part = await context.read()
+            if part is grpc.aio.EOF:
                 return
-            self._apply_interest(stream, first)
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
@@ -491,6 +510,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         with RESOURCE_EXHAUSTED); each walks retention a part (REPLAY_SLICE seconds) at a time, in messages of up
         to REPLAY_MESSAGE_BYTES, yielding the loop between parts (a replay of all of retention holds one message),
         and the parts of all replays take turns (`Broker.walks`): one per pass of the loop."""
+        received = time.monotonic()  # what `since_ms` counts back from (not when its turn comes, below)
         broker = self.broker
         cfg = broker.config
         try:
@@ -510,9 +530,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         try:
             head = broker.seq
             broker.retention.evict(time.monotonic())
-            ours = request.epoch == broker.epoch
-            walk = ReplayWalk(broker.retention, min(request.after, head) if ours else head,  # another epoch: nothing
-                              head, topics, gap=not ours or not broker.holds_after(request.after))
+            after, gap = broker.replay_start(request, received)
+            walk = ReplayWalk(broker.retention, after, head, topics, gap=gap)
             plain = batch_trailer(epoch=broker.epoch, head=head)
             most = min(cfg.max_message_bytes, REPLAY_MESSAGE_BYTES)
             message: list[bytes] = []

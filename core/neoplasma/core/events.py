@@ -361,6 +361,12 @@ def varint_field(field: int, value: int) -> bytes:
     return varint(field << 3) + varint(value)
 
 
+def string_field_size(text: str) -> int:
+    """The bytes one entry of a repeated string field (fields 1-15) takes in an encoded message."""
+    size = len(text.encode())
+    return 1 + len(varint(size)) + size
+
+
 def _field_bytes(field: int, payload: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 

@@ -408,10 +408,17 @@ class Hub:
     # -- membership of subscribers ---------------------------------------------------
 
     def add(self, sub: Subscriber, topics: Iterable[str]) -> None:
-        if sub not in self.subscribers:
-            self.subscribers.add(sub)
-            self._count(sub, 1)
+        """A new subscriber of `topics`. One already here is refused (ValueError): it would be in two groups and
+        get their events twice (`resubscribe` changes its topics)."""
+        self._refuse_present(sub)
+        self.subscribers.add(sub)
+        self._count(sub, 1)
         self._join(sub, frozenset(topics))
+
+    def _refuse_present(self, sub: Subscriber) -> None:
+        if sub in self.subscribers:
+            raise ValueError(f"subscriber {sub!r} is already in the hub, of topics {sorted(sub.topics)}; "
+                             "change its topics with Hub.resubscribe")
 
     def _count(self, sub: Subscriber, change: int) -> None:
         """Count `sub` in (1) or out (-1) of the counters; its mover's `positioned` is followed while it is in."""
@@ -430,13 +437,15 @@ class Hub:
         self._positioned += 1 if positioned else -1
 
     def swap(self, old: Subscriber, new: Subscriber) -> None:
-        """Put `new` in `old`'s place (same topics) without touching the proxy's interest."""
-        if old in self.subscribers:
-            self.subscribers.discard(old)
-            self._count(old, -1)
-        if new not in self.subscribers:
-            self.subscribers.add(new)
-            self._count(new, 1)
+        """Put `new` in `old`'s place (same topics) without touching the proxy's interest. Refused (ValueError)
+        unless `old` is in the hub and `new` is not (it would be in two groups, or in one it never leaves)."""
+        self._refuse_present(new)
+        if old not in self.subscribers:
+            raise ValueError(f"subscriber {old!r} is not in the hub: nothing to swap {new!r} in for")
+        self.subscribers.discard(old)
+        self._count(old, -1)
+        self.subscribers.add(new)
+        self._count(new, 1)
         new.topics = old.topics
         group = self._groups.get(old.topics)
         if group is None:
@@ -448,8 +457,11 @@ class Hub:
         group.members.setdefault(type(new), set()).add(new)
 
     def resubscribe(self, sub: Subscriber, topics: Iterable[str]) -> None:
-        self._leave(sub)
-        self._join(sub, frozenset(topics))
+        """Replace `sub`'s topics. One no longer in the hub (dropped as slow while a request of its stream was on
+        its way) stays out: put in a group, it would never leave it."""
+        if sub in self.subscribers:
+            self._leave(sub)
+            self._join(sub, frozenset(topics))
 
     def remove(self, sub: Subscriber) -> None:
         if sub in self.subscribers:

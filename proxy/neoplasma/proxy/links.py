@@ -20,7 +20,7 @@ import grpc
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
 from neoplasma.core.trust import Access
@@ -46,6 +46,31 @@ RELAY_WINDOW = 4096
 # Answers to a broker's pointer queries waiting to be written on one relay stream; a query beyond is not answered
 # (the broker's Resolve call times out: the resuming subscriber gets the gap signal).
 MAX_ANSWERS = 256
+# Bytes of a request message beyond its topics (epochs, positions, flags, field headers), kept free when a
+# message is fitted to what a broker reads.
+REQUEST_OVERHEAD = 64
+
+
+def since_ms(age: float) -> int:
+    """`age` seconds, as the milliseconds a broker is asked to look back (`Interest.backfill_ms`,
+    `ReplayRequest.since_ms`): with slack for a busy broker that reads the message late, rounded up."""
+    return min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS)
+
+
+def interest_parts(added: set[str], removed: set[str], room: int) -> list[tuple[list[str], list[str]]]:
+    """An interest change as (add, remove) messages of at most `room` bytes of topics each (a topic larger
+    than that goes alone; `room` 0: one message)."""
+    parts: list[tuple[list[str], list[str]]] = []
+    size = 0
+    for kind, topics in ((0, sorted(added)), (1, sorted(removed))):
+        for topic in topics:
+            field = string_field_size(topic)
+            if not parts or (room and size and size + field > room):
+                parts.append(([], []))
+                size = 0
+            parts[-1][kind].append(topic)
+            size += field
+    return parts
 
 
 class BrokerLink:
@@ -58,6 +83,8 @@ class BrokerLink:
         self.changed = changed  # notified when the link's state or interest acknowledgement changes
         self.epoch = 0  # the broker's epoch, once a relay message named it
         self.position = 0  # the highest seq or head its relay has brought in this epoch
+        self.max_request_bytes = 0  # the largest message its broker reads, as it said (0: not said)
+        self.peers_room: Callable[[], int] = lambda: 0  # the least request room its LinkSet's other links know
         self.ended_cleanly = True  # the last relay stream ended as a drained broker ends it
         self._replay_channel: grpc.aio.Channel | None = None
         self.hub = hub
@@ -125,6 +152,11 @@ class BrokerLink:
                              interest_synced=self.interest_synced)
 
     @property
+    def request_room(self) -> int:
+        """The bytes of topics one message to its broker may hold (0: its broker did not say)."""
+        return self.max_request_bytes and max(self.max_request_bytes - REQUEST_OVERHEAD, 1)
+
+    @property
     def interest_synced(self) -> bool:
         return (self.state == LinkState.CONNECTED and self._interest_applied >= self._interest_sent
                 and not self._added and not self._removed)
@@ -170,11 +202,18 @@ class BrokerLink:
         # measured once the stream is open, plus slack for the time the message takes to be read.
         await call.wait_for_connection()
         age = self.hub.interest_age()
-        backfill_ms = min(math.ceil((age + BACKFILL_SLACK) * 1000), MAX_BACKFILL_MS) if age else 0
-        self._claim = (self.hub.instance, 1)  # (drawn anew meanwhile, perhaps)
-        await call.write(pb.Interest(add=sorted(self.hub.topics()), replace=True, proxy=self.proxy_name,
-                                     epoch=self.epoch, after=self.position, backfill_ms=backfill_ms,
-                                     instance=self.hub.instance, nonce=self.hub.nonce))
+        backfill_ms = since_ms(age) if age else 0
+        # In messages the broker reads, when it said what it reads on an earlier stream (or, never heard from,
+        # as the proxy's other brokers said), each but the last with `more`: it applies them all, then backfills.
+        room = self.request_room or self.peers_room()
+        parts = [add for add, _ in interest_parts(self.hub.topics(), set(), room)] or [[]]
+        self._interest_sent = len(parts)
+        self._claim = (self.hub.instance, len(parts))  # (drawn anew meanwhile, perhaps)
+        await call.write(pb.Interest(add=parts[0], replace=True, proxy=self.proxy_name, epoch=self.epoch,
+                                     after=self.position, backfill_ms=backfill_ms, instance=self.hub.instance,
+                                     nonce=self.hub.nonce, more=len(parts) > 1))
+        for k in range(1, len(parts)):
+            await call.write(pb.Interest(add=parts[k], more=k < len(parts) - 1))
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -191,6 +230,7 @@ class BrokerLink:
                 self.position = max(self.position, batch.head, events[-1].seq if events else 0)
                 self.hub.submit(events, epoch, batch.head, batch.accepted_unix_nanos)
                 if batch.interest_applied:
+                    self.max_request_bytes = batch.max_request_bytes
                     self._interest_applied = batch.interest_applied
                     if batch.interest_applied >= self._claim[1] and self.verdict != self._claim[0]:
                         self.verdict = self._claim[0]  # the broker took the instance
@@ -260,9 +300,10 @@ class BrokerLink:
                 self._claim = (self.hub.instance, self._interest_sent)
                 await call.write(pb.Interest(instance=self.hub.instance))
             added, removed = self._added, self._removed
-            if added or removed:
+            # In messages the broker reads (what it said it reads, less the rest of a message).
+            for add, remove in interest_parts(added, removed, self.request_room):
                 self._interest_sent += 1
-                await call.write(pb.Interest(add=sorted(added), remove=sorted(removed)))
+                await call.write(pb.Interest(add=add, remove=remove))
             # Cleared only once written, so `interest_synced` never holds while a change is unsent.
             self._added -= added
             self._removed -= removed
@@ -303,6 +344,7 @@ class LinkSet:
                 continue
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
+            link.peers_room = self.request_room
             link.on_instance = self._instance_news
             old, leaving = self.leaving.pop(name, (None, None))
             if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
@@ -340,6 +382,11 @@ class LinkSet:
             while len(self.left) > RETIRED_KEPT:
                 del self.left[next(iter(self.left))]
         self.leaving.pop(name, None)
+
+    def request_room(self) -> int:
+        """The least request room (`BrokerLink.request_room`) any link knows (0: none does): what a broker never
+        heard from is taken to read (a cluster's brokers run with the same settings)."""
+        return min((link.request_room for link in self.links.values() if link.request_room), default=0)
 
     def settled(self) -> bool:
         """Membership applied and every link connected with the proxy's interest acknowledged."""

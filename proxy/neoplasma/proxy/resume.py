@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
 from neoplasma.core.aio import InTurns, Signal, Turns
-from neoplasma.core.events import Event
+from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
 from neoplasma.core.resume import InvalidToken, is_pointer, parse_pointer, parse_token, tokens_after
 from neoplasma.core.topics import prefixes
 from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
-from neoplasma.proxy.links import BrokerLink, LinkSet
+from neoplasma.proxy.links import BrokerLink, LinkSet, since_ms
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
@@ -29,7 +30,8 @@ REPLAY_WINDOW = 16
 # Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
 # between steps the loop serves live events, see `Turns`).
 CATCH_UP_STEP = 256
-# The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB).
+# The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB), and
+# less when its broker reads smaller messages (`BrokerLink.request_room`: its --max-request-bytes).
 GATHER_MAX_BYTES = 256 * 1024
 # Resolving another proxy's pointer id (docs/resume.md, "Pointer ids"): brokers asked at most, one after the other
 # (a broker the issuer has no relay stream to does not know it), within this many seconds in all.
@@ -53,8 +55,9 @@ class ResumeBudget:
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
-        # Per link (broker name, epoch): the Replay call that catch-ups from now (no token) join until it is made.
-        self.gathering: dict[tuple[str, int], SharedReplay] = {}
+        # Per link (broker name, epoch) and kind (by time: their subscribers came while the proxy had no position
+        # of the broker): the Replay call that catch-ups from now (no token) join until it is made.
+        self.gathering: dict[tuple[str, int, bool], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
@@ -76,11 +79,14 @@ class ReplayBatch(NamedTuple):
     # Its steps' frames as sent to readers, by (sink kind, step, position before it): readers at one
     # position (every client of a proxy that died, say) get the same bytes, encoded once.
     encoded: dict[tuple[type, int, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+    # Answered by another epoch than the one asked (the broker restarted at its address since): nothing of the
+    # asked one can be replayed, and its head is not of that epoch.
+    restarted: bool = False
 
     @staticmethod
-    def made(events: list[Event], head: int, gap: bool) -> ReplayBatch:
+    def made(events: list[Event], head: int, gap: bool, restarted: bool = False) -> ReplayBatch:
         sizes = [sum(len(e.data) for e in events[k:k + CATCH_UP_STEP]) for k in range(0, len(events), CATCH_UP_STEP)]
-        return ReplayBatch(events, head, gap, sizes, {})
+        return ReplayBatch(events, head, gap, sizes, {}, restarted)
 
 
 @runtime_checkable
@@ -98,8 +104,10 @@ class SharedReplay:
     room (it runs at most REPLAY_WINDOW batches ahead of its slowest reader; the gRPC stream waits), so a
     replay that fits the window stays joinable, to its end, while anyone reads it."""
 
-    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub) -> None:
+    def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub,
+                 gathering: tuple[str, int, bool] | None = None) -> None:
         self.budget, self.key, self.hub = budget, key, hub
+        self.gathering = gathering  # where in `budget.gathering` it is gathered until made (None: not gathered)
         self.batches: list[ReplayBatch] = []
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
@@ -111,18 +119,29 @@ class SharedReplay:
         self.called: int | None = None  # not before the replay's head, once called (None before)
         self.mark: Mark | None = None  # where the hub stood for its topics when it was called
         self._next_reader = 0
-        # Gathered (`ResumeBudget.gathering`): the union of its readers' topics and the lowest of their positions,
-        # asked when the call is made; each reader takes its own part of it (`Resume._replay`).
+        # Gathered (`ResumeBudget.gathering`): the union of its readers' topics and the lowest of their positions
+        # (or, by time, when the first of them came: monotonic), asked when the call is made; each reader takes its
+        # own part of it (`Resume._replay`).
         self.gathered_topics: set[str] = set()
         self.gathered_after: int | None = None
-        self.gathered_bytes = 0
+        self.gathered_since: float | None = None
+        self.gathered_bytes = 0  # the topics' size in the request
 
-    def gather(self, topics: frozenset[str], after: int) -> None:
-        """Add a reader's topics and position to a gathered call not yet made."""
+    def gather(self, topics: frozenset[str], after: int, since: float | None = None) -> None:
+        """Add a reader's topics and position (or the monotonic time it came) to a gathered call not yet made."""
         new = topics - self.gathered_topics
         self.gathered_topics |= new
-        self.gathered_bytes += sum(len(t.encode()) for t in new)
+        self.gathered_bytes += sum(map(string_field_size, new))
         self.gathered_after = after if self.gathered_after is None else min(self.gathered_after, after)
+        if since is not None:
+            self.gathered_since = since if self.gathered_since is None else min(self.gathered_since, since)
+
+    def request(self) -> pb.ReplayRequest:
+        """A gathered call's request, made now: its readers' topics after the lowest of their positions, and by
+        time, what the broker accepted since the first of them came (with slack for the request's way there)."""
+        since = 0 if self.gathered_since is None else since_ms(time.monotonic() - self.gathered_since)
+        return pb.ReplayRequest(epoch=self.key[1], after=self.gathered_after or 0, topics=sorted(self.gathered_topics),
+                                since_ms=since)
 
     def joinable(self, held_from: int) -> bool:
         """Whether a resume whose holder has had the live events after `held_from` (this broker's position
@@ -147,13 +166,12 @@ class SharedReplay:
             async with budget.replays:
                 budget.started += 1
                 if request is None:
-                    if budget.gathering.get((link.member.name, link.epoch)) is self:
-                        del budget.gathering[(link.member.name, link.epoch)]
-                    request = pb.ReplayRequest(epoch=link.epoch, after=self.gathered_after or 0,
-                                               topics=sorted(self.gathered_topics))
+                    if self.gathering is not None and budget.gathering.get(self.gathering) is self:
+                        del budget.gathering[self.gathering]
+                    request = self.request()
                 if self.readers:  # all may have left while it waited for its turn
                     # The broker's head when it is called is not before the proxy's position now.
-                    self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.key[3])
+                    self.called, self.mark = hub.positions.get(self.key[1], 0), hub.mark(self.key[3])
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
@@ -162,7 +180,7 @@ class SharedReplay:
                             await budget.turns.turn()
                             self.batches.append(ReplayBatch.made(
                                 [Event(e.topic, e.data, request.epoch, e.seq) for e in batch.events], batch.head,
-                                batch.gap))
+                                batch.gap, batch.epoch != request.epoch))
                             self._trim()
                             await self.changed.wait_until(lambda: not self.readers or len(self.batches) < REPLAY_WINDOW,
                                                           timeout)
@@ -242,7 +260,8 @@ class Sink(Protocol):
 
 
 class Holder(Subscriber):
-    """Stands in for a resuming subscriber in the hub: its live events are kept, not written."""
+    """Stands in for a resuming subscriber in the hub: its live events are kept, not written (or, once `passing`,
+    handed on as they come)."""
 
     kind = "resuming"
 
@@ -254,6 +273,9 @@ class Holder(Subscriber):
         self.held: list[Event] = []
         self.gaps: list[str] = []
         self.over = False  # over a budget: holds nothing more; the subscriber resumes from now, with a gap
+        # Set when its catch-up is done but not every relay has reached it: live events and gap signals go to it
+        # as they come (the catch-up's `pass_on`) instead of being kept.
+        self.passing: Callable[[list[Event], list[str]], None] | None = None
 
     @property
     def counted_as(self) -> str:
@@ -272,6 +294,9 @@ class Holder(Subscriber):
 
     def deliver(self, encoded: object, position: bool = True) -> bool:
         events: list[Event] = encoded  # type: ignore[assignment]
+        if self.passing is not None:
+            self.passing(events, [])
+            return True
         if self.over:
             return True
         budget = self.budget
@@ -289,7 +314,10 @@ class Holder(Subscriber):
         self.held = []
 
     def signal_gap(self, reason: str, token: bytes) -> bool:
-        self.gaps.append(reason)
+        if self.passing is not None:
+            self.passing([], [reason])
+        else:
+            self.gaps.append(reason)
         return True
 
 
@@ -303,6 +331,7 @@ class Resume:
         self.position: dict[int, int] = {}  # the client's position while it catches up
         self.holder: Holder | None = None
         self.held_from: dict[int, int] = {}
+        self.came = 0.0  # when its holder joined the hub (monotonic): it is owed what brokers accepted since
         self.gapped = False  # a gap signal went to the subscriber
 
     async def _gap(self, reason: str) -> None:
@@ -315,7 +344,8 @@ class Resume:
 
     async def run(self, token: str) -> None:
         """Catch up from `token`; without one (a fresh subscriber whose topics some broker has not
-        applied yet), from the proxy's positions now: no id before then claims what it never got."""
+        applied yet), from the proxy's positions now, or, for a broker it has none of, from now by the
+        broker's clock: no id before then claims what it never got."""
         # A restarted proxy learns the cluster id (which a token names) with its first membership.
         await self.links.changed.wait_until(lambda: self.links.applied is not EMPTY, self.wait)
         # Its setup (the token, a Holder, the interest) and, once the links settled, its replay's takes turns
@@ -326,16 +356,21 @@ class Resume:
             if is_pointer(token):  # the full token it stands for, from the proxy process that issued it
                 token = await resolve_pointer(self.hub, self.links, token)
             parsed = parse_token(token, self.hub.tag) if token else None
-        except InvalidToken as exc:
+        except InvalidToken as exc:  # then from when it came, as one without a token
             self.sub.positioned = False  # what the client holds resumes nowhere exactly
             await self._gap(str(exc))
-            self.hub.add(self.sub, self.topics)
-            self._resumed()
-            return
+            parsed = None
+            # Live at once when every broker applied its topics; else what one accepts before it applies them
+            # would be lost: caught up from when it came, below.
+            if self.links.applied_everywhere(self.topics):
+                self.hub.add(self.sub, self.topics)
+                self._resumed()
+                return
         client = dict(self.hub.positions)
         holder = self.holder = Holder(self.sub, self.budget)
         self.hub.add(holder, self.topics)  # the proxy's interest now covers these topics
         self.held_from = dict(self.hub.positions)  # the holder has every live event after these
+        self.came = time.monotonic()
         swapped = False
         try:
             if not await self.links.wait_settled(self.wait):
@@ -348,13 +383,14 @@ class Resume:
                 except InvalidToken as exc:  # resumes from when it came, as one without a token does
                     await self._gap(str(exc))
                     client, from_now = dict(self.held_from), True
-            if from_now:  # brokers with no position then: from where their relays are now
-                client = {link.epoch: link.position for link in self.links.links.values() if link.epoch} | client
             if unknown:
                 await self._gap(f"{unknown} broker(s) of this position are gone with their retention")
             skip = await self._replay_all(client, from_now)
             if not holder.over and not await self.hub.advanced.wait_until(lambda: self._caught_up(skip), self.wait):
-                await self._gap("a broker's relay fell behind")
+                # A relay behind its replay (its events up to the replay's head still to come): what is held, then
+                # each live event after the replay as it comes, until the relay caught up (never one twice).
+                self._pass_on(holder, skip)
+                await self.hub.advanced.wait_until(lambda: self._caught_up(skip) or holder.closed.done(), math.inf)
             # From here to the swap nothing awaits: no live event can slip between.
             if holder.closed.done():
                 return
@@ -374,6 +410,20 @@ class Resume:
             if not swapped:
                 self.hub.remove(holder)
 
+    def _pass_on(self, holder: Holder, skip: dict[int, int]) -> None:
+        """Hand the held events after the replays, and from now on each live event after them and each gap signal
+        as it comes, to the subscriber (with its own tokens) instead of holding them."""
+        def pass_on(events: list[Event], gaps: list[str]) -> None:
+            events = [e for e in events if e.seq > skip.get(e.epoch, 0)]
+            self.hub.metrics.gap_signals += len(gaps)
+            self.gapped = self.gapped or bool(gaps)
+            self.sink.send_now(events, self._tokens(events), gaps)
+
+        pass_on(holder.held, holder.gaps)
+        holder.release()
+        holder.gaps = []
+        holder.passing = pass_on
+
     def _known(self) -> set[int]:
         """The broker epochs this proxy can name: its links', and those it saw end (with their positions)."""
         hub = self.hub
@@ -389,18 +439,21 @@ class Resume:
     async def _replay_all(self, client: dict[int, int], from_now: bool) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
         live events must be skipped, per epoch. `from_now` (no token: the first subscribers of topics new to
-        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`)."""
+        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`); a link whose
+        epoch `client` has no position of (the proxy had none when the subscriber came: a link with no message
+        read yet, or from a broker that had accepted nothing) by time, from when the subscriber came."""
         links = [link for link in self.links.links.values() if link.epoch]
+        timed = {link.epoch for link in links if link.epoch not in client}
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
-        gathered = {link.epoch: self._gathered(link) for link in links} if from_now else {}
+        gathered = {link.epoch: self._gathered(link, link.epoch in timed) for link in links} if from_now else {}
         skip: dict[int, int] = {}
         try:
-            for link in links:
+            for link, epoch in [(link, link.epoch) for link in links]:  # (a link's epoch may change meanwhile)
                 # Always asked, even when the proxy's position is not past the client's: the broker may
                 # have accepted events for these topics after that position and before it applied this
                 # proxy's interest in them, and those were never relayed.
-                skip[link.epoch] = await self._replay(link, self.position[link.epoch], gathered.get(link.epoch))
-                self.position[link.epoch] = skip[link.epoch]  # not past the broker's head (a forged position)
+                skip[epoch] = await self._replay(link, epoch, self.position[epoch], gathered.get(epoch))
+                self.position[epoch] = skip[epoch]  # not past the broker's head (a forged position)
         finally:
             for shared, me in gathered.values():
                 shared.leave(me)
@@ -409,18 +462,23 @@ class Resume:
             await self._gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
 
-    def _gathered(self, link: BrokerLink) -> tuple[SharedReplay, int]:
+    def _gathered(self, link: BrokerLink, timed: bool) -> tuple[SharedReplay, int]:
         """A reader of the Replay call to `link`'s broker that catch-ups from now gather into until it is made (it
         waits for the turns of those that came with this one, then for its turn among the proxy's replays): the
-        union of their topics after the lowest of their positions. Joined only after this resume's interest was
-        acknowledged, so the call, made later, is past the seq at which the broker applied it (exactly once)."""
+        union of their topics after the lowest of their positions, or (`timed`) what the broker accepted since the
+        first of them came. Joined only after this resume's interest was acknowledged, so the call, made later,
+        is past the seq at which the broker applied it (exactly once). Its request stays within GATHER_MAX_BYTES
+        of topics and what the broker reads (a topic set larger than that alone goes in a call of its own)."""
         budget = self.budget
-        where = (link.member.name, link.epoch)
+        where = (link.member.name, link.epoch, timed)
         shared = budget.gathering.get(where)
-        if shared is None or shared.gathered_bytes >= GATHER_MAX_BYTES:
-            shared = budget.gathering[where] = SharedReplay(budget, (*where, -1, frozenset()), self.hub)
+        room = min(GATHER_MAX_BYTES, link.request_room or GATHER_MAX_BYTES)
+        if shared is None or (shared.gathered_bytes and shared.gathered_bytes + sum(
+                map(string_field_size, self.topics - shared.gathered_topics)) > room):
+            shared = budget.gathering[where] = SharedReplay(budget, (link.member.name, link.epoch, -1, frozenset()),
+                                                            self.hub, where)
             asyncio.get_running_loop().create_task(shared.run(link, None, max(self.wait, 30.0)))
-        shared.gather(self.topics, self.position[link.epoch])
+        shared.gather(self.topics, self.position[link.epoch], self.came if timed else None)
         return shared, shared.join()
 
     async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
@@ -430,28 +488,34 @@ class Resume:
         topics = self.topics
         async for batch in shared.read(me):
             events = [e for e in batch.events if e.seq > after and not topics.isdisjoint(prefixes(e.topic))]
-            yield ReplayBatch.made(events, batch.head, batch.gap)
+            yield ReplayBatch.made(events, batch.head, batch.gap, batch.restarted)
 
-    def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
-        """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
-        same and can still be joined, or a new one (which waits its turn among the proxy's replays)."""
+    def _shared(self, link: BrokerLink, epoch: int, after: int) -> SharedReplay:
+        """The replay of `link`'s broker (epoch `epoch`) after `after` for these topics: one in progress that asked
+        the same and can still be joined, or a new one (which waits its turn among the proxy's replays)."""
         budget = self.budget
-        key = (link.member.name, link.epoch, after, self.topics)
+        key = (link.member.name, epoch, after, self.topics)
         shared = budget.shared.get(key)
-        if shared is None or not shared.joinable(self.held_from.get(link.epoch, 0)):
+        if shared is None or not shared.joinable(self.held_from.get(epoch, 0)):
             shared = budget.shared[key] = SharedReplay(budget, key, self.hub)
-            request = pb.ReplayRequest(epoch=link.epoch, after=after, topics=sorted(self.topics))
+            request = pb.ReplayRequest(epoch=epoch, after=after, topics=sorted(self.topics))
             asyncio.get_running_loop().create_task(shared.run(link, request, max(self.wait, 30.0)))
         return shared
 
-    async def _replay(self, link: BrokerLink, after: int, gathered: tuple[SharedReplay, int] | None = None) -> int:
-        """Deliver `link`'s broker's events after `after` (from `gathered`'s call when given, else from one asking
-        this position); returns the replay's head (the broker's head when `after` is beyond it: a position from
-        elsewhere or forged, signalled as a gap)."""
-        epoch, head, first = link.epoch, after, True
-        batches = self._shared(link, after).read() if gathered is None else self._part(*gathered, after)
+    async def _replay(self, link: BrokerLink, epoch: int, after: int,
+                      gathered: tuple[SharedReplay, int] | None = None) -> int:
+        """Deliver the events of `link`'s broker (epoch `epoch`) after `after` (from `gathered`'s call when given,
+        else from one asking this position); returns the replay's head (the broker's head when `after` is beyond
+        it: a position from elsewhere or forged, signalled as a gap; `after` when the broker restarted since: a
+        gap, and the live events held after `after` still go to the subscriber)."""
+        head, first = after, True
+        batches = self._shared(link, epoch, after).read() if gathered is None else self._part(*gathered, after)
         try:
             async for batch in batches:
+                if batch.restarted:
+                    await self._gap(f"broker {link.member.name} restarted; what it accepted since this position "
+                                    "and had not relayed is gone")
+                    return after
                 beyond = first and batch.head < after
                 if beyond:
                     await self._gap(f"broker {link.member.name} has not reached this position")

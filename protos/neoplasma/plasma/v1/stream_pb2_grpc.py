@@ -5,7 +5,7 @@ import warnings
 
 from neoplasma.plasma.v1 import stream_pb2 as neoplasma_dot_plasma_dot_v1_dot_stream__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -30,7 +30,7 @@ class PublishResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Interest(_message.Message):
-    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "nonce")
+    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "more", "nonce")
     ADD_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class Interest(_message.Message):
     BACKFILL_MS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     add: _containers.RepeatedScalarFieldContainer[str]
     remove: _containers.RepeatedScalarFieldContainer[str]
@@ -50,8 +51,9 @@ class Interest(_message.Message):
     backfill_ms: int
     instance: int
     resolved: _containers.RepeatedCompositeFieldContainer[PointerAnswer]
+    more: bool
     nonce: int
-    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., nonce: _Optional[int] = ...) -> None: ...
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., more: _Optional[bool] = ..., nonce: _Optional[int] = ...) -> None: ...
 
 class PointerQuery(_message.Message):
     __slots__ = ("id", "pointer")
@@ -70,7 +72,7 @@ class PointerAnswer(_message.Message):
     def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "resolve")
+    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "resolve", "max_request_bytes")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class EventBatch(_message.Message):
     GAP_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     interest_applied: int
     epoch: int
@@ -87,7 +90,8 @@ class EventBatch(_message.Message):
     gap: bool
     accepted_unix_nanos: int
     resolve: _containers.RepeatedCompositeFieldContainer[PointerQuery]
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ..., resolve: _Optional[_Iterable[_Union[PointerQuery, _Mapping]]] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ..., resolve: _Optional[_Iterable[_Union[PointerQuery, _Mapping]]] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("pointer",)
@@ -102,14 +106,16 @@ class ResolveResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class ReplayRequest(_message.Message):
-    __slots__ = ("epoch", "after", "topics")
+    __slots__ = ("epoch", "after", "topics", "since_ms")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     after: int
     topics: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, epoch: _Optional[int] = ..., after: _Optional[int] = ..., topics: _Optional[_Iterable[str]] = ...) -> None: ...
+    since_ms: int
+    def __init__(self, epoch: _Optional[int] = ..., after: _Optional[int] = ..., topics: _Optional[_Iterable[str]] = ..., since_ms: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
