@@ -10,10 +10,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -1784,3 +1786,38 @@ async def test_a_broker_that_cannot_be_reached_does_not_hold_up_pointers() -> No
     dispatcher.cancel()
     await links.close()
     await server.stop(None)
+
+
+async def test_a_proxy_process_drawing_a_gone_ones_instance_is_refused_it_and_its_pointer_is_a_gap(
+        start: Any, tmp_path: Path) -> None:
+    """Real processes: a proxy is killed (kill -9) with a client holding one of its pointers; a new proxy process
+    draws the same instance (forced by a test-only `sitecustomize`): the brokers refuse it, it draws another (its
+    pointers name that one), and the old pointer resumed at it gives the gap signal, read from no journal."""
+    shared = MIN_INSTANCE + 4242
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # the process's first draw is `shared`, later ones at random
+        "import neoplasma.core.resume as resume\n"
+        f"_drawn, _real = [{shared}], resume.new_instance\n"
+        "resume.new_instance = lambda: _drawn.pop() if _drawn else _real()\n")
+    forced = {"PYTHONPATH": os.pathsep.join(filter(None, (str(hook), os.environ.get("PYTHONPATH"))))}
+    bs = [start("broker", f"b{i}") for i in range(2)]
+    first = start("proxy", "p0", "--drain-retry-ms", "100", env=forced)
+    await push(first, 1, members(bs))
+    await wait_for(lambda: links_ready(first.endpoints["control"], 2), what="links")
+    _, pointer = await cut_with_pointer(first, bs, 0)
+    assert parse_pointer(pointer)[0] == shared, "the hook did not force the instance"
+    first.proc.kill()
+    first.proc.wait()
+    second = start("proxy", "p1", "--drain-retry-ms", "100", env=forced)
+    await push(second, 1, members(bs))
+    await wait_for(lambda: links_ready(second.endpoints["control"], 2), what="links")
+    _, own = await cut_with_pointer(second, bs, 1)
+    assert parse_pointer(own)[0] != shared  # refused the gone one's instance, it drew another
+    assert "pointer_instance_refused" in second.log()
+    after = EventSource(lambda: second.endpoints["http"], "t", token=pointer).start()
+    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
+    assert "pointer" in after.gaps[0]["reason"], after.gaps
+    resolved = await counters(second.endpoints["http"], "neoplasma_proxy_pointer_resolves_total", "result")
+    assert resolved == {"local": 0, "remote": 0, "unresolved": 1}, resolved
+    await after.close()
