@@ -57,6 +57,7 @@ from harness import (
     Server,
     apply_membership,
     links_ready,
+    niced,
     read_json_line,
     start_server,
     wait_for,
@@ -297,9 +298,10 @@ def run_role(argv: list[str]) -> None:
 
 
 class Client:
-    def __init__(self, **args: Any) -> None:
+    def __init__(self, nice: int = 0, **args: Any) -> None:
         self.out = Path(tempfile.mkstemp(prefix="connect-rate-", suffix=".json")[1])  # results: too large a line
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", json.dumps({**args, "out": str(self.out)})],
+        self.proc = subprocess.Popen([*niced(nice), sys.executable, __file__, "--role",
+                                      json.dumps({**args, "out": str(self.out)})],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def line(self, timeout: float = 120) -> dict[str, Any]:
@@ -320,10 +322,10 @@ class Client:
                 return dict(result)
 
 
-def clients(count: int, first_source: int, **args: Any) -> list[Client]:
-    """`count` client processes, each from its own source address 127.0.0.{first_source + i}, numbering
-    its `n` connections after the previous one's."""
-    started = [Client(source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
+def clients(count: int, first_source: int, nice: int = 0, **args: Any) -> list[Client]:
+    """`count` client processes at nice value `nice`, each from its own source address
+    127.0.0.{first_source + i}, numbering its `n` connections after the previous one's."""
+    started = [Client(nice, source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
     for c in started:
         c.line()  # ready
     return started

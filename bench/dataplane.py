@@ -65,6 +65,7 @@ from harness import (
     Server,
     apply_membership,
     links_ready,
+    niced,
     proxy_status,
     read_json_line,
     start_server,
@@ -380,11 +381,6 @@ GO_SOURCE = ROOT / "bench" / "go" / "plasmaload"
 GO_BINARY = ROOT / "bench" / "results" / "plasmaload"
 CLIENTS = {"plasma": "python"}  # who reads plasma streams: "python" (PlasmaStreams) or "go" (grpc-go)
 LOAD = {"nice": 0}  # the subscribers' processes' nice value (--load-nice)
-
-
-def niced(nice: int) -> list[str]:
-    """The command prefix that runs a process at nice value `nice` (none at 0)."""
-    return ["nice", "-n", str(nice)] if nice else []
 
 
 def go_client() -> Path:

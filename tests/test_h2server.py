@@ -256,7 +256,7 @@ async def test_pings_and_window_updates_are_read_without_h2_and_an_ack_rides_wit
 
 
 async def test_a_ping_ack_leaves_after_the_next_rounds_data_and_waits_for_its_own_delay(monkeypatch: Any) -> None:
-    """A PING's ACK leaves in the same write as the next round's DATA, after it (grpc-go then sends its
+    """A PING's ACK leaves in the same write as the next round's DATA, behind it (grpc-go then sends its
     next BDP PING a round later: one per two rounds); an ACK held from a PING that came after another's
     (already written) is not written alone when the other's delay is up, only when its own is."""
     monkeypatch.setattr(h2server, "ACK_DELAY", 1.0)  # long enough to tell the two PINGs' delays apart
@@ -291,8 +291,8 @@ async def test_a_ping_ack_leaves_after_the_next_rounds_data_and_waits_for_its_ow
         ping(b"first..."), await wait_for(lambda: connection._acks, what="the first PING read")
         with server.gathered():
             call.send(b"round 1")
-            assert counting.writes == 0  # held for the round's end: the ACK follows it
-        assert counting.writes == 1 and not connection._acks
+            assert counting.writes == 1 and not connection._acks  # the round's first write, the ACK with it
+        assert counting.writes == 1
         ping(b"second.."), await wait_for(lambda: connection._acks, what="the second PING read")
         await wait_for(lambda: len(server._acking) == 1, what="the first PING's delay up")
         assert counting.writes == 1 and connection._acks  # the second ACK still waits for a write

@@ -14,10 +14,13 @@ What clients send back while they read (grpc-go: a BDP PING for about every read
 WINDOW_UPDATEs) is read here too when a read holds only such whole frames (`control_frames`):
 h2 would spend ~20 us of Python on each. A PING's ACK then waits for the connection's next
 write (the next round's DATA, typically) for at most `ACK_DELAY`, so it costs no socket write of
-its own; anything else, or anything h2 is partway through, goes to h2. The ACK leaves after that
-write's frames, not before: grpc-go sends its BDP PING on the first DATA it reads while no PING
-of its is unanswered, so DATA read before the ACK finds one unanswered and sends none; the next
-round's DATA does. One PING (one read here) per two rounds instead of one per round.
+its own; anything else, or anything h2 is partway through, goes to h2. The ACK leaves behind that
+write's frames, not before them: grpc-go sends its BDP PING on the first DATA it reads while no
+PING of its is unanswered, so DATA read before the ACK finds one unanswered and sends none; the
+next round's DATA does: one PING (one read here) per two rounds instead of one per round, on a
+connection of one call (plasma's clients: a stream per connection). On a connection of several
+calls the ACK goes behind the round's first frame, and the DATA of the round's second write
+draws the next PING, as before.
 
 Frames go to the transport as they are made (a socket write when nothing waits in it); within
 `GrpcServer.gathered()` (a dispatch round) a connection's first frame does too, and the rest
@@ -255,12 +258,10 @@ class Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         server = self.server
         if server.gathering is not None:
-            if self._round == server.round or self._acks:
-                # this round wrote already, or PING ACKs wait to follow its frames: the rest leaves at its end
+            if self._round == server.round:  # this round wrote already: the rest leaves at its end
                 if not self._out:
                     server.gathering.append(self)
                 self._out.append(data)
-                self._round = server.round
                 return
             self._round = server.round
         if self._acks:  # after `data` (see the module)
