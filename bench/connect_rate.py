@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import ssl
@@ -101,22 +102,33 @@ class Conn(asyncio.Protocol):
             data = self.head
         if self.record is not None:
             now = time.time()
-            at = now if arrived is None else arrived
             buf = self.tail + data
             start = 0
+            sent: list[float] = []
             while (i := buf.find(b'"ts":', start)) >= 0:
                 j = buf.find(b",", i)
                 if j < 0:
                     break
-                sent = float(buf[i + 5:j])
-                self.record.append((now, now - sent, at - sent))
-                self.count += 1
+                sent.append(float(buf[i + 5:j]))
                 start = j
+            at = now if arrived is None else arrived
+            if arrived is not None and later_write(buf, start):
+                at = math.nan  # the kernel's time is a later write's (a heartbeat read with the event): unknown
+            self.record.extend((now, now - ts, at - ts) for ts in sent)
+            self.count += len(sent)
             self.tail = buf[start:][-64:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ok.done():
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
+
+
+def later_write(buf: bytes, stamp: int) -> bool:
+    """Whether `buf` (a read of an SSE response) goes on past the end of the chunk of the event whose stamp is at
+    `stamp`: a later write of the server's read with it (a heartbeat, another event), whose segment's receive time
+    the read's is (each write's one chunk: data ending in a blank line, then CRLF)."""
+    end = buf.find(b"\n\n", stamp)
+    return end >= 0 and len(buf) > end + 4
 
 
 SO_TIMESTAMPNS = 35  # Linux: receive times as a struct timespec (SCM_TIMESTAMPNS, the same number)

@@ -279,13 +279,16 @@ def latency_figures(records: list[list[float]]) -> dict[str, float]:
     `arrived_*` from the kernel's receive time, the time the proxy's write put the event in the
     subscriber's socket (what a subscriber on another machine would see, give or take the network);
     `read_*` when the client process read it, later by however long the clients, sharing the 2 cores
-    with the proxy, took to get to that socket."""
+    with the proxy, took to get to that socket. A read that also holds a later write (a heartbeat that
+    came before the client got to the event) has that write's receive time: its arrival is unknown,
+    left out and counted (`arrival_unknown`)."""
     out: dict[str, float] = {}
     for name, column in (("arrived", 2), ("read", 1)):
-        values = [rec[column] for rec in records]
+        values = [rec[column] for rec in records if not math.isnan(rec[column])]
         out.update({f"{name}_p50_ms": round(1000 * pct(values, 0.5), 1),
                     f"{name}_p99_ms": round(1000 * pct(values, 0.99), 1),
                     f"{name}_max_ms": round(1000 * max(values, default=float("nan")), 1)})
+    out["arrival_unknown"] = sum(math.isnan(rec[2]) for rec in records)  # read with a later write (later_write)
     return out
 
 
