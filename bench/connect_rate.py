@@ -87,10 +87,11 @@ class Conn(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self.received(data, None)
+        self.received(data, None, None)
 
-    def received(self, data: bytes, arrived: float | None) -> None:
-        """`data` read now; `arrived`: when it reached the socket (the kernel's time), None if unknown."""
+    def received(self, data: bytes, first: float | None, last: float | None) -> None:
+        """`data` read now; `first` and `last`: when its first and its last segment reached the socket (the
+        kernel's times), None if unknown."""
         if not self.ok.done():
             self.head += data
             if b"\r\n" in self.head:
@@ -111,9 +112,7 @@ class Conn(asyncio.Protocol):
                     break
                 sent.append(float(buf[i + 5:j]))
                 start = j
-            at = now if arrived is None else arrived
-            if arrived is not None and later_write(buf, start):
-                at = math.nan  # the kernel's time is a later write's (a heartbeat read with the event): unknown
+            at = now if first is None or last is None else arrival(buf, len(self.tail), start, first, last)
             self.record.extend((now, now - ts, at - ts) for ts in sent)
             self.count += len(sent)
             self.tail = buf[start:][-64:]
@@ -123,16 +122,31 @@ class Conn(asyncio.Protocol):
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
 
 
-def later_write(buf: bytes, stamp: int) -> bool:
-    """Whether `buf` (a read of an SSE response) goes on past the end of the chunk of the event whose stamp is at
-    `stamp`: a later write of the server's read with it (a heartbeat, another event), whose segment's receive time
-    the read's is (each write's one chunk: data ending in a blank line, then CRLF)."""
+def arrival(buf: bytes, read: int, stamp: int, first: float, last: float) -> float:
+    """When the event whose stamp ends at `stamp` in `buf` (an SSE response; this read's bytes from `read` on)
+    reached the socket: this read's `first` segment's time if nothing of an earlier write comes before the event
+    in the read, its `last` segment's if nothing of a later write comes after it (each write of the server is one
+    chunk: frames ending in a blank line, then CRLF), else unknown (nan): a heartbeat before and after it. An
+    earlier stamp in the same read gets the same time: an upper bound."""
     end = buf.find(b"\n\n", stamp)
-    return end >= 0 and len(buf) > end + 4
+    later = end >= 0 and len(buf) > end + 4
+    earlier = buf.find(b"\n\n", read, max(read, buf.rfind(b'"ts":', 0, stamp))) >= 0
+    if not later:
+        return last
+    return math.nan if earlier else first
 
 
 SO_TIMESTAMPNS = 35  # Linux: receive times as a struct timespec (SCM_TIMESTAMPNS, the same number)
 TIMESPEC = struct.Struct("qq")
+
+
+def received_at(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """The kernel's receive time in a read's ancillary data (SO_TIMESTAMPNS), None if none."""
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = TIMESPEC.unpack_from(raw)
+            return float(seconds + nanoseconds / 1e9)
+    return None
 
 
 class Stamped:
@@ -145,6 +159,7 @@ class Stamped:
         self.sock, self.conn = sock, conn
         self.loop = asyncio.get_running_loop()
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.ancillary = socket.CMSG_SPACE(TIMESPEC.size)
         sock.send(conn.request)  # a few dozen bytes into an empty send buffer: taken at once
         self.reading = False
         self.resume()
@@ -161,8 +176,10 @@ class Stamped:
             self.reading = True
 
     def readable(self) -> None:
+        """Read what is there: first a byte's peek (the time of the first segment), then all (the last's)."""
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(TIMESPEC.size))
+            _, first, _, _ = self.sock.recvmsg(1, self.ancillary, socket.MSG_PEEK)
+            data, last, _, _ = self.sock.recvmsg(65536, self.ancillary)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -173,12 +190,7 @@ class Stamped:
             self.close()
             self.conn.connection_lost(None)
             return
-        arrived = None
-        for level, kind, raw in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                seconds, nanoseconds = TIMESPEC.unpack_from(raw)
-                arrived = seconds + nanoseconds / 1e9
-        self.conn.received(data, arrived)
+        self.conn.received(data, received_at(first), received_at(last))
 
     def close(self) -> None:
         self.pause()

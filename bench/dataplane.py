@@ -16,7 +16,7 @@ HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also b
 `--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 
 Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scenarios A,B]]
-       python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go]
+       python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go] [--load-nice N]
 `--client go` reads plasma streams with grpc-go (bench/go/plasmaload, built offline from Debian's
 golang-go and golang-google-grpc-dev), as plasma's Go users do; each fan-out also reports what the
 proxy handed out but subscribers had not read 4 s after the load, the share of the window its

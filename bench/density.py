@@ -31,7 +31,7 @@ With `--kind plasma`: plasma gRPC `Events` streams instead, `--per-connection` o
 (100,000 streams over 1,000 connections by default), on one proxy process: RSS per stream and one
 event to all of them (bench/results/density_plasma.json).
 
-Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON]
+Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON] [--load-nice N]
        [--spread-topics T --spread-rate R --spread-seconds S]
        python bench/density.py --kind plasma [--subscribers N] [--per-connection K]
 """
@@ -279,9 +279,9 @@ def latency_figures(records: list[list[float]]) -> dict[str, float]:
     `arrived_*` from the kernel's receive time, the time the proxy's write put the event in the
     subscriber's socket (what a subscriber on another machine would see, give or take the network);
     `read_*` when the client process read it, later by however long the clients, sharing the 2 cores
-    with the proxy, took to get to that socket. A read that also holds a later write (a heartbeat that
-    came before the client got to the event) has that write's receive time: its arrival is unknown,
-    left out and counted (`arrival_unknown`)."""
+    with the proxy, took to get to that socket. A read holding a heartbeat both before and after the
+    event (the client got to it that late) gives no time of the event's own: its arrival is unknown,
+    left out and counted (`arrival_unknown`; connect_rate.arrival)."""
     out: dict[str, float] = {}
     for name, column in (("arrived", 2), ("read", 1)):
         values = [rec[column] for rec in records if not math.isnan(rec[column])]
