@@ -139,7 +139,8 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
         broker = start_server("broker", "b0", log_dir, "--workers", "1", python=python)
-        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat", "30", python=python)
+        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat",
+                             str(args.heartbeat), python=python)
         started: list[Client] = []
         try:
             await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
@@ -363,6 +364,8 @@ def cli() -> None:
     parser.add_argument("--spread-seconds", type=float, default=60.0, help="SSE: for this long (0: no spread load)")
     parser.add_argument("--before", default="", help="SSE: first the same run (without the spread load) with another "
                         "build's servers (that interpreter's `-m neoplasma`)")
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="SSE: the proxy's --heartbeat (default 30 s: "
+                        "one to 100,000 subscribers is ~1 s of the pod's CPU, beside whatever event it meets)")
     parser.add_argument("--load-nice", type=int, default=0, choices=range(20), metavar="0-19",
                         help="SSE: run the client processes at this nice value: 19 lets the proxy pod have the "
                         "cores first, as subscribers on machines of their own would (default 0)")
