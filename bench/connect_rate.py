@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import ssl
@@ -57,6 +58,7 @@ from harness import (
     Server,
     apply_membership,
     links_ready,
+    niced,
     read_json_line,
     start_server,
     wait_for,
@@ -85,10 +87,11 @@ class Conn(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self.received(data, None)
+        self.received(data, None, None)
 
-    def received(self, data: bytes, arrived: float | None) -> None:
-        """`data` read now; `arrived`: when it reached the socket (the kernel's time), None if unknown."""
+    def received(self, data: bytes, first: float | None, last: float | None) -> None:
+        """`data` read now; `first` and `last`: when its first and its last segment reached the socket (the
+        kernel's times), None if unknown."""
         if not self.ok.done():
             self.head += data
             if b"\r\n" in self.head:
@@ -100,17 +103,18 @@ class Conn(asyncio.Protocol):
             data = self.head
         if self.record is not None:
             now = time.time()
-            at = now if arrived is None else arrived
             buf = self.tail + data
             start = 0
+            sent: list[float] = []
             while (i := buf.find(b'"ts":', start)) >= 0:
                 j = buf.find(b",", i)
                 if j < 0:
                     break
-                sent = float(buf[i + 5:j])
-                self.record.append((now, now - sent, at - sent))
-                self.count += 1
+                sent.append(float(buf[i + 5:j]))
                 start = j
+            at = now if first is None or last is None else arrival(buf, len(self.tail), start, first, last)
+            self.record.extend((now, now - ts, at - ts) for ts in sent)
+            self.count += len(sent)
             self.tail = buf[start:][-64:]
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -118,8 +122,31 @@ class Conn(asyncio.Protocol):
             self.ok.set_exception(ConnectionError(str(exc or "closed before the status line")))
 
 
+def arrival(buf: bytes, read: int, stamp: int, first: float, last: float) -> float:
+    """When the event whose stamp ends at `stamp` in `buf` (an SSE response; this read's bytes from `read` on)
+    reached the socket: this read's `first` segment's time if nothing of an earlier write comes before the event
+    in the read, its `last` segment's if nothing of a later write comes after it (each write of the server is one
+    chunk: frames ending in a blank line, then CRLF), else unknown (nan): a heartbeat before and after it. An
+    earlier stamp in the same read gets the same time: an upper bound."""
+    end = buf.find(b"\n\n", stamp)
+    later = end >= 0 and len(buf) > end + 4
+    earlier = buf.find(b"\n\n", read, max(read, buf.rfind(b'"ts":', 0, stamp))) >= 0
+    if not later:
+        return last
+    return math.nan if earlier else first
+
+
 SO_TIMESTAMPNS = 35  # Linux: receive times as a struct timespec (SCM_TIMESTAMPNS, the same number)
 TIMESPEC = struct.Struct("qq")
+
+
+def received_at(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    """The kernel's receive time in a read's ancillary data (SO_TIMESTAMPNS), None if none."""
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = TIMESPEC.unpack_from(raw)
+            return float(seconds + nanoseconds / 1e9)
+    return None
 
 
 class Stamped:
@@ -132,6 +159,7 @@ class Stamped:
         self.sock, self.conn = sock, conn
         self.loop = asyncio.get_running_loop()
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.ancillary = socket.CMSG_SPACE(TIMESPEC.size)
         sock.send(conn.request)  # a few dozen bytes into an empty send buffer: taken at once
         self.reading = False
         self.resume()
@@ -148,8 +176,10 @@ class Stamped:
             self.reading = True
 
     def readable(self) -> None:
+        """Read what is there: first a byte's peek (the time of the first segment), then all (the last's)."""
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(TIMESPEC.size))
+            _, first, _, _ = self.sock.recvmsg(1, self.ancillary, socket.MSG_PEEK)
+            data, last, _, _ = self.sock.recvmsg(65536, self.ancillary)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -160,12 +190,7 @@ class Stamped:
             self.close()
             self.conn.connection_lost(None)
             return
-        arrived = None
-        for level, kind, raw in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                seconds, nanoseconds = TIMESPEC.unpack_from(raw)
-                arrived = seconds + nanoseconds / 1e9
-        self.conn.received(data, arrived)
+        self.conn.received(data, received_at(first), received_at(last))
 
     def close(self) -> None:
         self.pause()
@@ -297,9 +322,10 @@ def run_role(argv: list[str]) -> None:
 
 
 class Client:
-    def __init__(self, **args: Any) -> None:
+    def __init__(self, nice: int = 0, **args: Any) -> None:
         self.out = Path(tempfile.mkstemp(prefix="connect-rate-", suffix=".json")[1])  # results: too large a line
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", json.dumps({**args, "out": str(self.out)})],
+        self.proc = subprocess.Popen([*niced(nice), sys.executable, __file__, "--role",
+                                      json.dumps({**args, "out": str(self.out)})],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def line(self, timeout: float = 120) -> dict[str, Any]:
@@ -320,10 +346,10 @@ class Client:
                 return dict(result)
 
 
-def clients(count: int, first_source: int, **args: Any) -> list[Client]:
-    """`count` client processes, each from its own source address 127.0.0.{first_source + i}, numbering
-    its `n` connections after the previous one's."""
-    started = [Client(source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
+def clients(count: int, first_source: int, nice: int = 0, **args: Any) -> list[Client]:
+    """`count` client processes at nice value `nice`, each from its own source address
+    127.0.0.{first_source + i}, numbering its `n` connections after the previous one's."""
+    started = [Client(nice, source=f"127.0.0.{first_source + i}", first=i * args["n"], **args) for i in range(count)]
     for c in started:
         c.line()  # ready
     return started

@@ -16,7 +16,7 @@ HTTP publishes, 4 in flight (events/s, broker CPU seconds per 1M events), also b
 `--publish-keys-file` and publishers presenting their key; as a table and bench/results/dataplane_ab.json.
 
 Usage: python bench/dataplane.py [--quick] [--before PYTHON [--rounds N] [--scenarios A,B]]
-       python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go]
+       python bench/dataplane.py --only --scenarios plasma_1000x100 [--rounds N] [--client go] [--load-nice N]
 `--client go` reads plasma streams with grpc-go (bench/go/plasmaload, built offline from Debian's
 golang-go and golang-google-grpc-dev), as plasma's Go users do; each fan-out also reports what the
 proxy handed out but subscribers had not read 4 s after the load, the share of the window its
@@ -24,7 +24,12 @@ loop waited for a CPU (a shared machine's doing, not the proxy's), each tier's C
 (publisher, broker, proxy, subscribers; the whole machine's beside), where events waited (the
 broker's relay outbox, the relay stream, the proxy's hub: mean and max of samples every 0.5 s) and
 the proxy's own accept-to-write latency (its histogram's buckets). `plasma_1000x25`, `_x50` and
-`_x75` (named only) give latency against rate.
+`_x75` (named only) give latency against rate. With grpc-go, latency is to the kernel's receive time
+at the client's socket (`latency_ms`) and to grpc-go handing the event over (`read_latency_ms`).
+`--load-nice N` runs the subscribers' processes (the load clients that read; not the publisher, whose
+stamps start each latency) at nice N: they are not the system under test, and at 19 they take the
+cores only when the servers leave them idle, as clients on machines of their own would. Each run
+records its nice value; each fan-out also its dispatch rounds per second (the proxy's work is per round).
 Every load loop is bounded in count and time; everything stops by itself.
 """
 
@@ -60,6 +65,7 @@ from harness import (
     Server,
     apply_membership,
     links_ready,
+    niced,
     proxy_status,
     read_json_line,
     start_server,
@@ -306,17 +312,18 @@ def run_role(argv: list[str]) -> None:
 class Role:
     """A load role in its own process (so the load does not share a core's event loop with us)."""
 
-    def __init__(self, role: str, **args: Any) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "--role", role, json.dumps(args)],
+    def __init__(self, role: str, nice: int = 0, **args: Any) -> None:
+        self.proc = subprocess.Popen([*niced(nice), sys.executable, __file__, "--role", role, json.dumps(args)],
                                      stdout=subprocess.PIPE, text=True)
 
     @classmethod
-    def go(cls, grpc_addr: str, n: int, seconds: float, sample: int = 0, per_connection: int = 1) -> Role:
+    def go(cls, grpc_addr: str, n: int, seconds: float, sample: int = 0, per_connection: int = 1, nice: int = 0
+           ) -> Role:
         """plasma `Events` streams read by grpc-go (bench/go/plasmaload) instead of the Python role: same lines."""
         role = cls.__new__(cls)
-        role.proc = subprocess.Popen([str(go_client()), "-addr", grpc_addr, "-streams", str(n), "-per-conn",
-                                      str(per_connection), "-seconds", str(seconds), "-sample", str(sample),
-                                      "-topic", "bench"], stdout=subprocess.PIPE, text=True)
+        role.proc = subprocess.Popen([*niced(nice), str(go_client()), "-addr", grpc_addr, "-streams", str(n),
+                                      "-per-conn", str(per_connection), "-seconds", str(seconds), "-sample",
+                                      str(sample), "-topic", "bench"], stdout=subprocess.PIPE, text=True)
         return role
 
     def wait_line(self, timeout: float = 120) -> dict[str, Any]:
@@ -373,6 +380,7 @@ def cpu_seconds(server: Server) -> float:
 GO_SOURCE = ROOT / "bench" / "go" / "plasmaload"
 GO_BINARY = ROOT / "bench" / "results" / "plasmaload"
 CLIENTS = {"plasma": "python"}  # who reads plasma streams: "python" (PlasmaStreams) or "go" (grpc-go)
+LOAD = {"nice": 0}  # the subscribers' processes' nice value (--load-nice)
 
 
 def go_client() -> Path:
@@ -404,12 +412,13 @@ def runqueue_wait(server: Server) -> float:
 
 def subscribers_role(kind: str, proxy: Server, n: int, seconds: float, sample: int) -> Role:
     """`n` subscribers of `kind`: SSE, plasma gRPC streams (one connection each; read by grpc-go with
-    `--client go`) or native gRPC streams."""
+    `--client go`) or native gRPC streams; at nice LOAD["nice"]."""
+    nice = LOAD["nice"]
     if kind == "sse":
-        return Role("sse", http=proxy.endpoints["http"], n=n, seconds=seconds, sample=sample)
+        return Role("sse", nice, http=proxy.endpoints["http"], n=n, seconds=seconds, sample=sample)
     if kind == "plasma" and CLIENTS["plasma"] == "go":
-        return Role.go(proxy.endpoints["grpc"], n, seconds, sample)
-    return Role(kind, grpc_addr=proxy.endpoints["grpc"], n=n, seconds=seconds, sample=sample)
+        return Role.go(proxy.endpoints["grpc"], n, seconds, sample, nice=nice)
+    return Role(kind, nice, grpc_addr=proxy.endpoints["grpc"], n=n, seconds=seconds, sample=sample)
 
 
 async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float, rate: float,
@@ -427,6 +436,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=20)
     status0 = await proxy_status(proxy.endpoints["control"])
     hist0 = await delivery_histogram(proxy, kind)
+    rounds0 = await dispatch_rounds(proxy)
     cpu0 = cpu_seconds(proxy), cpu_seconds(broker)
     wait0 = runqueue_wait(proxy)
     machine0 = machine_busy()
@@ -443,6 +453,7 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     published = pub_res["accepted"]
     status1 = await proxy_status(proxy.endpoints["control"])
     elapsed = time.monotonic() - t0
+    rounds1 = await dispatch_rounds(proxy)
     proxy_cpu = (cpu_seconds(proxy) - cpu0[0]) / elapsed
     broker_cpu = (cpu_seconds(broker) - cpu0[1]) / elapsed
     machine = (machine_busy() - machine0) / elapsed
@@ -479,10 +490,12 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
         "proxy_cpu_s_per_1m_deliveries": round((cpu1[0] - cpu0[0]) / max(handed, 1) * 1e6, 3),
         "broker_cpu_s_per_1m_deliveries": round((cpu1[1] - cpu0[1]) / max(handed, 1) * 1e6, 3),
     }
-    if lat:
-        out["latency_ms"] = {"p50": round(1000 * lat[len(lat) // 2], 2),
-                             "p99": round(1000 * lat[int(len(lat) * 0.99)], 2),
-                             "max": round(1000 * lat[-1], 2), "samples": len(lat)}
+    out["load_nice"] = LOAD["nice"]
+    for key, latencies in (("latency_ms", lat), ("read_latency_ms", sorted(res.get("read_latencies", [])))):
+        if latencies:  # (grpc-go: `latencies` at the socket, `read_latencies` as grpc-go hands events over)
+            out[key] = {"p50": round(1000 * latencies[len(latencies) // 2], 2),
+                        "p99": round(1000 * latencies[int(len(latencies) * 0.99)], 2),
+                        "max": round(1000 * latencies[-1], 2), "samples": len(latencies)}
     # Where the time goes: each tier's CPU (cores, over the publishing window; the subscribers' over
     # their reading window, the 4 s after included) beside what the whole machine ran (other jobs too).
     tiers = {"publisher": pub_res.get("cpu_seconds", 0.0) / seconds, "broker": broker_cpu, "proxy": proxy_cpu,
@@ -497,6 +510,8 @@ async def fanout(broker: Server, proxy: Server, subscribers: int, seconds: float
     # round's oldest event: upper bounds); the rest of publish-to-read is the publisher's and the
     # subscribers' (and the sockets' between).
     hist = [b - a for a, b in zip(hist0, await delivery_histogram(proxy, kind), strict=True)]
+    # Dispatch rounds (the proxy's work is per round; a build without the counter: nan).
+    out["rounds_per_second"] = round((rounds1 - rounds0) / elapsed, 1)
     if sum(hist):
         out["accepted_to_written_ms"] = {"p50": histogram_quantile(hist, 0.5), "p99": histogram_quantile(hist, 0.99)}
     return out
@@ -536,6 +551,14 @@ async def delivery_histogram(proxy: Server, kind: str) -> list[float]:
     if len(cumulative) != len(HISTOGRAM_BOUNDS):
         return [0.0] * len(HISTOGRAM_BOUNDS)
     return [b - a for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
+
+
+async def dispatch_rounds(proxy: Server) -> float:
+    """The proxy's dispatch rounds so far (`neoplasma_proxy_dispatch_rounds_total`; nan if it has no such counter)."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://{proxy.endpoints['http']}/metrics") as resp:
+        text = await resp.text()
+    return next((float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("neoplasma_proxy_dispatch_rounds_total ")), float("nan"))
 
 
 def histogram_quantile(counts: list[float], q: float) -> str:
@@ -630,10 +653,12 @@ def figures(run: dict[str, Any]) -> dict[str, float]:
         return {"events_per_second": run["events_per_second"],
                 "broker_cpu_s_per_1m_events": run["broker_cpu_s_per_1m_events"]}
     lat = run.get("latency_ms", {})
+    read = run.get("read_latency_ms", lat)
     return {"deliveries_per_second": run["deliveries_per_second"], "events_lost": run["events_lost"],
             "subscribers_dropped": run["slow_subscribers_dropped"], "streams_ended": run["streams_ended"],
             "handed_not_read_after_4s": run["handed_not_read_after_4s"],
             "latency_p50_ms": lat.get("p50", float("nan")), "latency_p99_ms": lat.get("p99", float("nan")),
+            "read_latency_p99_ms": read.get("p99", float("nan")), "rounds_per_second": run["rounds_per_second"],
             "proxy_cpu_s_per_1m_deliveries": run["proxy_cpu_s_per_1m_deliveries"],
             "broker_cpu_s_per_1m_deliveries": run["broker_cpu_s_per_1m_deliveries"],
             "proxy_cpu_cores": run["proxy_cpu_cores"], "proxy_runqueue_wait_share": run["proxy_runqueue_wait_share"],
@@ -698,7 +723,8 @@ async def compare(before: str, rounds: int, seconds: float, scenarios: list[str]
                                       for label in labels[1:]}}
     return {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "load_average": [run["load_average"] for run in runs]},
-            "before_python": before, "rounds": rounds, "seconds": seconds, "medians": table, "runs": runs}
+            "before_python": before, "load_nice": LOAD["nice"], "rounds": rounds, "seconds": seconds,
+            "medians": table, "runs": runs}
 
 
 async def only(rounds: int, seconds: float, scenarios: list[str], workers: bool) -> dict[str, Any]:
@@ -730,7 +756,8 @@ def print_table(out: dict[str, Any]) -> None:
                   f"{row['current/before']!s:>6} {cell(row.get(KEYS)):>13} {row.get(KEYS + '/before', '')!s:>6}"
                   f" {cell(row.get(WORKERS)):>11} {row.get(WORKERS + '/before', '')!s:>6}")
     loads = out["machine"]["load_average"]
-    print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}")
+    print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
+          f"the subscribers' processes at nice {out['load_nice']}")
 
 
 if __name__ == "__main__":
@@ -745,6 +772,9 @@ if __name__ == "__main__":
     parser.add_argument("--client", choices=("python", "go"), default="python",
                         help="who reads plasma gRPC streams: the lean Python HTTP/2 client, or grpc-go "
                         "(bench/go/plasmaload, built from Debian's golang-google-grpc-dev)")
+    parser.add_argument("--load-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="run the subscribers' processes (not the publisher) at this nice value: 19 lets "
+                        "the servers have the cores first (default 0)")
     parser.add_argument("--only", action="store_true",
                         help="only this build, through --scenarios once per round (no A/B); "
                         "bench/results/dataplane_only.json")
@@ -757,6 +787,8 @@ if __name__ == "__main__":
     opts = parser.parse_args()
     seconds = 4.0 if opts.quick else 10.0
     CLIENTS["plasma"] = opts.client
+    LOAD["nice"] = opts.load_nice
+    print(f"load clients (subscribers) at nice {opts.load_nice}", flush=True)
     if opts.only:
         scenarios = opts.scenarios.split(",")
         if unknown := set(scenarios) - set(ALL_SCENARIOS):

@@ -17,7 +17,8 @@ Figures (printed, and written to bench/results/density_sse.json):
     reaching each subscriber's socket (`arrived_*`: the kernel's receive time, SO_TIMESTAMPNS) and to the
     client process reading it (`read_*`: later by however long the clients took to get to that socket).
     `one_event_to_all`: the clients read as the event arrives, on the same 2 cores as the proxy pod (the
-    arrival waits for the proxy's share of them); `one_event_to_all_clients_quiet`: the clients leave their
+    arrival waits for the proxy's share of them, unless `--load-nice 19` runs the clients at the lowest
+    priority: then they take only what the pod leaves); `one_event_to_all_clients_quiet`: the clients leave their
     sockets unread until the proxy has written the event to all, so the proxy has the cores to itself, as
     on a node of its own (its subscribers elsewhere);
   - the spread load: each subscriber also wants one of `--spread-topics` topics, and `--spread-rate`
@@ -30,7 +31,7 @@ With `--kind plasma`: plasma gRPC `Events` streams instead, `--per-connection` o
 (100,000 streams over 1,000 connections by default), on one proxy process: RSS per stream and one
 event to all of them (bench/results/density_plasma.json).
 
-Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON]
+Usage: python bench/density.py [--subscribers N] [--per-worker N] [--per-client N] [--before PYTHON] [--load-nice N]
        [--spread-topics T --spread-rate R --spread-seconds S]
        python bench/density.py --kind plasma [--subscribers N] [--per-connection K]
 """
@@ -133,20 +134,22 @@ async def sse(args: argparse.Namespace, python: str, spread: bool = True, first_
     workers = max(1, math.ceil(n / args.per_worker))
     procs = max(1, math.ceil(n / args.per_client))
     topics = args.spread_topics
-    out: dict[str, Any] = {"subscribers_asked": n, "proxy_workers": workers, "client_processes": procs}
+    out: dict[str, Any] = {"subscribers_asked": n, "proxy_workers": workers, "client_processes": procs,
+                           "client_nice": args.load_nice}
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
         broker = start_server("broker", "b0", log_dir, "--workers", "1", python=python)
-        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat", "30", python=python)
+        proxy = start_server("proxy", "p0", log_dir, "--workers", str(workers), "--heartbeat",
+                             str(args.heartbeat), python=python)
         started: list[Client] = []
         try:
             await apply_membership(proxy.endpoints["control"], 1, [(broker.name, broker.endpoints["grpc"])])
             await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), timeout=30, what="links")
             rss0, kernel0 = rss(proxy), kernel()
             # Each subscriber wants TOPIC (one event to all) and one of `topics` (the spread load).
-            started = clients(procs, first_source, host="127.0.0.1", port=proxy.port("http"), n=n // procs,
-                              inflight=args.inflight, path=f"/?eventType={TOPIC},{TOPIC}-{{i}}", spread=topics,
-                              hold=True, timeout=60.0, record=True, deadline=args.connect_seconds)
+            started = clients(procs, first_source, args.load_nice, host="127.0.0.1", port=proxy.port("http"),
+                              n=n // procs, inflight=args.inflight, path=f"/?eventType={TOPIC},{TOPIC}-{{i}}",
+                              spread=topics, hold=True, timeout=60.0, record=True, deadline=args.connect_seconds)
 
             async def subscribers() -> int:
                 return int((await proxy_status(proxy.endpoints["control"])).sse_subscribers)
@@ -277,13 +280,16 @@ def latency_figures(records: list[list[float]]) -> dict[str, float]:
     `arrived_*` from the kernel's receive time, the time the proxy's write put the event in the
     subscriber's socket (what a subscriber on another machine would see, give or take the network);
     `read_*` when the client process read it, later by however long the clients, sharing the 2 cores
-    with the proxy, took to get to that socket."""
+    with the proxy, took to get to that socket. A read holding a heartbeat both before and after the
+    event (the client got to it that late) gives no time of the event's own: its arrival is unknown,
+    left out and counted (`arrival_unknown`; connect_rate.arrival)."""
     out: dict[str, float] = {}
     for name, column in (("arrived", 2), ("read", 1)):
-        values = [rec[column] for rec in records]
+        values = [rec[column] for rec in records if not math.isnan(rec[column])]
         out.update({f"{name}_p50_ms": round(1000 * pct(values, 0.5), 1),
                     f"{name}_p99_ms": round(1000 * pct(values, 0.99), 1),
                     f"{name}_max_ms": round(1000 * max(values, default=float("nan")), 1)})
+    out["arrival_unknown"] = sum(math.isnan(rec[2]) for rec in records)  # read with a later write (later_write)
     return out
 
 
@@ -358,6 +364,11 @@ def cli() -> None:
     parser.add_argument("--spread-seconds", type=float, default=60.0, help="SSE: for this long (0: no spread load)")
     parser.add_argument("--before", default="", help="SSE: first the same run (without the spread load) with another "
                         "build's servers (that interpreter's `-m neoplasma`)")
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="SSE: the proxy's --heartbeat (default 30 s: "
+                        "one to 100,000 subscribers is ~1 s of the pod's CPU, beside whatever event it meets)")
+    parser.add_argument("--load-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="SSE: run the client processes at this nice value: 19 lets the proxy pod have the "
+                        "cores first, as subscribers on machines of their own would (default 0)")
     parser.add_argument("--kind", choices=("sse", "plasma"), default="sse",
                         help="SSE subscribers, or plasma gRPC streams (--per-connection on each connection)")
     parser.add_argument("--per-connection", type=int, default=100, help="plasma streams per connection")

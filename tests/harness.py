@@ -44,6 +44,12 @@ ACCESS = Access(Tokens(given=[CREDENTIAL]))  # for the operator's and `up`'s cli
 AUTH = bearer_metadata(CREDENTIAL)
 
 
+def niced(nice: int) -> list[str]:
+    """The command prefix that runs a process at nice value `nice` (none at 0): benchmarks' load clients,
+    which are not the system under test, may leave the cores to it first."""
+    return ["nice", "-n", str(nice)] if nice else []
+
+
 def read_json_line(stream: Any, timeout: float) -> dict[str, Any]:
     """Read one line from a child's stdout, failing after `timeout` seconds."""
     sel = selectors.DefaultSelector()

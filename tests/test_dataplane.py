@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import grpc
 import hpack
 from harness import (
@@ -72,6 +73,10 @@ async def test_events_from_any_broker_reach_sse_and_plasma_subscribers_once(star
         assert len(browser.events) == 3 and len(plasma.payloads) == 3
         assert sorted(p.data for p in plasma.payloads[:2]) == ['{"n":0}', '{"n":1}']
         await plasma.close()
+    async with aiohttp.ClientSession() as session, session.get(f"http://{ps[1].endpoints['http']}/metrics") as resp:
+        [rounds] = [float(line.split()[-1]) for line in (await resp.text()).splitlines()
+                    if line.startswith("neoplasma_proxy_dispatch_rounds_total ")]
+    assert rounds >= 2  # the last event came in a round of its own
 
 
 async def test_sse_wire_format_matches_plasma(start: Any) -> None:

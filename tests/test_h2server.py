@@ -22,6 +22,7 @@ from harness import grpc_request_headers, h2_client, wait_for
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame, WindowUpdateFrame
 
 from neoplasma.core.net import hostport
+from neoplasma.proxy import h2server
 from neoplasma.proxy.h2server import Call, GrpcServer, control_frames
 
 
@@ -248,6 +249,60 @@ async def test_pings_and_window_updates_are_read_without_h2_and_an_ack_rides_wit
         await wait_for(lambda: read(lambda: sum(isinstance(e, PingAckReceived) for e in events) == 2),
                        what="the lone ACK")
         assert counting.writes == 3 and not {6, 8} & set(by_h2)  # no PING, no WINDOW_UPDATE went to h2
+    finally:
+        writer.close()
+        server.stop("test over")
+        sock.close()
+
+
+async def test_a_ping_ack_leaves_after_the_next_rounds_data_and_waits_for_its_own_delay(monkeypatch: Any) -> None:
+    """A PING's ACK leaves in the same write as the next round's DATA, behind it (grpc-go then sends its
+    next BDP PING a round later: one per two rounds); an ACK held from a PING that came after another's
+    (already written) is not written alone when the other's delay is up, only when its own is."""
+    monkeypatch.setattr(h2server, "ACK_DELAY", 1.0)  # long enough to tell the two PINGs' delays apart
+    calls: list[Call] = []
+    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
+    sock = socket.create_server(("127.0.0.1", 0))
+    await server.start(sock)
+    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
+    writer.write(client.data_to_send())
+    frames: list[tuple[int, int, bytes]] = []  # DATA and PING frames read: (type, flags, payload)
+    buffer = bytearray()
+
+    async def read(until: Any) -> bool:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        buffer.extend(data)
+        while len(buffer) >= 9 and len(buffer) >= 9 + (size := int.from_bytes(buffer[:3], "big")):
+            if buffer[3] in (0, 6):
+                frames.append((buffer[3], buffer[4], bytes(buffer[9:9 + size])))
+            del buffer[:9 + size]
+        return bool(until()) or not data
+
+    def ping(payload: bytes) -> None:
+        client.ping(payload)
+        writer.write(client.data_to_send())
+
+    try:
+        await wait_for(lambda: len(calls) == 1, what="a call")
+        [call] = calls
+        connection = next(iter(server.connections))
+        counting = connection.transport = CountingTransport(connection.transport)  # type: ignore[assignment]
+        ping(b"first..."), await wait_for(lambda: connection._acks, what="the first PING read")
+        with server.gathered():
+            call.send(b"round 1")
+            assert counting.writes == 1 and not connection._acks  # the round's first write, the ACK with it
+        assert counting.writes == 1
+        ping(b"second.."), await wait_for(lambda: connection._acks, what="the second PING read")
+        await wait_for(lambda: len(server._acking) == 1, what="the first PING's delay up")
+        assert counting.writes == 1 and connection._acks  # the second ACK still waits for a write
+        with server.gathered():
+            call.send(b"round 2")
+        assert counting.writes == 2 and not connection._acks
+        await wait_for(lambda: read(lambda: len(frames) == 4), what="two rounds' DATA and two ACKs")
+        assert frames == [(0, 0, b"round 1"), (6, 1, b"first..."), (0, 0, b"round 2"), (6, 1, b"second..")]
+        ping(b"third..."), await wait_for(lambda: read(lambda: len(frames) == 5), what="a lone ACK")
+        assert frames[4] == (6, 1, b"third...") and counting.writes == 3  # no write came: alone, ACK_DELAY later
     finally:
         writer.close()
         server.stop("test over")

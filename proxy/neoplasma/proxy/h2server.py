@@ -14,7 +14,13 @@ What clients send back while they read (grpc-go: a BDP PING for about every read
 WINDOW_UPDATEs) is read here too when a read holds only such whole frames (`control_frames`):
 h2 would spend ~20 us of Python on each. A PING's ACK then waits for the connection's next
 write (the next round's DATA, typically) for at most `ACK_DELAY`, so it costs no socket write of
-its own; anything else, or anything h2 is partway through, goes to h2.
+its own; anything else, or anything h2 is partway through, goes to h2. The ACK leaves behind that
+write's frames, not before them: grpc-go sends its BDP PING on the first DATA it reads while no
+PING of its is unanswered, so DATA read before the ACK finds one unanswered and sends none; the
+next round's DATA does: one PING (one read here) per two rounds instead of one per round, on a
+connection of one call (plasma's clients: a stream per connection). On a connection of several
+calls the ACK goes behind the round's first frame, and the DATA of the round's second write
+draws the next PING, as before.
 
 Frames go to the transport as they are made (a socket write when nothing waits in it); within
 `GrpcServer.gathered()` (a dispatch round) a connection's first frame does too, and the rest
@@ -28,6 +34,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote
 
@@ -72,6 +79,7 @@ _OPEN_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 # Longest a PING's ACK waits for the connection's next write (a dispatch round's DATA) before it is
 # written alone: a round under load comes within the proxy's --max-linger-seconds (0.05 s).
 ACK_DELAY = 0.05
+ACK_SLACK = 0.002  # what is due this much later goes too (the loop's clock moves in milliseconds)
 
 
 def control_frames(data: bytes) -> list[tuple[int, int, int, bytes]] | None:
@@ -235,6 +243,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
         self._out: list[bytes] = []  # frames gathered in a round
         self._acks: list[bytes] = []  # PING ACKs waiting for the next write (at most ACK_DELAY)
+        self._acks_since = 0.0  # when the first of them came (loop time)
         self._round = 0  # the last round this connection wrote in
         self._pinged = False  # a keepalive PING is unanswered
         self.writable = Signal()  # its calls' unsent data may have dropped (or a call ended)
@@ -247,9 +256,6 @@ class Connection(asyncio.Protocol):
         return 0 if transport is None else transport.get_write_buffer_size()
 
     def _write(self, data: bytes) -> None:
-        if self._acks:
-            self._acks.append(data)
-            data, self._acks = b"".join(self._acks), []
         server = self.server
         if server.gathering is not None:
             if self._round == server.round:  # this round wrote already: the rest leaves at its end
@@ -258,6 +264,9 @@ class Connection(asyncio.Protocol):
                 self._out.append(data)
                 return
             self._round = server.round
+        if self._acks:  # after `data` (see the module)
+            self._acks.insert(0, data)
+            data, self._acks = b"".join(self._acks), []
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -267,9 +276,9 @@ class Connection(asyncio.Protocol):
         out, self._out = self._out, []
         self._write(b"".join(out))
 
-    def write_acks(self) -> None:
-        """Write the PING ACKs still waiting (ACK_DELAY is up)."""
-        if self._acks:
+    def write_acks(self, since: float) -> None:
+        """Write the PING ACKs still waiting since `since` (loop time: ACK_DELAY is up)."""
+        if self._acks and self._acks_since == since:
             self._write(b"")
 
     def _emit(self) -> None:
@@ -388,7 +397,7 @@ class Connection(asyncio.Protocol):
                     self._pinged = False
                 else:
                     if not self._acks:
-                        self.server.ack_later(self)
+                        self._acks_since = self.server.ack_later(self)
                     self._acks.append(_PING_ACK.pack(8 << 8 | _PING, 1, 0, payload))
         if updates:
             for stream_id, increment in updates.items():
@@ -528,14 +537,16 @@ class GrpcServer:
         self.max_streams = max_streams  # calls open at once on one connection (HTTP/2 MAX_CONCURRENT_STREAMS)
         self.connections: set[Connection] = set()
         self.gathering: list[Connection] | None = None  # connections with frames gathered, in a round
-        self._acking: list[Connection] = []  # connections holding PING ACKs for their next write
+        self._acking: deque[tuple[float, Connection]] = deque()  # (since, connection) holding PING ACKs, oldest first
+        self._acks_due: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (`start`)
         self.round = 0
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.Task[None] | None = None
 
     async def start(self, sock: socket.socket, backlog: int = DEFAULT_BACKLOG) -> None:
         """Serve on `sock`, bound (`bind_socket`) with listen backlog `backlog`."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=backlog)
         self._pinger = loop.create_task(self._keepalive())
 
@@ -553,16 +564,24 @@ class GrpcServer:
             for connection in gathering:
                 connection.release()
 
-    def ack_later(self, connection: Connection) -> None:
-        """`connection` holds a PING ACK for its next write: written within ACK_DELAY at the latest."""
-        if not self._acking:
-            asyncio.get_running_loop().call_later(ACK_DELAY, self._write_acks)
-        self._acking.append(connection)
+    def ack_later(self, connection: Connection) -> float:
+        """`connection` holds a PING ACK for its next write: written ACK_DELAY from now at the latest.
+        Returns now (loop time)."""
+        loop = self._loop or asyncio.get_running_loop()
+        now = loop.time()
+        self._acking.append((now, connection))
+        if self._acks_due is None:
+            self._acks_due = loop.call_at(now + ACK_DELAY, self._write_acks)
+        return now
 
     def _write_acks(self) -> None:
-        acking, self._acking = self._acking, []
-        for connection in acking:
-            connection.write_acks()
+        """Write the ACKs held ACK_DELAY (those that left with a write meanwhile are passed over); wait for the rest."""
+        loop = self._loop or asyncio.get_running_loop()
+        acking, due = self._acking, loop.time() - ACK_DELAY + ACK_SLACK
+        while acking and acking[0][0] <= due:
+            since, connection = acking.popleft()
+            connection.write_acks(since)
+        self._acks_due = loop.call_at(acking[0][0] + ACK_DELAY, self._write_acks) if acking else None
 
     async def _keepalive(self) -> None:
         while True:

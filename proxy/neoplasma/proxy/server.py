@@ -636,6 +636,9 @@ class ProxyCollector(Collector):
                                   value=hub.events_received)
         yield CounterMetricFamily("neoplasma_proxy_deliveries", "Events delivered to subscribers",
                                   value=hub.deliveries)
+        yield CounterMetricFamily("neoplasma_proxy_dispatch_rounds", "Dispatch rounds (each writes what came since "
+                                  "the last to its subscribers: much of the proxy's work is per round)",
+                                  value=hub.rounds)
         yield CounterMetricFamily("neoplasma_proxy_slow_subscribers_dropped", "Subscribers dropped as too slow",
                                   value=hub.slow_dropped)
         yield GaugeMetricFamily("neoplasma_proxy_membership_version", "Applied membership version",
