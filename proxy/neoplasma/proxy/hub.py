@@ -55,9 +55,9 @@ from neoplasma.proxy.h2server import Call
 from neoplasma.proxy.metrics import ProxyMetrics
 from neoplasma.proxy.settings import JOURNAL_BYTES, JOURNAL_SECONDS, LINGER, MAX_LINGER
 
-RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 log = get_logger("proxy.hub")
 
+RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
 INSTANCES_KEPT = 16  # pointer instances of this process whose pointers still resolve here (a redraw is rare)
 
 
