@@ -48,6 +48,7 @@ class Nowhere(SseSubscriber):
 
 def run_case(subscribers: int, per_round: int, rounds: int, fd: int | None) -> dict[str, Any]:
     hub = Hub()
+    hub.confirm(hub.instance)  # as in a proxy whose brokers took its pointer instance: writes carry pointers
     for _ in range(subscribers):
         hub.add(Nowhere(fd), ["t"])
     data = b'{"program":1234,"views":98765,"pad":"' + b"x" * 150 + b'"}'

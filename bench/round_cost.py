@@ -48,6 +48,9 @@ async def measure(events_per_round: int, subscribers: int, groups: int, rounds: 
 
     hub = Hub()
     hub.set_cluster("bench")
+    confirm = getattr(hub, "confirm", None)  # its pointer instance taken by brokers (none here): pointers at once
+    if confirm is not None:
+        confirm(hub.instance)
     for g in range(groups):
         for _ in range(subscribers // groups):
             hub.add(SseSubscriber(Nowhere(), 1 << 20), [f"t{g}"])  # type: ignore[arg-type]

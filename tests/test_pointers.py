@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from neoplasma.broker import server as broker_server
-from neoplasma.broker.routing import RelayStream
+from neoplasma.broker.routing import Claims, InstanceTaken, RelayStream
 from neoplasma.broker.server import MAX_QUERIES_PER_STREAM, Broker
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event, SseReader
@@ -188,11 +188,18 @@ async def test_a_write_gives_its_last_event_the_full_token_and_the_others_pointe
     transport = Transport()
     sub = SseSubscriber(transport, 1 << 20)
     hub.add(sub, ["t"])
+    # Before every broker took its instance (`Hub.confirm`), the hub issues no pointers: every event its full token.
+    hub.dispatch([Event("t", b"{}", 9, 1), Event("t", b"{}", 9, 2)])
+    [unconfirmed] = chunks(transport)
+    assert [f.id for f in SseReader().feed(unconfirmed)] == [encode_token(hub.tag, {9: 1}).decode(),
+                                                             encode_token(hub.tag, {9: 2}).decode()]
+    transport.written.clear()
+    hub.confirm(hub.instance)
     other = SseSubscriber(Transport(), 1 << 20)
     hub.add(other, ["u"])
     rng = random.Random(2)
     seqs = {1: 0, 2: 0, 3: 0}
-    position: dict[int, int] = {}
+    position: dict[int, int] = {9: 2}
     expected: list[bytes] = []
     for _ in range(40):
         events = []
@@ -282,3 +289,65 @@ async def test_two_processes_of_one_instance_must_agree(monkeypatch: pytest.Monk
     assert await answered("Aone", "") == "Aone"  # the other does not hold that number
     assert await answered("Aone", "Aone") == "Aone"
     assert await answered("", "") is None
+
+
+def test_a_broker_holds_each_instance_for_one_process_and_forgets_it_in_time_and_bounds() -> None:
+    """Claims: an instance is held by the process (nonce) whose relay stream named it first, over its streams (a
+    reconnect of the same process is taken, its old stream still open or not) and `keep_seconds` after the last
+    ended; another process is refused meanwhile. At most `max_claims`: the oldest ended forgotten first, then
+    none taken while all are live."""
+    claims = Claims(keep_seconds=60.0, max_claims=3)
+    claims.take(1, 0xA, 0.0)
+    claims.take(1, 0xA, 1.0)  # a reconnect while the old stream is still attached
+    with pytest.raises(InstanceTaken):
+        claims.take(1, 0xB, 2.0)
+    claims.release(1, 0xA, 3.0)
+    claims.release(1, 0xB, 3.0)  # not its holder: nothing
+    with pytest.raises(InstanceTaken):
+        claims.take(1, 0xB, 4.0)  # one stream of the holder still open
+    claims.release(1, 0xA, 5.0)
+    assert claims.holder(1, 64.0) == 0xA
+    with pytest.raises(InstanceTaken):
+        claims.take(1, 0xB, 64.0)  # ended 59 s ago: still remembered
+    claims.take(1, 0xA, 64.5)  # its holder comes back
+    claims.release(1, 0xA, 70.0)
+    assert claims.holder(1, 130.5) is None and len(claims) == 0  # forgotten after keep_seconds
+    claims.take(1, 0xB, 131.0)
+    # Bounds: the oldest ended forgotten first to make room, then refused while every one is live.
+    claims.take(2, 0xC, 132.0)
+    claims.take(3, 0xD, 133.0)
+    claims.release(3, 0xD, 134.0)
+    claims.release(2, 0xC, 135.0)
+    claims.take(4, 0xE, 136.0)
+    assert claims.holder(3, 136.0) is None and claims.holder(2, 136.0) == 0xC and len(claims) == 3
+    claims.take(5, 0xF, 137.0)
+    assert claims.holder(2, 137.0) is None
+    with pytest.raises(OverflowError):
+        claims.take(6, 0x1, 138.0)
+    with pytest.raises(InstanceTaken):
+        claims.take(4, 0x1, 138.0)
+
+
+def test_a_hub_resolves_only_the_pointers_it_issued_and_draws_anew_when_refused() -> None:
+    """A hub issues pointers once its instance is confirmed; refused, it draws another and still resolves the
+    pointers it issued of the first (the numbers it gave while it held it, not those after)."""
+    hub = Hub()
+    hub.set_cluster("c")
+    hub.dispatch([Event("t", b"{}", 9, 1)])  # before it was confirmed: not its pointer
+    unconfirmed = encode_pointer(hub.pointer_prefix, hub.journal.next - 1).decode()
+    first = hub.instance
+    hub.confirm(first)
+    hub.dispatch([Event("t", b"{}", 9, 2)])
+    issued = encode_pointer(hub.pointer_prefix, hub.journal.next - 1).decode()
+    assert hub.resolve(unconfirmed) is None and hub.resolve(issued) == encode_token(hub.tag, {9: 2})
+    assert not hub.redraw(first ^ 1) and hub.instance == first  # not its instance: nothing
+    assert hub.redraw(first) and hub.instance != first and not hub.issuing
+    hub.dispatch([Event("t", b"{}", 9, 3)])
+    after = encode_pointer(pointer_prefix(first), hub.journal.next - 1).decode()  # a number it gave as no pointer
+    assert hub.resolve(issued) == encode_token(hub.tag, {9: 2}) and hub.resolve(after) is None
+    hub.confirm(first)  # an old verdict: not its instance any more
+    assert not hub.issuing
+    hub.confirm(hub.instance)
+    hub.dispatch([Event("t", b"{}", 9, 4)])
+    assert hub.resolve(encode_pointer(hub.pointer_prefix, hub.journal.next - 1).decode()) == encode_token(
+        hub.tag, {9: 4})

@@ -10,10 +10,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,13 +37,14 @@ from harness import (
     wait_for,
 )
 
-from neoplasma.broker.routing import RelayStream
+from neoplasma.broker.routing import InstanceTaken, RelayStream
 from neoplasma.broker.server import REPLAY_SLICE, Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.events import Event, varint
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     EVENT_OVERHEAD,
+    MIN_INSTANCE,
     MIN_SEGMENT_BYTES,
     POINTER_CHARS,
     SEGMENT_OVERHEAD,
@@ -50,16 +53,19 @@ from neoplasma.core.resume import (
     RetentionLog,
     cluster_tag,
     decode_token,
+    encode_pointer,
     encode_token,
     epoch_mark,
     is_pointer,
+    parse_pointer,
     parse_token,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
+from neoplasma.proxy import hub as hub_module
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, SharedReplay, start_resume
+from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, SharedReplay, resolve_pointer, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import MAX_REPLAYS, ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -1580,3 +1586,238 @@ async def test_garbled_and_forged_pointers_give_the_gap_signal_then_live(start: 
         assert (await stub.Resolve(pb.ResolveRequest(pointer=pointer), metadata=AUTH, timeout=10)).token.startswith("A")
     for p in ps:
         assert "Traceback" not in p.log() and '"level": "error"' not in p.log()
+
+
+class WrittenTransport(asyncio.WriteTransport):
+    """What an SSE subscriber of an in-process hub is written, kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+
+    def write(self, data: Any) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pointers(self) -> list[str]:
+        return [line[3:].decode() for line in self.written.split(b"\n")
+                if line.startswith(b"id:") and not line.startswith(b"id: ")]
+
+
+def drawing(monkeypatch: pytest.MonkeyPatch, *instances: int) -> None:
+    """The next hubs made draw `instances` in turn (then at random, as ever): processes that drew the same one."""
+    drawn = list(instances)
+    real = hub_module.new_instance
+    monkeypatch.setattr(hub_module, "new_instance", lambda: drawn.pop(0) if drawn else real())
+
+
+async def test_processes_that_drew_one_instance_never_resolve_each_others_pointers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two proxy processes draw the same pointer instance (1 in 16 million a pair): the second is refused by the
+    broker that knows the first and draws another, at every broker (one that took it moves on with it). The first's
+    pointer resolves to its token through the brokers while it lives, never from the second's journal (which holds
+    the same numbers); once it is gone, and at a third process that draws that instance again, it gives the gap
+    signal."""
+    shared = MIN_INSTANCE + 12345
+    drawing(monkeypatch, shared, shared, shared)
+    b0, server0, address0 = await in_process_broker("b0")
+    b1, server1, address1 = await in_process_broker("b1")
+    hub1, links1, dispatcher1, _ = in_process_proxy("p1")
+    hub1.set_cluster(CLUSTER)
+    watched = WrittenTransport()
+    hub1.add(SseSubscriber(watched, 1 << 20), ["p"])  # a topic of its own: the second backfills none of it
+    await links1.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links1.changed.wait_until(lambda: links1.settled() and hub1.issuing, 10)
+    assert hub1.instance == shared
+    b0.accept([("p", b"{}")] * 20, "publisher")  # one relay message, one write of 20 events: 19 pointers
+    assert await hub1.advanced.wait_until(lambda: len(watched.pointers()) == 19, 10)
+    pointer = watched.pointers()[5]
+    token = hub1.resolve(pointer)
+    assert token is not None
+
+    hub2, links2, dispatcher2, _ = in_process_proxy("p2")
+    hub2.journal.next = hub1.journal.next - 20  # its events numbered as the first's: its journal holds the pointer's
+    await links2.apply(Snapshot(1, (Member("b0", address0), Member("b1", address1)), CLUSTER))
+    assert await links2.changed.wait_until(lambda: links2.settled() and hub2.issuing, 10)
+    assert hub2.instance != shared and shared not in hub2.issued
+    assert set(b1.router.instances) == {hub2.instance}  # b1 took the shared one first; the stream moved on
+    assert set(b0.router.instances) == {shared, hub2.instance}
+    delivered = b0.events_out
+    b0.accept(numbered(-1), "publisher")
+    assert b0.events_out - delivered == 2  # to the two processes' streams only (none left of the one refused)
+    b1.accept(numbered(*range(20)), "publisher")
+    assert await hub2.advanced.wait_until(lambda: hub2.journal.next == hub1.journal.next, 10)
+    held = hub2.journal.positions_at(parse_pointer(pointer)[1])
+    assert held is not None and encode_token(hub2.tag, held) != token  # what its journal would wrongly say
+    assert hub2.resolve(pointer) is None
+    assert await resolve_pointer(hub2, links2, pointer) == token.decode()  # asked of the first, through b0
+
+    dispatcher1.cancel()
+    await links1.close()  # the first process is gone
+    assert await wait_until_true(lambda: shared not in b0.router.instances)
+    with pytest.raises(InvalidToken):
+        await resolve_pointer(hub2, links2, pointer)
+    with pytest.raises(LookupError):
+        await b0.resolve(pointer)  # known only as lately held: NOT_FOUND, never asked of another process
+    assert b0.router.claims.holder(shared, time.monotonic()) == hub1.nonce
+
+    hub3, links3, dispatcher3, _ = in_process_proxy("p3")  # the issuer gone, a third process draws its instance
+    await links3.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links3.changed.wait_until(lambda: links3.settled() and hub3.issuing, 10)
+    assert hub3.instance != shared
+    with pytest.raises(InvalidToken):
+        await resolve_pointer(hub3, links3, pointer)
+    for dispatcher, links in ((dispatcher2, links2), (dispatcher3, links3)):
+        dispatcher.cancel()
+        await links.close()
+    await server0.stop(None)
+    await server1.stop(None)
+
+
+async def wait_until_true(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `check` (a state another task changes without a signal to wait on) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_a_relay_reconnect_of_the_same_process_keeps_its_instance(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy process whose relay reconnects, its old stream still attached at the broker or not, keeps its
+    instance (a broker tells it by its nonce), and its pointers go on resolving; another process is refused it."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    now = time.monotonic()
+    lingering = RelayStream("p0", "old connection", 1 << 20)  # its old stream, not yet torn down
+    lingering.nonce = hub.nonce
+    broker.router.claim(lingering, hub.instance, now)
+    broker.router.attach(lingering)
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    [link] = links.links.values()
+    assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    instance = hub.instance
+    assert lingering in broker.router.instances[instance] and len(broker.router.instances[instance]) == 2
+    broker.router.detach(lingering)
+    broker.accept(numbered(0, 1), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 2, 10)
+    pointer = encode_pointer(hub.pointer_prefix, hub.journal.next - 2).decode()
+    token = hub.resolve(pointer)
+    assert token is not None
+    update = broker.router.update_interest
+
+    def fail_once(*args: Any) -> None:
+        monkeypatch.setattr(broker.router, "update_interest", update)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(broker.router, "update_interest", fail_once)
+    hub.add(Recorder(), ["y"])  # the broker fails applying this: the relay ends, and reconnects
+    assert await links.changed.wait_until(lambda: link.state == LinkState.BACKOFF, 10)
+    assert await links.changed.wait_until(links.settled, 10)
+    assert hub.instance == instance and hub.issuing and link.verdict == instance
+    assert await broker.resolve(pointer) == token.decode()  # asked of it over its new stream
+    other = RelayStream("p9", "another process", 1 << 20)
+    other.nonce = hub.nonce ^ 1
+    with pytest.raises(InstanceTaken):
+        broker.router.claim(other, instance, time.monotonic())
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_refused_instance_is_drawn_anew_on_every_stream_and_its_pointers_still_resolve_at_home(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy process that issued pointers of its instance reaches a broker where another process holds it: it
+    draws another and names it on its open stream, where (drawn again unluckily) another process holds that one
+    too: that stream is refused as well, and the third one drawn is taken everywhere. Its pointers of the first
+    still resolve from its journal (here only: its streams name its new instance)."""
+    first, second = MIN_INSTANCE + 1, MIN_INSTANCE + 2
+    drawing(monkeypatch, first, second)
+    b0, server0, address0 = await in_process_broker("b0")
+    b1, server1, address1 = await in_process_broker("b1")
+    now = time.monotonic()
+    for broker, instance in ((b1, first), (b0, second)):  # other processes' streams, each holding one
+        ghost = RelayStream("elsewhere", "peer", 1 << 20)
+        ghost.nonce = 7
+        broker.router.claim(ghost, instance, now)
+        broker.router.attach(ghost)
+    hub, links, dispatcher, client = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
+    assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    assert hub.instance == first
+    b0.accept(numbered(0, 1), "publisher")
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 2, 10)
+    pointer = encode_pointer(hub.pointer_prefix, hub.journal.next - 2).decode()
+    token = hub.resolve(pointer)
+    assert token is not None
+    await links.apply(Snapshot(2, (Member("b0", address0), Member("b1", address1)), CLUSTER))
+    assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    third = hub.instance
+    assert third not in (first, second) and set(hub.issued) == {first, third}
+    assert b0.router.instances.keys() == {second, third} and b1.router.instances.keys() == {first, third}
+    assert hub.resolve(pointer) == token
+    assert await resolve_pointer(hub, links, pointer) == token.decode()
+    with pytest.raises(LookupError):
+        await b0.resolve(pointer)  # b0 knows `first` only as lately held by this process: asked of no one
+    dispatcher.cancel()
+    await links.close()
+    await server0.stop(None)
+    await server1.stop(None)
+
+
+async def test_a_broker_that_cannot_be_reached_does_not_hold_up_pointers() -> None:
+    """Pointers are issued once every link's broker took the instance or could not be asked (its relay failed
+    otherwise than by refusing it): a broker down does not leave a proxy with full tokens on every event."""
+    _, server, address = await in_process_broker()
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    gone = f"127.0.0.1:{closed.sockets[0].getsockname()[1]}"
+    closed.close()
+    await closed.wait_closed()  # nothing listens there now
+    hub, links, dispatcher, _ = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address), Member("b1", gone)), CLUSTER))
+    assert await links.changed.wait_until(lambda: hub.issuing, 10)
+    assert links.links["b1"].state != LinkState.CONNECTED and links.links["b1"].verdict == hub.instance
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
+async def test_a_proxy_process_drawing_a_gone_ones_instance_is_refused_it_and_its_pointer_is_a_gap(
+        start: Any, tmp_path: Path) -> None:
+    """Real processes: a proxy is killed (kill -9) with a client holding one of its pointers; a new proxy process
+    draws the same instance (forced by a test-only `sitecustomize`): the brokers refuse it, it draws another (its
+    pointers name that one), and the old pointer resumed at it gives the gap signal, read from no journal."""
+    shared = MIN_INSTANCE + 4242
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # the process's first draw is `shared`, later ones at random
+        "import neoplasma.core.resume as resume\n"
+        f"_drawn, _real = [{shared}], resume.new_instance\n"
+        "resume.new_instance = lambda: _drawn.pop() if _drawn else _real()\n")
+    forced = {"PYTHONPATH": os.pathsep.join(filter(None, (str(hook), os.environ.get("PYTHONPATH"))))}
+    bs = [start("broker", f"b{i}") for i in range(2)]
+    first = start("proxy", "p0", "--drain-retry-ms", "100", env=forced)
+    await push(first, 1, members(bs))
+    await wait_for(lambda: links_ready(first.endpoints["control"], 2), what="links")
+    _, pointer = await cut_with_pointer(first, bs, 0)
+    assert parse_pointer(pointer)[0] == shared, "the hook did not force the instance"
+    first.proc.kill()
+    first.proc.wait()
+    second = start("proxy", "p1", "--drain-retry-ms", "100", env=forced)
+    await push(second, 1, members(bs))
+    await wait_for(lambda: links_ready(second.endpoints["control"], 2), what="links")
+    _, own = await cut_with_pointer(second, bs, 1)
+    assert parse_pointer(own)[0] != shared  # refused the gone one's instance, it drew another
+    assert "pointer_instance_refused" in second.log()
+    after = EventSource(lambda: second.endpoints["http"], "t", token=pointer).start()
+    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
+    assert "pointer" in after.gaps[0]["reason"], after.gaps
+    resolved = await counters(second.endpoints["http"], "neoplasma_proxy_pointer_resolves_total", "result")
+    assert resolved == {"local": 0, "remote": 0, "unresolved": 1}, resolved
+    await after.close()

@@ -20,6 +20,7 @@ claim no head until the backfill is done.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 
@@ -54,6 +55,8 @@ class RelayStream:
         self.held_bytes = 0
         self.held_accepted_ns = 0
         self.instance = 0  # the proxy process's instance (`Interest.instance`; 0: none named)
+        self.nonce = 0  # ... and its nonce (`Interest.nonce`; 0: a proxy of the version before)
+        self.asked_instance = 0  # the instance a later Interest asked to move to (what a refusal names)
         self.queries: list[bytes] = []  # pointer queries (encoded `EventBatch.resolve` fields) for its next message
         self.asked = 0  # pointer queries sent on it and not answered yet
 
@@ -170,6 +173,84 @@ class RelayStream:
         return b"".join(taken), count
 
 
+# Pointer instances (docs/resume.md, "Pointer ids"): a broker remembers which proxy process (nonce) holds each
+# instance over its relay streams and for CLAIM_SECONDS after the last one ended (longer than any proxy's
+# --pointer-journal-seconds and a client's reconnect), at most MAX_CLAIMS instances (the oldest ended forgotten
+# first; beyond that, live ones only: a relay naming another is refused for now).
+CLAIM_SECONDS = 3600.0
+MAX_CLAIMS = 16384
+
+
+class InstanceTaken(Exception):
+    """A relay stream named a pointer instance that another proxy process holds (or held lately) at this broker."""
+
+
+class _Claim:
+    __slots__ = ("ended_at", "live", "nonce")
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+        self.live = 0  # relay streams naming it now
+        self.ended_at = 0.0  # when the last one ended (while live is 0)
+
+
+class Claims:
+    """Which proxy process (its nonce) holds each pointer instance at this broker: while it has relay streams here
+    and for `keep_seconds` after the last one ended. No I/O; the caller's clock."""
+
+    def __init__(self, keep_seconds: float = CLAIM_SECONDS, max_claims: int = MAX_CLAIMS) -> None:
+        self.keep_seconds, self.max_claims = keep_seconds, max_claims
+        self._claims: dict[int, _Claim] = {}
+        self._ended: dict[int, None] = {}  # instances held by no stream now, the longest ended first
+
+    def __len__(self) -> int:
+        return len(self._claims)
+
+    def holder(self, instance: int, now: float) -> int | None:
+        """The nonce of the process that holds `instance` (its streams here, or lately); None: no one."""
+        self._forget(now)
+        claim = self._claims.get(instance)
+        return None if claim is None else claim.nonce
+
+    def take(self, instance: int, nonce: int, now: float) -> None:
+        """A relay stream of the process `nonce` names `instance`: it holds it now (a reconnect of the same process
+        always may, its old stream still open or not). InstanceTaken when another process holds it; OverflowError
+        when MAX_CLAIMS instances are held by live streams."""
+        self._forget(now)
+        claim = self._claims.get(instance)
+        if claim is None:
+            if len(self._claims) >= self.max_claims:
+                if not self._ended:
+                    raise OverflowError(f"{len(self._claims)} proxy instances are held by relay streams here")
+                del self._claims[self._pop_oldest_ended()]
+            claim = self._claims[instance] = _Claim(nonce)
+        elif claim.nonce != nonce:
+            raise InstanceTaken(f"proxy instance {instance} is held by another proxy process at this broker")
+        claim.live += 1
+        self._ended.pop(instance, None)
+
+    def release(self, instance: int, nonce: int, now: float) -> None:
+        """A relay stream of `nonce` that named `instance` ended (or moved to another instance)."""
+        claim = self._claims.get(instance)
+        if claim is None or claim.nonce != nonce or not claim.live:
+            return
+        claim.live -= 1
+        if not claim.live:
+            claim.ended_at = now
+            self._ended[instance] = None
+
+    def _pop_oldest_ended(self) -> int:
+        instance = next(iter(self._ended))
+        del self._ended[instance]
+        return instance
+
+    def _forget(self, now: float) -> None:
+        """Forget the instances that ended over `keep_seconds` ago."""
+        cutoff = now - self.keep_seconds
+        while self._ended and self._claims[next(iter(self._ended))].ended_at < cutoff:
+            del self._claims[self._pop_oldest_ended()]
+
+
 class Router:
     def __init__(self) -> None:
         self.streams: set[RelayStream] = set()
@@ -177,8 +258,33 @@ class Router:
         self._flushed = asyncio.Event()
         self._idle: set[RelayStream] = set()  # streams waiting with no timer: woken by the next `route`
         self.instances: dict[int, set[RelayStream]] = {}  # proxy instance -> its relay streams (pointer queries)
+        self.claims = Claims()
+
+    def claim(self, stream: RelayStream, instance: int, now: float) -> None:
+        """Name `instance` as `stream`'s proxy process's (its first, or a new one it drew): held by that process
+        (`stream.nonce`; a proxy of the version before, nonce 0, holds none). InstanceTaken when another process
+        holds it (`stream` keeps its instance), OverflowError when no more can be held. For an attached stream
+        (else `attach` follows)."""
+        if instance and stream.nonce:
+            self.claims.take(instance, stream.nonce, now)
+        if stream in self.streams:
+            self._unname(stream, now)
+        stream.instance = instance
+        if stream in self.streams and instance:
+            self.instances.setdefault(instance, set()).add(stream)
+
+    def _unname(self, stream: RelayStream, now: float) -> None:
+        """`stream` no longer names its instance (it ended or moved to another)."""
+        same = self.instances.get(stream.instance)
+        if same is not None:
+            same.discard(stream)
+            if not same:
+                del self.instances[stream.instance]
+        if stream.instance and stream.nonce:
+            self.claims.release(stream.instance, stream.nonce, now)
 
     def attach(self, stream: RelayStream) -> None:
+        """Route events to `stream` (its instance, if any, already claimed: `claim`)."""
         self.streams.add(stream)
         if stream.instance:
             self.instances.setdefault(stream.instance, set()).add(stream)
@@ -188,13 +294,11 @@ class Router:
         events come for it, its interest changes, the broker closes, or (`route`) the head moves."""
         self._idle.add(stream)
 
-    def detach(self, stream: RelayStream) -> None:
+    def detach(self, stream: RelayStream, now: float | None = None) -> None:
+        """Stop routing to `stream`; its instance is held on (`Claims`) from `now` (monotonic; default: the clock)."""
+        if stream in self.streams:
+            self._unname(stream, time.monotonic() if now is None else now)
         self.streams.discard(stream)
-        same = self.instances.get(stream.instance)
-        if same is not None:
-            same.discard(stream)
-            if not same:
-                del self.instances[stream.instance]
         self._idle.discard(stream)
         self._index.remove(stream, stream.interest)
         stream.interest = set()

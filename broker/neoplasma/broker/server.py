@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from neoplasma.broker.routing import RelayStream, Router
+from neoplasma.broker.routing import InstanceTaken, RelayStream, Router
 from neoplasma.broker.settings import BrokerConfig
 from neoplasma.core.aio import Turns, wait_event_or_task
 from neoplasma.core.events import (
@@ -398,7 +398,12 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         except (InvalidTopic, DecodeError, LimitExceeded) as exc:
             await refuse(context, exc, "Relay", "interest")
         stream.proxy = first.proxy or context.peer()
-        stream.instance = first.instance
+        stream.nonce = first.nonce
+        try:
+            broker.router.claim(stream, first.instance, time.monotonic())
+        except (InstanceTaken, OverflowError) as exc:
+            broker.router.detach(stream)  # out of the topic index its interest was put in
+            await self._refuse_instance(stream, first.instance, exc, context)
         broker.start_backfill(stream, first)  # no await from here to attach: no event slips between
         broker.router.attach(stream)
         log.info("relay_opened", proxy=stream.proxy, peer=stream.peer, topics=len(stream.interest),
@@ -431,6 +436,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             error = reader.exception()
             if isinstance(error, InvalidTopic | DecodeError | LimitExceeded):
                 await refuse(context, error, "Relay", "interest")
+            if isinstance(error, InstanceTaken | OverflowError):
+                await self._refuse_instance(stream, stream.asked_instance, error, context)
             if error is not None:  # never an OK end: the proxy takes that for a drain and signals no gap
                 log.error("relay_failed", proxy=stream.proxy, error=repr(error))
                 await context.abort(grpc.StatusCode.INTERNAL, f"relay failed: {error!r}")
@@ -439,6 +446,18 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             broker.router.detach(stream)
             log.info("relay_closed", proxy=stream.proxy, sent=stream.sent, dropped=stream.dropped,
                      pending=len(stream.outbox))
+
+    @staticmethod
+    async def _refuse_instance(stream: RelayStream, instance: int, exc: Exception,
+                               context: grpc.aio.ServicerContext) -> None:
+        """End a relay stream whose proxy named a pointer instance it may not hold here (docs/resume.md, "Pointer
+        ids"): ALREADY_EXISTS when another process holds it (the proxy draws another and reconnects)."""
+        log.outside("relay_instance_refused", proxy=stream.proxy, peer=stream.peer, instance=instance,
+                    error=str(exc))
+        if isinstance(exc, InstanceTaken):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"relay refused: {exc}; draw another pointer instance and reconnect")
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"relay refused: {exc}; try again later")
 
     def _apply_interest(self, stream: RelayStream, msg: pb.Interest) -> None:
         cfg = self.broker.config
@@ -461,7 +480,10 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             if msg.resolved:  # answers to pointer queries: nothing else (not an interest change)
                 self.broker.answered(stream, msg.resolved)
                 continue
-            self._apply_interest(stream, msg)
+            if msg.instance and msg.instance != stream.instance:  # the proxy drew another instance
+                stream.asked_instance = msg.instance
+                self.broker.router.claim(stream, msg.instance, time.monotonic())  # InstanceTaken: the stream ends
+            self._apply_interest(stream, msg)  # acknowledged like an interest change
 
     async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:  # noqa: N802
         """The full token a pointer id stands for, asked of the proxy instance that issued it (docs/resume.md)."""

@@ -205,6 +205,19 @@ def new_instance() -> int:
     return random.randint(MIN_INSTANCE, MAX_INSTANCE)
 
 
+def new_nonce() -> int:
+    """A proxy process's nonce, drawn at its start: 64 random bits, never 0 (brokers tell its relay streams from
+    those of another process that drew the same instance by it)."""
+    return random.randint(1, 2**64 - 1)
+
+
+def unwrap_counter(counter: int, next_counter: int) -> int:
+    """The event number (unwrapped) that the wrapped `counter` of a pointer names, of those before `next_counter`
+    (the next event's number): the latest with that counter."""
+    last = next_counter - 1
+    return last - (last - counter) % POINTER_SPAN
+
+
 def pointer_prefix(instance: int) -> bytes:
     """The first 4 characters of every pointer of `instance` (its 3 bytes: exactly 4 base64 characters)."""
     if not MIN_INSTANCE <= instance <= MAX_INSTANCE:
@@ -362,8 +375,7 @@ class PointerJournal:
         rounds = self._rounds
         if not rounds or not 0 <= counter < POINTER_SPAN:
             return None
-        last = self.next - 1
-        n = last - (last - counter) % POINTER_SPAN
+        n = unwrap_counter(counter, self.next)
         if n < rounds[0].first:
             return None
         index = bisect.bisect_right(rounds, n, key=lambda r: r.first) - 1

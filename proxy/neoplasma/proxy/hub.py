@@ -37,6 +37,7 @@ from neoplasma.core.events import (
     sse_gap,
     sse_pointed_frame,
 )
+from neoplasma.core.logs import get_logger
 from neoplasma.core.memory import give_back
 from neoplasma.core.resume import (
     PointerJournal,
@@ -44,15 +45,20 @@ from neoplasma.core.resume import (
     encode_pointer,
     encode_token,
     new_instance,
+    new_nonce,
     parse_pointer,
     pointer_prefix,
+    unwrap_counter,
 )
 from neoplasma.core.topics import TopicIndex
 from neoplasma.proxy.h2server import Call
 from neoplasma.proxy.metrics import ProxyMetrics
 from neoplasma.proxy.settings import JOURNAL_BYTES, JOURNAL_SECONDS, LINGER, MAX_LINGER
 
+log = get_logger("proxy.hub")
+
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
+INSTANCES_KEPT = 16  # pointer instances of this process whose pointers still resolve here (a redraw is rare)
 
 
 def pause(cost: float, late: float, ceiling: float, linger: float, max_linger: float,
@@ -74,7 +80,8 @@ class Batch:
     """One dispatched batch, with each event's encodings made at most once: an SSE event has two, one with the
     full token after it (the last event of a subscriber's write) and one with its pointer (the others)."""
 
-    __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "events", "first", "hub", "lasts")
+    __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "events", "first", "hub", "lasts",
+                 "pointers")
 
     def __init__(self, events: Sequence[Event], hub: Hub) -> None:
         self.events = events
@@ -82,6 +89,7 @@ class Batch:
         self.base = dict(hub.positions)  # positions before this batch
         self.first = 0  # the journal's number for events[0] (the next ones follow; set by Hub.dispatch)
         self.lasts: set[int] = set()  # the events whose full token is asked (made in one pass when first asked)
+        self.pointers = hub.issuing  # whether events that do not end a write get pointers
         self._tokens: dict[int, bytes] = {}
         self._sse: dict[int, bytes] = {}
         self._pointed: dict[int, bytes] = {}
@@ -110,7 +118,10 @@ class Batch:
         return frame
 
     def sse_pointed(self, i: int) -> bytes:
-        """Event `i` as an SSE frame with its pointer as id (resolved by this process's journal)."""
+        """Event `i` as an SSE frame with its pointer as id (resolved by this process's journal); with its full
+        token while the hub issues no pointers (its instance not confirmed)."""
+        if not self.pointers:
+            return self.sse(i)
         frame = self._pointed.get(i)
         if frame is None:
             frame = self._pointed[i] = sse_pointed_frame(encode_pointer(self.hub.pointer_prefix, self.first + i),
@@ -335,9 +346,16 @@ class Hub:
         self.tag = cluster_tag("")
         self._token: bytes | None = None
         # This process's pointers: its instance (named in its relay streams' first Interest) and what they mean.
+        # Pointers are issued once every link's broker has taken the instance (`confirm`), never while another
+        # process may hold it; one refused draws another (`redraw`).
+        self.nonce = new_nonce()
         self.instance = new_instance()
         self.pointer_prefix = pointer_prefix(self.instance)
+        self.issuing = False  # pointers of `instance` are issued
         self.journal = PointerJournal(journal_seconds, journal_bytes)
+        # The instances whose pointers this process issued: the event numbers (unwrapped) they named, from first to
+        # end (None: still issuing). At most INSTANCES_KEPT, the oldest forgotten.
+        self.issued: dict[int, tuple[int, int | None]] = {}
         self.advanced = Signal()  # notified after every dispatch
         self.rounds = 0  # dispatch rounds so far
         self._topics_high = 0  # the most topics since memory was last given back
@@ -489,16 +507,48 @@ class Hub:
         return self._token
 
     def resolve(self, pointer: str) -> bytes | None:
-        """The full token one of this process's pointers stands for; None when it is not one of its pointers or
-        no longer in its journal (garbled ones included: never an error)."""
+        """The full token one of this process's pointers stands for; None when it is not one of its pointers (of an
+        instance it issued pointers of, numbered while it did) or no longer in its journal (garbled ones included:
+        never an error)."""
         try:
             instance, counter = parse_pointer(pointer)
         except ValueError:
             return None
-        if instance != self.instance:
+        issued = self.issued.get(instance)
+        if issued is None:
+            return None
+        first, end = issued
+        number = unwrap_counter(counter, self.journal.next)
+        if not first <= number < (self.journal.next if end is None else end):
             return None
         positions = self.journal.positions_at(counter)
         return None if positions is None else encode_token(self.tag, positions)
+
+    def confirm(self, instance: int) -> None:
+        """Every link's broker took `instance` (or could not be reached): if it is still this process's, its
+        pointers are issued from the next event on."""
+        if instance != self.instance or self.issuing:
+            return
+        self.issuing = True
+        self.issued[instance] = (self.journal.next, None)
+        while len(self.issued) > INSTANCES_KEPT:
+            del self.issued[next(iter(self.issued))]
+        log.info("pointer_instance_confirmed", instance=instance)
+
+    def redraw(self, refused: int) -> bool:
+        """A broker refused `refused`: another process holds it. If it is still this process's instance, draw
+        another (the pointers issued of it, if any, still resolve here); returns whether it did."""
+        if refused != self.instance:
+            return False
+        if self.issuing:
+            first, _ = self.issued[refused]
+            self.issued[refused] = (first, self.journal.next)
+        self.issuing = False
+        while self.instance == refused or self.instance in self.issued:
+            self.instance = new_instance()
+        self.pointer_prefix = pointer_prefix(self.instance)
+        log.warning("pointer_instance_redrawn", refused=refused, instance=self.instance)
+        return True
 
     def retire(self, epoch: int) -> None:
         """A broker epoch ended (its link is gone): after what is pending, keep only its last position."""
@@ -591,7 +641,8 @@ class Hub:
         if events:  # what this round's pointers mean
             batch.first = self.journal.record(batch.base, [e.epoch for e in events], [e.seq for e in events],
                                               time.monotonic())
-            batch.lasts = {indices[-1] for indices in matched.values()}
+            batch.lasts = ({indices[-1] for indices in matched.values()} if batch.pointers
+                           else {i for indices in matched.values() for i in indices})
         for epoch, head in (heads or {}).items():
             if head > positions.get(epoch, 0):
                 positions[epoch] = head

@@ -102,6 +102,12 @@ class BrokerLink:
         self._interest_applied = 0  # ... and how many the broker says it applied
         self._task: asyncio.Task[None] | None = None
         self.finishing = False  # removed from the membership: no reconnect once the stream ends
+        # Pointer instances (docs/resume.md, "Pointer ids"): the one the current stream last named, and the number
+        # of the Interest message that named it (acknowledged: the broker took it); `verdict`: the instance the
+        # broker took, or could not be asked about (its stream failed otherwise): not refused.
+        self._claim = (0, 0)
+        self.verdict = 0
+        self.on_instance: Callable[[], None] = lambda: None  # a verdict came, or the hub drew another instance
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.member.name}")
@@ -173,6 +179,7 @@ class BrokerLink:
                 self.ended_cleanly = True
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
+                self._failed(exc.code())
             if self.finishing:
                 return
             self.state = LinkState.BACKOFF
@@ -189,6 +196,7 @@ class BrokerLink:
         self._answers = []
         self._interest_changed.clear()
         self._interest_sent, self._interest_applied = 1, 0
+        self._claim = (self.hub.instance, 1)  # what the first message names (a broker not reached: not refused)
         # Where this proxy left off with the broker: it backfills what the last stream did not bring,
         # or (a broker new to this proxy, or restarted) what it accepted since our oldest subscription,
         # measured once the stream is open, plus slack for the time the message takes to be read.
@@ -200,9 +208,10 @@ class BrokerLink:
         room = self.request_room or self.peers_room()
         parts = [add for add, _ in interest_parts(self.hub.topics(), set(), room)] or [[]]
         self._interest_sent = len(parts)
+        self._claim = (self.hub.instance, len(parts))  # (drawn anew meanwhile, perhaps)
         await call.write(pb.Interest(add=parts[0], replace=True, proxy=self.proxy_name, epoch=self.epoch,
                                      after=self.position, backfill_ms=backfill_ms, instance=self.hub.instance,
-                                     more=len(parts) > 1))
+                                     nonce=self.hub.nonce, more=len(parts) > 1))
         for k in range(1, len(parts)):
             await call.write(pb.Interest(add=parts[k], more=k < len(parts) - 1))
         writer = asyncio.create_task(self._send_interest(call))
@@ -223,6 +232,9 @@ class BrokerLink:
                 if batch.interest_applied:
                     self.max_request_bytes = batch.max_request_bytes
                     self._interest_applied = batch.interest_applied
+                    if batch.interest_applied >= self._claim[1] and self.verdict != self._claim[0]:
+                        self.verdict = self._claim[0]  # the broker took the instance
+                        self.on_instance()
                     self._mark_connected()
                     self.changed.notify()
         finally:
@@ -239,6 +251,23 @@ class BrokerLink:
             self.hub.revive(epoch)  # a broker that left the membership and came back
         self.epoch = epoch
         self.ended_cleanly = False
+
+    def _failed(self, code: grpc.StatusCode) -> None:
+        """A relay stream failed with `code`: a broker refusing the instance it named (another process holds it)
+        has the hub draw another; any other failure leaves it unrefused here."""
+        instance = self._claim[0]
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            if self.hub.redraw(instance):
+                log.warning("pointer_instance_refused", broker=self.member.name, instance=instance,
+                            drawn=self.hub.instance)
+            self.on_instance()
+        elif instance and self.verdict != instance:
+            self.verdict = instance
+            self.on_instance()
+
+    def instance_changed(self) -> None:
+        """The hub drew another pointer instance: the current stream names it next (`_send_interest`)."""
+        self._interest_changed.set()
 
     def _mark_connected(self) -> None:
         if self.state != LinkState.CONNECTED:
@@ -266,6 +295,10 @@ class BrokerLink:
             if self._answers:
                 answers, self._answers = self._answers, []
                 await call.write(pb.Interest(resolved=answers))
+            if self.hub.instance != self._claim[0]:  # drawn anew: acknowledged like an interest change
+                self._interest_sent += 1
+                self._claim = (self.hub.instance, self._interest_sent)
+                await call.write(pb.Interest(instance=self.hub.instance))
             added, removed = self._added, self._removed
             # In messages the broker reads (what it said it reads, less the rest of a message).
             for add, remove in interest_parts(added, removed, self.request_room):
@@ -312,6 +345,7 @@ class LinkSet:
             link = self.links[name] = BrokerLink(member, self.hub, self.proxy_name, Backoff(RETRY),
                                                  self.max_message_bytes, self.changed, self.access)
             link.peers_room = self.request_room
+            link.on_instance = self._instance_news
             old, leaving = self.leaving.pop(name, (None, None))
             if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
                 leaving.cancel()
@@ -322,10 +356,20 @@ class LinkSet:
             link.start()
         self.applied = snapshot
         self.hub.set_cluster(snapshot.cluster)
+        self._instance_news()
         self.changed.notify()
         log.info("membership_applied", version=snapshot.version,
                  brokers=[m.name for m in snapshot.members],
                  draining=[m.name for m in snapshot.members if m.state is BrokerState.DRAINING])
+
+    def _instance_news(self) -> None:
+        """A link's broker took the pointer instance (or could not be asked), or the hub drew another: the links
+        name the hub's instance; once every link's broker took it (none refused), its pointers are issued."""
+        hub = self.hub
+        for link in self.links.values():
+            link.instance_changed()
+        if not hub.issuing and self.links and all(link.verdict == hub.instance for link in self.links.values()):
+            hub.confirm(hub.instance)
 
     async def _leave(self, name: str, link: BrokerLink) -> None:
         """A link removed from the membership: finished (see `BrokerLink.finish`), its epoch retired,

@@ -571,7 +571,7 @@ async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
     except InvalidToken:
         hub.metrics.pointers.inc("unresolved")
         raise
-    if instance == hub.instance:
+    if instance in hub.issued:  # one of this process's pointers (any other is asked of its issuer)
         token = hub.resolve(pointer)
         hub.metrics.pointers.inc("unresolved" if token is None else "local")
         if token is None:

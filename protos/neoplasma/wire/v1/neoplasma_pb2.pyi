@@ -30,7 +30,7 @@ class PublishResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Interest(_message.Message):
-    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "more")
+    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "more", "nonce")
     ADD_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Interest(_message.Message):
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     add: _containers.RepeatedScalarFieldContainer[str]
     remove: _containers.RepeatedScalarFieldContainer[str]
     replace: bool
@@ -51,7 +52,8 @@ class Interest(_message.Message):
     instance: int
     resolved: _containers.RepeatedCompositeFieldContainer[PointerAnswer]
     more: bool
-    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    nonce: int
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., more: _Optional[bool] = ..., nonce: _Optional[int] = ...) -> None: ...
 
 class PointerQuery(_message.Message):
     __slots__ = ("id", "pointer")
