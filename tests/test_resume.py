@@ -1821,3 +1821,29 @@ async def test_a_proxy_process_drawing_a_gone_ones_instance_is_refused_it_and_it
     resolved = await counters(second.endpoints["http"], "neoplasma_proxy_pointer_resolves_total", "result")
     assert resolved == {"local": 0, "remote": 0, "unresolved": 1}, resolved
     await after.close()
+
+
+async def test_a_relay_that_ends_or_is_refused_inside_its_first_interest_leaves_nothing_routed_to_it() -> None:
+    """The first Interest may come in parts, each applied as it is read: a proxy that goes away after a part,
+    or sends a bad one, must not leave the stream in the broker's topic index (events would be queued for
+    nobody, and the index would keep its topics)."""
+    broker, server, address = await in_process_broker()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.BrokerStub(channel)
+            ended = stub.Relay()
+            await ended.write(pb.Interest(add=["gone"], replace=True, proxy="p", more=True))
+            await ended.done_writing()
+            assert [batch async for batch in ended] == []  # it ended before its interest was whole
+            refused = stub.Relay()
+            await refused.write(pb.Interest(add=["bad"], replace=True, proxy="p", more=True))
+            await refused.write(pb.Interest(add=["no spaces allowed \x00"], more=False))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                _ = [batch async for batch in refused]
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert await wait_until_true(lambda: not broker.router._index.matching("gone")
+                                and not broker.router._index.matching("bad"), 5)
+        broker.accept([("gone", b"{}"), ("bad", b"{}")], "publisher")
+        assert not broker.router.streams
+    finally:
+        await server.stop(None)

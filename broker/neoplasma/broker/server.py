@@ -393,10 +393,14 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 if not part.more:  # the first interest is whole (it may come in parts)
                     break
                 part = await context.read()
-            if part is grpc.aio.EOF:
-                return
-        except (InvalidTopic, DecodeError, LimitExceeded) as exc:
-            await refuse(context, exc, "Relay", "interest")
+        except BaseException as exc:
+            broker.router.detach(stream)  # out of the topic index the parts before were put in
+            if isinstance(exc, InvalidTopic | DecodeError | LimitExceeded):
+                await refuse(context, exc, "Relay", "interest")
+            raise
+        if part is grpc.aio.EOF:  # the proxy left before its first interest was whole
+            broker.router.detach(stream)
+            return
         stream.proxy = first.proxy or context.peer()
         stream.nonce = first.nonce
         try:
