@@ -104,8 +104,16 @@ async def test_credential_rotation_keeps_subscribers(start: Any, tmp_path: Path)
         links = (await proxy_status(control, new)).links
         assert [(link.state, link.events_received) for link in links] == [(pb.BrokerLink.CONNECTED, 2)]
         async with grpc.aio.insecure_channel(broker.endpoints["grpc"]) as ch:
-            stats = await pb_grpc.BrokerStub(ch).Stats(pb.StatsRequest(), timeout=5,
-                                                        metadata=bearer_metadata("new-credential"))
+            stub = pb_grpc.BrokerStub(ch)
+
+            async def broker_stats() -> pb.BrokerStats | None:  # the broker reads the file on its own clock
+                try:
+                    return await stub.Stats(pb.StatsRequest(), timeout=5, metadata=bearer_metadata("new-credential"))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                    return None
+
+            stats = await wait_for(broker_stats, what="the new credential accepted by the broker")
         assert stats.relay_streams == 1  # the proxy's relay stream was never dropped
 
 
