@@ -110,6 +110,7 @@ def main() -> None:
         results["cases"].append({"events_per_round": n, "subscribers": subscribers, "groups": groups,
                                  "now_us": round(now * 1e6, 1), "before_us": round(before * 1e6, 1)})
     path = ROOT / "bench" / "results" / "round_cost.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     print(f"written to {path}")
 
