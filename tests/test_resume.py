@@ -1096,3 +1096,16 @@ async def test_replays_walk_at_most_a_tenth_of_a_seconds_worth_of_their_rate_at_
     assert loop.time() - started < 0.05
     await broker.pace_replay(100)  # the next tenth waits for its time
     assert loop.time() - started >= 0.09
+
+
+async def test_catch_up_writes_a_tenth_of_a_seconds_worth_of_its_rate_at_once() -> None:
+    """After a quiet while, a proxy's catch-up may write a tenth of a second's worth of --catch-up-bytes-per-second
+    without waiting, then at that rate (as the brokers' replays walk): 1000 resumes arriving together do not start
+    with a whole second's worth written as fast as the loop goes, beside the work of their connections."""
+    budget = ResumeBudget(catch_up_bytes_per_second=10_000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await budget.pace(1000)  # a tenth of a second's worth: at once
+    assert loop.time() - started < 0.05
+    await budget.pace(1000)  # the next tenth waits for its time
+    assert loop.time() - started >= 0.09

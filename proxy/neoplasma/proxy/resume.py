@@ -29,6 +29,10 @@ REPLAY_WINDOW = 16
 CATCH_UP_STEP = 256
 # The topics' bytes one gathered Replay call asks for at most (the request stays far below gRPC's 4 MiB).
 GATHER_MAX_BYTES = 256 * 1024
+# Seconds' worth of --catch-up-bytes-per-second written at once after none for a while (as the brokers' REPLAY_BURST):
+# a burst of resumes (1000 forged ones, arriving with their connections) starts at the steady rate, not with a whole
+# second's worth written as fast as the loop goes.
+CATCH_UP_BURST = 0.1
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
@@ -54,10 +58,10 @@ class ResumeBudget:
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
 
     async def pace(self, size: int) -> None:
-        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
+        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of CATCH_UP_BURST)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._allowed_at = max(self._allowed_at, now - 1.0) + size / self.rate
+        self._allowed_at = max(self._allowed_at, now - CATCH_UP_BURST) + size / self.rate
         if self._allowed_at > now:
             await asyncio.sleep(self._allowed_at - now)
 
