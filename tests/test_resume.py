@@ -751,6 +751,60 @@ async def test_first_subscribers_of_many_new_topics_share_one_replay_per_broker(
     await links.close()
 
 
+async def test_resumes_from_seq_0_of_a_broker_share_one_replay_of_it(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumes whose token names a broker at seq 0 (nothing of it seen, or forged: a replay of all it retained) with
+    topic sets of their own that come together catch up from one Replay call per broker (their topics gathered; it
+    asks from seq 0, so no reader gets a gap that is not its own), not one per topic set per broker (1000 forged
+    resumes cost a broker 1000 walks of its retention); each gets exactly its own topics' events, once. One whose
+    token holds a position of a broker replays that one from it, as before."""
+    bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
+    hub, links = proxy.hub, proxy.links
+    epochs = {link.member.name: link.epoch for link in links.links.values()}
+
+    async def publish_round(r: int) -> None:
+        for b in bs:
+            await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i, "r": r}) for i in range(40)]
+                               + [("g:x", {"b": b.name, "n": 40, "r": r}), ("other", {"b": b.name, "n": -1, "r": r})])
+
+    await publish_round(0)  # retained: seqs 1-42 of each broker
+    await publish_round(1)  # seqs 43-84
+    held = []
+    for link in links.links.values():  # the links' interest stays unsent until released below: they come together
+        held.append(link._interest_changed)
+        link._interest_changed = asyncio.Event()
+    topics = {i: [f"n{i}"] for i in range(40)} | {40: ["g"], 41: ["n0", "n1"]}  # "g" has "g:x" (prefix rule)
+    tokens = {i: {epochs["b0"]: 0, epochs["b1"]: 0} for i in topics}
+    tokens[41] = {epochs["b0"]: 0, epochs["b1"]: 42}  # saw b1's round 0: b1 replays from there, not gathered
+    clients = {i: Recorder() for i in topics}
+    tasks = [proxy.subscribe(clients[i], topics[i], encode_token(hub.tag, tokens[i]).decode(), clients[i])
+             for i in topics]
+    assert all(task is not None for task in tasks)
+    await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every resume holding")
+    for event in held:
+        event.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)  # type: ignore[arg-type]
+    await publish_round(2)  # live
+
+    def got(client: Recorder) -> list[tuple[str, int, int]]:
+        return sorted((d["b"], d["r"], d["n"]) for d in map(json.loads, (e.data for e in client.events)))
+
+    def wanted(i: int) -> list[tuple[str, int, int]]:
+        return sorted((b.name, r, n) for b in bs for r in range(3) if not (i == 41 and b.name == "b1" and r == 0)
+                      for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
+
+    await wait_for(lambda: all(len(got(c)) >= len(wanted(i)) for i, c in clients.items()), timeout=20,
+                   what="every subscriber's events")
+    for i, client in clients.items():  # exactly once each (and only its own topics'), no gap
+        assert got(client) == wanted(i), i
+        assert not client.gaps, client.gaps
+    # Before: one call per topic set per broker (84). Now one per broker for those from seq 0, one for b1 from 42,
+    # and a few more for any that settled before the rest had joined.
+    assert proxy.resumes.started <= 2 * len(bs) + 1, proxy.resumes.started
+    dispatcher.cancel()
+    await links.close()
+
+
 class CountedSse(Recorder):
     resumes = True
 

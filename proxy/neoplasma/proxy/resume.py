@@ -51,8 +51,9 @@ class ResumeBudget:
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
-        # Per link (broker name, epoch): the Replay call that catch-ups from now (no token) join until it is made.
-        self.gathering: dict[tuple[str, int], SharedReplay] = {}
+        # Per link (broker name, epoch) and whether from seq 0: the Replay call that catch-ups from now (no token) join
+        # until it is made, or that resumes from seq 0 of that broker join while it can be joined.
+        self.gathering: dict[tuple[str, int, bool], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
@@ -74,11 +75,26 @@ class ReplayBatch(NamedTuple):
     # Its steps' frames as sent to readers, by (sink kind, step, position before it): readers at one
     # position (every client of a proxy that died, say) get the same bytes, encoded once.
     encoded: dict[tuple[type, int, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+    # Which of its events each subscription key matches (`matching`), made once for all readers of a gathered call.
+    by_key: dict[str, list[int]]
 
     @staticmethod
     def made(events: list[Event], head: int, gap: bool) -> ReplayBatch:
         sizes = [sum(len(e.data) for e in events[k:k + CATCH_UP_STEP]) for k in range(0, len(events), CATCH_UP_STEP)]
-        return ReplayBatch(events, head, gap, sizes, {})
+        return ReplayBatch(events, head, gap, sizes, {}, {})
+
+    def matching(self, topics: frozenset[str], after: int) -> list[Event]:
+        """Its events after seq `after` that `topics` match (plasma prefix rule), in order: a reader's part of a
+        gathered call, found through an index of the batch's events by subscription key, made by the first reader
+        (a thousand readers of their own topic each take their few events, not a pass over all of them)."""
+        events, index = self.events, self.by_key
+        if not index and events:
+            for i, event in enumerate(events):
+                for key in prefixes(event.topic):
+                    index.setdefault(key, []).append(i)
+        hits = [index[t] for t in topics if t in index]
+        found = hits[0] if len(hits) == 1 else sorted(set().union(*hits))
+        return [events[i] for i in found if events[i].seq > after]
 
 
 @runtime_checkable
@@ -114,6 +130,8 @@ class SharedReplay:
         self.gathered_topics: set[str] = set()
         self.gathered_after: int | None = None
         self.gathered_bytes = 0
+        self.gathering: tuple[str, int, bool] | None = None  # its key in `ResumeBudget.gathering`, when gathered
+        self.marked = key[3]  # the topics `mark` is of: its own, or those gathered when it was called
 
     def gather(self, topics: frozenset[str], after: int) -> None:
         """Add a reader's topics and position to a gathered call not yet made."""
@@ -132,7 +150,7 @@ class SharedReplay:
             return False
         if self.called is None or self.called >= held_from:
             return True
-        return self.mark is not None and self.hub.quiet_since(self.key[3], self.mark)
+        return self.mark is not None and self.hub.quiet_since(self.marked, self.mark)
 
     async def run(self, link: BrokerLink, request: pb.ReplayRequest | None, timeout: float) -> None:
         """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers.
@@ -145,13 +163,17 @@ class SharedReplay:
             async with budget.replays:
                 budget.started += 1
                 if request is None:
-                    if budget.gathering.get((link.member.name, link.epoch)) is self:
-                        del budget.gathering[(link.member.name, link.epoch)]
+                    # Catch-ups from now (positions differ) gather no more once it is made; readers from seq 0 may
+                    # still join it while it can be joined (`Resume._gathered`).
+                    if self.gathering is not None and not self.gathering[2] and budget.gathering.get(
+                            self.gathering) is self:
+                        del budget.gathering[self.gathering]
+                    self.marked = frozenset(self.gathered_topics)
                     request = pb.ReplayRequest(epoch=link.epoch, after=self.gathered_after or 0,
                                                topics=sorted(self.gathered_topics))
                 if self.readers:  # all may have left while it waited for its turn
                     # The broker's head when it is called is not before the proxy's position now.
-                    self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.key[3])
+                    self.called, self.mark = hub.positions.get(link.epoch, 0), hub.mark(self.marked)
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
@@ -385,10 +407,12 @@ class Resume:
     async def _replay_all(self, client: dict[int, int], from_now: bool) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
         live events must be skipped, per epoch. `from_now` (no token: the first subscribers of topics new to
-        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`)."""
+        this proxy), and for the brokers it holds no position of (seq 0: it never saw anything of them, or forged):
+        it joins the link's gathered call, every link's at once, before reading any (`_gathered`)."""
         links = [link for link in self.links.links.values() if link.epoch]
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
-        gathered = {link.epoch: self._gathered(link) for link in links} if from_now else {}
+        gathered = {link.epoch: self._gathered(link) for link in links
+                    if from_now or not self.position[link.epoch]}
         skip: dict[int, int] = {}
         try:
             for link in links:
@@ -406,17 +430,27 @@ class Resume:
         return skip
 
     def _gathered(self, link: BrokerLink) -> tuple[SharedReplay, int]:
-        """A reader of the Replay call to `link`'s broker that catch-ups from now gather into until it is made (it
-        waits for the turns of those that came with this one, then for its turn among the proxy's replays): the
-        union of their topics after the lowest of their positions. Joined only after this resume's interest was
-        acknowledged, so the call, made later, is past the seq at which the broker applied it (exactly once)."""
+        """A reader of the Replay call to `link`'s broker that catch-ups gather into (it waits for the turns of those
+        that came with this one, then for its turn among the proxy's replays): the union of their topics after the
+        lowest of their positions. Joined only after this resume's interest was acknowledged, so the call, made
+        later, is past the seq at which the broker applied it (exactly once). Catch-ups from seq 0 (a position
+        naming nothing of this broker: every one retained is owed) gather apart from those from now: their call
+        asks from seq 0, so the gap it reports is each reader's own; and once made, it is joined as a shared replay
+        is (`SharedReplay.joinable`) by those whose topics it asked. A thousand resumes from seq 0 of a topic each
+        cost the broker one walk of its retention, not a thousand."""
         budget = self.budget
-        where = (link.member.name, link.epoch)
+        zero = not self.position[link.epoch]
+        where = (link.member.name, link.epoch, zero)
         shared = budget.gathering.get(where)
-        if shared is None or shared.gathered_bytes >= GATHER_MAX_BYTES:
-            shared = budget.gathering[where] = SharedReplay(budget, (*where, -1, frozenset()), self.hub)
+        if shared is not None and (shared.gathered_bytes >= GATHER_MAX_BYTES if shared.called is None else not (
+                self.topics <= shared.gathered_topics and shared.joinable(self.held_from.get(link.epoch, 0)))):
+            shared = None
+        if shared is None:
+            shared = budget.gathering[where] = SharedReplay(budget, (*where[:2], -1, frozenset()), self.hub)
+            shared.gathering = where
             asyncio.get_running_loop().create_task(shared.run(link, None, max(self.wait, 30.0)))
-        shared.gather(self.topics, self.position[link.epoch])
+        if shared.called is None:
+            shared.gather(self.topics, self.position[link.epoch])
         return shared, shared.join()
 
     async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
@@ -425,8 +459,7 @@ class Resume:
         position than this one's: a gap signal too many, never one too few)."""
         topics = self.topics
         async for batch in shared.read(me):
-            events = [e for e in batch.events if e.seq > after and not topics.isdisjoint(prefixes(e.topic))]
-            yield ReplayBatch.made(events, batch.head, batch.gap)
+            yield ReplayBatch.made(batch.matching(topics, after), batch.head, batch.gap)
 
     def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
         """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
