@@ -55,7 +55,7 @@ from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, start_resume
+from neoplasma.proxy.resume import CATCH_UP_STEP, Holder, ReplayBatch, Resume, ResumeBudget, SharedReplay, start_resume
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -803,6 +803,34 @@ async def test_resumes_from_seq_0_of_a_broker_share_one_replay_of_it(
     assert proxy.resumes.started <= 2 * len(bs) + 1, proxy.resumes.started
     dispatcher.cancel()
     await links.close()
+
+
+async def test_a_gathered_replays_reader_takes_its_sparse_events_in_steps_not_one_per_message() -> None:
+    """A reader of a gathered call whose topic has a few events in each of its messages (1000 resumes of a topic each,
+    from seq 0, over all of retention) gets them gathered into steps of CATCH_UP_STEP, each one write, not a
+    send per message; the last carries the call's head; a gap comes after what came before it, with its own part.
+    The batches' index by subscription key is made once, for all readers."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    messages = 2 * CATCH_UP_STEP + 10
+    for m in range(messages):  # one event of "mine:x" (matched by "mine") among 20 per message; a gap in the last
+        events = [Event("mine:x" if i == 0 else f"other:{i}", b"{}", 7, 20 * m + i + 1) for i in range(20)]
+        shared.batches.append(ReplayBatch.made(events, 99_999, m == messages - 1))
+    shared.done = shared.complete = True
+    readers = [shared.join() for _ in range(3)]
+    first = shared.batches[1]
+    parts = []
+    for me in readers:
+        resume = Resume(hub, None, Recorder(), frozenset({"mine"}), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        parts.append([b async for b in resume._part(shared, me, 20)])  # after seq 20: not the first message's
+    for got in parts:
+        sizes = [(len(b.events), b.gap) for b in got]
+        # messages 1 to 520 (the first is before seq 20) in steps; the gap's message after them, with its own event
+        assert sizes == [(CATCH_UP_STEP, False), (CATCH_UP_STEP, False), (8, False), (1, True), (0, False)], sizes
+        assert all(b.head == 99_999 for b in got)
+        seqs = [e.seq for b in got for e in b.events]
+        assert seqs == [20 * m + 1 for m in range(1, messages)]
+    assert first.by_key["mine"] == [0] and not shared.batches  # indexed once; let go once all took it
 
 
 class CountedSse(Recorder):

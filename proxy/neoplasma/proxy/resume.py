@@ -117,6 +117,7 @@ class SharedReplay:
         self.batches: list[ReplayBatch] = []
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
+        self._at: dict[int, int] = {}  # index -> how many readers take it next (a few keys: its batches' indices)
         self.done = False
         self.complete = False  # the call ran to its end (not cut short, no error)
         self.error: grpc.aio.AioRpcError | None = None
@@ -210,11 +211,21 @@ class SharedReplay:
         me = self._next_reader
         self._next_reader += 1
         self.readers[me] = self.trimmed
+        self._count(self.trimmed, 1)
         return me
 
     def leave(self, me: int) -> None:
-        if self.readers.pop(me, None) is not None:
+        index = self.readers.pop(me, None)
+        if index is not None:
+            self._count(index, -1)
             self._trim()
+
+    def _count(self, index: int, change: int) -> None:
+        left = self._at.get(index, 0) + change
+        if left:
+            self._at[index] = left
+        else:
+            del self._at[index]
 
     async def read(self, me: int | None = None) -> AsyncIterator[ReplayBatch]:
         """Every batch of the replay, in order (then AioRpcError if the call failed), for reader `me` (`join`;
@@ -226,6 +237,8 @@ class SharedReplay:
                 index = self.readers[me]
                 if index < self.trimmed + len(self.batches):
                     self.readers[me] = index + 1
+                    self._count(index, -1)
+                    self._count(index + 1, 1)
                     batch = self.batches[index - self.trimmed]
                     self._trim()
                     yield batch
@@ -243,7 +256,7 @@ class SharedReplay:
         """Let go of the batches every reader has taken once the call needs room for another (all of them when no
         reader is left, or once it let any go: it can no longer be joined from its start)."""
         readers, batches = self.readers, self.batches
-        taken = min(readers.values(), default=self.trimmed + len(batches)) - self.trimmed
+        taken = min(self._at, default=self.trimmed + len(batches)) - self.trimmed  # not a pass over 1000 readers
         if taken > 0 and (self.trimmed or not readers or len(batches) >= REPLAY_WINDOW):
             del batches[:taken]
             self.trimmed += taken
@@ -319,6 +332,7 @@ class Resume:
     def __init__(self, hub: Hub, links: LinkSet, sub: Subscriber, topics: frozenset[str], sink: Sink,
                  wait: float, budget: ResumeBudget | None = None) -> None:
         self.hub, self.links, self.sub, self.topics, self.sink, self.wait = hub, links, sub, topics, sink, wait
+        self.framing = sink if isinstance(sink, Framing) else None  # (a Protocol's isinstance is slow: once)
         self.budget = budget or ResumeBudget()
         self.position: dict[int, int] = {}  # the client's position while it catches up
         self.holder: Holder | None = None
@@ -455,11 +469,27 @@ class Resume:
 
     async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
         """Reader `me`'s part of a gathered replay: the events of its topics after `after` (others asked from
-        further back, or for other topics). A gap the call reports is passed on (it may be one of an earlier
-        position than this one's: a gap signal too many, never one too few)."""
+        further back, or for other topics), gathered over the call's messages into steps of CATCH_UP_STEP (one
+        write each, not one per message: a topic's few events spread over the whole of retention were a write
+        per message). A gap the call reports is passed on, after what came before it (for a call from now it may
+        be one of an earlier position than this one's: a gap signal too many, never one too few)."""
         topics = self.topics
+        events: list[Event] = []
+        head: int | None = None
         async for batch in shared.read(me):
-            yield ReplayBatch.made(batch.matching(topics, after), batch.head, batch.gap)
+            head = batch.head
+            if batch.gap:
+                if events:
+                    yield ReplayBatch.made(events, head, False)
+                yield ReplayBatch.made(batch.matching(topics, after), head, True)
+                events = []
+                continue
+            events += batch.matching(topics, after)
+            if len(events) >= CATCH_UP_STEP:
+                yield ReplayBatch.made(events, head, False)
+                events = []
+        if head is not None:  # the rest, and the call's head for `_replay` (even with no event of these topics)
+            yield ReplayBatch.made(events, head, False)
 
     def _shared(self, link: BrokerLink, after: int) -> SharedReplay:
         """The replay of `link`'s broker after `after` for these topics: one in progress that asked the
@@ -504,8 +534,7 @@ class Resume:
         """Send a replayed batch in steps behind live events (`Turns`), each encoded once for every reader at the
         same position (a Framing sink)."""
         self.hub.metrics.replayed_events += len(batch.events)
-        sink = self.sink
-        framing = sink if isinstance(sink, Framing) else None
+        sink, framing = self.sink, self.framing
         for step, size in enumerate(batch.sizes):
             events = batch.events[step * CATCH_UP_STEP:(step + 1) * CATCH_UP_STEP]
             await self.budget.pace(size)
