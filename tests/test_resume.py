@@ -833,6 +833,28 @@ async def test_a_gathered_replays_reader_takes_its_sparse_events_in_steps_not_on
     assert first.by_key["mine"] == [0] and not shared.batches  # indexed once; let go once all took it
 
 
+async def test_readers_that_asked_what_a_gathered_call_asked_read_its_messages_as_they_are() -> None:
+    """A thousand resumes of one topic from seq 0 gather into one call asking just that: each reads the call's
+    messages themselves, so that the frames of each step are encoded once for all of them (`ReplayBatch.encoded`),
+    not once per reader (3.4 s of a proxy's CPU per 5 s under bench/forged_resumes.py's one forged position)."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    shared.gather(frozenset({"old"}), 0)
+    shared.marked = frozenset(shared.gathered_topics)  # as when the call is made
+    batches = [ReplayBatch.made([Event("old:1", b"{}", 7, 2 * m + k + 1) for k in range(2)], 50, False)
+               for m in range(3)]
+    shared.batches += batches
+    shared.done = shared.complete = True
+    readers = [shared.join() for _ in range(2)]
+    for me, topics in zip(readers, [{"old"}, {"old:1"}], strict=True):
+        resume = Resume(hub, None, Recorder(), frozenset(topics), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        got = [b async for b in resume._part(shared, me, 0)]
+        if topics == {"old"}:  # what the call asked: its messages themselves
+            assert all(a is b for a, b in zip(got, batches, strict=True))
+        else:  # a part of its own, gathered into one step
+            assert [len(b.events) for b in got] == [6] and not any(b is batches[0] for b in got)
+
+
 class CountedSse(Recorder):
     resumes = True
 

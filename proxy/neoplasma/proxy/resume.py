@@ -471,12 +471,19 @@ class Resume:
         """Reader `me`'s part of a gathered replay: the events of its topics after `after` (others asked from
         further back, or for other topics), gathered over the call's messages into steps of CATCH_UP_STEP (one
         write each, not one per message: a topic's few events spread over the whole of retention were a write
-        per message). A gap the call reports is passed on, after what came before it (for a call from now it may
-        be one of an earlier position than this one's: a gap signal too many, never one too few)."""
+        per message); the call's messages as they are when it asked what the call asked. A gap the call reports
+        is passed on, after what came before it (for a call from now it may be one of an earlier position than
+        this one's: a gap signal too many, never one too few)."""
         topics = self.topics
         events: list[Event] = []
         head: int | None = None
+        whole: bool | None = None  # it asked what the call asked (a thousand resumes of one topic from seq 0)
         async for batch in shared.read(me):
+            if whole is None:  # the call's topics and position are known once it is made, before its first message
+                whole = topics == shared.marked and after <= (shared.gathered_after or 0)
+            if whole:  # the call's messages as they are: encoded once for every reader at one position (`_send`)
+                yield batch
+                continue
             head = batch.head
             if batch.gap:
                 if events:
