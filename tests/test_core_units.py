@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neoplasma.broker.routing import RelayStream, Router
-from neoplasma.core.aio import Signal
+from neoplasma.core.aio import WAKES_PER_PASS, Signal
 from neoplasma.core.events import (
     Event,
     SseMessage,
@@ -206,6 +206,69 @@ async def test_a_wait_on_a_signal_is_cancelled_even_as_the_signal_comes(turns: i
     waiter.cancel()
     done, _ = await asyncio.wait({waiter}, timeout=5)
     assert done and waiter.cancelled()
+
+
+async def test_a_signal_wakes_only_waiters_whose_predicate_holds_a_few_per_pass() -> None:
+    """A notify wakes no waiter whose predicate does not hold (the signal checks it: no task step), and those
+    whose predicate holds at most WAKES_PER_PASS per pass of the loop, the longest waiting first (a thousand
+    resumes reading one replay, or waiting for the links to settle, used to wake in one pass: 20-40 ms)."""
+    loop = asyncio.get_running_loop()
+    signal, ready, passes = Signal(), [False], [0]
+    steps = {"ready": 0, "idle": 0}  # predicate calls made by waiting tasks themselves
+    woken_at: list[int] = []
+
+    def predicate(kind: str) -> bool:
+        if asyncio.current_task() is not None:
+            steps[kind] += 1
+        return kind == "ready" and ready[0]
+
+    async def wait(kind: str) -> None:
+        assert await signal.wait_until(lambda: predicate(kind), 30)
+        woken_at.append(passes[0])
+
+    def tick() -> None:
+        passes[0] += 1
+        if not stop.done():
+            loop.call_soon(tick)
+
+    stop = loop.create_future()
+    idle = [asyncio.ensure_future(wait("idle")) for _ in range(50)]
+    waiters = [asyncio.ensure_future(wait("ready")) for _ in range(5 * WAKES_PER_PASS)]
+    await asyncio.sleep(0)
+    assert signal.waiting == 50 + 5 * WAKES_PER_PASS and steps == {"ready": 5 * WAKES_PER_PASS, "idle": 50}
+    ready[0] = True
+    tick()
+    signal.notify()
+    await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    stop.set_result(None)
+    per_pass = [woken_at.count(p) for p in sorted(set(woken_at))]
+    assert max(per_pass) <= WAKES_PER_PASS and sum(per_pass) == 5 * WAKES_PER_PASS, per_pass
+    assert len(per_pass) >= 5
+    assert steps["idle"] == 50, "a waiter whose predicate did not hold was woken"
+    assert signal.waiting == 50
+    for task in idle:
+        task.cancel()
+    await asyncio.gather(*idle, return_exceptions=True)
+    assert signal.waiting == 0
+
+
+async def test_a_signal_wait_times_out_and_a_failing_predicate_reaches_its_waiter() -> None:
+    signal = Signal()
+    assert not await signal.wait_until(lambda: False, 0.05)
+    assert signal.waiting == 0
+    state = {"fail": False}
+
+    def predicate() -> bool:
+        if state["fail"]:
+            raise ValueError("broken predicate")
+        return False
+
+    waiter = asyncio.ensure_future(signal.wait_until(predicate, 30))
+    await asyncio.sleep(0)
+    state["fail"] = True
+    signal.notify()
+    with pytest.raises(ValueError, match="broken predicate"):
+        await asyncio.wait_for(waiter, 5)
 
 
 # -- SseReader: the client side of sse_frame, as an EventSource reads it ------------------------------

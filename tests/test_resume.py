@@ -65,7 +65,16 @@ from neoplasma.proxy import hub as hub_module
 from neoplasma.proxy import links as links_module
 from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, SseSubscriber, Subscriber
 from neoplasma.proxy.links import LinkSet, LinkState
-from neoplasma.proxy.resume import Holder, Resume, ResumeBudget, SharedReplay, resolve_pointer, start_resume
+from neoplasma.proxy.resume import (
+    CATCH_UP_STEP,
+    Holder,
+    ReplayBatch,
+    Resume,
+    ResumeBudget,
+    SharedReplay,
+    resolve_pointer,
+    start_resume,
+)
 from neoplasma.proxy.server import Proxy, SseSink
 from neoplasma.proxy.settings import MAX_REPLAYS, ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -435,7 +444,8 @@ async def test_a_resume_whose_relay_lags_its_replay_gets_each_event_once(start: 
     client = Recorder()
     task = start_resume(Resume(hub, links, client, frozenset({"t"}), client, 0.5, budget),
                         encode_token(hub.tag, {link.epoch: 0}).decode())
-    await wait_for(lambda: bool(budget.shared), what="the resume's replay waiting for its turn")
+    await wait_for(lambda: any(s.readers for s in budget.gathering.values()),  # (from seq 0: gathered)
+                   what="the resume's replay waiting for its turn")
     await publish_grpc(b.endpoints["grpc"], [("t", {"n": n}) for n in range(5)])  # relayed (not dispatched) ...
     await wait_for(lambda: link.position >= 5, what="the events relayed")
     for _ in range(MAX_REPLAYS):
@@ -1169,6 +1179,110 @@ async def test_catch_ups_keep_their_requests_within_what_a_broker_reads(
     await links.close()
 
 
+async def test_resumes_from_seq_0_of_a_broker_share_one_replay_of_it(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumes whose token names a broker at seq 0 (nothing of it seen, or forged: a replay of all it retained) with
+    topic sets of their own that come together catch up from one Replay call per broker (their topics gathered; it
+    asks from seq 0, so no reader gets a gap that is not its own), not one per topic set per broker (1000 forged
+    resumes cost a broker 1000 walks of its retention); each gets exactly its own topics' events, once. One whose
+    token holds a position of a broker replays that one from it, as before."""
+    bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
+    hub, links = proxy.hub, proxy.links
+    epochs = {link.member.name: link.epoch for link in links.links.values()}
+
+    async def publish_round(r: int) -> None:
+        for b in bs:
+            await publish_grpc(b.endpoints["grpc"], [(f"n{i}", {"b": b.name, "n": i, "r": r}) for i in range(40)]
+                               + [("g:x", {"b": b.name, "n": 40, "r": r}), ("other", {"b": b.name, "n": -1, "r": r})])
+
+    await publish_round(0)  # retained: seqs 1-42 of each broker
+    await publish_round(1)  # seqs 43-84
+    held = []
+    for link in links.links.values():  # the links' interest stays unsent until released below: they come together
+        held.append(link._interest_changed)
+        link._interest_changed = asyncio.Event()
+    topics = {i: [f"n{i}"] for i in range(40)} | {40: ["g"], 41: ["n0", "n1"]}  # "g" has "g:x" (prefix rule)
+    tokens = {i: {epochs["b0"]: 0, epochs["b1"]: 0} for i in topics}
+    tokens[41] = {epochs["b0"]: 0, epochs["b1"]: 42}  # saw b1's round 0: b1 replays from there, not gathered
+    clients = {i: Recorder() for i in topics}
+    tasks = [proxy.subscribe(clients[i], topics[i], encode_token(hub.tag, tokens[i]).decode(), clients[i])
+             for i in topics]
+    assert all(task is not None for task in tasks)
+    await wait_for(lambda: len(hub.subscribers) == len(topics), timeout=10, what="every resume holding")
+    for event in held:
+        event.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)  # type: ignore[arg-type]
+    await publish_round(2)  # live
+
+    def got(client: Recorder) -> list[tuple[str, int, int]]:
+        return sorted((d["b"], d["r"], d["n"]) for d in map(json.loads, (e.data for e in client.events)))
+
+    def wanted(i: int) -> list[tuple[str, int, int]]:
+        return sorted((b.name, r, n) for b in bs for r in range(3) if not (i == 41 and b.name == "b1" and r == 0)
+                      for n in ([40] if i == 40 else [0, 1] if i == 41 else [i]))
+
+    await wait_for(lambda: all(len(got(c)) >= len(wanted(i)) for i, c in clients.items()), timeout=20,
+                   what="every subscriber's events")
+    for i, client in clients.items():  # exactly once each (and only its own topics'), no gap
+        assert got(client) == wanted(i), i
+        assert not client.gaps, client.gaps
+    # Before: one call per topic set per broker (84). Now one per broker for those from seq 0, one for b1 from 42,
+    # and a few more for any that settled before the rest had joined.
+    assert proxy.resumes.started <= 2 * len(bs) + 1, proxy.resumes.started
+    dispatcher.cancel()
+    await links.close()
+
+
+async def test_a_gathered_replays_reader_takes_its_sparse_events_in_steps_not_one_per_message() -> None:
+    """A reader of a gathered call whose topic has a few events in each of its messages (1000 resumes of a topic each,
+    from seq 0, over all of retention) gets them gathered into steps of CATCH_UP_STEP, each one write, not a
+    send per message; the last carries the call's head; a gap comes after what came before it, with its own part.
+    The batches' index by subscription key is made once, for all readers."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    messages = 2 * CATCH_UP_STEP + 10
+    for m in range(messages):  # one event of "mine:x" (matched by "mine") among 20 per message; a gap in the last
+        events = [Event("mine:x" if i == 0 else f"other:{i}", b"{}", 7, 20 * m + i + 1) for i in range(20)]
+        shared.batches.append(ReplayBatch.made(events, 99_999, m == messages - 1))
+    shared.done = shared.complete = True
+    readers = [shared.join() for _ in range(3)]
+    first = shared.batches[1]
+    parts = []
+    for me in readers:
+        resume = Resume(hub, None, Recorder(), frozenset({"mine"}), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        parts.append([b async for b in resume._part(shared, me, 20)])  # after seq 20: not the first message's
+    for got in parts:
+        sizes = [(len(b.events), b.gap) for b in got]
+        # messages 1 to 520 (the first is before seq 20) in steps; the gap's message after them, with its own event
+        assert sizes == [(CATCH_UP_STEP, False), (CATCH_UP_STEP, False), (8, False), (1, True), (0, False)], sizes
+        assert all(b.head == 99_999 for b in got)
+        seqs = [e.seq for b in got for e in b.events]
+        assert seqs == [20 * m + 1 for m in range(1, messages)]
+    assert first.by_key["mine"] == [0] and not shared.batches  # indexed once; let go once all took it
+
+
+async def test_readers_that_asked_what_a_gathered_call_asked_read_its_messages_as_they_are() -> None:
+    """A thousand resumes of one topic from seq 0 gather into one call asking just that: each reads the call's
+    messages themselves, so that the frames of each step are encoded once for all of them (`ReplayBatch.encoded`),
+    not once per reader (3.4 s of a proxy's CPU per 5 s under bench/forged_resumes.py's one forged position)."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    shared.gather(frozenset({"old"}), 0)
+    shared.marked = frozenset(shared.gathered_topics)  # as when the call is made
+    batches = [ReplayBatch.made([Event("old:1", b"{}", 7, 2 * m + k + 1) for k in range(2)], 50, False)
+               for m in range(3)]
+    shared.batches += batches
+    shared.done = shared.complete = True
+    readers = [shared.join() for _ in range(2)]
+    for me, topics in zip(readers, [{"old"}, {"old:1"}], strict=True):
+        resume = Resume(hub, None, Recorder(), frozenset(topics), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        got = [b async for b in resume._part(shared, me, 0)]
+        if topics == {"old"}:  # what the call asked: its messages themselves
+            assert all(a is b for a, b in zip(got, batches, strict=True))
+        else:  # a part of its own, gathered into one step
+            assert [len(b.events) for b in got] == [6] and not any(b is batches[0] for b in got)
+
+
 class CountedSse(Recorder):
     resumes = True
 
@@ -1847,3 +1961,16 @@ async def test_a_relay_that_ends_or_is_refused_inside_its_first_interest_leaves_
         assert not broker.router.streams
     finally:
         await server.stop(None)
+
+
+async def test_catch_up_writes_a_tenth_of_a_seconds_worth_of_its_rate_at_once() -> None:
+    """After a quiet while, a proxy's catch-up may write a tenth of a second's worth of --catch-up-bytes-per-second
+    without waiting, then at that rate (as the brokers' replays walk): 1000 resumes arriving together do not start
+    with a whole second's worth written as fast as the loop goes, beside the work of their connections."""
+    budget = ResumeBudget(catch_up_bytes_per_second=10_000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await budget.pace(1000)  # a tenth of a second's worth: at once
+    assert loop.time() - started < 0.05
+    await budget.pace(1000)  # the next tenth waits for its time
+    assert loop.time() - started >= 0.09

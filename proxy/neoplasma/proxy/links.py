@@ -323,6 +323,7 @@ class LinkSet:
         self.leaving: dict[str, tuple[BrokerLink, asyncio.Task[None]]] = {}  # removed links finishing their relay
         self.changed = Signal()
         self._settling: asyncio.Future[bool] | None = None  # watches for `settled` on behalf of waiters
+        self._watched = Signal()  # notified when the watcher is done
         hub.on_interest_change(self._interest_changed)
 
     def _interest_changed(self, added: set[str], removed: set[str]) -> None:
@@ -395,13 +396,14 @@ class LinkSet:
     async def wait_settled(self, timeout: float) -> bool:
         """Wait until `settled()` (False after `timeout` seconds). One watcher re-checks it at each change for
         every waiter: a thousand resumes waiting while interest changes one topic at a time cost a thousand
-        wake-ups, not a million."""
+        checks, not a million; once it saw it, its waiters are woken a few per pass of the loop (`Signal`)."""
         if self.settled():
             return True
         if self._settling is None or self._settling.done():
             self._settling = asyncio.ensure_future(self.changed.wait_until(self.settled, math.inf))
+            self._settling.add_done_callback(lambda _: self._watched.notify())
         settling = self._settling
-        await asyncio.wait((settling,), timeout=timeout)
+        await self._watched.wait_until(settling.done, timeout)
         # Settled when the watcher saw it (it may have changed since, as after any wait), or now.
         return (settling.done() and not settling.cancelled() and settling.exception() is None) or self.settled()
 

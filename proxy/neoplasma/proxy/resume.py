@@ -37,6 +37,10 @@ GATHER_MAX_BYTES = 256 * 1024
 # (a broker the issuer has no relay stream to does not know it), within this many seconds in all.
 RESOLVE_BROKERS = 3
 RESOLVE_WAIT = 3.0
+# Seconds' worth of --catch-up-bytes-per-second written at once after none for a while (as the brokers' REPLAY_BURST):
+# a burst of resumes (1000 forged ones, arriving with their connections) starts at the steady rate, not with a whole
+# second's worth written as fast as the loop goes.
+CATCH_UP_BURST = 0.1
 OVER_BUDGET = ("this proxy holds too many events for resuming subscribers (over its budget); "
                "resumed from now")
 
@@ -55,18 +59,19 @@ class ResumeBudget:
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
-        # Per link (broker name, epoch) and kind (by time: their subscribers came while the proxy had no position
-        # of the broker): the Replay call that catch-ups from now (no token) join until it is made.
-        self.gathering: dict[tuple[str, int, bool], SharedReplay] = {}
+        # Per link (broker name, epoch) and kind ("now": catch-ups from now, from the proxy's positions when they
+        # came; "timed": from now by time, from a broker the proxy had no position of; "zero": resumes from seq 0 of
+        # that broker, never seen or forged): the Replay call they join until it is made ("zero": while joinable).
+        self.gathering: dict[tuple[str, int, str], SharedReplay] = {}
         self.started = 0  # Replay calls made (resumes that shared one made none)
         self.turns = Turns()
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
 
     async def pace(self, size: int) -> None:
-        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of one second)."""
+        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of CATCH_UP_BURST)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._allowed_at = max(self._allowed_at, now - 1.0) + size / self.rate
+        self._allowed_at = max(self._allowed_at, now - CATCH_UP_BURST) + size / self.rate
         if self._allowed_at > now:
             await asyncio.sleep(self._allowed_at - now)
 
@@ -79,6 +84,8 @@ class ReplayBatch(NamedTuple):
     # Its steps' frames as sent to readers, by (sink kind, step, position before it): readers at one
     # position (every client of a proxy that died, say) get the same bytes, encoded once.
     encoded: dict[tuple[type, int, tuple[tuple[int, int], ...]], tuple[bytes, dict[int, int]]]
+    # Which of its events each subscription key matches (`matching`), made once for all readers of a gathered call.
+    by_key: dict[str, list[int]]
     # Answered by another epoch than the one asked (the broker restarted at its address since): nothing of the
     # asked one can be replayed, and its head is not of that epoch.
     restarted: bool = False
@@ -86,7 +93,20 @@ class ReplayBatch(NamedTuple):
     @staticmethod
     def made(events: list[Event], head: int, gap: bool, restarted: bool = False) -> ReplayBatch:
         sizes = [sum(len(e.data) for e in events[k:k + CATCH_UP_STEP]) for k in range(0, len(events), CATCH_UP_STEP)]
-        return ReplayBatch(events, head, gap, sizes, {}, restarted)
+        return ReplayBatch(events, head, gap, sizes, {}, {}, restarted)
+
+    def matching(self, topics: frozenset[str], after: int) -> list[Event]:
+        """Its events after seq `after` that `topics` match (plasma prefix rule), in order: a reader's part of a
+        gathered call, found through an index of the batch's events by subscription key, made by the first reader
+        (a thousand readers of their own topic each take their few events, not a pass over all of them)."""
+        events, index = self.events, self.by_key
+        if not index and events:
+            for i, event in enumerate(events):
+                for key in prefixes(event.topic):
+                    index.setdefault(key, []).append(i)
+        hits = [index[t] for t in topics if t in index]
+        found = hits[0] if len(hits) == 1 else sorted(set().union(*hits))
+        return [events[i] for i in found if events[i].seq > after]
 
 
 @runtime_checkable
@@ -105,12 +125,13 @@ class SharedReplay:
     replay that fits the window stays joinable, to its end, while anyone reads it."""
 
     def __init__(self, budget: ResumeBudget, key: tuple[str, int, int, frozenset[str]], hub: Hub,
-                 gathering: tuple[str, int, bool] | None = None) -> None:
+                 gathering: tuple[str, int, str] | None = None) -> None:
         self.budget, self.key, self.hub = budget, key, hub
         self.gathering = gathering  # where in `budget.gathering` it is gathered until made (None: not gathered)
         self.batches: list[ReplayBatch] = []
         self.trimmed = 0  # batches every reader has taken, let go
         self.readers: dict[int, int] = {}  # reader -> the index of its next batch
+        self._at: dict[int, int] = {}  # index -> how many readers take it next (a few keys: its batches' indices)
         self.done = False
         self.complete = False  # the call ran to its end (not cut short, no error)
         self.error: grpc.aio.AioRpcError | None = None
@@ -126,6 +147,7 @@ class SharedReplay:
         self.gathered_after: int | None = None
         self.gathered_since: float | None = None
         self.gathered_bytes = 0  # the topics' size in the request
+        self.marked = key[3]  # the topics `mark` is of: its own, or those gathered when it was called
 
     def gather(self, topics: frozenset[str], after: int, since: float | None = None) -> None:
         """Add a reader's topics and position (or the monotonic time it came) to a gathered call not yet made."""
@@ -153,7 +175,7 @@ class SharedReplay:
             return False
         if self.called is None or self.called >= held_from:
             return True
-        return self.mark is not None and self.hub.quiet_since(self.key[3], self.mark)
+        return self.mark is not None and self.hub.quiet_since(self.marked, self.mark)
 
     async def run(self, link: BrokerLink, request: pb.ReplayRequest | None, timeout: float) -> None:
         """Make the call (when its turn comes among the proxy's replays) and keep its batches for the readers.
@@ -166,12 +188,16 @@ class SharedReplay:
             async with budget.replays:
                 budget.started += 1
                 if request is None:
-                    if self.gathering is not None and budget.gathering.get(self.gathering) is self:
+                    # Catch-ups from now (positions differ) gather no more once it is made; readers from seq 0 may
+                    # still join it while it can be joined (`Resume._gathered`).
+                    if self.gathering is not None and self.gathering[2] != "zero" and budget.gathering.get(
+                            self.gathering) is self:
                         del budget.gathering[self.gathering]
+                    self.marked = frozenset(self.gathered_topics)
                     request = self.request()
                 if self.readers:  # all may have left while it waited for its turn
                     # The broker's head when it is called is not before the proxy's position now.
-                    self.called, self.mark = hub.positions.get(self.key[1], 0), hub.mark(self.key[3])
+                    self.called, self.mark = hub.positions.get(self.key[1], 0), hub.mark(self.marked)
                     call = link.replay_stub().Replay(request, timeout=timeout, metadata=link.access.metadata())
                     try:
                         async for batch in call:
@@ -208,11 +234,21 @@ class SharedReplay:
         me = self._next_reader
         self._next_reader += 1
         self.readers[me] = self.trimmed
+        self._count(self.trimmed, 1)
         return me
 
     def leave(self, me: int) -> None:
-        if self.readers.pop(me, None) is not None:
+        index = self.readers.pop(me, None)
+        if index is not None:
+            self._count(index, -1)
             self._trim()
+
+    def _count(self, index: int, change: int) -> None:
+        left = self._at.get(index, 0) + change
+        if left:
+            self._at[index] = left
+        else:
+            del self._at[index]
 
     async def read(self, me: int | None = None) -> AsyncIterator[ReplayBatch]:
         """Every batch of the replay, in order (then AioRpcError if the call failed), for reader `me` (`join`;
@@ -224,6 +260,8 @@ class SharedReplay:
                 index = self.readers[me]
                 if index < self.trimmed + len(self.batches):
                     self.readers[me] = index + 1
+                    self._count(index, -1)
+                    self._count(index + 1, 1)
                     batch = self.batches[index - self.trimmed]
                     self._trim()
                     yield batch
@@ -241,7 +279,7 @@ class SharedReplay:
         """Let go of the batches every reader has taken once the call needs room for another (all of them when no
         reader is left, or once it let any go: it can no longer be joined from its start)."""
         readers, batches = self.readers, self.batches
-        taken = min(readers.values(), default=self.trimmed + len(batches)) - self.trimmed
+        taken = min(self._at, default=self.trimmed + len(batches)) - self.trimmed  # not a pass over 1000 readers
         if taken > 0 and (self.trimmed or not readers or len(batches) >= REPLAY_WINDOW):
             del batches[:taken]
             self.trimmed += taken
@@ -327,6 +365,7 @@ class Resume:
     def __init__(self, hub: Hub, links: LinkSet, sub: Subscriber, topics: frozenset[str], sink: Sink,
                  wait: float, budget: ResumeBudget | None = None) -> None:
         self.hub, self.links, self.sub, self.topics, self.sink, self.wait = hub, links, sub, topics, sink, wait
+        self.framing = sink if isinstance(sink, Framing) else None  # (a Protocol's isinstance is slow: once)
         self.budget = budget or ResumeBudget()
         self.position: dict[int, int] = {}  # the client's position while it catches up
         self.holder: Holder | None = None
@@ -439,13 +478,17 @@ class Resume:
     async def _replay_all(self, client: dict[int, int], from_now: bool) -> dict[int, int]:
         """Replay what each link's broker has after the client's position; the seq up to which
         live events must be skipped, per epoch. `from_now` (no token: the first subscribers of topics new to
-        this proxy): it joins every link's gathered call at once, before reading any (`_gathered`); a link whose
-        epoch `client` has no position of (the proxy had none when the subscriber came: a link with no message
-        read yet, or from a broker that had accepted nothing) by time, from when the subscriber came."""
+        this proxy), and for the brokers a token holds no position of (seq 0: it never saw anything of them, or
+        forged): it joins the link's gathered call, every link's at once, before reading any (`_gathered`); from now,
+        a link whose epoch `client` has no position of (the proxy had none when the subscriber came: a link with no
+        message read yet, or from a broker that had accepted nothing) by time, from when the subscriber came."""
         links = [link for link in self.links.links.values() if link.epoch]
         timed = {link.epoch for link in links if link.epoch not in client}
         self.position = {link.epoch: client.pop(link.epoch, 0) for link in links}
-        gathered = {link.epoch: self._gathered(link, link.epoch in timed) for link in links} if from_now else {}
+        kinds = {link.epoch: ("timed" if link.epoch in timed else "now") if from_now
+                 else (None if self.position[link.epoch] else "zero") for link in links}
+        gathered = {link.epoch: self._gathered(link, kind) for link in links
+                    if (kind := kinds[link.epoch]) is not None}
         skip: dict[int, int] = {}
         try:
             for link, epoch in [(link, link.epoch) for link in links]:  # (a link's epoch may change meanwhile)
@@ -462,33 +505,68 @@ class Resume:
             await self._gap(f"{len(gone)} broker(s) of this position are gone with their retention")
         return skip
 
-    def _gathered(self, link: BrokerLink, timed: bool) -> tuple[SharedReplay, int]:
-        """A reader of the Replay call to `link`'s broker that catch-ups from now gather into until it is made (it
-        waits for the turns of those that came with this one, then for its turn among the proxy's replays): the
-        union of their topics after the lowest of their positions, or (`timed`) what the broker accepted since the
-        first of them came. Joined only after this resume's interest was acknowledged, so the call, made later,
-        is past the seq at which the broker applied it (exactly once). Its request stays within GATHER_MAX_BYTES
-        of topics and what the broker reads (a topic set larger than that alone goes in a call of its own)."""
+    def _gathered(self, link: BrokerLink, kind: str) -> tuple[SharedReplay, int]:
+        """A reader of the Replay call to `link`'s broker that catch-ups of its `kind` gather into (it waits for the
+        turns of those that came with this one, then for its turn among the proxy's replays): the union of their
+        topics after the lowest of their positions ("now"), or what the broker accepted since the first of them came
+        ("timed"), or from seq 0 ("zero"). Joined only after this resume's interest was acknowledged, so the call,
+        made later, is past the seq at which the broker applied it (exactly once). Its request stays within
+        GATHER_MAX_BYTES of topics and what the broker reads (a topic set larger than that alone goes in a call of
+        its own). Catch-ups from seq 0 (a position naming nothing of this broker: every one retained is owed)
+        gather apart from those from now: their call asks from seq 0, so the gap it reports is each reader's own;
+        and once made, it is joined as a shared replay is (`SharedReplay.joinable`) by those whose topics it asked.
+        A thousand resumes from seq 0 of a topic each cost the broker one walk of its retention, not a thousand."""
         budget = self.budget
-        where = (link.member.name, link.epoch, timed)
+        where = (link.member.name, link.epoch, kind)
         shared = budget.gathering.get(where)
         room = min(GATHER_MAX_BYTES, link.request_room or GATHER_MAX_BYTES)
-        if shared is None or (shared.gathered_bytes and shared.gathered_bytes + sum(
-                map(string_field_size, self.topics - shared.gathered_topics)) > room):
+        if shared is not None and (
+                bool(shared.gathered_bytes) and shared.gathered_bytes + sum(
+                    map(string_field_size, self.topics - shared.gathered_topics)) > room
+                if shared.called is None else
+                not (self.topics <= shared.gathered_topics and shared.joinable(self.held_from.get(link.epoch, 0)))):
+            shared = None
+        if shared is None:
             shared = budget.gathering[where] = SharedReplay(budget, (link.member.name, link.epoch, -1, frozenset()),
                                                             self.hub, where)
             asyncio.get_running_loop().create_task(shared.run(link, None, max(self.wait, 30.0)))
-        shared.gather(self.topics, self.position[link.epoch], self.came if timed else None)
+        if shared.called is None:
+            shared.gather(self.topics, self.position[link.epoch], self.came if kind == "timed" else None)
         return shared, shared.join()
 
     async def _part(self, shared: SharedReplay, me: int, after: int) -> AsyncIterator[ReplayBatch]:
         """Reader `me`'s part of a gathered replay: the events of its topics after `after` (others asked from
-        further back, or for other topics). A gap the call reports is passed on (it may be one of an earlier
-        position than this one's: a gap signal too many, never one too few)."""
+        further back, or for other topics), gathered over the call's messages into steps of CATCH_UP_STEP (one
+        write each, not one per message: a topic's few events spread over the whole of retention were a write
+        per message); the call's messages as they are when it asked what the call asked. A gap the call reports
+        is passed on, after what came before it (for a call from now it may be one of an earlier position than
+        this one's: a gap signal too many, never one too few)."""
         topics = self.topics
+        events: list[Event] = []
+        head: int | None = None
+        whole: bool | None = None  # it asked what the call asked (a thousand resumes of one topic from seq 0)
         async for batch in shared.read(me):
-            events = [e for e in batch.events if e.seq > after and not topics.isdisjoint(prefixes(e.topic))]
-            yield ReplayBatch.made(events, batch.head, batch.gap, batch.restarted)
+            if batch.restarted:  # answered by another epoch: nothing of the asked one (`_replay`: a gap)
+                yield ReplayBatch.made([], batch.head, batch.gap, True)
+                return
+            if whole is None:  # the call's topics and position are known once it is made, before its first message
+                whole = topics == shared.marked and after <= (shared.gathered_after or 0)
+            if whole:  # the call's messages as they are: encoded once for every reader at one position (`_send`)
+                yield batch
+                continue
+            head = batch.head
+            if batch.gap:
+                if events:
+                    yield ReplayBatch.made(events, head, False)
+                yield ReplayBatch.made(batch.matching(topics, after), head, True)
+                events = []
+                continue
+            events += batch.matching(topics, after)
+            if len(events) >= CATCH_UP_STEP:
+                yield ReplayBatch.made(events, head, False)
+                events = []
+        if head is not None:  # the rest, and the call's head for `_replay` (even with no event of these topics)
+            yield ReplayBatch.made(events, head, False)
 
     def _shared(self, link: BrokerLink, epoch: int, after: int) -> SharedReplay:
         """The replay of `link`'s broker (epoch `epoch`) after `after` for these topics: one in progress that asked
@@ -539,8 +617,7 @@ class Resume:
         """Send a replayed batch in steps behind live events (`Turns`), each encoded once for every reader at the
         same position (a Framing sink)."""
         self.hub.metrics.replayed_events += len(batch.events)
-        sink = self.sink
-        framing = sink if isinstance(sink, Framing) else None
+        sink, framing = self.sink, self.framing
         for step, size in enumerate(batch.sizes):
             events = batch.events[step * CATCH_UP_STEP:(step + 1) * CATCH_UP_STEP]
             await self.budget.pace(size)
