@@ -1085,12 +1085,10 @@ async def test_a_subscriber_is_in_one_group_at_most() -> None:
     assert hub.topics() == {"b"}
 
 
-async def test_gathered_catch_ups_ask_no_more_topics_in_one_call_than_the_broker_reads(
-        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A broker reads messages of at most its --max-request-bytes (64 KiB here). First subscribers of 100 KB of new
-    topics (400 of 250 bytes), whose interest reached the broker in four parts and whose catch-ups then gathered
-    while the proxy's Replay calls were all taken: their topics go in calls that the broker reads (before, one
-    call of all 100 KB was refused and every one of them got the "could not replay" gap)."""
+async def proxy_on_a_small_broker(start: Any, monkeypatch: pytest.MonkeyPatch
+                                  ) -> tuple[Server, Proxy, asyncio.Task[None]]:
+    """An in-process proxy (its dispatcher running) settled on one broker process that reads messages of at most
+    64 KiB (`--max-request-bytes`), with a position there (catch-ups from now gather by seq)."""
     monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
     b = start("broker", "b0", "--max-request-bytes", "65536")
     proxy = Proxy(ProxyConfig(name="p0"))
@@ -1099,8 +1097,20 @@ async def test_gathered_catch_ups_ask_no_more_topics_in_one_call_than_the_broker
     await links.apply(Snapshot(1, (Member(b.name, b.endpoints["grpc"]),), CLUSTER))
     assert await links.changed.wait_until(links.settled, 10)
     [link] = links.links.values()
-    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position: the catch-ups gather by seq
+    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])
     assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
+    return b, proxy, dispatcher
+
+
+async def test_gathered_catch_ups_ask_no_more_topics_in_one_call_than_the_broker_reads(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker reads messages of at most its --max-request-bytes (64 KiB here). First subscribers of 100 KB of new
+    topics (400 of 250 bytes), whose interest reached the broker in four parts and whose catch-ups then gathered
+    while the proxy's Replay calls were all taken: their topics go in calls that the broker reads (before, one
+    call of all 100 KB was refused and every one of them got the "could not replay" gap)."""
+    b, proxy, dispatcher = await proxy_on_a_small_broker(start, monkeypatch)
+    hub, links = proxy.hub, proxy.links
+    [link] = links.links.values()
     gathered = 0
     gather = SharedReplay.gather
 
@@ -1145,16 +1155,9 @@ async def test_catch_ups_keep_their_requests_within_what_a_broker_reads(
     """A broker reads messages of at most its --max-request-bytes (64 KiB here): the Interest changes and the
     Replay calls gathering first subscribers' topics (400 topics of 250 bytes: 100 KB) stay within it, so every
     subscriber gets what the broker accepted before applying its topics, once, and no "could not replay" gap."""
-    monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    b = start("broker", "b0", "--max-request-bytes", "65536")
-    proxy = Proxy(ProxyConfig(name="p0"))
+    b, proxy, dispatcher = await proxy_on_a_small_broker(start, monkeypatch)
     hub, links = proxy.hub, proxy.links
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    await links.apply(Snapshot(1, (Member(b.name, b.endpoints["grpc"]),), CLUSTER))
-    assert await links.changed.wait_until(links.settled, 10)
     [link] = links.links.values()
-    await publish_grpc(b.endpoints["grpc"], [("other", {"n": -1})])  # a position: the catch-ups gather by seq
-    assert await hub.advanced.wait_until(lambda: hub.positions.get(link.epoch, 0) >= 1, 10)
     held, link._interest_changed = link._interest_changed, asyncio.Event()  # unsent until released below
     topics = [f"{i:03d}" + "x" * 247 for i in range(400)]
     clients = [Recorder() for _ in topics]
