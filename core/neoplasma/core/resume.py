@@ -14,7 +14,7 @@ import random
 import struct
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from neoplasma.core.events import Checked, Event, stamped_entry, topic_field, varint
@@ -68,13 +68,15 @@ def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
-def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event]) -> list[bytes]:
-    """The token after each of `events`, advancing `position` {epoch: seq} in place."""
-    tokens = []
-    for event in events:
-        if event.epoch and event.seq > position.get(event.epoch, 0):
-            position[event.epoch] = event.seq
-        tokens.append(encode_token(tag, position))
+def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event],
+                 wanted: Container[int] | None = None) -> dict[int, bytes]:
+    """The token after each of `events` by index (after those at the indices `wanted` only, when given), advancing
+    `position` {epoch: seq} in place over all of them (`advance`)."""
+    tokens = {}
+    for i, event in enumerate(events):
+        advance(position, (event.epoch,), (event.seq,))
+        if wanted is None or i in wanted:
+            tokens[i] = encode_token(tag, position)
     return tokens
 
 
@@ -280,7 +282,8 @@ def apply_changes(position: dict[int, int], raw: bytes) -> None:
 
 
 def advance(position: dict[int, int], epochs: Sequence[int], seqs: Sequence[int]) -> None:
-    """`position` {epoch: seq} advanced in place by events (as `tokens_after` does; epoch 0 names no broker)."""
+    """`position` {epoch: seq} advanced in place by events, given by their epochs and seqs (epoch 0 names no broker):
+    the one rule for a position (tokens, the pointer journal)."""
     for epoch, seq in zip(epochs, seqs, strict=True):
         if epoch and seq > position.get(epoch, 0):
             position[epoch] = seq

@@ -48,6 +48,7 @@ from neoplasma.core.resume import (
     new_nonce,
     parse_pointer,
     pointer_prefix,
+    tokens_after,
     unwrap_counter,
 )
 from neoplasma.core.topics import TopicIndex
@@ -101,13 +102,8 @@ class Batch:
         token = self._tokens.get(i)
         if token is None:
             wanted = {i} if self._tokens else self.lasts | {i}
-            tokens, tag, position = self._tokens, self.hub.tag, dict(self.base)
-            for k, event in enumerate(self.events[:max(wanted) + 1]):
-                if event.epoch and event.seq > position.get(event.epoch, 0):
-                    position[event.epoch] = event.seq
-                if k in wanted:
-                    tokens[k] = encode_token(tag, position)
-            token = tokens[i]
+            self._tokens.update(tokens_after(self.hub.tag, dict(self.base), self.events[:max(wanted) + 1], wanted))
+            token = self._tokens[i]
         return token
 
     def sse(self, i: int) -> bytes:

@@ -636,7 +636,7 @@ class Resume:
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
-        return tokens_after(self.hub.tag, self.position, events)
+        return list(tokens_after(self.hub.tag, self.position, events).values())
 
 
 async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
