@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from neoplasma.broker.routing import InstanceTaken, RelayStream, Router
 from neoplasma.broker.settings import BrokerConfig
-from neoplasma.core.aio import Turns, wait_event_or_task
+from neoplasma.core.aio import Pace, Turns, wait_event_or_task
 from neoplasma.core.events import (
     Checked,
     InvalidEvent,
@@ -145,7 +145,7 @@ class Broker:
         # Replays walk retention in turns: one part (REPLAY_SLICE) per pass of the loop, however many run, so that
         # publishes and relay streams' live events wait behind one part at most, not one per replay.
         self.walks = Turns(REPLAY_SLICE)
-        self._replay_allowed_at = 0.0  # when the retained events Replays walked so far are paid for
+        self.replay_pace = Pace(config.replay_events_per_second, REPLAY_BURST)  # retained events Replays walk
         self.offload = Offload(config.workers - 1)
         self.events_in = 0
         self.events_out = 0
@@ -293,11 +293,7 @@ class Broker:
     async def pace_replay(self, walked: int) -> None:
         """Let the loop serve others, and keep every Replay's walking together within
         --replay-events-per-second (bursts of REPLAY_BURST)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        rate = self.config.replay_events_per_second
-        self._replay_allowed_at = max(self._replay_allowed_at, now - REPLAY_BURST) + walked / rate
-        await asyncio.sleep(max(0.0, self._replay_allowed_at - now))
+        await asyncio.sleep(self.replay_pace.delay(walked, asyncio.get_running_loop().time()))
 
     def reject(self, error: InvalidEvent | None, count: int = 1) -> None:
         """A publish refused for `error` (None: a body over --max-request-bytes, never read)."""

@@ -97,6 +97,20 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+class Pace:
+    """Work held to `rate` units a second, in bursts of `burst` seconds' worth after a quiet while (a burst of
+    resumes starts at the steady rate, not with a second's worth at full speed). No clock of its own."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._paid_until = 0.0  # when the work taken so far is paid for (the caller's clock)
+
+    def delay(self, amount: float, now: float) -> float:
+        """Take `amount` more units at `now`: the seconds to wait before going on (0: at once)."""
+        self._paid_until = max(self._paid_until, now - self.burst) + amount / self.rate
+        return max(0.0, self._paid_until - now)
+
+
 class Turns:
     """Work that can wait (a resuming subscriber's catch-up) in small steps, behind the loop's other work.
 

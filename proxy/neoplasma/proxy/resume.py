@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import grpc
 
-from neoplasma.core.aio import InTurns, Signal, Turns
+from neoplasma.core.aio import InTurns, Pace, Signal, Turns
 from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
@@ -54,8 +54,7 @@ class ResumeBudget:
     def __init__(self, max_held: int = MAX_HELD, max_held_per_proxy: int = MAX_HELD_PER_PROXY,
                  max_replays: int = MAX_REPLAYS, catch_up_bytes_per_second: float = CATCH_UP_BYTES_PER_SECOND) -> None:
         self.max_held, self.max_held_per_proxy = max_held, max_held_per_proxy
-        self.rate = catch_up_bytes_per_second
-        self._allowed_at = 0.0  # when the catch-up bytes written so far are paid for (monotonic)
+        self.catch_up = Pace(catch_up_bytes_per_second, CATCH_UP_BURST)  # bytes of replayed event data written
         self.held = 0  # live events held by every Holder of the proxy
         self.replays = asyncio.Semaphore(max_replays)
         self.shared: dict[tuple[str, int, int, frozenset[str]], SharedReplay] = {}
@@ -69,11 +68,9 @@ class ResumeBudget:
 
     async def pace(self, size: int) -> None:
         """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of CATCH_UP_BURST)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._allowed_at = max(self._allowed_at, now - CATCH_UP_BURST) + size / self.rate
-        if self._allowed_at > now:
-            await asyncio.sleep(self._allowed_at - now)
+        wait = self.catch_up.delay(size, asyncio.get_running_loop().time())
+        if wait:
+            await asyncio.sleep(wait)
 
 
 class ReplayBatch(NamedTuple):
