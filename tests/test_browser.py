@@ -71,6 +71,35 @@ class Page:
         return app
 
 
+def reporting_app(html: str, reports: dict[str, int], events: list[dict[str, Any]]) -> web.Application:
+    """A page (`html`) that reports to the test: each POST /event's JSON into `events`, each POST /KIND counted in
+    `reports` (its keys: the kinds the page may report)."""
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+
+    async def report(request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if kind == "event":
+            events.append(json.loads(await request.text()))
+        else:
+            reports[kind] += 1
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    kinds = "|".join(["event", *reports])
+    app.router.add_post(f"/{{kind:{kinds}}}", report)
+    return app
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """`app` served on 127.0.0.1 (an ephemeral port): its runner (to clean up) and its URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/"
+
+
 @pytest.fixture
 def chromium() -> str:
     path = shutil.which("chromium")
@@ -119,13 +148,9 @@ async def test_a_browser_gets_every_event_once_across_a_proxy_restart(
     proxy = start("proxy", "p0", "--drain-retry-ms", "200")
     await push(proxy.endpoints["control"], broker)
     page = Page(proxy.endpoints["http"])
-    runner = web.AppRunner(page.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, url = await serve(page.app())
     try:
-        browser(f"http://127.0.0.1:{port}/")
+        browser(url)
 
         async def subscribed(control: str) -> bool:
             return (await proxy_status(control)).subscribers == 1 and await links_ready(control, 1)
@@ -188,31 +213,15 @@ async def test_a_browser_with_a_token_in_the_query_resumes_exactly_once_after_ex
     events: list[dict[str, Any]] = []
     tokens: list[str] = []
 
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text=TOKEN_PAGE % {"proxy": proxy.endpoints["http"]}, content_type="text/html")
-
     async def token(request: web.Request) -> web.Response:
         tokens.append(mint(secret, ["user:42"], 3 if not tokens else 600))  # the first expires mid-stream
         return web.Response(text=tokens[-1])
 
-    async def report(request: web.Request) -> web.Response:
-        kind = request.match_info["kind"]
-        if kind == "event":
-            events.append(json.loads(await request.text()))
-        else:
-            reports[kind] += 1
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_get("/", page)
+    app = reporting_app(TOKEN_PAGE % {"proxy": proxy.endpoints["http"]}, reports, events)
     app.router.add_get("/token", token)
-    app.router.add_post("/{kind:open|event|expired|refused}", report)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, url = await serve(app)
     try:
-        browser(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        browser(url)
         await wait_for(lambda: reports["open"] == 1 and reports["refused"] == 1, 30, "the page's EventSources")
         await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), 10, "the relay link")
         publisher = Publisher([broker.endpoints["grpc"]], topic="user:42:inbox").start(interval=0.02)
@@ -263,27 +272,10 @@ async def test_a_browser_leaving_inside_a_write_resumes_from_its_pointer_at_anot
     got: list[dict[str, Any]] = []
     reports = {"open": 0, "gap": 0}
 
-    async def page(request: web.Request) -> web.Response:
-        return web.Response(text=POINTER_PAGE % {"first": proxies[0].endpoints["http"],
-                                                 "second": proxies[1].endpoints["http"]}, content_type="text/html")
-
-    async def report(request: web.Request) -> web.Response:
-        kind = request.match_info["kind"]
-        if kind == "event":
-            got.append(json.loads(await request.text()))
-        else:
-            reports[kind] += 1
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_get("/", page)
-    app.router.add_post("/{kind:open|event|gap}", report)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    html = POINTER_PAGE % {"first": proxies[0].endpoints["http"], "second": proxies[1].endpoints["http"]}
+    runner, url = await serve(reporting_app(html, reports, got))
     try:
-        browser(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+        browser(url)
         await wait_for(lambda: reports["open"] == 1, 30, "the page's EventSource")
         for proxy in proxies:
             await wait_for(lambda proxy=proxy: links_ready(proxy.endpoints["control"], 1), 10, "the relay links")
