@@ -9,7 +9,9 @@ browser's own EventSource reconnects with `Last-Event-ID` and must get every eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -129,6 +131,10 @@ async def browser(chromium: str) -> AsyncIterator[Any]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        # Its helper processes (its session's group) can outlive it, still writing to the profile: a profile removed
+        # meanwhile failed with "Directory not empty" now and then.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     for profile in profiles:
         profile.cleanup()
 
