@@ -40,12 +40,19 @@ class CountingTransport:
         return getattr(self.inner, name)
 
 
-async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> None:
-    calls: list[Call] = []
+async def served(calls: list[Call]) -> tuple[GrpcServer, socket.socket, asyncio.StreamReader, asyncio.StreamWriter,
+                                             H2Connection]:
+    """A GrpcServer of one method (`/t.S/M`: its calls appended to `calls`) on 127.0.0.1, its socket, and a raw
+    HTTP/2 client connected to it (`h2_client`)."""
     server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
     sock = socket.create_server(("127.0.0.1", 0))
     await server.start(sock)
-    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    return (server, sock, *await h2_client(hostport(*sock.getsockname()[:2])))
+
+
+async def test_a_rounds_frames_leave_in_one_write_per_connection_in_order() -> None:
+    calls: list[Call] = []
+    server, sock, reader, writer, client = await served(calls)
     for _ in range(3):
         client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
     writer.write(client.data_to_send())
@@ -122,10 +129,7 @@ async def test_going_away_lets_the_calls_there_finish_refuses_new_ones_and_close
     processed); the calls already there go on; the connection closes when the last has ended.
     (Frames read raw: h2's client, once it has the GOAWAY, takes nothing more.)"""
     calls: list[Call] = []
-    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
-    sock = socket.create_server(("127.0.0.1", 0))
-    await server.start(sock)
-    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    server, sock, reader, writer, client = await served(calls)
     frames: list[Frame] = []
     buffer = bytearray()
 
@@ -191,10 +195,7 @@ async def test_pings_and_window_updates_are_read_without_h2_and_an_ack_rides_wit
     """What grpc-go sends while it reads (a PING per read with data, WINDOW_UPDATEs) is taken without
     h2; the PING's ACK leaves with the connection's next write, or alone within ACK_DELAY."""
     calls: list[Call] = []
-    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
-    sock = socket.create_server(("127.0.0.1", 0))
-    await server.start(sock)
-    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    server, sock, reader, writer, client = await served(calls)
     client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
     writer.write(client.data_to_send())
     events: list[Any] = []
@@ -261,10 +262,7 @@ async def test_a_ping_ack_leaves_after_the_next_rounds_data_and_waits_for_its_ow
     (already written) is not written alone when the other's delay is up, only when its own is."""
     monkeypatch.setattr(h2server, "ACK_DELAY", 1.0)  # long enough to tell the two PINGs' delays apart
     calls: list[Call] = []
-    server = GrpcServer({"/t.S/M": calls.append}, max_message_bytes=1 << 20, keepalive=30, max_streams=10)
-    sock = socket.create_server(("127.0.0.1", 0))
-    await server.start(sock)
-    reader, writer, client = await h2_client(hostport(*sock.getsockname()[:2]))
+    server, sock, reader, writer, client = await served(calls)
     client.send_headers(client.get_next_available_stream_id(), grpc_request_headers("/t.S/M"))
     writer.write(client.data_to_send())
     frames: list[tuple[int, int, bytes]] = []  # DATA and PING frames read: (type, flags, payload)
