@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 import aiohttp
+import grpc
 import psutil
 import pytest
 from harness import (
@@ -21,9 +22,11 @@ from harness import (
 )
 
 from neoplasma.core.events import InvalidEvent, make_events
-from neoplasma.core.workers import Offload, sum_expositions, usable_cpus
-from neoplasma.proxy.pod import merge_applied, sum_status
+from neoplasma.core.workers import Offload, Supervisor, sum_expositions, usable_cpus
+from neoplasma.proxy.pod import PodControl, merge_applied, sum_status
+from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
+from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 # -- the CPUs a process may use -----------------------------------------------------------
 
@@ -85,6 +88,48 @@ def test_status_and_apply_of_a_pod_add_up() -> None:
     applied = merge_applied([pb.ApplyResponse(applied_version=2, accepted=True),
                              pb.ApplyResponse(applied_version=1, accepted=False, reason="refused: bad")])
     assert (applied.applied_version, applied.accepted, applied.reason) == (1, False, "refused: bad")
+
+
+class ReadyWorker(pb_grpc.ProxyControlServicer):  # type: ignore[misc]
+    """A worker's control server whose one link is ready and which accepts every push."""
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802  (the RPC names)
+        link = pb.BrokerLink(name="b0", state=pb.BrokerLink.CONNECTED, interest_synced=True)
+        return pb.ProxyStatus(subscribers=4, membership_version=3, links=[link])
+
+    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802  (the RPC names)
+        return pb.ApplyResponse(applied_version=request.version, accepted=True)
+
+
+async def test_a_worker_that_cannot_answer_makes_the_pod_not_ready_not_an_error(tmp_path: Any) -> None:
+    # Worker 0 has died and the supervisor has not reaped it yet: its control socket is gone. The
+    # pod answers Status and Apply from the other worker, marked not ready (not UNKNOWN).
+    server = grpc.aio.server()
+    pb_grpc.add_ProxyControlServicer_to_server(ReadyWorker(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pod = PodControl(ProxyConfig(name="p"), None)
+    pod.supervisor = Supervisor([], 2)
+    try:
+        pod.supervisor.workers[0].endpoints = {"control": f"unix:{tmp_path}/gone.sock"}
+        pod.supervisor.workers[1].endpoints = {"control": f"127.0.0.1:{port}"}
+        status = await pod.Status(pb.StatusRequest(), None)  # type: ignore[arg-type]  (no context is used)
+        assert (status.subscribers, status.membership_version) == (4, 0)
+        [link] = status.links
+        assert (link.state, link.interest_synced) == (pb.BrokerLink.CONNECTING, False)  # one worker lacks it
+        reply = await pod.Apply(pb.Membership(version=5), None)  # type: ignore[arg-type]
+        assert (reply.accepted, reply.applied_version) == (False, 0)
+        assert "proxy worker 0 did not answer (UNAVAILABLE)" in reply.reason
+        assert pod.membership is not None and pod.membership.version == 5  # for worker 0 once it is back
+        pod.supervisor.workers[0].endpoints = {}  # reaped, its successor not yet serving: still not ready
+        status = await pod.Status(pb.StatusRequest(), None)  # type: ignore[arg-type]
+        assert (status.subscribers, status.membership_version, status.links[0].interest_synced) == (4, 0, False)
+        pod.supervisor.workers[0].endpoints = {"control": f"127.0.0.1:{port}"}  # back
+        status = await pod.Status(pb.StatusRequest(), None)  # type: ignore[arg-type]
+        assert (status.subscribers, status.membership_version, status.links[0].interest_synced) == (8, 3, True)
+    finally:
+        await server.stop(None)
+        await pod.supervisor.close()
 
 
 # -- a proxy pod ----------------------------------------------------------------------------

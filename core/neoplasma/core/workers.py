@@ -311,7 +311,7 @@ class Supervisor:
         while True:
             assert worker.proc is not None
             code = await worker.proc.wait()
-            worker.endpoints = {}  # not serving: left out of the pod's figures until it is again
+            worker.endpoints = {}  # not serving: nothing of it is ready until it is again
             if self.stopping:
                 return
             delay = worker.backoff.failed(time.monotonic())

@@ -103,13 +103,33 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return [w for w in self.supervisor.workers if w.endpoints]
 
     async def _apply(self, worker: Worker, request: pb.Membership) -> pb.ApplyResponse:
-        reply: pb.ApplyResponse = await self._stub(worker).Apply(request, timeout=10, metadata=self._metadata())
+        """The worker's answer to a push; a worker that cannot answer (it died, the supervisor has
+        not yet seen it) has not accepted: the supervisor pushes the membership again when it is back."""
+        try:
+            reply: pb.ApplyResponse = await self._stub(worker).Apply(request, timeout=10, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            log.warning("worker_unreachable", worker=worker.index, call="Apply", error=exc.code().name)
+            return pb.ApplyResponse(accepted=False, reason=f"proxy worker {worker.index} did not answer "
+                                                           f"({exc.code().name}); it is being restarted, retry")
         return reply
+
+    async def _status(self, worker: Worker, request: pb.StatusRequest) -> pb.ProxyStatus:
+        """The worker's status; a worker that cannot answer counts as one with nothing ready (no
+        links, no membership), so the pod's status says it is not ready instead of failing."""
+        try:
+            status: pb.ProxyStatus = await self._stub(worker).Status(request, timeout=10, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            log.warning("worker_unreachable", worker=worker.index, call="Status", error=exc.code().name)
+            return await self._nothing()
+        return status
 
     async def started(self, worker: Worker) -> None:
         """A worker is serving: give it the pod's membership at once."""
         if self.membership is not None:
             await self._apply(worker, self.membership)
+
+    async def _nothing(self) -> pb.ProxyStatus:
+        return pb.ProxyStatus(name=self.config.name)
 
     async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
         replies = await asyncio.gather(*(self._apply(w, request) for w in self._workers()))
@@ -118,8 +138,11 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return merge_applied(replies)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
-        statuses = await asyncio.gather(*(self._stub(w).Status(request, timeout=10, metadata=self._metadata())
-                                          for w in self._workers()))
+        # A worker between lives (exited, or restarted and not yet serving) counts as one with
+        # nothing ready: the pod is not whole until every worker is back with the membership.
+        assert self.supervisor is not None
+        statuses = await asyncio.gather(*(self._status(w, request) if w.endpoints else self._nothing()
+                                          for w in self.supervisor.workers))
         return sum_status(self.config.name, statuses)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:  # noqa: N802
@@ -131,8 +154,7 @@ class PodControl(pb_grpc.ProxyControlServicer):
         shares = [share] * len(workers)
         try:
             if share.keep_at_most and len(workers) > 1:  # a limit: split as the workers' unmovable subscribers allow
-                statuses = await asyncio.gather(*(self._stub(w).Status(pb.StatusRequest(), timeout=10,
-                                                                       metadata=self._metadata()) for w in workers))
+                statuses = await asyncio.gather(*(self._status(w, pb.StatusRequest()) for w in workers))
                 shares = [_with_keep(share, keep) for keep in worker_limits(request.keep_at_most, statuses)]
             replies = await asyncio.gather(*(self._stub(w).Drain(part, timeout=10, metadata=self._metadata())
                                              for w, part in zip(workers, shares, strict=True)))
