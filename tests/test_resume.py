@@ -59,6 +59,7 @@ from neoplasma.core.resume import (
     is_pointer,
     parse_pointer,
     parse_token,
+    positions_check,
 )
 from neoplasma.core.trust import CREDENTIAL_ENV, PLAIN
 from neoplasma.proxy import hub as hub_module
@@ -1352,6 +1353,15 @@ def v1_token(tag: bytes, positions: dict[int, int]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def sorted_check_token(tag: bytes, positions: dict[int, int]) -> str:
+    """A version 2 token as issued before its check bound the entries' order (the epochs ascending)."""
+    entries = sorted(positions.items(), key=lambda entry: (entry[1], entry[0]))
+    raw, before = b"\x02" + positions_check(tag, tuple(sorted(positions)), ordered=False), 0
+    for epoch, seq in entries:
+        raw, before = raw + epoch_mark(epoch) + varint(seq - before), seq
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
 def test_token_round_trip_and_size() -> None:
     tag = cluster_tag("c")
     for positions in ({}, {1: 0}, {2**32 - 1: 2**63}, {random.randint(1, 2**32 - 1): random.randint(0, 2**40)
@@ -1386,8 +1396,20 @@ def test_marks_resolve_through_collisions_and_unknown_brokers_are_counted() -> N
     assert epoch_mark(twin) == epoch_mark(epoch)
     token = encode_token(tag, {twin: 3, 9_999_999: 4}).decode()
     assert decode_token(token, tag, [twin, epoch, 9_999_999]) == {twin: 3, 9_999_999: 4}  # the check picks
-    both = encode_token(tag, {twin: 3, epoch: 4}).decode()
-    assert decode_token(both, tag, [twin, epoch, 9_999_999]) == {twin: 3, epoch: 4}
+    # Both twins in one token: each entry goes to the right one, whichever way round (the check binds the
+    # entries' order; a check of the set alone fitted both assignments, and half of them swapped the seqs).
+    for positions in ({twin: 3, epoch: 4}, {twin: 4, epoch: 3}):
+        both = encode_token(tag, positions).decode()
+        assert decode_token(both, tag, [twin, epoch, 9_999_999]) == positions
+        assert decode_token(both, tag, [epoch, 9_999_999, twin]) == positions
+    # A token issued before the check bound the order (the epochs ascending) is still read when only one
+    # assignment fits, and refused (a gap, never a guess) when two twins could be either way round.
+    assert decode_token(sorted_check_token(tag, {twin: 3, 9_999_999: 4}), tag, [twin, epoch, 9_999_999]) == {
+        twin: 3, 9_999_999: 4}
+    assert decode_token(sorted_check_token(tag, {9_999_999: 3, 5: 9}), tag, [5, 9_999_999]) == {9_999_999: 3, 5: 9}
+    for positions in ({twin: 3, epoch: 4}, {twin: 4, epoch: 3}):
+        with pytest.raises(InvalidToken, match="cannot tell apart"):
+            decode_token(sorted_check_token(tag, positions), tag, [twin, epoch])
     # A broker this proxy never saw: the others are taken, the unknown one counted (a gap).
     assert parse_token(token, tag).resolve([twin, 5]) == ({twin: 3}, 1)
     with pytest.raises(InvalidToken, match="not among those known"):

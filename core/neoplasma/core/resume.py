@@ -49,19 +49,24 @@ def epoch_mark(epoch: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def positions_check(tag: bytes, epochs: tuple[int, ...]) -> bytes:
-    """4 bytes naming the cluster (`tag`) and exactly these epochs (ascending): a decoder that resolved a
-    token's marks to known epochs knows it resolved them right (and that the token is this cluster's)."""
-    return hashlib.blake2b(tag + b"".join(e.to_bytes(4, "big") for e in epochs), digest_size=4).digest()
+def positions_check(tag: bytes, epochs: tuple[int, ...], ordered: bool = True) -> bytes:
+    """4 bytes naming the cluster (`tag`) and exactly these epochs in this order (a version 2 token's: its
+    entries' order): a decoder that resolved a token's marks to known epochs knows it resolved each entry to
+    the right broker, even when two of them share a mark (and that the token is this cluster's).
+    `ordered=False`: the check of tokens issued before it bound the order (`epochs` ascending), which
+    never equals an ordered one but by chance (it is keyed apart)."""
+    key = b"ordered" if ordered else b""
+    return hashlib.blake2b(tag + b"".join(e.to_bytes(4, "big") for e in epochs), digest_size=4, key=key).digest()
 
 
 def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
     """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag` (version 2):
     version, check, then per broker by ascending seq its mark and the seq's difference from the one before."""
+    entries = sorted(positions.items(), key=lambda entry: (entry[1], entry[0]))  # ascending seqs
     raw = bytearray((TOKEN_VERSION,))
-    raw += positions_check(tag, tuple(sorted(positions)))
+    raw += positions_check(tag, tuple(epoch for epoch, _ in entries))
     before = 0
-    for epoch, seq in sorted(positions.items(), key=lambda entry: (entry[1], entry[0])):  # ascending seqs
+    for epoch, seq in entries:
         raw += epoch_mark(epoch)
         raw += varint(seq - before)  # brokers that took similar numbers of events: small differences
         before = seq
@@ -106,9 +111,19 @@ class ParsedToken(NamedTuple):
         choices = [by_mark.get(mark, []) if isinstance(mark, bytes) else [] for mark, _ in self.entries]
         seqs = [seq for _, seq in self.entries]
         if all(choices):
+            legacy: list[tuple[int, ...]] = []
             for combo in itertools.islice(itertools.product(*choices), MAX_COMBINATIONS):
-                if len(set(combo)) == len(combo) and positions_check(self.tag, tuple(sorted(combo))) == self.check:
+                if len(set(combo)) != len(combo):
+                    continue
+                if positions_check(self.tag, combo) == self.check:
                     return Resolved(dict(zip(combo, seqs, strict=True)), 0)
+                if positions_check(self.tag, tuple(sorted(combo)), ordered=False) == self.check:
+                    legacy.append(combo)
+            # Tokens issued before the check bound the order named the epochs ascending: right when only
+            # one assignment of the entries to those epochs fits (two brokers sharing a mark in the token
+            # fit either way round: that cannot be told apart, and is refused rather than guessed).
+            if len(legacy) == 1:
+                return Resolved(dict(zip(legacy[0], seqs, strict=True)), 0)
             raise InvalidToken("the resume token is from another cluster (or names brokers this proxy cannot tell "
                                "apart)")
         if not any(choices):
