@@ -17,7 +17,6 @@ from test_resume import (
     CLUSTER,
     Recorder,
     all_subscribed,
-    cluster,
     grpc_addresses,
     in_process_broker,
     members,
@@ -31,6 +30,7 @@ from neoplasma.core.resume import (
     MAX_CHECKPOINT_BROKERS,
     MAX_CHECKPOINTS_PER_INSTANCE,
     MIN_INSTANCE,
+    SHORTEST_BELOW,
     Checkpoint,
     CheckpointStore,
     InvalidToken,
@@ -47,6 +47,16 @@ from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 TAG = cluster_tag(CLUSTER)
+
+
+# Brokers that start numbering at 200 and 250 million (as after days): version 3 tokens are shorter than version 2
+# ones at 2 brokers then (a fresh cluster of fewer than SHORTEST_BELOW brokers may get version 2: the shorter).
+DAYS_OLD = ({"NEOPLASMA_TEST_FIRST_SEQ": "200000000"}, {"NEOPLASMA_TEST_FIRST_SEQ": "250000000"})
+
+
+def days_old_cluster(start: Any, proxies: int, *proxy_args: str) -> tuple[list[Any], list[Any]]:
+    bs = [start("broker", f"b{i}", env=DAYS_OLD[i]) for i in range(2)]
+    return bs, [start("proxy", f"p{i}", "--drain-retry-ms", "100", *proxy_args) for i in range(proxies)]
 
 
 def version(token: str) -> int:
@@ -68,24 +78,33 @@ def test_version_3_round_trips_with_advances_and_brokers_not_in_the_checkpoint()
         now = {e: s + rng.choice([0, 1, rng.randint(0, 10**6)]) for e, s in base.items()}
         now.update({e: rng.randint(1, 2**64 - 1) for e in epochs[n:n + rng.randint(0, 3)]})  # joined since
         token = encode_token(TAG, now, checkpoint).decode()
-        assert token.startswith("A") and version(token) == 3
+        v2 = encode_token(TAG, now).decode()
+        assert token.startswith("A") and (version(token) == 3 or (len(now) < SHORTEST_BELOW and token == v2))
+        assert len(token) <= len(v2) or len(now) >= SHORTEST_BELOW
         assert decode_token(token, TAG, now, lookup(checkpoint)) == now
         if len({epoch_mark(e) for e in now}) == len(now):  # (version 2 may swap brokers whose marks collide)
-            assert decode_token(encode_token(TAG, now).decode(), TAG, now) == now  # version 2 still
-        with pytest.raises(InvalidToken):  # not resolvable without its checkpoint
-            decode_token(token, TAG, now)
-        other = checkpoint._replace(seqs=(*checkpoint.seqs, 1), epochs=(*checkpoint.epochs, 7))
-        with pytest.raises(InvalidToken):  # a checkpoint that does not fit it
-            decode_token(token, TAG, now, lookup(other))
+            assert decode_token(v2, TAG, now) == now  # version 2 still
+        if version(token) == 3:
+            with pytest.raises(InvalidToken):  # not resolvable without its checkpoint
+                decode_token(token, TAG, now)
+            other = checkpoint._replace(seqs=(*checkpoint.seqs, 1), epochs=(*checkpoint.epochs, 7))
+            with pytest.raises(InvalidToken):  # a checkpoint that does not fit it
+                decode_token(token, TAG, now, lookup(other))
         with pytest.raises(InvalidToken):  # another cluster's
             decode_token(token, cluster_tag("elsewhere"), now, lookup(checkpoint))
 
 
-def test_version_3_falls_back_to_version_2_where_the_positions_are_not_past_the_checkpoint() -> None:
-    checkpoint = Checkpoint.of(MIN_INSTANCE, 5, {11: 100, 12: 200})
-    assert version(encode_token(TAG, {11: 100, 12: 200}, checkpoint).decode()) == 3
-    assert version(encode_token(TAG, {11: 99, 12: 300}, checkpoint).decode()) == 2  # behind it (a catch-up's)
-    assert version(encode_token(TAG, {11: 100}, checkpoint).decode()) == 2  # a broker of it retired since
+def test_version_3_falls_back_to_version_2_where_the_positions_are_not_past_the_checkpoint_or_it_is_shorter(
+        ) -> None:
+    base = {e: 10_000 * e for e in range(1, SHORTEST_BELOW + 1)}
+    checkpoint = Checkpoint.of(MIN_INSTANCE, 5, base)
+    assert version(encode_token(TAG, base, checkpoint).decode()) == 3
+    assert version(encode_token(TAG, {**base, 1: 1}, checkpoint).decode()) == 2  # behind it (a catch-up's)
+    assert version(encode_token(TAG, {e: s for e, s in base.items() if e != 1}, checkpoint).decode()) == 2  # retired
+    few = Checkpoint.of(MIN_INSTANCE, 5, {1: 100, 2: 101})  # a fresh cluster of 2: version 2 is shorter
+    assert version(encode_token(TAG, {1: 100, 2: 101}, few).decode()) == 2
+    old = Checkpoint.of(MIN_INSTANCE, 5, {1: 200_000_000, 2: 250_000_000})  # days old: version 3 is
+    assert version(encode_token(TAG, {1: 200_000_000, 2: 250_000_000}, old).decode()) == 3
 
 
 def test_version_3_is_short_whatever_the_seqs_age_at_60_brokers() -> None:
@@ -115,6 +134,21 @@ def test_garbage_version_3_tokens_raise_only_invalid_token() -> None:
                 parsed.completed(Checkpoint.of(MIN_INSTANCE, 1, {1: 5})).resolve({1, 2})
         except InvalidToken:
             pass
+
+
+def test_a_hub_issues_version_2_until_its_checkpoint_is_stored_and_none_after_it_drew_another_instance() -> None:
+    hub = Hub()
+    hub.positions.update({e: 200_000_000 + e for e in range(1, 11)})
+    assert hub.make_checkpoint() is None  # its instance is not confirmed: brokers would not store under it
+    hub.confirm(hub.instance)
+    made = hub.make_checkpoint()
+    assert made is not None and hub.make_checkpoint() is None  # (nothing moved since)
+    assert version(hub.token().decode()) == 2  # not stored by every broker yet
+    hub.use_checkpoint(made)
+    assert version(hub.token().decode()) == 3 and hub.known_checkpoint(made.instance, made.counter) == made
+    hub.redraw(hub.instance)
+    assert hub.checkpoint is None and version(hub.token().decode()) == 2
+    assert hub.known_checkpoint(made.instance, made.counter) == made  # its tokens still resolve here
 
 
 def test_the_store_bounds_by_age_bytes_and_count_and_refuses_what_no_proxy_makes() -> None:
@@ -150,10 +184,14 @@ def test_the_store_bounds_by_age_bytes_and_count_and_refuses_what_no_proxy_makes
     assert many.get(MIN_INSTANCE, 10, 0) is None and many.get(MIN_INSTANCE, 11, 0) is not None
 
 
-async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_connected_broker_stored_one() -> None:
+async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_connected_broker_stored_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: a proxy's links register its checkpoint with both brokers; tokens turn version 3 only once both
     stored it, name a broker added after it explicitly, and resolve at each broker from its store."""
-    brokers = [await in_process_broker(f"b{i}") for i in range(3)]
+    brokers = []
+    for i in range(3):
+        monkeypatch.setenv("NEOPLASMA_TEST_FIRST_SEQ", str(200_000_000 + 50_000_000 * i))
+        brokers.append(await in_process_broker(f"b{i}"))
     hub = Hub()
     hub.add(Recorder(), ["x"])
     links = LinkSet(hub, "p0", 1 << 20, PLAIN)
@@ -162,7 +200,6 @@ async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_conne
     try:
         await links.apply(Snapshot(1, tuple(Member(f"b{i}", brokers[i][2]) for i in range(2)), CLUSTER))
         assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
-        assert version(hub.token().decode()) == 2 or hub.checkpoint is not None
         for broker, _, _ in brokers[:2]:
             broker.accept([("x", b"1")], "publisher")
         assert await wait_until_true(lambda: hub.checkpoint is not None and len(hub.checkpoint.epochs) == 2)
@@ -202,7 +239,9 @@ async def last_ids_are_version_3(clients: list[EventSource]) -> bool:
 async def test_kill9_of_a_proxy_issuing_version_3_tokens_its_clients_resume_at_another_exactly_once(start: Any) -> None:
     """The point of checkpoints against pointers: the issuing proxy dies (SIGKILL) and its clients, holding version 3
     tokens, resume at another proxy, which resolves the checkpoint at a surviving broker: no loss, no duplicates."""
-    bs, ps = await cluster(start, 2, 2)
+    bs, ps = days_old_cluster(start, 2)
+    for p in ps:
+        await push(p, 1, members(bs))
     target = {"proxy": ps[0]}
     browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(10)]
     await wait_for(lambda: all_subscribed(ps[0], 10, 2), what="10 subscribers with interest applied")
@@ -229,7 +268,9 @@ async def test_kill9_of_a_proxy_issuing_version_3_tokens_its_clients_resume_at_a
 async def test_an_unknown_checkpoint_gives_the_gap_signal_then_live_and_a_forged_query_is_not_found(
         start: Any) -> None:
     """A version 3 token whose checkpoint no broker holds (evicted, forged): the gap signal, then live (a 200)."""
-    bs, ps = await cluster(start, 2, 2)
+    bs, ps = days_old_cluster(start, 2)
+    for p in ps:
+        await push(p, 1, members(bs))
     first = EventSource(lambda: ps[0].endpoints["http"], "t").start()
     await wait_for(lambda: all_subscribed(ps[0], 1, 2), what="the subscriber")
     publisher = Publisher(grpc_addresses(bs)).start(interval=0.02)
@@ -257,8 +298,7 @@ async def test_an_unknown_checkpoint_gives_the_gap_signal_then_live_and_a_forged
 async def test_a_version_2_token_still_resumes_exactly(start: Any) -> None:
     """A client holding a version 2 token (issued by a proxy without checkpoints, as before the upgrade) resumes
     exactly at a proxy that issues version 3, then gets version 3 ids."""
-    bs = [start("broker", f"b{i}") for i in range(2)]
-    old = start("proxy", "p0", "--checkpoint-seconds", "0")
+    bs, [old] = days_old_cluster(start, 1, "--checkpoint-seconds", "0")
     new = start("proxy", "p1")
     for p in (old, new):
         await push(p, 1, members(bs))

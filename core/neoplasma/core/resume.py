@@ -94,13 +94,20 @@ def check_checkpoint(checkpoint: Checkpoint) -> None:
         raise ValueError("the checkpoint holds a seq beyond 64 bits")
 
 
+# Below this many brokers a version 2 token may be the shorter (version 3 spends 5 bytes or more on naming its
+# checkpoint; version 2 two per broker on marks): both are made and the shorter sent. From it on, version 3 is.
+SHORTEST_BELOW = 8
+
+
 def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoint | None = None) -> bytes:
     """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag`. Version 3 when
     `checkpoint` is given and `positions` are at or past it for every broker it names: version, check, the
     checkpoint's instance and counter, how many brokers follow by mark, those (mark and seq, as version 2 does),
-    then each checkpoint broker's advance since it, in its order. Else version 2: version, check, then per broker
-    by ascending seq its mark and the seq's difference from the one before."""
+    then each checkpoint broker's advance since it, in its order (with fewer than SHORTEST_BELOW brokers, the
+    shorter of it and version 2). Else version 2: version, check, then per broker by ascending seq its mark and the
+    seq's difference from the one before."""
     check = positions_check(tag, tuple(sorted(positions)))
+    v3 = None
     if checkpoint is not None and all(positions.get(e, -1) >= s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
                                                                                  strict=True)):
         named = set(checkpoint.epochs)
@@ -113,10 +120,14 @@ def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoin
         raw += _entries(extra)
         for epoch, seq in zip(checkpoint.epochs, checkpoint.seqs, strict=True):
             raw += varint(positions[epoch] - seq)
-        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+        if len(positions) >= SHORTEST_BELOW:
+            return base64.urlsafe_b64encode(raw).rstrip(b"=")
+        v3 = bytes(raw)
     raw = bytearray((TOKEN_VERSION,))
     raw += check
     raw += _entries(positions)
+    if v3 is not None and len(v3) < len(raw):
+        raw = bytearray(v3)
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
