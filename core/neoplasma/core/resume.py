@@ -320,30 +320,71 @@ def decode_token(token: str, tag: bytes, known: Iterable[int] = (),
 
 # -- checkpoints (docs/resume.md, "Checkpoints") ----------------------------------------------------------------
 
-# Counted per stored checkpoint beyond its 16 bytes per broker: its tuple, key, bytes object and dict entries.
+# Counted per stored checkpoint beyond its bytes: its tuple, key, bytes object, dict and deque entries.
 CHECKPOINT_OVERHEAD = 256
+# Counted per base (a checkpoint's epochs and seqs kept whole, that later ones of the instance are kept against)
+# beyond its 12 bytes per broker.
+CHECKPOINT_BASE_OVERHEAD = 256
+# A base serves at most this many checkpoints of an instance (then the next is kept whole as a new base).
+CHECKPOINTS_PER_BASE = 64
 # The most checkpoints a broker keeps of one proxy instance (at one a second: over 17 minutes).
 MAX_CHECKPOINTS_PER_INSTANCE = 1024
+
+
+class _Base:
+    """One checkpoint's epochs (array "I") and seqs (array "Q") kept whole: later checkpoints of its instance with
+    the same epochs and seqs not below are kept as varint differences from it."""
+
+    __slots__ = ("epochs", "seqs", "size", "users")
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.epochs = array("I", checkpoint.epochs).tobytes()
+        self.seqs = array("Q", checkpoint.seqs).tobytes()
+        self.size = len(self.epochs) + len(self.seqs) + CHECKPOINT_BASE_OVERHEAD
+        self.users = 0  # stored checkpoints kept against it
+
+    def fits(self, checkpoint: Checkpoint) -> bool:
+        return (self.users < CHECKPOINTS_PER_BASE and array("I", checkpoint.epochs).tobytes() == self.epochs
+                and all(s >= b for s, b in zip(checkpoint.seqs, array("Q", self.seqs), strict=True)))
+
+    def differences(self, checkpoint: Checkpoint) -> bytes:
+        return b"".join(varint(s - b) for s, b in zip(checkpoint.seqs, array("Q", self.seqs), strict=True))
+
+    def checkpoint(self, instance: int, counter: int, differences: bytes) -> Checkpoint:
+        seqs, i = [], 0
+        for base in array("Q", self.seqs):
+            ahead, i = _varint_at(differences, i)
+            seqs.append(base + ahead)
+        return Checkpoint(instance, counter, tuple(array("I", self.epochs)), tuple(seqs))
+
+
+class _Held:
+    """What a store keeps of one instance: the process (nonce) that holds it, its checkpoints by counter (when
+    stored, their base, their differences from it), and the base the next one is kept against if it fits."""
+
+    __slots__ = ("base", "kept", "nonce")
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+        self.kept: dict[int, tuple[float, _Base, bytes]] = {}
+        self.base: _Base | None = None
 
 
 class CheckpointStore:
     """The checkpoints proxy processes registered with a broker (docs/resume.md, "Checkpoints"), by instance and
     counter, each for the process (nonce) that holds the instance: bounded by age (`max_age`, the caller's clock),
-    by what it counts (`max_bytes`: 16 bytes per broker and CHECKPOINT_OVERHEAD each; the oldest go first) and by
+    by what it counts (`max_bytes`: each checkpoint's varint differences from its base and CHECKPOINT_OVERHEAD,
+    each base's 12 bytes per broker and CHECKPOINT_BASE_OVERHEAD; the oldest go first) and by
     MAX_CHECKPOINTS_PER_INSTANCE. No I/O, no clock of its own."""
 
     def __init__(self, max_age: float, max_bytes: int) -> None:
         self.max_age, self.max_bytes = max_age, max_bytes
         self.bytes = 0
-        self._instances: dict[int, tuple[int, dict[int, tuple[float, bytes]]]] = {}  # instance -> (nonce, by counter)
+        self._instances: dict[int, _Held] = {}
         self._order: deque[tuple[float, int, int, int]] = deque()  # (at, instance, nonce, counter), oldest first
 
     def __len__(self) -> int:
-        return sum(len(kept) for _, kept in self._instances.values())
-
-    @staticmethod
-    def _size(packed: bytes) -> int:
-        return len(packed) + CHECKPOINT_OVERHEAD
+        return sum(len(held.kept) for held in self._instances.values())
 
     def put(self, checkpoint: Checkpoint, nonce: int, now: float) -> None:
         """Store `checkpoint` of the process `nonce` (which holds its instance here: a process that took the
@@ -352,42 +393,69 @@ class CheckpointStore:
         check_checkpoint(checkpoint)
         if not nonce:
             raise ValueError("the relay stream named no proxy nonce (a proxy of the version before checkpoints)")
-        packed = pack_positions(dict(zip(checkpoint.epochs, checkpoint.seqs, strict=True)))
-        if len(packed) + CHECKPOINT_OVERHEAD > self.max_bytes:
-            raise ValueError(f"the checkpoint ({len(packed)} bytes) is larger than the store ({self.max_bytes})")
+        whole = 12 * len(checkpoint.epochs) + CHECKPOINT_BASE_OVERHEAD + CHECKPOINT_OVERHEAD
+        if whole > self.max_bytes:
+            raise ValueError(f"the checkpoint ({whole} bytes counted) is larger than the store ({self.max_bytes})")
         held = self._instances.get(checkpoint.instance)
-        if held is None or held[0] != nonce:
-            if held is not None:
-                self.bytes -= sum(self._size(p) for _, p in held[1].values())
-            held = self._instances[checkpoint.instance] = (nonce, {})
-        kept = held[1]
-        stored = kept.get(checkpoint.counter)
+        if held is not None and held.nonce != nonce:
+            self._drop(checkpoint.instance)
+            held = None
+        if held is None:
+            held = self._instances[checkpoint.instance] = _Held(nonce)
+        stored = held.kept.get(checkpoint.counter)
         if stored is not None:
-            if stored[1] != packed:
+            if stored[1].checkpoint(checkpoint.instance, checkpoint.counter, stored[2]) != checkpoint:
                 raise ValueError(f"checkpoint {checkpoint.counter} of proxy instance {checkpoint.instance} is stored "
                                  f"with other positions; a proxy numbers each checkpoint once")
             return
-        kept[checkpoint.counter] = (now, packed)
+        base = held.base
+        if base is None or not base.fits(checkpoint):
+            self._unbase(held)
+            base = held.base = _Base(checkpoint)
+            self.bytes += base.size
+        differences = base.differences(checkpoint)
+        base.users += 1
+        held.kept[checkpoint.counter] = (now, base, differences)
         self._order.append((now, checkpoint.instance, nonce, checkpoint.counter))
-        self.bytes += self._size(packed)
-        while len(kept) > MAX_CHECKPOINTS_PER_INSTANCE:
-            self._forget(checkpoint.instance, next(iter(kept)))
+        self.bytes += len(differences) + CHECKPOINT_OVERHEAD
+        while len(held.kept) > MAX_CHECKPOINTS_PER_INSTANCE:
+            self._forget(checkpoint.instance, next(iter(held.kept)))
         self.evict(now)
 
     def get(self, instance: int, counter: int, now: float) -> Checkpoint | None:
         """The checkpoint stored as (`instance`, `counter`), None when none is (never stored, evicted, or too old)."""
         held = self._instances.get(instance)
-        stored = None if held is None else held[1].get(counter)
+        stored = None if held is None else held.kept.get(counter)
         if stored is None or stored[0] < now - self.max_age:
             return None
-        return Checkpoint.of(instance, counter, unpack_positions(stored[1]))
+        return stored[1].checkpoint(instance, counter, stored[2])
+
+    def _unbase(self, held: _Held) -> None:
+        """`held` keeps no more checkpoints against its base: it goes once none is kept against it."""
+        if held.base is not None and not held.base.users:
+            self.bytes -= held.base.size
+        held.base = None
 
     def _forget(self, instance: int, counter: int) -> None:
         held = self._instances.get(instance)
-        if held is None or counter not in held[1]:
+        if held is None or counter not in held.kept:
             return
-        self.bytes -= self._size(held[1].pop(counter)[1])
-        if not held[1]:
+        _, base, differences = held.kept.pop(counter)
+        self.bytes -= len(differences) + CHECKPOINT_OVERHEAD
+        base.users -= 1
+        if not base.users and base is not held.base:
+            self.bytes -= base.size
+        if not held.kept:
+            self._unbase(held)
+            del self._instances[instance]
+
+    def _drop(self, instance: int) -> None:
+        """Forget every checkpoint of `instance` (another process holds it now)."""
+        held = self._instances[instance]
+        for counter in list(held.kept):
+            self._forget(instance, counter)
+        if instance in self._instances:  # (it held none)
+            self._unbase(held)
             del self._instances[instance]
 
     def evict(self, now: float) -> None:
@@ -397,7 +465,7 @@ class CheckpointStore:
         while order and (order[0][0] < cutoff or self.bytes > self.max_bytes):
             at, instance, nonce, counter = order.popleft()
             held = self._instances.get(instance)
-            if held is not None and held[0] == nonce and held[1].get(counter, (None,))[0] == at:
+            if held is not None and held.nonce == nonce and held.kept.get(counter, (None,))[0] == at:
                 self._forget(instance, counter)
 
 
