@@ -16,6 +16,7 @@ import pytest
 from harness import AUTH, EventSource, Publisher, counters, publish_grpc, wait_for
 from test_resume import (
     CLUSTER,
+    NativeClient,
     Recorder,
     all_subscribed,
     grpc_addresses,
@@ -249,31 +250,37 @@ async def last_ids_are_version_3(clients: list[EventSource]) -> bool:
 
 async def test_kill9_of_a_proxy_issuing_version_3_tokens_its_clients_resume_at_another_exactly_once(start: Any) -> None:
     """The point of checkpoints against pointers: the issuing proxy dies (SIGKILL) and its clients, holding version 3
-    tokens, resume at another proxy, which resolves the checkpoint at a surviving broker: no loss, no duplicates."""
+    tokens (SSE ids, the native stream's batch token), resume at another proxy, which resolves the checkpoint at a
+    surviving broker: no loss, no duplicates."""
     bs, ps = days_old_cluster(start, 2)
     for p in ps:
         await push(p, 1, members(bs))
     target = {"proxy": ps[0]}
     browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t").start() for _ in range(10)]
-    await wait_for(lambda: all_subscribed(ps[0], 10, 2), what="10 subscribers with interest applied")
+    native = NativeClient(lambda: target["proxy"].endpoints["grpc"], ["t"])
+    await wait_for(lambda: all_subscribed(ps[0], 11, 2), what="11 subscribers with interest applied")
     publisher = Publisher(grpc_addresses(bs)).start(interval=0.01)
     await wait_for(lambda: last_ids_are_version_3(browsers), timeout=20, what="version 3 ids")
+    await wait_for(lambda: native.token and version(native.token) == 3, timeout=20, what="a version 3 batch token")
     target["proxy"] = ps[1]
     ps[0].proc.kill()
     ps[0].proc.wait()
-    await wait_for(lambda: all_subscribed(ps[1], 10, 2), timeout=20, what="everyone back at p1")
+    await wait_for(lambda: all_subscribed(ps[1], 11, 2), timeout=20, what="everyone back at p1")
     await asyncio.sleep(0.5)  # keep publishing while they are on p1
     await publisher.stop()
-    await wait_for(lambda: all(publisher.all_received(b.events) for b in browsers), timeout=20,
+    clients = [*browsers, native]
+    await wait_for(lambda: all(publisher.all_received(c.events) for c in clients), timeout=20,
                    what="every event at every client")
     for k, b in enumerate(browsers):
         publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
         assert not b.gaps and set(b.statuses) == {200}
+    publisher.assert_exactly_once_in_order(native.events, "native")
+    assert native.gaps == 0
     resolved = await counters(ps[1].endpoints["http"], "neoplasma_proxy_checkpoint_resolves_total", "result")
     assert resolved["remote"] >= 1 and resolved["unresolved"] == 0, resolved  # others shared a lookup or the cache
-    assert resolved["remote"] + resolved["local"] == 10, resolved
-    for b in browsers:
-        await b.close()
+    assert resolved["remote"] + resolved["local"] == 11, resolved
+    for c in clients:
+        await c.close()
 
 
 async def test_an_unknown_checkpoint_gives_the_gap_signal_then_live_and_a_forged_query_is_not_found(
