@@ -93,6 +93,9 @@ def test_version_3_round_trips_with_advances_and_brokers_not_in_the_checkpoint()
             other = checkpoint._replace(seqs=(*checkpoint.seqs, 1), epochs=(*checkpoint.epochs, 7))
             with pytest.raises(InvalidToken):  # a checkpoint that does not fit it
                 decode_token(token, TAG, now, lookup(other))
+            wrong = checkpoint._replace(seqs=(checkpoint.seqs[0] + 1, *checkpoint.seqs[1:]))
+            with pytest.raises(InvalidToken):  # another one under its name (another process's of its instance)
+                decode_token(token, TAG, now, lookup(wrong))
         with pytest.raises(InvalidToken):  # another cluster's
             decode_token(token, cluster_tag("elsewhere"), now, lookup(checkpoint))
 

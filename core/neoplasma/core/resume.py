@@ -50,10 +50,16 @@ def epoch_mark(epoch: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def positions_check(tag: bytes, epochs: tuple[int, ...]) -> bytes:
+def positions_check(tag: bytes, epochs: tuple[int, ...], checkpoint: Checkpoint | None = None) -> bytes:
     """4 bytes naming the cluster (`tag`) and exactly these epochs (ascending): a decoder that resolved a
-    token's marks to known epochs knows it resolved them right (and that the token is this cluster's)."""
-    return hashlib.blake2b(tag + b"".join(e.to_bytes(4, "big") for e in epochs), digest_size=4).digest()
+    token's marks to known epochs knows it resolved them right (and that the token is this cluster's). With the
+    `checkpoint` a version 3 token is relative to, its whole content too: a decoder that was given another
+    checkpoint under its name (another process's of the same instance) knows it."""
+    named = tag + b"".join(e.to_bytes(4, "big") for e in epochs)
+    if checkpoint is not None:
+        named += checkpoint.instance.to_bytes(3, "big") + checkpoint.counter.to_bytes(8, "big")
+        named += pack_positions(dict(zip(checkpoint.epochs, checkpoint.seqs, strict=True)))
+    return hashlib.blake2b(named, digest_size=4).digest()
 
 
 class Checkpoint(NamedTuple):
@@ -106,14 +112,14 @@ def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoin
     then each checkpoint broker's advance since it, in its order (with fewer than SHORTEST_BELOW brokers, the
     shorter of it and version 2). Else version 2: version, check, then per broker by ascending seq its mark and the
     seq's difference from the one before."""
-    check = positions_check(tag, tuple(sorted(positions)))
+    epochs = tuple(sorted(positions))
     v3 = None
     if checkpoint is not None and all(positions.get(e, -1) >= s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
                                                                                  strict=True)):
         named = set(checkpoint.epochs)
         extra = {e: s for e, s in positions.items() if e not in named}
         raw = bytearray((CHECKPOINT_VERSION,))
-        raw += check
+        raw += positions_check(tag, epochs, checkpoint)
         raw += checkpoint.instance.to_bytes(3, "big")
         raw += varint(checkpoint.counter)
         raw += varint(len(extra))
@@ -124,7 +130,7 @@ def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoin
             return base64.urlsafe_b64encode(raw).rstrip(b"=")
         v3 = bytes(raw)
     raw = bytearray((TOKEN_VERSION,))
-    raw += check
+    raw += positions_check(tag, epochs)
     raw += _entries(positions)
     if v3 is not None and len(v3) < len(raw):
         raw = bytearray(v3)
@@ -169,6 +175,7 @@ class ParsedToken(NamedTuple):
     entries: tuple[tuple[bytes | int, int], ...]  # (epoch (version 1, a completed checkpoint's) or mark, seq)
     checkpoint: tuple[int, int] | None = None  # version 3, not completed yet: (instance, counter)
     advances: tuple[int, ...] = ()  # ... and each checkpoint broker's advance since it, in its order
+    base: Checkpoint | None = None  # version 3, completed: the checkpoint (which its check covers)
 
     def completed(self, checkpoint: Checkpoint) -> ParsedToken:
         """A version 3 token with the positions of its checkpoint (as stored by the brokers) filled in; InvalidToken
@@ -180,7 +187,7 @@ class ParsedToken(NamedTuple):
             if seq + ahead > MAX_SEQ:
                 raise InvalidToken("the resume token holds a position beyond 64 bits")
             base.append((epoch, seq + ahead))
-        return self._replace(entries=(*base, *self.entries), checkpoint=None, advances=())
+        return self._replace(entries=(*base, *self.entries), checkpoint=None, advances=(), base=checkpoint)
 
     def resolve(self, known: Iterable[int]) -> Resolved:
         """The positions, with the marks of a version 2 or 3 token matched to `known` epochs (those of the
@@ -198,7 +205,8 @@ class ParsedToken(NamedTuple):
         seqs = [seq for _, seq in self.entries]
         if all(choices):
             for combo in itertools.islice(itertools.product(*choices), MAX_COMBINATIONS):
-                if len(set(combo)) == len(combo) and positions_check(self.tag, tuple(sorted(combo))) == self.check:
+                if (len(set(combo)) == len(combo)
+                        and positions_check(self.tag, tuple(sorted(combo)), self.base) == self.check):
                     return Resolved(dict(zip(combo, seqs, strict=True)), 0)
             raise InvalidToken("the resume token is from another cluster (or names brokers this proxy cannot tell "
                                "apart)")
