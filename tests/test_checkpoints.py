@@ -286,6 +286,43 @@ async def test_kill9_of_a_proxy_issuing_version_3_tokens_its_clients_resume_at_a
         await c.close()
 
 
+async def test_a_broker_added_after_the_checkpoint_is_named_in_the_token_and_resumes_exactly(start: Any) -> None:
+    """A broker that joined after the proxy's checkpoint is named in its version 3 tokens explicitly (mark and seq);
+    the proxy killed while its clients hold such tokens, they resume at another proxy exactly once."""
+    bs, ps = days_old_cluster(start, 2, "--checkpoint-seconds", "5")
+    joined = start("broker", "b2", env={"NEOPLASMA_TEST_FIRST_SEQ": "300000000"})
+    for p in ps:
+        await push(p, 1, members(bs))
+    target = {"proxy": ps[0]}
+    browsers = [EventSource(lambda: target["proxy"].endpoints["http"], "t,u").start() for _ in range(5)]
+    await wait_for(lambda: all_subscribed(ps[0], 5, 2), what="subscribers")
+    publisher = Publisher(grpc_addresses(bs)).start(interval=0.02)
+    await wait_for(lambda: last_ids_are_version_3(browsers), timeout=30, what="version 3 ids")
+    for p in ps:
+        await push(p, 2, members([*bs, joined]))
+    await wait_for(lambda: all_subscribed(ps[0], 5, 3), timeout=20, what="the third broker linked")
+    extra = Publisher([joined.endpoints["grpc"]], topic="u").start(interval=0.02)
+
+    def named_explicitly() -> bool:
+        return all(version(b.last_id) == 3 and parse_token(b.last_id, TAG).entries for b in browsers)
+
+    await wait_for(named_explicitly, timeout=20, what="ids naming the new broker beside the checkpoint")
+    target["proxy"] = ps[1]
+    ps[0].proc.kill()
+    ps[0].proc.wait()
+    assert named_explicitly()  # what they come back with (EventSource waits 2 s before it reconnects)
+    await wait_for(lambda: all_subscribed(ps[1], 5, 3), timeout=20, what="everyone back at p1")
+    await publisher.stop()
+    await extra.stop()
+    await wait_for(lambda: all(len(b.events) >= sum(publisher.sent) + sum(extra.sent) for b in browsers),
+                   timeout=20, what="every event")
+    for k, b in enumerate(browsers):
+        publisher.assert_exactly_once_in_order([e for e in b.events if e["meta"]["type"] == "t"], f"browser {k}")
+        extra.assert_exactly_once_in_order([e for e in b.events if e["meta"]["type"] == "u"], f"browser {k}, b2")
+        assert not b.gaps and set(b.statuses) == {200}
+        await b.close()
+
+
 async def test_an_unknown_checkpoint_gives_the_gap_signal_then_live_and_a_forged_query_is_not_found(
         start: Any) -> None:
     """A version 3 token whose checkpoint no broker holds (evicted, forged): the gap signal, then live (a 200)."""
