@@ -120,8 +120,30 @@ def test_version_3_is_short_whatever_the_seqs_age_at_60_brokers() -> None:
         checkpoint = Checkpoint.of(MIN_INSTANCE + 1, 100_000, base)  # days of checkpoints at one a second
         moved = {e: s + rng.randint(0, 100) for e, s in base.items()}  # under load, a second since the checkpoint
         assert len(encode_token(TAG, moved, checkpoint)) <= 96  # 72 bytes: 12, then a byte per broker
-        assert len(encode_token(TAG, base, checkpoint)) <= 96  # idle
+        assert len(encode_token(TAG, base, checkpoint)) <= 27  # nothing moved since: 12 bytes and a bitmap of 0s
+        quiet = {e: s + (k < 5) for k, (e, s) in enumerate(base.items())}  # idle: a few brokers moved
+        token = encode_token(TAG, quiet, checkpoint)
+        assert len(token) <= 34 and decode_token(token.decode(), TAG, quiet, lookup(checkpoint)) == quiet
         assert len(encode_token(TAG, moved)) > 240  # version 2
+
+
+def test_advances_go_dense_or_sparse_whichever_is_shorter_and_must_fill_the_checkpoint_exactly() -> None:
+    rng = random.Random(8)
+    for _ in range(500):
+        n = rng.randint(1, 70)
+        base = {e: rng.randint(0, 2**40) for e in rng.sample(range(1, 2**32), n)}
+        checkpoint = Checkpoint.of(MIN_INSTANCE, 9, base)
+        moved = rng.random()
+        now = {e: s + (rng.choice([1, 200, 10**6]) if rng.random() < moved else 0) for e, s in base.items()}
+        token = encode_token(TAG, now, checkpoint).decode()
+        assert decode_token(token, TAG, now, lookup(checkpoint)) == now
+        if version(token) == 3:
+            fewer = Checkpoint.of(MIN_INSTANCE, 9, dict(list(base.items())[:-1])) if n > 1 else None
+            more = Checkpoint.of(MIN_INSTANCE, 9, {**base, 5: 0} if 5 not in base else base)
+            for wrong in (fewer, more):
+                if wrong is not None and wrong != checkpoint:
+                    with pytest.raises(InvalidToken):
+                        decode_token(token, TAG, now, lookup(wrong))
 
 
 def test_garbage_version_3_tokens_raise_only_invalid_token() -> None:

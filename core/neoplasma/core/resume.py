@@ -122,10 +122,11 @@ def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoin
         raw += positions_check(tag, epochs, checkpoint)
         raw += checkpoint.instance.to_bytes(3, "big")
         raw += varint(checkpoint.counter)
-        raw += varint(len(extra))
+        advances, sparse = _advances([positions[e] - s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
+                                                                         strict=True)])
+        raw += varint(2 * len(extra) + sparse)
         raw += _entries(extra)
-        for epoch, seq in zip(checkpoint.epochs, checkpoint.seqs, strict=True):
-            raw += varint(positions[epoch] - seq)
+        raw += advances
         if len(positions) >= SHORTEST_BELOW:
             return base64.urlsafe_b64encode(raw).rstrip(b"=")
         v3 = bytes(raw)
@@ -135,6 +136,44 @@ def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoin
     if v3 is not None and len(v3) < len(raw):
         raw = bytearray(v3)
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def _advances(advances: Sequence[int]) -> tuple[bytes, bool]:
+    """A version 3 token's advances, and whether sparse: dense, a varint each; sparse (when shorter: most are 0, as
+    when idle), a bitmap of those not 0 (bit k of byte k // 8 for the k-th), then theirs."""
+    dense = b"".join(map(varint, advances))
+    bitmap = bytearray((len(advances) + 7) // 8)
+    moved = []
+    for k, ahead in enumerate(advances):
+        if ahead:
+            bitmap[k >> 3] |= 1 << (k & 7)
+            moved.append(varint(ahead))
+    sparse = bytes(bitmap) + b"".join(moved)
+    return (sparse, True) if len(sparse) < len(dense) else (dense, False)
+
+
+def _read_advances(raw: bytes, n: int, sparse: bool) -> list[int]:
+    """`n` advances from `raw` (see `_advances`), which they must fill exactly; InvalidToken when they do not."""
+    advances, i = [], 0
+    if sparse:
+        size = (n + 7) // 8
+        bitmap, i = raw[:size], size
+        if len(bitmap) < size or (n % 8 and bitmap[-1] >> (n % 8)):
+            raise InvalidToken("the resume token does not fit the checkpoint it names")
+        for k in range(n):
+            ahead = 0
+            if bitmap[k >> 3] >> (k & 7) & 1:
+                ahead, i = _varint_at(raw, i)
+                if not ahead:
+                    raise InvalidToken("the resume token is not one a proxy makes")
+            advances.append(ahead)
+    else:
+        while i < len(raw) and len(advances) < n:
+            ahead, i = _varint_at(raw, i)
+            advances.append(ahead)
+    if len(advances) != n or i != len(raw):
+        raise InvalidToken("the resume token does not fit the checkpoint it names")
+    return advances
 
 
 def _entries(positions: Mapping[int, int]) -> bytes:
@@ -174,20 +213,22 @@ class ParsedToken(NamedTuple):
     check: bytes
     entries: tuple[tuple[bytes | int, int], ...]  # (epoch (version 1, a completed checkpoint's) or mark, seq)
     checkpoint: tuple[int, int] | None = None  # version 3, not completed yet: (instance, counter)
-    advances: tuple[int, ...] = ()  # ... and each checkpoint broker's advance since it, in its order
+    advances: bytes = b""  # ... and each checkpoint broker's advance since it, in its order (`_advances`) ...
+    sparse: bool = False  # ... dense or sparse
     base: Checkpoint | None = None  # version 3, completed: the checkpoint (which its check covers)
 
     def completed(self, checkpoint: Checkpoint) -> ParsedToken:
         """A version 3 token with the positions of its checkpoint (as stored by the brokers) filled in; InvalidToken
         when they do not fit (not the checkpoint it was made against)."""
-        if len(checkpoint.epochs) != len(self.advances) or len(checkpoint.seqs) != len(self.advances):
-            raise InvalidToken("the resume token does not fit the checkpoint it names")
+        if len(checkpoint.epochs) != len(checkpoint.seqs) or len(checkpoint.epochs) > MAX_CHECKPOINT_BROKERS:
+            raise InvalidToken("the resume token's checkpoint is not one a proxy makes")
+        advances = _read_advances(self.advances, len(checkpoint.epochs), self.sparse)
         base: list[tuple[bytes | int, int]] = []
-        for epoch, seq, ahead in zip(checkpoint.epochs, checkpoint.seqs, self.advances, strict=True):
+        for epoch, seq, ahead in zip(checkpoint.epochs, checkpoint.seqs, advances, strict=True):
             if seq + ahead > MAX_SEQ:
                 raise InvalidToken("the resume token holds a position beyond 64 bits")
             base.append((epoch, seq + ahead))
-        return self._replace(entries=(*base, *self.entries), checkpoint=None, advances=(), base=checkpoint)
+        return self._replace(entries=(*base, *self.entries), checkpoint=None, advances=b"", base=checkpoint)
 
     def resolve(self, known: Iterable[int]) -> Resolved:
         """The positions, with the marks of a version 2 or 3 token matched to `known` epochs (those of the
@@ -283,16 +324,11 @@ def parse_token(token: str, tag: bytes) -> ParsedToken:
         instance = int.from_bytes(raw[5:8], "big")
         counter, i = _varint_at(raw, 8)
         count, i = _varint_at(raw, i)
+        count, sparse = count >> 1, bool(count & 1)
         if count > MAX_CHECKPOINT_BROKERS or not counter or instance < MIN_INSTANCE:
             raise InvalidToken("the resume token names no checkpoint a proxy makes")
         named, i = _parse_entries(raw, i, 2, count, True)
-        advances = []
-        while i < len(raw):
-            ahead, i = _varint_at(raw, i)
-            advances.append(ahead)
-        if len(advances) > MAX_CHECKPOINT_BROKERS:
-            raise InvalidToken("the resume token names no checkpoint a proxy makes")
-        return ParsedToken(version, tag, bytes(raw[1:5]), tuple(named), (instance, counter), tuple(advances))
+        return ParsedToken(version, tag, bytes(raw[1:5]), tuple(named), (instance, counter), bytes(raw[i:]), sparse)
     key_size = 4 if version == 1 else 2
     found, _ = _parse_entries(raw, 5, key_size, None, version == 2)
     if version == 2:
