@@ -269,6 +269,41 @@ async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_conne
             await server.stop(None)
 
 
+async def test_a_checkpoint_one_connected_broker_refused_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: of two brokers, one stores the proxy's checkpoints and the other refuses them (as a broker that
+    could not keep them would): the proxy registers them but keeps issuing version 2 tokens."""
+    brokers = []
+    for i in range(2):
+        monkeypatch.setenv("NEOPLASMA_TEST_FIRST_SEQ", str(200_000_000 + 50_000_000 * i))
+        brokers.append(await in_process_broker(f"b{i}"))
+
+    def refuse(*args: Any) -> None:
+        raise ValueError("this broker keeps none")
+
+    monkeypatch.setattr(brokers[1][0].checkpoints, "put", refuse)
+    hub = Hub()
+    hub.add(Recorder(), ["x"])
+    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
+    dispatcher = asyncio.create_task(hub.run_dispatcher())
+    checkpoints = asyncio.create_task(links.run_checkpoints(0.05))
+    try:
+        await links.apply(Snapshot(1, tuple(Member(f"b{i}", brokers[i][2]) for i in range(2)), CLUSTER))
+        assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+        for k in range(5):
+            for broker, _, _ in brokers:
+                broker.accept([("x", b"%d" % k)], "publisher")
+            assert await wait_until_true(lambda k=k: len(brokers[0][0].checkpoints) > k)  # stored at b0 ...
+        refused = brokers[1][0].metrics.checkpoint_registrations.labels("refused")._value.get()
+        assert refused >= 5 and hub.proposed is not None  # ... refused at b1
+        assert hub.checkpoint is None and version(hub.token().decode()) == 2
+    finally:
+        checkpoints.cancel()
+        dispatcher.cancel()
+        await links.close()
+        for _, server, _ in brokers:
+            await server.stop(None)
+
+
 async def last_ids_are_version_3(clients: list[EventSource]) -> bool:
     return all(c.last_id and version(c.last_id) == 3 for c in clients)
 
