@@ -15,16 +15,27 @@ only) and the average length of each, events per write (HTTP chunk), what an id 
 event and none on the others would give (the floor: not exactly-once), and for the native stream the
 batch token's size and events per batch; and writes JSON (bench/results/wire_bytes_<N>.json).
 
+With `--days-old` the brokers start numbering at 200-260 million (as after days at 1000 events/s each; the
+test-only environment variable NEOPLASMA_TEST_FIRST_SEQ, not a setting), so full tokens carry the seqs of a
+cluster that has run for days. A proxy of a build with checkpoints (docs/resume.md, "Checkpoints") issues
+version 3 tokens once every broker stored its first checkpoint: the bench waits for that (up to 30 s, publishing
+one event per broker every half second) before it measures, and reports, per phase, the checkpoints the brokers
+stored per second (the relay messages they add: one up, per proxy and broker and second while positions move)
+and what the brokers' stores count per checkpoint.
+
 Usage: python bench/wire_bytes.py --brokers 10
        flock /work/bench.lock python bench/wire_bytes.py --brokers 60   (60 processes: take the lock)
+       flock /work/bench.lock python bench/wire_bytes.py --brokers 60 --days-old
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -34,13 +45,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
-from harness import Server, apply_membership, links_ready, start_server, wait_for
+from harness import Server, apply_membership, counters, links_ready, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "program:1234"
@@ -85,6 +97,11 @@ def id_on_last_only(chunk: bytes) -> int:
     return len(chunk) - sum(map(len, lines[:-1]))
 
 
+def token_version(token: bytes) -> int:
+    """The version byte of a full token (docs/resume.md, "The token")."""
+    return base64.urlsafe_b64decode(token[:4])[0] if token.startswith(b"A") else 0
+
+
 def is_pointer(token: bytes) -> bool:
     """A pointer id (docs/resume.md, "Pointer ids"), not a full token (which begins with "A")."""
     return not token.startswith(b"A")
@@ -117,6 +134,11 @@ class RawSse:
     def events(self) -> int:
         return len(DATA_LINE.findall(b"".join(dechunk(bytes(self.raw)))))
 
+    def last_full_version(self) -> int:
+        """The version of the last full token it was given (0: none yet)."""
+        full = [i for i in ID_LINE.findall(bytes(self.raw[-65536:])) if not is_pointer(i)]
+        return token_version(full[-1]) if full else 0
+
     def phase(self, start: int) -> dict[str, Any]:
         """Figures for the bytes from `start` (a chunk boundary: taken while nothing was in flight)."""
         raw = bytes(self.raw[start:])
@@ -134,6 +156,8 @@ class RawSse:
                 "ratio": round(len(raw) / max(1, plain), 3), "ratio_sse_only": round(len(body) / max(1, plain), 3),
                 "ids": len(ids), "id_chars_avg": round(sum(map(len, ids)) / max(1, len(ids)), 1),
                 "full_ids": len(full), "full_id_chars_avg": round(sum(map(len, full)) / max(1, len(full)), 1),
+                "full_id_versions": {str(v): n for v in (1, 2, 3)
+                                     if (n := sum(1 for i in full if token_version(i) == v))},
                 "pointer_ids": len(pointers),
                 "pointer_chars_avg": round(sum(map(len, pointers)) / max(1, len(pointers)), 1),
                 "writes": chunks, "events_per_write": round(len(data) / max(1, chunks), 2),
@@ -185,8 +209,26 @@ async def publish(stubs: list[Any], rate: float, seconds: float, counter: list[i
     await asyncio.gather(*pending)
 
 
+async def checkpoint_figures(brokers: list[Server]) -> dict[str, float]:
+    """Summed over the brokers: checkpoints stored (registrations), held, and the bytes their stores count."""
+    totals = {"registrations": 0.0, "held": 0.0, "bytes": 0.0}
+    for b in brokers:
+        found = await counters(b.endpoints["http"], "neoplasma_broker_checkpoint_registrations_total", "outcome")
+        totals["registrations"] += found.get("stored", 0.0)
+        text = await metrics_text(b.endpoints["http"])
+        for key, name in (("held", "neoplasma_broker_checkpoints"), ("bytes", "neoplasma_broker_checkpoint_bytes")):
+            found_gauge = re.search(rf"^{name} (\S+)$", text, re.M)
+            totals[key] += float(found_gauge.group(1)) if found_gauge else 0.0
+    return totals
+
+
+async def metrics_text(http: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"http://{http}/metrics") as resp:
+        return await resp.text()
+
+
 async def run(brokers_n: int, before: str, subscribers: int, idle_rate: float, load_rate: float,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, days_old: bool = False) -> dict[str, Any]:
     logs = ROOT / "bench" / "results" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     tree = exported_tree(before)
@@ -195,8 +237,10 @@ async def run(brokers_n: int, before: str, subscribers: int, idle_rate: float, l
     try:
         started = time.monotonic()
         brokers = []
+        rng = random.Random(brokers_n)
         for i in range(brokers_n):
-            brokers.append(start_server("broker", f"wb-b{i}", logs))
+            env = {"NEOPLASMA_TEST_FIRST_SEQ": str(rng.randint(200_000_000, 260_000_000))} if days_old else None
+            brokers.append(start_server("broker", f"wb-b{i}", logs, env=env))
             servers.append(brokers[-1])
         proxies = {"before": start_server("proxy", "wb-before", logs, env=old_env),
                    "after": start_server("proxy", "wb-after", logs)}
@@ -222,13 +266,30 @@ async def run(brokers_n: int, before: str, subscribers: int, idle_rate: float, l
             return all(c.events() >= counter[0] for cs in clients.values() for c in cs)
 
         await wait_for(delivered, timeout=30, what="the first events everywhere")
+        waited = time.monotonic()
+        while time.monotonic() - waited < 30 and any(c.last_full_version() != 3 for c in clients["after"]):
+            await publish(stubs, 2 * brokers_n, 0.5, counter)  # checkpoints are made while positions move
+        await wait_for(delivered, timeout=30, what="the events while waiting for version 3")
+        print(f"after's last full token: version {clients['after'][0].last_full_version()} "
+              f"({time.monotonic() - waited:.1f} s)", flush=True)
         results: dict[str, Any] = {}
         for phase, rate, per_request in (("idle", idle_rate, 1), ("load", load_rate, 5)):
             marks = {label: [len(c.raw) for c in cs] for label, cs in clients.items()}
             native_marks = {label: len(n.batches) for label, n in natives.items()}
+            checkpoints_before, phase_started = await checkpoint_figures(brokers), time.monotonic()
             await publish(stubs, rate, seconds, counter, per_request)
             await wait_for(delivered, timeout=60, what=f"every {phase} event delivered")
             await asyncio.sleep(0.2)  # a heartbeat's bytes may be in flight
+            checkpoints_after = await checkpoint_figures(brokers)
+            elapsed = time.monotonic() - phase_started
+            registered = checkpoints_after["registrations"] - checkpoints_before["registrations"]
+            results[f"checkpoints_{phase}"] = {
+                "stored_per_second_all_brokers": round(registered / elapsed, 1),
+                "stored_per_second_per_broker": round(registered / elapsed / brokers_n, 2),
+                "held_all_brokers": checkpoints_after["held"],
+                "counted_bytes_per_checkpoint": round(checkpoints_after["bytes"] / max(1.0, checkpoints_after["held"]),
+                                                      1)}
+            print(f"{phase}: checkpoints stored {results[f'checkpoints_{phase}']}", flush=True)
             for label, cs in clients.items():
                 figures = [c.phase(m) for c, m in zip(cs, marks[label], strict=True)]
                 median = sorted(figures, key=lambda f: f["ratio"])[len(figures) // 2]
@@ -251,7 +312,7 @@ async def run(brokers_n: int, before: str, subscribers: int, idle_rate: float, l
             task.cancel()
         for ch in channels:
             await ch.close()
-        return {"brokers": brokers_n, "before": before, "subscribers_per_proxy": subscribers,
+        return {"brokers": brokers_n, "before": before, "days_old": days_old, "subscribers_per_proxy": subscribers,
                 "seconds_per_phase": seconds, "event_data_bytes": len(event_data(0)),
                 "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                             "load_average": os.getloadavg()}, **results}
@@ -271,9 +332,11 @@ if __name__ == "__main__":
     parser.add_argument("--idle-rate", type=float, default=5.0, help="events/s in the idle phase")
     parser.add_argument("--load-rate", type=float, default=1000.0, help="events/s in the load phase")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of publishing per phase")
+    parser.add_argument("--days-old", action="store_true", help="brokers' seqs start at 200-260 million")
     args = parser.parse_args()
-    out = asyncio.run(run(args.brokers, args.before, args.subscribers, args.idle_rate, args.load_rate, args.seconds))
-    path = ROOT / "bench" / "results" / f"wire_bytes_{args.brokers}.json"
+    out = asyncio.run(run(args.brokers, args.before, args.subscribers, args.idle_rate, args.load_rate, args.seconds,
+                          args.days_old))
+    path = ROOT / "bench" / "results" / f"wire_bytes_{args.brokers}{'_days_old' if args.days_old else ''}.json"
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
     print(f"written to {path}")

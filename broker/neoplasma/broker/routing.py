@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 
-from neoplasma.core.events import Checked, batch_trailer, stamped_entry, topic_field, varint_field
+from neoplasma.core.events import Checked, batch_trailer, stamped_entry, string_field, topic_field, varint_field
 from neoplasma.core.resume import ReplayWalk
 from neoplasma.core.topics import TopicIndex
 
@@ -59,6 +59,9 @@ class RelayStream:
         self.asked_instance = 0  # the instance a later Interest asked to move to (what a refusal names)
         self.queries: list[bytes] = []  # pointer queries (encoded `EventBatch.resolve` fields) for its next message
         self.asked = 0  # pointer queries sent on it and not answered yet
+        self.checkpoint_stored = 0  # the counter of the checkpoint stored last (`Interest.checkpoint`) ...
+        self.checkpoint_reported = 0  # ... and the one last told to the proxy
+        self.checkpoint_refused = ""  # why the last one was refused, to tell the proxy
 
     def offer(self, entry: bytes) -> bool:
         size = len(entry)
@@ -130,6 +133,7 @@ class RelayStream:
         """Something to send: events, an interest ack, a gap, or (at most every `head_interval`, and not
         while it backfills) a new head."""
         return (bool(self.outbox) or self.interest_reported != self.interest_applied or self.gap or bool(self.queries)
+                or self.checkpoint_reported != self.checkpoint_stored or bool(self.checkpoint_refused)
                 or (head > self.head_sent and now - self.written_at >= head_interval and self.backfill is None))
 
     def take(self, max_bytes: int, epoch: int, head: int, now: float) -> tuple[bytes, int]:
@@ -166,6 +170,12 @@ class RelayStream:
         if self.queries:
             taken += self.queries
             self.queries = []
+        if self.checkpoint_reported != self.checkpoint_stored:
+            self.checkpoint_reported = self.checkpoint_stored
+            taken.append(varint_field(10, self.checkpoint_stored))  # EventBatch.checkpoint_stored
+        if self.checkpoint_refused:
+            taken.append(string_field(11, self.checkpoint_refused))  # EventBatch.checkpoint_refused
+            self.checkpoint_refused = ""
         taken.append(batch_trailer(epoch=epoch, head=head, gap=self.gap, accepted_ns=accepted_ns if count else 0))
         self.gap = False
         self.head_sent = max(self.head_sent, head)

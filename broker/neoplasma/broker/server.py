@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import time
@@ -31,7 +32,15 @@ from neoplasma.core.events import (
 from neoplasma.core.logs import get_logger
 from neoplasma.core.metrics import LATENCY_BUCKETS
 from neoplasma.core.net import HttpServer, add_grpc_port, bind_socket, hostport, identity
-from neoplasma.core.resume import MAX_TOKEN_CHARS, InvalidToken, ReplayWalk, RetentionLog, parse_pointer
+from neoplasma.core.resume import (
+    MAX_TOKEN_CHARS,
+    Checkpoint,
+    CheckpointStore,
+    InvalidToken,
+    ReplayWalk,
+    RetentionLog,
+    parse_pointer,
+)
 from neoplasma.core.topics import InvalidTopic, LimitExceeded, check_topic
 from neoplasma.core.trust import (
     CREDENTIAL_REQUIRED,
@@ -110,6 +119,20 @@ class Metrics:
         self.retained_bytes = Gauge("neoplasma_broker_retained_bytes",
                                     "Bytes held by retention for resuming subscribers", registry=r)
         self.retained_events = Gauge("neoplasma_broker_retained_events", "Events held by retention", registry=r)
+        self.checkpoints = Gauge("neoplasma_broker_checkpoints", "Proxies' checkpoints stored (version 3 tokens)",
+                                 registry=r)
+        self.checkpoint_bytes = Gauge("neoplasma_broker_checkpoint_bytes",
+                                      "Bytes counted for stored checkpoints (at most --checkpoint-bytes)", registry=r)
+        self.checkpoint_registrations = Counter("neoplasma_broker_checkpoint_registrations",
+                                                "Checkpoints proxies registered, by outcome", ["outcome"],
+                                                registry=r)
+        self.checkpoint_lookups = Counter("neoplasma_broker_checkpoint_lookups",
+                                          "Checkpoints asked for by resuming proxies (Resolve), by outcome",
+                                          ["outcome"], registry=r)
+        for outcome in ("stored", "refused"):
+            self.checkpoint_registrations.labels(outcome)
+        for outcome in ("found", "not_found"):
+            self.checkpoint_lookups.labels(outcome)
 
 
 # Seconds a replay or backfill walks retention (and encodes what it finds) before it lets the broker's loop
@@ -125,6 +148,8 @@ REPLAY_MESSAGE_BYTES = 256 * 1024
 # relay stream carries at most this many unanswered queries (a Resolve finding every stream of the instance full is
 # refused with RESOURCE_EXHAUSTED).
 RESOLVE_TIMEOUT = 2.0
+# Seconds a checkpoint is kept beyond --retention-seconds.
+CHECKPOINT_SLACK = 60.0
 MAX_QUERIES_PER_STREAM = 64
 
 
@@ -138,7 +163,12 @@ class Broker:
         self.draining = False
         self.closing = False  # drained: relay streams send their last head and end
         self.epoch = random.randint(1, 2**32 - 1)
-        self.seq = 0  # the last seq stamped in this epoch
+        # The last seq stamped in this epoch. NEOPLASMA_TEST_FIRST_SEQ (test and benchmark only, not a setting) starts
+        # the count there, as a broker that has run for days would be (bench/wire_bytes.py --days-old).
+        self.seq = max(int(os.environ.get("NEOPLASMA_TEST_FIRST_SEQ", "1")), 1) - 1
+        # Proxies' checkpoints (docs/resume.md, "Checkpoints"): kept as long as retention (a token older is a gap
+        # anyway) and a minute more, for the clocks of proxy and client.
+        self.checkpoints = CheckpointStore(config.retention_seconds + CHECKPOINT_SLACK, config.checkpoint_bytes)
         self.retention = RetentionLog(config.retention_seconds, config.retention_bytes)
         self.replays = asyncio.Semaphore(config.max_replays)
         self.replays_waiting = 0
@@ -193,6 +223,24 @@ class Broker:
                     stream.queries.remove(query)
         tokens.discard("")
         return tokens.pop() if len(tokens) == 1 else None
+
+    def store_checkpoint(self, stream: RelayStream, given: pb.Checkpoint) -> None:
+        """A proxy registered a checkpoint on `stream`: stored under the stream's instance (`checkpoint_stored`),
+        or refused with the reason told back (`checkpoint_refused`); either way said in the stream's next message."""
+        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
+        try:
+            if given.instance != stream.instance:
+                raise ValueError(f"the checkpoint names proxy instance {given.instance}, the relay stream "
+                                 f"{stream.instance}")
+            self.checkpoints.put(checkpoint, stream.nonce, time.monotonic())
+        except ValueError as exc:
+            self.metrics.checkpoint_registrations.labels("refused").inc()
+            log.outside("checkpoint_refused", proxy=stream.proxy, peer=stream.peer, error=str(exc))
+            stream.checkpoint_refused = f"checkpoint {given.counter} refused: {exc}"
+        else:
+            self.metrics.checkpoint_registrations.labels("stored").inc()
+            stream.checkpoint_stored = given.counter
+        stream.wake.set()
 
     def answered(self, stream: RelayStream, answers: Iterable[pb.PointerAnswer]) -> None:
         """A proxy's answers to the queries sent down `stream` (others' ids, and oversized tokens, are ignored)."""
@@ -335,6 +383,9 @@ class Broker:
         self.metrics.retention_limit_seconds.set(self.retention.max_age)
         self.metrics.draining.set(self.draining)
         self.metrics.retained_bytes.set(self.retention.bytes)
+        self.checkpoints.evict(time.monotonic())
+        self.metrics.checkpoints.set(len(self.checkpoints))
+        self.metrics.checkpoint_bytes.set(self.checkpoints.bytes)
         self.metrics.retained_events.set(self.retention.events)
         return pb.BrokerStats(
             name=self.config.name, connections=publishers + streams, relay_streams=streams,
@@ -480,13 +531,19 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             if msg.resolved:  # answers to pointer queries: nothing else (not an interest change)
                 self.broker.answered(stream, msg.resolved)
                 continue
+            if msg.HasField("checkpoint"):  # a checkpoint: nothing else (not an interest change)
+                self.broker.store_checkpoint(stream, msg.checkpoint)
+                continue
             if msg.instance and msg.instance != stream.instance:  # the proxy drew another instance
                 stream.asked_instance = msg.instance
                 self.broker.router.claim(stream, msg.instance, time.monotonic())  # InstanceTaken: the stream ends
             self._apply_interest(stream, msg)  # acknowledged like an interest change
 
     async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:  # noqa: N802
-        """The full token a pointer id stands for, asked of the proxy instance that issued it (docs/resume.md)."""
+        """The full token a pointer id stands for, asked of the proxy instance that issued it; or a checkpoint, from
+        this broker's store (docs/resume.md)."""
+        if request.checkpoint:
+            return await self._checkpoint(request, context)
         try:
             token = await self.broker.resolve(request.pointer)
         except InvalidToken as exc:
@@ -499,6 +556,17 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "the proxy that issued the pointer did not resolve it "
                                 f"within {RESOLVE_TIMEOUT} s (no longer in its journal, or not its pointer)")
         return pb.ResolveResponse(token=token)
+
+    async def _checkpoint(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:
+        """A checkpoint a version 3 token names, from this broker's store (a forged query costs a lookup)."""
+        found = self.broker.checkpoints.get(request.instance, request.checkpoint, time.monotonic())
+        self.broker.metrics.checkpoint_lookups.labels("not_found" if found is None else "found").inc()
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no checkpoint {request.checkpoint} of proxy instance "
+                                f"{request.instance} is stored here (never registered, evicted, or too old)")
+            raise AssertionError("abort raises")
+        return pb.ResolveResponse(checkpoint=pb.Checkpoint(instance=found.instance, counter=found.counter,
+                                                           epochs=found.epochs, seqs=found.seqs))
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.BrokerStats:  # noqa: N802
         return self.broker.stats()

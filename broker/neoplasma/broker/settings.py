@@ -56,6 +56,9 @@ class BrokerConfig(TrustSettings):
                                        "subscribers")
     retention_bytes: int = setting(256 * 1024 * 1024, bound=POSITIVE,
                                    help="bytes of accepted events kept for resuming subscribers")
+    checkpoint_bytes: int = setting(64 * 1024 * 1024, bound=POSITIVE,
+                                    help="bytes of proxies' checkpoints kept for resolving their version 3 resume "
+                                    "tokens (each kept --retention-seconds and a minute more at most)")
     max_replays: int = setting(4, bound=POSITIVE, help="Replay calls (resuming subscribers' catch-up) served at once")
     max_replays_waiting: int = setting(64, bound=NON_NEGATIVE, help="Replay calls that may wait for one of those; "
                                        "more are refused (RESOURCE_EXHAUSTED)")

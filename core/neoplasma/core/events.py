@@ -371,6 +371,11 @@ def _field_bytes(field: int, payload: bytes) -> bytes:
     return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
+def string_field(field: int, text: str) -> bytes:
+    """A protobuf string field (wire type 2), encoded."""
+    return _field_bytes(field, text.encode("utf-8"))
+
+
 def fixed32_field(field: int, value: int) -> bytes:
     """A protobuf fixed32 field (wire type 5), encoded."""
     return varint(field << 3 | 5) + value.to_bytes(4, "little")

@@ -20,7 +20,8 @@ from typing import NamedTuple
 from neoplasma.core.events import Checked, Event, stamped_entry, topic_field, varint
 from neoplasma.core.topics import prefixes
 
-TOKEN_VERSION = 2  # what encode_token writes; decode_token also reads version 1 (docs/resume.md, "The token")
+TOKEN_VERSION = 2  # what encode_token writes without a checkpoint; decode_token also reads version 1 (docs/resume.md)
+CHECKPOINT_VERSION = 3  # what encode_token writes relative to a checkpoint (docs/resume.md, "Encoding, version 3")
 # The longest token accepted (characters). A version 2 token is 5 bytes, then 2 (the broker's mark) + at most 10
 # (a seq, or its difference from the next smaller one, below 2**64) per broker, in unpadded base64: at most 967
 # characters at 60 brokers (1927 while all 60 are replaced, old and new in one membership). A version 1 token has
@@ -49,39 +50,161 @@ def epoch_mark(epoch: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def positions_check(tag: bytes, epochs: tuple[int, ...], ordered: bool = True) -> bytes:
-    """4 bytes naming the cluster (`tag`) and exactly these epochs in this order (a version 2 token's: its
-    entries' order): a decoder that resolved a token's marks to known epochs knows it resolved each entry to
-    the right broker, even when two of them share a mark (and that the token is this cluster's).
-    `ordered=False`: the check of tokens issued before it bound the order (`epochs` ascending), which
-    never equals an ordered one but by chance (it is keyed apart)."""
-    key = b"ordered" if ordered else b""
-    return hashlib.blake2b(tag + b"".join(e.to_bytes(4, "big") for e in epochs), digest_size=4, key=key).digest()
+def positions_check(tag: bytes, epochs: tuple[int, ...], checkpoint: Checkpoint | None = None,
+                    ordered: bool = True) -> bytes:
+    """4 bytes naming the cluster (`tag`) and exactly these epochs in this order (a token's: its entries'
+    order, a version 3 token's checkpoint brokers first): a decoder that resolved a token's marks to known
+    epochs knows it resolved each entry to the right broker, even when two of them share a mark (and that the
+    token is this cluster's). With the `checkpoint` a version 3 token is relative to, its whole content too: a
+    decoder that was given another checkpoint under its name (another process's of the same instance) knows
+    it. `ordered=False`: the check of version 2 tokens issued before it bound the order (`epochs` ascending),
+    which never equals an ordered one but by chance (it is keyed apart)."""
+    named = tag + b"".join(e.to_bytes(4, "big") for e in epochs)
+    if checkpoint is not None:
+        named += checkpoint.instance.to_bytes(3, "big") + checkpoint.counter.to_bytes(8, "big")
+        named += pack_positions(dict(zip(checkpoint.epochs, checkpoint.seqs, strict=True)))
+    return hashlib.blake2b(named, digest_size=4, key=b"ordered" if ordered else b"").digest()
 
 
-def encode_token(tag: bytes, positions: Mapping[int, int]) -> bytes:
-    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag` (version 2):
-    version, check, then per broker by ascending seq its mark and the seq's difference from the one before."""
-    entries = sorted(positions.items(), key=lambda entry: (entry[1], entry[0]))  # ascending seqs
+class Checkpoint(NamedTuple):
+    """A proxy process's whole position vector, registered with every broker it links to (docs/resume.md,
+    "Checkpoints"): version 3 tokens name it (instance, counter) and carry only each broker's advance since."""
+
+    instance: int  # the proxy process's pointer instance (3 bytes), under which brokers store it
+    counter: int  # its number among that process's checkpoints (from 1)
+    epochs: tuple[int, ...]  # in the order the token's advances follow
+    seqs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, instance: int, counter: int, positions: Mapping[int, int]) -> Checkpoint:
+        ordered = sorted(positions.items())
+        return cls(instance, counter, tuple(e for e, _ in ordered), tuple(s for _, s in ordered))
+
+    def positions(self) -> dict[int, int]:
+        return dict(zip(self.epochs, self.seqs, strict=True))
+
+
+# A checkpoint names at most this many brokers (a membership of 60 is the size aimed at; what a broker stores is
+# bounded by it). A registration naming more is refused.
+MAX_CHECKPOINT_BROKERS = 1024
+
+
+def check_checkpoint(checkpoint: Checkpoint) -> None:
+    """ValueError, saying what is wrong, for a checkpoint no proxy makes (what a broker refuses to store)."""
+    n = len(checkpoint.epochs)
+    if n != len(checkpoint.seqs):
+        raise ValueError(f"the checkpoint has {n} epochs but {len(checkpoint.seqs)} seqs")
+    if n > MAX_CHECKPOINT_BROKERS:
+        raise ValueError(f"the checkpoint names {n} brokers; the most is {MAX_CHECKPOINT_BROKERS}")
+    if not checkpoint.counter or not MIN_INSTANCE <= checkpoint.instance <= MAX_INSTANCE:
+        raise ValueError("the checkpoint has counter 0 or no proxy instance")
+    if 0 in checkpoint.epochs or len(set(checkpoint.epochs)) != n:
+        raise ValueError("the checkpoint names epoch 0 or a broker twice")
+    if any(not 0 <= seq <= MAX_SEQ for seq in checkpoint.seqs):
+        raise ValueError("the checkpoint holds a seq beyond 64 bits")
+
+
+# Below this many brokers a version 2 token may be the shorter (version 3 spends 5 bytes or more on naming its
+# checkpoint; version 2 two per broker on marks): both are made and the shorter sent. From it on, version 3 is.
+SHORTEST_BELOW = 8
+
+
+def encode_token(tag: bytes, positions: Mapping[int, int], checkpoint: Checkpoint | None = None) -> bytes:
+    """The token (ASCII bytes) for `positions` {epoch: seq} in the cluster named by `tag`. Version 3 when
+    `checkpoint` is given and `positions` are at or past it for every broker it names: version, check, the
+    checkpoint's instance and counter, how many brokers follow by mark, those (mark and seq, as version 2 does),
+    then each checkpoint broker's advance since it, in its order (with fewer than SHORTEST_BELOW brokers, the
+    shorter of it and version 2). Else version 2: version, check, then per broker by ascending seq its mark and the
+    seq's difference from the one before."""
+    v3 = None
+    if checkpoint is not None and all(positions.get(e, -1) >= s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
+                                                                                 strict=True)):
+        named = set(checkpoint.epochs)
+        extra = _by_seq({e: s for e, s in positions.items() if e not in named})
+        raw = bytearray((CHECKPOINT_VERSION,))
+        raw += positions_check(tag, (*checkpoint.epochs, *(e for e, _ in extra)), checkpoint)
+        raw += checkpoint.instance.to_bytes(3, "big")
+        raw += varint(checkpoint.counter)
+        advances, sparse = _advances([positions[e] - s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
+                                                                         strict=True)])
+        raw += varint(2 * len(extra) + sparse)
+        raw += _entries(extra)
+        raw += advances
+        if len(positions) >= SHORTEST_BELOW:
+            return base64.urlsafe_b64encode(raw).rstrip(b"=")
+        v3 = bytes(raw)
+    entries = _by_seq(positions)
     raw = bytearray((TOKEN_VERSION,))
-    raw += positions_check(tag, tuple(epoch for epoch, _ in entries))
+    raw += positions_check(tag, tuple(e for e, _ in entries))
+    raw += _entries(entries)
+    if v3 is not None and len(v3) < len(raw):
+        raw = bytearray(v3)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+def _advances(advances: Sequence[int]) -> tuple[bytes, bool]:
+    """A version 3 token's advances, and whether sparse: dense, a varint each; sparse (when shorter: most are 0, as
+    when idle), a bitmap of those not 0 (bit k of byte k // 8 for the k-th), then theirs."""
+    dense = b"".join(map(varint, advances))
+    bitmap = bytearray((len(advances) + 7) // 8)
+    moved = []
+    for k, ahead in enumerate(advances):
+        if ahead:
+            bitmap[k >> 3] |= 1 << (k & 7)
+            moved.append(varint(ahead))
+    sparse = bytes(bitmap) + b"".join(moved)
+    return (sparse, True) if len(sparse) < len(dense) else (dense, False)
+
+
+def _read_advances(raw: bytes, n: int, sparse: bool) -> list[int]:
+    """`n` advances from `raw` (see `_advances`), which they must fill exactly; InvalidToken when they do not."""
+    advances, i = [], 0
+    if sparse:
+        size = (n + 7) // 8
+        bitmap, i = raw[:size], size
+        if len(bitmap) < size or (n % 8 and bitmap[-1] >> (n % 8)):
+            raise InvalidToken("the resume token does not fit the checkpoint it names")
+        for k in range(n):
+            ahead = 0
+            if bitmap[k >> 3] >> (k & 7) & 1:
+                ahead, i = _varint_at(raw, i)
+                if not ahead:
+                    raise InvalidToken("the resume token is not one a proxy makes")
+            advances.append(ahead)
+    else:
+        while i < len(raw) and len(advances) < n:
+            ahead, i = _varint_at(raw, i)
+            advances.append(ahead)
+    if len(advances) != n or i != len(raw):
+        raise InvalidToken("the resume token does not fit the checkpoint it names")
+    return advances
+
+
+def _by_seq(positions: Mapping[int, int]) -> list[tuple[int, int]]:
+    """The (epoch, seq) entries of a token in its order: ascending seqs."""
+    return sorted(positions.items(), key=lambda entry: (entry[1], entry[0]))
+
+
+def _entries(entries: Sequence[tuple[int, int]]) -> bytes:
+    """Per broker (in `_by_seq` order) its mark and the seq's difference from the one before (the first: the seq)."""
+    raw = bytearray()
     before = 0
     for epoch, seq in entries:
         raw += epoch_mark(epoch)
         raw += varint(seq - before)  # brokers that took similar numbers of events: small differences
         before = seq
-    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+    return bytes(raw)
 
 
 def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event],
-                 wanted: Container[int] | None = None) -> dict[int, bytes]:
+                 wanted: Container[int] | None = None, checkpoint: Checkpoint | None = None) -> dict[int, bytes]:
     """The token after each of `events` by index (after those at the indices `wanted` only, when given), advancing
-    `position` {epoch: seq} in place over all of them (`advance`)."""
+    `position` {epoch: seq} in place over all of them (`advance`); relative to `checkpoint` where it can be."""
     tokens = {}
     for i, event in enumerate(events):
         advance(position, (event.epoch,), (event.seq,))
         if wanted is None or i in wanted:
-            tokens[i] = encode_token(tag, position)
+            tokens[i] = encode_token(tag, position, checkpoint)
     return tokens
 
 
@@ -91,33 +214,53 @@ class Resolved(NamedTuple):
 
 
 class ParsedToken(NamedTuple):
-    """A token checked for form; `resolve` names its brokers (version 2 names them by mark)."""
+    """A token checked for form; `resolve` names its brokers (version 2 names them by mark). A version 3 token
+    names its checkpoint (`checkpoint`: instance, counter) and carries `advances` to be `completed` with it."""
 
     version: int
     tag: bytes
     check: bytes
-    entries: tuple[tuple[bytes | int, int], ...]  # (epoch (version 1) or mark (version 2), seq)
+    entries: tuple[tuple[bytes | int, int], ...]  # (epoch (version 1, a completed checkpoint's) or mark, seq)
+    checkpoint: tuple[int, int] | None = None  # version 3, not completed yet: (instance, counter)
+    advances: bytes = b""  # ... and each checkpoint broker's advance since it, in its order (`_advances`) ...
+    sparse: bool = False  # ... dense or sparse
+    base: Checkpoint | None = None  # version 3, completed: the checkpoint (which its check covers)
+
+    def completed(self, checkpoint: Checkpoint) -> ParsedToken:
+        """A version 3 token with the positions of its checkpoint (as stored by the brokers) filled in; InvalidToken
+        when they do not fit (not the checkpoint it was made against)."""
+        if len(checkpoint.epochs) != len(checkpoint.seqs) or len(checkpoint.epochs) > MAX_CHECKPOINT_BROKERS:
+            raise InvalidToken("the resume token's checkpoint is not one a proxy makes")
+        advances = _read_advances(self.advances, len(checkpoint.epochs), self.sparse)
+        base: list[tuple[bytes | int, int]] = []
+        for epoch, seq, ahead in zip(checkpoint.epochs, checkpoint.seqs, advances, strict=True):
+            if seq + ahead > MAX_SEQ:
+                raise InvalidToken("the resume token holds a position beyond 64 bits")
+            base.append((epoch, seq + ahead))
+        return self._replace(entries=(*base, *self.entries), checkpoint=None, advances=b"", base=checkpoint)
 
     def resolve(self, known: Iterable[int]) -> Resolved:
-        """The positions, with the marks of a version 2 token matched to `known` epochs (those of the
+        """The positions, with the marks of a version 2 or 3 token matched to `known` epochs (those of the
         proxy's links and of the brokers it saw end). InvalidToken when none matches, or when all match
         but not as the check says (another cluster's token)."""
+        if self.checkpoint is not None:
+            raise InvalidToken("the resume token's checkpoint was not resolved")
         if self.version == 1:
             return Resolved({e: s for e, s in self.entries if isinstance(e, int)}, 0)
         by_mark: dict[bytes, list[int]] = {}
         for epoch in set(known):
             if epoch:
                 by_mark.setdefault(epoch_mark(epoch), []).append(epoch)
-        choices = [by_mark.get(mark, []) if isinstance(mark, bytes) else [] for mark, _ in self.entries]
+        choices = [[key] if isinstance(key, int) else by_mark.get(key, []) for key, _ in self.entries]
         seqs = [seq for _, seq in self.entries]
         if all(choices):
             legacy: list[tuple[int, ...]] = []
             for combo in itertools.islice(itertools.product(*choices), MAX_COMBINATIONS):
                 if len(set(combo)) != len(combo):
                     continue
-                if positions_check(self.tag, combo) == self.check:
+                if positions_check(self.tag, combo, self.base) == self.check:
                     return Resolved(dict(zip(combo, seqs, strict=True)), 0)
-                if positions_check(self.tag, tuple(sorted(combo)), ordered=False) == self.check:
+                if self.version == 2 and positions_check(self.tag, tuple(sorted(combo)), ordered=False) == self.check:
                     legacy.append(combo)
             # Tokens issued before the check bound the order named the epochs ascending: right when only
             # one assignment of the entries to those epochs fits (two brokers sharing a mark in the token
@@ -159,51 +302,233 @@ def _varint_at(raw: bytes, i: int) -> tuple[int, int]:
     return seq, i
 
 
+def _parse_entries(raw: bytes, i: int, key_size: int, count: int | None, deltas: bool
+                   ) -> tuple[list[tuple[bytes, int]], int]:
+    """`count` (None: all up to the end) (key, seq) entries from `raw[i:]`, each seq the difference from the one
+    before when `deltas`; and the index after them."""
+    entries: list[tuple[bytes, int]] = []
+    before = 0
+    while (i < len(raw)) if count is None else (len(entries) < count):
+        if i + key_size >= len(raw):
+            raise InvalidToken("the resume token is truncated")
+        key = raw[i:i + key_size]
+        seq, i = _varint_at(raw, i + key_size)
+        if deltas:  # each seq is the difference from the one before (ascending)
+            seq = before = before + seq
+            if seq > MAX_SEQ:
+                raise InvalidToken("the resume token holds a position beyond 64 bits")
+        entries.append((bytes(key), seq))
+    return entries, i
+
+
 def parse_token(token: str, tag: bytes) -> ParsedToken:
-    """A token of version 2 (or 1, as issued before) checked for form; InvalidToken for anything else.
-    A version 1 token names its cluster here; a version 2 token when resolved."""
+    """A token of version 3 or 2 (or 1, as issued before) checked for form; InvalidToken for anything else.
+    A version 1 token names its cluster here; a version 2 or 3 token when resolved (a version 3 token's
+    checkpoint is to be looked up and `completed` first)."""
     if not token or len(token) > MAX_TOKEN_CHARS:
         raise InvalidToken(f"the resume token is empty or longer than {MAX_TOKEN_CHARS} characters")
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise InvalidToken("the resume token is not URL-safe base64") from None
-    if len(raw) < 5 or raw[0] not in (1, 2):
+    if len(raw) < 5 or raw[0] not in (1, 2, CHECKPOINT_VERSION):
         raise InvalidToken("the resume token is not a neoplasma token")
     version = raw[0]
     if version == 1 and raw[1:5] != tag:
         raise InvalidToken("the resume token is from another cluster")
+    if version == CHECKPOINT_VERSION:
+        if len(raw) < 9:
+            raise InvalidToken("the resume token is truncated")
+        instance = int.from_bytes(raw[5:8], "big")
+        counter, i = _varint_at(raw, 8)
+        count, i = _varint_at(raw, i)
+        count, sparse = count >> 1, bool(count & 1)
+        if count > MAX_CHECKPOINT_BROKERS or not counter or instance < MIN_INSTANCE:
+            raise InvalidToken("the resume token names no checkpoint a proxy makes")
+        named, i = _parse_entries(raw, i, 2, count, True)
+        return ParsedToken(version, tag, bytes(raw[1:5]), tuple(named), (instance, counter), bytes(raw[i:]), sparse)
     key_size = 4 if version == 1 else 2
+    found, _ = _parse_entries(raw, 5, key_size, None, version == 2)
+    if version == 2:
+        return ParsedToken(version, tag, bytes(raw[1:5]), tuple(found))
     entries: list[tuple[bytes | int, int]] = []
     seen: set[int] = set()
-    i, before = 5, 0
-    while i < len(raw):
-        if i + key_size >= len(raw):
-            raise InvalidToken("the resume token is truncated")
-        key = raw[i:i + key_size]
-        seq, i = _varint_at(raw, i + key_size)
-        if version == 2:  # each seq is the difference from the one before (ascending)
-            seq = before = before + seq
-            if seq > MAX_SEQ:
-                raise InvalidToken("the resume token holds a position beyond 64 bits")
-        if version == 1:
-            epoch = int.from_bytes(key, "big")
-            if not epoch or epoch in seen:
-                raise InvalidToken("the resume token names a broker twice or epoch 0")
-            seen.add(epoch)
-            entries.append((epoch, seq))
-        else:
-            entries.append((bytes(key), seq))
+    for key, seq in found:
+        epoch = int.from_bytes(key, "big")
+        if not epoch or epoch in seen:
+            raise InvalidToken("the resume token names a broker twice or epoch 0")
+        seen.add(epoch)
+        entries.append((epoch, seq))
     return ParsedToken(version, tag, bytes(raw[1:5]), tuple(entries))
 
 
-def decode_token(token: str, tag: bytes, known: Iterable[int] = ()) -> dict[int, int]:
-    """{epoch: seq} from a token of the cluster named by `tag`, the brokers of a version 2 token among `known`
-    epochs; InvalidToken for anything else (including a broker not among `known`)."""
-    resolved = parse_token(token, tag).resolve(known)
+def decode_token(token: str, tag: bytes, known: Iterable[int] = (),
+                 checkpoints: Callable[[int, int], Checkpoint | None] = lambda instance, counter: None
+                 ) -> dict[int, int]:
+    """{epoch: seq} from a token of the cluster named by `tag`, the brokers of a version 2 or 3 token among `known`
+    epochs, a version 3 token's checkpoint from `checkpoints(instance, counter)`; InvalidToken for anything else
+    (including a broker not among `known`, or a checkpoint not found)."""
+    parsed = parse_token(token, tag)
+    if parsed.checkpoint is not None:
+        checkpoint = checkpoints(*parsed.checkpoint)
+        if checkpoint is None:
+            raise InvalidToken("the resume token's checkpoint is not known")
+        parsed = parsed.completed(checkpoint)
+    resolved = parsed.resolve(known)
     if resolved.unknown:
         raise InvalidToken(f"the resume token names {resolved.unknown} broker(s) not among those known")
     return resolved.positions
+
+
+# -- checkpoints (docs/resume.md, "Checkpoints") ----------------------------------------------------------------
+
+# Counted per stored checkpoint beyond its bytes: its tuple, key, bytes object, dict and deque entries.
+CHECKPOINT_OVERHEAD = 256
+# Counted per base (a checkpoint's epochs and seqs kept whole, that later ones of the instance are kept against)
+# beyond its 12 bytes per broker.
+CHECKPOINT_BASE_OVERHEAD = 256
+# A base serves at most this many checkpoints of an instance (then the next is kept whole as a new base).
+CHECKPOINTS_PER_BASE = 64
+# The most checkpoints a broker keeps of one proxy instance (at one a second: over 17 minutes).
+MAX_CHECKPOINTS_PER_INSTANCE = 1024
+
+
+class _Base:
+    """One checkpoint's epochs (array "I") and seqs (array "Q") kept whole: later checkpoints of its instance with
+    the same epochs and seqs not below are kept as varint differences from it."""
+
+    __slots__ = ("epochs", "seqs", "size", "users")
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.epochs = array("I", checkpoint.epochs).tobytes()
+        self.seqs = array("Q", checkpoint.seqs).tobytes()
+        self.size = len(self.epochs) + len(self.seqs) + CHECKPOINT_BASE_OVERHEAD
+        self.users = 0  # stored checkpoints kept against it
+
+    def fits(self, checkpoint: Checkpoint) -> bool:
+        return (self.users < CHECKPOINTS_PER_BASE and array("I", checkpoint.epochs).tobytes() == self.epochs
+                and all(s >= b for s, b in zip(checkpoint.seqs, array("Q", self.seqs), strict=True)))
+
+    def differences(self, checkpoint: Checkpoint) -> bytes:
+        return b"".join(varint(s - b) for s, b in zip(checkpoint.seqs, array("Q", self.seqs), strict=True))
+
+    def checkpoint(self, instance: int, counter: int, differences: bytes) -> Checkpoint:
+        seqs, i = [], 0
+        for base in array("Q", self.seqs):
+            ahead, i = _varint_at(differences, i)
+            seqs.append(base + ahead)
+        return Checkpoint(instance, counter, tuple(array("I", self.epochs)), tuple(seqs))
+
+
+class _Held:
+    """What a store keeps of one instance: the process (nonce) that holds it, its checkpoints by counter (when
+    stored, their base, their differences from it), and the base the next one is kept against if it fits."""
+
+    __slots__ = ("base", "kept", "nonce")
+
+    def __init__(self, nonce: int) -> None:
+        self.nonce = nonce
+        self.kept: dict[int, tuple[float, _Base, bytes]] = {}
+        self.base: _Base | None = None
+
+
+class CheckpointStore:
+    """The checkpoints proxy processes registered with a broker (docs/resume.md, "Checkpoints"), by instance and
+    counter, each for the process (nonce) that holds the instance: bounded by age (`max_age`, the caller's clock),
+    by what it counts (`max_bytes`: each checkpoint's varint differences from its base and CHECKPOINT_OVERHEAD,
+    each base's 12 bytes per broker and CHECKPOINT_BASE_OVERHEAD; the oldest go first) and by
+    MAX_CHECKPOINTS_PER_INSTANCE. No I/O, no clock of its own."""
+
+    def __init__(self, max_age: float, max_bytes: int) -> None:
+        self.max_age, self.max_bytes = max_age, max_bytes
+        self.bytes = 0
+        self._instances: dict[int, _Held] = {}
+        self._order: deque[tuple[float, int, int, int]] = deque()  # (at, instance, nonce, counter), oldest first
+
+    def __len__(self) -> int:
+        return sum(len(held.kept) for held in self._instances.values())
+
+    def put(self, checkpoint: Checkpoint, nonce: int, now: float) -> None:
+        """Store `checkpoint` of the process `nonce` (which holds its instance here: a process that took the
+        instance over replaces what another stored). ValueError, saying why, for one no proxy makes, or a counter
+        stored before with other positions (the same again is fine: a relay stream reconnected)."""
+        check_checkpoint(checkpoint)
+        if not nonce:
+            raise ValueError("the relay stream named no proxy nonce (a proxy of the version before checkpoints)")
+        whole = 12 * len(checkpoint.epochs) + CHECKPOINT_BASE_OVERHEAD + CHECKPOINT_OVERHEAD
+        if whole > self.max_bytes:
+            raise ValueError(f"the checkpoint ({whole} bytes counted) is larger than the store ({self.max_bytes})")
+        held = self._instances.get(checkpoint.instance)
+        if held is not None and held.nonce != nonce:
+            self._drop(checkpoint.instance)
+            held = None
+        if held is None:
+            held = self._instances[checkpoint.instance] = _Held(nonce)
+        stored = held.kept.get(checkpoint.counter)
+        if stored is not None:
+            if stored[1].checkpoint(checkpoint.instance, checkpoint.counter, stored[2]) != checkpoint:
+                raise ValueError(f"checkpoint {checkpoint.counter} of proxy instance {checkpoint.instance} is stored "
+                                 f"with other positions; a proxy numbers each checkpoint once")
+            return
+        base = held.base
+        if base is None or not base.fits(checkpoint):
+            self._unbase(held)
+            base = held.base = _Base(checkpoint)
+            self.bytes += base.size
+        differences = base.differences(checkpoint)
+        base.users += 1
+        held.kept[checkpoint.counter] = (now, base, differences)
+        self._order.append((now, checkpoint.instance, nonce, checkpoint.counter))
+        self.bytes += len(differences) + CHECKPOINT_OVERHEAD
+        while len(held.kept) > MAX_CHECKPOINTS_PER_INSTANCE:
+            self._forget(checkpoint.instance, next(iter(held.kept)))
+        self.evict(now)
+
+    def get(self, instance: int, counter: int, now: float) -> Checkpoint | None:
+        """The checkpoint stored as (`instance`, `counter`), None when none is (never stored, evicted, or too old)."""
+        held = self._instances.get(instance)
+        stored = None if held is None else held.kept.get(counter)
+        if stored is None or stored[0] < now - self.max_age:
+            return None
+        return stored[1].checkpoint(instance, counter, stored[2])
+
+    def _unbase(self, held: _Held) -> None:
+        """`held` keeps no more checkpoints against its base: it goes once none is kept against it."""
+        if held.base is not None and not held.base.users:
+            self.bytes -= held.base.size
+        held.base = None
+
+    def _forget(self, instance: int, counter: int) -> None:
+        held = self._instances.get(instance)
+        if held is None or counter not in held.kept:
+            return
+        _, base, differences = held.kept.pop(counter)
+        self.bytes -= len(differences) + CHECKPOINT_OVERHEAD
+        base.users -= 1
+        if not base.users and base is not held.base:
+            self.bytes -= base.size
+        if not held.kept:
+            self._unbase(held)
+            del self._instances[instance]
+
+    def _drop(self, instance: int) -> None:
+        """Forget every checkpoint of `instance` (another process holds it now)."""
+        held = self._instances[instance]
+        for counter in list(held.kept):
+            self._forget(instance, counter)
+        if instance in self._instances:  # (it held none)
+            self._unbase(held)
+            del self._instances[instance]
+
+    def evict(self, now: float) -> None:
+        """Drop what is older than `max_age`, and the oldest while over `max_bytes`."""
+        order = self._order
+        cutoff = now - self.max_age
+        while order and (order[0][0] < cutoff or self.bytes > self.max_bytes):
+            at, instance, nonce, counter = order.popleft()
+            held = self._instances.get(instance)
+            if held is not None and held.nonce == nonce and held.kept.get(counter, (None,))[0] == at:
+                self._forget(instance, counter)
 
 
 # -- pointer ids (docs/resume.md, "Pointer ids") ---------------------------------------------------------------

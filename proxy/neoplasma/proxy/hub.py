@@ -40,6 +40,7 @@ from neoplasma.core.events import (
 from neoplasma.core.logs import get_logger
 from neoplasma.core.memory import give_back
 from neoplasma.core.resume import (
+    Checkpoint,
     PointerJournal,
     cluster_tag,
     encode_pointer,
@@ -59,6 +60,8 @@ from neoplasma.proxy.settings import JOURNAL_BYTES, JOURNAL_SECONDS, LINGER, MAX
 log = get_logger("proxy.hub")
 
 RETIRED_KEPT = 1024  # ended epochs remembered (with their last position) for resuming subscribers
+CHECKPOINTS_KEPT = 1024  # this process's checkpoints it resolves itself (at one a second, 17 minutes' worth)
+CHECKPOINTS_CACHED = 256  # other processes' checkpoints resolved lately (a dead proxy's clients resume together)
 INSTANCES_KEPT = 16  # pointer instances of this process whose pointers still resolve here (a redraw is rare)
 
 
@@ -81,8 +84,8 @@ class Batch:
     """One dispatched batch, with each event's encodings made at most once: an SSE event has two, one with the
     full token after it (the last event of a subscriber's write) and one with its pointer (the others)."""
 
-    __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "events", "first", "hub", "lasts",
-                 "pointers")
+    __slots__ = ("_entry", "_plasma", "_pointed", "_sse", "_tokens", "base", "checkpoint", "events", "first", "hub",
+                 "lasts", "pointers")
 
     def __init__(self, events: Sequence[Event], hub: Hub) -> None:
         self.events = events
@@ -91,6 +94,7 @@ class Batch:
         self.first = 0  # the journal's number for events[0] (the next ones follow; set by Hub.dispatch)
         self.lasts: set[int] = set()  # the events whose full token is asked (made in one pass when first asked)
         self.pointers = hub.issuing  # whether events that do not end a write get pointers
+        self.checkpoint = hub.checkpoint  # what its full tokens are relative to (version 3), if any
         self._tokens: dict[int, bytes] = {}
         self._sse: dict[int, bytes] = {}
         self._pointed: dict[int, bytes] = {}
@@ -102,7 +106,8 @@ class Batch:
         token = self._tokens.get(i)
         if token is None:
             wanted = {i} if self._tokens else self.lasts | {i}
-            self._tokens.update(tokens_after(self.hub.tag, dict(self.base), self.events[:max(wanted) + 1], wanted))
+            self._tokens.update(tokens_after(self.hub.tag, dict(self.base), self.events[:max(wanted) + 1], wanted,
+                                             self.checkpoint))
             token = self._tokens[i]
         return token
 
@@ -352,6 +357,16 @@ class Hub:
         # The instances whose pointers this process issued: the event numbers (unwrapped) they named, from first to
         # end (None: still issuing). At most INSTANCES_KEPT, the oldest forgotten.
         self.issued: dict[int, tuple[int, int | None]] = {}
+        # Checkpoints (docs/resume.md, "Checkpoints"): the one full tokens are relative to (version 3; None: version
+        # 2), the last one made (registered with the brokers, in force once every connected one stored it), those
+        # made by this process (at most CHECKPOINTS_KEPT: what its tokens named lately) and those of other processes
+        # resolved lately (at most CHECKPOINTS_CACHED).
+        self.checkpoint: Checkpoint | None = None
+        self.proposed: Checkpoint | None = None
+        self.checkpoints: dict[tuple[int, int], Checkpoint] = {}
+        self.resolved_checkpoints: dict[tuple[int, int], Checkpoint] = {}
+        self._checkpoint_counter = 0
+        self.checkpoint_lookups: dict[tuple[int, int], asyncio.Task[Checkpoint | None]] = {}  # asked of brokers now
         self.advanced = Signal()  # notified after every dispatch
         self.rounds = 0  # dispatch rounds so far
         self._topics_high = 0  # the most topics since memory was last given back
@@ -499,8 +514,38 @@ class Hub:
     def token(self) -> bytes:
         """The resume token for the current positions (made once per change)."""
         if self._token is None:
-            self._token = encode_token(self.tag, self.positions)
+            self._token = encode_token(self.tag, self.positions, self.checkpoint)
         return self._token
+
+    def make_checkpoint(self) -> Checkpoint | None:
+        """A new checkpoint of the positions, to register with every broker; None when they did not change since the
+        last one, or pointers are not issued (the instance, under which brokers store it, is not confirmed)."""
+        if not self.issuing or not self.positions:
+            return None
+        last = self.proposed
+        if last is not None and last.instance == self.instance and last.positions() == self.positions:
+            return None
+        self._checkpoint_counter += 1
+        made = self.proposed = Checkpoint.of(self.instance, self._checkpoint_counter, self.positions)
+        self.checkpoints[made.instance, made.counter] = made
+        while len(self.checkpoints) > CHECKPOINTS_KEPT:
+            del self.checkpoints[next(iter(self.checkpoints))]
+        return made
+
+    def use_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Every connected broker stored `checkpoint`: full tokens are relative to it from the next one on."""
+        if checkpoint.instance == self.instance and checkpoint is not self.checkpoint:
+            self.checkpoint = checkpoint
+            self._token = None
+
+    def known_checkpoint(self, instance: int, counter: int) -> Checkpoint | None:
+        """A checkpoint this process made or resolved lately (None: ask the brokers)."""
+        return self.checkpoints.get((instance, counter)) or self.resolved_checkpoints.get((instance, counter))
+
+    def keep_resolved(self, checkpoint: Checkpoint) -> None:
+        self.resolved_checkpoints[checkpoint.instance, checkpoint.counter] = checkpoint
+        while len(self.resolved_checkpoints) > CHECKPOINTS_CACHED:
+            del self.resolved_checkpoints[next(iter(self.resolved_checkpoints))]
 
     def resolve(self, pointer: str) -> bytes | None:
         """The full token one of this process's pointers stands for; None when it is not one of its pointers (of an
@@ -540,6 +585,8 @@ class Hub:
             first, _ = self.issued[refused]
             self.issued[refused] = (first, self.journal.next)
         self.issuing = False
+        self.checkpoint = self.proposed = None  # brokers store checkpoints under the instance: version 2 till the next
+        self._token = None
         while self.instance == refused or self.instance in self.issued:
             self.instance = new_instance()
         self.pointer_prefix = pointer_prefix(self.instance)

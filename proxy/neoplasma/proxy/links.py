@@ -23,6 +23,7 @@ from neoplasma.core.backoff import Backoff, BackoffPolicy
 from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
+from neoplasma.core.resume import Checkpoint
 from neoplasma.core.trust import Access
 from neoplasma.proxy.hub import RETIRED_KEPT, Hub
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -108,6 +109,11 @@ class BrokerLink:
         self._claim = (0, 0)
         self.verdict = 0
         self.on_instance: Callable[[], None] = lambda: None  # a verdict came, or the hub drew another instance
+        # Checkpoints (docs/resume.md, "Checkpoints"): the one to register next on the stream, and the counter of the
+        # last one the broker stored on the current stream (0: none).
+        self._checkpoint: Checkpoint | None = None
+        self.checkpoint_stored = 0
+        self.on_checkpoint: Callable[[], None] = lambda: None  # the broker stored one
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"link-{self.member.name}")
@@ -195,6 +201,8 @@ class BrokerLink:
         self._added, self._removed = set(), set()
         self._answers = []
         self._interest_changed.clear()
+        self.checkpoint_stored = 0  # (a restarted broker stores none of the last stream's)
+        self._checkpoint = self.hub.proposed  # the latest checkpoint, registered once the stream is open
         self._interest_sent, self._interest_applied = 1, 0
         self._claim = (self.hub.instance, 1)  # what the first message names (a broker not reached: not refused)
         # Where this proxy left off with the broker: it backfills what the last stream did not bring,
@@ -214,6 +222,8 @@ class BrokerLink:
                                      nonce=self.hub.nonce, more=len(parts) > 1))
         for k in range(1, len(parts)):
             await call.write(pb.Interest(add=parts[k], more=k < len(parts) - 1))
+        if self._checkpoint is not None:
+            self._interest_changed.set()
         writer = asyncio.create_task(self._send_interest(call))
         try:
             async for batch in call:  # the broker's first message says it applied our interest
@@ -225,6 +235,11 @@ class BrokerLink:
                     self.hub.broadcast_gap(f"broker {self.member.name} dropped events for this proxy")
                 if batch.resolve:
                     self._answer(batch.resolve)
+                if batch.checkpoint_stored:
+                    self.checkpoint_stored = batch.checkpoint_stored
+                    self.on_checkpoint()
+                if batch.checkpoint_refused:
+                    log.warning("checkpoint_refused", broker=self.member.name, error=batch.checkpoint_refused)
                 events = [Event(e.topic, e.data, epoch, e.seq) for e in batch.events]
                 self.events_received += len(events)
                 self.position = max(self.position, batch.head, events[-1].seq if events else 0)
@@ -265,6 +280,12 @@ class BrokerLink:
             self.verdict = instance
             self.on_instance()
 
+    def register(self, checkpoint: Checkpoint) -> None:
+        """Register `checkpoint` with the broker (in the stream's next message; the stream's first, if it is not
+        open)."""
+        self._checkpoint = checkpoint
+        self._interest_changed.set()
+
     def instance_changed(self) -> None:
         """The hub drew another pointer instance: the current stream names it next (`_send_interest`)."""
         self._interest_changed.set()
@@ -299,6 +320,11 @@ class BrokerLink:
                 self._interest_sent += 1
                 self._claim = (self.hub.instance, self._interest_sent)
                 await call.write(pb.Interest(instance=self.hub.instance))
+            if (checkpoint := self._checkpoint) is not None:  # (after the instance it is stored under)
+                self._checkpoint = None
+                await call.write(pb.Interest(checkpoint=pb.Checkpoint(
+                    instance=checkpoint.instance, counter=checkpoint.counter, epochs=checkpoint.epochs,
+                    seqs=checkpoint.seqs)))
             added, removed = self._added, self._removed
             # In messages the broker reads (what it said it reads, less the rest of a message).
             for add, remove in interest_parts(added, removed, self.request_room):
@@ -347,6 +373,7 @@ class LinkSet:
                                                  self.max_message_bytes, self.changed, self.access)
             link.peers_room = self.request_room
             link.on_instance = self._instance_news
+            link.on_checkpoint = self._checkpoint_news
             old, leaving = self.leaving.pop(name, (None, None))
             if old is not None and leaving is not None:  # back before its old link ended: this one goes on from it
                 leaving.cancel()
@@ -371,6 +398,26 @@ class LinkSet:
             link.instance_changed()
         if not hub.issuing and self.links and all(link.verdict == hub.instance for link in self.links.values()):
             hub.confirm(hub.instance)
+
+    async def run_checkpoints(self, interval: float) -> None:
+        """Every `interval` seconds, while the positions moved, a checkpoint of them registered with every broker
+        (docs/resume.md, "Checkpoints")."""
+        while True:
+            await asyncio.sleep(interval)
+            checkpoint = self.hub.make_checkpoint()
+            if checkpoint is not None:
+                for link in self.links.values():
+                    link.register(checkpoint)
+
+    def _checkpoint_news(self) -> None:
+        """A broker stored a checkpoint: once every connected link's broker stored the latest, full tokens are
+        relative to it (a broker not connected now resolves none of them; the others do)."""
+        latest = self.hub.proposed
+        if latest is None or latest is self.hub.checkpoint:
+            return
+        connected = [link for link in self.links.values() if link.state == LinkState.CONNECTED]
+        if connected and all(link.checkpoint_stored >= latest.counter for link in connected):
+            self.hub.use_checkpoint(latest)
 
     async def _leave(self, name: str, link: BrokerLink) -> None:
         """A link removed from the membership: finished (see `BrokerLink.finish`), its epoch retired,

@@ -36,6 +36,9 @@ RESUME_RESULTS = ("exact", "gap")
 # How a resume's pointer id (docs/resume.md, "Pointer ids") was resolved: from this process's journal, by the
 # process that issued it (through a broker), or not at all (the gap signal).
 POINTER_RESULTS = ("local", "remote", "unresolved")
+# How a version 3 token's checkpoint (docs/resume.md, "Checkpoints") was found: made or resolved lately by this
+# process, asked of a broker, or not at all (the gap signal).
+CHECKPOINT_RESULTS = ("local", "remote", "unresolved")
 
 
 class ProxyMetrics:
@@ -45,6 +48,7 @@ class ProxyMetrics:
         self.disconnects = Counts(DISCONNECT_REASONS)
         self.resumes = Counts(RESUME_RESULTS)
         self.pointers = Counts(POINTER_RESULTS)
+        self.checkpoints = Counts(CHECKPOINT_RESULTS)
         self.replayed_events = 0
         self.gap_signals = 0
         self.skewed_rounds = 0
@@ -81,6 +85,9 @@ class ProxyMetrics:
         yield self.pointers.family("neoplasma_proxy_pointer_resolves", "Resumes from a pointer id: resolved from "
                                    "this process's journal, by the proxy that issued it, or not (a gap signal)",
                                    "result")
+        yield self.checkpoints.family("neoplasma_proxy_checkpoint_resolves", "Resumes from a version 3 token: its "
+                                      "checkpoint found here, asked of a broker, or not found (a gap signal)",
+                                      "result")
         yield CounterMetricFamily("neoplasma_proxy_replayed_events", "Events replayed from brokers' retention "
                                   "to resuming subscribers", value=self.replayed_events)
         yield CounterMetricFamily("neoplasma_proxy_gap_signals", "Gap signals sent to subscribers (events "

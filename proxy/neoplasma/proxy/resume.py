@@ -16,7 +16,15 @@ from neoplasma.core.aio import InTurns, Pace, Signal, Turns
 from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY
-from neoplasma.core.resume import InvalidToken, is_pointer, parse_pointer, parse_token, tokens_after
+from neoplasma.core.resume import (
+    Checkpoint,
+    InvalidToken,
+    check_checkpoint,
+    is_pointer,
+    parse_pointer,
+    parse_token,
+    tokens_after,
+)
 from neoplasma.core.topics import prefixes
 from neoplasma.proxy.hub import Batch, Hub, Mark, Subscriber
 from neoplasma.proxy.links import BrokerLink, LinkSet, since_ms
@@ -392,6 +400,8 @@ class Resume:
             if is_pointer(token):  # the full token it stands for, from the proxy process that issued it
                 token = await resolve_pointer(self.hub, self.links, token)
             parsed = parse_token(token, self.hub.tag) if token else None
+            if parsed is not None and parsed.checkpoint is not None:  # version 3: the positions it is relative to
+                parsed = parsed.completed(await resolve_checkpoint(self.hub, self.links, *parsed.checkpoint))
         except InvalidToken as exc:  # then from when it came, as one without a token
             self.sub.positioned = False  # what the client holds resumes nowhere exactly
             await self._gap(str(exc))
@@ -633,7 +643,7 @@ class Resume:
 
     def _tokens(self, events: Sequence[Event]) -> list[bytes]:
         """The client's token after each of `events` (its own position advances as it catches up)."""
-        return list(tokens_after(self.hub.tag, self.position, events).values())
+        return list(tokens_after(self.hub.tag, self.position, events, checkpoint=self.hub.checkpoint).values())
 
 
 async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
@@ -672,6 +682,62 @@ async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
     log.outside("pointer_unresolved", pointer=pointer, errors=errors)
     raise InvalidToken("the resume id is a pointer that the proxy which issued it could not resolve (gone, or "
                        "no longer in its journal)")
+
+
+async def resolve_checkpoint(hub: Hub, links: LinkSet, instance: int, counter: int) -> Checkpoint:
+    """The checkpoint a version 3 token names: made or resolved lately by this process, else asked (`Resolve`) of up
+    to RESOLVE_BROKERS brokers within RESOLVE_WAIT, which answer from what they store (resumes that name the same
+    one while it is asked share the question). InvalidToken when none holds it (never registered, evicted, too old,
+    forged): the gap signal, then live."""
+    found = hub.known_checkpoint(instance, counter)
+    if found is not None:
+        hub.metrics.checkpoints.inc("local")
+        return found
+    key = (instance, counter)
+    lookup = hub.checkpoint_lookups.get(key)
+    if lookup is None:
+        lookup = hub.checkpoint_lookups[key] = asyncio.get_running_loop().create_task(_ask_checkpoint(links, key))
+        lookup.add_done_callback(lambda _: hub.checkpoint_lookups.pop(key, None))
+    found = await asyncio.shield(lookup)
+    if found is None:
+        hub.metrics.checkpoints.inc("unresolved")
+        raise InvalidToken("the resume token names a checkpoint no broker asked holds (evicted, too old, or not "
+                           "this cluster's)")
+    hub.keep_resolved(found)
+    hub.metrics.checkpoints.inc("remote")
+    return found
+
+
+async def _ask_checkpoint(links: LinkSet, key: tuple[int, int]) -> Checkpoint | None:
+    """The checkpoint `key` (instance, counter) as the first broker asked that holds it stores it; None if none."""
+    instance, counter = key
+    candidates = list(links.links.values())
+    random.shuffle(candidates)
+    candidates.sort(key=lambda link: link.state != pb.BrokerLink.State.CONNECTED)  # connected ones first
+    deadline = time.monotonic() + RESOLVE_WAIT
+    errors = []
+    for link in candidates[:RESOLVE_BROKERS]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            reply = await link.replay_stub().Resolve(pb.ResolveRequest(instance=instance, checkpoint=counter),
+                                                     timeout=left, metadata=link.access.metadata())
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{link.member.name}: {exc.code().name}")
+            continue
+        given = reply.checkpoint
+        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
+        try:
+            check_checkpoint(checkpoint)
+        except ValueError as exc:
+            errors.append(f"{link.member.name}: {exc}")
+            continue
+        if (checkpoint.instance, checkpoint.counter) == key:
+            return checkpoint
+        errors.append(f"{link.member.name}: answered another checkpoint")
+    log.outside("checkpoint_unresolved", instance=instance, counter=counter, errors=errors)
+    return None
 
 
 def resume_ended(exc: BaseException) -> tuple[str, int, str]:

@@ -968,6 +968,8 @@ class ProxyService:
         self.tasks = [asyncio.create_task(_heartbeat(proxy)),
                       asyncio.create_task(proxy.hub.run_dispatcher(config.linger_seconds,
                                                                    max_linger=config.max_linger_seconds))]
+        if config.checkpoint_seconds:
+            self.tasks.append(asyncio.create_task(proxy.links.run_checkpoints(config.checkpoint_seconds)))
         return {"name": config.name, "http": hostport(config.host, self.http.port),
                 "grpc": hostport(config.host, grpc_port), "control": control_address}
 

@@ -21,6 +21,8 @@ MAX_HELD_PER_PROXY = 200_000
 MAX_REPLAYS = 8
 CATCH_UP_BYTES_PER_SECOND = 32 * 1024 * 1024
 
+# Checkpoints (docs/resume.md, "Checkpoints"): how often a proxy registers its positions with every broker.
+CHECKPOINT_SECONDS = 1.0
 # The journal of a proxy process's SSE pointer ids (docs/resume.md, "Pointer ids"): how long, and how many bytes
 # of it, a pointer stays resolvable (longer than a client's reconnect; ~8 MiB at 1000 events/s and 60 brokers).
 JOURNAL_SECONDS = 120.0
@@ -103,6 +105,10 @@ class ProxyConfig(TrustSettings):
                                              "stays resolvable (the proxy's journal of what its pointers mean)")
     pointer_journal_bytes: int = setting(JOURNAL_BYTES, bound=POSITIVE, help="most bytes the journal of SSE "
                                          "pointer ids holds (the oldest go first)")
+    checkpoint_seconds: float = setting(CHECKPOINT_SECONDS, bound=NON_NEGATIVE, help="seconds between checkpoints "
+                                        "of this proxy's positions registered with every broker, while they move "
+                                        "(full resume tokens are relative to the last: version 3); 0: none, "
+                                        "version 2 tokens")
     # A resuming subscriber waits at most this long for the brokers' links (a restarted proxy's
     # membership, interest acknowledgements) and for each relay to reach its replay.
     resume_wait_seconds: float = setting(10.0, bound=POSITIVE,

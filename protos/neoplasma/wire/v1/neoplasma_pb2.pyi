@@ -30,7 +30,7 @@ class PublishResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Interest(_message.Message):
-    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "more", "nonce")
+    __slots__ = ("add", "remove", "replace", "proxy", "epoch", "after", "backfill_ms", "instance", "resolved", "more", "nonce", "checkpoint")
     ADD_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Interest(_message.Message):
     RESOLVED_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     add: _containers.RepeatedScalarFieldContainer[str]
     remove: _containers.RepeatedScalarFieldContainer[str]
     replace: bool
@@ -53,7 +54,20 @@ class Interest(_message.Message):
     resolved: _containers.RepeatedCompositeFieldContainer[PointerAnswer]
     more: bool
     nonce: int
-    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., more: _Optional[bool] = ..., nonce: _Optional[int] = ...) -> None: ...
+    checkpoint: Checkpoint
+    def __init__(self, add: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., replace: _Optional[bool] = ..., proxy: _Optional[str] = ..., epoch: _Optional[int] = ..., after: _Optional[int] = ..., backfill_ms: _Optional[int] = ..., instance: _Optional[int] = ..., resolved: _Optional[_Iterable[_Union[PointerAnswer, _Mapping]]] = ..., more: _Optional[bool] = ..., nonce: _Optional[int] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("instance", "counter", "epochs", "seqs")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    instance: int
+    counter: int
+    epochs: _containers.RepeatedScalarFieldContainer[int]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, instance: _Optional[int] = ..., counter: _Optional[int] = ..., epochs: _Optional[_Iterable[int]] = ..., seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PointerQuery(_message.Message):
     __slots__ = ("id", "pointer")
@@ -72,7 +86,7 @@ class PointerAnswer(_message.Message):
     def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "resolve", "max_request_bytes")
+    __slots__ = ("events", "interest_applied", "epoch", "head", "token", "gap", "accepted_unix_nanos", "resolve", "max_request_bytes", "checkpoint_stored", "checkpoint_refused")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     INTEREST_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +96,8 @@ class EventBatch(_message.Message):
     ACCEPTED_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STORED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_REFUSED_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     interest_applied: int
     epoch: int
@@ -91,19 +107,27 @@ class EventBatch(_message.Message):
     accepted_unix_nanos: int
     resolve: _containers.RepeatedCompositeFieldContainer[PointerQuery]
     max_request_bytes: int
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ..., resolve: _Optional[_Iterable[_Union[PointerQuery, _Mapping]]] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    checkpoint_stored: int
+    checkpoint_refused: str
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., interest_applied: _Optional[int] = ..., epoch: _Optional[int] = ..., head: _Optional[int] = ..., token: _Optional[str] = ..., gap: _Optional[bool] = ..., accepted_unix_nanos: _Optional[int] = ..., resolve: _Optional[_Iterable[_Union[PointerQuery, _Mapping]]] = ..., max_request_bytes: _Optional[int] = ..., checkpoint_stored: _Optional[int] = ..., checkpoint_refused: _Optional[str] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("pointer",)
+    __slots__ = ("pointer", "instance", "checkpoint")
     POINTER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     pointer: str
-    def __init__(self, pointer: _Optional[str] = ...) -> None: ...
+    instance: int
+    checkpoint: int
+    def __init__(self, pointer: _Optional[str] = ..., instance: _Optional[int] = ..., checkpoint: _Optional[int] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "checkpoint")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     token: str
-    def __init__(self, token: _Optional[str] = ...) -> None: ...
+    checkpoint: Checkpoint
+    def __init__(self, token: _Optional[str] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ...) -> None: ...
 
 class ReplayRequest(_message.Message):
     __slots__ = ("epoch", "after", "topics", "since_ms")
