@@ -71,6 +71,10 @@ async def proxy_status_field(proxy: Server, field: str, value: int) -> bool:
     return bool(getattr(await proxy_status(proxy.endpoints["control"]), field) == value)
 
 
+async def proxy_received_more(proxy: Server, than: int) -> bool:
+    return (await proxy_status(proxy.endpoints["control"])).events_received > than
+
+
 async def pipelined_publishes(http: str, bodies: list[bytes], connections: int = 4, window: int = 64) -> int:
     """POST each of `bodies` to /publish, `window` at a time on each of `connections` keep-alive connections
     (HTTP/1.1 pipelining: a cheap client, so that the broker is what is measured); returns how many got 200."""
@@ -447,7 +451,10 @@ async def test_a_resume_set_up_later_shares_the_replay_while_live_events_of_othe
     await wait_for(lambda: len(other.events) == 2, what="the event of u")  # the proxy is past the replay's head
     second = EventSource(lambda: http, "t", token=token).start()
     await wait_for(lambda: second.events, what="the second resume's catch-up")
+    received = (await proxy_status(proxy.endpoints["control"])).events_received
     await publish_grpc(broker.endpoints["grpc"], [("t", {"n": 2001})])
+    # The event of t is at the proxy before the third resume comes (else it may share the first's Replay too).
+    await wait_for(lambda: proxy_received_more(proxy, received), what="the event of t at the proxy")
     third = EventSource(lambda: http, "t", token=token).start()
     clients = [first, second, third]
     await wait_for(lambda: all(len(c.events) >= 2001 for c in clients), timeout=60, what="every missed event")
