@@ -629,6 +629,42 @@ async def test_a_new_broker_reading_less_than_the_proxys_interest_gets_it_in_par
     await server1.stop(None)
 
 
+async def test_a_burst_of_new_topics_reaches_the_broker_in_a_few_interest_messages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 subscribers of a topic each join one per pass of the loop (as a burst of resumes set up in turns does): the
+    relay stream writes their interest in at most one message per INTEREST_INTERVAL (before: about one per pass, 1000
+    forged resumes ~460 messages, each applied and acknowledged by the broker), every topic is applied, and live
+    events reach each subscriber once."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, _ = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    applied: list[int] = []
+    update = broker.router.update_interest
+
+    def counted(stream: RelayStream, add: Sequence[str], remove: Sequence[str], replace: bool) -> None:
+        applied.append(len(add))
+        update(stream, add, remove, replace)
+
+    monkeypatch.setattr(broker.router, "update_interest", counted)
+    clients = [Recorder() for _ in range(400)]
+    began = time.monotonic()
+    for n, client in enumerate(clients):
+        hub.add(client, [f"t{n}"])
+        await asyncio.sleep(0)
+    assert await links.changed.wait_until(links.settled, 10)
+    took = time.monotonic() - began
+    assert sum(applied) == 400
+    assert len(applied) <= took / links_module.INTEREST_INTERVAL + 2, (len(applied), took)
+    broker.accept([(f"t{n}", b'{"n": 1}') for n in range(400)], "publisher")
+    await wait_for(lambda: all(c.events for c in clients), what="every subscriber's event")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [len(c.events) for c in clients] == [1] * 400
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
+
+
 async def test_a_broker_removed_while_it_drains_delivers_what_it_flushes() -> None:
     """The operator removes a draining broker from the membership (its pod turned unready) while
     the broker still flushes what it accepted: the proxy's link runs on until the broker ends the
