@@ -68,6 +68,7 @@ from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, S
 from neoplasma.proxy.links import LinkSet, LinkState
 from neoplasma.proxy.resume import (
     CATCH_UP_STEP,
+    GATHERED_WAKE,
     Holder,
     ReplayBatch,
     Resume,
@@ -1299,6 +1300,44 @@ async def test_a_gathered_replays_reader_takes_its_sparse_events_in_steps_not_on
         seqs = [e.seq for b in got for e in b.events]
         assert seqs == [20 * m + 1 for m in range(1, messages)]
     assert first.by_key["mine"] == [0] and not shared.batches  # indexed once; let go once all took it
+
+
+async def test_a_gathered_calls_readers_are_woken_every_few_batches_not_at_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 readers of a gathered call (resumes of a topic each, from seq 0) each wait for GATHERED_WAKE of its
+    batches (or its end) before they are woken to take them, not for each batch (1000 forged resumes of a topic
+    each: a thousand task steps, and ten passes of the signal over all of them, per batch); each still gets every
+    event of its own topic, in order, once."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    readers = [shared.join() for _ in range(50)]
+    waits = 0
+    wait_until = shared.changed.wait_until
+
+    async def counted(predicate: Callable[[], bool], timeout: float) -> bool:
+        nonlocal waits
+        waits += 1
+        return await wait_until(predicate, timeout)
+
+    monkeypatch.setattr(shared.changed, "wait_until", counted)
+
+    async def read(n: int) -> list[int]:
+        resume = Resume(hub, None, Recorder(), frozenset({f"t{n}"}), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        return [e.seq for batch in [b async for b in resume._part(shared, readers[n], 0)] for e in batch.events]
+
+    tasks = [asyncio.create_task(read(n)) for n in range(50)]
+    batches = 12
+    for m in range(batches):  # as the call brings them: one, then a few passes of the loop
+        shared.batches.append(ReplayBatch.made([Event(f"t{n}", b"{}", 7, 50 * m + n + 1) for n in range(50)], 600,
+                                               False))
+        shared._trim()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    shared.done = shared.complete = True
+    shared.changed.notify()
+    got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert got == [[50 * m + n + 1 for m in range(batches)] for n in range(50)]
+    assert waits <= 50 * (batches // GATHERED_WAKE + 2), waits  # before: 50 * (batches + 1)
 
 
 async def test_readers_that_asked_what_a_gathered_call_asked_read_its_messages_as_they_are() -> None:
