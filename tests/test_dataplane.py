@@ -24,7 +24,11 @@ from harness import (
     wait_for,
 )
 
+from neoplasma.core.events import Event
+from neoplasma.core.resume import encode_token
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.hub import SseSubscriber
+from neoplasma.proxy.server import Proxy, ProxyConfig, _heartbeat
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 
@@ -249,3 +253,61 @@ async def test_stalled_plasma_stream_is_dropped_without_delaying_others(start: A
     assert status.grpc_subscribers == 1 and healthy.error is None
     stalled.close()
     await healthy.close()
+
+
+class Written(asyncio.WriteTransport):
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_a_heartbeat_is_written_a_slice_of_subscribers_per_pass_with_the_token_of_its_time() -> None:
+    """A heartbeat to 350 SSE subscribers is written to a slice of them per pass of the loop, not to all in one step
+    (1100 subscribers' writes held a proxy's loop 15-25 ms: live events waited); a live event dispatched between
+    slices reaches all, and each heartbeat's id claims no event its subscriber was not written before it."""
+    proxy = Proxy(ProxyConfig(name="p0", heartbeat_seconds=0.01))
+    hub = proxy.hub
+    hub.set_cluster("c")
+    transports = [Written() for _ in range(350)]
+    for transport in transports:
+        hub.add(SseSubscriber(transport, 1 << 20), ["t"])
+    hub.dispatch([Event("t", b"{}", 9, 1)])
+    task = asyncio.create_task(_heartbeat(proxy))
+
+    def beaten() -> int:
+        return sum(any(b":heartbeat" in w for w in t.written) for t in transports)
+
+    deadline = asyncio.get_running_loop().time() + 10
+    for _ in range(10_000_000):  # passes of the loop until the heartbeat's first slice is written (within 10 s)
+        await asyncio.sleep(0)
+        if beaten() or asyncio.get_running_loop().time() > deadline:
+            break
+    first = beaten()
+    hub.dispatch([Event("t", b"{}", 9, 2)])  # between the slices
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if beaten() == len(transports):
+            break
+    task.cancel()
+    assert 0 < first < len(transports), first  # before: all 350 in one step
+    assert beaten() == len(transports)
+    after = {seq: b"id: " + encode_token(hub.tag, {9: seq}) + b"\n" for seq in (1, 2)}
+    for transport in transports:
+        events = [k for k, w in enumerate(transport.written) if b"data:" in w]
+        [beat] = [k for k, w in enumerate(transport.written) if b":heartbeat" in w]
+        assert len(events) == 2  # both live events, once each
+        if after[2] in transport.written[beat]:  # it claims seq 2: written after that event
+            assert beat > events[1]
+        else:
+            assert after[1] in transport.written[beat]

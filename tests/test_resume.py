@@ -68,6 +68,7 @@ from neoplasma.proxy.hub import Batch, BatchSubscriber, Hub, PlasmaSubscriber, S
 from neoplasma.proxy.links import LinkSet, LinkState
 from neoplasma.proxy.resume import (
     CATCH_UP_STEP,
+    GATHERED_WAKE,
     Holder,
     ReplayBatch,
     Resume,
@@ -627,6 +628,42 @@ async def test_a_new_broker_reading_less_than_the_proxys_interest_gets_it_in_par
     await links.close()
     await server0.stop(None)
     await server1.stop(None)
+
+
+async def test_a_burst_of_new_topics_reaches_the_broker_in_a_few_interest_messages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 subscribers of a topic each join one per pass of the loop (as a burst of resumes set up in turns does): the
+    relay stream writes their interest in at most one message per INTEREST_INTERVAL (before: about one per pass, 1000
+    forged resumes ~460 messages, each applied and acknowledged by the broker), every topic is applied, and live
+    events reach each subscriber once."""
+    broker, server, address = await in_process_broker()
+    hub, links, dispatcher, _ = in_process_proxy("p0")
+    await links.apply(Snapshot(1, (Member("b0", address),), CLUSTER))
+    assert await links.changed.wait_until(links.settled, 10)
+    applied: list[int] = []
+    update = broker.router.update_interest
+
+    def counted(stream: RelayStream, add: Sequence[str], remove: Sequence[str], replace: bool) -> None:
+        applied.append(len(add))
+        update(stream, add, remove, replace)
+
+    monkeypatch.setattr(broker.router, "update_interest", counted)
+    clients = [Recorder() for _ in range(400)]
+    began = time.monotonic()
+    for n, client in enumerate(clients):
+        hub.add(client, [f"t{n}"])
+        await asyncio.sleep(0)
+    assert await links.changed.wait_until(links.settled, 10)
+    took = time.monotonic() - began
+    assert sum(applied) == 400
+    assert len(applied) <= took / links_module.INTEREST_INTERVAL + 2, (len(applied), took)
+    broker.accept([(f"t{n}", b'{"n": 1}') for n in range(400)], "publisher")
+    await wait_for(lambda: all(c.events for c in clients), what="every subscriber's event")
+    await asyncio.sleep(0.05)  # time for a duplicate, if any, to arrive too
+    assert [len(c.events) for c in clients] == [1] * 400
+    dispatcher.cancel()
+    await links.close()
+    await server.stop(None)
 
 
 async def test_a_broker_removed_while_it_drains_delivers_what_it_flushes() -> None:
@@ -1263,6 +1300,44 @@ async def test_a_gathered_replays_reader_takes_its_sparse_events_in_steps_not_on
         seqs = [e.seq for b in got for e in b.events]
         assert seqs == [20 * m + 1 for m in range(1, messages)]
     assert first.by_key["mine"] == [0] and not shared.batches  # indexed once; let go once all took it
+
+
+async def test_a_gathered_calls_readers_are_woken_every_few_batches_not_at_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """50 readers of a gathered call (resumes of a topic each, from seq 0) each wait for GATHERED_WAKE of its
+    batches (or its end) before they are woken to take them, not for each batch (1000 forged resumes of a topic
+    each: a thousand task steps, and ten passes of the signal over all of them, per batch); each still gets every
+    event of its own topic, in order, once."""
+    hub, budget = Hub(), ResumeBudget()
+    shared = SharedReplay(budget, ("b0", 7, -1, frozenset()), hub)
+    readers = [shared.join() for _ in range(50)]
+    waits = 0
+    wait_until = shared.changed.wait_until
+
+    async def counted(predicate: Callable[[], bool], timeout: float) -> bool:
+        nonlocal waits
+        waits += 1
+        return await wait_until(predicate, timeout)
+
+    monkeypatch.setattr(shared.changed, "wait_until", counted)
+
+    async def read(n: int) -> list[int]:
+        resume = Resume(hub, None, Recorder(), frozenset({f"t{n}"}), Recorder(), 1.0, budget)  # type: ignore[arg-type]
+        return [e.seq for batch in [b async for b in resume._part(shared, readers[n], 0)] for e in batch.events]
+
+    tasks = [asyncio.create_task(read(n)) for n in range(50)]
+    batches = 12
+    for m in range(batches):  # as the call brings them: one, then a few passes of the loop
+        shared.batches.append(ReplayBatch.made([Event(f"t{n}", b"{}", 7, 50 * m + n + 1) for n in range(50)], 600,
+                                               False))
+        shared._trim()
+        for _ in range(5):
+            await asyncio.sleep(0)
+    shared.done = shared.complete = True
+    shared.changed.notify()
+    got = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert got == [[50 * m + n + 1 for m in range(batches)] for n in range(50)]
+    assert waits <= 50 * (batches // GATHERED_WAKE + 2), waits  # before: 50 * (batches + 1)
 
 
 async def test_readers_that_asked_what_a_gathered_call_asked_read_its_messages_as_they_are() -> None:

@@ -35,6 +35,10 @@ log = get_logger("proxy.resume")
 
 # Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
 REPLAY_WINDOW = 16
+# Batches of a gathered call a reader waits for before it is woken to take them (or the call's end, or its window
+# full): its readers each take a few events of most batches, and a thousand of them woken at every batch were a
+# thousand task steps (and ten passes of the signal over all of them) per batch.
+GATHERED_WAKE = 4
 # Replayed events encoded and written to a subscriber in one step of catch-up (a few milliseconds' work:
 # between steps the loop serves live events, see `Turns`).
 CATCH_UP_STEP = 256
@@ -255,9 +259,10 @@ class SharedReplay:
         else:
             del self._at[index]
 
-    async def read(self, me: int | None = None) -> AsyncIterator[ReplayBatch]:
+    async def read(self, me: int | None = None, wake: int = 1) -> AsyncIterator[ReplayBatch]:
         """Every batch of the replay, in order (then AioRpcError if the call failed), for reader `me` (`join`;
-        None: a new one)."""
+        None: a new one). Once it has taken every batch so far, it waits for `wake` more (or the call's end, or its
+        window full: then the call waits for its readers)."""
         if me is None:
             me = self.join()
         try:
@@ -276,7 +281,9 @@ class SharedReplay:
                         raise self.error
                     return
                 await self.changed.wait_until(
-                    lambda: self.done or self.readers[me] < self.trimmed + len(self.batches), self.timeout)
+                    lambda: self.done or self.readers[me] + wake <= self.trimmed + len(self.batches) or (
+                        len(self.batches) >= REPLAY_WINDOW and self.readers[me] < self.trimmed + len(self.batches)),
+                    self.timeout)
         finally:
             self.leave(me)
 
@@ -552,7 +559,7 @@ class Resume:
         events: list[Event] = []
         head: int | None = None
         whole: bool | None = None  # it asked what the call asked (a thousand resumes of one topic from seq 0)
-        async for batch in shared.read(me):
+        async for batch in shared.read(me, GATHERED_WAKE):
             if batch.restarted:  # answered by another epoch: nothing of the asked one (`_replay`: a gap)
                 yield ReplayBatch.made([], batch.head, batch.gap, True)
                 return

@@ -917,7 +917,7 @@ def static_snapshot(addresses: list[str]) -> Snapshot:
 async def _heartbeat(proxy: Proxy) -> None:
     while True:
         await asyncio.sleep(proxy.config.heartbeat_seconds)
-        proxy.hub.broadcast_sse(HEARTBEAT)
+        await proxy.hub.heartbeat_sse(HEARTBEAT)
         proxy.hub.journal.evict(time.monotonic())  # (rounds evict it too; a quiet proxy's ages out here)
         proxy.hub.give_back_memory()
 
