@@ -12,7 +12,7 @@ import pytest
 from neoplasma.core import drains
 from neoplasma.core.control import IDLE, BrokerChannels, Channels, ProxyChannels, call
 from neoplasma.core.load import broker_load, broker_stats, proxy_load, proxy_statuses
-from neoplasma.core.trust import PLAIN
+from neoplasma.core.trust import PLAIN, Access
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -114,3 +114,23 @@ async def test_call_over_a_channel_of_its_own_closes_it() -> None:
     await call(kept, make, "127.0.0.1:1", PLAIN, state)
     assert len(made) == 2 and len(kept) == 1  # kept: not made anew, left open
     await kept.close()
+
+
+async def test_proxy_channels_leave_out_grpc_retries_and_the_bdp_probe() -> None:
+    """The proxies' channels carry short unary calls that their callers retry: gRPC's retry filter and BDP
+    probe are turned off on them (~20 % of the operator's CPU per push); the brokers' channels keep the defaults."""
+
+    class Recording(Access):
+        def channel(self, address: str, options: Any = ()) -> grpc.aio.Channel:
+            made.append(dict(options))
+            return super().channel(address, options)
+
+    made: list[dict[str, Any]] = []
+    access = Recording()
+    proxies, brokers = ProxyChannels(), BrokerChannels()
+    proxies.stub("127.0.0.1:9", access)
+    brokers.stub("127.0.0.1:9", access)
+    await proxies.close()
+    await brokers.close()
+    assert made[0]["grpc.enable_retries"] == 0 and made[0]["grpc.http2.bdp_probe"] == 0
+    assert made[1] == {}
