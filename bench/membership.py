@@ -26,6 +26,13 @@ the operator process's garbage collections (pauses by generation).
     python bench/membership.py                      # 1000 proxies: all answering, then 5 % frozen + 5 % slow
     python bench/membership.py --proxies 200 --changes 3
     python bench/membership.py --gc cpython         # the operator's garbage collector as before settle_heap
+    python bench/membership.py --before main --runs 3   # this tree and main's code, alternately, 3 runs each
+    python bench/membership.py --standin-nice 10    # the stand-ins at nice 10: the operator first on the CPU
+
+Both sides share this machine's cores: per change the table gives the operator's CPU and the stand-ins'
+(a real proxy's control server does the same work on its own pod's CPU). With `--before REF`, each run
+of this tree's code is followed by one of REF's (exported with `git archive`, first on PYTHONPATH, the
+stand-ins too), each a process of its own running this script, and the load average is given per run.
 
 Prints a table and writes JSON (bench/results/membership.json unless --json says otherwise).
 """
@@ -67,6 +74,9 @@ from neoplasma.operator.settings import Options
 from neoplasma.operator.status import MAX_LAGGING
 from neoplasma.proxy.server import ControlServicer, Proxy, control_server
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
+from harness import trees
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "membership.json"
@@ -310,13 +320,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def start_standins(plan: list[tuple[str, str, str]], processes: int, credential: str,
-                         slow_seconds: float) -> list[subprocess.Popen[bytes]]:
+                         slow_seconds: float, nice: int = 0) -> list[subprocess.Popen[bytes]]:
     children = []
     for k in range(processes):
         share = plan[k::processes]
         spec = {"proxies": share, "credential": credential, "slow_seconds": slow_seconds}
         child = subprocess.Popen([sys.executable, SCRIPT, "--serve", json.dumps(spec)],  # noqa: ASYNC220
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 preexec_fn=(lambda: os.nice(nice)) if nice else None)
         children.append(child)
     for child in children:
         assert child.stdout is not None
@@ -358,7 +369,7 @@ async def scenario(name: str, args: argparse.Namespace, frozen_share: float, slo
     kinds = {names[i]: behaviour.get(i, ANSWERING) for i in range(n)}
     plan = [(names[i], proxy_host(i), kinds[names[i]]) for i in range(n)]
     credential = secrets.token_urlsafe(24)
-    children = await start_standins(plan, args.standin_processes, credential, args.slow_seconds)
+    children = await start_standins(plan, args.standin_processes, credential, args.slow_seconds, args.standin_nice)
     try:
         return await drive(name, args, names, kinds, credential, [psutil.Process(c.pid) for c in children])
     finally:
@@ -484,17 +495,44 @@ def listed_lagging(status: Mapping[str, Any], frozen: list[str]) -> bool | None:
     return set(listed) <= set(frozen) and len(listed) == min(len(frozen), MAX_LAGGING)
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| scenario | proxies (answering/slow/frozen) | answering: p50 / p99 / max | slow: p50 / p99 | "
-             "operator CPU per change | frozen tries each | status lists lagging |", "|---|---|---|---|---|---|---|"]
+def table(results: list[dict[str, Any]], label: str = "") -> str:
+    """One row per scenario (per `tree` and run, for results of `--before`)."""
+    lines = ["| code (load average) | scenario | proxies (answering/slow/frozen) | answering: p50 / p99 / max | "
+             "slow: p50 / p99 | CPU per change: operator + stand-ins | frozen tries each | status lists lagging |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         a, s = r["seconds_to_ack"][ANSWERING], r["seconds_to_ack"][SLOW]
         slow = f"{s['p50']:.3f} / {s['p99']:.3f} s" if s["n"] else "-"
-        lines.append(f"| {r['scenario']} | {r['proxies']} ({r['answering']}/{r['slow']}/{r['frozen']}) | "
+        code = r.get("tree", label) + (f" ({r['load_average']:.1f})" if "load_average" in r else "")
+        lines.append(f"| {code} | {r['scenario']} | {r['proxies']} ({r['answering']}/{r['slow']}/{r['frozen']}) | "
                      f"{a['p50']:.3f} / {a['p99']:.3f} / {a['max']:.3f} s | {slow} | "
-                     f"{statistics.median(x['operator_cpu_seconds'] for x in r['rounds']):.2f} s | "
+                     f"{statistics.median(x['operator_cpu_seconds'] for x in r['rounds']):.2f} + "
+                     f"{statistics.median(x['standins_cpu_seconds'] for x in r['rounds']):.2f} s | "
                      f"{r['frozen_tries_each'] or '-'} | {r['status_lists_lagging'] if r['frozen'] else '-'} |")
     return "\n".join(lines)
+
+
+async def side_by_side(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--before`: this script run `args.runs` times for this tree's code and for REF's, alternately, each in a
+    process of its own; one table of them all."""
+    codes = trees(args.before)
+    rows: list[dict[str, Any]] = []
+    for run in range(args.runs):
+        for tree, env in codes.items():
+            out = Path(args.json).with_suffix(f".{run}.{'before' if env else 'this'}.json")
+            print(f"run {run + 1}, {tree}:", flush=True)
+            child = await asyncio.create_subprocess_exec(sys.executable, SCRIPT, *argv, "--json", str(out),
+                                                         env={**os.environ, **env})
+            if await child.wait():
+                raise RuntimeError(f"the run of {tree} failed (exit {child.returncode}); see its output above")
+            report = json.loads(await asyncio.to_thread(out.read_text))
+            rows += [{**r, "tree": tree, "run": run + 1, "load_average": report["machine"]["load_average"][0]}
+                     for r in report["scenarios"]]
+    print()
+    print(table(rows))
+    path = Path(args.json)
+    await asyncio.to_thread(path.write_text, json.dumps({"before": args.before, "runs": rows}, indent=2) + "\n")
+    print(f"written to {path}")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -513,10 +551,11 @@ async def main(args: argparse.Namespace) -> None:
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average": os.getloadavg(), "memory_gib": round(psutil.virtual_memory().total / 2**30)},
               "settings": {"gc": args.gc, "debounce": Options.debounce, "read_timeout": Options.read_timeout,
-                           "standin_processes": args.standin_processes, "slow_seconds": args.slow_seconds},
+                           "standin_processes": args.standin_processes, "standin_nice": args.standin_nice,
+                           "slow_seconds": args.slow_seconds},
               "seconds": round(time.monotonic() - started, 1), "scenarios": results}
     print()
-    print(table(results))
+    print(table(results, "this run"))
     for r in results:
         print(f"{r['scenario']}: status.membership = {json.dumps(r['status_membership'])[:400]}")
         clear = r["answering_without_status_read"]
@@ -544,6 +583,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the operator's garbage collector: settled as `neoplasma operator` settles it once started "
                         "(core.memory.settle_heap), or CPython's defaults (what the operator ran with before)")
     p.add_argument("--standin-processes", type=int, default=2, help="processes serving the stand-ins (default 2)")
+    p.add_argument("--standin-nice", type=int, default=0, metavar="N", choices=range(20),
+                   help="run the stand-ins' processes at nice N (0-19): the operator first on the shared cores")
+    p.add_argument("--before", metavar="REF", help="also run git revision REF's code, alternately with this tree's")
+    p.add_argument("--runs", type=int, default=1, help="with --before: runs of each (default 1)")
     p.add_argument("--json", default=str(RESULTS),
                    help=f"where to write the JSON (default {RESULTS.relative_to(ROOT)})")
     p.add_argument("--serve", help=argparse.SUPPRESS)  # a stand-in child process
@@ -553,6 +596,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def without_side_by_side(argv: list[str]) -> list[str]:
+    """`argv` less --before, --runs and --json (a run of `side_by_side` is given its own)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--before", "--runs", "--json"):
+            skip = True
+        elif not arg.startswith(("--before=", "--runs=", "--json=")):
+            out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
     arguments = parse()
     if arguments.serve:
@@ -560,5 +616,7 @@ if __name__ == "__main__":
 
         raise_fd_limit()
         uvloop.run(serve_standins(json.loads(arguments.serve)))
+    elif arguments.before:
+        asyncio.run(side_by_side(arguments, without_side_by_side(sys.argv[1:])))
     else:
         asyncio.run(main(arguments))

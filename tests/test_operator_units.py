@@ -803,6 +803,30 @@ async def test_reads_of_every_proxy_wait_for_a_change_s_pushes_but_not_for_faili
     await sync.close()
 
 
+async def test_reads_of_every_proxy_do_not_wait_for_anti_entropy_pushes() -> None:
+    release, started = asyncio.Event(), []
+
+    class Held(FakePusher):
+        async def push_one(self, target: str, address: str, snapshot: Snapshot) -> PushResult:
+            started.append((target, snapshot.version))
+            if started.count((target, snapshot.version)) > 1:
+                await release.wait()  # an anti-entropy push to a proxy answering late
+            return await super().push_one(target, address, snapshot)
+
+    pusher, clock = Held(lambda t, s: PushResult(t, "", True, s.version)), Clock()
+    sync = MembershipSync(pusher, clock=clock)  # type: ignore[arg-type]
+    sync.update([B1], targets("p1"), seen_at=clock.now)
+    sync.push()
+    await settle()
+    clock.now = sync.next_due() or 0.0
+    sync.push()  # anti-entropy: p1 runs the version and is pushed it again (held)
+    await settle()
+    assert started == [("p1", 1), ("p1", 1)]
+    await asyncio.wait_for(sync.pushed(timeout=5.0), 1.0)  # not a change's push: nothing to wait for
+    release.set()
+    await sync.close()
+
+
 async def test_a_failed_anti_entropy_push_makes_the_proxy_lag_and_retries_it() -> None:
     down: set[str] = set()
     pusher, clock = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
@@ -1011,7 +1035,7 @@ async def test_controller_pushes_a_membership_change_without_waiting_for_the_pro
     reads: list[str] = []
 
     async def frozen_statuses(addresses: Any, access: Any = None, timeout: float = 0.0,
-                              channels: Any = None) -> dict[str, Any]:
+                              channels: Any = None, gate: Any = None) -> dict[str, Any]:
         reads.append("started")
         await asyncio.sleep(timeout)
         reads.append("ended")

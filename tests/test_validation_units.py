@@ -248,6 +248,28 @@ def test_snapshots_within_bounds_are_accepted() -> None:
         ("b0", BrokerState.SERVING), ("b1", BrokerState.SERVING), ("b2", BrokerState.DRAINING)]
 
 
+def test_a_snapshot_pushed_again_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy is pushed the same brokers change after change: their addresses are checked once, not per push
+    (the IP parse was a tenth of its control server's CPU); an invalid one is refused every time."""
+    from neoplasma.core import membership as module
+
+    parsed: list[str] = []
+    parse = module.ipaddress.ip_address
+
+    def counted(text: str) -> Any:
+        parsed.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(module.ipaddress, "ip_address", counted)
+    brokers = [(f"b{i}", f"10.9.8.{i}:50051") for i in range(1, 8)]
+    for version in (1, 2, 3):
+        assert len(snapshot_from_proto(membership(*brokers, version=version)).members) == 7
+    assert sorted(parsed) == sorted(f"10.9.8.{i}" for i in range(1, 8))
+    for _ in range(2):
+        with pytest.raises(InvalidSnapshot, match="not host:port"):
+            snapshot_from_proto(membership(("a", "10.9.8.1:0")))
+
+
 # -- annotations and spec --------------------------------------------------------------------
 
 HUGE = 65_536

@@ -19,6 +19,11 @@ from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 TIMEOUT = 2.0
+# A read with a gate (`by_address`) starts its calls BATCH at a time, the gate awaited before each batch, the next
+# batch once this one answered or after BATCH_WAIT seconds (so a frozen pod holds no batch longer than that).
+BATCH = 100
+BATCH_WAIT = 0.05
+Gate = Callable[[], Awaitable[None]]
 
 
 async def _broker_stats(address: str, access: Access, timeout: float,
@@ -48,11 +53,24 @@ async def _proxy_status(address: str, access: Access, timeout: float,
 _Answer = TypeVar("_Answer")
 
 
-async def by_address(addresses: Iterable[str], read: Callable[[str], Awaitable[_Answer | None]]
-                      ) -> dict[str, _Answer]:
-    """`read` of every address at once: the answers by address, those that answered."""
+async def by_address(addresses: Iterable[str], read: Callable[[str], Awaitable[_Answer | None]],
+                     gate: Gate | None = None) -> dict[str, _Answer]:
+    """`read` of every address: the answers by address, those that answered. All at once without `gate`; with
+    it, BATCH at a time, each batch after `gate()` returned (the operator's: once a membership change's pushes
+    under way ended), so that a change coming during a read of 1000 proxies shares the CPU with one batch of
+    calls rather than with all of them. Every read is still started within BATCH_WAIT per batch plus the
+    gate's waits, and each still has its own timeout."""
     chosen = list(addresses)
-    answers = await asyncio.gather(*(read(a) for a in chosen))
+    if gate is None:
+        answers = await asyncio.gather(*(read(a) for a in chosen))
+    else:
+        tasks: list[asyncio.Task[_Answer | None]] = []
+        for start in range(0, len(chosen), BATCH):
+            await gate()
+            batch = [asyncio.ensure_future(read(a)) for a in chosen[start:start + BATCH]]
+            tasks += batch
+            await asyncio.wait(batch, timeout=BATCH_WAIT)
+        answers = await asyncio.gather(*tasks)
     return {address: answer for address, answer in zip(chosen, answers, strict=True) if answer is not None}
 
 
@@ -77,10 +95,10 @@ async def broker_load(grpc_addresses: Iterable[str], access: Access = PLAIN,
 
 
 async def proxy_statuses(control_addresses: Iterable[str], access: Access = PLAIN, timeout: float = TIMEOUT,
-                         channels: ProxyChannels | None = None) -> dict[str, pb.ProxyStatus]:
+                         channels: ProxyChannels | None = None, gate: Gate | None = None) -> dict[str, pb.ProxyStatus]:
     """The Status of each proxy that answered, by control address (one call per proxy; over `channels`,
-    kept open, if given, else a channel per call)."""
-    return await by_address(control_addresses, lambda a: _proxy_status(a, access, timeout, channels))
+    kept open, if given, else a channel per call; in batches behind `gate`, if given: see `by_address`)."""
+    return await by_address(control_addresses, lambda a: _proxy_status(a, access, timeout, channels), gate)
 
 
 def proxies_load(answers: Iterable[pb.ProxyStatus]) -> Load:

@@ -7,6 +7,7 @@ build snapshots with `next_snapshot`; proxies check incoming ones with
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -72,8 +73,12 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 _STATES = {pb.BrokerMember.State.SERVING: BrokerState.SERVING, pb.BrokerMember.State.DRAINING: BrokerState.DRAINING}
 
 
+@functools.lru_cache(maxsize=2 * MAX_MEMBERS)
 def _check_address(address: str) -> tuple[str, int]:
-    """`address` as (host, port), the host normalised so that two spellings of one broker compare equal."""
+    """`address` as (host, port), the host normalised so that two spellings of one broker compare equal.
+    Remembered for the last 2 * MAX_MEMBERS valid addresses: a proxy is pushed the same brokers' addresses
+    change after change, and parsing them with `ipaddress` was a tenth of its control server's CPU per push
+    (bench/membership.py); an invalid one is checked (and refused) each time."""
     host, _, port = address.rpartition(":")
     key = _host(host) if len(address) <= _MAX_ADDRESS_LENGTH and port.isascii() and port.isdigit() else None
     if key is None or not 0 < int(port) < 65536:

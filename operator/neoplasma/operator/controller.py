@@ -19,7 +19,9 @@ a task of its own, reads the pods (a frozen one costs the read timeout) and acts
 steps. While a second half runs, a wake-up runs another first half at once (a pod change is pushed
 after its debounce, whatever the reads), and a full pass follows once that second half ended. A
 second half that reads every proxy's Status first lets a change's pushes under way end (at most the
-read timeout), so that 1000 reads do not share the CPU with 1000 acknowledgements.
+read timeout), so that 1000 reads do not share the CPU with 1000 acknowledgements; and it reads them
+100 at a time, each batch after the pushes under way ended, so that a change coming during the read
+shares the CPU with one batch of it, not all 1000 calls.
 
 Why not kopf's per-object timers and daemons: the due times move (debounce, each step's
 backoff, the push grace, an interval only while autoscaling), pod and child events must wake
@@ -281,9 +283,10 @@ class ClusterController:
         try:
             if seen.wants.proxies or Tier.PROXY in seen.wants.loads:  # a call to every proxy: after a change's pushes
                 await self.steps.membership.sync.pushed(self.options.read_timeout)
+            sync = self.steps.membership.sync
             seen = await read_pods(seen, self.steps.trust.reach(seen.desired.cluster, seen.trust),
-                                   self.options.read_timeout, self.steps.membership.sync.pusher.channels,
-                                   self.broker_channels)
+                                   self.options.read_timeout, sync.pusher.channels, self.broker_channels,
+                                   gate=lambda: sync.pushed(self.options.read_timeout))
             for step in self.steps.with_reads():
                 await self._act(step.decide(seen, seen.at), seen)
         except asyncio.CancelledError:

@@ -19,7 +19,7 @@ import aiohttp
 import kubernetes.client
 
 from neoplasma.core.control import BrokerChannels, ProxyChannels
-from neoplasma.core.load import broker_stats, proxies_load, proxy_statuses
+from neoplasma.core.load import Gate, broker_stats, proxies_load, proxy_statuses
 from neoplasma.core.net import hostport
 from neoplasma.core.scaling import Load
 from neoplasma.core.tiers import Tier
@@ -191,14 +191,16 @@ async def observe(kube: Kube, indexes: Indexes, key: ClusterKey, body: Mapping[s
 
 
 async def read_pods(seen: Seen, reach: Mapping[Tier, Access], timeout: float,
-                    channels: ProxyChannels | None = None, broker_channels: BrokerChannels | None = None) -> Seen:
+                    channels: ProxyChannels | None = None, broker_channels: BrokerChannels | None = None,
+                    gate: Gate | None = None) -> Seen:
     """`seen` with what its `wants` asks of the pods themselves, all at once under `timeout`: the brokers'
-    Stats (over `broker_channels`), the proxies' Status (over `channels`, the ones the pushes use), the
-    ingest readers' /stats. A pod that does not answer costs the wait."""
+    Stats (over `broker_channels`), the proxies' Status (over `channels`, the ones the pushes use, in batches
+    behind `gate` if given: core.load's `by_address`), the ingest readers' /stats. A pod that does not
+    answer costs the wait."""
     pods, wants = seen.pods, seen.wants
     brokers = (read_brokers(pods, reach[Tier.BROKER], timeout, broker_channels)
                if wants.connections or Tier.BROKER in wants.loads else _none())
-    proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies, channels=channels)
+    proxies = (read_proxies(pods, reach[Tier.PROXY], timeout, every=wants.proxies, channels=channels, gate=gate)
                if wants.proxies or Tier.PROXY in wants.loads else _none())
     readers = read_readers(pods, reach[Tier.BROKER], timeout) if wants.readers else _none()
     stats, statuses, seen_readers = await asyncio.gather(brokers, proxies, readers)
@@ -210,12 +212,12 @@ async def read_pods(seen: Seen, reach: Mapping[Tier, Access], timeout: float,
 
 
 async def read_proxies(pods: list[PodView], access: Access, timeout: float, every: bool,
-                       channels: ProxyChannels | None = None) -> dict[str, Any]:
+                       channels: ProxyChannels | None = None, gate: Gate | None = None) -> dict[str, Any]:
     """The Status of the serving proxy pods (`every`: of every one with an address, also those not
     ready, as a full one during a rebalance, and those stopping), by pod name."""
     chosen = [p for p in pods if p.component == Tier.PROXY and p.ip and (every or (p.ready and not p.deleting))]
     addresses = {hostport(p.ip, CONTROL_PORT): p.name for p in chosen}
-    answers = await proxy_statuses(addresses, access, timeout, channels)
+    answers = await proxy_statuses(addresses, access, timeout, channels, gate)
     return {addresses[address]: status for address, status in answers.items()}
 
 

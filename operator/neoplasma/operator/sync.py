@@ -190,10 +190,11 @@ class MembershipSync:
         return retry if refresh is None else refresh if retry is None else min(retry, refresh)
 
     async def pushed(self, timeout: float) -> None:
-        """Return once the pushes under way to proxies not known to fail have ended, or after `timeout`
-        seconds: a change's burst to every proxy is not made to share the CPU with other calls to them."""
+        """Return once a change's pushes under way (to proxies not known to fail, nor already running the
+        version: anti-entropy) have ended, or after `timeout` seconds: a change's burst to every proxy is not
+        made to share the CPU with other calls to them (the reads of every proxy's Status wait on it)."""
         under_way = [push.task for name, push in self._pushes.items()
-                     if not push.task.done() and name not in self._errors]
+                     if not push.task.done() and name not in self._errors and not self._is_applied(name)]
         if under_way:
             await asyncio.wait(under_way, timeout=timeout)
 
