@@ -8,7 +8,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import grpc
 
@@ -31,6 +31,7 @@ from neoplasma.proxy.links import BrokerLink, LinkSet, since_ms
 from neoplasma.proxy.settings import CATCH_UP_BYTES_PER_SECOND, MAX_HELD, MAX_HELD_PER_PROXY, MAX_REPLAYS
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
+T = TypeVar("T")
 log = get_logger("proxy.resume")
 
 # Batches a shared replay runs ahead of its slowest reader (the budgets' defaults: proxy/settings.py).
@@ -668,23 +669,10 @@ async def resolve_pointer(hub: Hub, links: LinkSet, pointer: str) -> str:
         if token is None:
             raise InvalidToken("the resume id is a pointer no longer in this proxy's journal")
         return token.decode()
-    candidates = list(links.links.values())
-    random.shuffle(candidates)
-    deadline = time.monotonic() + RESOLVE_WAIT
-    errors = []
-    for link in candidates[:RESOLVE_BROKERS]:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            reply = await link.replay_stub().Resolve(pb.ResolveRequest(pointer=pointer), timeout=left,
-                                                     metadata=link.access.metadata())
-            hub.metrics.pointers.inc("remote")
-            return str(reply.token)
-        except grpc.aio.AioRpcError as exc:
-            errors.append(f"{link.member.name}: {exc.code().name}")
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                break
+    remote, errors = await ask_brokers(links, pb.ResolveRequest(pointer=pointer), lambda reply: str(reply.token))
+    if remote is not None:
+        hub.metrics.pointers.inc("remote")
+        return remote
     hub.metrics.pointers.inc("unresolved")
     log.outside("pointer_unresolved", pointer=pointer, errors=errors)
     raise InvalidToken("the resume id is a pointer that the proxy which issued it could not resolve (gone, or "
@@ -718,33 +706,45 @@ async def resolve_checkpoint(hub: Hub, links: LinkSet, instance: int, counter: i
 async def _ask_checkpoint(links: LinkSet, key: tuple[int, int]) -> Checkpoint | None:
     """The checkpoint `key` (instance, counter) as the first broker asked that holds it stores it; None if none."""
     instance, counter = key
+
+    def answer(reply: pb.ResolveResponse) -> Checkpoint:
+        given = reply.checkpoint
+        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
+        check_checkpoint(checkpoint)  # (ValueError: the next broker is asked)
+        if (checkpoint.instance, checkpoint.counter) != key:
+            raise ValueError("answered another checkpoint")
+        return checkpoint
+
+    found, errors = await ask_brokers(links, pb.ResolveRequest(instance=instance, checkpoint=counter), answer)
+    if found is None:
+        log.outside("checkpoint_unresolved", instance=instance, counter=counter, errors=errors)
+    return found
+
+
+async def ask_brokers(links: LinkSet, request: pb.ResolveRequest, answer: Callable[[pb.ResolveResponse], T],
+                      ) -> tuple[T | None, list[str]]:
+    """`Resolve` asked of up to RESOLVE_BROKERS brokers (connected ones first, in random order) within RESOLVE_WAIT:
+    the first reply `answer` takes (it raises ValueError for one it does not), or None; and what each said that
+    could not be taken. A broker that calls the request invalid ends the asking (every broker would)."""
     candidates = list(links.links.values())
     random.shuffle(candidates)
-    candidates.sort(key=lambda link: link.state != pb.BrokerLink.State.CONNECTED)  # connected ones first
+    candidates.sort(key=lambda link: link.state != pb.BrokerLink.State.CONNECTED)
     deadline = time.monotonic() + RESOLVE_WAIT
-    errors = []
+    errors: list[str] = []
     for link in candidates[:RESOLVE_BROKERS]:
         left = deadline - time.monotonic()
         if left <= 0:
             break
         try:
-            reply = await link.replay_stub().Resolve(pb.ResolveRequest(instance=instance, checkpoint=counter),
-                                                     timeout=left, metadata=link.access.metadata())
+            reply = await link.replay_stub().Resolve(request, timeout=left, metadata=link.access.metadata())
+            return answer(reply), errors
         except grpc.aio.AioRpcError as exc:
             errors.append(f"{link.member.name}: {exc.code().name}")
-            continue
-        given = reply.checkpoint
-        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
-        try:
-            check_checkpoint(checkpoint)
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                break
         except ValueError as exc:
             errors.append(f"{link.member.name}: {exc}")
-            continue
-        if (checkpoint.instance, checkpoint.counter) == key:
-            return checkpoint
-        errors.append(f"{link.member.name}: answered another checkpoint")
-    log.outside("checkpoint_unresolved", instance=instance, counter=counter, errors=errors)
-    return None
+    return None, errors
 
 
 def resume_ended(exc: BaseException) -> tuple[str, int, str]:
