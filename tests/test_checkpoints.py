@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import random
 import time
 import tracemalloc
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,6 +29,7 @@ from test_resume import (
     wait_until_true,
 )
 
+from neoplasma.broker.server import Broker
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     CHECKPOINT_BASE_OVERHEAD,
@@ -219,22 +223,57 @@ def test_the_store_bounds_by_age_bytes_and_count_and_refuses_what_no_proxy_makes
     assert many.get(MIN_INSTANCE, 10, 0) is None and many.get(MIN_INSTANCE, 11, 0) is not None
 
 
-async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_connected_broker_stored_one(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """In process: a proxy's links register its checkpoint with both brokers; tokens turn version 3 only once both
-    stored it, name a broker added after it explicitly, and resolve at each broker from its store."""
-    brokers = []
-    for i in range(3):
+@dataclasses.dataclass
+class Plane:
+    """Brokers served in this process and a proxy's hub and links on the first two, registering checkpoints."""
+
+    brokers: list[tuple[Broker, grpc.aio.Server, str]]
+    hub: Hub
+    links: LinkSet
+    checkpoints: asyncio.Task[None]
+
+    def apply(self, version: int, count: int) -> Any:
+        return self.links.apply(Snapshot(version, tuple(Member(f"b{i}", self.brokers[i][2]) for i in range(count)),
+                                         CLUSTER))
+
+
+@contextlib.asynccontextmanager
+async def checkpointing(monkeypatch: pytest.MonkeyPatch, brokers: int,
+                        refusing: int | None = None) -> AsyncIterator[Plane]:
+    """`brokers` brokers in this process, their seqs days old (broker `refusing` keeps no checkpoint); a proxy's hub
+    (a subscriber of "x") and links settled on the first two, registering a checkpoint every 0.05 s."""
+    served = []
+    for i in range(brokers):
         monkeypatch.setenv("NEOPLASMA_TEST_FIRST_SEQ", str(200_000_000 + 50_000_000 * i))
-        brokers.append(await in_process_broker(f"b{i}"))
+        served.append(await in_process_broker(f"b{i}"))
+    if refusing is not None:
+        def refuse(*args: Any) -> None:
+            raise ValueError("this broker keeps none")
+
+        monkeypatch.setattr(served[refusing][0].checkpoints, "put", refuse)
     hub = Hub()
     hub.add(Recorder(), ["x"])
     links = LinkSet(hub, "p0", 1 << 20, PLAIN)
     dispatcher = asyncio.create_task(hub.run_dispatcher())
-    checkpoints = asyncio.create_task(links.run_checkpoints(0.05))
+    plane = Plane(served, hub, links, asyncio.create_task(links.run_checkpoints(0.05)))
     try:
-        await links.apply(Snapshot(1, tuple(Member(f"b{i}", brokers[i][2]) for i in range(2)), CLUSTER))
+        await plane.apply(1, 2)
         assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+        yield plane
+    finally:
+        plane.checkpoints.cancel()
+        dispatcher.cancel()
+        await links.close()
+        for _, server, _ in served:
+            await server.stop(None)
+
+
+async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_connected_broker_stored_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: a proxy's links register its checkpoint with both brokers; tokens turn version 3 only once both
+    stored it, name a broker added after it explicitly, and resolve at each broker from its store."""
+    async with checkpointing(monkeypatch, 3) as plane:
+        brokers, hub, links = plane.brokers, plane.hub, plane.links
         for broker, _, _ in brokers[:2]:
             broker.accept([("x", b"1")], "publisher")
         assert await wait_until_true(lambda: hub.checkpoint is not None and len(hub.checkpoint.epochs) == 2)
@@ -246,8 +285,8 @@ async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_conne
         assert version(token) == 3
         assert decode_token(token, hub.tag, hub.positions, hub.known_checkpoint) == hub.positions
         # A broker added after the checkpoint: named explicitly until a checkpoint with it is stored everywhere.
-        checkpoints.cancel()
-        await links.apply(Snapshot(2, tuple(Member(f"b{i}", brokers[i][2]) for i in range(3)), CLUSTER))
+        plane.checkpoints.cancel()
+        await plane.apply(2, 3)
         assert await links.changed.wait_until(links.settled, 10)
         brokers[2][0].accept([("x", b"2")], "publisher")
         assert await hub.advanced.wait_until(lambda: len(hub.positions) == 3, 10)
@@ -255,38 +294,17 @@ async def test_a_hub_registers_checkpoints_and_issues_version_3_once_every_conne
         parsed = parse_token(token, hub.tag)
         assert version(token) == 3 and len(parsed.entries) == 1 and hub.checkpoint is made
         assert decode_token(token, hub.tag, hub.positions, hub.known_checkpoint) == hub.positions
-        checkpoints = asyncio.create_task(links.run_checkpoints(0.05))
+        plane.checkpoints = asyncio.create_task(links.run_checkpoints(0.05))
         assert await wait_until_true(lambda: hub.checkpoint is not made)
         assert hub.checkpoint is not None and len(hub.checkpoint.epochs) == 3
         assert len(parse_token(hub.token().decode(), hub.tag).entries) == 0
-    finally:
-        checkpoints.cancel()
-        dispatcher.cancel()
-        await links.close()
-        for _, server, _ in brokers:
-            await server.stop(None)
 
 
 async def test_a_checkpoint_one_connected_broker_refused_is_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """In process: of two brokers, one stores the proxy's checkpoints and the other refuses them (as a broker that
     could not keep them would): the proxy registers them but keeps issuing version 2 tokens."""
-    brokers = []
-    for i in range(2):
-        monkeypatch.setenv("NEOPLASMA_TEST_FIRST_SEQ", str(200_000_000 + 50_000_000 * i))
-        brokers.append(await in_process_broker(f"b{i}"))
-
-    def refuse(*args: Any) -> None:
-        raise ValueError("this broker keeps none")
-
-    monkeypatch.setattr(brokers[1][0].checkpoints, "put", refuse)
-    hub = Hub()
-    hub.add(Recorder(), ["x"])
-    links = LinkSet(hub, "p0", 1 << 20, PLAIN)
-    dispatcher = asyncio.create_task(hub.run_dispatcher())
-    checkpoints = asyncio.create_task(links.run_checkpoints(0.05))
-    try:
-        await links.apply(Snapshot(1, tuple(Member(f"b{i}", brokers[i][2]) for i in range(2)), CLUSTER))
-        assert await links.changed.wait_until(lambda: links.settled() and hub.issuing, 10)
+    async with checkpointing(monkeypatch, 2, refusing=1) as plane:
+        brokers, hub = plane.brokers, plane.hub
         for k in range(5):
             for broker, _, _ in brokers:
                 broker.accept([("x", b"%d" % k)], "publisher")
@@ -294,12 +312,6 @@ async def test_a_checkpoint_one_connected_broker_refused_is_never_used(monkeypat
         refused = brokers[1][0].metrics.checkpoint_registrations.labels("refused")._value.get()
         assert refused >= 5 and hub.proposed is not None  # ... refused at b1
         assert hub.checkpoint is None and version(hub.token().decode()) == 2
-    finally:
-        checkpoints.cancel()
-        dispatcher.cancel()
-        await links.close()
-        for _, server, _ in brokers:
-            await server.stop(None)
 
 
 async def last_ids_are_version_3(clients: list[EventSource]) -> bool:
