@@ -174,6 +174,29 @@ async def links_ready(control: str, brokers: int, access: Access | None = None) 
     return len(synced) == brokers == len(status.links)
 
 
+
+class KeptTransport(asyncio.WriteTransport):
+    """A transport that keeps each write (as an in-process hub's SSE subscriber is written), never full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pointers(self) -> list[str]:
+        """The pointer ids written (`id:` without a space), in order."""
+        return [line[3:].decode() for line in b"".join(self.written).split(b"\n")
+                if line.startswith(b"id:") and not line.startswith(b"id: ")]
+
+
 # -- publishers --------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import aiohttp
 import grpc
 import hpack
 from harness import (
+    KeptTransport,
     PlasmaClient,
     Server,
     apply_membership,
@@ -255,23 +256,6 @@ async def test_stalled_plasma_stream_is_dropped_without_delaying_others(start: A
     await healthy.close()
 
 
-class Written(asyncio.WriteTransport):
-    """A transport that keeps what is written to it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-
-    def write(self, data: Any) -> None:
-        self.written.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 async def test_a_heartbeat_is_written_a_slice_of_subscribers_per_pass_with_the_token_of_its_time() -> None:
     """A heartbeat to 350 SSE subscribers is written to a slice of them per pass of the loop, not to all in one step
     (1100 subscribers' writes held a proxy's loop 15-25 ms: live events waited); a live event dispatched between
@@ -279,7 +263,7 @@ async def test_a_heartbeat_is_written_a_slice_of_subscribers_per_pass_with_the_t
     proxy = Proxy(ProxyConfig(name="p0", heartbeat_seconds=0.01))
     hub = proxy.hub
     hub.set_cluster("c")
-    transports = [Written() for _ in range(350)]
+    transports = [KeptTransport() for _ in range(350)]
     for transport in transports:
         hub.add(SseSubscriber(transport, 1 << 20), ["t"])
     hub.dispatch([Event("t", b"{}", 9, 1)])

@@ -7,9 +7,9 @@ import asyncio
 import base64
 import random
 import tracemalloc
-from typing import Any
 
 import pytest
+from harness import KeptTransport
 
 from neoplasma.broker import server as broker_server
 from neoplasma.broker.routing import Claims, InstanceTaken, RelayStream
@@ -159,22 +159,7 @@ def test_the_journal_holds_what_it_counts_at_60_brokers() -> None:
     assert journal.bytes < 9 << 20, journal.bytes
 
 
-class Transport(asyncio.WriteTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-
-    def write(self, data: Any) -> None:
-        self.written.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-def chunks(transport: Transport) -> list[bytes]:
+def chunks(transport: KeptTransport) -> list[bytes]:
     out = []
     for raw in transport.written:
         size, _, rest = raw.partition(b"\r\n")
@@ -185,7 +170,7 @@ def chunks(transport: Transport) -> list[bytes]:
 async def test_a_write_gives_its_last_event_the_full_token_and_the_others_pointers_the_hub_resolves() -> None:
     hub = Hub()
     hub.set_cluster("c")
-    transport = Transport()
+    transport = KeptTransport()
     sub = SseSubscriber(transport, 1 << 20)
     hub.add(sub, ["t"])
     # Before every broker took its instance (`Hub.confirm`), the hub issues no pointers: every event its full token.
@@ -195,7 +180,7 @@ async def test_a_write_gives_its_last_event_the_full_token_and_the_others_pointe
                                                              encode_token(hub.tag, {9: 2}).decode()]
     transport.written.clear()
     hub.confirm(hub.instance)
-    other = SseSubscriber(Transport(), 1 << 20)
+    other = SseSubscriber(KeptTransport(), 1 << 20)
     hub.add(other, ["u"])
     rng = random.Random(2)
     seqs = {1: 0, 2: 0, 3: 0}

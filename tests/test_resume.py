@@ -26,6 +26,7 @@ from harness import (
     AUTH,
     CREDENTIAL,
     EventSource,
+    KeptTransport,
     Publisher,
     Server,
     counters,
@@ -1802,27 +1803,6 @@ async def test_garbled_and_forged_pointers_give_the_gap_signal_then_live(start: 
         assert "Traceback" not in p.log() and '"level": "error"' not in p.log()
 
 
-class WrittenTransport(asyncio.WriteTransport):
-    """What an SSE subscriber of an in-process hub is written, kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-
-    def write(self, data: Any) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pointers(self) -> list[str]:
-        return [line[3:].decode() for line in self.written.split(b"\n")
-                if line.startswith(b"id:") and not line.startswith(b"id: ")]
-
-
 def drawing(monkeypatch: pytest.MonkeyPatch, *instances: int) -> None:
     """The next hubs made draw `instances` in turn (then at random, as ever): processes that drew the same one."""
     drawn = list(instances)
@@ -1843,7 +1823,7 @@ async def test_processes_that_drew_one_instance_never_resolve_each_others_pointe
     b1, server1, address1 = await in_process_broker("b1")
     hub1, links1, dispatcher1, _ = in_process_proxy("p1")
     hub1.set_cluster(CLUSTER)
-    watched = WrittenTransport()
+    watched = KeptTransport()
     hub1.add(SseSubscriber(watched, 1 << 20), ["p"])  # a topic of its own: the second backfills none of it
     await links1.apply(Snapshot(1, (Member("b0", address0),), CLUSTER))
     assert await links1.changed.wait_until(lambda: links1.settled() and hub1.issuing, 10)
