@@ -16,12 +16,13 @@ from typing import Any
 
 import grpc
 import pytest
-from harness import AUTH, EventSource, Publisher, counters, publish_grpc, wait_for
+from harness import AUTH, EventSource, Publisher, counters, wait_for
 from test_resume import (
     CLUSTER,
     NativeClient,
     Recorder,
     all_subscribed,
+    gap_then_live,
     grpc_addresses,
     in_process_broker,
     members,
@@ -404,13 +405,7 @@ async def test_an_unknown_checkpoint_gives_the_gap_signal_then_live_and_a_forged
     raw = bytearray(base64.urlsafe_b64decode(first.last_id + "=" * (-len(first.last_id) % 4)))
     raw[5] ^= 0x01  # another instance's
     forged = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
-    after = EventSource(lambda: ps[1].endpoints["http"], "t", token=forged).start()
-    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
-    assert "checkpoint" in after.gaps[0]["reason"], after.gaps
-    await wait_for(lambda: all_subscribed(ps[1], 1, 2), timeout=20, what="live")
-    await publish_grpc(bs[0].endpoints["grpc"], [("t", {"b": 0, "n": -1})])
-    await wait_for(lambda: any(e["data"]["n"] == -1 for e in after.events), timeout=20, what="a live event")
-    assert set(after.statuses) == {200}
+    after = await gap_then_live(ps[1], bs[0], forged, "checkpoint")
     async with grpc.aio.insecure_channel(bs[0].endpoints["grpc"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await pb_grpc.BrokerStub(channel).Resolve(pb.ResolveRequest(instance=5, checkpoint=9), metadata=AUTH,

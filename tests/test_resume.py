@@ -816,6 +816,19 @@ async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_o
     assert resolved == {"local": 0, "remote": pointers, "unresolved": 0}, resolved
 
 
+async def gap_then_live(proxy: Server, broker: Server, token: str, reason: str) -> EventSource:
+    """A client of topic "t" resuming at `proxy` (on 2 brokers) with `token`, which cannot be resumed exactly:
+    it gets the gap signal (saying `reason`), then live events (from `broker`), with a 200."""
+    after = EventSource(lambda: proxy.endpoints["http"], "t", token=token).start()
+    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
+    assert reason in after.gaps[0]["reason"], after.gaps
+    await wait_for(lambda: all_subscribed(proxy, 1, 2), timeout=20, what="the resumed subscriber live")
+    await publish_grpc(broker.endpoints["grpc"], [("t", {"b": 0, "n": -1})])
+    await wait_for(lambda: any(e["data"]["n"] == -1 for e in after.events), timeout=20, what="a live event")
+    assert set(after.statuses) == {200}
+    return after
+
+
 async def proxy_on_brokers(start: Any, monkeypatch: pytest.MonkeyPatch,
                            brokers: int) -> tuple[list[Server], Proxy, asyncio.Task[None]]:
     """Broker processes b0, b1, ... and, in this process, a proxy settled on them, its hub's dispatcher running."""
@@ -1759,14 +1772,7 @@ async def test_a_pointer_whose_proxy_is_gone_gives_the_gap_signal_then_live(star
     _, pointer = await cut_with_pointer(ps[0], bs, 0)
     ps[0].proc.kill()
     ps[0].proc.wait()
-    after = EventSource(lambda: ps[1].endpoints["http"], "t", token=pointer).start()
-    await wait_for(lambda: after.gaps, timeout=20, what="the gap signal")
-    assert "pointer" in after.gaps[0]["reason"], after.gaps
-    await wait_for(lambda: all_subscribed(ps[1], 1, 2), timeout=20, what="the resumed subscriber live")
-    await publish_grpc(bs[0].endpoints["grpc"], [("t", {"b": 0, "n": -1})])
-    await wait_for(lambda: any(e["data"]["n"] == -1 for e in after.events), timeout=20, what="a live event")
-    assert set(after.statuses) == {200}
-    await after.close()
+    await (await gap_then_live(ps[1], bs[0], pointer, "pointer")).close()
 
 
 async def test_garbled_and_forged_pointers_give_the_gap_signal_then_live(start: Any) -> None:
