@@ -919,7 +919,8 @@ async def _heartbeat(proxy: Proxy) -> None:
         await asyncio.sleep(proxy.config.heartbeat_seconds)
         await proxy.hub.heartbeat_sse(HEARTBEAT)
         proxy.hub.journal.evict(time.monotonic())  # (rounds evict it too; a quiet proxy's ages out here)
-        proxy.hub.give_back_memory()
+        if proxy.links.settled():  # (a large interest's removal written and acknowledged: its buffers freed too)
+            proxy.hub.give_back_memory()
 
 
 class ProxyService:
