@@ -41,6 +41,7 @@ from harness import (
 from neoplasma.broker.routing import InstanceTaken, RelayStream
 from neoplasma.broker.server import REPLAY_SLICE, Broker, BrokerServicer, relay_handler
 from neoplasma.broker.settings import BrokerConfig
+from neoplasma.core.aio import Signal
 from neoplasma.core.events import Event, varint
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
@@ -781,7 +782,11 @@ async def test_a_cut_in_the_middle_of_a_write_resumes_at_another_proxy_exactly_o
         need = 7 + 50 * attempt  # where the cut falls: inside the first write, or further on
         first = asyncio.create_task(read_sse_prefix(ps[0].endpoints["http"], "t",
                                                     lambda events, need=need: len(events) >= need))
-        await wait_for(lambda: all_subscribed(ps[0], 1, 2), timeout=20, what="the subscriber at p0")
+        # (Or already cut: a fresh subscriber is owed what a broker accepted before it came that p0 has not relayed, up
+        # to its position, or by time when it has none: the last attempt's events, published after its subscriber
+        # left. With `need` of them it is cut right after it swapped in, between two looks at p0's status.)
+        await wait_for(lambda first=first: first.done() or all_subscribed(ps[0], 1, 2), timeout=20,
+                       what="the subscriber at p0")
         # 200 events per broker in one request: each reaches the proxy in one relay message, one round, one write.
         for b, broker in enumerate(bs):
             await publish_grpc(broker.endpoints["grpc"], [("t", {"b": b, "n": 200 * attempt + n}) for n in range(200)])
@@ -886,6 +891,71 @@ async def test_fresh_subscriber_gets_no_id_before_a_broker_applied_its_topics(
     assert await hub.advanced.wait_until(lambda: len(client.events) >= 2, 10)
     assert [json.loads(e.data)["n"] for e in client.events] == [0, 1] and not client.gaps
     assert [decode_token(t.decode(), hub.tag, [link.epoch]) for t in client.tokens] == [{link.epoch: 2}]
+    dispatcher.cancel()
+    await links.close()
+
+
+class AckReadFirst:
+    """A relay call whose interest changes (after the first interest) are written as under load: the write returns
+    only once the link has read and handled the broker's acknowledgement of it (its reading task ran first), and
+    what that woke has run (the checks of `LinkSet.changed` it notified, queued before)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.counted = 0  # Interest messages written that the broker acknowledges (not answers or checkpoints)
+        self.handled = 0  # the acknowledgements the link has handled (and what they woke has run)
+        self.read = Signal()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.call, name)
+
+    def __aiter__(self) -> Any:
+        return self._batches()
+
+    async def _batches(self) -> Any:
+        async for batch in self.call:
+            yield batch
+            if batch.interest_applied:  # (run once the link asks for the next message: it handled this one)
+                asyncio.get_running_loop().call_soon(self._handled, batch.interest_applied)
+
+    def _handled(self, applied: int) -> None:
+        self.handled = applied
+        self.read.notify()
+
+    async def write(self, message: pb.Interest) -> None:
+        await self.call.write(message)
+        if message.resolved or message.HasField("checkpoint"):
+            return
+        self.counted += 1
+        if not message.replace and (message.add or message.remove):  # a change (the first interest is read after)
+            assert await self.read.wait_until(lambda: self.handled >= self.counted, 10), "never acknowledged"
+
+
+class AckReadFirstStub(pb_grpc.BrokerStub):
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel)
+        relay = self.Relay
+        self.Relay = lambda **kwargs: AckReadFirst(relay(**kwargs))
+
+
+async def test_an_interest_change_acknowledged_before_its_write_returned_settles_the_links(
+        start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy proxy may read a broker's acknowledgement of an interest change before the write of it returns; the
+    link is synced only once its writer then clears the change. Whoever waits for the links to settle (a fresh
+    subscriber's catch-up) is woken then, not at the end of its wait (the subscriber got nothing for
+    --resume-wait-seconds, then a gap signal, while every broker relayed its topics)."""
+    monkeypatch.setattr(links_module, "pb_grpc", type("Stubs", (), {"BrokerStub": AckReadFirstStub}))
+    bs, proxy, dispatcher = await proxy_on_brokers(start, monkeypatch, 2)
+    hub, links = proxy.hub, proxy.links
+    assert proxy.config.resume_wait_seconds > 5
+    client = Recorder()
+    task = proxy.subscribe(client, ["t"], "", client)
+    assert task is not None  # not applied at the brokers: it catches up
+    await asyncio.wait_for(task, 5)
+    assert client in hub.subscribers and not client.gaps, client.gaps
+    for b in bs:
+        await publish_grpc(b.endpoints["grpc"], [("t", {"b": b.name})])
+    assert await hub.advanced.wait_until(lambda: len(client.events) == 2, 10)  # both brokers relay it
     dispatcher.cancel()
     await links.close()
 

@@ -339,9 +339,13 @@ class BrokerLink:
             for add, remove in interest_parts(added, removed, self.request_room):
                 self._interest_sent += 1
                 await call.write(pb.Interest(add=add, remove=remove))
-            # Cleared only once written, so `interest_synced` never holds while a change is unsent.
+            # Cleared only once written, so `interest_synced` never holds while a change is unsent. The broker's
+            # acknowledgement may have been read while the write was in flight (a busy loop runs the reading task
+            # first): the link is synced from here, and those waiting for that (`LinkSet.wait_settled`) are told.
             self._added -= added
             self._removed -= removed
+            if self.interest_synced:
+                self.changed.notify()
             wrote = loop.time()
 
 
