@@ -227,7 +227,7 @@ class Broker:
     def store_checkpoint(self, stream: RelayStream, given: pb.Checkpoint) -> None:
         """A proxy registered a checkpoint on `stream`: stored under the stream's instance (`checkpoint_stored`),
         or refused with the reason told back (`checkpoint_refused`); either way said in the stream's next message."""
-        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
+        checkpoint = Checkpoint.from_proto(given)
         try:
             if given.instance != stream.instance:
                 raise ValueError(f"the checkpoint names proxy instance {given.instance}, the relay stream "
@@ -565,8 +565,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no checkpoint {request.checkpoint} of proxy instance "
                                 f"{request.instance} is stored here (never registered, evicted, or too old)")
             raise AssertionError("abort raises")
-        return pb.ResolveResponse(checkpoint=pb.Checkpoint(instance=found.instance, counter=found.counter,
-                                                           epochs=found.epochs, seqs=found.seqs))
+        return pb.ResolveResponse(checkpoint=found.to_proto())
 
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.BrokerStats:  # noqa: N802
         return self.broker.stats()

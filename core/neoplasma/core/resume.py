@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from neoplasma.core.events import Checked, Event, stamped_entry, topic_field, varint
 from neoplasma.core.topics import prefixes
+from neoplasma.wire.v1 import neoplasma_pb2 as pb
 
 TOKEN_VERSION = 2  # what encode_token writes without a checkpoint; decode_token also reads version 1 (docs/resume.md)
 CHECKPOINT_VERSION = 3  # what encode_token writes relative to a checkpoint (docs/resume.md, "Encoding, version 3")
@@ -82,6 +83,14 @@ class Checkpoint(NamedTuple):
 
     def positions(self) -> dict[int, int]:
         return dict(zip(self.epochs, self.seqs, strict=True))
+
+    def to_proto(self) -> pb.Checkpoint:
+        return pb.Checkpoint(instance=self.instance, counter=self.counter, epochs=self.epochs, seqs=self.seqs)
+
+    @classmethod
+    def from_proto(cls, msg: pb.Checkpoint) -> Checkpoint:
+        """As a message carries it (unchecked: `check_checkpoint`)."""
+        return cls(msg.instance, msg.counter, tuple(msg.epochs), tuple(msg.seqs))
 
 
 # A checkpoint names at most this many brokers (a membership of 60 is the size aimed at; what a broker stores is

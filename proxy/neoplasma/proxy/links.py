@@ -331,9 +331,7 @@ class BrokerLink:
                 await call.write(pb.Interest(instance=self.hub.instance))
             if (checkpoint := self._checkpoint) is not None:  # (after the instance it is stored under)
                 self._checkpoint = None
-                await call.write(pb.Interest(checkpoint=pb.Checkpoint(
-                    instance=checkpoint.instance, counter=checkpoint.counter, epochs=checkpoint.epochs,
-                    seqs=checkpoint.seqs)))
+                await call.write(pb.Interest(checkpoint=checkpoint.to_proto()))
             added, removed = self._added, self._removed
             # In messages the broker reads (what it said it reads, less the rest of a message).
             for add, remove in interest_parts(added, removed, self.request_room):

@@ -168,6 +168,15 @@ class SharedReplay:
         if since is not None:
             self.gathered_since = since if self.gathered_since is None else min(self.gathered_since, since)
 
+    def takes(self, topics: frozenset[str], held_from: int, room: int) -> bool:
+        """Whether a catch-up of `topics` (whose holder has had the live events after `held_from`) can read this
+        gathered call: before it is made, while its request stays within `room` bytes of topics (a first reader
+        always); once made, when it asked these topics and can still be joined."""
+        if self.called is None:
+            more = sum(map(string_field_size, topics - self.gathered_topics))
+            return not self.gathered_bytes or self.gathered_bytes + more <= room
+        return topics <= self.gathered_topics and self.joinable(held_from)
+
     def request(self) -> pb.ReplayRequest:
         """A gathered call's request, made now: its readers' topics after the lowest of their positions, and by
         time, what the broker accepted since the first of them came (with slack for the request's way there)."""
@@ -535,11 +544,7 @@ class Resume:
         where = (link.member.name, link.epoch, kind)
         shared = budget.gathering.get(where)
         room = min(GATHER_MAX_BYTES, link.request_room or GATHER_MAX_BYTES)
-        if shared is not None and (
-                bool(shared.gathered_bytes) and shared.gathered_bytes + sum(
-                    map(string_field_size, self.topics - shared.gathered_topics)) > room
-                if shared.called is None else
-                not (self.topics <= shared.gathered_topics and shared.joinable(self.held_from.get(link.epoch, 0)))):
+        if shared is not None and not shared.takes(self.topics, self.held_from.get(link.epoch, 0), room):
             shared = None
         if shared is None:
             shared = budget.gathering[where] = SharedReplay(budget, (link.member.name, link.epoch, -1, frozenset()),
@@ -708,8 +713,7 @@ async def _ask_checkpoint(links: LinkSet, key: tuple[int, int]) -> Checkpoint | 
     instance, counter = key
 
     def answer(reply: pb.ResolveResponse) -> Checkpoint:
-        given = reply.checkpoint
-        checkpoint = Checkpoint(given.instance, given.counter, tuple(given.epochs), tuple(given.seqs))
+        checkpoint = Checkpoint.from_proto(reply.checkpoint)
         check_checkpoint(checkpoint)  # (ValueError: the next broker is asked)
         if (checkpoint.instance, checkpoint.counter) != key:
             raise ValueError("answered another checkpoint")
