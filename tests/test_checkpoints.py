@@ -222,6 +222,9 @@ def test_the_store_bounds_by_age_bytes_and_count_and_refuses_what_no_proxy_makes
     for k in range(1, MAX_CHECKPOINTS_PER_INSTANCE + 11):
         many.put(Checkpoint.of(MIN_INSTANCE, k, {1: k}), nonce=1, now=k)
     assert many.get(MIN_INSTANCE, 10, 0) is None and many.get(MIN_INSTANCE, 11, 0) is not None
+    assert len(many) == MAX_CHECKPOINTS_PER_INSTANCE
+    many.evict(10**10)
+    assert len(many) == 0 and many.bytes == 0  # what those dropped by count counted went with them
 
 
 @dataclasses.dataclass

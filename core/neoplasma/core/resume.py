@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
+from neoplasma.core.bounded import put_newest
 from neoplasma.core.events import Checked, Event, stamped_entry, topic_field, varint
 from neoplasma.core.topics import prefixes
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
@@ -486,11 +487,11 @@ class CheckpointStore:
             self.bytes += base.size
         differences = base.differences(checkpoint)
         base.users += 1
-        held.kept[checkpoint.counter] = (now, base, differences)
         self._order.append((now, checkpoint.instance, nonce, checkpoint.counter))
         self.bytes += len(differences) + CHECKPOINT_OVERHEAD
-        while len(held.kept) > MAX_CHECKPOINTS_PER_INSTANCE:
-            self._forget(checkpoint.instance, next(iter(held.kept)))
+        dropped = put_newest(held.kept, MAX_CHECKPOINTS_PER_INSTANCE, checkpoint.counter, (now, base, differences))
+        if dropped is not None:  # the instance's oldest, beyond MAX_CHECKPOINTS_PER_INSTANCE
+            self._release(held, dropped[1])
         self.evict(now)
 
     def get(self, instance: int, counter: int, now: float) -> Checkpoint | None:
@@ -511,14 +512,19 @@ class CheckpointStore:
         held = self._instances.get(instance)
         if held is None or counter not in held.kept:
             return
-        _, base, differences = held.kept.pop(counter)
+        self._release(held, held.kept.pop(counter))
+        if not held.kept:
+            self._unbase(held)
+            del self._instances[instance]
+
+    def _release(self, held: _Held, stored: tuple[float, _Base, bytes]) -> None:
+        """A checkpoint `held` kept (`stored`) is no longer kept: what it counted goes, and its base with the last
+        one kept against it (unless the next one may be kept against that base)."""
+        _, base, differences = stored
         self.bytes -= len(differences) + CHECKPOINT_OVERHEAD
         base.users -= 1
         if not base.users and base is not held.base:
             self.bytes -= base.size
-        if not held.kept:
-            self._unbase(held)
-            del self._instances[instance]
 
     def _drop(self, instance: int) -> None:
         """Forget every checkpoint of `instance` (another process holds it now)."""

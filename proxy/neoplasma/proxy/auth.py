@@ -47,6 +47,7 @@ import jwt
 import orjson
 from jwt.algorithms import HMACAlgorithm
 
+from neoplasma.core.bounded import put_newest
 from neoplasma.core.errors import UsageError
 from neoplasma.core.text import excerpt
 from neoplasma.core.topics import InvalidTopic, check_topic, prefixes
@@ -212,9 +213,7 @@ def verify(token: str, keys: Keys, audience: str, now: float) -> Grant:
         return known
     grant = _verify(token, keys, audience, now)
     if len(token) <= VERIFIED_MAX_BYTES:
-        if len(keys.verified) >= VERIFIED_KEPT:
-            del keys.verified[next(iter(keys.verified))]  # the oldest
-        keys.verified[token, audience] = grant
+        put_newest(keys.verified, VERIFIED_KEPT, (token, audience), grant)
     return grant
 
 

@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
 from neoplasma.core.aio import Signal
+from neoplasma.core.bounded import put_newest
 from neoplasma.core.events import (
     Event,
     batch_entry,
@@ -529,9 +530,7 @@ class Hub:
             return None
         self._checkpoint_counter += 1
         made = self.proposed = Checkpoint.of(self.instance, self._checkpoint_counter, self.positions)
-        self.checkpoints[made.instance, made.counter] = made
-        while len(self.checkpoints) > CHECKPOINTS_KEPT:
-            del self.checkpoints[next(iter(self.checkpoints))]
+        put_newest(self.checkpoints, CHECKPOINTS_KEPT, (made.instance, made.counter), made)
         return made
 
     def use_checkpoint(self, checkpoint: Checkpoint) -> None:
@@ -545,9 +544,7 @@ class Hub:
         return self.checkpoints.get((instance, counter)) or self.resolved_checkpoints.get((instance, counter))
 
     def keep_resolved(self, checkpoint: Checkpoint) -> None:
-        self.resolved_checkpoints[checkpoint.instance, checkpoint.counter] = checkpoint
-        while len(self.resolved_checkpoints) > CHECKPOINTS_CACHED:
-            del self.resolved_checkpoints[next(iter(self.resolved_checkpoints))]
+        put_newest(self.resolved_checkpoints, CHECKPOINTS_CACHED, (checkpoint.instance, checkpoint.counter), checkpoint)
 
     def resolve(self, pointer: str) -> bytes | None:
         """The full token one of this process's pointers stands for; None when it is not one of its pointers (of an
@@ -573,9 +570,7 @@ class Hub:
         if instance != self.instance or self.issuing:
             return
         self.issuing = True
-        self.issued[instance] = (self.journal.next, None)
-        while len(self.issued) > INSTANCES_KEPT:
-            del self.issued[next(iter(self.issued))]
+        put_newest(self.issued, INSTANCES_KEPT, instance, (self.journal.next, None))
         log.info("pointer_instance_confirmed", instance=instance)
 
     def redraw(self, refused: int) -> bool:
@@ -609,10 +604,8 @@ class Hub:
 
     def _retire_now(self) -> None:
         for epoch in self._retiring:
-            self.retired[epoch] = self.positions.pop(epoch, self.retired.get(epoch, 0))
+            put_newest(self.retired, RETIRED_KEPT, epoch, self.positions.pop(epoch, self.retired.get(epoch, 0)))
         self._retiring.clear()
-        while len(self.retired) > RETIRED_KEPT:
-            del self.retired[next(iter(self.retired))]
         self._token = None
 
     # -- delivery ------------------------------------------------------------------

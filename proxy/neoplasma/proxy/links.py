@@ -20,6 +20,7 @@ import grpc
 
 from neoplasma.core.aio import Signal
 from neoplasma.core.backoff import Backoff, BackoffPolicy
+from neoplasma.core.bounded import put_newest
 from neoplasma.core.events import Event, string_field_size
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import EMPTY, BrokerState, Member, Snapshot
@@ -438,9 +439,7 @@ class LinkSet:
         link.retire()
         log.info("relay_removed", broker=name, address=link.member.address, ended_cleanly=link.ended_cleanly)
         if link.epoch:
-            self.left[name] = (link.epoch, link.position)
-            while len(self.left) > RETIRED_KEPT:
-                del self.left[next(iter(self.left))]
+            put_newest(self.left, RETIRED_KEPT, name, (link.epoch, link.position))
         self.leaving.pop(name, None)
 
     def request_room(self) -> int:
