@@ -7,7 +7,7 @@ import json
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -580,12 +580,30 @@ def control_server(servicer: pb_grpc.ProxyControlServicer, tokens: Tokens | None
     return control
 
 
+async def apply_each(context: grpc.aio.ServicerContext,
+                     apply: Callable[[pb.Membership], Awaitable[pb.ApplyResponse]]) -> None:
+    """ApplyStream: each membership read from the stream is answered with `apply`'s answer (Apply's), in order,
+    until the operator ends the stream. One that cannot be decoded ends this stream alone, with INVALID_ARGUMENT
+    (one over the server's message size limit: gRPC ends it with RESOURCE_EXHAUSTED)."""
+    while True:
+        try:
+            request = await context.read()
+        except DecodeError as exc:
+            await context.abort(*refusal(exc, "ApplyStream", "membership"))
+        if request is grpc.aio.EOF:
+            return
+        await context.write(await apply(request))
+
+
 class ControlServicer(pb_grpc.ProxyControlServicer):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
     async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
         return await self.proxy.apply(request)
+
+    async def ApplyStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        await apply_each(context, self.proxy.apply)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
         return self.proxy.status()
