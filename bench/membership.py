@@ -12,7 +12,7 @@ its own `ControlServicer` over an object whose `apply` *is* `Proxy.apply` (versi
 and answers as a proxy gives them); only the relay links are not opened. Behaviours:
 
 - answering: answers at once;
-- slow: answers every call after `--slow-seconds` (1 s);
+- slow: answers every call (or message of a push's stream) after `--slow-seconds` (1 s);
 - frozen: accepts the TCP connection and never answers (no HTTP/2 either).
 
 Per scenario: the membership converged first, then `--changes` times a broker pod turns Ready; for
@@ -104,9 +104,8 @@ class _Links:
 
 
 class StandIn:
-    """A proxy as its control port shows it: `apply` and `_answer` are the proxy's own."""
+    """A proxy as its control port shows it: `apply` (after `delay`) and `_answer` are the proxy's own."""
 
-    apply = Proxy.apply
     _answer = Proxy._answer
 
     def __init__(self, name: str, delay: float) -> None:
@@ -115,6 +114,11 @@ class StandIn:
         self.links = _Links()
         self._apply_lock = asyncio.Lock()
         self.hub = _NoHub()
+
+    async def apply(self, message: pb.Membership) -> pb.ApplyResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await Proxy.apply(self, message)  # type: ignore[arg-type]
 
     def status(self) -> pb.ProxyStatus:
         return pb.ProxyStatus(name=self.name, membership_version=self.links.applied.version,
@@ -126,11 +130,7 @@ class _NoHub:
 
 
 class SlowServicer(ControlServicer):
-    """The proxy's ControlServicer, answering every call `delay` seconds late."""
-
-    async def Apply(self, request: pb.Membership, context: Any) -> pb.ApplyResponse:  # noqa: N802
-        await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]
-        return await super().Apply(request, context)
+    """The proxy's ControlServicer, answering every call `delay` seconds late (a push: its StandIn's apply)."""
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.ProxyStatus:  # noqa: N802
         await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]
