@@ -17,7 +17,7 @@ from harness import ACCESS, AUTH, CREDENTIAL, proxy_status, wait_for
 from neoplasma.core.backoff import BackoffPolicy
 from neoplasma.core.membership import EMPTY, Member, Snapshot
 from neoplasma.core.push import OLDER_PROXY, MembershipPusher, Reopening
-from neoplasma.core.trust import Tokens
+from neoplasma.core.trust import Access, Tokens
 from neoplasma.operator.members import ProxyTarget
 from neoplasma.operator.sync import MembershipSync
 from neoplasma.proxy.server import ControlServicer, Proxy, control_server
@@ -86,9 +86,10 @@ class Controls:
     def __init__(self) -> None:
         self.servers: list[grpc.aio.Server] = []
 
-    async def start(self, servicer: pb_grpc.ProxyControlServicer, port: int = 0) -> str:
-        """Serve `servicer` on 127.0.0.1:`port` (0: any); its address."""
-        server = control_server(servicer, Tokens(given=[CREDENTIAL]))
+    async def start(self, servicer: pb_grpc.ProxyControlServicer, port: int = 0,
+                    credentials: tuple[str, ...] = (CREDENTIAL,)) -> str:
+        """Serve `servicer` on 127.0.0.1:`port` (0: any), taking `credentials`; its address."""
+        server = control_server(servicer, Tokens(given=credentials))
         port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         self.servers.append(server)
@@ -133,6 +134,21 @@ async def test_pushes_go_over_one_kept_stream_and_are_acknowledged(controls: Con
     assert pusher.streaming(address)
     await pusher.close()
     assert not pusher.streaming(address)
+
+
+async def test_a_stream_is_kept_while_the_credential_is_the_same_and_replaced_when_it_changes(
+        controls: Controls) -> None:
+    servicer = Counted()
+    address = await controls.start(servicer, credentials=(CREDENTIAL, "rotated"))  # (as during a rotation)
+    pusher = MembershipPusher(access=ACCESS)
+    assert (await pusher.push_one("p0", address, snapshot(1))).ok
+    pusher.access = Access(Tokens(given=[CREDENTIAL]))  # read again by the operator: equal, not the same object
+    assert (await pusher.push_one("p0", address, snapshot(2))).ok
+    assert (servicer.streams, servicer.unary) == (1, 0)
+    pusher.access = Access(Tokens(given=["rotated"]))
+    assert (await pusher.push_one("p0", address, snapshot(3))).ok
+    assert (servicer.streams, servicer.unary, servicer.version) == (2, 0, 3)
+    await pusher.close()
 
 
 async def test_what_a_proxy_refuses_is_refused_over_the_stream_which_stays_open(controls: Controls) -> None:

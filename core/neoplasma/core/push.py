@@ -56,13 +56,19 @@ class StreamEnded(Exception):
         self.code = code
 
 
+def reach(access: Access) -> tuple[object, ...]:
+    """What a stream is opened with: the credential it presented and the TLS settings of its channel (the operator
+    makes a new, equal `Access` each time it reads the credential: that keeps the streams open)."""
+    return access.metadata(), access.ca, access.ca_file, access.server_name
+
+
 class ApplyStream:
     """One proxy's ApplyStream, kept open: messages go out in the order sent, and each answer is the answer to the
     oldest message not yet answered (the proxy answers them in order). Opening it and sending on it never wait for
     the proxy: the call connects, writes and reads in tasks of gRPC's and of its own."""
 
     def __init__(self, stub: pb_grpc.ProxyControlStub, access: Access) -> None:
-        self.access = access  # what it was opened with: a stream opened with another credential is replaced
+        self.reach = reach(access)  # what it was opened with: a stream opened with another credential is replaced
         self.ended: StreamEnded | None = None
         self.ended_at = 0.0  # when (time.monotonic())
         self._requests: asyncio.Queue[pb.Membership | None] = asyncio.Queue()
@@ -199,7 +205,7 @@ class MembershipPusher:
     def _stream(self, address: str) -> ApplyStream | None:
         """`address`'s open stream; a new one if it has none and may open one; None: push with Apply."""
         stream = self._streams.get(address)
-        if stream is not None and stream.access is not self.access:
+        if stream is not None and stream.reach != reach(self.access):
             stream.close("the credential changed")
             del self._streams[address]
             stream = None
