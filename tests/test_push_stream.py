@@ -60,7 +60,7 @@ class Counted(ControlServicer):
     `break_after` of them end with UNAVAILABLE after their first answer (a proxy going away under a stream)."""
 
     def __init__(self, break_after: int | None = None) -> None:
-        super().__init__(Held())  # type: ignore[arg-type]  (only apply is used)
+        super().__init__(Held())  # type: ignore[arg-type]  # (only apply is used)
         self.unary = self.streams = 0
         self.break_after = break_after
 
@@ -121,6 +121,20 @@ async def frozen() -> AsyncIterator[str]:
     for writer in held:
         writer.close()
     server.close()
+
+
+def test_reopening_backs_off_after_breaks_waits_long_for_an_older_proxy_and_forgets_what_it_no_longer_pushes() -> None:
+    reopening = Reopening(BackoffPolicy(initial=0.5, maximum=2.0), older=300.0)
+    assert reopening.may_open("a:1", 0.0)  # never broke
+    assert [reopening.ended("a:1", grpc.StatusCode.UNAVAILABLE, 10.0 * n) for n in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert not reopening.may_open("a:1", 31.9) and reopening.may_open("a:1", 32.0)
+    reopening.answered("a:1")  # a stream of it answered: the next break starts over
+    assert reopening.ended("a:1", grpc.StatusCode.CANCELLED, 40.0) == 0.5
+    assert reopening.ended("b:1", grpc.StatusCode.UNIMPLEMENTED, 0.0) == 300.0
+    assert not reopening.may_open("b:1", 299.0) and reopening.may_open("b:1", 300.0)
+    reopening.keep({"a:1"})
+    assert reopening.may_open("b:1", 0.0)  # forgotten: no longer pushed to
+    assert not reopening.may_open("a:1", 40.1)
 
 
 async def test_pushes_go_over_one_kept_stream_and_are_acknowledged(controls: Controls) -> None:
