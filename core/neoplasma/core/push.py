@@ -156,16 +156,15 @@ class MembershipPusher:
     operator's MembershipSync does); `push_all` retries each proxy with `retry` up to `attempts`."""
 
     def __init__(self, *, timeout: float = 2.0, attempts: int = 5, retry: BackoffPolicy = RETRY,
-                 access: Access = PLAIN, channels: ProxyChannels | None = None, streams: bool = True,
+                 access: Access = PLAIN, channels: ProxyChannels | None = None,
                  reopening: Reopening | None = None) -> None:
-        """`channels`: the proxies' channels, to share with other calls to them (Status reads); `streams`: push
-        over ApplyStream where a proxy has it (False: unary Apply only)."""
+        """`channels`: the proxies' channels, to share with other calls to them (Status reads); `reopening`: when a
+        proxy's stream may be opened again (default: REOPEN's backoff, OLDER_PROXY)."""
         self.access = access  # the cluster credential (and TLS) for the proxies' control ports
         self.timeout = timeout
         self.attempts = attempts
         self.retry = retry
         self.channels = channels or ProxyChannels()
-        self.streams = streams
         self.reopening = reopening or Reopening()
         self._streams: dict[str, ApplyStream] = {}  # address -> its open stream
         self._message: tuple[Snapshot, pb.Membership] = (Snapshot(-1, ()), pb.Membership())  # the last one sent
@@ -212,7 +211,7 @@ class MembershipPusher:
         elif stream is not None and stream.ended is not None:  # it broke since the last push
             self._broke(address, stream)
             stream = None
-        if stream is None and self.streams and self.reopening.may_open(address, time.monotonic()):
+        if stream is None and self.reopening.may_open(address, time.monotonic()):
             stream = self._streams[address] = ApplyStream(self._stub(address), self.access)
         return stream
 
