@@ -8,8 +8,10 @@ Kubernetes API is a stand-in (`Api`: the credential Secret, and status writes re
 The proxies are stand-ins, one per loopback address 127.1.X.Y on the real control port (each pod
 has its own IP, as in a cluster), served by `--standin-processes` processes with grpc.aio: each is
 the proxy's own control server (`control_server`, the credential checked by its interceptor) and
-its own `ControlServicer` over an object whose `apply` *is* `Proxy.apply` (version checks, refusals
-and answers as a proxy gives them); only the relay links are not opened. Behaviours:
+its own `ControlServicer` (Apply, and ApplyStream, over which this tree's operator pushes; a `--before`
+REF older than it has none, and its operator pushes with Apply) over an object whose `apply` calls
+`Proxy.apply` (version checks, refusals and answers as a proxy gives them); only the relay links are
+not opened. Behaviours:
 
 - answering: answers at once;
 - slow: answers every call (or message of a push's stream) after `--slow-seconds` (1 s);
