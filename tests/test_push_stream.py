@@ -61,7 +61,7 @@ class Counted(ControlServicer):
 
     def __init__(self, break_after: int | None = None) -> None:
         super().__init__(Held())  # type: ignore[arg-type]  # (only apply is used)
-        self.unary = self.streams = 0
+        self.unary = self.opened = 0
         self.break_after = break_after
 
     async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802  (the RPC names)
@@ -69,8 +69,8 @@ class Counted(ControlServicer):
         return await super().Apply(request, context)
 
     async def ApplyStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802  (the RPC names)
-        self.streams += 1
-        if self.break_after is None or self.streams <= self.break_after:
+        self.opened += 1
+        if self.break_after is None or self.opened <= self.break_after:
             return await super().ApplyStream(request_iterator, context)
         await context.write(await self.proxy.apply(await context.read()))
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the proxy is going away")
@@ -95,10 +95,10 @@ class Controls:
         self.servers.append(server)
         return f"127.0.0.1:{port}"
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         servers, self.servers = self.servers, []
         for server in servers:
-            await server.stop(None)
+            await server.stop(grace)
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def test_pushes_go_over_one_kept_stream_and_are_acknowledged(controls: Con
     for version in (1, 2, 3):
         result = await pusher.push_one("p0", address, snapshot(version, port=version))
         assert (result.ok, result.applied_version, result.error) == (True, version, "")
-    assert servicer.version == 3 and (servicer.streams, servicer.unary) == (1, 0)
+    assert servicer.version == 3 and (servicer.opened, servicer.unary) == (1, 0)
     assert pusher.streaming(address)
     await pusher.close()
     assert not pusher.streaming(address)
@@ -158,10 +158,10 @@ async def test_a_stream_is_kept_while_the_credential_is_the_same_and_replaced_wh
     assert (await pusher.push_one("p0", address, snapshot(1))).ok
     pusher.access = Access(Tokens(given=[CREDENTIAL]))  # read again by the operator: equal, not the same object
     assert (await pusher.push_one("p0", address, snapshot(2))).ok
-    assert (servicer.streams, servicer.unary) == (1, 0)
+    assert (servicer.opened, servicer.unary) == (1, 0)
     pusher.access = Access(Tokens(given=["rotated"]))
     assert (await pusher.push_one("p0", address, snapshot(3))).ok
-    assert (servicer.streams, servicer.unary, servicer.version) == (2, 0, 3)
+    assert (servicer.opened, servicer.unary, servicer.version) == (2, 0, 3)
     await pusher.close()
 
 
@@ -176,7 +176,7 @@ async def test_what_a_proxy_refuses_is_refused_over_the_stream_which_stays_open(
     invalid = await pusher.push_one("p0", address, Snapshot(3, (Member("b0", "no port"),)))
     assert not invalid.ok and "is not host:port" in invalid.error and invalid.applied_version == 2
     assert (await pusher.push_one("p0", address, snapshot(4))).ok
-    assert servicer.version == 4 and (servicer.streams, servicer.unary) == (1, 0)
+    assert servicer.version == 4 and (servicer.opened, servicer.unary) == (1, 0)
     await pusher.close()
 
 
@@ -218,15 +218,15 @@ async def test_a_stream_that_breaks_under_a_push_is_made_good_by_apply_then_reop
     assert (await pusher.push_one("p0", address, snapshot(1))).ok  # over the stream, which then ends
     await wait_for(lambda: not pusher.streaming(address), 5, "the stream's end seen")
     assert (await pusher.push_one("p0", address, snapshot(2))).ok  # Apply: not reopened yet
-    assert (servicer.streams, servicer.unary) == (1, 1)
+    assert (servicer.opened, servicer.unary) == (1, 1)
     await asyncio.sleep(0.5)  # past SOON's delay after the stream ended
     assert (await pusher.push_one("p0", address, snapshot(3))).ok  # a new stream, which ends too
-    assert (servicer.streams, servicer.unary, servicer.version) == (2, 1, 3)
+    assert (servicer.opened, servicer.unary, servicer.version) == (2, 1, 3)
     servicer.break_after = None  # from now on a stream stays open
     await asyncio.sleep(0.5)
     for version in (4, 5, 6):
         assert (await pusher.push_one("p0", address, snapshot(version))).ok
-    assert (servicer.streams, servicer.unary, servicer.version) == (3, 1, 6) and pusher.streaming(address)
+    assert (servicer.opened, servicer.unary, servicer.version) == (3, 1, 6) and pusher.streaming(address)
     await pusher.close()
 
 
@@ -252,7 +252,21 @@ async def test_a_proxy_restarted_at_its_address_is_pushed_again(controls: Contro
 
     await wait_for(pushed, 10, "the restarted proxy pushed (Apply, or a new stream)", interval=0.06)
     await wait_for(pushed_over_a_stream, 10, "a push over a new stream", interval=0.06)
-    assert second.version == 2 and second.streams == 1
+    assert second.version == 2 and second.opened == 1
+    await pusher.close()
+
+
+async def test_a_stopping_control_server_ends_its_streams_instead_of_waiting_its_grace(controls: Controls) -> None:
+    servicer = Counted()
+    address = await controls.start(servicer)
+    pusher = MembershipPusher(access=ACCESS)
+    assert (await pusher.push_one("p0", address, snapshot(1))).ok and pusher.streaming(address)
+    began = time.monotonic()
+    await servicer.streams.end()  # as ProxyService.close and the pod's close do, then:
+    await controls.stop(grace=0.5)
+    assert time.monotonic() - began < 0.4  # not held for the grace by the operator's stream
+    await wait_for(lambda: not pusher.streaming(address), 5, "the operator seeing its stream end")
+    assert not (await pusher.push_one("p0", address, snapshot(2))).ok  # (by Apply: the proxy is gone)
     await pusher.close()
 
 
@@ -319,7 +333,7 @@ async def test_the_sync_acknowledges_over_streams_and_names_the_frozen_proxy_lag
         assert [s.version for s in servicers] == [version, version]
     progress = sync.progress()
     assert progress.lagging == ("frozen",) and progress.errors["frozen"].startswith("DEADLINE_EXCEEDED")
-    assert [(s.streams, s.unary) for s in servicers] == [(1, 0), (1, 0)]
+    assert [(s.opened, s.unary) for s in servicers] == [(1, 0), (1, 0)]
     await sync.close()
 
 

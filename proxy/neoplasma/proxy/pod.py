@@ -20,7 +20,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import apply_each, control_server, drain_problem
+from neoplasma.proxy.server import ApplyStreams, control_server, drain_problem
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -87,6 +87,7 @@ class PodControl(pb_grpc.ProxyControlServicer):
         self.supervisor: Supervisor | None = None
         self.membership: pb.Membership | None = None  # the newest one a worker accepted
         self._stubs: dict[int, tuple[str, pb_grpc.ProxyControlStub]] = {}
+        self.streams = ApplyStreams(self.apply)
 
     def _metadata(self) -> Metadata:
         return self.tokens.metadata() if self.tokens is not None else ()
@@ -142,7 +143,7 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return await self.apply(request)
 
     async def ApplyStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
-        await apply_each(context, self.apply)
+        await self.streams.serve(context)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
         # A worker between lives (exited, or restarted and not yet serving) counts as one with
@@ -226,7 +227,7 @@ class PodService:
                      for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
         http_port, grpc_port = (int(sock.getsockname()[1]) for sock in self.held.values())
         tokens = config.cluster_tokens()
-        pod = PodControl(config, tokens)
+        self.pod = pod = PodControl(config, tokens)
         # The pod drains at --drain-rate: each worker at its share.
         argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0,
                                                    workers=1, drain_rate=config.drain_rate / config.workers))
@@ -253,6 +254,7 @@ class PodService:
 
     async def close(self) -> dict[str, Any]:
         await self.supervisor.close()
+        await self.pod.streams.end()
         await self.control.stop(grace=0.5)
         for sock in self.held.values():
             sock.close()
