@@ -8,11 +8,13 @@ Kubernetes API is a stand-in (`Api`: the credential Secret, and status writes re
 The proxies are stand-ins, one per loopback address 127.1.X.Y on the real control port (each pod
 has its own IP, as in a cluster), served by `--standin-processes` processes with grpc.aio: each is
 the proxy's own control server (`control_server`, the credential checked by its interceptor) and
-its own `ControlServicer` over an object whose `apply` *is* `Proxy.apply` (version checks, refusals
-and answers as a proxy gives them); only the relay links are not opened. Behaviours:
+its own `ControlServicer` (Apply, and ApplyStream, over which this tree's operator pushes; a `--before`
+REF older than it has none, and its operator pushes with Apply) over an object whose `apply` calls
+`Proxy.apply` (version checks, refusals and answers as a proxy gives them); only the relay links are
+not opened. Behaviours:
 
 - answering: answers at once;
-- slow: answers every call after `--slow-seconds` (1 s);
+- slow: answers every call (or message of a push's stream) after `--slow-seconds` (1 s);
 - frozen: accepts the TCP connection and never answers (no HTTP/2 either).
 
 Per scenario: the membership converged first, then `--changes` times a broker pod turns Ready; for
@@ -104,9 +106,8 @@ class _Links:
 
 
 class StandIn:
-    """A proxy as its control port shows it: `apply` and `_answer` are the proxy's own."""
+    """A proxy as its control port shows it: `apply` (after `delay`) and `_answer` are the proxy's own."""
 
-    apply = Proxy.apply
     _answer = Proxy._answer
 
     def __init__(self, name: str, delay: float) -> None:
@@ -115,6 +116,11 @@ class StandIn:
         self.links = _Links()
         self._apply_lock = asyncio.Lock()
         self.hub = _NoHub()
+
+    async def apply(self, message: pb.Membership) -> pb.ApplyResponse:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return await Proxy.apply(self, message)  # type: ignore[arg-type]
 
     def status(self) -> pb.ProxyStatus:
         return pb.ProxyStatus(name=self.name, membership_version=self.links.applied.version,
@@ -126,11 +132,7 @@ class _NoHub:
 
 
 class SlowServicer(ControlServicer):
-    """The proxy's ControlServicer, answering every call `delay` seconds late."""
-
-    async def Apply(self, request: pb.Membership, context: Any) -> pb.ApplyResponse:  # noqa: N802
-        await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]
-        return await super().Apply(request, context)
+    """The proxy's ControlServicer, answering every call `delay` seconds late (a push: its StandIn's apply)."""
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.ProxyStatus:  # noqa: N802
         await asyncio.sleep(self.proxy.delay)  # type: ignore[attr-defined]

@@ -239,6 +239,8 @@ CASES: list[tuple[str, Attack, object, str]] = [
     ("relay without credential", lambda b, p: stream(b, BROKER + "Relay", []), UNAUTH, NEED),
     ("relay, wrong credential", lambda b, p: stream(b, BROKER + "Relay", [], WRONG), UNAUTH, NEED),
     ("replay without credential", lambda b, p: stream(b, BROKER + "Replay", [b""]), UNAUTH, NEED),
+    ("apply stream without credential", lambda b, p: stream(p, CONTROL + "ApplyStream", []), UNAUTH, NEED),
+    ("apply stream, wrong credential", lambda b, p: stream(p, CONTROL + "ApplyStream", [], WRONG), UNAUTH, NEED),
     ("resolve without credential", lambda b, p: unary(b, BROKER + "Resolve", pb.ResolveRequest(
         pointer="PPPPPPPP").SerializeToString()), UNAUTH, NEED),
     ("resolve, wrong credential", lambda b, p: unary(b, BROKER + "Resolve", b"", WRONG), UNAUTH, NEED),
@@ -268,6 +270,8 @@ CASES: list[tuple[str, Attack, object, str]] = [
      INVALID, "Relay: the request cannot be decoded"),
     ("apply, invalid UTF-8", lambda b, p: unary(p, CONTROL + "Apply", b"\x08\x63\x1a\x01\xff", AUTH), INVALID,
      "Apply: the request cannot be decoded"),
+    ("apply stream, invalid UTF-8", lambda b, p: stream(p, CONTROL + "ApplyStream", [b"\x08\x63\x1a\x01\xff"], AUTH),
+     INVALID, "ApplyStream: the request cannot be decoded"),
     *[(f"drain at {rate}", lambda b, p, rate=rate: unary(
         p, CONTROL + "Drain", pb.DrainRequest(reconnects_per_second=rate).SerializeToString(), AUTH), INVALID,
        "reconnects_per_second must be a positive number") for rate in (-1.0, math.nan, math.inf)],

@@ -21,10 +21,11 @@ from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 _Tls = tuple[str, str, str]  # what a channel was made for: the CA, the CA file, the server name
 IDLE = 30.0  # seconds unused before `prune` may close a channel: longer than any call's timeout
-# The proxies' channels carry short unary calls, each retried (or read again) by its caller: gRPC's own
-# retries (the retry filter, which copies every call's request and metadata) and its BDP probe (a ping
-# per burst of data, to size the flow-control window of streams that never come) are cost without use
-# there. Off, they take ~20 % of the operator's CPU per push (0.36 -> 0.29 ms; bench/membership.py).
+# The proxies' channels carry short unary calls, each retried (or read again) by its caller, and each
+# proxy's ApplyStream, whose messages (a membership, ~1 KB) never come near a flow-control window: gRPC's
+# own retries (the retry filter, which copies every call's request and metadata) and its BDP probe (a
+# ping per burst of data, to size that window) are cost without use there. Off, they took ~20 % of the
+# operator's CPU per unary push (0.36 -> 0.29 ms; bench/membership.py).
 PROXY_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.enable_retries", 0), ("grpc.http2.bdp_probe", 0))
 
 Stub = TypeVar("Stub")

@@ -2,15 +2,16 @@
 
 `MembershipSync.update(members, targets, seen_at)` builds the next snapshot with
 `next_snapshot` (the version grows only when the brokers changed); `push()` (the controller's
-act phase) pushes it, through the same `MembershipPusher` the local runtime uses, to each ready
-proxy that has not applied it: one push task per proxy, so a slow or broken proxy never holds
-the others back. A proxy whose push failed is retried with backoff (this is the one retry loop
-of a push: the pusher tries once). Anti-entropy (`Refresh`) pushes the current snapshot again to
-each proxy that runs it, once per interval at the proxy's own phase, which also repairs one that
-restarted unnoticed: spread so, it never adds a burst to all proxies at once to a change's push,
-and a proxy confirmed by a change's push is not pushed again for half an interval. Versions never go backwards:
-a restarted operator resumes from the version in the resource's status, and a proxy that
-reports a newer version than ours (pushed before a crash, never recorded) makes the next
+act phase) pushes it, through the same `MembershipPusher` the local runtime uses (over a stream
+kept open to each proxy, or Apply: core.push), to each ready proxy that has not applied it:
+one push task per proxy, so a slow or broken proxy never holds the others back. A proxy whose
+push failed is retried with backoff (this is the one retry loop of a push: the pusher tries
+once). Anti-entropy (`Refresh`) pushes the current snapshot again to each proxy that runs it,
+once per interval at the proxy's own phase, which also repairs one that restarted unnoticed:
+spread so, it never adds a burst to all proxies at once to a change's push, and a proxy
+confirmed by a change's push is not pushed again for half an interval. Versions never go
+backwards: a restarted operator resumes from the version in the resource's status, and a proxy
+that reports a newer version than ours (pushed before a crash, never recorded) makes the next
 snapshot jump past it.
 
 The decisions are plain functions and classes (`resume_snapshot`, `catch_up`, `Convergence`,

@@ -2,9 +2,9 @@
 
 Every worker is a whole proxy (its own links to every broker, its own subscribers: the kernel
 spreads subscriber connections over them). The supervisor owns the pod's one control port: it
-relays a membership push and a drain to every worker, answers Status as the sum of the workers',
-and pushes the last membership to a worker as soon as it (re)starts, so none waits for the
-operator's next push.
+relays a membership push (Apply, or each message of ApplyStream) and a drain to every worker,
+answers Status as the sum of the workers', and pushes the last membership to a worker as soon as
+it (re)starts, so none waits for the operator's next push.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from neoplasma.core.logs import get_logger
 from neoplasma.core.net import add_grpc_port, bind_socket, hostport
 from neoplasma.core.trust import Metadata, Tokens, grpc_server_credentials, server_tls
 from neoplasma.core.workers import Supervisor, Worker, worker_argv
-from neoplasma.proxy.server import control_server, drain_problem
+from neoplasma.proxy.server import ApplyStreams, control_server, drain_problem
 from neoplasma.proxy.settings import ProxyConfig
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
@@ -87,6 +87,7 @@ class PodControl(pb_grpc.ProxyControlServicer):
         self.supervisor: Supervisor | None = None
         self.membership: pb.Membership | None = None  # the newest one a worker accepted
         self._stubs: dict[int, tuple[str, pb_grpc.ProxyControlStub]] = {}
+        self.streams = ApplyStreams(self.apply)
 
     def _metadata(self) -> Metadata:
         return self.tokens.metadata() if self.tokens is not None else ()
@@ -131,11 +132,18 @@ class PodControl(pb_grpc.ProxyControlServicer):
     async def _nothing(self) -> pb.ProxyStatus:
         return pb.ProxyStatus(name=self.config.name)
 
-    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+    async def apply(self, request: pb.Membership) -> pb.ApplyResponse:
+        """A push (Apply's, or a message of ApplyStream) relayed to every worker: the pod's answer."""
         replies = await asyncio.gather(*(self._apply(w, request) for w in self._workers()))
         if any(r.accepted for r in replies) and (self.membership is None or request.version >= self.membership.version):
             self.membership = request
         return merge_applied(replies)
+
+    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
+        return await self.apply(request)
+
+    async def ApplyStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        await self.streams.serve(context)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
         # A worker between lives (exited, or restarted and not yet serving) counts as one with
@@ -219,7 +227,7 @@ class PodService:
                      for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port))}
         http_port, grpc_port = (int(sock.getsockname()[1]) for sock in self.held.values())
         tokens = config.cluster_tokens()
-        pod = PodControl(config, tokens)
+        self.pod = pod = PodControl(config, tokens)
         # The pod drains at --drain-rate: each worker at its share.
         argv = worker_argv("proxy", config.to_args(http_port=http_port, grpc_port=grpc_port, control_port=0,
                                                    workers=1, drain_rate=config.drain_rate / config.workers))
@@ -246,6 +254,7 @@ class PodService:
 
     async def close(self) -> dict[str, Any]:
         await self.supervisor.close()
+        await self.pod.streams.end()
         await self.control.stop(grace=0.5)
         for sock in self.held.values():
             sock.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -580,12 +581,47 @@ def control_server(servicer: pb_grpc.ProxyControlServicer, tokens: Tokens | None
     return control
 
 
+class ApplyStreams:
+    """A control server's ApplyStream calls: each membership read from one is answered, in order, with `apply`'s answer
+    (Apply's), until the operator ends the stream. One that cannot be decoded ends that stream alone, with
+    INVALID_ARGUMENT (one over the server's message size limit: gRPC ends it with RESOURCE_EXHAUSTED). `end` ends them
+    all before the server stops: an operator keeps one open all the time, which the stop would wait its grace for."""
+
+    def __init__(self, apply: Callable[[pb.Membership], Awaitable[pb.ApplyResponse]]) -> None:
+        self._apply = apply
+        self._open: set[grpc.aio.ServicerContext] = set()
+
+    async def serve(self, context: grpc.aio.ServicerContext) -> None:
+        self._open.add(context)
+        try:
+            while True:
+                try:
+                    request = await context.read()
+                except DecodeError as exc:
+                    await context.abort(*refusal(exc, "ApplyStream", "membership"))
+                if request is grpc.aio.EOF:
+                    return
+                await context.write(await self._apply(request))
+        finally:
+            self._open.discard(context)
+
+    async def end(self) -> None:
+        """End every open stream with UNAVAILABLE (the operator pushes again once the server is back, or elsewhere)."""
+        for context in list(self._open):
+            with contextlib.suppress(grpc.aio.AbortError):  # (raised here, the stream's own task ends)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the proxy's control server is stopping")
+
+
 class ControlServicer(pb_grpc.ProxyControlServicer):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.streams = ApplyStreams(proxy.apply)
 
     async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802
         return await self.proxy.apply(request)
+
+    async def ApplyStream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        await self.streams.serve(context)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ProxyStatus:  # noqa: N802
         return self.proxy.status()
@@ -945,7 +981,8 @@ class ProxyService:
         grpc_socket = bind_socket(config.host, config.grpc_port, "--grpc-port", reuse_port=place is not None,
                                   backlog=config.listen_backlog)
         grpc_port = grpc_socket.getsockname()[1]
-        self.control = control_server(ControlServicer(proxy), proxy.access.tokens)
+        self.control_servicer = ControlServicer(proxy)
+        self.control = control_server(self.control_servicer, proxy.access.tokens)
         if place is None:
             control_address = hostport(config.host, add_grpc_port(
                 self.control, config.host, config.control_port, "--control-port",
@@ -998,6 +1035,7 @@ class ProxyService:
         for task in self.tasks:
             task.cancel()
         self.subscribers.stop(SHUTTING_DOWN)
+        await self.control_servicer.streams.end()
         await self.control.stop(grace=0.5)
         await self.proxy.links.close()
         await self.http.stop()

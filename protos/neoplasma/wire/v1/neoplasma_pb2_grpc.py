@@ -283,6 +283,11 @@ class ProxyControlStub:
                 request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.SerializeToString,
                 response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.FromString,
                 _registered_method=True)
+        self.ApplyStream = channel.stream_stream(
+                '/neoplasma.v1.ProxyControl/ApplyStream',
+                request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.SerializeToString,
+                response_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/neoplasma.v1.ProxyControl/Status',
                 request_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.StatusRequest.SerializeToString,
@@ -304,6 +309,17 @@ class ProxyControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyStream(self, request_iterator, context):
+        """Apply over a stream the operator keeps open to each proxy (as Envoy's xDS): each Membership
+        sent is answered, in order, by the ApplyResponse Apply would give it. A message costs both
+        sides about half of a unary call (docs/capacity.md). A message that cannot be decoded or is
+        over the size limit ends the stream (INVALID_ARGUMENT, RESOURCE_EXHAUSTED); a proxy without
+        this method answers UNIMPLEMENTED and the operator uses Apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -321,6 +337,11 @@ def add_ProxyControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
+                    request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.FromString,
+                    response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.SerializeToString,
+            ),
+            'ApplyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ApplyStream,
                     request_deserializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.FromString,
                     response_serializer=neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.SerializeToString,
             ),
@@ -360,6 +381,33 @@ class ProxyControl:
             request,
             target,
             '/neoplasma.v1.ProxyControl/Apply',
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.SerializeToString,
+            neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/neoplasma.v1.ProxyControl/ApplyStream',
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.Membership.SerializeToString,
             neoplasma_dot_wire_dot_v1_dot_neoplasma__pb2.ApplyResponse.FromString,
             options,
