@@ -252,19 +252,27 @@ class Recorder:
 
 class Reads:
     """When the controller read every proxy's Status (the Connections step's read, every scale interval):
-    wraps observe's `proxy_statuses`, the real one, to say which changes met such a read."""
+    wraps observe's `proxy_statuses`, the real one, to say which changes met such a read; and what each read
+    took: its seconds, the operator's CPU and the stand-ins' over it (a change's pushes meanwhile too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, standins: list[psutil.Process]) -> None:
         self.spans: list[tuple[float, float]] = []
+        self.costs: list[tuple[float, float, float]] = []  # (seconds, operator CPU-s, stand-ins' CPU-s) per read
         read = observe.proxy_statuses
+
+        def standins_cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in standins)
 
         async def recorded(*args: Any, **kwargs: Any) -> Any:
             index = len(self.spans)
             self.spans.append((time.monotonic(), float("inf")))  # under way (a frozen proxy holds it 2 s)
+            cpu, others = time.process_time(), standins_cpu()
             try:
                 return await read(*args, **kwargs)
             finally:
                 self.spans[index] = (self.spans[index][0], time.monotonic())
+                self.costs.append((self.spans[index][1] - self.spans[index][0], time.process_time() - cpu,
+                                   standins_cpu() - others))
 
         self.original = read
         observe.proxy_statuses = recorded  # type: ignore[assignment]
@@ -397,7 +405,7 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                                    post=lambda event: None)
     answering = [p for p in names if kinds[p] != FROZEN]
     recorder = Recorder(controller, set(answering))
-    reads = Reads()
+    reads = Reads(standins)
     sync = controller.steps.membership.sync
     process = psutil.Process()
     pauses = GcPauses()
@@ -472,6 +480,11 @@ async def drive(name: str, args: argparse.Namespace, names: list[str], kinds: Ma
                                   "max": round(max(v), 4) if v else None} for kind, v in latencies.items()},
         "rounds": rounds,
         "garbage_collections": gc_figures,
+        # every read (a scenario's first makes what later ones reuse), the medians over those after the first
+        "status_reads": {"n": len(reads.costs), "each": [[round(x, 3) for x in c] for c in reads.costs],
+                         **{key: round(statistics.median(c[i] for c in reads.costs[1:]), 3)
+                            if reads.costs[1:] else None for i, key in enumerate(
+                                ("seconds", "operator_cpu_seconds", "standins_cpu_seconds"))}},
         "answering_without_status_read": {"rounds": sum(not r["met_status_read"] for r in rounds),
                                           "p50": round(pct(unread, 50), 4), "p99": round(pct(unread, 99), 4)},
         "frozen_tries_each": sorted({recorder.tries.get(p, 0) for p in frozen}),
@@ -563,6 +576,11 @@ async def main(args: argparse.Namespace) -> None:
         clear = r["answering_without_status_read"]
         print(f"  answering, the {clear['rounds']} changes that met no read of every proxy's Status: "
               f"p50 {clear['p50']:.3f} s, p99 {clear['p99']:.3f} s")
+        reads = r["status_reads"]
+        if reads["n"] > 1:
+            print(f"  {reads['n']} reads of every proxy's Status: after the first, each {reads['seconds']:.3f} s, CPU "
+                  f"{reads['operator_cpu_seconds']:.3f} s the operator's + {reads['standins_cpu_seconds']:.3f} s "
+                  f"the stand-ins' (medians; the first: {reads['each'][0]})")
         condition = r["status_condition"]
         print(f"  MembershipSynced: {condition.get('reason')}: {str(condition.get('message'))[:200]}"
               f"; status {r['status_bytes']} bytes; metrics {r['metrics']}")
