@@ -10,10 +10,11 @@ A broker with EVENTS retained events (topics `old:0`..`old:999`, ~200 B each) an
 subscribers of topic `h` get an event every 20 ms carrying its publish time. Then 1000 connections resume
 with a forged id (the public cluster tag, the broker's epoch, seq 0: a replay of all of retention), all of
 topic `old` (one position: shared) or each of its own topic `old:N` (1000 positions: budgets only), and
-read what they get. The attackers run in a process of their own (`--attackers inline`: in the bench's
-process, beside the honest clients, whose arrival times then also measure the bench's own loop;
-`--attackers-nice N`: their process at nice N, so that on a machine of few cores the servers and the honest
-clients get the CPU first, and what is left of the tail is the servers').
+read what they get. The attackers run in a process of their own, on uvloop, each connection a bare protocol
+that counts and discards what it reads: on a machine of few cores what that process spends is taken from the
+servers. `--attackers inline`: in the bench's process, beside the honest clients, whose arrival times then also
+measure the bench's own loop; `--attackers-nice N`: their process at nice N, so that on a machine of few cores
+the servers and the honest clients get the CPU first, and what is left of the tail is the servers'.
 
 Each round starts a fresh broker and proxy and measures quiet, then under attack, side by side; the
 figures are medians over `--rounds`, with the ratio busy p99 / quiet p99 (median of the rounds' ratios).
@@ -52,6 +53,7 @@ from typing import Any
 import aiohttp
 import grpc
 import psutil
+import uvloop
 from connect_rate import Stamped
 
 from neoplasma.core.events import SseReader, varint
@@ -167,20 +169,38 @@ class StampedSse:
             self.stamped.close()
 
 
+class Reading(asyncio.Protocol):
+    """A connection that sends `request`, then reads (and discards) what comes, counting it: no stream buffers
+    in between, so that the attackers' process, sharing the cores with the servers, costs what reading the
+    bytes does."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request, self.got = request, 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def forged(http: str, topic: str, token: str) -> int:
     """One resume with a forged id (none: a plain subscription), reading (and discarding) what it gets until
     cancelled; bytes read."""
     host, _, port = http.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    got = 0
     resume = f"Last-Event-ID: {token}\r\n" if token else ""
+    request = f"GET /?eventType={topic} HTTP/1.1\r\nHost: p\r\n{resume}\r\n".encode()
+    transport, conn = await asyncio.get_running_loop().create_connection(lambda: Reading(request), host, int(port))
     try:
-        writer.write(f"GET /?eventType={topic} HTTP/1.1\r\nHost: p\r\n{resume}\r\n".encode())
-        while data := await reader.read(1 << 16):
-            got += len(data)
+        await conn.done
     finally:
-        writer.close()
-    return got
+        transport.close()
+    return conn.got
 
 
 def attack_topics(shared: bool) -> list[str]:
@@ -414,4 +434,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The attackers' process on uvloop (as the servers are): a client as cheap as Python's gets, since on this
+    # machine its CPU is taken from the cores the servers and the honest clients share.
+    (uvloop.run if "--attack" in sys.argv else asyncio.run)(main())
