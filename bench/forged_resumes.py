@@ -1,20 +1,26 @@
 """1000 forged full-retention resumes at once (issue 20, item 3): the broker's and proxy's CPU and the
 delivery latency (p50/p99, publish to SSE client) of 100 honest subscribers, quiet and meanwhile.
 
+An honest event's latency is from its publish to its arrival at the subscriber's socket (the kernel's receive
+time, SO_TIMESTAMPNS: over loopback, when the proxy wrote it), not to when the bench's process got to read it,
+which on a machine of few cores also waits for that process's own turn on a CPU beside the attackers and the
+servers; `read_*` give the latency to the read as well (what these figures were before).
+
 A broker with EVENTS retained events (topics `old:0`..`old:999`, ~200 B each) and a proxy; 100 honest SSE
 subscribers of topic `h` get an event every 20 ms carrying its publish time. Then 1000 connections resume
 with a forged id (the public cluster tag, the broker's epoch, seq 0: a replay of all of retention), all of
 topic `old` (one position: shared) or each of its own topic `old:N` (1000 positions: budgets only), and
-read what they get. The attackers run in a process of their own (`--attackers inline`: in the bench's
-process, beside the honest clients, whose arrival times then also measure the bench's own loop;
-`--attackers-nice N`: their process at nice N, so that on a machine of few cores the servers and the honest
-clients get the CPU first, and what is left of the tail is the servers').
+read what they get. The attackers run in a process of their own, on uvloop, each connection a bare protocol
+that counts and discards what it reads: on a machine of few cores what that process spends is taken from the
+servers. `--attackers inline`: in the bench's process, beside the honest clients, whose arrival times then also
+measure the bench's own loop; `--attackers-nice N`: their process at nice N, so that on a machine of few cores
+the servers and the honest clients get the CPU first, and what is left of the tail is the servers'.
 
 Each round starts a fresh broker and proxy and measures quiet, then under attack, side by side; the
 figures are medians over `--rounds`, with the ratio busy p99 / quiet p99 (median of the rounds' ratios).
 `late_by_window_ms` gives the busy phase's p99 per half second since the attack began (where the tail is);
 `publish_*_p99_ms` the p99 round trip of the honest Publish calls (the broker's share of the tail), and
-`broker_replays` the Replay calls the broker served.
+`broker_replays` the Replay calls the broker served, `attackers_cpu_s` the attackers' process's CPU meanwhile.
 With `--profile DIR`, py-spy records the proxy and broker during the first round's attack (Chrome trace
 JSON files in DIR, idle samples included: a timeline). Prints figures and writes JSON
 (bench/results/forged_resumes.json). The machine is shared: compare the quiet and busy figures of one run.
@@ -35,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,13 +53,15 @@ from typing import Any
 import aiohttp
 import grpc
 import psutil
+import uvloop
+from connect_rate import Stamped
 
-from neoplasma.core.events import varint
+from neoplasma.core.events import SseReader, varint
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harness
-from harness import SseClient, links_ready, proxy_status, start_server, trees, wait_for
+from harness import links_ready, proxy_status, start_server, trees, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = json.dumps({"program": 1234, "views": 98765, "pad": "x" * 150}).encode()
@@ -67,13 +76,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seconds: float,
-                         publish_ms: list[float] | None = None) -> list[tuple[float, float]]:
-    """Publish a timestamped event to `h` every 20 ms for `seconds`; (publish time, delay in ms) of each
-    client's each event (what has not come within 30 s counts as 30 s late). `publish_ms`: each Publish call's
-    round trip (ms), appended."""
+async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[StampedSse], seconds: float,
+                         publish_ms: list[float] | None = None) -> list[tuple[float, float, float]]:
+    """Publish a timestamped event to `h` every 20 ms for `seconds`; (publish time, delay to its arrival at the
+    client's socket, delay to the client's read, both in ms) of each client's each event (what has not come within
+    30 s counts as 30 s late). `publish_ms`: each Publish call's round trip (ms), appended."""
     for c in clients:
-        c.events.clear()
+        c.clear()
     sent: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -88,48 +97,110 @@ async def honest_latency(stub: pb_grpc.BrokerStub, clients: list[TimedSse], seco
         await wait_for(lambda: all(len(c.events) >= len(sent) for c in clients), timeout=30, what="every honest event")
     late = []
     for c in clients:
-        got = {e["data"]["n"]: c.arrived[k] for k, e in enumerate(list(c.events))}
-        late += [(at, 1000 * (got[n] - at) if n in got else 30_000.0) for n, at in enumerate(sent)]
+        got = {e["data"]["n"]: (c.arrived[k], c.read[k]) for k, e in enumerate(list(c.events))}
+        late += [(at, 1000 * (got[n][0] - at), 1000 * (got[n][1] - at)) if n in got else (at, 30_000.0, 30_000.0)
+                 for n, at in enumerate(sent)]
     return late
 
 
-class TimedSse(SseClient):
-    """An SseClient that notes when each event arrived."""
+class StampedSse:
+    """An honest SSE subscriber of `topic`, read with recvmsg(2) (connect_rate's `Stamped`), so that each event
+    comes with two times: `arrived`, the kernel's receive time of the read that completed it (SO_TIMESTAMPNS: over
+    loopback, when the proxy wrote it; for an event read with later bytes, theirs: an upper bound), and `read`, when
+    this process got to it (later by however long it waited for a CPU on the cores it shares with the servers
+    and the attackers)."""
 
-    def __init__(self, http: str, topics: str) -> None:
-        super().__init__(http, topics)
+    def __init__(self, http: str, topic: str) -> None:
+        self.http, self.topic = http, topic
+        host = http.rpartition(":")[0]
+        self.request = f"GET /?eventType={topic} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[str] = []
         self.arrived: list[float] = []
-        self.events = _Noting(self.arrived)
+        self.read: list[float] = []
+        self.buffer = b""
+        self.body = False  # past the response's head
+        self.sse = SseReader()
+        self.stamped: Stamped | None = None
 
-
-class _Noting(list[Any]):
-    def __init__(self, times: list[float]) -> None:
-        super().__init__()
-        self.times = times
-
-    def append(self, item: Any) -> None:
-        self.times.append(time.time())
-        super().append(item)
+    async def start(self) -> StampedSse:
+        loop = asyncio.get_running_loop()
+        host, _, port = self.http.rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, int(port)))
+        self.stamped = Stamped(sock, self)  # type: ignore[arg-type]
+        return self
 
     def clear(self) -> None:
-        self.times.clear()
-        super().clear()
+        self.events.clear()
+        self.arrived.clear()
+        self.read.clear()
+
+    def received(self, data: bytes, first: float | None, last: float | None) -> None:
+        now = time.time()
+        self.buffer += data
+        if not self.body:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if head.split()[1:2] != [b"200"]:
+                raise RuntimeError(f"honest subscriber refused: {head[:200]!r}")
+            self.body, self.buffer = True, rest
+        while (end := self.buffer.find(b"\r\n")) >= 0:  # chunked: size, CRLF, data, CRLF
+            size = int(self.buffer[:end], 16)
+            if len(self.buffer) < end + 2 + size + 2:
+                break
+            chunk = self.buffer[end + 2:end + 2 + size]
+            self.buffer = self.buffer[end + 4 + size:]
+            for message in self.sse.feed(chunk):
+                if message.id is not None:
+                    self.ids.append(message.id)
+                if message.data and not message.name:
+                    self.events.append(json.loads(message.data))
+                    self.arrived.append(now if last is None else last)
+                    self.read.append(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+    async def close(self) -> None:
+        if self.stamped is not None:
+            self.stamped.close()
+
+
+class Reading(asyncio.Protocol):
+    """A connection that sends `request`, then reads (and discards) what comes, counting it: no stream buffers
+    in between, so that the attackers' process, sharing the cores with the servers, costs what reading the
+    bytes does."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request, self.got = request, 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.got += len(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 async def forged(http: str, topic: str, token: str) -> int:
     """One resume with a forged id (none: a plain subscription), reading (and discarding) what it gets until
     cancelled; bytes read."""
     host, _, port = http.rpartition(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    got = 0
     resume = f"Last-Event-ID: {token}\r\n" if token else ""
+    request = f"GET /?eventType={topic} HTTP/1.1\r\nHost: p\r\n{resume}\r\n".encode()
+    transport, conn = await asyncio.get_running_loop().create_connection(lambda: Reading(request), host, int(port))
     try:
-        writer.write(f"GET /?eventType={topic} HTTP/1.1\r\nHost: p\r\n{resume}\r\n".encode())
-        while data := await reader.read(1 << 16):
-            got += len(data)
+        await conn.done
     finally:
-        writer.close()
-    return got
+        transport.close()
+    return conn.got
 
 
 def attack_topics(shared: bool) -> list[str]:
@@ -155,6 +226,7 @@ class Attack:
         self.http, self.token, self.shared, self.inline, self.nice = http, token, shared, inline, nice
         self.tasks: list[asyncio.Task[int]] = []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cpu_before = 0.0
 
     def ready(self) -> None:
         """Start the attackers' process (its start-up is not the attack: it waits for `start`)."""
@@ -164,11 +236,16 @@ class Attack:
                                          preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
 
     def start(self) -> None:
+        self.cpu_before = self.cpu()
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.write(b"go\n")
             self.proc.stdin.flush()
         else:
             self.tasks = [asyncio.create_task(forged(self.http, t, self.token)) for t in attack_topics(self.shared)]
+
+    def cpu(self) -> float:
+        """The attackers' process's CPU seconds since `start` (nan: inline, in this process)."""
+        return cpu(psutil.Process(self.proc.pid)) - self.cpu_before if self.proc is not None else float("nan")
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -235,7 +312,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             for k in range(0, events, 1000):
                 await stub.Publish(pb.PublishRequest(events=[pb.Event(topic=f"old:{(k + i) % 1000}", data=PAYLOAD)
                                                              for i in range(1000)]), timeout=30)
-            clients = [await TimedSse(http, "h").start() for _ in range(HONEST)]
+            clients = [await StampedSse(http, "h").start() for _ in range(HONEST)]
             await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), what="the relay")
             await wait_for(lambda: proxy_status(proxy.endpoints["control"]), what="status")
             await stub.Publish(pb.PublishRequest(events=[pb.Event(topic="h", data=b'{"at":0,"n":-1}')]), timeout=10)
@@ -261,6 +338,7 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             attack_.start()
             busy = await honest_latency(stub, clients, seconds, busy_publish)
             busy_cpu = {k: cpu(p) - used[k] for k, p in procs.items()}
+            attackers_cpu = attack_.cpu()
             busy_hist = await proxy_latency(http)
             replays = await broker_replays(broker.endpoints["http"])
             await attack_.stop()
@@ -270,14 +348,16 @@ async def run(tmp: Path, env: dict[str, str], events: int, seconds: float, share
             for c in clients:
                 await c.close()
         windows: dict[int, list[float]] = {}
-        for at, ms in busy:
+        for at, ms, _ in busy:
             windows.setdefault(int((at - began) / WINDOW), []).append(ms)
-        quiet_ms = [ms for _, ms in quiet]
-        busy_ms = [ms for _, ms in busy]
+        quiet_ms, busy_ms = [ms for _, ms, _ in quiet], [ms for _, ms, _ in busy]
+        quiet_read, busy_read = [ms for _, _, ms in quiet], [ms for _, _, ms in busy]
         return {"quiet_p50_ms": percentile(quiet_ms, 0.5), "quiet_p99_ms": percentile(quiet_ms, 0.99),
                 "busy_p50_ms": percentile(busy_ms, 0.5), "busy_p99_ms": percentile(busy_ms, 0.99),
+                "read_quiet_p99_ms": percentile(quiet_read, 0.99), "read_busy_p99_ms": percentile(busy_read, 0.99),
                 "broker_cpu_s_quiet": quiet_cpu["broker"], "broker_cpu_s_busy": busy_cpu["broker"],
                 "proxy_cpu_s_quiet": quiet_cpu["proxy"], "proxy_cpu_s_busy": busy_cpu["proxy"],
+                "attackers_cpu_s": attackers_cpu,
                 "proxy_quiet_p99_le_ms": histogram_p99(hist, quiet_hist),
                 "proxy_busy_p99_le_ms": histogram_p99(quiet_hist, busy_hist), "broker_replays": replays,
                 "publish_quiet_p99_ms": percentile(quiet_publish, 0.99),
@@ -297,6 +377,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = round(statistics.median(r[key] for r in rows), 2)
     out["p99_ratio"] = round(statistics.median(r["busy_p99_ms"] / r["quiet_p99_ms"] for r in rows), 2)
     out["p99_ratios"] = [round(r["busy_p99_ms"] / r["quiet_p99_ms"], 2) for r in rows]
+    out["read_p99_ratio"] = round(statistics.median(r["read_busy_p99_ms"] / r["read_quiet_p99_ms"] for r in rows), 2)
+    out["read_p99_ratios"] = [round(r["read_busy_p99_ms"] / r["read_quiet_p99_ms"], 2) for r in rows]
     return out
 
 
@@ -352,4 +434,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # The attackers' process on uvloop (as the servers are): a client as cheap as Python's gets, since on this
+    # machine its CPU is taken from the cores the servers and the honest clients share.
+    (uvloop.run if "--attack" in sys.argv else asyncio.run)(main())

@@ -31,6 +31,7 @@ from test_resume import (
 )
 
 from neoplasma.broker.server import Broker
+from neoplasma.core.events import Event
 from neoplasma.core.membership import Member, Snapshot
 from neoplasma.core.resume import (
     CHECKPOINT_BASE_OVERHEAD,
@@ -42,10 +43,12 @@ from neoplasma.core.resume import (
     Checkpoint,
     CheckpointStore,
     InvalidToken,
+    advance,
     cluster_tag,
     decode_token,
     encode_token,
     parse_token,
+    tokens_after,
 )
 from neoplasma.core.trust import PLAIN
 from neoplasma.proxy.hub import Hub
@@ -101,6 +104,33 @@ def test_version_3_round_trips_with_advances_and_brokers_not_in_the_checkpoint()
                 decode_token(token, TAG, now, lookup(wrong))
         with pytest.raises(InvalidToken):  # another cluster's
             decode_token(token, cluster_tag("elsewhere"), now, lookup(checkpoint))
+
+
+def test_tokens_after_a_run_of_events_are_each_as_encode_token_makes_it() -> None:
+    """tokens_after makes a run of one broker's tokens from a prefix made once (`_SeqTail`): each is the token
+    encode_token makes for the position after that event, whichever version it is, across brokers overtaking
+    each other, ties, epoch 0, brokers new to the position and positions crossing a checkpoint."""
+    rng = random.Random(5)
+    for _ in range(300):
+        epochs = rng.sample(range(1, 2**32), rng.randint(1, 9))
+        start = {e: rng.choice([0, rng.randint(1, 1000)]) for e in epochs if rng.random() < 0.8}
+        checkpoint = None if rng.random() < 0.3 else Checkpoint.of(
+            rng.randint(MIN_INSTANCE, 2**24 - 1), rng.randint(1, 2**40),
+            {e: rng.randint(0, 1200) for e in rng.sample(epochs, rng.randint(1, len(epochs)))})
+        events, seqs = [], dict(start)
+        for _ in range(rng.randint(1, 60)):
+            epoch = rng.choice([*epochs, 0]) if rng.random() < 0.3 else (events[-1].epoch if events else epochs[0])
+            seqs[epoch] = seqs.get(epoch, 0) + rng.choice([0, 1, 1, 2, rng.randint(1, 400)])
+            events.append(Event("t", b"1", epoch, seqs[epoch]))
+        wanted = None if rng.random() < 0.5 else set(rng.sample(range(len(events)), rng.randint(1, len(events))))
+        position, expected = dict(start), {}
+        for i, event in enumerate(events):
+            advance(position, (event.epoch,), (event.seq,))
+            if wanted is None or i in wanted:
+                expected[i] = encode_token(TAG, position, checkpoint)
+        got = dict(start)
+        assert tokens_after(TAG, got, events, wanted, checkpoint) == expected
+        assert got == position
 
 
 def test_version_3_falls_back_to_version_2_where_the_positions_are_not_past_the_checkpoint_or_it_is_shorter(

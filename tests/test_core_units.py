@@ -17,6 +17,7 @@ from neoplasma.core.events import (
     batch_entry,
     batch_trailer,
     compact_json,
+    plasma_json,
     plasma_payload,
     sse_frame,
     sse_gap,
@@ -65,6 +66,10 @@ def test_encodings_decode_with_protobuf() -> None:
     payload = stream_pb2.Payload.FromString(plasma_payload(e))
     assert payload.eventType.type == "a:b" and payload.data == '{"x":1}'
     assert sse_frame(b"AQtok", e) == b'id: AQtok\ndata: {"meta":{"type":"a:b"},"data":{"x":1}}\n\n'
+    # A topic's part is made once per topic: each event still gets its own data, and the topic as Go writes it.
+    odd = "a<b>&c\u2028é\"q"
+    assert [plasma_json(Event(odd, d)) for d in (b"1", b"[2]")] == [
+        b'{"meta":{"type":"a\\u003cb\\u003e\\u0026c\\u2028\xc3\xa9\\"q"},"data":' + d + b"}" for d in (b"1", b"[2]")]
 
 
 def test_snapshot_version_bumps_only_on_change() -> None:

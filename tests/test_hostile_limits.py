@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import grpc
@@ -51,8 +52,10 @@ from neoplasma.core.resume import (
     positions_check,
 )
 from neoplasma.plasma.v1 import stream_pb2
+from neoplasma.proxy.fastpath import FastPath, Head, parse_head
 from neoplasma.proxy.h2server import Call, GrpcServer
-from neoplasma.proxy.resume import OVER_BUDGET
+from neoplasma.proxy.resume import OVER_BUDGET, ResumeBudget
+from neoplasma.proxy.server import sse_deferral
 from neoplasma.wire.v1 import neoplasma_pb2 as pb
 from neoplasma.wire.v1 import neoplasma_pb2_grpc as pb_grpc
 
@@ -605,6 +608,63 @@ async def test_a_step_let_through_is_not_overtaken_by_one_that_finds_the_slice_u
     later = asyncio.create_task(step("later"))  # comes in that pass, after it was let through
     await asyncio.gather(first, later)
     assert order == ["first", "later"]
+
+
+async def test_a_step_that_cannot_wait_takes_a_slice_at_most_once_per_pass() -> None:
+    """`Turns.take` (a callback's step): at once while the slice lasts; a new slice once its pass of the loop is
+    over, not within it; never while someone waits for a turn."""
+    now = [0.0]
+    turns = Turns(slice=0.002, clock=lambda: now[0])
+    assert turns.take() and turns.take()  # a slice begun for the first; the second within it
+    now[0] += 0.002
+    assert not turns.take()  # used up, in the pass that began it
+    await asyncio.sleep(0)
+    assert turns.take()  # a pass later: a new slice
+    now[0] += 0.002
+    waiter = asyncio.create_task(turns.turn())
+    await asyncio.sleep(0)
+    assert turns.waiting == 1 and not turns.take()
+    await waiter
+
+
+async def test_a_burst_of_plain_subscribes_on_the_fast_path_is_served_a_slice_per_pass() -> None:
+    """Plain subscribes read in one pass of the loop (a thousand connections arriving at once) are served at once
+    for a slice's worth; the rest wait for turns, in arrival order, behind the loop's other work (they were all
+    served in that pass, holding honest subscribers' events for tens of milliseconds). Resuming requests wait
+    while turns contend, as before; other paths are never deferred."""
+    now = [0.0]
+    budget = ResumeBudget()
+    budget.turns = Turns(slice=0.002, clock=lambda: now[0])
+    budget.admissions = InTurns(budget.turns)
+    defer = sse_deferral(cast(Any, SimpleNamespace(resumes=budget)))
+    served: list[int] = []
+
+    class Conn:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def offer(self, head: Head) -> None:
+            served.append(self.n)
+            now[0] += 0.001  # each set-up: a millisecond
+
+    def head(target: str, resume: str = "") -> Head:
+        found = parse_head(f"GET {target} HTTP/1.1\r\nHost: p".encode() + (
+            f"\r\nLast-Event-ID: {resume}".encode() if resume else b""), 8192, 8192)
+        assert found is not None
+        return found
+
+    deferred = []
+    for n in range(10):
+        conn = Conn(n)
+        if defer(head("/?eventType=a"), cast(FastPath, conn)):
+            deferred.append(n)
+        else:
+            conn.offer(head("/?eventType=a"))
+    assert served == [0, 1] and deferred == list(range(2, 10))  # a slice's worth (2 ms) at once
+    assert not defer(head("/metrics"), cast(FastPath, Conn(99)))  # not a subscribe: never deferred
+    assert defer(head("/?eventType=a", "AQ"), cast(FastPath, Conn(100)))  # a resume waits behind them
+    await wait_for(lambda: len(served) == 11, what="the deferred subscribes served in turns")
+    assert served == [*range(10), 100]
 
 
 async def test_calls_in_turns_run_in_order_a_slice_at_a_time_behind_the_loops_other_work() -> None:

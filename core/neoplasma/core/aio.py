@@ -129,6 +129,7 @@ class Turns:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._scheduled = False
         self._let_through = False  # a waiter was let through and has not run yet: the slice is its
+        self._began_in_pass = False  # `take` began a slice in this pass of the loop
 
     @property
     def waiting(self) -> int:
@@ -142,6 +143,25 @@ class Turns:
     def in_slice(self) -> bool:
         """Whether the current slice (the last one let through's) is not used up."""
         return self.clock() < self.ends
+
+    def take(self) -> bool:
+        """Whether a step that cannot wait (a callback's) may run now: as `free`, or, when nobody waits and
+        nobody let through is still to run, a new slice begun for it, at most once per pass of the event loop.
+        False: the step should wait for a turn (`InTurns`). A burst handled in one pass (a thousand requests
+        read in one callback each) thus runs a slice's worth, the rest in turns behind the loop's other work."""
+        if self._waiters or self._let_through:
+            return False
+        if self.in_slice():
+            return True
+        if self._began_in_pass:
+            return False
+        self._began_in_pass = True
+        self.ends = self.clock() + self.slice
+        asyncio.get_running_loop().call_soon(self._pass_ended)
+        return True
+
+    def _pass_ended(self) -> None:
+        self._began_in_pass = False
 
     async def turn(self) -> None:
         if self.free():

@@ -209,13 +209,49 @@ def _entries(entries: Sequence[tuple[int, int]]) -> bytes:
 def tokens_after(tag: bytes, position: dict[int, int], events: Sequence[Event],
                  wanted: Container[int] | None = None, checkpoint: Checkpoint | None = None) -> dict[int, bytes]:
     """The token after each of `events` by index (after those at the indices `wanted` only, when given), advancing
-    `position` {epoch: seq} in place over all of them (`advance`); relative to `checkpoint` where it can be."""
+    `position` {epoch: seq} in place over all of them (`advance`); relative to `checkpoint` where it can be.
+    Each as `encode_token` makes it; along a run of one broker's events (a replayed step), from a prefix made once
+    for the run (`_SeqTail`) while that broker's seq is the highest and the token is of version 2."""
     tokens = {}
+    tail: _SeqTail | None = None
     for i, event in enumerate(events):
-        advance(position, (event.epoch,), (event.seq,))
+        epoch = event.epoch
+        advance(position, (epoch,), (event.seq,))
+        if tail is not None and tail.epoch != epoch:  # another broker's event ends a run
+            tail = None
         if wanted is None or i in wanted:
-            tokens[i] = encode_token(tag, position, checkpoint)
+            if tail is None:  # (the other brokers' seqs stay as they are along a run)
+                tail = _SeqTail(tag, position, epoch, checkpoint)
+            seq = position.get(epoch, 0)
+            tokens[i] = tail.token(seq) if tail.lowest < seq < tail.v3_from else encode_token(tag, position,
+                                                                                               checkpoint)
     return tokens
+
+
+class _SeqTail:
+    """The version 2 tokens of positions that differ only in broker `epoch`'s seq, while that seq is above every
+    other's (its entry is the last: `_by_seq`) and the token is not of version 3 (`encode_token`: not at or past
+    `checkpoint` everywhere): a prefix (version, check, the other entries, its mark) and its seq's difference
+    from the next highest."""
+
+    __slots__ = ("epoch", "lowest", "prefix", "v3_from")
+
+    def __init__(self, tag: bytes, position: Mapping[int, int], epoch: int, checkpoint: Checkpoint | None) -> None:
+        self.epoch = epoch
+        others = _by_seq({e: s for e, s in position.items() if e != epoch})
+        self.lowest = others[-1][1] if others else 0  # its seq must be above this (and epoch 0 is no broker's)
+        if not epoch:
+            self.lowest = MAX_SEQ
+        self.prefix = bytes((TOKEN_VERSION,)) + positions_check(tag, (*(e for e, _ in others), epoch)) + \
+            _entries(others) + epoch_mark(epoch)
+        # From which of its seqs on the token is of version 3 (at or past the checkpoint everywhere).
+        self.v3_from = math.inf
+        if checkpoint is not None and all(position.get(e, -1) >= s for e, s in zip(checkpoint.epochs, checkpoint.seqs,
+                                                                                   strict=True) if e != epoch):
+            self.v3_from = checkpoint.positions().get(epoch, 0)
+
+    def token(self, seq: int) -> bytes:
+        return base64.urlsafe_b64encode(self.prefix + varint(seq - self.lowest)).rstrip(b"=")
 
 
 class Resolved(NamedTuple):
