@@ -53,7 +53,15 @@ from neoplasma.operator.settings import Options
 from neoplasma.operator.spec import Cluster, parse_spec
 from neoplasma.operator.status import Observed, build_status, persisted_version, same_status
 from neoplasma.operator.steps import Event, Membership
-from neoplasma.operator.sync import Convergence, MembershipSync, Refresh, catch_up, resume_snapshot
+from neoplasma.operator.sync import (
+    NEWS_GATHER,
+    Convergence,
+    Gathering,
+    MembershipSync,
+    Refresh,
+    catch_up,
+    resume_snapshot,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -626,11 +634,42 @@ async def test_sync_wakes_the_controller_for_news_not_for_each_acknowledgement()
     clock.now = sync.next_due() or 0.0
     sync.update([B1], targets(*names), seen_at=clock.now)
     sync.push()
-    await settle()
+    await wait_for(lambda: len(wakes) == 2, 5, "the recovery told")  # (within NEWS_GATHER of the failure's wake)
     assert len(wakes) == 2  # recovered, and with it the version is everywhere
     assert sync.progress().acknowledged == 300 and sync.progress().lagging == ()
     assert sync.convergence.pending_version is None
     await sync.close()
+
+
+async def test_sync_gathers_the_news_of_proxies_failing_together_into_one_wake() -> None:
+    # 50 frozen proxies' pushes of a change fail together: the first wakes the controller at once, the others are told
+    # in one wake NEWS_GATHER later (each one's wake was a pass over every pod: ~30 passes at 1000 proxies).
+    down = {f"p{i:03d}" for i in range(0, 1000, 20)}
+    pusher = FakePusher(lambda t, s: PushResult(t, "", t not in down, 0 if t in down else s.version,
+                                                "DEADLINE_EXCEEDED: frozen" if t in down else ""))
+    loop, wakes = asyncio.get_running_loop(), []
+    sync = MembershipSync(pusher, on_progress=lambda: wakes.append(loop.time()))  # type: ignore[arg-type]
+    names = [f"p{i:03d}" for i in range(1000)]
+    sync.update([B1], targets(*names), seen_at=0.0)
+    sync.push()
+    await wait_for(lambda: len(sync.progress().errors) == len(down), 5, "every frozen push failed")
+    await wait_for(lambda: len(wakes) == 2, 5, "the gathered news told")
+    assert wakes[1] - wakes[0] >= NEWS_GATHER * 0.9  # (the loop's timer may fire a little early)
+    for _ in range(5):
+        await asyncio.sleep(NEWS_GATHER / 2)  # (the wakes a change brings are all in; none more come)
+    assert len(wakes) == 2
+    await sync.close()
+
+
+def test_news_is_told_at_once_or_gathered_until_the_end_of_the_interval() -> None:
+    gathering = Gathering(every=0.05)
+    assert gathering.news(10.0) == 0  # the first: at once
+    assert gathering.news(10.01) == pytest.approx(0.04)  # then at the end of the interval...
+    assert gathering.news(10.02) is None  # ...which tells these too
+    gathering.told(10.05)
+    assert gathering.news(10.07) == pytest.approx(0.03)
+    gathering.told(10.1)
+    assert gathering.news(10.2) == 0  # quiet for an interval: at once again
 
 
 async def test_sync_names_the_lagging_proxies_failing_first() -> None:

@@ -38,6 +38,9 @@ from neoplasma.operator.members import ProxyTarget
 log = get_logger("operator.sync")
 
 RETRY = BackoffPolicy(initial=0.1, maximum=10.0)  # a proxy whose push failed (each push is tried once)
+# The controller is told a push's news at most once per this many seconds, news meanwhile at its end: the frozen
+# proxies' pushes of one change fail together, each a pass over every pod if told one by one.
+NEWS_GATHER = 0.05
 
 # Stands for "whatever the proxies had before this operator started": it equals no real
 # membership, so the first snapshot after a restart always takes a new version.
@@ -115,6 +118,31 @@ class Refresh:
         return offset + math.ceil((confirmed_at + self.interval / 2 - offset) / self.interval) * self.interval
 
 
+class Gathering:
+    """When news is told: at once when none was told for `every` seconds, else at the end of those seconds, once for
+    all the news meanwhile. Pure: callers pass the clock."""
+
+    def __init__(self, every: float = NEWS_GATHER) -> None:
+        self.every = every
+        self._told_at = -math.inf
+        self._pending = False
+
+    def news(self, now: float) -> float | None:
+        """Seconds until telling this news (0: now, and it counts as told); None: a telling to come covers it."""
+        if self._pending:
+            return None
+        wait = max(0.0, self._told_at + self.every - now)
+        if wait:
+            self._pending = True
+        else:
+            self._told_at = now
+        return wait
+
+    def told(self, now: float) -> None:
+        """The telling `news` put off was made at `now`."""
+        self._pending, self._told_at = False, now
+
+
 @dataclass
 class _Push:
     incarnation: str
@@ -140,7 +168,8 @@ class MembershipSync:
     ) -> None:
         """`cluster` is the cluster's identity, sent with every snapshot (resume tokens name it);
         `on_converged` is told each convergence time (the metrics); `on_progress` is called when a push
-        brings news (a failure, a recovery, the version everywhere), not for each acknowledgement."""
+        brings news (a failure, a recovery, the version everywhere), not for each acknowledgement, and at most once
+        per NEWS_GATHER seconds (the news meanwhile told together at the end of them)."""
         self.pusher = pusher
         self.snapshot = resume_snapshot(version, cluster)
         self.convergence = Convergence()
@@ -159,6 +188,8 @@ class MembershipSync:
         self._retries: dict[str, Backoff] = {}  # the proxies whose push failed
         self._refresh_at: dict[str, float] = {}  # name -> its next anti-entropy push (those running the version)
         self._pushes: dict[str, _Push] = {}
+        self._gathering = Gathering()
+        self._telling: asyncio.TimerHandle | None = None  # news put off by `_gathering`, to be told
         self._closed = False
 
     # -- driving ---------------------------------------------------------------------------
@@ -218,6 +249,8 @@ class MembershipSync:
 
     async def close(self) -> None:
         self._closed = True
+        if self._telling is not None:
+            self._telling.cancel()
         pushes, self._pushes = list(self._pushes.values()), {}
         for push in pushes:
             push.task.cancel()
@@ -269,6 +302,21 @@ class MembershipSync:
         if self._targets.get(target.name) != target:
             return  # the proxy went away or restarted meanwhile; its new incarnation gets its own push
         if self._record(target, snapshot, result):
+            self._news()
+
+    def _news(self) -> None:
+        """Tell the controller (`on_progress`) of news now, or with the news gathered over NEWS_GATHER seconds."""
+        loop = asyncio.get_running_loop()
+        wait = self._gathering.news(loop.time())
+        if wait == 0:
+            self._on_progress()
+        elif wait is not None:
+            self._telling = loop.call_later(wait, self._tell)
+
+    def _tell(self) -> None:
+        self._telling = None
+        self._gathering.told(asyncio.get_running_loop().time())
+        if not self._closed:
             self._on_progress()
 
     def _record(self, target: ProxyTarget, snapshot: Snapshot, result: PushResult) -> bool:
