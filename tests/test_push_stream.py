@@ -295,6 +295,17 @@ async def test_a_frozen_proxy_holds_only_its_own_push(controls: Controls, frozen
     await pusher.close()
 
 
+async def test_a_stream_that_breaks_under_several_pushes_counts_one_failure(frozen: str) -> None:
+    # Two pushes wait on one stream to a frozen proxy; the first to give up closes it and the other then sees it
+    # ended: the stream broke once, so its reopening backs off once (0.5 s, not 0.5 s doubled).
+    pusher = MembershipPusher(access=ACCESS, timeout=0.3, reopening=Reopening(BackoffPolicy(initial=0.5, maximum=8)))
+    results = await asyncio.gather(pusher.push_one("frozen", frozen, snapshot(1)),
+                                   pusher.push_one("frozen", frozen, snapshot(2)))
+    assert not any(r.ok for r in results) and not pusher.streaming(frozen)
+    assert pusher.reopening.ended(frozen, grpc.StatusCode.UNAVAILABLE, time.monotonic()) == 1.0  # the second failure
+    await pusher.close()
+
+
 async def test_garbage_or_an_oversized_message_ends_that_stream_alone(controls: Controls) -> None:
     servicer = Counted()
     address = await controls.start(servicer)

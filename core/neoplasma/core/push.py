@@ -216,11 +216,14 @@ class MembershipPusher:
         return stream
 
     def _broke(self, address: str, stream: ApplyStream, why: str = "") -> None:
-        """`stream` of `address` broke (or is closed now for `why`): forgotten, reopened after `reopening`'s delay."""
+        """`stream` of `address` broke (or is closed now for `why`): forgotten, reopened after `reopening`'s delay.
+        Counted once, by the first to see it: the other pushes that waited on it, and a stream replaced or pruned on
+        purpose, are no longer `address`'s stream."""
         if why:
             stream.close(why)
-        if self._streams.get(address) is stream:
-            del self._streams[address]
+        if self._streams.get(address) is not stream:
+            return
+        del self._streams[address]
         assert stream.ended is not None
         delay = self.reopening.ended(address, stream.ended.code, stream.ended_at)
         log.info("push_stream_ended", address=address, error=str(stream.ended), reopen_in=round(delay, 2))
