@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc  # (ExecuteBatchError: see ApplyStreams.end)
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -608,7 +609,10 @@ class ApplyStreams:
     async def end(self) -> None:
         """End every open stream with UNAVAILABLE (the operator pushes again once the server is back, or elsewhere)."""
         for context in list(self._open):
-            with contextlib.suppress(grpc.aio.AbortError):  # (raised here, the stream's own task ends)
+            # AbortError: raised here, the stream's own task ends. ExecuteBatchError: the stream's task had an operation
+            # of the same kind under way (its end being sent): one stream that cannot be aborted must not stop the rest
+            # or the server's stop, which then ends it within its grace.
+            with contextlib.suppress(grpc.aio.AbortError, cygrpc.ExecuteBatchError):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the proxy's control server is stopping")
 
 
