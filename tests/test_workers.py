@@ -132,6 +132,47 @@ async def test_a_worker_that_cannot_answer_makes_the_pod_not_ready_not_an_error(
         await pod.supervisor.close()
 
 
+class CountingWorker(ReadyWorker):
+    """A ReadyWorker that keeps the versions pushed to it."""
+
+    def __init__(self) -> None:
+        self.applied: list[int] = []
+
+    async def Apply(self, request: pb.Membership, context: grpc.aio.ServicerContext) -> pb.ApplyResponse:  # noqa: N802  (the RPC names)
+        self.applied.append(request.version)
+        return await super().Apply(request, context)
+
+
+async def test_a_restarted_worker_gets_the_membership_though_calls_to_its_last_life_failed(tmp_path: Any) -> None:
+    # Worker 0 was killed; calls made before the supervisor reaped it failed to connect, which put
+    # the pod's channel to its socket in reconnect backoff (1 s or more). Its next life serves on the
+    # same socket path: the membership pushed when it starts must reach it, not fail at once on
+    # the old channel (CI once saw a restarted worker without links for 20 s so).
+    socket = f"unix:{tmp_path}/control-0.sock"
+    pod = PodControl(ProxyConfig(name="p"), None)
+    pod.supervisor = Supervisor([], 1)
+    worker = pod.supervisor.workers[0]
+    server = grpc.aio.server()
+    try:
+        worker.endpoints, worker.life = {"control": socket}, 1
+        status = await pod.Status(pb.StatusRequest(), None)  # type: ignore[arg-type]  (no context is used)
+        assert status.membership_version == 0  # it could not answer: not ready
+        pod.membership = pb.Membership(version=7)
+        restarted = CountingWorker()
+        pb_grpc.add_ProxyControlServicer_to_server(restarted, server)
+        server.add_insecure_port(socket)
+        await server.start()
+        worker.endpoints, worker.life = {"control": socket}, 2
+        await asyncio.wait_for(pod.started(worker), timeout=5)
+        assert restarted.applied == [7]
+        status = await pod.Status(pb.StatusRequest(), None)  # type: ignore[arg-type]
+        assert status.membership_version == 3
+    finally:
+        await server.stop(None)
+        await pod.close()
+        await pod.supervisor.close()
+
+
 # -- a proxy pod ----------------------------------------------------------------------------
 
 

@@ -270,6 +270,7 @@ class Worker:
     proc: asyncio.subprocess.Process | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
     restarts: int = 0
+    life: int = 0  # counts its starts: a channel to an earlier life is not reused (it may be in reconnect backoff)
 
 
 class Supervisor:
@@ -297,6 +298,7 @@ class Supervisor:
         env = {**os.environ, WORKER_ENV: f"{worker.index}/{self.count}/{self.folder}", PARENT_PID_ENV: str(os.getpid())}
         proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=env)
         worker.proc = proc
+        worker.life += 1
         assert proc.stdout is not None
         line = await proc.stdout.readline()  # its `announce`, once serving (nothing when it failed)
         if not line:

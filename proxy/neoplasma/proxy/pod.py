@@ -86,28 +86,39 @@ class PodControl(pb_grpc.ProxyControlServicer):
         self.tokens = tokens
         self.supervisor: Supervisor | None = None
         self.membership: pb.Membership | None = None  # the newest one a worker accepted
-        self._stubs: dict[int, tuple[str, pb_grpc.ProxyControlStub]] = {}
+        self._stubs: dict[int, tuple[tuple[str, int], grpc.aio.Channel, pb_grpc.ProxyControlStub]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.streams = ApplyStreams(self.apply)
 
     def _metadata(self) -> Metadata:
         return self.tokens.metadata() if self.tokens is not None else ()
 
     def _stub(self, worker: Worker) -> pb_grpc.ProxyControlStub:
-        address = worker.endpoints["control"]
+        """The stub of this life of the worker. A restarted worker serves on the same socket path, but
+        the channel to its previous life may be in reconnect backoff (calls made while it was dead
+        failed to connect) and would fail every call at once, for a second or more: a new life gets a
+        new channel, and the old one is closed."""
+        life = (worker.endpoints["control"], worker.life)
         known = self._stubs.get(worker.index)
-        if known is None or known[0] != address:
-            known = self._stubs[worker.index] = (address, pb_grpc.ProxyControlStub(grpc.aio.insecure_channel(address)))
-        return known[1]
+        if known is None or known[0] != life:
+            if known is not None:
+                task = asyncio.ensure_future(known[1].close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            channel = grpc.aio.insecure_channel(life[0])
+            known = self._stubs[worker.index] = (life, channel, pb_grpc.ProxyControlStub(channel))
+        return known[2]
 
     def _workers(self) -> list[Worker]:
         assert self.supervisor is not None
         return [w for w in self.supervisor.workers if w.endpoints]
 
-    async def _apply(self, worker: Worker, request: pb.Membership) -> pb.ApplyResponse:
+    async def _apply(self, worker: Worker, request: pb.Membership, wait_for_ready: bool = False) -> pb.ApplyResponse:
         """The worker's answer to a push; a worker that cannot answer (it died, the supervisor has
         not yet seen it) has not accepted: the supervisor pushes the membership again when it is back."""
         try:
-            reply: pb.ApplyResponse = await self._stub(worker).Apply(request, timeout=10, metadata=self._metadata())
+            reply: pb.ApplyResponse = await self._stub(worker).Apply(
+                request, timeout=10, metadata=self._metadata(), wait_for_ready=wait_for_ready)
         except grpc.aio.AioRpcError as exc:
             log.warning("worker_unreachable", worker=worker.index, call="Apply", error=exc.code().name)
             return pb.ApplyResponse(accepted=False, reason=f"proxy worker {worker.index} did not answer "
@@ -125,9 +136,16 @@ class PodControl(pb_grpc.ProxyControlServicer):
         return status
 
     async def started(self, worker: Worker) -> None:
-        """A worker is serving: give it the pod's membership at once."""
+        """A worker is serving: give it the pod's membership at once (waiting for its control
+        socket to accept the connection, not failing at the first refusal)."""
         if self.membership is not None:
-            await self._apply(worker, self.membership)
+            await self._apply(worker, self.membership, wait_for_ready=True)
+
+    async def close(self) -> None:
+        """Close the channels to the workers."""
+        channels = [known[1] for known in self._stubs.values()]
+        self._stubs.clear()
+        await asyncio.gather(*(channel.close() for channel in channels), *self._closing)
 
     async def _nothing(self) -> pb.ProxyStatus:
         return pb.ProxyStatus(name=self.config.name)
@@ -256,6 +274,7 @@ class PodService:
         await self.supervisor.close()
         await self.pod.streams.end()
         await self.control.stop(grace=0.5)
+        await self.pod.close()
         for sock in self.held.values():
             sock.close()
         return {"workers": self.config.workers}
