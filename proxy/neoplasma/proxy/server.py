@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import time
@@ -16,7 +15,6 @@ from typing import Any, Protocol
 import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
-from grpc._cython import cygrpc  # (ExecuteBatchError: see ApplyStreams.end)
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -586,34 +584,48 @@ class ApplyStreams:
     """A control server's ApplyStream calls: each membership read from one is answered, in order, with `apply`'s answer
     (Apply's), until the operator ends the stream. One that cannot be decoded ends that stream alone, with
     INVALID_ARGUMENT (one over the server's message size limit: gRPC ends it with RESOURCE_EXHAUSTED). `end` ends them
-    all before the server stops: an operator keeps one open all the time, which the stop would wait its grace for."""
+    all before the server stops: an operator keeps one open all the time, which the stop would wait its grace for.
+    Each stream is ended by its own task (between its reads and writes), never aborted from another, where the abort
+    could meet an operation of the stream's own under way (ExecuteBatchError)."""
+
+    STOPPING = "the proxy's control server is stopping"
 
     def __init__(self, apply: Callable[[pb.Membership], Awaitable[pb.ApplyResponse]]) -> None:
         self._apply = apply
-        self._open: set[grpc.aio.ServicerContext] = set()
+        self._stopping = asyncio.Event()
+        self._serving: set[asyncio.Future[Any]] = set()
 
     async def serve(self, context: grpc.aio.ServicerContext) -> None:
-        self._open.add(context)
+        if self._stopping.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.STOPPING)
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
+                reading = asyncio.ensure_future(context.read())
+                await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.STOPPING)
                 try:
-                    request = await context.read()
+                    request = reading.result()
                 except DecodeError as exc:
                     await context.abort(*refusal(exc, "ApplyStream", "membership"))
                 if request is grpc.aio.EOF:
                     return
                 await context.write(await self._apply(request))
         finally:
-            self._open.discard(context)
+            stopping.cancel()
+            self._serving.discard(task)
 
-    async def end(self) -> None:
-        """End every open stream with UNAVAILABLE (the operator pushes again once the server is back, or elsewhere)."""
-        for context in list(self._open):
-            # AbortError: raised here, the stream's own task ends. ExecuteBatchError: the stream's task had an operation
-            # of the same kind under way (its end being sent): one stream that cannot be aborted must not stop the rest
-            # or the server's stop, which then ends it within its grace.
-            with contextlib.suppress(grpc.aio.AbortError, cygrpc.ExecuteBatchError):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the proxy's control server is stopping")
+    async def end(self, within: float = 1.0) -> None:
+        """End every open stream with UNAVAILABLE (the operator pushes again once the server is back, or elsewhere);
+        return once they have ended (or after `within` seconds: the server's stop then ends what is left)."""
+        self._stopping.set()
+        if self._serving:
+            await asyncio.wait(set(self._serving), timeout=within)
 
 
 class ControlServicer(pb_grpc.ProxyControlServicer):
