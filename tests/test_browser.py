@@ -168,8 +168,9 @@ async def test_a_browser_gets_every_event_once_across_a_proxy_restart(
         ports = {"grpc-port": proxy.port("grpc"), "http-port": proxy.port("http"),
                  "control-port": proxy.port("control")}
         assert proxy.stop(signal.SIGTERM) == 0  # drains: 200 with `retry:`, the stream ends
-        stopped_at = len(page.events)
-        await asyncio.sleep(0.5)  # events the browser misses while no proxy runs
+        stopped_at, sent_at_stop = len(page.events), sum(publisher.sent)
+        await wait_for(lambda: sum(publisher.sent) >= sent_at_stop + 20, 20,
+                       "events the browser misses while no proxy runs")
         again = start("proxy", "p0", ports=ports)  # the same address, as `neoplasma up` restarts it
         await push(again.endpoints["control"], broker)
         await wait_for(lambda: subscribed(again.endpoints["control"]), 30, "the page back at the restarted proxy")
@@ -180,7 +181,7 @@ async def test_a_browser_gets_every_event_once_across_a_proxy_restart(
     finally:
         await runner.cleanup()
     publisher.assert_exactly_once_in_order(page.events, "chromium")
-    assert sum(publisher.sent) >= 60  # 20 before, ~25 while no proxy runs, 20 after
+    assert sum(publisher.sent) >= 60  # 20 before, 20 while no proxy runs, 20 after
     assert page.opens >= 2 and not page.gaps
 
 
@@ -232,15 +233,17 @@ async def test_a_browser_with_a_token_in_the_query_resumes_exactly_once_after_ex
         await wait_for(lambda: links_ready(proxy.endpoints["control"], 1), 10, "the relay link")
         publisher = Publisher([broker.endpoints["grpc"]], topic="user:42:inbox").start(interval=0.02)
         await wait_for(lambda: reports["expired"] == 1, 20, "the token's expiry in the page")
+        before_expiry = sum(publisher.sent)
         await wait_for(lambda: reports["open"] == 2, 20, "the page back with a fresh token")
-        await wait_for(lambda: len(events) > sum(publisher.sent) - 5 and len(tokens) == 2, 20, "live events again")
+        await wait_for(lambda: len(events) > sum(publisher.sent) - 5 and len(tokens) == 2
+                       and sum(publisher.sent) >= before_expiry + 50, 20, "live events again")
         await publisher.stop()
         await wait_for(lambda: publisher.all_received(events), 20, "every event in the page")
         await asyncio.sleep(0.3)  # a duplicate would arrive after the last event
     finally:
         await runner.cleanup()
     publisher.assert_exactly_once_in_order(events, "chromium")
-    assert sum(publisher.sent) >= 100  # ~3 s before the expiry, and after it
+    assert before_expiry >= 20  # events before the expiry (~3 s of them), and 50 after it
     assert not any(t in proxy.log() for t in tokens)  # ?token= never reaches the proxy's logs
 
 

@@ -472,7 +472,7 @@ async def test_a_proxy_rollout_under_load_loses_and_repeats_nothing(
     await wait_for(lambda: all(len(b.events) >= 100 for b in browsers), 60, "events flowing")
 
     # The rollout: a spec change gives the proxies a new pod template.
-    rollout_started = time.monotonic()
+    rollout_started, sent_before = time.monotonic(), sum(publisher.sent)
     clusters.patch_spec("demo", {"proxies": {"resources": {"requests": {"cpu": "150m", "memory": "128Mi"}}}})
 
     async def rolled_out() -> bool:
@@ -505,7 +505,9 @@ async def test_a_proxy_rollout_under_load_loses_and_repeats_nothing(
         publisher.assert_exactly_once_in_order(b.events, f"browser {k}")
         assert len(b.statuses) >= 2  # each did move
     assert (lost, repeated) == (0, 0)
-    assert published >= per_second * rollout_seconds * 0.8
+    # Traffic went on through the rollout (what the zeros above are about): at least a quarter of the publisher's
+    # nominal rate (on a loaded machine its loop runs late; a publish stalled by the rollout would show here).
+    assert published - sent_before >= per_second * rollout_seconds * 0.25
     # The operator names the cluster by its uid: the proxies' tokens are this cluster's (a version 2 token's
     # check names the cluster with the brokers' epochs: that each resumed with no gap above shows it matched).
     uid = clusters.get("demo")["metadata"]["uid"]

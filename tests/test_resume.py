@@ -162,7 +162,8 @@ async def test_kill9_of_a_proxy_clients_resume_on_the_other_exactly_once(start: 
     target["proxy"] = ps[1]
     ps[0].proc.kill()  # kill -9: no drain, no goodbye; everyone reconnects to p1 with their last id
     await wait_for(lambda: all_subscribed(ps[1], 21, 2), what="everyone back at p1")
-    await asyncio.sleep(0.5)  # keep publishing while they are on p1
+    moved = sum(publisher.sent)
+    await wait_for(lambda: sum(publisher.sent) >= moved + 100, what="events published while they are on p1")
     await publisher.stop()
     clients = [*browsers, native]
     await wait_for(lambda: all(publisher.all_received(c.events) for c in clients), timeout=20,
