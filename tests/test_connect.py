@@ -14,7 +14,7 @@ import psutil
 import pytest
 from harness import sse, start_server, wait_for
 
-from neoplasma.core.net import effective_backlog, somaxconn
+from neoplasma.core.net import FD_TABLE_AT_START, effective_backlog, somaxconn
 from neoplasma.core.settings import DEFAULT_BACKLOG
 
 
@@ -66,6 +66,38 @@ async def status_line(reader: asyncio.StreamReader) -> bytes:
         return await reader.readline()
     except ConnectionError:
         return b""
+
+
+def fd_table_size(pid: int) -> int:
+    """The size of process `pid`'s descriptor table (what the kernel has grown it to: /proc's FDSize)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("FDSize:")))
+
+
+def test_a_servers_descriptor_table_is_made_for_its_open_file_limit_at_start(start: Any) -> None:
+    # Grown one doubling at a time as connections arrive, in a process with threads, it stopped the proxy's loop for
+    # an RCU grace period at each growth (7-12 ms; the latency of subscribers already there in a burst of connects).
+    proxy, broker = start("proxy", "p0"), start("broker", "b0")
+    limit = psutil.Process(proxy.proc.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+    for server in (proxy, broker):
+        assert fd_table_size(server.proc.pid) >= min(limit, FD_TABLE_AT_START)
+        assert len(psutil.Process(server.proc.pid).open_files()) < 50  # (made for them, not opened)
+
+
+def test_making_the_descriptor_table_replaces_no_open_descriptor() -> None:
+    script = """
+import os
+from neoplasma.core.net import presize_fd_table
+r, w = os.pipe()
+os.dup2(w, 999)  # a descriptor where the table would be grown from
+print(presize_fd_table(4096, 1000), presize_fd_table(4096, 50))
+os.write(999, b"still open")
+print(os.read(r, 64).decode())
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("FDSize:")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["1000 0", "still open"]  # grown from the first free one after 999; too small to bother: 0
+    assert int(out[2]) >= 1024
 
 
 async def test_at_its_open_file_limit_a_proxy_closes_the_excess_at_once_and_recovers(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import TypeAlias, TypeVar
 
 from neoplasma.core.lifecycle import Service, announce_serving, serve
 from neoplasma.core.memory import settle_heap
-from neoplasma.core.net import die_with_parent, raise_fd_limit
+from neoplasma.core.net import die_with_parent, presize_fd_table, raise_fd_limit
 from neoplasma.core.settings import Settings
 from neoplasma.core.workers import Place
 
@@ -25,9 +25,10 @@ def run_server(service: Callable[[], Service]) -> int:
     The service is made in the event loop. Once it serves, its heap is settled (`settle_heap`): what start-up
     made is left out of every later garbage collection. Without it a proxy's full collection, visiting the
     modules' objects with those of a burst of 1000 connecting subscribers, held its loop 65-89 ms
-    (bench/forged_resumes.py: the honest subscribers' p99 under attack was that pause)."""
+    (bench/forged_resumes.py: the honest subscribers' p99 under attack was that pause). Its descriptor table is
+    made for the open-file limit (up to 65,536) first, for the same reason (`presize_fd_table`)."""
     die_with_parent()
-    raise_fd_limit()
+    presize_fd_table(raise_fd_limit())  # (before gRPC starts its threads)
     try:
         import uvloop
 
