@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from neoplasma.broker.routing import RelayStream, Router
-from neoplasma.core.aio import WAKES_PER_PASS, Signal
+from neoplasma.core.aio import WAKES_PER_PASS, Cancels, Signal
 from neoplasma.core.events import (
     Event,
     SseMessage,
@@ -301,3 +301,27 @@ def test_sse_reader_keeps_the_last_id_until_an_event_ends() -> None:
     assert reader.feed(b"id: tok-1\ndata: half") == []
     assert reader.last_id == "tok-0"  # a cut before the blank line: the event never happened
     assert reader.feed(b"\n\n") == [SseMessage("", "half", "tok-1")] and reader.last_id == "tok-1"
+
+
+async def test_cancels_ends_tasks_a_few_per_pass_of_the_loop_in_order() -> None:
+    # A thousand subscribers leaving together: their catch-ups are wound down behind other work, not in one pass.
+    cancels = Cancels(per_pass=10)
+    tasks = [asyncio.create_task(asyncio.sleep(60)) for _ in range(35)]
+    finished = asyncio.get_running_loop().create_future()
+    finished.set_result(None)
+    cancels.cancel(finished)  # (one already done: nothing to do)
+    for task in tasks:
+        cancels.cancel(task)
+    assert len(cancels) == 35 and not any(t.done() for t in tasks)
+    patterns = []
+    for _ in range(20):
+        await asyncio.sleep(0)
+        pattern = [t.cancelled() for t in tasks]
+        if not patterns or pattern != patterns[-1]:
+            patterns.append(pattern)
+        if all(pattern):
+            break
+    counts = [sum(p) for p in patterns]
+    assert counts[-1] == 35 and len(cancels) == 0
+    assert all(later - earlier <= 10 for earlier, later in zip([0, *counts], counts, strict=False)) and len(counts) >= 4
+    assert all(p == sorted(p, reverse=True) for p in patterns)  # in the order given

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from neoplasma.core.aio import Cancels
 from neoplasma.core.events import Event, batch_entry, batch_trailer, grpc_frame, sse_frame, sse_gap
 from neoplasma.core.logs import get_logger
 from neoplasma.core.membership import InvalidSnapshot, Member, Snapshot, conflicts, is_stale, snapshot_from_proto
@@ -115,6 +116,7 @@ class Proxy:
         self.auth_outcomes = {"unauthenticated": 0, "forbidden": 0, "expired": 0}
         self.access = Access(config.cluster_tokens(), config.tls_ca, config.tls_server_name)
         self.links = LinkSet(self.hub, config.name, config.max_message_bytes, self.access)
+        self.cancels = Cancels()  # resuming subscribers' catch-ups ended when their clients left, a few per pass
         self.resumes = ResumeBudget(config.max_held_events_per_resume, config.max_held_events, config.max_replays,
                                     config.catch_up_bytes_per_second)
         self.draining = False
@@ -402,7 +404,7 @@ def _attach(call: Call, sub: StreamSubscriber, proxy: Proxy, resuming: asyncio.T
 
     def done() -> None:
         if resuming is not None:
-            resuming.cancel()
+            proxy.cancels.cancel(resuming)
         if expiry is not None:
             expiry.cancel()
         proxy.hub.remove(sub)
@@ -776,7 +778,7 @@ class SseStream:
         which the connection is closed; None: abort the connection (its client left, or is not told)."""
         proxy, sub = self.proxy, self.sub
         if self.resuming is not None:
-            self.resuming.cancel()
+            proxy.cancels.cancel(self.resuming)
         if self.expiry is not None:
             self.expiry.cancel()
         proxy.hub.remove(sub)
