@@ -2120,6 +2120,22 @@ async def test_a_relay_that_ends_or_is_refused_inside_its_first_interest_leaves_
         await server.stop(None)
 
 
+async def test_catch_ups_cancelled_while_waiting_for_the_rate_give_it_back() -> None:
+    """Resumes whose clients left while they waited for the catch-up rate do not hold up the next one: what they took
+    of the rate is given back (1000 attackers leaving mid-catch-up took seconds of it ahead)."""
+    budget = ResumeBudget(catch_up_bytes_per_second=10_000)
+    loop = asyncio.get_running_loop()
+    await budget.pace(1000)  # the burst's worth: at once
+    waiting = [asyncio.create_task(budget.pace(1000)) for _ in range(20)]  # 0.1 s each: 2 s of the rate ahead
+    await asyncio.sleep(0)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    started = loop.time()
+    await budget.pace(1000)
+    assert loop.time() - started < 0.5  # ~0.1 s: its own share after the first burst, not 2.1 s behind the cancelled
+
+
 async def test_catch_up_writes_a_tenth_of_a_seconds_worth_of_its_rate_at_once() -> None:
     """After a quiet while, a proxy's catch-up may write a tenth of a second's worth of --catch-up-bytes-per-second
     without waiting, then at that rate (as the brokers' replays walk): 1000 resumes arriving together do not start

@@ -110,6 +110,10 @@ class Pace:
         self._paid_until = max(self._paid_until, now - self.burst) + amount / self.rate
         return max(0.0, self._paid_until - now)
 
+    def refund(self, amount: float) -> None:
+        """Give back `amount` units taken (`delay`) for work that was then not done: later work need not wait for it."""
+        self._paid_until -= amount / self.rate
+
 
 class Turns:
     """Work that can wait (a resuming subscriber's catch-up) in small steps, behind the loop's other work.

@@ -80,10 +80,16 @@ class ResumeBudget:
         self.admissions = InTurns(self.turns)  # resuming subscribers' requests, set up in turns while they contend
 
     async def pace(self, size: int) -> None:
-        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of CATCH_UP_BURST)."""
+        """Wait until `size` more bytes of catch-up fit the proxy's rate (bursts of CATCH_UP_BURST). A catch-up
+        cancelled meanwhile (its client left) gives them back: 1000 attackers leaving mid-catch-up otherwise left the
+        rate taken for seconds ahead, and the next honest resume waited for bytes nobody sent."""
         wait = self.catch_up.delay(size, asyncio.get_running_loop().time())
         if wait:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self.catch_up.refund(size)
+                raise
 
 
 class ReplayBatch(NamedTuple):
